@@ -1,0 +1,561 @@
+"""Byte sources for the capture engine: pcap/pcapng files and live Linux interfaces.
+
+Each source yields *records* ``(ts, data, wire_len, linktype)``: the capture timestamp
+(epoch seconds, from the file record or the kernel), the captured bytes, the original
+length on the wire and the link type (a pcap LINKTYPE_* number) of ``data``.
+
+Files are read with our own small readers instead of Scapy's: they report exactly
+where a damaged file breaks (record number and byte offset) and keep every record
+before it. Live capture uses a TPACKET_V3 memory-mapped ring (one wake-up per block
+of packets), with Scapy compiling the BPF filter through libpcap and listing
+interfaces. Nothing here imports Streamlit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+Record = tuple[float, bytes, int, int]
+
+# pcap LINKTYPE_* values the parser understands (see packet_processor.parse_frame).
+LINKTYPE_NULL = 0
+LINKTYPE_ETHERNET = 1
+LINKTYPE_PPP = 9
+LINKTYPE_RAW = 101
+LINKTYPE_LINUX_SLL = 113
+LINKTYPE_IPV4 = 228
+LINKTYPE_IPV6 = 229
+# Not pcap link types: COOKED_BASE | EtherType marks a record that starts at the network
+# header (live "cooked" capture on `any` and on non-Ethernet links), so no header is copied.
+COOKED_BASE = 0x10000
+LINKTYPE_COOKED = COOKED_BASE
+
+MAX_RECORD = 16 * 1024 * 1024  # a record larger than this is damage, whatever the header says
+DEFAULT_MAX_CAPLEN = 262144  # libpcap/Wireshark's standard maximum snapshot length
+
+
+class CaptureError(Exception):
+    """A capture that cannot start or went away; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------
+# Capture files
+# --------------------------------------------------------------------------------------
+
+PCAP_MAGICS = {
+    b"\xd4\xc3\xb2\xa1": ("<", 1e-6),
+    b"\xa1\xb2\xc3\xd4": (">", 1e-6),
+    b"\x4d\x3c\xb2\xa1": ("<", 1e-9),
+    b"\xa1\xb2\x3c\x4d": (">", 1e-9),
+}
+PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+
+
+@dataclass
+class FileReader:
+    """Iterates the records of a pcap or pcapng file; ``error`` says where it broke."""
+
+    path: str
+    error: str | None = None
+    records: int = 0
+    linktypes: set[int] = field(default_factory=set)
+
+    def __iter__(self) -> Iterator[Record]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size == 0:
+                    self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
+                    return
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            return
+        try:
+            magic = buf[:4]
+            if magic == PCAPNG_SHB:
+                yield from self._pcapng(buf)
+            elif magic in PCAP_MAGICS:
+                yield from self._pcap(buf)
+            else:
+                self.error = (f"not a pcap or pcapng file: unknown magic number {magic.hex()} "
+                              "at byte offset 0")
+        finally:
+            buf.close()
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        log.warning("%s: %s", self.path, message)
+
+    def _pcap(self, buf: mmap.mmap) -> Iterator[Record]:
+        order, unit = PCAP_MAGICS[buf[:4]]
+        size = len(buf)
+        if size < 24:
+            self._fail(f"file cut short: the pcap header needs 24 bytes, the file has {size}")
+            return
+        major, minor = struct.unpack_from(order + "HH", buf, 4)
+        snaplen, network = struct.unpack_from(order + "II", buf, 16)
+        # Files written before pcap 2.3 may have the two lengths swapped; libpcap and
+        # Wireshark swap them back when the captured length exceeds the original one.
+        maybe_swapped = (major, minor) < (2, 3)
+        # The upper bits of the link-type field carry FCS information, not the type.
+        linktype = network & 0xFFFF
+        self.linktypes.add(linktype)
+        limit = min(max(snaplen, DEFAULT_MAX_CAPLEN), MAX_RECORD)
+        hdr = struct.Struct(order + "IIII")
+        off = 24
+        while off < size:
+            n = self.records + 1
+            if size - off < 16:
+                self._fail(f"file cut short in the middle of a packet: record {n} at byte offset {off} "
+                           f"has only {size - off} of 16 header bytes")
+                return
+            sec, frac, caplen, wire = hdr.unpack_from(buf, off)
+            if maybe_swapped and caplen > wire:
+                caplen, wire = wire, caplen
+            if caplen > limit:
+                self._fail(f"corrupt record {n} at byte offset {off}: captured length {caplen} "
+                           f"exceeds the maximum {limit}")
+                return
+            start = off + 16
+            if start + caplen > size:
+                self._fail(f"file cut short in the middle of a packet: record {n} at byte offset {off} "
+                           f"claims {caplen} bytes, only {size - start} remain")
+                return
+            self.records = n
+            yield sec + frac * unit, buf[start:start + caplen], wire, linktype
+            off = start + caplen
+
+    def _pcapng(self, buf: mmap.mmap) -> Iterator[Record]:
+        size = len(buf)
+        off = 0
+        order = "<"
+        ifaces: list[tuple[int, float, float, int]] = []  # (linktype, units, offset, snaplen)
+        last_ts = 0.0
+        while off < size:
+            if size - off < 12:
+                self._fail(f"file cut short: block at byte offset {off} has only {size - off} bytes")
+                return
+            if buf[off:off + 4] == PCAPNG_SHB:
+                bom = buf[off + 8:off + 12]
+                if bom == b"\x4d\x3c\x2b\x1a":
+                    order = "<"
+                elif bom == b"\x1a\x2b\x3c\x4d":
+                    order = ">"
+                else:
+                    self._fail(f"corrupt section header at byte offset {off}: bad byte-order magic {bom.hex()}")
+                    return
+                ifaces = []
+            btype, blen = struct.unpack_from(order + "II", buf, off)
+            if blen < 12 or blen % 4:
+                self._fail(f"corrupt block at byte offset {off}: bad block length {blen}")
+                return
+            if off + blen > size:
+                self._fail(f"file cut short: block at byte offset {off} claims {blen} bytes, "
+                           f"only {size - off} remain")
+                return
+            (trailer,) = struct.unpack_from(order + "I", buf, off + blen - 4)
+            if trailer != blen:
+                self._fail(f"corrupt block at byte offset {off}: block lengths disagree ({blen} vs {trailer})")
+                return
+            body = off + 8
+            end = off + blen - 4
+            if btype == 1:
+                ifaces.append(self._idb(buf, body, end, order))
+                self.linktypes.add(ifaces[-1][0])
+            elif btype in (6, 2, 3):
+                rec = self._packet_block(buf, btype, body, end, order, ifaces, last_ts, off)
+                if rec is None:
+                    return
+                last_ts = rec[0]
+                self.records += 1
+                yield rec
+            off += blen
+
+    @staticmethod
+    def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> tuple[int, float, float, int]:
+        linktype, _, snaplen = struct.unpack_from(order + "HHI", buf, body)
+        units, tsoffset = 1e-6, 0.0
+        p = body + 8
+        while p + 4 <= end:
+            code, length = struct.unpack_from(order + "HH", buf, p)
+            if code == 0:
+                break
+            val = p + 4
+            if val + length > end:
+                break
+            if code == 9 and length >= 1:
+                r = buf[val]
+                units = 2.0 ** -(r & 0x7F) if r & 0x80 else 10.0 ** -r
+            elif code == 14 and length >= 8:
+                (tsoffset,) = struct.unpack_from(order + "q", buf, val)
+            p = val + ((length + 3) & ~3)
+        return linktype, units, float(tsoffset), snaplen
+
+    def _packet_block(self, buf, btype, body, end, order, ifaces, last_ts, off) -> Record | None:
+        n = self.records + 1
+        if btype == 3:  # Simple Packet Block: interface 0, no timestamp
+            (wire,) = struct.unpack_from(order + "I", buf, body)
+            iface, ts = 0, last_ts
+            data_off = body + 4
+            caplen = min(wire, end - data_off)
+            if ifaces and ifaces[0][3]:
+                caplen = min(caplen, ifaces[0][3])
+        else:
+            if btype == 6:
+                iface, hi, lo, caplen, wire = struct.unpack_from(order + "IIIII", buf, body)
+            else:
+                iface, _, hi, lo, caplen, wire = struct.unpack_from(order + "HHIIII", buf, body)
+            data_off = body + 20
+            if iface >= len(ifaces):
+                self._fail(f"corrupt packet {n} at byte offset {off}: interface {iface} was never described")
+                return None
+            if data_off + caplen > end:
+                self._fail(f"corrupt packet {n} at byte offset {off}: captured length {caplen} "
+                           f"does not fit in its {end - body + 12}-byte block")
+                return None
+            _, units, tsoffset, _ = ifaces[iface]
+            ts = ((hi << 32) | lo) * units + tsoffset
+        if iface >= len(ifaces):
+            self._fail(f"corrupt packet {n} at byte offset {off}: no interface description before it")
+            return None
+        return ts, buf[data_off:data_off + caplen], wire, ifaces[iface][0]
+
+
+# --------------------------------------------------------------------------------------
+# Interfaces
+# --------------------------------------------------------------------------------------
+
+
+def list_interfaces() -> list[str]:
+    """Names of the machine's network interfaces, as Scapy sees them, plus `any`."""
+    try:
+        from scapy.interfaces import get_if_list
+
+        names = list(get_if_list())
+    except (ImportError, OSError) as exc:  # pragma: no cover - Scapy is a hard dependency
+        log.warning("Scapy could not list interfaces (%s); using the kernel's list", exc)
+        names = [name for _, name in socket.if_nameindex()]
+    return [*sorted(set(names)), "any"]
+
+
+def default_interface() -> str:
+    """The interface of the default route (IPv4, else IPv6), or `any` when there is none."""
+    try:
+        with open("/proc/net/route", encoding="ascii") as fh:
+            next(fh)
+            for line in fh:
+                parts = line.split()
+                if len(parts) > 3 and parts[1] == "00000000" and int(parts[3], 16) & 2:
+                    return parts[0]
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        with open("/proc/net/ipv6_route", encoding="ascii") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) == 10 and parts[0] == "0" * 32 and parts[1] == "00" and parts[9] != "lo":
+                    return parts[9]
+    except OSError:
+        pass
+    return "any"
+
+
+def interface_exists(name: str) -> bool:
+    """True when `name` is a current network interface (or `any`)."""
+    return name == "any" or os.path.exists(f"/sys/class/net/{name}")
+
+
+def local_addresses() -> set[bytes]:
+    """The machine's own IPv4 and IPv6 addresses as 16-byte keys (IPv4 mapped into IPv6)."""
+    addrs: set[bytes] = set()
+    try:
+        import fcntl  # noqa: F401  - Linux only; used by the ioctl below
+        for _, name in socket.if_nameindex():
+            addrs.update(_ipv4_of(name))
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6", encoding="ascii") as fh:
+            for line in fh:
+                addrs.add(bytes.fromhex(line.split()[0]))
+    except OSError:
+        pass
+    addrs.update(_ipv4_from_proc())
+    return addrs
+
+
+V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
+def _ipv4_of(name: str) -> set[bytes]:
+    """Primary IPv4 address of one interface via SIOCGIFADDR (secondary ones come from /proc)."""
+    import fcntl
+
+    out: set[bytes] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            out.add(V4_PREFIX + res[20:24])
+        except OSError:
+            pass
+    return out
+
+
+def _ipv4_from_proc() -> set[bytes]:
+    """All local IPv4 addresses from the kernel's local routing table (/proc/net/fib_trie)."""
+    out: set[bytes] = set()
+    try:
+        with open("/proc/net/fib_trie", encoding="ascii") as fh:
+            prev = ""
+            for line in fh:
+                if "/32 host LOCAL" in line and prev:
+                    out.add(V4_PREFIX + socket.inet_aton(prev))
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] in ("|--", "+--"):
+                    prev = parts[1].split("/")[0]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def interface_index(name: str) -> int:
+    """The kernel index of an interface, 0 when unknown."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+# --------------------------------------------------------------------------------------
+# Live capture: TPACKET_V3 ring
+# --------------------------------------------------------------------------------------
+
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+TP_STATUS_USER = 1
+TP_STATUS_VLAN_VALID = 0x10
+PACKET_OUTGOING = 4
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
+
+# struct tpacket3_hdr (48 bytes) followed by struct sockaddr_ll, native byte order.
+TP3_HDR = struct.Struct("=IIIIIIHHIIHH8xHHiHBB")
+BLOCK_STATUS = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
+
+# BPF opcodes for the loopback prefix below.
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_RET_K = 0x06
+SKF_AD_OFF = -0x1000
+SKF_AD_PKTTYPE = 4
+SKF_AD_IFINDEX = 8
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def compile_bpf(expr: str, linktype: int) -> list[tuple[int, int, int, int]]:
+    """Compile a BPF expression with libpcap (through Scapy); raise CaptureError with its complaint."""
+    try:
+        from scapy.arch.common import compile_filter
+        from scapy.error import Scapy_Exception
+    except ImportError as exc:  # pragma: no cover
+        raise CaptureError(f"cannot compile BPF filters: {exc}") from exc
+    dlt = 12 if linktype in (LINKTYPE_RAW, LINKTYPE_COOKED) else linktype  # 12: libpcap's DLT_RAW
+    try:
+        prog = compile_filter(expr, linktype=dlt)
+    except (Scapy_Exception, ImportError, OSError) as exc:
+        msg = str(exc)
+        if "libpcap" in msg and "not available" in msg:
+            msg += " (install Debian's libpcap0.8)"
+        raise CaptureError(f"bad BPF filter: {msg}") from exc
+    return [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
+             prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
+
+
+def validate_bpf(expr: str, linktype: int = LINKTYPE_ETHERNET) -> str | None:
+    """None when `expr` compiles, else the compiler's message."""
+    if not expr.strip():
+        return None
+    try:
+        compile_bpf(expr, linktype)
+    except CaptureError as exc:
+        return str(exc)
+    return None
+
+
+def _loopback_prefix(lo_index: int) -> list[tuple[int, int, int, int]]:
+    """BPF that rejects the outgoing copy of loopback packets, as libpcap does, so each counts once."""
+    return [
+        (BPF_LD_W_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF),
+        (BPF_JEQ_K, 0, 3, PACKET_OUTGOING),
+        (BPF_LD_W_ABS, 0, 0, (SKF_AD_OFF + SKF_AD_IFINDEX) & 0xFFFFFFFF),
+        (BPF_JEQ_K, 0, 1, lo_index),
+        (BPF_RET_K, 0, 0, 0),
+    ]
+
+
+def _attach(sock: socket.socket, insns: list[tuple[int, int, int, int]]) -> None:
+    arr = (_SockFilter * len(insns))(*[_SockFilter(*i) for i in insns])
+    prog = _SockFprog(len(insns), ctypes.cast(arr, ctypes.POINTER(_SockFilter)))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
+
+
+def _arphrd(name: str) -> int:
+    try:
+        with open(f"/sys/class/net/{name}/type", encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
+PRIVILEGE_HELP = ("capture needs root or the CAP_NET_RAW capability: run `sudo streamlit run dashboard.py`, "
+                  "or grant it once with `sudo setcap cap_net_raw,cap_net_admin+eip {python}`")
+
+
+def privilege_message() -> str:
+    """The fix for a missing capture privilege, naming the real Python binary."""
+    return PRIVILEGE_HELP.format(python=os.path.realpath(os.sys.executable))
+
+
+class LiveRing:
+    """A TPACKET_V3 capture socket on one interface (or `any`), with its mmap'ed ring."""
+
+    def __init__(self, iface: str, bpf: str = "", *, block_size: int = 1 << 20, block_nr: int = 64,
+                 snaplen: int = DEFAULT_MAX_CAPLEN, block_timeout_ms: int = 50) -> None:
+        if not interface_exists(iface):
+            avail = ", ".join(list_interfaces())
+            raise CaptureError(f"unknown interface {iface!r}; available: {avail}")
+        self.iface = iface
+        hatype = _arphrd(iface) if iface != "any" else -1
+        # Ethernet-like links keep their link header; everything else is captured "cooked"
+        # (from the network header), like libpcap's `any`, so one BPF dialect fits all packets.
+        self.cooked = hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
+        self.linktype = LINKTYPE_COOKED if self.cooked else LINKTYPE_ETHERNET
+        self.snaplen = snaplen
+        insns = compile_bpf(bpf, self.linktype) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
+        lo_index = interface_index("lo")
+        if iface in ("lo", "any") and lo_index:
+            insns = _loopback_prefix(lo_index) + insns
+        kind = socket.SOCK_DGRAM if self.cooked else socket.SOCK_RAW
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, kind, socket.htons(ETH_P_ALL))
+        except PermissionError as exc:
+            raise CaptureError(privilege_message()) from exc
+        try:
+            self._setup(insns, block_size, block_nr, block_timeout_ms)
+        except OSError as exc:
+            self.sock.close()
+            if exc.errno == errno.ENODEV:
+                raise CaptureError(f"interface {iface!r} went away") from exc
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise CaptureError(privilege_message()) from exc
+            raise CaptureError(f"cannot capture on {iface!r}: {exc.strerror or exc}") from exc
+        self.received = 0
+        self.dropped = 0
+        self._stats_lock = threading.Lock()
+
+    def _setup(self, insns, block_size: int, block_nr: int, block_timeout_ms: int) -> None:
+        s = self.sock
+        # The filter goes on before bind so no unfiltered packet slips into the ring.
+        _attach(s, insns)
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+        req = struct.pack("=IIIIIII", block_size, block_nr, 2048, block_size * block_nr // 2048,
+                          block_timeout_ms, 0, 0)
+        s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+        self.block_size, self.block_nr = block_size, block_nr
+        self.ring = mmap.mmap(s.fileno(), block_size * block_nr, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        s.bind((self.iface if self.iface != "any" else "", ETH_P_ALL))
+        self._poll = select.poll()
+        self._poll.register(s.fileno(), select.POLLIN | select.POLLERR)
+        self._block = 0
+
+    def batches(self, stop: threading.Event, poll_ms: int = 200) -> Iterator[list[Record]]:
+        """Yield lists of records, one list per filled ring block; returns when `stop` is set."""
+        ring, bsize, linktype = self.ring, self.block_size, self.linktype
+        hdr_unpack = TP3_HDR.unpack_from
+        while not stop.is_set():
+            base = self._block * bsize
+            status, num, first = BLOCK_STATUS.unpack_from(ring, base + 8)
+            if not status & TP_STATUS_USER:
+                events = self._poll.poll(poll_ms)
+                if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events):
+                    self._raise_socket_error()
+                if not events and not interface_exists(self.iface):
+                    raise CaptureError(f"interface {self.iface} went away")
+                continue
+            out: list[Record] = []
+            off = base + first
+            for _ in range(num):
+                (nxt, sec, nsec, snap, wire, tpstatus, mac, net, _h, _tci, _tpid, _pad,
+                 _fam, proto, _ifi, hatype, _pkttype, _halen) = hdr_unpack(ring, off)
+                if self.cooked:
+                    # Cooked records start at the network header; the EtherType rides along
+                    # in the linktype, and the wire length gets back its Ethernet header.
+                    data = ring[off + net:off + net + snap]
+                    lt = COOKED_BASE | socket.ntohs(proto)
+                    if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+                        wire += 14
+                else:
+                    data = ring[off + mac:off + mac + snap]
+                    lt = linktype
+                    if tpstatus & TP_STATUS_VLAN_VALID:
+                        wire += 4  # the kernel stripped an 802.1Q tag that was on the wire
+                out.append((sec + nsec * 1e-9, data, wire, lt))
+                off += nxt
+            struct.pack_into("=I", ring, base + 8, 0)  # hand the block back to the kernel
+            self._block = (self._block + 1) % self.block_nr
+            yield out
+
+    def _raise_socket_error(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err in (errno.ENETDOWN, errno.ENODEV, errno.ENXIO) or not interface_exists(self.iface):
+            raise CaptureError(f"interface {self.iface} went away")
+        raise CaptureError(f"capture socket error on {self.iface}: {os.strerror(err) if err else 'unknown'}")
+
+    def stats(self) -> tuple[int, int]:
+        """(packets received, packets dropped) by the kernel since the socket opened."""
+        with self._stats_lock:
+            try:
+                raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+            except OSError:
+                return self.received, self.dropped
+            pkts, drops, _ = struct.unpack("=III", raw)
+            # The kernel resets these counters on every read, so keep the running sums.
+            self.received += pkts
+            self.dropped += drops
+            return self.received, self.dropped
+
+    def close(self) -> None:
+        """Release the ring and the socket; safe to call twice."""
+        ring = getattr(self, "ring", None)
+        if ring is not None and not ring.closed:
+            ring.close()
+        if self.sock.fileno() >= 0:
+            self.sock.close()

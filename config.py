@@ -1,0 +1,81 @@
+"""Every setting of Network Traffic Monitor, in one table.
+
+Each setting has a default and a one-line help. Any of them can be overridden from the
+environment as ``NTM_<NAME>`` (for example ``NTM_BUFFER_SIZE=100000``); the dashboard's
+command-line flags override the few that have one. README.md documents the same table
+(a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "NTM_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its name, default and what it does."""
+
+    name: str
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("BUFFER_SIZE", 10_000, "Packets kept in the rolling buffer (the recent-packets table and CSV export)."),
+    Setting("BIN_SECONDS", 900, "Seconds of per-second packet/byte history kept for the timeline."),
+    Setting("TOP_TABLE_MAX", 10_000, "Most addresses (or conversations, or ports) kept in each top-N table; "
+            "the smallest are pruned beyond it."),
+    Setting("INTERFACE", "", "Live interface to capture on; empty means the interface of the default route."),
+    Setting("BPF_FILTER", "", "Capture filter (BPF syntax, as in tcpdump) applied at start-up."),
+    Setting("LOCAL_NETS", "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,169.254.0.0/16,"
+            "fc00::/7,fe80::/10,::1/128",
+            "Networks counted as 'local' when reading a capture file (live capture uses the host's own addresses)."),
+    Setting("RING_BLOCK_KB", 1024, "Size of one block of the kernel capture ring (TPACKET_V3), in KiB."),
+    Setting("RING_BLOCKS", 64, "Number of blocks in the kernel capture ring; blocks x size is the kernel buffer."),
+    Setting("RING_BLOCK_TIMEOUT_MS", 50, "The kernel hands over a partly filled ring block after this many ms."),
+    Setting("SNAPLEN", 262_144, "Bytes captured per packet at most (headers are all that is kept)."),
+    Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms)."),
+    Setting("BATCH_SIZE", 4096, "Packets parsed and added to the buffer together."),
+    Setting("ADDR_REFRESH_S", 5.0, "How often the capture thread re-reads the host's own addresses (s)."),
+    Setting("RATE_WINDOW_S", 5, "Seconds averaged for the current packets/s and bit/s."),
+    Setting("REFRESH_S", 2.0, "Dashboard auto-refresh interval (s)."),
+    Setting("RECENT_ROWS", 100, "Rows shown in the recent-packets table."),
+    Setting("CAPTURE_DIR", "captures", "Folder whose capture files can be opened by path from the dashboard."),
+    Setting("UPLOAD_MAX_MB", 200, "Largest capture file accepted by upload (MB)."),
+    Setting("REPLAY_SPEED", 0.0, "Replay speed for capture files: 0 loads at once, 1 is the original pace, "
+            "2 twice as fast."),
+    Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
+    Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out."),
+    Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _coerce(raw: str, default: Any) -> Any:
+    """Turn an environment string into the type of the default."""
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def get(name: str) -> Any:
+    """The value of a setting: NTM_<NAME> from the environment, else its default."""
+    setting = _BY_NAME[name]
+    raw = os.environ.get(ENV_PREFIX + name)
+    if raw is None:
+        return setting.default
+    return _coerce(raw, setting.default)
+
+
+def as_dict() -> dict[str, Any]:
+    """All settings with their current values."""
+    return {s.name: get(s.name) for s in SETTINGS}
