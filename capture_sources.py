@@ -239,15 +239,21 @@ class FileReader:
 # --------------------------------------------------------------------------------------
 
 
+def _netlink_interfaces() -> dict | None:
+    """Scapy's rtnetlink view of the interfaces (names, types, all addresses), or None."""
+    try:
+        from scapy.arch.linux import _get_if_list  # pinned Scapy: rtnetlink, no full import
+
+        return _get_if_list()
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("Scapy could not list interfaces over netlink (%s); using the kernel's files", exc)
+        return None
+
+
 def list_interfaces() -> list[str]:
     """Names of the machine's network interfaces, as Scapy sees them, plus `any`."""
-    try:
-        from scapy.interfaces import get_if_list
-
-        names = list(get_if_list())
-    except (ImportError, OSError) as exc:  # pragma: no cover - Scapy is a hard dependency
-        log.warning("Scapy could not list interfaces (%s); using the kernel's list", exc)
-        names = [name for _, name in socket.if_nameindex()]
+    info = _netlink_interfaces()
+    names = [i["name"] for i in info.values()] if info else [n for _, n in socket.if_nameindex()]
     return [*sorted(set(names)), "any"]
 
 
@@ -278,40 +284,28 @@ def interface_exists(name: str) -> bool:
     return name == "any" or os.path.exists(f"/sys/class/net/{name}")
 
 
+V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
 def local_addresses() -> set[bytes]:
     """The machine's own IPv4 and IPv6 addresses as 16-byte keys (IPv4 mapped into IPv6)."""
-    addrs: set[bytes] = set()
-    try:
-        import fcntl  # noqa: F401  - Linux only; used by the ioctl below
-        for _, name in socket.if_nameindex():
-            addrs.update(_ipv4_of(name))
-    except OSError:
-        pass
+    info = _netlink_interfaces()
+    if info:
+        addrs = set()
+        for iface in info.values():
+            for ip in iface.get("ips", []):
+                family = socket.AF_INET if ip["af_family"] == socket.AF_INET else socket.AF_INET6
+                packed = socket.inet_pton(family, ip["address"].split("%")[0])
+                addrs.add(V4_PREFIX + packed if family == socket.AF_INET else packed)
+        return addrs
+    addrs = _ipv4_from_proc()
     try:
         with open("/proc/net/if_inet6", encoding="ascii") as fh:
             for line in fh:
                 addrs.add(bytes.fromhex(line.split()[0]))
     except OSError:
         pass
-    addrs.update(_ipv4_from_proc())
     return addrs
-
-
-V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
-
-
-def _ipv4_of(name: str) -> set[bytes]:
-    """Primary IPv4 address of one interface via SIOCGIFADDR (secondary ones come from /proc)."""
-    import fcntl
-
-    out: set[bytes] = set()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            res = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-            out.add(V4_PREFIX + res[20:24])
-        except OSError:
-            pass
-    return out
 
 
 def _ipv4_from_proc() -> set[bytes]:
@@ -398,15 +392,33 @@ def compile_bpf(expr: str, linktype: int) -> list[tuple[int, int, int, int]]:
              prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
 
 
-def validate_bpf(expr: str, linktype: int = LINKTYPE_ETHERNET) -> str | None:
-    """None when `expr` compiles, else the compiler's message."""
+def iface_linktype(iface: str) -> int:
+    """The link type a live capture on `iface` delivers: Ethernet, or cooked (network header first)."""
+    if iface != "any" and _arphrd(iface) in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+        return LINKTYPE_ETHERNET
+    return LINKTYPE_COOKED
+
+
+def validate_bpf(expr: str, iface: str = "any") -> str | None:
+    """None when `expr` compiles for a capture on `iface`, else the compiler's message."""
     if not expr.strip():
         return None
     try:
-        compile_bpf(expr, linktype)
+        compile_bpf(expr, iface_linktype(iface))
     except CaptureError as exc:
         return str(exc)
     return None
+
+
+def safe_capture_path(name: str, folder: str) -> str:
+    """The real path of capture file `name` inside `folder`; ValueError for anything outside it."""
+    base = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base:
+        raise ValueError(f"refused: {name!r} is outside the capture folder {base}")
+    if not os.path.isfile(path):
+        raise ValueError(f"no capture file {name!r} in {base}")
+    return path
 
 
 def _loopback_prefix(lo_index: int) -> list[tuple[int, int, int, int]]:
@@ -452,11 +464,10 @@ class LiveRing:
             avail = ", ".join(list_interfaces())
             raise CaptureError(f"unknown interface {iface!r}; available: {avail}")
         self.iface = iface
-        hatype = _arphrd(iface) if iface != "any" else -1
         # Ethernet-like links keep their link header; everything else is captured "cooked"
         # (from the network header), like libpcap's `any`, so one BPF dialect fits all packets.
-        self.cooked = hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK)
-        self.linktype = LINKTYPE_COOKED if self.cooked else LINKTYPE_ETHERNET
+        self.linktype = iface_linktype(iface)
+        self.cooked = self.linktype == LINKTYPE_COOKED
         self.snaplen = snaplen
         insns = compile_bpf(bpf, self.linktype) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
         lo_index = interface_index("lo")

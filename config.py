@@ -31,6 +31,7 @@ SETTINGS: tuple[Setting, ...] = (
             "the smallest are pruned beyond it."),
     Setting("INTERFACE", "", "Live interface to capture on; empty means the interface of the default route."),
     Setting("BPF_FILTER", "", "Capture filter (BPF syntax, as in tcpdump) applied at start-up."),
+    Setting("PCAP", "", "Capture file to load as the source at start-up instead of a live interface."),
     Setting("LOCAL_NETS", "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,169.254.0.0/16,"
             "fc00::/7,fe80::/10,::1/128",
             "Networks counted as 'local' when reading a capture file (live capture uses the host's own addresses)."),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 import config
 from capture_sources import (
@@ -416,6 +417,10 @@ class LocalMatcher:
         return self.NONE
 
 
+# All of 127.0.0.0/8 is this host's, though only 127.0.0.1 is listed as an address.
+LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 def direction_of(src_kind: int, dst_kind: int) -> int:
     """in/out/local/transit from what the matcher says of the two ends."""
     src_ours = src_kind == LocalMatcher.OURS
@@ -662,6 +667,78 @@ _PROTO_NAMES = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPv6", 2: "IGMP", 4: "IPI
 
 
 # ----------------------------------------------------------------------------------------
+# Packets as a table
+# ----------------------------------------------------------------------------------------
+
+TCP_FLAG_NAMES = ((0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG"),
+                  (0x40, "ECE"), (0x80, "CWR"), (0x100, "NS"))
+ETHERTYPE_NAMES = {0x0806: "ARP", 0x88CC: "LLDP", 0x8035: "RARP", 0x88E5: "MACsec", 0x888E: "EAPOL",
+                   0x8863: "PPPoE-D", 0x8864: "PPPoE", 0x8847: "MPLS", 0x88F7: "PTP", 0x0842: "WoL"}
+CLASS_LABELS = ("TCP", "UDP", "ICMP", "ICMPv6")
+
+
+def tcp_flags_text(flags: int) -> str:
+    """'SYN ACK' style text for a TCP flags value."""
+    return " ".join(name for bit, name in TCP_FLAG_NAMES if flags & bit)
+
+
+def _protocol_label(cls: int, proto: int, ethertype: int) -> str:
+    if cls < OTHER_IP:
+        return CLASS_LABELS[cls]
+    if cls == OTHER_IP:
+        return proto_name(proto)
+    if ethertype in ETHERTYPE_NAMES:
+        return ETHERTYPE_NAMES[ethertype]
+    return f"0x{ethertype:04x}" if ethertype > 1500 else "LLC"
+
+
+def _text_column(values: np.ndarray, convert) -> np.ndarray:
+    """Convert each distinct value once (addresses repeat a lot), then spread the texts back."""
+    if not len(values):
+        return np.array([], dtype=object)
+    uniq, inv = np.unique(values, return_inverse=True)
+    texts = np.array([convert(u) for u in uniq.tolist()], dtype=object)
+    return texts[inv]
+
+
+def _ports(values: np.ndarray) -> pd.arrays.IntegerArray:
+    # Nullable integers: a missing port as None would turn the column into floats.
+    return pd.arrays.IntegerArray(values.astype(np.int32), values < 0)
+
+
+def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
+    """Packed packet rows as a DataFrame for tables and CSV (one column per header field)."""
+    has_addr = (p["cls"] != NON_IP) | (p["arp_op"] != 0)
+    src = _text_column(p["src"], addr_text)
+    dst = _text_column(p["dst"], addr_text)
+    if len(p):
+        src[~has_addr] = ""
+        dst[~has_addr] = ""
+    keys = (p["cls"].astype(np.int64) << 32) | (p["proto"].astype(np.int64) & 0xFFFF) << 16 | p["ethertype"]
+    proto = _text_column(keys, lambda k: _protocol_label(k >> 32, ((k >> 16) & 0xFFFF), k & 0xFFFF))
+    is_tcp = p["cls"] == TCP
+    flags = _text_column(np.where(is_tcp, p["tcp_flags"], 0), tcp_flags_text)
+    t = pd.to_datetime(p["ts"], unit="s", utc=True)
+    if tz is not None:
+        t = t.tz_convert(tz)
+    return pd.DataFrame({
+        "time": t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3] if len(p) else pd.Series([], dtype=object),
+        "ts": p["ts"],
+        "direction": np.array(DIRECTIONS, dtype=object)[p["direction"]] if len(p) else [],
+        "protocol": proto,
+        "source": src,
+        "src port": _ports(p["sport"]),
+        "destination": dst,
+        "dst port": _ports(p["dport"]),
+        "size": p["wire_len"].astype(np.int64),
+        "captured": p["cap_len"].astype(np.int64),
+        "TCP flags": flags,
+        "ICMP type": _ports(p["icmp_type"].astype(np.int32)),
+        "malformed": p["malformed"].astype(bool),
+    })
+
+
+# ----------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------
 
@@ -818,13 +895,13 @@ class CaptureEngine:
                         self._live = None
 
     def _run_live(self, live: LiveRing, gen: int, stop: threading.Event) -> None:
-        matcher = LocalMatcher(local_addresses())
+        matcher = LocalMatcher(local_addresses(), LOOPBACK_NETS)
         refresh = config.get("ADDR_REFRESH_S")
         next_refresh = next_stats = time.monotonic()
         for records in live.batches(stop, config.get("POLL_MS")):
             now = time.monotonic()
             if now >= next_refresh:  # interfaces and addresses come and go during a capture
-                matcher = LocalMatcher(local_addresses())
+                matcher = LocalMatcher(local_addresses(), LOOPBACK_NETS)
                 next_refresh = now + refresh
             if now >= next_stats:
                 self._update_kernel_stats(live, gen)
@@ -850,7 +927,7 @@ class CaptureEngine:
             if reader.error:
                 self._error = reader.error
                 self._state = "error"
-            elif self._state in ("running", "paused"):
+            elif self._state in ("running", "paused") and not stop.is_set():
                 self._state = "finished"
 
     def _paced(self, records: Iterable[Record], speed: float, stop: threading.Event) -> Iterator[Record]:
@@ -916,6 +993,12 @@ class CaptureEngine:
         self._ring_len = min(cap, self._ring_len + len(arr))
 
     # -- readers -----------------------------------------------------------------------
+
+    @property
+    def source(self) -> Source | None:
+        """What the capture reads (the last one started)."""
+        with self._lock:
+            return self._source
 
     def status(self) -> Status:
         """The capture's state, error and health."""

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what Network Traffic Monitor needs on Debian/Ubuntu: system packages, then .venv with requirements.
+# Usage: scripts/setup.sh [--test]   (--test adds the tools the test suite drives: tshark, chromium, nmap...)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv"
+APT_TEST="iputils-ping tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl"
+want="$APT_RUN"
+[ "${1:-}" = "--test" ] && want="$want $APT_TEST"
+
+missing=""
+for pkg in $want; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  echo "== apt-get install$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+if ! cmp -s requirements.txt .venv/.requirements.installed 2>/dev/null; then
+  echo "== pip install -r requirements.txt"
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  cp requirements.txt .venv/.requirements.installed
+fi

@@ -1,0 +1,198 @@
+"""The engine's buffer, counters, lifecycle and snapshots, fed with crafted frames and files."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from pcapgen import pcap_bytes
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from packet_processor import CaptureEngine, Source, addr_text
+
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+def frames(n: int, t0: float = 1_000_000.0, step: float = 0.01, port0: int = 1000) -> list:
+    """n UDP records (ts, data, wire_len, linktype) from 10.0.0.(i % 50) with rising ports."""
+    out = []
+    for i in range(n):
+        data = bytes(ETH / IP(src=f"10.0.1.{i % 50}", dst="10.0.0.1") / UDP(sport=port0 + i, dport=53))
+        out.append((t0 + i * step, data, len(data), 1))
+    return out
+
+
+def test_totals_never_cap_at_the_buffer_size():
+    eng = CaptureEngine(buffer_size=100)
+    recs = frames(1050)
+    eng.ingest_records(recs)
+    snap = eng.snapshot()
+    assert snap.totals["packets"] == 1050 and len(snap.packets) == 100
+    assert snap.totals["bytes"] == sum(r[2] for r in recs)
+    # The buffer holds the newest 100, oldest first, across the ring's wrap.
+    assert snap.packets["sport"].tolist() == list(range(1000 + 950, 1000 + 1050))
+    assert snap.totals["buffer_len"] == 100
+
+
+def test_ring_wraps_in_small_batches(monkeypatch):
+    monkeypatch.setenv("NTM_BATCH_SIZE", "7")
+    eng = CaptureEngine(buffer_size=10)
+    eng.ingest_records(frames(33))
+    assert eng.snapshot().packets["sport"].tolist() == list(range(1023, 1033))
+
+
+def test_snapshot_is_immutable_and_detached():
+    eng = CaptureEngine(buffer_size=50)
+    eng.ingest_records(frames(20))
+    snap = eng.snapshot()
+    with pytest.raises(ValueError):
+        snap.packets["sport"][0] = 1
+    eng.ingest_records(frames(5, t0=2_000_000.0))
+    assert len(snap.packets) == 20 and snap.totals["packets"] == 20
+    assert eng.snapshot().totals["packets"] == 25
+
+
+def test_per_second_bins_and_rate():
+    eng = CaptureEngine()
+    eng.ingest_records(frames(300, t0=5000.0, step=0.01))  # 100 packets in each of 3 seconds
+    snap = eng.snapshot()
+    assert snap.bins[:, 0].tolist() == [5000, 5001, 5002]
+    assert snap.bins[:, 1:5].sum(axis=1).tolist() == [100, 100, 100]
+    pps, bps = snap.rate(2)
+    assert pps == 100.0 and bps == pytest.approx(100 * 8 * frames(1)[0][2])
+
+
+def test_bins_are_bounded(monkeypatch):
+    monkeypatch.setenv("NTM_BIN_SECONDS", "60")
+    eng = CaptureEngine()
+    eng.ingest_records(frames(500, t0=0.0, step=1.0))
+    bins = eng.snapshot().bins
+    assert len(bins) <= 61 and bins[-1, 0] == 499
+
+
+def test_top_tables_are_bounded_but_totals_exact(monkeypatch):
+    monkeypatch.setenv("NTM_TOP_TABLE_MAX", "20")
+    eng = CaptureEngine()
+    eng.ingest_records(frames(500))
+    snap = eng.snapshot()
+    assert len(snap.src) <= 20 and len(snap.conversations) <= 20
+    assert snap.totals["packets"] == 500
+
+
+def test_top_addresses_sorted_by_count_then_address():
+    eng = CaptureEngine()
+    recs = []
+    for i, src in enumerate(["10.0.0.9", "10.0.0.3", "10.0.0.3", "10.0.0.10", "10.0.0.9", "10.0.0.2"]):
+        d = bytes(ETH / IP(src=src, dst="10.0.0.1") / TCP(sport=1, dport=2))
+        recs.append((float(i), d, len(d), 1))
+    eng.ingest_records(recs)
+    top = eng.snapshot().top_addresses("src", "packets")
+    assert [(t["addr"], t["packets"]) for t in top] == [("10.0.0.3", 2), ("10.0.0.9", 2), ("10.0.0.10", 1),
+                                                        ("10.0.0.2", 1)]
+
+
+def test_conversations_join_both_directions():
+    eng = CaptureEngine()
+    a = bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000, dport=80))
+    b = bytes(ETH / IP(src="10.0.0.2", dst="10.0.0.1") / TCP(sport=80, dport=40000))
+    eng.ingest_records([(1.0, a, 100, 1), (2.0, b, 1500, 1), (3.0, a, 100, 1)])
+    conv = eng.snapshot().top_conversations()
+    assert len(conv) == 1
+    c = conv[0]
+    assert (c["packets"], c["bytes"], c["first_ts"], c["last_ts"], c["proto"]) == (3, 1700, 1.0, 3.0, "TCP")
+    assert {(c["a"], c["a_port"]), (c["b"], c["b_port"])} == {("10.0.0.1", 40000), ("10.0.0.2", 80)}
+
+
+def test_clear_empties_buffer_and_counters():
+    eng = CaptureEngine()
+    eng.ingest_records(frames(30))
+    eng.clear()
+    snap = eng.snapshot()
+    assert snap.totals["packets"] == 0 and len(snap.packets) == 0 and not snap.src and not len(snap.bins)
+
+
+def test_stale_generation_is_dropped(tmp_path):
+    eng = CaptureEngine()
+    f = tmp_path / "a.pcap"
+    f.write_bytes(pcap_bytes([(r[0], r[1]) for r in frames(10)]))
+    eng.load_file(str(f))
+    old_gen = eng.status().generation - 1
+    eng.ingest_records(frames(5), gen=old_gen)  # late data from an earlier capture
+    assert eng.snapshot().totals["packets"] == 10
+
+
+def test_file_source_in_the_capture_thread(tmp_path):
+    f = tmp_path / "a.pcap"
+    f.write_bytes(pcap_bytes([(r[0], r[1]) for r in frames(200)]))
+    eng = CaptureEngine()
+    assert eng.start(Source("file", path=str(f)))
+    deadline = time.monotonic() + 10
+    while eng.status().state == "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    st = eng.status()
+    assert st.state == "finished" and st.error is None
+    assert eng.snapshot().totals["packets"] == 200
+    eng.stop()
+    eng.stop()
+    assert eng.status().state == "finished"
+
+
+def test_paced_replay_can_pause_and_stop(tmp_path):
+    f = tmp_path / "slow.pcap"
+    f.write_bytes(pcap_bytes([(r[0], r[1]) for r in frames(100, step=0.1)]))  # 10 s of traffic
+    eng = CaptureEngine()
+    assert eng.start(Source("file", path=str(f), speed=1.0))
+    time.sleep(0.6)
+    eng.pause()
+    assert eng.status().state == "paused"
+    time.sleep(0.3)
+    seen = eng.snapshot().totals["packets"]
+    assert 0 < seen < 100
+    time.sleep(0.5)
+    assert eng.snapshot().totals["packets"] <= seen + 1  # at most one record was in flight
+    eng.resume()
+    t = time.monotonic()
+    eng.stop()
+    assert time.monotonic() - t < 1.0 and eng.status().state == "stopped"
+    assert eng.snapshot().totals["packets"] < 100
+
+
+def test_many_readers_while_ingesting_see_consistent_snapshots():
+    eng = CaptureEngine(buffer_size=1000)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            s = eng.snapshot()
+            t = s.totals
+            if sum(t["transport_counts"].values()) != t["packets"]:
+                errors.append("classes do not add up")
+            if sum(t["direction_counts"].values()) != t["packets"]:
+                errors.append("directions do not add up")
+            if len(s.packets) != min(t["packets"], 1000):
+                errors.append("buffer length disagrees")
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for th in threads:
+        th.start()
+    recs = frames(200)
+    for _ in range(30):
+        eng.ingest_records(recs)
+    stop.set()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert eng.snapshot().totals["packets"] == 6000
+
+
+def test_addr_text_round_trips_zero_suffixes():
+    eng = CaptureEngine()
+    d = bytes(ETH / IP(src="10.0.0.0", dst="192.168.0.0") / UDP())
+    eng.ingest_records([(1.0, d, len(d), 1)])
+    r = eng.snapshot().packets
+    assert addr_text(r["src"][0]) == "10.0.0.0" and addr_text(r["dst"][0]) == "192.168.0.0"
+    assert np.all(r["malformed"] == 0)
