@@ -30,7 +30,7 @@ EMPTY_HELP = "No packets yet — is the interface up? Is the filter too narrow?"
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
     """Flags given after `--` on the streamlit command line (unknown ones are ignored)."""
-    ap = argparse.ArgumentParser(prog="dashboard.py", add_help=False)
+    ap = argparse.ArgumentParser(prog="dashboard.py", add_help=False, allow_abbrev=False)
     ap.add_argument("--iface", default=None)
     ap.add_argument("--filter", default=None)
     ap.add_argument("--pcap", default=None)
@@ -95,9 +95,8 @@ def sidebar(engine: CaptureEngine) -> None:
         _start(engine, source)
     if stop_col.button("Stop", key="stop", width="stretch"):
         engine.stop()
-    pause_col, clear_col = sb.columns(2)
-    pause_col.toggle("Pause view", key="paused", help="Freeze this page; the capture goes on.")
-    if clear_col.button("Clear", key="clear", help="Empty the buffer and counters for every viewer."):
+    sb.toggle("Pause view", key="paused", help="Freeze this page; the capture goes on.")
+    if sb.button("Clear", key="clear", help="Empty the buffer and counters for every viewer."):
         engine.clear()
     if msg := st.session_state.get("control_error"):
         sb.error(msg)

@@ -22,6 +22,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -762,10 +763,20 @@ class Source:
         return f"interface {self.iface}{flt}"
 
 
+_ENGINES: weakref.WeakSet[CaptureEngine] = weakref.WeakSet()
+
+
+def stop_all() -> None:
+    """Stop every engine of this process (tests, and a clean exit)."""
+    for engine in list(_ENGINES):
+        engine.stop()
+
+
 class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
     def __init__(self, buffer_size: int | None = None, local_nets: str | None = None) -> None:
+        _ENGINES.add(self)
         self.buffer_size = int(buffer_size or config.get("BUFFER_SIZE"))
         self._nets = parse_nets(local_nets if local_nets is not None else config.get("LOCAL_NETS"))
         self._lock = threading.Lock()

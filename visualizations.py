@@ -42,13 +42,14 @@ def _empty(title: str, uirevision: str) -> go.Figure:
 
 def protocol_pie(counts: dict[str, int], by: str = "packets") -> go.Figure:
     """Protocol mix from the engine's whole-capture counters ({tcp: n, udp: n, ...})."""
-    values = [int(counts.get(k, 0)) for k in CLASS_KEYS]
+    # Empty classes are left out: Plotly would still print a "0%" label for them.
+    shown = [(p, int(counts.get(k, 0))) for p, k in zip(PROTOCOLS, CLASS_KEYS) if counts.get(k, 0)]
     title = f"Protocols by {by}"
-    if not sum(values):
+    if not shown:
         return _empty(title, "pie")
     fig = go.Figure(go.Pie(
-        labels=list(PROTOCOLS), values=values, sort=False, hole=0.35,
-        marker={"colors": [PROTOCOL_COLORS[p] for p in PROTOCOLS]},
+        labels=[p for p, _ in shown], values=[v for _, v in shown], sort=False, hole=0.35,
+        marker={"colors": [PROTOCOL_COLORS[p] for p, _ in shown]},
         textinfo="percent+label", hovertemplate="%{label}: %{value:,} " + by + " (%{percent})<extra></extra>",
     ))
     fig.update_layout(title=title, uirevision="pie", showlegend=True, **LAYOUT)
