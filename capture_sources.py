@@ -13,6 +13,7 @@ interfaces. Nothing here imports Streamlit.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -24,6 +25,8 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,37 @@ LINKTYPE_IPV6 = 229
 COOKED_BASE = 0x10000
 LINKTYPE_COOKED = COOKED_BASE
 
+_ARANGE16 = np.arange(16)
 MAX_RECORD = 16 * 1024 * 1024  # a record larger than this is damage, whatever the header says
 DEFAULT_MAX_CAPLEN = 262144  # libpcap/Wireshark's standard maximum snapshot length
+
+
+@dataclass
+class RawBatch:
+    """Many frames at once: frame i is buf[off[i]:off[i] + cap[i]] (buf is read-only and may be shared)."""
+
+    buf: np.ndarray  # uint8
+    off: np.ndarray  # int64
+    cap: np.ndarray  # int64
+    wire: np.ndarray  # int64
+    ts: np.ndarray  # float64
+    linktype: np.ndarray  # int64, one per frame
+
+    def __len__(self) -> int:
+        return len(self.off)
+
+    @classmethod
+    def from_records(cls, records: list[Record]) -> RawBatch:
+        """Pack (ts, data, wire_len, linktype) tuples into one batch."""
+        n = len(records)
+        caps = np.fromiter((len(r[1]) for r in records), np.int64, n)
+        off = np.zeros(n, np.int64)
+        if n:
+            np.cumsum(caps[:-1], out=off[1:])
+        buf = np.frombuffer(b"".join(r[1] for r in records), np.uint8)
+        return cls(buf, off, caps, np.fromiter((r[2] for r in records), np.int64, n),
+                   np.fromiter((r[0] for r in records), np.float64, n),
+                   np.fromiter((r[3] for r in records), np.int64, n))
 
 
 class CaptureError(Exception):
@@ -75,8 +107,7 @@ class FileReader:
     def __iter__(self) -> Iterator[Record]:
         try:
             with open(self.path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size == 0:
+                if os.fstat(fh.fileno()).st_size == 0:
                     self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
                     return
                 buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -84,26 +115,64 @@ class FileReader:
             self.error = f"cannot read {self.path}: {exc.strerror or exc}"
             return
         try:
-            magic = buf[:4]
-            if magic == PCAPNG_SHB:
-                yield from self._pcapng(buf)
-            elif magic in PCAP_MAGICS:
-                yield from self._pcap(buf)
-            else:
-                self.error = (f"not a pcap or pcapng file: unknown magic number {magic.hex()} "
-                              "at byte offset 0")
+            yield from self._iter_buf(buf)
         finally:
-            buf.close()
+            _close(buf)
+
+    def _iter_buf(self, buf: mmap.mmap) -> Iterator[Record]:
+        magic = buf[:4]
+        if magic == PCAPNG_SHB:
+            yield from self._pcapng(buf)
+        elif magic in PCAP_MAGICS:
+            yield from self._pcap(buf)
+        else:
+            self._fail(f"not a pcap or pcapng file: unknown magic number {magic.hex()} at byte offset 0")
 
     def _fail(self, message: str) -> None:
         self.error = message
         log.warning("%s: %s", self.path, message)
 
     def _pcap(self, buf: mmap.mmap) -> Iterator[Record]:
+        for batch in self._pcap_batches(buf, 4096):
+            data = batch.buf
+            for i in range(len(batch)):
+                start = int(batch.off[i])
+                yield (float(batch.ts[i]), data[start:start + int(batch.cap[i])].tobytes(), int(batch.wire[i]),
+                       int(batch.linktype[i]))
+
+    def batches(self, size: int = 65536) -> Iterator[RawBatch]:
+        """The file as RawBatch slices over one read-only mapping (no per-packet copies)."""
+        try:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
+                    return
+                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            return
+        try:
+            if buf[:4] in PCAP_MAGICS:
+                yield from self._pcap_batches(buf, size)
+            else:
+                # pcapng is block-structured and rare at high volume: batch its records.
+                recs: list[Record] = []
+                self.records = 0
+                for rec in self._iter_buf(buf):
+                    recs.append(rec)
+                    if len(recs) >= size:
+                        yield RawBatch.from_records(recs)
+                        recs = []
+                if recs:
+                    yield RawBatch.from_records(recs)
+        finally:
+            _close(buf)
+
+    def _pcap_batches(self, buf: mmap.mmap, size: int) -> Iterator[RawBatch]:
         order, unit = PCAP_MAGICS[buf[:4]]
-        size = len(buf)
-        if size < 24:
-            self._fail(f"file cut short: the pcap header needs 24 bytes, the file has {size}")
+        total = len(buf)
+        if total < 24:
+            self._fail(f"file cut short: the pcap header needs 24 bytes, the file has {total}")
             return
         major, minor = struct.unpack_from(order + "HH", buf, 4)
         snaplen, network = struct.unpack_from(order + "II", buf, 16)
@@ -114,29 +183,50 @@ class FileReader:
         linktype = network & 0xFFFF
         self.linktypes.add(linktype)
         limit = min(max(snaplen, DEFAULT_MAX_CAPLEN), MAX_RECORD)
-        hdr = struct.Struct(order + "IIII")
+        data = np.frombuffer(buf, np.uint8)
         off = 24
-        while off < size:
-            n = self.records + 1
-            if size - off < 16:
-                self._fail(f"file cut short in the middle of a packet: record {n} at byte offset {off} "
-                           f"has only {size - off} of 16 header bytes")
-                return
-            sec, frac, caplen, wire = hdr.unpack_from(buf, off)
-            if maybe_swapped and caplen > wire:
-                caplen, wire = wire, caplen
-            if caplen > limit:
-                self._fail(f"corrupt record {n} at byte offset {off}: captured length {caplen} "
-                           f"exceeds the maximum {limit}")
-                return
-            start = off + 16
-            if start + caplen > size:
-                self._fail(f"file cut short in the middle of a packet: record {n} at byte offset {off} "
-                           f"claims {caplen} bytes, only {size - start} remain")
-                return
-            self.records = n
-            yield sec + frac * unit, buf[start:start + caplen], wire, linktype
-            off = start + caplen
+        while off < total and not self.error:
+            starts, off = self._walk(buf, off, size, order, limit, maybe_swapped)
+            if not starts:
+                break
+            heads = data[np.array(starts, np.int64)[:, None] + _ARANGE16].view(order + "u4")
+            cap, wire = heads[:, 2].astype(np.int64), heads[:, 3].astype(np.int64)
+            if maybe_swapped:
+                swap = cap > wire
+                cap, wire = np.where(swap, wire, cap), np.where(swap, cap, wire)
+            self.records += len(starts)
+            yield RawBatch(data, np.array(starts, np.int64) + 16, cap, wire,
+                           heads[:, 0] + heads[:, 1] * unit, np.full(len(starts), linktype, np.int64))
+
+    @staticmethod
+    def _record_error(n: int, off: int, caplen: int, limit: int, total: int) -> str:
+        if caplen > limit:
+            return f"corrupt record {n} at byte offset {off}: captured length {caplen} exceeds the maximum {limit}"
+        return (f"file cut short in the middle of a packet: record {n} at byte offset {off} "
+                f"claims {caplen} bytes, only {total - off - 16} remain")
+
+    def _walk(self, buf, off: int, size: int, order: str, limit: int, maybe_swapped: bool) -> tuple[list, int]:
+        """Offsets of up to `size` record headers from `off` (the one sequential step; kept minimal)."""
+        total = len(buf)
+        u32 = struct.Struct(order + "I").unpack_from
+        starts: list[int] = []
+        append = starts.append
+        for _ in range(size):
+            if off >= total:
+                break
+            if total - off < 16:
+                self._fail(f"file cut short in the middle of a packet: record {self.records + len(starts) + 1} "
+                           f"at byte offset {off} has only {total - off} of 16 header bytes")
+                break
+            caplen = u32(buf, off + 8)[0]
+            if maybe_swapped:
+                caplen = min(caplen, u32(buf, off + 12)[0])
+            if caplen > limit or off + 16 + caplen > total:
+                self._fail(self._record_error(self.records + len(starts) + 1, off, caplen, limit, total))
+                break
+            append(off)
+            off += 16 + caplen
+        return starts, off
 
     def _pcapng(self, buf: mmap.mmap) -> Iterator[Record]:
         size = len(buf)
@@ -232,6 +322,12 @@ class FileReader:
             self._fail(f"corrupt packet {n} at byte offset {off}: no interface description before it")
             return None
         return ts, buf[data_off:data_off + caplen], wire, ifaces[iface][0]
+
+
+def _close(buf: mmap.mmap) -> None:
+    """Close a mapping; while numpy views of it live on, leave that to the garbage collector."""
+    with contextlib.suppress(BufferError):
+        buf.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -351,8 +447,9 @@ PACKET_OUTGOING = 4
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 
-# struct tpacket3_hdr (48 bytes) followed by struct sockaddr_ll, native byte order.
-TP3_HDR = struct.Struct("=IIIIIIHHIIHH8xHHiHBB")
+# struct tpacket3_hdr (48 bytes, then struct sockaddr_ll) is read with numpy in LiveRing._batch:
+# tp_next_offset +0, tp_sec +4, tp_nsec +8, tp_snaplen +12, tp_len +16, tp_status +20, tp_mac +24,
+# tp_net +26, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
 BLOCK_STATUS = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
 
 # BPF opcodes for the loopback prefix below.
@@ -507,42 +604,54 @@ class LiveRing:
         self._poll.register(s.fileno(), select.POLLIN | select.POLLERR)
         self._block = 0
 
-    def batches(self, stop: threading.Event, poll_ms: int = 200) -> Iterator[list[Record]]:
-        """Yield lists of records, one list per filled ring block; returns when `stop` is set."""
-        ring, bsize, linktype = self.ring, self.block_size, self.linktype
-        hdr_unpack = TP3_HDR.unpack_from
+    def batches(self, stop: threading.Event, poll_ms: int = 200) -> Iterator[RawBatch]:
+        """Yield one RawBatch per filled ring block, read in place; returns when `stop` is set.
+
+        The batch points into the ring: it is valid until the next iteration, when its block
+        goes back to the kernel, so the caller must parse it before asking for more.
+        """
+        ring, bsize = self.ring, self.block_size
+        u8 = np.frombuffer(ring, np.uint8)
+        u16 = np.frombuffer(ring, np.uint16)
+        u32 = np.frombuffer(ring, np.uint32)
+        next_at = struct.Struct("=I").unpack_from
         while not stop.is_set():
             base = self._block * bsize
             status, num, first = BLOCK_STATUS.unpack_from(ring, base + 8)
             if not status & TP_STATUS_USER:
-                events = self._poll.poll(poll_ms)
-                if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events):
-                    self._raise_socket_error()
-                if not events and not interface_exists(self.iface):
-                    raise CaptureError(f"interface {self.iface} went away")
+                self._wait(poll_ms)
                 continue
-            out: list[Record] = []
+            offs = []
             off = base + first
-            for _ in range(num):
-                (nxt, sec, nsec, snap, wire, tpstatus, mac, net, _h, _tci, _tpid, _pad,
-                 _fam, proto, _ifi, hatype, _pkttype, _halen) = hdr_unpack(ring, off)
-                if self.cooked:
-                    # Cooked records start at the network header; the EtherType rides along
-                    # in the linktype, and the wire length gets back its Ethernet header.
-                    data = ring[off + net:off + net + snap]
-                    lt = COOKED_BASE | socket.ntohs(proto)
-                    if hatype in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
-                        wire += 14
-                else:
-                    data = ring[off + mac:off + mac + snap]
-                    lt = linktype
-                    if tpstatus & TP_STATUS_VLAN_VALID:
-                        wire += 4  # the kernel stripped an 802.1Q tag that was on the wire
-                out.append((sec + nsec * 1e-9, data, wire, lt))
-                off += nxt
+            for _ in range(num):  # the one per-packet Python step: follow tp_next_offset
+                offs.append(off)
+                off += next_at(ring, off)[0]
+            yield self._batch(np.array(offs, np.int64), u8, u16, u32)
             struct.pack_into("=I", ring, base + 8, 0)  # hand the block back to the kernel
             self._block = (self._block + 1) % self.block_nr
-            yield out
+
+    def _wait(self, poll_ms: int) -> None:
+        events = self._poll.poll(poll_ms)
+        if any(ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for _, ev in events):
+            self._raise_socket_error()
+        if not events and not interface_exists(self.iface):
+            raise CaptureError(f"interface {self.iface} went away")
+
+    def _batch(self, h: np.ndarray, u8: np.ndarray, u16: np.ndarray, u32: np.ndarray) -> RawBatch:
+        """Read the tpacket3_hdr fields of every packet of a block at once (h: header offsets)."""
+        ts = u32[(h + 4) // 4] + u32[(h + 8) // 4] * 1e-9
+        snap = u32[(h + 12) // 4].astype(np.int64)
+        wire = u32[(h + 16) // 4].astype(np.int64)
+        if self.cooked:
+            # Cooked records start at the network header; the EtherType rides along in the
+            # linktype, and the wire length gets back the Ethernet header it had on the wire.
+            proto = (u8[h + 50].astype(np.int64) << 8) | u8[h + 51]
+            hatype = u16[(h + 56) // 2]
+            wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0)
+            return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto)
+        # The kernel strips an 802.1Q tag that was on the wire and reports it beside the packet.
+        wire += np.where(u32[(h + 20) // 4] & TP_STATUS_VLAN_VALID, 4, 0)
+        return RawBatch(u8, h + u16[(h + 24) // 2], snap, wire, ts, np.full(len(h), self.linktype, np.int64))
 
     def _raise_socket_error(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -567,6 +676,6 @@ class LiveRing:
         """Release the ring and the socket; safe to call twice."""
         ring = getattr(self, "ring", None)
         if ring is not None and not ring.closed:
-            ring.close()
+            _close(ring)
         if self.sock.fileno() >= 0:
             self.sock.close()

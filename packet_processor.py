@@ -1,7 +1,7 @@
-"""Capture engine: header parsing, the rolling buffer, cumulative counters and the capture thread.
+"""Capture engine: the capture thread, the rolling buffer and the cumulative counters.
 
 One ``CaptureEngine`` per process reads a live interface or a capture file through the
-same pipeline: records -> ``parse_frame`` (headers from raw bytes, never payload) ->
+same pipeline: records -> headers.parse (header fields from raw bytes, never payload) ->
 packed batch -> ring buffer + counters. Readers get immutable ``Snapshot`` objects.
 
 Command line::
@@ -13,438 +13,42 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import heapq
-import ipaddress
 import json
 import logging
-import socket
 import struct
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 import config
-from capture_sources import (
-    COOKED_BASE,
-    V4_PREFIX,
-    CaptureError,
-    FileReader,
-    LiveRing,
-    Record,
-    default_interface,
-    local_addresses,
+from capture_sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
+from headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
+    CLASSES,
+    DIRECTIONS,
+    ICMP,
+    ICMPV6,
+    LOOPBACK_NETS,
+    NON_IP,
+    OTHER_IP,
+    PACKET_DTYPE,
+    TCP,
+    UDP,
+    LocalMatcher,
+    addr_text,
+    pack_records,
+    parse_batch,
+    parse_frame,
+    parse_nets,
 )
 
 log = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------
-# Classes, directions and the packed record
-# ----------------------------------------------------------------------------------------
-
-TCP, UDP, ICMP, ICMPV6, OTHER_IP, NON_IP = range(6)
-CLASSES = ("tcp", "udp", "icmp", "icmpv6", "other_ip", "non_ip")
-PROTO_CLASS = {6: TCP, 17: UDP, 1: ICMP, 58: ICMPV6}
-IN, OUT, LOCAL, TRANSIT = range(4)
-DIRECTIONS = ("in", "out", "local", "transit")
-
-NO_ADDR = b"\x00" * 16
-NO_MAC = b""
-
-# One packed record per packet: header metadata only, never payload.
-PACKET_DTYPE = np.dtype([
-    ("ts", "<f8"), ("wire_len", "<u4"), ("cap_len", "<u4"),
-    ("cls", "u1"), ("ipver", "u1"), ("proto", "<i2"), ("ethertype", "<u2"),
-    ("src", "S16"), ("dst", "S16"), ("sport", "<i4"), ("dport", "<i4"),
-    ("tcp_flags", "<u2"), ("icmp_type", "<i2"), ("icmp_code", "<i2"), ("arp_op", "<u2"),
-    ("hw_src", "S6"), ("malformed", "u1"), ("direction", "u1"),
-])
-RECORD = struct.Struct("<dIIBBhH16s16siiHhhH6sBB")
-assert RECORD.size == PACKET_DTYPE.itemsize
-
-# parse_frame's result: every field of the record except ts, lengths and direction.
-Parsed = tuple[int, int, int, int, bytes, bytes, int, int, int, int, int, int, bytes, int]
-
-# ----------------------------------------------------------------------------------------
-# Header parsing from raw bytes
-# ----------------------------------------------------------------------------------------
-
-U16 = struct.Struct("!H").unpack_from
-U16LE = struct.Struct("<H").unpack_from
-U32LE = struct.Struct("<I").unpack_from
-U32BE = struct.Struct("!I").unpack_from
-PORTS = struct.Struct("!HH").unpack_from
-
-ETH_IPV4, ETH_IPV6, ETH_ARP = 0x0800, 0x86DD, 0x0806
-ETH_VLAN = frozenset((0x8100, 0x88A8, 0x9100, 0x9200, 0x9300))
-ETH_MPLS = frozenset((0x8847, 0x8848))
-ETH_PPPOE_SESSION = 0x8864
-IPV6_EXT = frozenset((0, 43, 44, 60))  # Hop-by-Hop, Routing, Fragment, Destination Options
-PPP_TO_ETHERTYPE = {0x0021: ETH_IPV4, 0x0057: ETH_IPV6, 0x0281: 0x8847, 0x0283: 0x8848}
-NULL_AF_INET6 = frozenset((10, 24, 28, 30))  # Linux, NetBSD/OpenBSD, FreeBSD, macOS
-
-_warned_linktypes: set[int] = set()
-
-
-def _non_ip(ethertype: int = 0, malformed: int = 0, hw_src: bytes = NO_MAC) -> Parsed:
-    return (NON_IP, 0, -1, ethertype, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, 0, hw_src, malformed)
-
-
-def _transport(data: bytes, p: int, end: int, proto: int) -> tuple[int, int, int, int, int, int]:
-    """(sport, dport, tcp_flags, icmp_type, icmp_code, malformed) from the transport header at p."""
-    avail = end - p
-    if proto == 6:
-        if avail >= 14:
-            sport, dport = PORTS(data, p)
-            flags = data[p + 13] | ((data[p + 12] & 1) << 8)
-            return sport, dport, flags, -1, -1, int(avail < 20)
-        if avail >= 4:
-            sport, dport = PORTS(data, p)
-            return sport, dport, 0, -1, -1, 1
-        return -1, -1, 0, -1, -1, 1
-    if proto == 17:
-        if avail >= 4:
-            sport, dport = PORTS(data, p)
-            return sport, dport, 0, -1, -1, int(avail < 8)
-        return -1, -1, 0, -1, -1, 1
-    if proto == 1 or proto == 58:
-        if avail >= 2:
-            return -1, -1, 0, data[p], data[p + 1], int(avail < 4)
-        return -1, -1, 0, -1, -1, 1
-    return -1, -1, 0, -1, -1, 0
-
-
-def _ipv4(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
-    n = len(data)
-    if n - off < 20 or data[off] >> 4 != 4:
-        return _non_ip(ethertype, 1, hw_src)
-    ihl = (data[off] & 0x0F) * 4
-    total = U16(data, off + 2)[0]
-    frag = U16(data, off + 6)[0]
-    proto = data[off + 9]
-    src = V4_PREFIX + data[off + 12:off + 16]
-    dst = V4_PREFIX + data[off + 16:off + 20]
-    cls = PROTO_CLASS.get(proto, OTHER_IP)
-    if ihl < 20:
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
-    # A zero total length is legal for segmentation-offloaded frames: trust the capture then.
-    end = min(n, off + total) if total >= ihl else n
-    if frag & 0x1FFF:  # non-first fragment: it carries no transport header
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, int(off + ihl > n))
-    if off + ihl > n:
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
-    sport, dport, flags, itype, icode, bad = _transport(data, off + ihl, end, proto)
-    return (cls, 4, proto, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, bad)
-
-
-def _ipv6(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
-    n = len(data)
-    if n - off < 40 or data[off] >> 4 != 6:
-        return _non_ip(ethertype, 1, hw_src)
-    plen = U16(data, off + 4)[0]
-    nh = data[off + 6]
-    src = data[off + 8:off + 24]
-    dst = data[off + 24:off + 40]
-    end = min(n, off + 40 + plen) if plen else n  # 0: jumbogram or offloaded, trust the capture
-    p = off + 40
-    first_fragment = True
-    bad = 0
-    # Each extension header moves p forward by at least 8 bytes, so this walk always ends.
-    while nh in IPV6_EXT:
-        if p + 8 > n:
-            bad = 1
-            break
-        if nh == 44:
-            if U16(data, p + 2)[0] & 0xFFF8:
-                first_fragment = False
-            nh, p = data[p], p + 8
-        else:
-            nh, p = data[p], p + (data[p + 1] + 1) * 8
-    cls = PROTO_CLASS.get(nh, OTHER_IP)
-    if bad or not first_fragment:
-        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, bad)
-    if p > n:
-        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
-    sport, dport, flags, itype, icode, bad = _transport(data, p, max(end, p), nh)
-    return (cls, 6, nh, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, bad)
-
-
-def _arp(data: bytes, off: int, hw_src: bytes) -> Parsed:
-    n = len(data)
-    if n - off < 8:
-        return _non_ip(ETH_ARP, 1, hw_src)
-    ptype = U16(data, off + 2)[0]
-    hlen, plen = data[off + 4], data[off + 5]
-    op = U16(data, off + 6)[0]
-    if ptype != ETH_IPV4 or plen != 4:
-        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 0)
-    need = off + 8 + 2 * hlen + 8
-    if n < need:
-        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 1)
-    sha = data[off + 8:off + 8 + hlen][:6]
-    spa = data[off + 8 + hlen:off + 12 + hlen]
-    tpa = data[off + 12 + 2 * hlen:off + 16 + 2 * hlen]
-    return (NON_IP, 0, -1, ETH_ARP, V4_PREFIX + spa, V4_PREFIX + tpa, -1, -1, 0, -1, -1, op, sha, 0)
-
-
-def _by_version(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
-    """Raw IP with no link header: the version nibble says which."""
-    if off >= len(data):
-        return _non_ip(ethertype, 1, hw_src)
-    version = data[off] >> 4
-    if version == 4:
-        return _ipv4(data, off, ethertype, hw_src)
-    if version == 6:
-        return _ipv6(data, off, ethertype, hw_src)
-    return _non_ip(ethertype, 1, hw_src)
-
-
-def _mpls(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
-    n = len(data)
-    while off + 4 <= n:
-        bottom = data[off + 2] & 1
-        off += 4
-        if bottom:
-            if off < n and data[off] >> 4 in (4, 6):
-                return _by_version(data, off, ethertype, hw_src)
-            return _non_ip(ethertype, 0, hw_src)
-    return _non_ip(ethertype, 1, hw_src)
-
-
-def _ethertype(data: bytes, off: int, et: int, hw_src: bytes) -> Parsed:
-    """Dispatch on an EtherType, walking VLAN tags, LLC/SNAP, PPPoE and MPLS down to the network header."""
-    n = len(data)
-    while True:
-        if et == ETH_IPV4:
-            return _ipv4(data, off, et, hw_src)
-        if et == ETH_IPV6:
-            return _ipv6(data, off, et, hw_src)
-        if et == ETH_ARP:
-            return _arp(data, off, hw_src)
-        if et in ETH_VLAN:  # 802.1Q / 802.1ad tags, however many are stacked
-            if off + 4 > n:
-                return _non_ip(et, 1, hw_src)
-            et = U16(data, off + 2)[0]
-            off += 4
-        elif et <= 1500:  # an 802.3 length: LLC follows; only SNAP can carry an EtherType
-            if data[off:off + 3] == b"\xaa\xaa\x03" and off + 8 <= n:
-                et = U16(data, off + 6)[0]
-                off += 8
-            else:
-                return _non_ip(0, 0, hw_src)
-        elif et in ETH_MPLS:
-            return _mpls(data, off, et, hw_src)
-        elif et == ETH_PPPOE_SESSION:
-            if off + 8 > n:
-                return _non_ip(et, 1, hw_src)
-            ppp = PPP_TO_ETHERTYPE.get(U16(data, off + 6)[0])
-            if ppp is None:
-                return _non_ip(et, 0, hw_src)
-            et, off = ppp, off + 8
-        else:
-            return _non_ip(et, 0, hw_src)
-
-
-def _ppp(data: bytes, off: int) -> Parsed:
-    n = len(data)
-    if data[off:off + 2] == b"\xff\x03":  # HDLC address and control bytes
-        off += 2
-    if off >= n:
-        return _non_ip(0, 1)
-    if data[off] & 1:  # protocol-field compression: a one-byte protocol
-        proto, off = data[off], off + 1
-    elif off + 2 <= n:
-        proto, off = U16(data, off)[0], off + 2
-    else:
-        return _non_ip(0, 1)
-    et = PPP_TO_ETHERTYPE.get(proto)
-    return _ethertype(data, off, et, NO_MAC) if et else _non_ip(0, 0)
-
-
-def _null(data: bytes, big_endian: bool) -> Parsed:
-    if len(data) < 4:
-        return _non_ip(0, 1)
-    if big_endian:  # DLT_LOOP: network byte order
-        fam = U32BE(data, 0)[0]
-    else:
-        # DLT_NULL stores the address family in the capturing host's byte order; a value
-        # with both halves set is, as Wireshark reads it, an EtherType in the last two bytes.
-        fam = U32LE(data, 0)[0]
-        if fam > 0xFFFF:
-            if fam & 0xFFFF:
-                return _ethertype(data, 4, U16(data, 2)[0], NO_MAC)
-            fam >>= 16
-    if fam == 2:
-        return _ipv4(data, 4, ETH_IPV4, NO_MAC)
-    if fam in NULL_AF_INET6:
-        return _ipv6(data, 4, ETH_IPV6, NO_MAC)
-    return _non_ip(0, 0)
-
-
-def _eth(data: bytes) -> Parsed:
-    if len(data) < 14:
-        return _non_ip(0, 1)
-    return _ethertype(data, 14, U16(data, 12)[0], data[6:12])
-
-
-def _sll(data: bytes) -> Parsed:
-    if len(data) < 16:
-        return _non_ip(0, 1)
-    return _ethertype(data, 16, U16(data, 14)[0], data[6:12] if data[5] == 6 else NO_MAC)
-
-
-def _sll2(data: bytes) -> Parsed:
-    if len(data) < 20:
-        return _non_ip(0, 1)
-    return _ethertype(data, 20, U16(data, 0)[0], data[12:18] if data[11] == 6 else NO_MAC)
-
-
-def _ipnet(data: bytes) -> Parsed:
-    return _by_version(data, 24, 0, NO_MAC) if len(data) > 24 else _non_ip(0, 1)
-
-
-def _cisco_hdlc(data: bytes) -> Parsed:
-    return _ethertype(data, 4, U16(data, 2)[0], NO_MAC) if len(data) >= 4 else _non_ip(0, 1)
-
-
-# pcap LINKTYPE_* -> parser of a frame of that type.
-LINK_PARSERS = {
-    1: _eth,
-    113: _sll,  # Linux cooked v1
-    276: _sll2,  # Linux cooked v2
-    101: lambda d: _by_version(d, 0, 0, NO_MAC),  # raw IP (and its old DLT numbers 12 and 14)
-    12: lambda d: _by_version(d, 0, 0, NO_MAC),
-    14: lambda d: _by_version(d, 0, 0, NO_MAC),
-    228: lambda d: _ipv4(d, 0, ETH_IPV4, NO_MAC),
-    229: lambda d: _ipv6(d, 0, ETH_IPV6, NO_MAC),
-    0: lambda d: _null(d, False),  # BSD NULL, host byte order
-    108: lambda d: _null(d, True),  # BSD LOOP, network byte order
-    226: _ipnet,  # Solaris IPNET: 24-byte header, then IP
-    9: lambda d: _ppp(d, 0),
-    50: lambda d: _ppp(d, 0),  # PPP in HDLC-like framing
-    104: _cisco_hdlc,
-}
-
-
-def _link(linktype: int, data: bytes) -> Parsed:
-    handler = LINK_PARSERS.get(linktype)
-    if handler is not None:
-        return handler(data)
-    if linktype >= COOKED_BASE:  # live cooked record: starts at the network header
-        return _ethertype(data, 0, linktype - COOKED_BASE, NO_MAC)
-    if linktype not in _warned_linktypes:
-        _warned_linktypes.add(linktype)
-        log.warning("unknown link type %d: its packets count as non-IP", linktype)
-    return _non_ip(0, 0)
-
-
-def parse_frame(linktype: int, data: bytes) -> Parsed:
-    """Header fields of one frame; never raises: a frame it cannot read is marked malformed."""
-    try:
-        return _link(linktype, data)
-    except (IndexError, struct.error, TypeError, ValueError):
-        return _non_ip(0, 1)
-
-
-# ----------------------------------------------------------------------------------------
-# Addresses: local or not, and as text
-# ----------------------------------------------------------------------------------------
-
-BROADCAST4 = V4_PREFIX + b"\xff\xff\xff\xff"
-
-
-def addr_text(key: bytes) -> str:
-    """A 16-byte address key as tshark writes it (dotted quad, or RFC 5952 IPv6)."""
-    key = key.ljust(16, b"\x00")  # numpy's S16 strips trailing zero bytes
-    if key[:12] == V4_PREFIX:
-        return socket.inet_ntop(socket.AF_INET, key[12:])
-    return socket.inet_ntop(socket.AF_INET6, key)
-
-
-def parse_nets(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """'10.0.0.0/8,fe80::/10' -> a list of networks (bad entries are logged and skipped)."""
-    nets = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            log.warning("LOCAL_NETS: %r is not a network; ignored", part)
-    return nets
-
-
-class LocalMatcher:
-    """Says whether an address is this host's (a set of addresses) or a local network's."""
-
-    NONE, OURS, GROUP = 0, 1, 2
-    CACHE_MAX = 65536
-
-    def __init__(self, addrs: Iterable[bytes] = (), nets: Iterable[Any] = ()) -> None:
-        self.addrs = frozenset(addrs)
-        self.nets = list(nets)
-        self._cache: dict[bytes, int] = {}
-
-    def __call__(self, key: bytes) -> int:
-        """OURS, GROUP (multicast/broadcast) or NONE for a 16-byte address key."""
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        if len(self._cache) >= self.CACHE_MAX:
-            self._cache.clear()
-        res = self._classify(key)
-        self._cache[key] = res
-        return res
-
-    def _classify(self, key: bytes) -> int:
-        if key == NO_ADDR:
-            return self.NONE
-        if key in self.addrs:
-            return self.OURS
-        v4 = key[:12] == V4_PREFIX
-        if (v4 and (key[12] >= 224 or key == BROADCAST4)) or (not v4 and key[0] == 0xFF):
-            return self.GROUP
-        if self.nets:
-            ip = ipaddress.IPv4Address(key[12:]) if v4 else ipaddress.IPv6Address(key)
-            if any(ip.version == net.version and ip in net for net in self.nets):
-                return self.OURS
-        return self.NONE
-
-
-# All of 127.0.0.0/8 is this host's, though only 127.0.0.1 is listed as an address.
-LOOPBACK_NETS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
-def direction_of(src_kind: int, dst_kind: int) -> int:
-    """in/out/local/transit from what the matcher says of the two ends."""
-    src_ours = src_kind == LocalMatcher.OURS
-    dst_ours = dst_kind == LocalMatcher.OURS
-    if src_ours:
-        return LOCAL if dst_ours else OUT
-    if dst_ours or dst_kind == LocalMatcher.GROUP:
-        return IN
-    return TRANSIT
-
-
-def pack_records(records: Iterable[Record], matcher: LocalMatcher) -> np.ndarray:
-    """Parse records into a packed PACKET_DTYPE array (the hot path: one loop, no per-packet objects kept)."""
-    parse, pack, dir_table = parse_frame, RECORD.pack, _DIR_TABLE
-    out = []
-    append = out.append
-    for ts, data, wire, lt in records:
-        p = parse(lt, data)
-        append(pack(ts, wire, len(data), *p, dir_table[matcher(p[4])][matcher(p[5])]))
-    return np.frombuffer(b"".join(out), dtype=PACKET_DTYPE)
-
-
-_DIR_TABLE = [[direction_of(s, d) for d in range(3)] for s in range(3)]
 
 # ----------------------------------------------------------------------------------------
 # Cumulative state
@@ -453,111 +57,202 @@ _DIR_TABLE = [[direction_of(s, d) for d in range(3)] for s in range(3)]
 BIN_FIELDS = [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS] + [f"pk_{c}" for c in CLASSES]
 
 
-def _prune(table: dict, cap: int) -> None:
-    """Keep a top-N table bounded: beyond `cap`, drop the smallest entries down to 90 %."""
-    if len(table) <= cap:
-        return
-    keep = heapq.nlargest(int(cap * 0.9), table.items(), key=lambda kv: kv[1][0])
-    table.clear()
-    table.update(keep)
+class TopTable:
+    """key -> packets, bytes (and first/last seen) for at most `cap` keys, merged batch by batch with numpy.
+
+    Beyond `cap` keys the smallest (by packets) are pruned down to 90 %, so a scan or a flood of
+    spoofed sources cannot grow it without bound; the engine's totals are kept apart and never pruned.
+    The state is one tuple, replaced whole, so a reader never sees keys and counts out of step.
+    """
+
+    def __init__(self, key_dtype: Any, cap: int, times: bool = False) -> None:
+        self.cap = cap
+        self.state = (np.empty(0, key_dtype), np.empty((0, 2), np.int64),  # keys; packets, bytes
+                      np.empty((0, 2), np.float64) if times else None)  # first, last seen
+
+    keys = property(lambda self: self.state[0])
+    vals = property(lambda self: self.state[1])
+    times = property(lambda self: self.state[2])
+
+    def __len__(self) -> int:
+        return len(self.state[0])
+
+    def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
+        """The state after counting one packet of `wire` bytes (seen at `ts`) per key; self is unchanged."""
+        old_keys, old_vals, old_times = self.state
+        if not len(keys):
+            return self.state
+        uniq, inv = np.unique(np.concatenate((old_keys, keys)), return_inverse=True)
+        m = len(uniq)
+        vals = np.empty((m, 2), np.int64)
+        # bincount sums in float64, exact for counts below 2**53.
+        vals[:, 0] = np.bincount(inv, np.concatenate((old_vals[:, 0], np.ones(len(keys), np.int64))), m)
+        vals[:, 1] = np.bincount(inv, np.concatenate((old_vals[:, 1], wire)), m)
+        times = None
+        if old_times is not None:
+            times = np.empty((m, 2), np.float64)
+            times[:, 0], times[:, 1] = np.inf, -np.inf
+            np.minimum.at(times[:, 0], inv, np.concatenate((old_times[:, 0], ts)))
+            np.maximum.at(times[:, 1], inv, np.concatenate((old_times[:, 1], ts)))
+        if m > self.cap:
+            n_keep = int(self.cap * 0.9)
+            keep = np.sort(np.argpartition(vals[:, 0], m - n_keep)[m - n_keep:])
+            uniq, vals = uniq[keep], vals[keep]
+            times = None if times is None else times[keep]
+        return uniq, vals, times
+
+    def add(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> None:
+        """Count keys into the table in place."""
+        self.state = self.merged(keys, wire, ts)
+
+    def frozen(self) -> TopTable:
+        """A read-only copy for a snapshot (the arrays are never modified, only replaced)."""
+        t = TopTable(self.keys.dtype, self.cap)
+        t.state = self.state
+        return t
+
+    def top(self, n: int, by: str = "packets", text=None) -> list[tuple[Any, int, int, int]]:
+        """The n largest as (key, packets, bytes, row), count descending, then by text(key) ascending."""
+        keys, vals, _ = self.state
+        if not len(keys):
+            return []
+        col = vals[:, 0 if by == "packets" else 1]
+        k = min(n, len(col))
+        cutoff = np.partition(col, len(col) - k)[len(col) - k]
+        rows = np.flatnonzero(col >= cutoff)  # all rows tied at the cut-off, so ties sort by key
+        keyed = [(-int(col[r]), text(keys[r]) if text else keys[r].item(), int(r)) for r in rows]
+        keyed.sort()
+        return [(key, int(vals[r, 0]), int(vals[r, 1]), r) for _, key, r in keyed[:n]]
 
 
-@dataclass
+class DenseTable(TopTable):
+    """A TopTable over small integer keys (ports, protocol numbers): one row per possible key, never pruned."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(np.int32, size)
+        self.state = (np.arange(size, dtype=np.int32), np.zeros((size, 2), np.int64), None)
+
+    def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
+        """The state after counting one packet of `wire` bytes per key (bincount, no sorting)."""
+        if not len(keys):
+            return self.state
+        keys = keys.astype(np.int64)
+        vals = self.state[1].copy()
+        vals[:, 0] += np.bincount(keys, minlength=self.cap)
+        vals[:, 1] += np.bincount(keys, wire, self.cap).astype(np.int64)
+        return self.state[0], vals, None
+
+    def frozen(self) -> TopTable:
+        """The keys seen so far, as a plain read-only TopTable."""
+        keys, vals, _ = self.state
+        seen = np.flatnonzero(vals[:, 0])
+        t = TopTable(np.int32, self.cap)
+        t.state = (keys[seen], vals[seen], None)
+        return t
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.state[1][:, 0]))
+
+
+ADDR_KEY = np.dtype("V16")
+CONV_KEY = np.dtype("V42")  # a(16) b(16) a_port(4) b_port(4) protocol(2), big-endian
+CONV = struct.Struct(">16s16siih")
+
+
+def _conversation_keys(arr: np.ndarray) -> np.ndarray:
+    """One key per conversation in both directions: the two ends in canonical order."""
+    src, dst = np.ascontiguousarray(arr["src"]), np.ascontiguousarray(arr["dst"])
+    sport, dport = arr["sport"], arr["dport"]
+    swap = (src > dst) | ((src == dst) & (sport > dport))
+    raw = np.empty((len(arr), 42), np.uint8)
+    raw[:, 0:16] = np.where(swap, dst, src).view(np.uint8).reshape(-1, 16)
+    raw[:, 16:32] = np.where(swap, src, dst).view(np.uint8).reshape(-1, 16)
+    raw[:, 32:36] = np.where(swap, dport, sport).astype(">i4").view(np.uint8).reshape(-1, 4)
+    raw[:, 36:40] = np.where(swap, sport, dport).astype(">i4").view(np.uint8).reshape(-1, 4)
+    raw[:, 40:42] = arr["proto"].astype(">i2").view(np.uint8).reshape(-1, 2)
+    return raw.view(CONV_KEY).ravel()
+
+
 class Counters:
     """Whole-capture state, updated batch by batch; never capped by the buffer size."""
 
-    packets: int = 0
-    bytes: int = 0
-    bytes_captured: int = 0
-    malformed: int = 0
-    cls_packets: np.ndarray = field(default_factory=lambda: np.zeros(6, np.int64))
-    cls_bytes: np.ndarray = field(default_factory=lambda: np.zeros(6, np.int64))
-    dir_packets: np.ndarray = field(default_factory=lambda: np.zeros(4, np.int64))
-    dir_bytes: np.ndarray = field(default_factory=lambda: np.zeros(4, np.int64))
-    first_ts: float | None = None
-    last_ts: float | None = None
-    min_ts: float | None = None
-    max_ts: float | None = None
-    src: dict[bytes, list[int]] = field(default_factory=dict)  # addr -> [packets, bytes]
-    dst: dict[bytes, list[int]] = field(default_factory=dict)
-    tcp_dports: dict[int, list[int]] = field(default_factory=dict)  # port -> [packets, bytes]
-    udp_dports: dict[int, list[int]] = field(default_factory=dict)
-    other_protos: dict[int, list[int]] = field(default_factory=dict)
-    conversations: dict[tuple, list] = field(default_factory=dict)  # key -> [pk, by, first, last]
-    bins: dict[int, np.ndarray] = field(default_factory=dict)  # second -> BIN_FIELDS counts
+    TABLES = ("src", "dst", "tcp_dports", "udp_dports", "other_protos", "conversations")
 
-    def add(self, arr: np.ndarray, top_max: int, bin_seconds: int) -> None:
-        """Fold one packed batch into the counters."""
-        if not len(arr):
-            return
+    def __init__(self, top_max: int) -> None:
+        self.packets = self.bytes = self.bytes_captured = self.malformed = 0
+        self.cls_packets = np.zeros(6, np.int64)
+        self.cls_bytes = np.zeros(6, np.int64)
+        self.dir_packets = np.zeros(4, np.int64)
+        self.dir_bytes = np.zeros(4, np.int64)
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.min_ts: float | None = None
+        self.max_ts: float | None = None
+        self.src = TopTable(ADDR_KEY, top_max)
+        self.dst = TopTable(ADDR_KEY, top_max)
+        self.tcp_dports = DenseTable(65536)
+        self.udp_dports = DenseTable(65536)
+        self.other_protos = DenseTable(256)
+        self.conversations = TopTable(CONV_KEY, top_max, times=True)
+        self.bins: dict[int, np.ndarray] = {}  # second -> BIN_FIELDS counts
+
+    def prepare(self, arr: np.ndarray) -> dict[str, Any]:
+        """Everything one batch adds, computed without touching the counters (outside the engine lock)."""
         wire = arr["wire_len"].astype(np.int64)
         cls, dirs, ts = arr["cls"], arr["direction"], arr["ts"]
-        self.packets += len(arr)
-        self.bytes += int(wire.sum())
-        self.bytes_captured += int(arr["cap_len"].sum(dtype=np.int64))
-        self.malformed += int(arr["malformed"].sum(dtype=np.int64))
-        self.cls_packets += np.bincount(cls, minlength=6)[:6]
-        self.cls_bytes += np.bincount(cls, weights=wire, minlength=6)[:6].astype(np.int64)
-        self.dir_packets += np.bincount(dirs, minlength=4)[:4]
-        self.dir_bytes += np.bincount(dirs, weights=wire, minlength=4)[:4].astype(np.int64)
-        if self.first_ts is None:
-            self.first_ts = float(ts[0])
-        self.last_ts = float(ts[-1])
-        lo, hi = float(ts.min()), float(ts.max())
-        self.min_ts = lo if self.min_ts is None else min(self.min_ts, lo)
-        self.max_ts = hi if self.max_ts is None else max(self.max_ts, hi)
         ip = cls != NON_IP
-        _add_grouped(self.src, arr["src"][ip], wire[ip], top_max)
-        _add_grouped(self.dst, arr["dst"][ip], wire[ip], top_max)
-        for klass, table in ((TCP, self.tcp_dports), (UDP, self.udp_dports)):
-            sel = (cls == klass) & (arr["dport"] >= 0)
-            _add_grouped(table, arr["dport"][sel], wire[sel], top_max)
-        sel = cls == OTHER_IP
-        _add_grouped(self.other_protos, arr["proto"][sel], wire[sel], top_max)
-        self._add_conversations(arr[ip], wire[ip], top_max)
-        self._add_bins(ts, dirs, cls, wire, bin_seconds)
-
-    def _add_conversations(self, arr: np.ndarray, wire: np.ndarray, top_max: int) -> None:
-        if not len(arr):
-            return
-        # One row per conversation in both directions: order the two ends canonically.
-        swap = (arr["src"] > arr["dst"]) | ((arr["src"] == arr["dst"]) & (arr["sport"] > arr["dport"]))
-        keys = np.empty(len(arr), dtype=[("proto", "<i2"), ("a", "S16"), ("ap", "<i4"),
-                                         ("b", "S16"), ("bp", "<i4")])
-        keys["proto"] = arr["proto"]
-        keys["a"] = np.where(swap, arr["dst"], arr["src"])
-        keys["b"] = np.where(swap, arr["src"], arr["dst"])
-        keys["ap"] = np.where(swap, arr["dport"], arr["sport"])
-        keys["bp"] = np.where(swap, arr["sport"], arr["dport"])
-        uniq, inv = np.unique(keys, return_inverse=True)
-        pk = np.bincount(inv)
-        by = np.bincount(inv, weights=wire)
-        ts = arr["ts"]
-        first = np.full(len(uniq), np.inf)
-        last = np.full(len(uniq), -np.inf)
-        np.minimum.at(first, inv, ts)
-        np.maximum.at(last, inv, ts)
-        conv = self.conversations
-        for i, k in enumerate(uniq.tolist()):
-            row = conv.get(k)
-            if row is None:
-                conv[k] = [int(pk[i]), int(by[i]), float(first[i]), float(last[i])]
-            else:
-                row[0] += int(pk[i])
-                row[1] += int(by[i])
-                row[2] = min(row[2], float(first[i]))
-                row[3] = max(row[3], float(last[i]))
-        _prune(conv, top_max)
-
-    def _add_bins(self, ts, dirs, cls, wire, bin_seconds: int) -> None:
-        # Capture files can jump by years between packets, so group by the seconds present.
+        ip_rows, ip_wire = arr[ip], wire[ip]
+        tcp = (cls == TCP) & (arr["dport"] >= 0)
+        udp = (cls == UDP) & (arr["dport"] >= 0)
+        other = cls == OTHER_IP
         secs, rel = np.unique(np.floor(ts).astype(np.int64), return_inverse=True)
         grid = np.zeros((len(secs), len(BIN_FIELDS)), np.int64)
         np.add.at(grid, (rel, dirs), 1)
         np.add.at(grid, (rel, 4 + dirs), wire)
         np.add.at(grid, (rel, 8 + cls.astype(np.int64)), 1)
+        return {
+            "n": len(arr), "bytes": int(wire.sum()), "cap": int(arr["cap_len"].sum(dtype=np.int64)),
+            "malformed": int(arr["malformed"].sum(dtype=np.int64)),
+            "cls_pk": np.bincount(cls, minlength=6)[:6], "cls_by": np.bincount(cls, wire, 6)[:6].astype(np.int64),
+            "dir_pk": np.bincount(dirs, minlength=4)[:4], "dir_by": np.bincount(dirs, wire, 4)[:4].astype(np.int64),
+            "first": float(ts[0]), "last": float(ts[-1]), "min": float(ts.min()), "max": float(ts.max()),
+            "src": self.src.merged(np.ascontiguousarray(ip_rows["src"]).view(ADDR_KEY), ip_wire),
+            "dst": self.dst.merged(np.ascontiguousarray(ip_rows["dst"]).view(ADDR_KEY), ip_wire),
+            "tcp_dports": self.tcp_dports.merged(arr["dport"][tcp], wire[tcp]),
+            "udp_dports": self.udp_dports.merged(arr["dport"][udp], wire[udp]),
+            "other_protos": self.other_protos.merged(arr["proto"][other], wire[other]),
+            "conversations": self.conversations.merged(_conversation_keys(ip_rows), ip_wire, ip_rows["ts"]),
+            "bins": (secs.tolist(), grid),
+        }
+
+    def apply(self, u: dict[str, Any], bin_seconds: int) -> None:
+        """Fold a prepared batch in: cheap assignments, done under the engine lock."""
+        self.packets += u["n"]
+        self.bytes += u["bytes"]
+        self.bytes_captured += u["cap"]
+        self.malformed += u["malformed"]
+        self.cls_packets += u["cls_pk"]
+        self.cls_bytes += u["cls_by"]
+        self.dir_packets += u["dir_pk"]
+        self.dir_bytes += u["dir_by"]
+        if self.first_ts is None:
+            self.first_ts = u["first"]
+        self.last_ts = u["last"]
+        self.min_ts = u["min"] if self.min_ts is None else min(self.min_ts, u["min"])
+        self.max_ts = u["max"] if self.max_ts is None else max(self.max_ts, u["max"])
+        for name in self.TABLES:
+            getattr(self, name).state = u[name]
+        self._add_bins(*u["bins"], bin_seconds)
+
+    def add(self, arr: np.ndarray, bin_seconds: int) -> None:
+        """Fold one packed batch into the counters."""
+        if len(arr):
+            self.apply(self.prepare(arr), bin_seconds)
+
+    def _add_bins(self, secs: list[int], grid: np.ndarray, bin_seconds: int) -> None:
+        # Capture files can jump by years between packets, so only the seconds present are kept.
         bins = self.bins
-        for s, row in zip(secs.tolist(), grid):
+        for s, row in zip(secs, grid):
             cur = bins.get(s)
             if cur is None:
                 bins[s] = row.copy()
@@ -567,23 +262,6 @@ class Counters:
             newest = max(bins)
             for s in [s for s in bins if s <= newest - bin_seconds]:
                 del bins[s]
-
-
-def _add_grouped(table: dict, keys: np.ndarray, wire: np.ndarray, top_max: int) -> None:
-    """table[key] += [packets, bytes] for each distinct key of a batch."""
-    if not len(keys):
-        return
-    uniq, inv = np.unique(keys, return_inverse=True)
-    pk = np.bincount(inv).tolist()
-    by = np.bincount(inv, weights=wire).tolist()
-    for k, p, b in zip(uniq.tolist(), pk, by):
-        row = table.get(k)
-        if row is None:
-            table[k] = [p, int(b)]
-        else:
-            row[0] += p
-            row[1] += int(b)
-    _prune(table, top_max)
 
 
 # ----------------------------------------------------------------------------------------
@@ -612,39 +290,35 @@ class Snapshot:
     packets: np.ndarray  # PACKET_DTYPE rows, oldest first, read-only
     totals: dict[str, Any]
     bins: np.ndarray  # (n, 1 + len(BIN_FIELDS)) int64: second, then BIN_FIELDS
-    src: dict[bytes, list[int]]
-    dst: dict[bytes, list[int]]
-    tcp_dports: dict[int, list[int]]
-    udp_dports: dict[int, list[int]]
-    other_protos: dict[int, list[int]]
-    conversations: dict[tuple, list]
+    src: TopTable
+    dst: TopTable
+    tcp_dports: TopTable
+    udp_dports: TopTable
+    other_protos: TopTable
+    conversations: TopTable
     status: Status
     buffer_size: int
 
     def top_addresses(self, which: str = "src", by: str = "packets", n: int = 10) -> list[dict[str, Any]]:
         """Top n addresses (outer IP source or destination), count descending then address ascending."""
         table = self.src if which == "src" else self.dst
-        idx = 0 if by == "packets" else 1
-        rows = [(v[idx], addr_text(k), v) for k, v in table.items()]
-        rows.sort(key=lambda r: (-r[0], r[1]))
-        return [{"addr": a, "packets": v[0], "bytes": v[1]} for _, a, v in rows[:n]]
+        return [{"addr": a, "packets": p, "bytes": b}
+                for a, p, b, _ in table.top(n, by, lambda k: addr_text(bytes(k)))]
 
     def top_ports(self, klass: str = "tcp", n: int = 10, by: str = "packets") -> list[tuple[int, int, int]]:
         """Top destination ports as (port, packets, bytes)."""
         table = self.tcp_dports if klass == "tcp" else self.udp_dports
-        idx = 0 if by == "packets" else 1
-        rows = sorted(table.items(), key=lambda kv: (-kv[1][idx], kv[0]))
-        return [(int(p), v[0], v[1]) for p, v in rows[:n]]
+        return [(int(port), p, b) for port, p, b, _ in table.top(n, by)]
 
     def top_conversations(self, n: int = 20, by: str = "bytes") -> list[dict[str, Any]]:
         """Top conversations (both directions together)."""
-        idx = 0 if by == "packets" else 1
-        rows = heapq.nlargest(n, self.conversations.items(), key=lambda kv: kv[1][idx])
         out = []
-        for (proto, a, ap, b, bp), (pk, byt, first, last) in rows:
+        conv = self.conversations
+        for key, pk, byt, r in conv.top(n, by):
+            a, b, ap, bp, proto = CONV.unpack(bytes(key))
             out.append({"a": addr_text(a), "a_port": ap if ap >= 0 else None, "b": addr_text(b),
-                        "b_port": bp if bp >= 0 else None, "proto": proto_name(proto),
-                        "packets": pk, "bytes": byt, "first_ts": first, "last_ts": last})
+                        "b_port": bp if bp >= 0 else None, "proto": proto_name(proto), "packets": pk,
+                        "bytes": byt, "first_ts": float(conv.times[r, 0]), "last_ts": float(conv.times[r, 1])})
         return out
 
     def rate(self, window_s: int, now: float | None = None) -> tuple[float, float]:
@@ -783,7 +457,7 @@ class CaptureEngine:
         self._ring = np.zeros(self.buffer_size, dtype=PACKET_DTYPE)
         self._ring_pos = 0
         self._ring_len = 0
-        self._counters = Counters()
+        self._counters = Counters(config.get("TOP_TABLE_MAX"))
         self._gen = 0
         self._state = "idle"
         self._error: str | None = None
@@ -873,7 +547,7 @@ class CaptureEngine:
     def _reset_locked(self) -> None:
         self._ring_pos = 0
         self._ring_len = 0
-        self._counters = Counters()
+        self._counters = Counters(config.get("TOP_TABLE_MAX"))
         self._paused_skipped = 0
         if self._live is None:
             self._kernel_received = self._kernel_dropped = 0
@@ -921,7 +595,7 @@ class CaptureEngine:
                 with self._lock:
                     self._paused_skipped += len(records)
                 continue
-            self._ingest(pack_records(records, matcher), gen)
+            self._ingest(parse_batch(records, matcher), gen)
 
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
         received, dropped = live.stats()
@@ -931,7 +605,16 @@ class CaptureEngine:
 
     def _run_file(self, source: Source, gen: int, stop: threading.Event) -> None:
         reader = FileReader(source.path)
-        self.ingest_records(self._paced(reader, source.speed, stop), gen, stop)
+        if source.speed > 0:
+            self.ingest_records(self._paced(reader, source.speed, stop), gen, stop)
+        else:
+            matcher = LocalMatcher(nets=self._nets)
+            for raw in reader.batches(config.get("BATCH_SIZE")):
+                while self._paused.is_set() and not stop.is_set():
+                    stop.wait(0.1)
+                if stop.is_set():
+                    break
+                self._ingest(parse_batch(raw, matcher), gen)
         with self._lock:
             if gen != self._gen:
                 return
@@ -979,12 +662,20 @@ class CaptureEngine:
 
     def _ingest(self, arr: np.ndarray, gen: int) -> None:
         """Append a packed batch to the ring and the counters; batches of an old generation are dropped."""
-        top_max, bin_s = config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS")
+        if not len(arr):
+            return
         with self._lock:
+            counters = self._counters
             if gen != self._gen:
                 return
+        # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
+        # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
+        update = counters.prepare(arr)
+        with self._lock:
+            if gen != self._gen or counters is not self._counters:
+                return
             self._write_ring(arr)
-            self._counters.add(arr, top_max, bin_s)
+            counters.apply(update, config.get("BIN_SECONDS"))
             self._last_batch_wall = time.time()
 
     def _write_ring(self, arr: np.ndarray) -> None:
@@ -1034,8 +725,8 @@ class CaptureEngine:
             c = self._counters
             totals = self._totals_locked(c)
             bins = sorted(c.bins.items())
-            tables = (dict(c.src), dict(c.dst), dict(c.tcp_dports), dict(c.udp_dports),
-                      dict(c.other_protos), dict(c.conversations))
+            tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
+                      c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
         rows.flags.writeable = False
         grid = np.array([[s, *v] for s, v in bins], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
@@ -1064,7 +755,7 @@ class CaptureEngine:
             "packets": t["packets"], "bytes_wire": t["bytes"], "bytes_captured": t["bytes_captured"],
             "transport_counts": t["transport_counts"], "transport_bytes": t["transport_bytes"],
             "direction_counts": t["direction_counts"], "direction_bytes": t["direction_bytes"],
-            "other_ip_protocols": {str(k): v[0] for k, v in sorted(snap.other_protos.items())},
+            "other_ip_protocols": {str(p): n for p, n, _, _ in sorted(snap.other_protos.top(256))},
             "top10_src_by_packets": snap.top_addresses("src", "packets"),
             "top10_src_by_bytes": snap.top_addresses("src", "bytes"),
             "top10_dst_by_packets": snap.top_addresses("dst", "packets"),

@@ -1,0 +1,98 @@
+"""Helpers shared by the benchmarks: a mixed capture generator, tshark counts, RSS, the C sender."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _templates() -> list[tuple[bytes, int, int, int]]:
+    """(frame, offset of the IPv4/IPv6 source address or -1, address length, offset of the ports or -1)."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import ARP, Dot1Q, Ether
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    out = []
+    for pad in (0, 100, 500, 1400):
+        body = b"x" * pad
+        out.append((bytes(eth / IP(src="10.0.0.1", dst="10.1.0.1") / TCP(sport=1, dport=443, flags="A") / body),
+                    26, 4, 34))
+        out.append((bytes(eth / IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=53) / body), 26, 4, 34))
+        out.append((bytes(eth / IPv6(src="2001:db8::1", dst="2001:db8:1::1") / TCP(sport=1, dport=80) / body),
+                    22, 16, 54))
+        out.append((bytes(eth / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="10.1.0.1") / UDP(sport=1, dport=123)
+                          / body), 30, 4, 38))
+    out.append((bytes(eth / IP(src="10.0.0.1", dst="10.1.0.1") / ICMP()), 26, 4, -1))
+    out.append((bytes(eth / IPv6(src="2001:db8::1", dst="2001:db8:1::1") / ICMPv6EchoRequest()), 22, 16, -1))
+    out.append((bytes(eth / ARP(psrc="10.0.0.1", pdst="10.0.0.2")), -1, 0, -1))
+    return out
+
+
+def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float = 50_000.0) -> None:
+    """Write an n-packet pcap mixing IPv4/IPv6, TCP/UDP/ICMP/ARP, VLAN and several sizes."""
+    rng = random.Random(seed)
+    templates = _templates()
+    hdr = struct.Struct("<IIII")
+    t0 = 1_700_000_000.0
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1))
+        chunk = []
+        for i in range(n):
+            frame, a_off, a_len, p_off = templates[rng.randrange(len(templates))]
+            f = bytearray(frame)
+            if a_off >= 0:
+                host = rng.randrange(1, 2000)
+                f[a_off + a_len - 2:a_off + a_len] = host.to_bytes(2, "big")  # vary the source
+                if p_off >= 0:
+                    f[p_off:p_off + 2] = rng.randrange(1024, 65535).to_bytes(2, "big")
+            ts = t0 + i / pps
+            sec = int(ts)
+            chunk.append(hdr.pack(sec, int((ts - sec) * 1e6), len(f), len(f)) + bytes(f))
+            if len(chunk) >= 10000:
+                fh.write(b"".join(chunk))
+                chunk = []
+        fh.write(b"".join(chunk))
+
+
+def tshark_classes(path: str | os.PathLike) -> dict[str, int]:
+    """Packets per transport class according to tshark -T fields (outer IP header's protocol)."""
+    out = subprocess.run(["tshark", "-n", "-r", str(path), "-T", "fields", "-e", "ip.proto", "-e", "ipv6.nxt"],
+                         capture_output=True, text=True, check=True).stdout
+    counts = {"tcp": 0, "udp": 0, "icmp": 0, "icmpv6": 0, "other_ip": 0, "non_ip": 0}
+    names = {"6": "tcp", "17": "udp", "1": "icmp", "58": "icmpv6"}
+    for line in out.splitlines():
+        v4, v6 = [*line.split("\t"), ""][:2]
+        proto = v4.split(",")[0] or v6.split(",")[-1]
+        counts[names.get(proto, "other_ip") if proto else "non_ip"] += 1
+    return counts
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine() -> str:
+    """nproc and the CPU model, for RESULTS.md."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {model}"
