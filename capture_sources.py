@@ -23,6 +23,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -206,26 +207,33 @@ class FileReader:
                 f"claims {caplen} bytes, only {total - off - 16} remain")
 
     def _walk(self, buf, off: int, size: int, order: str, limit: int, maybe_swapped: bool) -> tuple[list, int]:
-        """Offsets of up to `size` record headers from `off` (the one sequential step; kept minimal)."""
+        """Offsets of up to `size` record headers from `off`: the one sequential step, kept minimal."""
         total = len(buf)
+        last_header = total - 16
         u32 = struct.Struct(order + "I").unpack_from
         starts: list[int] = []
         append = starts.append
         for _ in range(size):
-            if off >= total:
-                break
-            if total - off < 16:
-                self._fail(f"file cut short in the middle of a packet: record {self.records + len(starts) + 1} "
-                           f"at byte offset {off} has only {total - off} of 16 header bytes")
+            if off > last_header:
                 break
             caplen = u32(buf, off + 8)[0]
             if maybe_swapped:
                 caplen = min(caplen, u32(buf, off + 12)[0])
-            if caplen > limit or off + 16 + caplen > total:
+            if caplen > limit:
                 self._fail(self._record_error(self.records + len(starts) + 1, off, caplen, limit, total))
-                break
+                return starts, off
             append(off)
             off += 16 + caplen
+        # Bounds are checked once here, not per record: only the last record can run past the end.
+        if off > total and starts:
+            off = starts.pop()
+            caplen = u32(buf, off + 8)[0]
+            if maybe_swapped:
+                caplen = min(caplen, u32(buf, off + 12)[0])
+            self._fail(self._record_error(self.records + len(starts) + 1, off, caplen, limit, total))
+        elif total - 16 < off < total:
+            self._fail(f"file cut short in the middle of a packet: record {self.records + len(starts) + 1} "
+                       f"at byte offset {off} has only {total - off} of 16 header bytes")
         return starts, off
 
     def _pcapng(self, buf: mmap.mmap) -> Iterator[Record]:
@@ -586,6 +594,7 @@ class LiveRing:
             raise CaptureError(f"cannot capture on {iface!r}: {exc.strerror or exc}") from exc
         self.received = 0
         self.dropped = 0
+        self.abandoned = 0  # read from the ring but left unparsed because stop() had to return
         self._stats_lock = threading.Lock()
 
     def _setup(self, insns, block_size: int, block_nr: int, block_timeout_ms: int) -> None:
@@ -597,6 +606,7 @@ class LiveRing:
                           block_timeout_ms, 0, 0)
         s.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
         self.block_size, self.block_nr = block_size, block_nr
+        self.block_timeout_ms = block_timeout_ms
         self.ring = mmap.mmap(s.fileno(), block_size * block_nr, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
         s.bind((self.iface if self.iface != "any" else "", ETH_P_ALL))
@@ -615,12 +625,23 @@ class LiveRing:
         u16 = np.frombuffer(ring, np.uint16)
         u32 = np.frombuffer(ring, np.uint32)
         next_at = struct.Struct("=I").unpack_from
-        while not stop.is_set():
+        drain_until = None
+        while True:
+            if stop.is_set() and drain_until is None:
+                # Packets already in the ring were seen by the kernel: count them before leaving.
+                # A partly filled block is handed over when its timeout expires, so wait that long.
+                time.sleep(self.block_timeout_ms * 2 / 1000)
+                drain_until = time.monotonic() + 0.5
             base = self._block * bsize
             status, num, first = BLOCK_STATUS.unpack_from(ring, base + 8)
             if not status & TP_STATUS_USER:
+                if drain_until is not None:
+                    return
                 self._wait(poll_ms)
                 continue
+            if drain_until is not None and time.monotonic() > drain_until:
+                self._abandon_ready_blocks()  # stop() must be prompt: what is left counts as dropped
+                return
             offs = []
             off = base + first
             for _ in range(num):  # the one per-packet Python step: follow tp_next_offset
@@ -628,6 +649,18 @@ class LiveRing:
                 off += next_at(ring, off)[0]
             yield self._batch(np.array(offs, np.int64), u8, u16, u32)
             struct.pack_into("=I", ring, base + 8, 0)  # hand the block back to the kernel
+            self._block = (self._block + 1) % self.block_nr
+
+    def _abandon_ready_blocks(self) -> None:
+        ring, bsize = self.ring, self.block_size
+        for _ in range(self.block_nr):
+            base = self._block * bsize
+            status, num, _ = BLOCK_STATUS.unpack_from(ring, base + 8)
+            if not status & TP_STATUS_USER:
+                break
+            with self._stats_lock:
+                self.abandoned += num
+            struct.pack_into("=I", ring, base + 8, 0)
             self._block = (self._block + 1) % self.block_nr
 
     def _wait(self, poll_ms: int) -> None:
@@ -660,17 +693,18 @@ class LiveRing:
         raise CaptureError(f"capture socket error on {self.iface}: {os.strerror(err) if err else 'unknown'}")
 
     def stats(self) -> tuple[int, int]:
-        """(packets received, packets dropped) by the kernel since the socket opened."""
+        """(packets received, packets dropped) since the socket opened: the kernel's drops, plus any
+        packets left in the ring when a stop could not wait for them."""
         with self._stats_lock:
             try:
                 raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
             except OSError:
-                return self.received, self.dropped
+                return self.received, self.dropped + self.abandoned
             pkts, drops, _ = struct.unpack("=III", raw)
             # The kernel resets these counters on every read, so keep the running sums.
             self.received += pkts
             self.dropped += drops
-            return self.received, self.dropped
+            return self.received, self.dropped + self.abandoned
 
     def close(self) -> None:
         """Release the ring and the socket; safe to call twice."""

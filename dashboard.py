@@ -19,7 +19,7 @@ from streamlit_autorefresh import st_autorefresh
 import config
 import visualizations as viz
 from capture_sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
-from packet_processor import CaptureEngine, Snapshot, Source, packets_frame
+from packet_processor import CaptureEngine, Snapshot, Source, packets_csv, packets_frame
 
 log = logging.getLogger(__name__)
 LOCAL_TZ = datetime.now().astimezone().tzinfo
@@ -293,7 +293,7 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine) -> None:
 
 
 def _csv(engine: CaptureEngine) -> bytes:
-    return packets_frame(engine.snapshot().packets, LOCAL_TZ).to_csv(index=False).encode()
+    return packets_csv(engine.snapshot().packets, LOCAL_TZ)
 
 
 def page() -> None:

@@ -82,18 +82,28 @@ class TopTable:
         old_keys, old_vals, old_times = self.state
         if not len(keys):
             return self.state
-        uniq, inv = np.unique(np.concatenate((old_keys, keys)), return_inverse=True)
+        # Group the batch first (the fast way for its key type), then merge the few groups into the table.
+        bkeys, binv = _group(keys)
+        nb = len(bkeys)
+        bvals = np.stack((np.bincount(binv, minlength=nb), np.bincount(binv, wire, nb).astype(np.int64)), axis=1)
+        uniq, inv = np.unique(np.concatenate((old_keys, bkeys)), return_inverse=True)
         m = len(uniq)
+        both_vals = np.concatenate((old_vals, bvals))
         vals = np.empty((m, 2), np.int64)
         # bincount sums in float64, exact for counts below 2**53.
-        vals[:, 0] = np.bincount(inv, np.concatenate((old_vals[:, 0], np.ones(len(keys), np.int64))), m)
-        vals[:, 1] = np.bincount(inv, np.concatenate((old_vals[:, 1], wire)), m)
+        vals[:, 0] = np.bincount(inv, both_vals[:, 0], m)
+        vals[:, 1] = np.bincount(inv, both_vals[:, 1], m)
         times = None
         if old_times is not None:
+            btimes = np.empty((nb, 2), np.float64)
+            btimes[:, 0], btimes[:, 1] = np.inf, -np.inf
+            np.minimum.at(btimes[:, 0], binv, ts)
+            np.maximum.at(btimes[:, 1], binv, ts)
+            both = np.concatenate((old_times, btimes))
             times = np.empty((m, 2), np.float64)
             times[:, 0], times[:, 1] = np.inf, -np.inf
-            np.minimum.at(times[:, 0], inv, np.concatenate((old_times[:, 0], ts)))
-            np.maximum.at(times[:, 1], inv, np.concatenate((old_times[:, 1], ts)))
+            np.minimum.at(times[:, 0], inv, both[:, 0])
+            np.maximum.at(times[:, 1], inv, both[:, 1])
         if m > self.cap:
             n_keep = int(self.cap * 0.9)
             keep = np.sort(np.argpartition(vals[:, 0], m - n_keep)[m - n_keep:])
@@ -123,6 +133,23 @@ class TopTable:
         keyed = [(-int(col[r]), text(keys[r]) if text else keys[r].item(), int(r)) for r in rows]
         keyed.sort()
         return [(key, int(vals[r, 0]), int(vals[r, 1]), r) for _, key, r in keyed[:n]]
+
+
+def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(keys, return_inverse=True), faster for addresses: IPv4 keys group on one 64-bit integer."""
+    if keys.dtype != ADDR_KEY or len(keys) < 1024:
+        return np.unique(keys, return_inverse=True)
+    halves = keys.view(">u8").reshape(-1, 2)
+    v4 = halves[:, 0] == 0  # ::ffff:a.b.c.d (and ::/64): the high half is zero
+    lo_uniq, lo_inv = np.unique(halves[v4, 1], return_inverse=True)
+    rest_uniq, rest_inv = np.unique(keys[~v4], return_inverse=True)
+    lo_keys = np.zeros((len(lo_uniq), 2), ">u8")
+    lo_keys[:, 1] = lo_uniq
+    inv = np.empty(len(keys), np.int64)
+    inv[v4] = lo_inv
+    inv[~v4] = rest_inv + len(lo_uniq)
+    # The two groups do not overlap (high half zero or not), so concatenating keeps keys unique.
+    return np.concatenate((lo_keys.view(ADDR_KEY).ravel(), rest_uniq)), inv
 
 
 class DenseTable(TopTable):
@@ -413,6 +440,11 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
     })
 
 
+def packets_csv(p: np.ndarray, tz: Any = None) -> bytes:
+    """Packed packet rows as CSV (the dashboard's download of the whole buffer): header fields only."""
+    return packets_frame(p, tz).to_csv(index=False).encode()
+
+
 # ----------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------
@@ -518,7 +550,7 @@ class CaptureEngine:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
             if thread.is_alive():
-                log.warning("capture thread %s did not stop within 1 s; its late data will be dropped",
+                log.warning("capture thread %s did not stop within 1 s; it is still finishing its last batch",
                             thread.name)
         self._thread = None
         with self._lock:

@@ -196,3 +196,22 @@ def test_addr_text_round_trips_zero_suffixes():
     r = eng.snapshot().packets
     assert addr_text(r["src"][0]) == "10.0.0.0" and addr_text(r["dst"][0]) == "192.168.0.0"
     assert np.all(r["malformed"] == 0)
+
+
+def test_csv_export_of_the_whole_buffer_has_headers_only():
+    import csv
+    import io
+
+    from packet_processor import packets_csv
+
+    marker = b"NTM-CSV-MARKER-91c2"
+    eng = CaptureEngine(buffer_size=50)
+    recs = []
+    for i in range(60):
+        d = bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000 + i, dport=53) / marker)
+        recs.append((1_700_000_000.0 + i, d, len(d), 1))
+    eng.ingest_records(recs)
+    data = packets_csv(eng.snapshot().packets)
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    assert len(rows) == 50 and rows[-1]["src port"] == "1059" and rows[0]["protocol"] == "UDP"
+    assert rows[0]["time"].startswith("2023-11-14") and marker not in data
