@@ -187,17 +187,18 @@ class FileReader:
         data = np.frombuffer(buf, np.uint8)
         off = 24
         while off < total and not self.error:
-            starts, off = self._walk(buf, off, size, order, limit, maybe_swapped)
-            if not starts:
+            found, off = self._walk(buf, off, size, order, limit, maybe_swapped)
+            if not found:
                 break
-            heads = data[np.array(starts, np.int64)[:, None] + _ARANGE16].view(order + "u4")
+            starts = np.array(found, np.int64)
+            heads = data[starts[:, None] + _ARANGE16].view(order + "u4")
             cap, wire = heads[:, 2].astype(np.int64), heads[:, 3].astype(np.int64)
             if maybe_swapped:
                 swap = cap > wire
                 cap, wire = np.where(swap, wire, cap), np.where(swap, cap, wire)
             self.records += len(starts)
-            yield RawBatch(data, np.array(starts, np.int64) + 16, cap, wire,
-                           heads[:, 0] + heads[:, 1] * unit, np.full(len(starts), linktype, np.int64))
+            yield RawBatch(data, starts + 16, cap, wire, heads[:, 0] + heads[:, 1] * unit,
+                           np.full(len(starts), linktype, np.int64))
 
     @staticmethod
     def _record_error(n: int, off: int, caplen: int, limit: int, total: int) -> str:
@@ -580,7 +581,9 @@ class LiveRing:
             insns = _loopback_prefix(lo_index) + insns
         kind = socket.SOCK_DGRAM if self.cooked else socket.SOCK_RAW
         try:
-            self.sock = socket.socket(socket.AF_PACKET, kind, socket.htons(ETH_P_ALL))
+            # Protocol 0: the socket receives nothing until bind() names the interface and
+            # ETH_P_ALL, so no packet of another interface slips into the ring in between.
+            self.sock = socket.socket(socket.AF_PACKET, kind, 0)
         except PermissionError as exc:
             raise CaptureError(privilege_message()) from exc
         try:

@@ -218,3 +218,31 @@ def test_veth_namespace_directions_ipv6_and_arp(engine, veth):
     assert all(s.startswith((veth.prefix, "fd00:213:", "fe80:")) or s == "::" for s in seen), seen
     assert snap.totals["transport_counts"]["non_ip"] >= 2
     assert snap.totals["packets"] == len(r)  # the buffer holds all of them: nothing was lost on the way
+
+
+def test_capture_on_one_interface_never_sees_another(engine, veth):
+    """The socket must not receive anything before it is bound to its interface (busy lo meanwhile)."""
+    stop = threading.Event()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+
+    def blast() -> None:
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        end = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < end:
+            tx.sendto(b"lo", rx.getsockname())
+        tx.close()
+
+    sender = threading.Thread(target=blast, daemon=True)
+    sender.start()
+    try:
+        for _ in range(5):  # each start opens a new socket: five chances for a leak
+            start(engine, veth.host_if)
+            run(["ping", "-c", "1", veth.ns_ip])
+            time.sleep(0.2)
+            r = rows(engine)
+            assert len(r) and not {addr_text(a) for a in r["src"]} & {"127.0.0.1"}
+    finally:
+        stop.set()
+        sender.join(2)
+        rx.close()
