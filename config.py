@@ -52,6 +52,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
     Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out."),
     Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row."),
+    Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
+            "so floods from spoofed sources cannot grow memory."),
+    Setting("SCAN_WINDOW_S", 300, "Port scans: failed attempts are counted over this window (Zeek scan.zeek: 5 min)."),
+    Setting("SCAN_PORTS", 15, "Port scans: failed or unanswered ports on one host from one source that make a "
+            "vertical scan (Zeek scan.zeek: 15)."),
+    Setting("SCAN_HOSTS", 10, "Port scans: hosts that refuse or ignore one port from one source that make a "
+            "horizontal scan (between Snort's 5 in 60 s and Zeek's 25 in 5 min)."),
+    Setting("SCAN_STEALTH_PORTS", 3, "Port scans: NULL/FIN/Xmas probes (no SYN, no ACK) to this many ports of "
+            "one host raise an alert at once; no ordinary client sends them."),
+    Setting("SCAN_UNANSWERED_S", 3.0, "Port scans: a SYN or UDP probe with no answer after this many seconds "
+            "counts as failed (nmap's initial retransmission timeout is 1 s)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

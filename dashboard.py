@@ -248,6 +248,8 @@ def metrics(snap: Snapshot, end: float | None, duration: float) -> None:
     state = snap.status.state
     cols[3].metric("Status", "paused view" if st.session_state.get("paused") else state,
                    help=snap.status.source)
+    open_alerts = sum(1 for a in snap.alerts if not a.acknowledged)
+    cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged.")
 
 
 def _duration(seconds: float) -> str:
@@ -265,7 +267,8 @@ def charts(snap: Snapshot, end: float | None) -> None:
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
         frame = viz.timeline_frame(snap.bins, window, end, LOCAL_TZ)
-        st.plotly_chart(viz.timeline(frame), key="timeline")
+        marks = [a.last_ts for a in snap.alerts if end is not None and end - window < a.last_ts <= end + 1]
+        st.plotly_chart(viz.timeline(frame, marks), key="timeline")
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="top_by")
     a, b = st.columns(2)
     a.plotly_chart(viz.top_bar(snap.top_addresses("src", top_by), "Top 10 sources", top_by), key="top_src")
@@ -277,6 +280,27 @@ def charts(snap: Snapshot, end: float | None) -> None:
     st.subheader("Top conversations")
     st.dataframe(viz.conversations_table(snap.top_conversations(20, top_by), LOCAL_TZ), hide_index=True,
                  key="conversations")
+
+
+def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
+    """The detectors' findings, newest first, filterable by severity, with acknowledge and clear."""
+    st.subheader("Alerts")
+    if not snap.alerts:
+        st.caption("No alerts: no port scan or ARP spoofing seen in this capture.")
+        return
+    severities = st.multiselect("Severity", ["high", "medium", "low"], default=["high", "medium", "low"],
+                                key="alert_sev")
+    shown = [a for a in snap.alerts if a.severity in severities]
+    st.dataframe(viz.alerts_table(shown, LOCAL_TZ), hide_index=True, key="alerts")
+    ack, clear = st.columns(2)
+    # Callbacks run before the next rerun draws the page, so the metrics above see the change.
+    ack.button("Acknowledge all shown", key="alerts_ack", on_click=_acknowledge, args=(engine, shown))
+    clear.button("Clear alerts", key="alerts_clear", on_click=engine.alerts.clear)
+
+
+def _acknowledge(engine: CaptureEngine, alerts: list) -> None:
+    for a in alerts:
+        engine.alerts.acknowledge(a)
 
 
 def recent_packets(snap: Snapshot, engine: CaptureEngine) -> None:
@@ -314,6 +338,7 @@ def page() -> None:
             st.info(EMPTY_HELP)
     else:
         charts(snap, end)
+        alerts_panel(snap, engine)
         recent_packets(snap, engine)
     if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 import config
+from anomaly import Alert, AlertBook, Detectors
 from capture_sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
 from headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
     CLASSES,
@@ -325,6 +326,7 @@ class Snapshot:
     conversations: TopTable
     status: Status
     buffer_size: int
+    alerts: tuple[Alert, ...] = ()
 
     def top_addresses(self, which: str = "src", by: str = "packets", n: int = 10) -> list[dict[str, Any]]:
         """Top n addresses (outer IP source or destination), count descending then address ascending."""
@@ -490,6 +492,8 @@ class CaptureEngine:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
+        self._detectors = Detectors()
+        self.alerts = AlertBook()
         self._gen = 0
         self._state = "idle"
         self._error: str | None = None
@@ -580,6 +584,8 @@ class CaptureEngine:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
+        self._detectors = Detectors()
+        self.alerts.clear()
         self._paused_skipped = 0
         if self._live is None:
             self._kernel_received = self._kernel_dropped = 0
@@ -697,12 +703,13 @@ class CaptureEngine:
         if not len(arr):
             return
         with self._lock:
-            counters = self._counters
+            counters, detectors = self._counters, self._detectors
             if gen != self._gen:
                 return
         # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
         # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
         update = counters.prepare(arr)
+        detectors.observe(arr, self.alerts)
         with self._lock:
             if gen != self._gen or counters is not self._counters:
                 return
@@ -760,10 +767,11 @@ class CaptureEngine:
             tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
                       c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
+        alerts = tuple(self.alerts.alerts())
         rows.flags.writeable = False
         grid = np.array([[s, *v] for s, v in bins], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
         grid.flags.writeable = False
-        return Snapshot(rows, totals, grid, *tables, status=status, buffer_size=self.buffer_size)
+        return Snapshot(rows, totals, grid, *tables, status=status, buffer_size=self.buffer_size, alerts=alerts)
 
     def _totals_locked(self, c: Counters) -> dict[str, Any]:
         return {
@@ -796,6 +804,7 @@ class CaptureEngine:
             "first_ts": t["first_ts"], "last_ts": t["last_ts"], "min_ts": t["min_ts"], "max_ts": t["max_ts"],
             "duration_s": duration, "malformed": t["malformed"], "dropped": t["dropped"],
             "error": snap.status.error,
+            "alerts": [a.as_dict() for a in snap.alerts],
         }
 
     def load_file(self, path: str) -> dict[str, Any]:

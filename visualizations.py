@@ -207,3 +207,21 @@ def recent_table(frame: pd.DataFrame, n: int = 100, text: str = "") -> pd.DataFr
             mask |= (frame["src port"] == port).fillna(False) | (frame["dst port"] == port).fillna(False)
         view = frame[mask]
     return view.iloc[::-1].head(n).reset_index(drop=True)
+
+
+def alerts_table(alerts: Sequence[Any], tz: tzinfo | None = None) -> pd.DataFrame:
+    """Alerts (newest first) as a table: when, how bad, what, who, how often, the evidence and the advice."""
+    cols = ["last seen", "severity", "detector", "source", "target", "count", "evidence", "what it means", "ack"]
+    if not alerts:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame({
+        "last seen": _times([a.last_ts for a in alerts], tz),
+        "severity": [a.severity for a in alerts],
+        "detector": [a.detector for a in alerts],
+        "source": [a.source for a in alerts],
+        "target": [a.target for a in alerts],
+        "count": [a.count for a in alerts],
+        "evidence": [a.evidence for a in alerts],
+        "what it means": [a.meaning for a in alerts],
+        "ack": [a.acknowledged for a in alerts],
+    })

@@ -196,3 +196,30 @@ def test_bad_bpf_filter_shows_the_error_and_keeps_the_capture(fresh, root_only):
     assert not at.exception
     assert any("bad BPF filter" in e.value and "banana" in e.value for e in at.sidebar.error)
     assert metric(at, "Status").value == "running" and metric(at, "Status").proto.help == before
+
+
+def test_alerts_show_in_the_page(fresh, tmp_path):
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    frames = []
+    for i, port in enumerate(range(100, 120)):
+        frames.append((1_700_000_000.0 + i * 0.01, bytes(eth / IP(src="10.9.0.5", dst="10.9.0.7")
+                                                         / TCP(sport=40000, dport=port, flags="S"))))
+        frames.append((1_700_000_000.005 + i * 0.01, bytes(eth / IP(src="10.9.0.7", dst="10.9.0.5")
+                                                           / TCP(sport=port, dport=40000, flags="RA"))))
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path, "scan.pcap", frames=frames))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert count(at, "Alerts") == 1
+    table = next(d.value for d in at.dataframe if "detector" in d.value.columns)
+    row = table.iloc[0]
+    assert (row["detector"], row["source"], row["target"], row["severity"]) == ("port_scan", "10.9.0.5",
+                                                                                "10.9.0.7", "medium")
+    assert "20 ports on 10.9.0.7" in row["evidence"] and row["what it means"]
+    shapes = figures(at)["Traffic by capture time"]["layout"]["shapes"]
+    assert len(shapes) == 1  # the alert's marker on the timeline
+    at.button(key="alerts_ack").click().run()
+    assert count(at, "Alerts") == 0
+    at.multiselect(key="alert_sev").set_value(["high"]).run()
+    assert next(d.value for d in at.dataframe if "detector" in d.value.columns).empty

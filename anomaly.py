@@ -1,0 +1,276 @@
+"""Anomaly detectors run on every parsed batch inside the capture thread, and the bounded alert book.
+
+Detectors read the packed rows of one batch (never the rolling buffer) and keep per-source state
+with a time window, bounded in size. So far: port scans (vertical and horizontal, counting only
+failed or unanswered attempts, plus NULL/FIN/Xmas probes) and ARP spoofing. Thresholds live in
+config.py with where their defaults come from.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+from itertools import islice
+from typing import Any
+
+import numpy as np
+
+import config
+from headers import NON_IP, TCP, UDP, addr_text
+
+SYN, ACK, RST = 0x02, 0x10, 0x04
+ETH_ARP = 0x0806
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One finding: who, what, the evidence in numbers, and what it means."""
+
+    detector: str  # port_scan, syn_flood, icmp_flood, udp_flood, spike, new_host, arp_spoof
+    severity: str  # high, medium, low
+    source: str
+    target: str
+    first_ts: float
+    last_ts: float
+    count: int
+    evidence: str
+    meaning: str
+    acknowledged: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of the summary's `alerts` list."""
+        d = asdict(self)
+        d.pop("meaning")
+        d.pop("acknowledged")
+        return d
+
+
+class AlertBook:
+    """Alerts keyed by (detector, source, target): a repeat updates its row (count, last seen, evidence)."""
+
+    def __init__(self, max_alerts: int | None = None) -> None:
+        self.max_alerts = max_alerts or config.get("ALERTS_MAX")
+        self._alerts: OrderedDict[tuple[str, str, str], Alert] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def raise_alert(self, detector: str, severity: str, source: str, target: str, ts: float, evidence: str,
+                    meaning: str, key: tuple[str, str, str] | None = None) -> None:
+        """Record a finding, or refresh the row of the same finding (same key: detector, source, target)."""
+        key = key or (detector, source, target)
+        with self._lock:
+            old = self._alerts.pop(key, None)
+            if old is None:
+                alert = Alert(detector, severity, source, target, ts, ts, 1, evidence, meaning)
+            else:
+                alert = replace(old, source=source, last_ts=max(old.last_ts, ts), count=old.count + 1,
+                                evidence=evidence, severity=severity, acknowledged=False)
+            self._alerts[key] = alert
+            while len(self._alerts) > self.max_alerts:
+                self._alerts.popitem(last=False)
+
+    def alerts(self) -> list[Alert]:
+        """All alerts, newest (by last seen) first."""
+        with self._lock:
+            return sorted(self._alerts.values(), key=lambda a: a.last_ts, reverse=True)
+
+    def acknowledge(self, alert: Alert) -> None:
+        """Mark one alert as seen; a new repeat makes it unacknowledged again."""
+        with self._lock:
+            for key, current in self._alerts.items():
+                if current.detector == alert.detector and current.target == alert.target and \
+                        current.first_ts == alert.first_ts:
+                    self._alerts[key] = replace(current, acknowledged=True)
+                    return
+
+    def clear(self) -> None:
+        """Forget every alert."""
+        with self._lock:
+            self._alerts.clear()
+
+
+class _Bounded(OrderedDict):
+    """An insertion-ordered dict that forgets its oldest entries beyond `cap` (LRU when keys are touched)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def put(self, key: Any, value: Any) -> None:
+        """Set key to value at the newest end."""
+        self.pop(key, None)
+        self[key] = value
+        while len(self) > self.cap:
+            self.popitem(last=False)
+
+    def touch(self, key: Any, default_factory) -> Any:
+        """The value for key (created if missing), moved to the newest end."""
+        value = self.pop(key, None)
+        if value is None:
+            value = default_factory()
+        self[key] = value
+        while len(self) > self.cap:
+            self.popitem(last=False)
+        return value
+
+
+class Detectors:
+    """Per-source detector state for one capture; observe() is called with each parsed batch."""
+
+    def __init__(self) -> None:
+        cap = config.get("DETECTOR_STATE_MAX")
+        self.window = config.get("SCAN_WINDOW_S")
+        self.vports = config.get("SCAN_PORTS")
+        self.vhosts = config.get("SCAN_HOSTS")
+        self.stealth_ports = config.get("SCAN_STEALTH_PORTS")
+        self.timeout = config.get("SCAN_UNANSWERED_S")
+        self.pending = _Bounded(cap)  # (scanner, target, proto, port) -> probe time
+        self.failed_ports = _Bounded(cap)  # (scanner, target) -> {port: last failure time}
+        self.failed_hosts = _Bounded(cap)  # (scanner, proto, port) -> {target: last failure time}
+        self.answered = _Bounded(cap)  # (scanner, target) -> attempts that were answered
+        self.stealth = _Bounded(cap)  # (scanner, target) -> {port: time} of NULL/FIN/Xmas probes
+        self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
+        self.served = _Bounded(cap)  # (address, proto, port) that received probes -> time: its replies are no probes
+
+    def observe(self, arr: np.ndarray, book: AlertBook) -> None:
+        """Update the state with one batch and raise what it shows."""
+        if not len(arr):
+            return
+        # Multicast and broadcast are one-way by nature: never probes.
+        unicast = ~_group(arr["dst"])
+        tcp = arr[(arr["cls"] == TCP) & unicast]
+        if len(tcp):
+            self._tcp(tcp, book)
+        udp_or_icmp = arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))]
+        if len(udp_or_icmp):
+            self._udp(udp_or_icmp, book)
+        arp = arr[(arr["cls"] == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)]
+        if len(arp):
+            self._arp(arp, book)
+        self._expire(float(arr["ts"].max()), book)
+
+    # -- port scans ---------------------------------------------------------------------
+
+    def _tcp(self, rows: np.ndarray, book: AlertBook) -> None:
+        flags = rows["tcp_flags"]
+        # Only packets that open, answer or refuse a connection matter; skip the data flow.
+        interesting = ((flags & (SYN | ACK)) == SYN) | ((flags & (SYN | ACK)) == SYN | ACK) | ((flags & RST) != 0) \
+            | ((flags & (SYN | ACK | RST)) == 0)
+        for ts, src, dst, sport, dport, fl in zip(rows["ts"][interesting].tolist(), rows["src"][interesting].tolist(),
+                                                  rows["dst"][interesting].tolist(),
+                                                  rows["sport"][interesting].tolist(),
+                                                  rows["dport"][interesting].tolist(),
+                                                  flags[interesting].tolist()):
+            if fl & RST:
+                if self.pending.pop((dst, src, "tcp", sport), None) is not None:
+                    self._failed(dst, src, "tcp", sport, ts, book)
+            elif fl & (SYN | ACK) == SYN | ACK:
+                if self.pending.pop((dst, src, "tcp", sport), None) is not None:
+                    self._answered(dst, src)
+            elif fl & SYN:
+                self.pending.touch((src, dst, "tcp", dport), lambda t=ts: t)
+            else:  # NULL, FIN or Xmas without ACK: no client sends these, scanners do (nmap -sN/-sF/-sX)
+                self.pending.touch((src, dst, "tcp", dport), lambda t=ts: t)
+                probes = self.stealth.touch((src, dst), dict)
+                probes[dport] = ts
+                if len(probes) >= self.stealth_ports:
+                    kinds = len(probes)
+                    book.raise_alert("port_scan", "high", addr_text(src), addr_text(dst), ts,
+                                     f"{kinds} NULL/FIN/Xmas probes to {kinds} ports on {addr_text(dst)}",
+                                     "TCP packets with no SYN and no ACK are only sent by port scanners "
+                                     "(nmap -sN/-sF/-sX): find the program on the source host.")
+
+    def _udp(self, rows: np.ndarray, book: AlertBook) -> None:
+        for ts, src, dst, sport, dport, cls in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["dst"].tolist(),
+                                                   rows["sport"].tolist(), rows["dport"].tolist(),
+                                                   rows["cls"].tolist()):
+            if cls != UDP:  # ICMP unreachable from the target: its probe failed (the quote's port is not
+                # parsed, so take the oldest of the pair's recent open probes)
+                probe = None
+                for k in islice(reversed(self.pending), 512):
+                    if k[0] == dst and k[1] == src and k[2] == "udp":
+                        probe = k
+                if probe is not None:
+                    del self.pending[probe]
+                    self._failed(dst, src, "udp", probe[3], ts, book)
+                continue
+            if dport < 0:
+                continue
+            if self.pending.pop((dst, src, "udp", sport), None) is not None:
+                self._answered(dst, src)  # a reply from the probed port
+            elif (src, "udp", sport) not in self.served:  # a server's late or duplicate reply is no probe
+                self.pending.touch((src, dst, "udp", dport), lambda t=ts: t)
+                self.served.put((dst, "udp", dport), ts)
+
+    def _answered(self, scanner: bytes, target: bytes) -> None:
+        key = (scanner, target)
+        self.answered[key] = self.answered.get(key, 0) + 1
+
+    def _failed(self, scanner: bytes, target: bytes, proto: str, port: int, ts: float, book: AlertBook) -> None:
+        ports = self.failed_ports.touch((scanner, target), dict)
+        ports[(proto, port)] = ts
+        hosts = self.failed_hosts.touch((scanner, proto, port), dict)
+        hosts[target] = ts
+        for table in (ports, hosts):
+            for k in [k for k, t in table.items() if t < ts - self.window]:
+                del table[k]
+        if len(ports) >= self.vports:
+            first = min(ports.values())
+            answered = self.answered.get((scanner, target), 0)
+            book.raise_alert(
+                "port_scan", "medium", addr_text(scanner), addr_text(target), ts,
+                f"{len(ports)} ports on {addr_text(target)} failed or went unanswered in {ts - first:.0f} s, "
+                f"{answered} answered",
+                "One host probing many ports of another is a vertical port scan: check whether the source "
+                "is an authorised scanner, else what runs on it.")
+        if len(hosts) >= self.vhosts:
+            first = min(hosts.values())
+            book.raise_alert(
+                "port_scan", "medium", addr_text(scanner), f"{proto}/{port}", ts,
+                f"{len(hosts)} hosts refused or ignored {proto}/{port} in {ts - first:.0f} s",
+                "One host trying the same port on many hosts is a horizontal scan (a sweep or a worm): "
+                "check the source host.")
+
+    def _expire(self, now: float, book: AlertBook) -> None:
+        """Probes with no answer after SCAN_UNANSWERED_S count as failed attempts."""
+        stale = []
+        for key, ts in self.pending.items():
+            if ts > now - self.timeout:
+                break  # insertion order is time order (touch moves to the end)
+            stale.append((key, ts))
+        for key, ts in stale:
+            del self.pending[key]
+            scanner, target, proto, port = key
+            self._failed(scanner, target, proto, port, ts, book)
+
+    # -- ARP ----------------------------------------------------------------------------
+
+    def _arp(self, rows: np.ndarray, book: AlertBook) -> None:
+        for ts, ip, mac, op, dst in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["hw_src"].tolist(),
+                                        rows["arp_op"].tolist(), rows["dst"].tolist()):
+            if not ip or not mac:
+                continue
+            mac = mac.ljust(6, b"\x00")
+            known = self.arp.get(ip)
+            self.arp.put(ip, (mac, ts))
+            if known is not None and known[0] != mac and op in (1, 2):
+                kind = "gratuitous ARP" if ip == dst else ("ARP reply" if op == 2 else "ARP request")
+                # One row per address however many MACs claim it (a fuzzer or a flood cycles through many).
+                book.raise_alert(
+                    "arp_spoof", "high", _mac(mac), addr_text(ip), ts,
+                    f"{kind} says {addr_text(ip)} is at {_mac(mac)}; it was at {_mac(known[0])} "
+                    f"{ts - known[1]:.0f} s before",
+                    "An address whose MAC changes may be ARP spoofing (a man in the middle): check which "
+                    "device owns that MAC; a replaced NIC or a failover also does this.",
+                    key=("arp_spoof", "", addr_text(ip)))
+
+
+def _group(dst: np.ndarray) -> np.ndarray:
+    """Multicast or broadcast destinations (IPv4 224.0.0.0 and up, IPv6 ff00::/8)."""
+    raw = np.ascontiguousarray(dst).view(np.uint8).reshape(-1, 16)
+    v4 = (raw[:, :10] == 0).all(axis=1) & (raw[:, 10] == 0xFF) & (raw[:, 11] == 0xFF)
+    return (v4 & (raw[:, 12] >= 224)) | (~v4 & (raw[:, 0] == 0xFF))
+
+
+def _mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac.ljust(6, b"\x00"))

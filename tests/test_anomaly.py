@@ -1,0 +1,148 @@
+"""Detectors on crafted traffic, on a public capture, and on real tools in a test namespace."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+from conftest import need, run
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+
+from packet_processor import CaptureEngine, Source
+
+T0 = 1_700_000_000.0
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+def feed(frames: list) -> CaptureEngine:
+    eng = CaptureEngine()
+    recs = []
+    for i, f in enumerate(frames):
+        ts, pkt = f if isinstance(f, tuple) else (T0 + i * 0.001, f)
+        d = bytes(pkt)
+        recs.append((ts, d, len(d), 1))
+    eng.ingest_records(recs)
+    return eng
+
+
+def alerts(eng: CaptureEngine, detector: str | None = None) -> list[dict]:
+    return [a for a in eng.summary()["alerts"] if detector is None or a["detector"] == detector]
+
+
+def test_vertical_scan_refused_ports():
+    frames = []
+    for port in range(20, 40):
+        frames.append(ETH / IP(src="10.9.0.5", dst="10.9.0.7") / TCP(sport=40000, dport=port, flags="S"))
+        frames.append(ETH / IP(src="10.9.0.7", dst="10.9.0.5") / TCP(sport=port, dport=40000, flags="RA"))
+    found = alerts(feed(frames), "port_scan")
+    assert len(found) == 1
+    a = found[0]
+    assert (a["source"], a["target"], a["severity"]) == ("10.9.0.5", "10.9.0.7", "medium")
+    assert "20 ports on 10.9.0.7" in a["evidence"] and "0 answered" in a["evidence"]
+    assert a["count"] >= 1 and a["first_ts"] <= a["last_ts"]
+
+
+def test_horizontal_sweep_unanswered():
+    frames = [(T0 + i * 0.01, ETH / IP(src="10.9.0.5", dst=f"10.9.1.{i}") / TCP(sport=41000 + i, dport=22, flags="S"))
+              for i in range(1, 13)]
+    # Later traffic moves the clock past the 3 s answer timeout.
+    frames.append((T0 + 10, ETH / IP(src="10.9.0.8", dst="10.9.0.9") / UDP(sport=53, dport=53)))
+    found = alerts(feed(frames), "port_scan")
+    assert [(a["source"], a["target"]) for a in found] == [("10.9.0.5", "tcp/22")]
+    assert "12 hosts" in found[0]["evidence"]
+
+
+def test_busy_clients_are_not_scanners():
+    frames = []
+    for i in range(40):  # a browser opening connections to 40 web servers: all answered
+        server, port = f"10.9.2.{i + 1}", 50000 + i
+        frames.append(ETH / IP(src="10.9.0.5", dst=server) / TCP(sport=port, dport=443, flags="S"))
+        frames.append(ETH / IP(src=server, dst="10.9.0.5") / TCP(sport=443, dport=port, flags="SA"))
+        frames.append(ETH / IP(src="10.9.0.5", dst=server) / TCP(sport=port, dport=443, flags="A"))
+    for i in range(100):  # DNS-like request/response from many client ports, two queries in flight
+        frames.append(ETH / IP(src="10.9.0.5", dst="10.9.0.53") / UDP(sport=30000 + i, dport=53))
+        frames.append(ETH / IP(src="10.9.0.5", dst="10.9.0.53") / UDP(sport=31000 + i, dport=53))
+        frames.append(ETH / IP(src="10.9.0.53", dst="10.9.0.5") / UDP(sport=53, dport=30000 + i))
+        frames.append(ETH / IP(src="10.9.0.53", dst="10.9.0.5") / UDP(sport=53, dport=31000 + i))
+    frames.append((T0 + 30, ETH / IP(src="10.9.0.8", dst="10.9.0.9") / UDP(sport=53, dport=53)))
+    assert alerts(feed(frames)) == []
+
+
+def test_arp_spoof_one_row_per_address():
+    frames = [ETH / ARP(op=2, hwsrc="02:00:00:00:00:aa", psrc="10.9.0.1", pdst="10.9.0.5")]
+    for n in range(3):
+        frames.append(ETH / ARP(op=2, hwsrc=f"02:00:00:00:00:b{n}", psrc="10.9.0.1", pdst="10.9.0.5"))
+    found = alerts(feed(frames), "arp_spoof")
+    assert len(found) == 1 and found[0]["target"] == "10.9.0.1" and found[0]["count"] == 3
+    assert found[0]["source"] == "02:00:00:00:00:b2" and "was at 02:00:00:00:00:b1" in found[0]["evidence"]
+
+
+def test_detector_state_and_alerts_stay_bounded(monkeypatch):
+    monkeypatch.setenv("NTM_DETECTOR_STATE_MAX", "1000")
+    monkeypatch.setenv("NTM_ALERTS_MAX", "50")
+    eng = CaptureEngine()
+    base = bytes(ETH / IP(src="10.0.0.1", dst="10.9.0.7") / TCP(sport=1234, dport=80, flags="S"))
+    recs = []
+    for i in range(200_000):  # spoofed sources, each scanning a port that refuses
+        src = bytes([10, (i >> 16) & 255, (i >> 8) & 255, i & 255])
+        syn = base[:26] + src + base[30:]
+        rst = bytes(ETH / IP(src="10.9.0.7", dst=".".join(map(str, src))) / TCP(sport=80, dport=1234, flags="RA")) \
+            if i % 1000 == 0 else None
+        recs.append((T0 + i * 1e-5, syn, len(syn), 1))
+        if rst:
+            recs.append((T0 + i * 1e-5, rst, len(rst), 1))
+    eng.ingest_records(recs)
+    det = eng._detectors
+    for table in (det.pending, det.failed_ports, det.failed_hosts, det.served, det.arp):
+        assert len(table) <= 1000
+    assert len(eng.alerts.alerts()) <= 50
+
+
+def test_public_scan_capture_raises_the_scan_alert(shared_pcaps):
+    eng = CaptureEngine()
+    found = [a for a in eng.load_file(str(shared_pcaps / "files" / "tcp_scan_arp.pcapng"))["alerts"]
+             if a["detector"] == "port_scan"]
+    assert [(a["source"], a["target"]) for a in found] == [("192.168.1.178", "192.168.1.2")]
+
+
+@pytest.mark.live
+def test_nmap_syn_scan_in_a_namespace(root_only, veth):
+    need(shutil.which("nmap") is not None, "nmap is not installed")
+    eng = CaptureEngine()
+    try:
+        assert eng.start(Source("live", iface=veth.host_if))
+        time.sleep(0.3)
+        t = time.monotonic()
+        run(["nmap", "-n", "-Pn", "-sS", "-p", "1-200", "--max-retries", "0", veth.ns_ip], timeout=120)
+        deadline = t + 5
+        while time.monotonic() < deadline and not alerts(eng, "port_scan"):
+            time.sleep(0.1)
+        found = alerts(eng, "port_scan")
+        assert found and time.monotonic() - t < 30
+        assert (found[0]["source"], found[0]["target"]) == (veth.host_ip, veth.ns_ip)
+    finally:
+        eng.stop()
+
+
+@pytest.mark.live
+def test_forged_arp_reply_on_the_veth(root_only, veth):
+    from scapy.sendrecv import sendp
+
+    eng = CaptureEngine()
+    try:
+        assert eng.start(Source("live", iface=veth.host_if))
+        run(["ping", "-c", "1", veth.ns_ip])  # the real ARP exchange teaches the detector the true MAC
+        time.sleep(0.3)
+        forged = Ether(dst="ff:ff:ff:ff:ff:ff", src="02:66:66:66:66:66") / ARP(
+            op=2, hwsrc="02:66:66:66:66:66", psrc=veth.ns_ip, hwdst="ff:ff:ff:ff:ff:ff", pdst=veth.ns_ip)
+        # Put on the wire of the veth (from the host's end, where the capture listens).
+        sendp(forged, iface=veth.host_if, verbose=False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not alerts(eng, "arp_spoof"):
+            time.sleep(0.1)
+        found = alerts(eng, "arp_spoof")
+        assert found and found[0]["target"] == veth.ns_ip and found[0]["source"] == "02:66:66:66:66:66"
+    finally:
+        eng.stop()
