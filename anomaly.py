@@ -1,9 +1,10 @@
 """Anomaly detectors run on every parsed batch inside the capture thread, and the bounded alert book.
 
 Detectors read the packed rows of one batch (never the rolling buffer) and keep per-source state
-with a time window, bounded in size. So far: port scans (vertical and horizontal, counting only
-failed or unanswered attempts, plus NULL/FIN/Xmas probes) and ARP spoofing. Thresholds live in
-config.py with where their defaults come from.
+with a time window, bounded in size: port scans (vertical and horizontal, counting only failed or
+unanswered attempts, plus NULL/FIN/Xmas probes), SYN/ICMP/UDP floods against one host, traffic
+spikes against an EWMA band, new local hosts after a learning period, and ARP spoofing.
+Thresholds live in config.py with where their defaults come from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import config
-from headers import NON_IP, TCP, UDP, addr_text
+from headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 ETH_ARP = 0x0806
@@ -131,6 +132,20 @@ class Detectors:
         self.stealth = _Bounded(cap)  # (scanner, target) -> {port: time} of NULL/FIN/Xmas probes
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
         self.served = _Bounded(cap)  # (address, proto, port) that received probes -> time: its replies are no probes
+        self.rates = _Bounded(cap)  # (kind, address) -> [second, packets that second, distinct sources]
+        self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
+                          "udp": config.get("UDP_FLOOD_PPS")}
+        self.spike_k = config.get("SPIKE_SIGMAS")
+        self.spike_min = config.get("SPIKE_MIN_PPS")
+        self.spike_warmup = config.get("SPIKE_WARMUP_S")
+        self.spike_state: list[float] | None = None  # [second, packets, bytes] being counted
+        self.baseline = {"pk": [0.0, 0.0], "by": [0.0, 0.0]}  # EWMA mean and variance per metric
+        self.seconds_seen = 0
+        self.active_seconds = 0  # seconds that had traffic: the new-host learning clock
+        self.learn_end = float("inf")  # capture time when NEW_HOST_LEARN_S seconds of traffic were learned
+        self.hosts = _Bounded(cap)  # address -> first seen
+        self.local_nets = LocalMatcher(nets=parse_nets(config.get("LOCAL_NETS")))
+        self.learn = config.get("NEW_HOST_LEARN_S")
 
     def observe(self, arr: np.ndarray, book: AlertBook) -> None:
         """Update the state with one batch and raise what it shows."""
@@ -148,6 +163,9 @@ class Detectors:
         if len(arp):
             self._arp(arp, book)
         self._expire(float(arr["ts"].max()), book)
+        self._floods(arr, unicast, book)
+        self._spike(arr, book)
+        self._new_hosts(arr, book)
 
     # -- port scans ---------------------------------------------------------------------
 
@@ -243,6 +261,121 @@ class Detectors:
             scanner, target, proto, port = key
             self._failed(scanner, target, proto, port, ts, book)
 
+    # -- floods -------------------------------------------------------------------------
+
+    def _floods(self, arr: np.ndarray, unicast: np.ndarray, book: AlertBook) -> None:
+        """SYN, ICMP echo and UDP packets per second to one destination, with their distinct sources."""
+        flags = arr["tcp_flags"]
+        syn = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == SYN) & unicast
+        synack = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == (SYN | ACK))
+        echo = ((arr["proto"] == 1) & (arr["icmp_type"] == 8)) | ((arr["proto"] == 58) & (arr["icmp_type"] == 128))
+        udp = (arr["cls"] == UDP) & unicast
+        sec = np.floor(arr["ts"]).astype(np.int64)
+        answered = _per_second(arr["src"][synack], sec[synack], arr["src"][synack])
+        for kind, mask in (("syn", syn & unicast), ("icmp", echo & unicast), ("udp", udp)):
+            if not mask.any():
+                continue
+            for (dst, second), (n, sources) in _per_second(arr["dst"][mask], sec[mask], arr["src"][mask]).items():
+                state = self.rates.touch((kind, dst), lambda s=second: [s, 0, 0, 0])
+                if state[0] != second:
+                    state[:] = [second, 0, 0, 0]
+                state[1] += n
+                state[2] = max(state[2], sources)
+                if kind == "syn":
+                    state[3] += answered.get((dst, second), (0, 0))[0]
+                self._check_flood(kind, dst, state, book)
+
+    def _check_flood(self, kind: str, dst: bytes, state: list, book: AlertBook) -> None:
+        second, n, sources, completed = state
+        if n < self.flood_pps[kind]:
+            return
+        if kind == "syn" and completed > n * 0.1:
+            return  # a busy server that answers is not flooded
+        target = addr_text(dst)
+        what = {"syn": "SYNs", "icmp": "ICMP echo requests", "udp": "UDP packets"}[kind]
+        extra = f", {completed / n:.0%} answered with SYN-ACK" if kind == "syn" else ""
+        spoofed = " (many sources: likely spoofed)" if sources >= 100 else ""
+        meaning = {"syn": "A SYN flood exhausts the target's half-open connections: check SYN cookies and "
+                          "rate limits upstream.",
+                   "icmp": "An ICMP flood saturates the target's link or CPU: rate-limit ICMP upstream.",
+                   "udp": "A UDP flood saturates the target's link or service: find the sources and filter them."}
+        book.raise_alert(f"{kind}_flood", "high", f"{sources} source(s)", target, float(second),
+                         f"{n:,} {what} to {target} in 1 s from {sources} source(s){extra}{spoofed}",
+                         meaning[kind], key=(f"{kind}_flood", "", target))
+
+    # -- traffic spike --------------------------------------------------------------------
+
+    def _spike(self, arr: np.ndarray, book: AlertBook) -> None:
+        """Packets/s and bits/s against an EWMA band learned per second, after a warm-up."""
+        secs, inv = np.unique(np.floor(arr["ts"]).astype(np.int64), return_inverse=True)
+        pk = np.bincount(inv, minlength=len(secs))
+        by = np.bincount(inv, arr["wire_len"].astype(np.float64), len(secs))
+        for second, p, b in zip(secs.tolist(), pk.tolist(), by.tolist()):
+            cur = self.spike_state
+            if cur is None:
+                self.spike_state = [second, p, b]
+            elif second == cur[0]:
+                cur[1] += p
+                cur[2] += b
+            elif second > cur[0]:
+                self._close_second(cur, book)
+                # Silent seconds between count as zeros, up to an hour (a file may jump by years).
+                for _ in range(min(second - cur[0] - 1, 3600)):
+                    self._learn(0.0, 0.0)
+                self.spike_state = [second, p, b]
+
+    def _close_second(self, cur: list, book: AlertBook) -> None:
+        second, p, b = cur
+        self.active_seconds += 1
+        if self.active_seconds == self.learn:
+            self.learn_end = second + 1.0
+        mean_p, var_p = self.baseline["pk"]
+        mean_b, var_b = self.baseline["by"]
+        if self.seconds_seen >= self.spike_warmup:
+            for name, value, mean, var in (("packets/s", p, mean_p, var_p), ("bit/s", b * 8, mean_b * 8, var_b * 64)):
+                band = mean + self.spike_k * var ** 0.5
+                if value > band and value > 3 * mean and p >= self.spike_min:
+                    book.raise_alert("spike", "medium", "all traffic", name, float(second),
+                                     f"{value:,.0f} {name} against a usual {mean:,.0f} (band up to {band:,.0f})",
+                                     "Traffic left its learned band: look at the top talkers and conversations "
+                                     "of that second.", key=("spike", "", name))
+        self._learn(float(p), float(b))
+
+    def _learn(self, p: float, b: float) -> None:
+        alpha = 2 / (min(self.spike_warmup, 300) + 1)
+        for name, value in (("pk", p), ("by", b)):
+            mean, var = self.baseline[name]
+            if self.seconds_seen == 0:
+                self.baseline[name] = [value, 0.0]
+                continue
+            diff = value - mean
+            mean += alpha * diff
+            var = (1 - alpha) * (var + alpha * diff * diff)
+            self.baseline[name] = [mean, var]
+        self.seconds_seen += 1
+
+    # -- new hosts ------------------------------------------------------------------------
+
+    def _new_hosts(self, arr: np.ndarray, book: AlertBook) -> None:
+        """An IP address that starts talking after the learning period."""
+        ip = arr[arr["cls"] != NON_IP]
+        if not len(ip):
+            return
+        srcs, first = np.unique(ip["src"], return_index=True)
+        # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
+        local = self.local_nets.kinds(srcs) == LocalMatcher.OURS
+        for src, i in zip(srcs[local].tolist(), first[local].tolist()):
+            if src in self.hosts or src in _UNSPECIFIED:
+                continue
+            ts = float(ip["ts"][i])
+            self.hosts.put(src, ts)
+            # The clock is seconds that had traffic, so a file's jump in time teaches nothing.
+            if ts >= self.learn_end:
+                book.raise_alert("new_host", "low", addr_text(src), addr_text(ip["dst"][i]), ts,
+                                 f"{addr_text(src)} sent its first packet after {self.active_seconds:,} seconds "
+                                 f"of traffic (learning period {self.learn:g} s)",
+                                 "A device or address not seen before: check that it belongs on this network.")
+
     # -- ARP ----------------------------------------------------------------------------
 
     def _arp(self, rows: np.ndarray, book: AlertBook) -> None:
@@ -263,6 +396,30 @@ class Detectors:
                     "An address whose MAC changes may be ARP spoofing (a man in the middle): check which "
                     "device owns that MAC; a replaced NIC or a failover also does this.",
                     key=("arp_spoof", "", addr_text(ip)))
+
+
+_UNSPECIFIED = (b"", b"\x00" * 10 + b"\xff\xff")  # :: and 0.0.0.0 as S16 keys (DHCP, DAD)
+
+
+def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict:
+    """{(key, second): (packets, distinct sources)} for one batch."""
+    if not len(keys):
+        return {}
+    raw = np.empty((len(keys), 24), np.uint8)
+    raw[:, :16] = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
+    raw[:, 16:] = secs.astype("<i8").view(np.uint8).reshape(-1, 8)
+    combo = raw.view("V24").ravel()
+    uniq, inv, counts = np.unique(combo, return_inverse=True, return_counts=True)
+    pairs = np.empty((len(keys), 40), np.uint8)
+    pairs[:, :24] = raw
+    pairs[:, 24:] = np.ascontiguousarray(sources).view(np.uint8).reshape(-1, 16)
+    _, first = np.unique(pairs.view("V40").ravel(), return_index=True)
+    distinct = np.bincount(inv[first], minlength=len(uniq))
+    out = {}
+    for u, n, d in zip(uniq, counts.tolist(), distinct.tolist()):
+        b = bytes(u)
+        out[(b[:16].rstrip(b"\x00"), int.from_bytes(b[16:], "little", signed=True))] = (n, d)
+    return out
 
 
 def _group(dst: np.ndarray) -> np.ndarray:

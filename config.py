@@ -62,6 +62,17 @@ SETTINGS: tuple[Setting, ...] = (
             "horizontal scan (between Snort's 5 in 60 s and Zeek's 25 in 5 min)."),
     Setting("SCAN_STEALTH_PORTS", 3, "Port scans: NULL/FIN/Xmas probes (no SYN, no ACK) to this many ports of "
             "one host raise an alert at once; no ordinary client sends them."),
+    Setting("SYN_FLOOD_PPS", 1000, "SYN flood: SYNs per second to one host, with under 10 % answered by SYN-ACK "
+            "(well above what a busy client opens; hping3 --flood sends tens of thousands)."),
+    Setting("ICMP_FLOOD_PPS", 500, "ICMP flood: echo requests per second to one host (ntopng flags ICMP "
+            "floods from 250 flows/s)."),
+    Setting("UDP_FLOOD_PPS", 20_000, "UDP flood: UDP packets per second to one host."),
+    Setting("SPIKE_SIGMAS", 4.0, "Traffic spike: a second above the EWMA mean by this many standard deviations "
+            "(and 3 times the mean) raises an alert."),
+    Setting("SPIKE_MIN_PPS", 100, "Traffic spike: seconds below this many packets never count as a spike."),
+    Setting("SPIKE_WARMUP_S", 60, "Traffic spike: seconds of traffic learned before any spike alert."),
+    Setting("NEW_HOST_LEARN_S", 300, "New host: addresses of the LOCAL_NETS first seen after this many seconds "
+            "of traffic raise an alert (the ones before are the baseline)."),
     Setting("SCAN_UNANSWERED_S", 3.0, "Port scans: a SYN or UDP probe with no answer after this many seconds "
             "counts as failed (nmap's initial retransmission timeout is 1 s)."),
 )

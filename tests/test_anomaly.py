@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import need, run
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from packet_processor import CaptureEngine, Source
@@ -146,3 +146,108 @@ def test_forged_arp_reply_on_the_veth(root_only, veth):
         assert found and found[0]["target"] == veth.ns_ip and found[0]["source"] == "02:66:66:66:66:66"
     finally:
         eng.stop()
+
+
+def test_syn_flood_from_spoofed_sources_but_not_a_busy_server():
+    frames = [(T0 + i / 1500, ETH / IP(src=f"10.{i % 7}.{i // 250}.{i % 250 + 1}", dst="10.9.0.7")
+               / TCP(sport=1024 + i, dport=80, flags="S")) for i in range(1500)]
+    found = alerts(feed(frames), "syn_flood")
+    assert len(found) == 1 and found[0]["target"] == "10.9.0.7" and found[0]["severity"] == "high"
+    assert "1,500 SYNs" in found[0]["evidence"] and "likely spoofed" in found[0]["evidence"]
+    busy = []
+    for i in range(1500):  # the same rate, every SYN answered: a busy server, no flood
+        busy.append((T0 + i / 1500, ETH / IP(src="10.9.0.5", dst="10.9.0.7") / TCP(sport=1024 + i, dport=80,
+                                                                                  flags="S")))
+        busy.append((T0 + i / 1500, ETH / IP(src="10.9.0.7", dst="10.9.0.5") / TCP(sport=80, dport=1024 + i,
+                                                                                  flags="SA")))
+    assert alerts(feed(busy), "syn_flood") == []
+
+
+def test_icmp_and_udp_floods():
+    pings = [(T0 + i / 600, ETH / IP(src="10.9.0.5", dst="10.9.0.7") / ICMP()) for i in range(600)]
+    found = alerts(feed(pings), "icmp_flood")
+    assert [(a["target"], a["source"]) for a in found] == [("10.9.0.7", "1 source(s)")]
+    udp = bytes(ETH / IP(src="10.9.0.5", dst="10.9.0.7") / UDP(sport=5000, dport=9))
+    eng = CaptureEngine()
+    eng.ingest_records([(T0 + i / 25_000, udp, len(udp), 1) for i in range(25_000)])
+    assert [a["target"] for a in alerts(eng, "udp_flood")] == ["10.9.0.7"]
+
+
+def spike_frames(seconds: int, pps: int, t0: float) -> list:
+    pkt = ETH / IP(src="10.9.0.5", dst="10.9.0.7") / UDP(sport=5000, dport=53)
+    return [(t0 + s + i / pps, pkt) for s in range(seconds) for i in range(pps)]
+
+
+def test_spike_after_a_steady_baseline_and_none_when_steady():
+    steady = spike_frames(120, 100, T0)
+    assert alerts(feed([*steady, (T0 + 125, steady[0][1])]), "spike") == []
+    burst = spike_frames(1, 5000, T0 + 120)
+    found = alerts(feed(steady + burst + [(T0 + 125, steady[0][1])]), "spike")
+    assert {a["target"] for a in found} == {"packets/s", "bit/s"}
+    assert any("5,000 packets/s" in a["evidence"] for a in found)
+
+
+def test_new_local_host_after_learning(monkeypatch):
+    monkeypatch.setenv("NTM_NEW_HOST_LEARN_S", "5")
+    frames = spike_frames(10, 10, T0)
+    frames.append((T0 + 10.5, ETH / IP(src="10.9.0.99", dst="10.9.0.7") / UDP(sport=1, dport=2)))
+    frames.append((T0 + 10.6, ETH / IP(src="8.8.8.8", dst="10.9.0.7") / UDP(sport=53, dport=2)))
+    frames.append((T0 + 12, frames[0][1]))
+    found = alerts(feed(frames), "new_host")
+    assert [a["source"] for a in found] == ["10.9.0.99"]
+
+
+def live_alerts(eng: CaptureEngine, detector: str, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not alerts(eng, detector):
+        time.sleep(0.1)
+    return alerts(eng, detector)
+
+
+@pytest.fixture
+def live_engine(root_only, veth):
+    eng = CaptureEngine()
+    assert eng.start(Source("live", iface=veth.host_if)), eng.status().error
+    time.sleep(0.3)
+    yield eng
+    eng.stop()
+
+
+@pytest.mark.live
+def test_nmap_connect_scan(live_engine, veth):
+    need(shutil.which("nmap") is not None, "nmap is not installed")
+    run(["nmap", "-n", "-Pn", "-sT", "-p", "1-100", veth.ns_ip], timeout=120)
+    found = live_alerts(live_engine, "port_scan", 5)
+    assert [(a["source"], a["target"]) for a in found] == [(veth.host_ip, veth.ns_ip)]
+
+
+@pytest.mark.live
+def test_nmap_udp_scan(live_engine, veth):
+    need(shutil.which("nmap") is not None, "nmap is not installed")
+    run(["nmap", "-n", "-Pn", "-sU", "-p", "1000-1019", "--max-retries", "0", veth.ns_ip], timeout=120)
+    found = live_alerts(live_engine, "port_scan", 8)  # unanswered probes count after 3 s
+    assert [(a["source"], a["target"]) for a in found] == [(veth.host_ip, veth.ns_ip)]
+    assert "20 ports" in found[0]["evidence"]
+
+
+@pytest.mark.live
+def test_nmap_horizontal_sweep(live_engine, veth):
+    need(shutil.which("nmap") is not None, "nmap is not installed")
+    hosts = [f"{veth.prefix}{n}" for n in range(10, 22)]
+    for h in hosts:  # twelve hosts inside the namespace, none listening on ssh
+        run(["ip", "addr", "add", f"{h}/24", "dev", veth.ns_if], ns=veth.ns)
+    run(["nmap", "-n", "-Pn", "-sS", "-p", "22", "--max-retries", "0", *hosts], timeout=120)
+    found = live_alerts(live_engine, "port_scan", 5)
+    assert (veth.host_ip, "tcp/22") in [(a["source"], a["target"]) for a in found]
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("spoofed", [False, True], ids=["one-source", "rand-source"])
+def test_hping3_syn_flood(live_engine, veth, spoofed):
+    need(shutil.which("hping3") is not None, "hping3 is not installed")
+    cmd = ["hping3", "--syn", "-p", "80", "-i", "u400", "-c", "3000", "-q"] + (["--rand-source"] if spoofed else [])
+    run([*cmd, veth.ns_ip], check=False, timeout=60)
+    found = live_alerts(live_engine, "syn_flood", 5)
+    assert [a["target"] for a in found] == [veth.ns_ip]
+    if spoofed:
+        assert "likely spoofed" in found[0]["evidence"]
