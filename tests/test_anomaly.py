@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -251,3 +254,50 @@ def test_hping3_syn_flood(live_engine, veth, spoofed):
     assert [a["target"] for a in found] == [veth.ns_ip]
     if spoofed:
         assert "likely spoofed" in found[0]["evidence"]
+
+
+@pytest.mark.live
+def test_two_minutes_of_ordinary_traffic_raise_no_alert(live_engine, veth, tmp_path):
+    """curl downloads, DNS-like request/response, pings and many short TCP connections: no alert."""
+    need(shutil.which("curl") is not None, "curl is not installed")
+    (tmp_path / "file.bin").write_bytes(b"x" * 200_000)
+    server = subprocess.Popen(["ip", "netns", "exec", veth.ns, sys.executable, "-m", "http.server", "8080",
+                               "--bind", veth.ns_ip, "--directory", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    echo = subprocess.Popen(["ip", "netns", "exec", veth.ns, sys.executable, "-c", UDP_ECHO, veth.ns_ip],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ping = subprocess.Popen(["ping", "-i", "0.5", "-w", "125", veth.ns_ip], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        end = time.monotonic() + 120
+        rounds = 0
+        dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        dns.settimeout(1.0)
+        while time.monotonic() < end:
+            subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://{veth.ns_ip}:8080/file.bin"], timeout=10)
+            for _ in range(5):  # short connections: connect, request, close
+                subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://{veth.ns_ip}:8080/"], timeout=10)
+                dns.sendto(b"\x12\x34query", (veth.ns_ip, 5353))
+                dns.recv(512)
+            rounds += 1
+            time.sleep(0.3)
+        dns.close()
+        time.sleep(4)  # past the unanswered-probe timeout
+        assert rounds > 50
+        assert live_engine.snapshot().totals["transport_counts"]["tcp"] > 1000
+        assert alerts(live_engine) == []
+    finally:
+        for proc in (server, echo, ping):
+            proc.terminate()
+            proc.wait(5)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+s.settimeout(130)
+while True:
+    data, peer = s.recvfrom(512)
+    s.sendto(data[:2] + b"answer", peer)
+"""
