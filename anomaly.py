@@ -153,10 +153,11 @@ class Detectors:
             return
         # Multicast and broadcast are one-way by nature: never probes.
         unicast = ~_group(arr["dst"])
-        tcp = arr[(arr["cls"] == TCP) & unicast]
+        # Per flow, not per packet: a flood of one flow costs one step, whatever its rate.
+        tcp = _distinct(arr[(arr["cls"] == TCP) & unicast])
         if len(tcp):
             self._tcp(tcp, book)
-        udp_or_icmp = arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))]
+        udp_or_icmp = _distinct(arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))])
         if len(udp_or_icmp):
             self._udp(udp_or_icmp, book)
         arp = arr[(arr["cls"] == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)]
@@ -361,10 +362,11 @@ class Detectors:
         ip = arr[arr["cls"] != NON_IP]
         if not len(ip):
             return
-        srcs, first = np.unique(ip["src"], return_index=True)
+        srcs, first = np.unique(np.ascontiguousarray(ip["src"]).view("V16"), return_index=True)
         # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
         local = self.local_nets.kinds(srcs) == LocalMatcher.OURS
         for src, i in zip(srcs[local].tolist(), first[local].tolist()):
+            src = bytes(src)
             if src in self.hosts or src in _UNSPECIFIED:
                 continue
             ts = float(ip["ts"][i])
@@ -398,7 +400,23 @@ class Detectors:
                     key=("arp_spoof", "", addr_text(ip)))
 
 
-_UNSPECIFIED = (b"", b"\x00" * 10 + b"\xff\xff")  # :: and 0.0.0.0 as S16 keys (DHCP, DAD)
+_UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
+
+
+def _distinct(rows: np.ndarray) -> np.ndarray:
+    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) in a batch, in time order."""
+    if len(rows) < 2:
+        return rows
+    key = np.empty((len(rows), 44), np.uint8)
+    key[:, :16] = np.ascontiguousarray(rows["src"]).view(np.uint8).reshape(-1, 16)
+    key[:, 16:32] = np.ascontiguousarray(rows["dst"]).view(np.uint8).reshape(-1, 16)
+    key[:, 32:36] = rows["sport"].astype("<i4").view(np.uint8).reshape(-1, 4)
+    key[:, 36:40] = rows["dport"].astype("<i4").view(np.uint8).reshape(-1, 4)
+    key[:, 40:42] = rows["tcp_flags"].astype("<u2").view(np.uint8).reshape(-1, 2)
+    key[:, 42] = rows["cls"]
+    key[:, 43] = rows["icmp_type"].astype(np.uint8)
+    _, first = np.unique(key.view("V44").ravel(), return_index=True)
+    return rows[np.sort(first)]
 
 
 def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict:
