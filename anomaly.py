@@ -154,10 +154,14 @@ class Detectors:
         # Multicast and broadcast are one-way by nature: never probes.
         unicast = ~_group(arr["dst"])
         # Per flow, not per packet: a flood of one flow costs one step, whatever its rate.
-        tcp = _distinct(arr[(arr["cls"] == TCP) & unicast])
+        flags = arr["tcp_flags"]
+        # Only packets that open, answer or refuse a connection matter; skip the data flow.
+        opening = ((flags & (SYN | ACK)) != ACK) | ((flags & RST) != 0)
+        tcp = _distinct(arr[(arr["cls"] == TCP) & unicast & opening])
         if len(tcp):
             self._tcp(tcp, book)
-        udp_or_icmp = _distinct(arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))])
+        udp_or_icmp = _distinct(arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))],
+                                service_port=True)
         if len(udp_or_icmp):
             self._udp(udp_or_icmp, book)
         arp = arr[(arr["cls"] == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)]
@@ -171,15 +175,9 @@ class Detectors:
     # -- port scans ---------------------------------------------------------------------
 
     def _tcp(self, rows: np.ndarray, book: AlertBook) -> None:
-        flags = rows["tcp_flags"]
-        # Only packets that open, answer or refuse a connection matter; skip the data flow.
-        interesting = ((flags & (SYN | ACK)) == SYN) | ((flags & (SYN | ACK)) == SYN | ACK) | ((flags & RST) != 0) \
-            | ((flags & (SYN | ACK | RST)) == 0)
-        for ts, src, dst, sport, dport, fl in zip(rows["ts"][interesting].tolist(), rows["src"][interesting].tolist(),
-                                                  rows["dst"][interesting].tolist(),
-                                                  rows["sport"][interesting].tolist(),
-                                                  rows["dport"][interesting].tolist(),
-                                                  flags[interesting].tolist()):
+        for ts, src, dst, sport, dport, fl in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["dst"].tolist(),
+                                                  rows["sport"].tolist(), rows["dport"].tolist(),
+                                                  rows["tcp_flags"].tolist()):
             if fl & RST:
                 if self.pending.pop((dst, src, "tcp", sport), None) is not None:
                     self._failed(dst, src, "tcp", sport, ts, book)
@@ -403,15 +401,21 @@ class Detectors:
 _UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
 
 
-def _distinct(rows: np.ndarray) -> np.ndarray:
-    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) in a batch, in time order."""
+def _distinct(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
+    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) in a batch, in time order.
+
+    With service_port, only the lower of the two ports counts (the service's, for UDP): clients that
+    pick a new source port for every query are one flow, not thousands."""
     if len(rows) < 2:
         return rows
+    sport, dport = rows["sport"], rows["dport"]
+    if service_port:
+        sport = dport = np.minimum(sport, dport)
     key = np.empty((len(rows), 44), np.uint8)
     key[:, :16] = np.ascontiguousarray(rows["src"]).view(np.uint8).reshape(-1, 16)
     key[:, 16:32] = np.ascontiguousarray(rows["dst"]).view(np.uint8).reshape(-1, 16)
-    key[:, 32:36] = rows["sport"].astype("<i4").view(np.uint8).reshape(-1, 4)
-    key[:, 36:40] = rows["dport"].astype("<i4").view(np.uint8).reshape(-1, 4)
+    key[:, 32:36] = sport.astype("<i4").view(np.uint8).reshape(-1, 4)
+    key[:, 36:40] = dport.astype("<i4").view(np.uint8).reshape(-1, 4)
     key[:, 40:42] = rows["tcp_flags"].astype("<u2").view(np.uint8).reshape(-1, 2)
     key[:, 42] = rows["cls"]
     key[:, 43] = rows["icmp_type"].astype(np.uint8)
