@@ -105,15 +105,21 @@ class FileReader:
     records: int = 0
     linktypes: set[int] = field(default_factory=set)
 
-    def __iter__(self) -> Iterator[Record]:
+    def _map(self) -> mmap.mmap | None:
+        """The whole file, mapped read-only; None (with `error` set) when it cannot be."""
         try:
             with open(self.path, "rb") as fh:
                 if os.fstat(fh.fileno()).st_size == 0:
                     self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
-                    return
-                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    return None
+                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as exc:
             self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            return None
+
+    def __iter__(self) -> Iterator[Record]:
+        buf = self._map()
+        if buf is None:
             return
         try:
             yield from self._iter_buf(buf)
@@ -143,14 +149,8 @@ class FileReader:
 
     def batches(self, size: int = 65536) -> Iterator[RawBatch]:
         """The file as RawBatch slices over one read-only mapping (no per-packet copies)."""
-        try:
-            with open(self.path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size == 0:
-                    self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
-                    return
-                buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+        buf = self._map()
+        if buf is None:
             return
         try:
             if buf[:4] in PCAP_MAGICS:
