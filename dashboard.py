@@ -250,6 +250,17 @@ def metrics(snap: Snapshot, end: float | None, duration: float) -> None:
                    help=snap.status.source)
     open_alerts = sum(1 for a in snap.alerts if not a.acknowledged)
     cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged.")
+    st.caption(health_text(snap))
+
+
+def health_text(snap: Snapshot) -> str:
+    """The capture thread's health in one line: alive or not, and how fresh the numbers are."""
+    s = snap.status
+    thread = "capture thread alive" if s.alive else "capture thread not running"
+    if s.last_batch_wall is None:
+        return f"{thread}; no packet yet · {s.source}"
+    lag = max(0.0, time.time() - s.last_batch_wall)
+    return f"{thread}; last packets added {lag:.1f} s ago · {s.source}"
 
 
 def _duration(seconds: float) -> str:

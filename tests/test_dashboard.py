@@ -223,3 +223,24 @@ def test_alerts_show_in_the_page(fresh, tmp_path):
     assert count(at, "Alerts") == 0
     at.multiselect(key="alert_sev").set_value(["high"]).run()
     assert next(d.value for d in at.dataframe if "detector" in d.value.columns).empty
+
+
+@pytest.mark.live
+def test_a_dead_capture_thread_is_shown(fresh, root_only):
+    import subprocess
+
+    import packet_processor
+
+    fresh.setenv("NTM_INTERFACE", "lo")
+    fresh.setenv("NTM_BPF_FILTER", "icmp")
+    at = app().run()
+    assert any("capture thread alive" in c.value for c in at.caption)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    fresh.setattr(packet_processor, "parse_batch", boom)
+    subprocess.run(["ping", "-c", "1", "127.0.0.1"], capture_output=True, check=True)
+    at = run_until(at, lambda a: metric(a, "Status").value == "error")
+    assert any("capture stopped: RuntimeError: injected fault" in e.value for e in at.error)
+    assert any("capture thread not running" in c.value for c in at.caption)

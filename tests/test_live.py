@@ -246,3 +246,36 @@ def test_capture_on_one_interface_never_sees_another(engine, veth):
         stop.set()
         sender.join(2)
         rx.close()
+
+
+def test_interface_going_away_is_an_error_and_start_resumes(engine, veth):
+    from conftest import make_veth, remove_veth
+
+    start(engine, veth.host_if)
+    remove_veth(veth)
+    assert wait_for(lambda: engine.status().state == "error", 5)
+    st = engine.status()
+    assert st.error == f"interface {veth.host_if} went away" and not st.alive
+    again = make_veth("a")  # the same names come back
+    try:
+        assert again.host_if == veth.host_if
+        start(engine, again.host_if)
+        run(["ping", "-c", "2", "-i", "0.2", again.ns_ip])
+        assert wait_for(lambda: engine.snapshot().totals["transport_counts"]["icmp"] >= 4)
+        assert engine.status().state == "running" and engine.status().error is None
+    finally:
+        remove_veth(again)
+
+
+def test_capture_thread_failure_is_shown_not_hidden(engine, monkeypatch):
+    import packet_processor
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    start(engine, "lo", "icmp")
+    monkeypatch.setattr(packet_processor, "parse_batch", boom)
+    run(["ping", "-c", "1", "127.0.0.1"])
+    assert wait_for(lambda: engine.status().state == "error", 5)
+    st = engine.status()
+    assert st.error == "capture stopped: RuntimeError: injected fault" and not st.alive
