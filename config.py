@@ -52,6 +52,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
     Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out."),
     Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+    Setting("ACCESS_PASSWORD", "", "When set, the page asks for this password before it shows any data "
+            "(for a dashboard exposed beyond 127.0.0.1); empty means no password."),
     Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row."),
     Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
             "so floods from spoofed sources cannot grow memory."),

@@ -6,6 +6,7 @@ Run:  sudo streamlit run dashboard.py [-- --iface NAME --filter 'BPF' --pcap FIL
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import sys
@@ -331,9 +332,27 @@ def _csv(engine: CaptureEngine) -> bytes:
     return packets_csv(engine.snapshot().packets, LOCAL_TZ)
 
 
+def signed_in() -> bool:
+    """True when no ACCESS_PASSWORD is set, or this viewer has given it; else ask for it."""
+    password = config.get("ACCESS_PASSWORD")
+    if not password or st.session_state.get("signed_in"):
+        return True
+    st.title("Network Traffic Monitor")
+    given = st.text_input("Password", type="password", key="password")
+    if st.button("Sign in", key="sign_in") or given:
+        if hmac.compare_digest(given.encode(), password.encode()):
+            st.session_state["signed_in"] = True
+            st.session_state.pop("password", None)
+            st.rerun()
+        st.error("Wrong password.")
+    return False
+
+
 def page() -> None:
     """Build the whole page once; the auto-refresh reruns it."""
     st.set_page_config(page_title="Network Traffic Monitor", layout="wide")
+    if not signed_in():
+        return  # nothing about the traffic is shown or sent before the password
     engine = get_engine()
     sidebar(engine)
     if st.session_state.get("paused") and "frozen" in st.session_state:

@@ -244,3 +244,21 @@ def test_a_dead_capture_thread_is_shown(fresh, root_only):
     at = run_until(at, lambda a: metric(a, "Status").value == "error")
     assert any("capture stopped: RuntimeError: injected fault" in e.value for e in at.error)
     assert any("capture thread not running" in c.value for c in at.caption)
+
+
+def test_access_password_guards_every_number(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    fresh.setenv("NTM_ACCESS_PASSWORD", "s3cret-pass")
+    at = app().run()
+    assert not at.metric and not at.get("plotly_chart") and not at.dataframe and not at.sidebar.button
+    at.text_input(key="password").input("wrong").run()
+    assert any("Wrong password" in e.value for e in at.error) and not at.metric
+    at.text_input(key="password").input("s3cret-pass").run()
+    at = run_until(at, lambda a: bool(a.metric) and metric(a, "Status").value == "finished")
+    assert count(at) == 8
+
+
+def test_no_password_by_default(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = app().run()
+    assert at.metric and all(t.key != "password" for t in at.text_input)
