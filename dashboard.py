@@ -154,9 +154,14 @@ def _file_inputs(sb) -> Source | None:
         if upload.size > limit * 1_000_000:
             st.session_state["control_error"] = f"{upload.name} is {upload.size / 1e6:.1f} MB; the limit is {limit} MB"
             return None
-        path = os.path.join(_upload_dir(), os.path.basename(upload.name) or "upload.pcap")
-        with open(path, "wb") as fh:
-            fh.write(upload.getbuffer())
+        # One file per upload, written once: the page reruns every few seconds, and a capture
+        # may be reading the file, so it is never rewritten in place.
+        name = f"{upload.file_id}-{os.path.basename(upload.name) or 'upload.pcap'}"
+        path = os.path.join(_upload_dir(), name.replace(os.sep, "_"))
+        if not os.path.exists(path):
+            with open(path + ".part", "wb") as fh:
+                fh.write(upload.getbuffer())
+            os.replace(path + ".part", path)
         return Source("file", path=path, speed=speed)
     if name.strip():
         try:
