@@ -183,10 +183,10 @@ def _start(engine: CaptureEngine, source: Source) -> None:
     if source.kind == "live":
         problem = validate_bpf(source.bpf, source.iface)
         if problem:
-            st.session_state["control_error"] = problem
+            st.session_state["control_error"] = plain(problem)
             return
     if not engine.start(source):
-        st.session_state["control_error"] = engine.status().error
+        st.session_state["control_error"] = plain(engine.status().error or "")
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,11 +225,19 @@ def capture_clock(snap: Snapshot) -> tuple[float | None, float]:
     return None, 0.0
 
 
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#|~$"})
+
+
+def plain(text: str) -> str:
+    """Text shown as itself where Streamlit would read Markdown (file and interface names are data)."""
+    return text.translate(_MARKDOWN)
+
+
 def status_banner(snap: Snapshot) -> None:
     """Running/paused/stopped, or the error with its fix."""
     s = snap.status
     if s.state == "error":
-        st.error(f"Capture error: {s.error}")
+        st.error(f"Capture error: {plain(s.error or '')}")
     elif s.state == "running" and not s.alive:
         st.error("capture stopped: the capture thread is no longer running")
     elif snap.totals["dropped"]:
@@ -256,7 +264,7 @@ def metrics(snap: Snapshot, end: float | None, duration: float) -> None:
                    help=snap.status.source)
     open_alerts = sum(1 for a in snap.alerts if not a.acknowledged)
     cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged.")
-    st.caption(health_text(snap))
+    st.caption(plain(health_text(snap)))
 
 
 def health_text(snap: Snapshot) -> str:

@@ -262,3 +262,10 @@ def test_no_password_by_default(fresh, tmp_path):
     fresh.setenv("NTM_PCAP", write_capture(tmp_path))
     at = app().run()
     assert at.metric and all(t.key != "password" for t in at.text_input)
+
+
+def test_names_from_outside_show_as_text_not_markdown(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path, "x_**bold**_<b>.pcap"))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    health = next(c.value for c in at.caption if "capture thread" in c.value)
+    assert r"x\_\*\*bold\*\*\_\<b\>.pcap" in health
