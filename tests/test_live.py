@@ -253,9 +253,9 @@ def test_interface_going_away_is_an_error_and_start_resumes(engine, veth):
 
     start(engine, veth.host_if)
     remove_veth(veth)
-    assert wait_for(lambda: engine.status().state == "error", 5)
-    st = engine.status()
-    assert st.error == f"interface {veth.host_if} went away" and not st.alive
+    # The error is recorded first, then the thread finishes closing its socket.
+    assert wait_for(lambda: engine.status().state == "error" and not engine.status().alive, 5)
+    assert engine.status().error == f"interface {veth.host_if} went away"
     again = make_veth("a")  # the same names come back
     try:
         assert again.host_if == veth.host_if
@@ -276,6 +276,5 @@ def test_capture_thread_failure_is_shown_not_hidden(engine, monkeypatch):
     start(engine, "lo", "icmp")
     monkeypatch.setattr(packet_processor, "parse_batch", boom)
     run(["ping", "-c", "1", "127.0.0.1"])
-    assert wait_for(lambda: engine.status().state == "error", 5)
-    st = engine.status()
-    assert st.error == "capture stopped: RuntimeError: injected fault" and not st.alive
+    assert wait_for(lambda: engine.status().state == "error" and not engine.status().alive, 5)
+    assert engine.status().error == "capture stopped: RuntimeError: injected fault"
