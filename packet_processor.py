@@ -586,6 +586,7 @@ class CaptureEngine:
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
         self._detectors = Detectors()
         self.alerts.clear()
+        self._last_batch_wall = None
         self._paused_skipped = 0
         if self._live is None:
             self._kernel_received = self._kernel_dropped = 0
