@@ -311,7 +311,7 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
     """The detectors' findings, newest first, filterable by severity, with acknowledge and clear."""
     st.subheader("Alerts")
     if not snap.alerts:
-        st.caption("No alerts: no port scan or ARP spoofing seen in this capture.")
+        st.caption("No alerts: the detectors (port scans, floods, spikes, new hosts, ARP spoofing) found nothing.")
         return
     severities = st.multiselect("Severity", ["high", "medium", "low"], default=["high", "medium", "low"],
                                 key="alert_sev")
