@@ -134,7 +134,8 @@ def _widget_defaults(source: Source | None) -> None:
 def _live_inputs(sb) -> Source | None:
     names = list_interfaces()
     if st.session_state.get("iface") not in names:
-        st.session_state["iface"] = default_interface() if default_interface() in names else names[0]
+        default = default_interface()
+        st.session_state["iface"] = default if default in names else names[0]
     iface = sb.selectbox("Interface", names, key="iface")
     user_bpf = sb.text_input("BPF filter", key="bpf", placeholder="e.g. tcp port 443 or icmp")
     st.session_state.setdefault("own_traffic", config.get("EXCLUDE_OWN_TRAFFIC"))

@@ -46,6 +46,16 @@ def root_only() -> None:
     need(os.geteuid() == 0, "live capture tests need root: run them with sudo")
 
 
+def wait_for(pred, timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Poll pred until it holds or the time runs out; its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
 def run(cmd: list[str], ns: str | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a command, in network namespace `ns` when given."""
     if ns:

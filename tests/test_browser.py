@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, need
+from conftest import ROOT, need, wait_for
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -102,15 +102,6 @@ def pie_labels(page) -> list[str]:
                              .map(t => t.textContent)""")
 
 
-def wait_until(pred, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.25)
-    return pred()
-
-
 def test_browser_live_refresh_filter_and_screenshot(server, traffic):
     need(shutil.which("ping") is not None, "ping (iputils-ping) is not installed")
     from playwright.sync_api import sync_playwright
@@ -121,14 +112,14 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic):
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(server)
         page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
-        assert wait_until(lambda: packets(page) > 0, 15)
+        assert wait_for(lambda: packets(page) > 0, 15)
         first = packets(page)
         # Two auto-refreshes (every 2 s) without any click: the total must rise by itself.
-        assert wait_until(lambda: packets(page) > first, 6), "the page did not refresh by itself"
+        assert wait_for(lambda: packets(page) > first, 6), "the page did not refresh by itself"
         page.get_by_role("button", name="Refresh now").click()
         page.wait_for_timeout(1000)
         assert packets(page) > first
-        assert wait_until(lambda: any(t.startswith("UDP") for t in pie_labels(page)), 10), pie_labels(page)
+        assert wait_for(lambda: any(t.startswith("UDP") for t in pie_labels(page)), 10), pie_labels(page)
         page.wait_for_timeout(2500)
         shot = ARTIFACTS / "screenshot.png"
         page.screenshot(path=str(shot), full_page=True)
@@ -137,7 +128,7 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic):
         if shutil.which("nmap"):
             subprocess.run(["nmap", "-n", "-Pn", "-sS", "-p", "1-50", "--max-retries", "0", "127.0.0.1"],
                            capture_output=True, timeout=60, check=True)
-            assert wait_until(lambda: page.get_by_text("port_scan").count() > 0, 10), "no alert on the page"
+            assert wait_for(lambda: page.get_by_text("port_scan").count() > 0, 10), "no alert on the page"
         elif os.environ.get("CI"):
             pytest.fail("nmap is required in CI")
 
@@ -146,7 +137,7 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic):
         page.wait_for_timeout(500)
         page.get_by_role("button", name="Start").click()
         # The new capture sees only pings: the pie turns into one ICMP slice.
-        assert wait_until(lambda: pie_labels(page) and all(t.startswith("ICMP") for t in pie_labels(page)), 15), \
+        assert wait_for(lambda: pie_labels(page) and all(t.startswith("ICMP") for t in pie_labels(page)), 15), \
             pie_labels(page)
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(ARTIFACTS / "screenshot-icmp-only.png"), full_page=True)

@@ -10,27 +10,17 @@ import socketserver
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import PYTHON, ROOT, need, run
+from conftest import PYTHON, ROOT, need, run, wait_for
 
 from packet_processor import ICMP, NON_IP, CaptureEngine, Source, addr_text
 
 pytestmark = pytest.mark.live
 
 LOCAL, IN, OUT = 2, 0, 1
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll pred until it holds or the time runs out."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 @pytest.fixture
