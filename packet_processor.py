@@ -474,6 +474,11 @@ class Source:
 _ENGINES: weakref.WeakSet[CaptureEngine] = weakref.WeakSet()
 
 
+def engines() -> list[CaptureEngine]:
+    """The engines alive in this process (the dashboard's is among them once a page has run)."""
+    return list(_ENGINES)
+
+
 def stop_all() -> None:
     """Stop every engine of this process (tests, and a clean exit)."""
     for engine in list(_ENGINES):

@@ -1,0 +1,118 @@
+"""Soak: the dashboard's capture on lo at 50,000 packets/s for an hour, with the page rerun every 2 s.
+
+The page runs in this process through Streamlit's AppTest (the same script a browser gets, with the
+same st.cache_resource engine), rerun every 2 s like the auto-refresh. A C sender (udp_sender.c)
+sends 60-byte UDP frames to a bound port on 127.0.0.1, pinned to the second core. At the end the
+capture is stopped and the script checks, exactly, that sent = counted + dropped. It reports RSS
+at the start and the end, the greatest OS thread count, the reruns and any page exceptions.
+
+    python benchmarks/soak.py                  # 1 hour (root)
+    python benchmarks/soak.py --short          # 60 s (CI)
+    python benchmarks/soak.py --seconds 600
+
+Exit status 1 when a check fails: packets unaccounted for, a page exception, or a page that stopped
+showing new packets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import ROOT, rss_mb
+from live_capture import PAYLOAD, build_sender
+
+RATE = 50_000
+
+
+def os_threads() -> int:
+    """Threads of this process as the kernel counts them (Python's and the libraries' own)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def page_packets(at) -> int:
+    """The 'Packets' number the page shows."""
+    return int(next(m for m in at.metric if m.label == "Packets").value.replace(",", ""))
+
+
+def soak(seconds: float) -> bool:
+    """Run the soak; True when every check holds."""
+    from streamlit.testing.v1 import AppTest
+
+    from packet_processor import engines, stop_all
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bound port: no ICMP errors come back
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    os.environ.update({"NTM_INTERFACE": "lo", "NTM_BPF_FILTER": f"udp dst port {port}",
+                       "NTM_EXCLUDE_OWN_TRAFFIC": "0", "NTM_PCAP": ""})
+    os.sched_setaffinity(0, {0})
+    at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=60)
+    at.run()
+    engine = next(iter(engines()))
+    status = engine.status()
+    if status.state != "running":
+        print(f"capture did not start: {status.error}")
+        return False
+    rss_start, threads_max = rss_mb(), os_threads()
+    print(f"start: RSS {rss_start:.1f} MB, {threads_max} threads; sending {RATE:,} packets/s for {seconds:g} s",
+          flush=True)
+    reruns, errors, stale, last_shown = 0, [], 0, -1
+    with tempfile.TemporaryDirectory() as tmp:
+        sender = subprocess.Popen([build_sender(tmp), str(port), str(RATE), str(seconds), str(PAYLOAD), "1"],
+                                  stdout=subprocess.PIPE, text=True)
+        start = next_report = time.monotonic()
+        while sender.poll() is None:
+            time.sleep(2.0)
+            at.run()
+            reruns += 1
+            errors += [e.message for e in at.exception]
+            shown = page_packets(at)
+            stale = stale + 1 if shown == last_shown and sender.poll() is None else 0
+            last_shown = shown
+            threads_max = max(threads_max, os_threads())
+            if time.monotonic() >= next_report:
+                next_report += max(10.0, seconds / 20)
+                print(f"  t={time.monotonic() - start:6.0f} s  RSS {rss_mb():7.1f} MB  threads {os_threads()}  "
+                      f"page shows {shown:,} packets", flush=True)
+            if stale >= 5:
+                errors.append(f"the page showed {shown:,} packets for 5 reruns in a row while traffic flowed")
+                break
+        sent = int(sender.communicate()[0])
+    time.sleep(0.5)  # the last partly filled ring block times out into the engine
+    rss_end = rss_mb()
+    engine.stop()
+    totals = engine.snapshot().totals
+    stop_all()
+    sink.close()
+    counted, dropped = totals["packets"], totals["dropped"]
+    exact = sent == counted + dropped
+    print(f"sent {sent:,}; counted {counted:,} + dropped {dropped:,} = {counted + dropped:,}: "
+          f"{'exact' if exact else 'MISMATCH'}")
+    print(f"RSS start {rss_start:.1f} MB, end {rss_end:.1f} MB ({(rss_end - rss_start) / rss_start * 100:+.1f} %); "
+          f"greatest thread count {threads_max}")
+    print(f"page reruns {reruns}, page exceptions {len(errors)}")
+    for e in errors[:5]:
+        print(f"  {e}")
+    return exact and not errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--short", action="store_true", help="60 s instead of an hour (CI)")
+    ap.add_argument("--seconds", type=float, default=None)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("the soak captures on lo: run it as root (or with CAP_NET_RAW)")
+    seconds = args.seconds or (60.0 if args.short else 3600.0)
+    sys.exit(0 if soak(seconds) else 1)
+
+
+if __name__ == "__main__":
+    main()
