@@ -460,6 +460,7 @@ ARPHRD_LOOPBACK = 772
 # tp_next_offset +0, tp_sec +4, tp_nsec +8, tp_snaplen +12, tp_len +16, tp_status +20, tp_mac +24,
 # tp_net +26, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
 BLOCK_STATUS = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
+DRAIN_S = 0.25  # after stop(), how long the capture thread keeps taking ring blocks before it leaves
 
 # BPF opcodes for the loopback prefix below.
 BPF_LD_W_ABS = 0x20
@@ -595,9 +596,10 @@ class LiveRing:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 raise CaptureError(privilege_message()) from exc
             raise CaptureError(f"cannot capture on {iface!r}: {exc.strerror or exc}") from exc
-        self.received = 0
-        self.dropped = 0
-        self.abandoned = 0  # read from the ring but left unparsed because stop() had to return
+        self.received = 0  # packets the kernel accepted for this socket, dropped ones included
+        self.dropped = 0  # the kernel's drops: the ring was full
+        self.consumed = 0  # packets handed to the caller
+        self._finished = False
         self._stats_lock = threading.Lock()
 
     def _setup(self, insns, block_size: int, block_nr: int, block_timeout_ms: int) -> None:
@@ -618,52 +620,53 @@ class LiveRing:
         self._block = 0
 
     def batches(self, stop: threading.Event, poll_ms: int = 200) -> Iterator[RawBatch]:
-        """Yield one RawBatch per filled ring block, read in place; returns when `stop` is set.
+        """Yield one RawBatch per filled ring block, read in place; returns soon after `stop` is set.
 
         The batch points into the ring: it is valid until the next iteration, when its block
         goes back to the kernel, so the caller must parse it before asking for more.
         """
+        try:
+            yield from self._blocks(stop, poll_ms)
+        finally:
+            self._finished = True  # from now on, what is left in the ring counts as dropped
+
+    def _blocks(self, stop: threading.Event, poll_ms: int) -> Iterator[RawBatch]:
         ring, bsize = self.ring, self.block_size
         u8 = np.frombuffer(ring, np.uint8)
         u16 = np.frombuffer(ring, np.uint16)
         u32 = np.frombuffer(ring, np.uint32)
         next_at = struct.Struct("=I").unpack_from
-        drain_until = None
+        handover_until = drain_until = None
         while True:
             if stop.is_set() and drain_until is None:
-                # Packets already in the ring were seen by the kernel: count them before leaving.
-                # A partly filled block is handed over when its timeout expires, so wait that long.
-                time.sleep(self.block_timeout_ms * 2 / 1000)
-                drain_until = time.monotonic() + 0.5
+                # Packets already in the ring were seen by the kernel: take what can be taken in
+                # a short while (a partly filled block is handed over when its timeout expires),
+                # and leave the rest to stats(), which counts it as dropped. stop() stays prompt
+                # even when other threads keep this one waiting for the GIL.
+                now = time.monotonic()
+                handover_until = now + self.block_timeout_ms * 2 / 1000
+                drain_until = now + DRAIN_S
             base = self._block * bsize
             status, num, first = BLOCK_STATUS.unpack_from(ring, base + 8)
-            if not status & TP_STATUS_USER:
-                if drain_until is not None:
-                    return
-                self._wait(poll_ms)
-                continue
             if drain_until is not None and time.monotonic() > drain_until:
-                self._abandon_ready_blocks()  # stop() must be prompt: what is left counts as dropped
                 return
+            if not status & TP_STATUS_USER:
+                if drain_until is None:
+                    self._wait(poll_ms)
+                elif time.monotonic() < handover_until:
+                    time.sleep(0.01)
+                else:
+                    return
+                continue
             offs = []
             off = base + first
             for _ in range(num):  # the one per-packet Python step: follow tp_next_offset
                 offs.append(off)
                 off += next_at(ring, off)[0]
+            with self._stats_lock:
+                self.consumed += num
             yield self._batch(np.array(offs, np.int64), u8, u16, u32)
             struct.pack_into("=I", ring, base + 8, 0)  # hand the block back to the kernel
-            self._block = (self._block + 1) % self.block_nr
-
-    def _abandon_ready_blocks(self) -> None:
-        ring, bsize = self.ring, self.block_size
-        for _ in range(self.block_nr):
-            base = self._block * bsize
-            status, num, _ = BLOCK_STATUS.unpack_from(ring, base + 8)
-            if not status & TP_STATUS_USER:
-                break
-            with self._stats_lock:
-                self.abandoned += num
-            struct.pack_into("=I", ring, base + 8, 0)
             self._block = (self._block + 1) % self.block_nr
 
     def _wait(self, poll_ms: int) -> None:
@@ -696,18 +699,21 @@ class LiveRing:
         raise CaptureError(f"capture socket error on {self.iface}: {os.strerror(err) if err else 'unknown'}")
 
     def stats(self) -> tuple[int, int]:
-        """(packets received, packets dropped) since the socket opened: the kernel's drops, plus any
-        packets left in the ring when a stop could not wait for them."""
+        """(packets received, packets dropped) since the socket opened: the kernel's drops, plus,
+        once batches() has returned, the packets still in the ring that the caller never got."""
         with self._stats_lock:
             try:
                 raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
             except OSError:
-                return self.received, self.dropped + self.abandoned
-            pkts, drops, _ = struct.unpack("=III", raw)
-            # The kernel resets these counters on every read, so keep the running sums.
-            self.received += pkts
-            self.dropped += drops
-            return self.received, self.dropped + self.abandoned
+                raw = None
+            if raw is not None:
+                pkts, drops, _ = struct.unpack("=III", raw)
+                # The kernel resets these counters on every read, so keep the running sums.
+                # With TPACKET_V3 its packet count includes the drops.
+                self.received += pkts
+                self.dropped += drops
+            left = self.received - self.dropped - self.consumed if self._finished else 0
+            return self.received, self.dropped + max(left, 0)
 
     def close(self) -> None:
         """Release the ring and the socket; safe to call twice."""

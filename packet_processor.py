@@ -50,6 +50,7 @@ from headers import (  # noqa: F401  - re-exported: the engine's public vocabula
 )
 
 log = logging.getLogger(__name__)
+STOP_WAIT_S = 0.7  # the longest stop() waits for the capture thread
 
 # ----------------------------------------------------------------------------------------
 # Cumulative state
@@ -557,11 +558,15 @@ class CaptureEngine:
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=1.0)
+            # Bounded so that stop() returns within a second even when many readers keep the
+            # thread waiting for the GIL; a thread still finishing its last batch ends by itself.
+            thread.join(timeout=STOP_WAIT_S)
             if thread.is_alive():
-                log.warning("capture thread %s did not stop within 1 s; it is still finishing its last batch",
-                            thread.name)
-        self._thread = None
+                # It sets the state itself on its way out; status() already says "stopped". The
+                # lock is not taken here: the thread may hold it while it waits for the GIL.
+                log.warning("capture thread %s is still finishing its last batch after %.1f s",
+                            thread.name, STOP_WAIT_S)
+                return
         with self._lock:
             if self._state in ("running", "paused"):
                 self._state = "stopped"
@@ -619,9 +624,11 @@ class CaptureEngine:
             if live is not None:
                 self._update_kernel_stats(live, gen)
                 live.close()
-                with self._lock:
-                    if self._live is live:
-                        self._live = None
+            with self._lock:
+                if live is not None and self._live is live:
+                    self._live = None
+                if gen == self._gen and stop.is_set() and self._state in ("running", "paused"):
+                    self._state = "stopped"
 
     def _run_live(self, live: LiveRing, gen: int, stop: threading.Event) -> None:
         matcher = LocalMatcher(local_addresses(), LOOPBACK_NETS)
@@ -755,7 +762,10 @@ class CaptureEngine:
     def _status_locked(self) -> Status:
         thread = self._thread
         c = self._counters
-        return Status(state=self._state, source=self._source.describe() if self._source else "",
+        state = self._state
+        if self._stop.is_set() and state in ("running", "paused"):
+            state = "stopped"  # a stop was asked for; the thread may still be finishing a batch
+        return Status(state=state, source=self._source.describe() if self._source else "",
                       error=self._error, generation=self._gen, alive=bool(thread and thread.is_alive()),
                       last_packet_ts=c.last_ts, last_batch_wall=self._last_batch_wall,
                       started_wall=self._started_wall)

@@ -43,3 +43,10 @@ def test_memory_short(root_only):
     out = run_short("memory.py")
     assert "full    20,000-packet buffer" in out and "RSS after warm-up" in out
     assert os.geteuid() == 0
+
+
+@pytest.mark.live
+def test_soak_short(root_only):
+    need(shutil.which("cc") is not None, "needs a C compiler for the sender")
+    out = run_short("soak.py")  # exits 1 unless sent = counted + dropped and the page raised nothing
+    assert ": exact" in out and "page exceptions 0" in out and "greatest thread count" in out
