@@ -94,6 +94,14 @@ PCAP_MAGICS = {
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
 PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
+# pcapng text options kept for the page: section header (shb_*) and interface (if_*) options.
+# Comments are not kept: tools put anything there (pcapng_eth_and_sll.pcapng carries TLS keys).
+SHB_NOTES = {4: "application", 3: "os", 2: "hardware"}
+IDB_NOTES = {2: "interface", 3: "interface_description"}
+NOTE_LABELS = (("application", "written by"), ("os", "OS"), ("hardware", "hardware"),
+               ("interface", "interfaces"), ("interface_description", "described as"))
+NOTES_MAX = 8  # values kept per option: a file may describe thousands of interfaces
+NOTE_CHARS = 120
 
 
 @dataclass
@@ -104,6 +112,20 @@ class FileReader:
     error: str | None = None
     records: int = 0
     linktypes: set[int] = field(default_factory=set)
+    # Text a pcapng file says about itself (application, OS, interface names, comments). It comes
+    # from the file's bytes, so it is untrusted: bounded here, escaped wherever it is shown.
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe_file(self) -> str:
+        """The pcapng file's own description in one line ('' for pcap, or when it says nothing)."""
+        parts = [f"{label}: {', '.join(self.notes[key])}" for key, label in NOTE_LABELS if self.notes.get(key)]
+        return "; ".join(parts)
+
+    def _note(self, key: str, raw: bytes) -> None:
+        values = self.notes.setdefault(key, [])
+        text = "".join(ch if ch.isprintable() else " " for ch in raw.decode("utf-8", "replace")).strip()
+        if text and len(values) < NOTES_MAX and text[:NOTE_CHARS] not in values:
+            values.append(text[:NOTE_CHARS])
 
     def _map(self) -> mmap.mmap | None:
         """The whole file, mapped read-only; None (with `error` set) when it cannot be."""
@@ -258,6 +280,8 @@ class FileReader:
                     return
                 ifaces = []
             btype, blen = struct.unpack_from(order + "II", buf, off)
+            if btype == 0x0A0D0D0A and 28 <= blen <= size - off:
+                self._text_options(buf, off + 24, off + blen - 4, order, SHB_NOTES)
             if blen < 12 or blen % 4:
                 self._fail(f"corrupt block at byte offset {off}: bad block length {blen}")
                 return
@@ -273,6 +297,7 @@ class FileReader:
             end = off + blen - 4
             if btype == 1:
                 ifaces.append(self._idb(buf, body, end, order))
+                self._text_options(buf, body + 8, end, order, IDB_NOTES)
                 self.linktypes.add(ifaces[-1][0])
             elif btype in (6, 2, 3):
                 rec = self._packet_block(buf, btype, body, end, order, ifaces, last_ts, off)
@@ -282,6 +307,16 @@ class FileReader:
                 self.records += 1
                 yield rec
             off += blen
+
+    def _text_options(self, buf: mmap.mmap, p: int, end: int, order: str, wanted: dict[int, str]) -> None:
+        """Keep the text options of a block that the page shows (the rest are skipped)."""
+        while p + 4 <= end:
+            code, length = struct.unpack_from(order + "HH", buf, p)
+            if code == 0 or p + 4 + length > end:
+                return
+            if code in wanted:
+                self._note(wanted[code], buf[p + 4:p + 4 + min(length, 4 * NOTE_CHARS)])
+            p += 4 + ((length + 3) & ~3)
 
     @staticmethod
     def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> tuple[int, float, float, int]:

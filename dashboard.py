@@ -243,6 +243,8 @@ def status_banner(snap: Snapshot) -> None:
         st.error("capture stopped: the capture thread is no longer running")
     elif snap.totals["dropped"]:
         st.warning(f"The kernel dropped {snap.totals['dropped']:,} packets: the numbers below are missing them.")
+    if s.file_note:
+        st.caption(f"The capture file says: {plain(s.file_note)}")
 
 
 def metrics(snap: Snapshot, end: float | None, duration: float) -> None:

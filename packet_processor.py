@@ -310,6 +310,7 @@ class Status:
     last_packet_ts: float | None = None
     last_batch_wall: float | None = None
     started_wall: float | None = None
+    file_note: str = ""  # what a pcapng file says about itself (untrusted text from the file)
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,7 @@ class CaptureEngine:
         self._paused_skipped = 0
         self._last_batch_wall: float | None = None
         self._started_wall: float | None = None
+        self._file_note = ""
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -526,6 +528,7 @@ class CaptureEngine:
                 self._reset_locked()
                 self._source = source
                 self._error = None
+                self._file_note = ""
                 self._started_wall = time.time()
             live = None
             if source.kind == "live":
@@ -661,11 +664,13 @@ class CaptureEngine:
         else:
             matcher = LocalMatcher(nets=self._nets)
             for raw in reader.batches(config.get("BATCH_SIZE")):
+                self._note_file(reader, gen)
                 while self._paused.is_set() and not stop.is_set():
                     stop.wait(0.1)
                 if stop.is_set():
                     break
                 self._ingest(parse_batch(raw, matcher), gen)
+        self._note_file(reader, gen)
         with self._lock:
             if gen != self._gen:
                 return
@@ -674,6 +679,12 @@ class CaptureEngine:
                 self._state = "error"
             elif self._state in ("running", "paused") and not stop.is_set():
                 self._state = "finished"
+
+    def _note_file(self, reader: FileReader, gen: int) -> None:
+        note = reader.describe_file()
+        with self._lock:
+            if gen == self._gen:
+                self._file_note = note
 
     def _paced(self, records: Iterable[Record], speed: float, stop: threading.Event) -> Iterator[Record]:
         """Replay records at their original pace x speed (speed <= 0: as fast as possible)."""
@@ -768,7 +779,7 @@ class CaptureEngine:
         return Status(state=state, source=self._source.describe() if self._source else "",
                       error=self._error, generation=self._gen, alive=bool(thread and thread.is_alive()),
                       last_packet_ts=c.last_ts, last_batch_wall=self._last_batch_wall,
-                      started_wall=self._started_wall)
+                      started_wall=self._started_wall, file_note=self._file_note)
 
     def snapshot(self) -> Snapshot:
         """An immutable copy of the buffer and counters; the lock is held only for the copies."""

@@ -7,6 +7,7 @@ user's zoom and legend choices survive the page's refresh.
 
 from __future__ import annotations
 
+import html
 import socket
 from collections.abc import Sequence
 from datetime import tzinfo
@@ -108,11 +109,17 @@ def timeline(frame: pd.DataFrame, alerts: Sequence[float] = ()) -> go.Figure:
                    yaxis2={"domain": [0.0, 0.45], "title": {"text": "bit/s"}})
 
 
+def chart_text(text: str) -> str:
+    """Text from the traffic as Plotly should show it: Plotly reads <b>, <a href> and the like in
+    labels, so markup is escaped and shows as itself (later hostnames come from strangers' DNS)."""
+    return html.escape(text, quote=False)
+
+
 def top_bar(rows: list[dict[str, Any]], title: str, by: str = "packets") -> go.Figure:
     """Horizontal bars of top addresses ([{addr, packets, bytes}], largest first)."""
     if not rows:
         return _empty(title, title)
-    labels = [r["addr"] for r in rows][::-1]
+    labels = [chart_text(r["addr"]) for r in rows][::-1]
     values = [r[by] for r in rows][::-1]
     bar = {"type": "bar", "x": values, "y": labels, "orientation": "h", "marker": {"color": "#1f77b4"},
            "hovertemplate": "%{y}: %{x:,} " + by + "<extra></extra>"}
@@ -142,10 +149,11 @@ def ports_bar(tcp: list[tuple[int, int, int]], udp: list[tuple[int, int, int]], 
     for proto in ("TCP", "UDP"):
         sel = [r for p, r in rows if p == proto]
         if sel:
-            labels = [f"{proto.lower()}/{r[0]} {service_name(r[0], proto.lower())}".strip() for r in sel]
+            labels = [chart_text(f"{proto.lower()}/{r[0]} {service_name(r[0], proto.lower())}".strip())
+                      for r in sel]
             data.append({"type": "bar", "x": [r[idx] for r in sel], "y": labels, "orientation": "h", "name": proto,
                          "marker": {"color": PROTOCOL_COLORS[proto]}})
-    order = [f"{p.lower()}/{r[0]} {service_name(r[0], p.lower())}".strip() for p, r in rows][::-1]
+    order = [chart_text(f"{p.lower()}/{r[0]} {service_name(r[0], p.lower())}".strip()) for p, r in rows][::-1]
     return _figure(data, title, "ports", barmode="stack",
                    yaxis={"type": "category", "categoryorder": "array", "categoryarray": order})
 

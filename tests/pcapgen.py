@@ -28,12 +28,24 @@ def _block(btype: int, body: bytes) -> bytes:
     return struct.pack("<II", btype, total) + body + struct.pack("<I", total)
 
 
-def pcapng_bytes(frames: Iterable[tuple[float, bytes, int]], linktypes: list[int],
-                 tsresol: int = 6) -> bytes:
-    """A pcapng image: one SHB, one IDB per link type, EPBs (frame = (ts, data, interface index))."""
-    out = [_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))]
-    for lt in linktypes:
-        opts = struct.pack("<HHB3x", 9, 1, tsresol) + struct.pack("<HH", 0, 0)
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + b"\x00" * (-len(value) % 4)
+
+
+def pcapng_bytes(frames: Iterable[tuple[float, bytes, int]], linktypes: list[int], tsresol: int = 6,
+                 shb_text: dict[int, bytes] | None = None, if_names: list[bytes] | None = None) -> bytes:
+    """A pcapng image: one SHB, one IDB per link type, EPBs (frame = (ts, data, interface index)).
+
+    shb_text: section header text options by code (2 hardware, 3 os, 4 application, 1 comment);
+    if_names: an if_name option for each interface."""
+    shb_opts = b"".join(_option(c, v) for c, v in (shb_text or {}).items())
+    shb_opts += _option(0, b"") if shb_opts else b""
+    out = [_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1) + shb_opts)]
+    for i, lt in enumerate(linktypes):
+        opts = struct.pack("<HHB3x", 9, 1, tsresol)
+        if if_names:
+            opts += _option(2, if_names[i])
+        opts += struct.pack("<HH", 0, 0)
         out.append(_block(1, struct.pack("<HHI", lt, 0, 262144) + opts))
     for ts, data, iface in frames:
         units = round(ts * 10 ** tsresol)

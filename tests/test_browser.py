@@ -11,10 +11,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, need, wait_for
+from pcapgen import pcapng_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -22,6 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
 ARTIFACTS = ROOT / "test-artifacts"
+MARKER = b"NTM-PAYLOAD-MARKER-3e9b"  # carried by every test packet; must never reach the page or the logs
 
 
 def free_port() -> int:
@@ -41,15 +44,16 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-@pytest.fixture
-def server(root_only) -> Iterator[str]:
-    """The dashboard on its own port, capturing lo."""
+@contextmanager
+def dashboard(args: list[str], log_path: Path) -> Iterator[str]:
+    """`streamlit run dashboard.py -- ARGS` on its own port, every log line kept in log_path."""
     need(os.path.exists(CHROMIUM), "Debian's chromium is not installed (apt-get install chromium)")
     port = free_port()
-    env = {**os.environ, "NTM_REFRESH_S": "2"}
-    proc = subprocess.Popen([str(ROOT / ".venv/bin/streamlit"), "run", "dashboard.py", "--server.port", str(port),
-                             "--server.headless", "true", "--", "--iface", "lo"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {**os.environ, "NTM_REFRESH_S": "2", "NTM_LOG_LEVEL": "DEBUG"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/streamlit"), "run", "dashboard.py", "--server.port",
+                                 str(port), "--server.headless", "true", "--logger.level", "debug", "--", *args],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -67,6 +71,20 @@ def server(root_only) -> Iterator[str]:
 
 
 @pytest.fixture
+def server(root_only, tmp_path) -> Iterator[str]:
+    """The dashboard on its own port, capturing lo; its log is tmp_path/server.log."""
+    with dashboard(["--iface", "lo"], tmp_path / "server.log") as url:
+        yield url
+
+
+def assert_no_marker(*texts: str | bytes) -> None:
+    """The payload marker appears in none of these, neither as text nor as hex."""
+    for text in texts:
+        data = text.encode() if isinstance(text, str) else text
+        assert MARKER not in data and MARKER.hex().encode() not in data.lower()
+
+
+@pytest.fixture
 def traffic() -> Iterator[None]:
     """UDP datagrams to a local port (about 50/s) and pings on lo, until the test ends (at most 120 s)."""
     stop = threading.Event()
@@ -78,7 +96,7 @@ def traffic() -> Iterator[None]:
         tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         end = time.monotonic() + 120
         while not stop.is_set() and time.monotonic() < end:
-            tx.sendto(b"x" * 100, dest)
+            tx.sendto(MARKER + b"x" * 80, dest)
             stop.wait(0.02)
         tx.close()
 
@@ -102,7 +120,7 @@ def pie_labels(page) -> list[str]:
                              .map(t => t.textContent)""")
 
 
-def test_browser_live_refresh_filter_and_screenshot(server, traffic):
+def test_browser_live_refresh_filter_and_screenshot(server, traffic, tmp_path):
     need(shutil.which("ping") is not None, "ping (iputils-ping) is not installed")
     from playwright.sync_api import sync_playwright
 
@@ -141,7 +159,49 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic):
             pie_labels(page)
         assert page.locator('[data-testid="stException"]').count() == 0
         page.screenshot(path=str(ARTIFACTS / "screenshot-icmp-only.png"), full_page=True)
+        page.get_by_role("button", name="Stop").click()
+        page.wait_for_timeout(1000)
+        assert_no_marker(page.content())
         browser.close()
     assert shot.stat().st_size > 10_000
+    assert_no_marker((tmp_path / "server.log").read_bytes())
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         shutil.copy(shot, Path(ROOT / "docs" / "screenshot.png"))
+
+
+CRAFTED_APP = "<script>window.ntmXss=1</script>"
+CRAFTED_IF = "<img src=x onerror=window.ntmXss=2>"
+
+
+def test_browser_shows_crafted_markup_as_text(tmp_path):
+    """Markup from a capture file (its name, its own description) and packets carrying the payload
+    marker: the page shows the markup as text, runs none of it, and the marker appears nowhere."""
+    from playwright.sync_api import sync_playwright
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    frames = [(1_700_000_000 + i * 0.01, bytes(Ether() / IP(src="10.9.0.1", dst="10.9.0.2")
+                                              / UDP(sport=4000 + i, dport=53) / MARKER), 0) for i in range(50)]
+    path = tmp_path / "<b>capture<i> <img src=x onerror=window.ntmXss=3>.pcapng"
+    path.write_bytes(pcapng_bytes(frames, [1], shb_text={4: CRAFTED_APP.encode()}, if_names=[CRAFTED_IF.encode()]))
+    ARTIFACTS.mkdir(exist_ok=True)
+    with dashboard(["--pcap", str(path)], tmp_path / "server.log") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1800})
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        assert wait_for(lambda: packets(page) == 50, 15)
+        assert wait_for(lambda: page.get_by_text(CRAFTED_APP).count() > 0, 10), "the file's words are not shown"
+        text = page.inner_text("body")
+        assert CRAFTED_APP in text and CRAFTED_IF in text
+        assert "<img src=x onerror=window.ntmXss=3>" in text  # the file name, as typed
+        assert page.evaluate("() => window.ntmXss") is None  # nothing of it ran
+        assert page.locator('img[src="x"]').count() == 0
+        assert page.locator("script", has_text="ntmXss").count() == 0
+        assert page.locator("b", has_text="capture").count() == 0
+        page.wait_for_selector(".js-plotly-plot", timeout=15_000)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(ARTIFACTS / "screenshot-crafted.png"), full_page=True)
+        assert_no_marker(page.content())
+        browser.close()
+    assert_no_marker((tmp_path / "server.log").read_bytes())

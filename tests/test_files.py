@@ -165,3 +165,23 @@ def test_accuracy_against_tshark_oracle(shared_pcaps):
     assert m, out.stdout + out.stderr
     files = len(list((shared_pcaps / "files").iterdir()))
     assert (int(m.group(1)), int(m.group(2))) == (files, 0), out.stdout
+
+
+def test_pcapng_describes_itself_as_bounded_untrusted_text(tmp_path):
+    eth = bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
+    f = tmp_path / "notes.pcapng"
+    f.write_bytes(pcapng_bytes([(T0, eth, 0), (T0 + 1, eth, 1)], linktypes=[1, 1],
+                               shb_text={4: b"<script>alert(1)</script>", 3: b"Linux\x1b[31m 6.1",
+                                         1: b"CLIENT_RANDOM secret", 2: b"x" * 5000},
+                               if_names=[b"eth0", b"wlan\xff0"]))
+    engine = CaptureEngine()
+    engine.load_file(str(f))
+    status = engine.status()
+    assert engine.snapshot().totals["packets"] == 2 and status.error is None
+    note = status.file_note
+    assert note.startswith("written by: <script>alert(1)</script>; OS: Linux [31m 6.1; hardware: xxx")
+    assert "interfaces: eth0, wlan\ufffd0" in note
+    assert "secret" not in note and "\x1b" not in note  # comments are not kept; control bytes go
+    assert len(note) < 600  # each value is cut to 120 characters
+    engine.load_file(str(f.with_name("missing.pcap")))
+    assert engine.status().file_note == ""  # a new source starts without the old file's words

@@ -101,3 +101,11 @@ def test_conversations_and_recent_tables():
     assert len(viz.recent_table(frame, 100, "icmp")) == 2
     assert len(viz.recent_table(frame, 100, "10.0.0.3")) == 3
     assert str(frame["src port"].dtype) == "Int32"  # missing ports stay integers, not floats
+
+
+def test_text_from_traffic_is_escaped_in_chart_labels():
+    crafted = '<a href="https://evil.example">x</a><b>bold</b>'
+    fig = viz.top_bar([{"addr": crafted, "packets": 3, "bytes": 9}], "Top 10 sources")
+    label = fig.data[0].y[0]
+    assert "<" not in label and ">" not in label
+    assert label == '&lt;a href="https://evil.example"&gt;x&lt;/a&gt;&lt;b&gt;bold&lt;/b&gt;'
