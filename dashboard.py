@@ -15,6 +15,7 @@ import time
 from datetime import datetime
 
 import streamlit as st
+from streamlit import config as streamlit_config
 from streamlit_autorefresh import st_autorefresh
 
 import config
@@ -74,6 +75,10 @@ def initial_source() -> Source:
 def get_engine() -> CaptureEngine:
     """The one capture of this process, shared by every browser tab."""
     logging.basicConfig(level=config.get("LOG_LEVEL"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # the upload route reads this option per request, so UPLOAD_MAX_MB holds before any body is read
+        streamlit_config.set_option("server.maxUploadSize", config.get("UPLOAD_MAX_MB"))
+    except Exception:  # an older Streamlit: .streamlit/config.toml's value stays
+        log.warning("could not apply UPLOAD_MAX_MB to the server's upload limit", exc_info=True)
     engine = CaptureEngine()
     engine.start(initial_source())
     return engine
@@ -146,8 +151,10 @@ def _live_inputs(sb) -> Source | None:
 
 def _file_inputs(sb) -> Source | None:
     limit = config.get("UPLOAD_MAX_MB")
+    # The browser refuses a bigger file before sending a byte; the server, whose limit follows the
+    # same setting (see get_engine), refuses it while reading; the check below is the last word.
     upload = sb.file_uploader(f"Upload a capture (max {limit} MB)", type=["pcap", "pcapng", "cap"],
-                              key="upload")
+                              key="upload", max_upload_size=limit)
     folder = config.get("CAPTURE_DIR")
     name = sb.text_input(f"…or a file in {folder}/", key="pcap_path")
     speed = SPEEDS[sb.selectbox("Replay", list(SPEEDS), key="speed")]

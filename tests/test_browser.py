@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, need, wait_for
-from pcapgen import pcapng_bytes
+from pcapgen import pcap_bytes, pcapng_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -45,11 +45,12 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def dashboard(args: list[str], log_path: Path) -> Iterator[str]:
+def dashboard(args: list[str], log_path: Path, **settings: str) -> Iterator[str]:
     """`streamlit run dashboard.py -- ARGS` on its own port, every log line kept in log_path."""
     need(os.path.exists(CHROMIUM), "Debian's chromium is not installed (apt-get install chromium)")
     port = free_port()
-    env = {**os.environ, "NTM_REFRESH_S": "2", "NTM_LOG_LEVEL": "DEBUG"}
+    env = {**os.environ, "NTM_REFRESH_S": "2", "NTM_LOG_LEVEL": "DEBUG",
+           **{"NTM_" + k: v for k, v in settings.items()}}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(ROOT / ".venv/bin/streamlit"), "run", "dashboard.py", "--server.port",
                                  str(port), "--server.headless", "true", "--logger.level", "debug", "--", *args],
@@ -185,7 +186,8 @@ def test_browser_shows_crafted_markup_as_text(tmp_path):
     path = tmp_path / "<b>capture<i> <img src=x onerror=window.ntmXss=3>.pcapng"
     path.write_bytes(pcapng_bytes(frames, [1], shb_text={4: CRAFTED_APP.encode()}, if_names=[CRAFTED_IF.encode()]))
     ARTIFACTS.mkdir(exist_ok=True)
-    with dashboard(["--pcap", str(path)], tmp_path / "server.log") as url, sync_playwright() as p:
+    with dashboard(["--pcap", str(path)], tmp_path / "server.log", UPLOAD_MAX_MB="1") as url, \
+            sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
         page.goto(url)
@@ -203,5 +205,19 @@ def test_browser_shows_crafted_markup_as_text(tmp_path):
         page.wait_for_timeout(1000)
         page.screenshot(path=str(ARTIFACTS / "screenshot-crafted.png"), full_page=True)
         assert_no_marker(page.content())
+
+        # Exposure: the server listens on 127.0.0.1 only, with Streamlit's XSRF protection on.
+        port = url.rsplit(":", 1)[1]
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        assert listening.strip() and all(line.split()[3] == f"127.0.0.1:{port}" for line in listening.splitlines())
+        assert any(c["name"] == "_streamlit_xsrf" for c in page.context.cookies())
+
+        # Uploads: a file over UPLOAD_MAX_MB (1 MB here) is refused before any of it is sent.
+        big = tmp_path / "big.pcap"
+        big.write_bytes(pcap_bytes([(1_700_000_000.0, b"\0" * 1400)] * 1000))  # 1.4 MB
+        page.locator('[data-testid="stSidebar"] input[type="file"]').set_input_files(str(big))
+        assert wait_for(lambda: page.get_by_text("1.0MB or smaller").count() > 0, 10), page.inner_text("body")
+        page.wait_for_timeout(2500)
+        assert packets(page) == 50  # the capture went on with the same file
         browser.close()
     assert_no_marker((tmp_path / "server.log").read_bytes())
