@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import config
-from headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, parse_nets
+from headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 ETH_ARP = 0x0806
@@ -360,7 +360,8 @@ class Detectors:
         ip = arr[arr["cls"] != NON_IP]
         if not len(ip):
             return
-        srcs, first = np.unique(np.ascontiguousarray(ip["src"]).view("V16"), return_index=True)
+        first, _ = group_rows(np.ascontiguousarray(ip["src"]).view(np.uint8).reshape(-1, 16))
+        srcs = np.ascontiguousarray(ip["src"][first]).view("V16").ravel()
         # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
         local = self.local_nets.kinds(srcs) == LocalMatcher.OURS
         for src, i in zip(srcs[local].tolist(), first[local].tolist()):
@@ -419,8 +420,8 @@ def _distinct(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
     key[:, 40:42] = rows["tcp_flags"].astype("<u2").view(np.uint8).reshape(-1, 2)
     key[:, 42] = rows["cls"]
     key[:, 43] = rows["icmp_type"].astype(np.uint8)
-    _, first = np.unique(key.view("V44").ravel(), return_index=True)
-    return rows[np.sort(first)]
+    first, _ = group_rows(key)
+    return rows[first]
 
 
 def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict:
@@ -430,12 +431,13 @@ def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict
     raw = np.empty((len(keys), 24), np.uint8)
     raw[:, :16] = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
     raw[:, 16:] = secs.astype("<i8").view(np.uint8).reshape(-1, 8)
-    combo = raw.view("V24").ravel()
-    uniq, inv, counts = np.unique(combo, return_inverse=True, return_counts=True)
+    firsts, inv = group_rows(raw)
+    uniq = raw[firsts].view("V24").ravel()
+    counts = np.bincount(inv, minlength=len(uniq))
     pairs = np.empty((len(keys), 40), np.uint8)
     pairs[:, :24] = raw
     pairs[:, 24:] = np.ascontiguousarray(sources).view(np.uint8).reshape(-1, 16)
-    _, first = np.unique(pairs.view("V40").ravel(), return_index=True)
+    first, _ = group_rows(pairs)
     distinct = np.bincount(inv[first], minlength=len(uniq))
     out = {}
     for u, n, d in zip(uniq, counts.tolist(), distinct.tolist()):

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import native
+
 log = logging.getLogger(__name__)
 
 Record = tuple[float, bytes, int, int]
@@ -102,6 +104,29 @@ NOTE_LABELS = (("application", "written by"), ("os", "OS"), ("hardware", "hardwa
                ("interface", "interfaces"), ("interface_description", "described as"))
 NOTES_MAX = 8  # values kept per option: a file may describe thousands of interfaces
 NOTE_CHARS = 120
+
+
+def walk_records(buf, off: int, size: int, order: str, limit: int,
+                 maybe_swapped: bool) -> tuple[np.ndarray, int, bool]:
+    """Follow pcap record lengths from `off` for up to `size` records: (offsets, offset after them,
+    stopped at a captured length above `limit`). The reference for native/pcapwalk.c."""
+    last_header = len(buf) - 16
+    u32 = struct.Struct(order + "I").unpack_from
+    starts: list[int] = []
+    append = starts.append
+    bad = False
+    for _ in range(size):
+        if off > last_header:
+            break
+        caplen = u32(buf, off + 8)[0]
+        if maybe_swapped:
+            caplen = min(caplen, u32(buf, off + 12)[0])
+        if caplen > limit:
+            bad = True
+            break
+        append(off)
+        off += 16 + caplen
+    return np.array(starts, np.int64), off, bad
 
 
 @dataclass
@@ -209,10 +234,9 @@ class FileReader:
         data = np.frombuffer(buf, np.uint8)
         off = 24
         while off < total and not self.error:
-            found, off = self._walk(buf, off, size, order, limit, maybe_swapped)
-            if not found:
+            starts, off = self._walk(buf, data, off, size, order, limit, maybe_swapped)
+            if not len(starts):
                 break
-            starts = np.array(found, np.int64)
             heads = data[starts[:, None] + _ARANGE16].view(order + "u4")
             cap, wire = heads[:, 2].astype(np.int64), heads[:, 3].astype(np.int64)
             if maybe_swapped:
@@ -229,31 +253,25 @@ class FileReader:
         return (f"file cut short in the middle of a packet: record {n} at byte offset {off} "
                 f"claims {caplen} bytes, only {total - off - 16} remain")
 
-    def _walk(self, buf, off: int, size: int, order: str, limit: int, maybe_swapped: bool) -> tuple[list, int]:
-        """Offsets of up to `size` record headers from `off`: the one sequential step, kept minimal."""
+    def _walk(self, buf, data: np.ndarray, off: int, size: int, order: str, limit: int,
+              maybe_swapped: bool) -> tuple[np.ndarray, int]:
+        """Offsets of up to `size` record headers from `off`, and the offset after them."""
+        walked = native.pcap_walk(data, off, size, order == ">", limit, maybe_swapped)
+        if walked is None:
+            walked = walk_records(buf, off, size, order, limit, maybe_swapped)
+        starts, off, bad = walked
         total = len(buf)
-        last_header = total - 16
-        u32 = struct.Struct(order + "I").unpack_from
-        starts: list[int] = []
-        append = starts.append
-        for _ in range(size):
-            if off > last_header:
-                break
-            caplen = u32(buf, off + 8)[0]
-            if maybe_swapped:
-                caplen = min(caplen, u32(buf, off + 12)[0])
-            if caplen > limit:
-                self._fail(self._record_error(self.records + len(starts) + 1, off, caplen, limit, total))
-                return starts, off
-            append(off)
-            off += 16 + caplen
+
+        def caplen_at(o: int) -> int:
+            cap, wire = struct.unpack_from(order + "II", buf, o + 8)
+            return min(cap, wire) if maybe_swapped else cap
+
+        if bad:
+            self._fail(self._record_error(self.records + len(starts) + 1, off, caplen_at(off), limit, total))
         # Bounds are checked once here, not per record: only the last record can run past the end.
-        if off > total and starts:
-            off = starts.pop()
-            caplen = u32(buf, off + 8)[0]
-            if maybe_swapped:
-                caplen = min(caplen, u32(buf, off + 12)[0])
-            self._fail(self._record_error(self.records + len(starts) + 1, off, caplen, limit, total))
+        elif off > total and len(starts):
+            off, starts = int(starts[-1]), starts[:-1]
+            self._fail(self._record_error(self.records + len(starts) + 1, off, caplen_at(off), limit, total))
         elif total - 16 < off < total:
             self._fail(f"file cut short in the middle of a packet: record {self.records + len(starts) + 1} "
                        f"at byte offset {off} has only {total - off} of 16 header bytes")

@@ -15,7 +15,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+import native
 from capture_sources import COOKED_BASE, V4_PREFIX, RawBatch, Record
 
 log = logging.getLogger(__name__)
@@ -636,3 +638,49 @@ def _directions(src: np.ndarray, dst: np.ndarray, matcher: LocalMatcher) -> np.n
 _DIR_TABLE = [[direction_of(s, d) for d in range(3)] for s in range(3)]
 _DIR_ARRAY = np.array(_DIR_TABLE, np.uint8)
 
+
+
+_HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
+_HASH_MUL = np.uint64(0xFF51AFD7ED558CCD)
+
+
+def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal rows of a 2-D uint8 array: (index of each group's first row, ascending; group of each row).
+
+    Exact, and linear time where np.unique would sort the rows byte by byte: a hash table in C
+    (native/grouprows.c) when it can be built here, else rows hashed to 64 bits and grouped by
+    pandas.factorize, then each row compared with its group's first row, so a hash collision can
+    never merge two keys. Groups are numbered in order of first appearance.
+    """
+    if len(raw) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    grouped = native.group_rows(raw)
+    if grouped is not None:
+        return grouped
+    return group_rows_numpy(raw)
+
+
+def group_rows_numpy(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """group_rows without the compiled helper (its reference)."""
+    n, width = raw.shape
+    if n == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    padded = np.zeros((n, width + (-width % 8)), np.uint8)
+    padded[:, :width] = raw
+    words = padded.view("<u8")
+    h = np.full(n, _HASH_SEED, np.uint64)
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= _HASH_MUL
+        h ^= h >> np.uint64(33)
+    codes, _ = pd.factorize(h)
+    codes = codes.astype(np.int64, copy=False)
+    running = np.maximum.accumulate(codes)
+    first = np.flatnonzero(np.concatenate(([True], running[1:] > running[:-1])))
+    if np.array_equal(padded[first][codes], padded):
+        return first, codes
+    _, first, inv = np.unique(padded.view(f"V{padded.shape[1]}").ravel(), return_index=True, return_inverse=True)
+    order = np.argsort(first)  # renumber the groups in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inv.ravel()]

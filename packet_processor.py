@@ -43,6 +43,7 @@ from headers import (  # noqa: F401  - re-exported: the engine's public vocabula
     UDP,
     LocalMatcher,
     addr_text,
+    group_rows,
     pack_records,
     parse_batch,
     parse_frame,
@@ -88,7 +89,8 @@ class TopTable:
         bkeys, binv = _group(keys)
         nb = len(bkeys)
         bvals = np.stack((np.bincount(binv, minlength=nb), np.bincount(binv, wire, nb).astype(np.int64)), axis=1)
-        uniq, inv = np.unique(np.concatenate((old_keys, bkeys)), return_inverse=True)
+        # Old keys come first, so they keep their rows; new keys are appended.
+        uniq, inv = _group(np.concatenate((old_keys, bkeys)))
         m = len(uniq)
         both_vals = np.concatenate((old_vals, bvals))
         vals = np.empty((m, 2), np.int64)
@@ -138,20 +140,11 @@ class TopTable:
 
 
 def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique(keys, return_inverse=True), faster for addresses: IPv4 keys group on one 64-bit integer."""
-    if keys.dtype != ADDR_KEY or len(keys) < 1024:
+    """(distinct keys in order of first appearance, group of each key): exact, hash-based for byte keys."""
+    if keys.dtype.kind != "V":
         return np.unique(keys, return_inverse=True)
-    halves = keys.view(">u8").reshape(-1, 2)
-    v4 = halves[:, 0] == 0  # ::ffff:a.b.c.d (and ::/64): the high half is zero
-    lo_uniq, lo_inv = np.unique(halves[v4, 1], return_inverse=True)
-    rest_uniq, rest_inv = np.unique(keys[~v4], return_inverse=True)
-    lo_keys = np.zeros((len(lo_uniq), 2), ">u8")
-    lo_keys[:, 1] = lo_uniq
-    inv = np.empty(len(keys), np.int64)
-    inv[v4] = lo_inv
-    inv[~v4] = rest_inv + len(lo_uniq)
-    # The two groups do not overlap (high half zero or not), so concatenating keeps keys unique.
-    return np.concatenate((lo_keys.view(ADDR_KEY).ravel(), rest_uniq)), inv
+    first, inv = group_rows(np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize))
+    return keys[first], inv
 
 
 class DenseTable(TopTable):
@@ -234,7 +227,7 @@ class Counters:
         tcp = (cls == TCP) & (arr["dport"] >= 0)
         udp = (cls == UDP) & (arr["dport"] >= 0)
         other = cls == OTHER_IP
-        secs, rel = np.unique(np.floor(ts).astype(np.int64), return_inverse=True)
+        rel, secs = pd.factorize(np.floor(ts).astype(np.int64))  # seconds: a hash table, not a sort
         grid = np.zeros((len(secs), len(BIN_FIELDS)), np.int64)
         np.add.at(grid, (rel, dirs), 1)
         np.add.at(grid, (rel, 4 + dirs), wire)

@@ -36,9 +36,14 @@ def _templates() -> list[tuple[bytes, int, int, int]]:
     return out
 
 
-def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float = 50_000.0) -> None:
-    """Write an n-packet pcap mixing IPv4/IPv6, TCP/UDP/ICMP/ARP, VLAN and several sizes."""
+def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float = 50_000.0, flows: int = 0) -> None:
+    """Write an n-packet pcap mixing IPv4/IPv6, TCP/UDP/ICMP/ARP, VLAN and several sizes.
+
+    flows=0: every packet gets a random host (of 2,000) and source port, so nearly every packet is
+    a new flow (the worst case for per-flow state). flows=N: packets belong to N flows, a few
+    large and many small (a flow's index is drawn as N * u**3), as on a real link."""
     rng = random.Random(seed)
+    pool = [(rng.randrange(1, 2000), rng.randrange(1024, 65535)) for _ in range(flows)]
     templates = _templates()
     hdr = struct.Struct("<IIII")
     t0 = 1_700_000_000.0
@@ -49,10 +54,11 @@ def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float =
             frame, a_off, a_len, p_off = templates[rng.randrange(len(templates))]
             f = bytearray(frame)
             if a_off >= 0:
-                host = rng.randrange(1, 2000)
+                host, port = pool[int(flows * rng.random() ** 3)] if flows else \
+                    (rng.randrange(1, 2000), rng.randrange(1024, 65535))
                 f[a_off + a_len - 2:a_off + a_len] = host.to_bytes(2, "big")  # vary the source
                 if p_off >= 0:
-                    f[p_off:p_off + 2] = rng.randrange(1024, 65535).to_bytes(2, "big")
+                    f[p_off:p_off + 2] = port.to_bytes(2, "big")
             ts = t0 + i / pps
             sec = int(ts)
             chunk.append(hdr.pack(sec, int((ts - sec) * 1e6), len(f), len(f)) + bytes(f))

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin"
+APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev"
 APT_TEST="iputils-ping tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl"
 want="$APT_RUN"
 [ "${1:-}" = "--test" ] && want="$want $APT_TEST"
@@ -30,3 +30,6 @@ if ! cmp -s requirements.txt .venv/.requirements.installed 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   cp requirements.txt .venv/.requirements.installed
 fi
+# The compiled helpers (native/*.c) are built now rather than at the first capture file; without a
+# compiler the Python versions run instead, with the same results.
+.venv/bin/python -c "import native; print('== compiled helpers:', 'built' if all(native.library(n) for n in ('pcapwalk', 'grouprows')) else 'not available (Python fallback)')"

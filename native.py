@@ -1,0 +1,96 @@
+"""Optional compiled helpers: built from native/*.c with the system's C compiler at first use.
+
+Nothing depends on them for correctness: every helper has a Python twin that is the reference
+(tests keep the two identical), used when there is no compiler or the build fails. They exist
+for the steps numpy cannot vectorise, such as following pcap record lengths one by one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "native"
+BUILD_DIR = Path(__file__).resolve().parent / ".build"  # inside the project: never a shared /tmp
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def _build(name: str) -> ctypes.CDLL | None:
+    """Compile native/<name>.c into .build/ (once per source version) and load it; None if impossible."""
+    if os.environ.get("NTM_NO_NATIVE"):
+        return None
+    src = SOURCE_DIR / f"{name}.c"
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not src.exists() or cc is None:
+        return None
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    lib = BUILD_DIR / f"{name}-{digest}.so"
+    try:
+        if not lib.exists():
+            BUILD_DIR.mkdir(exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], check=True,
+                           capture_output=True, timeout=60)
+            os.replace(tmp, lib)  # atomic: a concurrent process never loads a half-written library
+        return ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.info("native/%s.c not used (%s); the Python version runs instead", name, exc)
+        return None
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled native/<name>.c, or None when it cannot be built here."""
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _build(name)
+        return _loaded[name]
+
+
+def pcap_walk(data: np.ndarray, off: int, size: int, big_endian: bool, limit: int,
+              maybe_swapped: bool) -> tuple[np.ndarray, int, bool] | None:
+    """native/pcapwalk.c: (record offsets, offset after them, stopped at a bad length), or None."""
+    lib = library("pcapwalk")
+    if lib is None:
+        return None
+    fn = lib.ntm_pcap_walk
+    if fn.restype is not ctypes.c_int64:
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                       ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
+                       ctypes.POINTER(ctypes.c_int)]
+    starts = np.empty(size, np.int64)
+    end, bad = ctypes.c_int64(), ctypes.c_int()
+    n = fn(data.ctypes.data, len(data), off, size, int(big_endian), limit, int(maybe_swapped),
+           starts.ctypes.data, ctypes.byref(end), ctypes.byref(bad))
+    return starts[:n], end.value, bool(bad.value)
+
+
+def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """native/grouprows.c: (first row of each group, group of each row) for a C-contiguous 2-D
+    uint8 array, groups in order of first appearance; None when the library is not available."""
+    lib = library("grouprows")
+    if lib is None:
+        return None
+    fn = lib.ntm_group_rows
+    if fn.restype is not ctypes.c_int64:
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    raw = np.ascontiguousarray(raw, np.uint8)
+    n, width = raw.shape
+    codes = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    groups = fn(raw.ctypes.data, n, width, codes.ctypes.data, first.ctypes.data)
+    if groups < 0:
+        return None
+    return first[:groups], codes

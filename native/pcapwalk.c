@@ -1,0 +1,35 @@
+/* The one sequential step of reading a classic pcap file: following the record lengths.
+ * Compiled at first use by native.py (cc -O2 -shared); capture_sources.py has the same loop in
+ * Python as the fallback and the reference (a test keeps the two identical).
+ *
+ * From byte offset `off`, record the offsets of up to `size` record headers in `starts`.
+ * Stops early at a captured length above `limit` (*bad = 1) or when the next header would not fit.
+ * Returns how many offsets were written; *end is the offset after the last record taken. */
+#include <stdint.h>
+
+static uint32_t rd32(const uint8_t *p, int big_endian) {
+    if (big_endian)
+        return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+    return ((uint32_t)p[3] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[1] << 8) | p[0];
+}
+
+int64_t ntm_pcap_walk(const uint8_t *buf, int64_t total, int64_t off, int64_t size, int big_endian,
+                      int64_t limit, int maybe_swapped, int64_t *starts, int64_t *end, int *bad) {
+    int64_t n = 0;
+    *bad = 0;
+    while (n < size && off <= total - 16) {
+        int64_t caplen = rd32(buf + off + 8, big_endian);
+        if (maybe_swapped) {
+            int64_t wire = rd32(buf + off + 12, big_endian);
+            if (wire < caplen) caplen = wire;
+        }
+        if (caplen > limit) {
+            *bad = 1;
+            break;
+        }
+        starts[n++] = off;
+        off += 16 + caplen;
+    }
+    *end = off;
+    return n;
+}

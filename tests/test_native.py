@@ -1,0 +1,93 @@
+"""The compiled helpers (native/*.c) against their Python references: identical results, always."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import PYTHON, ROOT, need
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import headers
+import native
+from capture_sources import walk_records
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    need(shutil.which("cc") is not None or shutil.which("gcc") is not None,
+         "no C compiler: the Python versions run instead, and there is nothing to compare")
+    assert native.library("pcapwalk") is not None and native.library("grouprows") is not None
+
+
+def records(lengths: list[int], order: str, junk: bytes) -> bytes:
+    """A pcap body: one 16-byte header per length (captured = original), then junk at the end."""
+    out = b"".join(struct.pack(order + "IIII", 1, 2, n, n) + bytes(n) for n in lengths)
+    return out + junk
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=40), st.sampled_from("<>"), st.binary(max_size=40),
+       st.integers(1, 50), st.integers(0, 400), st.booleans(), st.integers(0, 64))
+def test_pcap_walk_matches_python(lengths, order, junk, size, limit, swapped, start):
+    buf = records(lengths, order, junk)
+    start = min(start, len(buf))
+    data = np.frombuffer(buf, np.uint8)
+    want = walk_records(buf, start, size, order, limit, swapped)
+    got = native.pcap_walk(data, start, size, order == ">", limit, swapped)
+    assert np.array_equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 3000), st.sampled_from([1, 3, 8, 16, 24, 40, 42, 44]), st.integers(1, 6), st.integers(0, 99))
+def test_group_rows_matches_numpy(n, width, alphabet, seed):
+    raw = np.random.default_rng(seed).integers(0, alphabet, (n, width), dtype=np.uint8)
+    first, codes = native.group_rows(raw) if n else (np.empty(0, np.int64), np.empty(0, np.int64))
+    ref_first, ref_codes = headers.group_rows_numpy(raw)
+    assert np.array_equal(first, ref_first) and np.array_equal(codes, ref_codes)
+    # And against np.unique: the same partition of the rows.
+    _, inv = np.unique(raw.view(f"V{width}").ravel(), return_inverse=True) if n else (None, np.empty(0))
+    pairs = set(zip(codes.tolist(), np.ravel(inv).tolist()))
+    assert len(pairs) == len(first) == len(np.unique(inv))
+
+
+def test_numpy_grouping_survives_a_hash_collision(monkeypatch):
+    """If two different rows ever hashed alike, the check against each group's first row catches it."""
+    raw = np.array([[1, 2], [3, 4], [1, 2], [5, 6]], np.uint8)
+    monkeypatch.setattr(pd, "factorize", lambda h: (np.zeros(len(h), np.int64), h[:1]))  # everything collides
+    first, codes = headers.group_rows_numpy(raw)
+    assert first.tolist() == [0, 1, 3] and codes.tolist() == [0, 1, 0, 2]
+
+
+def test_files_read_the_same_without_the_compiled_helpers(tmp_path, shared_pcaps):
+    """The summaries (counts, tables, errors) of damaged and ordinary files, with and without native code."""
+    names = ["truncated_fuzz_null.pcap", "busy_gnutella.pcap", "nsec_big_endian.pcap", "http_4k_requests.pcap",
+             "arp_busy_malformed.pcap"]
+    files = [p for p in (shared_pcaps / "files").iterdir() if p.name in names]
+    assert len(files) == len(names), "expected files of the shared corpus are missing"
+    script = ("import json, sys; from packet_processor import CaptureEngine\n"
+              "out = {}\n"
+              "for f in sys.argv[1:]:\n"
+              "    e = CaptureEngine(); s = e.load_file(f); snap = e.snapshot()\n"
+              "    out[f] = [s['packets'], s['transport_counts'], s['error'], snap.top_addresses('src', n=20),\n"
+              "              snap.top_conversations(20),\n"
+              "              [(a.detector, a.source, a.target, a.count, a.evidence) for a in snap.alerts]]\n"
+              "print(json.dumps(out, default=str))\n")
+
+    def run(no_native: bool) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "NTM_NO_NATIVE"}
+        if no_native:
+            env["NTM_NO_NATIVE"] = "1"
+        out = subprocess.run([PYTHON, "-c", script, *map(str, files)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert run(False) == run(True)
