@@ -159,7 +159,10 @@ class FileReader:
                 if os.fstat(fh.fileno()).st_size == 0:
                     self.error = "empty file: not a pcap or pcapng capture (0 bytes)"
                     return None
-                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                with contextlib.suppress(AttributeError, OSError):  # read ahead: the file is read once, in order
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)
+                return mapped
         except OSError as exc:
             self.error = f"cannot read {self.path}: {exc.strerror or exc}"
             return None
