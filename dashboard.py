@@ -136,8 +136,14 @@ def _widget_defaults(source: Source | None) -> None:
         state["bpf"], state["own_traffic"] = split_filter(source.bpf, server_port())
 
 
+@st.cache_data(ttl=5, show_spinner=False)
+def _interfaces() -> list[str]:
+    """The interface list, asked of the kernel at most every 5 s however many pages rerun."""
+    return list_interfaces()
+
+
 def _live_inputs(sb) -> Source | None:
-    names = list_interfaces()
+    names = _interfaces()
     if st.session_state.get("iface") not in names:
         default = default_interface()
         st.session_state["iface"] = default if default in names else names[0]

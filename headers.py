@@ -447,9 +447,9 @@ def direction_of(src_kind: int, dst_kind: int) -> int:
     return TRANSIT
 
 
-def pack_records(records: Iterable[Record], matcher: LocalMatcher) -> np.ndarray:
+def pack_records(records: Iterable[Record], matcher: LocalMatcher, use_native: bool = True) -> np.ndarray:
     """Parse (ts, data, wire_len, linktype) records into packed PACKET_DTYPE rows."""
-    return parse_batch(RawBatch.from_records(list(records)), matcher)
+    return parse_batch(RawBatch.from_records(list(records)), matcher, use_native)
 
 
 def pack_records_scalar(records: Iterable[Record], matcher: LocalMatcher) -> np.ndarray:
@@ -583,8 +583,23 @@ def _arp_columns(out, b: RawBatch, net, et, cand, addr_src, addr_dst, hw_bytes) 
     return rows
 
 
-def parse_batch(b: RawBatch, matcher: LocalMatcher) -> np.ndarray:
-    """Parse a whole batch into packed PACKET_DTYPE rows: numpy for the common cases, parse_frame for the rest."""
+def parse_batch(b: RawBatch, matcher: LocalMatcher, use_native: bool = True) -> np.ndarray:
+    """Parse a whole batch into packed PACKET_DTYPE rows: the common cases at once (native/fastparse.c
+    when it is built, else numpy), parse_frame for the rest."""
+    fast = native.parse_fast(b, PACKET_DTYPE) if use_native and len(b) else None
+    if fast is None:
+        out, done = _fast_numpy(b)
+    else:
+        out, done = fast
+    slow = np.flatnonzero(~done)
+    if len(slow):
+        out[slow] = _parse_rows(b, slow)
+    out["direction"] = _directions(out["src"], out["dst"], matcher)
+    return out
+
+
+def _fast_numpy(b: RawBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The common cases in numpy: (rows, which rows are done); the reference for native/fastparse.c."""
     n = len(b)
     out = np.zeros(n, PACKET_DTYPE)
     out["ts"], out["wire_len"], out["cap_len"] = b.ts, b.wire, b.cap
@@ -610,11 +625,7 @@ def parse_batch(b: RawBatch, matcher: LocalMatcher) -> np.ndarray:
     hw = np.flatnonzero(eth & done & ~is_arp)  # ARP rows have set their own hardware address
     hw_bytes[hw] = _gather(b.buf, b.off[hw] + 6, 6)
     out["hw_src"] = hw_bytes.view("S6").ravel()
-    slow = np.flatnonzero(~done)
-    if len(slow):
-        out[slow] = _parse_rows(b, slow)
-    out["direction"] = _directions(out["src"], out["dst"], matcher)
-    return out
+    return out, done
 
 
 def _parse_rows(b: RawBatch, rows: np.ndarray) -> np.ndarray:

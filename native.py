@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+import config
+
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
@@ -28,7 +30,7 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 def _build(name: str) -> ctypes.CDLL | None:
     """Compile native/<name>.c into .build/ (once per source version) and load it; None if impossible."""
-    if os.environ.get("NTM_NO_NATIVE"):
+    if not config.get("NATIVE"):
         return None
     src = SOURCE_DIR / f"{name}.c"
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -94,3 +96,22 @@ def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if groups < 0:
         return None
     return first[:groups], codes
+
+
+def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
+    """native/fastparse.c on a RawBatch: (records of `dtype` without their direction, which rows
+    it completed), or None when the library is not available."""
+    lib = library("fastparse")
+    if lib is None or dtype.itemsize != 78:
+        return None
+    fn = lib.ntm_parse_fast
+    if fn.restype is not None:
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7
+    n = len(batch)
+    cols = [np.ascontiguousarray(getattr(batch, name), dt) for name, dt in
+            (("off", np.int64), ("cap", np.int64), ("wire", np.int64), ("ts", np.float64), ("linktype", np.int64))]
+    out = np.empty(n, dtype)
+    done = np.empty(n, np.uint8)
+    fn(batch.buf.ctypes.data, n, *(c.ctypes.data for c in cols), out.ctypes.data, done.ctypes.data)
+    return out, done.view(bool)

@@ -268,3 +268,34 @@ def test_capture_thread_failure_is_shown_not_hidden(engine, monkeypatch):
     run(["ping", "-c", "1", "127.0.0.1"])
     assert wait_for(lambda: engine.status().state == "error" and not engine.status().alive, 5)
     assert engine.status().error == "capture stopped: RuntimeError: injected fault"
+
+
+def test_no_payload_anywhere_after_a_live_capture(engine, caplog):
+    """A marker in every packet's payload: absent from the buffer, the snapshot, the summary, the CSV and the logs."""
+    import logging
+    import pickle
+
+    from packet_processor import packets_csv
+
+    caplog.set_level(logging.DEBUG)
+    marker = b"NTM-LIVE-PAYLOAD-MARKER-c41d"
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    port = rx.getsockname()[1]
+    start(engine, "lo", f"udp port {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for i in range(100):
+            tx.sendto(marker + b"%04d" % i, ("127.0.0.1", port))
+    assert wait_for(lambda: engine.snapshot().totals["packets"] == 100)
+    engine.stop()
+    rx.close()
+    snap = engine.snapshot()
+    places = {
+        "buffer": snap.packets.tobytes(),
+        "snapshot": pickle.dumps(snap),
+        "summary": json.dumps(engine.summary(), default=str).encode(),
+        "csv": packets_csv(snap.packets),
+        "logs": caplog.text.encode(),
+    }
+    for name, data in places.items():
+        assert marker not in data and marker.hex().encode() not in data.lower(), name

@@ -82,9 +82,9 @@ def test_files_read_the_same_without_the_compiled_helpers(tmp_path, shared_pcaps
               "print(json.dumps(out, default=str))\n")
 
     def run(no_native: bool) -> dict:
-        env = {k: v for k, v in os.environ.items() if k != "NTM_NO_NATIVE"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NTM_")}
         if no_native:
-            env["NTM_NO_NATIVE"] = "1"
+            env["NTM_NATIVE"] = "0"
         out = subprocess.run([PYTHON, "-c", script, *map(str, files)], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr
