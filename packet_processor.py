@@ -228,10 +228,13 @@ class Counters:
         udp = (cls == UDP) & (arr["dport"] >= 0)
         other = cls == OTHER_IP
         rel, secs = pd.factorize(np.floor(ts).astype(np.int64))  # seconds: a hash table, not a sort
-        grid = np.zeros((len(secs), len(BIN_FIELDS)), np.int64)
-        np.add.at(grid, (rel, dirs), 1)
-        np.add.at(grid, (rel, 4 + dirs), wire)
-        np.add.at(grid, (rel, 8 + cls.astype(np.int64)), 1)
+        # Per (second, field) sums as bincounts over a flattened index (np.add.at is far slower).
+        width, cells = len(BIN_FIELDS), len(secs) * len(BIN_FIELDS)
+        base = rel.astype(np.int64) * width
+        dirs64 = dirs.astype(np.int64)
+        grid = (np.bincount(base + dirs64, minlength=cells)
+                + np.bincount(base + 4 + dirs64, wire, cells).astype(np.int64)
+                + np.bincount(base + 8 + cls.astype(np.int64), minlength=cells)).reshape(len(secs), width)
         return {
             "n": len(arr), "bytes": int(wire.sum()), "cap": int(arr["cap_len"].sum(dtype=np.int64)),
             "malformed": int(arr["malformed"].sum(dtype=np.int64)),
