@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 BUILD_DIR = Path(__file__).resolve().parent / ".build"  # inside the project: never a shared /tmp
 _lock = threading.Lock()
-_loaded: dict[str, ctypes.CDLL | None] = {}
+_loaded: dict[str, Any] = {}  # name -> its configured function, or None
 
 
 def _build(name: str) -> ctypes.CDLL | None:
@@ -51,26 +52,41 @@ def _build(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def library(name: str) -> ctypes.CDLL | None:
-    """The compiled native/<name>.c, or None when it cannot be built here."""
+# Each library's one function: (symbol, return type, argument types).
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "pcapwalk": ("ntm_pcap_walk", _I64, [_P, _I64, _I64, _I64, _INT, _I64, _INT, _P, ctypes.POINTER(_I64),
+                                          ctypes.POINTER(_INT)]),
+    "grouprows": ("ntm_group_rows", _I64, [_P, _I64, _I64, _P, _P]),
+    "fastparse": ("ntm_parse_fast", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
+}
+
+
+def function(name: str):
+    """The function of the compiled native/<name>.c with its signature set, or None when it cannot be built."""
     with _lock:
         if name not in _loaded:
-            _loaded[name] = _build(name)
+            lib = _build(name)
+            if lib is not None:
+                symbol, restype, argtypes = _SIGNATURES[name]
+                fn = getattr(lib, symbol)
+                fn.restype, fn.argtypes = restype, argtypes
+                lib = fn
+            _loaded[name] = lib
         return _loaded[name]
+
+
+def available() -> bool:
+    """True when every compiled helper is built and loaded."""
+    return all(function(name) is not None for name in _SIGNATURES)
 
 
 def pcap_walk(data: np.ndarray, off: int, size: int, big_endian: bool, limit: int,
               maybe_swapped: bool) -> tuple[np.ndarray, int, bool] | None:
     """native/pcapwalk.c: (record offsets, offset after them, stopped at a bad length), or None."""
-    lib = library("pcapwalk")
-    if lib is None:
+    fn = function("pcapwalk")
+    if fn is None:
         return None
-    fn = lib.ntm_pcap_walk
-    if fn.restype is not ctypes.c_int64:
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                       ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64),
-                       ctypes.POINTER(ctypes.c_int)]
     starts = np.empty(size, np.int64)
     end, bad = ctypes.c_int64(), ctypes.c_int()
     n = fn(data.ctypes.data, len(data), off, size, int(big_endian), limit, int(maybe_swapped),
@@ -79,15 +95,11 @@ def pcap_walk(data: np.ndarray, off: int, size: int, big_endian: bool, limit: in
 
 
 def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """native/grouprows.c: (first row of each group, group of each row) for a C-contiguous 2-D
-    uint8 array, groups in order of first appearance; None when the library is not available."""
-    lib = library("grouprows")
-    if lib is None:
+    """native/grouprows.c: (first row of each group, group of each row) for a 2-D uint8 array,
+    groups in order of first appearance; None when the library is not available."""
+    fn = function("grouprows")
+    if fn is None:
         return None
-    fn = lib.ntm_group_rows
-    if fn.restype is not ctypes.c_int64:
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     raw = np.ascontiguousarray(raw, np.uint8)
     n, width = raw.shape
     codes = np.empty(n, np.int64)
@@ -101,13 +113,9 @@ def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     """native/fastparse.c on a RawBatch: (records of `dtype` without their direction, which rows
     it completed), or None when the library is not available."""
-    lib = library("fastparse")
-    if lib is None or dtype.itemsize != 78:
+    fn = function("fastparse")
+    if fn is None or dtype.itemsize != 78:
         return None
-    fn = lib.ntm_parse_fast
-    if fn.restype is not None:
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7
     n = len(batch)
     cols = [np.ascontiguousarray(getattr(batch, name), dt) for name, dt in
             (("off", np.int64), ("cap", np.int64), ("wire", np.int64), ("ts", np.float64), ("linktype", np.int64))]

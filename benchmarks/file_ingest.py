@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--packets", type=int, default=None)
     args = ap.parse_args()
     n = args.packets or (20_000 if args.short else 1_000_000)
-    print(f"compiled helpers: {'on' if native.library('pcapwalk') and native.library('grouprows') else 'off'}")
+    print(f"compiled helpers: {'on' if native.available() else 'off'}")
     with tempfile.TemporaryDirectory() as tmp:
         ok = [one_file(n, flows, tmp) for flows in (20_000, 0)]
     print(f"counts equal tshark's: {all(ok)}")
