@@ -99,20 +99,21 @@ class _Bounded(OrderedDict):
 
     def put(self, key: Any, value: Any) -> None:
         """Set key to value at the newest end."""
-        self.pop(key, None)
         self[key] = value
+        self.move_to_end(key)  # O(1); one call per flow per batch, so it matters
         while len(self) > self.cap:
             self.popitem(last=False)
 
     def touch(self, key: Any, default_factory) -> Any:
         """The value for key (created if missing), moved to the newest end."""
-        value = self.pop(key, None)
-        if value is None:
-            value = default_factory()
-        self[key] = value
-        while len(self) > self.cap:
-            self.popitem(last=False)
-        return value
+        try:
+            self.move_to_end(key)
+            return self[key]
+        except KeyError:
+            value = self[key] = default_factory()
+            while len(self) > self.cap:
+                self.popitem(last=False)
+            return value
 
 
 class Detectors:
