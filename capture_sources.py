@@ -714,14 +714,16 @@ class LiveRing:
                 else:
                     return
                 continue
-            offs = []
-            off = base + first
-            for _ in range(num):  # the one per-packet Python step: follow tp_next_offset
-                offs.append(off)
-                off += next_at(ring, off)[0]
+            offs = native.block_walk(u8, base + first, num, base + bsize)
+            if offs is None:
+                offs, off = [], base + first
+                for _ in range(num):  # without the compiled helper, the one per-packet Python step
+                    offs.append(off)
+                    off += next_at(ring, off)[0]
+                offs = np.array(offs, np.int64)
             with self._stats_lock:
                 self.consumed += num
-            yield self._batch(np.array(offs, np.int64), u8, u16, u32)
+            yield self._batch(offs, u8, u16, u32)
             struct.pack_into("=I", ring, base + 8, 0)  # hand the block back to the kernel
             self._block = (self._block + 1) % self.block_nr
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "native"
 BUILD_DIR = Path(__file__).resolve().parent / ".build"  # inside the project: never a shared /tmp
 _lock = threading.Lock()
-_loaded: dict[str, Any] = {}  # name -> its configured function, or None
+_loaded: dict[str, Any] = {}  # function name -> the function with its signature, or None
 
 
 def _build(name: str) -> ctypes.CDLL | None:
@@ -52,27 +52,30 @@ def _build(name: str) -> ctypes.CDLL | None:
         return None
 
 
-# Each library's one function: (symbol, return type, argument types).
+# The functions of the libraries: name -> (library, return type, argument types).
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
-    "pcapwalk": ("ntm_pcap_walk", _I64, [_P, _I64, _I64, _I64, _INT, _I64, _INT, _P, ctypes.POINTER(_I64),
-                                          ctypes.POINTER(_INT)]),
-    "grouprows": ("ntm_group_rows", _I64, [_P, _I64, _I64, _P, _P]),
-    "fastparse": ("ntm_parse_fast", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
+    "ntm_pcap_walk": ("pcapwalk", _I64, [_P, _I64, _I64, _I64, _INT, _I64, _INT, _P, ctypes.POINTER(_I64),
+                                         ctypes.POINTER(_INT)]),
+    "ntm_block_walk": ("pcapwalk", _I64, [_P, _I64, _I64, _I64, _P]),
+    "ntm_group_rows": ("grouprows", _I64, [_P, _I64, _I64, _P, _P]),
+    "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
 }
+_libraries: dict[str, ctypes.CDLL | None] = {}
 
 
 def function(name: str):
-    """The function of the compiled native/<name>.c with its signature set, or None when it cannot be built."""
+    """A function of the compiled helpers with its signature set, or None when its library cannot be built."""
     with _lock:
         if name not in _loaded:
-            lib = _build(name)
-            if lib is not None:
-                symbol, restype, argtypes = _SIGNATURES[name]
-                fn = getattr(lib, symbol)
+            library, restype, argtypes = _SIGNATURES[name]
+            if library not in _libraries:
+                _libraries[library] = _build(library)
+            fn = None
+            if _libraries[library] is not None:
+                fn = getattr(_libraries[library], name)
                 fn.restype, fn.argtypes = restype, argtypes
-                lib = fn
-            _loaded[name] = lib
+            _loaded[name] = fn
         return _loaded[name]
 
 
@@ -84,7 +87,7 @@ def available() -> bool:
 def pcap_walk(data: np.ndarray, off: int, size: int, big_endian: bool, limit: int,
               maybe_swapped: bool) -> tuple[np.ndarray, int, bool] | None:
     """native/pcapwalk.c: (record offsets, offset after them, stopped at a bad length), or None."""
-    fn = function("pcapwalk")
+    fn = function("ntm_pcap_walk")
     if fn is None:
         return None
     starts = np.empty(size, np.int64)
@@ -97,7 +100,7 @@ def pcap_walk(data: np.ndarray, off: int, size: int, big_endian: bool, limit: in
 def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """native/grouprows.c: (first row of each group, group of each row) for a 2-D uint8 array,
     groups in order of first appearance; None when the library is not available."""
-    fn = function("grouprows")
+    fn = function("ntm_group_rows")
     if fn is None:
         return None
     raw = np.ascontiguousarray(raw, np.uint8)
@@ -113,7 +116,7 @@ def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     """native/fastparse.c on a RawBatch: (records of `dtype` without their direction, which rows
     it completed), or None when the library is not available."""
-    fn = function("fastparse")
+    fn = function("ntm_parse_fast")
     if fn is None or dtype.itemsize != 78:
         return None
     n = len(batch)
@@ -123,3 +126,16 @@ def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     done = np.empty(n, np.uint8)
     fn(batch.buf.ctypes.data, n, *(c.ctypes.data for c in cols), out.ctypes.data, done.ctypes.data)
     return out, done.view(bool)
+
+
+def block_walk(ring: np.ndarray, first: int, num: int, limit: int) -> np.ndarray | None:
+    """native/pcapwalk.c: the offsets of the `num` packets of a TPACKET_V3 block, following each
+    header's tp_next_offset from `first`; None when unavailable or when a link points outside
+    [0, limit) (the caller's Python loop then reports it)."""
+    fn = function("ntm_block_walk")
+    if fn is None:
+        return None
+    offs = np.empty(num, np.int64)
+    if fn(ring.ctypes.data, first, num, limit, offs.ctypes.data) != num:
+        return None
+    return offs

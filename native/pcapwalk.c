@@ -6,6 +6,7 @@
  * Stops early at a captured length above `limit` (*bad = 1) or when the next header would not fit.
  * Returns how many offsets were written; *end is the offset after the last record taken. */
 #include <stdint.h>
+#include <string.h>
 
 static uint32_t rd32(const uint8_t *p, int big_endian) {
     if (big_endian)
@@ -32,4 +33,19 @@ int64_t ntm_pcap_walk(const uint8_t *buf, int64_t total, int64_t off, int64_t si
     }
     *end = off;
     return n;
+}
+
+/* The packets of one TPACKET_V3 ring block: each tpacket3_hdr starts with tp_next_offset (host
+ * order), relative to itself. Writes `num` offsets from `first`; returns how many it wrote, fewer
+ * when a link would leave [0, limit - 4] (a corrupt block, which the caller reports). */
+int64_t ntm_block_walk(const uint8_t *ring, int64_t first, int64_t num, int64_t limit, int64_t *offs) {
+    int64_t off = first;
+    for (int64_t i = 0; i < num; i++) {
+        if (off < 0 || off > limit - 4) return i;
+        offs[i] = off;
+        uint32_t next;
+        memcpy(&next, ring + off, 4);
+        off += next;
+    }
+    return num;
 }

@@ -42,7 +42,7 @@ def same(records) -> None:
     """The batch parser, with native/fastparse.c and with numpy alone, gives the scalar parser's rows."""
     slow = pack_records_scalar(records, MATCHER)
     paths = {"numpy": pack_records(records, MATCHER, use_native=False)}
-    if native.function("fastparse") is not None:
+    if native.function("ntm_parse_fast") is not None:
         paths["native"] = pack_records(records, MATCHER)
     elif IN_CI:
         raise AssertionError("native/fastparse.c did not build in CI")

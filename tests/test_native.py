@@ -91,3 +91,19 @@ def test_files_read_the_same_without_the_compiled_helpers(tmp_path, shared_pcaps
         return json.loads(out.stdout)
 
     assert run(False) == run(True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(16, 200), min_size=1, max_size=50), st.integers(0, 64))
+def test_block_walk_follows_tp_next_offset(gaps, first):
+    """Offsets of a TPACKET_V3 block's packets: the C walk against the Python loop it replaces."""
+    size = first + sum(gaps) + 64
+    ring = np.zeros(size, np.uint8)
+    want, off = [], first
+    for gap in gaps:
+        want.append(off)
+        struct.pack_into("=I", ring, off, gap)
+        off += gap
+    assert native.block_walk(ring, first, len(gaps), size).tolist() == want
+    # A link that leaves the block is refused, not followed.
+    assert native.block_walk(ring, first, len(gaps) + 1, want[-1] + 4) is None
