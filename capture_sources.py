@@ -240,7 +240,9 @@ class FileReader:
             starts, off = self._walk(buf, data, off, size, order, limit, maybe_swapped)
             if not len(starts):
                 break
-            heads = data[starts[:, None] + _ARANGE16].view(order + "u4")
+            heads = native.pcap_heads(data, starts, order == ">")
+            if heads is None:
+                heads = data[starts[:, None] + _ARANGE16].view(order + "u4")
             cap, wire = heads[:, 2].astype(np.int64), heads[:, 3].astype(np.int64)
             if maybe_swapped:
                 swap = cap > wire

@@ -58,7 +58,9 @@ _SIGNATURES = {
     "ntm_pcap_walk": ("pcapwalk", _I64, [_P, _I64, _I64, _I64, _INT, _I64, _INT, _P, ctypes.POINTER(_I64),
                                          ctypes.POINTER(_INT)]),
     "ntm_block_walk": ("pcapwalk", _I64, [_P, _I64, _I64, _I64, _P]),
+    "ntm_pcap_heads": ("pcapwalk", None, [_P, _P, _I64, _INT, _P]),
     "ntm_group_rows": ("grouprows", _I64, [_P, _I64, _I64, _P, _P]),
+    "ntm_minmax_at": ("grouprows", None, [_P, _P, _P, _I64, _P, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -139,3 +141,27 @@ def block_walk(ring: np.ndarray, first: int, num: int, limit: int) -> np.ndarray
     if fn(ring.ctypes.data, first, num, limit, offs.ctypes.data) != num:
         return None
     return offs
+
+
+def pcap_heads(data: np.ndarray, starts: np.ndarray, big_endian: bool) -> np.ndarray | None:
+    """native/pcapwalk.c: the (n, 4) uint32 record-header fields at `starts`, or None."""
+    fn = function("ntm_pcap_heads")
+    if fn is None:
+        return None
+    starts = np.ascontiguousarray(starts, np.int64)
+    out = np.empty((len(starts), 4), np.uint32)
+    fn(data.ctypes.data, starts.ctypes.data, len(starts), int(big_endian), out.ctypes.data)
+    return out
+
+
+def minmax_at(idx: np.ndarray, lows: np.ndarray, highs: np.ndarray, mins: np.ndarray, maxs: np.ndarray) -> bool:
+    """native/grouprows.c: np.minimum.at(mins, idx, lows) and np.maximum.at(maxs, idx, highs) in one
+    pass, in place on float64 arrays; False (nothing done) when the library is not available."""
+    fn = function("ntm_minmax_at")
+    if fn is None or not (mins.flags.c_contiguous and maxs.flags.c_contiguous):
+        return False
+    idx = np.ascontiguousarray(idx, np.int64)
+    lows = np.ascontiguousarray(lows, np.float64)
+    highs = np.ascontiguousarray(highs, np.float64)
+    fn(idx.ctypes.data, lows.ctypes.data, highs.ctypes.data, len(idx), mins.ctypes.data, maxs.ctypes.data)
+    return True

@@ -58,3 +58,15 @@ int64_t ntm_group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *c
     free(slots);
     return groups;
 }
+
+/* mins[g] = min(mins[g], lows[i]) and maxs[g] = max(maxs[g], highs[i]) for g = idx[i], as
+ * numpy's np.minimum.at / np.maximum.at do (a NaN wins, as there). */
+void ntm_minmax_at(const int64_t *idx, const double *lows, const double *highs, int64_t n, double *mins,
+                   double *maxs) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t g = idx[i];
+        double lo = lows[i], hi = highs[i];
+        if (lo < mins[g] || lo != lo) mins[g] = lo;
+        if (hi > maxs[g] || hi != hi) maxs[g] = hi;
+    }
+}

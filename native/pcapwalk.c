@@ -49,3 +49,10 @@ int64_t ntm_block_walk(const uint8_t *ring, int64_t first, int64_t num, int64_t 
     }
     return num;
 }
+
+/* The four 32-bit fields of each record header (ts seconds, ts fraction, captured and original
+ * length) at the offsets `starts`, into out[4 * i ...], in host order. */
+void ntm_pcap_heads(const uint8_t *buf, const int64_t *starts, int64_t n, int big_endian, uint32_t *out) {
+    for (int64_t i = 0; i < n; i++)
+        for (int k = 0; k < 4; k++) out[4 * i + k] = rd32(buf + starts[i] + 4 * k, big_endian);
+}

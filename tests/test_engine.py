@@ -215,3 +215,25 @@ def test_csv_export_of_the_whole_buffer_has_headers_only():
     rows = list(csv.DictReader(io.StringIO(data.decode())))
     assert len(rows) == 50 and rows[-1]["src port"] == "1059" and rows[0]["protocol"] == "UDP"
     assert rows[0]["time"].startswith("2023-11-14") and marker not in data
+
+
+def test_a_file_read_ahead_stops_with_the_capture(tmp_path, monkeypatch):
+    """Unpaced files are parsed one batch ahead in a helper thread: pause holds it, stop ends it, and a
+    whole load counts every packet exactly once."""
+    monkeypatch.setenv("NTM_BATCH_SIZE", "1000")
+    d = bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=2))
+    f = tmp_path / "many.pcap"
+    f.write_bytes(pcap_bytes([(1_700_000_000 + i * 1e-3, d) for i in range(200_000)]))
+    eng = CaptureEngine()
+    assert eng.load_file(str(f))["packets"] == 200_000
+    assert eng.start(Source("file", path=str(f)))
+    eng.pause()
+    time.sleep(0.3)
+    held = eng.snapshot().totals["packets"]
+    time.sleep(0.3)
+    assert eng.snapshot().totals["packets"] == held < 200_000  # paused: nothing more goes in
+    eng.stop()
+    end = time.monotonic() + 5
+    while any(t.name == "file-reader" for t in threading.enumerate()) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name == "file-reader" or t.name.startswith("capture-")]
