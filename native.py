@@ -61,6 +61,7 @@ _SIGNATURES = {
     "ntm_pcap_heads": ("pcapwalk", None, [_P, _P, _I64, _INT, _P]),
     "ntm_group_rows": ("grouprows", _I64, [_P, _I64, _I64, _P, _P]),
     "ntm_minmax_at": ("grouprows", None, [_P, _P, _P, _I64, _P, _P]),
+    "ntm_conv_keys": ("grouprows", None, [_P, _I64, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -165,3 +166,14 @@ def minmax_at(idx: np.ndarray, lows: np.ndarray, highs: np.ndarray, mins: np.nda
     highs = np.ascontiguousarray(highs, np.float64)
     fn(idx.ctypes.data, lows.ctypes.data, highs.ctypes.data, len(idx), mins.ctypes.data, maxs.ctypes.data)
     return True
+
+
+def conv_keys(records: np.ndarray) -> np.ndarray | None:
+    """native/grouprows.c: the (n, 42) uint8 conversation keys of contiguous 78-byte packed records, or None."""
+    fn = function("ntm_conv_keys")
+    if fn is None or records.dtype.itemsize != 78:
+        return None
+    records = np.ascontiguousarray(records)
+    out = np.empty((len(records), 42), np.uint8)
+    fn(records.ctypes.data, len(records), out.ctypes.data)
+    return out

@@ -209,6 +209,14 @@ CONV = struct.Struct(">16s16siih")
 
 def _conversation_keys(arr: np.ndarray) -> np.ndarray:
     """One key per conversation in both directions: the two ends in canonical order."""
+    raw = native.conv_keys(arr)
+    if raw is not None:
+        return raw.view(CONV_KEY).ravel()
+    return conversation_keys_numpy(arr)
+
+
+def conversation_keys_numpy(arr: np.ndarray) -> np.ndarray:
+    """_conversation_keys without the compiled helper (its reference)."""
     src, dst = np.ascontiguousarray(arr["src"]), np.ascontiguousarray(arr["dst"])
     sport, dport = arr["sport"], arr["dport"]
     swap = (src > dst) | ((src == dst) & (sport > dport))

@@ -70,3 +70,31 @@ void ntm_minmax_at(const int64_t *idx, const double *lows, const double *highs, 
         if (hi > maxs[g] || hi != hi) maxs[g] = hi;
     }
 }
+
+/* Conversation keys (packet_processor._conversation_keys) from packed PACKET_DTYPE records: the
+ * two ends in canonical order (smaller address first, then smaller port), so both directions of a
+ * conversation get one key: a(16) b(16) a_port b_port (big-endian int32) protocol (big-endian int16). */
+static void put_be32(uint8_t *p, int32_t v) {
+    uint32_t u = (uint32_t)v;
+    p[0] = (uint8_t)(u >> 24); p[1] = (uint8_t)(u >> 16); p[2] = (uint8_t)(u >> 8); p[3] = (uint8_t)u;
+}
+
+void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *r = recs + i * 78;
+        uint8_t *k = out + i * 42;
+        int32_t sport, dport;
+        int16_t proto;
+        memcpy(&sport, r + 54, 4);
+        memcpy(&dport, r + 58, 4);
+        memcpy(&proto, r + 18, 2);
+        int c = memcmp(r + 22, r + 38, 16);
+        int swap = c > 0 || (c == 0 && sport > dport);
+        memcpy(k, swap ? r + 38 : r + 22, 16);
+        memcpy(k + 16, swap ? r + 22 : r + 38, 16);
+        put_be32(k + 32, swap ? dport : sport);
+        put_be32(k + 36, swap ? sport : dport);
+        k[40] = (uint8_t)((uint16_t)proto >> 8);
+        k[41] = (uint8_t)proto;
+    }
+}

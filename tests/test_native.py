@@ -107,3 +107,22 @@ def test_block_walk_follows_tp_next_offset(gaps, first):
     assert native.block_walk(ring, first, len(gaps), size).tolist() == want
     # A link that leaves the block is refused, not followed.
     assert native.block_walk(ring, first, len(gaps) + 1, want[-1] + 4) is None
+
+
+def test_conversation_keys_match_numpy():
+    """Both directions of a conversation share one key, in C as in numpy, byte for byte."""
+    from packet_processor import PACKET_DTYPE, _conversation_keys, conversation_keys_numpy
+
+    rng = np.random.default_rng(5)
+    arr = np.zeros(5000, PACKET_DTYPE)
+    pool = rng.integers(0, 256, (6, 16), dtype=np.uint8)  # few addresses, so equal ends happen
+    arr["src"] = pool[rng.integers(0, 6, 5000)].view("S16").ravel()
+    arr["dst"] = pool[rng.integers(0, 6, 5000)].view("S16").ravel()
+    arr["sport"] = rng.integers(-1, 70000, 5000)
+    arr["dport"] = rng.integers(-1, 70000, 5000)
+    arr["proto"] = rng.integers(-1, 300, 5000)
+    assert _conversation_keys(arr).tobytes() == conversation_keys_numpy(arr).tobytes()
+    swapped = arr.copy()
+    swapped["src"], swapped["dst"] = arr["dst"], arr["src"]
+    swapped["sport"], swapped["dport"] = arr["dport"], arr["sport"]
+    assert _conversation_keys(swapped).tobytes() == _conversation_keys(arr).tobytes()
