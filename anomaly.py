@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import config
+import native
 from headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
@@ -104,6 +105,15 @@ class _Bounded(OrderedDict):
         while len(self) > self.cap:
             self.popitem(last=False)
 
+    def keep(self, key: Any, value: Any) -> None:
+        """Move key to the newest end, keeping its value; set it to `value` if it is new."""
+        try:
+            self.move_to_end(key)
+        except KeyError:
+            self[key] = value
+            while len(self) > self.cap:
+                self.popitem(last=False)
+
     def touch(self, key: Any, default_factory) -> Any:
         """The value for key (created if missing), moved to the newest end."""
         try:
@@ -186,9 +196,9 @@ class Detectors:
                 if self.pending.pop((dst, src, "tcp", sport), None) is not None:
                     self._answered(dst, src)
             elif fl & SYN:
-                self.pending.touch((src, dst, "tcp", dport), lambda t=ts: t)
+                self.pending.keep((src, dst, "tcp", dport), ts)
             else:  # NULL, FIN or Xmas without ACK: no client sends these, scanners do (nmap -sN/-sF/-sX)
-                self.pending.touch((src, dst, "tcp", dport), lambda t=ts: t)
+                self.pending.keep((src, dst, "tcp", dport), ts)
                 probes = self.stealth.touch((src, dst), dict)
                 probes[dport] = ts
                 if len(probes) >= self.stealth_ports:
@@ -217,7 +227,7 @@ class Detectors:
             if self.pending.pop((dst, src, "udp", sport), None) is not None:
                 self._answered(dst, src)  # a reply from the probed port
             elif (src, "udp", sport) not in self.served:  # a server's late or duplicate reply is no probe
-                self.pending.touch((src, dst, "udp", dport), lambda t=ts: t)
+                self.pending.keep((src, dst, "udp", dport), ts)
                 self.served.put((dst, "udp", dport), ts)
 
     def _answered(self, scanner: bytes, target: bytes) -> None:
@@ -410,6 +420,13 @@ def _distinct(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
     pick a new source port for every query are one flow, not thousands."""
     if len(rows) < 2:
         return rows
+    key = native.flow_keys(rows, service_port)
+    first, _ = group_rows(key if key is not None else flow_keys_numpy(rows, service_port))
+    return rows[first]
+
+
+def flow_keys_numpy(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
+    """_distinct's keys without the compiled helper (its reference)."""
     sport, dport = rows["sport"], rows["dport"]
     if service_port:
         sport = dport = np.minimum(sport, dport)
@@ -421,8 +438,7 @@ def _distinct(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
     key[:, 40:42] = rows["tcp_flags"].astype("<u2").view(np.uint8).reshape(-1, 2)
     key[:, 42] = rows["cls"]
     key[:, 43] = rows["icmp_type"].astype(np.uint8)
-    first, _ = group_rows(key)
-    return rows[first]
+    return key
 
 
 def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict:

@@ -62,6 +62,7 @@ _SIGNATURES = {
     "ntm_group_rows": ("grouprows", _I64, [_P, _I64, _I64, _P, _P]),
     "ntm_minmax_at": ("grouprows", None, [_P, _P, _P, _I64, _P, _P]),
     "ntm_conv_keys": ("grouprows", None, [_P, _I64, _P]),
+    "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -176,4 +177,15 @@ def conv_keys(records: np.ndarray) -> np.ndarray | None:
     records = np.ascontiguousarray(records)
     out = np.empty((len(records), 42), np.uint8)
     fn(records.ctypes.data, len(records), out.ctypes.data)
+    return out
+
+
+def flow_keys(records: np.ndarray, service_port: bool) -> np.ndarray | None:
+    """native/grouprows.c: the (n, 44) uint8 flow keys of contiguous 78-byte packed records, or None."""
+    fn = function("ntm_flow_keys")
+    if fn is None or records.dtype.itemsize != 78:
+        return None
+    records = np.ascontiguousarray(records)
+    out = np.empty((len(records), 44), np.uint8)
+    fn(records.ctypes.data, len(records), int(service_port), out.ctypes.data)
     return out

@@ -98,3 +98,23 @@ void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
         k[41] = (uint8_t)proto;
     }
 }
+
+/* Flow keys (anomaly._distinct) from packed PACKET_DTYPE records: src(16) dst(16) sport dport
+ * (int32, little-endian) tcp_flags (uint16) class (uint8) ICMP type (uint8); with service_port,
+ * both ports are the lower of the two. */
+void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, uint8_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *r = recs + i * 78;
+        uint8_t *k = out + i * 44;
+        int32_t sport, dport;
+        memcpy(&sport, r + 54, 4);
+        memcpy(&dport, r + 58, 4);
+        if (service_port) sport = dport = sport < dport ? sport : dport;
+        memcpy(k, r + 22, 32);   /* src, dst */
+        memcpy(k + 32, &sport, 4);
+        memcpy(k + 36, &dport, 4);
+        memcpy(k + 40, r + 62, 2); /* tcp_flags */
+        k[42] = r[16];             /* class */
+        k[43] = r[64];             /* ICMP type, low byte */
+    }
+}

@@ -126,3 +126,16 @@ def test_conversation_keys_match_numpy():
     swapped["src"], swapped["dst"] = arr["dst"], arr["src"]
     swapped["sport"], swapped["dport"] = arr["dport"], arr["sport"]
     assert _conversation_keys(swapped).tobytes() == _conversation_keys(arr).tobytes()
+
+
+@pytest.mark.parametrize("service_port", [False, True])
+def test_flow_keys_match_numpy(service_port):
+    """The detectors' flow keys, in C as in numpy, byte for byte."""
+    from anomaly import flow_keys_numpy
+    from packet_processor import PACKET_DTYPE
+
+    rng = np.random.default_rng(9)
+    arr = np.zeros(3000, PACKET_DTYPE)
+    raw = arr.view(np.uint8).reshape(3000, 78)
+    raw[:] = rng.integers(0, 256, (3000, 78), dtype=np.uint8)  # every field, any value
+    assert native.flow_keys(arr, service_port).tobytes() == flow_keys_numpy(arr, service_port).tobytes()
