@@ -137,7 +137,7 @@ class FileReader:
     error: str | None = None
     records: int = 0
     linktypes: set[int] = field(default_factory=set)
-    # Text a pcapng file says about itself (application, OS, interface names, comments). It comes
+    # Text a pcapng file says about itself (application, OS, hardware, interface names). It comes
     # from the file's bytes, so it is untrusted: bounded here, escaped wherever it is shown.
     notes: dict[str, list[str]] = field(default_factory=dict)
 

@@ -650,7 +650,6 @@ _DIR_TABLE = [[direction_of(s, d) for d in range(3)] for s in range(3)]
 _DIR_ARRAY = np.array(_DIR_TABLE, np.uint8)
 
 
-
 _HASH_SEED = np.uint64(0x9E3779B97F4A7C15)
 _HASH_MUL = np.uint64(0xFF51AFD7ED558CCD)
 

@@ -85,24 +85,13 @@ class TopTable:
 
     def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
         """The state after counting one packet of `wire` bytes (seen at `ts`) per key; self is unchanged."""
-        return self.merged_groups(self.grouped(keys, wire, ts if self.times is not None else None))
-
-    @staticmethod
-    def grouped(keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple | None:
-        """One batch's keys grouped: (keys, packets/bytes, first/last seen or None); needs no table state."""
+        old_keys, old_vals, old_times = self.state
         if not len(keys):
-            return None
+            return self.state
+        # Group the batch first, then merge its groups into the table.
         bkeys, binv = _group(keys)
         nb = len(bkeys)
         bvals = np.stack((np.bincount(binv, minlength=nb), np.bincount(binv, wire, nb).astype(np.int64)), axis=1)
-        return bkeys, bvals, None if ts is None else _min_max(binv, ts, ts, nb)
-
-    def merged_groups(self, groups: tuple | None) -> tuple:
-        """The state after adding a grouped batch (from grouped()); self is unchanged."""
-        old_keys, old_vals, old_times = self.state
-        if groups is None:
-            return self.state
-        bkeys, bvals, btimes = groups
         # Old keys come first, so they keep their rows; new keys are appended.
         uniq, inv = _group(np.concatenate((old_keys, bkeys)))
         m = len(uniq)
@@ -113,7 +102,7 @@ class TopTable:
         vals[:, 1] = np.bincount(inv, both_vals[:, 1], m)
         times = None
         if old_times is not None:
-            both = np.concatenate((old_times, btimes))
+            both = np.concatenate((old_times, _min_max(binv, ts, ts, nb)))
             times = _min_max(inv, both[:, 0], both[:, 1], m)
         if m > self.cap:
             n_keep = int(self.cap * 0.9)
@@ -174,21 +163,13 @@ class DenseTable(TopTable):
 
     def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
         """The state after counting one packet of `wire` bytes per key (bincount, no sorting)."""
-        return self.merged_groups(self.grouped(keys, wire, self.cap))
-
-    @staticmethod
-    def grouped(keys: np.ndarray, wire: np.ndarray, size: Any = None) -> np.ndarray | None:
-        """One batch's (size, 2) packets/bytes per key; needs no table state."""
         if not len(keys):
-            return None
-        keys = keys.astype(np.int64)
-        return np.stack((np.bincount(keys, minlength=size), np.bincount(keys, wire, size).astype(np.int64)), axis=1)
-
-    def merged_groups(self, counts: np.ndarray | None) -> tuple:
-        """The state after adding a batch's counts (from grouped()); self is unchanged."""
-        if counts is None:
             return self.state
-        return self.state[0], self.state[1] + counts, None
+        keys = keys.astype(np.int64)
+        vals = self.state[1].copy()
+        vals[:, 0] += np.bincount(keys, minlength=self.cap)
+        vals[:, 1] += np.bincount(keys, wire, self.cap).astype(np.int64)
+        return self.state[0], vals, None
 
     def frozen(self) -> TopTable:
         """The keys seen so far, as a plain read-only TopTable."""
@@ -252,9 +233,8 @@ class Counters:
         self.conversations = TopTable(CONV_KEY, top_max, times=True)
         self.bins: dict[int, np.ndarray] = {}  # second -> BIN_FIELDS counts
 
-    @staticmethod
-    def digest(arr: np.ndarray) -> dict[str, Any]:
-        """All that one batch adds that needs no state: sums, per-second bins, the batch's keys grouped."""
+    def prepare(self, arr: np.ndarray) -> dict[str, Any]:
+        """Everything one batch adds, computed without touching the counters (outside the engine lock)."""
         wire = arr["wire_len"].astype(np.int64)
         cls, dirs, ts = arr["cls"], arr["direction"], arr["ts"]
         ip = cls != NON_IP
@@ -276,21 +256,14 @@ class Counters:
             "cls_pk": np.bincount(cls, minlength=6)[:6], "cls_by": np.bincount(cls, wire, 6)[:6].astype(np.int64),
             "dir_pk": np.bincount(dirs, minlength=4)[:4], "dir_by": np.bincount(dirs, wire, 4)[:4].astype(np.int64),
             "first": float(ts[0]), "last": float(ts[-1]), "min": float(ts.min()), "max": float(ts.max()),
-            "src": TopTable.grouped(np.ascontiguousarray(ip_rows["src"]).view(ADDR_KEY), ip_wire),
-            "dst": TopTable.grouped(np.ascontiguousarray(ip_rows["dst"]).view(ADDR_KEY), ip_wire),
-            "tcp_dports": DenseTable.grouped(arr["dport"][tcp], wire[tcp], 65536),
-            "udp_dports": DenseTable.grouped(arr["dport"][udp], wire[udp], 65536),
-            "other_protos": DenseTable.grouped(arr["proto"][other], wire[other], 256),
-            "conversations": TopTable.grouped(_conversation_keys(ip_rows), ip_wire, ip_rows["ts"]),
+            "src": self.src.merged(np.ascontiguousarray(ip_rows["src"]).view(ADDR_KEY), ip_wire),
+            "dst": self.dst.merged(np.ascontiguousarray(ip_rows["dst"]).view(ADDR_KEY), ip_wire),
+            "tcp_dports": self.tcp_dports.merged(arr["dport"][tcp], wire[tcp]),
+            "udp_dports": self.udp_dports.merged(arr["dport"][udp], wire[udp]),
+            "other_protos": self.other_protos.merged(arr["proto"][other], wire[other]),
+            "conversations": self.conversations.merged(_conversation_keys(ip_rows), ip_wire, ip_rows["ts"]),
             "bins": (secs.tolist(), grid),
         }
-
-    def prepare(self, arr: np.ndarray) -> dict[str, Any]:
-        """Everything one batch adds, computed without touching the counters (outside the engine lock)."""
-        update = self.digest(arr)
-        for name in self.TABLES:
-            update[name] = getattr(self, name).merged_groups(update[name])
-        return update
 
     def apply(self, u: dict[str, Any], bin_seconds: int) -> None:
         """Fold a prepared batch in: cheap assignments, done under the engine lock."""
