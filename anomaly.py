@@ -102,28 +102,29 @@ class _Bounded(OrderedDict):
         """Set key to value at the newest end."""
         self[key] = value
         self.move_to_end(key)  # O(1); one call per flow per batch, so it matters
-        while len(self) > self.cap:
-            self.popitem(last=False)
+        self._trim()
 
     def keep(self, key: Any, value: Any) -> None:
         """Move key to the newest end, keeping its value; set it to `value` if it is new."""
-        try:
+        # A membership test, not try/except KeyError: most keys of a scan are new, and raising costs more.
+        if key in self:
             self.move_to_end(key)
-        except KeyError:
+        else:
             self[key] = value
-            while len(self) > self.cap:
-                self.popitem(last=False)
+            self._trim()
 
     def touch(self, key: Any, default_factory) -> Any:
         """The value for key (created if missing), moved to the newest end."""
-        try:
+        if key in self:
             self.move_to_end(key)
             return self[key]
-        except KeyError:
-            value = self[key] = default_factory()
-            while len(self) > self.cap:
-                self.popitem(last=False)
-            return value
+        value = self[key] = default_factory()
+        self._trim()
+        return value
+
+    def _trim(self) -> None:
+        while len(self) > self.cap:
+            self.popitem(last=False)
 
 
 class Detectors:
@@ -168,10 +169,11 @@ class Detectors:
         flags = arr["tcp_flags"]
         # Only packets that open, answer or refuse a connection matter; skip the data flow.
         opening = ((flags & (SYN | ACK)) != ACK) | ((flags & RST) != 0)
-        tcp = _distinct(arr[(arr["cls"] == TCP) & unicast & opening])
+        cls = arr["cls"]
+        tcp = _distinct(arr, (cls == TCP) & unicast & opening)
         if len(tcp):
             self._tcp(tcp, book)
-        udp_or_icmp = _distinct(arr[((arr["cls"] == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1))],
+        udp_or_icmp = _distinct(arr, ((cls == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1)),
                                 service_port=True)
         if len(udp_or_icmp):
             self._udp(udp_or_icmp, book)
@@ -368,22 +370,23 @@ class Detectors:
 
     def _new_hosts(self, arr: np.ndarray, book: AlertBook) -> None:
         """An IP address that starts talking after the learning period."""
-        ip = arr[arr["cls"] != NON_IP]
+        ip = np.flatnonzero(arr["cls"] != NON_IP)  # row numbers: copying whole rows costs more than the rest
         if not len(ip):
             return
-        first, _ = group_rows(np.ascontiguousarray(ip["src"]).view(np.uint8).reshape(-1, 16))
-        srcs = np.ascontiguousarray(ip["src"][first]).view("V16").ravel()
+        first, _ = group_rows(np.ascontiguousarray(arr["src"][ip]).view(np.uint8).reshape(-1, 16))
+        rows = ip[first]
+        srcs = np.ascontiguousarray(arr["src"][rows]).view("V16").ravel()
         # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
         local = self.local_nets.kinds(srcs) == LocalMatcher.OURS
-        for src, i in zip(srcs[local].tolist(), first[local].tolist()):
+        for src, i in zip(srcs[local].tolist(), rows[local].tolist()):
             src = bytes(src)
             if src in self.hosts or src in _UNSPECIFIED:
                 continue
-            ts = float(ip["ts"][i])
+            ts = float(arr["ts"][i])
             self.hosts.put(src, ts)
             # The clock is seconds that had traffic, so a file's jump in time teaches nothing.
             if ts >= self.learn_end:
-                book.raise_alert("new_host", "low", addr_text(src), addr_text(ip["dst"][i]), ts,
+                book.raise_alert("new_host", "low", addr_text(src), addr_text(arr["dst"][i]), ts,
                                  f"{addr_text(src)} sent its first packet after {self.active_seconds:,} seconds "
                                  f"of traffic (learning period {self.learn:g} s)",
                                  "A device or address not seen before: check that it belongs on this network.")
@@ -413,16 +416,17 @@ class Detectors:
 _UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
 
 
-def _distinct(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
-    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) in a batch, in time order.
+def _distinct(arr: np.ndarray, mask: np.ndarray, service_port: bool = False) -> np.ndarray:
+    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) among arr[mask], in time order.
 
     With service_port, only the lower of the two ports counts (the service's, for UDP): clients that
     pick a new source port for every query are one flow, not thousands."""
-    if len(rows) < 2:
-        return rows
-    key = native.flow_keys(rows, service_port)
-    first, _ = group_rows(key if key is not None else flow_keys_numpy(rows, service_port))
-    return rows[first]
+    idx = np.flatnonzero(mask)
+    if len(idx) < 2:
+        return arr[idx]
+    key = native.flow_keys(arr, service_port, idx)
+    first, _ = group_rows(key if key is not None else flow_keys_numpy(arr[idx], service_port))
+    return arr[idx[first]]
 
 
 def flow_keys_numpy(rows: np.ndarray, service_port: bool = False) -> np.ndarray:

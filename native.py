@@ -62,7 +62,8 @@ _SIGNATURES = {
     "ntm_group_rows": ("grouprows", _I64, [_P, _I64, _I64, _P, _P]),
     "ntm_minmax_at": ("grouprows", None, [_P, _P, _P, _I64, _P, _P]),
     "ntm_conv_keys": ("grouprows", None, [_P, _I64, _P]),
-    "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P]),
+    "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P, _P]),
+    "ntm_top_merge": ("grouprows", _I64, [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
@@ -180,12 +181,44 @@ def conv_keys(records: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def flow_keys(records: np.ndarray, service_port: bool) -> np.ndarray | None:
-    """native/grouprows.c: the (n, 44) uint8 flow keys of contiguous 78-byte packed records, or None."""
+def flow_keys(records: np.ndarray, service_port: bool, idx: np.ndarray | None = None) -> np.ndarray | None:
+    """native/grouprows.c: the (n, 44) uint8 flow keys of 78-byte packed records (of records[idx]
+    when idx is given), or None."""
     fn = function("ntm_flow_keys")
     if fn is None or records.dtype.itemsize != 78:
         return None
     records = np.ascontiguousarray(records)
-    out = np.empty((len(records), 44), np.uint8)
-    fn(records.ctypes.data, len(records), int(service_port), out.ctypes.data)
+    n = len(records)
+    if idx is not None:
+        idx = np.ascontiguousarray(idx, np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError("flow_keys: index out of range")
+        n = len(idx)
+    out = np.empty((n, 44), np.uint8)
+    fn(records.ctypes.data, n, int(service_port), None if idx is None else idx.ctypes.data, out.ctypes.data)
     return out
+
+
+def top_merge(old: tuple, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None) -> tuple | None:
+    """native/grouprows.c: a top table's (keys, values, times) after counting one packet per key of
+    the batch, before pruning (old rows first, new keys in order of first appearance); None when
+    the library is not available or the keys are not fixed-width bytes. The arrays are views of
+    buffers with room for every key of the batch."""
+    fn = function("ntm_top_merge")
+    old_keys, old_vals, old_times = old
+    if fn is None or keys.dtype.kind != "V" or (old_times is None) != (ts is None):
+        return None
+    m, n, width = len(old_keys), len(keys), keys.dtype.itemsize
+    old_keys, old_vals = np.ascontiguousarray(old_keys), np.ascontiguousarray(old_vals, np.int64)
+    keys, wire = np.ascontiguousarray(keys), np.ascontiguousarray(wire, np.int64)
+    out_keys, out_vals = np.empty(m + n, keys.dtype), np.empty((m + n, 2), np.int64)
+    out_times = times_ptr = old_ptr = ts_ptr = None
+    if ts is not None:
+        old_times, ts = np.ascontiguousarray(old_times, np.float64), np.ascontiguousarray(ts, np.float64)
+        out_times = np.empty((m + n, 2), np.float64)
+        times_ptr, old_ptr, ts_ptr = out_times.ctypes.data, old_times.ctypes.data, ts.ctypes.data
+    rows = fn(old_keys.ctypes.data, old_vals.ctypes.data, old_ptr, m, keys.ctypes.data, wire.ctypes.data, ts_ptr,
+              n, width, out_keys.ctypes.data, out_vals.ctypes.data, times_ptr)
+    if rows < 0:
+        return None
+    return out_keys[:rows], out_vals[:rows], None if out_times is None else out_times[:rows]

@@ -101,10 +101,10 @@ void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
 
 /* Flow keys (anomaly._distinct) from packed PACKET_DTYPE records: src(16) dst(16) sport dport
  * (int32, little-endian) tcp_flags (uint16) class (uint8) ICMP type (uint8); with service_port,
- * both ports are the lower of the two. */
-void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, uint8_t *out) {
+ * both ports are the lower of the two. With idx, the n keys are those of records idx[0..n). */
+void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, const int64_t *idx, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *r = recs + i * 78;
+        const uint8_t *r = recs + (idx ? idx[i] : i) * 78;
         uint8_t *k = out + i * 44;
         int32_t sport, dport;
         memcpy(&sport, r + 54, 4);
@@ -117,4 +117,57 @@ void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, uint8_t *ou
         k[42] = r[16];             /* class */
         k[43] = r[64];             /* ICMP type, low byte */
     }
+}
+
+/* One batch counted into a top table (packet_processor.TopTable.merged): the m old rows (distinct
+ * keys) keep their places and the batch's new keys follow in order of first appearance; each key
+ * adds one packet of wire[i] bytes and, with times, its ts to the row's first/last seen (a NaN
+ * wins, as in ntm_minmax_at). out_* have room for m + n rows. Returns the rows written, or -1
+ * when the hash table cannot be allocated. */
+int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const double *old_times, int64_t m,
+                      const uint8_t *keys, const int64_t *wire, const double *ts, int64_t n, int64_t width,
+                      uint8_t *out_keys, int64_t *out_vals, double *out_times) {
+    uint64_t cap = 16;
+    while (cap < (uint64_t)(m + n) * 2) cap <<= 1;
+    int64_t *slots = malloc(cap * sizeof(int64_t));
+    if (!slots) return -1;
+    memset(slots, 0xff, cap * sizeof(int64_t));
+    memcpy(out_keys, old_keys, (size_t)(m * width));
+    memcpy(out_vals, old_vals, (size_t)m * 2 * sizeof(int64_t));
+    if (out_times) memcpy(out_times, old_times, (size_t)m * 2 * sizeof(double));
+    for (int64_t g = 0; g < m; g++) { /* old keys are distinct: find a free slot, no comparison */
+        uint64_t s = hash_row(out_keys + g * width, width) & (cap - 1);
+        while (slots[s] >= 0) s = (s + 1) & (cap - 1);
+        slots[s] = g;
+    }
+    int64_t rows = m;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *key = keys + i * width;
+        uint64_t s = hash_row(key, width) & (cap - 1);
+        int64_t g;
+        for (;;) {
+            g = slots[s];
+            if (g < 0) {
+                g = slots[s] = rows++;
+                memcpy(out_keys + g * width, key, (size_t)width);
+                out_vals[2 * g] = out_vals[2 * g + 1] = 0;
+                if (out_times) {
+                    out_times[2 * g] = 1.0 / 0.0;
+                    out_times[2 * g + 1] = -1.0 / 0.0;
+                }
+                break;
+            }
+            if (memcmp(out_keys + g * width, key, (size_t)width) == 0) break;
+            s = (s + 1) & (cap - 1);
+        }
+        out_vals[2 * g] += 1;
+        out_vals[2 * g + 1] += wire[i];
+        if (out_times) {
+            double t = ts[i];
+            if (t < out_times[2 * g] || t != t) out_times[2 * g] = t;
+            if (t > out_times[2 * g + 1] || t != t) out_times[2 * g + 1] = t;
+        }
+    }
+    free(slots);
+    return rows;
 }

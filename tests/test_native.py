@@ -139,3 +139,52 @@ def test_flow_keys_match_numpy(service_port):
     raw = arr.view(np.uint8).reshape(3000, 78)
     raw[:] = rng.integers(0, 256, (3000, 78), dtype=np.uint8)  # every field, any value
     assert native.flow_keys(arr, service_port).tobytes() == flow_keys_numpy(arr, service_port).tobytes()
+    idx = rng.integers(0, 3000, 700)  # a selection, with repeats and out of order
+    assert native.flow_keys(arr, service_port, idx).tobytes() == flow_keys_numpy(arr[idx], service_port).tobytes()
+    with pytest.raises(IndexError):
+        native.flow_keys(arr, service_port, np.array([0, 3000]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 400), st.integers(1, 7), st.integers(1, 6), st.sampled_from([16, 42]), st.booleans(),
+       st.integers(0, 99))
+def test_top_merge_matches_numpy(batch, batches, alphabet, width, times, seed):
+    """A top table fed batch by batch, merged in C and in numpy: the same rows, counts and times,
+    pruning included (small cap, so every case prunes; ties keep the older rows)."""
+    from packet_processor import TopTable
+
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(f"V{width}")
+    fast, slow = TopTable(dtype, 40, times), TopTable(dtype, 40, times)
+    for _ in range(batches):
+        keys = rng.integers(0, alphabet, (batch, width), dtype=np.uint8).view(dtype).ravel()
+        wire = rng.integers(0, 70000, batch).astype(np.int64)
+        ts = rng.random(batch) * 100 if times else None
+        want = slow.merged_numpy(keys, wire, ts)
+        got = native.top_merge(slow.state, keys, wire, ts)
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        fast.add(keys, wire, ts)
+        slow.state = slow.merged_numpy(keys, wire, ts)
+        if len(slow.state[0]) > slow.cap:  # the pruning merged() applies after either merge
+            keep = np.sort(np.argsort(-slow.state[1][:, 0], kind="stable")[:36])
+            slow.state = tuple(None if x is None else x[keep] for x in slow.state)
+        for a, b in zip(fast.state, slow.state):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        assert len(fast) <= fast.cap
+
+
+def test_top_table_prunes_the_smallest_and_keeps_older_among_equals():
+    """Over its cap a top table keeps the 90 % with the most packets; among equal counts, the older keys."""
+    from packet_processor import TopTable
+
+    table = TopTable(np.dtype("V16"), 10)
+    key = lambda i: np.frombuffer(i.to_bytes(16, "big"), np.uint8).copy()  # noqa: E731
+    keys = lambda ids: np.stack([key(i) for i in ids]).view("V16").ravel()  # noqa: E731
+    table.add(keys(range(10)), np.full(10, 60, np.int64))
+    table.add(keys([20, 21, 22, 5, 5, 21]), np.full(6, 100, np.int64))
+    # 13 keys > cap 10: keep 9. Key 5 has 3 packets, 21 has 2; of the rest (1 each) the oldest: 0..4, 6, 7.
+    got = [int.from_bytes(bytes(k), "big") for k in table.keys]
+    assert got == [0, 1, 2, 3, 4, 5, 6, 7, 21]
+    assert table.vals[got.index(5)].tolist() == [3, 60 + 200]
+    assert table.vals[got.index(21)].tolist() == [2, 200]
