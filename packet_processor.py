@@ -66,8 +66,9 @@ BIN_FIELDS = [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS] +
 class TopTable:
     """key -> packets, bytes (and first/last seen) for at most `cap` keys, merged batch by batch.
 
-    Beyond `cap` keys the smallest (by packets; among equals the newest) are pruned down to 90 %, so a scan or a flood of
-    spoofed sources cannot grow it without bound; the engine's totals are kept apart and never pruned.
+    Beyond `cap` keys the smallest (by packets; among equals the newest) are pruned down to 90 %,
+    so a scan or a flood of spoofed sources cannot grow it without bound; the engine's totals are
+    kept apart and never pruned.
     The state is one tuple, replaced whole, so a reader never sees keys and counts out of step.
     """
 
