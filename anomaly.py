@@ -19,7 +19,7 @@ import numpy as np
 
 import config
 import native
-from headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
+from headers import NON_IP, PACKET_DTYPE, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 ETH_ARP = 0x0806
@@ -283,11 +283,11 @@ class Detectors:
         echo = ((arr["proto"] == 1) & (arr["icmp_type"] == 8)) | ((arr["proto"] == 58) & (arr["icmp_type"] == 128))
         udp = (arr["cls"] == UDP) & unicast
         sec = np.floor(arr["ts"]).astype(np.int64)
-        answered = _per_second(arr["src"][synack], sec[synack], arr["src"][synack])
+        answered = _per_second(arr, synack, sec, by="src")
         for kind, mask in (("syn", syn & unicast), ("icmp", echo & unicast), ("udp", udp)):
             if not mask.any():
                 continue
-            for (dst, second), (n, sources) in _per_second(arr["dst"][mask], sec[mask], arr["src"][mask]).items():
+            for (dst, second), (n, sources) in _per_second(arr, mask, sec).items():
                 state = self.rates.touch((kind, dst), lambda s=second: [s, 0, 0, 0])
                 if state[0] != second:
                     state[:] = [second, 0, 0, 0]
@@ -445,23 +445,29 @@ def flow_keys_numpy(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
     return key
 
 
-def _per_second(keys: np.ndarray, secs: np.ndarray, sources: np.ndarray) -> dict:
-    """{(key, second): (packets, distinct sources)} for one batch."""
-    if not len(keys):
+def _per_second(arr: np.ndarray, mask: np.ndarray, secs: np.ndarray, by: str = "dst") -> dict:
+    """{(address `by`, second): (packets, distinct peers)} over the packets arr[mask] (secs: their seconds).
+
+    The peers are the other end: sources when `by` is "dst", destinations when it is "src"."""
+    idx = np.flatnonzero(mask)
+    if not len(idx):
         return {}
-    raw = np.empty((len(keys), 24), np.uint8)
-    raw[:, :16] = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)
-    raw[:, 16:] = secs.astype("<i8").view(np.uint8).reshape(-1, 8)
-    firsts, inv = group_rows(raw)
-    uniq = raw[firsts].view("V24").ravel()
-    counts = np.bincount(inv, minlength=len(uniq))
-    pairs = np.empty((len(keys), 40), np.uint8)
-    pairs[:, :24] = raw
-    pairs[:, 24:] = np.ascontiguousarray(sources).view(np.uint8).reshape(-1, 16)
-    first, _ = group_rows(pairs)
-    distinct = np.bincount(inv[first], minlength=len(uniq))
+    # (src, dst, second) rows: src and dst are adjacent in the record, so one gather takes both.
+    off = PACKET_DTYPE.fields["src"][1]
+    u8 = np.ascontiguousarray(arr).view(np.uint8).reshape(len(arr), PACKET_DTYPE.itemsize)
+    rows = np.empty((len(idx), 40), np.uint8)
+    rows[:, :32] = u8[idx, off:off + 32]
+    rows[:, 32:] = secs[idx].astype("<i8").view(np.uint8).reshape(-1, 8)
+    # Group the distinct (source, address, second) first, then those into (address, second):
+    # a flood of one flow is one row at the second step.
+    first, inv = group_rows(rows)
+    triples = rows[first]
+    pairs = triples[:, 16:] if by == "dst" else np.concatenate((triples[:, :16], triples[:, 32:]), axis=1)
+    pair_first, pair_inv = group_rows(np.ascontiguousarray(pairs))
+    counts = np.bincount(pair_inv, np.bincount(inv, minlength=len(first)), len(pair_first)).astype(np.int64)
+    distinct = np.bincount(pair_inv, minlength=len(pair_first))
     out = {}
-    for u, n, d in zip(uniq, counts.tolist(), distinct.tolist()):
+    for u, n, d in zip(pairs[pair_first].view("V24").ravel(), counts.tolist(), distinct.tolist()):
         b = bytes(u)
         out[(b[:16].rstrip(b"\x00"), int.from_bytes(b[16:], "little", signed=True))] = (n, d)
     return out

@@ -42,6 +42,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms)."),
     Setting("NATIVE", True, "Use the compiled helpers (native/*.c, built with the system's C compiler) for the "
             "record walk, the common-case parser and grouping; off runs their numpy/Python twins (same results)."),
+    Setting("MALLOC_KEEP_MB", 64, "Free memory (MB) the C allocator may keep for reuse rather than return to the "
+            "kernel, so each batch's arrays do not page-fault afresh; 0 leaves the allocator's defaults."),
     Setting("BATCH_SIZE", 65536, "Packets of a capture file parsed and added to the buffer together."),
     Setting("ADDR_REFRESH_S", 5.0, "How often the capture thread re-reads the host's own addresses (s)."),
     Setting("RATE_WINDOW_S", 5, "Seconds averaged for the current packets/s and bit/s."),

@@ -560,6 +560,7 @@ class CaptureEngine:
 
     def __init__(self, buffer_size: int | None = None, local_nets: str | None = None) -> None:
         _ENGINES.add(self)
+        native.keep_freed_memory(config.get("MALLOC_KEEP_MB"))
         self.buffer_size = int(buffer_size or config.get("BUFFER_SIZE"))
         self._nets = parse_nets(local_nets if local_nets is not None else config.get("LOCAL_NETS"))
         self._lock = threading.Lock()
@@ -739,6 +740,7 @@ class CaptureEngine:
                     if stop.is_set():
                         break
                     self._ingest(arr, gen)
+            native.release_memory()  # the batches were large; the kept memory is not needed now
         self._note_file(reader, gen)
         with self._lock:
             if gen != self._gen:

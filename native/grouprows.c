@@ -8,47 +8,89 @@
 #include <stdlib.h>
 #include <string.h>
 
-static uint64_t hash_row(const uint8_t *p, int64_t width) {
-    uint64_t h = 0x9E3779B97F4A7C15ULL ^ (uint64_t)width;
+/* Two independent multiply chains, so wide keys (42, 44 bytes) do not wait on one long chain.
+ * Always inlined, so the loops below are compiled once per common key width (see WIDTHS): with a
+ * constant width the byte copies become plain loads instead of calls to memcpy. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE uint64_t hash_row(const uint8_t *p, int64_t width) {
+    uint64_t a = 0x9E3779B97F4A7C15ULL ^ (uint64_t)width, b = 0xC2B2AE3D27D4EB4FULL;
     int64_t i = 0;
-    for (; i + 8 <= width; i += 8) {
+    for (; i + 16 <= width; i += 16) {
+        uint64_t w0, w1;
+        memcpy(&w0, p + i, 8);
+        memcpy(&w1, p + i + 8, 8);
+        a = (a ^ w0) * 0xFF51AFD7ED558CCDULL;
+        b = (b ^ w1) * 0xC4CEB9FE1A85EC53ULL;
+        a ^= a >> 29;
+        b ^= b >> 31;
+    }
+    if (i + 8 <= width) {
         uint64_t w;
         memcpy(&w, p + i, 8);
-        h ^= w;
-        h *= 0xFF51AFD7ED558CCDULL;
-        h ^= h >> 33;
+        a = (a ^ w) * 0xFF51AFD7ED558CCDULL;
+        a ^= a >> 29;
+        i += 8;
     }
     if (i < width) {
         uint64_t w = 0;
         memcpy(&w, p + i, (size_t)(width - i));
-        h ^= w;
-        h *= 0xFF51AFD7ED558CCDULL;
-        h ^= h >> 33;
+        b = (b ^ w) * 0xC4CEB9FE1A85EC53ULL;
+        b ^= b >> 31;
     }
-    h *= 0xC4CEB9FE1A85EC53ULL;
+    uint64_t h = a ^ (b * 0x9E3779B97F4A7C15ULL);
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
     h ^= h >> 33;
     return h;
 }
 
-int64_t ntm_group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *codes, int64_t *first) {
-    uint64_t cap = 16;
-    while (cap < (uint64_t)n * 2) cap <<= 1;
-    int64_t *slots = malloc(cap * sizeof(int64_t));
+INLINE int rows_equal(const uint8_t *x, const uint8_t *y, int64_t width) {
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8) {
+        uint64_t u, v;
+        memcpy(&u, x + i, 8);
+        memcpy(&v, y + i, 8);
+        if (u != v) return 0;
+    }
+    for (; i < width; i++)
+        if (x[i] != y[i]) return 0;
+    return 1;
+}
+
+/* A slot holds the row's group + 1 in its low 32 bits (0: empty) and the hash's top 32 bits
+ * above, so most probes of other keys are rejected without reading their row. */
+#define SLOT(tag, g) (((uint64_t)(tag) << 32) | (uint64_t)((g) + 1))
+#define SLOT_GROUP(v) ((int64_t)((v) & 0xFFFFFFFFULL) - 1)
+#define MAX_ROWS 0xFFFFFFF0LL
+
+static uint64_t *new_table(int64_t rows, uint64_t *cap) {
+    uint64_t c = 16;
+    while (c < (uint64_t)rows * 2) c <<= 1;
+    *cap = c;
+    return calloc(c, sizeof(uint64_t)); /* zero pages on demand: no memset of the whole table */
+}
+
+INLINE int64_t group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *codes, int64_t *first) {
+    uint64_t cap;
+    uint64_t *slots = new_table(n, &cap);
     if (!slots) return -1;
-    memset(slots, 0xff, cap * sizeof(int64_t)); /* -1: empty */
     int64_t groups = 0;
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = rows + i * width;
-        uint64_t s = hash_row(row, width) & (cap - 1);
+        uint64_t h = hash_row(row, width);
+        uint32_t tag = (uint32_t)(h >> 32);
+        uint64_t s = h & (cap - 1);
         for (;;) {
-            int64_t g = slots[s];
-            if (g < 0) {
-                slots[s] = groups;
+            uint64_t v = slots[s];
+            if (v == 0) {
+                slots[s] = SLOT(tag, groups);
                 first[groups] = i;
                 codes[i] = groups++;
                 break;
             }
-            if (memcmp(rows + first[g] * width, row, (size_t)width) == 0) {
+            int64_t g = SLOT_GROUP(v);
+            if ((uint32_t)(v >> 32) == tag && rows_equal(rows + first[g] * width, row, width)) {
                 codes[i] = g;
                 break;
             }
@@ -57,6 +99,25 @@ int64_t ntm_group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *c
     }
     free(slots);
     return groups;
+}
+
+/* The key widths of the callers: addresses 16, (address, second) 24, (source, address, second) 40,
+ * conversations 42, flows 44. Other widths take the general path. */
+#define WIDTHS(CALL) \
+    switch (width) { \
+    case 16: return CALL(16); \
+    case 24: return CALL(24); \
+    case 40: return CALL(40); \
+    case 42: return CALL(42); \
+    case 44: return CALL(44); \
+    default: return CALL(width); \
+    }
+
+int64_t ntm_group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *codes, int64_t *first) {
+    if (n > MAX_ROWS) return -1;
+#define GROUP(w) group_rows(rows, n, w, codes, first)
+    WIDTHS(GROUP)
+#undef GROUP
 }
 
 /* mins[g] = min(mins[g], lows[i]) and maxs[g] = max(maxs[g], highs[i]) for g = idx[i], as
@@ -124,31 +185,33 @@ void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, const int64
  * adds one packet of wire[i] bytes and, with times, its ts to the row's first/last seen (a NaN
  * wins, as in ntm_minmax_at). out_* have room for m + n rows. Returns the rows written, or -1
  * when the hash table cannot be allocated. */
-int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const double *old_times, int64_t m,
+INLINE int64_t top_merge(const uint8_t *old_keys, const int64_t *old_vals, const double *old_times, int64_t m,
                       const uint8_t *keys, const int64_t *wire, const double *ts, int64_t n, int64_t width,
                       uint8_t *out_keys, int64_t *out_vals, double *out_times) {
-    uint64_t cap = 16;
-    while (cap < (uint64_t)(m + n) * 2) cap <<= 1;
-    int64_t *slots = malloc(cap * sizeof(int64_t));
+    uint64_t cap;
+    uint64_t *slots = new_table(m + n, &cap);
     if (!slots) return -1;
-    memset(slots, 0xff, cap * sizeof(int64_t));
     memcpy(out_keys, old_keys, (size_t)(m * width));
     memcpy(out_vals, old_vals, (size_t)m * 2 * sizeof(int64_t));
     if (out_times) memcpy(out_times, old_times, (size_t)m * 2 * sizeof(double));
     for (int64_t g = 0; g < m; g++) { /* old keys are distinct: find a free slot, no comparison */
-        uint64_t s = hash_row(out_keys + g * width, width) & (cap - 1);
-        while (slots[s] >= 0) s = (s + 1) & (cap - 1);
-        slots[s] = g;
+        uint64_t h = hash_row(out_keys + g * width, width);
+        uint64_t s = h & (cap - 1);
+        while (slots[s]) s = (s + 1) & (cap - 1);
+        slots[s] = SLOT((uint32_t)(h >> 32), g);
     }
     int64_t rows = m;
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *key = keys + i * width;
-        uint64_t s = hash_row(key, width) & (cap - 1);
+        uint64_t h = hash_row(key, width);
+        uint32_t tag = (uint32_t)(h >> 32);
+        uint64_t s = h & (cap - 1);
         int64_t g;
         for (;;) {
-            g = slots[s];
-            if (g < 0) {
-                g = slots[s] = rows++;
+            uint64_t v = slots[s];
+            if (v == 0) {
+                g = rows++;
+                slots[s] = SLOT(tag, g);
                 memcpy(out_keys + g * width, key, (size_t)width);
                 out_vals[2 * g] = out_vals[2 * g + 1] = 0;
                 if (out_times) {
@@ -157,7 +220,8 @@ int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const do
                 }
                 break;
             }
-            if (memcmp(out_keys + g * width, key, (size_t)width) == 0) break;
+            g = SLOT_GROUP(v);
+            if ((uint32_t)(v >> 32) == tag && rows_equal(out_keys + g * width, key, width)) break;
             s = (s + 1) & (cap - 1);
         }
         out_vals[2 * g] += 1;
@@ -170,4 +234,13 @@ int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const do
     }
     free(slots);
     return rows;
+}
+
+int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const double *old_times, int64_t m,
+                      const uint8_t *keys, const int64_t *wire, const double *ts, int64_t n, int64_t width,
+                      uint8_t *out_keys, int64_t *out_vals, double *out_times) {
+    if (m + n > MAX_ROWS) return -1;
+#define MERGE(w) top_merge(old_keys, old_vals, old_times, m, keys, wire, ts, n, w, out_keys, out_vals, out_times)
+    WIDTHS(MERGE)
+#undef MERGE
 }
