@@ -339,3 +339,99 @@ def test_live_spike_after_a_steady_baseline(root_only, veth, monkeypatch):
     finally:
         tx.close()
         eng.stop()
+
+
+def _arp_per_row(det, rows, book) -> None:
+    """The ARP step as one step per packet: the reference the batch version must equal."""
+    from anomaly import _mac
+    from headers import addr_text
+
+    for ts, ip, mac, op, dst in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["hw_src"].tolist(),
+                                    rows["arp_op"].tolist(), rows["dst"].tolist()):
+        if not ip or not mac:
+            continue
+        mac = mac.ljust(6, b"\x00")
+        known = det.arp.get(ip)
+        det.arp.put(ip, (mac, ts))
+        if known is not None and known[0] != mac and op in (1, 2):
+            kind = "gratuitous ARP" if ip == dst else ("ARP reply" if op == 2 else "ARP request")
+            book.raise_alert("arp_spoof", "high", _mac(mac), addr_text(ip), ts,
+                             f"{kind} says {addr_text(ip)} is at {_mac(mac)}; it was at {_mac(known[0])} "
+                             f"{ts - known[1]:.0f} s before", "", key=("arp_spoof", "", addr_text(ip)))
+
+
+def test_arp_batch_step_equals_one_step_per_packet():
+    """Random ARP batches (few addresses and MACs, unnamed rows among them): the same state and alerts."""
+    import numpy as np
+
+    from anomaly import AlertBook, Detectors
+    from headers import NON_IP, PACKET_DTYPE
+
+    rng = np.random.default_rng(7)
+    addrs = np.zeros((4, 16), np.uint8)
+    addrs[:, 10:12] = 255
+    addrs[:, 15] = np.arange(4)
+    addrs[0] = 0  # no address: skipped
+    macs = np.zeros((3, 6), np.uint8)  # the first MAC is empty: skipped
+    macs[1, 0], macs[2, 5] = 1, 7
+    raised = 0
+    for _ in range(200):
+        fast, slow, fast_book, slow_book = Detectors(), Detectors(), AlertBook(), AlertBook()
+        for b in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(0, 200))
+            arr = np.zeros(n, PACKET_DTYPE)
+            arr["src"] = addrs[rng.integers(0, 4, n)].view("S16").ravel()
+            arr["dst"] = addrs[rng.integers(0, 4, n)].view("S16").ravel()
+            arr["hw_src"] = macs[rng.integers(0, 3, n)].view("S6").ravel()
+            arr["arp_op"] = rng.integers(1, 4, n)
+            arr["ts"] = np.sort(rng.random(n) * 10) + b * 10
+            arr["cls"], arr["ethertype"] = NON_IP, 0x0806
+            fast._arp(arr, fast_book)
+            _arp_per_row(slow, arr, slow_book)
+        assert list(fast.arp.items()) == list(slow.arp.items())
+        assert [a.as_dict() for a in fast_book.alerts()] == [a.as_dict() for a in slow_book.alerts()]
+        raised += len(slow_book.alerts())
+    assert raised > 100  # the comparison covered MAC changes, not only quiet batches
+
+
+def test_per_second_counts_packets_and_distinct_peers():
+    """anomaly._per_second against a plain count, both ways round."""
+    import numpy as np
+
+    from anomaly import _per_second
+    from headers import PACKET_DTYPE
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n = int(rng.integers(0, 2000))
+        arr = np.zeros(n, PACKET_DTYPE)
+        pool = rng.integers(0, 256, (5, 16), dtype=np.uint8)
+        pool[0, 12:] = 0  # trailing zero bytes, as an IPv4-mapped address can have
+        arr["src"] = pool[rng.integers(0, 5, n)].view("S16").ravel()
+        arr["dst"] = pool[rng.integers(0, 5, n)].view("S16").ravel()
+        arr["ts"] = rng.random(n) * 5 + T0
+        mask = rng.random(n) < 0.5
+        secs = np.floor(arr["ts"]).astype(np.int64)
+        for by, peer in (("dst", "src"), ("src", "dst")):
+            want: dict = {}
+            for i in np.flatnonzero(mask):
+                key = (bytes(arr[by][i]), int(secs[i]))
+                count, peers = want.get(key, (0, set()))
+                want[key] = (count + 1, peers | {bytes(arr[peer][i])})
+            want = {k: (c, len(p)) for k, (c, p) in want.items()}
+            assert _per_second(arr, mask, secs, by) == want
+
+
+def test_multicast_and_broadcast_destinations_are_recognised():
+    import ipaddress
+
+    import numpy as np
+
+    from anomaly import _group
+
+    group = ["224.0.0.251", "239.255.255.250", "255.255.255.255", "ff02::fb", "ff05::1:3"]
+    unicast = ["10.0.0.1", "223.255.255.255", "2001:db8::1", "fe80::1", "::1", "::", "0.0.0.0", "fe02::1"]
+    packed = [ipaddress.ip_address(a) for a in group + unicast]
+    raw = [(b"\x00" * 10 + b"\xff\xff" + a.packed) if a.version == 4 else a.packed for a in packed]
+    got = _group(np.array(raw, dtype="S16")).tolist()
+    assert got == [True] * len(group) + [False] * len(unicast)
