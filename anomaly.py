@@ -172,11 +172,11 @@ class Detectors:
         # Only packets that open, answer or refuse a connection matter; skip the data flow.
         opening = ((flags & (SYN | ACK)) != ACK) | ((flags & RST) != 0)
         cls = arr["cls"]
-        tcp = _distinct(arr, (cls == TCP) & unicast & opening)
+        tcp = _distinct(arr, (cls == TCP) & unicast & opening, PROBE_PORT)
         if len(tcp):
             self._tcp(tcp, book)
         udp_or_icmp = _distinct(arr, ((cls == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1)),
-                                service_port=True)
+                                SERVICE_PORT)
         if len(udp_or_icmp):
             self._udp(udp_or_icmp, book)
         arp = arr.take(np.flatnonzero((cls == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)))
@@ -472,25 +472,36 @@ class Detectors:
 _UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
 
 
-def _distinct(arr: np.ndarray, mask: np.ndarray, service_port: bool = False) -> np.ndarray:
+BOTH_PORTS, SERVICE_PORT, PROBE_PORT = 0, 1, 2  # which ports a flow key keeps (flow_keys_numpy)
+
+
+def _distinct(arr: np.ndarray, mask: np.ndarray, ports: int = BOTH_PORTS) -> np.ndarray:
     """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) among arr[mask], in time order.
 
-    With service_port, only the lower of the two ports counts (the service's, for UDP): clients that
-    pick a new source port for every query are one flow, not thousands."""
+    Only the ports the detector keys its state on count (see flow_keys_numpy), so a scan or a
+    flood from random source ports costs one step per probed port, not one per packet."""
     idx = np.flatnonzero(mask)
     if len(idx) < 2:
         return arr.take(idx)
-    key = native.flow_keys(arr, service_port, idx)
-    first, _ = group_rows(key if key is not None else flow_keys_numpy(arr.take(idx), service_port))
+    key = native.flow_keys(arr, ports, idx)
+    first, _ = group_rows(key if key is not None else flow_keys_numpy(arr.take(idx), ports))
     # take(), never arr[idx]: fancy indexing of structured rows is 30x slower than take.
     return arr.take(idx[first])
 
 
-def flow_keys_numpy(rows: np.ndarray, service_port: bool = False) -> np.ndarray:
-    """_distinct's keys without the compiled helper (its reference)."""
+def flow_keys_numpy(rows: np.ndarray, ports: int = BOTH_PORTS) -> np.ndarray:
+    """_distinct's keys without the compiled helper (its reference).
+
+    ports: BOTH_PORTS as they are; SERVICE_PORT both the lower of the two (the service's, for UDP:
+    clients that pick a new source port for every query are one flow); PROBE_PORT only the port a
+    TCP probe is keyed on (the destination port, or the source port of a RST or an ACK, which
+    answer a probe), the other 0."""
     sport, dport = rows["sport"], rows["dport"]
-    if service_port:
+    if ports == SERVICE_PORT:
         sport = dport = np.minimum(sport, dport)
+    elif ports == PROBE_PORT:
+        answer = (rows["tcp_flags"] & (RST | ACK)) != 0
+        sport, dport = np.where(answer, sport, 0), np.where(answer, 0, dport)
     key = np.empty((len(rows), 44), np.uint8)
     key[:, :16] = np.ascontiguousarray(rows["src"]).view(np.uint8).reshape(-1, 16)
     key[:, 16:32] = np.ascontiguousarray(rows["dst"]).view(np.uint8).reshape(-1, 16)

@@ -222,9 +222,9 @@ def conv_keys(records: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def flow_keys(records: np.ndarray, service_port: bool, idx: np.ndarray | None = None) -> np.ndarray | None:
+def flow_keys(records: np.ndarray, ports: int, idx: np.ndarray | None = None) -> np.ndarray | None:
     """native/grouprows.c: the (n, 44) uint8 flow keys of 78-byte packed records (of records[idx]
-    when idx is given), or None."""
+    when idx is given; ports as anomaly.flow_keys_numpy takes it), or None."""
     fn = function("ntm_flow_keys")
     if fn is None or records.dtype.itemsize != 78:
         return None
@@ -236,7 +236,7 @@ def flow_keys(records: np.ndarray, service_port: bool, idx: np.ndarray | None = 
             raise IndexError("flow_keys: index out of range")
         n = len(idx)
     out = np.empty((n, 44), np.uint8)
-    fn(records.ctypes.data, n, int(service_port), None if idx is None else idx.ctypes.data, out.ctypes.data)
+    fn(records.ctypes.data, n, int(ports), None if idx is None else idx.ctypes.data, out.ctypes.data)
     return out
 
 

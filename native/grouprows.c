@@ -161,16 +161,24 @@ void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
 }
 
 /* Flow keys (anomaly._distinct) from packed PACKET_DTYPE records: src(16) dst(16) sport dport
- * (int32, little-endian) tcp_flags (uint16) class (uint8) ICMP type (uint8); with service_port,
- * both ports are the lower of the two. With idx, the n keys are those of records idx[0..n). */
-void ntm_flow_keys(const uint8_t *recs, int64_t n, int service_port, const int64_t *idx, uint8_t *out) {
+ * (int32, little-endian) tcp_flags (uint16) class (uint8) ICMP type (uint8). ports: 0 both as they
+ * are; 1 both the lower of the two (a UDP service); 2 only the port a TCP probe is keyed on, the
+ * destination port, or the source port for a RST or an ACK (an answer), the other set to 0.
+ * With idx, the n keys are those of records idx[0..n). */
+void ntm_flow_keys(const uint8_t *recs, int64_t n, int ports, const int64_t *idx, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *r = recs + (idx ? idx[i] : i) * 78;
         uint8_t *k = out + i * 44;
         int32_t sport, dport;
+        uint16_t flags;
         memcpy(&sport, r + 54, 4);
         memcpy(&dport, r + 58, 4);
-        if (service_port) sport = dport = sport < dport ? sport : dport;
+        memcpy(&flags, r + 62, 2);
+        if (ports == 1) sport = dport = sport < dport ? sport : dport;
+        if (ports == 2) {
+            if (flags & (0x04 | 0x10)) dport = 0;
+            else sport = 0;
+        }
         memcpy(k, r + 22, 32);   /* src, dst */
         memcpy(k + 32, &sport, 4);
         memcpy(k + 36, &dport, 4);
