@@ -190,10 +190,8 @@ class Detectors:
     # -- port scans ---------------------------------------------------------------------
 
     def _tcp(self, rows: np.ndarray, book: AlertBook) -> None:
-        # One step per distinct flow of the batch, so the common steps are written out inline:
-        # a method call per flow costs as much as the dict operation itself.
-        pending, cap = self.pending, self.pending.cap
-        pop, move, evict = pending.pop, pending.move_to_end, pending.popitem
+        pending = self.pending
+        pop = pending.pop
         for ts, src, dst, sport, dport, fl in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["dst"].tolist(),
                                                   rows["sport"].tolist(), rows["dport"].tolist(),
                                                   rows["tcp_flags"].tolist()):
@@ -205,13 +203,7 @@ class Detectors:
                 if pop((dst, src, "tcp", sport), None) is not None:
                     self._answered(dst, src)
                 continue
-            key = (src, dst, "tcp", dport)
-            if key in pending:  # pending.keep(key, ts)
-                move(key)
-            else:
-                pending[key] = ts
-                if len(pending) > cap:
-                    evict(last=False)
+            pending.keep((src, dst, "tcp", dport), ts)
             if not fl & SYN:  # NULL, FIN or Xmas: no client sends these, scanners do (nmap -sN/-sF/-sX)
                 probes = self.stealth.touch((src, dst), dict)
                 probes[dport] = ts
@@ -223,6 +215,8 @@ class Detectors:
                                      "(nmap -sN/-sF/-sX): find the program on the source host.")
 
     def _udp(self, rows: np.ndarray, book: AlertBook) -> None:
+        # One step per UDP service flow of the batch, the detectors' hottest loop, so keep() and put()
+        # are written out inline: a method call per flow costs as much as the dict operation itself.
         pending, served = self.pending, self.served
         pop, move, evict, cap = pending.pop, pending.move_to_end, pending.popitem, pending.cap
         served_move, served_evict, served_cap = served.move_to_end, served.popitem, served.cap
