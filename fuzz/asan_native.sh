@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The compiled helpers (native/*.c) under AddressSanitizer, fed by the long fuzzer's mutated frames.
+# The compiled helpers (native/*.c) under AddressSanitizer, fed by the long fuzzer's mutated frames
+# (through the parsers and an engine's counters and detectors), then the helper-vs-twin tests.
 # Usage: fuzz/asan_native.sh [INPUTS]      (default 300000; needs gcc with libasan)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,11 @@ for name in ("fastparse", "pcapwalk", "grouprows"):
     native._libraries[name] = ctypes.CDLL(f"{sys.argv[1]}/{name}.so")  # the instrumented builds
 assert native.available()
 from long_fuzz import run
-print(f"fuzzed {run(int(sys.argv[2]), 11, batch=1000):,} inputs with the helpers under AddressSanitizer: no error")
+from packet_processor import CaptureEngine
+engine = CaptureEngine(buffer_size=5000)  # the merges, flow keys and grouping of the counters and detectors too
+n = run(int(sys.argv[2]), 11, batch=1000, engine=engine)
+assert engine.snapshot().totals["packets"] == n
+print(f"fuzzed {n:,} inputs with the helpers under AddressSanitizer: no error")
+import pytest  # and the tests that compare each helper with its twin, on the instrumented builds
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_native.py"]))
 PY

@@ -36,8 +36,9 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
-def run(inputs: int, seed: int, batch: int = 2000) -> int:
-    """Fuzz `inputs` frames; returns how many ran."""
+def run(inputs: int, seed: int, batch: int = 2000, engine=None) -> int:
+    """Fuzz `inputs` frames; returns how many ran. With `engine`, each batch also goes through its
+    counters and detectors."""
     rng = random.Random(seed)
     seeds = built_frames() + file_frames()
     matcher = LocalMatcher(nets=[])
@@ -55,6 +56,8 @@ def run(inputs: int, seed: int, batch: int = 2000) -> int:
         if fast.tobytes() != slow.tobytes():
             bad = next(i for i in range(len(recs)) if fast[i].tobytes() != slow[i].tobytes())
             raise AssertionError(f"parsers disagree on linktype {recs[bad][3]} frame {recs[bad][1].hex()}")
+        if engine is not None:
+            engine.ingest_records(recs)
         done += len(recs)
     return done
 
