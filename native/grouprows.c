@@ -68,7 +68,7 @@ static uint64_t *new_table(int64_t rows, uint64_t *cap) {
     uint64_t c = 16;
     while (c < (uint64_t)rows * 2) c <<= 1;
     *cap = c;
-    return calloc(c, sizeof(uint64_t)); /* zero pages on demand: no memset of the whole table */
+    return calloc(c, sizeof(uint64_t)); /* fresh pages from the kernel need no memset */
 }
 
 INLINE int64_t group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t *codes, int64_t *first) {
