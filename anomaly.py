@@ -183,8 +183,9 @@ class Detectors:
         if len(arp):
             self._arp(arp, book)
         self._expire(float(arr["ts"].max()), book)
-        self._floods(arr, unicast, book)
-        self._spike(arr, book)
+        sec = np.floor(arr["ts"]).astype(np.int64)  # each packet's second, for both
+        self._floods(arr, unicast, sec, book)
+        self._spike(arr, sec, book)
         self._new_hosts(arr, book)
 
     # -- port scans ---------------------------------------------------------------------
@@ -294,14 +295,13 @@ class Detectors:
 
     # -- floods -------------------------------------------------------------------------
 
-    def _floods(self, arr: np.ndarray, unicast: np.ndarray, book: AlertBook) -> None:
+    def _floods(self, arr: np.ndarray, unicast: np.ndarray, sec: np.ndarray, book: AlertBook) -> None:
         """SYN, ICMP echo and UDP packets per second to one destination, with their distinct sources."""
         flags = arr["tcp_flags"]
-        syn = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == SYN) & unicast
+        syn = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == SYN)
         synack = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == (SYN | ACK))
         echo = ((arr["proto"] == 1) & (arr["icmp_type"] == 8)) | ((arr["proto"] == 58) & (arr["icmp_type"] == 128))
         udp = (arr["cls"] == UDP) & unicast
-        sec = np.floor(arr["ts"]).astype(np.int64)
         answered = _per_second(arr, synack, sec, by="src")
         for kind, mask in (("syn", syn & unicast), ("icmp", echo & unicast), ("udp", udp)):
             if not mask.any():
@@ -336,10 +336,10 @@ class Detectors:
 
     # -- traffic spike --------------------------------------------------------------------
 
-    def _spike(self, arr: np.ndarray, book: AlertBook) -> None:
+    def _spike(self, arr: np.ndarray, sec: np.ndarray, book: AlertBook) -> None:
         """Packets/s and bits/s against an EWMA band learned per second, after a warm-up."""
         # A hash of the seconds (pd.factorize), then the few distinct seconds sorted: np.unique sorts them all.
-        inv, secs = pd.factorize(np.floor(arr["ts"]).astype(np.int64))
+        inv, secs = pd.factorize(sec)
         pk = np.bincount(inv, minlength=len(secs))
         by = np.bincount(inv, arr["wire_len"].astype(np.float64), len(secs))
         order = np.argsort(secs)
