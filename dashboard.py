@@ -20,7 +20,7 @@ from streamlit_autorefresh import st_autorefresh
 
 import config
 import visualizations as viz
-from capture_sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
+from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
 from packet_processor import CaptureEngine, Snapshot, Source, packets_csv, packets_frame
 
 log = logging.getLogger(__name__)

@@ -31,9 +31,8 @@ import pandas as pd
 
 import config
 import native
-from anomaly import Alert, AlertBook, Detectors
-from capture_sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
-from headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
+from analysis.detect import Alert, AlertBook, Detectors
+from analysis.headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
     CLASSES,
     DIRECTIONS,
     ICMP,
@@ -52,6 +51,7 @@ from headers import (  # noqa: F401  - re-exported: the engine's public vocabula
     parse_frame,
     parse_nets,
 )
+from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 0.7  # the longest stop() waits for the capture thread

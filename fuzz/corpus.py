@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from capture_sources import COOKED_BASE, FileReader  # noqa: E402
+from capture.sources import COOKED_BASE, FileReader  # noqa: E402
 
 LINKTYPES = [1, 113, 276, 101, 228, 229, 0, 108, 9, 50, 226, 104, COOKED_BASE | 0x0800, COOKED_BASE | 0x86DD,
              COOKED_BASE | 0x0806, 147]

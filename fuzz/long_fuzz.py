@@ -15,7 +15,7 @@ import time
 
 from corpus import LINKTYPES, built_frames, file_frames
 
-from headers import LocalMatcher, pack_records, pack_records_scalar, parse_frame
+from analysis.headers import LocalMatcher, pack_records, pack_records_scalar, parse_frame
 
 
 def mutate(rng: random.Random, data: bytes) -> bytes:

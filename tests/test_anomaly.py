@@ -343,8 +343,8 @@ def test_live_spike_after_a_steady_baseline(root_only, veth, monkeypatch):
 
 def _arp_per_row(det, rows, book) -> None:
     """The ARP step as one step per packet: the reference the batch version must equal."""
-    from anomaly import _mac
-    from headers import addr_text
+    from analysis.detect import _mac
+    from analysis.headers import addr_text
 
     for ts, ip, mac, op, dst in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["hw_src"].tolist(),
                                     rows["arp_op"].tolist(), rows["dst"].tolist()):
@@ -364,8 +364,8 @@ def test_arp_batch_step_equals_one_step_per_packet():
     """Random ARP batches (few addresses and MACs, unnamed rows among them): the same state and alerts."""
     import numpy as np
 
-    from anomaly import AlertBook, Detectors
-    from headers import NON_IP, PACKET_DTYPE
+    from analysis.detect import AlertBook, Detectors
+    from analysis.headers import NON_IP, PACKET_DTYPE
 
     rng = np.random.default_rng(7)
     addrs = np.zeros((4, 16), np.uint8)
@@ -398,8 +398,8 @@ def test_per_second_counts_packets_and_distinct_peers():
     """anomaly._per_second against a plain count, both ways round."""
     import numpy as np
 
-    from anomaly import _per_second
-    from headers import PACKET_DTYPE
+    from analysis.detect import _per_second
+    from analysis.headers import PACKET_DTYPE
 
     rng = np.random.default_rng(3)
     for _ in range(100):
@@ -427,7 +427,7 @@ def test_multicast_and_broadcast_destinations_are_recognised():
 
     import numpy as np
 
-    from anomaly import _group
+    from analysis.detect import _group
 
     group = ["224.0.0.251", "239.255.255.250", "255.255.255.255", "ff02::fb", "ff05::1:3"]
     unicast = ["10.0.0.1", "223.255.255.255", "2001:db8::1", "fe80::1", "::1", "::", "0.0.0.0", "fe02::1"]

@@ -13,8 +13,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 
 import native
-from capture_sources import COOKED_BASE, FileReader
-from headers import LocalMatcher, pack_records, pack_records_scalar, parse_nets
+from analysis.headers import LocalMatcher, pack_records, pack_records_scalar, parse_nets
+from capture.sources import COOKED_BASE, FileReader
 
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 BASE = [bytes(f) for f in (

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, need, wait_for
 
 import visualizations as viz
-from headers import CLASSES, DIRECTIONS
+from analysis.headers import CLASSES, DIRECTIONS
 from packet_processor import BIN_FIELDS, CaptureEngine, Snapshot, Source, packets_frame
 
 pytestmark = pytest.mark.live

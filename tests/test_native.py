@@ -15,9 +15,9 @@ from conftest import PYTHON, ROOT, need
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import headers
+import analysis.headers as headers
 import native
-from capture_sources import walk_records
+from capture.sources import walk_records
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -131,7 +131,7 @@ def test_conversation_keys_match_numpy():
 @pytest.mark.parametrize("ports", [0, 1, 2])
 def test_flow_keys_match_numpy(ports):
     """The detectors' flow keys, in C as in numpy, byte for byte."""
-    from anomaly import flow_keys_numpy
+    from analysis.detect import flow_keys_numpy
     from packet_processor import PACKET_DTYPE
 
     rng = np.random.default_rng(9)

@@ -24,8 +24,8 @@ import config
 
 log = logging.getLogger(__name__)
 
-SOURCE_DIR = Path(__file__).resolve().parent / "native"
-BUILD_DIR = Path(__file__).resolve().parent / ".build"  # inside the project: never a shared /tmp
+SOURCE_DIR = Path(__file__).resolve().parent  # the C sources sit beside this loader
+BUILD_DIR = Path(__file__).resolve().parent.parent / ".build"  # inside the project: never a shared /tmp
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}  # function name -> the function with its signature, or None
 
@@ -224,7 +224,7 @@ def conv_keys(records: np.ndarray) -> np.ndarray | None:
 
 def flow_keys(records: np.ndarray, ports: int, idx: np.ndarray | None = None) -> np.ndarray | None:
     """native/grouprows.c: the (n, 44) uint8 flow keys of 78-byte packed records (of records[idx]
-    when idx is given; ports as anomaly.flow_keys_numpy takes it), or None."""
+    when idx is given; ports as analysis.detect.flow_keys_numpy takes it), or None."""
     fn = function("ntm_flow_keys")
     if fn is None or records.dtype.itemsize != 78:
         return None

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 import native
-from capture_sources import COOKED_BASE, V4_PREFIX, RawBatch, Record
+from capture.sources import COOKED_BASE, V4_PREFIX, RawBatch, Record
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 import config
 import native
-from headers import NON_IP, PACKET_DTYPE, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
+from analysis.headers import NON_IP, PACKET_DTYPE, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 ETH_ARP = 0x0806

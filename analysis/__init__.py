@@ -1,0 +1,1 @@
+"""Analysis stages: header parsing into packed records, counting, and the anomaly detectors."""
