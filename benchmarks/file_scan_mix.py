@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from targets import ROOT, Verdicts, machine
-
 import mixgen
+from targets import ROOT, Verdicts, machine
 
 IN_PROCESS_TARGET = 1_500_000
 TSHARK_RATIO_TARGET = 25.0

@@ -31,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from targets import Tcpdump, Verdicts, machine
-
 import mixgen
+from targets import Tcpdump, Verdicts, machine
 
 TARGET = 0.999
 PIN = os.environ.get("BENCH_PIN_SENDER", "") == "1"

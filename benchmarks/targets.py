@@ -127,7 +127,8 @@ def machine() -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
-        load = open("/proc/loadavg").read().split()[:3]
+        with open("/proc/loadavg") as fh:
+            load = fh.read().split()[:3]
     except OSError:
         load = ["?"] * 3
     return f"{os.cpu_count()} cores, {model}, load {' '.join(load)}"
