@@ -111,3 +111,44 @@ def test_command_line_writes_the_file_and_reports_the_kinds(tmp_path):
     assert report["packets"] == 5000 and report["bytes"] == path.stat().st_size
     assert report["kinds"] == mixgen.make_mix(tmp_path / "again.pcap", 5000, seed=2, mix={"dns": 50, "icmp": 50})
     assert (tmp_path / "again.pcap").read_bytes() == path.read_bytes()
+
+
+def run_quick(script: str, timeout: int = 300) -> str:
+    """A hostile-traffic benchmark in --quick mode: it exits 1 on a wrong count, not on speed."""
+    out = subprocess.run([PYTHON, str(ROOT / "benchmarks" / script), "--quick"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_file_scan_mix_quick(tshark):
+    out = run_quick("file_scan_mix.py")
+    assert "PASS  counts equal tshark's" in out and "PASS  the port scans in the mix raise port_scan" in out
+    assert "tshark -T fields (reference)" in out and "ratio whole process / tshark" in out
+
+
+@pytest.mark.live
+def test_live_scan_quick(root_only):
+    need(all(shutil.which(p) for p in ("nmap", "hping3", "tcpdump")), "needs nmap, hping3 and tcpdump")
+    out = run_quick("live_scan.py")
+    assert "PASS  nmap -p- on lo: engine count = tcpdump's" in out
+    assert "PASS  hping3 SYN flood: engine count = tcpdump's" in out
+    assert "port_scan alert" in out and "syn_flood alert" in out
+
+
+@pytest.mark.live
+def test_live_mix_quick(root_only):
+    need(all(shutil.which(p) for p in ("tcpreplay", "tcpdump")), "needs tcpreplay and tcpdump")
+    out = run_quick("live_mix.py")
+    assert "PASS  nothing counted twice" in out and "PASS  every frame the engine missed is counted" in out
+    assert "tcpdump (reference)" in out
+
+
+@pytest.mark.live
+@pytest.mark.browser
+def test_viewers_quick(root_only):
+    import os
+
+    need(os.path.exists("/usr/bin/chromium"), "Debian's chromium is not installed (apt-get install chromium)")
+    out = run_quick("viewers.py", timeout=600)
+    assert "PASS  all 6 tabs refreshed by themselves" in out and "highest loss-free rate" in out
