@@ -57,7 +57,7 @@ def tcpreplay(path: Path, pps: int) -> dict[str, float]:
             "pps": num(r"Rated: [\d.]+ Bps, [\d.]+ Mbps, ([\d.]+) pps"), "seconds": num(r"sent in ([\d.]+) seconds")}
 
 
-def replay_once(path: Path, pps: int) -> tuple[dict, dict, tuple[int, int]]:
+def replay_once(path: Path, pps: int, limit: float) -> tuple[dict, dict, tuple[int, int]]:
     """One replay with both capturers on; (tcpreplay's figures, engine totals, tcpdump's counts)."""
     from packet_processor import CaptureEngine, Source
 
@@ -68,26 +68,27 @@ def replay_once(path: Path, pps: int) -> tuple[dict, dict, tuple[int, int]]:
             raise SystemExit(f"engine did not start: {engine.status().error}")
         time.sleep(0.5)
         sent = tcpreplay(path, pps)
+        ended = time.monotonic()
         ref = dump.finish()  # its 1.5 s wait also lets the engine take its last ring blocks
-        settled = wait_settled(engine)
+        caught_up = wait_caught_up(engine, int(sent["sent"]), ended, limit)
+        time.sleep(0.5)  # anything counted twice or foreign would show now
         totals = engine.snapshot().totals
-        totals["settle_s"] = settled
+        totals["caught_up_s"] = caught_up
     finally:
         dump.kill()
         engine.stop()
     return sent, totals, ref
 
 
-def wait_settled(engine, quiet: float = 1.0, limit: float = 60.0) -> float:
-    """Seconds until the engine's count has not moved for `quiet` s (its backlog done), at most `limit`."""
-    t0 = last_change = time.monotonic()
-    last = engine.snapshot().totals["packets"]
-    while time.monotonic() - last_change < quiet and time.monotonic() - t0 < limit:
+def wait_caught_up(engine, replayed: int, ended: float, limit: float) -> float | None:
+    """Seconds after the replay's end until counted + dropped reach the frames replayed; None if not within limit."""
+    while True:
+        t = engine.snapshot().totals
+        if t["packets"] + t["dropped"] >= replayed:
+            return time.monotonic() - ended
+        if time.monotonic() - ended > limit:
+            return None
         time.sleep(0.1)
-        now = engine.snapshot().totals["packets"]
-        if now != last:
-            last, last_change = now, time.monotonic()
-    return last_change - t0
 
 
 def main() -> int:
@@ -96,6 +97,8 @@ def main() -> int:
     ap.add_argument("--packets", type=int, default=None)
     ap.add_argument("--pps", type=int, default=400_000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--wait", type=float, default=30.0, help="seconds the engine may take to catch up after the "
+                    "replay before what it has not counted or dropped is reported as missing")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root")
@@ -110,7 +113,7 @@ def main() -> int:
         kinds = mixgen.make_mix(path, n, seed=args.seed)
         print(f"mix: {n:,} frames, {path.stat().st_size / 1e6:.0f} MB, seed {args.seed}: {kinds}")
         print(f"replay: tcpreplay --preload-pcap --pps={args.pps} -i lo; capture filter {BPF!r}", flush=True)
-        sent, totals, (ref, ref_dropped) = replay_once(path, args.pps)
+        sent, totals, (ref, ref_dropped) = replay_once(path, args.pps, args.wait)
     replayed = int(sent["sent"])
     counted, dropped = totals["packets"], totals["dropped"]
     print(f"  tcpreplay: {replayed:,} frames sent ({int(sent['failed']):,} failed) in {sent['seconds']:.2f} s, "
@@ -118,8 +121,10 @@ def main() -> int:
     if sent["pps"] < 0.98 * args.pps:
         print(f"  note: tcpreplay reached only {sent['pps']:,.0f} of the asked {args.pps:,} packets/s here; "
               "the target applies at the rate it reached")
+    late = totals["caught_up_s"]
     print(f"  engine (detectors on): {counted:,} counted = {counted / replayed:.4%}, {dropped:,} dropped by the "
-          f"kernel; count settled {totals['settle_s']:.2f} s after tcpdump's stop")
+          "kernel; " + (f"caught up {late:.2f} s after the replay's end" if late is not None else
+                        f"{replayed - counted - dropped:,} neither counted nor dropped {args.wait:g} s after it"))
     print(f"  tcpdump (reference):   {ref:,} counted = {ref / replayed:.4%}, {ref_dropped:,} dropped")
     if totals.get("stages"):
         print(f"  stages: {totals['stages']}")
