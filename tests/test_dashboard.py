@@ -251,7 +251,7 @@ def test_a_dead_capture_thread_is_shown(fresh, root_only):
     subprocess.run(["ping", "-c", "1", "127.0.0.1"], capture_output=True, check=True)
     at = run_until(at, lambda a: metric(a, "Status").value == "error"
                    and any("capture thread not running" in c.value for c in a.caption))
-    assert any("capture stopped: RuntimeError: injected fault" in e.value for e in at.error)
+    assert any("capture stopped: RuntimeError: injected fault" in rendered(e.value) for e in at.error)
 
 
 def test_access_password_guards_every_number(fresh, tmp_path):
@@ -601,12 +601,16 @@ def test_promiscuous_toggle_reaches_the_capture(fresh, root_only):
             promisc: bool = True
 
         fresh.setattr(packet_processor, "Source", PromiscSource)
+    asked = []
+    real_start = packet_processor.CaptureEngine.start
+    fresh.setattr(packet_processor.CaptureEngine, "start", lambda self, source: asked.append(source)
+                  or real_start(self, source))
     fresh.setenv("NTM_INTERFACE", "lo")
     fresh.setenv("NTM_BPF_FILTER", "udp port 9")
     at = app().run()
     assert at.sidebar.toggle(key="promisc").value is True  # PROMISC defaults to on, as tcpdump
-    engine = next(iter(packet_processor.engines()))
-    assert engine.source.promisc is True
+    assert [s.promisc for s in asked] == [True]
     at.sidebar.toggle(key="promisc").set_value(False)
     at.sidebar.button(key="start").click().run()
-    assert engine.source.promisc is False and metric(at, "Status").value == "running"
+    assert not at.sidebar.error and metric(at, "Status").value == "running"
+    assert [s.promisc for s in asked] == [True, False] and asked[1].iface == "lo"
