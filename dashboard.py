@@ -55,8 +55,15 @@ def local_zone() -> tzinfo:
             return ZoneInfo.from_file(fh, key="localtime")
     except (OSError, ValueError, ZoneInfoNotFoundError):
         # A POSIX TZ rule string or no zone database: the offset of now, as the best left.
-        log.warning("time zone %r not found in the zone database; times use the current offset", name)
+        _zone_warning(name)
         return datetime.now().astimezone().tzinfo
+
+
+@st.cache_resource(show_spinner=False)
+def _zone_warning(name: str) -> None:
+    """Say once per process (not at every rerun) that the zone has no rules here."""
+    log.warning("time zone %r not found in the zone database; times use the current offset, "
+                "which is wrong across a daylight-saving change", name)
 
 
 LOCAL_TZ = local_zone()  # the script runs afresh on every rerun, so a change of TZ is seen at the next one
