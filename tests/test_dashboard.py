@@ -396,11 +396,13 @@ def test_a_paused_view_keeps_the_rates_of_the_moment_it_froze(fresh, root_only):
     at.sidebar.toggle(key="paused").set_value(True).run()
     frozen = (metric(at, "Packets/s").value, metric(at, "Bit/s").value)
     assert frozen[0] == "20.0"  # 100 packets over the 5 s window
+    lag = next(c.value for c in at.caption if "last packets added" in c.value)
     for _ in range(50):
         tx.sendto(b"q", ("127.0.0.1", port))
     time.sleep(7)  # longer than the window: a view computed against the clock would show 0 now
     at.run()
     assert (metric(at, "Packets/s").value, metric(at, "Bit/s").value) == frozen and count(at) == 100
+    assert next(c.value for c in at.caption if "last packets added" in c.value) == lag  # as fresh as it was
     at.sidebar.toggle(key="paused").set_value(False).run()
     at = run_until(at, lambda a: count(a) == 150)
     assert count(at) == 150 and metric(at, "Packets/s").value == "0.0"  # live again: the clock moved on
