@@ -575,7 +575,8 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
 
     def snapshot(self):
         snap = real(self)
-        dtype = np.dtype([*snap.packets.dtype.descr, ("vlan", "<i2")])
+        names = snap.packets.dtype.names
+        dtype = snap.packets.dtype if "vlan" in names else np.dtype([*snap.packets.dtype.descr, ("vlan", "<u2")])
         rows = np.zeros(len(snap.packets), dtype)
         for name in snap.packets.dtype.names:
             rows[name] = snap.packets[name]
