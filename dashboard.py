@@ -487,7 +487,7 @@ def charts(snap: Snapshot, end: float | None) -> None:
         by = st.radio("Pie by", ["packets", "bytes"], horizontal=True, key="pie_by")
         counts = snap.totals["transport_counts" if by == "packets" else "transport_bytes"]
         st.plotly_chart(viz.protocol_pie(counts, by), key="pie")
-        if "vlan" in (snap.packets.dtype.names or ()) and viz.vlan_bar(snap.packets["vlan"]).data:
+        if tagged(snap.packets):
             st.plotly_chart(viz.vlan_bar(snap.packets["vlan"]), key="vlans")
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
@@ -539,9 +539,9 @@ def _acknowledge(engine: CaptureEngine, alerts: list) -> None:
         engine.alerts.acknowledge(a)
 
 
-def packets_table(rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
+def packets_table(rows: np.ndarray, tz: tzinfo | None, vlan: bool = False) -> pd.DataFrame:
     """packets_frame, safe for timestamps no calendar holds (pcapng allows them), with a VLAN column
-    when the records carry one."""
+    when asked and the records carry one."""
     ts = rows["ts"]
     outside = ~((ts >= viz.TS_MIN) & (ts <= viz.TS_MAX))
     if outside.any():
@@ -551,7 +551,7 @@ def packets_table(rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
     if outside.any():
         frame["time"] = viz.time_texts(ts, tz)
         frame["ts"] = ts
-    if "vlan" in (rows.dtype.names or ()) and not any(str(c).lower() == "vlan" for c in frame.columns):
+    if vlan and "vlan" in (rows.dtype.names or ()) and not any(str(c).lower() == "vlan" for c in frame.columns):
         vid = rows["vlan"].astype(np.int32)
         frame.insert(frame.columns.get_loc("protocol"), "VLAN",
                      pd.arrays.IntegerArray(vid, (vid <= 0) | (vid >= 4095)))
@@ -564,13 +564,18 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     text = st.text_input("Filter by address, port or protocol", key="pkt_filter")
     n = config.get("RECENT_ROWS")
     rows = snap.packets if text.strip() else snap.packets[-n:]
-    table = viz.recent_table(packets_table(rows, LOCAL_TZ), n, text)
+    table = viz.recent_table(packets_table(rows, LOCAL_TZ, tagged(snap.packets)), n, text)
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
                  key="recent")
     # A paused view downloads what it shows; otherwise the buffer as it is at the click.
     data = (lambda: _csv(snap.packets)) if frozen else (lambda: _csv(engine.snapshot().packets))
     st.download_button("Download the whole buffer (CSV)", data=data, file_name="packets.csv",
                        mime="text/csv", key="csv", on_click="ignore")
+
+
+def tagged(rows: np.ndarray) -> bool:
+    """Whether any packet of the buffer carries a VLAN tag: only then has the table a VLAN column."""
+    return "vlan" in (rows.dtype.names or ()) and bool((rows["vlan"] > 0).any())
 
 
 def _csv(rows: np.ndarray) -> bytes:

@@ -572,6 +572,7 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
     import packet_processor
 
     real = packet_processor.CaptureEngine.snapshot
+    vids = [100, 100, 100, 0, 0, 200, 0, 100]
 
     def snapshot(self):
         snap = real(self)
@@ -580,7 +581,7 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
         rows = np.zeros(len(snap.packets), dtype)
         for name in snap.packets.dtype.names:
             rows[name] = snap.packets[name]
-        rows["vlan"] = [100, 100, 100, 0, 0, 200, 0, 100][:len(rows)]
+        rows["vlan"] = vids[:len(rows)]
         return dataclasses.replace(snap, packets=rows)
 
     fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
@@ -590,6 +591,9 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
     assert recent["VLAN"].fillna(-1).tolist()[::-1] == [100, 100, 100, -1, -1, 200, -1, 100]
     vlans = figures(at)["VLANs (recent buffer)"]["data"][0]
     assert dict(zip(vlans["y"], array(vlans["x"]).tolist())) == {"VLAN 100": 4, "VLAN 200": 1}
+    vids[:] = [0] * 8  # no tagged packet in the buffer: neither the column nor the chart
+    at.run()
+    assert "VLAN" not in at.dataframe[1].value.columns and "VLANs (recent buffer)" not in figures(at)
 
 
 @pytest.mark.live
