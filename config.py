@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECENT_ROWS", 100, "Rows shown in the recent-packets table."),
     Setting("CAPTURE_DIR", "captures", "Folder whose capture files can be opened by path from the dashboard."),
     Setting("UPLOAD_MAX_MB", 200, "Largest capture file accepted by upload (MB)."),
+    Setting("UPLOAD_DIR_MAX_MB", 1000, "Most disk space (MB) all uploaded captures may use together; the oldest "
+            "uploads not being read are deleted first, and the folder is deleted when the dashboard exits."),
     Setting("REPLAY_SPEED", 0.0, "Replay speed for capture files: 0 loads at once, 1 is the original pace, "
             "2 twice as fast."),
     Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
