@@ -1,0 +1,321 @@
+"""One interface for every store: open (and migrate), write a batch, query a range, prune, close.
+
+The schema is explicit and versioned here, in one place, for every backend. Rows are tagged with
+the ``sensor`` (default: the host name) and ``iface`` that produced them and with an ``origin``
+("live", or "import:<id>" for an imported capture file); times are epoch seconds. Every row also
+carries a ``seg``: the rollup rewrites the rows of a still-open minute by writing its segment again,
+and a backend replaces the earlier rows of each segment listed in ``StoreBatch.replaces`` in the
+same transaction, so a minute written partially and then whole is never counted twice.
+
+Query shapes are kept to what ClickHouse 18.16 can run too (sum/min/max with GROUP BY over a time
+range, ORDER BY ... LIMIT): a backend supplies ``_query`` and the dialect's integer division.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from analysis.headers import CLASSES, DIRECTIONS
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Columns of the per-second table after the common prefix (sensor, iface, origin, seg).
+SECOND_VALUES = (["packets", "bytes", "bytes_captured", "malformed"] + [f"pk_{c}" for c in CLASSES]
+                 + [f"by_{c}" for c in CLASSES] + [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS])
+PREFIX = (("sensor", "VARCHAR"), ("iface", "VARCHAR"), ("origin", "VARCHAR"), ("seg", "BIGINT"))
+
+# table -> columns after PREFIX (alerts and origins have their own shape).
+TABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    "seconds": (("ts", "BIGINT"), *((c, "BIGINT") for c in SECOND_VALUES),
+                ("min_ts", "DOUBLE"), ("max_ts", "DOUBLE")),
+    "conversations": (("minute", "BIGINT"), ("a", "VARCHAR"), ("b", "VARCHAR"), ("a_port", "INTEGER"),
+                      ("b_port", "INTEGER"), ("proto", "SMALLINT"), ("vlan", "INTEGER"), ("packets", "BIGINT"),
+                      ("bytes", "BIGINT"), ("first_ts", "DOUBLE"), ("last_ts", "DOUBLE")),
+    "top_addrs": (("minute", "BIGINT"), ("kind", "VARCHAR"), ("addr", "VARCHAR"), ("packets", "BIGINT"),
+                  ("bytes", "BIGINT")),
+    "top_ports": (("minute", "BIGINT"), ("proto", "VARCHAR"), ("port", "INTEGER"), ("packets", "BIGINT"),
+                  ("bytes", "BIGINT")),
+    # One row per minute and table kind whose table was capped: what was left out, and the most
+    # any one left-out key could have had (summed over the cuts), which bounds a top-N's error.
+    "caps": (("minute", "BIGINT"), ("kind", "VARCHAR"), ("dropped_keys", "BIGINT"), ("dropped_packets", "BIGINT"),
+             ("dropped_bytes", "BIGINT"), ("bound_packets", "BIGINT"), ("bound_bytes", "BIGINT")),
+}
+ALERT_COLUMNS = (("sensor", "VARCHAR"), ("iface", "VARCHAR"), ("origin", "VARCHAR"), ("detector", "VARCHAR"),
+                 ("severity", "VARCHAR"), ("source", "VARCHAR"), ("target", "VARCHAR"), ("first_ts", "DOUBLE"),
+                 ("last_ts", "DOUBLE"), ("count", "BIGINT"), ("evidence", "VARCHAR"))
+ORIGIN_COLUMNS = (("origin", "VARCHAR"), ("kind", "VARCHAR"), ("label", "VARCHAR"), ("created", "DOUBLE"),
+                  ("sensor", "VARCHAR"))
+ALERT_KEYS = ("detector", "severity", "source", "target", "first_ts", "last_ts", "count", "evidence")
+
+
+def columns(table: str) -> list[str]:
+    """The column names of a table, in order."""
+    if table == "alerts":
+        return [c for c, _ in ALERT_COLUMNS]
+    if table == "origins":
+        return [c for c, _ in ORIGIN_COLUMNS]
+    return [c for c, _ in PREFIX] + [c for c, _ in TABLES[table]]
+
+
+def empty_frame(table: str) -> pd.DataFrame:
+    """An empty DataFrame with the table's columns."""
+    return pd.DataFrame({c: [] for c in columns(table)})
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Capture-time seconds `since`..`until`, both inclusive; `sensor` None means every sensor."""
+
+    since: int = 0
+    until: int = 2 ** 62
+    sensor: str | None = None
+
+    @property
+    def first_minute(self) -> int:
+        """Epoch second of the minute holding `since` (per-minute tables cover whole minutes)."""
+        return self.since - self.since % 60
+
+    def params(self) -> dict[str, Any]:
+        """Query parameters for the range."""
+        return {"since": int(self.since), "until": int(self.until), "m0": int(self.first_minute),
+                "sensor": self.sensor or ""}
+
+
+@dataclass
+class StoreBatch:
+    """Rows for one write, one DataFrame per table (columns as in `columns(table)`).
+
+    `replaces`: segments whose rows already in the store are replaced by this batch's rows of the
+    same segment (the still-open minute, written again as it grows). `origins`: origin rows to add.
+    """
+
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    replaces: tuple[int, ...] = ()
+    alerts: pd.DataFrame | None = None
+    origins: tuple[tuple[str, str, str, float, str], ...] = ()
+
+    def packets(self) -> int:
+        """Packets counted by this batch's per-second rows (what is lost if it is lost)."""
+        sec = self.frames.get("seconds")
+        return 0 if sec is None or not len(sec) else int(sec["packets"].sum())
+
+    def rows(self) -> int:
+        """Rows in the batch, every table."""
+        n = sum(len(f) for f in self.frames.values())
+        return n + (0 if self.alerts is None else len(self.alerts))
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """What the page shows about the store: its state, the last error and what was written or lost."""
+
+    state: str  # closed, ok, error, in_use
+    path: str = ""
+    message: str | None = None
+    moved_aside: str | None = None  # where a corrupt or newer store was moved, once
+    batches_written: int = 0
+    rows_written: int = 0
+    batches_failed: int = 0  # write attempts that failed (their batch waits in `pending`)
+    pending: int = 0  # batches kept in memory to retry
+    batches_dropped: int = 0  # batches given up on (pending overflowed): history lacks them
+    packets_dropped: int = 0  # packets in those batches
+    last_write_wall: float | None = None
+
+
+class Store(ABC):
+    """A history store: batched writes, range queries, pruning. Writes never raise; errors are state."""
+
+    def __init__(self, pending_max: int = 60, clock=time.time) -> None:
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._pending: deque[StoreBatch] = deque()
+        self._pending_max = pending_max
+        self._counts = {"batches_written": 0, "rows_written": 0, "batches_failed": 0, "batches_dropped": 0,
+                        "packets_dropped": 0}
+        self._state = "closed"
+        self._message: str | None = None
+        self._moved_aside: str | None = None
+        self._last_write: float | None = None
+        self._last_seg = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @abstractmethod
+    def open(self) -> bool:
+        """Connect, create or migrate the schema; False (the reason in status()) when it cannot."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush what the backend buffers and release the store; safe to call twice."""
+
+    @property
+    @abstractmethod
+    def path(self) -> str:
+        """Where the store is (a file, or a server address)."""
+
+    def status(self) -> StoreStatus:
+        """The store's state for the page and the CLI."""
+        with self._lock:
+            return StoreStatus(self._state, self.path, self._message, self._moved_aside, pending=len(self._pending),
+                               last_write_wall=self._last_write, **self._counts)
+
+    def allocate_segment(self) -> int:
+        """A segment id never used before in this store (increasing, so recent segments are found fast)."""
+        with self._lock:
+            self._last_seg = max(self._last_seg + 1, time.time_ns() // 1000)
+            return self._last_seg
+
+    # -- writes ------------------------------------------------------------------------
+
+    def write(self, batch: StoreBatch) -> bool:
+        """Write a batch in one transaction, after any earlier batches that failed; False if it waits."""
+        with self._lock:
+            self._pending.append(batch)
+            while len(self._pending) > self._pending_max:
+                lost = self._pending.popleft()
+                self._counts["batches_dropped"] += 1
+                self._counts["packets_dropped"] += lost.packets()
+                log.error("store: a batch of %d packets was given up after failed writes", lost.packets())
+            while self._pending:
+                if not self._ready():
+                    self._counts["batches_failed"] += 1
+                    return False
+                head = self._pending[0]
+                try:
+                    self._write(head)
+                except Exception as exc:  # any backend failure is state: the capture goes on
+                    self._counts["batches_failed"] += 1
+                    self._failed(exc)
+                    return False
+                self._pending.popleft()
+                self._counts["batches_written"] += 1
+                self._counts["rows_written"] += head.rows()
+                self._last_write = time.time()
+            return True
+
+    def _ready(self) -> bool:
+        """Whether the backend can take a write now (reopening it after a failure)."""
+        return self._state == "ok" or self.open()
+
+    @abstractmethod
+    def _write(self, batch: StoreBatch) -> None:
+        """Apply one batch atomically; raise on failure."""
+
+    @abstractmethod
+    def _failed(self, exc: Exception) -> None:
+        """Record a failed write as the store's error state (and drop a broken connection)."""
+
+    # -- retention ---------------------------------------------------------------------
+
+    @abstractmethod
+    def prune(self, retention_days: float | None = None, now: float | None = None) -> int:
+        """Delete live rows older than the retention by capture time; imported rows stay. Rows deleted."""
+
+    @abstractmethod
+    def remove_origin(self, origin: str) -> int:
+        """Delete every row of one origin (an imported file). Rows deleted."""
+
+    # -- queries -----------------------------------------------------------------------
+
+    @abstractmethod
+    def _query(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+        """Run one read query (named parameters written $name) and return its rows."""
+
+    def _where(self, r: TimeRange, time_col: str) -> str:
+        """The range condition on `time_col` (seconds: since..until; minutes: those overlapping it)."""
+        low = "$since" if time_col == "ts" else "$m0"
+        cond = f"{time_col} >= {low} AND {time_col} <= $until"
+        return cond + (" AND sensor = $sensor" if r.sensor else "")
+
+    def totals(self, r: TimeRange) -> dict[str, Any]:
+        """Sums of every per-second column over the range, with the first and last packet times."""
+        sums = ", ".join(f"{self._sum(c)} AS {c}" for c in SECOND_VALUES)
+        df = self._query(f"SELECT {sums}, min(min_ts) AS min_ts, max(max_ts) AS max_ts, count(DISTINCT ts) AS secs "
+                         f"FROM seconds WHERE {self._where(r, 'ts')}", r.params())
+        row = df.iloc[0] if len(df) else {}
+        out = {c: int(row[c]) if c in row and pd.notna(row[c]) else 0 for c in SECOND_VALUES}
+        for c in ("min_ts", "max_ts"):
+            out[c] = float(row[c]) if c in row and pd.notna(row[c]) else None
+        return out
+
+    def series(self, r: TimeRange, bin_s: int = 1, cols: tuple[str, ...] = tuple(SECOND_VALUES)) -> pd.DataFrame:
+        """Per-bin sums (bin start `t` in epoch seconds, then `cols`), bins without traffic left out."""
+        sums = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
+        bucket = self._bucket("ts", int(bin_s))
+        return self._query(f"SELECT {bucket} AS t, {sums} FROM seconds WHERE {self._where(r, 'ts')} "
+                           f"GROUP BY t ORDER BY t", r.params())
+
+    def _sum(self, col: str) -> str:
+        """SQL for an exact integer sum (the dialect's cast to a 64-bit integer)."""
+        return f"CAST(sum({col}) AS BIGINT)"
+
+    def _bucket(self, col: str, width: int) -> str:
+        """SQL for the start of the `width`-second bin holding `col` (the dialect's integer division)."""
+        return f"(({col} // {width}) * {width})"
+
+    def top_addrs(self, r: TimeRange, kind: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
+        """The n addresses with most packets (or bytes) as sources (kind src) or destinations (dst)."""
+        p = {**r.params(), "kind": kind, "n": int(n)}
+        return self._query(f"SELECT addr, {self._sum("packets")} AS packets, {self._sum("bytes")} AS bytes FROM top_addrs "
+                           f"WHERE kind = $kind AND {self._where(r, 'minute')} GROUP BY addr "
+                           f"ORDER BY {by} DESC, addr LIMIT $n", p)
+
+    def top_ports(self, r: TimeRange, proto: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
+        """The n destination ports of `proto` (tcp, udp) with most packets (or bytes)."""
+        p = {**r.params(), "proto": proto, "n": int(n)}
+        return self._query(f"SELECT port, {self._sum("packets")} AS packets, {self._sum("bytes")} AS bytes FROM top_ports "
+                           f"WHERE proto = $proto AND {self._where(r, 'minute')} GROUP BY port "
+                           f"ORDER BY {by} DESC, port LIMIT $n", p)
+
+    def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
+        """The n conversations (both directions, per VLAN) with most bytes (or packets) in the range."""
+        p = {**r.params(), "n": int(n)}
+        return self._query(f"SELECT a, a_port, b, b_port, proto, vlan, {self._sum('packets')} AS packets, "
+                           f"{self._sum('bytes')} AS bytes, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
+                           f"FROM conversations WHERE {self._where(r, 'minute')} "
+                           f"GROUP BY a, a_port, b, b_port, proto, vlan ORDER BY {by} DESC, a, b, a_port, b_port "
+                           f"LIMIT $n", p)
+
+    def rows(self, table: str, r: TimeRange, limit: int = 1_000_000) -> pd.DataFrame:
+        """Raw rows of a per-minute table (conversations, top_addrs, top_ports, caps) in the range."""
+        if table not in TABLES or table == "seconds":
+            raise ValueError(f"not a per-minute table: {table}")
+        return self._query(f"SELECT * FROM {table} WHERE {self._where(r, 'minute')} ORDER BY minute LIMIT $n",
+                           {**r.params(), "n": int(limit)})
+
+    def caps(self, r: TimeRange) -> pd.DataFrame:
+        """Per table kind: minutes capped, keys left out and the error bounds, summed over the range."""
+        return self._query(f"SELECT kind, count(*) AS minutes, "
+                           + ", ".join(f"{self._sum(c)} AS {c}" for c in ("dropped_keys", "dropped_packets",
+                                                                         "dropped_bytes", "bound_packets",
+                                                                         "bound_bytes"))
+                           + f" FROM caps "
+                           f"WHERE {self._where(r, 'minute')} GROUP BY kind ORDER BY kind", r.params())
+
+    def alerts(self, r: TimeRange) -> pd.DataFrame:
+        """Alerts active at some moment of the range, newest (by last seen) first."""
+        cond = "last_ts >= $since AND first_ts < $until + 1" + (" AND sensor = $sensor" if r.sensor else "")
+        return self._query(f"SELECT sensor, iface, origin, {', '.join(ALERT_KEYS)} FROM alerts WHERE {cond} "
+                           f"ORDER BY last_ts DESC, first_ts DESC, detector, source, target", r.params())
+
+    def origins(self) -> pd.DataFrame:
+        """Every origin (live, and each imported file) with its kind, label and creation wall time."""
+        return self._query("SELECT * FROM origins ORDER BY created", {})
+
+    def extent(self, r: TimeRange = TimeRange()) -> tuple[int, int] | None:
+        """(first, last) second holding traffic in the range, or None when it is empty."""
+        df = self._query(f"SELECT min(ts) AS lo, max(ts) AS hi FROM seconds WHERE {self._where(r, 'ts')}",
+                         r.params())
+        if not len(df) or pd.isna(df.iloc[0]["lo"]):
+            return None
+        return int(df.iloc[0]["lo"]), int(df.iloc[0]["hi"])
