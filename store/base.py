@@ -259,6 +259,9 @@ class Store(ABC):
         """SQL for an exact integer sum (the dialect's cast to a 64-bit integer)."""
         return f"CAST(sum({col}) AS BIGINT)"
 
+    def _sums(self) -> str:
+        return f"{self._sum('packets')} AS packets, {self._sum('bytes')} AS bytes"
+
     def _bucket(self, col: str, width: int) -> str:
         """SQL for the start of the `width`-second bin holding `col` (the dialect's integer division)."""
         return f"(({col} // {width}) * {width})"
@@ -266,14 +269,14 @@ class Store(ABC):
     def top_addrs(self, r: TimeRange, kind: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
         """The n addresses with most packets (or bytes) as sources (kind src) or destinations (dst)."""
         p = {**r.params(), "kind": kind, "n": int(n)}
-        return self._query(f"SELECT addr, {self._sum("packets")} AS packets, {self._sum("bytes")} AS bytes FROM top_addrs "
+        return self._query(f"SELECT addr, {self._sums()} FROM top_addrs "
                            f"WHERE kind = $kind AND {self._where(r, 'minute')} GROUP BY addr "
                            f"ORDER BY {by} DESC, addr LIMIT $n", p)
 
     def top_ports(self, r: TimeRange, proto: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
         """The n destination ports of `proto` (tcp, udp) with most packets (or bytes)."""
         p = {**r.params(), "proto": proto, "n": int(n)}
-        return self._query(f"SELECT port, {self._sum("packets")} AS packets, {self._sum("bytes")} AS bytes FROM top_ports "
+        return self._query(f"SELECT port, {self._sums()} FROM top_ports "
                            f"WHERE proto = $proto AND {self._where(r, 'minute')} GROUP BY port "
                            f"ORDER BY {by} DESC, port LIMIT $n", p)
 
@@ -295,7 +298,7 @@ class Store(ABC):
 
     def caps(self, r: TimeRange) -> pd.DataFrame:
         """Per table kind: minutes capped, keys left out and the error bounds, summed over the range."""
-        return self._query(f"SELECT kind, count(*) AS minutes, "
+        return self._query("SELECT kind, count(*) AS minutes, "
                            + ", ".join(f"{self._sum(c)} AS {c}" for c in ("dropped_keys", "dropped_packets",
                                                                          "dropped_bytes", "bound_packets",
                                                                          "bound_bytes"))

@@ -15,6 +15,7 @@ queries through its own open store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -202,10 +203,8 @@ class EmbeddedStore(Store):
                 con.execute("INSERT INTO origins VALUES (?, ?, ?, ?, ?)", list(row))
             con.execute("COMMIT")
         except BaseException:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
             raise
 
     def _failed(self, exc: Exception) -> None:
@@ -213,10 +212,8 @@ class EmbeddedStore(Store):
         self._set_state("error", f"store write failed ({self._path}): {_short(exc)}")
         con, self._con = self._con, None
         if con is not None:
-            try:
+            with contextlib.suppress(duckdb.Error):
                 con.close()
-            except duckdb.Error:
-                pass
 
     # -- retention ---------------------------------------------------------------------
 
@@ -245,10 +242,8 @@ class EmbeddedStore(Store):
                     total += int(res[0]) if res else 0
                 self._con.execute("COMMIT")
             except duckdb.Error as exc:
-                try:
+                with contextlib.suppress(duckdb.Error):
                     self._con.execute("ROLLBACK")
-                except duckdb.Error:
-                    pass
                 self._failed(exc)
                 return 0
             return total
@@ -279,10 +274,8 @@ class EmbeddedStore(Store):
         """A segment id above every id in the store, even if the clock went back since it was written."""
         with self._lock:
             if self._last_seg == 0 and self._con is not None:
-                try:
+                with contextlib.suppress(OSError, duckdb.Error):
                     self._last_seg = self.max_segment()
-                except (OSError, duckdb.Error):
-                    pass
         return super().allocate_segment()
 
 

@@ -115,7 +115,7 @@ class KeyTable:
     def _capped(self, keys: np.ndarray, vals: np.ndarray, times: np.ndarray | None) -> tuple:
         """Keep, per minute, the `cap` keys with most packets and the `cap` with most bytes; note the rest."""
         minutes = _key_minutes(keys)
-        uniq, counts = np.unique(minutes, return_counts=True)
+        _, counts = np.unique(minutes, return_counts=True)
         if not len(counts) or counts.max() <= self.cap:
             return keys, vals, times
         keep = self._ranked(minutes, vals[:, 0]) | self._ranked(minutes, vals[:, 1])
@@ -223,7 +223,8 @@ class Rollup:
         grid = (np.bincount(base, minlength=cells) + np.bincount(base + 1, wire, cells).astype(np.int64)
                 + np.bincount(base + 2, arr["cap_len"].astype(np.float64), cells).astype(np.int64)
                 + np.bincount(base + 3, arr["malformed"].astype(np.float64), cells).astype(np.int64)
-                + np.bincount(base + 4 + cls, minlength=cells) + np.bincount(base + 10 + cls, wire, cells).astype(np.int64)
+                + np.bincount(base + 4 + cls, minlength=cells)
+                + np.bincount(base + 10 + cls, wire, cells).astype(np.int64)
                 + np.bincount(base + 16 + dirs, minlength=cells)
                 + np.bincount(base + 20 + dirs, wire, cells).astype(np.int64)).reshape(n, W)
         mins, maxs = _minmax(rel, arr["ts"], arr["ts"], n)
