@@ -104,10 +104,19 @@ class StoreBatch:
     alerts: pd.DataFrame | None = None
     origins: tuple[tuple[str, str, str, float, str], ...] = ()
 
-    def packets(self) -> int:
-        """Packets counted by this batch's per-second rows (what is lost if it is lost)."""
+    def packets(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
+        """Packets counted by this batch's per-second rows, leaving out the segments in `exclude`."""
         sec = self.frames.get("seconds")
-        return 0 if sec is None or not len(sec) else int(sec["packets"].sum())
+        if sec is None or not len(sec):
+            return 0
+        if exclude:
+            sec = sec[~sec["seg"].isin(list(exclude))]
+        return int(sec["packets"].sum())
+
+    def segments(self) -> set[int]:
+        """The segments this batch writes."""
+        sec = self.frames.get("seconds")
+        return set() if sec is None else set(sec["seg"].tolist())
 
     def rows(self) -> int:
         """Rows in the batch, every table."""
@@ -183,9 +192,12 @@ class Store(ABC):
             self._pending.append(batch)
             while len(self._pending) > self._pending_max:
                 lost = self._pending.popleft()
+                # A segment written again by a later batch still waiting is not lost: that batch has it whole.
+                later = {s for b in self._pending for s in b.segments()}
+                packets = lost.packets(exclude=later)
                 self._counts["batches_dropped"] += 1
-                self._counts["packets_dropped"] += lost.packets()
-                log.error("store: a batch of %d packets was given up after failed writes", lost.packets())
+                self._counts["packets_dropped"] += packets
+                log.error("store: a batch was given up after failed writes; %d packets lost from history", packets)
             while self._pending:
                 if not self._ready():
                     self._counts["batches_failed"] += 1

@@ -177,7 +177,7 @@ class Rollup:
         self._origins: list[tuple[str, str, str, float, str]] = []
         self._texts: dict[bytes, str] = {}
         self.packets_added = 0
-        self.packets_flushed = 0  # packets in batches the store took (or queued to retry)
+        self.packets_flushed = 0  # packets counted in batches handed to the store (written or queued to retry)
 
     # -- input -------------------------------------------------------------------------
 
@@ -272,10 +272,9 @@ class Rollup:
         batch = self.build(final)
         if batch is None:
             return False
-        packets = batch.packets()
         if self.store is not None:
             self.store.write(batch)  # never raises; a failure is kept and retried by the store
-        self.packets_flushed += packets
+        self.packets_flushed = self.packets_added
         return True
 
     def build(self, final: bool = False) -> StoreBatch | None:
