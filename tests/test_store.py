@@ -330,3 +330,26 @@ def test_exports_read_back_equal_the_store(shared_pcaps, store, tmp_path):
         ip_packets = s["packets"] - s["transport_counts"]["non_ip"]
         assert conv["packets"].sum() == ip_packets and s["approximate"] == {}
         assert len(al) == len(s["alerts"]) and set(al["detector"]) == {a["detector"] for a in s["alerts"]}
+
+
+def test_recorder_flushes_on_idle_ticks_and_prunes(tmp_path):
+    from store.recorder import Recorder
+
+    mono = [0.0]
+    wall = 1_800_000_000.0
+    s = EmbeddedStore(str(tmp_path / "h.duckdb"), clock=lambda: wall)
+    rec = Recorder(s, sensor="r", iface="lo", clock=lambda: mono[0])
+    old = wall - 30 * 86400
+    rec.on_batch(udp_burst(old - old % 60, 4))  # a month old by capture time: pruned on the first due prune
+    rec.on_batch(udp_burst(wall - wall % 60, 6))
+    assert s.totals(TimeRange())["packets"] == 0  # nothing due yet
+    mono[0] = 5.5
+    rec.tick()  # no new batch: the flush still comes
+    assert s.totals(TimeRange())["packets"] == 10
+    mono[0] = 700.0
+    rec.tick()
+    assert s.totals(TimeRange())["packets"] == 6
+    rec.note_skipped(3)
+    assert rec.status()[1] == 3 and rec.status()[0].state == "ok"
+    rec.close()
+    rec.close()
