@@ -50,6 +50,17 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
     "caps": (("minute", "BIGINT"), ("kind", "VARCHAR"), ("dropped_keys", "BIGINT"), ("dropped_packets", "BIGINT"),
              ("dropped_bytes", "BIGINT"), ("bound_packets", "BIGINT"), ("bound_bytes", "BIGINT")),
 }
+# The same per-period tables per hour (`minute` is then the hour's first second). The rollup writes
+# an hour's rows once, when the hour closes; until then the hour is listed in `open_hours` (one row
+# per hour segment, written with the hour's first minute rows and deleted in the transaction that
+# writes its hour rows). A query takes each whole hour not listed there from these tables (up to 60
+# times fewer rows), and listed hours and the ragged ends of a range from the per-minute tables,
+# so an hour left open by a killed process is still answered whole, from its minutes.
+HOURLY = ("conversations", "top_addrs", "top_ports", "caps")
+for _name in HOURLY:
+    TABLES[f"{_name}_1h"] = TABLES[_name]
+TABLES["open_hours"] = (("hour", "BIGINT"),)
+
 ALERT_COLUMNS = (("sensor", "VARCHAR"), ("iface", "VARCHAR"), ("origin", "VARCHAR"), ("detector", "VARCHAR"),
                  ("severity", "VARCHAR"), ("source", "VARCHAR"), ("target", "VARCHAR"), ("first_ts", "DOUBLE"),
                  ("last_ts", "DOUBLE"), ("count", "BIGINT"), ("evidence", "VARCHAR"))
@@ -85,6 +96,12 @@ class TimeRange:
         """Epoch second of the minute holding `since` (per-minute tables cover whole minutes)."""
         return self.since - self.since % 60
 
+    def full_hours(self) -> tuple[int, int]:
+        """[h0, h1): the whole clock hours inside the range (h0 == h1 when there is none)."""
+        h0 = -(-self.first_minute // 3600) * 3600
+        h1 = (min(self.until, 2 ** 61) + 1) // 3600 * 3600
+        return (h0, h1) if h1 > h0 else (0, 0)
+
     def params(self) -> dict[str, Any]:
         """Query parameters for the range."""
         return {"since": int(self.since), "until": int(self.until), "m0": int(self.first_minute),
@@ -97,12 +114,15 @@ class StoreBatch:
 
     `replaces`: segments whose rows already in the store are replaced by this batch's rows of the
     same segment (the still-open minute, written again as it grows). `origins`: origin rows to add.
+    `frames["open_hours"]` lists hours opened; `hours_done` the hour segments whose hour rows are in
+    this batch (their `open_hours` rows are deleted).
     """
 
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
     replaces: tuple[int, ...] = ()
     alerts: pd.DataFrame | None = None
     origins: tuple[tuple[str, str, str, float, str], ...] = ()
+    hours_done: tuple[int, ...] = ()  # hour segments whose `open_hours` row this batch deletes
 
     def packets(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
         """Packets counted by this batch's per-second rows, leaving out the segments in `exclude`."""
@@ -249,6 +269,34 @@ class Store(ABC):
         cond = f"{time_col} >= {low} AND {time_col} <= $until"
         return cond + (" AND sensor = $sensor" if r.sensor else "")
 
+    def _source(self, table: str, r: TimeRange, cols: str, cond: str = "TRUE") -> str:
+        """A subquery over the range's rows of a per-period table: whole closed hours from `<table>_1h`,
+        open hours and the minutes before and after the whole hours from `table`; each part a plain
+        time range, so row groups outside it are skipped."""
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        h0, h1 = r.full_hours()
+        if h0 == h1:
+            ranges = [(table, "minute >= $m0 AND minute <= $until")]
+        else:
+            ranges = [(table, f"minute >= $m0 AND minute < {h0}"), (table, f"minute >= {h1} AND minute <= $until")]
+            start = h0
+            for hour in self._open_hours(r, h0, h1):
+                if hour > start:
+                    ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {hour}"))
+                ranges.append((table, f"minute >= {hour} AND minute < {hour + 3600}"))
+                start = hour + 3600
+            if start < h1:
+                ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
+        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in ranges]
+        return "(" + " UNION ALL ".join(parts) + ")"
+
+    def _open_hours(self, r: TimeRange, h0: int, h1: int) -> list[int]:
+        """Hours in [h0, h1) some writer has not closed (their minutes answer for them)."""
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        df = self._query(f"SELECT DISTINCT hour FROM open_hours WHERE hour >= {h0} AND hour < {h1}{sensor} "
+                         f"ORDER BY hour", r.params())
+        return [int(h) for h in df["hour"]]
+
     def totals(self, r: TimeRange) -> dict[str, Any]:
         """Sums of every per-second column over the range, with the first and last packet times."""
         sums = ", ".join(f"{self._sum(c)} AS {c}" for c in SECOND_VALUES)
@@ -280,42 +328,37 @@ class Store(ABC):
 
     def top_addrs(self, r: TimeRange, kind: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
         """The n addresses with most packets (or bytes) as sources (kind src) or destinations (dst)."""
-        p = {**r.params(), "kind": kind, "n": int(n)}
-        return self._query(f"SELECT addr, {self._sums()} FROM top_addrs "
-                           f"WHERE kind = $kind AND {self._where(r, 'minute')} GROUP BY addr "
-                           f"ORDER BY {by} DESC, addr LIMIT $n", p)
+        src = self._source("top_addrs", r, "addr, packets, bytes", "kind = $kind")
+        return self._query(f"SELECT addr, {self._sums()} FROM {src} GROUP BY addr ORDER BY {by} DESC, addr LIMIT $n",
+                           {**r.params(), "kind": kind, "n": int(n)})
 
     def top_ports(self, r: TimeRange, proto: str, by: str = "packets", n: int = 10) -> pd.DataFrame:
         """The n destination ports of `proto` (tcp, udp) with most packets (or bytes)."""
-        p = {**r.params(), "proto": proto, "n": int(n)}
-        return self._query(f"SELECT port, {self._sums()} FROM top_ports "
-                           f"WHERE proto = $proto AND {self._where(r, 'minute')} GROUP BY port "
-                           f"ORDER BY {by} DESC, port LIMIT $n", p)
+        src = self._source("top_ports", r, "port, packets, bytes", "proto = $proto")
+        return self._query(f"SELECT port, {self._sums()} FROM {src} GROUP BY port ORDER BY {by} DESC, port LIMIT $n",
+                           {**r.params(), "proto": proto, "n": int(n)})
 
     def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
         """The n conversations (both directions, per VLAN) with most bytes (or packets) in the range."""
-        p = {**r.params(), "n": int(n)}
-        return self._query(f"SELECT a, a_port, b, b_port, proto, vlan, {self._sum('packets')} AS packets, "
-                           f"{self._sum('bytes')} AS bytes, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
-                           f"FROM conversations WHERE {self._where(r, 'minute')} "
-                           f"GROUP BY a, a_port, b, b_port, proto, vlan ORDER BY {by} DESC, a, b, a_port, b_port "
-                           f"LIMIT $n", p)
+        keys = "a, a_port, b, b_port, proto, vlan"
+        src = self._source("conversations", r, f"{keys}, packets, bytes, first_ts, last_ts")
+        return self._query(f"SELECT {keys}, {self._sums()}, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
+                           f"FROM {src} GROUP BY {keys} ORDER BY {by} DESC, a, b, a_port, b_port LIMIT $n",
+                           {**r.params(), "n": int(n)})
 
     def rows(self, table: str, r: TimeRange, limit: int = 1_000_000) -> pd.DataFrame:
         """Raw rows of a per-minute table (conversations, top_addrs, top_ports, caps) in the range."""
-        if table not in TABLES or table == "seconds":
+        if table not in HOURLY:
             raise ValueError(f"not a per-minute table: {table}")
         return self._query(f"SELECT * FROM {table} WHERE {self._where(r, 'minute')} ORDER BY minute LIMIT $n",
                            {**r.params(), "n": int(limit)})
 
     def caps(self, r: TimeRange) -> pd.DataFrame:
-        """Per table kind: minutes capped, keys left out and the error bounds, summed over the range."""
-        return self._query("SELECT kind, count(*) AS minutes, "
-                           + ", ".join(f"{self._sum(c)} AS {c}" for c in ("dropped_keys", "dropped_packets",
-                                                                         "dropped_bytes", "bound_packets",
-                                                                         "bound_bytes"))
-                           + f" FROM caps "
-                           f"WHERE {self._where(r, 'minute')} GROUP BY kind ORDER BY kind", r.params())
+        """Per table kind: periods capped, keys left out and the error bounds, summed over the range."""
+        names = ("dropped_keys", "dropped_packets", "dropped_bytes", "bound_packets", "bound_bytes")
+        src = self._source("caps", r, "kind, " + ", ".join(names))
+        return self._query("SELECT kind, count(*) AS minutes, " + ", ".join(f"{self._sum(c)} AS {c}" for c in names)
+                           + f" FROM {src} GROUP BY kind ORDER BY kind", r.params())
 
     def alerts(self, r: TimeRange) -> pd.DataFrame:
         """Alerts active at some moment of the range, newest (by last seen) first."""

@@ -198,6 +198,8 @@ class EmbeddedStore(Store):
                 _insert(con, table, frame)
             if batch.alerts is not None and len(batch.alerts):
                 _upsert_alerts(con, batch.alerts)
+            if batch.hours_done:
+                con.execute(f"DELETE FROM open_hours WHERE seg IN ({', '.join(str(int(h)) for h in batch.hours_done)})")
             for row in batch.origins:
                 con.execute("DELETE FROM origins WHERE origin = ?", [row[0]])
                 con.execute("INSERT INTO origins VALUES (?, ?, ?, ?, ?)", list(row))
@@ -221,7 +223,8 @@ class EmbeddedStore(Store):
         """Delete live rows whose capture time is older than the retention; imported rows are kept."""
         days = config.get("RETENTION_DAYS") if retention_days is None else retention_days
         cutoff = int((self.clock() if now is None else now) - days * 86400)
-        conds = {t: ("ts < $cut" if t == "seconds" else "minute + 60 <= $cut") for t in TABLES}
+        conds = {t: ("ts < $cut" if t == "seconds" else "hour + 3600 <= $cut" if t == "open_hours"
+                     else "minute + 3600 <= $cut" if t.endswith("_1h") else "minute + 60 <= $cut") for t in TABLES}
         conds["alerts"] = "last_ts < $cut"
         return self._delete(conds, "origin = 'live'", {"cut": cutoff})
 

@@ -58,6 +58,14 @@ def _key_minutes(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<i8").ravel()
 
 
+def _to_hours(keys: np.ndarray) -> np.ndarray:
+    """The same keys with their period (first 8 bytes) set to the hour holding it."""
+    out = keys.copy()
+    m = _key_minutes(keys)
+    out[:, :8] = _minute_bytes(m - m % 3600)
+    return out
+
+
 class KeyTable:
     """Keyed (uint8 rows, minute first) packets, bytes and optionally first/last seen, merged lazily.
 
@@ -138,6 +146,18 @@ class KeyTable:
         out[order] = (idx - start) < self.cap
         return out
 
+    def add_grouped(self, keys: np.ndarray, vals: np.ndarray, times: np.ndarray | None) -> None:
+        """Add rows already grouped (another table's rows): merged with the rest at the next merge."""
+        if len(keys):
+            self.parts.append((keys, vals, times if self.times else None))
+            self.rows += len(keys)
+
+    def select(self, periods: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The merged rows of these periods."""
+        keys, vals, times = self.merge()
+        sel = np.isin(_key_minutes(keys), periods)
+        return keys[sel], vals[sel], None if times is None else times[sel]
+
     def forget(self, minutes: list[int]) -> None:
         """Drop the state of closed minutes (after their last write)."""
         keys, vals, times = self.merge()
@@ -169,8 +189,11 @@ class Rollup:
         self.tables = {"conv": KeyTable(52, True, conv_max, max(merge, 4 * conv_max)),
                        "src": KeyTable(24, False, top_max, merge), "dst": KeyTable(24, False, top_max, merge),
                        "tcp": KeyTable(12, False, top_max, merge), "udp": KeyTable(12, False, top_max, merge)}
+        self.hours = {k: KeyTable(t.width, t.times, t.cap, t.merge_rows) for k, t in self.tables.items()}
+        self._hsegs: dict[int, int] = {}  # open hour -> its segment (the hourly tables' rows)
         self._segs: dict[int, int] = {}  # open minute -> its segment
-        self._written: set[int] = set()  # segments handed to the store at least once
+        self._written: set[int] = set()  # minute segments handed to the store at least once
+        self._marked: set[int] = set()  # hour segments listed in the store's open_hours
         self._dirty: set[int] = set()
         self._newest_minute: int | None = None
         self._alerts: dict[tuple, dict[str, Any]] = {}
@@ -192,6 +215,8 @@ class Rollup:
         for m in np.unique(minute).tolist():
             if m not in self._segs:
                 self._segs[m] = self._allocate()
+            if m - m % 3600 not in self._hsegs:
+                self._hsegs[m - m % 3600] = self._allocate()
             self._dirty.add(m)
         top = int(minute.max())
         self._newest_minute = top if self._newest_minute is None else max(top, self._newest_minute)
@@ -278,33 +303,70 @@ class Rollup:
         return True
 
     def build(self, final: bool = False) -> StoreBatch | None:
-        """The StoreBatch of everything changed since the last build (and close passed minutes)."""
+        """The StoreBatch of everything changed since the last build; closes passed minutes and hours.
+
+        `final`: close every minute and hour (end of a capture or an import)."""
         if not self._dirty and not self._alerts and not self._origins:
             return None
+        newest = self._newest_minute
+        closed = sorted(m for m in self._segs if final or (newest is not None and m < newest))
         dirty = sorted(self._dirty)
-        frames = self._frames(dirty) if dirty else {}
+        frames: dict[str, pd.DataFrame] = {}
+        if dirty:
+            rows = {k: t.select(dirty) for k, t in self.tables.items()}
+            drops = {k: {m: t.dropped[m] for m in dirty if m in t.dropped} for k, t in self.tables.items()}
+            frames.update(self._period_frames(rows, drops, self._segs, "", *self._merged_seconds()))
+        self._fold(closed)
+        still_open = {m - m % 3600 for m in self._segs if m not in closed}
+        closing = sorted(h for h in self._hsegs if final or h not in still_open)
+        if closing:
+            rows = {k: t.select(closing) for k, t in self.hours.items()}
+            drops = {k: {h: t.dropped[h] for h in closing if h in t.dropped} for k, t in self.hours.items()}
+            frames.update(self._period_frames(rows, drops, self._hsegs, "_1h"))
+        opened = sorted({m - m % 3600 for m in dirty} - set(closing))
+        opened = [h for h in opened if self._hsegs[h] not in self._marked]
+        if opened:
+            frames["open_hours"] = pd.DataFrame({**self._prefix(len(opened), np.array(opened), self._hsegs),
+                                                 "hour": opened}, columns=columns("open_hours"))
         segs = [self._segs[m] for m in dirty]
         batch = StoreBatch(frames=frames, replaces=tuple(s for s in segs if s in self._written),
-                           alerts=self._alert_frame(), origins=tuple(self._origins))
+                           alerts=self._alert_frame(), origins=tuple(self._origins),
+                           hours_done=tuple(self._hsegs[h] for h in closing if self._hsegs[h] in self._marked))
         self._written.update(segs)
+        self._marked.update(self._hsegs[h] for h in opened)
         self._alerts.clear()
         self._origins.clear()
         self._dirty.clear()
-        newest = self._newest_minute
-        closed = [m for m in self._segs if final or (newest is not None and m < newest)]
-        self._close(closed)
+        self._close(closed, closing)
         return batch
 
-    def _close(self, minutes: list[int]) -> None:
-        if not minutes:
+    def _fold(self, closed: list[int]) -> None:
+        """Closed minutes join their hour's state (rows and what their caps left out)."""
+        if not closed:
             return
-        for t in self.tables.values():
-            t.forget(minutes)
-        secs, grid, mins, maxs = self._merged_seconds()
-        keep = ~np.isin(secs - secs % 60, minutes)
-        self._secs = [(secs[keep], grid[keep], mins[keep], maxs[keep])] if keep.any() else []
-        for m in minutes:
-            self._written.discard(self._segs.pop(m))
+        for kind, t in self.tables.items():
+            keys, vals, times = t.select(closed)
+            h = self.hours[kind]
+            h.add_grouped(_to_hours(keys), vals, times)
+            for m in closed:
+                if m in t.dropped:
+                    hour = m - m % 3600
+                    h.dropped[hour] = h.dropped[hour] + t.dropped[m] if hour in h.dropped else t.dropped[m].copy()
+
+    def _close(self, minutes: list[int], hours: list[int]) -> None:
+        if minutes:
+            for t in self.tables.values():
+                t.forget(minutes)
+            secs, grid, mins, maxs = self._merged_seconds()
+            keep = ~np.isin(secs - secs % 60, minutes)
+            self._secs = [(secs[keep], grid[keep], mins[keep], maxs[keep])] if keep.any() else []
+            for m in minutes:
+                self._written.discard(self._segs.pop(m))
+        if hours:
+            for t in self.hours.values():
+                t.forget(hours)
+            for h in hours:
+                self._marked.discard(self._hsegs.pop(h))
 
     def _merged_seconds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self._secs:
@@ -322,73 +384,71 @@ class Rollup:
         self._secs = [(np.asarray(uniq, np.int64), out, mins, maxs)]
         return self._secs[0]
 
-    def _prefix(self, n: int, seg: np.ndarray) -> dict[str, Any]:
+    def _prefix(self, n: int, periods: np.ndarray, segs: dict[int, int]) -> dict[str, Any]:
         return {"sensor": np.full(n, self.sensor, object), "iface": np.full(n, self.iface, object),
-                "origin": np.full(n, self.origin, object), "seg": seg}
+                "origin": np.full(n, self.origin, object),
+                "seg": pd.Series(periods, dtype=np.int64).map(segs).to_numpy(np.int64)}
 
-    def _seg_of(self, minutes: np.ndarray) -> np.ndarray:
-        return pd.Series(minutes).map(self._segs).to_numpy(np.int64)
-
-    def _frames(self, dirty: list[int]) -> dict[str, pd.DataFrame]:
-        secs, grid, mins, maxs = self._merged_seconds()
-        sel = np.isin(secs - secs % 60, dirty)
-        s = secs[sel]
-        frame = {**self._prefix(len(s), self._seg_of(s - s % 60)), "ts": s,
-                 **{c: grid[sel, i] for i, c in enumerate(SECOND_VALUES)}, "min_ts": mins[sel], "max_ts": maxs[sel]}
-        frames = {"seconds": pd.DataFrame(frame, columns=columns("seconds"))}
-        frames["conversations"] = self._conv_frame(dirty)
+    def _period_frames(self, rows: dict, drops: dict, segs: dict[int, int], suffix: str,
+                       secs: np.ndarray | None = None, grid: np.ndarray | None = None,
+                       mins: np.ndarray | None = None, maxs: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+        """DataFrames of one level (minutes: suffix "", with the seconds; hours: "_1h") for these rows."""
+        frames = {}
+        if secs is not None:
+            sel = np.isin(secs - secs % 60, list(segs)) & np.isin(secs - secs % 60, sorted(self._dirty))
+            s = secs[sel]
+            frames["seconds"] = pd.DataFrame({**self._prefix(len(s), s - s % 60, segs), "ts": s,
+                                              **{c: grid[sel, i] for i, c in enumerate(SECOND_VALUES)},
+                                              "min_ts": mins[sel], "max_ts": maxs[sel]}, columns=columns("seconds"))
+        frames["conversations" + suffix] = self._conv_frame(*rows["conv"], segs)
         addr_parts, port_parts, cap_parts = [], [], []
         for kind in ("src", "dst", "tcp", "udp"):
-            keys, vals, _ = self.tables[kind].merge()
+            keys, vals, _ = rows[kind]
             m = _key_minutes(keys)
-            sel = np.isin(m, dirty)
             if kind in ("src", "dst"):
-                addr_parts.append(self._table_frame("top_addrs", m[sel], vals[sel], kind=kind,
-                                                    addr=self._texts_of(keys[sel, 8:24])))
+                addr_parts.append(self._table_frame("top_addrs", m, vals, segs, kind=kind,
+                                                    addr=self._texts_of(keys[:, 8:24])))
             else:
-                port = np.ascontiguousarray(keys[sel, 8:12]).view("<i4").ravel()
-                port_parts.append(self._table_frame("top_ports", m[sel], vals[sel], proto=kind, port=port))
-        frames["top_addrs"] = pd.concat(addr_parts, ignore_index=True)
-        frames["top_ports"] = pd.concat(port_parts, ignore_index=True)
-        for kind, t in self.tables.items():
-            rows = [(m, *t.dropped[m].tolist()) for m in dirty if m in t.dropped]
-            if rows:
-                cap_parts.append(self._caps_frame(kind, rows))
-        frames["caps"] = pd.concat(cap_parts, ignore_index=True) if cap_parts else pd.DataFrame(
+                port = np.ascontiguousarray(keys[:, 8:12]).view("<i4").ravel()
+                port_parts.append(self._table_frame("top_ports", m, vals, segs, proto=kind, port=port))
+        frames["top_addrs" + suffix] = pd.concat(addr_parts, ignore_index=True)
+        frames["top_ports" + suffix] = pd.concat(port_parts, ignore_index=True)
+        for kind, d in drops.items():
+            if d:
+                cap_parts.append(self._caps_frame(kind, [(p, *row.tolist()) for p, row in sorted(d.items())], segs))
+        frames["caps" + suffix] = pd.concat(cap_parts, ignore_index=True) if cap_parts else pd.DataFrame(
             columns=columns("caps"))
         return frames
 
-    def _table_frame(self, table: str, minutes: np.ndarray, vals: np.ndarray, **cols: Any) -> pd.DataFrame:
-        n = len(minutes)
-        data = {**self._prefix(n, self._seg_of(minutes)), "minute": minutes, **cols,
+    def _table_frame(self, table: str, periods: np.ndarray, vals: np.ndarray, segs: dict[int, int],
+                     **cols: Any) -> pd.DataFrame:
+        data = {**self._prefix(len(periods), periods, segs), "minute": periods, **cols,
                 "packets": vals[:, 0], "bytes": vals[:, 1]}
         return pd.DataFrame(data, columns=columns(table))
 
-    def _caps_frame(self, kind: str, rows: list[tuple]) -> pd.DataFrame:
+    def _caps_frame(self, kind: str, rows: list[tuple], segs: dict[int, int]) -> pd.DataFrame:
         arr = np.array(rows, np.int64)
         names = ["dropped_keys", "dropped_packets", "dropped_bytes", "bound_packets", "bound_bytes"]
-        data = {**self._prefix(len(arr), self._seg_of(arr[:, 0])), "minute": arr[:, 0], "kind": kind,
+        data = {**self._prefix(len(arr), arr[:, 0], segs), "minute": arr[:, 0], "kind": kind,
                 **{c: arr[:, i + 1] for i, c in enumerate(names)}}
         return pd.DataFrame(data, columns=columns("caps"))
 
-    def _conv_frame(self, dirty: list[int]) -> pd.DataFrame:
-        keys, vals, times = self.tables["conv"].merge()
-        m = _key_minutes(keys)
-        sel = np.isin(m, dirty)
-        k = keys[sel]
+    def _conv_frame(self, k: np.ndarray, vals: np.ndarray, times: np.ndarray | None,
+                    segs: dict[int, int]) -> pd.DataFrame:
+        m = _key_minutes(k)
 
         def be(lo: int, hi: int, dt: str) -> np.ndarray:
             return np.ascontiguousarray(k[:, lo:hi]).view(dt).ravel().astype(np.int64)
 
         a_port, b_port = be(40, 44, ">i4"), be(44, 48, ">i4")
-        data = {**self._prefix(int(sel.sum()), self._seg_of(m[sel])), "minute": m[sel],
+        data = {**self._prefix(len(k), m, segs), "minute": m,
                 "a": self._texts_of(k[:, 8:24]), "b": self._texts_of(k[:, 24:40]),
                 "a_port": pd.arrays.IntegerArray(a_port.astype(np.int32), a_port < 0),
                 "b_port": pd.arrays.IntegerArray(b_port.astype(np.int32), b_port < 0),
                 "proto": be(48, 50, ">i2"), "vlan": be(50, 52, "<u2"),
-                "packets": vals[sel, 0], "bytes": vals[sel, 1],
-                "first_ts": times[sel, 0] if times is not None else np.empty(0),
-                "last_ts": times[sel, 1] if times is not None else np.empty(0)}
+                "packets": vals[:, 0], "bytes": vals[:, 1],
+                "first_ts": times[:, 0] if times is not None else np.empty(0),
+                "last_ts": times[:, 1] if times is not None else np.empty(0)}
         return pd.DataFrame(data, columns=columns("conversations"))
 
     def _texts_of(self, raw: np.ndarray) -> np.ndarray:

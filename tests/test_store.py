@@ -353,3 +353,49 @@ def test_recorder_flushes_on_idle_ticks_and_prunes(tmp_path):
     assert rec.status()[1] == 3 and rec.status()[0].state == "ok"
     rec.close()
     rec.close()
+
+
+def test_whole_hours_come_from_hourly_rows_equal_to_their_minutes(store):
+    """Three hours with the last minute of each hour still open at some flushes: the hourly tables
+    (which answer whole hours) hold exactly the sum of the per-minute rows."""
+    h0 = 1_700_002_800  # an hour boundary
+    r = Rollup(store, flush_s=3600)
+    rng = np.random.default_rng(1)
+    for k in range(3 * 6):  # every 10 minutes, a burst from one of 7 sources to one of 5 ports
+        t = h0 + k * 600 + int(rng.integers(0, 590))
+        r.add(udp_burst(t, int(rng.integers(1, 50)), src=f"10.7.0.{k % 7}", dport=1000 + k % 5))
+        if k % 4 == 0:
+            r.flush()
+    r.flush(final=True)
+    whole = TimeRange(h0, h0 + 3 * 3600 - 1)
+    assert whole.full_hours() == (h0, h0 + 3 * 3600)
+    minutes = store.rows("top_addrs", whole)
+    expect = minutes[minutes.kind == "src"].groupby("addr")["packets"].sum().sort_values(ascending=False)
+    got = store.top_addrs(whole, "src", n=10)
+    assert dict(zip(got["addr"], got["packets"])) == expect.to_dict()
+    ports = store.rows("top_ports", whole).groupby("port")["packets"].sum().to_dict()
+    got = store.top_ports(whole, "udp", n=10)
+    assert dict(zip(got["port"], got["packets"])) == ports
+    hourly = store._query("SELECT count(*) AS n, sum(packets) AS p FROM conversations_1h", {})
+    assert int(hourly["p"][0]) == store.totals(whole)["packets"] and int(hourly["n"][0]) <= 3 * 35
+
+
+def test_an_hour_left_open_by_a_killed_writer_is_answered_from_its_minutes(store):
+    h0 = 1_700_002_800
+    whole = TimeRange(h0, h0 + 3599)
+    first = Rollup(store, flush_s=3600)
+    first.add(udp_burst(h0 + 60, 30, src="10.8.0.1"))
+    first.add(udp_burst(h0 + 600, 20, src="10.8.0.2"))
+    first.flush()  # the hour stays open; then the process dies (no final flush)
+    assert list(store._query("SELECT hour FROM open_hours", {})["hour"]) == [h0]
+    got = store.top_addrs(whole, "src")
+    assert dict(zip(got["addr"], got["packets"])) == {"10.8.0.1": 30, "10.8.0.2": 20}
+    second = Rollup(store, flush_s=3600)  # the restarted process, same hour
+    second.add(udp_burst(h0 + 1200, 5, src="10.8.0.1"))
+    second.add(udp_burst(h0 + 3600 + 5, 1, src="10.8.0.3"))  # the next hour: closes this one for `second`
+    second.flush(final=True)
+    got = store.top_addrs(whole, "src")
+    assert dict(zip(got["addr"], got["packets"])) == {"10.8.0.1": 35, "10.8.0.2": 20}
+    assert list(store._query("SELECT hour FROM open_hours", {})["hour"]) == [h0]  # the killed writer's
+    both = store.top_addrs(TimeRange(h0, h0 + 7199), "src")
+    assert dict(zip(both["addr"], both["packets"])) == {"10.8.0.1": 35, "10.8.0.2": 20, "10.8.0.3": 1}
