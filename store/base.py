@@ -40,7 +40,7 @@ TABLES: dict[str, tuple[tuple[str, str], ...]] = {
                 ("min_ts", "DOUBLE"), ("max_ts", "DOUBLE")),
     "conversations": (("minute", "BIGINT"), ("a", "VARCHAR"), ("b", "VARCHAR"), ("a_port", "INTEGER"),
                       ("b_port", "INTEGER"), ("proto", "SMALLINT"), ("vlan", "INTEGER"), ("packets", "BIGINT"),
-                      ("bytes", "BIGINT"), ("first_ts", "DOUBLE"), ("last_ts", "DOUBLE")),
+                      ("bytes", "BIGINT"), ("first_us", "BIGINT"), ("last_us", "BIGINT")),  # after `minute`
     "top_addrs": (("minute", "BIGINT"), ("kind", "VARCHAR"), ("addr", "VARCHAR"), ("packets", "BIGINT"),
                   ("bytes", "BIGINT")),
     "top_ports": (("minute", "BIGINT"), ("proto", "VARCHAR"), ("port", "INTEGER"), ("packets", "BIGINT"),
@@ -341,7 +341,8 @@ class Store(ABC):
     def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
         """The n conversations (both directions, per VLAN) with most bytes (or packets) in the range."""
         keys = "a, a_port, b, b_port, proto, vlan"
-        src = self._source("conversations", r, f"{keys}, packets, bytes, first_ts, last_ts")
+        times = "minute + first_us / 1000000.0 AS first_ts, minute + last_us / 1000000.0 AS last_ts"
+        src = self._source("conversations", r, f"{keys}, packets, bytes, {times}")
         return self._query(f"SELECT {keys}, {self._sums()}, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
                            f"FROM {src} GROUP BY {keys} ORDER BY {by} DESC, a, b, a_port, b_port LIMIT $n",
                            {**r.params(), "n": int(n)})

@@ -306,7 +306,7 @@ class Rollup:
         """The StoreBatch of everything changed since the last build; closes passed minutes and hours.
 
         `final`: close every minute and hour (end of a capture or an import)."""
-        if not self._dirty and not self._alerts and not self._origins:
+        if not self._dirty and not self._alerts and not self._origins and not (final and self._hsegs):
             return None
         newest = self._newest_minute
         closed = sorted(m for m in self._segs if final or (newest is not None and m < newest))
@@ -447,8 +447,10 @@ class Rollup:
                 "b_port": pd.arrays.IntegerArray(b_port.astype(np.int32), b_port < 0),
                 "proto": be(48, 50, ">i2"), "vlan": be(50, 52, "<u2"),
                 "packets": vals[:, 0], "bytes": vals[:, 1],
-                "first_ts": times[:, 0] if times is not None else np.empty(0),
-                "last_ts": times[:, 1] if times is not None else np.empty(0)}
+                # Microseconds after the period's start: small integers compress to a few bytes, where
+                # random float64 epoch times cost 8 each (a third of a conversation row).
+                "first_us": np.round((times[:, 0] - m) * 1e6).astype(np.int64),
+                "last_us": np.round((times[:, 1] - m) * 1e6).astype(np.int64)}
         return pd.DataFrame(data, columns=columns("conversations"))
 
     def _texts_of(self, raw: np.ndarray) -> np.ndarray:

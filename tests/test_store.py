@@ -399,3 +399,21 @@ def test_an_hour_left_open_by_a_killed_writer_is_answered_from_its_minutes(store
     assert list(store._query("SELECT hour FROM open_hours", {})["hour"]) == [h0]  # the killed writer's
     both = store.top_addrs(TimeRange(h0, h0 + 7199), "src")
     assert dict(zip(both["addr"], both["packets"])) == {"10.8.0.1": 35, "10.8.0.2": 20, "10.8.0.3": 1}
+
+
+def test_history_conversations_equal_the_engine_snapshot(shared_pcaps, store):
+    from packet_processor import CaptureEngine
+    from store.history import conversations
+
+    f = str(shared_pcaps / "files" / "sll_linux_cooked.pcap")
+    import_files([f], store)
+    engine = CaptureEngine()
+    engine.load_file(f)
+    want = engine.snapshot().top_conversations(30, "bytes")
+    got = conversations(store, n=30, by="bytes")
+    assert len(got) == len(want) == 16  # every conversation of the file
+    for g, w in zip(got, want):
+        for k in ("a", "a_port", "b", "b_port", "proto", "packets", "bytes"):
+            assert g[k] == w[k], (k, g, w)
+        assert g["first_ts"] == pytest.approx(w["first_ts"], abs=1e-6)
+        assert g["last_ts"] == pytest.approx(w["last_ts"], abs=1e-6)
