@@ -210,6 +210,9 @@ class Store(ABC):
         """Write a batch in one transaction, after any earlier batches that failed; False if it waits."""
         with self._lock:
             self._pending.append(batch)
+            if self._drain():
+                return True
+            self._counts["batches_failed"] += 1
             while len(self._pending) > self._pending_max:
                 lost = self._pending.popleft()
                 # A segment written again by a later batch still waiting is not lost: that batch has it whole.
@@ -218,22 +221,24 @@ class Store(ABC):
                 self._counts["batches_dropped"] += 1
                 self._counts["packets_dropped"] += packets
                 log.error("store: a batch was given up after failed writes; %d packets lost from history", packets)
-            while self._pending:
-                if not self._ready():
-                    self._counts["batches_failed"] += 1
-                    return False
-                head = self._pending[0]
-                try:
-                    self._write(head)
-                except Exception as exc:  # any backend failure is state: the capture goes on
-                    self._counts["batches_failed"] += 1
-                    self._failed(exc)
-                    return False
-                self._pending.popleft()
-                self._counts["batches_written"] += 1
-                self._counts["rows_written"] += head.rows()
-                self._last_write = time.time()
-            return True
+            return False
+
+    def _drain(self) -> bool:
+        """Write the waiting batches in order; False at the first that fails (it stays first)."""
+        while self._pending:
+            if not self._ready():
+                return False
+            head = self._pending[0]
+            try:
+                self._write(head)
+            except Exception as exc:  # any backend failure is state: the capture goes on
+                self._failed(exc)
+                return False
+            self._pending.popleft()
+            self._counts["batches_written"] += 1
+            self._counts["rows_written"] += head.rows()
+            self._last_write = time.time()
+        return True
 
     def _ready(self) -> bool:
         """Whether the backend can take a write now (reopening it after a failure)."""

@@ -417,3 +417,38 @@ def test_history_conversations_equal_the_engine_snapshot(shared_pcaps, store):
             assert g[k] == w[k], (k, g, w)
         assert g["first_ts"] == pytest.approx(w["first_ts"], abs=1e-6)
         assert g["last_ts"] == pytest.approx(w["last_ts"], abs=1e-6)
+
+
+def test_failed_writes_wait_in_order_and_losses_are_counted_exactly(tmp_path):
+    """A store whose folder cannot be made (a file is in the way): batches wait, the oldest beyond
+    STORE_PENDING_MAX are dropped and their packets counted, except a minute a later batch has whole."""
+    blocker = tmp_path / "notadir"
+    blocker.write_text("x")
+    s = EmbeddedStore(str(blocker / "h.duckdb"), pending_max=2)
+    assert not s.open() and s.status().state == "error"
+    r = Rollup(s, flush_s=3600)
+    fed = 0
+    for t, n in ((M0, 10), (M0 + 5, 10)):  # minute M0 written twice while open: 10, then 20
+        r.add(udp_burst(t, n))
+        fed += n
+        r.flush()
+    r.add(udp_burst(M0 + 60, 7))
+    fed += 7
+    r.flush()  # M0 closes (unchanged: not in this batch); M0+60 open at 7
+    st = s.status()
+    # The first batch is dropped, but the second has M0 whole: nothing is lost yet.
+    assert st.pending == 2 and st.batches_dropped == 1 and st.packets_dropped == 0, st
+    for t, n in ((M0 + 120, 3), (M0 + 180, 1)):
+        r.add(udp_burst(t, n))
+        fed += n
+        r.flush()
+    st = s.status()
+    # Now M0's last version (20) and M0+60's (7) were dropped with no later batch holding them.
+    assert st.batches_dropped == 3 and st.packets_dropped == 27, st
+    blocker.unlink()
+    blocker.mkdir()
+    r.flush(final=True)
+    st = s.status()
+    assert st.state == "ok" and st.pending == 0
+    assert s.totals(TimeRange())["packets"] == fed - st.packets_dropped == 4
+    s.close()
