@@ -213,7 +213,13 @@ class Store(ABC):
             if self._drain():
                 return True
             self._counts["batches_failed"] += 1
-            while len(self._pending) > self._pending_max:
+            self._give_up_pending(self._pending_max)
+            return False
+
+    def _give_up_pending(self, keep: int = 0) -> None:
+        """Drop the oldest waiting batches beyond `keep`, counting the packets history loses with them."""
+        with self._lock:
+            while len(self._pending) > keep:
                 lost = self._pending.popleft()
                 # A segment written again by a later batch still waiting is not lost: that batch has it whole.
                 later = {s for b in self._pending for s in b.segments()}
@@ -221,7 +227,6 @@ class Store(ABC):
                 self._counts["batches_dropped"] += 1
                 self._counts["packets_dropped"] += packets
                 log.error("store: a batch was given up after failed writes; %d packets lost from history", packets)
-            return False
 
     def _drain(self) -> bool:
         """Write the waiting batches in order; False at the first that fails (it stays first)."""

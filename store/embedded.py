@@ -168,6 +168,8 @@ class EmbeddedStore(Store):
     def close(self) -> None:
         """Checkpoint and close the file; safe to call twice."""
         with self._lock:
+            if self._pending and not self.read_only and not self._drain():
+                self._give_up_pending()
             con, self._con = self._con, None
             if con is not None:
                 try:

@@ -155,7 +155,9 @@ def test_a_store_that_cannot_be_created_is_an_error_state(tmpfs):
     r.flush()  # no exception
     st = s.status()
     assert st.state == "error" and "read-only" in st.message.lower() and st.pending == 1
-    s.close()
+    s.close()  # still unwritable: what waited is given up, and counted
+    st = s.status()
+    assert st.pending == 0 and st.batches_dropped == 1 and st.packets_dropped == 10
 
 
 def test_full_filesystem_is_an_error_state_and_resumes_when_space_returns(tmpfs):
