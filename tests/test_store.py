@@ -452,3 +452,19 @@ def test_failed_writes_wait_in_order_and_losses_are_counted_exactly(tmp_path):
     assert st.state == "ok" and st.pending == 0
     assert s.totals(TimeRange())["packets"] == fed - st.packets_dropped == 4
     s.close()
+
+
+def test_sensor_filter_applies_to_every_figure(store):
+    h0 = 1_700_002_800
+    for name, src, n in (("s1", "10.6.0.1", 11), ("s2", "10.6.0.2", 22)):
+        r = Rollup(store, sensor=name, iface="eth0", flush_s=3600)
+        r.add(udp_burst(h0 + 30, n, src=src))
+        r.add_alerts([{"detector": "spike", "severity": "low", "source": src, "target": "x", "first_ts": h0 + 30.0,
+                       "last_ts": h0 + 31.0, "count": 1, "evidence": name}])
+        r.flush(final=True)
+    one = history_summary(store, h0, h0 + 3599, sensor="s1")  # a whole hour: the hourly tables
+    assert one["packets"] == 11 and [a["addr"] for a in one["top10_src_by_packets"]] == ["10.6.0.1"]
+    assert [a["evidence"] for a in one["alerts"]] == ["s1"]
+    part = history_summary(store, h0 + 10, h0 + 100, sensor="s2")  # minutes only
+    assert part["packets"] == 22 and part["top10_udp_dst_ports"] == [[2000, 22]]
+    assert history_summary(store, h0, h0 + 3599)["packets"] == 33
