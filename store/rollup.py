@@ -80,6 +80,7 @@ class KeyTable:
         self.merge_rows = merge_rows
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.rows = 0
+        self.clean = True  # the parts are one merged, capped part: merge() has nothing to do
         self.dropped: dict[int, np.ndarray] = {}  # minute -> keys, packets, bytes, bound packets, bound bytes
 
     def add(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray) -> None:
@@ -94,6 +95,7 @@ class KeyTable:
         times = np.stack(_minmax(inv, ts, ts, n), axis=1) if self.times else None
         self.parts.append((keys[first], vals, times))
         self.rows += n
+        self.clean = False
         if self.rows > self.merge_rows:
             self.merge()
 
@@ -102,6 +104,8 @@ class KeyTable:
         if not self.parts:
             return (np.empty((0, self.width), np.uint8), np.empty((0, 2), np.int64),
                     np.empty((0, 2)) if self.times else None)
+        if self.clean:
+            return self.parts[0]
         if len(self.parts) > 1:
             keys = np.concatenate([p[0] for p in self.parts])
             vals = np.concatenate([p[1] for p in self.parts])
@@ -118,6 +122,7 @@ class KeyTable:
         else:
             self.parts = [self._capped(*self.parts[0])]
         self.rows = len(self.parts[0][0])
+        self.clean = True
         return self.parts[0]
 
     def _capped(self, keys: np.ndarray, vals: np.ndarray, times: np.ndarray | None) -> tuple:
@@ -151,6 +156,7 @@ class KeyTable:
         if len(keys):
             self.parts.append((keys, vals, times if self.times else None))
             self.rows += len(keys)
+            self.clean = False
 
     def select(self, periods: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The merged rows of these periods."""
