@@ -83,6 +83,21 @@ SETTINGS: tuple[Setting, ...] = (
             "of traffic raise an alert (the ones before are the baseline)."),
     Setting("SCAN_UNANSWERED_S", 3.0, "Port scans: a SYN or UDP probe with no answer after this many seconds "
             "counts as failed (nmap's initial retransmission timeout is 1 s)."),
+    Setting("STORE", "", "History store file (DuckDB); empty means history.duckdb in $XDG_DATA_HOME "
+            "(or ~/.local/share)/network-traffic-monitor/."),
+    Setting("STORE_FLUSH_S", 5.0, "How often the history rollup writes to the store (s): at most this much "
+            "history is lost when the process is killed."),
+    Setting("RETENTION_DAYS", 7.0, "Days of live history kept, by capture time; imported capture files are kept "
+            "until removed."),
+    Setting("STORE_PRUNE_S", 600.0, "How often the store's retention prune runs (s)."),
+    Setting("STORE_SENSOR", "", "Name that tags every history row (the fleet's sensor name); empty means the "
+            "host name."),
+    Setting("STORE_TOP_MAX", 2000, "Per minute, most sources, destinations and ports kept in each history top "
+            "table; beyond it the smallest are left out and the error bound is stored."),
+    Setting("STORE_CONV_MAX", 50_000, "Per minute, most conversations kept in history; the rest are counted "
+            "as left out."),
+    Setting("STORE_PENDING_MAX", 60, "History batches kept in memory while the store cannot be written "
+            "(retried in order); beyond it the oldest are dropped and counted."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
