@@ -433,6 +433,11 @@ def separate() -> Outcome:
         if _failed is not None:
             raise PrivilegeError(_failed)
         if _outcome is None:
+            if not logging.getLogger().handlers:  # the page sets logging up later: this line must not be lost
+                import config
+
+                logging.basicConfig(level=config.get("LOG_LEVEL"),
+                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             _outcome = _separate()
             log.log(logging.ERROR if _outcome.still_root else logging.INFO, "%s", _outcome.text)
         return _outcome
