@@ -47,6 +47,7 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1
+SECCOMP_FILTER_FLAG_SPEC_ALLOW = 4
 SECCOMP_RET_ALLOW = 0x7FFF0000
 BPF_RET_K = 0x06
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "ppc64le": 358, "s390x": 348, "armv7l": 383}
@@ -128,7 +129,8 @@ def _no_new_privs_all_threads() -> None:
     The flag is per thread, and Streamlit's server threads exist before dashboard.py runs. A
     seccomp filter installed with SECCOMP_FILTER_FLAG_TSYNC is copied by the kernel to every
     thread, together with the caller's no_new_privs; the filter itself allows every system call
-    (a constant filter, which the kernel caches: no cost per call)."""
+    (a constant filter, which the kernel caches), and SPEC_ALLOW leaves the speculation mitigations
+    as they were: the filter is a carrier for the flag, not a sandbox."""
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     nr = SYS_SECCOMP.get(platform.machine())
     if nr is None:
@@ -136,7 +138,7 @@ def _no_new_privs_all_threads() -> None:
     insns = (_SockFilter * 1)(_SockFilter(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     prog = _SockFprog(1, insns)
     ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(SECCOMP_SET_MODE_FILTER),
-                        ctypes.c_ulong(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(prog))
+                        ctypes.c_ulong(SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_SPEC_ALLOW), ctypes.byref(prog))
     if ret != 0:  # > 0: the id of a thread that could not be synchronised
         err = ctypes.get_errno() if ret < 0 else 0
         raise PrivilegeError(f"seccomp(TSYNC) failed: {os.strerror(err) if err else f'thread {ret}'}")
