@@ -468,8 +468,9 @@ def _separate() -> Outcome:
         log.critical("%s", _failed)
         raise PrivilegeError(_failed) from exc
     _broker = broker
-    return Outcome(f"running as {name} (uid {uid}) without capabilities; the capture helper (pid "
-                   f"{broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets")
+    threads = len(os.listdir("/proc/self/task"))
+    return Outcome(f"running as {name} (uid {uid}) without capabilities, in all {threads} threads; the capture "
+                   f"helper (pid {broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets")
 
 
 def packet_socket(kind: int, iface: str) -> socket.socket:
