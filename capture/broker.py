@@ -321,7 +321,8 @@ class Broker:
             try:
                 self._conn.send(f"open {name} {iface}".encode())
                 msg, fds, _, _ = socket.recv_fds(self._conn, 512, 1)
-            except OSError as exc:
+            except OSError as exc:  # a late answer would be taken for the next request's: no next request
+                self._conn.close()
                 raise CaptureError(f"the capture helper (pid {self.proc.pid}) is gone ({exc}); restart to capture "
                                    "again") from exc
         if fds and msg == b"ok":

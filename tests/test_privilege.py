@@ -361,6 +361,38 @@ def test_engine_after_the_drop_starts_and_stops_on_several_interfaces(root_only,
     assert proc.stderr.count("opened a raw packet socket") == 2 * rounds
 
 
+def test_unreadable_paths_are_found_by_mode_bits(world_readable):
+    closed = world_readable / "closed"
+    (closed / "inner").mkdir(parents=True)
+    closed.chmod(0o700)
+    assert broker.unreadable([str(closed / "inner")], NOBODY_UID, NOBODY_UID) == [str(closed / "inner")]
+    closed.chmod(0o711)  # search is enough for the folders above
+    (closed / "inner").chmod(0o755)
+    assert broker.unreadable([str(closed / "inner")], NOBODY_UID, NOBODY_UID) == []
+    (closed / "inner").chmod(0o750)
+    assert broker.unreadable([str(closed / "inner")], NOBODY_UID, NOBODY_UID) == [str(closed / "inner")]
+    assert broker.unreadable([str(closed / "inner")], 0, 0) == []  # root owns it
+
+
+def test_an_install_the_user_cannot_read_keeps_root_and_says_so(root_only, venv, world_readable, udp_port):
+    """Rather than fail with an ImportError in the middle of a capture, nothing changes and the log says why."""
+    world_readable.chmod(0o700)  # the project copy is now out of nobody's reach
+    app = world_readable / "app"
+    proc = subprocess.Popen([str(venv / "bin" / "python3"), "packet_processor.py", "capture", "--iface", "lo",
+                             "--filter", f"udp dst port {udp_port}", "--seconds", "3"], cwd=app, env=root_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)), 15)
+        assert broker.read_creds(f"/proc/{proc.pid}/status").uids[0] == 0 and not children(proc.pid)
+        send_udp(udp_port, 50)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"still running as root: user nobody could not read {app}" in err, err
+    assert json.loads(out)["packets"] == 50
+
+
 # -------------------------------------------------------------------------------------------------
 # Promiscuous mode: CAP_NET_RAW is the only privilege it takes
 # -------------------------------------------------------------------------------------------------
