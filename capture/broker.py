@@ -212,7 +212,10 @@ def _verify(uid: int, gid: int, caps: int) -> None:
 
 
 def _become(uid: int, gid: int, keep: int) -> None:
-    """Switch this single-threaded process to uid/gid keeping only the capabilities in `keep`."""
+    """Switch this single-threaded process to uid/gid keeping only the capabilities in `keep`.
+
+    Not uid 0 with the other capabilities dropped: uid 0 still owns root's files (and /etc/passwd is
+    writable by its owner), so the broker becomes the unprivileged user and keeps CAP_NET_RAW alone."""
     _prctl(PR_SET_KEEPCAPS, 1)  # so that the uid change keeps the permitted set for capset below
     _drop_bounding_set(keep)
     os.setgroups([])
@@ -361,8 +364,18 @@ def start_broker(uid: int, gid: int, level: str = "INFO") -> Broker:
 
 def target_user(run_as: str = "") -> tuple[int, int, str]:
     """(uid, gid, name) to run as: `run_as` if given, else the user who ran sudo, else nobody."""
-    if run_as:
-        entry = pwd.getpwuid(int(run_as)) if run_as.isdigit() else pwd.getpwnam(run_as)
+    if run_as.isdigit():  # a bare uid needs no account: its group is the same number
+        uid = int(run_as)
+        try:
+            entry = pwd.getpwuid(uid)
+            gid, name = entry.pw_gid, entry.pw_name
+        except KeyError:
+            gid, name = uid, run_as
+    elif run_as:
+        try:
+            entry = pwd.getpwnam(run_as)
+        except KeyError:
+            raise PrivilegeError(f"RUN_AS_USER: no user {run_as!r}") from None
         uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
     elif os.environ.get("SUDO_UID", "0").isdigit() and int(os.environ.get("SUDO_UID", "0")) > 0:
         uid, gid = int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID") or os.environ["SUDO_UID"])

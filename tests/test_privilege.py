@@ -193,13 +193,13 @@ def assert_unprivileged(pid: int, uid: int = NOBODY_UID) -> dict[int, broker.Cre
     return creds
 
 
-def the_broker(pid: int) -> int:
-    """The one child of pid, which must be the broker: user nobody with CAP_NET_RAW only, no capture socket."""
+def the_broker(pid: int, uid: int = NOBODY_UID) -> int:
+    """The one child of pid, which must be the broker: user `uid` with CAP_NET_RAW only, no capture socket."""
     kids = [k for k in children(pid) if "capture/broker.py" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
             .replace("\0", " ")]
     assert len(kids) == 1, children(pid)
     c = broker.read_creds(f"/proc/{kids[0]}/status")
-    assert set(c.uids) == {NOBODY_UID} and set(c.gids) == {NOBODY_UID} and c.groups == ()
+    assert set(c.uids) == {uid} and set(c.gids) == {uid} and c.groups == ()
     assert c.cap_prm == c.cap_eff == c.cap_bnd == CAP_NET_RAW and c.cap_inh == c.cap_amb == 0
     assert c.no_new_privs == 1
     assert not socket_inodes(kids[0]) & packet_inodes(), "the broker kept a capture socket"
@@ -291,17 +291,22 @@ def test_broker_answers_only_valid_requests_holds_only_net_raw_and_exits_with_it
 # -------------------------------------------------------------------------------------------------
 
 
-def test_cli_capture_as_root_gives_up_root_and_captures_every_packet(root_only, venv, udp_port):
+@pytest.mark.parametrize(("env", "uid", "name"), [
+    ({}, NOBODY_UID, "nobody"),  # root, not through sudo
+    ({"SUDO_UID": "4242", "SUDO_GID": "4242", "SUDO_USER": "operator"}, 4242, "operator"),  # through sudo
+    ({"SUDO_UID": "4242", "SUDO_GID": "4242", "NTM_RUN_AS_USER": "4343"}, 4343, "4343"),  # the setting wins
+])
+def test_cli_capture_as_root_gives_up_root_and_captures_every_packet(root_only, venv, udp_port, env, uid, name):
     cmd = [str(venv / "bin" / "python3"), "packet_processor.py", "capture", "--iface", "lo", "--filter",
            f"udp dst port {udp_port}", "--seconds", "6"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=root_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=root_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        assert wait_for(lambda: broker.read_creds(f"/proc/{proc.pid}/status").uids[0] == NOBODY_UID, 20)
+        assert wait_for(lambda: broker.read_creds(f"/proc/{proc.pid}/status").uids[0] == uid, 20)
         assert wait_for(lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)), 10), "no capture socket"
-        creds = assert_unprivileged(proc.pid)
+        creds = assert_unprivileged(proc.pid, uid)
         assert creds[proc.pid].cap_bnd == 0  # the CLI drops from its main thread: its bounding set is empty too
-        the_broker(proc.pid)
+        the_broker(proc.pid, uid)
         send_udp(udp_port, 300)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -309,7 +314,7 @@ def test_cli_capture_as_root_gives_up_root_and_captures_every_packet(root_only, 
             proc.kill()
     summary = json.loads(out)
     assert (summary["packets"], summary["dropped"], summary["error"]) == (300, 0, None), err
-    assert "running as nobody" in err and "opened a raw packet socket for lo" in err
+    assert f"running as {name} (uid {uid})" in err and "opened a raw packet socket for lo" in err
 
 
 ENGINE_DRIVER = """
