@@ -398,6 +398,49 @@ def test_an_install_the_user_cannot_read_keeps_root_and_says_so(root_only, venv,
     assert json.loads(out)["packets"] == 50
 
 
+EXEC_DRIVER = """
+import json, subprocess, sys, threading
+from capture import broker
+probe = [sys.argv[1], "-c", "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')))"]
+go, out = threading.Event(), {}
+def caps():
+    try:
+        return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
+    except PermissionError:  # the kernel refuses a capability-marked program it may not give its capability
+        return "refused"
+def older():  # a thread that existed before the drop, like Streamlit's server threads
+    go.wait()
+    out["older"] = caps()
+t = threading.Thread(target=older)
+t.start()
+print(broker.separate().text, file=sys.stderr)
+go.set()
+t.join()
+out["dropper"] = caps()
+print(json.dumps(out))
+"""
+
+
+def test_no_thread_gets_a_privilege_back_through_a_file_capability(root_only, venv, world_readable):
+    """no_new_privs in every thread: a program carrying a file capability gives it to no child."""
+    need(shutil.which("setcap") is not None, "needs setcap (libcap2-bin)")
+    capped = world_readable / "capped-python"
+    shutil.copy(os.path.realpath(venv / "bin" / "python3"), capped)
+    subprocess.run(["setcap", "cap_net_raw+eip", str(capped)], check=True)
+    control = subprocess.run([*NOBODY, str(capped), "-c", "print(next(l.split()[1] for l in "
+                              "open('/proc/self/status') if l.startswith('CapEff')))"], capture_output=True,
+                             text=True, check=True, cwd="/")
+    assert int(control.stdout, 16) == CAP_NET_RAW  # without no_new_privs, nobody gets it from the file
+    proc = subprocess.run([str(venv / "bin" / "python3"), "-c", EXEC_DRIVER, str(capped)], cwd=ROOT,
+                          env=root_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # With no_new_privs the kernel grants nothing from the file. The thread that dropped has an empty
+    # bounding set too, so the kernel refuses the program outright (its file says the capability is
+    # needed); an older thread's child runs, without it.
+    out = json.loads(proc.stdout)
+    assert out == {"older": "0" * 16, "dropper": "refused"}, (out, proc.stderr)
+
+
 # -------------------------------------------------------------------------------------------------
 # Promiscuous mode: CAP_NET_RAW is the only privilege it takes
 # -------------------------------------------------------------------------------------------------
