@@ -593,10 +593,14 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 def pick_interface(page, name: str) -> None:
     box = page.locator('[data-testid="stSelectbox"]', has_text="Interface").first
-    box.click()
-    page.keyboard.type(name)
-    page.keyboard.press("Enter")
-    page.wait_for_timeout(500)
+    for _ in range(3):
+        box.click()
+        page.keyboard.type(name)
+        page.keyboard.press("Enter")
+        if wait_for(lambda: name in box.inner_text() + box.locator("input").first.input_value(), 5):
+            return
+        page.keyboard.press("Escape")
+    pytest.fail(f"could not pick {name}: {box.inner_text()}")
 
 
 @pytest.mark.browser
@@ -647,7 +651,7 @@ def test_page_started_as_root_runs_unprivileged_while_it_captures(root_only, ven
                 assert wait_for(lambda: not socket_inodes(proc.pid) & packet_inodes(), 10)
                 press(sidebar, "Start", lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)))
                 send_udp(udp_port, 50)
-                assert wait_for(lambda: metric(page, "Packets") == 50, 15), metric(page, "Packets")
+                assert wait_for(lambda: metric(page, "Packets") == 50, 15), (metric(page, "Packets"), status(page))
 
             # Another interface: the veth pair's host end.
             pick_interface(page, veth.host_if)
@@ -655,7 +659,7 @@ def test_page_started_as_root_runs_unprivileged_while_it_captures(root_only, ven
             assert wait_for(lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)), 15)
             time.sleep(0.5)
             send_udp(udp_port, 40, veth.ns_ip)
-            assert wait_for(lambda: metric(page, "Packets") == 40, 15), metric(page, "Packets")
+            assert wait_for(lambda: metric(page, "Packets") == 40, 15), (metric(page, "Packets"), status_source(page))
             assert page.locator('[data-testid="stException"]').count() == 0
             chromium.close()
         assert_unprivileged(proc.pid)
