@@ -57,6 +57,9 @@ SETTINGS: tuple[Setting, ...] = (
             "2 twice as fast."),
     Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
     Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out."),
+    Setting("RUN_AS_USER", "", "Started as root, the dashboard and the capture CLI switch to this user (name or "
+            "uid) once a small helper holding only CAP_NET_RAW is running; empty means the user who ran sudo "
+            "(SUDO_UID), else nobody."),
     Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
     Setting("ACCESS_PASSWORD", "", "When set, the page asks for this password before it shows any data "
             "(for a dashboard exposed beyond 127.0.0.1); empty means no password."),

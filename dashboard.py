@@ -25,6 +25,7 @@ from streamlit_autorefresh import st_autorefresh
 
 import config
 import visualizations as viz
+from capture import broker
 from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
 from packet_processor import CaptureEngine, Snapshot, Source, packets_csv, packets_frame
 
@@ -638,4 +639,6 @@ def page() -> None:
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")
 
 
+if "streamlit.web.bootstrap" in sys.modules and broker.separate().still_root:  # not in AppTest's process
+    st.warning(broker.separate().text)  # as root: the capture helper starts, then this process gives up root
 page()

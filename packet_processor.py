@@ -51,6 +51,7 @@ from analysis.headers import (  # noqa: F401  - re-exported: the engine's public
     parse_frame,
     parse_nets,
 )
+from capture import broker
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
 
 log = logging.getLogger(__name__)
@@ -941,6 +942,12 @@ def _cli(argv: list[str] | None = None) -> int:
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
     else:
+        try:  # started as root: the capture helper starts, then this process gives up root
+            if broker.separate().still_root:
+                log.warning("capture as root: the parsers run with every privilege")
+        except broker.PrivilegeError as exc:
+            log.error("%s", exc)
+            return 1
         engine = CaptureEngine()
         ok = engine.start(Source("live", iface=args.iface, bpf=args.filter))
         if ok:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import native
+from capture import broker
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +616,7 @@ def _arphrd(name: str) -> int:
 
 
 PRIVILEGE_HELP = ("capture needs root or the CAP_NET_RAW capability: run `sudo streamlit run dashboard.py`, "
-                  "or grant it once with `sudo setcap cap_net_raw,cap_net_admin+eip {python}`")
+                  "or grant it once with `sudo setcap cap_net_raw+eip {python}`")
 
 
 def privilege_message() -> str:
@@ -645,7 +646,7 @@ class LiveRing:
         try:
             # Protocol 0: the socket receives nothing until bind() names the interface and
             # ETH_P_ALL, so no packet of another interface slips into the ring in between.
-            self.sock = socket.socket(socket.AF_PACKET, kind, 0)
+            self.sock = broker.packet_socket(kind, iface)  # after a drop from root, the broker opens it
         except PermissionError as exc:
             raise CaptureError(privilege_message()) from exc
         try:
