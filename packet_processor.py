@@ -24,14 +24,12 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 import config
 import native
-from analysis.detect import Alert, AlertBook, Detectors
 from analysis.headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
     CLASSES,
     DIRECTIONS,
@@ -51,7 +49,14 @@ from analysis.headers import (  # noqa: F401  - re-exported: the engine's public
     parse_frame,
     parse_nets,
 )
+from analysis.stages import AlertMirror, DetectorStage
+from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
+
+if TYPE_CHECKING:  # the detectors (and pandas) load where they run: the worker, the page
+    import pandas as pd
+
+    from analysis.detect import Alert
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 0.7  # the longest stop() waits for the capture thread
@@ -143,6 +148,20 @@ class TopTable:
         keyed = [(-int(col[r]), text(keys[r]) if text else keys[r].item(), int(r)) for r in rows]
         keyed.sort()
         return [(key, int(vals[r, 0]), int(vals[r, 1]), r) for _, key, r in keyed[:n]]
+
+
+def _seconds(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each packet's second among the distinct seconds, the distinct seconds).
+
+    Packets mostly arrive in time order: then the distinct seconds are where the value changes,
+    found in one pass; otherwise np.unique sorts them."""
+    sec = np.floor(ts).astype(np.int64)
+    if len(sec) and np.all(sec[1:] >= sec[:-1]):
+        starts = np.flatnonzero(np.concatenate(([True], sec[1:] != sec[:-1])))
+        rel = np.cumsum(np.concatenate(([False], sec[1:] != sec[:-1]))).astype(np.intp)
+        return rel, sec[starts]
+    secs, rel = np.unique(sec, return_inverse=True)
+    return rel.reshape(-1), secs
 
 
 def _min_max(groups: np.ndarray, lows: np.ndarray, highs: np.ndarray, n: int) -> np.ndarray:
@@ -241,7 +260,7 @@ class Counters:
         self.udp_dports = DenseTable(65536)
         self.other_protos = DenseTable(256)
         self.conversations = TopTable(CONV_KEY, top_max, times=True)
-        self.bins: dict[int, np.ndarray] = {}  # second -> BIN_FIELDS counts
+        self.bins: dict[int, np.ndarray] = {}  # second -> BIN_FIELDS counts, least recently fed first
 
     def prepare(self, arr: np.ndarray) -> dict[str, Any]:
         """Everything one batch adds, computed without touching the counters (outside the engine lock)."""
@@ -255,7 +274,7 @@ class Counters:
         tcp = (cls == TCP) & (arr["dport"] >= 0)
         udp = (cls == UDP) & (arr["dport"] >= 0)
         other = cls == OTHER_IP
-        rel, secs = pd.factorize(np.floor(ts).astype(np.int64))  # seconds: a hash table, not a sort
+        rel, secs = _seconds(ts)
         # Per (second, field) sums as bincounts over a flattened index (np.add.at is far slower).
         width, cells = len(BIN_FIELDS), len(secs) * len(BIN_FIELDS)
         base = rel.astype(np.int64) * width
@@ -303,18 +322,20 @@ class Counters:
             self.apply(self.prepare(arr), bin_seconds)
 
     def _add_bins(self, secs: list[int], grid: np.ndarray, bin_seconds: int) -> None:
-        # Capture files can jump by years between packets, so only the seconds present are kept.
+        # Capture files can jump by years between packets, so only the seconds present are kept:
+        # the `bin_seconds` seconds that received packets most recently (in arrival order, not by
+        # value), so one packet dated 2038 or a clock step back costs one bin and never wipes
+        # the timeline; it ages out like any other second.
         bins = self.bins
         for s, row in zip(secs, grid):
-            cur = bins.get(s)
+            cur = bins.pop(s, None)
             if cur is None:
                 bins[s] = row.copy()
             else:
                 cur += row
-        if len(bins) > bin_seconds:
-            newest = max(bins)
-            for s in [s for s in bins if s <= newest - bin_seconds]:
-                del bins[s]
+                bins[s] = cur  # re-inserted: dicts keep insertion order, so the end is the most recent
+        while len(bins) > bin_seconds:
+            del bins[next(iter(bins))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,8 +453,31 @@ def _text_column(values: np.ndarray, convert) -> np.ndarray:
 
 
 def _ports(values: np.ndarray) -> pd.arrays.IntegerArray:
+    import pandas as pd
+
     # Nullable integers: a missing port as None would turn the column into floats.
     return pd.arrays.IntegerArray(values.astype(np.int32), values < 0)
+
+
+# pandas' datetime64[ns] spans 1677..2262; pcapng allows timestamps far beyond (and a clock can be
+# wrong). Inside this margin the time zone's offset cannot push a value out of range.
+_TS_LIMIT_S = 9.0e9
+
+
+def _time_text(ts: np.ndarray, tz: Any) -> np.ndarray:
+    """'YYYY-mm-dd HH:MM:SS.mmm' per timestamp; outside pandas' range the seconds since 1970 instead."""
+    import pandas as pd
+
+    if not len(ts):
+        return np.array([], dtype=object)
+    ok = np.isfinite(ts) & (np.abs(ts) < _TS_LIMIT_S)
+    t = pd.to_datetime(np.where(ok, ts, 0.0), unit="s", utc=True)
+    if tz is not None:
+        t = t.tz_convert(tz)
+    text = np.asarray(t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3], dtype=object)
+    for i in np.flatnonzero(~ok):
+        text[i] = f"{ts[i]:.6f} s since 1970 (beyond the calendar's range)"
+    return text
 
 
 def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
@@ -448,11 +492,10 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
     proto = _text_column(keys, lambda k: _protocol_label(k >> 32, ((k >> 16) & 0xFFFF), k & 0xFFFF))
     is_tcp = p["cls"] == TCP
     flags = _text_column(np.where(is_tcp, p["tcp_flags"], 0), tcp_flags_text)
-    t = pd.to_datetime(p["ts"], unit="s", utc=True)
-    if tz is not None:
-        t = t.tz_convert(tz)
+    import pandas as pd
+
     return pd.DataFrame({
-        "time": t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3] if len(p) else pd.Series([], dtype=object),
+        "time": _time_text(p["ts"], tz),
         "ts": p["ts"],
         "direction": np.array(DIRECTIONS, dtype=object)[p["direction"]] if len(p) else [],
         "protocol": proto,
@@ -559,6 +602,7 @@ class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
     def __init__(self, buffer_size: int | None = None, local_nets: str | None = None) -> None:
+        config.validate()  # a bad setting is a clear error here, not a crash in the capture thread later
         _ENGINES.add(self)
         native.keep_freed_memory(config.get("MALLOC_KEEP_MB"))
         self.buffer_size = int(buffer_size or config.get("BUFFER_SIZE"))
@@ -568,8 +612,8 @@ class CaptureEngine:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
-        self._detectors = Detectors()
-        self.alerts = AlertBook()
+        self.alerts = AlertMirror()  # the detector stage's alerts, for the page (one per engine)
+        self._stage: DetectorStage | None = None  # the consumer stage of the current generation
         self._gen = 0
         self._state = "idle"
         self._error: str | None = None
@@ -580,6 +624,10 @@ class CaptureEngine:
         self._live: LiveRing | None = None
         self._kernel_received = 0
         self._kernel_dropped = 0
+        self._kernel_base = (0, 0)  # the ring's (received, dropped) at the last Clear
+        self._nic_base: dict[str, int] | None = None  # the NIC's counters when the capture started (or Clear)
+        self._nic_now: dict[str, int] | None = None
+        self._file_dropped: int | None = None
         self._paused_skipped = 0
         self._last_batch_wall: float | None = None
         self._started_wall: float | None = None
@@ -610,10 +658,16 @@ class CaptureEngine:
                 except CaptureError as exc:
                     self._set_error(str(exc))
                     return False
+            nic = nic_counters(source.iface) if live is not None else None
+            stage = self._new_stage(self._gen)
             with self._lock:
                 self._source = source
                 self._state = "running"
                 self._live = live
+                self._nic_base = self._nic_now = nic
+                self._kernel_received = self._kernel_dropped = 0
+                self._kernel_base = (0, 0)
+                self._stage = stage
             self._stop = threading.Event()
             self._paused.clear()
             self._thread = threading.Thread(target=self._run, args=(source, live, self._gen, self._stop),
@@ -621,13 +675,38 @@ class CaptureEngine:
             self._thread.start()
             return True
 
-    def stop(self) -> None:
-        """Stop the capture; returns within about a second, also on a silent link; safe to call twice."""
-        with self._control:
-            self._stop_locked()
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop the capture; returns within about a second, also on a silent link; safe to call twice.
 
-    def _stop_locked(self) -> None:
+        drain_s: how long the consumer stages may take to finish the batches already queued
+        (the headless CLI waits for the last alerts; the page does not)."""
+        with self._control:
+            self._stop_locked(drain_s)
+
+    def _new_stage(self, gen: int, inline: bool = False) -> DetectorStage:
+        """A fresh detector stage (and alert book) for one capture: the worker process is started here."""
+        mode = "inline" if inline else ("process" if config.get("DETECTORS_PROCESS") else "thread")
+        stage = DetectorStage(gen, self.alerts, config.get("STAGE_QUEUE_PACKETS"), mode=mode)
+        try:
+            return stage.start()
+        except OSError as exc:  # no process could be started: counting goes on, the page says why
+            stage.error = f"detector process could not start: {exc}"
+            log.error("%s", stage.error)
+            return stage
+
+    def _stop_locked(self, drain_s: float = 0.0) -> None:
         self._stop.set()
+        try:
+            self._join_capture_thread()
+        finally:
+            stage = self._stage
+            if stage is not None:
+                stage.close(drain_s)
+        with self._lock:
+            if self._state in ("running", "paused"):
+                self._state = "stopped"
+
+    def _join_capture_thread(self) -> None:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             # Bounded so that stop() returns within a second even when many readers keep the
@@ -638,10 +717,6 @@ class CaptureEngine:
                 # lock is not taken here: the thread may hold it while it waits for the GIL.
                 log.warning("capture thread %s is still finishing its last batch after %.1f s",
                             thread.name, STOP_WAIT_S)
-                return
-        with self._lock:
-            if self._state in ("running", "paused"):
-                self._state = "stopped"
 
     def pause(self) -> None:
         """Stop adding packets (live packets are read and skipped; a file replay waits)."""
@@ -658,20 +733,27 @@ class CaptureEngine:
                 self._state = "running"
 
     def clear(self) -> None:
-        """Empty the buffer and counters; the capture itself goes on."""
+        """Empty the buffer, counters and alerts; the capture itself goes on (drops count from here)."""
         with self._lock:
             self._reset_locked()
+            stage = self._stage
+            self._kernel_base = (self._kernel_received, self._kernel_dropped)
+            self._nic_base = self._nic_now
+        if stage is not None:
+            stage.reset()
+        self.alerts.clear()
 
     def _reset_locked(self) -> None:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
-        self._detectors = Detectors()
-        self.alerts.clear()
         self._last_batch_wall = None
         self._paused_skipped = 0
+        self._file_dropped = None
         if self._live is None:
             self._kernel_received = self._kernel_dropped = 0
+            self._kernel_base = (0, 0)
+            self._nic_base = self._nic_now = None
 
     def _set_error(self, message: str) -> None:
         log.error("capture: %s", message)
@@ -718,15 +800,20 @@ class CaptureEngine:
                 with self._lock:
                     self._paused_skipped += len(records)
                 continue
-            self._ingest(parse_batch(records, matcher), gen)
+            self._ingest(parse_batch(records, matcher), gen)  # live: a consumer that falls behind skips
 
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
         received, dropped = live.stats()
+        nic = nic_counters(live.iface)
         with self._lock:
             if gen == self._gen:
                 self._kernel_received, self._kernel_dropped = received, dropped
+                if nic is not None:
+                    self._nic_now = nic
 
     def _run_file(self, source: Source, gen: int, stop: threading.Event) -> None:
+        # A file's reader waits for the consumer stages (wait=True below): nothing arrives while it
+        # waits, so a file cannot overflow and every batch is analysed, unlike a live capture.
         reader = FileReader(source.path)
         if source.speed > 0:
             self.ingest_records(self._paced(reader, source.speed, stop), gen, stop)
@@ -739,17 +826,26 @@ class CaptureEngine:
                         stop.wait(0.1)
                     if stop.is_set():
                         break
-                    self._ingest(arr, gen)
+                    self._ingest(arr, gen, wait=stop)
             native.release_memory()  # the batches were large; the kept memory is not needed now
         self._note_file(reader, gen)
+        self._finish_stage(gen, stop)
         with self._lock:
             if gen != self._gen:
                 return
+            self._file_dropped = getattr(reader, "capturer_drops", None)
             if reader.error:
                 self._error = reader.error
                 self._state = "error"
             elif self._state in ("running", "paused") and not stop.is_set():
                 self._state = "finished"
+
+    def _finish_stage(self, gen: int, stop: threading.Event) -> None:
+        """At a file's end: wait until the detectors have analysed every batch, then end their worker."""
+        with self._lock:
+            stage = self._stage if gen == self._gen else None
+        if stage is not None and stage.drain(None, abort=stop):
+            stage.close()
 
     def _note_file(self, reader: FileReader, gen: int) -> None:
         note = reader.describe_file()
@@ -776,8 +872,14 @@ class CaptureEngine:
 
     def ingest_records(self, records: Iterable[Record], gen: int | None = None,
                        stop: threading.Event | None = None) -> None:
-        """Feed records through the pipeline in batches (the file path, and tests' crafted frames)."""
+        """Feed records through the pipeline in batches (paced files, and tests' crafted frames).
+
+        Like a file, it waits for the detectors: with no capture started, they run in this thread."""
         gen = self._gen if gen is None else gen
+        wait = stop if stop is not None else threading.Event()
+        with self._lock:
+            if self._stage is None and gen == self._gen:
+                self._stage = self._new_stage(gen, inline=True)
         matcher = LocalMatcher(nets=self._nets)
         size = config.get("BATCH_SIZE")
         batch: list[Record] = []
@@ -786,25 +888,30 @@ class CaptureEngine:
             batch.append(rec)
             # Flush full batches, and paced replays at least every 0.2 s so the page moves.
             if len(batch) >= size or time.monotonic() - last_flush > 0.2:
-                self._ingest(pack_records(batch, matcher), gen)
+                self._ingest(pack_records(batch, matcher), gen, wait)
                 batch, last_flush = [], time.monotonic()
                 if stop is not None and stop.is_set():
                     return
         if batch:
-            self._ingest(pack_records(batch, matcher), gen)
+            self._ingest(pack_records(batch, matcher), gen, wait)
 
-    def _ingest(self, arr: np.ndarray, gen: int) -> None:
-        """Append a packed batch to the ring and the counters; batches of an old generation are dropped."""
+    def _ingest(self, arr: np.ndarray, gen: int, wait: threading.Event | None = None) -> None:
+        """Append a packed batch to the ring and the counters, and offer it to the consumer stages;
+        batches of an old generation are dropped.
+
+        wait: None for live capture (a stage that cannot take the batch skips it and counts it), else
+        the stop event of a file, whose reader waits for the stages until it is set."""
         if not len(arr):
             return
         with self._lock:
-            counters, detectors = self._counters, self._detectors
+            counters, stage = self._counters, self._stage
             if gen != self._gen:
                 return
+        if stage is not None:  # first, so the detectors work on it while this thread counts
+            stage.offer(arr, wait=wait is not None, abort=wait)
         # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
         # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
         update = counters.prepare(arr)
-        detectors.observe(arr, self.alerts)
         with self._lock:
             if gen != self._gen or counters is not self._counters:
                 return
@@ -865,6 +972,9 @@ class CaptureEngine:
             tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
                       c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
+            stage = self._stage
+        totals["stages"] = {stage.name: stage.as_dict()} if stage is not None else {}
+        totals["alerts_suppressed"] = self.alerts.suppressed()
         alerts = tuple(self.alerts.alerts())
         rows.flags.writeable = False
         grid = np.array([[s, *v] for s, v in bins], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
@@ -874,8 +984,10 @@ class CaptureEngine:
     def _totals_locked(self, c: Counters) -> dict[str, Any]:
         return {
             "packets": c.packets, "bytes": c.bytes, "bytes_captured": c.bytes_captured,
-            "malformed": c.malformed, "dropped": self._kernel_dropped,
-            "kernel_received": self._kernel_received, "paused_skipped": self._paused_skipped,
+            "malformed": c.malformed, "dropped": self._kernel_dropped - self._kernel_base[1],
+            "kernel_received": self._kernel_received - self._kernel_base[0],
+            "nic_dropped": nic_dropped_since(self._nic_base, self._nic_now),
+            "file_dropped": self._file_dropped, "paused_skipped": self._paused_skipped,
             "transport_counts": dict(zip(CLASSES, c.cls_packets.tolist())),
             "transport_bytes": dict(zip(CLASSES, c.cls_bytes.tolist())),
             "direction_counts": dict(zip(DIRECTIONS, c.dir_packets.tolist())),
@@ -901,8 +1013,10 @@ class CaptureEngine:
             "top10_udp_dst_ports": [[p, c] for p, c, _ in snap.top_ports("udp")],
             "first_ts": t["first_ts"], "last_ts": t["last_ts"], "min_ts": t["min_ts"], "max_ts": t["max_ts"],
             "duration_s": duration, "malformed": t["malformed"], "dropped": t["dropped"],
+            "nic_dropped": t["nic_dropped"], "file_dropped": t["file_dropped"],
             "error": snap.status.error,
-            "alerts": [a.as_dict() for a in snap.alerts],
+            "alerts": [a.as_dict() for a in snap.alerts], "alerts_suppressed": t["alerts_suppressed"],
+            "stages": t["stages"],
         }
 
     def load_file(self, path: str) -> dict[str, Any]:
@@ -915,6 +1029,10 @@ class CaptureEngine:
                 self._source = Source("file", path=path)
                 self._state = "running"
                 self._error = None
+            # The detectors' worker starts first, so its start-up overlaps the file's reading.
+            stage = self._new_stage(self._gen)
+            with self._lock:
+                self._stage = stage
             self._run_file(self._source, self._gen, threading.Event())
         return self.summary()
 
@@ -935,8 +1053,13 @@ def _cli(argv: list[str] | None = None) -> int:
     c.add_argument("--filter", default="", help="BPF capture filter")
     c.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=config.get("LOG_LEVEL"), stream=sys.stderr,
+    bad = config.problems()
+    logging.basicConfig(level="INFO" if bad else config.get("LOG_LEVEL").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bad:
+        for problem in bad:
+            log.error("invalid setting: %s", problem)
+        return 1
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
@@ -945,11 +1068,21 @@ def _cli(argv: list[str] | None = None) -> int:
         ok = engine.start(Source("live", iface=args.iface, bpf=args.filter))
         if ok:
             engine._stop.wait(args.seconds)
-        engine.stop()
+        engine.stop(drain_s=5.0)  # headless: the alerts of the last batches are worth the wait
         out = engine.summary()
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
-    return 0 if not out["error"] or args.cmd == "summary" else 1
+    return exit_status(args.cmd, out)
+
+
+def exit_status(cmd: str, out: dict[str, Any]) -> int:
+    """0 when all went well; for `summary` (as tshark does) 2 when the file could not be read to its end
+    and 1 when nothing could be read at all; for `capture` 1 on any error."""
+    if not out["error"]:
+        return 0
+    if cmd == "summary" and out["packets"]:
+        return 2
+    return 1
 
 
 if __name__ == "__main__":
