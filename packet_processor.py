@@ -71,20 +71,29 @@ BIN_FIELDS = [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS] +
 class TopTable:
     """key -> packets, bytes (and first/last seen) for at most `cap` keys, merged batch by batch.
 
-    Beyond `cap` keys the smallest (by packets; among equals the newest) are pruned down to 90 %,
-    so a scan or a flood of spoofed sources cannot grow it without bound; the engine's totals are
-    kept apart and never pruned.
-    The state is one tuple, replaced whole, so a reader never sees keys and counts out of step.
+    While fewer than `cap` keys have been seen the counts are exact. Beyond that the table is a
+    Space-Saving summary (Metwally, Agrawal, El Abbadi 2005) in batch form: after each merge the
+    `cap` rows with the most packets stay, and `floor` remembers the largest (packets, bytes) ever
+    pruned. A key not in the table has sent at most `floor` (its count when pruned was an upper
+    bound), so a key that enters later starts at floor + its batch's count with error = floor:
+    every row's true count lies in [count - error, count], and any key with more than floor
+    packets is in the table. A late heavy hitter therefore gets in, and what is approximate says
+    so. The engine's totals are kept apart and are always exact.
+    The state is one tuple (keys, vals, times, err, floor), replaced whole, so a reader never sees
+    keys and counts out of step.
     """
 
     def __init__(self, key_dtype: Any, cap: int, times: bool = False) -> None:
         self.cap = cap
         self.state = (np.empty(0, key_dtype), np.empty((0, 2), np.int64),  # keys; packets, bytes
-                      np.empty((0, 2), np.float64) if times else None)  # first, last seen
+                      np.empty((0, 2), np.float64) if times else None,  # first, last seen
+                      np.empty((0, 2), np.int64), (0, 0))  # error bound per row; floor (packets, bytes)
 
     keys = property(lambda self: self.state[0])
     vals = property(lambda self: self.state[1])
     times = property(lambda self: self.state[2])
+    errors = property(lambda self: self.state[3])
+    floor = property(lambda self: self.state[4])
 
     def __len__(self) -> int:
         return len(self.state[0])
@@ -93,21 +102,16 @@ class TopTable:
         """The state after counting one packet of `wire` bytes (seen at `ts`) per key; self is unchanged."""
         if not len(keys):
             return self.state
-        fast = native.top_merge(self.state, keys, wire, ts)
+        fast = native.top_merge(self.state[:3], keys, wire, ts)
         uniq, vals, times = fast if fast is not None else self.merged_numpy(keys, wire, ts)
-        m = len(uniq)
-        if m > self.cap:
-            # The most packets win; among equal counts the older rows (a stable sort). argpartition
-            # is no use here: with the many ties of a scan (counts of 1) it is 10x slower than this.
-            keep = np.sort(np.argsort(-vals[:, 0], kind="stable")[:int(self.cap * 0.9)])
-            return uniq[keep], vals[keep], None if times is None else times[keep]
-        if fast is not None:  # copies, so the state does not pin the batch-sized buffers
-            return uniq.copy(), vals.copy(), None if times is None else times.copy()
-        return uniq, vals, times
+        out = space_saving(self.state, uniq, vals, times, self.cap)
+        if fast is not None and out[0] is uniq:  # copies, so the state does not pin the batch-sized buffers
+            out = (uniq.copy(), vals.copy(), None if times is None else times.copy(), *out[3:])
+        return out
 
     def merged_numpy(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
-        """merged's merge without the compiled helper and before pruning (its reference)."""
-        old_keys, old_vals, old_times = self.state
+        """merged's merge without the compiled helper and before Space-Saving (its reference)."""
+        old_keys, old_vals, old_times = self.state[:3]
         # Group the batch first, then merge its groups into the table.
         bkeys, binv = _group(keys)
         nb = len(bkeys)
@@ -138,7 +142,7 @@ class TopTable:
 
     def top(self, n: int, by: str = "packets", text=None) -> list[tuple[Any, int, int, int]]:
         """The n largest as (key, packets, bytes, row), count descending, then by text(key) ascending."""
-        keys, vals, _ = self.state
+        keys, vals = self.state[:2]
         if not len(keys):
             return []
         col = vals[:, 0 if by == "packets" else 1]
@@ -148,6 +152,32 @@ class TopTable:
         keyed = [(-int(col[r]), text(keys[r]) if text else keys[r].item(), int(r)) for r in rows]
         keyed.sort()
         return [(key, int(vals[r, 0]), int(vals[r, 1]), r) for _, key, r in keyed[:n]]
+
+    def error(self, row: int) -> tuple[int, int]:
+        """(packets, bytes): how much a row's counts may exceed the truth (0, 0 when exact)."""
+        err = self.state[3]
+        return (int(err[row, 0]), int(err[row, 1])) if row < len(err) else (0, 0)
+
+
+def space_saving(old: tuple, uniq: np.ndarray, vals: np.ndarray, times: np.ndarray | None, cap: int) -> tuple:
+    """A merge's result (old rows first, then new keys) as the next Space-Saving state (see TopTable).
+
+    Newcomers are charged the floor (what they may have sent while out of the table); over `cap`
+    rows the most packets stay (ties: the older row, a stable sort) and the floor rises to the
+    largest count pruned."""
+    n_old, floor = len(old[0]), old[4]
+    err = np.zeros((len(uniq), 2), np.int64)
+    err[:n_old] = old[3]
+    if floor != (0, 0) and len(uniq) > n_old:
+        vals[n_old:] += floor  # vals is the merge's own new array, never the old state's
+        err[n_old:] = floor
+    if len(uniq) <= cap:
+        return uniq, vals, times, err, floor
+    # argpartition is no use here: with the many ties of a scan (counts of 1) it is 10x slower.
+    order = np.argsort(-vals[:, 0], kind="stable")
+    keep, gone = np.sort(order[:cap]), order[cap:]
+    floor = (max(floor[0], int(vals[gone, 0].max())), max(floor[1], int(vals[gone, 1].max())))
+    return uniq[keep], vals[keep], None if times is None else times[keep], err[keep], floor
 
 
 def _seconds(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +218,8 @@ class DenseTable(TopTable):
 
     def __init__(self, size: int) -> None:
         super().__init__(np.int32, size)
-        self.state = (np.arange(size, dtype=np.int32), np.zeros((size, 2), np.int64), None)
+        self.state = (np.arange(size, dtype=np.int32), np.zeros((size, 2), np.int64), None,
+                      np.zeros((0, 2), np.int64), (0, 0))
 
     def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
         """The state after counting one packet of `wire` bytes per key (bincount, no sorting)."""
@@ -198,14 +229,14 @@ class DenseTable(TopTable):
         vals = self.state[1].copy()
         vals[:, 0] += np.bincount(keys, minlength=self.cap)
         vals[:, 1] += np.bincount(keys, wire, self.cap).astype(np.int64)
-        return self.state[0], vals, None
+        return self.state[0], vals, None, self.state[3], (0, 0)
 
     def frozen(self) -> TopTable:
         """The keys seen so far, as a plain read-only TopTable."""
-        keys, vals, _ = self.state
+        keys, vals = self.state[:2]
         seen = np.flatnonzero(vals[:, 0])
         t = TopTable(np.int32, self.cap)
-        t.state = (keys[seen], vals[seen], None)
+        t.state = (keys[seen], vals[seen], None, np.zeros((len(seen), 2), np.int64), (0, 0))
         return t
 
     def __len__(self) -> int:
@@ -378,8 +409,8 @@ class Snapshot:
     def top_addresses(self, which: str = "src", by: str = "packets", n: int = 10) -> list[dict[str, Any]]:
         """Top n addresses (outer IP source or destination), count descending then address ascending."""
         table = self.src if which == "src" else self.dst
-        return [{"addr": a, "packets": p, "bytes": b}
-                for a, p, b, _ in table.top(n, by, lambda k: addr_text(bytes(k)))]
+        return [{"addr": a, "packets": p, "bytes": b, **_bounds(table, r, by)}
+                for a, p, b, r in table.top(n, by, lambda k: addr_text(bytes(k)))]
 
     def top_ports(self, klass: str = "tcp", n: int = 10, by: str = "packets") -> list[tuple[int, int, int]]:
         """Top destination ports as (port, packets, bytes)."""
@@ -394,7 +425,8 @@ class Snapshot:
             a, b, ap, bp, proto = CONV.unpack(bytes(key))
             out.append({"a": addr_text(a), "a_port": ap if ap >= 0 else None, "b": addr_text(b),
                         "b_port": bp if bp >= 0 else None, "proto": proto_name(proto), "packets": pk,
-                        "bytes": byt, "first_ts": float(conv.times[r, 0]), "last_ts": float(conv.times[r, 1])})
+                        "bytes": byt, "first_ts": float(conv.times[r, 0]), "last_ts": float(conv.times[r, 1]),
+                        **_bounds(conv, r, by)})
         return out
 
     def rate(self, window_s: int, now: float | None = None) -> tuple[float, float]:
@@ -406,6 +438,15 @@ class Snapshot:
         pk = self.bins[sel, 1:5].sum()
         by = self.bins[sel, 5:9].sum()
         return pk / window_s, by * 8 / window_s
+
+
+def _bounds(table: TopTable, row: int, by: str) -> dict[str, Any]:
+    """A top entry's error bounds: the true count is at least count - error (error 0: exact).
+
+    `error` is the bound of the count the list is ranked by; `approx` says whether either is inexact."""
+    pk, by_ = table.error(row)
+    return {"error": pk if by == "packets" else by_, "packets_error": pk, "bytes_error": by_,
+            "approx": bool(pk or by_)}
 
 
 def proto_name(proto: int) -> str:
@@ -633,6 +674,12 @@ class CaptureEngine:
         self._started_wall: float | None = None
         self._file_note = ""
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
+
+    @property
+    def _detectors(self) -> Any:
+        """The detectors' state when they run inline (crafted frames fed by hand; tests inspect it)."""
+        stage = self._stage
+        return None if stage is None or stage._inline is None else stage._inline[1]
 
     # -- lifecycle ---------------------------------------------------------------------
 
