@@ -666,6 +666,7 @@ class CaptureEngine:
         self._kernel_received = 0
         self._kernel_dropped = 0
         self._kernel_base = (0, 0)  # the ring's (received, dropped) at the last Clear
+        self._stats_wall = 0.0  # when the ring's counters were last read (monotonic)
         self._nic_base: dict[str, int] | None = None  # the NIC's counters when the capture started (or Clear)
         self._nic_now: dict[str, int] | None = None
         self._file_dropped: int | None = None
@@ -782,6 +783,10 @@ class CaptureEngine:
     def clear(self) -> None:
         """Empty the buffer, counters and alerts; the capture itself goes on (drops count from here)."""
         with self._lock:
+            live = self._live
+        if live is not None:  # the kernel's counts now, not as last read (they are read once a second)
+            self._update_kernel_stats(live, self._gen)
+        with self._lock:
             self._reset_locked()
             stage = self._stage
             self._kernel_base = (self._kernel_received, self._kernel_dropped)
@@ -849,7 +854,17 @@ class CaptureEngine:
                 continue
             self._ingest(parse_batch(records, matcher), gen)  # live: a consumer that falls behind skips
 
+    def _refresh_kernel_stats(self) -> None:
+        """Re-read the ring's and NIC's counters when the capture thread has not for a second (it reads
+        them as batches arrive, so on a link gone quiet the last drops would otherwise never show)."""
+        with self._lock:
+            live, gen, last = self._live, self._gen, self._stats_wall
+        if live is not None and time.monotonic() - last > 1.0:
+            with contextlib.suppress(OSError, ValueError):  # the ring may be closing right now
+                self._update_kernel_stats(live, gen)
+
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
+        self._stats_wall = time.monotonic()
         received, dropped = live.stats()
         nic = nic_counters(live.iface)
         with self._lock:
@@ -1008,6 +1023,7 @@ class CaptureEngine:
 
     def snapshot(self) -> Snapshot:
         """An immutable copy of the buffer and counters; the lock is held only for the copies."""
+        self._refresh_kernel_stats()
         with self._lock:
             if self._ring_len < self.buffer_size:
                 rows = self._ring[:self._ring_len].copy()
