@@ -32,8 +32,8 @@ SETTINGS: tuple[Setting, ...] = (
             low=1, high=50_000_000),
     Setting("BIN_SECONDS", 900, "Seconds of per-second packet/byte history kept for the timeline.",
             low=1, high=86_400 * 7),
-    Setting("TOP_TABLE_MAX", 10_000, "Most addresses (or conversations, or ports) kept in each top-N table; "
-            "the smallest are pruned beyond it.", low=10, high=10_000_000),
+    Setting("TOP_TABLE_MAX", 10_000, "Most addresses (or conversations) kept in each top-N table; exact until "
+            "it fills, then a Space-Saving summary whose entries carry an error bound.", low=10, high=10_000_000),
     Setting("INTERFACE", "", "Live interface to capture on; empty means the interface of the default route."),
     Setting("BPF_FILTER", "", "Capture filter (BPF syntax, as in tcpdump) applied at start-up."),
     Setting("PCAP", "", "Capture file to load as the source at start-up instead of a live interface."),

@@ -357,14 +357,13 @@ class Counters:
         # the `bin_seconds` seconds that received packets most recently (in arrival order, not by
         # value), so one packet dated 2038 or a clock step back costs one bin and never wipes
         # the timeline; it ages out like any other second.
+        # A new array per touched second, never `+=`: a snapshot copies the dict's items under the
+        # lock but reads the arrays after it, so they must not change afterwards.
         bins = self.bins
         for s, row in zip(secs, grid):
             cur = bins.pop(s, None)
-            if cur is None:
-                bins[s] = row.copy()
-            else:
-                cur += row
-                bins[s] = cur  # re-inserted: dicts keep insertion order, so the end is the most recent
+            # Re-inserted: dicts keep insertion order, so the end is the most recently fed second.
+            bins[s] = row.copy() if cur is None else cur + row
         while len(bins) > bin_seconds:
             del bins[next(iter(bins))]
 
