@@ -17,13 +17,17 @@ This module stays light (numpy only): the worker imports the detectors itself.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -297,15 +301,17 @@ class DetectorStage(Stage):
     def start(self) -> DetectorStage:
         """Start the worker (process or thread) and the threads that feed it."""
         if self.in_process:
-            method = start_method()
-            ctx = multiprocessing.get_context(method)
-            batches_r, batches_w = ctx.Pipe(duplex=False)
-            results_r, results_w = ctx.Pipe(duplex=False)
-            # A forked child inherits the engine's ends too; it closes them, or it would never see EOF.
-            unused = (batches_w, results_r) if method == "fork" else ()
-            self._proc = ctx.Process(target=detector_worker, args=(batches_r, results_w, unused),
-                                     name=f"ntm-detectors-{self.gen}", daemon=True)
-            self._proc.start()
+            if start_method() == "fork":
+                ctx = multiprocessing.get_context("fork")
+                batches_r, batches_w = ctx.Pipe(duplex=False)
+                results_r, results_w = ctx.Pipe(duplex=False)
+                # The child inherits the engine's ends too; it closes them, or it would never see EOF.
+                self._proc = ctx.Process(target=detector_worker, args=(batches_r, results_w, (batches_w, results_r)),
+                                         name=f"ntm-detectors-{self.gen}", daemon=True)
+                self._proc.start()
+            else:
+                batches_r, batches_w, results_r, results_w = _pipes()
+                self._proc = _ExecWorker(batches_r, results_w)
             batches_r.close()  # the child has its own copies; EOF then reaches whoever is left
             results_w.close()
             self._conn, self._results = batches_w, results_r
@@ -494,9 +500,64 @@ class DetectorStage(Stage):
 
 def start_method() -> str:
     """'fork' while this process has a single thread (the CLI at start-up: the child starts in ~10 ms
-    with everything imported), else 'spawn': forking a multithreaded process (the page's Streamlit
-    server, a running capture) can copy a lock held by another thread and deadlock the child."""
-    return "fork" if threading.active_count() == 1 else "spawn"
+    with everything imported), else 'exec': forking a multithreaded process (the page's Streamlit
+    server, a running capture) can copy a lock held by another thread and deadlock the child.
+
+    'exec' is a fresh interpreter that runs only this module's worker. multiprocessing's own 'spawn'
+    does not fit: it re-imports the parent's __main__ in the child, and under Streamlit __main__ is
+    the page script (Streamlit installs it there), which would run the whole page in the worker."""
+    return "fork" if threading.active_count() == 1 else "exec"
+
+
+def _pipes() -> tuple[Connection, Connection, Connection, Connection]:
+    """(batches reader, batches writer, results reader, results writer) over plain OS pipes."""
+    br, bw = os.pipe()
+    rr, rw = os.pipe()
+    return (Connection(br, writable=False), Connection(bw, readable=False),
+            Connection(rr, writable=False), Connection(rw, readable=False))
+
+
+class _ExecWorker:
+    """The worker as a fresh interpreter (fork + exec, safe from a multithreaded process), with the
+    part of multiprocessing.Process's interface the stage uses."""
+
+    def __init__(self, batches: Connection, results: Connection) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        code = "import sys; from analysis.stages import exec_worker; exec_worker(int(sys.argv[1]), int(sys.argv[2]))"
+        fds = (batches.fileno(), results.fileno())
+        self._popen = subprocess.Popen([sys.executable, "-c", code, *map(str, fds)], pass_fds=fds, env=env,
+                                       cwd=root, stdin=subprocess.DEVNULL, start_new_session=False)
+        self.pid = self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while running; negative: the signal that ended it (as multiprocessing says it)."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        """Whether the process still runs."""
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the end, at most `timeout` seconds."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.kill()
+
+
+def exec_worker(batches_fd: int, results_fd: int) -> None:
+    """Entry point of the 'exec' worker: the pipes' ends arrive as file descriptors."""
+    detector_worker(Connection(batches_fd, writable=False), Connection(results_fd, readable=False))
 
 
 def _command(cmd: bytes, book, detectors):

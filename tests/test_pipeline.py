@@ -216,17 +216,17 @@ def test_files_are_analysed_completely_even_by_a_slow_detector_stage(tmp_path, m
     assert [a["detector"] for a in out["alerts"]] == ["port_scan"]
 
 
-@pytest.mark.parametrize("mode", ["process", "thread", "spawn"])
+@pytest.mark.parametrize("mode", ["process", "thread", "exec"])
 def test_detector_stage_modes_find_the_same_alerts(tmp_path, monkeypatch, mode):
-    """The worker process (forked from the single-threaded CLI, or spawned when threads run) and the
-    thread mode give the alerts of the inline detectors."""
+    """The worker process (forked from the single-threaded CLI, or a fresh interpreter when threads run)
+    and the thread mode give the alerts of the inline detectors."""
     f = scan_file(tmp_path)
     monkeypatch.setenv("NTM_DETECTORS_PROCESS", "0" if mode == "thread" else "1")
     blocker = threading.Event()
     extra = threading.Thread(target=blocker.wait, daemon=True)
-    if mode == "spawn":
-        extra.start()  # a second thread: forking would be unsafe, the stage must spawn
-        assert stages.start_method() == "spawn"
+    if mode == "exec":
+        extra.start()  # a second thread: forking would be unsafe, the stage must exec a fresh interpreter
+        assert stages.start_method() == "exec"
     try:
         got = CaptureEngine().load_file(f)["alerts"]
     finally:
@@ -237,6 +237,28 @@ def test_detector_stage_modes_find_the_same_alerts(tmp_path, monkeypatch, mode):
     inline.ingest_records(FileReader(f))  # no capture started: the detectors run inline
     want = inline.summary()["alerts"]
     assert got == want and want
+
+
+def test_the_worker_never_runs_the_page_script(tmp_path, monkeypatch):
+    """Under Streamlit, __main__ is the page script. multiprocessing's 'spawn' re-imports __main__ in
+    the child, which would run the whole page (and start a capture) inside the detector worker."""
+    import sys
+    import types
+
+    marker = tmp_path / "page-ran"
+    page = tmp_path / "page.py"
+    page.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(page)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    blocker = threading.Event()
+    threading.Thread(target=blocker.wait, daemon=True).start()  # as in the page's process: many threads
+    try:
+        out = CaptureEngine().load_file(scan_file(tmp_path))
+    finally:
+        blocker.set()
+    assert out["stages"]["detectors"]["packets_analysed"] == 600 and out["alerts"]
+    assert not marker.exists()
 
 
 def test_no_worker_process_outlives_its_engine(tmp_path):
