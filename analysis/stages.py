@@ -230,6 +230,7 @@ class Stage:
         self.queue = BatchQueue(max_packets)
         self.error: str | None = None
         self._abort = threading.Event()
+        self._accepted = 0  # batches queued, ever (the capture thread's count; drain() waits for them)
 
     def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
         """Hand a batch over: live capture never waits (a full queue skips the batch and counts it);
@@ -283,17 +284,14 @@ class DetectorStage(Stage):
         self.mode = mode
         self.in_process = mode == "process"
         self._inline = None  # (book, detectors) in inline mode
-        self._accepted = 0  # batches queued, ever (the capture thread's count; drain() waits for them)
         self._abandoned = 0  # of those, dropped by a Clear before the worker got them
         self._done_packets = 0
         self._done_offset = (0, 0)  # the worker's counts at the last Clear
-        self._sent = 0  # batches written to the worker (or taken by the thread)
         self._synced = threading.Condition()
         self._done_batches = 0
         self._threads: list[threading.Thread] = []
         self._proc = None
         self._closed = False
-        self._pending_reset = False
         mirror.reset(gen, self.reset_alerts)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -315,7 +313,9 @@ class DetectorStage(Stage):
             batches_r.close()  # the child has its own copies; EOF then reaches whoever is left
             results_w.close()
             self._conn, self._results = batches_w, results_r
-            # A forgotten engine must not leave a process behind.
+            # The lifecycle is explicit (close(), from the engine's stop and start); this is a last
+            # resort should a stage ever be collected unclosed. At exit a forked worker is a daemon
+            # and an exec'd one reads EOF when this process's pipe ends close.
             weakref.finalize(self, _end_process, self._proc, batches_w)
             self._spawn_thread(self._send_loop, "sender")
             self._spawn_thread(self._receive_loop, "receiver")

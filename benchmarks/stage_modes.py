@@ -26,7 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def scan_mix(path: str, n: int, seed: int = 11) -> None:
+def scan_mix(path: str, n: int, seed: int = 11, net: tuple[int, int] = (10, 1),
+             dnet: tuple[int, int] = (10, 2)) -> None:
     """A pcap of n frames: 60 % TCP SYN probes from 5,000 sources to random ports of 200 hosts, 25 % RST
     answers, 10 % DNS-like UDP, 5 % ICMP echo; timestamps 20 us apart."""
     rng = np.random.default_rng(seed)
@@ -38,8 +39,8 @@ def scan_mix(path: str, n: int, seed: int = 11) -> None:
     out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1)]
     eth = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
     for i in range(n):
-        s = bytes((10, 1, src[i] >> 8, src[i] & 255))
-        d = bytes((10, 2, 0, dst[i]))
+        s = bytes((*net, src[i] >> 8, src[i] & 255))
+        d = bytes((*dnet, 0, dst[i]))
         k = kind[i]
         if k == 0:
             l4 = struct.pack(">HHIIBBHHH", sport[i], port[i], i, 0, 0x50, 0x02, 1024, 0, 0)
@@ -71,6 +72,23 @@ out = CaptureEngine().load_file(sys.argv[2])
 took = time.perf_counter() - t
 print(json.dumps({"s": took, "packets": out["packets"], "alerts": len(out["alerts"]),
                   "stage": out["stages"].get("detectors")}))
+"""
+
+REPLAY_RUN = """
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from packet_processor import CaptureEngine, Source
+eng = CaptureEngine()
+assert eng.start(Source("live", iface="lo", bpf="net 127.77.0.0/16")), eng.status().error
+time.sleep(1.0)
+out = subprocess.run(["tcpreplay", "-i", "lo", "--preload-pcap", "--pps", sys.argv[3], sys.argv[2]],
+                     capture_output=True, text=True, check=True)
+time.sleep(3.0)
+t = eng.snapshot().totals
+eng.stop()
+rate = [l for l in out.stdout.splitlines() if "Rated:" in l]
+print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "stage": t["stages"].get("detectors"),
+                  "rated": rate[0].strip() if rate else ""}))
 """
 
 LIVE_RUN = """
@@ -116,17 +134,30 @@ def main() -> None:
     ap.add_argument("--packets", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-live", action="store_true")
+    ap.add_argument("--no-file", action="store_true")
+    ap.add_argument("--pps", type=int, default=200_000, help="tcpreplay rate for the replayed scan mix")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "scan_mix.pcap")
         scan_mix(path, args.packets)
         for process in (True, False):
-            for _ in range(args.runs):
+            for _ in range(0 if args.no_file else args.runs):
                 r = run(FILE_RUN, [path], process)
                 print(f"file  {'process' if process else 'thread '}  {r['packets'] / r['s']:>10,.0f} packets/s  "
                       f"({r['s']:.2f} s, {r['alerts']} alerts, stage {r['stage']})", flush=True)
     if args.no_live or os.geteuid() != 0:
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "scan_mix_lo.pcap")
+        scan_mix(path, args.packets, net=(127, 77), dnet=(127, 77))
+        for process in (True, False):
+            for _ in range(args.runs):
+                r = run(REPLAY_RUN, [path, str(args.pps)], process)
+                st = r["stage"]
+                print(f"replay {'process' if process else 'thread '} {args.packets:,} at {args.pps:,}/s: counted "
+                      f"{r['counted']:,} dropped {r['dropped']:,} ({100 * r['counted'] / args.packets:.1f} % counted); "
+                      f"detectors skipped {st['packets_skipped']:,} of {st['packets_in']:,}; {r['rated']}",
+                      flush=True)
     for process in (True, False):
         for _ in range(args.runs):
             r = run(LIVE_RUN, [], process)
