@@ -439,6 +439,13 @@ class Snapshot:
         return pk / window_s, by * 8 / window_s
 
 
+def _marked(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Top entries for the summary JSON: exact ones as {addr, packets, bytes}; approximate ones also
+    carry approx: true, error (of the count ranked by), packets_error and bytes_error."""
+    bounds = ("error", "packets_error", "bytes_error", "approx")
+    return [e if e["approx"] else {k: v for k, v in e.items() if k not in bounds} for e in entries]
+
+
 def _bounds(table: TopTable, row: int, by: str) -> dict[str, Any]:
     """A top entry's error bounds: the true count is at least count - error (error 0: exact).
 
@@ -1068,9 +1075,9 @@ class CaptureEngine:
             "transport_counts": t["transport_counts"], "transport_bytes": t["transport_bytes"],
             "direction_counts": t["direction_counts"], "direction_bytes": t["direction_bytes"],
             "other_ip_protocols": {str(p): n for p, n, _, _ in sorted(snap.other_protos.top(256))},
-            "top10_src_by_packets": snap.top_addresses("src", "packets"),
-            "top10_src_by_bytes": snap.top_addresses("src", "bytes"),
-            "top10_dst_by_packets": snap.top_addresses("dst", "packets"),
+            "top10_src_by_packets": _marked(snap.top_addresses("src", "packets")),
+            "top10_src_by_bytes": _marked(snap.top_addresses("src", "bytes")),
+            "top10_dst_by_packets": _marked(snap.top_addresses("dst", "packets")),
             "top10_tcp_dst_ports": [[p, c] for p, c, _ in snap.top_ports("tcp")],
             "top10_udp_dst_ports": [[p, c] for p, c, _ in snap.top_ports("udp")],
             "first_ts": t["first_ts"], "last_ts": t["last_ts"], "min_ts": t["min_ts"], "max_ts": t["max_ts"],
