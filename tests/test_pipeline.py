@@ -345,3 +345,17 @@ def test_nic_counters_read_sysfs_and_deltas(tmp_path):
     assert real is not None and set(real) == {"rx_dropped", "rx_missed_errors", "rx_fifo_errors"}
     with open("/sys/class/net/lo/statistics/rx_dropped") as fh:
         assert real["rx_dropped"] <= int(fh.read())
+
+
+def test_a_files_own_loss_is_reported_apart(tmp_path, monkeypatch):
+    """file_dropped: what the capturer that wrote the file says it dropped (FileReader.capturer_drops,
+    from pcapng statistics), apart from the live ring's drops; null when the file says nothing."""
+    from capture.sources import FileReader
+
+    f = tmp_path / "f.pcap"
+    f.write_bytes(pcap_bytes([(T0, bytes(ETH / IP() / UDP()))]))
+    out = CaptureEngine().load_file(str(f))
+    assert out["file_dropped"] is None and out["dropped"] == 0 and out["nic_dropped"] is None
+    monkeypatch.setattr(FileReader, "capturer_drops", 7, raising=False)  # as a pcapng ISB would say
+    out = CaptureEngine().load_file(str(f))
+    assert out["file_dropped"] == 7 and out["dropped"] == 0
