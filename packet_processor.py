@@ -2,7 +2,12 @@
 
 One ``CaptureEngine`` per process reads a live interface or a capture file through the
 same pipeline: records -> headers.parse (header fields from raw bytes, never payload) ->
-packed batch -> ring buffer + counters. Readers get immutable ``Snapshot`` objects.
+packed batch -> ring buffer + counters, and -> the consumer stages (analysis/stages.py: the
+detectors, in a worker process behind a bounded queue; capture never waits for them). Readers
+get immutable ``Snapshot`` objects.
+
+Exit status of the CLI: 0 when all went well; ``summary`` gives 2 when the file could not be read
+to its end and 1 when nothing could be read (its JSON is printed either way); 1 for a bad setting.
 
 Command line::
 
