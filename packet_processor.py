@@ -706,6 +706,8 @@ class CaptureEngine:
                 self._error = None
                 self._file_note = ""
                 self._started_wall = time.time()
+            # The worker first: a forked one must not inherit the capture socket and its ring.
+            stage = self._new_stage(self._gen)
             live = None
             if source.kind == "live":
                 iface = source.iface or config.get("INTERFACE") or default_interface()
@@ -715,10 +717,10 @@ class CaptureEngine:
                                     block_nr=config.get("RING_BLOCKS"), snaplen=config.get("SNAPLEN"),
                                     block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"))
                 except CaptureError as exc:
+                    stage.close()
                     self._set_error(str(exc))
                     return False
             nic = nic_counters(source.iface) if live is not None else None
-            stage = self._new_stage(self._gen)
             with self._lock:
                 self._source = source
                 self._state = "running"

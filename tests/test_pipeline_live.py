@@ -149,3 +149,24 @@ def test_nmap_full_port_scan_burst_counted_exactly_alerted_and_finished(engine):
     assert done_at is not None and done_at <= 1.0, samples[:: max(1, len(samples) // 20)]
     alert_at = next((s for s, _, f in samples if f), None)
     assert alert_at is not None and alert_at <= 2.0
+
+
+def test_the_worker_holds_no_capture_socket(root_only, tmp_path):
+    """The CLI forks its worker (one thread at start-up): the child must not inherit the packet socket,
+    or the kernel would go on feeding it (and keep the interface promiscuous) until the child ends."""
+    from conftest import PYTHON, ROOT
+
+    script = ("import os, sys, time; sys.path.insert(0, sys.argv[1])\n"
+              "from analysis import stages\n"
+              "from packet_processor import CaptureEngine, Source\n"
+              "e = CaptureEngine(); assert stages.start_method() == 'fork'\n"
+              "assert e.start(Source('live', iface='lo', bpf='udp port 9'))\n"
+              "pid = e._stage.pid()\n"
+              "inodes = {l.split()[-1] for l in open('/proc/net/packet').read().splitlines()[1:]}\n"
+              "fds = [os.readlink(f'/proc/{pid}/fd/{fd}') for fd in os.listdir(f'/proc/{pid}/fd')]\n"
+              "print(sum(f == f'socket:[{i}]' for f in fds for i in inodes), len(inodes))\n"
+              "e.stop()\n")
+    out = subprocess.run([PYTHON, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    held, sockets = map(int, out.stdout.split())
+    assert sockets >= 1 and held == 0
