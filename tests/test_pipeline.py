@@ -359,3 +359,19 @@ def test_a_files_own_loss_is_reported_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(FileReader, "capturer_drops", 7, raising=False)  # as a pcapng ISB would say
     out = CaptureEngine().load_file(str(f))
     assert out["file_dropped"] == 7 and out["dropped"] == 0
+
+
+def test_acknowledged_alerts_come_back_unacknowledged_when_they_repeat(tmp_path):
+    """The page acknowledges alerts on the engine's mirror of the worker's book: the mark holds until
+    the worker reports a repeat (a higher count), as the alert book itself behaves."""
+    from dataclasses import replace
+
+    eng = CaptureEngine()
+    eng.load_file(scan_file(tmp_path))
+    (alert,) = eng.snapshot().alerts
+    eng.alerts.acknowledge(alert)
+    assert [a.acknowledged for a in eng.snapshot().alerts] == [True]
+    eng.alerts.update(eng._gen, [replace(alert, count=alert.count + 1)], 0)  # the worker's next report
+    assert [a.acknowledged for a in eng.snapshot().alerts] == [False]
+    eng.alerts.clear()
+    assert eng.snapshot().alerts == ()
