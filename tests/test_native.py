@@ -150,8 +150,8 @@ def test_flow_keys_match_numpy(ports):
        st.integers(0, 99))
 def test_top_merge_matches_numpy(batch, batches, alphabet, width, times, seed):
     """A top table fed batch by batch, merged in C and in numpy: the same rows, counts and times,
-    pruning included (small cap, so every case prunes; ties keep the older rows)."""
-    from packet_processor import TopTable
+    Space-Saving included (small cap, so every case prunes; ties keep the older rows)."""
+    from packet_processor import TopTable, space_saving
 
     rng = np.random.default_rng(seed)
     dtype = np.dtype(f"V{width}")
@@ -161,21 +161,19 @@ def test_top_merge_matches_numpy(batch, batches, alphabet, width, times, seed):
         wire = rng.integers(0, 70000, batch).astype(np.int64)
         ts = rng.random(batch) * 100 if times else None
         want = slow.merged_numpy(keys, wire, ts)
-        got = native.top_merge(slow.state, keys, wire, ts)
+        got = native.top_merge(slow.state[:3], keys, wire, ts)
         for a, b in zip(got, want):
             assert (a is None and b is None) or np.array_equal(a, b)
         fast.add(keys, wire, ts)
-        slow.state = slow.merged_numpy(keys, wire, ts)
-        if len(slow.state[0]) > slow.cap:  # the pruning merged() applies after either merge
-            keep = np.sort(np.argsort(-slow.state[1][:, 0], kind="stable")[:36])
-            slow.state = tuple(None if x is None else x[keep] for x in slow.state)
+        slow.state = space_saving(slow.state, *slow.merged_numpy(keys, wire, ts), slow.cap)  # after either merge
         for a, b in zip(fast.state, slow.state):
             assert (a is None and b is None) or np.array_equal(a, b)
         assert len(fast) <= fast.cap
 
 
 def test_top_table_prunes_the_smallest_and_keeps_older_among_equals():
-    """Over its cap a top table keeps the 90 % with the most packets; among equal counts, the older keys."""
+    """Over its cap a top table keeps the cap rows with the most packets; among equal counts, the older
+    keys; the floor is the largest count pruned (Space-Saving)."""
     from packet_processor import TopTable
 
     table = TopTable(np.dtype("V16"), 10)
@@ -183,8 +181,9 @@ def test_top_table_prunes_the_smallest_and_keeps_older_among_equals():
     keys = lambda ids: np.stack([key(i) for i in ids]).view("V16").ravel()  # noqa: E731
     table.add(keys(range(10)), np.full(10, 60, np.int64))
     table.add(keys([20, 21, 22, 5, 5, 21]), np.full(6, 100, np.int64))
-    # 13 keys > cap 10: keep 9. Key 5 has 3 packets, 21 has 2; of the rest (1 each) the oldest: 0..4, 6, 7.
+    # 13 keys > cap 10: keep 10. Key 5 has 3 packets, 21 has 2; of the rest (1 each) the oldest: 0..4, 6..8.
     got = [int.from_bytes(bytes(k), "big") for k in table.keys]
-    assert got == [0, 1, 2, 3, 4, 5, 6, 7, 21]
+    assert got == [0, 1, 2, 3, 4, 5, 6, 7, 8, 21]
+    assert table.floor == (1, 100)  # pruned: 9 (1 packet, 60 bytes), 20 and 22 (1 packet, 100 bytes each)
     assert table.vals[got.index(5)].tolist() == [3, 60 + 200]
     assert table.vals[got.index(21)].tolist() == [2, 200]
