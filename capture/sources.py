@@ -143,10 +143,15 @@ class FileReader:
     # Text a pcapng file says about itself (application, OS, hardware, interface names). It comes
     # from the file's bytes, so it is untrusted: bounded here, escaped wherever it is shown.
     notes: dict[str, list[str]] = field(default_factory=dict)
+    # Packets the capturer that wrote a pcapng file says it lost (Interface Statistics Blocks'
+    # isb_ifdrop + isb_osdrop, or the packets' epb_dropcount); None when the file says nothing.
+    capturer_drops: int | None = None
 
     def describe_file(self) -> str:
         """The pcapng file's own description in one line ('' for pcap, or when it says nothing)."""
         parts = [f"{label}: {', '.join(self.notes[key])}" for key, label in NOTE_LABELS if self.notes.get(key)]
+        if self.capturer_drops is not None:
+            parts.append(f"the capturer that wrote this file dropped {self.capturer_drops:,} packets")
         return "; ".join(parts)
 
     def _note(self, key: str, raw: bytes) -> None:
@@ -286,112 +291,216 @@ class FileReader:
         return starts, off
 
     def _pcapng(self, buf: mmap.mmap) -> Iterator[Record]:
-        size = len(buf)
-        off = 0
-        order = "<"
-        ifaces: list[tuple[int, float, float, int]] = []  # (linktype, units, offset, snaplen)
-        last_ts = 0.0
-        while off < size:
-            if size - off < 12:
-                self._fail(f"file cut short: block at byte offset {off} has only {size - off} bytes")
-                return
-            if buf[off:off + 4] == PCAPNG_SHB:
-                bom = buf[off + 8:off + 12]
-                if bom == b"\x4d\x3c\x2b\x1a":
-                    order = "<"
-                elif bom == b"\x1a\x2b\x3c\x4d":
-                    order = ">"
-                else:
-                    self._fail(f"corrupt section header at byte offset {off}: bad byte-order magic {bom.hex()}")
+        """The records of a pcapng file, block by block; any damage stops it with an error naming the block."""
+        self.capturer_drops = None
+        sec = _Section()
+        off = number = 0
+        try:
+            while off < len(buf):
+                number += 1
+                head = self._block_head(buf, off, number, sec)
+                if head is None:
                     return
-                ifaces = []
-            btype, blen = struct.unpack_from(order + "II", buf, off)
-            if btype == 0x0A0D0D0A and 28 <= blen <= size - off:
-                self._text_options(buf, off + 24, off + blen - 4, order, SHB_NOTES)
-            if blen < 12 or blen % 4:
-                self._fail(f"corrupt block at byte offset {off}: bad block length {blen}")
-                return
-            if off + blen > size:
-                self._fail(f"file cut short: block at byte offset {off} claims {blen} bytes, "
-                           f"only {size - off} remain")
-                return
-            (trailer,) = struct.unpack_from(order + "I", buf, off + blen - 4)
-            if trailer != blen:
-                self._fail(f"corrupt block at byte offset {off}: block lengths disagree ({blen} vs {trailer})")
-                return
-            body = off + 8
-            end = off + blen - 4
-            if btype == 1:
-                ifaces.append(self._idb(buf, body, end, order))
-                self._text_options(buf, body + 8, end, order, IDB_NOTES)
-                self.linktypes.add(ifaces[-1][0])
-            elif btype in (6, 2, 3):
-                rec = self._packet_block(buf, btype, body, end, order, ifaces, last_ts, off)
-                if rec is None:
+                btype, blen = head
+                if btype == SHB_TYPE:
+                    self._end_section(sec)
+                    sec = _Section(sec.order)
+                block = _Block(btype, number, off, off + 8, off + blen - 4, sec.order)
+                rec = self._read_block(buf, block, sec)
+                if rec is False:
                     return
-                last_ts = rec[0]
-                self.records += 1
-                yield rec
-            off += blen
+                if rec is not None:
+                    sec.last_ts = rec[0]
+                    self.records += 1
+                    yield rec
+                off += blen
+        finally:
+            self._end_section(sec)
+
+    def _block_head(self, buf: mmap.mmap, off: int, number: int, sec: _Section) -> tuple[int, int] | None:
+        """(type, length) of the block at `off` once its framing is checked; None (with `error` set) if damaged."""
+        remain = len(buf) - off
+        if remain < 12:
+            self._fail(f"file cut short: block {number} at byte offset {off} has only {remain} of its 12 "
+                       f"framing bytes")
+            return None
+        if buf[off:off + 4] == PCAPNG_SHB:
+            bom = buf[off + 8:off + 12]
+            if bom not in SHB_BOMS:
+                self._fail(f"corrupt {_block_what(SHB_TYPE, number, off)}: bad byte-order magic {bom.hex()}")
+                return None
+            sec.order = SHB_BOMS[bom]
+        btype, blen = struct.unpack_from(sec.order + "II", buf, off)
+        what = _block_what(btype, number, off)
+        least = BLOCK_MIN.get(btype, 12)
+        if blen < least or blen % 4:
+            self._fail(f"corrupt {what}: bad block length {blen} (a multiple of 4, at least {least})")
+            return None
+        if blen > remain:
+            self._fail(f"file cut short: {what} claims {blen} bytes, only {remain} remain")
+            return None
+        (trailer,) = struct.unpack_from(sec.order + "I", buf, off + blen - 4)
+        if trailer != blen:
+            self._fail(f"corrupt {what}: block lengths disagree ({blen} vs {trailer})")
+            return None
+        return btype, blen
+
+    def _read_block(self, buf: mmap.mmap, block: _Block, sec: _Section) -> Record | bool | None:
+        """One framed block: a record for a packet block, None for other blocks, False after an error."""
+        btype = block.btype
+        if btype == SHB_TYPE:
+            self._text_options(buf, block.body + 16, block.end, block.order, SHB_NOTES)
+        elif btype == 1:
+            sec.ifaces.append(self._idb(buf, block.body, block.end, block.order))
+            self._text_options(buf, block.body + 8, block.end, block.order, IDB_NOTES)
+            self.linktypes.add(sec.ifaces[-1].linktype)
+        elif btype in (6, 2, 3):
+            return self._packet_block(buf, block, sec)
+        elif btype == 5:
+            return self._isb(buf, block, sec)
+        return None
 
     def _text_options(self, buf: mmap.mmap, p: int, end: int, order: str, wanted: dict[int, str]) -> None:
         """Keep the text options of a block that the page shows (the rest are skipped)."""
-        while p + 4 <= end:
-            code, length = struct.unpack_from(order + "HH", buf, p)
-            if code == 0 or p + 4 + length > end:
-                return
+        for code, val, length in _options(buf, p, end, order):
             if code in wanted:
-                self._note(wanted[code], buf[p + 4:p + 4 + min(length, 4 * NOTE_CHARS)])
-            p += 4 + ((length + 3) & ~3)
+                self._note(wanted[code], buf[val:val + min(length, 4 * NOTE_CHARS)])
 
     @staticmethod
-    def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> tuple[int, float, float, int]:
+    def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> _Interface:
         linktype, _, snaplen = struct.unpack_from(order + "HHI", buf, body)
         units, tsoffset = 1e-6, 0.0
-        p = body + 8
-        while p + 4 <= end:
-            code, length = struct.unpack_from(order + "HH", buf, p)
-            if code == 0:
-                break
-            val = p + 4
-            if val + length > end:
-                break
+        for code, val, length in _options(buf, body + 8, end, order):
             if code == 9 and length >= 1:
                 r = buf[val]
                 units = 2.0 ** -(r & 0x7F) if r & 0x80 else 10.0 ** -r
             elif code == 14 and length >= 8:
                 (tsoffset,) = struct.unpack_from(order + "q", buf, val)
-            p = val + ((length + 3) & ~3)
-        return linktype, units, float(tsoffset), snaplen
+        return _Interface(linktype, units, float(tsoffset), snaplen)
 
-    def _packet_block(self, buf, btype, body, end, order, ifaces, last_ts, off) -> Record | None:
-        n = self.records + 1
-        if btype == 3:  # Simple Packet Block: interface 0, no timestamp
+    def _block_fail(self, block: _Block, detail: str) -> bool:
+        self._fail(f"corrupt {_block_what(block.btype, block.number, block.start)}: {detail}")
+        return False
+
+    def _packet_block(self, buf: mmap.mmap, block: _Block, sec: _Section) -> Record | bool:
+        body, end, order, ifaces = block.body, block.end, block.order, sec.ifaces
+        if not ifaces:
+            return self._block_fail(block, f"packet {self.records + 1} comes before any interface description")
+        if block.btype == 3:  # Simple Packet Block: interface 0, no timestamp
             (wire,) = struct.unpack_from(order + "I", buf, body)
-            iface, ts = 0, last_ts
+            iface, ts = ifaces[0], sec.last_ts
             data_off = body + 4
             caplen = min(wire, end - data_off)
-            if ifaces and ifaces[0][3]:
-                caplen = min(caplen, ifaces[0][3])
-        else:
-            if btype == 6:
-                iface, hi, lo, caplen, wire = struct.unpack_from(order + "IIIII", buf, body)
-            else:
-                iface, _, hi, lo, caplen, wire = struct.unpack_from(order + "HHIIII", buf, body)
-            data_off = body + 20
-            if iface >= len(ifaces):
-                self._fail(f"corrupt packet {n} at byte offset {off}: interface {iface} was never described")
-                return None
-            if data_off + caplen > end:
-                self._fail(f"corrupt packet {n} at byte offset {off}: captured length {caplen} "
-                           f"does not fit in its {end - body + 12}-byte block")
-                return None
-            _, units, tsoffset, _ = ifaces[iface]
-            ts = ((hi << 32) | lo) * units + tsoffset
-        if iface >= len(ifaces):
-            self._fail(f"corrupt packet {n} at byte offset {off}: no interface description before it")
-            return None
-        return ts, buf[data_off:data_off + caplen], wire, ifaces[iface][0]
+            if iface.snaplen:
+                caplen = min(caplen, iface.snaplen)
+            return ts, buf[data_off:data_off + caplen], wire, iface.linktype
+        if block.btype == 6:
+            index, hi, lo, caplen, wire = struct.unpack_from(order + "IIIII", buf, body)
+            lost = None
+        else:  # the obsolete Packet Block: its 16-bit drops count is 0xFFFF when unknown
+            index, lost, hi, lo, caplen, wire = struct.unpack_from(order + "HHIIII", buf, body)
+            lost = None if lost == 0xFFFF else lost
+        data_off = body + 20
+        if index >= len(ifaces):
+            return self._block_fail(block, f"packet {self.records + 1} names interface {index}, "
+                                           f"which was never described")
+        if data_off + caplen > end:
+            return self._block_fail(block, f"packet {self.records + 1}'s captured length {caplen} does not "
+                                           f"fit in its {end + 4 - block.start}-byte block")
+        iface = ifaces[index]
+        opts = data_off + ((caplen + 3) & ~3)
+        if block.btype == 6 and opts + 4 <= end:  # options after the data: epb_dropcount (4)
+            for code, val, length in _options(buf, opts, end, order):
+                if code == 4 and length == 8:
+                    lost = struct.unpack_from(order + "Q", buf, val)[0]
+        if lost is not None:
+            iface.epb_drops = (iface.epb_drops or 0) + lost
+        ts = ((hi << 32) | lo) * iface.units + iface.tsoffset
+        return ts, buf[data_off:data_off + caplen], wire, iface.linktype
+
+    def _isb(self, buf: mmap.mmap, block: _Block, sec: _Section) -> bool | None:
+        """Interface Statistics Block: keep the latest isb_ifdrop (5) + isb_osdrop (7) of its interface."""
+        (index,) = struct.unpack_from(block.order + "I", buf, block.body)
+        if index >= len(sec.ifaces):
+            return self._block_fail(block, f"statistics for interface {index}, which was never described")
+        drops = None
+        for code, val, length in _options(buf, block.body + 12, block.end, block.order):
+            if code in (5, 7) and length == 8:
+                drops = (drops or 0) + struct.unpack_from(block.order + "Q", buf, val)[0]
+        if drops is not None:  # the counters run from the start of the capture: the latest block has them all
+            sec.ifaces[index].isb_drops = drops
+        return None
+
+    def _end_section(self, sec: _Section) -> None:
+        """Add the drops a finished section's interfaces reported to capturer_drops."""
+        for iface in sec.ifaces:
+            lost = iface.drops()
+            if lost is not None:
+                self.capturer_drops = (self.capturer_drops or 0) + lost
+        sec.ifaces = []
+
+
+SHB_TYPE = 0x0A0D0D0A
+SHB_BOMS = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}
+BLOCK_NAMES = {SHB_TYPE: "section header", 1: "interface description", 2: "packet (obsolete)",
+               3: "simple packet", 5: "interface statistics", 6: "enhanced packet"}
+# The smallest length of each block type: 12 bytes of framing plus its fixed fields.
+BLOCK_MIN = {SHB_TYPE: 28, 1: 20, 2: 32, 3: 16, 5: 24, 6: 32}
+
+
+def _block_what(btype: int, number: int, off: int) -> str:
+    """'enhanced packet block 7 (type 6) at byte offset 1234': how an error names a block."""
+    name = BLOCK_NAMES.get(btype, "unknown")
+    return f"{name} block {number} (type {btype:#x}) at byte offset {off}"
+
+
+def _options(buf, p: int, end: int, order: str) -> Iterator[tuple[int, int, int]]:
+    """(code, value offset, value length) of the pcapng options in [p, end), up to opt_endofopt or damage."""
+    u16s = struct.Struct(order + "HH").unpack_from
+    while p + 4 <= end:
+        code, length = u16s(buf, p)
+        if code == 0 or p + 4 + length > end:
+            return
+        yield code, p + 4, length
+        p += 4 + ((length + 3) & ~3)
+
+
+@dataclass
+class _Interface:
+    """What a pcapng Interface Description Block says, and the drops the file reports for it."""
+
+    linktype: int
+    units: float
+    tsoffset: float
+    snaplen: int
+    isb_drops: int | None = None  # isb_ifdrop + isb_osdrop of its latest statistics block
+    epb_drops: int | None = None  # the sum of its packets' epb_dropcount
+
+    def drops(self) -> int | None:
+        """The packets this interface's capturer lost, as the file says (None: it says nothing)."""
+        known = [d for d in (self.isb_drops, self.epb_drops) if d is not None]
+        return max(known) if known else None  # both count the same losses: never add them
+
+
+@dataclass
+class _Section:
+    """A pcapng section's state: byte order, interfaces, last timestamp (for Simple Packet Blocks)."""
+
+    order: str = "<"
+    ifaces: list[_Interface] = field(default_factory=list)
+    last_ts: float = 0.0
+
+
+@dataclass
+class _Block:
+    """A framed pcapng block: its type, number in the file, start, body and end (before the trailer)."""
+
+    btype: int
+    number: int
+    start: int
+    body: int
+    end: int
+    order: str
 
 
 def _close(buf: mmap.mmap) -> None:
