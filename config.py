@@ -39,6 +39,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RING_BLOCKS", 64, "Number of blocks in the kernel capture ring; blocks x size is the kernel buffer."),
     Setting("RING_BLOCK_TIMEOUT_MS", 50, "The kernel hands over a partly filled ring block after this many ms."),
     Setting("SNAPLEN", 262_144, "Bytes captured per packet at most (headers are all that is kept)."),
+    Setting("PROMISC", True, "Capture in promiscuous mode (as tcpdump does without -p), so a mirror port's traffic "
+            "is seen; false never does. Not on `any`, where it means nothing."),
     Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms)."),
     Setting("NATIVE", True, "Use the compiled helpers (native/*.c, built with the system's C compiler) for the "
             "record walk, the common-case parser and grouping; off runs their numpy/Python twins (same results)."),

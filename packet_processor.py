@@ -487,6 +487,7 @@ class Source:
     bpf: str = ""
     path: str = ""
     speed: float = 0.0  # files: 0 = as fast as possible, else original pace x speed
+    promisc: bool = True  # live: promiscuous mode (the PROMISC setting off turns it off everywhere)
 
     def describe(self) -> str:
         """A one-line description for the page."""
@@ -602,11 +603,12 @@ class CaptureEngine:
             live = None
             if source.kind == "live":
                 iface = source.iface or config.get("INTERFACE") or default_interface()
-                source = Source("live", iface=iface, bpf=source.bpf)
+                source = Source("live", iface=iface, bpf=source.bpf, promisc=source.promisc)
                 try:
                     live = LiveRing(iface, source.bpf, block_size=config.get("RING_BLOCK_KB") * 1024,
                                     block_nr=config.get("RING_BLOCKS"), snaplen=config.get("SNAPLEN"),
-                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"))
+                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"),
+                                    promisc=source.promisc and bool(config.get("PROMISC")))
                 except CaptureError as exc:
                     self._set_error(str(exc))
                     return False

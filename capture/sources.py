@@ -618,6 +618,8 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 TP_STATUS_USER = 1
@@ -715,6 +717,17 @@ def _attach(sock: socket.socket, insns: list[tuple[int, int, int, int]]) -> None
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
 
 
+def _bind(sock: socket.socket, ifindex: int) -> None:
+    """Bind a packet socket to one interface, or with ifindex 0 to all of them (`any`), for ETH_P_ALL.
+
+    Python's bind() looks the interface up by name, so it cannot say "all interfaces"; libc's can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(ETH_P_ALL), ifindex, 0, 0, 0, b"")
+    if libc.bind(sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _arphrd(name: str) -> int:
     try:
         with open(f"/sys/class/net/{name}/type", encoding="ascii") as fh:
@@ -736,7 +749,7 @@ class LiveRing:
     """A TPACKET_V3 capture socket on one interface (or `any`), with its mmap'ed ring."""
 
     def __init__(self, iface: str, bpf: str = "", *, block_size: int = 1 << 20, block_nr: int = 64,
-                 snaplen: int = DEFAULT_MAX_CAPLEN, block_timeout_ms: int = 50) -> None:
+                 snaplen: int = DEFAULT_MAX_CAPLEN, block_timeout_ms: int = 50, promisc: bool = True) -> None:
         if not interface_exists(iface):
             avail = ", ".join(list_interfaces())
             raise CaptureError(f"unknown interface {iface!r}; available: {avail}")
@@ -746,6 +759,9 @@ class LiveRing:
         self.linktype = iface_linktype(iface)
         self.cooked = self.linktype == LINKTYPE_COOKED
         self.snaplen = snaplen
+        # As libpcap: every interface but `any` (where it means nothing) joins promiscuously unless told
+        # not to, so a mirror port's traffic is seen; the kernel leaves the mode when the socket closes.
+        self.promisc = promisc and iface != "any"
         insns = compile_bpf(bpf, self.linktype) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
         lo_index = interface_index("lo")
         if iface in ("lo", "any") and lo_index:
@@ -784,7 +800,13 @@ class LiveRing:
         self.block_timeout_ms = block_timeout_ms
         self.ring = mmap.mmap(s.fileno(), block_size * block_nr, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
-        s.bind((self.iface if self.iface != "any" else "", ETH_P_ALL))
+        ifindex = 0 if self.iface == "any" else interface_index(self.iface)
+        if self.iface != "any" and not ifindex:  # 0 would mean every interface
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        _bind(s, ifindex)
+        if self.promisc:
+            mreq = struct.pack("=iHH8s", interface_index(self.iface), PACKET_MR_PROMISC, 0, b"")
+            s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         self._poll = select.poll()
         self._poll.register(s.fileno(), select.POLLIN | select.POLLERR)
         self._block = 0
