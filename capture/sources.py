@@ -7,14 +7,16 @@ length on the wire and the link type (a pcap LINKTYPE_* number) of ``data``.
 Files are read with our own small readers instead of Scapy's: they report exactly
 where a damaged file breaks (record number and byte offset) and keep every record
 before it. Live capture uses a TPACKET_V3 memory-mapped ring (one wake-up per block
-of packets), with Scapy compiling the BPF filter through libpcap and listing
-interfaces. Nothing here imports Streamlit.
+of packets), promiscuous as tcpdump's, with libpcap (through ctypes) compiling the BPF
+filter as tcpdump would for the same interface, and Scapy listing interfaces. Nothing
+here imports Streamlit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import logging
 import mmap
@@ -652,23 +654,113 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def compile_bpf(expr: str, linktype: int) -> list[tuple[int, int, int, int]]:
-    """Compile a BPF expression with libpcap (through Scapy); raise CaptureError with its complaint."""
-    try:
-        from scapy.arch.common import compile_filter
-        from scapy.error import Scapy_Exception
-    except ImportError as exc:  # pragma: no cover
-        raise CaptureError(f"cannot compile BPF filters: {exc}") from exc
-    dlt = 12 if linktype in (LINKTYPE_RAW, LINKTYPE_COOKED) else linktype  # 12: libpcap's DLT_RAW
-    try:
-        prog = compile_filter(expr, linktype=dlt)
-    except (Scapy_Exception, ImportError, OSError) as exc:
-        msg = str(exc)
-        if "libpcap" in msg and "not available" in msg:
-            msg += " (install Debian's libpcap0.8)"
-        raise CaptureError(f"bad BPF filter: {msg}") from exc
-    return [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
-             prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
+DLT_EN10MB = 1
+DLT_LINUX_SLL2 = 276
+SLL2_HDR_LEN = 20
+SKF_AD_PROTOCOL = 0
+PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
+BPF_CLASS_LD, BPF_CLASS_LDX = 0x00, 0x01
+BPF_MODES_WITH_OFFSET = (0x20, 0x40, 0xA0)  # BPF_ABS, BPF_IND, BPF_MSH
+_pcap_lock = threading.Lock()  # libpcap's compiler keeps global state in older versions
+_libpcap: list[ctypes.CDLL | None] = []
+
+
+class _BpfProgram(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_SockFilter))]
+
+
+def _pcap_library() -> ctypes.CDLL:
+    """libpcap (Debian's libpcap0.8), with the signatures used here; CaptureError when it is missing."""
+    if not _libpcap:
+        name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            lib = None
+        if lib is not None:
+            vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+            for fn, res, args in (("pcap_open_dead", vp, [i, i]), ("pcap_create", vp, [cp, cp]),
+                                  ("pcap_set_snaplen", i, [vp, i]), ("pcap_set_buffer_size", i, [vp, i]),
+                                  ("pcap_activate", i, [vp]), ("pcap_datalink", i, [vp]),
+                                  ("pcap_compile", i, [vp, ctypes.POINTER(_BpfProgram), cp, i, ctypes.c_uint32]),
+                                  ("pcap_geterr", cp, [vp]), ("pcap_freecode", None, [ctypes.POINTER(_BpfProgram)]),
+                                  ("pcap_close", None, [vp]),
+                                  ("pcap_lookupnet", i, [cp, ctypes.POINTER(ctypes.c_uint32),
+                                                         ctypes.POINTER(ctypes.c_uint32), cp])):
+                getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+        _libpcap.append(lib)
+    if _libpcap[0] is None:
+        raise CaptureError("cannot compile BPF filters: libpcap is not available (install Debian's libpcap0.8)")
+    return _libpcap[0]
+
+
+def _open_handle(lib: ctypes.CDLL, iface: str | None, linktype: int, snaplen: int) -> int:
+    """A libpcap handle to compile with: a live one on `iface` when it can be activated (it has the
+    Linux code generator's VLAN handling: the kernel takes the tag out of the frame, so `vlan` must
+    test the packet's metadata), else a dead one of `linktype` (enough to check the syntax)."""
+    if iface is not None:
+        errbuf = ctypes.create_string_buffer(256)
+        live = lib.pcap_create(iface.encode(), errbuf)
+        if live:
+            lib.pcap_set_snaplen(live, snaplen)
+            lib.pcap_set_buffer_size(live, 1 << 18)  # the handle only compiles: a small ring
+            if lib.pcap_activate(live) >= 0 and lib.pcap_datalink(live) == linktype:
+                return live
+            lib.pcap_close(live)
+    return lib.pcap_open_dead(linktype, snaplen)
+
+
+def compile_bpf(expr: str, linktype: int, snaplen: int = DEFAULT_MAX_CAPLEN,
+                iface: str | None = None) -> list[tuple[int, int, int, int]]:
+    """Compile a BPF expression with libpcap for our socket, as tcpdump would: Ethernet (on a live handle
+    of `iface` when given, for VLAN tags), or cooked (Linux cooked v2, as tcpdump -i any, with its
+    header's loads mapped to the kernel's metadata); accepted packets are cut to `snaplen`."""
+    lib = _pcap_library()
+    cooked = linktype == LINKTYPE_COOKED
+    dlt = DLT_LINUX_SLL2 if cooked else DLT_EN10MB
+    netmask = PCAP_NETMASK_UNKNOWN
+    if iface and iface != "any":
+        net, mask = ctypes.c_uint32(), ctypes.c_uint32()
+        if lib.pcap_lookupnet(iface.encode(), ctypes.byref(net), ctypes.byref(mask),
+                              ctypes.create_string_buffer(256)) == 0:
+            netmask = mask.value
+    with _pcap_lock:
+        handle = _open_handle(lib, None if cooked else iface, dlt, snaplen)
+        if not handle:
+            raise CaptureError("cannot compile BPF filters: libpcap could not open a handle")
+        prog = _BpfProgram()
+        try:
+            if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, netmask) != 0:
+                raise CaptureError(f"bad BPF filter: {lib.pcap_geterr(handle).decode(errors='replace')}")
+            insns = [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
+                      prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
+            lib.pcap_freecode(ctypes.byref(prog))
+        finally:
+            lib.pcap_close(handle)
+    return _cooked_offsets(insns, expr) if cooked else insns
+
+
+def _cooked_offsets(insns: list[tuple[int, int, int, int]], expr: str) -> list[tuple[int, int, int, int]]:
+    """Rewrite a Linux-cooked-v2 program for a SOCK_DGRAM socket, whose packets start at the network
+    header, as libpcap does (pcap-linux.c, fix_offset): header fields become the kernel's metadata."""
+    out = []
+    for code, jt, jf, k in insns:
+        if code & 0x07 in (BPF_CLASS_LD, BPF_CLASS_LDX) and code & 0xE0 in BPF_MODES_WITH_OFFSET:
+            signed = k - (1 << 32) if k & 0x80000000 else k
+            if signed >= SLL2_HDR_LEN:
+                k = signed - SLL2_HDR_LEN
+            elif signed == 0:  # the protocol field
+                k = (SKF_AD_OFF + SKF_AD_PROTOCOL) & 0xFFFFFFFF
+            elif signed == 4:  # the interface index
+                k = (SKF_AD_OFF + SKF_AD_IFINDEX) & 0xFFFFFFFF
+            elif signed == 10:  # the packet type
+                k = (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF
+            elif signed > 0:
+                raise CaptureError(f"bad BPF filter for a cooked capture: {expr!r} reads link-layer header "
+                                   f"bytes the kernel cannot filter on (tcpdump filters those in user space); "
+                                   f"capture on one Ethernet interface instead")
+        out.append((code, jt, jf, k))
+    return out
 
 
 def iface_linktype(iface: str) -> int:
@@ -683,7 +775,7 @@ def validate_bpf(expr: str, iface: str = "any") -> str | None:
     if not expr.strip():
         return None
     try:
-        compile_bpf(expr, iface_linktype(iface))
+        compile_bpf(expr, iface_linktype(iface))  # a dead handle: no capture privilege needed
     except CaptureError as exc:
         return str(exc)
     return None
@@ -762,7 +854,7 @@ class LiveRing:
         # As libpcap: every interface but `any` (where it means nothing) joins promiscuously unless told
         # not to, so a mirror port's traffic is seen; the kernel leaves the mode when the socket closes.
         self.promisc = promisc and iface != "any"
-        insns = compile_bpf(bpf, self.linktype) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
+        insns = compile_bpf(bpf, self.linktype, snaplen, iface) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
         lo_index = interface_index("lo")
         if iface in ("lo", "any") and lo_index:
             insns = _loopback_prefix(lo_index) + insns
