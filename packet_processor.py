@@ -465,6 +465,7 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
         "TCP flags": flags,
         "ICMP type": _ports(p["icmp_type"].astype(np.int32)),
         "malformed": p["malformed"].astype(bool),
+        "vlan": p["vlan"].astype(np.int64),  # the outer 802.1Q/802.1ad VLAN id, 0 when untagged
     })
 
 
