@@ -974,7 +974,7 @@ class LiveRing:
             # linktype, and the wire length gets back the Ethernet header it had on the wire.
             proto = (u8[h + 50].astype(np.int64) << 8) | u8[h + 51]
             hatype = u16[(h + 56) // 2]
-            wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0)
+            wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0) + np.where(tagged, 4, 0)
             return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto, vlan)
         # The kernel strips an 802.1Q tag that was on the wire and reports it beside the packet.
         wire += np.where(tagged, 4, 0)

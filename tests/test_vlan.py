@@ -150,6 +150,7 @@ def test_vlan_and_link_filters_count_what_tcpdump_counts(vlan_net):
     assert sorted(rows["vlan"]["vlan"].tolist()) == [100] * 6 + [200] * 3 + [300] * 2
     assert set(rows["not vlan"]["vlan"].tolist()) == {0}
     assert int((rows["arp"]["vlan"] == 200).sum()) == 3
+    assert set(rows["vlan 200"]["wire_len"].tolist()) == {14 + 4 + 28}  # the size on the wire, tag included
     qinq = rows["vlan 300 and vlan 301 and udp port 4001"]
     assert qinq["dport"].tolist() == [4001, 4001]  # the inner tag, still in the frame, is walked
 
@@ -173,6 +174,7 @@ def test_link_level_filters_on_any_behave_as_in_tcpdump(vlan_net):
     assert [len(r) for r in rows] == counts
     assert counts[0] == 3 and counts[1] >= 8
     assert set(rows[0]["vlan"].tolist()) == {200}  # tagged ARP, its id from the metadata on `any` too
+    assert set(rows[0]["wire_len"].tolist()) == {14 + 4 + 28}  # the size on the wire, tag included
 
 
 def test_snaplen_is_honoured_when_a_filter_is_set(vlan_net):
