@@ -333,17 +333,18 @@ class FileReader:
                 return None
             sec.order = SHB_BOMS[bom]
         btype, blen = struct.unpack_from(sec.order + "II", buf, off)
-        what = _block_what(btype, number, off)
         least = BLOCK_MIN.get(btype, 12)
         if blen < least or blen % 4:
-            self._fail(f"corrupt {what}: bad block length {blen} (a multiple of 4, at least {least})")
+            self._fail(f"corrupt {_block_what(btype, number, off)}: bad block length {blen} (a multiple of 4, "
+                       f"at least {least})")
             return None
         if blen > remain:
-            self._fail(f"file cut short: {what} claims {blen} bytes, only {remain} remain")
+            self._fail(f"file cut short: {_block_what(btype, number, off)} claims {blen} bytes, only {remain} "
+                       f"remain")
             return None
         (trailer,) = struct.unpack_from(sec.order + "I", buf, off + blen - 4)
         if trailer != blen:
-            self._fail(f"corrupt {what}: block lengths disagree ({blen} vs {trailer})")
+            self._fail(f"corrupt {_block_what(btype, number, off)}: block lengths disagree ({blen} vs {trailer})")
             return None
         return btype, blen
 
