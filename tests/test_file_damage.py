@@ -164,3 +164,11 @@ def test_sections_add_their_drops_and_a_silent_file_says_nothing(tmp_path):
     assert silent.capturer_drops is None and "dropped" not in silent.describe_file()
     _, zero = read(tmp_path, GOOD + isb(0, option(5, u64(0))))
     assert zero.capturer_drops == 0 and "dropped 0 packets" in zero.describe_file()
+
+
+def test_the_engine_shows_the_files_own_drops(tmp_path):
+    path = tmp_path / "lossy.pcapng"
+    path.write_bytes(shb() + idb() + epb() + isb(0, option(5, u64(40)) + option(7, u64(2))))
+    engine = CaptureEngine()
+    assert engine.load_file(str(path))["packets"] == 1
+    assert "the capturer that wrote this file dropped 42 packets" in engine.status().file_note
