@@ -20,8 +20,9 @@ BUDGET_S = 25.0
 
 
 def test_twenty_five_seconds_of_damaged_capture_files():
-    # A new seed each run widens what CI covers over time; a failure names the seed and the input to replay.
-    seed = int(os.environ.get("NTM_FUZZ_SEED", time.time_ns() % 2**32))
+    # A new seed each run widens what CI covers over time; a failure names the seed and the input, and
+    # STRUCTURE_FUZZ_SEED=<seed> replays it.
+    seed = int(os.environ.get("STRUCTURE_FUZZ_SEED", time.time_ns() % 2**32))
     tallies = run(10**9, seed, budget_s=BUDGET_S)
     assert tallies["inputs"] >= 2_000 and tallies["cut"] > 0 and tallies["other"] > 0, (seed, tallies)
     print(f"structure-fuzzed {tallies['inputs']:,} files in {BUDGET_S:g} s (seed {seed})")
