@@ -776,7 +776,8 @@ def validate_bpf(expr: str, iface: str = "any") -> str | None:
     if not expr.strip():
         return None
     try:
-        compile_bpf(expr, iface_linktype(iface))  # a dead handle: no capture privilege needed
+        # A dead handle: no capture privilege needed. No interface means the default route's, as at Start.
+        compile_bpf(expr, iface_linktype(iface or default_interface()))
     except CaptureError as exc:
         return str(exc)
     return None

@@ -186,3 +186,13 @@ def test_snaplen_is_honoured_when_a_filter_is_set(vlan_net):
     rows = cap.finish()
     assert len(rows) == 6  # three requests and three replies
     assert set(rows["cap_len"].tolist()) == {96} and set(rows["wire_len"].tolist()) == {14 + 20 + 8 + 600}
+
+
+def test_validation_compiles_for_the_interface_the_capture_will_use(monkeypatch):
+    """An empty interface means the default route's: an Ethernet one accepts `vlan`, `any` refuses it."""
+    from capture import sources
+
+    monkeypatch.setattr(sources, "default_interface", lambda: "lo")
+    assert validate_bpf("vlan 100", "") is None and validate_bpf("vlan 100", "lo") is None
+    assert "no VLAN support" in validate_bpf("vlan 100", "any")
+    assert "syntax error" in validate_bpf("udp port", "lo")
