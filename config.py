@@ -48,6 +48,8 @@ SETTINGS: tuple[Setting, ...] = (
             low=1, high=60_000),
     Setting("SNAPLEN", 262_144, "Bytes captured per packet at most (headers are all that is kept).",
             low=64, high=262_144),
+    Setting("PROMISC", True, "Capture in promiscuous mode (as tcpdump does without -p), so a mirror port's traffic "
+            "is seen; false never does. Not on `any`, where it means nothing."),
     Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms).",
             low=1, high=10_000),
     Setting("NATIVE", True, "Use the compiled helpers (native/*.c, built with the system's C compiler) for the "

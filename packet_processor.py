@@ -265,6 +265,7 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
         "TCP flags": flags,
         "ICMP type": _ports(p["icmp_type"].astype(np.int32)),
         "malformed": p["malformed"].astype(bool),
+        "vlan": p["vlan"].astype(np.int64),  # the outer 802.1Q/802.1ad VLAN id, 0 when untagged
     })
 
 
@@ -287,6 +288,7 @@ class Source:
     bpf: str = ""
     path: str = ""
     speed: float = 0.0  # files: 0 = as fast as possible, else original pace x speed
+    promisc: bool = True  # live: promiscuous mode (the PROMISC setting off turns it off everywhere)
 
     def describe(self) -> str:
         """A one-line description for the page."""
@@ -416,11 +418,12 @@ class CaptureEngine:
             live = None
             if source.kind == "live":
                 iface = source.iface or config.get("INTERFACE") or default_interface()
-                source = Source("live", iface=iface, bpf=source.bpf)
+                source = Source("live", iface=iface, bpf=source.bpf, promisc=source.promisc)
                 try:
                     live = LiveRing(iface, source.bpf, block_size=config.get("RING_BLOCK_KB") * 1024,
                                     block_nr=config.get("RING_BLOCKS"), snaplen=config.get("SNAPLEN"),
-                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"))
+                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"),
+                                    promisc=source.promisc and bool(config.get("PROMISC")))
                 except CaptureError as exc:
                     stage.close()
                     self._set_error(str(exc))

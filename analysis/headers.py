@@ -142,6 +142,7 @@ def _ipv6(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
     p = off + 40
     first_fragment = True
     bad = ip_id = frag = 0
+    fragment_seen = False
     # Each extension header moves p forward by at least 8 bytes, so this walk always ends.
     while nh in IPV6_EXT:
         if p + 8 > n:
@@ -151,7 +152,8 @@ def _ipv6(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
             word = U16(data, p + 2)[0]  # offset << 3 | M
             if word & 0xFFF8:
                 first_fragment = False
-            if not ip_id and not frag:  # the first Fragment header is the one that counts
+            if not fragment_seen:  # the first Fragment header is the one that counts
+                fragment_seen = True
                 ip_id, frag = U32BE(data, p + 4)[0], (word >> 3) | ((word & 1) << 13)
             nh, p = data[p], p + 8
         else:

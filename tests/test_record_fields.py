@@ -93,3 +93,13 @@ def test_live_metadata_vlan_overrides_the_frame(use_native):
     b.vlan = np.array([100, 200, -1], np.int64)
     out = parse_batch(b, LocalMatcher(), use_native=use_native)
     assert out["vlan"].tolist() == [100, 200, 0]
+
+
+def test_packets_frame_has_the_vlan_column():
+    """The table and CSV show each packet's VLAN id (0: untagged)."""
+    from packet_processor import packets_frame
+
+    frames = [bytes(ETH / Dot1Q(vlan=100) / V4 / UDP()), bytes(ETH / V4 / UDP()),
+              bytes(ETH / Dot1AD(vlan=7) / Dot1Q(vlan=8) / V4 / TCP())]
+    arr = pack_records([(1.0, f, len(f), 1) for f in frames], LocalMatcher())
+    assert packets_frame(arr)["vlan"].tolist() == [100, 0, 7]
