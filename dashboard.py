@@ -552,7 +552,8 @@ def packets_table(rows: np.ndarray, tz: tzinfo | None, vlan: bool = False) -> pd
     if outside.any():
         frame["time"] = viz.time_texts(ts, tz)
         frame["ts"] = ts
-    if vlan and "vlan" in (rows.dtype.names or ()) and not any(str(c).lower() == "vlan" for c in frame.columns):
+    frame = frame.drop(columns=[c for c in frame.columns if str(c).lower() == "vlan"])
+    if vlan and "vlan" in (rows.dtype.names or ()):
         vid = rows["vlan"].astype(np.int32)
         frame.insert(frame.columns.get_loc("protocol"), "VLAN",
                      pd.arrays.IntegerArray(vid, (vid <= 0) | (vid >= 4095)))

@@ -175,21 +175,21 @@ class AlertMirror:
         self._lock = threading.Lock()
         self._gen = 0
         self._alerts: list = []
-        self._suppressed = 0
+        self._suppressed: dict[str, int] = {}
         self._acked: dict[tuple, int] = {}  # (detector, target, first_ts) -> count when acknowledged
         self._on_clear = None
 
     def reset(self, gen: int, on_clear=None) -> None:
         """Start a new generation: empty, and `on_clear` asks its stage to forget its alerts too."""
         with self._lock:
-            self._gen, self._alerts, self._suppressed, self._acked = gen, [], 0, {}
+            self._gen, self._alerts, self._suppressed, self._acked = gen, [], {}, {}
             self._on_clear = on_clear
 
-    def update(self, gen: int, alerts: list, suppressed: int) -> None:
+    def update(self, gen: int, alerts: list, suppressed: dict[str, int]) -> None:
         """A stage's latest alerts (the whole book, newest first); ignored for another generation."""
         with self._lock:
             if gen == self._gen:
-                self._alerts, self._suppressed = list(alerts), int(suppressed)
+                self._alerts, self._suppressed = list(alerts), dict(suppressed)
 
     def alerts(self) -> list:
         """All alerts, newest (by last seen) first, with the page's acknowledgements."""
@@ -201,10 +201,10 @@ class AlertMirror:
             out.append(replace(a, acknowledged=True) if count is not None and count >= a.count else a)
         return out
 
-    def suppressed(self) -> int:
-        """How many alerts the stage's book left out (its quotas), as last reported."""
+    def suppressed(self) -> dict[str, int]:
+        """Per detector, how many alerts the stage's book left out (its quotas), as last reported."""
         with self._lock:
-            return self._suppressed
+            return dict(self._suppressed)
 
     def acknowledge(self, alert: Any) -> None:
         """Mark one alert as seen; a new repeat (a higher count) makes it unacknowledged again."""
@@ -571,9 +571,9 @@ def _command(cmd: bytes, book, detectors):
     return book, detectors
 
 
-def _suppressed(book) -> int:
+def _suppressed(book) -> dict[str, int]:
     fn = getattr(book, "suppressed", None)
-    return int(fn()) if fn is not None else 0
+    return {str(k): int(v) for k, v in fn().items()} if fn is not None else {}
 
 
 def _end_process(proc, conn) -> None:

@@ -516,15 +516,19 @@ def reported(fresh):
     """The engine's totals with what the pipeline, NIC, file and alert book report."""
     import packet_processor
 
-    real = packet_processor.CaptureEngine._totals_locked
+    real = packet_processor.CaptureEngine.snapshot
 
-    def totals(self, c):
-        return {**real(self, c), "nic_dropped": 7, "file_dropped": 3,
-                "alerts_suppressed": {"spike": 10, "new_host": 2, "port_scan": 0},
-                "stages": {"detectors": {"packets_in": 1000, "packets_skipped": 28, "minute_analysed_pct": 97.2},
-                           "store": {"packets_in": 1000, "packets_skipped": 0, "minute_analysed_pct": 100.0}}}
+    def snapshot(self):
+        snap = real(self)
+        snap.totals.update({"nic_dropped": 7, "file_dropped": 3,
+                            "alerts_suppressed": {"spike": 10, "new_host": 2, "port_scan": 0},
+                            "stages": {"detectors": {"packets_in": 1000, "packets_skipped": 28,
+                                                     "minute_analysed_pct": 97.2},
+                                       "store": {"packets_in": 1000, "packets_skipped": 0,
+                                                 "minute_analysed_pct": 100.0}}})
+        return snap
 
-    fresh.setattr(packet_processor.CaptureEngine, "_totals_locked", totals)
+    fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
     yield fresh
 
 

@@ -347,18 +347,19 @@ def test_nic_counters_read_sysfs_and_deltas(tmp_path):
         assert real["rx_dropped"] <= int(fh.read())
 
 
-def test_a_files_own_loss_is_reported_apart(tmp_path, monkeypatch):
+def test_a_files_own_loss_is_reported_apart(tmp_path):
     """file_dropped: what the capturer that wrote the file says it dropped (FileReader.capturer_drops,
     from pcapng statistics), apart from the live ring's drops; null when the file says nothing."""
-    from capture.sources import FileReader
-
     f = tmp_path / "f.pcap"
     f.write_bytes(pcap_bytes([(T0, bytes(ETH / IP() / UDP()))]))
     out = CaptureEngine().load_file(str(f))
     assert out["file_dropped"] is None and out["dropped"] == 0 and out["nic_dropped"] is None
-    monkeypatch.setattr(FileReader, "capturer_drops", 7, raising=False)  # as a pcapng ISB would say
-    out = CaptureEngine().load_file(str(f))
-    assert out["file_dropped"] == 7 and out["dropped"] == 0
+    from test_file_damage import epb, idb, isb, option, shb, u64
+
+    lossy = tmp_path / "lossy.pcapng"  # an Interface Statistics Block: 5 dropped by the interface, 2 by the OS
+    lossy.write_bytes(shb() + idb() + epb(0) + isb(0, option(5, u64(5)) + option(7, u64(2))))
+    out = CaptureEngine().load_file(str(lossy))
+    assert out["packets"] == 1 and out["file_dropped"] == 7 and out["dropped"] == 0
 
 
 def test_acknowledged_alerts_come_back_unacknowledged_when_they_repeat(tmp_path):
@@ -371,7 +372,7 @@ def test_acknowledged_alerts_come_back_unacknowledged_when_they_repeat(tmp_path)
     (alert,) = eng.snapshot().alerts
     eng.alerts.acknowledge(alert)
     assert [a.acknowledged for a in eng.snapshot().alerts] == [True]
-    eng.alerts.update(eng._gen, [replace(alert, count=alert.count + 1)], 0)  # the worker's next report
+    eng.alerts.update(eng._gen, [replace(alert, count=alert.count + 1)], {})  # the worker's next report
     assert [a.acknowledged for a in eng.snapshot().alerts] == [False]
     eng.alerts.clear()
     assert eng.snapshot().alerts == ()
