@@ -58,7 +58,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
     Setting("ACCESS_PASSWORD", "", "When set, the page asks for this password before it shows any data "
             "(for a dashboard exposed beyond 127.0.0.1); empty means no password."),
-    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row."),
+    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row. "
+            "When full, the oldest of the lowest severity goes, never one more severe than the newcomer."),
+    Setting("ALERTS_PER_DETECTOR", 100, "Most alerts kept per detector, so one noisy detector cannot crowd out "
+            "the others; what a full book drops or refuses is counted per detector and shown."),
     Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
             "so floods from spoofed sources cannot grow memory."),
     Setting("SCAN_WINDOW_S", 300, "Port scans: failed attempts are counted over this window (Zeek scan.zeek: 5 min)."),
