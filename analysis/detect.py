@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, replace
-from itertools import compress, islice, repeat
+from itertools import compress, islice
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,17 @@ class AlertBook:
         self._queues: dict[tuple[str, int], OrderedDict[AlertKey, None]] = {}
         self._kept: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (to hand to another process): everything but the lock."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def raise_alert(self, detector: str, severity: str, source: str, target: str, ts: float, evidence: str,
@@ -231,28 +242,72 @@ def _probe_hash(hs: np.ndarray, ht: np.ndarray, proto: int, port: np.ndarray) ->
 class _Unique:
     """Distinct items per key within the current epoch (Zeek SumStats UNIQUE), bounded.
 
-    `seen` holds the (key, item) hashes of the epoch, at most 4 x cap: when more come it is emptied
-    and `lossy` says that repeats may count again until the epoch ends. `count` and `first` keep at
-    most cap keys: beyond, the half with the fewest items goes, so a noisy flood of one-off keys
-    cannot push out a scanner that has many (amortised O(1): each shrink follows cap/2 new keys)."""
+    Most keys of hostile traffic fail once (a spoofed source, one probe): those stay in numpy arrays,
+    one slot per key hash (`one_*`), at no Python cost. A key's second distinct item promotes it to
+    the exact tables: `seen`, the (key, item) hashes of promoted keys, at most 4 x cap (when more come
+    it is emptied and `lossy` says a repeat may count again until the epoch ends), and `count` and
+    `first`, at most cap keys (beyond, the half with the fewest items goes, so a flood of one-off keys
+    cannot push out a scanner: amortised O(1), each shrink follows cap/2 new keys). A single whose
+    slot another key takes is forgotten: that key counts one item fewer if it comes back."""
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 2)
+        size = 1 << max((2 * self.cap - 1).bit_length(), 4)
+        self.mask = np.uint64(size - 1)
+        self.one_key = np.zeros(size, np.uint64)
+        self.one_item = np.zeros(size, np.uint64)
+        self.one_ts = np.zeros(size, np.float64)
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch: drop the whole table."""
+        self.one_key[:] = 0
+        self.multi = np.empty(0, np.uint64)  # promoted keys, sorted
         self.seen: set[int] = set()
         self.count: Counter[int] = Counter()
         self.first: dict[int, float] = {}
         self.lossy = False
 
     def __len__(self) -> int:
-        return len(self.seen) + len(self.count) + len(self.first)
+        return len(self.seen) + len(self.count) + len(self.first) + len(self.multi)
 
-    def add(self, keys: list[int], items: list[int], ts: list[float]) -> dict[int, int]:
-        """Count the items new to their key this epoch; {key: its latest row among them} for the keys that grew."""
-        where = dict(zip(items, range(len(items))))  # item -> its last row
+    def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[int, int]:
+        """Count the items new to their key this epoch; {key: a row of it} for the promoted keys that grew."""
+        multi = self.multi
+        if len(multi):
+            pos = np.searchsorted(multi, keys).clip(max=len(multi) - 1)
+            exact = multi[pos] == keys
+        else:
+            exact = np.zeros(len(keys), bool)
+        slot = (keys & self.mask).astype(np.intp)
+        cand = ~exact & (self.one_key[slot] != keys)  # not the single of its slot: becomes it
+        cs = slot[cand]
+        self.one_key[cs], self.one_item[cs], self.one_ts[cs] = keys[cand], items[cand], ts[cand]
+        # A key whose slot holds another of its items now has two: promote it, with that stored item.
+        promote = ~exact & (self.one_key[slot] == keys) & (self.one_item[slot] != items)
+        if promote.any():
+            fresh = np.unique(keys[promote])
+            held = (fresh & self.mask).astype(np.intp)  # each promoted key's slot, which holds it
+            rows = np.flatnonzero(exact | np.isin(keys, fresh))
+            mine = rows[np.isin(keys[rows], fresh)]
+            rep = mine[np.unique(keys[mine], return_index=True)[1]]  # a row of each promoted key
+            k = np.concatenate((keys[rows], fresh))
+            i = np.concatenate((items[rows], self.one_item[held]))
+            t = np.concatenate((ts[rows], self.one_ts[held]))
+            r = np.concatenate((rows, rep))
+            self.one_key[held] = 0
+            self.multi = np.union1d(multi, fresh)
+        elif exact.any():
+            r = np.flatnonzero(exact)
+            k, i, t = keys[r], items[r], ts[r]
+        else:
+            return {}
+        return self._exact(k, i, t, r)
+
+    def _exact(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray, rows: np.ndarray) -> dict[int, int]:
+        order = np.argsort(ts, kind="stable")  # time order, so setdefault keeps each key's earliest time
+        keys, items, ts, rows = _ints(keys[order]), _ints(items[order]), ts[order].tolist(), rows[order].tolist()
+        where = dict(zip(items, range(len(items))))  # item -> its last position
         new = where.keys() - self.seen
         if not new:
             return {}
@@ -260,122 +315,115 @@ class _Unique:
             self.seen = set()
             self.lossy = True
         self.seen.update(new)
-        rows = sorted(map(where.__getitem__, new))
-        grown = list(map(keys.__getitem__, rows))
+        at = np.sort(np.fromiter(map(where.__getitem__, new), np.int64, len(new))).tolist()
+        grown = list(map(keys.__getitem__, at))
         self.count.update(grown)
-        earliest = dict(zip(reversed(grown), map(ts.__getitem__, reversed(rows))))
-        missing = earliest.keys() - self.first.keys()
-        self.first.update(zip(missing, map(earliest.__getitem__, missing)))
+        deque(map(self.first.setdefault, grown, map(ts.__getitem__, at)), 0)
         if len(self.count) > self.cap:
             self._shrink()
-        return dict(zip(grown, rows))
+        return dict(zip(grown, map(rows.__getitem__, at)))
 
     def _shrink(self) -> None:
         keys = np.fromiter(self.count.keys(), np.int64, len(self.count))
         vals = np.fromiter(self.count.values(), np.int64, len(self.count))
         half = self.cap // 2
-        keep = keys[np.argpartition(-vals, half)[:half]].tolist()
+        keep = keys[np.argpartition(-vals, half)[:half]]
+        self.multi = np.sort(keep.view(np.uint64))
+        keep = keep.tolist()
         self.count = Counter(dict(zip(keep, map(self.count.__getitem__, keep))))
         self.first = dict(zip(keep, map(self.first.__getitem__, keep)))
 
 
+def _slots(cap: int) -> int:
+    """A power of two of at least 2 x cap: the size of a hash-slot table for cap entries."""
+    return 1 << max((2 * max(cap, 1) - 1).bit_length(), 4)
+
+
 class _Pending:
-    """Probes waiting for an answer, in generations of SCAN_UNANSWERED_S / 2 (a timing wheel, no sweeps).
+    """Probes waiting for an answer: one numpy slot per probe hash, so every step is a vector operation.
 
-    A probe expires when its generation falls off the end, between 1 and 1.5 x SCAN_UNANSWERED_S after
-    it was sent; a generation pushed off early because the newest holds `cap` probes expires the same
-    way, so the probes of a fast sweep count as unanswered, never as forgotten."""
-
-    GENERATIONS = 3
+    Bounded by construction. A probe that another takes the slot of is pushed out: it counts as
+    unanswered at once, never as forgotten, so a fast sweep cannot hide in a full table. Expired
+    probes (no answer after SCAN_UNANSWERED_S) are collected by one vectorised pass every
+    SCAN_UNANSWERED_S / 2 of capture time, between 1 and 1.5 x SCAN_UNANSWERED_S after they were sent."""
 
     def __init__(self, timeout: float, cap: int) -> None:
-        self.period = timeout / (self.GENERATIONS - 1)
-        self.cap = max(cap, 1)
-        self.turn_at: float | None = None
-        self.gens: deque[tuple[set[int], list[np.ndarray]]] = deque(
-            (set(), []) for _ in range(self.GENERATIONS))
-        self.rows = 0  # probe rows held in the newest generation (repeats included)
+        self.timeout, self.period = timeout, timeout / 2
+        size = _slots(cap)
+        self.mask = np.uint64(size - 1)
+        self.slots = np.zeros(size, ATTEMPT_DTYPE)  # h == 0: empty
+        self.sweep_at: float | None = None
 
     def __len__(self) -> int:
-        return sum(len(s) for s, _ in self.gens)
+        return int(np.count_nonzero(self.slots["h"]))
 
-    def add(self, probes: np.ndarray) -> None:
-        """Hold ATTEMPT_DTYPE rows until answered or expired."""
-        if len(probes):
-            if self.turn_at is None:
-                self.turn_at = float(probes["ts"].min()) + self.period
-            newest = self.gens[-1]
-            newest[0].update(_ints(probes["h"]))
-            newest[1].append(probes)
-            self.rows += len(probes)
+    def add(self, probes: np.ndarray) -> np.ndarray:
+        """Hold ATTEMPT_DTYPE rows until answered or expired; the probes pushed out (to count as unanswered)."""
+        if not len(probes):
+            return probes
+        if self.sweep_at is None:
+            self.sweep_at = float(probes["ts"].min()) + self.period
+        slot = (probes["h"] & self.mask).astype(np.intp)
+        old = self.slots[slot]
+        self.slots[slot] = probes  # the last of a batch's probes to one slot wins
+        now = self.slots["h"][slot]
+        gone = (old["h"] != 0) & (old["h"] != now)
+        _, first = np.unique(slot[gone], return_index=True)  # each pushed-out probe once
+        return np.concatenate((old[gone][first], probes[probes["h"] != now]))
 
-    def contains(self, keys: list[int]) -> np.ndarray:
+    def answer(self, keys: np.ndarray) -> np.ndarray:
+        """Remove the pending probes among `keys` (uint64 hashes); which of them were pending."""
+        slot = (keys & self.mask).astype(np.intp)
+        hit = self.slots["h"][slot] == keys
+        self.slots["h"][slot[hit]] = 0
+        return hit
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
         """Which keys are pending."""
-        hit = np.zeros(len(keys), bool)
-        for pending, _ in self.gens:
-            if pending:
-                hit |= _member(pending, keys)
-        return hit
+        return self.slots["h"][(keys & self.mask).astype(np.intp)] == keys
 
-    def answer(self, keys: list[int]) -> np.ndarray:
-        """Remove the pending keys among `keys`; which of them were pending."""
-        hit = self.contains(keys)
-        if hit.any():
-            found = list(compress(keys, hit))
-            for pending, _ in self.gens:
-                pending.difference_update(found)
-        return hit
-
-    def expire(self, now: float) -> list[np.ndarray]:
-        """Turn the generations due by `now` (or full); the unanswered probes of those pushed off."""
-        out = []
-        if self.turn_at is None:
-            return out
-        turns = 0
-        while now >= self.turn_at and turns < self.GENERATIONS:
-            out.append(self._turn())
-            self.turn_at += self.period
-            turns += 1
-        if now >= self.turn_at:  # a jump in time: every generation is already expired
-            self.turn_at = now + self.period
-        while len(self.gens[-1][0]) >= self.cap or self.rows >= 2 * self.cap:
-            out.append(self._turn())
-        return [rows for rows in out if len(rows)]
-
-    def _turn(self) -> np.ndarray:
-        pending, chunks = self.gens.popleft()
-        self.gens.append((set(), []))
-        self.rows = 0
-        if not pending or not chunks:
-            return np.empty(0, ATTEMPT_DTYPE)
-        rows = np.concatenate(chunks)
-        return rows[_member(pending, _ints(rows["h"]))]
+    def expire(self, now: float) -> np.ndarray:
+        """The probes unanswered for SCAN_UNANSWERED_S, removed (a pass over the slots every period)."""
+        if self.sweep_at is None or now < self.sweep_at:
+            return self.slots[:0]
+        self.sweep_at = now + self.period
+        h = self.slots["h"]
+        stale = np.flatnonzero((h != 0) & (self.slots["ts"] <= now - self.timeout))
+        out = self.slots[stale]
+        h[stale] = 0
+        return out
 
 
 class _Recent:
-    """A set of hashes remembered for one to two periods (two generations), and at most 2 x cap of them."""
+    """Hashes remembered with their last time, one numpy slot each: `contains` says seen within `period`."""
 
     def __init__(self, period: float, cap: int) -> None:
-        self.period, self.cap = period, max(cap, 1)
-        self.new: set[int] = set()
-        self.old: set[int] = set()
-        self.turn_at: float | None = None
+        size = _slots(cap)
+        self.period, self.mask = period, np.uint64(size - 1)
+        self.keys = np.zeros(size, np.uint64)
+        self.ts = np.zeros(size, np.float64)
+        self.value = np.zeros(size, np.int64)
 
     def __len__(self) -> int:
-        return len(self.new) + len(self.old)
+        return int(np.count_nonzero(self.keys))
 
-    def contains(self, keys: list[int]) -> np.ndarray:
-        """Which keys are remembered."""
-        return _member(self.new, keys) | _member(self.old, keys) if self else np.zeros(len(keys), bool)
+    def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
+        """Remember keys at times ts (a key takes the slot of any other)."""
+        slot = (keys & self.mask).astype(np.intp)
+        self.keys[slot], self.ts[slot], self.value[slot] = keys, ts, value
 
-    def add(self, keys: list[int], now: float) -> None:
-        """Remember keys (the oldest generation goes when a period has passed or the newest is full)."""
-        if self.turn_at is None:
-            self.turn_at = now + self.period
-        if now >= self.turn_at or len(self.new) + len(keys) > self.cap:
-            self.old, self.new = self.new, set()
-            self.turn_at = now + self.period
-        self.new.update(keys)
+    def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """Which keys were added within `period` before `now`."""
+        slot = (keys & self.mask).astype(np.intp)
+        return (self.keys[slot] == keys) & (self.ts[slot] >= now - self.period)
+
+    def pop(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """The value of each key still remembered (-1 if not), forgetting it."""
+        slot = (keys & self.mask).astype(np.intp)
+        hit = (self.keys[slot] == keys) & (self.ts[slot] >= now - self.period)
+        out = np.where(hit, self.value[slot], -1)
+        self.keys[slot[hit]] = 0
+        return out
 
 
 class _Batch:
@@ -392,9 +440,10 @@ class _Batch:
 class _Second:
     """One kind of flood's counts over the current second: packets and distinct sources per destination.
 
-    Exact: every (destination, source) pair of the second is remembered, up to cap pairs; beyond that
-    the source counts are lower bounds and the evidence says "at least". Destinations beyond cap in one
-    second are not counted that second (a flood's target is counted from its first packet of the second)."""
+    Sorted numpy arrays merged once per batch. Exact: every (destination, source) pair of the second
+    is kept, up to cap pairs; beyond that the source counts are lower bounds and the evidence says
+    "at least". Destinations beyond cap in one second are not counted that second (a flood's target
+    is counted from its first packet of the second, which comes early)."""
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
@@ -403,33 +452,55 @@ class _Second:
     def start(self, second: int) -> None:
         """Begin counting `second`."""
         self.second = second
-        self.packets: Counter[int] = Counter()
-        self.pairs: set[int] = set()
-        self.sources: Counter[int] = Counter()
+        self.keys = np.empty(0, np.uint64)
+        self.packets = np.empty(0, np.int64)
+        self.sources = np.empty(0, np.int64)
+        self.pairs = np.empty(0, np.uint64)
         self.full = False
 
     def __len__(self) -> int:
-        return len(self.packets) + len(self.pairs) + len(self.sources)
+        return len(self.keys) * 3 + len(self.pairs)
 
-    def add(self, dst: list[int], pairs: list[int] | None) -> None:
+    def add(self, dst: np.ndarray, pairs: np.ndarray | None) -> None:
         """Count packets to `dst` (hashes, one per packet) and, when given, their (destination, source) pairs."""
-        if len(self.packets) + len(dst) > self.cap:
-            known = _member(self.packets, dst)
-            room = max(self.cap - len(self.packets), 0)
-            admitted = set(islice(dict.fromkeys(compress(dst, ~known)), room))  # the first newcomers that fit
-            keep = known | _member(admitted, dst)
-            dst = list(compress(dst, keep))
-            pairs = None if pairs is None else list(compress(pairs, keep))
-        self.packets.update(dst)
+        uk, cnt = np.unique(dst, return_counts=True)
+        pos, found = _find(self.keys, uk)
+        self.packets[pos[found]] += cnt[found]
+        new = np.flatnonzero(~found)[:max(self.cap - len(self.keys), 0)]
+        if len(new):
+            self.keys = np.insert(self.keys, pos[new], uk[new])
+            self.packets = np.insert(self.packets, pos[new], cnt[new])
+            self.sources = np.insert(self.sources, pos[new], 0)
         if pairs is None or self.full:
             return
-        dst_of_pair = dict(zip(pairs, dst))
-        new = dst_of_pair.keys() - self.pairs
-        if len(self.pairs) + len(new) > self.cap:
-            new = set(islice(new, self.cap - len(self.pairs)))
+        order = np.argsort(pairs)
+        sp = pairs[order]
+        head = np.ones(len(sp), bool)
+        head[1:] = sp[1:] != sp[:-1]
+        up, udst = sp[head], dst[order][head]
+        ppos, seen = _find(self.pairs, up)
+        fresh = np.flatnonzero(~seen)
+        if len(self.pairs) + len(fresh) > self.cap:
+            fresh = fresh[:max(self.cap - len(self.pairs), 0)]
             self.full = True
-        self.pairs.update(new)
-        self.sources.update(map(dst_of_pair.__getitem__, new))
+        self.pairs = np.insert(self.pairs, ppos[fresh], up[fresh])
+        nd, nc = np.unique(udst[fresh], return_counts=True)
+        kpos, ok = _find(self.keys, nd)
+        self.sources[kpos[ok]] += nc[ok]
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packets, distinct sources) this second for each key (0 for keys not counted)."""
+        pos, found = _find(self.keys, keys)
+        return (np.where(found, self.packets[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0),
+                np.where(found, self.sources[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0))
+
+
+def _find(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(insertion position, present) of each key in a sorted table."""
+    pos = np.searchsorted(table, keys)
+    if not len(table):
+        return pos, np.zeros(len(keys), bool)
+    return pos, table[pos.clip(max=len(table) - 1)] == keys
 
 
 _H_SALT = np.uint64(0x5851F42D4C957F2D)  # keeps (scanner, proto, port) keys apart from (scanner, target) ones
@@ -457,7 +528,7 @@ class Detectors:
         self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas, this epoch
         self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts, this epoch
         self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
-        self.last_udp: dict[int, int] = {}  # (prober, target) -> port of its latest UDP probe, for ICMP unreachable
+        self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
         self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
                           "udp": config.get("UDP_FLOOD_PPS")}
@@ -481,7 +552,6 @@ class Detectors:
                  "stealth": len(self.stealth), "answered": len(self.answered), "served": len(self.served),
                  "last_udp": len(self.last_udp), "arp": len(self.arp), "known_hosts": len(self.known_hosts),
                  "reported_hosts": len(self.reported_hosts)}
-        sizes["pending_rows"] = sum(len(c) for _, chunks in self.pending.gens for c in chunks)
         sizes.update({f"second_{kind}": len(st) for kind, st in self.seconds.items()})
         return sizes
 
@@ -504,7 +574,8 @@ class Detectors:
         arp = arr.take(np.flatnonzero((cls == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)))
         if len(arp):
             self._arp(arp, book)
-        for expired in self.pending.expire(float(arr["ts"].max())):
+        expired = self.pending.expire(float(arr["ts"].max()))
+        if len(expired):
             self._failed(expired, book)
         self._floods(b, book)
         self._spike(b, book)
@@ -518,18 +589,24 @@ class Detectors:
         fl = arr["tcp_flags"][idx]
         rst = (fl & RST) != 0
         probe = ~rst & ((fl & ACK) == 0)  # the rows are SYN, SYN-ACK, RST or no SYN and no ACK
-        p = idx[probe]
-        if len(p):  # probes first: the answer to a probe of this batch is in it too
-            probes = _attempts(arr["src"][p], arr["dst"][p], b.hs[p], b.hd[p], 6, arr["dport"][p], arr["ts"][p])
-            self.pending.add(probes)
+        p, a = idx[probe], idx[~probe]
+        probes = _attempts(arr["src"][p], arr["dst"][p], b.hs[p], b.hd[p], 6, arr["dport"][p], arr["ts"][p])
+        answers = _attempts(arr["dst"][a], arr["src"][a], b.hd[a], b.hs[a], 6, arr["sport"][a], arr["ts"][a])
+        # Answers to probes of this same batch (a fast scan's RSTs) are matched here: those probes never
+        # take a slot. The others are looked up in the table.
+        here = _earlier(answers["h"], a, probes["h"], p)
+        if len(p):
+            waiting = ~np.isin(probes["h"], answers["h"][here]) if here.any() else np.ones(len(p), bool)
+            pushed = self.pending.add(probes[waiting])
+            if len(pushed):
+                self._failed(pushed, book)
             # NULL, FIN or Xmas: no client sends these, scanners do (nmap -sN/-sF/-sX)
             stealth = (fl[probe] & SYN) == 0
             if stealth.any():
                 self._stealth(probes[stealth], book)
-        a = idx[~probe]
         if len(a):
-            answers = _attempts(arr["dst"][a], arr["src"][a], b.hd[a], b.hs[a], 6, arr["sport"][a], arr["ts"][a])
-            hit = self.pending.answer(_ints(answers["h"]))
+            hit = here.copy()
+            hit[~here] = self.pending.answer(answers["h"][~here])
             refused = rst[~probe]
             if (hit & ~refused).any():  # first, so the scan alert of this batch says how many were answered
                 self._answered(answers[hit & ~refused])
@@ -540,55 +617,54 @@ class Detectors:
         cls = b.arr["cls"][idx]
         flows = idx[(cls == UDP) & (b.arr["dport"][idx] >= 0)]
         if len(flows):
-            self._udp_flows(b, flows)
+            self._udp_flows(b, flows, book)
         unreachable = idx[cls != UDP]
         if len(unreachable):
             self._unreachable(b, unreachable, book)
 
-    def _udp_flows(self, b: _Batch, idx: np.ndarray) -> None:
+    def _udp_flows(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
         """A UDP flow answers a pending probe, is a server's reply (no probe), or is a probe."""
         arr = b.arr
-        hs, hd = b.hs[idx], b.hd[idx]
+        hs, hd, ts = b.hs[idx], b.hd[idx], arr["ts"][idx]
         sport, dport = arr["sport"][idx], arr["dport"][idx]
         answers = _probe_hash(hd, hs, 17, sport)  # the probe this flow would answer
         probes = _probe_hash(hs, hd, 17, dport)
         server = _comb(hs, sport.astype(np.uint64) + _SERVED_SALT)  # (this end, its port)
         marks = _comb(hd, dport.astype(np.uint64) + _SERVED_SALT)  # (the other end, its port): served if a probe
-        order = np.arange(len(idx))
-        keys = _ints(answers)
-        is_answer = self.pending.contains(keys)
-        candidate = ~is_answer & ~self.served.contains(_ints(server))
-        is_answer |= _earlier(answers, probes, candidate, order)  # answers a probe earlier in the batch
-        probe = candidate & ~is_answer
-        probe &= ~_earlier(server, marks, probe, order)  # a reply from a port probed earlier in the batch
+        now = float(ts[-1])
+        in_table = self.pending.contains(answers)
+        candidate = ~in_table & ~self.served.contains(server, now)
+        here = _earlier(answers, idx, probes[candidate], idx[candidate])  # answers a probe earlier in the batch
+        probe = candidate & ~here
+        probe &= ~_earlier(server, idx, marks[probe], idx[probe])  # a reply from a port probed earlier in the batch
         if probe.any():
-            p = idx[probe]
-            self.pending.add(_attempts(arr["src"][p], arr["dst"][p], hs[probe], hd[probe], 17, dport[probe],
-                                       arr["ts"][p]))
-            self.served.add(_ints(marks[probe]), float(arr["ts"][p[-1]]))
-            if len(self.last_udp) > self.cap:
-                self.last_udp.clear()
-            self.last_udp.update(zip(_ints(_comb(hs[probe], hd[probe])), dport[probe].tolist()))
-        if is_answer.any():
-            hit = self.pending.answer(list(compress(keys, is_answer)))
-            a = np.flatnonzero(is_answer)[hit]
-            if len(a):
-                self._answered(_attempts(arr["dst"][idx[a]], arr["src"][idx[a]], hd[a], hs[a], 17, sport[a],
-                                         arr["ts"][idx[a]]))
+            self.served.add(marks[probe], ts[probe])
+            self.last_udp.add(_comb(hs[probe], hd[probe]), ts[probe], dport[probe])
+            waiting = probe & ~np.isin(probes, answers[here]) if here.any() else probe  # not answered in the batch
+            p = idx[waiting]
+            pushed = self.pending.add(_attempts(arr["src"][p], arr["dst"][p], hs[waiting], hd[waiting], 17,
+                                                dport[waiting], ts[waiting]))
+            if len(pushed):
+                self._failed(pushed, book)
+        if in_table.any():
+            t = np.flatnonzero(in_table)
+            here[t[self.pending.answer(answers[t])]] = True
+        if here.any():
+            self._answered(_attempts(arr["dst"][idx[here]], arr["src"][idx[here]], hd[here], hs[here], 17,
+                                     sport[here], ts[here]))
 
     def _unreachable(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
         """ICMP port unreachable from a target: the prober's latest UDP probe of it failed.
 
         The quoted datagram is not parsed, so the prober's latest probe of that target is taken:
-        one dict lookup, and any other probe left pending fails when it expires anyway."""
+        one slot lookup, and any other probe left pending fails when it expires anyway."""
         arr = b.arr
-        pairs = _ints(_comb(b.hd[idx], b.hs[idx]))
-        ports = np.fromiter(map(self.last_udp.pop, pairs, repeat(-1)), np.int64, len(pairs))
+        ports = self.last_udp.pop(_comb(b.hd[idx], b.hs[idx]), float(arr["ts"][idx[-1]]))
         ok = ports >= 0
         if ok.any():
             k = idx[ok]
             rows = _attempts(arr["dst"][k], arr["src"][k], b.hd[k], b.hs[k], 17, ports[ok], arr["ts"][k])
-            hit = self.pending.answer(_ints(rows["h"]))
+            hit = self.pending.answer(rows["h"])
             if hit.any():
                 self._failed(rows[hit], book)
 
@@ -626,8 +702,7 @@ class Detectors:
     def _stealth(self, probes: np.ndarray, book: AlertBook) -> None:
         for sel in self._epochs(probes["ts"]):
             part = probes[sel]
-            keys = _ints(_comb(part["hs"], part["ht"]))
-            grown = self.stealth.add(keys, _ints(part["h"]), part["ts"].tolist())
+            grown = self.stealth.add(_comb(part["hs"], part["ht"]), part["h"], part["ts"])
             for _key, row, n in self._reached(self.stealth, grown, self.stealth_ports):
                 r = part[row]
                 book.raise_alert("port_scan", "high", addr_text(r["s"]), addr_text(r["t"]), float(r["ts"]),
@@ -649,13 +724,13 @@ class Detectors:
         """Failed or unanswered attempts (ATTEMPT_DTYPE rows): count the distinct ones, raise the scans."""
         for sel in self._epochs(rows["ts"]):
             part = rows[sel]
-            ts = part["ts"].tolist()
-            grown = self.vertical.add(_ints(_comb(part["hs"], part["ht"])), _ints(part["h"]), ts)
+            ts = part["ts"]
+            grown = self.vertical.add(_comb(part["hs"], part["ht"]), part["h"], ts)
             for key, row, n in self._reached(self.vertical, grown, self.vports):
                 self._vertical_alert(part[row], key, n, book)
             service = (part["proto"].astype(np.uint64) << np.uint64(32)) + part["port"].astype(np.uint64)
             hkeys = _comb(part["hs"] ^ _H_SALT, service)
-            grown = self.horizontal.add(_ints(hkeys), _ints(_comb(hkeys, part["ht"])), ts)
+            grown = self.horizontal.add(hkeys, _comb(hkeys, part["ht"]), ts)
             for key, row, n in self._reached(self.horizontal, grown, self.vhosts):
                 self._horizontal_alert(part[row], key, n, book)
 
@@ -709,23 +784,25 @@ class Detectors:
             if second != st.second:
                 st.start(second)
             if kind == "synack":  # counted per answering server
-                st.add(_ints(b.hs[sel]), None)
+                st.add(b.hs[sel], None)
                 continue
-            dst = _ints(b.hd[sel])
-            st.add(dst, _ints(_comb(b.hd[sel], b.hs[sel])))
-            row_of = dict(zip(dst, sel.tolist()))  # a row of each destination
-            keys = list(row_of)
-            counts = np.fromiter(map(st.packets.__getitem__, keys), np.int64, len(keys))
-            hot = counts >= self.flood_pps[kind]
-            for key, n in zip(compress(keys, hot), counts[hot].tolist()):
-                self._flood_alert(kind, key, n, b.arr["dst"][row_of[key]], book)
+            dst = b.hd[sel]
+            st.add(dst, _comb(dst, b.hs[sel]))
+            keys = np.unique(dst)
+            packets, sources = st.lookup(keys)
+            hot = np.flatnonzero(packets >= self.flood_pps[kind])[:self.alerts_per_batch]
+            if not len(hot):
+                continue
+            answers = self.seconds["synack"]
+            completed = answers.lookup(keys[hot])[0] if answers.second == second else np.zeros(len(hot), np.int64)
+            for j, done in zip(hot.tolist(), completed.tolist()):
+                row = sel[int(np.argmax(dst == keys[j]))]
+                self._flood_alert(kind, int(packets[j]), int(sources[j]), done, b.arr["dst"][row], book)
 
-    def _flood_alert(self, kind: str, key: int, n: int, dst: bytes, book: AlertBook) -> None:
-        st, answers = self.seconds[kind], self.seconds["synack"]
-        completed = answers.packets.get(key, 0) if kind == "syn" and answers.second == st.second else 0
+    def _flood_alert(self, kind: str, n: int, sources: int, completed: int, dst: bytes, book: AlertBook) -> None:
+        st = self.seconds[kind]
         if kind == "syn" and completed > n * 0.1:
             return  # a busy server that answers is not flooded
-        sources = st.sources.get(key, 0)
         some = f"at least {sources}" if st.full else f"{sources}"  # the table of pairs filled up this second
         target = addr_text(dst)
         what = {"syn": "SYNs", "icmp": "ICMP echo requests", "udp": "UDP packets"}[kind]
@@ -804,7 +881,9 @@ class Detectors:
         The addresses learned before it are kept apart and never evicted: a flood of spoofed local
         sources afterwards can fill only the table of reported ones, never make a learned host new."""
         arr = b.arr
+        # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
         ip = np.flatnonzero(arr["cls"] != NON_IP)
+        ip = ip[(self.local_nets.kinds(arr["src"][ip]) == LocalMatcher.OURS) & ~np.isin(b.hs[ip], _UNSPEC)]
         if not len(ip):
             return
         keys = _ints(b.hs[ip])
@@ -812,9 +891,7 @@ class Detectors:
         fresh = first.keys() - self.known_hosts - self.reported_hosts
         if not fresh:
             return
-        rows = np.array(sorted(map(first.__getitem__, fresh)), np.int64)
-        # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
-        rows = rows[(self.local_nets.kinds(arr["src"][rows]) == LocalMatcher.OURS) & ~np.isin(b.hs[rows], _UNSPEC)]
+        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
         learning = arr["ts"][rows] < self.learn_end
         if learning.any():
             room = max(self.cap - len(self.known_hosts), 0)
@@ -900,15 +977,13 @@ def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
     return Counter(dict(zip(keep, map(counts.__getitem__, keep))))
 
 
-def _earlier(keys: np.ndarray, refs: np.ndarray, mask: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """For each row i: keys[i] equals refs[j] of some row j < i with mask[j] (sorted search, no loop)."""
-    j = np.flatnonzero(mask)
-    if not len(j):
+def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
+    """For each key: some ref equals it at an earlier row (sorted search, no loop)."""
+    if not len(refs):
         return np.zeros(len(keys), bool)
-    uniq, first = np.unique(refs[j], return_index=True)
-    first = j[first]
+    uniq, first = np.unique(refs, return_index=True)
     pos = np.searchsorted(uniq, keys).clip(max=len(uniq) - 1)
-    return (uniq[pos] == keys) & (first[pos] < order)
+    return (uniq[pos] == keys) & (ref_rows[first][pos] < key_rows)
 
 
 BOTH_PORTS, SERVICE_PORT, PROBE_PORT = 0, 1, 2  # which ports a flow key keeps (flow_keys_numpy)

@@ -1,7 +1,7 @@
 """The detectors alone (analysis.detect.Detectors.observe) on hostile traffic: packets/s per workload.
 
 Workloads, generated here (seeded) straight into PACKET_DTYPE rows, so only the detectors are timed:
-- hostile mix: random spoofed sources (IPv4 and IPv6), random destinations from a pool and random
+- hostile mix: random spoofed sources (IPv4 and IPv6), destinations from a pool of 5,000 and random
   ports; TCP with SYN, SYN-ACK, RST, RST-ACK, FIN, ACK, PSH-ACK; UDP with DNS both ways and random
   ports; ICMP echo requests and replies; a little ARP;
 - nmap -p- burst: what `nmap -sS -p- -T5 127.0.0.1` puts on `lo` (~131,000 packets in 0.8 s): a SYN
@@ -54,8 +54,9 @@ def hostile(n: int, seed: int = 1, pps: float = 300_000.0) -> np.ndarray:
     six = kind == 4
     src[six] = rng.integers(0, 256, (int(six.sum()), 16), dtype=np.uint8)
     src[six, 0] = 0x20
-    dst[six] = rng.integers(0, 256, (int(six.sum()), 16), dtype=np.uint8)
-    dst[six, 0] = 0xFD
+    pool6 = rng.integers(0, 256, (1000, 16), dtype=np.uint8)
+    pool6[:, 0] = 0xFD
+    dst[six] = pool6[rng.integers(0, len(pool6), int(six.sum()))]
     arr["src"] = src.view("S16").ravel()
     arr["dst"] = dst.view("S16").ravel()
     arr["ipver"] = np.where(six, 6, 4)
