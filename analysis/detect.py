@@ -426,6 +426,52 @@ class _Recent:
         return out
 
 
+class _ScanEpochs:
+    """The scan tables of one series of tumbling SCAN_WINDOW_S epochs (starting at `offset`), dropped whole
+    at each epoch's end as scan.zeek's SumStats epochs are: no per-entry expiry."""
+
+    def __init__(self, window: float, offset: float, cap: int) -> None:
+        self.window, self.offset, self.cap = window, offset, cap
+        self.epoch: int | None = None
+        self.vertical = _Unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
+        self.horizontal = _Unique(cap)  # (scanner, proto, port) -> distinct targets that failed
+        self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
+        self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts
+
+    def parts(self, ts: np.ndarray):
+        """Selectors of the rows per epoch, in order, starting each new epoch on the way."""
+        ep = np.floor((ts - self.offset) / self.window).astype(np.int64)
+        if self.epoch is None:
+            self.epoch = int(ep.min())
+        ep = np.maximum(ep, self.epoch)  # a late row counts in the current epoch
+        lo, hi = int(ep.min()), int(ep.max())
+        if lo == hi:
+            if hi > self.epoch:
+                self._new_epoch(hi)
+            yield slice(None)
+            return
+        for e in np.unique(ep).tolist():
+            if e > self.epoch:
+                self._new_epoch(e)
+            yield ep == e
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for table in (self.vertical, self.horizontal, self.stealth):
+            table.reset()
+        self.answered = Counter()
+
+
+def _reached(table: _Unique, grown: dict[int, int], threshold: int) -> list[tuple[int, int, int]]:
+    """(key, row, distinct count) of the grown keys whose count reached `threshold`."""
+    if not grown:
+        return []
+    keys = list(grown)
+    counts = np.fromiter(map(table.count.__getitem__, keys), np.int64, len(keys))
+    hot = counts >= threshold
+    return [(k, grown[k], n) for k, n in zip(compress(keys, hot), counts[hot].tolist())]
+
+
 class _Batch:
     """Columns of one batch that several detectors use, computed once."""
 
@@ -521,12 +567,10 @@ class Detectors:
         self.stealth_ports = config.get("SCAN_STEALTH_PORTS")
         self.timeout = config.get("SCAN_UNANSWERED_S")
         self.alerts_per_batch = config.get("ALERTS_PER_DETECTOR")
-        self.epoch: int | None = None  # the SCAN_WINDOW_S epoch the scan tables count
         self.pending = _Pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
-        self.vertical = _Unique(cap)  # (scanner, target) -> distinct (proto, port) that failed, this epoch
-        self.horizontal = _Unique(cap)  # (scanner, proto, port) -> distinct targets that failed, this epoch
-        self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas, this epoch
-        self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts, this epoch
+        # Two sets of epoch tables, offset by half an epoch: a scan that fits in SCAN_WINDOW_S / 2 lies
+        # wholly inside an epoch of one of them, wherever the epoch boundaries fall.
+        self.phases = (_ScanEpochs(self.window, 0.0, cap), _ScanEpochs(self.window, self.window / 2, cap))
         self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
         self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
@@ -548,10 +592,11 @@ class Detectors:
 
     def table_sizes(self) -> dict[str, int]:
         """Entries held by every table, inner tables included (each one is bounded by DETECTOR_STATE_MAX)."""
-        sizes = {"pending": len(self.pending), "vertical": len(self.vertical), "horizontal": len(self.horizontal),
-                 "stealth": len(self.stealth), "answered": len(self.answered), "served": len(self.served),
+        sizes = {f"{name}_{i}": len(getattr(ph, name)) for i, ph in enumerate(self.phases)
+                 for name in ("vertical", "horizontal", "stealth", "answered")}
+        sizes.update({"pending": len(self.pending), "served": len(self.served),
                  "last_udp": len(self.last_udp), "arp": len(self.arp), "known_hosts": len(self.known_hosts),
-                 "reported_hosts": len(self.reported_hosts)}
+                 "reported_hosts": len(self.reported_hosts)})
         sizes.update({f"second_{kind}": len(st) for kind, st in self.seconds.items()})
         return sizes
 
@@ -668,89 +713,68 @@ class Detectors:
             if hit.any():
                 self._failed(rows[hit], book)
 
-    def _epochs(self, ts: np.ndarray):
-        """Selectors of the rows per scan epoch, in order, starting each new epoch on the way."""
-        ep = np.floor(ts / self.window).astype(np.int64)
-        if self.epoch is None:
-            self.epoch = int(ep.min())
-        ep = np.maximum(ep, self.epoch)  # a late row counts in the current epoch
-        lo, hi = int(ep.min()), int(ep.max())
-        if lo == hi:
-            if hi > self.epoch:
-                self._new_epoch(hi)
-            yield slice(None)
-            return
-        for e in np.unique(ep).tolist():
-            if e > self.epoch:
-                self._new_epoch(e)
-            yield ep == e
-
-    def _new_epoch(self, epoch: int) -> None:
-        """Drop the scan tables whole, as scan.zeek's SumStats epoch does: no per-entry expiry."""
-        self.epoch = epoch
-        for table in (self.vertical, self.horizontal, self.stealth):
-            table.reset()
-        self.answered = Counter()
-
     def _answered(self, rows: np.ndarray) -> None:
-        for sel in self._epochs(rows["ts"]):
-            part = rows[sel]
-            self.answered.update(_ints(_comb(part["hs"], part["ht"])))
-            if len(self.answered) > self.cap:
-                self.answered = _top_half(self.answered, self.cap)
+        for ph in self.phases:
+            for sel in ph.parts(rows["ts"]):
+                part = rows[sel]
+                ph.answered.update(_ints(_comb(part["hs"], part["ht"])))
+                if len(ph.answered) > self.cap:
+                    ph.answered = _top_half(ph.answered, self.cap)
 
     def _stealth(self, probes: np.ndarray, book: AlertBook) -> None:
-        for sel in self._epochs(probes["ts"]):
-            part = probes[sel]
-            grown = self.stealth.add(_comb(part["hs"], part["ht"]), part["h"], part["ts"])
-            for _key, row, n in self._reached(self.stealth, grown, self.stealth_ports):
-                r = part[row]
-                book.raise_alert("port_scan", "high", addr_text(r["s"]), addr_text(r["t"]), float(r["ts"]),
-                                 f"{n} NULL/FIN/Xmas probes to {n} ports on {addr_text(r['t'])}",
-                                 "TCP packets with no SYN and no ACK are only sent by port scanners "
-                                 "(nmap -sN/-sF/-sX): find the program on the source host.")
-
-    @staticmethod
-    def _reached(table: _Unique, grown: dict[int, int], threshold: int) -> list[tuple[int, int, int]]:
-        """(key, row, distinct count) of the grown keys whose count reached `threshold`."""
-        if not grown:
-            return []
-        keys = list(grown)
-        counts = np.fromiter(map(table.count.__getitem__, keys), np.int64, len(keys))
-        hot = counts >= threshold
-        return [(k, grown[k], n) for k, n in zip(compress(keys, hot), counts[hot].tolist())]
+        best: dict[int, tuple[int, np.void]] = {}
+        for ph in self.phases:
+            for sel in ph.parts(probes["ts"]):
+                part = probes[sel]
+                grown = ph.stealth.add(_comb(part["hs"], part["ht"]), part["h"], part["ts"])
+                for key, row, n in _reached(ph.stealth, grown, self.stealth_ports):
+                    if n > best.get(key, (0,))[0]:
+                        best[key] = (n, part[row])
+        for n, r in best.values():
+            book.raise_alert("port_scan", "high", addr_text(r["s"]), addr_text(r["t"]), float(r["ts"]),
+                             f"{n} NULL/FIN/Xmas probes to {n} ports on {addr_text(r['t'])}",
+                             "TCP packets with no SYN and no ACK are only sent by port scanners "
+                             "(nmap -sN/-sF/-sX): find the program on the source host.")
 
     def _failed(self, rows: np.ndarray, book: AlertBook) -> None:
         """Failed or unanswered attempts (ATTEMPT_DTYPE rows): count the distinct ones, raise the scans."""
-        for sel in self._epochs(rows["ts"]):
-            part = rows[sel]
-            ts = part["ts"]
-            grown = self.vertical.add(_comb(part["hs"], part["ht"]), part["h"], ts)
-            for key, row, n in self._reached(self.vertical, grown, self.vports):
-                self._vertical_alert(part[row], key, n, book)
-            service = (part["proto"].astype(np.uint64) << np.uint64(32)) + part["port"].astype(np.uint64)
-            hkeys = _comb(part["hs"] ^ _H_SALT, service)
-            grown = self.horizontal.add(hkeys, _comb(hkeys, part["ht"]), ts)
-            for key, row, n in self._reached(self.horizontal, grown, self.vhosts):
-                self._horizontal_alert(part[row], key, n, book)
+        service = (rows["proto"].astype(np.uint64) << np.uint64(32)) + rows["port"].astype(np.uint64)
+        vkeys, hkeys = _comb(rows["hs"], rows["ht"]), _comb(rows["hs"] ^ _H_SALT, service)
+        hitems = _comb(hkeys, rows["ht"])
+        best: dict[tuple[bool, int], tuple[int, _ScanEpochs, np.void]] = {}  # the larger count of the two phases
+        for ph in self.phases:
+            for sel in ph.parts(rows["ts"]):
+                part = rows[sel]
+                grown = ph.vertical.add(vkeys[sel], part["h"], part["ts"])
+                for key, row, n in _reached(ph.vertical, grown, self.vports):
+                    if n > best.get((True, key), (0,))[0]:
+                        best[(True, key)] = (n, ph, part[row])
+                grown = ph.horizontal.add(hkeys[sel], hitems[sel], part["ts"])
+                for key, row, n in _reached(ph.horizontal, grown, self.vhosts):
+                    if n > best.get((False, key), (0,))[0]:
+                        best[(False, key)] = (n, ph, part[row])
+        for (vertical, key), (n, ph, r) in best.items():
+            (self._vertical_alert if vertical else self._horizontal_alert)(ph, r, key, n, book)
 
-    def _vertical_alert(self, r: np.void, key: int, n: int, book: AlertBook) -> None:
+    @staticmethod
+    def _vertical_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, target = float(r["ts"]), addr_text(r["t"])
-        first = self.vertical.first.get(key, ts)
+        first = ph.vertical.first.get(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
-            if self.vertical.lossy else ""
+            if ph.vertical.lossy else ""
         book.raise_alert(
             "port_scan", "medium", addr_text(r["s"]), target, ts,
             f"{n} ports on {target} failed or went unanswered in {ts - first:.0f} s, "
-            f"{self.answered.get(key, 0)} answered{note}",
+            f"{ph.answered.get(key, 0)} answered{note}",
             "One host probing many ports of another is a vertical port scan: check whether the source "
             "is an authorised scanner, else what runs on it.")
 
-    def _horizontal_alert(self, r: np.void, key: int, n: int, book: AlertBook) -> None:
+    @staticmethod
+    def _horizontal_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, service = float(r["ts"]), f"{PROTO_NAME.get(int(r['proto']), r['proto'])}/{int(r['port'])}"
-        first = self.horizontal.first.get(key, ts)
+        first = ph.horizontal.first.get(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
-            if self.horizontal.lossy else ""
+            if ph.horizontal.lossy else ""
         book.raise_alert(
             "port_scan", "medium", addr_text(r["s"]), service, ts,
             f"{n} hosts refused or ignored {service} in {ts - first:.0f} s{note}",
