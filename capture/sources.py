@@ -63,6 +63,9 @@ class RawBatch:
     wire: np.ndarray  # int64
     ts: np.ndarray  # float64
     linktype: np.ndarray  # int64, one per frame
+    # Live capture only: the VLAN id the kernel took off each frame (TPACKET_V3 tp_vlan_tci), -1 when
+    # none; it is the outermost tag, so it overrides any tag still in the frame. None: no metadata.
+    vlan: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.off)
@@ -516,7 +519,7 @@ ARPHRD_LOOPBACK = 772
 
 # struct tpacket3_hdr (48 bytes, then struct sockaddr_ll) is read with numpy in LiveRing._batch:
 # tp_next_offset +0, tp_sec +4, tp_nsec +8, tp_snaplen +12, tp_len +16, tp_status +20, tp_mac +24,
-# tp_net +26, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
+# tp_net +26, tp_vlan_tci +32, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
 BLOCK_STATUS = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
 DRAIN_S = 0.25  # after stop(), how long the capture thread keeps taking ring blocks before it leaves
 
@@ -741,16 +744,18 @@ class LiveRing:
         ts = u32[(h + 4) // 4] + u32[(h + 8) // 4] * 1e-9
         snap = u32[(h + 12) // 4].astype(np.int64)
         wire = u32[(h + 16) // 4].astype(np.int64)
+        tagged = (u32[(h + 20) // 4] & TP_STATUS_VLAN_VALID) != 0
+        vlan = np.where(tagged, u32[(h + 32) // 4].astype(np.int64) & 0x0FFF, -1)
         if self.cooked:
             # Cooked records start at the network header; the EtherType rides along in the
             # linktype, and the wire length gets back the Ethernet header it had on the wire.
             proto = (u8[h + 50].astype(np.int64) << 8) | u8[h + 51]
             hatype = u16[(h + 56) // 2]
             wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0)
-            return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto)
+            return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto, vlan)
         # The kernel strips an 802.1Q tag that was on the wire and reports it beside the packet.
-        wire += np.where(u32[(h + 20) // 4] & TP_STATUS_VLAN_VALID, 4, 0)
-        return RawBatch(u8, h + u16[(h + 24) // 2], snap, wire, ts, np.full(len(h), self.linktype, np.int64))
+        wire += np.where(tagged, 4, 0)
+        return RawBatch(u8, h + u16[(h + 24) // 2], snap, wire, ts, np.full(len(h), self.linktype, np.int64), vlan)
 
     def _raise_socket_error(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -136,8 +136,8 @@ def test_flow_keys_match_numpy(ports):
 
     rng = np.random.default_rng(9)
     arr = np.zeros(3000, PACKET_DTYPE)
-    raw = arr.view(np.uint8).reshape(3000, 78)
-    raw[:] = rng.integers(0, 256, (3000, 78), dtype=np.uint8)  # every field, any value
+    raw = arr.view(np.uint8).reshape(3000, PACKET_DTYPE.itemsize)
+    raw[:] = rng.integers(0, 256, (3000, PACKET_DTYPE.itemsize), dtype=np.uint8)  # every field, any value
     assert native.flow_keys(arr, ports).tobytes() == flow_keys_numpy(arr, ports).tobytes()
     idx = rng.integers(0, 3000, 700)  # a selection, with repeats and out of order
     assert native.flow_keys(arr, ports, idx).tobytes() == flow_keys_numpy(arr[idx], ports).tobytes()

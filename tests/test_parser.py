@@ -39,7 +39,7 @@ from packet_processor import (
 )
 
 FIELDS = ("cls", "ipver", "proto", "ethertype", "src", "dst", "sport", "dport", "tcp_flags",
-          "icmp_type", "icmp_code", "arp_op", "hw_src", "malformed")
+          "icmp_type", "icmp_code", "arp_op", "hw_src", "vlan", "ip_id", "frag", "malformed")
 
 
 def parsed(linktype: int, frame) -> dict:
