@@ -76,6 +76,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ICMP_FLOOD_PPS", 500, "ICMP flood: echo requests per second to one host (ntopng flags ICMP "
             "floods from 250 flows/s)."),
     Setting("UDP_FLOOD_PPS", 20_000, "UDP flood: UDP packets per second to one host."),
+    Setting("REFLECTION_BPS", 10_000_000, "Reflection/amplification: bit/s of UDP answers from reflector service "
+            "ports (DNS, NTP, SNMP, SSDP, CLDAP, memcached, ...) to one host in one second, at least half of them "
+            "unasked, that raise an alert: 10 Mbit/s, far above one host's own lookups (kbit/s) and a tenth of a "
+            "100 Mbit/s uplink."),
+    Setting("REFLECTION_SOURCES", 10, "Reflection/amplification: distinct reflectors (sources) that must answer "
+            "the host in that second: one busy server's answers are not an attack (as SCAN_HOSTS for sweeps)."),
     Setting("SPIKE_SIGMAS", 4.0, "Traffic spike: a second above the EWMA mean by this many standard deviations "
             "(and 3 times the mean) raises an alert."),
     Setting("SPIKE_MIN_PPS", 100, "Traffic spike: seconds below this many packets never count as a spike."),

@@ -395,35 +395,134 @@ class _Pending:
 
 
 class _Recent:
-    """Hashes remembered with their last time, one numpy slot each: `contains` says seen within `period`."""
+    """Hashes remembered with their last time and a value, in numpy buckets of WAYS slots each (set-associative,
+    so two keys of one bucket do not push each other out); `contains` says added within `period`.
+
+    Bounded by construction: a key that finds its bucket full takes the slot of the oldest entry."""
+
+    WAYS = 4
 
     def __init__(self, period: float, cap: int) -> None:
-        size = _slots(cap)
-        self.period, self.mask = period, np.uint64(size - 1)
-        self.keys = np.zeros(size, np.uint64)
-        self.ts = np.zeros(size, np.float64)
-        self.value = np.zeros(size, np.int64)
+        buckets = _slots(cap) // self.WAYS
+        self.period, self.mask = period, np.uint64(buckets - 1)
+        self.keys = np.zeros((buckets, self.WAYS), np.uint64)
+        self.ts = np.full((buckets, self.WAYS), -np.inf)
+        self.value = np.zeros((buckets, self.WAYS), np.int64)
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.keys))
 
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket, way, present) of each key."""
+        bucket = (keys & self.mask).astype(np.intp)
+        match = self.keys[bucket] == keys[:, None]
+        return bucket, match.argmax(axis=1), match.any(axis=1)
+
     def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
-        """Remember keys at times ts (a key takes the slot of any other)."""
-        slot = (keys & self.mask).astype(np.intp)
-        self.keys[slot], self.ts[slot], self.value[slot] = keys, ts, value
+        """Remember keys at times ts (the last of a key's rows wins)."""
+        if not len(keys):
+            return
+        value = np.broadcast_to(value, keys.shape)
+        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # each key's last row
+        keys, ts, value = keys[last], ts[last], value[last]
+        bucket, way, present = self._find(keys)
+        self.ts[bucket[present], way[present]] = ts[present]
+        self.value[bucket[present], way[present]] = value[present]
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return
+        new = new[np.argsort(bucket[new], kind="stable")]
+        nb = bucket[new]
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        fits = rank < self.WAYS
+        new, nb, rank = new[fits], nb[fits], rank[fits]
+        # The oldest slots of each bucket take the newcomers (empty ones have time -inf).
+        way = np.argsort(self.ts[nb], axis=1, kind="stable")[np.arange(len(nb)), rank]
+        self.keys[nb, way], self.ts[nb, way], self.value[nb, way] = keys[new], ts[new], value[new]
 
     def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
         """Which keys were added within `period` before `now`."""
-        slot = (keys & self.mask).astype(np.intp)
-        return (self.keys[slot] == keys) & (self.ts[slot] >= now - self.period)
+        bucket, way, present = self._find(keys)
+        return present & (self.ts[bucket, way] >= now - self.period)
 
     def pop(self, keys: np.ndarray, now: float) -> np.ndarray:
         """The value of each key still remembered (-1 if not), forgetting it."""
-        slot = (keys & self.mask).astype(np.intp)
-        hit = (self.keys[slot] == keys) & (self.ts[slot] >= now - self.period)
-        out = np.where(hit, self.value[slot], -1)
-        self.keys[slot[hit]] = 0
+        bucket, way, present = self._find(keys)
+        hit = present & (self.ts[bucket, way] >= now - self.period)
+        out = np.where(hit, self.value[bucket, way], -1)
+        self.keys[bucket[hit], way[hit]] = 0
+        self.ts[bucket[hit], way[hit]] = -np.inf
         return out
+
+
+class _ReflectSecond:
+    """Per victim over the current second: answer bytes, answers, unasked answers, request bytes, reflectors.
+
+    Sorted numpy arrays merged once per batch, as _Second; distinct reflectors exact up to cap pairs."""
+
+    COLUMNS = ("bytes", "answers", "unasked", "req_bytes", "sources")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 1)
+        self.start(-(2 ** 62))
+
+    def start(self, second: int) -> None:
+        """Begin counting `second`."""
+        self.second = second
+        self.keys = np.empty(0, np.uint64)
+        self.cols = {c: np.empty(0, np.int64) for c in self.COLUMNS}
+        self.pairs = np.empty(0, np.uint64)
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.keys) * (1 + len(self.COLUMNS)) + len(self.pairs)
+
+    def _bump(self, keys: np.ndarray, col: str, weights: np.ndarray) -> None:
+        uk, inv = np.unique(keys, return_inverse=True)
+        sums = np.bincount(inv.ravel(), weights, len(uk)).astype(np.int64)
+        pos, found = _find(self.keys, uk)
+        new = np.flatnonzero(~found)[:max(self.cap - len(self.keys), 0)]
+        if len(new):
+            self.keys = np.insert(self.keys, pos[new], uk[new])
+            for c in self.COLUMNS:
+                self.cols[c] = np.insert(self.cols[c], pos[new], 0)
+            pos, found = _find(self.keys, uk)
+        self.cols[col][pos[found]] += sums[found]
+
+    def add(self, b: _Batch, rows: np.ndarray, answer: np.ndarray, unasked: np.ndarray, req: np.ndarray) -> None:
+        """Count the second's answer rows (non-first fragments among them: answer False) to their victims,
+        and the bytes of requests (rows req) each host sent to reflector ports."""
+        if len(req):
+            self._bump(b.hs[req], "req_bytes", b.arr["wire_len"][req].astype(np.float64))
+        if not len(rows):
+            return
+        dst = b.hd[rows]
+        self._bump(dst, "bytes", b.arr["wire_len"][rows].astype(np.float64))
+        self._bump(dst, "answers", answer.astype(np.float64))
+        self._bump(dst, "unasked", (answer & unasked).astype(np.float64))
+        if self.full:
+            return
+        pairs = np.unique(_comb(dst, b.hs[rows]))
+        pos, seen = _find(self.pairs, pairs)
+        fresh = np.flatnonzero(~seen)
+        if len(self.pairs) + len(fresh) > self.cap:
+            fresh = fresh[:max(self.cap - len(self.pairs), 0)]
+            self.full = True
+        self.pairs = np.insert(self.pairs, pos[fresh], pairs[fresh])
+        # Each new pair adds a reflector to its victim: the victim of a pair is found through its rows.
+        pair_of_row = _comb(dst, b.hs[rows])
+        first = np.unique(pair_of_row, return_index=True)[1]
+        new_rows = first[np.isin(pair_of_row[first], pairs[fresh])]
+        if len(new_rows):
+            self._bump(dst[new_rows], "sources", np.ones(len(new_rows)))
+
+    def lookup(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """Each column for each key (0 for keys not counted)."""
+        pos, found = _find(self.keys, keys)
+        pos = pos.clip(max=max(len(self.keys) - 1, 0))
+        return {c: np.where(found, v[pos], 0) if len(v) else np.zeros(len(keys), np.int64)
+                for c, v in self.cols.items()}
 
 
 class _ScanEpochs:
@@ -577,6 +676,11 @@ class Detectors:
         self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
                           "udp": config.get("UDP_FLOOD_PPS")}
         self.seconds = {kind: _Second(cap) for kind in ("synack", "syn", "icmp", "udp")}
+        self.reflect_bps = config.get("REFLECTION_BPS")
+        self.reflect_sources = config.get("REFLECTION_SOURCES")
+        self.asked = _Recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
+        self.fragments = _Recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
+        self.reflected = _ReflectSecond(cap)  # per victim over the current second
         self.spike_k = config.get("SPIKE_SIGMAS")
         self.spike_min = config.get("SPIKE_MIN_PPS")
         self.spike_warmup = config.get("SPIKE_WARMUP_S")
@@ -596,7 +700,8 @@ class Detectors:
                  for name in ("vertical", "horizontal", "stealth", "answered")}
         sizes.update({"pending": len(self.pending), "served": len(self.served),
                  "last_udp": len(self.last_udp), "arp": len(self.arp), "known_hosts": len(self.known_hosts),
-                 "reported_hosts": len(self.reported_hosts)})
+                 "reported_hosts": len(self.reported_hosts), "asked": len(self.asked),
+                 "fragments": len(self.fragments), "reflected": len(self.reflected)})
         sizes.update({f"second_{kind}": len(st) for kind, st in self.seconds.items()})
         return sizes
 
@@ -623,6 +728,7 @@ class Detectors:
         if len(expired):
             self._failed(expired, book)
         self._floods(b, book)
+        self._reflection(b, book)
         self._spike(b, book)
         self._new_hosts(b, book)
 
@@ -840,6 +946,73 @@ class Detectors:
                          f"{n:,} {what} to {target} in 1 s from {some} source(s){extra}{spoofed}",
                          meaning[kind], key=(f"{kind}_flood", "", target))
 
+    # -- reflection / amplification --------------------------------------------------------
+
+    def _reflection(self, b: _Batch, book: AlertBook) -> None:
+        """UDP answers from reflector service ports to one host from many sources, mostly unasked."""
+        arr = b.arr
+        udp = (arr["proto"] == 17) & (arr["cls"] == UDP) & b.unicast
+        off = arr["frag"] & 0x1FFF
+        head = udp & (off == 0) & (arr["sport"] >= 0)  # whole datagrams and first fragments: ports known
+        sport, dport = arr["sport"].clip(0, 65535), arr["dport"].clip(0, 65535)
+        req = np.flatnonzero(head & _REFLECTOR[dport])
+        if len(req):  # the victim's own requests: their answers are no attack, their bytes the denominator
+            self.asked.add(_asked_key(b.hs[req], b.hd[req], dport[req], sport[req]), arr["ts"][req])
+        ans = np.flatnonzero(head & _REFLECTOR[sport])
+        tail = np.flatnonzero(udp & (off != 0))
+        if not len(ans) and not len(tail) and not len(req):
+            return
+        now = float(arr["ts"][-1])
+        asked = self.asked.contains(_asked_key(b.hd[ans], b.hs[ans], sport[ans], dport[ans]), now)
+        more = (arr["frag"][ans] & 0x2000) != 0  # first fragments: remember the datagram for its other fragments
+        if more.any():
+            dgram = _comb(_comb(b.hs[ans[more]], b.hd[ans[more]]), arr["ip_id"][ans[more]].astype(np.uint64))
+            self.fragments.add(dgram, arr["ts"][ans[more]], asked[more].astype(np.int64))
+        if len(tail):  # non-first fragments carry no UDP header: attributed by IP identification
+            dgram = _comb(_comb(b.hs[tail], b.hd[tail]), arr["ip_id"][tail].astype(np.uint64))
+            known = self.fragments.contains(dgram, now)
+            tail = tail[known]
+        rows = np.concatenate((ans, tail))
+        unasked = np.concatenate((~asked, np.zeros(len(tail), bool)))
+        answer = np.concatenate((np.ones(len(ans), bool), np.zeros(len(tail), bool)))
+        st = self.reflected
+        # Per second of the batch, in order; a late row counts in the current second.
+        rsec = np.maximum(b.sec[rows], st.second)
+        qsec = np.maximum(b.sec[req], st.second)
+        for second in np.unique(np.concatenate((rsec, qsec))).tolist():
+            if second > st.second:
+                st.start(second)
+            here = rsec == second
+            st.add(b, rows[here], answer[here], unasked[here], req[qsec == second])
+            if here.any():
+                self._check_reflection(b, rows[here], book)
+
+    def _check_reflection(self, b: _Batch, rows: np.ndarray, book: AlertBook) -> None:
+        st = self.reflected
+        keys = np.unique(b.hd[rows])
+        cols = st.lookup(keys)
+        hot = np.flatnonzero((cols["bytes"] * 8 >= self.reflect_bps) & (cols["sources"] >= self.reflect_sources)
+                             & (cols["unasked"] * 2 >= cols["answers"]))[:self.alerts_per_batch]
+        for j in hot.tolist():
+            mine = rows[b.hd[rows] == keys[j]]
+            self._reflection_alert(b, mine, {k: int(v[j]) for k, v in cols.items()}, book)
+
+    def _reflection_alert(self, b: _Batch, mine: np.ndarray, c: dict[str, int], book: AlertBook) -> None:
+        arr = b.arr
+        victim = addr_text(arr["dst"][mine[0]])
+        ports = np.unique(arr["sport"][mine][arr["sport"][mine] >= 0]).tolist()
+        services = ", ".join(f"{REFLECTOR_PORTS[p]} {p}" for p in ports[:6] if p in REFLECTOR_PORTS)
+        amp = (f", {c['bytes'] / c['req_bytes']:.1f}x the {c['req_bytes']:,} bytes of requests {victim} sent"
+               f" to those services" if c["req_bytes"] else f", no request from {victim} seen")
+        book.raise_alert(
+            "reflection", "high", f"{c['sources']} reflector(s)", victim, float(self.reflected.second),
+            f"{c['bytes'] * 8:,} bit/s of UDP answers ({services}) from {c['sources']} reflector(s) to {victim} "
+            f"in 1 s: {c['answers']:,} answers, {c['unasked']:,} without a matching request{amp}"
+            + (" (at least: the table of reflectors filled up)" if self.reflected.full else ""),
+            "A reflection/amplification attack: spoofed requests made open servers answer this host. Filter "
+            "the service ports upstream (the ISP), and check that no open server here takes part.",
+            key=("reflection", "", victim))
+
     # -- traffic spike --------------------------------------------------------------------
 
     def _spike(self, b: _Batch, book: AlertBook) -> None:
@@ -987,6 +1160,23 @@ class Detectors:
             self.arp.put(ip, (bytes(mac[i]), float(ts[i])))
 
 
+
+# UDP services that answer a small request with a large one, abused for reflection: US-CERT alert
+# TA14-017A ("UDP-based amplification attacks") and the services added to it since (CLDAP, memcached,
+# WS-Discovery, ARMS, CoAP, Ubiquiti discovery, OpenVPN, Jenkins discovery, TP240).
+REFLECTOR_PORTS = {17: "QOTD", 19: "chargen", 53: "DNS", 69: "TFTP", 111: "portmap", 123: "NTP",
+                   137: "NetBIOS", 161: "SNMP", 389: "CLDAP", 520: "RIP", 1194: "OpenVPN", 1434: "MS-SQL",
+                   1900: "SSDP", 3283: "ARMS", 3702: "WS-Discovery", 5353: "mDNS", 5683: "CoAP",
+                   10001: "Ubiquiti", 10074: "TP240", 11211: "memcached", 27015: "Steam", 33848: "Jenkins"}
+_REFLECTOR = np.zeros(65536, bool)
+_REFLECTOR[list(REFLECTOR_PORTS)] = True
+def _asked_key(asker: np.ndarray, server: np.ndarray, service: np.ndarray, port: np.ndarray) -> np.ndarray:
+    """The hash of a request: asker and its port, server and its service port (the answer swaps them)."""
+    return _comb(_comb(asker, server), (service.astype(np.uint64) << np.uint64(16)) + port.astype(np.uint64))
+
+
+REQUEST_WAIT_S = 30.0  # an answer within this long of a request to that server and port was asked for
+REASSEMBLY_S = 30.0  # the fragments of one datagram arrive within this long (Linux ipfrag_time: 30 s)
 
 _UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
 _UNSPEC = _addr_hash(np.array(_UNSPECIFIED, "S16"))
