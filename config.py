@@ -62,9 +62,12 @@ SETTINGS: tuple[Setting, ...] = (
             "When full, the oldest of the lowest severity goes, never one more severe than the newcomer."),
     Setting("ALERTS_PER_DETECTOR", 100, "Most alerts kept per detector, so one noisy detector cannot crowd out "
             "the others; what a full book drops or refuses is counted per detector and shown."),
-    Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
-            "so floods from spoofed sources cannot grow memory."),
-    Setting("SCAN_WINDOW_S", 300, "Port scans: failed attempts are counted over this window (Zeek scan.zeek: 5 min)."),
+    Setting("DETECTOR_STATE_MAX", 65_536, "Size of each detector table: hash-slot tables get 2 x this many slots "
+            "(fixed), exact tables keep at most this many keys (the oldest or smallest go first), so floods from "
+            "spoofed sources cannot grow memory."),
+    Setting("SCAN_WINDOW_S", 300, "Port scans: distinct failed attempts are counted in epochs of this length, "
+            "dropped whole at their end (Zeek scan.zeek: 5 min); two series offset by half an epoch, so a scan "
+            "within half of it is never split."),
     Setting("SCAN_PORTS", 15, "Port scans: failed or unanswered ports on one host from one source that make a "
             "vertical scan (Zeek scan.zeek: 15)."),
     Setting("SCAN_HOSTS", 10, "Port scans: hosts that refuse or ignore one port from one source that make a "
