@@ -419,26 +419,26 @@ class _Recent:
         return bucket, match.argmax(axis=1), match.any(axis=1)
 
     def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
-        """Remember keys at times ts (the last of a key's rows wins)."""
+        """Remember keys at times ts (a key twice in one call may take two slots of its bucket)."""
         if not len(keys):
             return
         value = np.broadcast_to(value, keys.shape)
-        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # each key's last row
-        keys, ts, value = keys[last], ts[last], value[last]
         bucket, way, present = self._find(keys)
         self.ts[bucket[present], way[present]] = ts[present]
         self.value[bucket[present], way[present]] = value[present]
         new = np.flatnonzero(~present)
         if not len(new):
             return
-        new = new[np.argsort(bucket[new], kind="stable")]
-        nb = bucket[new]
+        # Newcomers of one bucket take its slots from the oldest on (empty ones have time -inf): rank them
+        # within their bucket with one plain sort of (bucket, row) packed into an integer.
+        shift = max(len(keys).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
         start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
         rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
         fits = rank < self.WAYS
         new, nb, rank = new[fits], nb[fits], rank[fits]
-        # The oldest slots of each bucket take the newcomers (empty ones have time -inf).
-        way = np.argsort(self.ts[nb], axis=1, kind="stable")[np.arange(len(nb)), rank]
+        way = (self.ts[nb].argmin(axis=1) + rank) % self.WAYS
         self.keys[nb, way], self.ts[nb, way], self.value[nb, way] = keys[new], ts[new], value[new]
 
     def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
@@ -1192,12 +1192,19 @@ def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
 
 
 def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
-    """For each key: some ref equals it at an earlier row (sorted search, no loop)."""
-    if not len(refs):
+    """For each key: some ref equals it at an earlier row (one sort, no loop).
+
+    Each ref is packed as (hash, row) into one uint64, the hash's top bits above the row's: after a
+    plain sort the first entry of a hash holds its earliest row. The hash keeps 64 - row bits (48 for
+    batches up to 65,536 rows): two refs of one batch share them with odds under 1e-5."""
+    if not len(refs) or not len(keys):
         return np.zeros(len(keys), bool)
-    uniq, first = np.unique(refs, return_index=True)
-    pos = np.searchsorted(uniq, keys).clip(max=len(uniq) - 1)
-    return (uniq[pos] == keys) & (ref_rows[first][pos] < key_rows)
+    bits = np.uint64(max(int(max(int(key_rows.max()), int(ref_rows.max()))).bit_length(), 16))
+    packed = np.sort((refs >> bits << bits) | ref_rows.astype(np.uint64))
+    want = keys >> bits << bits
+    pos = np.searchsorted(packed, want).clip(max=len(packed) - 1)
+    found = packed[pos]
+    return (found >> bits << bits == want) & ((found & ((np.uint64(1) << bits) - np.uint64(1))) < key_rows)
 
 
 BOTH_PORTS, SERVICE_PORT, PROBE_PORT = 0, 1, 2  # which ports a flow key keeps (flow_keys_numpy)
