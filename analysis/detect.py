@@ -2,17 +2,19 @@
 
 Detectors read the packed rows of one batch (never the rolling buffer) and keep bounded state:
 port scans (vertical and horizontal, counting only failed or unanswered attempts, plus
-NULL/FIN/Xmas probes), SYN/ICMP/UDP floods against one host, traffic spikes against an EWMA
-band, new local hosts after a learning period, and ARP spoofing. Thresholds live in config.py
-with where their defaults come from.
+NULL/FIN/Xmas probes), SYN/ICMP/UDP floods against one host, UDP reflection/amplification,
+traffic spikes against an EWMA band, new local hosts after a learning period, and ARP spoofing.
+Thresholds live in config.py with where their defaults come from.
 
-Every step is linear in the batch: numpy over the batch, then C-level bulk operations of Python
-sets and dicts (set.update, set difference, dict(zip(...)), map(d.__contains__, keys)) on 64-bit
-hashes of the keys; a Python-level loop runs only over what raises an alert. Scan state lives in
-tumbling epochs like Zeek's scan.zeek (SumStats UNIQUE over SCAN_WINDOW_S, the whole table dropped
-at the epoch's end); probes wait for their answer in generations, and a generation pushed out,
-by time or by a full table, counts its unanswered probes as failed. Keys are hashed to 64 bits
-(splitmix64): two keys share a hash with odds of about n^2 / 2^65, under 1e-10 for a full table.
+Every step is linear in the batch and never rescans a table per packet: numpy over the batch on
+64-bit hashes of the keys (splitmix64), with the state in fixed-size numpy hash-slot tables
+(pending probes, served ports, requests, fragments), sorted arrays merged once per batch (the
+per-second flood and reflection counts) and, for the few keys that can raise an alert, Python sets
+and dicts updated in bulk (set.update, set difference, dict(zip(...))). A Python-level loop runs
+only over what raises an alert. Scan state lives in tumbling epochs like Zeek's scan.zeek (SumStats
+UNIQUE over SCAN_WINDOW_S, each table dropped whole at the epoch's end, no per-entry expiry); a
+probe pushed out of the pending table counts as unanswered. Two keys share a 64-bit hash with odds
+of about n^2 / 2^65, under 1e-10 for a full table.
 """
 
 from __future__ import annotations
@@ -216,11 +218,6 @@ def _ints(h: np.ndarray) -> list[int]:
     return h.view(np.int64).tolist()
 
 
-def _member(table: Any, keys: list[int]) -> np.ndarray:
-    """keys in table (a set or dict), as a bool array: one C-level pass."""
-    return np.fromiter(map(table.__contains__, keys), bool, len(keys))
-
-
 # A probe, a failed attempt or a stealth probe: who probed whom on which port, when.
 ATTEMPT_DTYPE = np.dtype([("s", "S16"), ("t", "S16"), ("hs", "<u8"), ("ht", "<u8"), ("proto", "u1"),
                           ("port", "<i4"), ("ts", "<f8"), ("h", "<u8")])
@@ -340,22 +337,31 @@ def _slots(cap: int) -> int:
 
 
 class _Pending:
-    """Probes waiting for an answer: one numpy slot per probe hash, so every step is a vector operation.
+    """Probes waiting for an answer, in numpy buckets of WAYS slots (set-associative): vector steps only.
 
-    Bounded by construction. A probe that another takes the slot of is pushed out: it counts as
-    unanswered at once, never as forgotten, so a fast sweep cannot hide in a full table. Expired
-    probes (no answer after SCAN_UNANSWERED_S) are collected by one vectorised pass every
-    SCAN_UNANSWERED_S / 2 of capture time, between 1 and 1.5 x SCAN_UNANSWERED_S after they were sent."""
+    Bounded by construction. A probe whose bucket is full of live probes pushes the oldest out: that
+    one counts as unanswered at once, never as forgotten, so a fast sweep cannot hide in a full
+    table. Expired probes (no answer after SCAN_UNANSWERED_S) are collected by one vectorised pass
+    every SCAN_UNANSWERED_S / 2 of capture time, between 1 and 1.5 x SCAN_UNANSWERED_S after they
+    were sent. A probe sent again while pending keeps its first time, as a retransmission should."""
+
+    WAYS = 4
 
     def __init__(self, timeout: float, cap: int) -> None:
         self.timeout, self.period = timeout, timeout / 2
-        size = _slots(cap)
-        self.mask = np.uint64(size - 1)
-        self.slots = np.zeros(size, ATTEMPT_DTYPE)  # h == 0: empty
+        buckets = _slots(cap) // self.WAYS
+        self.mask = np.uint64(buckets - 1)
+        self.slots = np.zeros((buckets, self.WAYS), ATTEMPT_DTYPE)  # h == 0: empty
         self.sweep_at: float | None = None
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.slots["h"]))
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket, way, present) of each key."""
+        bucket = (keys & self.mask).astype(np.intp)
+        match = self.slots["h"][bucket] == keys[:, None]
+        return bucket, match.argmax(axis=1), match.any(axis=1)
 
     def add(self, probes: np.ndarray) -> np.ndarray:
         """Hold ATTEMPT_DTYPE rows until answered or expired; the probes pushed out (to count as unanswered)."""
@@ -363,33 +369,47 @@ class _Pending:
             return probes
         if self.sweep_at is None:
             self.sweep_at = float(probes["ts"].min()) + self.period
-        slot = (probes["h"] & self.mask).astype(np.intp)
-        old = self.slots[slot]
-        self.slots[slot] = probes  # the last of a batch's probes to one slot wins
-        now = self.slots["h"][slot]
-        gone = (old["h"] != 0) & (old["h"] != now)
-        _, first = np.unique(slot[gone], return_index=True)  # each pushed-out probe once
-        return np.concatenate((old[gone][first], probes[probes["h"] != now]))
+        bucket, _, present = self._find(probes["h"])
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return probes[:0]
+        # Newcomers of one bucket take its slots from the emptiest and oldest on; one plain sort of
+        # (bucket, row) packed into an integer ranks them within their bucket.
+        shift = max(len(probes).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
+        head = np.r_[True, nb[1:] != nb[:-1]]
+        dup = ~head & (probes["h"][new] == np.r_[0, probes["h"][new][:-1]].astype(np.uint64))
+        new, nb = new[~dup], nb[~dup]  # a probe twice in one batch takes one slot
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        over = rank >= self.WAYS  # more newcomers than slots in their bucket: the surplus never waits
+        cells = self.slots[nb[~over]]
+        age = np.where(cells["h"] == 0, -np.inf, cells["ts"])
+        way = np.argsort(age, axis=1, kind="stable")[np.arange(len(cells)), rank[~over]]
+        old = cells[np.arange(len(cells)), way]
+        self.slots[nb[~over], way] = probes[new[~over]]
+        return np.concatenate((old[old["h"] != 0], probes[new[over]]))
 
     def answer(self, keys: np.ndarray) -> np.ndarray:
         """Remove the pending probes among `keys` (uint64 hashes); which of them were pending."""
-        slot = (keys & self.mask).astype(np.intp)
-        hit = self.slots["h"][slot] == keys
-        self.slots["h"][slot[hit]] = 0
+        bucket, way, hit = self._find(keys)
+        self.slots["h"][bucket[hit], way[hit]] = 0
         return hit
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Which keys are pending."""
-        return self.slots["h"][(keys & self.mask).astype(np.intp)] == keys
+        return self._find(keys)[2]
 
     def expire(self, now: float) -> np.ndarray:
         """The probes unanswered for SCAN_UNANSWERED_S, removed (a pass over the slots every period)."""
+        flat = self.slots.reshape(-1)
         if self.sweep_at is None or now < self.sweep_at:
-            return self.slots[:0]
+            return flat[:0]
         self.sweep_at = now + self.period
-        h = self.slots["h"]
-        stale = np.flatnonzero((h != 0) & (self.slots["ts"] <= now - self.timeout))
-        out = self.slots[stale]
+        h = flat["h"]
+        stale = np.flatnonzero((h != 0) & (flat["ts"] <= now - self.timeout))
+        out = flat[stale]
         h[stale] = 0
         return out
 

@@ -233,3 +233,33 @@ def test_arp_alert_kept_through_a_flood_of_new_hosts_end_to_end(monkeypatch):
     _, book = observe(rows(frames), list(range(100, 2006, 100)))
     assert [t for _, t, _ in found(book, "arp_spoof")] == ["10.9.0.1"]
     assert book.suppressed().get("new_host", 0) > 0
+
+
+def test_a_busy_proxy_with_many_connections_in_flight_is_no_scanner():
+    """A proxy opening 40,000 TCP connections to port 443 of 4,000 servers in 20 s, each SYN answered 500 ms
+    later (so a thousand wait at once, across batches of 256): no probe is wrongly pushed out as failed."""
+    from analysis.headers import PACKET_DTYPE, TCP
+
+    n = 40_000
+    t = T0 + np.arange(n) * (20 / n)
+    syn = np.zeros(n, PACKET_DTYPE)
+    syn["ts"], syn["cls"], syn["proto"], syn["ipver"] = t, TCP, 6, 4
+    client = np.zeros(16, np.uint8)
+    client[10:12], client[12:] = 255, (10, 9, 0, 5)
+    servers = np.zeros((4000, 16), np.uint8)
+    servers[:, 10:12], servers[:, 12], servers[:, 13] = 255, 10, 20
+    servers[:, 14], servers[:, 15] = np.arange(4000) // 250, np.arange(4000) % 250 + 1
+    dst = servers[np.arange(n) % 4000]
+    syn["src"] = client.view("S16")[0]
+    syn["dst"] = dst.view("S16").ravel()
+    syn["sport"], syn["dport"], syn["tcp_flags"] = 10_000 + np.arange(n) % 50_000, 443, 0x02
+    ack = syn.copy()
+    ack["ts"] = t + 0.5
+    ack["src"], ack["dst"] = syn["dst"], syn["src"]
+    ack["sport"], ack["dport"], ack["tcp_flags"] = 443, syn["sport"], 0x12
+    arr = np.concatenate((syn, ack))
+    arr = arr[np.argsort(arr["ts"], kind="stable")]
+    arr = np.concatenate((arr, arr[-1:]))
+    arr["ts"][-1] = T0 + 60  # past every timeout
+    _, book = observe(arr, list(range(256, len(arr), 256)))
+    assert book.alerts() == []
