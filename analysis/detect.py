@@ -476,6 +476,61 @@ class _Recent:
         return out
 
 
+class _PairSet:
+    """The (destination, source) pairs of the current second, in numpy buckets of WAYS slots stamped with
+    their second (a new second needs no clearing). Counting is exact while every pair finds a slot; a
+    pair whose bucket is full of this second's pairs is neither stored nor counted, so the counts are
+    then lower bounds (`add` says so)."""
+
+    WAYS = 4
+
+    def __init__(self, cap: int) -> None:
+        buckets = _slots(cap) // self.WAYS
+        self.mask = np.uint64(buckets - 1)
+        self.keys = np.zeros((buckets, self.WAYS), np.uint64)
+        self.stamp = np.full((buckets, self.WAYS), -(2 ** 62), np.int64)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.keys))
+
+    def add(self, pairs: np.ndarray, second: int) -> tuple[np.ndarray, bool]:
+        """(rows whose pair is new this second and now stored, whether some new pair found no slot)."""
+        counted = np.zeros(len(pairs), bool)
+        if not len(pairs):
+            return counted, False
+        first = _first_rows(pairs)
+        p = pairs[first]
+        bucket = (p & self.mask).astype(np.intp)
+        live = self.stamp[bucket] == second
+        present = ((self.keys[bucket] == p[:, None]) & live).any(axis=1)
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return counted, False
+        shift = max(len(p).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        nlive = self.stamp[nb] == second
+        fits = rank < self.WAYS - nlive.sum(axis=1)  # a slot of an earlier second is free
+        new, nb, rank = new[fits], nb[fits], rank[fits]
+        way = np.argsort(nlive[fits], axis=1, kind="stable")[np.arange(len(nb)), rank]
+        self.keys[nb, way], self.stamp[nb, way] = p[new], second
+        counted[first[new]] = True
+        return counted, bool((~fits).any())
+
+
+def _first_rows(h: np.ndarray) -> np.ndarray:
+    """The first row of each distinct hash (one plain sort of (hash, row) packed into a uint64; the hash
+    keeps its top 64 - log2(rows) bits, 48 for 65,536 rows: a merge of two has odds under 1e-5)."""
+    bits = np.uint64(max(len(h).bit_length(), 16))
+    low = (np.uint64(1) << bits) - np.uint64(1)
+    packed = np.sort((h >> bits << bits) | np.arange(len(h), dtype=np.uint64))
+    top = packed >> bits
+    head = np.r_[True, top[1:] != top[:-1]]
+    return (packed[head] & low).astype(np.intp)
+
+
 class _ReflectSecond:
     """Per victim over the current second: answer bytes, answers, unasked answers, request bytes, reflectors.
 
@@ -485,6 +540,7 @@ class _ReflectSecond:
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
+        self.pairs = _PairSet(cap)
         self.start(-(2 ** 62))
 
     def start(self, second: int) -> None:
@@ -492,7 +548,6 @@ class _ReflectSecond:
         self.second = second
         self.keys = np.empty(0, np.uint64)
         self.cols = {c: np.empty(0, np.int64) for c in self.COLUMNS}
-        self.pairs = np.empty(0, np.uint64)
         self.full = False
 
     def __len__(self) -> int:
@@ -521,21 +576,10 @@ class _ReflectSecond:
         self._bump(dst, "bytes", b.arr["wire_len"][rows].astype(np.float64))
         self._bump(dst, "answers", answer.astype(np.float64))
         self._bump(dst, "unasked", (answer & unasked).astype(np.float64))
-        if self.full:
-            return
-        pairs = np.unique(_comb(dst, b.hs[rows]))
-        pos, seen = _find(self.pairs, pairs)
-        fresh = np.flatnonzero(~seen)
-        if len(self.pairs) + len(fresh) > self.cap:
-            fresh = fresh[:max(self.cap - len(self.pairs), 0)]
-            self.full = True
-        self.pairs = np.insert(self.pairs, pos[fresh], pairs[fresh])
-        # Each new pair adds a reflector to its victim: the victim of a pair is found through its rows.
-        pair_of_row = _comb(dst, b.hs[rows])
-        first = np.unique(pair_of_row, return_index=True)[1]
-        new_rows = first[np.isin(pair_of_row[first], pairs[fresh])]
-        if len(new_rows):
-            self._bump(dst[new_rows], "sources", np.ones(len(new_rows)))
+        counted, missed = self.pairs.add(_comb(dst, b.hs[rows]), self.second)
+        self.full |= missed
+        if counted.any():  # each pair new this second adds a reflector to its victim
+            self._bump(dst[counted], "sources", np.ones(int(counted.sum())))
 
     def lookup(self, keys: np.ndarray) -> dict[str, np.ndarray]:
         """Each column for each key (0 for keys not counted)."""
@@ -612,6 +656,7 @@ class _Second:
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
+        self.pairs = _PairSet(cap)
         self.start(-(2 ** 62))
 
     def start(self, second: int) -> None:
@@ -620,7 +665,6 @@ class _Second:
         self.keys = np.empty(0, np.uint64)
         self.packets = np.empty(0, np.int64)
         self.sources = np.empty(0, np.int64)
-        self.pairs = np.empty(0, np.uint64)
         self.full = False
 
     def __len__(self) -> int:
@@ -636,20 +680,11 @@ class _Second:
             self.keys = np.insert(self.keys, pos[new], uk[new])
             self.packets = np.insert(self.packets, pos[new], cnt[new])
             self.sources = np.insert(self.sources, pos[new], 0)
-        if pairs is None or self.full:
+        if pairs is None:
             return
-        order = np.argsort(pairs)
-        sp = pairs[order]
-        head = np.ones(len(sp), bool)
-        head[1:] = sp[1:] != sp[:-1]
-        up, udst = sp[head], dst[order][head]
-        ppos, seen = _find(self.pairs, up)
-        fresh = np.flatnonzero(~seen)
-        if len(self.pairs) + len(fresh) > self.cap:
-            fresh = fresh[:max(self.cap - len(self.pairs), 0)]
-            self.full = True
-        self.pairs = np.insert(self.pairs, ppos[fresh], up[fresh])
-        nd, nc = np.unique(udst[fresh], return_counts=True)
+        counted, missed = self.pairs.add(pairs, self.second)
+        self.full |= missed
+        nd, nc = np.unique(dst[counted], return_counts=True)
         kpos, ok = _find(self.keys, nd)
         self.sources[kpos[ok]] += nc[ok]
 

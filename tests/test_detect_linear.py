@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -263,3 +264,17 @@ def test_a_busy_proxy_with_many_connections_in_flight_is_no_scanner():
     arr["ts"][-1] = T0 + 60  # past every timeout
     _, book = observe(arr, list(range(256, len(arr), 256)))
     assert book.alerts() == []
+
+
+def test_distinct_sources_beyond_the_table_are_a_stated_lower_bound(monkeypatch):
+    """1,500 spoofed sources with room for 128 pairs: the evidence says "at least N" with N <= 1,500, the same N
+    however the packets are cut."""
+    monkeypatch.setenv("NTM_DETECTOR_STATE_MAX", "64")
+    frames = [(T0 + i / 1500, ETH / IP(src=f"10.{i % 7}.{i // 250}.{i % 250 + 1}", dst="10.9.0.7")
+               / TCP(sport=1024 + i, dport=80, flags="S")) for i in range(1500)]
+    arr = rows(frames)
+    results = [found(observe(arr, cuts)[1], "syn_flood") for cuts in ([], list(range(100, 1500, 100)))]
+    (source, _, evidence), = results[0]
+    n = int(re.search(r"from at least (\d+) source", evidence).group(1))
+    assert source == f"at least {n} source(s)" and 0 < n <= 128 and "1,500 SYNs" in evidence
+    assert results[1] == results[0]
