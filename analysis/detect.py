@@ -534,7 +534,8 @@ def _first_rows(h: np.ndarray) -> np.ndarray:
 class _ReflectSecond:
     """Per victim over the current second: answer bytes, answers, unasked answers, request bytes, reflectors.
 
-    Sorted numpy arrays merged once per batch, as _Second; distinct reflectors exact up to cap pairs."""
+    Sorted numpy arrays merged once per batch, as _Second; distinct reflectors through a _PairSet
+    (exact, or a stated lower bound)."""
 
     COLUMNS = ("bytes", "answers", "unasked", "req_bytes", "sources")
 
@@ -649,10 +650,10 @@ class _Batch:
 class _Second:
     """One kind of flood's counts over the current second: packets and distinct sources per destination.
 
-    Sorted numpy arrays merged once per batch. Exact: every (destination, source) pair of the second
-    is kept, up to cap pairs; beyond that the source counts are lower bounds and the evidence says
-    "at least". Destinations beyond cap in one second are not counted that second (a flood's target
-    is counted from its first packet of the second, which comes early)."""
+    Packets per destination in sorted numpy arrays merged once per batch; destinations beyond cap in one
+    second are not counted that second (a flood's target is counted from its first packet of the
+    second, which comes early). Distinct sources through a _PairSet: exact while every pair finds a
+    slot, else a lower bound and the evidence says "at least"."""
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
