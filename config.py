@@ -80,12 +80,17 @@ SETTINGS: tuple[Setting, ...] = (
             choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     Setting("ACCESS_PASSWORD", "", "When set, the page asks for this password before it shows any data "
             "(for a dashboard exposed beyond 127.0.0.1); empty means no password."),
-    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row.",
+    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row. "
+            "When full, the oldest of the lowest severity goes, never one more severe than the newcomer.",
             low=1, high=1_000_000),
-    Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
-            "so floods from spoofed sources cannot grow memory.", low=16, high=100_000_000),
-    Setting("SCAN_WINDOW_S", 300, "Port scans: failed attempts are counted over this window (Zeek scan.zeek: 5 min).",
-            low=1, high=86_400),
+    Setting("ALERTS_PER_DETECTOR", 100, "Most alerts kept per detector, so one noisy detector cannot crowd out "
+            "the others; what a full book drops or refuses is counted per detector and shown.", low=1, high=1_000_000),
+    Setting("DETECTOR_STATE_MAX", 65_536, "Size of each detector table: hash-slot tables get 2 x this many slots "
+            "(fixed), exact tables keep at most this many keys (the oldest or smallest go first), so floods from "
+            "spoofed sources cannot grow memory.", low=16, high=100_000_000),
+    Setting("SCAN_WINDOW_S", 300, "Port scans: distinct failed attempts are counted in epochs of this length, "
+            "dropped whole at their end (Zeek scan.zeek: 5 min); two series offset by half an epoch, so a scan "
+            "within half of it is never split.", low=1, high=86_400),
     Setting("SCAN_PORTS", 15, "Port scans: failed or unanswered ports on one host from one source that make a "
             "vertical scan (Zeek scan.zeek: 15).", low=1, high=65_536),
     Setting("SCAN_HOSTS", 10, "Port scans: hosts that refuse or ignore one port from one source that make a "
@@ -97,6 +102,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ICMP_FLOOD_PPS", 500, "ICMP flood: echo requests per second to one host (ntopng flags ICMP "
             "floods from 250 flows/s).", low=1, high=1e9),
     Setting("UDP_FLOOD_PPS", 20_000, "UDP flood: UDP packets per second to one host.", low=1, high=1e9),
+    Setting("REFLECTION_BPS", 10_000_000, "Reflection/amplification: bit/s of UDP answers from reflector service "
+            "ports (DNS, NTP, SNMP, SSDP, CLDAP, memcached, ...) to one host in one second, at least half of them "
+            "unasked, that raise an alert: 10 Mbit/s, far above one host's own lookups (kbit/s) and a tenth of a "
+            "100 Mbit/s uplink.", low=1, high=1e12),
+    Setting("REFLECTION_SOURCES", 10, "Reflection/amplification: distinct reflectors (sources) that must answer "
+            "the host in that second: one busy server's answers are not an attack (as SCAN_HOSTS for sweeps).",
+            low=1, high=1_000_000),
     Setting("SPIKE_SIGMAS", 4.0, "Traffic spike: a second above the EWMA mean by this many standard deviations "
             "(and 3 times the mean) raises an alert.", low=0.1, high=1_000),
     Setting("SPIKE_MIN_PPS", 100, "Traffic spike: seconds below this many packets never count as a spike.",
