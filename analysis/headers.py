@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 import native
 from capture.sources import COOKED_BASE, V4_PREFIX, RawBatch, Record
@@ -722,6 +721,8 @@ def group_rows_numpy(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h ^= words[:, j]
         h *= _HASH_MUL
         h ^= h >> np.uint64(33)
+    import pandas as pd  # the twin only: the compiled path and the summary CLI never pay for pandas
+
     codes, _ = pd.factorize(h)
     codes = codes.astype(np.int64, copy=False)
     running = np.maximum.accumulate(codes)
