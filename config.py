@@ -22,65 +22,123 @@ class Setting:
     name: str
     default: Any
     help: str
+    low: float | None = None  # the least valid value (numbers), inclusive
+    high: float | None = None  # the greatest valid value (numbers), inclusive
+    choices: tuple[str, ...] | None = None  # the valid values (text)
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("BUFFER_SIZE", 10_000, "Packets kept in the rolling buffer (the recent-packets table and CSV export)."),
-    Setting("BIN_SECONDS", 900, "Seconds of per-second packet/byte history kept for the timeline."),
-    Setting("TOP_TABLE_MAX", 10_000, "Most addresses (or conversations, or ports) kept in each top-N table; "
-            "the smallest are pruned beyond it."),
+    Setting("BUFFER_SIZE", 10_000, "Packets kept in the rolling buffer (the recent-packets table and CSV export).",
+            low=1, high=50_000_000),
+    Setting("BIN_SECONDS", 900, "Seconds of per-second packet/byte history kept for the timeline.",
+            low=1, high=86_400 * 7),
+    Setting("TOP_TABLE_MAX", 10_000, "Most addresses (or conversations) kept in each top-N table; exact until "
+            "it fills, then a Space-Saving summary whose entries carry an error bound.", low=10, high=10_000_000),
     Setting("INTERFACE", "", "Live interface to capture on; empty means the interface of the default route."),
     Setting("BPF_FILTER", "", "Capture filter (BPF syntax, as in tcpdump) applied at start-up."),
     Setting("PCAP", "", "Capture file to load as the source at start-up instead of a live interface."),
     Setting("LOCAL_NETS", "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,169.254.0.0/16,"
             "fc00::/7,fe80::/10,::1/128",
             "Networks counted as 'local' when reading a capture file (live capture uses the host's own addresses)."),
-    Setting("RING_BLOCK_KB", 1024, "Size of one block of the kernel capture ring (TPACKET_V3), in KiB."),
-    Setting("RING_BLOCKS", 64, "Number of blocks in the kernel capture ring; blocks x size is the kernel buffer."),
-    Setting("RING_BLOCK_TIMEOUT_MS", 50, "The kernel hands over a partly filled ring block after this many ms."),
-    Setting("SNAPLEN", 262_144, "Bytes captured per packet at most (headers are all that is kept)."),
-    Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms)."),
+    Setting("RING_BLOCK_KB", 1024, "Size of one block of the kernel capture ring (TPACKET_V3), in KiB.",
+            low=4, high=1 << 20),
+    Setting("RING_BLOCKS", 64, "Number of blocks in the kernel capture ring; blocks x size is the kernel buffer.",
+            low=1, high=1 << 16),
+    Setting("RING_BLOCK_TIMEOUT_MS", 50, "The kernel hands over a partly filled ring block after this many ms.",
+            low=1, high=60_000),
+    Setting("SNAPLEN", 262_144, "Bytes captured per packet at most (headers are all that is kept).",
+            low=64, high=262_144),
+    Setting("PROMISC", True, "Capture in promiscuous mode (as tcpdump does without -p), so a mirror port's traffic "
+            "is seen; false never does. Not on `any`, where it means nothing."),
+    Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms).",
+            low=1, high=10_000),
     Setting("NATIVE", True, "Use the compiled helpers (native/*.c, built with the system's C compiler) for the "
             "record walk, the common-case parser and grouping; off runs their numpy/Python twins (same results)."),
     Setting("MALLOC_KEEP_MB", 64, "Free memory (MB) the C allocator may keep for reuse rather than return to the "
-            "kernel, so each batch's arrays do not page-fault afresh; 0 leaves the allocator's defaults."),
-    Setting("BATCH_SIZE", 65536, "Packets of a capture file parsed and added to the buffer together."),
-    Setting("ADDR_REFRESH_S", 5.0, "How often the capture thread re-reads the host's own addresses (s)."),
-    Setting("RATE_WINDOW_S", 5, "Seconds averaged for the current packets/s and bit/s."),
-    Setting("REFRESH_S", 2.0, "Dashboard auto-refresh interval (s)."),
-    Setting("RECENT_ROWS", 100, "Rows shown in the recent-packets table."),
+            "kernel, so each batch's arrays do not page-fault afresh; 0 leaves the allocator's defaults.",
+            low=0, high=1 << 20),
+    Setting("BATCH_SIZE", 65536, "Packets of a capture file parsed and added to the buffer together.",
+            low=1, high=1 << 22),
+    Setting("ADDR_REFRESH_S", 5.0, "How often the capture thread re-reads the host's own addresses (s).",
+            low=0.1, high=86_400),
+    Setting("RATE_WINDOW_S", 5, "Seconds averaged for the current packets/s and bit/s.", low=1, high=3_600),
+    Setting("REFRESH_S", 2.0, "Dashboard auto-refresh interval (s).", low=0.1, high=3_600),
+    Setting("RECENT_ROWS", 100, "Rows shown in the recent-packets table.", low=1, high=1_000_000),
     Setting("CAPTURE_DIR", "captures", "Folder whose capture files can be opened by path from the dashboard."),
-    Setting("UPLOAD_MAX_MB", 200, "Largest capture file accepted by upload (MB)."),
+    Setting("UPLOAD_MAX_MB", 200, "Largest capture file accepted by upload (MB).", low=1, high=1 << 20),
+    Setting("UPLOAD_DIR_MAX_MB", 1000, "Most disk space (MB) all uploaded captures may use together; the oldest "
+            "uploads not being read are deleted first, and the folder is deleted when the dashboard exits.",
+            low=1, high=1 << 24),
     Setting("REPLAY_SPEED", 0.0, "Replay speed for capture files: 0 loads at once, 1 is the original pace, "
-            "2 twice as fast."),
+            "2 twice as fast.", low=0, high=1e6),
     Setting("EXCLUDE_OWN_TRAFFIC", True, "Leave the dashboard's own web traffic (its server port) out of the capture."),
-    Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out."),
-    Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR)."),
+    Setting("SERVER_PORT", 8501, "The dashboard's web port, used to leave its own traffic out.", low=1, high=65_535),
+    Setting("RUN_AS_USER", "", "Started as root, the dashboard and the capture CLI switch to this user (name or "
+            "uid) once a small helper holding only CAP_NET_RAW is running; empty means the user who ran sudo "
+            "(SUDO_UID), else nobody."),
+    Setting("LOG_LEVEL", "INFO", "Logging level (DEBUG, INFO, WARNING, ERROR).",
+            choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
     Setting("ACCESS_PASSWORD", "", "When set, the page asks for this password before it shows any data "
             "(for a dashboard exposed beyond 127.0.0.1); empty means no password."),
-    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row."),
-    Setting("DETECTOR_STATE_MAX", 65_536, "Most entries in each detector table (oldest forgotten first), "
-            "so floods from spoofed sources cannot grow memory."),
-    Setting("SCAN_WINDOW_S", 300, "Port scans: failed attempts are counted over this window (Zeek scan.zeek: 5 min)."),
+    Setting("ALERTS_MAX", 500, "Most alerts kept; a repeat of the same detector, source and target updates its row. "
+            "When full, the oldest of the lowest severity goes, never one more severe than the newcomer.",
+            low=1, high=1_000_000),
+    Setting("ALERTS_PER_DETECTOR", 100, "Most alerts kept per detector, so one noisy detector cannot crowd out "
+            "the others; what a full book drops or refuses is counted per detector and shown.", low=1, high=1_000_000),
+    Setting("DETECTOR_STATE_MAX", 65_536, "Size of each detector table: hash-slot tables get 2 x this many slots "
+            "(fixed), exact tables keep at most this many keys (the oldest or smallest go first), so floods from "
+            "spoofed sources cannot grow memory.", low=16, high=100_000_000),
+    Setting("SCAN_WINDOW_S", 300, "Port scans: distinct failed attempts are counted in epochs of this length, "
+            "dropped whole at their end (Zeek scan.zeek: 5 min); two series offset by half an epoch, so a scan "
+            "within half of it is never split.", low=1, high=86_400),
     Setting("SCAN_PORTS", 15, "Port scans: failed or unanswered ports on one host from one source that make a "
-            "vertical scan (Zeek scan.zeek: 15)."),
+            "vertical scan (Zeek scan.zeek: 15).", low=1, high=65_536),
     Setting("SCAN_HOSTS", 10, "Port scans: hosts that refuse or ignore one port from one source that make a "
-            "horizontal scan (between Snort's 5 in 60 s and Zeek's 25 in 5 min)."),
+            "horizontal scan (between Snort's 5 in 60 s and Zeek's 25 in 5 min).", low=1, high=1 << 32),
     Setting("SCAN_STEALTH_PORTS", 3, "Port scans: NULL/FIN/Xmas probes (no SYN, no ACK) to this many ports of "
-            "one host raise an alert at once; no ordinary client sends them."),
+            "one host raise an alert at once; no ordinary client sends them.", low=1, high=65_536),
     Setting("SYN_FLOOD_PPS", 1000, "SYN flood: SYNs per second to one host, with under 10 % answered by SYN-ACK "
-            "(well above what a busy client opens; hping3 --flood sends tens of thousands)."),
+            "(well above what a busy client opens; hping3 --flood sends tens of thousands).", low=1, high=1e9),
     Setting("ICMP_FLOOD_PPS", 500, "ICMP flood: echo requests per second to one host (ntopng flags ICMP "
-            "floods from 250 flows/s)."),
-    Setting("UDP_FLOOD_PPS", 20_000, "UDP flood: UDP packets per second to one host."),
+            "floods from 250 flows/s).", low=1, high=1e9),
+    Setting("UDP_FLOOD_PPS", 20_000, "UDP flood: UDP packets per second to one host.", low=1, high=1e9),
+    Setting("REFLECTION_BPS", 10_000_000, "Reflection/amplification: bit/s of UDP answers from reflector service "
+            "ports (DNS, NTP, SNMP, SSDP, CLDAP, memcached, ...) to one host in one second, at least half of them "
+            "unasked, that raise an alert: 10 Mbit/s, far above one host's own lookups (kbit/s) and a tenth of a "
+            "100 Mbit/s uplink.", low=1, high=1e12),
+    Setting("REFLECTION_SOURCES", 10, "Reflection/amplification: distinct reflectors (sources) that must answer "
+            "the host in that second: one busy server's answers are not an attack (as SCAN_HOSTS for sweeps).",
+            low=1, high=1_000_000),
     Setting("SPIKE_SIGMAS", 4.0, "Traffic spike: a second above the EWMA mean by this many standard deviations "
-            "(and 3 times the mean) raises an alert."),
-    Setting("SPIKE_MIN_PPS", 100, "Traffic spike: seconds below this many packets never count as a spike."),
-    Setting("SPIKE_WARMUP_S", 60, "Traffic spike: seconds of traffic learned before any spike alert."),
+            "(and 3 times the mean) raises an alert.", low=0.1, high=1_000),
+    Setting("SPIKE_MIN_PPS", 100, "Traffic spike: seconds below this many packets never count as a spike.",
+            low=0, high=1e9),
+    Setting("SPIKE_WARMUP_S", 60, "Traffic spike: seconds of traffic learned before any spike alert.",
+            low=0, high=86_400 * 30),
     Setting("NEW_HOST_LEARN_S", 300, "New host: addresses of the LOCAL_NETS first seen after this many seconds "
-            "of traffic raise an alert (the ones before are the baseline)."),
+            "of traffic raise an alert (the ones before are the baseline).", low=0, high=86_400 * 365),
     Setting("SCAN_UNANSWERED_S", 3.0, "Port scans: a SYN or UDP probe with no answer after this many seconds "
-            "counts as failed (nmap's initial retransmission timeout is 1 s)."),
+            "counts as failed (nmap's initial retransmission timeout is 1 s).", low=0.1, high=3_600),
+    Setting("DETECTORS_PROCESS", True, "Run the detectors in a worker process fed through a bounded queue (the "
+            "capture never waits for them); off runs them in a thread of the capture's process instead."),
+    Setting("STAGE_QUEUE_PACKETS", 262_144, "Most packets queued for each consumer stage (the detectors); a live "
+            "batch that does not fit is skipped by that stage and counted, never by the counters.",
+            low=1, high=1 << 26),
+    Setting("STORE", "", "History store file (DuckDB); empty means history.duckdb in $XDG_DATA_HOME "
+            "(or ~/.local/share)/network-traffic-monitor/."),
+    Setting("STORE_FLUSH_S", 5.0, "How often the history rollup writes to the store (s): at most this much "
+            "history is lost when the process is killed."),
+    Setting("RETENTION_DAYS", 7.0, "Days of live history kept, by capture time; imported capture files are kept "
+            "until removed."),
+    Setting("STORE_PRUNE_S", 600.0, "How often the store's retention prune runs (s)."),
+    Setting("STORE_SENSOR", "", "Name that tags every history row (the fleet's sensor name); empty means the "
+            "host name."),
+    Setting("STORE_TOP_MAX", 2000, "Per minute, most sources, destinations and ports kept in each history top "
+            "table; beyond it the smallest are left out and the error bound is stored."),
+    Setting("STORE_CONV_MAX", 50_000, "Per minute, most conversations kept in history; the rest are counted "
+            "as left out."),
+    Setting("STORE_PENDING_MAX", 60, "History batches kept in memory while the store cannot be written "
+            "(retried in order); beyond it the oldest are dropped and counted."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -97,13 +155,59 @@ def _coerce(raw: str, default: Any) -> Any:
     return raw
 
 
+class SettingError(ValueError):
+    """A setting's value is not valid; the message names the variable, the value and what is allowed."""
+
+
 def get(name: str) -> Any:
     """The value of a setting: NTM_<NAME> from the environment, else its default."""
     setting = _BY_NAME[name]
     raw = os.environ.get(ENV_PREFIX + name)
     if raw is None:
         return setting.default
-    return _coerce(raw, setting.default)
+    try:
+        return _coerce(raw, setting.default)
+    except ValueError:
+        kind = type(setting.default).__name__
+        raise SettingError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind} ({setting.help})") from None
+
+
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
+def _allowed(setting: Setting) -> str:
+    if setting.choices is not None:
+        return "one of " + ", ".join(setting.choices)
+    hi = "" if setting.high is None else f" and at most {_number(setting.high)}"
+    return f"at least {_number(setting.low)}{hi}"
+
+
+def problems() -> list[str]:
+    """What is wrong with the current settings, one clear sentence per bad value (empty when all is well)."""
+    out = []
+    for setting in SETTINGS:
+        try:
+            value = get(setting.name)
+        except SettingError as exc:
+            out.append(str(exc))
+            continue
+        bad = False
+        if setting.choices is not None:
+            bad = str(value).upper() not in setting.choices
+        elif setting.low is not None and not isinstance(value, bool):
+            bad = not (setting.low <= value <= (setting.high if setting.high is not None else value))
+        if bad:
+            out.append(f"{ENV_PREFIX}{setting.name}={os.environ.get(ENV_PREFIX + setting.name)!r} is out of range: "
+                       f"it must be {_allowed(setting)} ({setting.help})")
+    return out
+
+
+def validate() -> None:
+    """Raise SettingError naming every invalid setting; called at start-up, before any thread starts."""
+    bad = problems()
+    if bad:
+        raise SettingError("invalid settings: " + "; ".join(bad))
 
 
 def as_dict() -> dict[str, Any]:

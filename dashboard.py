@@ -6,28 +6,83 @@ Run:  sudo streamlit run dashboard.py [-- --iface NAME --filter 'BPF' --pcap FIL
 from __future__ import annotations
 
 import argparse
+import atexit
 import hmac
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import numpy as np
+import pandas as pd
 import streamlit as st
 from streamlit import config as streamlit_config
 from streamlit_autorefresh import st_autorefresh
 
 import config
 import visualizations as viz
+from capture import broker
 from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
 from packet_processor import CaptureEngine, Snapshot, Source, packets_csv, packets_frame
 
 log = logging.getLogger(__name__)
-LOCAL_TZ = datetime.now().astimezone().tzinfo
 SPEEDS = {"Load at once": 0.0, "Original pace (1x)": 1.0, "2x": 2.0, "10x": 10.0, "100x": 100.0}
 WINDOWS = {"1 min": 60, "5 min": 300, "15 min": 900}
 EMPTY_HELP = "No packets yet — is the interface up? Is the filter too narrow?"
+UPLOAD_PREFIX = "ntm-uploads-"
+
+
+def local_zone() -> tzinfo:
+    """The host's time zone with its rules (daylight saving included): TZ, else /etc/localtime.
+
+    A fixed offset taken once would put every timestamp on the other side of a daylight-saving
+    change an hour off; a zone converts each timestamp with the offset of its own moment.
+    """
+    name = os.environ.get("TZ", "").lstrip(":")
+    try:
+        if name.startswith("/"):
+            with open(name, "rb") as fh:
+                return ZoneInfo.from_file(fh, key=name)
+        if name:
+            return ZoneInfo(name)
+        real = os.path.realpath("/etc/localtime")
+        if "/zoneinfo/" in real:
+            return ZoneInfo(real.split("/zoneinfo/", 1)[1])
+        with open("/etc/localtime", "rb") as fh:
+            return ZoneInfo.from_file(fh, key="localtime")
+    except (OSError, ValueError, ZoneInfoNotFoundError):
+        # A POSIX TZ rule string or no zone database: the offset of now, as the best left.
+        _zone_warning(name)
+        return datetime.now().astimezone().tzinfo
+
+
+@st.cache_resource(show_spinner=False)
+def _zone_warning(name: str) -> None:
+    """Say once per process (not at every rerun) that the zone has no rules here."""
+    log.warning("time zone %r not found in the zone database; times use the current offset, "
+                "which is wrong across a daylight-saving change", name)
+
+
+LOCAL_TZ = local_zone()  # the script runs afresh on every rerun, so a change of TZ is seen at the next one
+
+
+def setting(name: str, default):
+    """A setting that another part of the project may not have added yet: its default until then."""
+    try:
+        return config.get(name)
+    except KeyError:
+        return default
+
+
+def live_source(iface: str, bpf: str, promisc: bool) -> Source:
+    """A live Source; `promisc` is passed only once Source has that field."""
+    if "promisc" in Source.__dataclass_fields__:
+        return Source("live", iface=iface, bpf=bpf, promisc=promisc)
+    return Source("live", iface=iface, bpf=bpf)
 
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
@@ -67,8 +122,8 @@ def initial_source() -> Source:
         return Source("file", path=os.path.abspath(pcap), speed=speed)
     iface = flags.iface or config.get("INTERFACE") or default_interface()
     user_bpf = flags.filter if flags.filter is not None else config.get("BPF_FILTER")
-    return Source("live", iface=iface, bpf=capture_filter(user_bpf, config.get("EXCLUDE_OWN_TRAFFIC"),
-                                                          server_port()))
+    return live_source(iface, capture_filter(user_bpf, config.get("EXCLUDE_OWN_TRAFFIC"), server_port()),
+                       setting("PROMISC", True))
 
 
 @st.cache_resource(show_spinner=False)
@@ -134,6 +189,7 @@ def _widget_defaults(source: Source | None) -> None:
         state["source_kind"] = "Live interface"
         state["iface"] = source.iface
         state["bpf"], state["own_traffic"] = split_filter(source.bpf, server_port())
+        state["promisc"] = bool(getattr(source, "promisc", setting("PROMISC", True)))
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -152,7 +208,12 @@ def _live_inputs(sb) -> Source | None:
     st.session_state.setdefault("own_traffic", config.get("EXCLUDE_OWN_TRAFFIC"))
     exclude = sb.checkbox("Hide this dashboard's own traffic", key="own_traffic",
                           help=f"Leaves out tcp port {server_port()} (the page itself).")
-    return Source("live", iface=iface, bpf=capture_filter(user_bpf, exclude, server_port()))
+    st.session_state.setdefault("promisc", setting("PROMISC", True))
+    promisc = sb.toggle("Promiscuous mode", key="promisc",
+                        help="On: every frame the interface receives, as tcpdump captures by default (a mirror or "
+                             "SPAN port shows other hosts' traffic). Off: only this host's own, broadcast and "
+                             "multicast traffic, as `tcpdump -p` (PROMISC).")
+    return live_source(iface, capture_filter(user_bpf, exclude, server_port()), promisc)
 
 
 def _file_inputs(sb) -> Source | None:
@@ -164,19 +225,9 @@ def _file_inputs(sb) -> Source | None:
     folder = config.get("CAPTURE_DIR")
     name = sb.text_input(f"…or a file in {folder}/", key="pcap_path")
     speed = SPEEDS[sb.selectbox("Replay", list(SPEEDS), key="speed")]
+    kept = _keep_upload(upload, limit)
     if upload is not None:
-        if upload.size > limit * 1_000_000:
-            st.session_state["control_error"] = f"{upload.name} is {upload.size / 1e6:.1f} MB; the limit is {limit} MB"
-            return None
-        # One file per upload, written once: the page reruns every few seconds, and a capture
-        # may be reading the file, so it is never rewritten in place.
-        name = f"{upload.file_id}-{os.path.basename(upload.name) or 'upload.pcap'}"
-        path = os.path.join(_upload_dir(), name.replace(os.sep, "_"))
-        if not os.path.exists(path):
-            with open(path + ".part", "wb") as fh:
-                fh.write(upload.getbuffer())
-            os.replace(path + ".part", path)
-        return Source("file", path=path, speed=speed)
+        return Source("file", path=kept, speed=speed) if kept else None
     if name.strip():
         try:
             return Source("file", path=safe_capture_path(name.strip(), folder), speed=speed)
@@ -186,9 +237,99 @@ def _file_inputs(sb) -> Source | None:
     return None
 
 
+def _keep_upload(upload, limit_mb: int) -> str | None:
+    """The file this viewer's upload is kept in; the viewer's previous upload is deleted when replaced."""
+    state = st.session_state
+    previous = state.get("upload_path")
+    path = None
+    if upload is not None:
+        if upload.size > limit_mb * 1_000_000:
+            state["control_error"] = f"{plain(upload.name)} is {upload.size / 1e6:.1f} MB; the limit is {limit_mb} MB"
+        else:
+            name = f"{upload.file_id}-{os.path.basename(upload.name) or 'upload.pcap'}"
+            path = _write_upload(os.path.join(_upload_dir(), name.replace(os.sep, "_")), upload)
+    if previous and previous != path:
+        # A capture replaying the old file keeps reading it: an open file outlives its name.
+        _remove(previous)
+        state.pop("upload_path", None)
+    if path:
+        state["upload_path"] = path
+    return path
+
+
+def _write_upload(path: str, upload) -> str | None:
+    """Write an upload once (the page reruns every few seconds, and a capture may be reading it), within
+    the folder's cap (UPLOAD_DIR_MAX_MB): the oldest other uploads go first; None when it cannot fit."""
+    if os.path.exists(path):
+        return path
+    cap = config.get("UPLOAD_DIR_MAX_MB") * 1_000_000
+    if not make_room(os.path.dirname(path), upload.size, cap, keep=_in_use()):
+        st.session_state["control_error"] = (f"no room for {plain(upload.name)} ({upload.size / 1e6:.1f} MB): "
+                                             f"uploads may use {cap / 1e6:g} MB in all (UPLOAD_DIR_MAX_MB), "
+                                             "and the file being captured stays")
+        return None
+    with open(path + ".part", "wb") as fh:
+        fh.write(upload.getbuffer())
+    os.replace(path + ".part", path)
+    return path
+
+
+def _in_use() -> set[str]:
+    """Files no clean-up may delete: the one the shared capture reads."""
+    source = get_engine().source
+    return {source.path} if source is not None and source.kind == "file" else set()
+
+
+def make_room(folder: str, need: int, cap: int, keep: set[str] = frozenset()) -> bool:
+    """Delete the oldest files of `folder` (not those in `keep`) until `need` more bytes fit in `cap`."""
+    files = []
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            st_ = entry.stat()
+            files.append((st_.st_mtime, entry.path, st_.st_size))
+    used = sum(size for _, _, size in files)
+    for _, path, size in sorted(files):
+        if used + need <= cap:
+            break
+        if path not in keep:
+            _remove(path)
+            used -= size
+    return used + need <= cap
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("could not delete the upload %s", path, exc_info=True)
+
+
 @st.cache_resource(show_spinner=False)
 def _upload_dir() -> str:
-    return tempfile.mkdtemp(prefix="ntm-uploads-")
+    """This process's upload folder, deleted at exit; folders left by dead processes are deleted first."""
+    remove_stale_upload_dirs(tempfile.gettempdir())
+    path = tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def remove_stale_upload_dirs(parent: str) -> list[str]:
+    """Delete upload folders whose process is gone (killed before its exit clean-up); their paths."""
+    gone = []
+    for entry in os.scandir(parent):
+        pid = entry.name[len(UPLOAD_PREFIX):].split("-", 1)[0]
+        if not (entry.name.startswith(UPLOAD_PREFIX) and pid.isdigit() and entry.is_dir()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            gone.append(entry.path)
+        except PermissionError:
+            pass  # alive, another user's
+    return gone
 
 
 def _start(engine: CaptureEngine, source: Source) -> None:
@@ -226,11 +367,13 @@ def human_rate(bits: float) -> str:
     return f"{bits} bit/s"
 
 
-def capture_clock(snap: Snapshot) -> tuple[float | None, float]:
-    """(end of the rate/timeline window in capture time, capture duration in seconds)."""
+def capture_clock(snap: Snapshot, now: float) -> tuple[float | None, float]:
+    """(end of the rate/timeline window in capture time, capture duration in seconds).
+
+    `now` is the wall time the snapshot was taken: a paused view keeps the rates of that moment.
+    """
     t = snap.totals
     if snap.status.source.startswith("interface"):
-        now = time.time()
         started = snap.status.started_wall or now
         # Whole seconds only: the current second is still filling.
         return now - 1, max(0.0, now - started)
@@ -239,28 +382,66 @@ def capture_clock(snap: Snapshot) -> tuple[float | None, float]:
     return None, 0.0
 
 
-_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#|~$"})
+# CommonMark lets a backslash escape every ASCII punctuation character, and an escaped one is
+# never markup: no emphasis, link, autolink (http: www.), HTML, math ($), or Streamlit's :colour[]
+# and :icon: directives. Line breaks would start new blocks (lists, headings), so they become spaces.
+_MARKDOWN = str.maketrans({**{c: "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"},
+                           "\n": " ", "\r": " "})
 
 
 def plain(text: str) -> str:
-    """Text shown as itself where Streamlit would read Markdown (file and interface names are data)."""
+    """Text shown as itself where Streamlit reads Markdown (tooltips, captions, errors): names are data."""
     return text.translate(_MARKDOWN)
 
 
+def count_of(value) -> int:
+    """A drop count that may come as a number or as {counter: number} (NIC counters): the total."""
+    if isinstance(value, dict):
+        return sum(int(v or 0) for v in value.values())
+    return int(value or 0)
+
+
 def status_banner(snap: Snapshot) -> None:
-    """Running/paused/stopped, or the error with its fix."""
+    """Running/paused/stopped, or the error with its fix; every kind of loss, each named apart."""
     s = snap.status
+    t = snap.totals
     if s.state == "error":
         st.error(f"Capture error: {plain(s.error or '')}")
     elif s.state == "running" and not s.alive:
         st.error("capture stopped: the capture thread is no longer running")
-    elif snap.totals["dropped"]:
-        st.warning(f"The kernel dropped {snap.totals['dropped']:,} packets: the numbers below are missing them.")
+    elif t["dropped"]:
+        st.warning(f"The kernel dropped {t['dropped']:,} packets (the capture ring was full): "
+                   "the numbers below are missing them.")
+    if nic := count_of(t.get("nic_dropped")):
+        st.warning(f"The network card or its driver dropped {nic:,} packets before any capture could see them "
+                   "(rx_dropped, rx_missed_errors, rx_fifo_errors): the numbers below are missing them.")
+    if filed := count_of(t.get("file_dropped")):
+        st.warning(f"The capturer that wrote this file dropped {filed:,} packets: they are not in the file.")
+    for line, behind in stage_lines(t.get("stages")):
+        (st.warning if behind else st.caption)(line)
     if s.file_note:
         st.caption(f"The capture file says: {plain(s.file_note)}")
 
 
-def metrics(snap: Snapshot, end: float | None, duration: float) -> None:
+def stage_lines(stages: dict | None) -> list[tuple[str, bool]]:
+    """One line per consumer stage (detectors, store…): how much of the traffic it analysed, and
+    whether it is skipping batches now (True) — the totals above never skip."""
+    lines = []
+    for name, s in (stages or {}).items():
+        pct = s.get("minute_analysed_pct")
+        skipped = int(s.get("packets_skipped") or 0)
+        text = plain(f"{name} analysed {pct:.1f} % of packets in the last minute" if pct is not None
+                     else f"{name}: no packets in the last minute")
+        behind = pct is not None and pct < 100.0
+        if skipped:
+            text += f"; {skipped:,} of {int(s.get('packets_in') or 0):,} packets skipped since the start"
+        if behind:
+            text += f" — {plain(str(name))} is falling behind and skips whole batches; the totals stay exact"
+        lines.append((text, behind))
+    return lines
+
+
+def metrics(snap: Snapshot, end: float | None, duration: float, now: float) -> None:
     """The metrics row: totals, duration, rates, drops, buffer fill and status."""
     t = snap.totals
     pps, bps = snap.rate(config.get("RATE_WINDOW_S"), end) if end is not None else (0.0, 0.0)
@@ -271,25 +452,27 @@ def metrics(snap: Snapshot, end: float | None, duration: float) -> None:
     cols[3].metric("Bit/s", human_rate(bps), help=f"Average over the last {config.get('RATE_WINDOW_S')} s.")
     cols[4].metric("Duration", _duration(duration))
     cols = st.columns(5)
-    cols[0].metric("Dropped", f"{t['dropped']:,}", help="Packets the kernel dropped (capture ring full).")
+    nic = t.get("nic_dropped")
+    nic_help = "" if nic is None else f" The network card or driver dropped {count_of(nic):,} more (not counted here)."
+    cols[0].metric("Dropped", f"{t['dropped']:,}", help="Packets the kernel dropped (capture ring full)." + nic_help)
     cols[1].metric("Malformed", f"{t['malformed']:,}", help="Packets whose headers were cut short or lied.")
     cols[2].metric("Buffer", f"{t['buffer_len']:,} / {snap.buffer_size:,}",
                    help="Packets held for the tables and CSV (BUFFER_SIZE); totals are not limited by it.")
     state = snap.status.state
     cols[3].metric("Status", "paused view" if st.session_state.get("paused") else state,
-                   help=snap.status.source)
+                   help=plain(snap.status.source))  # a file name is data, never Markdown
     open_alerts = sum(1 for a in snap.alerts if not a.acknowledged)
     cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged.")
-    st.caption(plain(health_text(snap)))
+    st.caption(plain(health_text(snap, now)))
 
 
-def health_text(snap: Snapshot) -> str:
-    """The capture thread's health in one line: alive or not, and how fresh the numbers are."""
+def health_text(snap: Snapshot, now: float) -> str:
+    """The capture thread's health in one line: alive or not, and how fresh the numbers were at `now`."""
     s = snap.status
     thread = "capture thread alive" if s.alive else "capture thread not running"
     if s.last_batch_wall is None:
         return f"{thread}; no packet yet · {s.source}"
-    lag = max(0.0, time.time() - s.last_batch_wall)
+    lag = max(0.0, now - s.last_batch_wall)
     return f"{thread}; last packets added {lag:.1f} s ago · {s.source}"
 
 
@@ -299,33 +482,46 @@ def _duration(seconds: float) -> str:
 
 
 def charts(snap: Snapshot, end: float | None) -> None:
-    """Protocol pie, timeline, top talkers, ports, sizes and conversations."""
+    """Protocol pie, VLANs, timeline, top talkers, ports, sizes and conversations."""
     left, right = st.columns([1, 2])
     with left:
         by = st.radio("Pie by", ["packets", "bytes"], horizontal=True, key="pie_by")
         counts = snap.totals["transport_counts" if by == "packets" else "transport_bytes"]
         st.plotly_chart(viz.protocol_pie(counts, by), key="pie")
+        if tagged(snap.packets):
+            st.plotly_chart(viz.vlan_bar(snap.packets["vlan"]), key="vlans")
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
         frame = viz.timeline_frame(snap.bins, window, end, LOCAL_TZ)
         marks = [a.last_ts for a in snap.alerts if end is not None and end - window < a.last_ts <= end + 1]
         st.plotly_chart(viz.timeline(frame, marks), key="timeline")
+        if end is not None and not viz.TS_MIN <= end <= viz.TS_MAX:
+            st.caption(f"The capture's time ({end:.6g} s since 1970) lies outside any calendar: no timeline.")
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="top_by")
     a, b = st.columns(2)
-    a.plotly_chart(viz.top_bar(snap.top_addresses("src", top_by), "Top 10 sources", top_by), key="top_src")
-    b.plotly_chart(viz.top_bar(snap.top_addresses("dst", top_by), "Top 10 destinations", top_by), key="top_dst")
+    src, dst = snap.top_addresses("src", top_by), snap.top_addresses("dst", top_by)
+    a.plotly_chart(viz.top_bar(src, "Top 10 sources", top_by), key="top_src")
+    b.plotly_chart(viz.top_bar(dst, "Top 10 destinations", top_by), key="top_dst")
     c, d = st.columns(2)
     c.plotly_chart(viz.ports_bar(snap.top_ports("tcp", 10, top_by), snap.top_ports("udp", 10, top_by), top_by),
                    key="ports")
     d.plotly_chart(viz.size_histogram(snap.packets["wire_len"]), key="sizes")
     st.subheader("Top conversations")
-    st.dataframe(viz.conversations_table(snap.top_conversations(20, top_by), LOCAL_TZ), hide_index=True,
-                 key="conversations")
+    conversations = snap.top_conversations(20, top_by)
+    st.dataframe(viz.conversations_table(conversations, LOCAL_TZ, top_by), hide_index=True, key="conversations")
+    if any(r.get("error") for r in [*src, *dst, *conversations]):
+        st.caption("≥ marks a count from a full top table (TOP_TABLE_MAX): the true count is at least that "
+                   "(Space-Saving keeps the heaviest entries with a bounded error).")
 
 
 def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
     """The detectors' findings, newest first, filterable by severity, with acknowledge and clear."""
     st.subheader("Alerts")
+    suppressed = snap.totals.get("alerts_suppressed") or {}
+    if total := sum(int(n or 0) for n in suppressed.values()):
+        each = ", ".join(f"{name}: {int(n):,}" for name, n in sorted(suppressed.items()) if n)
+        st.caption(plain(f"{total:,} alerts suppressed ({each}): the alert list was full (ALERTS_MAX) "
+                         "and keeps the more severe ones."))
     if not snap.alerts:
         st.caption("No alerts: the detectors (port scans, floods, spikes, new hosts, ARP spoofing) found nothing.")
         return
@@ -344,21 +540,51 @@ def _acknowledge(engine: CaptureEngine, alerts: list) -> None:
         engine.alerts.acknowledge(a)
 
 
-def recent_packets(snap: Snapshot, engine: CaptureEngine) -> None:
+def packets_table(rows: np.ndarray, tz: tzinfo | None, vlan: bool = False) -> pd.DataFrame:
+    """packets_frame, safe for timestamps no calendar holds (pcapng allows them), with a VLAN column
+    when asked and the records carry one."""
+    ts = rows["ts"]
+    outside = ~((ts >= viz.TS_MIN) & (ts <= viz.TS_MAX))
+    if outside.any():
+        rows = rows.copy()
+        rows["ts"][outside] = 0.0  # formatted below, as the seconds they are
+    frame = packets_frame(rows, tz)
+    if outside.any():
+        frame["time"] = viz.time_texts(ts, tz)
+        frame["ts"] = ts
+    frame = frame.drop(columns=[c for c in frame.columns if str(c).lower() == "vlan"])
+    if vlan and "vlan" in (rows.dtype.names or ()):
+        vid = rows["vlan"].astype(np.int32)
+        frame.insert(frame.columns.get_loc("protocol"), "VLAN",
+                     pd.arrays.IntegerArray(vid, (vid <= 0) | (vid >= 4095)))
+    return frame
+
+
+def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     """Newest packets first, with a text filter and a CSV download of the whole buffer."""
     st.subheader("Recent packets")
     text = st.text_input("Filter by address, port or protocol", key="pkt_filter")
     n = config.get("RECENT_ROWS")
     rows = snap.packets if text.strip() else snap.packets[-n:]
-    table = viz.recent_table(packets_frame(rows, LOCAL_TZ), n, text)
+    table = viz.recent_table(packets_table(rows, LOCAL_TZ, tagged(snap.packets)), n, text)
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
                  key="recent")
-    st.download_button("Download the whole buffer (CSV)", data=lambda: _csv(engine), file_name="packets.csv",
+    # A paused view downloads what it shows; otherwise the buffer as it is at the click.
+    data = (lambda: _csv(snap.packets)) if frozen else (lambda: _csv(engine.snapshot().packets))
+    st.download_button("Download the whole buffer (CSV)", data=data, file_name="packets.csv",
                        mime="text/csv", key="csv", on_click="ignore")
 
 
-def _csv(engine: CaptureEngine) -> bytes:
-    return packets_csv(engine.snapshot().packets, LOCAL_TZ)
+def tagged(rows: np.ndarray) -> bool:
+    """Whether any packet of the buffer carries a VLAN tag: only then has the table a VLAN column."""
+    return "vlan" in (rows.dtype.names or ()) and bool((rows["vlan"] > 0).any())
+
+
+def _csv(rows: np.ndarray) -> bytes:
+    ts = rows["ts"]
+    if ((ts >= viz.TS_MIN) & (ts <= viz.TS_MAX)).all():
+        return packets_csv(rows, LOCAL_TZ)
+    return packets_table(rows, LOCAL_TZ).to_csv(index=False).encode()
 
 
 def signed_in() -> bool:
@@ -377,6 +603,21 @@ def signed_in() -> bool:
     return False
 
 
+def current_view(engine: CaptureEngine) -> tuple[Snapshot, float]:
+    """(the snapshot this viewer sees, the wall time it was taken).
+
+    A paused viewer keeps the snapshot of the moment it paused, and only while paused: a snapshot
+    holds a copy of the whole buffer (~78 MB with 1,000,000 packets), so no other viewer keeps one.
+    """
+    state = st.session_state
+    if not state.get("paused"):
+        state.pop("frozen", None)
+        return engine.snapshot(), time.time()
+    if "frozen" not in state:
+        state["frozen"] = (engine.snapshot(), time.time())
+    return state["frozen"]
+
+
 def page() -> None:
     """Build the whole page once; the auto-refresh reruns it."""
     st.set_page_config(page_title="Network Traffic Monitor", layout="wide")
@@ -384,23 +625,21 @@ def page() -> None:
         return  # nothing about the traffic is shown or sent before the password
     engine = get_engine()
     sidebar(engine)
-    if st.session_state.get("paused") and "frozen" in st.session_state:
-        snap = st.session_state["frozen"]
-    else:
-        snap = engine.snapshot()
-        st.session_state["frozen"] = snap
-    end, duration = capture_clock(snap)
+    snap, taken = current_view(engine)
+    end, duration = capture_clock(snap, taken)
     status_banner(snap)
-    metrics(snap, end, duration)
+    metrics(snap, end, duration, taken)
     if not snap.totals["packets"]:
         if snap.status.state != "error":
             st.info(EMPTY_HELP)
     else:
         charts(snap, end)
         alerts_panel(snap, engine)
-        recent_packets(snap, engine)
+        recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
     if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")
 
 
+if "streamlit.web.bootstrap" in sys.modules and broker.separate().still_root:  # not in AppTest's process
+    st.warning(broker.separate().text)  # as root: the capture helper starts, then this process gives up root
 page()

@@ -2,7 +2,12 @@
 
 One ``CaptureEngine`` per process reads a live interface or a capture file through the
 same pipeline: records -> headers.parse (header fields from raw bytes, never payload) ->
-packed batch -> ring buffer + counters. Readers get immutable ``Snapshot`` objects.
+packed batch -> ring buffer + counters, and -> the consumer stages (analysis/stages.py: the
+detectors, in a worker process behind a bounded queue; capture never waits for them). Readers
+get immutable ``Snapshot`` objects.
+
+Exit status of the CLI: 0 when all went well; ``summary`` gives 2 when the file could not be read
+to its end and 1 when nothing could be read (its JSON is printed either way); 1 for a bad setting.
 
 Command line::
 
@@ -17,21 +22,30 @@ import contextlib
 import json
 import logging
 import queue
-import struct
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 import config
 import native
-from analysis.detect import Alert, AlertBook, Detectors
+from analysis.counters import (  # noqa: F401  - re-exported: tests and benchmarks import them from here
+    ADDR_KEY,
+    BIN_FIELDS,
+    CONV,
+    CONV_KEY,
+    Counters,
+    DenseTable,
+    TopTable,
+    _conversation_keys,
+    conversation_keys_numpy,
+    space_saving,
+)
 from analysis.headers import (  # noqa: F401  - re-exported: the engine's public vocabulary
     CLASSES,
     DIRECTIONS,
@@ -51,271 +65,18 @@ from analysis.headers import (  # noqa: F401  - re-exported: the engine's public
     parse_frame,
     parse_nets,
 )
+from analysis.stages import AlertMirror, DetectorStage
+from capture import broker
+from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
+
+if TYPE_CHECKING:  # the detectors (and pandas) load where they run: the worker, the page
+    import pandas as pd
+
+    from analysis.detect import Alert
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 0.7  # the longest stop() waits for the capture thread
-
-# ----------------------------------------------------------------------------------------
-# Cumulative state
-# ----------------------------------------------------------------------------------------
-
-BIN_FIELDS = [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS] + [f"pk_{c}" for c in CLASSES]
-
-
-class TopTable:
-    """key -> packets, bytes (and first/last seen) for at most `cap` keys, merged batch by batch.
-
-    Beyond `cap` keys the smallest (by packets; among equals the newest) are pruned down to 90 %,
-    so a scan or a flood of spoofed sources cannot grow it without bound; the engine's totals are
-    kept apart and never pruned.
-    The state is one tuple, replaced whole, so a reader never sees keys and counts out of step.
-    """
-
-    def __init__(self, key_dtype: Any, cap: int, times: bool = False) -> None:
-        self.cap = cap
-        self.state = (np.empty(0, key_dtype), np.empty((0, 2), np.int64),  # keys; packets, bytes
-                      np.empty((0, 2), np.float64) if times else None)  # first, last seen
-
-    keys = property(lambda self: self.state[0])
-    vals = property(lambda self: self.state[1])
-    times = property(lambda self: self.state[2])
-
-    def __len__(self) -> int:
-        return len(self.state[0])
-
-    def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
-        """The state after counting one packet of `wire` bytes (seen at `ts`) per key; self is unchanged."""
-        if not len(keys):
-            return self.state
-        fast = native.top_merge(self.state, keys, wire, ts)
-        uniq, vals, times = fast if fast is not None else self.merged_numpy(keys, wire, ts)
-        m = len(uniq)
-        if m > self.cap:
-            # The most packets win; among equal counts the older rows (a stable sort). argpartition
-            # is no use here: with the many ties of a scan (counts of 1) it is 10x slower than this.
-            keep = np.sort(np.argsort(-vals[:, 0], kind="stable")[:int(self.cap * 0.9)])
-            return uniq[keep], vals[keep], None if times is None else times[keep]
-        if fast is not None:  # copies, so the state does not pin the batch-sized buffers
-            return uniq.copy(), vals.copy(), None if times is None else times.copy()
-        return uniq, vals, times
-
-    def merged_numpy(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
-        """merged's merge without the compiled helper and before pruning (its reference)."""
-        old_keys, old_vals, old_times = self.state
-        # Group the batch first, then merge its groups into the table.
-        bkeys, binv = _group(keys)
-        nb = len(bkeys)
-        bvals = np.stack((np.bincount(binv, minlength=nb), np.bincount(binv, wire, nb).astype(np.int64)), axis=1)
-        # Old keys come first, so they keep their rows; new keys are appended.
-        uniq, inv = _group(np.concatenate((old_keys, bkeys)))
-        m = len(uniq)
-        both_vals = np.concatenate((old_vals, bvals))
-        vals = np.empty((m, 2), np.int64)
-        # bincount sums in float64, exact for counts below 2**53.
-        vals[:, 0] = np.bincount(inv, both_vals[:, 0], m)
-        vals[:, 1] = np.bincount(inv, both_vals[:, 1], m)
-        times = None
-        if old_times is not None:
-            both = np.concatenate((old_times, _min_max(binv, ts, ts, nb)))
-            times = _min_max(inv, both[:, 0], both[:, 1], m)
-        return uniq, vals, times
-
-    def add(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> None:
-        """Count keys into the table in place."""
-        self.state = self.merged(keys, wire, ts)
-
-    def frozen(self) -> TopTable:
-        """A read-only copy for a snapshot (the arrays are never modified, only replaced)."""
-        t = TopTable(self.keys.dtype, self.cap)
-        t.state = self.state
-        return t
-
-    def top(self, n: int, by: str = "packets", text=None) -> list[tuple[Any, int, int, int]]:
-        """The n largest as (key, packets, bytes, row), count descending, then by text(key) ascending."""
-        keys, vals, _ = self.state
-        if not len(keys):
-            return []
-        col = vals[:, 0 if by == "packets" else 1]
-        k = min(n, len(col))
-        cutoff = np.partition(col, len(col) - k)[len(col) - k]
-        rows = np.flatnonzero(col >= cutoff)  # all rows tied at the cut-off, so ties sort by key
-        keyed = [(-int(col[r]), text(keys[r]) if text else keys[r].item(), int(r)) for r in rows]
-        keyed.sort()
-        return [(key, int(vals[r, 0]), int(vals[r, 1]), r) for _, key, r in keyed[:n]]
-
-
-def _min_max(groups: np.ndarray, lows: np.ndarray, highs: np.ndarray, n: int) -> np.ndarray:
-    """(n, 2): the least of `lows` and the greatest of `highs` per group (inf/-inf for empty groups)."""
-    mins = np.full(n, np.inf)
-    maxs = np.full(n, -np.inf)
-    if native.minmax_at(groups, lows, highs, mins, maxs):
-        return np.stack((mins, maxs), axis=1)
-    np.minimum.at(mins, groups, lows)
-    np.maximum.at(maxs, groups, highs)
-    return np.stack((mins, maxs), axis=1)
-
-
-def _group(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys in order of first appearance, group of each key): exact, hash-based for byte keys."""
-    if keys.dtype.kind != "V":
-        return np.unique(keys, return_inverse=True)
-    first, inv = group_rows(np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), keys.dtype.itemsize))
-    return keys[first], inv
-
-
-class DenseTable(TopTable):
-    """A TopTable over small integer keys (ports, protocol numbers): one row per possible key, never pruned."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__(np.int32, size)
-        self.state = (np.arange(size, dtype=np.int32), np.zeros((size, 2), np.int64), None)
-
-    def merged(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray | None = None) -> tuple:
-        """The state after counting one packet of `wire` bytes per key (bincount, no sorting)."""
-        if not len(keys):
-            return self.state
-        keys = keys.astype(np.int64)
-        vals = self.state[1].copy()
-        vals[:, 0] += np.bincount(keys, minlength=self.cap)
-        vals[:, 1] += np.bincount(keys, wire, self.cap).astype(np.int64)
-        return self.state[0], vals, None
-
-    def frozen(self) -> TopTable:
-        """The keys seen so far, as a plain read-only TopTable."""
-        keys, vals, _ = self.state
-        seen = np.flatnonzero(vals[:, 0])
-        t = TopTable(np.int32, self.cap)
-        t.state = (keys[seen], vals[seen], None)
-        return t
-
-    def __len__(self) -> int:
-        return int(np.count_nonzero(self.state[1][:, 0]))
-
-
-ADDR_KEY = np.dtype("V16")
-CONV_KEY = np.dtype("V42")  # a(16) b(16) a_port(4) b_port(4) protocol(2), big-endian
-CONV = struct.Struct(">16s16siih")
-
-
-def _conversation_keys(arr: np.ndarray) -> np.ndarray:
-    """One key per conversation in both directions: the two ends in canonical order."""
-    raw = native.conv_keys(arr)
-    if raw is not None:
-        return raw.view(CONV_KEY).ravel()
-    return conversation_keys_numpy(arr)
-
-
-def conversation_keys_numpy(arr: np.ndarray) -> np.ndarray:
-    """_conversation_keys without the compiled helper (its reference)."""
-    src, dst = np.ascontiguousarray(arr["src"]), np.ascontiguousarray(arr["dst"])
-    sport, dport = arr["sport"], arr["dport"]
-    swap = (src > dst) | ((src == dst) & (sport > dport))
-    raw = np.empty((len(arr), 42), np.uint8)
-    raw[:, 0:16] = np.where(swap, dst, src).view(np.uint8).reshape(-1, 16)
-    raw[:, 16:32] = np.where(swap, src, dst).view(np.uint8).reshape(-1, 16)
-    raw[:, 32:36] = np.where(swap, dport, sport).astype(">i4").view(np.uint8).reshape(-1, 4)
-    raw[:, 36:40] = np.where(swap, sport, dport).astype(">i4").view(np.uint8).reshape(-1, 4)
-    raw[:, 40:42] = arr["proto"].astype(">i2").view(np.uint8).reshape(-1, 2)
-    return raw.view(CONV_KEY).ravel()
-
-
-class Counters:
-    """Whole-capture state, updated batch by batch; never capped by the buffer size."""
-
-    TABLES = ("src", "dst", "tcp_dports", "udp_dports", "other_protos", "conversations")
-
-    def __init__(self, top_max: int) -> None:
-        self.packets = self.bytes = self.bytes_captured = self.malformed = 0
-        self.cls_packets = np.zeros(6, np.int64)
-        self.cls_bytes = np.zeros(6, np.int64)
-        self.dir_packets = np.zeros(4, np.int64)
-        self.dir_bytes = np.zeros(4, np.int64)
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
-        self.min_ts: float | None = None
-        self.max_ts: float | None = None
-        self.src = TopTable(ADDR_KEY, top_max)
-        self.dst = TopTable(ADDR_KEY, top_max)
-        self.tcp_dports = DenseTable(65536)
-        self.udp_dports = DenseTable(65536)
-        self.other_protos = DenseTable(256)
-        self.conversations = TopTable(CONV_KEY, top_max, times=True)
-        self.bins: dict[int, np.ndarray] = {}  # second -> BIN_FIELDS counts
-
-    def prepare(self, arr: np.ndarray) -> dict[str, Any]:
-        """Everything one batch adds, computed without touching the counters (outside the engine lock)."""
-        wire = arr["wire_len"].astype(np.int64)
-        cls, dirs, ts = arr["cls"], arr["direction"], arr["ts"]
-        ip = cls != NON_IP
-        # Fields, not rows: copying whole 78-byte records of a batch costs more than all the merges.
-        ip_wire, ip_ts = wire[ip], ts[ip]
-        ip_src = np.ascontiguousarray(arr["src"][ip]).view(ADDR_KEY)
-        ip_dst = np.ascontiguousarray(arr["dst"][ip]).view(ADDR_KEY)
-        tcp = (cls == TCP) & (arr["dport"] >= 0)
-        udp = (cls == UDP) & (arr["dport"] >= 0)
-        other = cls == OTHER_IP
-        rel, secs = pd.factorize(np.floor(ts).astype(np.int64))  # seconds: a hash table, not a sort
-        # Per (second, field) sums as bincounts over a flattened index (np.add.at is far slower).
-        width, cells = len(BIN_FIELDS), len(secs) * len(BIN_FIELDS)
-        base = rel.astype(np.int64) * width
-        dirs64 = dirs.astype(np.int64)
-        grid = (np.bincount(base + dirs64, minlength=cells)
-                + np.bincount(base + 4 + dirs64, wire, cells).astype(np.int64)
-                + np.bincount(base + 8 + cls.astype(np.int64), minlength=cells)).reshape(len(secs), width)
-        return {
-            "n": len(arr), "bytes": int(wire.sum()), "cap": int(arr["cap_len"].sum(dtype=np.int64)),
-            "malformed": int(arr["malformed"].sum(dtype=np.int64)),
-            "cls_pk": np.bincount(cls, minlength=6)[:6], "cls_by": np.bincount(cls, wire, 6)[:6].astype(np.int64),
-            "dir_pk": np.bincount(dirs, minlength=4)[:4], "dir_by": np.bincount(dirs, wire, 4)[:4].astype(np.int64),
-            "first": float(ts[0]), "last": float(ts[-1]), "min": float(ts.min()), "max": float(ts.max()),
-            "src": self.src.merged(ip_src, ip_wire),
-            "dst": self.dst.merged(ip_dst, ip_wire),
-            "tcp_dports": self.tcp_dports.merged(arr["dport"][tcp], wire[tcp]),
-            "udp_dports": self.udp_dports.merged(arr["dport"][udp], wire[udp]),
-            "other_protos": self.other_protos.merged(arr["proto"][other], wire[other]),
-            "conversations": self.conversations.merged(_conversation_keys(arr)[ip], ip_wire, ip_ts),
-            "bins": (secs.tolist(), grid),
-        }
-
-    def apply(self, u: dict[str, Any], bin_seconds: int) -> None:
-        """Fold a prepared batch in: cheap assignments, done under the engine lock."""
-        self.packets += u["n"]
-        self.bytes += u["bytes"]
-        self.bytes_captured += u["cap"]
-        self.malformed += u["malformed"]
-        self.cls_packets += u["cls_pk"]
-        self.cls_bytes += u["cls_by"]
-        self.dir_packets += u["dir_pk"]
-        self.dir_bytes += u["dir_by"]
-        if self.first_ts is None:
-            self.first_ts = u["first"]
-        self.last_ts = u["last"]
-        self.min_ts = u["min"] if self.min_ts is None else min(self.min_ts, u["min"])
-        self.max_ts = u["max"] if self.max_ts is None else max(self.max_ts, u["max"])
-        for name in self.TABLES:
-            getattr(self, name).state = u[name]
-        self._add_bins(*u["bins"], bin_seconds)
-
-    def add(self, arr: np.ndarray, bin_seconds: int) -> None:
-        """Fold one packed batch into the counters."""
-        if len(arr):
-            self.apply(self.prepare(arr), bin_seconds)
-
-    def _add_bins(self, secs: list[int], grid: np.ndarray, bin_seconds: int) -> None:
-        # Capture files can jump by years between packets, so only the seconds present are kept.
-        bins = self.bins
-        for s, row in zip(secs, grid):
-            cur = bins.get(s)
-            if cur is None:
-                bins[s] = row.copy()
-            else:
-                cur += row
-        if len(bins) > bin_seconds:
-            newest = max(bins)
-            for s in [s for s in bins if s <= newest - bin_seconds]:
-                del bins[s]
-
 
 # ----------------------------------------------------------------------------------------
 # Snapshot: what readers get
@@ -357,8 +118,8 @@ class Snapshot:
     def top_addresses(self, which: str = "src", by: str = "packets", n: int = 10) -> list[dict[str, Any]]:
         """Top n addresses (outer IP source or destination), count descending then address ascending."""
         table = self.src if which == "src" else self.dst
-        return [{"addr": a, "packets": p, "bytes": b}
-                for a, p, b, _ in table.top(n, by, lambda k: addr_text(bytes(k)))]
+        return [{"addr": a, "packets": p, "bytes": b, **_bounds(table, r, by)}
+                for a, p, b, r in table.top(n, by, lambda k: addr_text(bytes(k)))]
 
     def top_ports(self, klass: str = "tcp", n: int = 10, by: str = "packets") -> list[tuple[int, int, int]]:
         """Top destination ports as (port, packets, bytes)."""
@@ -373,7 +134,8 @@ class Snapshot:
             a, b, ap, bp, proto = CONV.unpack(bytes(key))
             out.append({"a": addr_text(a), "a_port": ap if ap >= 0 else None, "b": addr_text(b),
                         "b_port": bp if bp >= 0 else None, "proto": proto_name(proto), "packets": pk,
-                        "bytes": byt, "first_ts": float(conv.times[r, 0]), "last_ts": float(conv.times[r, 1])})
+                        "bytes": byt, "first_ts": float(conv.times[r, 0]), "last_ts": float(conv.times[r, 1]),
+                        **_bounds(conv, r, by)})
         return out
 
     def rate(self, window_s: int, now: float | None = None) -> tuple[float, float]:
@@ -385,6 +147,22 @@ class Snapshot:
         pk = self.bins[sel, 1:5].sum()
         by = self.bins[sel, 5:9].sum()
         return pk / window_s, by * 8 / window_s
+
+
+def _marked(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Top entries for the summary JSON: exact ones as {addr, packets, bytes}; approximate ones also
+    carry approx: true, error (of the count ranked by), packets_error and bytes_error."""
+    bounds = ("error", "packets_error", "bytes_error", "approx")
+    return [e if e["approx"] else {k: v for k, v in e.items() if k not in bounds} for e in entries]
+
+
+def _bounds(table: TopTable, row: int, by: str) -> dict[str, Any]:
+    """A top entry's error bounds: the true count is at least count - error (error 0: exact).
+
+    `error` is the bound of the count the list is ranked by; `approx` says whether either is inexact."""
+    pk, by_ = table.error(row)
+    return {"error": pk if by == "packets" else by_, "packets_error": pk, "bytes_error": by_,
+            "approx": bool(pk or by_)}
 
 
 def proto_name(proto: int) -> str:
@@ -432,8 +210,31 @@ def _text_column(values: np.ndarray, convert) -> np.ndarray:
 
 
 def _ports(values: np.ndarray) -> pd.arrays.IntegerArray:
+    import pandas as pd
+
     # Nullable integers: a missing port as None would turn the column into floats.
     return pd.arrays.IntegerArray(values.astype(np.int32), values < 0)
+
+
+# pandas' datetime64[ns] spans 1677..2262; pcapng allows timestamps far beyond (and a clock can be
+# wrong). Inside this margin the time zone's offset cannot push a value out of range.
+_TS_LIMIT_S = 9.0e9
+
+
+def _time_text(ts: np.ndarray, tz: Any) -> np.ndarray:
+    """'YYYY-mm-dd HH:MM:SS.mmm' per timestamp; outside pandas' range the seconds since 1970 instead."""
+    import pandas as pd
+
+    if not len(ts):
+        return np.array([], dtype=object)
+    ok = np.isfinite(ts) & (np.abs(ts) < _TS_LIMIT_S)
+    t = pd.to_datetime(np.where(ok, ts, 0.0), unit="s", utc=True)
+    if tz is not None:
+        t = t.tz_convert(tz)
+    text = np.asarray(t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3], dtype=object)
+    for i in np.flatnonzero(~ok):
+        text[i] = f"{ts[i]:.6f} s since 1970 (beyond the calendar's range)"
+    return text
 
 
 def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
@@ -448,11 +249,10 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
     proto = _text_column(keys, lambda k: _protocol_label(k >> 32, ((k >> 16) & 0xFFFF), k & 0xFFFF))
     is_tcp = p["cls"] == TCP
     flags = _text_column(np.where(is_tcp, p["tcp_flags"], 0), tcp_flags_text)
-    t = pd.to_datetime(p["ts"], unit="s", utc=True)
-    if tz is not None:
-        t = t.tz_convert(tz)
+    import pandas as pd
+
     return pd.DataFrame({
-        "time": t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3] if len(p) else pd.Series([], dtype=object),
+        "time": _time_text(p["ts"], tz),
         "ts": p["ts"],
         "direction": np.array(DIRECTIONS, dtype=object)[p["direction"]] if len(p) else [],
         "protocol": proto,
@@ -465,6 +265,7 @@ def packets_frame(p: np.ndarray, tz: Any = None) -> pd.DataFrame:
         "TCP flags": flags,
         "ICMP type": _ports(p["icmp_type"].astype(np.int32)),
         "malformed": p["malformed"].astype(bool),
+        "vlan": p["vlan"].astype(np.int64),  # the outer 802.1Q/802.1ad VLAN id, 0 when untagged
     })
 
 
@@ -487,6 +288,7 @@ class Source:
     bpf: str = ""
     path: str = ""
     speed: float = 0.0  # files: 0 = as fast as possible, else original pace x speed
+    promisc: bool = True  # live: promiscuous mode (the PROMISC setting off turns it off everywhere)
 
     def describe(self) -> str:
         """A one-line description for the page."""
@@ -559,6 +361,7 @@ class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
     def __init__(self, buffer_size: int | None = None, local_nets: str | None = None) -> None:
+        config.validate()  # a bad setting is a clear error here, not a crash in the capture thread later
         _ENGINES.add(self)
         native.keep_freed_memory(config.get("MALLOC_KEEP_MB"))
         self.buffer_size = int(buffer_size or config.get("BUFFER_SIZE"))
@@ -568,8 +371,8 @@ class CaptureEngine:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
-        self._detectors = Detectors()
-        self.alerts = AlertBook()
+        self.alerts = AlertMirror()  # the detector stage's alerts, for the page (one per engine)
+        self._stage: DetectorStage | None = None  # the consumer stage of the current generation
         self._gen = 0
         self._state = "idle"
         self._error: str | None = None
@@ -580,11 +383,22 @@ class CaptureEngine:
         self._live: LiveRing | None = None
         self._kernel_received = 0
         self._kernel_dropped = 0
+        self._kernel_base = (0, 0)  # the ring's (received, dropped) at the last Clear
+        self._stats_wall = 0.0  # when the ring's counters were last read (monotonic)
+        self._nic_base: dict[str, int] | None = None  # the NIC's counters when the capture started (or Clear)
+        self._nic_now: dict[str, int] | None = None
+        self._file_dropped: int | None = None
         self._paused_skipped = 0
         self._last_batch_wall: float | None = None
         self._started_wall: float | None = None
         self._file_note = ""
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
+
+    @property
+    def _detectors(self) -> Any:
+        """The detectors' state when they run inline (crafted frames fed by hand; tests inspect it)."""
+        stage = self._stage
+        return None if stage is None or stage._inline is None else stage._inline[1]
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -599,21 +413,30 @@ class CaptureEngine:
                 self._error = None
                 self._file_note = ""
                 self._started_wall = time.time()
+            # The worker first: a forked one must not inherit the capture socket and its ring.
+            stage = self._new_stage(self._gen)
             live = None
             if source.kind == "live":
                 iface = source.iface or config.get("INTERFACE") or default_interface()
-                source = Source("live", iface=iface, bpf=source.bpf)
+                source = Source("live", iface=iface, bpf=source.bpf, promisc=source.promisc)
                 try:
                     live = LiveRing(iface, source.bpf, block_size=config.get("RING_BLOCK_KB") * 1024,
                                     block_nr=config.get("RING_BLOCKS"), snaplen=config.get("SNAPLEN"),
-                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"))
+                                    block_timeout_ms=config.get("RING_BLOCK_TIMEOUT_MS"),
+                                    promisc=source.promisc and bool(config.get("PROMISC")))
                 except CaptureError as exc:
+                    stage.close()
                     self._set_error(str(exc))
                     return False
+            nic = nic_counters(source.iface) if live is not None else None
             with self._lock:
                 self._source = source
                 self._state = "running"
                 self._live = live
+                self._nic_base = self._nic_now = nic
+                self._kernel_received = self._kernel_dropped = 0
+                self._kernel_base = (0, 0)
+                self._stage = stage
             self._stop = threading.Event()
             self._paused.clear()
             self._thread = threading.Thread(target=self._run, args=(source, live, self._gen, self._stop),
@@ -621,13 +444,38 @@ class CaptureEngine:
             self._thread.start()
             return True
 
-    def stop(self) -> None:
-        """Stop the capture; returns within about a second, also on a silent link; safe to call twice."""
-        with self._control:
-            self._stop_locked()
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop the capture; returns within about a second, also on a silent link; safe to call twice.
 
-    def _stop_locked(self) -> None:
+        drain_s: how long the consumer stages may take to finish the batches already queued
+        (the headless CLI waits for the last alerts; the page does not)."""
+        with self._control:
+            self._stop_locked(drain_s)
+
+    def _new_stage(self, gen: int, inline: bool = False) -> DetectorStage:
+        """A fresh detector stage (and alert book) for one capture: the worker process is started here."""
+        mode = "inline" if inline else ("process" if config.get("DETECTORS_PROCESS") else "thread")
+        stage = DetectorStage(gen, self.alerts, config.get("STAGE_QUEUE_PACKETS"), mode=mode)
+        try:
+            return stage.start()
+        except OSError as exc:  # no process could be started: counting goes on, the page says why
+            stage.error = f"detector process could not start: {exc}"
+            log.error("%s", stage.error)
+            return stage
+
+    def _stop_locked(self, drain_s: float = 0.0) -> None:
         self._stop.set()
+        try:
+            self._join_capture_thread()
+        finally:
+            stage = self._stage
+            if stage is not None:
+                stage.close(drain_s)
+        with self._lock:
+            if self._state in ("running", "paused"):
+                self._state = "stopped"
+
+    def _join_capture_thread(self) -> None:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             # Bounded so that stop() returns within a second even when many readers keep the
@@ -638,10 +486,6 @@ class CaptureEngine:
                 # lock is not taken here: the thread may hold it while it waits for the GIL.
                 log.warning("capture thread %s is still finishing its last batch after %.1f s",
                             thread.name, STOP_WAIT_S)
-                return
-        with self._lock:
-            if self._state in ("running", "paused"):
-                self._state = "stopped"
 
     def pause(self) -> None:
         """Stop adding packets (live packets are read and skipped; a file replay waits)."""
@@ -658,20 +502,31 @@ class CaptureEngine:
                 self._state = "running"
 
     def clear(self) -> None:
-        """Empty the buffer and counters; the capture itself goes on."""
+        """Empty the buffer, counters and alerts; the capture itself goes on (drops count from here)."""
+        with self._lock:
+            live = self._live
+        if live is not None:  # the kernel's counts now, not as last read (they are read once a second)
+            self._update_kernel_stats(live, self._gen)
         with self._lock:
             self._reset_locked()
+            stage = self._stage
+            self._kernel_base = (self._kernel_received, self._kernel_dropped)
+            self._nic_base = self._nic_now
+        if stage is not None:
+            stage.reset()
+        self.alerts.clear()
 
     def _reset_locked(self) -> None:
         self._ring_pos = 0
         self._ring_len = 0
         self._counters = Counters(config.get("TOP_TABLE_MAX"))
-        self._detectors = Detectors()
-        self.alerts.clear()
         self._last_batch_wall = None
         self._paused_skipped = 0
+        self._file_dropped = None
         if self._live is None:
             self._kernel_received = self._kernel_dropped = 0
+            self._kernel_base = (0, 0)
+            self._nic_base = self._nic_now = None
 
     def _set_error(self, message: str) -> None:
         log.error("capture: %s", message)
@@ -718,15 +573,30 @@ class CaptureEngine:
                 with self._lock:
                     self._paused_skipped += len(records)
                 continue
-            self._ingest(parse_batch(records, matcher), gen)
+            self._ingest(parse_batch(records, matcher), gen)  # live: a consumer that falls behind skips
+
+    def _refresh_kernel_stats(self) -> None:
+        """Re-read the ring's and NIC's counters when the capture thread has not for a second (it reads
+        them as batches arrive, so on a link gone quiet the last drops would otherwise never show)."""
+        with self._lock:
+            live, gen, last = self._live, self._gen, self._stats_wall
+        if live is not None and time.monotonic() - last > 1.0:
+            with contextlib.suppress(OSError, ValueError):  # the ring may be closing right now
+                self._update_kernel_stats(live, gen)
 
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
+        self._stats_wall = time.monotonic()
         received, dropped = live.stats()
+        nic = nic_counters(live.iface)
         with self._lock:
             if gen == self._gen:
                 self._kernel_received, self._kernel_dropped = received, dropped
+                if nic is not None:
+                    self._nic_now = nic
 
     def _run_file(self, source: Source, gen: int, stop: threading.Event) -> None:
+        # A file's reader waits for the consumer stages (wait=True below): nothing arrives while it
+        # waits, so a file cannot overflow and every batch is analysed, unlike a live capture.
         reader = FileReader(source.path)
         if source.speed > 0:
             self.ingest_records(self._paced(reader, source.speed, stop), gen, stop)
@@ -739,17 +609,26 @@ class CaptureEngine:
                         stop.wait(0.1)
                     if stop.is_set():
                         break
-                    self._ingest(arr, gen)
+                    self._ingest(arr, gen, wait=stop)
             native.release_memory()  # the batches were large; the kept memory is not needed now
         self._note_file(reader, gen)
+        self._finish_stage(gen, stop)
         with self._lock:
             if gen != self._gen:
                 return
+            self._file_dropped = getattr(reader, "capturer_drops", None)
             if reader.error:
                 self._error = reader.error
                 self._state = "error"
             elif self._state in ("running", "paused") and not stop.is_set():
                 self._state = "finished"
+
+    def _finish_stage(self, gen: int, stop: threading.Event) -> None:
+        """At a file's end: wait until the detectors have analysed every batch, then end their worker."""
+        with self._lock:
+            stage = self._stage if gen == self._gen else None
+        if stage is not None and stage.drain(None, abort=stop):
+            stage.close()
 
     def _note_file(self, reader: FileReader, gen: int) -> None:
         note = reader.describe_file()
@@ -776,8 +655,14 @@ class CaptureEngine:
 
     def ingest_records(self, records: Iterable[Record], gen: int | None = None,
                        stop: threading.Event | None = None) -> None:
-        """Feed records through the pipeline in batches (the file path, and tests' crafted frames)."""
+        """Feed records through the pipeline in batches (paced files, and tests' crafted frames).
+
+        Like a file, it waits for the detectors: with no capture started, they run in this thread."""
         gen = self._gen if gen is None else gen
+        wait = stop if stop is not None else threading.Event()
+        with self._lock:
+            if self._stage is None and gen == self._gen:
+                self._stage = self._new_stage(gen, inline=True)
         matcher = LocalMatcher(nets=self._nets)
         size = config.get("BATCH_SIZE")
         batch: list[Record] = []
@@ -786,25 +671,30 @@ class CaptureEngine:
             batch.append(rec)
             # Flush full batches, and paced replays at least every 0.2 s so the page moves.
             if len(batch) >= size or time.monotonic() - last_flush > 0.2:
-                self._ingest(pack_records(batch, matcher), gen)
+                self._ingest(pack_records(batch, matcher), gen, wait)
                 batch, last_flush = [], time.monotonic()
                 if stop is not None and stop.is_set():
                     return
         if batch:
-            self._ingest(pack_records(batch, matcher), gen)
+            self._ingest(pack_records(batch, matcher), gen, wait)
 
-    def _ingest(self, arr: np.ndarray, gen: int) -> None:
-        """Append a packed batch to the ring and the counters; batches of an old generation are dropped."""
+    def _ingest(self, arr: np.ndarray, gen: int, wait: threading.Event | None = None) -> None:
+        """Append a packed batch to the ring and the counters, and offer it to the consumer stages;
+        batches of an old generation are dropped.
+
+        wait: None for live capture (a stage that cannot take the batch skips it and counts it), else
+        the stop event of a file, whose reader waits for the stages until it is set."""
         if not len(arr):
             return
         with self._lock:
-            counters, detectors = self._counters, self._detectors
+            counters, stage = self._counters, self._stage
             if gen != self._gen:
                 return
+        if stage is not None:  # first, so the detectors work on it while this thread counts
+            stage.offer(arr, wait=wait is not None, abort=wait)
         # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
         # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
         update = counters.prepare(arr)
-        detectors.observe(arr, self.alerts)
         with self._lock:
             if gen != self._gen or counters is not self._counters:
                 return
@@ -854,6 +744,7 @@ class CaptureEngine:
 
     def snapshot(self) -> Snapshot:
         """An immutable copy of the buffer and counters; the lock is held only for the copies."""
+        self._refresh_kernel_stats()
         with self._lock:
             if self._ring_len < self.buffer_size:
                 rows = self._ring[:self._ring_len].copy()
@@ -865,6 +756,9 @@ class CaptureEngine:
             tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
                       c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
+            stage = self._stage
+        totals["stages"] = {stage.name: stage.as_dict()} if stage is not None else {}
+        totals["alerts_suppressed"] = self.alerts.suppressed()
         alerts = tuple(self.alerts.alerts())
         rows.flags.writeable = False
         grid = np.array([[s, *v] for s, v in bins], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
@@ -874,8 +768,10 @@ class CaptureEngine:
     def _totals_locked(self, c: Counters) -> dict[str, Any]:
         return {
             "packets": c.packets, "bytes": c.bytes, "bytes_captured": c.bytes_captured,
-            "malformed": c.malformed, "dropped": self._kernel_dropped,
-            "kernel_received": self._kernel_received, "paused_skipped": self._paused_skipped,
+            "malformed": c.malformed, "dropped": self._kernel_dropped - self._kernel_base[1],
+            "kernel_received": self._kernel_received - self._kernel_base[0],
+            "nic_dropped": nic_dropped_since(self._nic_base, self._nic_now),
+            "file_dropped": self._file_dropped, "paused_skipped": self._paused_skipped,
             "transport_counts": dict(zip(CLASSES, c.cls_packets.tolist())),
             "transport_bytes": dict(zip(CLASSES, c.cls_bytes.tolist())),
             "direction_counts": dict(zip(DIRECTIONS, c.dir_packets.tolist())),
@@ -894,15 +790,17 @@ class CaptureEngine:
             "transport_counts": t["transport_counts"], "transport_bytes": t["transport_bytes"],
             "direction_counts": t["direction_counts"], "direction_bytes": t["direction_bytes"],
             "other_ip_protocols": {str(p): n for p, n, _, _ in sorted(snap.other_protos.top(256))},
-            "top10_src_by_packets": snap.top_addresses("src", "packets"),
-            "top10_src_by_bytes": snap.top_addresses("src", "bytes"),
-            "top10_dst_by_packets": snap.top_addresses("dst", "packets"),
+            "top10_src_by_packets": _marked(snap.top_addresses("src", "packets")),
+            "top10_src_by_bytes": _marked(snap.top_addresses("src", "bytes")),
+            "top10_dst_by_packets": _marked(snap.top_addresses("dst", "packets")),
             "top10_tcp_dst_ports": [[p, c] for p, c, _ in snap.top_ports("tcp")],
             "top10_udp_dst_ports": [[p, c] for p, c, _ in snap.top_ports("udp")],
             "first_ts": t["first_ts"], "last_ts": t["last_ts"], "min_ts": t["min_ts"], "max_ts": t["max_ts"],
             "duration_s": duration, "malformed": t["malformed"], "dropped": t["dropped"],
+            "nic_dropped": t["nic_dropped"], "file_dropped": t["file_dropped"],
             "error": snap.status.error,
-            "alerts": [a.as_dict() for a in snap.alerts],
+            "alerts": [a.as_dict() for a in snap.alerts], "alerts_suppressed": t["alerts_suppressed"],
+            "stages": t["stages"],
         }
 
     def load_file(self, path: str) -> dict[str, Any]:
@@ -915,6 +813,10 @@ class CaptureEngine:
                 self._source = Source("file", path=path)
                 self._state = "running"
                 self._error = None
+            # The detectors' worker starts first, so its start-up overlaps the file's reading.
+            stage = self._new_stage(self._gen)
+            with self._lock:
+                self._stage = stage
             self._run_file(self._source, self._gen, threading.Event())
         return self.summary()
 
@@ -935,21 +837,42 @@ def _cli(argv: list[str] | None = None) -> int:
     c.add_argument("--filter", default="", help="BPF capture filter")
     c.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=config.get("LOG_LEVEL"), stream=sys.stderr,
+    bad = config.problems()
+    logging.basicConfig(level="INFO" if bad else config.get("LOG_LEVEL").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bad:
+        for problem in bad:
+            log.error("invalid setting: %s", problem)
+        return 1
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
     else:
+        try:  # started as root: the capture helper starts, then this process gives up root
+            if broker.separate().still_root:
+                log.warning("capture as root: the parsers run with every privilege")
+        except broker.PrivilegeError as exc:
+            log.error("%s", exc)
+            return 1
         engine = CaptureEngine()
         ok = engine.start(Source("live", iface=args.iface, bpf=args.filter))
         if ok:
             engine._stop.wait(args.seconds)
-        engine.stop()
+        engine.stop(drain_s=5.0)  # headless: the alerts of the last batches are worth the wait
         out = engine.summary()
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
-    return 0 if not out["error"] or args.cmd == "summary" else 1
+    return exit_status(args.cmd, out)
+
+
+def exit_status(cmd: str, out: dict[str, Any]) -> int:
+    """0 when all went well; for `summary` (as tshark does) 2 when the file could not be read to its end
+    and 1 when nothing could be read at all; for `capture` 1 on any error."""
+    if not out["error"]:
+        return 0
+    if cmd == "summary" and out["packets"]:
+        return 2
+    return 1
 
 
 if __name__ == "__main__":

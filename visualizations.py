@@ -30,6 +30,10 @@ SIZE_EDGES = (0, 64, 128, 256, 512, 1024, 1519, 9001, 65536, 1 << 32)
 SIZE_LABELS = ("< 64", "64–127", "128–255", "256–511", "512–1023", "1024–1518", "1519–9000 (jumbo)",
                "9001–65535", "≥ 64 KiB (offload)")
 LAYOUT = {"margin": {"l": 10, "r": 10, "t": 40, "b": 10}, "height": 320}
+# Capture time that a calendar can show: years 1..9999 (Python's datetime), two days inside so that
+# no time zone pushes a value over the edge. pcapng allows 64-bit timestamps far beyond it.
+TS_MIN, TS_MAX = -62_135_596_800 + 2 * 86_400, 253_402_300_799 - 2 * 86_400
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
 def _figure(data: list[dict], title: str, uirevision: str, **layout: Any) -> go.Figure:
@@ -67,6 +71,8 @@ def timeline_frame(bins: np.ndarray, window_s: int, end: float | None, tz: tzinf
     if not len(bins):
         return pd.DataFrame(columns=cols)
     last = int(end) if end is not None else int(bins[-1, 0])
+    if not TS_MIN + window_s <= last <= TS_MAX:  # a window no calendar can show: no time axis to draw on
+        return pd.DataFrame(columns=cols)
     secs = np.arange(last - window_s + 1, last + 1, dtype=np.int64)
     dense = np.zeros((window_s, 8), np.int64)
     sel = (bins[:, 0] > last - window_s) & (bins[:, 0] <= last)
@@ -98,7 +104,7 @@ def timeline(frame: pd.DataFrame, alerts: Sequence[float] = ()) -> go.Figure:
         data.append({**style, "y": pk, "stackgroup": "pk", "xaxis": "x", "yaxis": "y"})
         data.append({**style, "y": by * 8, "stackgroup": "by", "xaxis": "x2", "yaxis": "y2", "showlegend": False})
     marks = [pd.Timestamp(ts, unit="s", tz="UTC").tz_convert(tz).tz_localize(None) if tz else
-             pd.Timestamp(ts, unit="s") for ts in alerts]
+             pd.Timestamp(ts, unit="s") for ts in alerts if TS_MIN <= ts <= TS_MAX]
     shapes = [{"type": "line", "xref": "x", "yref": "paper", "y0": 0, "y1": 1, "x0": t, "x1": t,
                "line": {"color": "red", "dash": "dot"}} for t in marks]
     # Two stacked panels sharing the time axis, laid out by hand (make_subplots costs ~25 ms).
@@ -115,15 +121,37 @@ def chart_text(text: str) -> str:
     return html.escape(text, quote=False)
 
 
+def count_text(value: int, error: int = 0) -> str:
+    """A count as the page shows it: exact as '1,234'; from a full top table as '≥ 1,200'.
+
+    A full table counts like Space-Saving (Metwally et al.): an entry's count may include up to
+    `error` that belonged to the entries it replaced, so what is certain is the count minus the error.
+    """
+    return f"{value:,}" if not error else f"≥ {max(0, value - error):,}"
+
+
 def top_bar(rows: list[dict[str, Any]], title: str, by: str = "packets") -> go.Figure:
-    """Horizontal bars of top addresses ([{addr, packets, bytes}], largest first)."""
+    """Horizontal bars of top addresses ([{addr, packets, bytes, error?}], largest first).
+
+    An entry with an `error` (of the `by` count) is approximate: its bar says '≥ N' and its hover
+    gives the range; exact entries carry no text.
+    """
     if not rows:
         return _empty(title, title)
-    labels = [chart_text(r["addr"]) for r in rows][::-1]
-    values = [r[by] for r in rows][::-1]
-    bar = {"type": "bar", "x": values, "y": labels, "orientation": "h", "marker": {"color": "#1f77b4"},
-           "hovertemplate": "%{y}: %{x:,} " + by + "<extra></extra>"}
+    rows = rows[::-1]
+    errors = [int(r.get("error", 0) or 0) for r in rows]
+    bar = {"type": "bar", "x": [r[by] for r in rows], "y": [chart_text(r["addr"]) for r in rows],
+           "orientation": "h", "marker": {"color": "#1f77b4"}, "text": [count_text(r[by], e) if e else ""
+                                                                         for r, e in zip(rows, errors)],
+           "textposition": "auto", "customdata": [_range_text(r[by], e, by) for r, e in zip(rows, errors)],
+           "hovertemplate": "%{y}: %{customdata}<extra></extra>"}
     return _figure([bar], title, title, yaxis={"type": "category"})
+
+
+def _range_text(value: int, error: int, by: str) -> str:
+    if not error:
+        return f"{value:,} {by}"
+    return f"between {max(0, value - error):,} and {value:,} {by} (approximate: the table is full)"
 
 
 @lru_cache(maxsize=4096)
@@ -170,8 +198,12 @@ def size_histogram(sizes: np.ndarray) -> go.Figure:
     return _figure([bar], title, "sizes", xaxis={"type": "category"})
 
 
-def conversations_table(rows: list[dict[str, Any]], tz: tzinfo | None = None) -> pd.DataFrame:
-    """Top conversations as a table: endpoints with ports, protocol, packets, bytes, first and last seen."""
+def conversations_table(rows: list[dict[str, Any]], tz: tzinfo | None = None, by: str = "bytes") -> pd.DataFrame:
+    """Top conversations as a table: endpoints with ports, protocol, packets, bytes, first and last seen.
+
+    When any entry is approximate (an `error` on its `by` count, from a full table), the `by` column
+    becomes text, with '≥ N' on the approximate rows.
+    """
     cols = ["endpoint A", "endpoint B", "protocol", "packets", "bytes", "first seen", "last seen"]
     if not rows:
         return pd.DataFrame(columns=cols)
@@ -190,15 +222,44 @@ def conversations_table(rows: list[dict[str, Any]], tz: tzinfo | None = None) ->
         "first seen": _times([r["first_ts"] for r in rows], tz),
         "last seen": _times([r["last_ts"] for r in rows], tz),
     })
+    errors = [int(r.get("error", 0) or 0) for r in rows]
+    if any(errors):
+        frame[by] = [count_text(r[by], e) for r, e in zip(rows, errors)]
     return frame
 
 
 def _times(ts: Sequence[float] | np.ndarray, tz: tzinfo | None) -> pd.Series:
     """Epoch seconds as local time text with milliseconds."""
-    t = pd.to_datetime(np.asarray(ts, dtype=np.float64), unit="s", utc=True)
-    if tz is not None:
-        t = t.tz_convert(tz)
-    return pd.Series(t.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3])
+    return pd.Series(time_texts(ts, tz), dtype=object)
+
+
+def time_texts(ts: Sequence[float] | np.ndarray, tz: tzinfo | None = None) -> np.ndarray:
+    """Epoch seconds as 'YYYY-MM-DD HH:MM:SS.mmm' in zone `tz` (each with that moment's offset, so
+    daylight-saving changes are right); a time no calendar can show is given as its seconds instead."""
+    ts = np.asarray(ts, dtype=np.float64)
+    out = np.empty(len(ts), dtype=object)
+    ok = np.isfinite(ts) & (ts >= TS_MIN) & (ts <= TS_MAX)
+    if ok.any():
+        t = pd.to_datetime(ts[ok], unit="s", utc=True)
+        if tz is not None:
+            t = t.tz_convert(tz)
+        out[ok] = np.asarray(t.strftime(TIME_FORMAT).str[:-3], dtype=object)
+    for i in np.flatnonzero(~ok):
+        out[i] = f"{ts[i]:.6g} s since 1970 (outside the calendar)"
+    return out
+
+
+def vlan_bar(vlans: np.ndarray) -> go.Figure:
+    """Packets per VLAN id in the buffer (802.1Q; untagged packets, id 0 or negative, are left out)."""
+    title = "VLANs (recent buffer)"
+    tagged = vlans[(vlans > 0) & (vlans < 4095)] if len(vlans) else vlans
+    if not len(tagged):
+        return _empty(title, "vlans")
+    ids, counts = np.unique(tagged, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:20][::-1]
+    bar = {"type": "bar", "x": counts[order].tolist(), "y": [f"VLAN {int(v)}" for v in ids[order]],
+           "orientation": "h", "marker": {"color": "#e377c2"}, "hovertemplate": "%{y}: %{x:,} packets<extra></extra>"}
+    return _figure([bar], title, "vlans", yaxis={"type": "category"})
 
 
 def recent_table(frame: pd.DataFrame, n: int = 100, text: str = "") -> pd.DataFrame:

@@ -1,37 +1,46 @@
-"""Anomaly detectors run on every parsed batch inside the capture thread, and the bounded alert book.
+"""Anomaly detectors run on every parsed batch, and the bounded alert book.
 
-Detectors read the packed rows of one batch (never the rolling buffer) and keep per-source state
-with a time window, bounded in size: port scans (vertical and horizontal, counting only failed or
-unanswered attempts, plus NULL/FIN/Xmas probes), SYN/ICMP/UDP floods against one host, traffic
-spikes against an EWMA band, new local hosts after a learning period, and ARP spoofing.
+Detectors read the packed rows of one batch (never the rolling buffer) and keep bounded state:
+port scans (vertical and horizontal, counting only failed or unanswered attempts, plus
+NULL/FIN/Xmas probes), SYN/ICMP/UDP floods against one host, UDP reflection/amplification,
+traffic spikes against an EWMA band, new local hosts after a learning period, and ARP spoofing.
 Thresholds live in config.py with where their defaults come from.
+
+Every step is linear in the batch and never rescans a table per packet: numpy over the batch on
+64-bit hashes of the keys (splitmix64), with the state in fixed-size numpy hash-slot tables
+(pending probes, served ports, requests, fragments), sorted arrays merged once per batch (the
+per-second flood and reflection counts) and, for the few keys that can raise an alert, Python sets
+and dicts updated in bulk (set.update, set difference, dict(zip(...))). A Python-level loop runs
+only over what raises an alert. Scan state lives in tumbling epochs like Zeek's scan.zeek (SumStats
+UNIQUE over SCAN_WINDOW_S, each table dropped whole at the epoch's end, no per-entry expiry); a
+probe pushed out of the pending table counts as unanswered. Two keys share a 64-bit hash with odds
+of about n^2 / 2^65, under 1e-10 for a full table.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, replace
-from itertools import islice
+from itertools import compress, islice
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 import config
 import native
-from analysis.headers import NON_IP, PACKET_DTYPE, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
+from analysis.headers import NON_IP, TCP, UDP, LocalMatcher, addr_text, group_rows, parse_nets
 
 SYN, ACK, RST = 0x02, 0x10, 0x04
 ETH_ARP = 0x0806
-assert PACKET_DTYPE.fields["dst"][1] == PACKET_DTYPE.fields["src"][1] + 16  # _per_second reads both at once
+SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2}
 
 
 @dataclass(frozen=True)
 class Alert:
     """One finding: who, what, the evidence in numbers, and what it means."""
 
-    detector: str  # port_scan, syn_flood, icmp_flood, udp_flood, spike, new_host, arp_spoof
+    detector: str  # port_scan, syn_flood, icmp_flood, udp_flood, spike, new_host, arp_spoof, reflection
     severity: str  # high, medium, low
     source: str
     target: str
@@ -50,33 +59,101 @@ class Alert:
         return d
 
 
-class AlertBook:
-    """Alerts keyed by (detector, source, target): a repeat updates its row (count, last seen, evidence)."""
+AlertKey = tuple[str, str, str]
 
-    def __init__(self, max_alerts: int | None = None) -> None:
+
+class AlertBook:
+    """Alerts keyed by (detector, source, target): a repeat updates its row (count, last seen, evidence).
+
+    Bounded twice: ALERTS_PER_DETECTOR rows per detector and ALERTS_MAX in all. When full, the row
+    raised least recently among the lowest severity goes, never one of a higher severity than the
+    newcomer (the newcomer is refused instead); suppressed() counts both, per detector."""
+
+    def __init__(self, max_alerts: int | None = None, per_detector: int | None = None) -> None:
         self.max_alerts = max_alerts or config.get("ALERTS_MAX")
-        self._alerts: OrderedDict[tuple[str, str, str], Alert] = OrderedDict()
+        self.per_detector = per_detector or config.get("ALERTS_PER_DETECTOR")
+        self._alerts: dict[AlertKey, Alert] = {}
+        # (detector, severity rank) -> its keys, least recently raised first: eviction is O(detectors).
+        self._queues: dict[tuple[str, int], OrderedDict[AlertKey, None]] = {}
+        self._kept: Counter[str] = Counter()
+        self._suppressed: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (to hand to another process): everything but the lock."""
+        with self._lock:
+            state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def raise_alert(self, detector: str, severity: str, source: str, target: str, ts: float, evidence: str,
-                    meaning: str, key: tuple[str, str, str] | None = None) -> None:
+                    meaning: str, key: AlertKey | None = None) -> None:
         """Record a finding, or refresh the row of the same finding (same key: detector, source, target)."""
         key = key or (detector, source, target)
+        rank = SEVERITY_RANK.get(severity, 0)
         with self._lock:
-            old = self._alerts.pop(key, None)
+            old = self._alerts.get(key)
             if old is None:
+                if not self._make_room(detector, rank):
+                    self._suppressed[detector] += 1
+                    return
                 alert = Alert(detector, severity, source, target, ts, ts, 1, evidence, meaning)
+                self._kept[detector] += 1
             else:
+                del self._queues[(old.detector, SEVERITY_RANK.get(old.severity, 0))][key]
                 alert = replace(old, source=source, last_ts=max(old.last_ts, ts), count=old.count + 1,
                                 evidence=evidence, severity=severity, acknowledged=False)
             self._alerts[key] = alert
-            while len(self._alerts) > self.max_alerts:
-                self._alerts.popitem(last=False)
+            self._queues.setdefault((detector, rank), OrderedDict())[key] = None
+
+    def count_suppressed(self, detector: str, n: int) -> None:
+        """Count n findings a detector did not raise (its per-batch share was used up)."""
+        if n > 0:
+            with self._lock:
+                self._suppressed[detector] += n
+
+    def _make_room(self, detector: str, rank: int) -> bool:
+        """Evict what the quotas say must go before a new row of `detector` at `rank`; False: refuse it."""
+        if self._kept[detector] >= self.per_detector:
+            victim = self._victim(rank, detector)
+            if victim is None:
+                return False
+            self._evict(victim)
+        if len(self._alerts) >= self.max_alerts:
+            victim = self._victim(rank, None)
+            if victim is None:
+                return False
+            self._evict(victim)
+        return True
+
+    def _victim(self, rank: int, detector: str | None) -> AlertKey | None:
+        """The row raised least recently among the lowest severity up to `rank` (of `detector` if given)."""
+        for r in range(rank + 1):
+            heads = [next(iter(q)) for (det, rr), q in self._queues.items()
+                     if rr == r and q and (detector is None or det == detector)]
+            if heads:
+                return min(heads, key=lambda k: self._alerts[k].last_ts)
+        return None
+
+    def _evict(self, key: AlertKey) -> None:
+        alert = self._alerts.pop(key)
+        del self._queues[(alert.detector, SEVERITY_RANK.get(alert.severity, 0))][key]
+        self._kept[alert.detector] -= 1
+        self._suppressed[alert.detector] += 1
 
     def alerts(self) -> list[Alert]:
         """All alerts, newest (by last seen) first."""
         with self._lock:
             return sorted(self._alerts.values(), key=lambda a: a.last_ts, reverse=True)
+
+    def suppressed(self) -> dict[str, int]:
+        """Per detector, the alerts this book dropped or refused (quota) since the last clear()."""
+        with self._lock:
+            return {k: v for k, v in self._suppressed.items() if v}
 
     def acknowledge(self, alert: Alert) -> None:
         """Mark one alert as seen; a new repeat makes it unacknowledged again."""
@@ -88,67 +165,578 @@ class AlertBook:
                     return
 
     def clear(self) -> None:
-        """Forget every alert."""
+        """Forget every alert and every suppressed count."""
         with self._lock:
             self._alerts.clear()
+            self._queues.clear()
+            self._kept.clear()
+            self._suppressed.clear()
 
 
 class _Bounded(OrderedDict):
     """An insertion-ordered dict that forgets its oldest entries beyond `cap` (LRU when keys are touched)."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int = 65_536) -> None:
         super().__init__()
         self.cap = cap
 
     def put(self, key: Any, value: Any) -> None:
         """Set key to value at the newest end."""
         self[key] = value
-        self.move_to_end(key)  # O(1); one call per flow per batch, so it matters
-        self._trim()
-
-    def keep(self, key: Any, value: Any) -> None:
-        """Move key to the newest end, keeping its value; set it to `value` if it is new."""
-        # A membership test, not try/except KeyError: most keys of a scan are new, and raising costs more.
-        if key in self:
-            self.move_to_end(key)
-        else:
-            self[key] = value
-            self._trim()
-
-    def touch(self, key: Any, default_factory) -> Any:
-        """The value for key (created if missing), moved to the newest end."""
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = default_factory()
-        self._trim()
-        return value
-
-    def _trim(self) -> None:
+        self.move_to_end(key)
         while len(self) > self.cap:
             self.popitem(last=False)
 
 
+# -- hashing keys to 64 bits, a whole column at a time -----------------------------------------
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+def _comb(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The hash of the ordered pair (a, b) of uint64 arrays: _comb(a, b) != _comb(b, a)."""
+    return _mix(a * _GOLD + b)
+
+
+def _addr_hash(col: np.ndarray) -> np.ndarray:
+    """64-bit hashes of a column of 16-byte addresses (S16 or V16)."""
+    words = np.ascontiguousarray(col).view("<u8").reshape(-1, 2)
+    return _comb(words[:, 0], words[:, 1])
+
+
+def _ints(h: np.ndarray) -> list[int]:
+    """uint64 hashes as Python ints (signed 64-bit: small ints hash and compare fastest)."""
+    return h.view(np.int64).tolist()
+
+
+# A probe, a failed attempt or a stealth probe: who probed whom on which port, when.
+ATTEMPT_DTYPE = np.dtype([("s", "S16"), ("t", "S16"), ("hs", "<u8"), ("ht", "<u8"), ("proto", "u1"),
+                          ("port", "<i4"), ("ts", "<f8"), ("h", "<u8")])
+
+
+def _attempts(s: np.ndarray, t: np.ndarray, hs: np.ndarray, ht: np.ndarray, proto: int, port: np.ndarray,
+              ts: np.ndarray) -> np.ndarray:
+    """ATTEMPT_DTYPE rows; h is the hash of (prober, target, protocol, port)."""
+    out = np.empty(len(s), ATTEMPT_DTYPE)
+    out["s"], out["t"], out["hs"], out["ht"], out["proto"], out["port"], out["ts"] = s, t, hs, ht, proto, port, ts
+    out["h"] = _probe_hash(hs, ht, proto, port)
+    return out
+
+
+def _probe_hash(hs: np.ndarray, ht: np.ndarray, proto: int, port: np.ndarray) -> np.ndarray:
+    return _comb(_comb(hs, ht), np.uint64(proto << 32) + port.astype(np.uint64))
+
+
+class _Unique:
+    """Distinct items per key within the current epoch (Zeek SumStats UNIQUE), bounded.
+
+    Most keys of hostile traffic fail once (a spoofed source, one probe): those stay in numpy arrays,
+    one slot per key hash (`one_*`), at no Python cost. A key's second distinct item promotes it to
+    the exact tables: `seen`, the (key, item) hashes of promoted keys, at most 4 x cap (when more come
+    it is emptied and `lossy` says a repeat may count again until the epoch ends), and `count` and
+    `first`, at most cap keys (beyond, the half with the fewest items goes, so a flood of one-off keys
+    cannot push out a scanner: amortised O(1), each shrink follows cap/2 new keys). A single whose
+    slot another key takes is forgotten: that key counts one item fewer if it comes back."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 2)
+        size = 1 << max((2 * self.cap - 1).bit_length(), 4)
+        self.mask = np.uint64(size - 1)
+        self.one_key = np.zeros(size, np.uint64)
+        self.one_item = np.zeros(size, np.uint64)
+        self.one_ts = np.zeros(size, np.float64)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch: drop the whole table."""
+        self.one_key[:] = 0
+        self.multi = np.empty(0, np.uint64)  # promoted keys, sorted
+        self.seen: set[int] = set()
+        self.count: Counter[int] = Counter()
+        self.first: dict[int, float] = {}
+        self.lossy = False
+
+    def __len__(self) -> int:
+        return len(self.seen) + len(self.count) + len(self.first) + len(self.multi)
+
+    def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[int, int]:
+        """Count the items new to their key this epoch; {key: a row of it} for the promoted keys that grew."""
+        multi = self.multi
+        if len(multi):
+            pos = np.searchsorted(multi, keys).clip(max=len(multi) - 1)
+            exact = multi[pos] == keys
+        else:
+            exact = np.zeros(len(keys), bool)
+        slot = (keys & self.mask).astype(np.intp)
+        cand = ~exact & (self.one_key[slot] != keys)  # not the single of its slot: becomes it
+        cs = slot[cand]
+        self.one_key[cs], self.one_item[cs], self.one_ts[cs] = keys[cand], items[cand], ts[cand]
+        # A key whose slot holds another of its items now has two: promote it, with that stored item.
+        promote = ~exact & (self.one_key[slot] == keys) & (self.one_item[slot] != items)
+        if promote.any():
+            fresh = np.unique(keys[promote])
+            held = (fresh & self.mask).astype(np.intp)  # each promoted key's slot, which holds it
+            rows = np.flatnonzero(exact | np.isin(keys, fresh))
+            mine = rows[np.isin(keys[rows], fresh)]
+            rep = mine[np.unique(keys[mine], return_index=True)[1]]  # a row of each promoted key
+            k = np.concatenate((keys[rows], fresh))
+            i = np.concatenate((items[rows], self.one_item[held]))
+            t = np.concatenate((ts[rows], self.one_ts[held]))
+            r = np.concatenate((rows, rep))
+            self.one_key[held] = 0
+            self.multi = np.union1d(multi, fresh)
+        elif exact.any():
+            r = np.flatnonzero(exact)
+            k, i, t = keys[r], items[r], ts[r]
+        else:
+            return {}
+        return self._exact(k, i, t, r)
+
+    def _exact(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray, rows: np.ndarray) -> dict[int, int]:
+        order = np.argsort(ts, kind="stable")  # time order, so setdefault keeps each key's earliest time
+        keys, items, ts, rows = _ints(keys[order]), _ints(items[order]), ts[order].tolist(), rows[order].tolist()
+        where = dict(zip(items, range(len(items))))  # item -> its last position
+        new = where.keys() - self.seen
+        if not new:
+            return {}
+        if len(self.seen) + len(new) > 4 * self.cap:
+            self.seen = set()
+            self.lossy = True
+        self.seen.update(new)
+        at = np.sort(np.fromiter(map(where.__getitem__, new), np.int64, len(new))).tolist()
+        grown = list(map(keys.__getitem__, at))
+        self.count.update(grown)
+        deque(map(self.first.setdefault, grown, map(ts.__getitem__, at)), 0)
+        if len(self.count) > self.cap:
+            self._shrink()
+        return dict(zip(grown, map(rows.__getitem__, at)))
+
+    def _shrink(self) -> None:
+        keys = np.fromiter(self.count.keys(), np.int64, len(self.count))
+        vals = np.fromiter(self.count.values(), np.int64, len(self.count))
+        half = self.cap // 2
+        keep = keys[np.argpartition(-vals, half)[:half]]
+        self.multi = np.sort(keep.view(np.uint64))
+        keep = keep.tolist()
+        self.count = Counter(dict(zip(keep, map(self.count.__getitem__, keep))))
+        self.first = dict(zip(keep, map(self.first.__getitem__, keep)))
+
+
+def _slots(cap: int) -> int:
+    """A power of two of at least 2 x cap: the size of a hash-slot table for cap entries."""
+    return 1 << max((2 * max(cap, 1) - 1).bit_length(), 4)
+
+
+class _Pending:
+    """Probes waiting for an answer, in numpy buckets of WAYS slots (set-associative): vector steps only.
+
+    Bounded by construction. A probe whose bucket is full of live probes pushes the oldest out: that
+    one counts as unanswered at once, never as forgotten, so a fast sweep cannot hide in a full
+    table. Expired probes (no answer after SCAN_UNANSWERED_S) are collected by one vectorised pass
+    every SCAN_UNANSWERED_S / 2 of capture time, between 1 and 1.5 x SCAN_UNANSWERED_S after they
+    were sent. A probe sent again while pending keeps its first time, as a retransmission should."""
+
+    WAYS = 4
+
+    def __init__(self, timeout: float, cap: int) -> None:
+        self.timeout, self.period = timeout, timeout / 2
+        buckets = _slots(cap) // self.WAYS
+        self.mask = np.uint64(buckets - 1)
+        self.slots = np.zeros((buckets, self.WAYS), ATTEMPT_DTYPE)  # h == 0: empty
+        self.sweep_at: float | None = None
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.slots["h"]))
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket, way, present) of each key."""
+        bucket = (keys & self.mask).astype(np.intp)
+        match = self.slots["h"][bucket] == keys[:, None]
+        return bucket, match.argmax(axis=1), match.any(axis=1)
+
+    def add(self, probes: np.ndarray) -> np.ndarray:
+        """Hold ATTEMPT_DTYPE rows until answered or expired; the probes pushed out (to count as unanswered)."""
+        if not len(probes):
+            return probes
+        if self.sweep_at is None:
+            self.sweep_at = float(probes["ts"].min()) + self.period
+        bucket, _, present = self._find(probes["h"])
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return probes[:0]
+        # Newcomers of one bucket take its slots from the emptiest and oldest on; one plain sort of
+        # (bucket, row) packed into an integer ranks them within their bucket.
+        shift = max(len(probes).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
+        head = np.r_[True, nb[1:] != nb[:-1]]
+        dup = ~head & (probes["h"][new] == np.r_[0, probes["h"][new][:-1]].astype(np.uint64))
+        new, nb = new[~dup], nb[~dup]  # a probe twice in one batch takes one slot
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        over = rank >= self.WAYS  # more newcomers than slots in their bucket: the surplus never waits
+        cells = self.slots[nb[~over]]
+        age = np.where(cells["h"] == 0, -np.inf, cells["ts"])
+        way = np.argsort(age, axis=1, kind="stable")[np.arange(len(cells)), rank[~over]]
+        old = cells[np.arange(len(cells)), way]
+        self.slots[nb[~over], way] = probes[new[~over]]
+        return np.concatenate((old[old["h"] != 0], probes[new[over]]))
+
+    def answer(self, keys: np.ndarray) -> np.ndarray:
+        """Remove the pending probes among `keys` (uint64 hashes); which of them were pending."""
+        bucket, way, hit = self._find(keys)
+        self.slots["h"][bucket[hit], way[hit]] = 0
+        return hit
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys are pending."""
+        return self._find(keys)[2]
+
+    def expire(self, now: float) -> np.ndarray:
+        """The probes unanswered for SCAN_UNANSWERED_S, removed (a pass over the slots every period)."""
+        flat = self.slots.reshape(-1)
+        if self.sweep_at is None or now < self.sweep_at:
+            return flat[:0]
+        self.sweep_at = now + self.period
+        h = flat["h"]
+        stale = np.flatnonzero((h != 0) & (flat["ts"] <= now - self.timeout))
+        out = flat[stale]
+        h[stale] = 0
+        return out
+
+
+class _Recent:
+    """Hashes remembered with their last time and a value, in numpy buckets of WAYS slots each (set-associative,
+    so two keys of one bucket do not push each other out); `contains` says added within `period`.
+
+    Bounded by construction: a key that finds its bucket full takes the slot of the oldest entry."""
+
+    WAYS = 4
+
+    def __init__(self, period: float, cap: int) -> None:
+        buckets = _slots(cap) // self.WAYS
+        self.period, self.mask = period, np.uint64(buckets - 1)
+        self.keys = np.zeros((buckets, self.WAYS), np.uint64)
+        self.ts = np.full((buckets, self.WAYS), -np.inf)
+        self.value = np.zeros((buckets, self.WAYS), np.int64)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.keys))
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket, way, present) of each key."""
+        bucket = (keys & self.mask).astype(np.intp)
+        match = self.keys[bucket] == keys[:, None]
+        return bucket, match.argmax(axis=1), match.any(axis=1)
+
+    def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
+        """Remember keys at times ts (a key twice in one call may take two slots of its bucket)."""
+        if not len(keys):
+            return
+        value = np.broadcast_to(value, keys.shape)
+        bucket, way, present = self._find(keys)
+        self.ts[bucket[present], way[present]] = ts[present]
+        self.value[bucket[present], way[present]] = value[present]
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return
+        # Newcomers of one bucket take its slots from the oldest on (empty ones have time -inf): rank them
+        # within their bucket with one plain sort of (bucket, row) packed into an integer.
+        shift = max(len(keys).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        fits = rank < self.WAYS
+        new, nb, rank = new[fits], nb[fits], rank[fits]
+        way = (self.ts[nb].argmin(axis=1) + rank) % self.WAYS
+        self.keys[nb, way], self.ts[nb, way], self.value[nb, way] = keys[new], ts[new], value[new]
+
+    def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """Which keys were added within `period` before `now`."""
+        bucket, way, present = self._find(keys)
+        return present & (self.ts[bucket, way] >= now - self.period)
+
+    def pop(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """The value of each key still remembered (-1 if not), forgetting it."""
+        bucket, way, present = self._find(keys)
+        hit = present & (self.ts[bucket, way] >= now - self.period)
+        out = np.where(hit, self.value[bucket, way], -1)
+        self.keys[bucket[hit], way[hit]] = 0
+        self.ts[bucket[hit], way[hit]] = -np.inf
+        return out
+
+
+class _PairSet:
+    """The (destination, source) pairs of the current second, in numpy buckets of WAYS slots stamped with
+    their second (a new second needs no clearing). Counting is exact while every pair finds a slot; a
+    pair whose bucket is full of this second's pairs is neither stored nor counted, so the counts are
+    then lower bounds (`add` says so)."""
+
+    WAYS = 4
+
+    def __init__(self, cap: int) -> None:
+        buckets = _slots(cap) // self.WAYS
+        self.mask = np.uint64(buckets - 1)
+        self.keys = np.zeros((buckets, self.WAYS), np.uint64)
+        self.stamp = np.full((buckets, self.WAYS), -(2 ** 62), np.int64)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.keys))
+
+    def add(self, pairs: np.ndarray, second: int) -> tuple[np.ndarray, bool]:
+        """(rows whose pair is new this second and now stored, whether some new pair found no slot)."""
+        counted = np.zeros(len(pairs), bool)
+        if not len(pairs):
+            return counted, False
+        first = _first_rows(pairs)
+        p = pairs[first]
+        bucket = (p & self.mask).astype(np.intp)
+        live = self.stamp[bucket] == second
+        present = ((self.keys[bucket] == p[:, None]) & live).any(axis=1)
+        new = np.flatnonzero(~present)
+        if not len(new):
+            return counted, False
+        shift = max(len(p).bit_length(), 1)
+        packed = np.sort((bucket[new].astype(np.int64) << shift) | new)
+        new, nb = packed & ((1 << shift) - 1), packed >> shift
+        start = np.flatnonzero(np.r_[True, nb[1:] != nb[:-1]])
+        rank = np.arange(len(new)) - np.repeat(start, np.diff(np.r_[start, len(new)]))
+        nlive = self.stamp[nb] == second
+        fits = rank < self.WAYS - nlive.sum(axis=1)  # a slot of an earlier second is free
+        new, nb, rank = new[fits], nb[fits], rank[fits]
+        way = np.argsort(nlive[fits], axis=1, kind="stable")[np.arange(len(nb)), rank]
+        self.keys[nb, way], self.stamp[nb, way] = p[new], second
+        counted[first[new]] = True
+        return counted, bool((~fits).any())
+
+
+def _first_rows(h: np.ndarray) -> np.ndarray:
+    """The first row of each distinct hash (one plain sort of (hash, row) packed into a uint64; the hash
+    keeps its top 64 - log2(rows) bits, 48 for 65,536 rows: a merge of two has odds under 1e-5)."""
+    bits = np.uint64(max(len(h).bit_length(), 16))
+    low = (np.uint64(1) << bits) - np.uint64(1)
+    packed = np.sort((h >> bits << bits) | np.arange(len(h), dtype=np.uint64))
+    top = packed >> bits
+    head = np.r_[True, top[1:] != top[:-1]]
+    return (packed[head] & low).astype(np.intp)
+
+
+class _ReflectSecond:
+    """Per victim over the current second: answer bytes, answers, unasked answers, request bytes, reflectors.
+
+    Sorted numpy arrays merged once per batch, as _Second; distinct reflectors through a _PairSet
+    (exact, or a stated lower bound)."""
+
+    COLUMNS = ("bytes", "answers", "unasked", "req_bytes", "sources")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 1)
+        self.pairs = _PairSet(cap)
+        self.start(-(2 ** 62))
+
+    def start(self, second: int) -> None:
+        """Begin counting `second`."""
+        self.second = second
+        self.keys = np.empty(0, np.uint64)
+        self.cols = {c: np.empty(0, np.int64) for c in self.COLUMNS}
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.keys) * (1 + len(self.COLUMNS)) + len(self.pairs)
+
+    def _bump(self, keys: np.ndarray, col: str, weights: np.ndarray) -> None:
+        uk, inv = np.unique(keys, return_inverse=True)
+        sums = np.bincount(inv.ravel(), weights, len(uk)).astype(np.int64)
+        pos, found = _find(self.keys, uk)
+        new = np.flatnonzero(~found)[:max(self.cap - len(self.keys), 0)]
+        if len(new):
+            self.keys = np.insert(self.keys, pos[new], uk[new])
+            for c in self.COLUMNS:
+                self.cols[c] = np.insert(self.cols[c], pos[new], 0)
+            pos, found = _find(self.keys, uk)
+        self.cols[col][pos[found]] += sums[found]
+
+    def add(self, b: _Batch, rows: np.ndarray, answer: np.ndarray, unasked: np.ndarray, req: np.ndarray) -> None:
+        """Count the second's answer rows (non-first fragments among them: answer False) to their victims,
+        and the bytes of requests (rows req) each host sent to reflector ports."""
+        if len(req):
+            self._bump(b.hs[req], "req_bytes", b.arr["wire_len"][req].astype(np.float64))
+        if not len(rows):
+            return
+        dst = b.hd[rows]
+        self._bump(dst, "bytes", b.arr["wire_len"][rows].astype(np.float64))
+        self._bump(dst, "answers", answer.astype(np.float64))
+        self._bump(dst, "unasked", (answer & unasked).astype(np.float64))
+        counted, missed = self.pairs.add(_comb(dst, b.hs[rows]), self.second)
+        self.full |= missed
+        if counted.any():  # each pair new this second adds a reflector to its victim
+            self._bump(dst[counted], "sources", np.ones(int(counted.sum())))
+
+    def lookup(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """Each column for each key (0 for keys not counted)."""
+        pos, found = _find(self.keys, keys)
+        pos = pos.clip(max=max(len(self.keys) - 1, 0))
+        return {c: np.where(found, v[pos], 0) if len(v) else np.zeros(len(keys), np.int64)
+                for c, v in self.cols.items()}
+
+
+class _ScanEpochs:
+    """The scan tables of one series of tumbling SCAN_WINDOW_S epochs (starting at `offset`), dropped whole
+    at each epoch's end as scan.zeek's SumStats epochs are: no per-entry expiry."""
+
+    def __init__(self, window: float, offset: float, cap: int) -> None:
+        self.window, self.offset, self.cap = window, offset, cap
+        self.epoch: int | None = None
+        self.vertical = _Unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
+        self.horizontal = _Unique(cap)  # (scanner, proto, port) -> distinct targets that failed
+        self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
+        self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts
+
+    def parts(self, ts: np.ndarray):
+        """Selectors of the rows per epoch, in order, starting each new epoch on the way."""
+        ep = np.floor((ts - self.offset) / self.window).astype(np.int64)
+        if self.epoch is None:
+            self.epoch = int(ep.min())
+        ep = np.maximum(ep, self.epoch)  # a late row counts in the current epoch
+        lo, hi = int(ep.min()), int(ep.max())
+        if lo == hi:
+            if hi > self.epoch:
+                self._new_epoch(hi)
+            yield slice(None)
+            return
+        for e in np.unique(ep).tolist():
+            if e > self.epoch:
+                self._new_epoch(e)
+            yield ep == e
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for table in (self.vertical, self.horizontal, self.stealth):
+            table.reset()
+        self.answered = Counter()
+
+
+def _reached(table: _Unique, grown: dict[int, int], threshold: int) -> list[tuple[int, int, int]]:
+    """(key, row, distinct count) of the grown keys whose count reached `threshold`."""
+    if not grown:
+        return []
+    keys = list(grown)
+    counts = np.fromiter(map(table.count.__getitem__, keys), np.int64, len(keys))
+    hot = counts >= threshold
+    return [(k, grown[k], n) for k, n in zip(compress(keys, hot), counts[hot].tolist())]
+
+
+class _Batch:
+    """Columns of one batch that several detectors use, computed once."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.hs = _addr_hash(arr["src"])
+        self.hd = _addr_hash(arr["dst"])
+        self.sec = np.floor(arr["ts"]).astype(np.int64)
+        self.unicast = ~_group(arr["dst"])  # multicast and broadcast are one-way by nature: never probes
+
+
+class _Second:
+    """One kind of flood's counts over the current second: packets and distinct sources per destination.
+
+    Packets per destination in sorted numpy arrays merged once per batch; destinations beyond cap in one
+    second are not counted that second (a flood's target is counted from its first packet of the
+    second, which comes early). Distinct sources through a _PairSet: exact while every pair finds a
+    slot, else a lower bound and the evidence says "at least"."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(cap, 1)
+        self.pairs = _PairSet(cap)
+        self.start(-(2 ** 62))
+
+    def start(self, second: int) -> None:
+        """Begin counting `second`."""
+        self.second = second
+        self.keys = np.empty(0, np.uint64)
+        self.packets = np.empty(0, np.int64)
+        self.sources = np.empty(0, np.int64)
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.keys) * 3 + len(self.pairs)
+
+    def add(self, dst: np.ndarray, pairs: np.ndarray | None) -> None:
+        """Count packets to `dst` (hashes, one per packet) and, when given, their (destination, source) pairs."""
+        uk, cnt = np.unique(dst, return_counts=True)
+        pos, found = _find(self.keys, uk)
+        self.packets[pos[found]] += cnt[found]
+        new = np.flatnonzero(~found)[:max(self.cap - len(self.keys), 0)]
+        if len(new):
+            self.keys = np.insert(self.keys, pos[new], uk[new])
+            self.packets = np.insert(self.packets, pos[new], cnt[new])
+            self.sources = np.insert(self.sources, pos[new], 0)
+        if pairs is None:
+            return
+        counted, missed = self.pairs.add(pairs, self.second)
+        self.full |= missed
+        nd, nc = np.unique(dst[counted], return_counts=True)
+        kpos, ok = _find(self.keys, nd)
+        self.sources[kpos[ok]] += nc[ok]
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packets, distinct sources) this second for each key (0 for keys not counted)."""
+        pos, found = _find(self.keys, keys)
+        return (np.where(found, self.packets[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0),
+                np.where(found, self.sources[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0))
+
+
+def _find(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(insertion position, present) of each key in a sorted table."""
+    pos = np.searchsorted(table, keys)
+    if not len(table):
+        return pos, np.zeros(len(keys), bool)
+    return pos, table[pos.clip(max=len(table) - 1)] == keys
+
+
+_H_SALT = np.uint64(0x5851F42D4C957F2D)  # keeps (scanner, proto, port) keys apart from (scanner, target) ones
+_SERVED_SALT = np.uint64(0x14057B7EF767814F)
+PROTO_NAME = {6: "tcp", 17: "udp"}
+
+
 class Detectors:
-    """Per-source detector state for one capture; observe() is called with each parsed batch."""
+    """Detector state for one capture; observe() is called with each parsed batch, in time order.
+
+    Holds no lock and no function objects, so it can live in (and be pickled to) a consumer process."""
 
     def __init__(self) -> None:
-        cap = config.get("DETECTOR_STATE_MAX")
+        cap = self.cap = config.get("DETECTOR_STATE_MAX")
         self.window = config.get("SCAN_WINDOW_S")
         self.vports = config.get("SCAN_PORTS")
         self.vhosts = config.get("SCAN_HOSTS")
         self.stealth_ports = config.get("SCAN_STEALTH_PORTS")
         self.timeout = config.get("SCAN_UNANSWERED_S")
-        self.pending = _Bounded(cap)  # (scanner, target, proto, port) -> probe time
-        self.failed_ports = _Bounded(cap)  # (scanner, target) -> {port: last failure time}
-        self.failed_hosts = _Bounded(cap)  # (scanner, proto, port) -> {target: last failure time}
-        self.answered = _Bounded(cap)  # (scanner, target) -> attempts that were answered
-        self.stealth = _Bounded(cap)  # (scanner, target) -> {port: time} of NULL/FIN/Xmas probes
+        self.alerts_per_batch = config.get("ALERTS_PER_DETECTOR")
+        self.pending = _Pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
+        # Two sets of epoch tables, offset by half an epoch: a scan that fits in SCAN_WINDOW_S / 2 lies
+        # wholly inside an epoch of one of them, wherever the epoch boundaries fall.
+        self.phases = (_ScanEpochs(self.window, 0.0, cap), _ScanEpochs(self.window, self.window / 2, cap))
+        self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
+        self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
-        self.served = _Bounded(cap)  # (address, proto, port) that received probes -> time: its replies are no probes
-        self.rates = _Bounded(cap)  # (kind, address) -> [second, packets that second, distinct sources]
         self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
                           "udp": config.get("UDP_FLOOD_PPS")}
+        self.seconds = {kind: _Second(cap) for kind in ("synack", "syn", "icmp", "udp")}
+        self.reflect_bps = config.get("REFLECTION_BPS")
+        self.reflect_sources = config.get("REFLECTION_SOURCES")
+        self.asked = _Recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
+        self.fragments = _Recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
+        self.reflected = _ReflectSecond(cap)  # per victim over the current second
         self.spike_k = config.get("SPIKE_SIGMAS")
         self.spike_min = config.get("SPIKE_MIN_PPS")
         self.spike_warmup = config.get("SPIKE_WARMUP_S")
@@ -157,171 +745,251 @@ class Detectors:
         self.seconds_seen = 0
         self.active_seconds = 0  # seconds that had traffic: the new-host learning clock
         self.learn_end = float("inf")  # capture time when NEW_HOST_LEARN_S seconds of traffic were learned
-        self.hosts = _Bounded(cap)  # address -> first seen
+        self.known_hosts: set[int] = set()  # local addresses learned before learn_end: never evicted
+        self.reported_hosts: set[int] = set()  # new hosts already reported (emptied beyond cap: a repeat updates)
         self.local_nets = LocalMatcher(nets=parse_nets(config.get("LOCAL_NETS")))
         self.learn = config.get("NEW_HOST_LEARN_S")
+
+    def table_sizes(self) -> dict[str, int]:
+        """Entries held by every table, inner tables included (each one is bounded by DETECTOR_STATE_MAX)."""
+        sizes = {f"{name}_{i}": len(getattr(ph, name)) for i, ph in enumerate(self.phases)
+                 for name in ("vertical", "horizontal", "stealth", "answered")}
+        sizes.update({"pending": len(self.pending), "served": len(self.served),
+                 "last_udp": len(self.last_udp), "arp": len(self.arp), "known_hosts": len(self.known_hosts),
+                 "reported_hosts": len(self.reported_hosts), "asked": len(self.asked),
+                 "fragments": len(self.fragments), "reflected": len(self.reflected)})
+        sizes.update({f"second_{kind}": len(st) for kind, st in self.seconds.items()})
+        return sizes
 
     def observe(self, arr: np.ndarray, book: AlertBook) -> None:
         """Update the state with one batch and raise what it shows."""
         if not len(arr):
             return
-        # Multicast and broadcast are one-way by nature: never probes.
-        unicast = ~_group(arr["dst"])
-        # Per flow, not per packet: a flood of one flow costs one step, whatever its rate.
-        flags = arr["tcp_flags"]
+        b = _Batch(arr)
+        flags, cls = arr["tcp_flags"], arr["cls"]
         # Only packets that open, answer or refuse a connection matter; skip the data flow.
         opening = ((flags & (SYN | ACK)) != ACK) | ((flags & RST) != 0)
-        cls = arr["cls"]
-        tcp = _distinct(arr, (cls == TCP) & unicast & opening, PROBE_PORT)
+        # Per flow, not per packet: a flood of one flow costs one row, whatever its rate.
+        tcp = _distinct(arr, (cls == TCP) & b.unicast & opening, PROBE_PORT)
         if len(tcp):
-            self._tcp(tcp, book)
-        udp_or_icmp = _distinct(arr, ((cls == UDP) & unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1)),
-                                SERVICE_PORT)
-        if len(udp_or_icmp):
-            self._udp(udp_or_icmp, book)
+            self._tcp(b, tcp, book)
+        udp = _distinct(arr, ((cls == UDP) & b.unicast) | ((arr["icmp_type"] == 3) & (arr["proto"] == 1)),
+                        SERVICE_PORT)
+        if len(udp):
+            self._udp(b, udp, book)
         arp = arr.take(np.flatnonzero((cls == NON_IP) & (arr["ethertype"] == ETH_ARP) & (arr["arp_op"] > 0)))
         if len(arp):
             self._arp(arp, book)
-        self._expire(float(arr["ts"].max()), book)
-        sec = np.floor(arr["ts"]).astype(np.int64)  # each packet's second, for both
-        self._floods(arr, unicast, sec, book)
-        self._spike(arr, sec, book)
-        self._new_hosts(arr, book)
+        expired = self.pending.expire(float(arr["ts"].max()))
+        if len(expired):
+            self._failed(expired, book)
+        self._floods(b, book)
+        self._reflection(b, book)
+        self._spike(b, book)
+        self._new_hosts(b, book)
 
     # -- port scans ---------------------------------------------------------------------
 
-    def _tcp(self, rows: np.ndarray, book: AlertBook) -> None:
-        pending = self.pending
-        pop = pending.pop
-        for ts, src, dst, sport, dport, fl in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["dst"].tolist(),
-                                                  rows["sport"].tolist(), rows["dport"].tolist(),
-                                                  rows["tcp_flags"].tolist()):
-            if fl & RST:
-                if pop((dst, src, "tcp", sport), None) is not None:
-                    self._failed(dst, src, "tcp", sport, ts, book)
-                continue
-            if fl & ACK:  # with SYN (the rows are SYN, SYN-ACK, RST or no SYN and no ACK)
-                if pop((dst, src, "tcp", sport), None) is not None:
-                    self._answered(dst, src)
-                continue
-            pending.keep((src, dst, "tcp", dport), ts)
-            if not fl & SYN:  # NULL, FIN or Xmas: no client sends these, scanners do (nmap -sN/-sF/-sX)
-                probes = self.stealth.touch((src, dst), dict)
-                probes[dport] = ts
-                if len(probes) >= self.stealth_ports:
-                    kinds = len(probes)
-                    book.raise_alert("port_scan", "high", addr_text(src), addr_text(dst), ts,
-                                     f"{kinds} NULL/FIN/Xmas probes to {kinds} ports on {addr_text(dst)}",
-                                     "TCP packets with no SYN and no ACK are only sent by port scanners "
-                                     "(nmap -sN/-sF/-sX): find the program on the source host.")
+    def _tcp(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
+        """SYN and NULL/FIN/Xmas rows are probes; SYN-ACK answers one, RST refuses one."""
+        arr = b.arr
+        fl = arr["tcp_flags"][idx]
+        rst = (fl & RST) != 0
+        probe = ~rst & ((fl & ACK) == 0)  # the rows are SYN, SYN-ACK, RST or no SYN and no ACK
+        p, a = idx[probe], idx[~probe]
+        probes = _attempts(arr["src"][p], arr["dst"][p], b.hs[p], b.hd[p], 6, arr["dport"][p], arr["ts"][p])
+        answers = _attempts(arr["dst"][a], arr["src"][a], b.hd[a], b.hs[a], 6, arr["sport"][a], arr["ts"][a])
+        # Answers to probes of this same batch (a fast scan's RSTs) are matched here: those probes never
+        # take a slot. The others are looked up in the table.
+        here = _earlier(answers["h"], a, probes["h"], p)
+        if len(p):
+            waiting = ~np.isin(probes["h"], answers["h"][here]) if here.any() else np.ones(len(p), bool)
+            pushed = self.pending.add(probes[waiting])
+            if len(pushed):
+                self._failed(pushed, book)
+            # NULL, FIN or Xmas: no client sends these, scanners do (nmap -sN/-sF/-sX)
+            stealth = (fl[probe] & SYN) == 0
+            if stealth.any():
+                self._stealth(probes[stealth], book)
+        if len(a):
+            hit = here.copy()
+            hit[~here] = self.pending.answer(answers["h"][~here])
+            refused = rst[~probe]
+            if (hit & ~refused).any():  # first, so the scan alert of this batch says how many were answered
+                self._answered(answers[hit & ~refused])
+            if (hit & refused).any():
+                self._failed(answers[hit & refused], book)
 
-    def _udp(self, rows: np.ndarray, book: AlertBook) -> None:
-        # One step per UDP service flow of the batch, the detectors' hottest loop, so keep() and put()
-        # are written out inline: a method call per flow costs as much as the dict operation itself.
-        pending, served = self.pending, self.served
-        pop, move, evict, cap = pending.pop, pending.move_to_end, pending.popitem, pending.cap
-        served_move, served_evict, served_cap = served.move_to_end, served.popitem, served.cap
-        for ts, src, dst, sport, dport, cls in zip(rows["ts"].tolist(), rows["src"].tolist(), rows["dst"].tolist(),
-                                                   rows["sport"].tolist(), rows["dport"].tolist(),
-                                                   rows["cls"].tolist()):
-            if cls != UDP:  # ICMP unreachable from the target: its probe failed (the quote's port is not
-                # parsed, so take the oldest of the pair's recent open probes)
-                probe = None
-                for k in islice(reversed(pending), 512):
-                    if k[0] == dst and k[1] == src and k[2] == "udp":
-                        probe = k
-                if probe is not None:
-                    del pending[probe]
-                    self._failed(dst, src, "udp", probe[3], ts, book)
-                continue
-            if dport < 0:
-                continue
-            if pop((dst, src, "udp", sport), None) is not None:
-                self._answered(dst, src)  # a reply from the probed port
-            elif (src, "udp", sport) not in served:  # a server's late or duplicate reply is no probe
-                key = (src, dst, "udp", dport)
-                if key in pending:  # pending.keep(key, ts)
-                    move(key)
-                else:
-                    pending[key] = ts
-                    if len(pending) > cap:
-                        evict(last=False)
-                key = (dst, "udp", dport)  # served.put(key, ts)
-                served[key] = ts
-                served_move(key)
-                if len(served) > served_cap:
-                    served_evict(last=False)
+    def _udp(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
+        cls = b.arr["cls"][idx]
+        flows = idx[(cls == UDP) & (b.arr["dport"][idx] >= 0)]
+        if len(flows):
+            self._udp_flows(b, flows, book)
+        unreachable = idx[cls != UDP]
+        if len(unreachable):
+            self._unreachable(b, unreachable, book)
 
-    def _answered(self, scanner: bytes, target: bytes) -> None:
-        key = (scanner, target)
-        self.answered[key] = self.answered.get(key, 0) + 1
+    def _udp_flows(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
+        """A UDP flow answers a pending probe, is a server's reply (no probe), or is a probe."""
+        arr = b.arr
+        hs, hd, ts = b.hs[idx], b.hd[idx], arr["ts"][idx]
+        sport, dport = arr["sport"][idx], arr["dport"][idx]
+        answers = _probe_hash(hd, hs, 17, sport)  # the probe this flow would answer
+        probes = _probe_hash(hs, hd, 17, dport)
+        server = _comb(hs, sport.astype(np.uint64) + _SERVED_SALT)  # (this end, its port)
+        marks = _comb(hd, dport.astype(np.uint64) + _SERVED_SALT)  # (the other end, its port): served if a probe
+        now = float(ts[-1])
+        in_table = self.pending.contains(answers)
+        candidate = ~in_table & ~self.served.contains(server, now)
+        here = _earlier(answers, idx, probes[candidate], idx[candidate])  # answers a probe earlier in the batch
+        probe = candidate & ~here
+        probe &= ~_earlier(server, idx, marks[probe], idx[probe])  # a reply from a port probed earlier in the batch
+        if probe.any():
+            self.served.add(marks[probe], ts[probe])
+            self.last_udp.add(_comb(hs[probe], hd[probe]), ts[probe], dport[probe])
+            waiting = probe & ~np.isin(probes, answers[here]) if here.any() else probe  # not answered in the batch
+            p = idx[waiting]
+            pushed = self.pending.add(_attempts(arr["src"][p], arr["dst"][p], hs[waiting], hd[waiting], 17,
+                                                dport[waiting], ts[waiting]))
+            if len(pushed):
+                self._failed(pushed, book)
+        if in_table.any():
+            t = np.flatnonzero(in_table)
+            here[t[self.pending.answer(answers[t])]] = True
+        if here.any():
+            self._answered(_attempts(arr["dst"][idx[here]], arr["src"][idx[here]], hd[here], hs[here], 17,
+                                     sport[here], ts[here]))
 
-    def _failed(self, scanner: bytes, target: bytes, proto: str, port: int, ts: float, book: AlertBook) -> None:
-        ports = self.failed_ports.touch((scanner, target), dict)
-        ports[(proto, port)] = ts
-        hosts = self.failed_hosts.touch((scanner, proto, port), dict)
-        hosts[target] = ts
-        for table in (ports, hosts):
-            for k in [k for k, t in table.items() if t < ts - self.window]:
-                del table[k]
-        if len(ports) >= self.vports:
-            first = min(ports.values())
-            answered = self.answered.get((scanner, target), 0)
-            book.raise_alert(
-                "port_scan", "medium", addr_text(scanner), addr_text(target), ts,
-                f"{len(ports)} ports on {addr_text(target)} failed or went unanswered in {ts - first:.0f} s, "
-                f"{answered} answered",
-                "One host probing many ports of another is a vertical port scan: check whether the source "
-                "is an authorised scanner, else what runs on it.")
-        if len(hosts) >= self.vhosts:
-            first = min(hosts.values())
-            book.raise_alert(
-                "port_scan", "medium", addr_text(scanner), f"{proto}/{port}", ts,
-                f"{len(hosts)} hosts refused or ignored {proto}/{port} in {ts - first:.0f} s",
-                "One host trying the same port on many hosts is a horizontal scan (a sweep or a worm): "
-                "check the source host.")
+    def _unreachable(self, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
+        """ICMP port unreachable from a target: the prober's latest UDP probe of it failed.
 
-    def _expire(self, now: float, book: AlertBook) -> None:
-        """Probes with no answer after SCAN_UNANSWERED_S count as failed attempts."""
-        stale = []
-        for key, ts in self.pending.items():
-            if ts > now - self.timeout:
-                break  # insertion order is time order (touch moves to the end)
-            stale.append((key, ts))
-        for key, ts in stale:
-            del self.pending[key]
-            scanner, target, proto, port = key
-            self._failed(scanner, target, proto, port, ts, book)
+        The quoted datagram is not parsed, so the prober's latest probe of that target is taken:
+        one slot lookup, and any other probe left pending fails when it expires anyway."""
+        arr = b.arr
+        ports = self.last_udp.pop(_comb(b.hd[idx], b.hs[idx]), float(arr["ts"][idx[-1]]))
+        ok = ports >= 0
+        if ok.any():
+            k = idx[ok]
+            rows = _attempts(arr["dst"][k], arr["src"][k], b.hd[k], b.hs[k], 17, ports[ok], arr["ts"][k])
+            hit = self.pending.answer(rows["h"])
+            if hit.any():
+                self._failed(rows[hit], book)
+
+    def _answered(self, rows: np.ndarray) -> None:
+        for ph in self.phases:
+            for sel in ph.parts(rows["ts"]):
+                part = rows[sel]
+                ph.answered.update(_ints(_comb(part["hs"], part["ht"])))
+                if len(ph.answered) > self.cap:
+                    ph.answered = _top_half(ph.answered, self.cap)
+
+    def _stealth(self, probes: np.ndarray, book: AlertBook) -> None:
+        best: dict[int, tuple[int, np.void]] = {}
+        for ph in self.phases:
+            for sel in ph.parts(probes["ts"]):
+                part = probes[sel]
+                grown = ph.stealth.add(_comb(part["hs"], part["ht"]), part["h"], part["ts"])
+                for key, row, n in _reached(ph.stealth, grown, self.stealth_ports):
+                    if n > best.get(key, (0,))[0]:
+                        best[key] = (n, part[row])
+        for n, r in best.values():
+            book.raise_alert("port_scan", "high", addr_text(r["s"]), addr_text(r["t"]), float(r["ts"]),
+                             f"{n} NULL/FIN/Xmas probes to {n} ports on {addr_text(r['t'])}",
+                             "TCP packets with no SYN and no ACK are only sent by port scanners "
+                             "(nmap -sN/-sF/-sX): find the program on the source host.")
+
+    def _failed(self, rows: np.ndarray, book: AlertBook) -> None:
+        """Failed or unanswered attempts (ATTEMPT_DTYPE rows): count the distinct ones, raise the scans."""
+        service = (rows["proto"].astype(np.uint64) << np.uint64(32)) + rows["port"].astype(np.uint64)
+        vkeys, hkeys = _comb(rows["hs"], rows["ht"]), _comb(rows["hs"] ^ _H_SALT, service)
+        hitems = _comb(hkeys, rows["ht"])
+        best: dict[tuple[bool, int], tuple[int, _ScanEpochs, np.void]] = {}  # the larger count of the two phases
+        for ph in self.phases:
+            for sel in ph.parts(rows["ts"]):
+                part = rows[sel]
+                grown = ph.vertical.add(vkeys[sel], part["h"], part["ts"])
+                for key, row, n in _reached(ph.vertical, grown, self.vports):
+                    if n > best.get((True, key), (0,))[0]:
+                        best[(True, key)] = (n, ph, part[row])
+                grown = ph.horizontal.add(hkeys[sel], hitems[sel], part["ts"])
+                for key, row, n in _reached(ph.horizontal, grown, self.vhosts):
+                    if n > best.get((False, key), (0,))[0]:
+                        best[(False, key)] = (n, ph, part[row])
+        for (vertical, key), (n, ph, r) in best.items():
+            (self._vertical_alert if vertical else self._horizontal_alert)(ph, r, key, n, book)
+
+    @staticmethod
+    def _vertical_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
+        ts, target = float(r["ts"]), addr_text(r["t"])
+        first = ph.vertical.first.get(key, ts)
+        note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
+            if ph.vertical.lossy else ""
+        book.raise_alert(
+            "port_scan", "medium", addr_text(r["s"]), target, ts,
+            f"{n} ports on {target} failed or went unanswered in {ts - first:.0f} s, "
+            f"{ph.answered.get(key, 0)} answered{note}",
+            "One host probing many ports of another is a vertical port scan: check whether the source "
+            "is an authorised scanner, else what runs on it.")
+
+    @staticmethod
+    def _horizontal_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
+        ts, service = float(r["ts"]), f"{PROTO_NAME.get(int(r['proto']), r['proto'])}/{int(r['port'])}"
+        first = ph.horizontal.first.get(key, ts)
+        note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
+            if ph.horizontal.lossy else ""
+        book.raise_alert(
+            "port_scan", "medium", addr_text(r["s"]), service, ts,
+            f"{n} hosts refused or ignored {service} in {ts - first:.0f} s{note}",
+            "One host trying the same port on many hosts is a horizontal scan (a sweep or a worm): "
+            "check the source host.")
 
     # -- floods -------------------------------------------------------------------------
 
-    def _floods(self, arr: np.ndarray, unicast: np.ndarray, sec: np.ndarray, book: AlertBook) -> None:
+    def _floods(self, b: _Batch, book: AlertBook) -> None:
         """SYN, ICMP echo and UDP packets per second to one destination, with their distinct sources."""
-        flags = arr["tcp_flags"]
-        syn = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == SYN)
-        synack = (arr["cls"] == TCP) & ((flags & (SYN | ACK)) == (SYN | ACK))
-        echo = ((arr["proto"] == 1) & (arr["icmp_type"] == 8)) | ((arr["proto"] == 58) & (arr["icmp_type"] == 128))
-        udp = (arr["cls"] == UDP) & unicast
-        answered = _per_second(arr, synack, sec, by="src")
-        for kind, mask in (("syn", syn & unicast), ("icmp", echo & unicast), ("udp", udp)):
-            if not mask.any():
-                continue
-            for (dst, second), (n, sources) in _per_second(arr, mask, sec).items():
-                state = self.rates.touch((kind, dst), lambda s=second: [s, 0, 0, 0])
-                if state[0] != second:
-                    state[:] = [second, 0, 0, 0]
-                state[1] += n
-                state[2] = max(state[2], sources)
-                if kind == "syn":
-                    state[3] += answered.get((dst, second), (0, 0))[0]
-                self._check_flood(kind, dst, state, book)
+        arr = b.arr
+        flags, cls, proto, icmp = arr["tcp_flags"], arr["cls"], arr["proto"], arr["icmp_type"]
+        handshake = flags & (SYN | ACK)
+        synack = (cls == TCP) & (handshake == (SYN | ACK))
+        if synack.any():  # SYN-ACKs counted first: a SYN answered in the same batch is answered
+            self._per_second("synack", b, np.flatnonzero(synack), book)
+        echo = ((proto == 1) & (icmp == 8)) | ((proto == 58) & (icmp == 128))
+        for kind, mask in (("syn", (cls == TCP) & (handshake == SYN)), ("icmp", echo), ("udp", cls == UDP)):
+            idx = np.flatnonzero(mask & b.unicast)
+            if len(idx):
+                self._per_second(kind, b, idx, book)
 
-    def _check_flood(self, kind: str, dst: bytes, state: list, book: AlertBook) -> None:
-        second, n, sources, completed = state
-        if n < self.flood_pps[kind]:
-            return
+    def _per_second(self, kind: str, b: _Batch, idx: np.ndarray, book: AlertBook) -> None:
+        """Add the rows idx to their seconds' counts (a batch holds a few seconds), then check the floods."""
+        st = self.seconds[kind]
+        secs = np.maximum(np.maximum.accumulate(b.sec[idx]), st.second)  # a late packet counts in the current second
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(secs)) + 1, [len(idx)]))
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            sel = idx[lo:hi]
+            second = int(secs[lo])
+            if second != st.second:
+                st.start(second)
+            if kind == "synack":  # counted per answering server
+                st.add(b.hs[sel], None)
+                continue
+            dst = b.hd[sel]
+            st.add(dst, _comb(dst, b.hs[sel]))
+            keys = np.unique(dst)
+            packets, sources = st.lookup(keys)
+            hot = np.flatnonzero(packets >= self.flood_pps[kind])[:self.alerts_per_batch]
+            if not len(hot):
+                continue
+            answers = self.seconds["synack"]
+            completed = answers.lookup(keys[hot])[0] if answers.second == second else np.zeros(len(hot), np.int64)
+            for j, done in zip(hot.tolist(), completed.tolist()):
+                row = sel[int(np.argmax(dst == keys[j]))]
+                self._flood_alert(kind, int(packets[j]), int(sources[j]), done, b.arr["dst"][row], book)
+
+    def _flood_alert(self, kind: str, n: int, sources: int, completed: int, dst: bytes, book: AlertBook) -> None:
+        st = self.seconds[kind]
         if kind == "syn" and completed > n * 0.1:
             return  # a busy server that answers is not flooded
+        some = f"at least {sources}" if st.full else f"{sources}"  # the table of pairs filled up this second
         target = addr_text(dst)
         what = {"syn": "SYNs", "icmp": "ICMP echo requests", "udp": "UDP packets"}[kind]
         extra = f", {completed / n:.0%} answered with SYN-ACK" if kind == "syn" else ""
@@ -330,32 +998,103 @@ class Detectors:
                           "rate limits upstream.",
                    "icmp": "An ICMP flood saturates the target's link or CPU: rate-limit ICMP upstream.",
                    "udp": "A UDP flood saturates the target's link or service: find the sources and filter them."}
-        book.raise_alert(f"{kind}_flood", "high", f"{sources} source(s)", target, float(second),
-                         f"{n:,} {what} to {target} in 1 s from {sources} source(s){extra}{spoofed}",
+        book.raise_alert(f"{kind}_flood", "high", f"{some} source(s)", target, float(st.second),
+                         f"{n:,} {what} to {target} in 1 s from {some} source(s){extra}{spoofed}",
                          meaning[kind], key=(f"{kind}_flood", "", target))
+
+    # -- reflection / amplification --------------------------------------------------------
+
+    def _reflection(self, b: _Batch, book: AlertBook) -> None:
+        """UDP answers from reflector service ports to one host from many sources, mostly unasked."""
+        arr = b.arr
+        udp = (arr["proto"] == 17) & (arr["cls"] == UDP) & b.unicast
+        off = arr["frag"] & 0x1FFF
+        head = udp & (off == 0) & (arr["sport"] >= 0)  # whole datagrams and first fragments: ports known
+        sport, dport = arr["sport"].clip(0, 65535), arr["dport"].clip(0, 65535)
+        req = np.flatnonzero(head & _REFLECTOR[dport])
+        if len(req):  # the victim's own requests: their answers are no attack, their bytes the denominator
+            self.asked.add(_asked_key(b.hs[req], b.hd[req], dport[req], sport[req]), arr["ts"][req])
+        ans = np.flatnonzero(head & _REFLECTOR[sport])
+        tail = np.flatnonzero(udp & (off != 0))
+        if not len(ans) and not len(tail) and not len(req):
+            return
+        now = float(arr["ts"][-1])
+        asked = self.asked.contains(_asked_key(b.hd[ans], b.hs[ans], sport[ans], dport[ans]), now)
+        more = (arr["frag"][ans] & 0x2000) != 0  # first fragments: remember the datagram for its other fragments
+        if more.any():
+            dgram = _comb(_comb(b.hs[ans[more]], b.hd[ans[more]]), arr["ip_id"][ans[more]].astype(np.uint64))
+            self.fragments.add(dgram, arr["ts"][ans[more]], asked[more].astype(np.int64))
+        if len(tail):  # non-first fragments carry no UDP header: attributed by IP identification
+            dgram = _comb(_comb(b.hs[tail], b.hd[tail]), arr["ip_id"][tail].astype(np.uint64))
+            known = self.fragments.contains(dgram, now)
+            tail = tail[known]
+        rows = np.concatenate((ans, tail))
+        unasked = np.concatenate((~asked, np.zeros(len(tail), bool)))
+        answer = np.concatenate((np.ones(len(ans), bool), np.zeros(len(tail), bool)))
+        st = self.reflected
+        # Per second of the batch, in order; a late row counts in the current second.
+        rsec = np.maximum(b.sec[rows], st.second)
+        qsec = np.maximum(b.sec[req], st.second)
+        for second in np.unique(np.concatenate((rsec, qsec))).tolist():
+            if second > st.second:
+                st.start(second)
+            here = rsec == second
+            st.add(b, rows[here], answer[here], unasked[here], req[qsec == second])
+            if here.any():
+                self._check_reflection(b, rows[here], book)
+
+    def _check_reflection(self, b: _Batch, rows: np.ndarray, book: AlertBook) -> None:
+        st = self.reflected
+        keys = np.unique(b.hd[rows])
+        cols = st.lookup(keys)
+        hot = np.flatnonzero((cols["bytes"] * 8 >= self.reflect_bps) & (cols["sources"] >= self.reflect_sources)
+                             & (cols["unasked"] * 2 >= cols["answers"]))[:self.alerts_per_batch]
+        for j in hot.tolist():
+            mine = rows[b.hd[rows] == keys[j]]
+            self._reflection_alert(b, mine, {k: int(v[j]) for k, v in cols.items()}, book)
+
+    def _reflection_alert(self, b: _Batch, mine: np.ndarray, c: dict[str, int], book: AlertBook) -> None:
+        arr = b.arr
+        victim = addr_text(arr["dst"][mine[0]])
+        ports = np.unique(arr["sport"][mine][arr["sport"][mine] >= 0]).tolist()
+        services = ", ".join(f"{REFLECTOR_PORTS[p]} {p}" for p in ports[:6] if p in REFLECTOR_PORTS)
+        amp = (f", {c['bytes'] / c['req_bytes']:.1f}x the {c['req_bytes']:,} bytes of requests {victim} sent"
+               f" to those services" if c["req_bytes"] else f", no request from {victim} seen")
+        book.raise_alert(
+            "reflection", "high", f"{c['sources']} reflector(s)", victim, float(self.reflected.second),
+            f"{c['bytes'] * 8:,} bit/s of UDP answers ({services}) from {c['sources']} reflector(s) to {victim} "
+            f"in 1 s: {c['answers']:,} answers, {c['unasked']:,} without a matching request{amp}"
+            + (" (at least: the table of reflectors filled up)" if self.reflected.full else ""),
+            "A reflection/amplification attack: spoofed requests made open servers answer this host. Filter "
+            "the service ports upstream (the ISP), and check that no open server here takes part.",
+            key=("reflection", "", victim))
 
     # -- traffic spike --------------------------------------------------------------------
 
-    def _spike(self, arr: np.ndarray, sec: np.ndarray, book: AlertBook) -> None:
+    def _spike(self, b: _Batch, book: AlertBook) -> None:
         """Packets/s and bits/s against an EWMA band learned per second, after a warm-up."""
-        # A hash of the seconds (pd.factorize), then the few distinct seconds sorted: np.unique sorts them all.
-        inv, secs = pd.factorize(sec)
-        pk = np.bincount(inv, minlength=len(secs))
-        by = np.bincount(inv, arr["wire_len"].astype(np.float64), len(secs))
-        order = np.argsort(secs)
-        for second, p, b in zip(secs[order].tolist(), pk[order].tolist(), by[order].tolist()):
+        sec, wire = b.sec, b.arr["wire_len"].astype(np.float64)
+        if (sec[1:] >= sec[:-1]).all():  # time order (always, but for a file's stray packet): runs of seconds
+            starts = np.concatenate(([0], np.flatnonzero(np.diff(sec)) + 1))
+            secs, pk = sec[starts], np.diff(np.append(starts, len(sec)))
+            by = np.add.reduceat(wire, starts)
+        else:
+            secs, inv = np.unique(sec, return_inverse=True)
+            pk = np.bincount(inv, minlength=len(secs))
+            by = np.bincount(inv, wire, len(secs))
+        for second, p, bb in zip(secs.tolist(), pk.tolist(), by.tolist()):
             cur = self.spike_state
             if cur is None:
-                self.spike_state = [second, p, b]
+                self.spike_state = [second, p, bb]
             elif second == cur[0]:
                 cur[1] += p
-                cur[2] += b
+                cur[2] += bb
             elif second > cur[0]:
                 self._close_second(cur, book)
                 # Silent seconds between count as zeros, up to an hour (a file may jump by years).
                 for _ in range(min(second - cur[0] - 1, 3600)):
                     self._learn(0.0, 0.0)
-                self.spike_state = [second, p, b]
+                self.spike_state = [second, p, bb]
 
     def _close_second(self, cur: list, book: AlertBook) -> None:
         second, p, b = cur
@@ -389,28 +1128,42 @@ class Detectors:
 
     # -- new hosts ------------------------------------------------------------------------
 
-    def _new_hosts(self, arr: np.ndarray, book: AlertBook) -> None:
-        """An IP address that starts talking after the learning period."""
-        ip = np.flatnonzero(arr["cls"] != NON_IP)  # row numbers: copying whole rows costs more than the rest
+    def _new_hosts(self, b: _Batch, book: AlertBook) -> None:
+        """A local IP address that starts talking after the learning period.
+
+        The addresses learned before it are kept apart and never evicted: a flood of spoofed local
+        sources afterwards can fill only the table of reported ones, never make a learned host new."""
+        arr = b.arr
+        # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
+        ip = np.flatnonzero(arr["cls"] != NON_IP)
+        ip = ip[(self.local_nets.kinds(arr["src"][ip]) == LocalMatcher.OURS) & ~np.isin(b.hs[ip], _UNSPEC)]
         if not len(ip):
             return
-        first, _ = group_rows(np.ascontiguousarray(arr["src"][ip]).view(np.uint8).reshape(-1, 16))
-        rows = ip[first]
-        srcs = np.ascontiguousarray(arr["src"][rows]).view("V16").ravel()
-        # Devices of the local networks (LOCAL_NETS) only: on the Internet side every new peer is "new".
-        local = self.local_nets.kinds(srcs) == LocalMatcher.OURS
-        for src, i in zip(srcs[local].tolist(), rows[local].tolist()):
-            src = bytes(src)
-            if src in self.hosts or src in _UNSPECIFIED:
-                continue
-            ts = float(arr["ts"][i])
-            self.hosts.put(src, ts)
+        keys = _ints(b.hs[ip])
+        first = dict(zip(reversed(keys), reversed(ip.tolist())))  # address -> its first row of the batch
+        fresh = first.keys() - self.known_hosts - self.reported_hosts
+        if not fresh:
+            return
+        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
+        learning = arr["ts"][rows] < self.learn_end
+        if learning.any():
+            room = max(self.cap - len(self.known_hosts), 0)
+            self.known_hosts.update(islice(_ints(b.hs[rows[learning]]), room))
+        rows = rows[~learning]
+        if not len(rows):
+            return
+        if len(self.reported_hosts) + len(rows) > self.cap:
+            self.reported_hosts.clear()
+        self.reported_hosts.update(_ints(b.hs[rows]))
+        shown = rows[:self.alerts_per_batch]
+        book.count_suppressed("new_host", len(rows) - len(shown))
+        for i in shown.tolist():
+            src, ts = addr_text(arr["src"][i]), float(arr["ts"][i])
             # The clock is seconds that had traffic, so a file's jump in time teaches nothing.
-            if ts >= self.learn_end:
-                book.raise_alert("new_host", "low", addr_text(src), addr_text(arr["dst"][i]), ts,
-                                 f"{addr_text(src)} sent its first packet after {self.active_seconds:,} seconds "
-                                 f"of traffic (learning period {self.learn:g} s)",
-                                 "A device or address not seen before: check that it belongs on this network.")
+            book.raise_alert("new_host", "low", src, addr_text(arr["dst"][i]), ts,
+                             f"{src} sent its first packet after {self.active_seconds:,} seconds "
+                             f"of traffic (learning period {self.learn:g} s)",
+                             "A device or address not seen before: check that it belongs on this network.")
 
     # -- ARP ----------------------------------------------------------------------------
 
@@ -463,24 +1216,67 @@ class Detectors:
             self.arp.put(ip, (bytes(mac[i]), float(ts[i])))
 
 
+
+# UDP services that answer a small request with a large one, abused for reflection: US-CERT alert
+# TA14-017A ("UDP-based amplification attacks") and the services added to it since (CLDAP, memcached,
+# WS-Discovery, ARMS, CoAP, Ubiquiti discovery, OpenVPN, Jenkins discovery, TP240).
+REFLECTOR_PORTS = {17: "QOTD", 19: "chargen", 53: "DNS", 69: "TFTP", 111: "portmap", 123: "NTP",
+                   137: "NetBIOS", 161: "SNMP", 389: "CLDAP", 520: "RIP", 1194: "OpenVPN", 1434: "MS-SQL",
+                   1900: "SSDP", 3283: "ARMS", 3702: "WS-Discovery", 5353: "mDNS", 5683: "CoAP",
+                   10001: "Ubiquiti", 10074: "TP240", 11211: "memcached", 27015: "Steam", 33848: "Jenkins"}
+_REFLECTOR = np.zeros(65536, bool)
+_REFLECTOR[list(REFLECTOR_PORTS)] = True
+def _asked_key(asker: np.ndarray, server: np.ndarray, service: np.ndarray, port: np.ndarray) -> np.ndarray:
+    """The hash of a request: asker and its port, server and its service port (the answer swaps them)."""
+    return _comb(_comb(asker, server), (service.astype(np.uint64) << np.uint64(16)) + port.astype(np.uint64))
+
+
+REQUEST_WAIT_S = 30.0  # an answer within this long of a request to that server and port was asked for
+REASSEMBLY_S = 30.0  # the fragments of one datagram arrive within this long (Linux ipfrag_time: 30 s)
+
 _UNSPECIFIED = (bytes(16), bytes(10) + b"\xff\xff" + bytes(4))  # :: and 0.0.0.0 (DHCP, DAD)
+_UNSPEC = _addr_hash(np.array(_UNSPECIFIED, "S16"))
+
+
+def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
+    """The cap / 2 keys with the largest counts (a bulk shrink, amortised O(1) per key added)."""
+    keys = np.fromiter(counts.keys(), np.int64, len(counts))
+    vals = np.fromiter(counts.values(), np.int64, len(counts))
+    half = max(cap // 2, 1)
+    keep = keys[np.argpartition(-vals, half)[:half]].tolist() if len(keys) > half else keys.tolist()
+    return Counter(dict(zip(keep, map(counts.__getitem__, keep))))
+
+
+def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
+    """For each key: some ref equals it at an earlier row (one sort, no loop).
+
+    Each ref is packed as (hash, row) into one uint64, the hash's top bits above the row's: after a
+    plain sort the first entry of a hash holds its earliest row. The hash keeps 64 - row bits (48 for
+    batches up to 65,536 rows): two refs of one batch share them with odds under 1e-5."""
+    if not len(refs) or not len(keys):
+        return np.zeros(len(keys), bool)
+    bits = np.uint64(max(int(max(int(key_rows.max()), int(ref_rows.max()))).bit_length(), 16))
+    packed = np.sort((refs >> bits << bits) | ref_rows.astype(np.uint64))
+    want = keys >> bits << bits
+    pos = np.searchsorted(packed, want).clip(max=len(packed) - 1)
+    found = packed[pos]
+    return (found >> bits << bits == want) & ((found & ((np.uint64(1) << bits) - np.uint64(1))) < key_rows)
 
 
 BOTH_PORTS, SERVICE_PORT, PROBE_PORT = 0, 1, 2  # which ports a flow key keeps (flow_keys_numpy)
 
 
 def _distinct(arr: np.ndarray, mask: np.ndarray, ports: int = BOTH_PORTS) -> np.ndarray:
-    """The first packet of each (addresses, ports, protocol, TCP flags, ICMP type) among arr[mask], in time order.
+    """Row numbers of the first packet of each (addresses, ports, protocol, TCP flags, ICMP type) among arr[mask].
 
     Only the ports the detector keys its state on count (see flow_keys_numpy), so a scan or a
     flood from random source ports costs one step per probed port, not one per packet."""
     idx = np.flatnonzero(mask)
     if len(idx) < 2:
-        return arr.take(idx)
+        return idx
     key = native.flow_keys(arr, ports, idx)
     first, _ = group_rows(key if key is not None else flow_keys_numpy(arr.take(idx), ports))
-    # take(), never arr[idx]: fancy indexing of structured rows is 30x slower than take.
-    return arr.take(idx[first])
+    return idx[first]
 
 
 def flow_keys_numpy(rows: np.ndarray, ports: int = BOTH_PORTS) -> np.ndarray:
@@ -505,34 +1301,6 @@ def flow_keys_numpy(rows: np.ndarray, ports: int = BOTH_PORTS) -> np.ndarray:
     key[:, 42] = rows["cls"]
     key[:, 43] = rows["icmp_type"].astype(np.uint8)
     return key
-
-
-def _per_second(arr: np.ndarray, mask: np.ndarray, secs: np.ndarray, by: str = "dst") -> dict:
-    """{(address `by`, second): (packets, distinct peers)} over the packets arr[mask] (secs: their seconds).
-
-    The peers are the other end: sources when `by` is "dst", destinations when it is "src"."""
-    idx = np.flatnonzero(mask)
-    if not len(idx):
-        return {}
-    # (src, dst, second) rows: src and dst are adjacent in the record, so one gather takes both.
-    arr = np.ascontiguousarray(arr)
-    ends = np.ndarray((len(arr),), "V32", arr, PACKET_DTYPE.fields["src"][1], (PACKET_DTYPE.itemsize,))
-    rows = np.empty((len(idx), 40), np.uint8)
-    rows[:, :32] = ends[idx].view(np.uint8).reshape(-1, 32)
-    rows[:, 32:] = secs[idx].astype("<i8").view(np.uint8).reshape(-1, 8)
-    # Group the distinct (source, address, second) first, then those into (address, second):
-    # a flood of one flow is one row at the second step.
-    first, inv = group_rows(rows)
-    triples = rows[first]
-    pairs = triples[:, 16:] if by == "dst" else np.concatenate((triples[:, :16], triples[:, 32:]), axis=1)
-    pair_first, pair_inv = group_rows(np.ascontiguousarray(pairs))
-    counts = np.bincount(pair_inv, np.bincount(inv, minlength=len(first)), len(pair_first)).astype(np.int64)
-    distinct = np.bincount(pair_inv, minlength=len(pair_first))
-    out = {}
-    for u, n, d in zip(pairs[pair_first].view("V24").ravel(), counts.tolist(), distinct.tolist()):
-        b = bytes(u)
-        out[(b[:16].rstrip(b"\x00"), int.from_bytes(b[16:], "little", signed=True))] = (n, d)
-    return out
 
 
 def _group(dst: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 import native
 from capture.sources import COOKED_BASE, V4_PREFIX, RawBatch, Record
@@ -41,13 +40,21 @@ PACKET_DTYPE = np.dtype([
     ("cls", "u1"), ("ipver", "u1"), ("proto", "<i2"), ("ethertype", "<u2"),
     ("src", "S16"), ("dst", "S16"), ("sport", "<i4"), ("dport", "<i4"),
     ("tcp_flags", "<u2"), ("icmp_type", "<i2"), ("icmp_code", "<i2"), ("arp_op", "<u2"),
-    ("hw_src", "S6"), ("malformed", "u1"), ("direction", "u1"),
+    ("hw_src", "S6"),
+    # vlan: VID of the outermost 802.1Q/802.1ad tag (0: untagged); ip_id: IPv4 Identification or the
+    # IPv6 Fragment header's; frag: offset in 8-byte units (bits 0-12) | 0x2000 more fragments (0: whole).
+    ("vlan", "<u2"), ("ip_id", "<u4"), ("frag", "<u2"),
+    ("malformed", "u1"), ("direction", "u1"),
 ])
-RECORD = struct.Struct("<dIIBBhH16s16siiHhhH6sBB")
-assert RECORD.size == PACKET_DTYPE.itemsize
+RECORD = struct.Struct("<dIIBBhH16s16siiHhhH6sHIHBB")
+assert RECORD.size == PACKET_DTYPE.itemsize == native.RECORD_SIZE
+# native/fastparse.c and grouprows.c write and read these offsets.
+assert [PACKET_DTYPE.fields[f][1] for f in ("src", "sport", "hw_src", "vlan", "ip_id", "frag", "malformed")] == \
+    [22, 54, 70, 76, 78, 82, 84]
 
-# parse_frame's result: every field of the record except ts, lengths and direction.
-Parsed = tuple[int, int, int, int, bytes, bytes, int, int, int, int, int, int, bytes, int]
+# parse_frame's result: every field of the record except ts, lengths and direction (malformed last).
+Parsed = tuple[int, int, int, int, bytes, bytes, int, int, int, int, int, int, bytes, int, int, int, int]
+VLAN_AT = 13  # the index of vlan in Parsed
 
 # ----------------------------------------------------------------------------------------
 # Header parsing from raw bytes
@@ -71,7 +78,7 @@ _warned_linktypes: set[int] = set()
 
 
 def _non_ip(ethertype: int = 0, malformed: int = 0, hw_src: bytes = NO_MAC) -> Parsed:
-    return (NON_IP, 0, -1, ethertype, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, 0, hw_src, malformed)
+    return (NON_IP, 0, -1, ethertype, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, 0, hw_src, 0, 0, 0, malformed)
 
 
 def _transport(data: bytes, p: int, end: int, proto: int) -> tuple[int, int, int, int, int, int]:
@@ -104,21 +111,22 @@ def _ipv4(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
         return _non_ip(ethertype, 1, hw_src)
     ihl = (data[off] & 0x0F) * 4
     total = U16(data, off + 2)[0]
-    frag = U16(data, off + 6)[0]
+    ip_id = U16(data, off + 4)[0]
+    frag = U16(data, off + 6)[0] & 0x3FFF  # MF (0x2000) and the offset: the record's frag as it is
     proto = data[off + 9]
     src = V4_PREFIX + data[off + 12:off + 16]
     dst = V4_PREFIX + data[off + 16:off + 20]
     cls = PROTO_CLASS.get(proto, OTHER_IP)
     if ihl < 20:
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
+        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 0, ip_id, frag, 1)
     # A zero total length is legal for segmentation-offloaded frames: trust the capture then.
     end = min(n, off + total) if total >= ihl else n
     if frag & 0x1FFF:  # non-first fragment: it carries no transport header
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, int(off + ihl > n))
+        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 0, ip_id, frag, int(off + ihl > n))
     if off + ihl > n:
-        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
+        return (cls, 4, proto, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 0, ip_id, frag, 1)
     sport, dport, flags, itype, icode, bad = _transport(data, off + ihl, end, proto)
-    return (cls, 4, proto, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, bad)
+    return (cls, 4, proto, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, 0, ip_id, frag, bad)
 
 
 def _ipv6(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
@@ -132,25 +140,30 @@ def _ipv6(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
     end = min(n, off + 40 + plen) if plen else n  # 0: jumbogram or offloaded, trust the capture
     p = off + 40
     first_fragment = True
-    bad = 0
+    bad = ip_id = frag = 0
+    fragment_seen = False
     # Each extension header moves p forward by at least 8 bytes, so this walk always ends.
     while nh in IPV6_EXT:
         if p + 8 > n:
             bad = 1
             break
         if nh == 44:
-            if U16(data, p + 2)[0] & 0xFFF8:
+            word = U16(data, p + 2)[0]  # offset << 3 | M
+            if word & 0xFFF8:
                 first_fragment = False
+            if not fragment_seen:  # the first Fragment header is the one that counts
+                fragment_seen = True
+                ip_id, frag = U32BE(data, p + 4)[0], (word >> 3) | ((word & 1) << 13)
             nh, p = data[p], p + 8
         else:
             nh, p = data[p], p + (data[p + 1] + 1) * 8
     cls = PROTO_CLASS.get(nh, OTHER_IP)
     if bad or not first_fragment:
-        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, bad)
+        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 0, ip_id, frag, bad)
     if p > n:
-        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 1)
+        return (cls, 6, nh, ethertype, src, dst, -1, -1, 0, -1, -1, 0, hw_src, 0, ip_id, frag, 1)
     sport, dport, flags, itype, icode, bad = _transport(data, p, max(end, p), nh)
-    return (cls, 6, nh, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, bad)
+    return (cls, 6, nh, ethertype, src, dst, sport, dport, flags, itype, icode, 0, hw_src, 0, ip_id, frag, bad)
 
 
 def _arp(data: bytes, off: int, hw_src: bytes) -> Parsed:
@@ -161,14 +174,14 @@ def _arp(data: bytes, off: int, hw_src: bytes) -> Parsed:
     hlen, plen = data[off + 4], data[off + 5]
     op = U16(data, off + 6)[0]
     if ptype != ETH_IPV4 or plen != 4:
-        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 0)
+        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 0, 0, 0, 0)
     need = off + 8 + 2 * hlen + 8
     if n < need:
-        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 1)
+        return (NON_IP, 0, -1, ETH_ARP, NO_ADDR, NO_ADDR, -1, -1, 0, -1, -1, op, hw_src, 0, 0, 0, 1)
     sha = data[off + 8:off + 8 + hlen][:6]
     spa = data[off + 8 + hlen:off + 12 + hlen]
     tpa = data[off + 12 + 2 * hlen:off + 16 + 2 * hlen]
-    return (NON_IP, 0, -1, ETH_ARP, V4_PREFIX + spa, V4_PREFIX + tpa, -1, -1, 0, -1, -1, op, sha, 0)
+    return (NON_IP, 0, -1, ETH_ARP, V4_PREFIX + spa, V4_PREFIX + tpa, -1, -1, 0, -1, -1, op, sha, 0, 0, 0, 0)
 
 
 def _by_version(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
@@ -196,37 +209,54 @@ def _mpls(data: bytes, off: int, ethertype: int, hw_src: bytes) -> Parsed:
 
 
 def _ethertype(data: bytes, off: int, et: int, hw_src: bytes) -> Parsed:
-    """Dispatch on an EtherType, walking VLAN tags, LLC/SNAP, PPPoE and MPLS down to the network header."""
+    """Dispatch on an EtherType, walking VLAN tags, LLC/SNAP, PPPoE and MPLS down to the network header;
+    the outermost VLAN tag's VID goes into the record."""
+    vlan = -1
     n = len(data)
     while True:
-        if et == ETH_IPV4:
-            return _ipv4(data, off, et, hw_src)
-        if et == ETH_IPV6:
-            return _ipv6(data, off, et, hw_src)
-        if et == ETH_ARP:
-            return _arp(data, off, hw_src)
         if et in ETH_VLAN:  # 802.1Q / 802.1ad tags, however many are stacked
             if off + 4 > n:
-                return _non_ip(et, 1, hw_src)
+                row = _non_ip(et, 1, hw_src)
+                break
+            if vlan < 0:
+                vlan = U16(data, off)[0] & 0x0FFF
             et = U16(data, off + 2)[0]
             off += 4
-        elif et <= 1500:  # an 802.3 length: LLC follows; only SNAP can carry an EtherType
-            if data[off:off + 3] == b"\xaa\xaa\x03" and off + 8 <= n:
-                et = U16(data, off + 6)[0]
-                off += 8
-            else:
-                return _non_ip(0, 0, hw_src)
-        elif et in ETH_MPLS:
-            return _mpls(data, off, et, hw_src)
-        elif et == ETH_PPPOE_SESSION:
-            if off + 8 > n:
-                return _non_ip(et, 1, hw_src)
-            ppp = PPP_TO_ETHERTYPE.get(U16(data, off + 6)[0])
-            if ppp is None:
-                return _non_ip(et, 0, hw_src)
-            et, off = ppp, off + 8
-        else:
+            continue
+        step = _ethertype_step(data, off, et, hw_src)
+        if len(step) == 2:  # (EtherType, offset) of an encapsulated header: walk on
+            et, off = step
+            continue
+        row = step
+        break
+    if vlan > 0:
+        row = (*row[:VLAN_AT], vlan, *row[VLAN_AT + 1:])
+    return row
+
+
+def _ethertype_step(data: bytes, off: int, et: int, hw_src: bytes) -> Parsed | tuple[int, int]:
+    """One non-VLAN step of _ethertype: the parsed row, or the (EtherType, offset) to walk on with."""
+    n = len(data)
+    if et == ETH_IPV4:
+        return _ipv4(data, off, et, hw_src)
+    if et == ETH_IPV6:
+        return _ipv6(data, off, et, hw_src)
+    if et == ETH_ARP:
+        return _arp(data, off, hw_src)
+    if et <= 1500:  # an 802.3 length: LLC follows; only SNAP can carry an EtherType
+        if data[off:off + 3] == b"\xaa\xaa\x03" and off + 8 <= n:
+            return U16(data, off + 6)[0], off + 8
+        return _non_ip(0, 0, hw_src)
+    if et in ETH_MPLS:
+        return _mpls(data, off, et, hw_src)
+    if et == ETH_PPPOE_SESSION:
+        if off + 8 > n:
+            return _non_ip(et, 1, hw_src)
+        ppp = PPP_TO_ETHERTYPE.get(U16(data, off + 6)[0])
+        if ppp is None:
             return _non_ip(et, 0, hw_src)
+        return ppp, off + 8
+    return _non_ip(et, 0, hw_src)
 
 
 def _ppp(data: bytes, off: int) -> Parsed:
@@ -485,19 +515,22 @@ def _gather(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
     return buf[start[:, None] + _ARANGE16[:width]]
 
 
-def _link_layer(b: RawBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(network offset, EtherType, fast-path candidate, is Ethernet) for every frame."""
+def _link_layer(b: RawBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(network offset, EtherType, fast-path candidate, is Ethernet, outer VLAN id) for every frame."""
     lt, off, end = b.linktype, b.off, b.off + b.cap
     eth = (lt == 1) & (b.cap >= 14)
     cooked = lt >= COOKED_BASE
     net = np.where(cooked, off, off + 14)
     et = np.where(cooked, lt - COOKED_BASE, 0)
     et[eth] = _be16(b.buf, off[eth] + 12)
-    for _ in range(2):  # up to two VLAN tags (QinQ); deeper stacks take the scalar path
+    vlan = np.zeros(len(b), np.int64)
+    for depth in range(2):  # up to two VLAN tags (QinQ); deeper stacks take the scalar path
         tag = (eth | cooked) & np.isin(et, _VLAN_TYPES) & (net + 4 <= end)
+        if depth == 0:
+            vlan[tag] = _be16(b.buf, net[tag]) & 0x0FFF
         et[tag] = _be16(b.buf, net[tag] + 2)
         net[tag] += 4
-    return net, et, (eth | cooked) & (et > 1500) & ~np.isin(et, _SLOW_TYPES), eth
+    return net, et, (eth | cooked) & (et > 1500) & ~np.isin(et, _SLOW_TYPES), eth, vlan
 
 
 def _transport_columns(out, rows, buf, l4, pend, proto, first) -> None:
@@ -532,13 +565,15 @@ def _ipv4_columns(out, b: RawBatch, net, et, cand, addr_src, addr_dst) -> np.nda
     rows, n4, ihl = rows[ok], n4[ok], ihl[ok]
     proto = buf[n4 + 9].astype(np.int64)
     total = _be16(buf, n4 + 2)
-    first = (_be16(buf, n4 + 6) & 0x1FFF) == 0
+    frag = _be16(buf, n4 + 6)
+    first = (frag & 0x1FFF) == 0
     pend = np.where(total >= ihl, np.minimum(end[rows], n4 + total), end[rows])
     addr_src[rows, 10:12] = 0xFF
     addr_dst[rows, 10:12] = 0xFF
     addr_src[rows, 12:] = _gather(buf, n4 + 12, 4)
     addr_dst[rows, 12:] = _gather(buf, n4 + 16, 4)
     out["cls"][rows], out["ipver"][rows], out["proto"][rows] = _CLASS_OF[proto], 4, proto
+    out["ip_id"][rows], out["frag"][rows] = _be16(buf, n4 + 4), frag & 0x3FFF
     _transport_columns(out, rows, buf, n4 + ihl, pend, proto, first)
     return rows
 
@@ -594,6 +629,8 @@ def parse_batch(b: RawBatch, matcher: LocalMatcher, use_native: bool = True) -> 
     slow = np.flatnonzero(~done)
     if len(slow):
         out[slow] = _parse_rows(b, slow)
+    if b.vlan is not None:  # live capture: the kernel took the outer tag off the frame
+        out["vlan"] = np.where(b.vlan >= 0, b.vlan & 0x0FFF, out["vlan"])
     out["direction"] = _directions(out["src"], out["dst"], matcher)
     return out
 
@@ -603,7 +640,7 @@ def _fast_numpy(b: RawBatch) -> tuple[np.ndarray, np.ndarray]:
     n = len(b)
     out = np.zeros(n, PACKET_DTYPE)
     out["ts"], out["wire_len"], out["cap_len"] = b.ts, b.wire, b.cap
-    net, et, cand, eth = _link_layer(b)
+    net, et, cand, eth, vlan = _link_layer(b)
     addr_src = np.zeros((n, 16), np.uint8)
     addr_dst = np.zeros((n, 16), np.uint8)
     done = np.zeros(n, bool)
@@ -618,6 +655,7 @@ def _fast_numpy(b: RawBatch) -> tuple[np.ndarray, np.ndarray]:
     out["sport"][non_ip] = out["dport"][non_ip] = out["icmp_type"][non_ip] = out["icmp_code"][non_ip] = -1
     done |= non_ip
     out["ethertype"][done] = et[done]
+    out["vlan"][done] = vlan[done]
     out["src"] = addr_src.view("S16").ravel()
     out["dst"] = addr_dst.view("S16").ravel()
     is_arp = np.zeros(n, bool)
@@ -683,6 +721,8 @@ def group_rows_numpy(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h ^= words[:, j]
         h *= _HASH_MUL
         h ^= h >> np.uint64(33)
+    import pandas as pd  # the twin only: the compiled path and the summary CLI never pay for pandas
+
     codes, _ = pd.factorize(h)
     codes = codes.astype(np.int64, copy=False)
     running = np.maximum.accumulate(codes)

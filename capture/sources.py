@@ -7,14 +7,16 @@ length on the wire and the link type (a pcap LINKTYPE_* number) of ``data``.
 Files are read with our own small readers instead of Scapy's: they report exactly
 where a damaged file breaks (record number and byte offset) and keep every record
 before it. Live capture uses a TPACKET_V3 memory-mapped ring (one wake-up per block
-of packets), with Scapy compiling the BPF filter through libpcap and listing
-interfaces. Nothing here imports Streamlit.
+of packets), promiscuous as tcpdump's, with libpcap (through ctypes) compiling the BPF
+filter as tcpdump would for the same interface, and Scapy listing interfaces. Nothing
+here imports Streamlit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import errno
 import logging
 import mmap
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import native
+from capture import broker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,9 @@ class RawBatch:
     wire: np.ndarray  # int64
     ts: np.ndarray  # float64
     linktype: np.ndarray  # int64, one per frame
+    # Live capture only: the VLAN id the kernel took off each frame (TPACKET_V3 tp_vlan_tci), -1 when
+    # none; it is the outermost tag, so it overrides any tag still in the frame. None: no metadata.
+    vlan: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.off)
@@ -140,10 +146,15 @@ class FileReader:
     # Text a pcapng file says about itself (application, OS, hardware, interface names). It comes
     # from the file's bytes, so it is untrusted: bounded here, escaped wherever it is shown.
     notes: dict[str, list[str]] = field(default_factory=dict)
+    # Packets the capturer that wrote a pcapng file says it lost (Interface Statistics Blocks'
+    # isb_ifdrop + isb_osdrop, or the packets' epb_dropcount); None when the file says nothing.
+    capturer_drops: int | None = None
 
     def describe_file(self) -> str:
         """The pcapng file's own description in one line ('' for pcap, or when it says nothing)."""
         parts = [f"{label}: {', '.join(self.notes[key])}" for key, label in NOTE_LABELS if self.notes.get(key)]
+        if self.capturer_drops is not None:
+            parts.append(f"the capturer that wrote this file dropped {self.capturer_drops:,} packets")
         return "; ".join(parts)
 
     def _note(self, key: str, raw: bytes) -> None:
@@ -283,112 +294,217 @@ class FileReader:
         return starts, off
 
     def _pcapng(self, buf: mmap.mmap) -> Iterator[Record]:
-        size = len(buf)
-        off = 0
-        order = "<"
-        ifaces: list[tuple[int, float, float, int]] = []  # (linktype, units, offset, snaplen)
-        last_ts = 0.0
-        while off < size:
-            if size - off < 12:
-                self._fail(f"file cut short: block at byte offset {off} has only {size - off} bytes")
-                return
-            if buf[off:off + 4] == PCAPNG_SHB:
-                bom = buf[off + 8:off + 12]
-                if bom == b"\x4d\x3c\x2b\x1a":
-                    order = "<"
-                elif bom == b"\x1a\x2b\x3c\x4d":
-                    order = ">"
-                else:
-                    self._fail(f"corrupt section header at byte offset {off}: bad byte-order magic {bom.hex()}")
+        """The records of a pcapng file, block by block; any damage stops it with an error naming the block."""
+        self.capturer_drops = None
+        sec = _Section()
+        off = number = 0
+        try:
+            while off < len(buf):
+                number += 1
+                head = self._block_head(buf, off, number, sec)
+                if head is None:
                     return
-                ifaces = []
-            btype, blen = struct.unpack_from(order + "II", buf, off)
-            if btype == 0x0A0D0D0A and 28 <= blen <= size - off:
-                self._text_options(buf, off + 24, off + blen - 4, order, SHB_NOTES)
-            if blen < 12 or blen % 4:
-                self._fail(f"corrupt block at byte offset {off}: bad block length {blen}")
-                return
-            if off + blen > size:
-                self._fail(f"file cut short: block at byte offset {off} claims {blen} bytes, "
-                           f"only {size - off} remain")
-                return
-            (trailer,) = struct.unpack_from(order + "I", buf, off + blen - 4)
-            if trailer != blen:
-                self._fail(f"corrupt block at byte offset {off}: block lengths disagree ({blen} vs {trailer})")
-                return
-            body = off + 8
-            end = off + blen - 4
-            if btype == 1:
-                ifaces.append(self._idb(buf, body, end, order))
-                self._text_options(buf, body + 8, end, order, IDB_NOTES)
-                self.linktypes.add(ifaces[-1][0])
-            elif btype in (6, 2, 3):
-                rec = self._packet_block(buf, btype, body, end, order, ifaces, last_ts, off)
-                if rec is None:
+                btype, blen = head
+                if btype == SHB_TYPE:
+                    self._end_section(sec)
+                    sec = _Section(sec.order)
+                block = _Block(btype, number, off, off + 8, off + blen - 4, sec.order)
+                rec = self._read_block(buf, block, sec)
+                if rec is False:
                     return
-                last_ts = rec[0]
-                self.records += 1
-                yield rec
-            off += blen
+                if rec is not None:
+                    sec.last_ts = rec[0]
+                    self.records += 1
+                    yield rec
+                off += blen
+        finally:
+            self._end_section(sec)
+
+    def _block_head(self, buf: mmap.mmap, off: int, number: int, sec: _Section) -> tuple[int, int] | None:
+        """(type, length) of the block at `off` once its framing is checked; None (with `error` set) if damaged."""
+        remain = len(buf) - off
+        if remain < 12:
+            self._fail(f"file cut short: block {number} at byte offset {off} has only {remain} of its 12 "
+                       f"framing bytes")
+            return None
+        if buf[off:off + 4] == PCAPNG_SHB:
+            bom = buf[off + 8:off + 12]
+            if bom not in SHB_BOMS:
+                self._fail(f"corrupt {_block_what(SHB_TYPE, number, off)}: bad byte-order magic {bom.hex()}")
+                return None
+            sec.order = SHB_BOMS[bom]
+        btype, blen = struct.unpack_from(sec.order + "II", buf, off)
+        least = BLOCK_MIN.get(btype, 12)
+        if blen < least or blen % 4:
+            self._fail(f"corrupt {_block_what(btype, number, off)}: bad block length {blen} (a multiple of 4, "
+                       f"at least {least})")
+            return None
+        if blen > remain:
+            self._fail(f"file cut short: {_block_what(btype, number, off)} claims {blen} bytes, only {remain} "
+                       f"remain")
+            return None
+        (trailer,) = struct.unpack_from(sec.order + "I", buf, off + blen - 4)
+        if trailer != blen:
+            self._fail(f"corrupt {_block_what(btype, number, off)}: block lengths disagree ({blen} vs {trailer})")
+            return None
+        return btype, blen
+
+    def _read_block(self, buf: mmap.mmap, block: _Block, sec: _Section) -> Record | bool | None:
+        """One framed block: a record for a packet block, None for other blocks, False after an error."""
+        btype = block.btype
+        if btype == SHB_TYPE:
+            self._text_options(buf, block.body + 16, block.end, block.order, SHB_NOTES)
+        elif btype == 1:
+            sec.ifaces.append(self._idb(buf, block.body, block.end, block.order))
+            self._text_options(buf, block.body + 8, block.end, block.order, IDB_NOTES)
+            self.linktypes.add(sec.ifaces[-1].linktype)
+        elif btype in (6, 2, 3):
+            return self._packet_block(buf, block, sec)
+        elif btype == 5:
+            return self._isb(buf, block, sec)
+        return None
 
     def _text_options(self, buf: mmap.mmap, p: int, end: int, order: str, wanted: dict[int, str]) -> None:
         """Keep the text options of a block that the page shows (the rest are skipped)."""
-        while p + 4 <= end:
-            code, length = struct.unpack_from(order + "HH", buf, p)
-            if code == 0 or p + 4 + length > end:
-                return
+        for code, val, length in _options(buf, p, end, order):
             if code in wanted:
-                self._note(wanted[code], buf[p + 4:p + 4 + min(length, 4 * NOTE_CHARS)])
-            p += 4 + ((length + 3) & ~3)
+                self._note(wanted[code], buf[val:val + min(length, 4 * NOTE_CHARS)])
 
     @staticmethod
-    def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> tuple[int, float, float, int]:
+    def _idb(buf: mmap.mmap, body: int, end: int, order: str) -> _Interface:
         linktype, _, snaplen = struct.unpack_from(order + "HHI", buf, body)
         units, tsoffset = 1e-6, 0.0
-        p = body + 8
-        while p + 4 <= end:
-            code, length = struct.unpack_from(order + "HH", buf, p)
-            if code == 0:
-                break
-            val = p + 4
-            if val + length > end:
-                break
+        for code, val, length in _options(buf, body + 8, end, order):
             if code == 9 and length >= 1:
                 r = buf[val]
                 units = 2.0 ** -(r & 0x7F) if r & 0x80 else 10.0 ** -r
             elif code == 14 and length >= 8:
                 (tsoffset,) = struct.unpack_from(order + "q", buf, val)
-            p = val + ((length + 3) & ~3)
-        return linktype, units, float(tsoffset), snaplen
+        return _Interface(linktype, units, float(tsoffset), snaplen)
 
-    def _packet_block(self, buf, btype, body, end, order, ifaces, last_ts, off) -> Record | None:
-        n = self.records + 1
-        if btype == 3:  # Simple Packet Block: interface 0, no timestamp
+    def _block_fail(self, block: _Block, detail: str) -> bool:
+        self._fail(f"corrupt {_block_what(block.btype, block.number, block.start)}: {detail}")
+        return False
+
+    def _packet_block(self, buf: mmap.mmap, block: _Block, sec: _Section) -> Record | bool:
+        body, end, order, ifaces = block.body, block.end, block.order, sec.ifaces
+        if not ifaces:
+            return self._block_fail(block, f"packet {self.records + 1} comes before any interface description")
+        if block.btype == 3:  # Simple Packet Block: interface 0, no timestamp
             (wire,) = struct.unpack_from(order + "I", buf, body)
-            iface, ts = 0, last_ts
+            iface, ts = ifaces[0], sec.last_ts
             data_off = body + 4
             caplen = min(wire, end - data_off)
-            if ifaces and ifaces[0][3]:
-                caplen = min(caplen, ifaces[0][3])
-        else:
-            if btype == 6:
-                iface, hi, lo, caplen, wire = struct.unpack_from(order + "IIIII", buf, body)
-            else:
-                iface, _, hi, lo, caplen, wire = struct.unpack_from(order + "HHIIII", buf, body)
-            data_off = body + 20
-            if iface >= len(ifaces):
-                self._fail(f"corrupt packet {n} at byte offset {off}: interface {iface} was never described")
-                return None
-            if data_off + caplen > end:
-                self._fail(f"corrupt packet {n} at byte offset {off}: captured length {caplen} "
-                           f"does not fit in its {end - body + 12}-byte block")
-                return None
-            _, units, tsoffset, _ = ifaces[iface]
-            ts = ((hi << 32) | lo) * units + tsoffset
-        if iface >= len(ifaces):
-            self._fail(f"corrupt packet {n} at byte offset {off}: no interface description before it")
-            return None
-        return ts, buf[data_off:data_off + caplen], wire, ifaces[iface][0]
+            if iface.snaplen:
+                caplen = min(caplen, iface.snaplen)
+            return ts, buf[data_off:data_off + caplen], wire, iface.linktype
+        if block.btype == 6:
+            index, hi, lo, caplen, wire = struct.unpack_from(order + "IIIII", buf, body)
+            lost = None
+        else:  # the obsolete Packet Block: its 16-bit drops count is 0xFFFF when unknown
+            index, lost, hi, lo, caplen, wire = struct.unpack_from(order + "HHIIII", buf, body)
+            lost = None if lost == 0xFFFF else lost
+        data_off = body + 20
+        if index >= len(ifaces):
+            return self._block_fail(block, f"packet {self.records + 1} names interface {index}, "
+                                           f"which was never described")
+        if data_off + caplen > end:
+            return self._block_fail(block, f"packet {self.records + 1}'s captured length {caplen} does not "
+                                           f"fit in its {end + 4 - block.start}-byte block")
+        iface = ifaces[index]
+        opts = data_off + ((caplen + 3) & ~3)
+        if block.btype == 6 and opts + 4 <= end:  # options after the data: epb_dropcount (4)
+            for code, val, length in _options(buf, opts, end, order):
+                if code == 4 and length == 8:
+                    lost = struct.unpack_from(order + "Q", buf, val)[0]
+        if lost is not None:
+            iface.epb_drops = (iface.epb_drops or 0) + lost
+        ts = ((hi << 32) | lo) * iface.units + iface.tsoffset
+        return ts, buf[data_off:data_off + caplen], wire, iface.linktype
+
+    def _isb(self, buf: mmap.mmap, block: _Block, sec: _Section) -> bool | None:
+        """Interface Statistics Block: keep the latest isb_ifdrop (5) + isb_osdrop (7) of its interface."""
+        (index,) = struct.unpack_from(block.order + "I", buf, block.body)
+        if index >= len(sec.ifaces):
+            return self._block_fail(block, f"statistics for interface {index}, which was never described")
+        drops = None
+        for code, val, length in _options(buf, block.body + 12, block.end, block.order):
+            if code in (5, 7) and length == 8:
+                drops = (drops or 0) + struct.unpack_from(block.order + "Q", buf, val)[0]
+        if drops is not None:  # the counters run from the start of the capture: the latest block has them all
+            sec.ifaces[index].isb_drops = drops
+        return None
+
+    def _end_section(self, sec: _Section) -> None:
+        """Add the drops a finished section's interfaces reported to capturer_drops."""
+        for iface in sec.ifaces:
+            lost = iface.drops()
+            if lost is not None:
+                self.capturer_drops = (self.capturer_drops or 0) + lost
+        sec.ifaces = []
+
+
+SHB_TYPE = 0x0A0D0D0A
+SHB_BOMS = {b"\x4d\x3c\x2b\x1a": "<", b"\x1a\x2b\x3c\x4d": ">"}
+BLOCK_NAMES = {SHB_TYPE: "section header", 1: "interface description", 2: "packet (obsolete)",
+               3: "simple packet", 5: "interface statistics", 6: "enhanced packet"}
+# The smallest length of each block type: 12 bytes of framing plus its fixed fields.
+BLOCK_MIN = {SHB_TYPE: 28, 1: 20, 2: 32, 3: 16, 5: 24, 6: 32}
+
+
+def _block_what(btype: int, number: int, off: int) -> str:
+    """'enhanced packet block 7 (type 6) at byte offset 1234': how an error names a block."""
+    name = BLOCK_NAMES.get(btype, "unknown")
+    return f"{name} block {number} (type {btype:#x}) at byte offset {off}"
+
+
+def _options(buf, p: int, end: int, order: str) -> Iterator[tuple[int, int, int]]:
+    """(code, value offset, value length) of the pcapng options in [p, end), up to opt_endofopt or damage."""
+    u16s = struct.Struct(order + "HH").unpack_from
+    while p + 4 <= end:
+        code, length = u16s(buf, p)
+        if code == 0 or p + 4 + length > end:
+            return
+        yield code, p + 4, length
+        p += 4 + ((length + 3) & ~3)
+
+
+@dataclass
+class _Interface:
+    """What a pcapng Interface Description Block says, and the drops the file reports for it."""
+
+    linktype: int
+    units: float
+    tsoffset: float
+    snaplen: int
+    isb_drops: int | None = None  # isb_ifdrop + isb_osdrop of its latest statistics block
+    epb_drops: int | None = None  # the sum of its packets' epb_dropcount
+
+    def drops(self) -> int | None:
+        """The packets this interface's capturer lost, as the file says (None: it says nothing)."""
+        known = [d for d in (self.isb_drops, self.epb_drops) if d is not None]
+        return max(known) if known else None  # both count the same losses: never add them
+
+
+@dataclass
+class _Section:
+    """A pcapng section's state: byte order, interfaces, last timestamp (for Simple Packet Blocks)."""
+
+    order: str = "<"
+    ifaces: list[_Interface] = field(default_factory=list)
+    last_ts: float = 0.0
+
+
+@dataclass
+class _Block:
+    """A framed pcapng block: its type, number in the file, start, body and end (before the trailer)."""
+
+    btype: int
+    number: int
+    start: int
+    body: int
+    end: int
+    order: str
 
 
 def _close(buf: mmap.mmap) -> None:
@@ -506,6 +622,8 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_PROMISC = 1
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
 TP_STATUS_USER = 1
@@ -516,7 +634,7 @@ ARPHRD_LOOPBACK = 772
 
 # struct tpacket3_hdr (48 bytes, then struct sockaddr_ll) is read with numpy in LiveRing._batch:
 # tp_next_offset +0, tp_sec +4, tp_nsec +8, tp_snaplen +12, tp_len +16, tp_status +20, tp_mac +24,
-# tp_net +26, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
+# tp_net +26, tp_vlan_tci +32, sll_protocol +50 (network order), sll_hatype +56; all native byte order otherwise.
 BLOCK_STATUS = struct.Struct("=III")  # block_status, num_pkts, offset_to_first_pkt (at +8)
 DRAIN_S = 0.25  # after stop(), how long the capture thread keeps taking ring blocks before it leaves
 
@@ -538,23 +656,113 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def compile_bpf(expr: str, linktype: int) -> list[tuple[int, int, int, int]]:
-    """Compile a BPF expression with libpcap (through Scapy); raise CaptureError with its complaint."""
-    try:
-        from scapy.arch.common import compile_filter
-        from scapy.error import Scapy_Exception
-    except ImportError as exc:  # pragma: no cover
-        raise CaptureError(f"cannot compile BPF filters: {exc}") from exc
-    dlt = 12 if linktype in (LINKTYPE_RAW, LINKTYPE_COOKED) else linktype  # 12: libpcap's DLT_RAW
-    try:
-        prog = compile_filter(expr, linktype=dlt)
-    except (Scapy_Exception, ImportError, OSError) as exc:
-        msg = str(exc)
-        if "libpcap" in msg and "not available" in msg:
-            msg += " (install Debian's libpcap0.8)"
-        raise CaptureError(f"bad BPF filter: {msg}") from exc
-    return [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
-             prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
+DLT_EN10MB = 1
+DLT_LINUX_SLL2 = 276
+SLL2_HDR_LEN = 20
+SKF_AD_PROTOCOL = 0
+PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
+BPF_CLASS_LD, BPF_CLASS_LDX = 0x00, 0x01
+BPF_MODES_WITH_OFFSET = (0x20, 0x40, 0xA0)  # BPF_ABS, BPF_IND, BPF_MSH
+_pcap_lock = threading.Lock()  # libpcap's compiler keeps global state in older versions
+_libpcap: list[ctypes.CDLL | None] = []
+
+
+class _BpfProgram(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_SockFilter))]
+
+
+def _pcap_library() -> ctypes.CDLL:
+    """libpcap (Debian's libpcap0.8), with the signatures used here; CaptureError when it is missing."""
+    if not _libpcap:
+        name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            lib = None
+        if lib is not None:
+            vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+            for fn, res, args in (("pcap_open_dead", vp, [i, i]), ("pcap_create", vp, [cp, cp]),
+                                  ("pcap_set_snaplen", i, [vp, i]), ("pcap_set_buffer_size", i, [vp, i]),
+                                  ("pcap_activate", i, [vp]), ("pcap_datalink", i, [vp]),
+                                  ("pcap_compile", i, [vp, ctypes.POINTER(_BpfProgram), cp, i, ctypes.c_uint32]),
+                                  ("pcap_geterr", cp, [vp]), ("pcap_freecode", None, [ctypes.POINTER(_BpfProgram)]),
+                                  ("pcap_close", None, [vp]),
+                                  ("pcap_lookupnet", i, [cp, ctypes.POINTER(ctypes.c_uint32),
+                                                         ctypes.POINTER(ctypes.c_uint32), cp])):
+                getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+        _libpcap.append(lib)
+    if _libpcap[0] is None:
+        raise CaptureError("cannot compile BPF filters: libpcap is not available (install Debian's libpcap0.8)")
+    return _libpcap[0]
+
+
+def _open_handle(lib: ctypes.CDLL, iface: str | None, linktype: int, snaplen: int) -> int:
+    """A libpcap handle to compile with: a live one on `iface` when it can be activated (it has the
+    Linux code generator's VLAN handling: the kernel takes the tag out of the frame, so `vlan` must
+    test the packet's metadata), else a dead one of `linktype` (enough to check the syntax)."""
+    if iface is not None:
+        errbuf = ctypes.create_string_buffer(256)
+        live = lib.pcap_create(iface.encode(), errbuf)
+        if live:
+            lib.pcap_set_snaplen(live, snaplen)
+            lib.pcap_set_buffer_size(live, 1 << 18)  # the handle only compiles: a small ring
+            if lib.pcap_activate(live) >= 0 and lib.pcap_datalink(live) == linktype:
+                return live
+            lib.pcap_close(live)
+    return lib.pcap_open_dead(linktype, snaplen)
+
+
+def compile_bpf(expr: str, linktype: int, snaplen: int = DEFAULT_MAX_CAPLEN,
+                iface: str | None = None) -> list[tuple[int, int, int, int]]:
+    """Compile a BPF expression with libpcap for our socket, as tcpdump would: Ethernet (on a live handle
+    of `iface` when given, for VLAN tags), or cooked (Linux cooked v2, as tcpdump -i any, with its
+    header's loads mapped to the kernel's metadata); accepted packets are cut to `snaplen`."""
+    lib = _pcap_library()
+    cooked = linktype == LINKTYPE_COOKED
+    dlt = DLT_LINUX_SLL2 if cooked else DLT_EN10MB
+    netmask = PCAP_NETMASK_UNKNOWN
+    if iface and iface != "any":
+        net, mask = ctypes.c_uint32(), ctypes.c_uint32()
+        if lib.pcap_lookupnet(iface.encode(), ctypes.byref(net), ctypes.byref(mask),
+                              ctypes.create_string_buffer(256)) == 0:
+            netmask = mask.value
+    with _pcap_lock:
+        handle = _open_handle(lib, None if cooked else iface, dlt, snaplen)
+        if not handle:
+            raise CaptureError("cannot compile BPF filters: libpcap could not open a handle")
+        prog = _BpfProgram()
+        try:
+            if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, netmask) != 0:
+                raise CaptureError(f"bad BPF filter: {lib.pcap_geterr(handle).decode(errors='replace')}")
+            insns = [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf,
+                      prog.bf_insns[i].k & 0xFFFFFFFF) for i in range(prog.bf_len)]
+            lib.pcap_freecode(ctypes.byref(prog))
+        finally:
+            lib.pcap_close(handle)
+    return _cooked_offsets(insns, expr) if cooked else insns
+
+
+def _cooked_offsets(insns: list[tuple[int, int, int, int]], expr: str) -> list[tuple[int, int, int, int]]:
+    """Rewrite a Linux-cooked-v2 program for a SOCK_DGRAM socket, whose packets start at the network
+    header, as libpcap does (pcap-linux.c, fix_offset): header fields become the kernel's metadata."""
+    out = []
+    for code, jt, jf, k in insns:
+        if code & 0x07 in (BPF_CLASS_LD, BPF_CLASS_LDX) and code & 0xE0 in BPF_MODES_WITH_OFFSET:
+            signed = k - (1 << 32) if k & 0x80000000 else k
+            if signed >= SLL2_HDR_LEN:
+                k = signed - SLL2_HDR_LEN
+            elif signed == 0:  # the protocol field
+                k = (SKF_AD_OFF + SKF_AD_PROTOCOL) & 0xFFFFFFFF
+            elif signed == 4:  # the interface index
+                k = (SKF_AD_OFF + SKF_AD_IFINDEX) & 0xFFFFFFFF
+            elif signed == 10:  # the packet type
+                k = (SKF_AD_OFF + SKF_AD_PKTTYPE) & 0xFFFFFFFF
+            elif signed > 0:
+                raise CaptureError(f"bad BPF filter for a cooked capture: {expr!r} reads link-layer header "
+                                   f"bytes the kernel cannot filter on (tcpdump filters those in user space); "
+                                   f"capture on one Ethernet interface instead")
+        out.append((code, jt, jf, k))
+    return out
 
 
 def iface_linktype(iface: str) -> int:
@@ -569,7 +777,8 @@ def validate_bpf(expr: str, iface: str = "any") -> str | None:
     if not expr.strip():
         return None
     try:
-        compile_bpf(expr, iface_linktype(iface))
+        # A dead handle: no capture privilege needed. No interface means the default route's, as at Start.
+        compile_bpf(expr, iface_linktype(iface or default_interface()))
     except CaptureError as exc:
         return str(exc)
     return None
@@ -603,6 +812,17 @@ def _attach(sock: socket.socket, insns: list[tuple[int, int, int, int]]) -> None
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
 
 
+def _bind(sock: socket.socket, ifindex: int) -> None:
+    """Bind a packet socket to one interface, or with ifindex 0 to all of them (`any`), for ETH_P_ALL.
+
+    Python's bind() looks the interface up by name, so it cannot say "all interfaces"; libc's can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = struct.pack("=HHiHBB8s", socket.AF_PACKET, socket.htons(ETH_P_ALL), ifindex, 0, 0, 0, b"")
+    if libc.bind(sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _arphrd(name: str) -> int:
     try:
         with open(f"/sys/class/net/{name}/type", encoding="ascii") as fh:
@@ -612,7 +832,7 @@ def _arphrd(name: str) -> int:
 
 
 PRIVILEGE_HELP = ("capture needs root or the CAP_NET_RAW capability: run `sudo streamlit run dashboard.py`, "
-                  "or grant it once with `sudo setcap cap_net_raw,cap_net_admin+eip {python}`")
+                  "or grant it once with `sudo setcap cap_net_raw+eip {python}`")
 
 
 def privilege_message() -> str:
@@ -624,7 +844,7 @@ class LiveRing:
     """A TPACKET_V3 capture socket on one interface (or `any`), with its mmap'ed ring."""
 
     def __init__(self, iface: str, bpf: str = "", *, block_size: int = 1 << 20, block_nr: int = 64,
-                 snaplen: int = DEFAULT_MAX_CAPLEN, block_timeout_ms: int = 50) -> None:
+                 snaplen: int = DEFAULT_MAX_CAPLEN, block_timeout_ms: int = 50, promisc: bool = True) -> None:
         if not interface_exists(iface):
             avail = ", ".join(list_interfaces())
             raise CaptureError(f"unknown interface {iface!r}; available: {avail}")
@@ -634,7 +854,10 @@ class LiveRing:
         self.linktype = iface_linktype(iface)
         self.cooked = self.linktype == LINKTYPE_COOKED
         self.snaplen = snaplen
-        insns = compile_bpf(bpf, self.linktype) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
+        # As libpcap: every interface but `any` (where it means nothing) joins promiscuously unless told
+        # not to, so a mirror port's traffic is seen; the kernel leaves the mode when the socket closes.
+        self.promisc = promisc and iface != "any"
+        insns = compile_bpf(bpf, self.linktype, snaplen, iface) if bpf.strip() else [(BPF_RET_K, 0, 0, snaplen)]
         lo_index = interface_index("lo")
         if iface in ("lo", "any") and lo_index:
             insns = _loopback_prefix(lo_index) + insns
@@ -642,7 +865,7 @@ class LiveRing:
         try:
             # Protocol 0: the socket receives nothing until bind() names the interface and
             # ETH_P_ALL, so no packet of another interface slips into the ring in between.
-            self.sock = socket.socket(socket.AF_PACKET, kind, 0)
+            self.sock = broker.packet_socket(kind, iface)  # after a drop from root, the broker opens it
         except PermissionError as exc:
             raise CaptureError(privilege_message()) from exc
         try:
@@ -672,7 +895,13 @@ class LiveRing:
         self.block_timeout_ms = block_timeout_ms
         self.ring = mmap.mmap(s.fileno(), block_size * block_nr, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)
-        s.bind((self.iface if self.iface != "any" else "", ETH_P_ALL))
+        ifindex = 0 if self.iface == "any" else interface_index(self.iface)
+        if self.iface != "any" and not ifindex:  # 0 would mean every interface
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        _bind(s, ifindex)
+        if self.promisc:
+            mreq = struct.pack("=iHH8s", interface_index(self.iface), PACKET_MR_PROMISC, 0, b"")
+            s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         self._poll = select.poll()
         self._poll.register(s.fileno(), select.POLLIN | select.POLLERR)
         self._block = 0
@@ -741,16 +970,18 @@ class LiveRing:
         ts = u32[(h + 4) // 4] + u32[(h + 8) // 4] * 1e-9
         snap = u32[(h + 12) // 4].astype(np.int64)
         wire = u32[(h + 16) // 4].astype(np.int64)
+        tagged = (u32[(h + 20) // 4] & TP_STATUS_VLAN_VALID) != 0
+        vlan = np.where(tagged, u32[(h + 32) // 4].astype(np.int64) & 0x0FFF, -1)
         if self.cooked:
             # Cooked records start at the network header; the EtherType rides along in the
             # linktype, and the wire length gets back the Ethernet header it had on the wire.
             proto = (u8[h + 50].astype(np.int64) << 8) | u8[h + 51]
             hatype = u16[(h + 56) // 2]
-            wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0)
-            return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto)
+            wire += np.where((hatype == ARPHRD_ETHER) | (hatype == ARPHRD_LOOPBACK), 14, 0) + np.where(tagged, 4, 0)
+            return RawBatch(u8, h + u16[(h + 26) // 2], snap, wire, ts, COOKED_BASE | proto, vlan)
         # The kernel strips an 802.1Q tag that was on the wire and reports it beside the packet.
-        wire += np.where(u32[(h + 20) // 4] & TP_STATUS_VLAN_VALID, 4, 0)
-        return RawBatch(u8, h + u16[(h + 24) // 2], snap, wire, ts, np.full(len(h), self.linktype, np.int64))
+        wire += np.where(tagged, 4, 0)
+        return RawBatch(u8, h + u16[(h + 24) // 2], snap, wire, ts, np.full(len(h), self.linktype, np.int64), vlan)
 
     def _raise_socket_error(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

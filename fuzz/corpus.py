@@ -33,6 +33,10 @@ def built_frames() -> list[tuple[int, bytes]]:
         (101, bytes(ip)), (228, bytes(ip)), (229, bytes(v6)), (0, struct.pack("<I", 2) + bytes(ip)),
         (108, struct.pack(">I", 30) + bytes(v6)), (9, bytes(PPP(proto=0x21) / ip)), (226, bytes(24) + bytes(ip)),
         (104, b"\x0f\x00\x08\x00" + bytes(ip)), (COOKED_BASE | 0x0800, bytes(ip)), (1, b""),
+        # Fragments (ip_id, frag) and tags (vlan): a first and a later IPv4 fragment under a tag, a later IPv6 one.
+        (1, bytes(eth / Dot1Q(vlan=100) / IP(id=77, flags="MF") / UDP() / (b"x" * 16))),
+        (1, bytes(eth / Dot1Q(vlan=4095) / IP(id=77, frag=2) / (b"x" * 16))),
+        (1, bytes(eth / IPv6() / IPv6ExtHdrFragment(id=0xABCDEF01, offset=9, m=1) / (b"y" * 16))),
     ]
     # IPv6 extension headers that chain into each other as far as the frame goes.
     chain = bytes(IPv6(nh=0, plen=0)) + b"".join(bytes([0, 0]) + bytes(6) for _ in range(50))

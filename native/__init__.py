@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent  # the C sources sit beside this loader
 BUILD_DIR = Path(__file__).resolve().parent.parent / ".build"  # inside the project: never a shared /tmp
 _lock = threading.Lock()
+RECORD_SIZE = 86  # bytes per packed PACKET_DTYPE record, as fastparse.c and grouprows.c read it
 _loaded: dict[str, Any] = {}  # function name -> the function with its signature, or None
 
 
@@ -163,7 +164,7 @@ def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:
     """native/fastparse.c on a RawBatch: (records of `dtype` without their direction, which rows
     it completed), or None when the library is not available."""
     fn = function("ntm_parse_fast")
-    if fn is None or dtype.itemsize != 78:
+    if fn is None or dtype.itemsize != RECORD_SIZE:
         return None
     n = len(batch)
     cols = [np.ascontiguousarray(getattr(batch, name), dt) for name, dt in
@@ -212,9 +213,9 @@ def minmax_at(idx: np.ndarray, lows: np.ndarray, highs: np.ndarray, mins: np.nda
 
 
 def conv_keys(records: np.ndarray) -> np.ndarray | None:
-    """native/grouprows.c: the (n, 42) uint8 conversation keys of contiguous 78-byte packed records, or None."""
+    """native/grouprows.c: the (n, 42) uint8 conversation keys of contiguous 86-byte packed records, or None."""
     fn = function("ntm_conv_keys")
-    if fn is None or records.dtype.itemsize != 78:
+    if fn is None or records.dtype.itemsize != RECORD_SIZE:
         return None
     records = np.ascontiguousarray(records)
     out = np.empty((len(records), 42), np.uint8)
@@ -223,10 +224,10 @@ def conv_keys(records: np.ndarray) -> np.ndarray | None:
 
 
 def flow_keys(records: np.ndarray, ports: int, idx: np.ndarray | None = None) -> np.ndarray | None:
-    """native/grouprows.c: the (n, 44) uint8 flow keys of 78-byte packed records (of records[idx]
+    """native/grouprows.c: the (n, 44) uint8 flow keys of 86-byte packed records (of records[idx]
     when idx is given; ports as analysis.detect.flow_keys_numpy takes it), or None."""
     fn = function("ntm_flow_keys")
-    if fn is None or records.dtype.itemsize != 78:
+    if fn is None or records.dtype.itemsize != RECORD_SIZE:
         return None
     records = np.ascontiguousarray(records)
     n = len(records)

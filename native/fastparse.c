@@ -3,12 +3,16 @@
  * first use by native.py; the numpy fast path in headers.py is the reference, and a test keeps
  * the two byte-for-byte identical. Frames it leaves (done[i] = 0) go to the scalar parser.
  *
- * Writes PACKET_DTYPE records (78 bytes, little-endian, packed) except the direction, which the
- * caller fills in. Only header fields are read; no payload byte is ever copied. */
+ * Writes PACKET_DTYPE records (86 bytes, little-endian, packed) except the direction, which the
+ * caller fills in. Only header fields are read; no payload byte is ever copied.
+ * Offsets: ts 0, wire_len 8, cap_len 12, cls 16, ipver 17, proto 18, ethertype 20, src 22, dst 38,
+ * sport 54, dport 58, tcp_flags 62, icmp_type 64, icmp_code 66, arp_op 68, hw_src 70, vlan 76,
+ * ip_id 78, frag 82, malformed 84, direction 85. */
 #include <stdint.h>
 #include <string.h>
 
-#define REC 78
+#define REC 86
+#define MALFORMED 84
 #define COOKED_BASE 0x10000
 enum { TCP, UDP, ICMP, ICMPV6, OTHER_IP, NON_IP };
 
@@ -47,7 +51,7 @@ static void transport(uint8_t *r, const uint8_t *buf, int64_t l4, int64_t pend, 
     put16(r + 62, flags);
     put16(r + 64, itype);
     put16(r + 66, icode);
-    r[76] = (tcp && avail < 20) || (udp && avail < 8) || (icmp && avail < 4);
+    r[MALFORMED] = (tcp && avail < 20) || (udp && avail < 8) || (icmp && avail < 4);
 }
 
 static void v4_addr(uint8_t *dst, const uint8_t *src) {
@@ -75,6 +79,7 @@ static int parse_one(uint8_t *r, const uint8_t *buf, int64_t off, int64_t cap, i
     et = cooked ? (unsigned)(lt - COOKED_BASE) : be16(buf + off + 12);
     for (int k = 0; k < 2; k++) {
         if (is_vlan(et) && net + 4 <= end) {
+            if (k == 0) put16(r + 76, (int)(be16(buf + net) & 0x0FFF)); /* the outermost tag's VID */
             et = be16(buf + net + 2);
             net += 4;
         }
@@ -87,7 +92,10 @@ static int parse_one(uint8_t *r, const uint8_t *buf, int64_t off, int64_t cap, i
         if (vh >> 4 != 4 || ihl < 20 || net + ihl > end) return 0;
         int proto = buf[net + 9];
         int64_t total = be16(buf + net + 2);
-        int first = (be16(buf + net + 6) & 0x1FFF) == 0;
+        unsigned frag = be16(buf + net + 6);
+        int first = (frag & 0x1FFF) == 0;
+        put32(r + 78, be16(buf + net + 4));  /* IPv4 Identification */
+        put16(r + 82, (int)(frag & 0x3FFF)); /* MF and the offset */
         int64_t pend = total >= ihl ? (end < net + total ? end : net + total) : end;
         r[16] = (uint8_t)class_of(proto);
         r[17] = 4;
@@ -114,7 +122,7 @@ static int parse_one(uint8_t *r, const uint8_t *buf, int64_t off, int64_t cap, i
         int whole = ipv4 && net + 28 <= end;
         non_ip(r);
         put16(r + 68, (int)be16(buf + net + 6));
-        r[76] = ipv4 && !whole;
+        r[MALFORMED] = ipv4 && !whole;
         if (whole) {
             v4_addr(r + 22, buf + net + 14);
             v4_addr(r + 38, buf + net + 24);

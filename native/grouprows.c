@@ -8,6 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define REC 86 /* bytes per packed PACKET_DTYPE record (analysis/headers.py) */
+
 /* Two independent multiply chains, so wide keys (42, 44 bytes) do not wait on one long chain.
  * Always inlined, so the loops below are compiled once per common key width (see WIDTHS): with a
  * constant width the byte copies become plain loads instead of calls to memcpy. */
@@ -142,7 +144,7 @@ static void put_be32(uint8_t *p, int32_t v) {
 
 void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *r = recs + i * 78;
+        const uint8_t *r = recs + i * REC;
         uint8_t *k = out + i * 42;
         int32_t sport, dport;
         int16_t proto;
@@ -167,7 +169,7 @@ void ntm_conv_keys(const uint8_t *recs, int64_t n, uint8_t *out) {
  * With idx, the n keys are those of records idx[0..n). */
 void ntm_flow_keys(const uint8_t *recs, int64_t n, int ports, const int64_t *idx, uint8_t *out) {
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *r = recs + (idx ? idx[i] : i) * 78;
+        const uint8_t *r = recs + (idx ? idx[i] : i) * REC;
         uint8_t *k = out + i * 44;
         int32_t sport, dport;
         uint16_t flags;

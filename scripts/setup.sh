@@ -20,7 +20,15 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# Debian's interpreter first: after the privilege drop the dashboard runs as an unprivileged user,
+# who must be able to read the interpreter the venv points at (a pyenv under /root is mode 700).
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  PY=python3
+  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    PY=/usr/bin/python3
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($PY --version)"
   "$PY" -m venv .venv

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import subprocess
 
@@ -12,11 +12,15 @@ from conftest import PYTHON, ROOT, need
 BENCH = ROOT / "benchmarks"
 
 
-def run_short(script: str, timeout: int = 300) -> str:
-    out = subprocess.run([PYTHON, str(BENCH / script), "--short"], cwd=BENCH, capture_output=True, text=True,
+def run_short(script: str, timeout: int = 300, args: tuple[str, ...] = ("--short",), status: int = 0) -> str:
+    out = subprocess.run([PYTHON, str(BENCH / script), *args], cwd=BENCH, capture_output=True, text=True,
                          timeout=timeout)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode == status, out.stdout + out.stderr
     return out.stdout
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
 
 
 def test_file_ingest_short():
@@ -27,7 +31,13 @@ def test_file_ingest_short():
 
 def test_refresh_short():
     out = run_short("refresh.py")
-    assert "20,000" in out and "x" in out.splitlines()[-1]
+    rows = re.findall(r"^\s*([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, flags=re.M)
+    assert [int(number(r[0])) for r in rows] == [2_000, 20_000], out  # one row per buffer size asked for
+    for _, ours, seed, speedup in rows:
+        assert float(ours) > 0 and float(seed) > 0
+        # The speed-up is the ratio of the two timings it prints (each rounded to 0.1 ms).
+        low, high = (float(seed) - 0.05) / (float(ours) + 0.05), (float(seed) + 0.05) / max(float(ours) - 0.05, 1e-9)
+        assert low - 0.05 <= float(speedup) <= high + 0.05, (ours, seed, speedup)
 
 
 @pytest.mark.live
@@ -41,12 +51,33 @@ def test_live_capture_short(root_only):
 def test_memory_short(root_only):
     need(shutil.which("cc") is not None, "needs a C compiler for the sender")
     out = run_short("memory.py")
-    assert "full    20,000-packet buffer" in out and "RSS after warm-up" in out
-    assert os.geteuid() == 0
+    costs = re.findall(r"^full\s+([\d,]+)-packet buffer: \+\s*(-?[\d.]+) MB$", out, flags=re.M)
+    assert [int(number(n)) for n, _ in costs] == [2_000, 20_000], out
+    # The live part ran and lost nothing unaccounted: the sender's own count = counted + dropped.
+    sent, counted, dropped = map(number, re.search(r"^sent ([\d,]+), counted ([\d,]+), kernel dropped ([\d,]+)$",
+                                                   out, flags=re.M).groups())
+    assert sent > 0 and sent == counted + dropped, out
+    low, high, spread = map(float, re.search(r"RSS after warm-up: min ([\d.]+) MB, max ([\d.]+) MB, "
+                                             r"spread ([\d.]+) %", out).groups())
+    assert low <= high and abs(spread - (high - low) / low * 100) < 0.1
 
 
 @pytest.mark.live
 def test_soak_short(root_only):
     need(shutil.which("cc") is not None, "needs a C compiler for the sender")
-    out = run_short("soak.py")  # exits 1 unless sent = counted + dropped and the page raised nothing
-    assert ": exact" in out and "page exceptions 0" in out and "greatest thread count" in out
+    # exits 1 unless sent = counted + dropped, the page raised nothing, RSS grew at most 5 % after the
+    # warm-up and the threads stayed within their bound
+    out = run_short("soak.py")
+    assert ": exact" in out and "page exceptions 0" in out
+    assert re.search(r"growth [+-][\d.]+ % \(bound 5 %\): ok", out) and re.search(r"\(bound 16\): ok", out), out
+
+
+@pytest.mark.live
+def test_soak_fails_when_its_bounds_are_broken(root_only):
+    need(shutil.which("cc") is not None, "needs a C compiler for the sender")
+    # Bounds no process can meet: fewer threads than the capture itself uses, and RSS that must shrink.
+    out = run_short("soak.py", args=("--seconds", "6", "--warmup-s", "2", "--max-threads", "1",
+                                     "--rss-growth-pct", "-1"), status=1)
+    assert ": exact" in out and "page exceptions 0" in out  # every other check held
+    assert re.search(r"growth [+-][\d.]+ % \(bound -1 %\): FAIL", out), out
+    assert re.search(r"greatest thread count \d+ \(bound 1\): FAIL", out), out

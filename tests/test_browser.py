@@ -34,23 +34,24 @@ def free_port() -> int:
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, wait, then SIGKILL."""
+    """SIGTERM, wait (a loaded machine may need seconds to shut Streamlit down), then SIGKILL."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(5)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
 
 
 @contextmanager
-def dashboard(args: list[str], log_path: Path, **settings: str) -> Iterator[str]:
+def dashboard(args: list[str], log_path: Path, env_extra: dict[str, str] | None = None,
+              **settings: str) -> Iterator[str]:
     """`streamlit run dashboard.py -- ARGS` on its own port, every log line kept in log_path."""
     need(os.path.exists(CHROMIUM), "Debian's chromium is not installed (apt-get install chromium)")
     port = free_port()
     env = {**os.environ, "NTM_REFRESH_S": "2", "NTM_LOG_LEVEL": "DEBUG",
-           **{"NTM_" + k: v for k, v in settings.items()}}
+           **{"NTM_" + k: v for k, v in settings.items()}, **(env_extra or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(ROOT / ".venv/bin/streamlit"), "run", "dashboard.py", "--server.port",
                                  str(port), "--server.headless", "true", "--logger.level", "debug", "--", *args],
@@ -221,3 +222,44 @@ def test_browser_shows_crafted_markup_as_text(tmp_path):
         assert packets(page) == 50  # the capture went on with the same file
         browser.close()
     assert_no_marker((tmp_path / "server.log").read_bytes())
+
+
+def test_browser_upload_replaced_deleted_and_folder_gone_at_exit(tmp_path):
+    """Uploads through the real widget: the file is kept while it is the page's upload, deleted when
+    another replaces it, and the whole upload folder is deleted when the server is stopped (SIGTERM)."""
+    from playwright.sync_api import sync_playwright
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    start = tmp_path / "start.pcap"
+    start.write_bytes(pcap_bytes([(1_700_000_000.0, bytes(Ether() / IP() / UDP()))]))
+    files = {}
+    for name, n in (("first.pcap", 5), ("second.pcap", 7)):
+        files[name] = tmp_path / name
+        files[name].write_bytes(pcap_bytes([(1_700_000_000 + i, bytes(Ether() / IP() / UDP(dport=53)))
+                                            for i in range(n)]))
+
+    def kept() -> list[str]:
+        return sorted(p.name.split("-", 5)[-1] for p in tmp.glob("ntm-uploads-*/*"))
+
+    with dashboard(["--pcap", str(start)], tmp_path / "server.log", env_extra={"TMPDIR": str(tmp)}) as url, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 1800})
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        uploader = page.locator('[data-testid="stSidebar"] input[type="file"]')
+        uploader.set_input_files(str(files["first.pcap"]))
+        assert wait_for(lambda: kept() == ["first.pcap"], 15), kept()
+        page.get_by_role("button", name="Start").click()
+        assert wait_for(lambda: packets(page) == 5, 15)
+        uploader.set_input_files(str(files["second.pcap"]))
+        assert wait_for(lambda: kept() == ["second.pcap"], 15), kept()  # the replaced upload is gone
+        page.get_by_role("button", name="Start").click()
+        assert wait_for(lambda: packets(page) == 7, 15)
+        assert len(list(tmp.glob("ntm-uploads-*"))) == 1
+        browser.close()
+    # Deleted when the server stopped (Streamlit exits through its atexit handlers on SIGTERM).
+    assert not list(tmp.glob("ntm-uploads-*")), (tmp_path / "server.log").read_text()[-3000:]

@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 from conftest import ROOT, need, wait_for
 
@@ -94,12 +93,15 @@ def test_twenty_readers_at_50k_per_second(root_only, tmp_path):
         sent = int(subprocess.run([sender_bin, str(port), str(RATE), str(SECONDS), str(PAYLOAD), "1"],
                                   capture_output=True, text=True, check=True, timeout=SECONDS + 30).stdout)
         time.sleep(0.5)  # the last partly filled ring block times out into the engine
-        began = time.monotonic()
         engine.stop()  # while the twenty readers are still at it
-        took = time.monotonic() - began
-        stopped = engine.status()
         # The thread may still be finishing its last batch, starved of the GIL: it must end by itself.
         ended = wait_for(lambda: not engine.status().alive, timeout=15)
+        # Once it has ended, nothing sent afterwards may be counted.
+        frozen = engine.snapshot().totals["packets"]
+        subprocess.run([sender_bin, str(port), "10000", "1", str(PAYLOAD), "1"], capture_output=True, check=True,
+                       timeout=30)
+        time.sleep(0.5)
+        after_stop = engine.snapshot().totals["packets"]
     finally:
         done.set()
         for t in readers:
@@ -109,10 +111,8 @@ def test_twenty_readers_at_50k_per_second(root_only, tmp_path):
     assert not failures, failures[:5]
     assert all(not t.is_alive() for t in readers), "a reader hung"
     assert min(checked) > 0, checked
-    assert took < 1.0, f"stop took {took:.2f} s under heavy reading"
-    assert stopped.state == "stopped", stopped
     assert ended, "the capture thread did not end after stop()"
+    assert after_stop == frozen, "packets sent after stop() were counted"
     t = engine.snapshot().totals
     assert t["packets"] > 0 and not consistency_errors(engine.snapshot())
     assert sent == t["packets"] + t["dropped"], (sent, t["packets"], t["dropped"])
-    assert np.isclose(sent, RATE * SECONDS, rtol=0.02), sent

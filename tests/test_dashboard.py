@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import socket
+import string
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import streamlit as st
 from conftest import PYTHON, ROOT
-from pcapgen import pcap_bytes
+from pcapgen import pcap_bytes, pcapng_bytes
 from streamlit.testing.v1 import AppTest
 from test_files import sample_frames
 
@@ -66,6 +69,11 @@ def figures(at: AppTest) -> dict[str, dict]:
         spec = json.loads(chart.proto.spec)
         out[spec["layout"]["title"]["text"]] = spec
     return out
+
+
+def rendered(markdown: str) -> str:
+    """What CommonMark shows for text whose punctuation is backslash-escaped."""
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def write_capture(tmp_path, name: str = "mix.pcap", frames=None) -> str:
@@ -143,7 +151,7 @@ def test_two_sessions_share_one_engine(fresh, tmp_path):
     one.sidebar.text_input(key="pcap_path").input("b.pcap")
     one.sidebar.button(key="start").click().run()
     two = run_until(two, lambda a: count(a) == 3)
-    assert count(two) == 3 and "b.pcap" in metric(two, "Status").proto.help
+    assert count(two) == 3 and "b.pcap" in rendered(metric(two, "Status").proto.help)
     two.sidebar.button(key="clear").click().run()
     one.run()
     assert count(one) == 0
@@ -243,7 +251,7 @@ def test_a_dead_capture_thread_is_shown(fresh, root_only):
     subprocess.run(["ping", "-c", "1", "127.0.0.1"], capture_output=True, check=True)
     at = run_until(at, lambda a: metric(a, "Status").value == "error"
                    and any("capture thread not running" in c.value for c in a.caption))
-    assert any("capture stopped: RuntimeError: injected fault" in e.value for e in at.error)
+    assert any("capture stopped: RuntimeError: injected fault" in rendered(e.value) for e in at.error)
 
 
 def test_access_password_guards_every_number(fresh, tmp_path):
@@ -268,4 +276,352 @@ def test_names_from_outside_show_as_text_not_markdown(fresh, tmp_path):
     fresh.setenv("NTM_PCAP", write_capture(tmp_path, "x_**bold**_<b>.pcap"))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     health = next(c.value for c in at.caption if "capture thread" in c.value)
-    assert r"x\_\*\*bold\*\*\_\<b\>.pcap" in health
+    assert r"x\_\*\*bold\*\*\_\<b\>\.pcap" in health
+
+
+def escaped(text: str) -> str:
+    """Every ASCII punctuation character backslash-escaped: CommonMark then shows the text as it is."""
+    return "".join("\\" + c if c in string.punctuation else c for c in text)
+
+
+def test_status_tooltip_shows_hostile_text_as_plain_text(fresh, tmp_path):
+    name = "[click](javascript:alert(1)) **b** <img src=x> :red[r] $x$ www.evil.example.pcap"
+    path = write_capture(tmp_path, name)
+    fresh.setenv("NTM_PCAP", path)
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    tip = metric(at, "Status").proto.help
+    assert tip == escaped(f"file {path} (at once)")  # no Markdown construct survives an escaped punctuation
+    assert rendered(tip) == f"file {path} (at once)"  # and the viewer reads the name as it is
+
+
+# -- time zones ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def berlin(fresh):
+    """TZ=Europe/Berlin for the page (and for the C library, as a process that started with it)."""
+    fresh.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield fresh
+    fresh.undo()
+    time.tzset()
+
+
+def test_times_follow_daylight_saving_on_both_sides_of_a_change(berlin, tmp_path):
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    frame = bytes(Ether() / IP(src="10.7.0.1", dst="10.7.0.2") / UDP(sport=5353, dport=5353))
+    # Berlin: CET (+1) until 2023-03-26 01:00 UTC, CEST (+2) until 2023-10-29 01:00 UTC, then CET again.
+    utc = ["2023-03-26 00:30:00", "2023-03-26 01:30:00", "2023-10-29 00:30:00", "2023-10-29 02:00:00"]
+    berlin_wall = ["2023-03-26 01:30:00.000", "2023-03-26 03:30:00.000",
+                   "2023-10-29 02:30:00.000", "2023-10-29 03:00:00.000"]
+    stamps = [pd_ts(u) for u in utc]
+    berlin.setenv("NTM_PCAP", write_capture(tmp_path, "dst.pcap", frames=[(t, frame) for t in stamps]))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert not at.exception
+    conv, recent = at.dataframe
+    assert recent.value["time"].tolist() == berlin_wall[::-1]  # newest first
+    assert (conv.value.iloc[0]["first seen"], conv.value.iloc[0]["last seen"]) == (berlin_wall[0], berlin_wall[-1])
+
+
+def pd_ts(utc: str) -> float:
+    """Epoch seconds of a UTC wall time, computed by the standard library (not by the code under test)."""
+    from datetime import UTC, datetime
+
+    return datetime.strptime(utc, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp()
+
+
+# -- timestamps beyond any calendar ----------------------------------------------------------------
+
+FAR = 2 ** 64 / 1e6 - 10  # the largest microsecond pcapng timestamp, ~584,000 years after 1970
+
+
+def far_capture(tmp_path, far_last: bool) -> str:
+    frames = [(ts, data, 0) for ts, data in sample_frames()]
+    frames.insert(len(frames) if far_last else 3, (FAR, frames[0][1], 0))
+    path = tmp_path / ("far-last.pcapng" if far_last else "far.pcapng")
+    path.write_bytes(pcapng_bytes(frames, [1]))
+    return str(path)
+
+
+@pytest.mark.parametrize("far_last", [False, True])
+def test_timestamps_beyond_the_calendar_do_not_break_the_page(fresh, tmp_path, far_last):
+    fresh.setenv("NTM_PCAP", far_capture(tmp_path, far_last))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert not at.exception, at.exception
+    assert count(at) == 9
+    recent = at.dataframe[1].value
+    assert "1.84467e+13 s since 1970 (outside the calendar)" in recent["time"].tolist()
+    assert recent["time"].str.startswith("2023-11-14").sum() == 8
+    conv = at.dataframe[0].value
+    assert "1.84467e+13 s since 1970 (outside the calendar)" in conv["last seen"].tolist()
+    figs = figures(at)
+    assert {"Protocols by packets", "Traffic by capture time", "Top 10 sources"} <= set(figs)
+    if far_last:  # the window ends at the far packet: nothing to draw on a time axis, and the page says why
+        assert not figs["Traffic by capture time"]["data"]
+        assert any("outside any calendar" in c.value for c in at.caption)
+    else:
+        assert figs["Traffic by capture time"]["data"][0]["x"][-1].startswith("2023-11-14")
+
+
+# -- pause ----------------------------------------------------------------------------------------
+
+def test_only_a_paused_viewer_keeps_a_snapshot(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert "frozen" not in at.session_state  # a viewer that is not paused holds no copy of the buffer
+    at.sidebar.toggle(key="paused").set_value(True).run()
+    assert "frozen" in at.session_state and metric(at, "Status").value == "paused view"
+    at.sidebar.button(key="clear").click().run()
+    assert count(at) == 8  # the paused view still shows the moment it froze
+    at.sidebar.toggle(key="paused").set_value(False).run()
+    assert "frozen" not in at.session_state and count(at) == 0
+
+
+@pytest.mark.live
+def test_a_paused_view_keeps_the_rates_of_the_moment_it_froze(fresh, root_only):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    port = rx.getsockname()[1]
+    fresh.setenv("NTM_INTERFACE", "lo")
+    fresh.setenv("NTM_BPF_FILTER", f"udp dst port {port}")
+    fresh.setenv("NTM_RATE_WINDOW_S", "10")
+    at = app().run()
+    assert metric(at, "Status").value == "running", at.error
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(100):
+        tx.sendto(b"p", ("127.0.0.1", port))
+    at = run_until(at, lambda a: count(a) == 100)
+    time.sleep(1.5)  # the packets' second is whole: the rate window (ending 1 s ago) holds them
+    at.sidebar.toggle(key="paused").set_value(True).run()
+    frozen = (metric(at, "Packets/s").value, metric(at, "Bit/s").value)
+    assert frozen[0] == "10.0"  # 100 packets over the 10 s window
+    lag = next(c.value for c in at.caption if "last packets added" in c.value)
+    for _ in range(50):
+        tx.sendto(b"q", ("127.0.0.1", port))
+    time.sleep(11)  # longer than the window: a view computed against the clock would show 0 now
+    at.run()
+    assert (metric(at, "Packets/s").value, metric(at, "Bit/s").value) == frozen and count(at) == 100
+    assert next(c.value for c in at.caption if "last packets added" in c.value) == lag  # as fresh as it was
+    at.sidebar.toggle(key="paused").set_value(False).run()
+    at = run_until(at, lambda a: count(a) == 150)
+    assert count(at) == 150 and metric(at, "Packets/s").value == "0.0"  # live again: the clock moved on
+    tx.close()
+    rx.close()
+
+
+# -- uploads --------------------------------------------------------------------------------------
+
+def upload(at: AppTest, name: str, data: bytes) -> AppTest:
+    at.sidebar.radio(key="source_kind").set_value("Capture file")
+    at.sidebar.get("file_uploader")[0].set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+def big_frames(n: int) -> list[tuple[float, bytes]]:
+    frame = sample_frames()[2][1] + b"\0" * 1100
+    return [(1_700_000_000.0 + i * 0.001, frame) for i in range(n)]
+
+
+@pytest.fixture
+def uploads(fresh, tmp_path) -> Iterator[pytest.MonkeyPatch]:
+    """An isolated temporary folder for the page's upload folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    fresh.setenv("TMPDIR", str(tmp))
+    fresh.setattr("tempfile.tempdir", None)  # read TMPDIR again
+    yield fresh
+
+
+def upload_files(tmp_path) -> list[str]:
+    return sorted(p.name.split("-", 5)[-1] for p in (tmp_path / "tmp").glob("ntm-uploads-*/*"))
+
+
+def test_an_upload_is_loaded_and_a_replaced_upload_is_deleted(uploads, tmp_path):
+    uploads.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    at = upload(at, "first.pcap", pcap_bytes(sample_frames()))
+    at.sidebar.button(key="start").click().run()
+    at = run_until(at, lambda a: metric(a, "Status").value == "finished" and "first.pcap" in
+                   rendered(metric(a, "Status").proto.help))
+    assert count(at) == 8 and upload_files(tmp_path) == ["first.pcap"]
+    at = upload(at, "second.pcap", pcap_bytes(sample_frames()[:3]))
+    at.sidebar.button(key="start").click().run()
+    at = run_until(at, lambda a: count(a) == 3)
+    assert count(at) == 3 and upload_files(tmp_path) == ["second.pcap"]  # the first is gone
+    at.sidebar.get("file_uploader")[0].clear()
+    at.run()
+    assert upload_files(tmp_path) == [] and count(at) == 3  # removed from the page: deleted, numbers stay
+
+
+def test_the_upload_folder_is_capped(uploads, tmp_path):
+    uploads.setenv("NTM_PCAP", write_capture(tmp_path))
+    uploads.setenv("NTM_UPLOAD_DIR_MAX_MB", "1")
+    blob = pcap_bytes(big_frames(500))  # ~0.58 MB: two of them do not fit in 1 MB
+    assert 500_000 < len(blob) < 1_000_000
+    one = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    two = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    one = upload(one, "one.pcap", blob)
+    assert upload_files(tmp_path) == ["one.pcap"]
+    two = upload(two, "two.pcap", blob)
+    assert upload_files(tmp_path) == ["two.pcap"]  # the oldest upload made room
+    two.sidebar.button(key="start").click().run()
+    two = run_until(two, lambda a: count(a) == 500)
+    one = upload(one, "three.pcap", blob)  # the file being captured stays: no room
+    assert upload_files(tmp_path) == ["two.pcap"]
+    assert any("no room for three.pcap" in rendered(e.value) and "UPLOAD_DIR_MAX_MB" in rendered(e.value)
+               for e in one.sidebar.error)
+    assert count(one) == 500
+
+
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from streamlit.testing.v1 import AppTest
+from pcapgen import pcap_bytes, pcapng_bytes
+from test_files import sample_frames
+at = AppTest.from_file({app!r}, default_timeout=60).run()
+at.sidebar.radio(key="source_kind").set_value("Capture file")
+at.sidebar.get("file_uploader")[0].set_value(("x.pcap", pcap_bytes(sample_frames()), "application/octet-stream"))
+at.run()
+print(at.session_state["upload_path"])
+from packet_processor import stop_all
+stop_all()
+"""
+
+
+def test_the_upload_folder_is_deleted_at_exit_and_dead_processes_folders_at_start(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp / f"ntm-uploads-{dead}-abc"
+    stale.mkdir()
+    (stale / "old.pcap").write_bytes(b"x" * 100)
+    alive = tmp / f"ntm-uploads-{os.getpid()}-def"  # this process lives on: its folder stays
+    alive.mkdir()
+    script = EXIT_SCRIPT.format(tests=str(ROOT / "tests"), app=str(ROOT / "dashboard.py"))
+    out = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp), "NTM_PCAP": write_capture(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    kept = out.stdout.strip().splitlines()[-1]
+    assert kept.startswith(str(tmp / "ntm-uploads-")) and kept.endswith("-x.pcap")
+    assert not os.path.exists(os.path.dirname(kept))  # deleted when the process exited
+    assert not stale.exists() and alive.exists()
+
+
+# -- what other stages report ---------------------------------------------------------------------
+
+@pytest.fixture
+def reported(fresh):
+    """The engine's totals with what the pipeline, NIC, file and alert book report."""
+    import packet_processor
+
+    real = packet_processor.CaptureEngine.snapshot
+
+    def snapshot(self):
+        snap = real(self)
+        snap.totals.update({"nic_dropped": 7, "file_dropped": 3,
+                            "alerts_suppressed": {"spike": 10, "new_host": 2, "port_scan": 0},
+                            "stages": {"detectors": {"packets_in": 1000, "packets_skipped": 28,
+                                                     "minute_analysed_pct": 97.2},
+                                       "store": {"packets_in": 1000, "packets_skipped": 0,
+                                                 "minute_analysed_pct": 100.0}}})
+        return snap
+
+    fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
+    yield fresh
+
+
+def test_losses_of_every_kind_and_skipping_stages_are_shown(reported, tmp_path):
+    reported.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert not at.exception
+    warnings = [rendered(w.value) for w in at.warning]
+    assert any("network card or its driver dropped 7 packets" in w for w in warnings)
+    assert any("The capturer that wrote this file dropped 3 packets" in w for w in warnings)
+    assert any("detectors analysed 97.2 % of packets in the last minute" in w and "28 of 1,000" in w
+               for w in warnings)
+    captions = [rendered(c.value) for c in at.caption]
+    assert any("store analysed 100.0 % of packets in the last minute" in c for c in captions)
+    assert not any("store" in w for w in warnings)  # a stage that keeps up is no warning
+    assert any(c.startswith("12 alerts suppressed (new_host: 2, spike: 10)") for c in captions)
+    assert "dropped 7 more" in metric(at, "Dropped").proto.help and count(at, "Dropped") == 0
+
+
+def test_approximate_top_counts_are_marked(fresh, tmp_path):
+    import packet_processor
+
+    real_addr, real_conv = packet_processor.Snapshot.top_addresses, packet_processor.Snapshot.top_conversations
+
+    def with_error(rows):
+        return [{**r, "error": 1 if i == 0 else 0} for i, r in enumerate(rows)]
+
+    fresh.setattr(packet_processor.Snapshot, "top_addresses",
+                  lambda self, *a, **k: with_error(real_addr(self, *a, **k)))
+    fresh.setattr(packet_processor.Snapshot, "top_conversations",
+                  lambda self, *a, **k: with_error(real_conv(self, *a, **k)))
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    top = figures(at)["Top 10 sources"]["data"][0]
+    assert top["y"][-1] == "10.0.0.1" and top["text"][-1] == "≥ 3"  # 4 packets counted, 1 of them uncertain
+    assert set(top["text"][:-1]) == {""}  # exact entries carry no mark
+    conv = at.dataframe[0].value
+    assert conv["packets"].tolist()[:2] == ["≥ 1", "2"]  # 2 and 2 counted; the first has 1 uncertain
+    assert any("≥ marks a count from a full top table" in c.value for c in at.caption)
+
+
+def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
+    import dataclasses
+
+    import packet_processor
+
+    real = packet_processor.CaptureEngine.snapshot
+    vids = [100, 100, 100, 0, 0, 200, 0, 100]
+
+    def snapshot(self):
+        snap = real(self)
+        names = snap.packets.dtype.names
+        dtype = snap.packets.dtype if "vlan" in names else np.dtype([*snap.packets.dtype.descr, ("vlan", "<u2")])
+        rows = np.zeros(len(snap.packets), dtype)
+        for name in snap.packets.dtype.names:
+            rows[name] = snap.packets[name]
+        rows["vlan"] = vids[:len(rows)]
+        return dataclasses.replace(snap, packets=rows)
+
+    fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    recent = at.dataframe[1].value
+    assert recent["VLAN"].fillna(-1).tolist()[::-1] == [100, 100, 100, -1, -1, 200, -1, 100]
+    vlans = figures(at)["VLANs (recent buffer)"]["data"][0]
+    assert dict(zip(vlans["y"], array(vlans["x"]).tolist())) == {"VLAN 100": 4, "VLAN 200": 1}
+    vids[:] = [0] * 8  # no tagged packet in the buffer: neither the column nor the chart
+    at.run()
+    assert "VLAN" not in at.dataframe[1].value.columns and "VLANs (recent buffer)" not in figures(at)
+
+
+@pytest.mark.live
+def test_promiscuous_toggle_reaches_the_capture(fresh, root_only):
+    import dataclasses
+
+    import packet_processor
+
+    if "promisc" not in packet_processor.Source.__dataclass_fields__:  # until the capture side has the field
+        @dataclasses.dataclass(frozen=True)
+        class PromiscSource(packet_processor.Source):
+            promisc: bool = True
+
+        fresh.setattr(packet_processor, "Source", PromiscSource)
+    asked = []
+    real_start = packet_processor.CaptureEngine.start
+    fresh.setattr(packet_processor.CaptureEngine, "start", lambda self, source: asked.append(source)
+                  or real_start(self, source))
+    fresh.setenv("NTM_INTERFACE", "lo")
+    fresh.setenv("NTM_BPF_FILTER", "udp port 9")
+    at = app().run()
+    assert at.sidebar.toggle(key="promisc").value is True  # PROMISC defaults to on, as tcpdump
+    assert [s.promisc for s in asked] == [True]
+    at.sidebar.toggle(key="promisc").set_value(False)
+    at.sidebar.button(key="start").click().run()
+    assert not at.sidebar.error and metric(at, "Status").value == "running"
+    assert [s.promisc for s in asked] == [True, False] and asked[1].iface == "lo"

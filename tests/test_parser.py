@@ -39,7 +39,7 @@ from packet_processor import (
 )
 
 FIELDS = ("cls", "ipver", "proto", "ethertype", "src", "dst", "sport", "dport", "tcp_flags",
-          "icmp_type", "icmp_code", "arp_op", "hw_src", "malformed")
+          "icmp_type", "icmp_code", "arp_op", "hw_src", "vlan", "ip_id", "frag", "malformed")
 
 
 def parsed(linktype: int, frame) -> dict:
@@ -136,25 +136,42 @@ def test_unknown_link_type_is_non_ip_not_malformed():
     assert (p["cls"], p["malformed"]) == (NON_IP, 0)
 
 
-FRAMES = [
-    ETH / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="S"),
-    ETH / IPv6(src="::1", dst="::2") / IPv6ExtHdrHopByHop() / UDP(sport=1, dport=2),
-    ETH / Dot1Q() / ARP(),
-    ETH / IP(src="10.0.0.1", dst="10.0.0.2") / ICMP(),
-]
+# Network-layer packets and the length of the headers the parser must see whole (IP header, extension
+# headers, and the transport's fixed part: TCP 20, UDP 8, ICMP 4; ARP for Ethernet/IPv4 28), from the
+# protocols' definitions. A frame cut anywhere before that end is malformed; cut after it, it is not
+# (a short snap length that drops payload is normal).
+NETWORK = {
+    "tcp": (IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="S"), 0x0800, 20 + 20),
+    "ipv6-hbh-udp": (IPv6(src="::1", dst="::2") / IPv6ExtHdrHopByHop() / UDP(sport=1, dport=2) / b"data",
+                     0x86DD, 40 + 8 + 8),
+    "icmp": (IP(src="10.0.0.1", dst="10.0.0.2") / ICMP() / b"echo", 0x0800, 20 + 4),
+    "vlan-arp": (Dot1Q(vlan=3) / ARP(psrc="10.0.0.1", pdst="10.0.0.2"), 0x8100, 4 + 28),
+}
+# Link type -> (its header for a network packet of an EtherType, whether it can carry any EtherType).
+LINKS = {
+    1: (lambda et: bytes(ETH)[:12] + struct.pack("!H", et), True),
+    113: (lambda et: bytes(CookedLinux(proto=et)), True),
+    276: (lambda et: bytes(CookedLinuxV2(proto=et)), True),
+    101: (lambda et: b"", False),
+    0: (lambda et: struct.pack("<I", 2 if et == 0x0800 else 10), False),
+    9: (lambda et: struct.pack("!H", 0x21 if et == 0x0800 else 0x57), False),
+    226: (lambda et: bytes(24), False),
+}
 
 
-@pytest.mark.parametrize("frame", FRAMES, ids=["tcp", "ipv6-hbh-udp", "vlan-arp", "icmp"])
-@pytest.mark.parametrize("linktype", [1, 113, 276, 101, 0, 9, 226])
-def test_truncation_at_every_length_never_raises_and_is_flagged(linktype, frame):
-    raw = bytes(frame)
-    for cut in range(len(raw)):
+@pytest.mark.parametrize("linktype,kind", [(lt, kind) for lt in LINKS for kind in NETWORK
+                                             if LINKS[lt][1] or NETWORK[kind][1] != 0x8100])  # IP-only links
+def test_truncation_at_every_length_is_flagged_exactly_while_headers_are_cut(linktype, kind):
+    packet, ethertype, headers = NETWORK[kind]
+    header_of, _ = LINKS[linktype]
+    link = header_of(ethertype)
+    raw = link + bytes(packet)
+    end = len(link) + headers  # the end of the headers the parser needs
+    assert parse_frame(linktype, raw)[-1] == 0
+    for cut in range(len(raw) + 1):
         row = parse_frame(linktype, raw[:cut])
         assert len(row) == len(FIELDS)
-        assert row[-1] in (0, 1)
-    if linktype == 1:
-        # Cut inside the headers of an Ethernet frame: the parser must say it is malformed.
-        assert parse_frame(1, raw[:20])[-1] == 1
+        assert row[-1] == int(cut < end), (cut, end, row)
 
 
 def test_lying_length_fields_are_flagged_not_trusted():

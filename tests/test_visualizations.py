@@ -36,9 +36,11 @@ def test_pie_values_equal_the_engine_counters():
     pie = fig.data[0]
     assert list(pie.labels) == ["TCP", "UDP", "ICMP", "ARP/other"]  # empty classes left out
     assert list(pie.values) == [6, 3, 2, 1]
-    counters = dict(zip(viz.PROTOCOLS, [snap.totals["transport_counts"][k] for k in viz.CLASS_KEYS]))
-    assert dict(zip(pie.labels, pie.values)) == {p: n for p, n in counters.items() if n}
-    assert list(pie.marker.colors) == [viz.PROTOCOL_COLORS[p] for p in pie.labels]
+    # Each engine class to its own label: six different counts, so a swapped pair cannot pass.
+    every = viz.protocol_pie({"tcp": 1, "udp": 2, "icmp": 3, "icmpv6": 4, "other_ip": 5, "non_ip": 6}).data[0]
+    assert dict(zip(every.labels, every.values)) == {"TCP": 1, "UDP": 2, "ICMP": 3, "ICMPv6": 4, "Other IP": 5,
+                                                     "ARP/other": 6}
+    assert list(pie.marker.colors) == ["#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f"]  # the same in every chart
     by_bytes = viz.protocol_pie(snap.totals["transport_bytes"], "bytes").data[0]
     assert sum(by_bytes.values) == snap.totals["bytes"]
     assert fig.layout.uirevision == "pie"
@@ -109,3 +111,46 @@ def test_text_from_traffic_is_escaped_in_chart_labels():
     label = fig.data[0].y[0]
     assert "<" not in label and ">" not in label
     assert label == '&lt;a href="https://evil.example"&gt;x&lt;/a&gt;&lt;b&gt;bold&lt;/b&gt;'
+
+
+def test_times_beyond_the_calendar_are_text_not_a_crash():
+    from zoneinfo import ZoneInfo
+
+    far = 2 ** 64 / 1e6 - 10  # a pcapng microsecond timestamp ~584,000 years after 1970
+    texts = viz.time_texts([T0, far, float("inf"), T0 + 0.25], ZoneInfo("Europe/Berlin"))
+    assert texts.tolist() == ["2023-11-14 23:13:20.000", "1.84467e+13 s since 1970 (outside the calendar)",
+                              "inf s since 1970 (outside the calendar)", "2023-11-14 23:13:20.250"]
+    year_5000 = 95_617_584_000.0  # 5000-01-01 00:00:00 UTC: far, but a calendar still holds it
+    assert viz.time_texts([year_5000]).tolist() == ["5000-01-01 00:00:00.000"]
+    rows = [{"a": "10.0.0.1", "a_port": 1, "b": "10.0.0.2", "b_port": 2, "proto": "UDP", "packets": 2, "bytes": 9,
+             "first_ts": T0, "last_ts": far}]
+    assert viz.conversations_table(rows, UTC)["last seen"].tolist() == [texts[1]]
+    bins = np.array([[int(T0), 1, 0, 0, 0, 60, 0, 0, 0], [int(far), 1, 0, 0, 0, 60, 0, 0, 0]], dtype=np.int64)
+    assert viz.timeline_frame(bins, 60, far).empty  # a window no time axis can show
+    frame = viz.timeline_frame(bins, 60, T0 + 1)
+    assert len(frame) == 60 and frame["pk_in"].sum() == 1
+    fig = viz.timeline(frame, alerts=[T0, far])
+    assert len(fig.layout.shapes) == 1  # the far alert has no place on the axis; the other keeps its mark
+
+
+def test_approximate_counts_are_marked_with_their_lower_bound():
+    rows = [{"addr": "10.0.0.1", "packets": 1250, "bytes": 9000, "error": 50},
+            {"addr": "10.0.0.2", "packets": 700, "bytes": 800}]
+    bar = viz.top_bar(rows, "Top 10 sources").data[0]
+    assert list(bar.y) == ["10.0.0.2", "10.0.0.1"] and list(bar.text) == ["", "≥ 1,200"]
+    assert list(bar.customdata) == ["700 packets",
+                                    "between 1,200 and 1,250 packets (approximate: the table is full)"]
+    conv = [{"a": "10.0.0.1", "a_port": None, "b": "10.0.0.2", "b_port": None, "proto": "ICMP", "packets": 1250,
+             "bytes": 9000, "error": 50, "first_ts": T0, "last_ts": T0},
+            {"a": "10.0.0.3", "a_port": None, "b": "10.0.0.2", "b_port": None, "proto": "ICMP", "packets": 999,
+             "bytes": 1234, "first_ts": T0, "last_ts": T0}]
+    table = viz.conversations_table(conv, UTC, by="packets")
+    assert table["packets"].tolist() == ["≥ 1,200", "999"] and table["bytes"].tolist() == [9000, 1234]
+    exact = viz.conversations_table([{**conv[1]}], UTC, by="packets")
+    assert exact["packets"].tolist() == [999]  # no error anywhere: the column stays numeric
+
+
+def test_vlan_bar_counts_tagged_packets_only():
+    fig = viz.vlan_bar(np.array([0, 100, 100, 7, 0, 100, 4095, -1], dtype=np.int16))
+    assert dict(zip(fig.data[0].y, fig.data[0].x)) == {"VLAN 100": 3, "VLAN 7": 1}
+    assert not viz.vlan_bar(np.zeros(5, np.int16)).data

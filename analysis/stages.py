@@ -1,0 +1,640 @@
+"""Consumer stages of the pipeline: capture hands each parsed batch to them and never waits.
+
+Capture (read, parse, count) is the producer. Each consumer stage (the detectors today; a store
+writer and a fleet exporter later) gets the parsed batches through its own bounded queue. When a
+stage falls behind during a live capture, whole batches are skipped and counted as skipped; the
+counters of the capture itself never skip. A capture file cannot overflow (nothing arrives while
+the reader waits), so for files the reader waits for the stage instead and every batch is analysed.
+
+With the GIL, a consumer that loops in Python takes time from the capture thread even when it runs
+in another thread, so the detectors run in a worker process (a 'spawn' context: never fork a
+multithreaded process). A sender thread writes the batches to the worker's pipe (the write releases
+the GIL); a receiver thread brings the worker's alerts back into the engine's `AlertMirror`.
+
+This module stays light (numpy only): the worker imports the detectors itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from analysis.headers import PACKET_DTYPE
+
+log = logging.getLogger(__name__)
+
+# Test hook, read only by the detector worker: sleep this many seconds per batch, so a test can
+# make the stage fall behind on purpose and see skipped batches while the totals stay exact.
+SLOW_HOOK_ENV = "NTM_TEST_DETECTOR_DELAY_S"
+REPORT_S = 0.2  # the worker reports its alerts at least this often while it has news
+MINUTE_S = 60
+
+# Control messages on the batch pipe are shorter than one packed record, so a message's length
+# tells a batch (a multiple of the record size, never empty) from a command.
+_RESET, _STOP, _SYNC = b"reset", b"stop", b"sync"
+assert PACKET_DTYPE.itemsize > 8
+
+
+class StageStats:
+    """What one stage was offered, skipped and analysed, in all and over the last minute."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.batches_in = self.packets_in = 0
+        self.batches_skipped = self.packets_skipped = 0
+        self.batches_done = self.packets_done = 0
+        self._minute: collections.deque[list[int]] = collections.deque(maxlen=MINUTE_S + 1)  # [sec, in, skipped]
+
+    def offered(self, packets: int, skipped: bool, now: float | None = None) -> None:
+        """Count one batch handed to the stage (skipped: it could not take it)."""
+        sec = int(time.monotonic() if now is None else now)
+        with self._lock:
+            self.batches_in += 1
+            self.packets_in += packets
+            if skipped:
+                self.batches_skipped += 1
+                self.packets_skipped += packets
+            if not self._minute or self._minute[-1][0] != sec:
+                self._minute.append([sec, 0, 0])
+            cell = self._minute[-1]
+            cell[1] += packets
+            cell[2] += packets if skipped else 0
+
+    def lost(self, batches: int, packets: int) -> None:
+        """Batches accepted but never analysed (the worker died or was stopped with them queued)."""
+        with self._lock:
+            self.batches_skipped += batches
+            self.packets_skipped += packets
+            if self._minute:
+                self._minute[-1][2] += packets
+
+    def analysed(self, batches: int, packets: int) -> None:
+        """The stage's own count of what it has finished (replaces the previous report)."""
+        with self._lock:
+            self.batches_done, self.packets_done = batches, packets
+
+    def minute_pct(self, now: float | None = None) -> float | None:
+        """Share of the packets offered in the last 60 s that were not skipped, in %; None if none were."""
+        end = int(time.monotonic() if now is None else now)
+        with self._lock:
+            cells = [c for c in self._minute if c[0] > end - MINUTE_S]
+        offered = sum(c[1] for c in cells)
+        if not offered:
+            return None
+        return 100.0 * (offered - sum(c[2] for c in cells)) / offered
+
+    def as_dict(self) -> dict[str, Any]:
+        """The Snapshot's view: totals.stages[name]."""
+        pct = self.minute_pct()
+        with self._lock:
+            return {"packets_in": self.packets_in, "packets_skipped": self.packets_skipped,
+                    "batches_in": self.batches_in, "batches_skipped": self.batches_skipped,
+                    "packets_analysed": self.packets_done, "minute_analysed_pct": pct}
+
+
+class BatchQueue:
+    """A FIFO of batches bounded by the packets it holds (a batch can be 1 or 65,536 packets)."""
+
+    def __init__(self, max_packets: int) -> None:
+        self.max_packets = max(1, int(max_packets))
+        self._items: collections.deque = collections.deque()
+        self._packets = 0
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def put(self, item: Any, packets: int, wait: bool, abort: threading.Event | None = None) -> bool:
+        """Queue an item; without `wait` False when full, with it wait for room (False if closed/aborted)."""
+        with self._cond:
+            while self._packets and self._packets + packets > self.max_packets:
+                if not wait or self.closed or (abort is not None and abort.is_set()):
+                    return False
+                self._cond.wait(0.1)
+            if self.closed:
+                return False
+            self._items.append((item, packets))
+            self._packets += packets
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float) -> tuple[Any, int] | None:
+        """The oldest item and its packets, or None after `timeout` seconds (or when closed and empty)."""
+        with self._cond:
+            if not self._items and not self.closed:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            item, packets = self._items.popleft()
+            self._packets -= packets
+            self._cond.notify_all()
+            return item, packets
+
+    def close(self) -> list[tuple[Any, int]]:
+        """Refuse new items and wake every waiter; returns what was still queued."""
+        with self._cond:
+            self.closed = True
+            left = list(self._items)
+            self._items.clear()
+            self._packets = 0
+            self._cond.notify_all()
+            return left
+
+    def drop_all(self) -> list[tuple[Any, int]]:
+        """Empty the queue (a Clear) and return what it held."""
+        with self._cond:
+            left = list(self._items)
+            self._items.clear()
+            self._packets = 0
+            self._cond.notify_all()
+            return left
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+class AlertMirror:
+    """The engine's copy of a detector stage's alert book: what the page reads, acknowledges and clears.
+
+    One per engine. Each capture (generation) starts it empty, and reports from a stage of another
+    generation are ignored, so alerts of a previous capture never appear after Start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gen = 0
+        self._alerts: list = []
+        self._suppressed: dict[str, int] = {}
+        self._acked: dict[tuple, int] = {}  # (detector, target, first_ts) -> count when acknowledged
+        self._on_clear = None
+
+    def reset(self, gen: int, on_clear=None) -> None:
+        """Start a new generation: empty, and `on_clear` asks its stage to forget its alerts too."""
+        with self._lock:
+            self._gen, self._alerts, self._suppressed, self._acked = gen, [], {}, {}
+            self._on_clear = on_clear
+
+    def update(self, gen: int, alerts: list, suppressed: dict[str, int]) -> None:
+        """A stage's latest alerts (the whole book, newest first); ignored for another generation."""
+        with self._lock:
+            if gen == self._gen:
+                self._alerts, self._suppressed = list(alerts), dict(suppressed)
+
+    def alerts(self) -> list:
+        """All alerts, newest (by last seen) first, with the page's acknowledgements."""
+        with self._lock:
+            alerts, acked = self._alerts, self._acked
+        out = []
+        for a in alerts:
+            count = acked.get((a.detector, a.target, a.first_ts))
+            out.append(replace(a, acknowledged=True) if count is not None and count >= a.count else a)
+        return out
+
+    def suppressed(self) -> dict[str, int]:
+        """Per detector, how many alerts the stage's book left out (its quotas), as last reported."""
+        with self._lock:
+            return dict(self._suppressed)
+
+    def acknowledge(self, alert: Any) -> None:
+        """Mark one alert as seen; a new repeat (a higher count) makes it unacknowledged again."""
+        with self._lock:
+            self._acked[(alert.detector, alert.target, alert.first_ts)] = alert.count
+
+    def clear(self) -> None:
+        """Forget every alert, here and in the stage."""
+        with self._lock:
+            self._alerts, self._acked = [], {}
+            on_clear = self._on_clear
+        if on_clear is not None:
+            on_clear()
+
+
+class Stage:
+    """A consumer of parsed batches behind a bounded queue; subclasses say what consuming means."""
+
+    name = "stage"
+
+    def __init__(self, max_packets: int) -> None:
+        self.stats = StageStats()
+        self.queue = BatchQueue(max_packets)
+        self.error: str | None = None
+        self._abort = threading.Event()
+        self._accepted = 0  # batches queued, ever (the capture thread's count; drain() waits for them)
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Hand a batch over: live capture never waits (a full queue skips the batch and counts it);
+        a file reader passes wait=True and waits for room (stopped by `abort`)."""
+        if self.error is not None:  # a dead stage analyses nothing; counting goes on
+            self.stats.offered(len(arr), skipped=True)
+            return False
+        ok = self.queue.put(arr, len(arr), wait, abort if abort is not None else self._abort)
+        self.stats.offered(len(arr), skipped=not ok)
+        if ok:
+            self._accepted += 1
+        return ok
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters and health for the Snapshot."""
+        d = self.stats.as_dict()
+        d["error"] = self.error
+        d["alive"] = self.alive()
+        return d
+
+    def alive(self) -> bool:  # pragma: no cover - overridden
+        """Whether the stage can still take batches."""
+        return self.error is None
+
+    def reset(self) -> None:  # pragma: no cover - overridden
+        """Forget the state built from earlier batches (the page's Clear)."""
+
+    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:  # pragma: no cover
+        """Wait until every accepted batch has been consumed; False on timeout, abort or death."""
+        return True
+
+    def close(self, drain_s: float = 0.0) -> None:  # pragma: no cover - overridden
+        """Stop the stage (after up to drain_s seconds of finishing its queue); safe to call twice."""
+
+
+class DetectorStage(Stage):
+    """The detectors behind a bounded queue.
+
+    mode: "process" (a worker process: the default), "thread" (a thread of this process, to
+    measure against), or "inline" (in the caller's thread, for crafted frames fed by hand: nothing
+    to start or stop, and every batch analysed before offer() returns)."""
+
+    name = "detectors"
+
+    def __init__(self, gen: int, mirror: AlertMirror, max_packets: int, mode: str = "process") -> None:
+        super().__init__(max_packets)
+        if mode not in ("process", "thread", "inline"):
+            raise ValueError(f"unknown detector stage mode {mode!r}")
+        self.gen = gen
+        self.mirror = mirror
+        self.mode = mode
+        self.in_process = mode == "process"
+        self._inline = None  # (book, detectors) in inline mode
+        self._abandoned = 0  # of those, dropped by a Clear before the worker got them
+        self._done_packets = 0
+        self._done_offset = (0, 0)  # the worker's counts at the last Clear
+        self._synced = threading.Condition()
+        self._done_batches = 0
+        self._threads: list[threading.Thread] = []
+        self._proc = None
+        self._closed = False
+        mirror.reset(gen, self.reset_alerts)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> DetectorStage:
+        """Start the worker (process or thread) and the threads that feed it."""
+        if self.in_process:
+            if start_method() == "fork":
+                ctx = multiprocessing.get_context("fork")
+                batches_r, batches_w = ctx.Pipe(duplex=False)
+                results_r, results_w = ctx.Pipe(duplex=False)
+                # The child inherits the engine's ends too; it closes them, or it would never see EOF.
+                self._proc = ctx.Process(target=detector_worker, args=(batches_r, results_w, (batches_w, results_r)),
+                                         name=f"ntm-detectors-{self.gen}", daemon=True)
+                self._proc.start()
+            else:
+                batches_r, batches_w, results_r, results_w = _pipes()
+                self._proc = _ExecWorker(batches_r, results_w)
+            batches_r.close()  # the child has its own copies; EOF then reaches whoever is left
+            results_w.close()
+            self._conn, self._results = batches_w, results_r
+            # The lifecycle is explicit (close(), from the engine's stop and start); this is a last
+            # resort should a stage ever be collected unclosed. At exit a forked worker is a daemon
+            # and an exec'd one reads EOF when this process's pipe ends close.
+            weakref.finalize(self, _end_process, self._proc, batches_w)
+            self._spawn_thread(self._send_loop, "sender")
+            self._spawn_thread(self._receive_loop, "receiver")
+        elif self.mode == "thread":
+            self._spawn_thread(self._thread_loop, "thread")
+        else:
+            from analysis.detect import AlertBook, Detectors
+
+            self._inline = (AlertBook(), Detectors())
+        return self
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Hand a batch over (see Stage.offer); inline, analyse it now."""
+        if self._inline is None:
+            return super().offer(arr, wait, abort)
+        book, detectors = self._inline
+        self.stats.offered(len(arr), skipped=False)
+        detectors.observe(arr, book)
+        self.stats.analysed(self.stats.batches_done + 1, self.stats.packets_done + len(arr))
+        self.mirror.update(self.gen, book.alerts(), _suppressed(book))
+        return True
+
+    def _spawn_thread(self, target, role: str) -> None:
+        t = threading.Thread(target=target, name=f"detectors-{role}-{self.gen}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def alive(self) -> bool:
+        """Whether the worker still runs."""
+        if self.error is not None or self._closed:
+            return False
+        if self._inline is not None:
+            return True
+        if self._proc is not None:
+            return self._proc.is_alive()
+        return any(t.is_alive() for t in self._threads)
+
+    def pid(self) -> int | None:
+        """The worker process's id (None in thread mode)."""
+        return None if self._proc is None else self._proc.pid
+
+    def _fail(self, message: str) -> None:
+        if self.error is None and not self._closed:
+            log.error("detectors: %s", message)
+            self.error = message
+        for _, packets in self.queue.close():
+            self.stats.lost(1, packets)
+        with self._synced:
+            self._synced.notify_all()
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop the worker, after letting it finish its queue for up to drain_s seconds."""
+        if self._closed:
+            return
+        if drain_s > 0 and self.error is None:
+            self.drain(drain_s)
+        self._closed = True
+        self._abort.set()
+        left = self.queue.close()
+        for _, packets in left:
+            self.stats.lost(1, packets)
+        # The sender first (its queue is closed: it ends after the write in progress), then the
+        # worker (EOF on its pipe, else SIGTERM), then the receiver (EOF on the results pipe).
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=0.3)
+                if self._proc is not None:
+                    _end_process(self._proc, self._conn)
+        if self._proc is not None:
+            _end_process(self._proc, self._conn)
+            self._results.close()
+
+    # -- capture side ---------------------------------------------------------------------
+
+    def reset_alerts(self) -> None:
+        """The page's 'Clear alerts': the worker forgets its book (its detector state stays)."""
+        self._command(_RESET)
+
+    def reset(self) -> None:
+        """The page's Clear: drop queued batches (their packets were cleared) and restart the detectors."""
+        self._abandoned += len(self.queue.drop_all())  # their packets were cleared with the counters
+        self.stats = StageStats()
+        with self._synced:
+            self._done_offset = (self._done_batches, self._done_packets)
+        self._command(_RESET + b"!")
+
+    def _command(self, cmd: bytes) -> None:
+        if self._inline is not None:
+            self._inline = _command(cmd, *self._inline)
+        else:
+            self.queue.put(cmd, 0, wait=False)
+
+    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
+        """Wait until the worker has analysed every batch accepted so far."""
+        if self._inline is not None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        target = self._accepted - self._abandoned
+        with self._synced:
+            while self._done_batches < target:
+                if self.error is not None or self._closed or (abort is not None and abort.is_set()):
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._synced.wait(0.1 if left is None else min(left, 0.1))
+        return True
+
+    # -- the threads ----------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        """Write queued batches to the worker's pipe; blocking here never blocks capture."""
+        try:
+            while not self._abort.is_set():
+                got = self.queue.get(0.2)
+                if got is None:
+                    continue
+                item, _ = got
+                if isinstance(item, bytes):
+                    self._conn.send_bytes(item)
+                else:  # the record bytes without a copy; send_bytes releases the GIL while it writes
+                    self._conn.send_bytes(np.ascontiguousarray(item).view(np.uint8))
+        except (OSError, ValueError) as exc:  # the worker went away (BrokenPipe) or the pipe was closed
+            if not self._closed:
+                self._fail(f"detector process stopped ({type(exc).__name__}: {exc}); counting goes on")
+
+    def _receive_loop(self) -> None:
+        """Bring the worker's reports back: alerts into the mirror, progress into the stats."""
+        while True:
+            try:
+                msg = self._results.recv()
+            except (EOFError, OSError):
+                break
+            self._apply_report(msg)
+        if not self._closed:
+            code = self._proc.exitcode if self._proc is not None else None
+            if code is None and self._proc is not None:
+                self._proc.join(timeout=0.5)
+                code = self._proc.exitcode
+            self._fail(f"detector process exited (code {code}); counting goes on, alerts are not updated")
+
+    def _apply_report(self, msg: tuple) -> None:
+        if msg[0] == "error":
+            self._fail(f"detectors failed: {msg[1]}; counting goes on")
+            return
+        _, batches, packets, alerts, suppressed = msg
+        self.mirror.update(self.gen, alerts, suppressed)
+        with self._synced:
+            self._done_batches, self._done_packets = batches, packets
+            offset = self._done_offset
+            self._synced.notify_all()
+        self.stats.analysed(batches - offset[0], packets - offset[1])
+
+    def _thread_loop(self) -> None:
+        """Thread mode (for comparison with the process): the same work in a thread of this process."""
+        from analysis.detect import AlertBook, Detectors
+
+        book, detectors = AlertBook(), Detectors()
+        batches = packets = 0
+        delay = float(os.environ.get(SLOW_HOOK_ENV) or 0)
+        last = 0.0
+        while not self._abort.is_set():
+            got = self.queue.get(0.2)
+            if got is not None:
+                item, n = got
+                if isinstance(item, bytes):
+                    book, detectors = _command(item, book, detectors)
+                    continue
+                try:
+                    detectors.observe(item, book)
+                except Exception as exc:  # the stage dies, the capture goes on
+                    log.exception("detectors failed")
+                    self._fail(f"detectors failed: {type(exc).__name__}: {exc}; counting goes on")
+                    return
+                batches, packets = batches + 1, packets + n
+                if delay:
+                    time.sleep(delay)
+            if got is not None or time.monotonic() - last > REPORT_S:
+                self._apply_report(("report", batches, packets, book.alerts(), _suppressed(book)))
+                last = time.monotonic()
+
+
+def start_method() -> str:
+    """'fork' while this process has a single thread (the CLI at start-up: the child starts in ~10 ms
+    with everything imported), else 'exec': forking a multithreaded process (the page's Streamlit
+    server, a running capture) can copy a lock held by another thread and deadlock the child.
+
+    'exec' is a fresh interpreter that runs only this module's worker. multiprocessing's own 'spawn'
+    does not fit: it re-imports the parent's __main__ in the child, and under Streamlit __main__ is
+    the page script (Streamlit installs it there), which would run the whole page in the worker."""
+    return "fork" if threading.active_count() == 1 else "exec"
+
+
+def _pipes() -> tuple[Connection, Connection, Connection, Connection]:
+    """(batches reader, batches writer, results reader, results writer) over plain OS pipes."""
+    br, bw = os.pipe()
+    rr, rw = os.pipe()
+    return (Connection(br, writable=False), Connection(bw, readable=False),
+            Connection(rr, writable=False), Connection(rw, readable=False))
+
+
+class _ExecWorker:
+    """The worker as a fresh interpreter (fork + exec, safe from a multithreaded process), with the
+    part of multiprocessing.Process's interface the stage uses."""
+
+    def __init__(self, batches: Connection, results: Connection) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        code = "import sys; from analysis.stages import exec_worker; exec_worker(int(sys.argv[1]), int(sys.argv[2]))"
+        fds = (batches.fileno(), results.fileno())
+        self._popen = subprocess.Popen([sys.executable, "-c", code, *map(str, fds)], pass_fds=fds, env=env,
+                                       cwd=root, stdin=subprocess.DEVNULL, start_new_session=False)
+        self.pid = self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while running; negative: the signal that ended it (as multiprocessing says it)."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        """Whether the process still runs."""
+        return self._popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the end, at most `timeout` seconds."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.kill()
+
+
+def exec_worker(batches_fd: int, results_fd: int) -> None:
+    """Entry point of the 'exec' worker: the pipes' ends arrive as file descriptors."""
+    detector_worker(Connection(batches_fd, writable=False), Connection(results_fd, readable=False))
+
+
+def _command(cmd: bytes, book, detectors):
+    """Apply a control message in the worker: returns the (possibly new) book and detectors."""
+    from analysis.detect import Detectors
+
+    if cmd.startswith(_RESET):
+        book.clear()
+        if cmd.endswith(b"!"):
+            detectors = Detectors()
+    return book, detectors
+
+
+def _suppressed(book) -> dict[str, int]:
+    fn = getattr(book, "suppressed", None)
+    return {str(k): int(v) for k, v in fn().items()} if fn is not None else {}
+
+
+def _end_process(proc, conn) -> None:
+    """Ask the worker to stop (EOF on its pipe), then make sure it is gone."""
+    with _ignore_errors():
+        conn.close()
+    with _ignore_errors():
+        proc.join(timeout=0.3)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=1.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=1.0)
+
+
+class _ignore_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return exc[0] is not None and issubclass(exc[0], (OSError, ValueError, AssertionError))
+
+
+def detector_worker(batches, results, unused: tuple = ()) -> None:
+    """The detector process: batches in, the alert book's contents out (every REPORT_S while busy)."""
+    import signal
+
+    for conn in unused:
+        conn.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    from analysis.detect import AlertBook, Detectors
+
+    book, detectors = AlertBook(), Detectors()
+    delay = float(os.environ.get(SLOW_HOOK_ENV) or 0)
+    n_batches = n_packets = 0
+    last, news = time.monotonic(), False
+    try:
+        while True:
+            if batches.poll(REPORT_S):
+                buf = batches.recv_bytes()  # EOFError when the engine closes the pipe: the end
+                if len(buf) < PACKET_DTYPE.itemsize:
+                    book, detectors = _command(buf, book, detectors)
+                else:
+                    arr = np.frombuffer(buf, PACKET_DTYPE)
+                    detectors.observe(arr, book)
+                    n_batches, n_packets = n_batches + 1, n_packets + len(arr)
+                    if delay:
+                        time.sleep(delay)
+                news = True
+            now = time.monotonic()
+            # Report when idle with news (the last batch of a burst at once) or every REPORT_S.
+            if news and (now - last >= REPORT_S or not batches.poll(0)):
+                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book)))
+                last, news = now, False
+    except EOFError:
+        pass
+    except Exception as exc:  # say why before dying; the engine shows it
+        with _ignore_errors():
+            results.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        with _ignore_errors():
+            results.close()
