@@ -58,6 +58,13 @@ def engine(root_only) -> Iterator[CaptureEngine]:
     eng.stop()
 
 
+def stages_done(eng: CaptureEngine) -> bool:
+    """Every consumer stage has analysed, or counted as skipped, every packet it was handed."""
+    t = eng.snapshot().totals
+    return all(st["packets_in"] == t["packets"] == st["packets_analysed"] + st["packets_skipped"]
+               for st in t.get("stages", {}).values())
+
+
 def alerts(eng: CaptureEngine, detector: str) -> list[dict]:
     return [a.as_dict() for a in eng.snapshot().alerts if a.detector == detector]
 
@@ -80,6 +87,8 @@ def test_nmap_full_port_scan_on_lo_counted_exactly(engine):
     # The capture keeps up: it has counted the whole burst shortly after nmap ends, no backlog.
     assert wait_for(lambda: engine.snapshot().totals["packets"] >= ref,
                     max(0.0, ended + FINISHED_WITHIN_S - time.monotonic()), 0.1), engine.snapshot().totals
+    assert wait_for(lambda: stages_done(engine), max(0.0, ended + FINISHED_WITHIN_S - time.monotonic()), 0.1), \
+        engine.snapshot().totals.get("stages")
     time.sleep(0.5)
     t = engine.snapshot().totals
     assert (t["packets"], t["dropped"]) == (ref, 0)
