@@ -123,7 +123,8 @@ def main() -> int:
               "the target applies at the rate it reached")
     late = totals["caught_up_s"]
     print(f"  engine (detectors on): {counted:,} counted = {counted / replayed:.4%}, {dropped:,} dropped by the "
-          "kernel; " + (f"caught up {late:.2f} s after the replay's end" if late is not None else
+          "kernel; " + (f"counted + dropped = the replay {late:.2f} s after its end (checked after tcpdump's "
+                        "1.5 s wait)" if late is not None else
                         f"{replayed - counted - dropped:,} neither counted nor dropped {args.wait:g} s after it"))
     print(f"  tcpdump (reference):   {ref:,} counted = {ref / replayed:.4%}, {ref_dropped:,} dropped")
     if totals.get("stages"):
