@@ -147,6 +147,18 @@ def root_env(**extra: str) -> dict[str, str]:
 # -------------------------------------------------------------------------------------------------
 
 
+def brokers(pid: int) -> list[int]:
+    """The capture helpers (capture/broker.py) among pid's children; the detector worker is another child."""
+    out = []
+    for kid in children(pid):
+        try:
+            if "capture/broker.py" in Path(f"/proc/{kid}/cmdline").read_text(errors="replace"):
+                out.append(kid)
+        except OSError:
+            continue
+    return out
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is pid."""
     out = []
@@ -195,8 +207,7 @@ def assert_unprivileged(pid: int, uid: int = NOBODY_UID) -> dict[int, broker.Cre
 
 def the_broker(pid: int, uid: int = NOBODY_UID) -> int:
     """The one child of pid, which must be the broker: user `uid` with CAP_NET_RAW only, no capture socket."""
-    kids = [k for k in children(pid) if "capture/broker.py" in Path(f"/proc/{k}/cmdline").read_text(errors="replace")
-            .replace("\0", " ")]
+    kids = brokers(pid)
     assert len(kids) == 1, children(pid)
     c = broker.read_creds(f"/proc/{kids[0]}/status")
     assert set(c.uids) == {uid} and set(c.gids) == {uid} and c.groups == ()
@@ -388,7 +399,7 @@ def test_an_install_the_user_cannot_read_keeps_root_and_says_so(root_only, venv,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)), 15)
-        assert broker.read_creds(f"/proc/{proc.pid}/status").uids[0] == 0 and not children(proc.pid)
+        assert broker.read_creds(f"/proc/{proc.pid}/status").uids[0] == 0 and not brokers(proc.pid)
         send_udp(udp_port, 50)
         out, err = proc.communicate(timeout=30)
     finally:
