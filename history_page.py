@@ -90,16 +90,19 @@ def store_banner(state: dict[str, Any] | None) -> None:
 
 def history_view(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None) -> None:
     """Metrics, protocol mix, timeline, top talkers, ports, conversations and alerts of a stored range."""
-    from store.history import approximation, history_summary, time_range
-
-    store = engine.store
     try:
-        summary = history_summary(store, since, until)
-        frame, bin_s = range_series(store, since, until)
+        _history_body(engine, since, until, tz)
     except Exception as exc:  # a store that cannot answer is a message, never a broken page
         log.exception("history query failed")
         st.error(f"History cannot be read: {type(exc).__name__}: {exc}")
-        return
+
+
+def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None) -> None:
+    from store.history import approximation, history_summary, time_range
+
+    store = engine.store
+    summary = history_summary(store, since, until)
+    frame, bin_s = range_series(store, since, until)
     r = time_range(since, until)
     span = until - since + 1
     cols = st.columns(5)

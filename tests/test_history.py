@@ -208,6 +208,8 @@ def test_read_only_folder_error_state_while_capture_goes_on(root_only, tmpfs, fr
     assert _history_error(at), [e.value for e in at.error]
     engine = page_engine()
     assert engine.snapshot().totals["store"]["state"] == "error"
+    at.radio(key="time_range").set_value("1 h").run()  # a range the store cannot answer: a message
+    assert not at.exception and any("History cannot be read" in e.value for e in at.error)
 
 
 def test_full_disk_error_state_while_capture_goes_on(root_only, tmpfs, fresh, monkeypatch):
@@ -307,3 +309,26 @@ def test_history_range_exports_equal_the_page(fresh, monkeypatch, tmp_path):
     assert int(conv["packets"].sum()) == shown - non_ip
     table = next(d.value for d in at.dataframe if "endpoint A" in d.value.columns)  # the page's table
     assert int(table["packets"].sum()) == int(conv["packets"].head(20).sum())
+
+
+def test_import_and_history_subcommands_window_one_file(tmp_path):
+    """`import` two files, then `history` over all time is their sum and a window names one file's."""
+    from pcapgen import pcap_bytes
+    from test_files import sample_frames
+
+    frames = [f for _, f in sample_frames()]
+    paths = []
+    for i, t0 in enumerate((1_600_000_000, 1_600_100_000)):
+        p = tmp_path / f"f{i}.pcap"
+        p.write_bytes(pcap_bytes([(t0 + j, f) for j, f in enumerate(frames[: 5 + i])]))
+        paths.append(str(p))
+    store = str(tmp_path / "h.duckdb")
+    out = cli("import", *paths, "--store", store)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["files"] == 2 and got["packets"] == 11 and got["errors"] == []
+    assert history(store, 0, 2_000_000_000)["packets"] == 11
+    one = history(store, 1_600_100_000, 1_600_100_005)
+    assert one["packets"] == 6 and one["first_ts"] == 1_600_100_000
+    iso = cli("history", "--store", store, "--since", "2020-09-13T12:26:40Z", "--until", "2020-09-13T12:26:44Z")
+    assert json.loads(iso.stdout)["packets"] == 5  # ISO 8601 bounds, both seconds included
