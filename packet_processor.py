@@ -865,6 +865,7 @@ class CaptureEngine:
             stage = self._new_stage(self._gen)
             with self._lock:
                 self._stage = stage
+                self._store_stage = None  # a file is not recorded (import is how files enter history)
             self._run_file(self._source, self._gen, threading.Event())
         return self.summary()
 

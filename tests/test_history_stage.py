@@ -66,6 +66,21 @@ def test_a_file_source_is_not_recorded(tmp_path):
     engine.close_store()
 
 
+def test_a_file_after_a_live_capture_is_not_counted_as_history_loss(tmp_path, root_only):
+    from pcapgen import pcap_bytes
+    from test_files import sample_frames
+
+    path = tmp_path / "x.pcap"
+    path.write_bytes(pcap_bytes(sample_frames()))
+    engine = CaptureEngine(record=True, store_path=str(tmp_path / "h.duckdb"))
+    assert engine.start(Source("live", iface="lo", bpf="udp dst port 47403"))
+    engine.stop()
+    assert engine.load_file(str(path))["packets"] == 8
+    state = engine.snapshot().totals["store"]
+    assert state["history_skipped"] == 0 and not state["recording"]
+    engine.close_store()
+
+
 def test_store_held_by_another_process_is_a_state_and_capture_goes_on(tmp_path, root_only):
     path = str(tmp_path / "h.duckdb")
     holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys; c = duckdb.connect(sys.argv[1]); "
