@@ -80,6 +80,9 @@ def store_banner(state: dict[str, Any] | None) -> None:
         st.warning(f"History lacks {int(state['packets_dropped']):,} packets: batches the store could not write.")
     if state.get("moved_aside"):
         st.warning(msg)
+    if state.get("state") == "ok":
+        st.caption(f"History: {'recording into' if state.get('recording') else 'kept in'} {state.get('path')} "
+                   "(choose a time range to see it).")
     if skipped := int(state.get("history_skipped") or 0):
         st.warning(f"The history writer fell behind and skipped {skipped:,} packets: history lacks them "
                    "(the live totals do not).")
