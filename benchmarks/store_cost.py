@@ -10,6 +10,7 @@ the capture counted; any batch the store stage skipped is reported as `history_s
 
     python benchmarks/store_cost.py            # 2 runs of 5 s per rate, 50,000-packet/s steps (root)
     python benchmarks/store_cost.py --quick    # 1 run of 3 s per rate
+    python benchmarks/store_cost.py --short    # 1 run of 2 s at two low rates (CI: it cannot rot)
 
 Target (issue 13): writing the store costs at most 5 % of the loss-free rate.
 """
@@ -76,6 +77,7 @@ def start(tool: str, port: int, refresh: bool) -> subprocess.Popen:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one 3-second run per rate and variant")
+    ap.add_argument("--short", action="store_true", help="one 2-second run at two low rates")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
@@ -87,7 +89,8 @@ def main() -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
-    seconds, runs = (3.0, 1) if args.quick else (args.seconds, args.runs)
+    seconds, runs = (2.0, 1) if args.short else (3.0, 1) if args.quick else (args.seconds, args.runs)
+    rates = RATES[:2] if args.short else RATES
     lc.start_capturer = start  # live_capture's runs, with our two capturers
     lc.finish_capturer = lambda tool, proc: json.loads(proc.communicate("stop\n", timeout=120)[0].strip()
                                                        .splitlines()[-1])
@@ -96,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sender = lc.build_sender(tmp)
         print(f"{runs} run(s) of {seconds:g} s per rate, store off and on alternately", flush=True)
-        for rate in RATES:
+        for rate in rates:
             for tool in ("off", "on"):
                 if failed[tool]:
                     continue
