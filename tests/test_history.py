@@ -3,6 +3,7 @@ the import action and the downloads. Real packets on lo, isolated by distinctive
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import streamlit as st
@@ -102,6 +104,13 @@ def fresh() -> Iterator[None]:
     st.cache_resource.clear()
 
 
+def array(v) -> np.ndarray:
+    """A figure array from Plotly's JSON, plain list or binary 'bdata'."""
+    if isinstance(v, dict) and "bdata" in v:
+        return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+    return np.asarray(v)
+
+
 def app() -> AppTest:
     return AppTest.from_file(APP, default_timeout=60)
 
@@ -150,7 +159,8 @@ def test_restart_history_and_page_give_exact_totals(root_only, fresh, monkeypatc
              for c in at.get("plotly_chart")}
     tl = specs["Traffic by capture time"]
     assert "bin width 5 s" in tl["layout"]["xaxis2"]["title"]["text"]  # 3,600 s in <= 1,500 points
-    assert sum(len(d["x"]) if isinstance(d["x"], list) else 1 for d in tl["data"]) > 0
+    drawn = sum(float(array(d["y"]).sum()) for d in tl["data"] if d["yaxis"] == "y")  # packets/s per 5 s bin
+    assert round(drawn * 5) == n  # every packet from before the restart is on the last hour's timeline
     labels = [b.proto.label for b in at.get("download_button")]
     assert {"seconds (CSV)", "conversations (Parquet)", "alerts (CSV)"} <= set(labels)
 

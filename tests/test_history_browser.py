@@ -25,10 +25,22 @@ def _frames(t0: float, n: int, dport: int) -> list[tuple[float, bytes]]:
 
 
 def _download(page, name: str) -> bytes:
-    with page.expect_download(timeout=30_000) as got:
-        page.get_by_role("button", name=name, exact=True).click()
-    with open(got.value.path(), "rb") as fh:
-        return fh.read()
+    """Click a download button and return the file; once more if an auto-refresh redrew the button
+    under the click (a deferred download is made at the click, by the server)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    button = page.get_by_role("button", name=name, exact=True)
+    for attempt in range(2):
+        button.wait_for(state="visible", timeout=30_000)
+        try:
+            with page.expect_download(timeout=30_000) as got:
+                button.click()
+            with open(got.value.path(), "rb") as fh:
+                return fh.read()
+        except PlaywrightTimeout:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_browser_import_range_and_downloads(tmp_path):
