@@ -78,6 +78,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one 3-second run per rate and variant")
     ap.add_argument("--short", action="store_true", help="one 2-second run at two low rates")
+    ap.add_argument("--rates", default="", help="packets/s to try, comma-separated (default: 50,000 steps)")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--child", choices=["off", "on"], help=argparse.SUPPRESS)
@@ -90,7 +91,7 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
     seconds, runs = (2.0, 1) if args.short else (3.0, 1) if args.quick else (args.seconds, args.runs)
-    rates = RATES[:2] if args.short else RATES
+    rates = RATES[:2] if args.short else [int(r) for r in args.rates.split(",")] if args.rates else RATES
     lc.start_capturer = start  # live_capture's runs, with our two capturers
     lc.finish_capturer = lambda tool, proc: json.loads(proc.communicate("stop\n", timeout=120)[0].strip()
                                                        .splitlines()[-1])
@@ -119,7 +120,7 @@ def main() -> int:
                     held[tool] = rate
             if all(failed.values()):
                 break
-    print("\nhighest loss-free rate (<= 0.1 % loss), 50,000 packets/s steps:")
+    print(f"\nhighest loss-free rate (<= 0.1 % loss) of the rates tried ({rates[0]:,} .. {rates[-1]:,}/s):")
     print(f"  store off  {held['off']:>9,} packets/s")
     print(f"  store on   {held['on']:>9,} packets/s")
     if held["off"]:
