@@ -106,3 +106,16 @@ def test_store_held_by_another_process_is_a_state_and_capture_goes_on(tmp_path, 
         engine.close_store()
     finally:
         holder.communicate("", timeout=10)
+
+
+def test_default_store_is_in_the_effective_users_home_not_roots(monkeypatch):
+    """After `sudo` gives up root, $HOME still names root's home, which the page's user cannot write."""
+    import pwd
+
+    import store.embedded as embedded
+
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.setattr(embedded.os, "geteuid", lambda: 65534)
+    home = pwd.getpwuid(65534).pw_dir
+    assert embedded.default_path() == f"{home}/.local/share/network-traffic-monitor/history.duckdb"
