@@ -124,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STAGE_QUEUE_PACKETS", 262_144, "Most packets queued for each consumer stage (the detectors); a live "
             "batch that does not fit is skipped by that stage and counted, never by the counters.",
             low=1, high=1 << 26),
+    Setting("HISTORY", True, "The dashboard records its live captures into the history store (STORE) and offers "
+            "the time ranges beyond the buffer; the capture command records only with --store."),
     Setting("STORE", "", "History store file (DuckDB); empty means history.duckdb in $XDG_DATA_HOME "
             "(or ~/.local/share)/network-traffic-monitor/."),
     Setting("STORE_FLUSH_S", 5.0, "How often the history rollup writes to the store (s): at most this much "

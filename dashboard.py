@@ -24,6 +24,7 @@ from streamlit import config as streamlit_config
 from streamlit_autorefresh import st_autorefresh
 
 import config
+import history_page
 import visualizations as viz
 from capture import broker
 from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
@@ -134,7 +135,8 @@ def get_engine() -> CaptureEngine:
         streamlit_config.set_option("server.maxUploadSize", config.get("UPLOAD_MAX_MB"))
     except Exception:  # an older Streamlit: .streamlit/config.toml's value stays
         log.warning("could not apply UPLOAD_MAX_MB to the server's upload limit", exc_info=True)
-    engine = CaptureEngine()
+    engine = CaptureEngine(record=config.get("HISTORY"))  # history: the per-user store unless STORE says
+    atexit.register(engine.close_store)  # the last minute written and the store checkpointed at exit
     engine.start(initial_source())
     return engine
 
@@ -628,6 +630,19 @@ def page() -> None:
     snap, taken = current_view(engine)
     end, duration = capture_clock(snap, taken)
     status_banner(snap)
+    history_page.store_banner(snap.totals.get("store"))
+    span = history_page.range_control(engine, taken)
+    history_page.import_action(engine)
+    if span is not None:  # a stored range: drawn from the history store, not the buffer
+        history_page.history_view(engine, *span, LOCAL_TZ)
+    else:
+        live_view(engine, snap, end, duration, taken)
+    if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):
+        st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")
+
+
+def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration: float, taken: float) -> None:
+    """The buffer and counters of the running capture (the Live time range)."""
     metrics(snap, end, duration, taken)
     if not snap.totals["packets"]:
         if snap.status.state != "error":
@@ -636,8 +651,7 @@ def page() -> None:
         charts(snap, end)
         alerts_panel(snap, engine)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
-    if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):
-        st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")
+        history_page.live_downloads(snap)
 
 
 if "streamlit.web.bootstrap" in sys.modules and broker.separate().still_root:  # not in AppTest's process

@@ -69,6 +69,7 @@ from analysis.stages import AlertMirror, DetectorStage
 from capture import broker
 from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
+from store.stage import StoreStage
 
 if TYPE_CHECKING:  # the detectors (and pandas) load where they run: the worker, the page
     import pandas as pd
@@ -346,6 +347,16 @@ def parsed_ahead(reader: FileReader, matcher: LocalMatcher, size: int) -> Iterat
 _ENGINES: weakref.WeakSet[CaptureEngine] = weakref.WeakSet()
 
 
+def _open_store(path: str | None) -> Any:
+    """The embedded history store at `path` (default: STORE, else the per-user folder), opened; an
+    error (read-only folder, in use by another process) is its state, shown by the page."""
+    from store.embedded import EmbeddedStore  # DuckDB is loaded only by an engine that keeps history
+
+    store = EmbeddedStore(path or None)
+    store.open()
+    return store
+
+
 def engines() -> list[CaptureEngine]:
     """The engines alive in this process (the dashboard's is among them once a page has run)."""
     return list(_ENGINES)
@@ -360,7 +371,10 @@ def stop_all() -> None:
 class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
-    def __init__(self, buffer_size: int | None = None, local_nets: str | None = None) -> None:
+    def __init__(self, buffer_size: int | None = None, local_nets: str | None = None, record: bool = False,
+                 store_path: str | None = None) -> None:
+        """record: write live captures into the history store (store_path, else STORE or the per-user
+        folder), which is opened here so the page can query it before any capture starts."""
         config.validate()  # a bad setting is a clear error here, not a crash in the capture thread later
         _ENGINES.add(self)
         native.keep_freed_memory(config.get("MALLOC_KEEP_MB"))
@@ -393,6 +407,8 @@ class CaptureEngine:
         self._started_wall: float | None = None
         self._file_note = ""
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
+        self._store_stage: StoreStage | None = None  # the history writer of the current live capture
+        self.store = _open_store(store_path) if record else None  # queried by the page through this object
 
     @property
     def _detectors(self) -> Any:
@@ -437,6 +453,7 @@ class CaptureEngine:
                 self._kernel_received = self._kernel_dropped = 0
                 self._kernel_base = (0, 0)
                 self._stage = stage
+                self._store_stage = self._new_store_stage(source) if live is not None else None
             self._stop = threading.Event()
             self._paused.clear()
             self._thread = threading.Thread(target=self._run, args=(source, live, self._gen, self._stop),
@@ -463,6 +480,32 @@ class CaptureEngine:
             log.error("%s", stage.error)
             return stage
 
+    def _new_store_stage(self, source: Source) -> StoreStage | None:
+        """The history writer of a live capture (files enter history only through `import`)."""
+        if self.store is None:
+            return None
+        sensor = config.get("STORE_SENSOR") or None
+        return StoreStage(self.store, config.get("STAGE_QUEUE_PACKETS"), iface=source.iface, sensor=sensor,
+                          mirror=self.alerts).start()
+
+    def close_store(self) -> None:
+        """Stop recording and close the history store (at exit); safe to call twice."""
+        self.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def history_state(self) -> dict[str, Any] | None:
+        """The history store's state for the page (None when this engine keeps no history)."""
+        if self.store is None:
+            return None
+        stage = self._store_stage
+        if stage is not None:
+            return stage.state()
+        st = self.store.status()
+        return {"state": st.state, "path": st.path, "message": st.message, "moved_aside": st.moved_aside,
+                "pending": st.pending, "batches_dropped": st.batches_dropped, "packets_dropped": st.packets_dropped,
+                "history_skipped": 0, "last_write_wall": st.last_write_wall, "recording": False}
+
     def _stop_locked(self, drain_s: float = 0.0) -> None:
         self._stop.set()
         try:
@@ -471,6 +514,9 @@ class CaptureEngine:
             stage = self._stage
             if stage is not None:
                 stage.close(drain_s)
+            store_stage = self._store_stage
+            if store_stage is not None:  # after the capture thread: every counted batch is in its queue
+                store_stage.close(drain_s)
         with self._lock:
             if self._state in ("running", "paused"):
                 self._state = "stopped"
@@ -687,11 +733,13 @@ class CaptureEngine:
         if not len(arr):
             return
         with self._lock:
-            counters, stage = self._counters, self._stage
+            counters, stage, store_stage = self._counters, self._stage, self._store_stage
             if gen != self._gen:
                 return
         if stage is not None:  # first, so the detectors work on it while this thread counts
             stage.offer(arr, wait=wait is not None, abort=wait)
+        if store_stage is not None:
+            store_stage.offer(arr, wait=wait is not None, abort=wait)
         # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
         # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
         update = counters.prepare(arr)
@@ -756,8 +804,11 @@ class CaptureEngine:
             tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
                       c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
-            stage = self._stage
+            stage, store_stage = self._stage, self._store_stage
         totals["stages"] = {stage.name: stage.as_dict()} if stage is not None else {}
+        if store_stage is not None:
+            totals["stages"][store_stage.name] = store_stage.as_dict()
+        totals["store"] = self.history_state()
         totals["alerts_suppressed"] = self.alerts.suppressed()
         alerts = tuple(self.alerts.alerts())
         rows.flags.writeable = False
@@ -800,7 +851,7 @@ class CaptureEngine:
             "nic_dropped": t["nic_dropped"], "file_dropped": t["file_dropped"],
             "error": snap.status.error,
             "alerts": [a.as_dict() for a in snap.alerts], "alerts_suppressed": t["alerts_suppressed"],
-            "stages": t["stages"],
+            "stages": t["stages"], "store": t.get("store"),
         }
 
     def load_file(self, path: str) -> dict[str, Any]:
@@ -817,6 +868,7 @@ class CaptureEngine:
             stage = self._new_stage(self._gen)
             with self._lock:
                 self._stage = stage
+                self._store_stage = None  # a file is not recorded (import is how files enter history)
             self._run_file(self._source, self._gen, threading.Event())
         return self.summary()
 
@@ -827,6 +879,8 @@ class CaptureEngine:
 
 
 def _cli(argv: list[str] | None = None) -> int:
+    from store import cli as store_cli  # `import` and `history`; DuckDB is loaded only when a command needs it
+
     ap = argparse.ArgumentParser(description="Network Traffic Monitor capture engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summary", help="read a pcap/pcapng file and print its JSON summary")
@@ -836,6 +890,9 @@ def _cli(argv: list[str] | None = None) -> int:
     c.add_argument("--iface", default="", help="interface (default: the default route's)")
     c.add_argument("--filter", default="", help="BPF capture filter")
     c.add_argument("--seconds", type=float, default=10.0)
+    c.add_argument("--store", default=None, metavar="PATH",
+                   help="also record the capture into this history store (see `history`)")
+    store_cli.add_subcommands(sub)
     args = ap.parse_args(argv)
     bad = config.problems()
     logging.basicConfig(level="INFO" if bad else config.get("LOG_LEVEL").upper(), stream=sys.stderr,
@@ -844,6 +901,8 @@ def _cli(argv: list[str] | None = None) -> int:
         for problem in bad:
             log.error("invalid setting: %s", problem)
         return 1
+    if args.cmd in ("import", "history"):
+        return store_cli.run(args)
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
@@ -854,12 +913,13 @@ def _cli(argv: list[str] | None = None) -> int:
         except broker.PrivilegeError as exc:
             log.error("%s", exc)
             return 1
-        engine = CaptureEngine()
+        engine = CaptureEngine(record=args.store is not None, store_path=args.store)
         ok = engine.start(Source("live", iface=args.iface, bpf=args.filter))
         if ok:
             engine._stop.wait(args.seconds)
         engine.stop(drain_s=5.0)  # headless: the alerts of the last batches are worth the wait
         out = engine.summary()
+        engine.close_store()
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return exit_status(args.cmd, out)

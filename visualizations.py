@@ -294,3 +294,34 @@ def alerts_table(alerts: Sequence[Any], tz: tzinfo | None = None) -> pd.DataFram
         "what it means": [a.meaning for a in alerts],
         "ack": [a.acknowledged for a in alerts],
     })
+
+
+# -- history (time ranges from the store) ---------------------------------------------------
+
+
+def history_timeline(series: pd.DataFrame, bin_s: int, tz: tzinfo | None = None) -> go.Figure:
+    """The timeline of a stored range: per-bin sums (bin start `t`, pk_/by_ per direction) drawn as
+    average packets/s and bit/s per bin, the bin width named on the time axis."""
+    cols = [*[f"pk_{d}" for d in DIRECTIONS], *[f"by_{d}" for d in DIRECTIONS]]
+    if series.empty:
+        return _empty("Traffic by capture time", "timeline")
+    frame = pd.DataFrame({c: series[c].to_numpy(dtype=np.float64) / bin_s for c in cols})
+    when = pd.to_datetime(series["t"].to_numpy(dtype=np.int64), unit="s", utc=True)
+    frame.insert(0, "time", when.tz_convert(tz) if tz is not None else when)
+    fig = timeline(frame)
+    width = f"{bin_s} s" if bin_s < 60 else (f"{bin_s // 60} min" if bin_s < 3600 else f"{bin_s / 3600:g} h")
+    fig.update_layout(xaxis2={"title": {"text": f"capture time — each point averages {width} (bin width {bin_s} s)"}})
+    return fig
+
+
+def history_alerts_table(alerts: pd.DataFrame, tz: tzinfo | None = None) -> pd.DataFrame:
+    """Stored alerts (store.alerts rows, newest first) as the page's alert table, without the live-only columns."""
+    cols = ["last seen", "severity", "detector", "source", "target", "count", "evidence"]
+    if alerts.empty:
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame({
+        "last seen": _times(alerts["last_ts"].to_numpy(dtype=np.float64), tz),
+        "severity": alerts["severity"].to_numpy(), "detector": alerts["detector"].to_numpy(),
+        "source": alerts["source"].to_numpy(), "target": alerts["target"].to_numpy(),
+        "count": alerts["count"].to_numpy(), "evidence": alerts["evidence"].to_numpy(),
+    })

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import re
 import time
 from pathlib import Path
@@ -45,8 +46,17 @@ def default_path() -> str:
     chosen = config.get("STORE")
     if chosen:
         return str(Path(chosen).expanduser())
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    base = os.environ.get("XDG_DATA_HOME") or str(_home() / ".local" / "share")
     return str(Path(base) / APP_DIR / STORE_FILE)
+
+
+def _home() -> Path:
+    """The effective user's home: after `sudo` gives up root, $HOME still names root's, which that
+    user cannot write, so the store goes to the home of the user the process now runs as."""
+    try:
+        return Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:
+        return Path.home()
 
 
 def _create_sql() -> list[str]:

@@ -116,8 +116,10 @@ def veth() -> Iterator[VethNet]:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests see the defaults, not the developer's NTM_* environment."""
+def _quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests see the defaults, not the developer's NTM_* environment, and never write the real
+    per-user history store (the dashboard records by default): its folder is a temporary one."""
     for key in list(os.environ):
         if key.startswith("NTM_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.getbasetemp() / "xdg-data"))
