@@ -43,10 +43,10 @@ def test_alerts_reach_the_store_when_they_change(tmp_path):
     mirror.reset(1)
     stage = StoreStage(store, max_packets=1000, mirror=mirror).start()
     a = Alert("port_scan", "high", "127.0.0.2", "127.0.0.1", 1_700_000_000.0, 1_700_000_001.0, 10, "10 ports", "m")
-    mirror.update(1, [a], 0)
+    mirror.update(1, [a], {})
     stage.offer(udp_burst(1_700_000_000.0, 3))
     time.sleep(1.2)  # a few ticks
-    mirror.update(1, [Alert(**{**a.__dict__, "count": 25, "last_ts": 1_700_000_005.0})], 0)
+    mirror.update(1, [Alert(**{**a.__dict__, "count": 25, "last_ts": 1_700_000_005.0})], {})
     stage.close()
     stored = history_summary(store)["alerts"]
     assert len(stored) == 1 and stored[0]["count"] == 25 and stored[0]["last_ts"] == 1_700_000_005.0
