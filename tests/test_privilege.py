@@ -347,6 +347,28 @@ def test_broker_compiles_filters_on_a_live_handle(root_only, venv):
     assert out["any"][0] == "err" and "not an interface name: 'any'" in out["any"][1]
 
 
+UNPRIVILEGED_COMPILE = """
+from capture.sources import LINKTYPE_COOKED, LINKTYPE_ETHERNET, CaptureError, compile_bpf, validate_bpf
+try:
+    print("compiled", len(compile_bpf("vlan 100", LINKTYPE_ETHERNET, 262144, "lo")))
+except CaptureError as exc:
+    print("error", exc)
+print("validate", validate_bpf("vlan 100", "lo"), len(compile_bpf("udp", LINKTYPE_COOKED, 262144, "any")))
+"""
+
+
+def test_without_privilege_an_ethernet_filter_is_refused_not_compiled_blind(root_only, venv, world_readable):
+    """No helper and no CAP_NET_RAW: no dead handle's `vlan 100` (9 instructions looking for 0x8100 in the frame,
+    where the kernel no longer leaves it), but an error naming the fix; syntax checks and `any` need no privilege."""
+    proc = subprocess.run([*NOBODY, str(venv / "bin" / "python3"), "-c", UNPRIVILEGED_COMPILE],
+                          cwd=world_readable / "app", capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("error cannot compile the filter for 'lo'") and "CAP_NET_RAW" in lines[0], lines
+    assert lines[1].split()[:2] == ["validate", "None"] and int(lines[1].split()[2]) > 0, lines
+
+
 # -------------------------------------------------------------------------------------------------
 # The capture CLI and the engine, started as root
 # -------------------------------------------------------------------------------------------------
