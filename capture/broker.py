@@ -66,6 +66,7 @@ REPLY_MAX = 8 + 8 * 4096  # `ok ` + the program: BPF_MAXINSNS instructions of 8 
 INSN = struct.Struct("=HBBI")  # struct sock_filter
 DLT_EN10MB = 1
 PCAP_ERROR_PERM_DENIED = -8
+PCAP_ERROR_IFACE_NOT_UP = -9
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 PCAP_LOCK = threading.Lock()  # libpcap's compiler kept global state in older versions: one compile at a time
 REPLY_TIMEOUT_S = 5.0
@@ -289,9 +290,11 @@ def compile_live(expr: str, iface: str, snaplen: int) -> list[tuple[int, int, in
             lib.pcap_set_snaplen(handle, snaplen)
             lib.pcap_set_buffer_size(handle, 1 << 18)  # the handle only compiles: a small ring
             status = lib.pcap_activate(handle)
-            if status < 0:
+            if status < 0:  # as tcpdump: a down interface is refused too (its VLAN handling is unknown)
+                hint = (f"; bring it up (ip link set {iface} up) or capture without a filter"
+                        if status == PCAP_ERROR_IFACE_NOT_UP else "")
                 raise CompileError(f"cannot compile the filter on a live handle of {iface!r} (libpcap: "
-                                   f"{lib.pcap_geterr(handle).decode(errors='replace')})",
+                                   f"{lib.pcap_geterr(handle).decode(errors='replace')}){hint}",
                                    denied=status == PCAP_ERROR_PERM_DENIED)
             if lib.pcap_datalink(handle) != DLT_EN10MB:
                 raise CompileError(f"{iface!r} is not an Ethernet-like link for libpcap")
