@@ -645,7 +645,8 @@ def _separate() -> Outcome:
     _broker = broker
     threads = len(os.listdir("/proc/self/task"))
     return Outcome(f"running as {name} (uid {uid}) without capabilities, in all {threads} threads; the capture "
-                   f"helper (pid {broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets")
+                   f"helper (pid {broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets and compiles "
+                   "filters")
 
 
 def packet_socket(kind: int, iface: str) -> socket.socket:
