@@ -7,7 +7,10 @@ process calls `separate()` once, before it reads any packet:
    The broker switches to the unprivileged user, keeps CAP_NET_RAW and nothing else, and then
    only answers "open a raw|dgram packet socket for interface X": it validates the name, opens
    `socket(AF_PACKET, kind, 0)` (protocol 0: the socket receives nothing until its owner binds it)
-   and hands the descriptor over with SCM_RIGHTS, keeping no copy. It never reads a packet.
+   and hands the descriptor over with SCM_RIGHTS, keeping no copy. It never reads a packet. It also
+   answers "compile this filter for interface X and snap length N" on a live libpcap handle (which
+   needs CAP_NET_RAW): only a live handle has libpcap's Linux code for `vlan`, which tests the tag
+   the kernel moved into the packet's metadata; a dead handle's program looks for it in the frame.
 2. The process itself gives up root: supplementary groups cleared, real/effective/saved uid and gid
    of the unprivileged user (glibc applies them to every thread, and the kernel clears every
    capability of a thread whose uids all leave 0), no ambient or inheritable capabilities, and
@@ -30,6 +33,7 @@ import platform
 import pwd
 import re
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -54,12 +58,30 @@ SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "riscv64": 277, "ppc64le": 358, "s
 CAP_VERSION_3 = 0x20080522
 KINDS = {"raw": socket.SOCK_RAW, "dgram": socket.SOCK_DGRAM}
 IFNAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,15}")  # what the kernel accepts in a name (IFNAMSIZ - 1)
-REQUEST_MAX = 64
+REQUEST_MAX = 64  # an `open` request
+EXPR_MAX = 4096  # bytes of a filter expression the broker compiles (tcpdump's longest useful ones are far shorter)
+COMPILE_MAX = EXPR_MAX + 64  # a `compile` request: verb, snap length, interface, expression
+SNAPLEN_MAX = 262144
+REPLY_MAX = 8 + 8 * 4096  # `ok ` + the program: BPF_MAXINSNS instructions of 8 bytes
+INSN = struct.Struct("=HBBI")  # struct sock_filter
+DLT_EN10MB = 1
+PCAP_ERROR_PERM_DENIED = -8
+PCAP_ERROR_IFACE_NOT_UP = -9
+PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
+PCAP_LOCK = threading.Lock()  # libpcap's compiler kept global state in older versions: one compile at a time
 REPLY_TIMEOUT_S = 5.0
 
 
 class PrivilegeError(RuntimeError):
     """Privileges could not be given up as asked: the process must not go on as root."""
+
+
+class CompileError(ValueError):
+    """A filter could not be compiled on a live handle; `denied` when the process lacks CAP_NET_RAW."""
+
+    def __init__(self, text: str, denied: bool = False) -> None:
+        super().__init__(text)
+        self.denied = denied
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,6 +229,81 @@ def _verify(uid: int, gid: int, caps: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# Filters compiled on a live libpcap handle (in the broker, or in a process that has CAP_NET_RAW)
+# -------------------------------------------------------------------------------------------------
+
+
+class _BpfProgram(ctypes.Structure):
+    _fields_ = [("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(_SockFilter))]
+
+
+_pcap: list[ctypes.CDLL] = []
+
+
+def _libpcap() -> ctypes.CDLL:
+    """Debian's libpcap0.8 by its soname, with the signatures used here; CompileError when missing."""
+    if not _pcap:
+        try:
+            lib = ctypes.CDLL("libpcap.so.0.8")
+        except OSError as exc:
+            raise CompileError(f"libpcap is not available (install Debian's libpcap0.8): {exc}") from None
+        vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
+        for fn, res, args in (("pcap_create", vp, [cp, cp]), ("pcap_set_snaplen", i, [vp, i]),
+                              ("pcap_set_buffer_size", i, [vp, i]), ("pcap_activate", i, [vp]),
+                              ("pcap_datalink", i, [vp]), ("pcap_geterr", cp, [vp]), ("pcap_close", None, [vp]),
+                              ("pcap_compile", i, [vp, ctypes.POINTER(_BpfProgram), cp, i, ctypes.c_uint32]),
+                              ("pcap_freecode", None, [ctypes.POINTER(_BpfProgram)]),
+                              ("pcap_lookupnet", i, [cp, ctypes.POINTER(ctypes.c_uint32),
+                                                     ctypes.POINTER(ctypes.c_uint32), cp])):
+            getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+        _pcap.append(lib)
+    return _pcap[0]
+
+
+def _netmask(lib: ctypes.CDLL, iface: str) -> int:
+    net, mask = ctypes.c_uint32(), ctypes.c_uint32()
+    if lib.pcap_lookupnet(iface.encode(), ctypes.byref(net), ctypes.byref(mask), ctypes.create_string_buffer(256)):
+        return PCAP_NETMASK_UNKNOWN  # no IPv4 address: only `ip broadcast` needs the mask
+    return mask.value
+
+
+def _compile_on(lib: ctypes.CDLL, handle: int, expr: str, netmask: int) -> list[tuple[int, int, int, int]]:
+    prog = _BpfProgram()
+    if lib.pcap_compile(handle, ctypes.byref(prog), expr.encode(), 1, netmask) != 0:
+        raise CompileError(f"bad BPF filter: {lib.pcap_geterr(handle).decode(errors='replace')}")
+    try:
+        return [(prog.bf_insns[i].code, prog.bf_insns[i].jt, prog.bf_insns[i].jf, prog.bf_insns[i].k & 0xFFFFFFFF)
+                for i in range(prog.bf_len)]
+    finally:
+        lib.pcap_freecode(ctypes.byref(prog))
+
+
+def compile_live(expr: str, iface: str, snaplen: int) -> list[tuple[int, int, int, int]]:
+    """Compile `expr` as tcpdump -i IFACE -s SNAPLEN would, on a live Ethernet handle; CompileError if not."""
+    lib = _libpcap()
+    with PCAP_LOCK:
+        errbuf = ctypes.create_string_buffer(256)
+        handle = lib.pcap_create(iface.encode(), errbuf)
+        if not handle:
+            raise CompileError(f"cannot open a libpcap handle on {iface!r}: {errbuf.value.decode(errors='replace')}")
+        try:
+            lib.pcap_set_snaplen(handle, snaplen)
+            lib.pcap_set_buffer_size(handle, 1 << 18)  # the handle only compiles: a small ring
+            status = lib.pcap_activate(handle)
+            if status < 0:  # as tcpdump: a down interface is refused too (its VLAN handling is unknown)
+                hint = (f"; bring it up (ip link set {iface} up) or capture without a filter"
+                        if status == PCAP_ERROR_IFACE_NOT_UP else "")
+                raise CompileError(f"cannot compile the filter on a live handle of {iface!r} (libpcap: "
+                                   f"{lib.pcap_geterr(handle).decode(errors='replace')}){hint}",
+                                   denied=status == PCAP_ERROR_PERM_DENIED)
+            if lib.pcap_datalink(handle) != DLT_EN10MB:
+                raise CompileError(f"{iface!r} is not an Ethernet-like link for libpcap")
+            return _compile_on(lib, handle, expr, _netmask(lib, iface))
+        finally:
+            lib.pcap_close(handle)
+
+
+# -------------------------------------------------------------------------------------------------
 # The broker (this file run as a program)
 # -------------------------------------------------------------------------------------------------
 
@@ -229,6 +326,18 @@ def _become(uid: int, gid: int, keep: int) -> None:
     _verify(uid, gid, keep)
 
 
+def _check_iface(name: str, allow_any: bool = True) -> str:
+    if name == "any" and allow_any:
+        return name
+    if not IFNAME.fullmatch(name) or name in (".", "..", "any"):
+        raise ValueError(f"not an interface name: {name!r}")
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        raise ValueError(f"no interface {name!r}") from None
+    return name
+
+
 def check_request(data: bytes) -> tuple[int, str]:
     """(socket type, interface) of a request `open raw|dgram NAME`; ValueError for anything else."""
     if len(data) > REQUEST_MAX:
@@ -239,23 +348,56 @@ def check_request(data: bytes) -> tuple[int, str]:
         raise ValueError("expected: open raw|dgram INTERFACE") from None
     if verb != "open" or kind not in KINDS:
         raise ValueError("expected: open raw|dgram INTERFACE")
-    if name != "any":
-        if not IFNAME.fullmatch(name) or name in (".", ".."):
-            raise ValueError(f"not an interface name: {name!r}")
-        try:
-            socket.if_nametoindex(name)
-        except OSError:
-            raise ValueError(f"no interface {name!r}") from None
-    return KINDS[kind], name
+    return KINDS[kind], _check_iface(name)
+
+
+def check_compile(data: bytes) -> tuple[int, str, str]:
+    """(snap length, interface, expression) of `compile SNAPLEN NAME EXPRESSION`; ValueError for anything else."""
+    if len(data) > COMPILE_MAX:
+        raise ValueError(f"request too long (a filter expression has at most {EXPR_MAX} bytes)")
+    try:
+        verb, snap, name, expr = data.decode("ascii").split(" ", 3)
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("expected: compile SNAPLEN INTERFACE EXPRESSION (ASCII)") from None
+    if verb != "compile" or not snap.isdigit() or not 0 < int(snap) <= SNAPLEN_MAX:
+        raise ValueError("expected: compile SNAPLEN INTERFACE EXPRESSION, SNAPLEN 1.." + str(SNAPLEN_MAX))
+    if len(expr) > EXPR_MAX:
+        raise ValueError(f"filter expression longer than {EXPR_MAX} bytes")
+    if not expr.strip() or not all(c.isprintable() or c in "\t\n" for c in expr):
+        raise ValueError("the filter expression is empty or has control characters")
+    return int(snap), _check_iface(name, allow_any=False), expr
+
+
+def _refuse(conn: socket.socket, data: bytes, exc: Exception) -> None:
+    log.warning("refused request %r: %s", data[:REQUEST_MAX], exc)
+    conn.send(f"err {errno.EINVAL} {exc}".encode()[:512])
+
+
+def _answer_compile(conn: socket.socket, data: bytes) -> None:
+    """Serve `compile`: `ok ` and the program's instructions, or `err ERRNO libpcap's message`."""
+    try:
+        snaplen, name, expr = check_compile(data)
+    except ValueError as exc:
+        _refuse(conn, data, exc)
+        return
+    try:
+        insns = compile_live(expr, name, snaplen)
+    except CompileError as exc:
+        conn.send(f"err {errno.EPERM if exc.denied else errno.EINVAL} {exc}".encode()[:1024])
+        return
+    conn.send(b"ok " + b"".join(INSN.pack(*insn) for insn in insns))
+    log.info("compiled a %d-instruction filter for %s", len(insns), name)
 
 
 def _answer(conn: socket.socket, data: bytes) -> None:
     """Serve one request: a new packet socket's descriptor, or `err ERRNO message`."""
+    if data.startswith(b"compile "):
+        _answer_compile(conn, data)
+        return
     try:
         kind, name = check_request(data)
     except ValueError as exc:
-        log.warning("refused request %r: %s", data[:REQUEST_MAX], exc)
-        conn.send(f"err {errno.EINVAL} {exc}".encode()[:512])
+        _refuse(conn, data, exc)
         return
     try:
         # Protocol 0: nothing enters this socket until the unprivileged side binds it to the
@@ -277,7 +419,7 @@ def serve(conn: socket.socket) -> None:
     conn.settimeout(1.0)
     while True:
         try:
-            data = conn.recv(REQUEST_MAX + 1)
+            data = conn.recv(COMPILE_MAX + 1)  # longer: refused as too long
         except TimeoutError:
             if os.getppid() != parent:  # re-parented: the process that started us is gone
                 return
@@ -338,6 +480,25 @@ class Broker:
         if code == str(errno.EPERM) or code == str(errno.EACCES):
             raise PermissionError(int(code), text)
         raise CaptureError(f"the capture helper could not open a socket for {iface!r}: {text}")
+
+    def compile(self, expr: str, iface: str, snaplen: int) -> list[tuple[int, int, int, int]]:
+        """The broker's live-handle compile of `expr` for `iface`; CompileError with libpcap's text if not."""
+        from capture.sources import CaptureError
+
+        with self._lock:
+            try:
+                self._conn.send(f"compile {snaplen} {iface} {expr}".encode())
+                msg = self._conn.recv(REPLY_MAX)
+            except OSError as exc:
+                self._conn.close()
+                raise CaptureError(f"the capture helper (pid {self.proc.pid}) is gone ({exc}); restart to capture "
+                                   "again") from exc
+        if not msg:
+            raise CaptureError(f"the capture helper (pid {self.proc.pid}) has exited; restart to capture again")
+        if msg.startswith(b"ok ") and (len(msg) - 3) % INSN.size == 0:
+            return list(INSN.iter_unpack(msg[3:]))
+        _, code, text = [*msg.decode("ascii", "replace").split(" ", 2), "", ""][:3]
+        raise CompileError(text, denied=code == str(errno.EPERM))
 
     def close(self) -> None:
         """Close our end: the broker sees end-of-file and exits."""
@@ -484,7 +645,8 @@ def _separate() -> Outcome:
     _broker = broker
     threads = len(os.listdir("/proc/self/task"))
     return Outcome(f"running as {name} (uid {uid}) without capabilities, in all {threads} threads; the capture "
-                   f"helper (pid {broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets")
+                   f"helper (pid {broker.proc.pid}) holds CAP_NET_RAW and only opens capture sockets and compiles "
+                   "filters")
 
 
 def packet_socket(kind: int, iface: str) -> socket.socket:
@@ -493,6 +655,17 @@ def packet_socket(kind: int, iface: str) -> socket.socket:
     if broker is not None:
         return broker.open(kind, iface)
     return socket.socket(socket.AF_PACKET, kind, 0)
+
+
+def compile_filter(expr: str, iface: str, snaplen: int) -> list[tuple[int, int, int, int]]:
+    """A filter compiled on a live handle of `iface`: by the broker after separate(), else here (which needs
+    CAP_NET_RAW); CompileError, never a dead handle's program, when neither can."""
+    broker = _broker
+    if broker is not None:
+        return broker.compile(expr, iface, snaplen)
+    if len(expr.encode()) > EXPR_MAX:  # the same bound as through the broker
+        raise CompileError(f"filter expression longer than {EXPR_MAX} bytes")
+    return compile_live(expr, iface, snaplen)
 
 
 if __name__ == "__main__":

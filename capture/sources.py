@@ -663,7 +663,7 @@ SKF_AD_PROTOCOL = 0
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 BPF_CLASS_LD, BPF_CLASS_LDX = 0x00, 0x01
 BPF_MODES_WITH_OFFSET = (0x20, 0x40, 0xA0)  # BPF_ABS, BPF_IND, BPF_MSH
-_pcap_lock = threading.Lock()  # libpcap's compiler keeps global state in older versions
+_pcap_lock = broker.PCAP_LOCK  # libpcap's compiler keeps global state in older versions (shared with the live one)
 _libpcap: list[ctypes.CDLL | None] = []
 
 
@@ -681,9 +681,7 @@ def _pcap_library() -> ctypes.CDLL:
             lib = None
         if lib is not None:
             vp, cp, i = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
-            for fn, res, args in (("pcap_open_dead", vp, [i, i]), ("pcap_create", vp, [cp, cp]),
-                                  ("pcap_set_snaplen", i, [vp, i]), ("pcap_set_buffer_size", i, [vp, i]),
-                                  ("pcap_activate", i, [vp]), ("pcap_datalink", i, [vp]),
+            for fn, res, args in (("pcap_open_dead", vp, [i, i]),
                                   ("pcap_compile", i, [vp, ctypes.POINTER(_BpfProgram), cp, i, ctypes.c_uint32]),
                                   ("pcap_geterr", cp, [vp]), ("pcap_freecode", None, [ctypes.POINTER(_BpfProgram)]),
                                   ("pcap_close", None, [vp]),
@@ -696,38 +694,38 @@ def _pcap_library() -> ctypes.CDLL:
     return _libpcap[0]
 
 
-def _open_handle(lib: ctypes.CDLL, iface: str | None, linktype: int, snaplen: int) -> int:
-    """A libpcap handle to compile with: a live one on `iface` when it can be activated (it has the
-    Linux code generator's VLAN handling: the kernel takes the tag out of the frame, so `vlan` must
-    test the packet's metadata), else a dead one of `linktype` (enough to check the syntax)."""
-    if iface is not None:
-        errbuf = ctypes.create_string_buffer(256)
-        live = lib.pcap_create(iface.encode(), errbuf)
-        if live:
-            lib.pcap_set_snaplen(live, snaplen)
-            lib.pcap_set_buffer_size(live, 1 << 18)  # the handle only compiles: a small ring
-            if lib.pcap_activate(live) >= 0 and lib.pcap_datalink(live) == linktype:
-                return live
-            lib.pcap_close(live)
-    return lib.pcap_open_dead(linktype, snaplen)
-
-
 def compile_bpf(expr: str, linktype: int, snaplen: int = DEFAULT_MAX_CAPLEN,
                 iface: str | None = None) -> list[tuple[int, int, int, int]]:
-    """Compile a BPF expression with libpcap for our socket, as tcpdump would: Ethernet (on a live handle
-    of `iface` when given, for VLAN tags), or cooked (Linux cooked v2, as tcpdump -i any, with its
-    header's loads mapped to the kernel's metadata); accepted packets are cut to `snaplen`."""
+    """Compile a BPF expression with libpcap for our socket, as tcpdump would; accepted packets are cut to `snaplen`.
+
+    Ethernet with `iface`: on a live handle of it (by the capture helper after a drop from root), whose
+    Linux code tests `vlan` in the metadata where the kernel put the tag; an error if no live handle can
+    be had, never a dead handle's program that would look for the tag in the frame. Ethernet without an
+    interface: a dead handle (the syntax check). Cooked: Linux cooked v2, as tcpdump -i any, with its
+    header's loads mapped to the kernel's metadata (a dead handle gives the same program as a live one)."""
+    if linktype != LINKTYPE_COOKED and iface and iface != "any":
+        try:
+            return broker.compile_filter(expr, iface, snaplen)
+        except broker.CompileError as exc:
+            if exc.denied:
+                raise CaptureError(f"cannot compile the filter for {iface!r} as tcpdump does (on a live handle, "
+                                   f"for VLAN tags): {privilege_message()}") from exc
+            raise CaptureError(str(exc)) from exc
+    return _compile_dead(expr, linktype, snaplen, iface)
+
+
+def _compile_dead(expr: str, linktype: int, snaplen: int, iface: str | None) -> list[tuple[int, int, int, int]]:
+    """Compile on a dead handle of `linktype`: no privilege needed."""
     lib = _pcap_library()
     cooked = linktype == LINKTYPE_COOKED
-    dlt = DLT_LINUX_SLL2 if cooked else DLT_EN10MB
     netmask = PCAP_NETMASK_UNKNOWN
-    if iface and iface != "any":
+    if iface and iface != "any":  # for `ip broadcast`, as tcpdump
         net, mask = ctypes.c_uint32(), ctypes.c_uint32()
         if lib.pcap_lookupnet(iface.encode(), ctypes.byref(net), ctypes.byref(mask),
                               ctypes.create_string_buffer(256)) == 0:
             netmask = mask.value
     with _pcap_lock:
-        handle = _open_handle(lib, None if cooked else iface, dlt, snaplen)
+        handle = lib.pcap_open_dead(DLT_LINUX_SLL2 if cooked else DLT_EN10MB, snaplen)
         if not handle:
             raise CaptureError("cannot compile BPF filters: libpcap could not open a handle")
         prog = _BpfProgram()

@@ -297,6 +297,78 @@ def test_broker_answers_only_valid_requests_holds_only_net_raw_and_exits_with_it
             proc.kill()
 
 
+@pytest.mark.parametrize("request_bytes", [
+    b"compile 262144 lo", b"compile 262144 lo ", b"compile 0 lo udp", b"compile 999999 lo udp",
+    b"compile x lo udp", b"compile 262144 any vlan", b"compile 262144 ../x udp", b"compile 262144 ntm-no-such-if udp",
+    b"compile 262144 lo udp\x00port 1", b"compile 262144 lo \xff", b"compile 96 lo " + b"udp or " * 700 + b"udp",
+])
+def test_broker_refuses_compile_requests_it_must_not_serve(request_bytes):
+    with pytest.raises(ValueError):
+        broker.check_compile(request_bytes)
+
+
+def test_broker_accepts_compile_requests():
+    assert broker.check_compile(b"compile 96 lo vlan 100 and udp") == (96, "lo", "vlan 100 and udp")
+    longest = "udp or " * 584 + "udp"  # 4091 bytes: under the bound
+    assert broker.check_compile(f"compile 262144 lo {longest}".encode())[2] == longest
+
+
+COMPILE_DRIVER = """
+import json, socket, sys
+from capture import broker
+b = broker.start_broker(65534, 65534)
+out = {}
+for name, expr, iface in (("vlan", "vlan 100", "lo"), ("bad", "udp port", "lo"),
+                          ("long", "udp or " * 700 + "udp", "lo"), ("noif", "udp", "ntm-no-such-if"),
+                          ("any", "udp", "any")):
+    try:
+        out[name] = [len(b.compile(expr, iface, 262144)), b.compile(expr, iface, 262144)]
+    except broker.CompileError as exc:
+        out[name] = ["err", str(exc), exc.denied]
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_broker_compiles_filters_on_a_live_handle(root_only, venv):
+    """The broker (user nobody, CAP_NET_RAW only) compiles `vlan 100` on a live handle, as tcpdump -d does: the
+    VLAN test reads the kernel's metadata (15 instructions), not 0x8100 at byte 12 (a dead handle's 9)."""
+    tcpdump = shutil.which("tcpdump")
+    need(tcpdump is not None, "compares with tcpdump -dd (apt-get install tcpdump)")
+    proc = subprocess.run([str(venv / "bin" / "python3"), "-c", COMPILE_DRIVER], cwd=ROOT, env=root_env(),
+                          capture_output=True, text=True, timeout=30)
+    out = json.loads(proc.stdout or "{}")
+    assert out, proc.stderr
+    dd = subprocess.run([tcpdump, "-i", "lo", "-dd", "vlan 100"], capture_output=True, text=True, check=True).stdout
+    expected = [[int(v, 0) for v in re.findall(r"0x[0-9a-f]+|\d+", line)] for line in dd.splitlines() if "{" in line]
+    assert out["vlan"][1] == expected and out["vlan"][0] == 15, (out["vlan"], dd)
+    assert out["bad"][0] == "err" and "syntax error" in out["bad"][1] and not out["bad"][2]
+    assert out["long"][0] == "err" and "too long" in out["long"][1]
+    assert out["noif"][0] == "err" and "no interface 'ntm-no-such-if'" in out["noif"][1]
+    assert out["any"][0] == "err" and "not an interface name: 'any'" in out["any"][1]
+
+
+UNPRIVILEGED_COMPILE = """
+from capture.sources import LINKTYPE_COOKED, LINKTYPE_ETHERNET, CaptureError, compile_bpf, validate_bpf
+try:
+    print("compiled", len(compile_bpf("vlan 100", LINKTYPE_ETHERNET, 262144, "lo")))
+except CaptureError as exc:
+    print("error", exc)
+print("validate", validate_bpf("vlan 100", "lo"), len(compile_bpf("udp", LINKTYPE_COOKED, 262144, "any")))
+"""
+
+
+def test_without_privilege_an_ethernet_filter_is_refused_not_compiled_blind(root_only, venv, world_readable):
+    """No helper and no CAP_NET_RAW: no dead handle's `vlan 100` (9 instructions looking for 0x8100 in the frame,
+    where the kernel no longer leaves it), but an error naming the fix; syntax checks and `any` need no privilege."""
+    proc = subprocess.run([*NOBODY, str(venv / "bin" / "python3"), "-c", UNPRIVILEGED_COMPILE],
+                          cwd=world_readable / "app", capture_output=True, text=True, timeout=30,
+                          env={"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"})
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("error cannot compile the filter for 'lo'") and "CAP_NET_RAW" in lines[0], lines
+    assert lines[1].split()[:2] == ["validate", "None"] and int(lines[1].split()[2]) > 0, lines
+
+
 # -------------------------------------------------------------------------------------------------
 # The capture CLI and the engine, started as root
 # -------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ sees it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from conftest import VethNet, make_veth, need, remove_veth, run
+from conftest import ROOT, VethNet, make_veth, need, remove_veth, run, wait_for
+from test_privilege import packet_inodes, root_env, socket_inodes, venv  # noqa: F401 - venv is a fixture
 
 from analysis.headers import LocalMatcher, parse_batch
 from capture.sources import CaptureError, LiveRing, validate_bpf
@@ -196,3 +198,35 @@ def test_validation_compiles_for_the_interface_the_capture_will_use(monkeypatch)
     assert validate_bpf("vlan 100", "") is None and validate_bpf("vlan 100", "lo") is None
     assert "no VLAN support" in validate_bpf("vlan 100", "any")
     assert "syntax error" in validate_bpf("udp port", "lo")
+
+
+def test_vlan_filters_after_the_drop_from_root_count_what_tcpdump_counts(vlan_net, venv):  # noqa: F811
+    """The `capture` CLI started as root gives up root before it captures: the filter is compiled by the capture
+    helper on a live handle, so `vlan 100` and `not vlan` test the tag the kernel moved into the metadata."""
+    v = vlan_net
+    iface = v.net.host_if
+    # `icmp and not vlan`: the host's own later ARP probes (`not vlan`) would fall in the CLI's run but outside
+    # tcpdump's, and after `vlan` libpcap reads later fields past a tag (`not vlan and icmp` matches nothing).
+    exprs = ["vlan 100", "icmp and not vlan", "vlan"]
+    procs = [subprocess.Popen([str(venv / "bin" / "python3"), "packet_processor.py", "capture", "--iface", iface,
+                               "--filter", e, "--seconds", "12"], cwd=ROOT, env=root_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for e in exprs]
+    try:
+        for p in procs:
+            assert wait_for(lambda p=p: p.poll() is not None or bool(socket_inodes(p.pid) & packet_inodes(True)),
+                            20), "no capture socket"
+            assert p.poll() is None, p.communicate()
+        theirs = [tcpdump(iface, e) for e in exprs]
+        traffic(v)
+        counts = {e: tcpdump_count(p) for e, p in zip(exprs, theirs, strict=True)}
+        outs = [p.communicate(timeout=40) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    summaries = {e: json.loads(out) for e, (out, _) in zip(exprs, outs, strict=True)}
+    for e, (_, err) in zip(exprs, outs, strict=True):
+        assert "running as nobody" in err and summaries[e]["error"] is None, (e, err)
+    got = {e: summaries[e]["packets"] for e in exprs}
+    assert got == counts, (got, counts)
+    assert (counts["vlan 100"], counts["icmp and not vlan"], counts["vlan"]) == (6, 8, 11), counts
