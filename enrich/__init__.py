@@ -140,3 +140,21 @@ class Enricher:
         """
         from enrich.attribution import by_process
         return by_process(packets, self.processes)
+
+
+_SHARED: list[Enricher] = []
+
+
+def shared() -> Enricher:
+    """The process-wide Enricher (one per process, like the capture engine), started on first use."""
+    if not _SHARED:
+        e = Enricher()
+        e.start()
+        _SHARED.append(e)
+    return _SHARED[0]
+
+
+def stop_shared() -> None:
+    """Stop and forget the process-wide Enricher (tests, and a change of settings)."""
+    while _SHARED:
+        _SHARED.pop().stop()
