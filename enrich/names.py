@@ -34,6 +34,18 @@ class DnsStats:
     extra: dict = field(default_factory=dict)
 
 
+def name_text(labels: tuple[bytes, ...]) -> str:
+    """A DNS name's labels as the text they hold (not zone-file escapes); control characters replaced.
+
+    The text is whatever the record's owner put there (markup included): whoever shows it escapes it.
+    """
+    text = ".".join(lab.decode("utf-8", "replace") for lab in labels if lab)
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)[:MAX_NAME]
+
+
+MAX_NAME = 255  # a DNS name is at most 255 bytes on the wire
+
+
 class ReverseDNS:
     """PTR lookups in `workers` daemon threads fed by a bounded queue; results in a bounded TTL cache."""
 
@@ -137,7 +149,7 @@ class ReverseDNS:
             self.stats.last_error = f"{type(exc).__name__}: {exc}"[:200]
             return FAILED
         self.stats.answered += 1
-        return str(answer[0].target).rstrip(".")
+        return name_text(answer[0].target.labels)
 
     def stop(self) -> None:
         """Stop the workers (safe to call twice); queued lookups are dropped."""
