@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PYTHON, need, root_only, wait_for  # noqa: F401 - root_only is a fixture
+from conftest import PYTHON, need, wait_for
 
 from enrich.attribution import by_process
 from enrich.processes import ProcessTable
