@@ -7,7 +7,7 @@ import time
 
 import pytest
 import streamlit as st
-from enrichhelp import HOSTILE, dnsmasq, silent_resolver
+from enrichhelp import HOSTILE, dnsmasq, packets_in, silent_resolver, tcpdump
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -100,3 +100,20 @@ def test_page_stays_responsive_when_the_resolver_never_answers(fresh, veth, tmp_
         assert stats.sent >= 1 and stats.answered == 0
         time.sleep(3.5)
         assert stats.timed_out >= 1
+
+
+def test_reverse_dns_off_the_page_sends_no_query(fresh, veth, tmp_path):
+    fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8", veth.host_ip]))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_REVERSE_DNS", "0")
+    dump = str(tmp_path / "dns.pcap")
+    with dnsmasq(veth.ns, veth.ns_ip, {EVIL: "evil.ntm.test"}), tcpdump(veth.host_if, "port 53", dump):
+        at = run_until(app(), lambda a: talkers_have(a, "country", "US"), 30)
+        for _ in range(3):
+            at.run()
+            time.sleep(0.5)
+    assert not at.exception
+    assert set(frame_with(at, "side")["name"]) == {""}
+    assert enrich.shared().names.stats.sent == 0
+    assert packets_in(dump) == 0
+    assert any("Reverse DNS off" in c.value.replace("\\", "") for c in at.caption)
