@@ -628,8 +628,9 @@ def who_rows(en, rows: list[dict]) -> list[dict]:
     """Top-address rows with name, country and AS added (copies)."""
     out = []
     for r in rows:
-        w = who(en, r["addr"])
-        out.append({**r, "name": w["name"], "country": w["country"], "as_org": w["AS"]})
+        addr = str(r.get("address", r.get("addr", "")))  # the engine's key has been both
+        w = who(en, addr)
+        out.append({**r, "addr": addr, "name": w["name"], "country": w["country"], "as_org": w["AS"]})
     return out
 
 

@@ -64,6 +64,7 @@ class ReverseDNS:
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         self.stats = DnsStats()
+        self._stats_lock = threading.Lock()  # workers count concurrently: += is not atomic
         self._resolver = None
 
     # ---- the caller's side: never waits ----
@@ -129,6 +130,12 @@ class ReverseDNS:
                 with self._lock:
                     self._pending.discard(addr)
 
+    def _count(self, what: str, error: str = "") -> None:
+        with self._stats_lock:
+            setattr(self.stats, what, getattr(self.stats, what) + 1)
+            if error:
+                self.stats.last_error = error[:200]
+
     def _query(self, addr: str) -> str:
         import dns.exception
         import dns.resolver
@@ -137,18 +144,17 @@ class ReverseDNS:
             rev = dns.reversename.from_address(addr)
         except (ValueError, dns.exception.SyntaxError):
             return FAILED
-        self.stats.sent += 1
+        self._count("sent")
         try:
             answer = self._resolver.resolve(rev, "PTR", lifetime=self.timeout_s)
         except dns.exception.Timeout:
-            self.stats.timed_out += 1
+            self._count("timed_out")
             return FAILED
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
                 dns.exception.DNSException, OSError) as exc:
-            self.stats.failed += 1
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"[:200]
+            self._count("failed", f"{type(exc).__name__}: {exc}")
             return FAILED
-        self.stats.answered += 1
+        self._count("answered")
         return name_text(answer[0].target.labels)
 
     def stop(self) -> None:
