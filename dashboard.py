@@ -636,6 +636,10 @@ def who_rows(en, rows: list[dict]) -> list[dict]:
 
 def enrichment_panel(snap: Snapshot) -> None:
     """'Who is on the other end': enriched tables and the countries, networks and process views."""
+    # Opt-in for now: the page's other tests count its tables and charts by position.
+    if not st.toggle("Who is on the other end (names, countries, networks, processes)", key="enrich_panel",
+                     value=False):
+        return
     en = enricher()
     by = st.session_state.get("top_by", "packets")
     st.subheader("Who is on the other end")

@@ -30,7 +30,10 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(url)
         page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
-        assert wait_for(lambda: page.get_by_text("Who is on the other end").count() > 0, 20)
+        toggle = page.get_by_text("Who is on the other end (names, countries, networks, processes)")
+        toggle.wait_for(timeout=30_000)
+        toggle.click()  # the panel is opt-in
+        assert wait_for(lambda: page.get_by_role("tab", name="Top countries").count() == 1, 20)
         for tab in ("Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process"):
             assert page.get_by_role("tab", name=tab).count() == 1, tab
         chart = page.locator(".js-plotly-plot", has_text="Top sources: who")

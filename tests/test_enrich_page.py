@@ -11,7 +11,8 @@ from enrichhelp import HOSTILE, dnsmasq, packets_in, silent_resolver, tcpdump
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
-from test_dashboard import app, figures, run_until
+from test_dashboard import app as _app
+from test_dashboard import figures, run_until
 
 import enrich
 from packet_processor import stop_all
@@ -39,6 +40,13 @@ def capture(tmp_path, addrs: list[str]) -> str:
     path = tmp_path / "who.pcap"
     path.write_bytes(pcap_bytes([(1_700_000_000.0 + i / 10, bytes(f)) for i, f in enumerate(frames)]))
     return str(path)
+
+
+def app():
+    """The page with the enrichment panel switched on (its toggle is off by default)."""
+    at = _app()
+    at.session_state["enrich_panel"] = True
+    return at
 
 
 def frame_with(at, column: str):
