@@ -15,7 +15,7 @@ from enrich.attribution import by_process
 from enrich.processes import ProcessTable
 from packet_processor import CaptureEngine, Source
 
-SIZE = 300_000
+SIZE = 20_000_000  # large enough that the socket buffers cannot hold it: curl's --limit-rate paces it
 
 
 def _free_port() -> int:
@@ -51,10 +51,11 @@ def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
     try:
         assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
         time.sleep(0.5)
-        # --limit-rate keeps the connection open ~3 s, so the 0.2 s socket-table reads see it.
-        client = subprocess.run(["curl", "-s", "-o", "/dev/null", "--limit-rate", "100k", "-w", "%{size_download}",
-                                 f"http://127.0.0.1:{port}/blob"], capture_output=True, text=True, timeout=30)
-        assert client.stdout == str(SIZE)
+        # --limit-rate keeps the connection open ~4 s, so many 0.2 s socket-table reads see it.
+        client = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "5M", "-w", "%{size_download}",
+                                   f"http://127.0.0.1:{port}/blob"], stdout=subprocess.PIPE, text=True)
+        out, _ = client.communicate(timeout=60)
+        assert out == str(SIZE)
         time.sleep(1.0)
         snap = engine.snapshot()
     finally:
