@@ -141,6 +141,20 @@ SETTINGS: tuple[Setting, ...] = (
             "as left out."),
     Setting("STORE_PENDING_MAX", 60, "History batches kept in memory while the store cannot be written "
             "(retried in order); beyond it the oldest are dropped and counted."),
+    Setting("REVERSE_DNS", True, "Look up host names (PTR) for the addresses shown, in a small background pool; "
+            "off sends no DNS query at all."),
+    Setting("DNS_SERVER", "", "Resolver address for reverse DNS; empty means the system's (/etc/resolv.conf)."),
+    Setting("RDNS_TIMEOUT_S", 2.0, "Reverse DNS: time-out of one lookup (s); a lookup that times out is cached "
+            "as failed."),
+    Setting("RDNS_TTL_S", 3600.0, "Reverse DNS: how long an answer, or a failure, is kept before it is asked "
+            "again (s)."),
+    Setting("RDNS_WORKERS", 2, "Reverse DNS: worker threads doing lookups (each waits at most RDNS_TIMEOUT_S)."),
+    Setting("RDNS_QUEUE_MAX", 1000, "Reverse DNS: most lookups waiting for a worker; more are dropped (counted) "
+            "and asked again the next time the address is shown."),
+    Setting("ENRICH_CACHE_MAX", 10_000, "Most entries in each enrichment cache (names, countries/AS, process "
+            "ports); the least recently used go first."),
+    Setting("PROCESS_REFRESH_S", 1.0, "How often the socket table (psutil.net_connections) is re-read to name "
+            "the local process of each port (s)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -886,6 +886,7 @@ def _cli(argv: list[str] | None = None) -> int:
     s = sub.add_parser("summary", help="read a pcap/pcapng file and print its JSON summary")
     s.add_argument("file")
     s.add_argument("--local-nets", default=None, help="networks counted as local (default: config LOCAL_NETS)")
+    s.add_argument("--enrich", action="store_true", help="add country, AS, host name and service names")
     c = sub.add_parser("capture", help="capture live for N seconds and print the JSON summary")
     c.add_argument("--iface", default="", help="interface (default: the default route's)")
     c.add_argument("--filter", default="", help="BPF capture filter")
@@ -906,6 +907,11 @@ def _cli(argv: list[str] | None = None) -> int:
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
+        if args.enrich:
+            from enrich import Enricher
+            enricher = Enricher(processes=False)
+            out = enricher.enrich_summary(out)
+            enricher.stop()
     else:
         try:  # started as root: the capture helper starts, then this process gives up root
             if broker.separate().still_root:

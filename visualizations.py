@@ -325,3 +325,41 @@ def history_alerts_table(alerts: pd.DataFrame, tz: tzinfo | None = None) -> pd.D
         "source": alerts["source"].to_numpy(), "target": alerts["target"].to_numpy(),
         "count": alerts["count"].to_numpy(), "evidence": alerts["evidence"].to_numpy(),
     })
+
+
+# ----------------------------------------------------------------------------------------
+# Enrichment (issue 14): who is on the other end. Names come from strangers' DNS: Plotly text is escaped.
+# ----------------------------------------------------------------------------------------
+
+def who_bar(rows: list[dict[str, Any]], title: str, by: str = "packets") -> go.Figure:
+    """Top addresses as bars whose tooltip gives host name, country and AS (rows carry those keys)."""
+    if not rows:
+        return _empty(title, title)
+    rows = rows[::-1]
+    hover = [chart_text(f"{r['addr']} {r.get('name') or ''}".strip()) + "<br>"
+             + chart_text(f"country: {r.get('country') or '?'} · AS: {r.get('as_org') or '?'}")
+             + f"<br>{r[by]:,} {by}" for r in rows]
+    bar = {"type": "bar", "x": [r[by] for r in rows], "y": [chart_text(r["addr"]) for r in rows],
+           "orientation": "h", "marker": {"color": "#2ca02c"}, "customdata": hover,
+           "hovertemplate": "%{customdata}<extra></extra>"}
+    return _figure([bar], title, title, yaxis={"type": "category"})
+
+
+def share_bar(rows: list[dict[str, Any]], title: str, by: str = "packets", n: int = 15) -> go.Figure:
+    """Bars of {key, packets, bytes, addresses} rows (countries, networks), largest first."""
+    rows = sorted(rows, key=lambda r: -r[by])[:n][::-1]
+    if not rows:
+        return _empty(title, title)
+    bar = {"type": "bar", "x": [r[by] for r in rows], "y": [chart_text(str(r["key"])) for r in rows],
+           "orientation": "h", "marker": {"color": "#9467bd"},
+           "customdata": [f"{r['addresses']:,} addresses" for r in rows],
+           "hovertemplate": "%{y}: %{x:,} " + by + " (%{customdata})<extra></extra>"}
+    return _figure([bar], title, title, yaxis={"type": "category"})
+
+
+def process_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per-process local traffic as a table."""
+    cols = ["process", "pid", "packets", "bytes", "connections"]
+    frame = pd.DataFrame(rows, columns=cols)
+    frame["pid"] = frame["pid"].astype("Int64")
+    return frame

@@ -1,0 +1,138 @@
+"""Enrichment's cost to live capture: the highest loss-free rate on lo with the page's refresh work every 2 s,
+without and with the enrichment panel's work (names, countries/AS, services, processes, makers).
+
+Reuses live_capture.py's C sender and ladder: 60-byte UDP frames to 127.0.0.1 at rising rates; a rate is held
+when every run loses at most 0.1 %. Both variants run the engine and the page's refresh in the capturing
+process (the dashboard's process); "enriched" adds, every 2 s, what enrichment_panel() computes, with the
+process table thread running, the geo database loaded and reverse DNS on (asking 127.0.0.1, where no resolver
+listens: no query leaves the machine).
+
+    python benchmarks/enrich_cost.py            # 1 run of 3 s per rate (quick), the whole ladder (root)
+    python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
+    python benchmarks/enrich_cost.py --runs 3 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import live_capture  # noqa: E402 - the sender and the ladder
+
+RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000]
+
+
+def enrich_work(en, snap) -> int:
+    """What the page's enrichment panel computes on one refresh (see dashboard.enrichment_panel)."""
+    n = 0
+    for which in ("src", "dst"):
+        for r in snap.top_addresses(which):
+            n += len(en.address(str(r.get("address", r.get("addr")))))
+    for c in snap.top_conversations(20):
+        proto = str(c["proto"]).lower()
+        n += len(en.services.label(c["a_port"], proto)) + len(en.services.label(c["b_port"], proto))
+        n += len(en.name_text(c["a"])) + len(en.name_text(c["b"]))
+    busiest = snap.top_addresses("src", "packets", 2000) + snap.top_addresses("dst", "packets", 2000)
+    n += len(en.by_country(busiest)) + len(en.by_network(busiest))
+    n += len(en.by_process(snap.packets))
+    from analysis.headers import addr_text
+    for row in snap.packets[-100:]:
+        n += len(en.name_text(addr_text(bytes(row["src"])))) + len(en.oui.maker(bytes(row["hw_src"])) or "")
+    return n
+
+
+def child(port: int, enriched: bool) -> None:
+    """In the capturing process: the engine on lo, the page's refresh every 2 s, optionally enrichment too."""
+    from refresh import refresh_work
+
+    from packet_processor import CaptureEngine, Source
+
+    os.sched_setaffinity(0, {0})
+    en = None
+    if enriched:
+        from enrich import Enricher
+        en = Enricher(reverse_dns=True, dns_server="127.0.0.1", rdns_timeout_s=1.0)
+        en.start()
+        en.geo.wait_loaded(60)
+    engine = CaptureEngine()
+    if not engine.start(Source("live", iface="lo", bpf=f"udp dst port {port}")):
+        print(json.dumps({"error": engine.status().error}), flush=True)
+        return
+    stop, times = threading.Event(), []
+
+    def refresher() -> None:
+        while not stop.wait(2.0):
+            t = time.perf_counter()
+            snap = engine.snapshot()
+            refresh_work(snap)
+            if en is not None:
+                enrich_work(en, snap)
+            times.append(time.perf_counter() - t)
+
+    threading.Thread(target=refresher, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    time.sleep(0.5)
+    stop.set()
+    engine.stop()
+    if en is not None:
+        en.stop()
+    t = engine.snapshot().totals
+    print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
+                      "refresh_ms_max": max(times, default=0) * 1e3}), flush=True)
+
+
+def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
+    """live_capture's capturer start, pointed at this file's child ('refresh' means enriched here)."""
+    args = [sys.executable, __file__, "--child", "--port", str(port)] + (["--enriched"] if refresh else [])
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        raise SystemExit(f"capturer did not start: {line.strip()}")
+    return proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--enriched", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.port, args.enriched)
+        return 0
+    if os.geteuid() != 0:
+        raise SystemExit("live capture needs root (or CAP_NET_RAW)")
+    live_capture.start_capturer = start_capturer  # one_run/ladder start this file's child
+    held, slowest = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sender = live_capture.build_sender(tmp)
+        for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
+            print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
+            held[name], log = live_capture.ladder(sender, "engine", RATES, args.seconds, args.runs, enriched)
+            slowest[name] = max((r.get("refresh_ms_max", 0) for _, runs in log for r in runs), default=0)
+    print("\nhighest loss-free rate (<= 0.1 % loss), and the slowest page refresh (ms) seen on the way:")
+    for name, rate in held.items():
+        print(f"  {name:22} {rate:>9,} packets/s   refresh max {slowest[name]:7.1f} ms")
+    base = max(held["refresh"], held["refresh again"])
+    if base:
+        print(f"enriched / plain: {held['refresh + enrichment'] / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Which local process owns a port: psutil.net_connections() re-read on a short interval in one thread.
+
+Keyed by (protocol, local port). A connection that closed between two reads, or one in another network
+namespace, has no owner here: the page says "unknown" plainly. Entries stay for a few refreshes after the
+socket closes (short connections are still named), and the table is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+_PROTO = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
+
+
+class ProcessTable:
+    """(proto, local port) -> (pid, name), refreshed every `refresh_s` by a daemon thread."""
+
+    def __init__(self, refresh_s: float = 1.0, keep_s: float = 30.0, max_entries: int = 65_536) -> None:
+        self.refresh_s = refresh_s
+        self.keep_s = keep_s
+        self.max_entries = max_entries
+        self._owners: dict[tuple[str, int], tuple[int, str, float]] = {}
+        self._names: dict[int, str] = {}
+        self._local: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: str | None = None
+        self.refreshes = 0
+
+    def start(self) -> None:
+        """Start the refresh thread (once); the first read happens at once."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="process-table", daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the refresh thread (safe to call twice)."""
+        self._stop.set()
+        t = self._thread
+        if t is not None:
+            t.join(self.refresh_s + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._stop.wait(self.refresh_s)
+
+    def refresh(self) -> None:
+        """Read the socket table once (also callable directly)."""
+        import psutil
+        now = time.monotonic()
+        try:
+            conns = psutil.net_connections(kind="inet")
+            local = frozenset(a.address.split("%")[0] for addrs in psutil.net_if_addrs().values()
+                              for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+        except (psutil.Error, OSError) as exc:
+            self.error = f"cannot read the socket table: {exc} (run as root to see every process)"
+            log.warning("%s", self.error)
+            return
+        seen: dict[tuple[str, int], tuple[int, str, float]] = {}
+        for c in conns:
+            if c.pid is None or not c.laddr or c.type not in _PROTO:
+                continue
+            seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
+        with self._lock:
+            kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
+            kept.update(seen)
+            if len(kept) > self.max_entries:  # keep the most recently seen
+                kept = dict(sorted(kept.items(), key=lambda kv: kv[1][2])[-self.max_entries:])
+            self._owners = kept
+            self._local = local
+            live = {v[0] for v in kept.values()}
+            self._names = {p: n for p, n in self._names.items() if p in live}
+        self.error = None
+        self.refreshes += 1
+
+    def _name(self, pid: int) -> str:
+        name = self._names.get(pid)
+        if name is None:
+            import psutil
+            try:
+                name = psutil.Process(pid).name()
+            except psutil.Error:
+                name = UNKNOWN
+            self._names[pid] = name
+        return name
+
+    def owner(self, proto: str, port: int) -> tuple[int, str] | None:
+        """(pid, name) of the local socket on this port, or None (unknown)."""
+        v = self._owners.get((proto.lower(), int(port)))
+        return (v[0], v[1]) if v else None
+
+    def label(self, proto: str, port: int | None) -> str:
+        """'name (pid)' or 'unknown'."""
+        if port is None or port < 0:
+            return UNKNOWN
+        o = self.owner(proto, port)
+        return f"{o[1]} ({o[0]})" if o else UNKNOWN
+
+    def is_local(self, addr: str) -> bool:
+        """True for an address of this machine (as of the last refresh) or any loopback address."""
+        return addr in self._local or addr.startswith("127.") or addr == "::1"

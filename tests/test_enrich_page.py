@@ -1,0 +1,127 @@
+"""The page's enrichment panel through AppTest: columns and views, hostile PTR names escaped, never blocking."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import streamlit as st
+from enrichhelp import HOSTILE, dnsmasq, packets_in, silent_resolver, tcpdump
+from pcapgen import pcap_bytes
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from test_dashboard import app as _app
+from test_dashboard import figures, run_until
+
+import enrich
+from packet_processor import stop_all
+
+EVIL = "10.213.0.66"
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    stop_all()
+    enrich.stop_shared()
+    st.cache_resource.clear()
+    yield monkeypatch
+    stop_all()
+    enrich.stop_shared()
+    st.cache_resource.clear()
+
+
+def capture(tmp_path, addrs: list[str]) -> str:
+    eth = Ether(src="00:00:0c:01:02:03", dst="00:11:22:33:44:55")
+    frames = []
+    for i, a in enumerate(addrs):
+        frames.append(eth / IP(src=EVIL, dst=a) / UDP(sport=5000 + i, dport=53) / b"q")
+        frames.append(eth / IP(src=a, dst=EVIL) / TCP(sport=443, dport=40000 + i, flags="SA"))
+    path = tmp_path / "who.pcap"
+    path.write_bytes(pcap_bytes([(1_700_000_000.0 + i / 10, bytes(f)) for i, f in enumerate(frames)]))
+    return str(path)
+
+
+def app():
+    """The page with the enrichment panel switched on (its toggle is off by default)."""
+    at = _app()
+    at.session_state["enrich_panel"] = True
+    return at
+
+
+def frame_with(at, column: str):
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def talkers_have(at, column: str, value: str) -> bool:
+    frames = [d.value for d in at.dataframe if "side" in d.value.columns]
+    return bool(frames) and value in set(frames[0][column])
+
+
+def test_columns_views_and_hostile_names_escaped(fresh, veth, tmp_path):
+    fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8", "1.1.1.1"]))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    with dnsmasq(veth.ns, veth.ns_ip, {EVIL: HOSTILE, "8.8.8.8": "resolver.ntm.test"}):
+        at = run_until(app(), lambda a: talkers_have(a, "name", HOSTILE)
+                       and talkers_have(a, "country", "US"), 30)
+    assert not at.exception
+    assert [t.label for t in at.tabs][:7] == ["Top talkers", "Conversations", "Top countries",
+                                              "Top networks (AS)", "By process", "Recent packets", "Alerts"]
+    talkers = frame_with(at, "side")
+    row = talkers[talkers["address"] == "8.8.8.8"].iloc[0]
+    assert (row["name"], row["country"], row["AS"]) == ("resolver.ntm.test", "US", "GOOGLE")
+    # The table shows the PTR text as text (st.dataframe does not render markdown or HTML).
+    assert set(talkers[talkers["address"] == EVIL]["name"]) == {HOSTILE}
+    conv = frame_with(at, "A name")
+    assert {"A country", "B AS", "A port", "B port", "A process", "B process"} <= set(conv.columns)
+    assert "53/domain" in set(conv["A port"]) | set(conv["B port"])
+    recent = frame_with(at, "maker")
+    assert {"source name", "destination country", "service", "process"} <= set(recent.columns)
+    assert set(recent["maker"]) == {"Cisco Systems, Inc"}
+    assert {"source name", "target country", "source AS"} <= set(frame_with(at, "target name").columns)
+    assert {"process", "pid", "packets", "bytes", "connections"} <= set(frame_with(at, "connections").columns)
+    figs = figures(at)
+    assert {"Top countries", "Top networks (AS)", "Top sources: who"} <= set(figs)
+    assert "US" in figs["Top countries"]["data"][0]["y"] and "private" in figs["Top countries"]["data"][0]["y"]
+    assert "GOOGLE" in figs["Top networks (AS)"]["data"][0]["y"]
+    hover = json.dumps(figs["Top sources: who"]["data"][0]["customdata"])
+    assert "**bold**&lt;b&gt;x&lt;/b&gt;" in hover and "<b>x</b>" not in hover
+    # No markdown element carries the raw name (it would render as markup).
+    assert not any("<b>x</b>" in m.value for m in [*at.markdown, *at.caption])
+
+
+def test_page_stays_responsive_when_the_resolver_never_answers(fresh, veth, tmp_path):
+    addrs = [f"198.18.0.{i}" for i in range(1, 16)]  # 16 addresses with the source
+    fresh.setenv("NTM_PCAP", capture(tmp_path, addrs))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_RDNS_TIMEOUT_S", "3")
+    fresh.setenv("NTM_RDNS_WORKERS", "1")
+    with silent_resolver(veth.ns, veth.ns_ip):
+        at = run_until(app(), lambda a: talkers_have(a, "side", "source"), 30)
+        # One worker, 3 s per time-out: looking up 16 names in the page thread would take 48 s.
+        t = time.monotonic()
+        at.run()
+        assert time.monotonic() - t < 10
+        assert not at.exception
+        assert set(frame_with(at, "side")["name"]) == {"…"}  # queued, shown as such
+        stats = enrich.shared().names.stats
+        assert stats.sent >= 1 and stats.answered == 0
+        time.sleep(3.5)
+        assert stats.timed_out >= 1
+
+
+def test_reverse_dns_off_the_page_sends_no_query(fresh, veth, tmp_path):
+    fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8", veth.host_ip]))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_REVERSE_DNS", "0")
+    dump = str(tmp_path / "dns.pcap")
+    with dnsmasq(veth.ns, veth.ns_ip, {EVIL: "evil.ntm.test"}), tcpdump(veth.host_if, "port 53", dump):
+        at = run_until(app(), lambda a: talkers_have(a, "country", "US"), 30)
+        for _ in range(3):
+            at.run()
+            time.sleep(0.5)
+    assert not at.exception
+    assert set(frame_with(at, "side")["name"]) == {""}
+    assert enrich.shared().names.stats.sent == 0
+    assert packets_in(dump) == 0
+    assert any("Reverse DNS off" in c.value.replace("\\", "") for c in at.caption)
