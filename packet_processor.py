@@ -934,9 +934,13 @@ def _cli(argv: list[str] | None = None) -> int:
     c.add_argument("--iface", default="", help="interface (default: the default route's)")
     c.add_argument("--filter", default="", help="BPF capture filter")
     c.add_argument("--seconds", type=float, default=10.0)
+    from fleet import cli as fleet_cli  # sensor; import/history (also --clickhouse); imported late: it imports us
+    fleet_cli.add_subcommands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(level=config.get("LOG_LEVEL"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd in fleet_cli.COMMANDS:
+        return fleet_cli.run(args)
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
