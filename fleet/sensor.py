@@ -295,9 +295,10 @@ def run(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if args.metrics_port:
+    started = sensor.start()
+    if args.metrics_port:  # after the capture ring is open: a scrape that answers means packets are counted
         serve_metrics(sensor, args.metrics_port)
-    if not sensor.start():
+    if not started:
         log.error("sensor %s: capture did not start: %s", args.name, sensor.engine.status().error)
     else:
         log.info("sensor %s capturing on %s (filter %r), shipping to %s", args.name, args.iface, args.filter,
