@@ -200,3 +200,34 @@ def test_newer_schema_is_refused_and_left_alone(cluster):  # noqa: F811
     assert not s.open()
     assert "newer" in s.status().message
     assert cluster.query("SELECT count() FROM system.tables WHERE database = 't_newer'")[0][0] == 1
+
+
+def test_spool_keeps_order_survives_reopen_and_drops_oldest_counted(tmp_path):
+    """The spool reads back what it was given, in order, after a reopen (a restart); over its bound the
+    oldest batches go and the packets lost are counted (a segment a later batch rewrites is not lost)."""
+    from fleet.spool import Spool
+
+    r = Rollup(None, sensor="s1", flush_s=3600)
+    batches = []
+    for k in range(4):
+        r.add(udp_burst(M0 + 70 * k, 10 + k, dport=3000 + k))  # a new minute each time: k-1 closes
+        batches.append(with_id(r.build()))
+    r.add(udp_burst(M0 + 215, 5))  # the open (fourth) minute written again
+    batches.append(with_id(r.build(final=True)))
+    spool = Spool(str(tmp_path / "sp"), 10 ** 9)
+    for b in batches:
+        spool.put(b)
+    again = Spool(str(tmp_path / "sp"), 10 ** 9)
+    assert len(again) == 5 and again.packets() == 10 + 11 + 12 + 13 + 5
+    head = again.head()
+    assert head.batch_id == batches[0].batch_id and head.packets() == 10
+    ch_like = head.frames["conversations"]
+    assert list(ch_like["b_port"]) == [3000] and int(ch_like["packets"].sum()) == 10
+    again.pop(head.batch_id)
+    assert again.head().batch_id == batches[1].batch_id
+    tiny = Spool(str(tmp_path / "sp"), 1)  # over the bound: all but the newest entry go at the next put
+    tiny.put(batches[4])  # sent again: batches 1..4 go; the fourth minute's versions in 3 and 4 are no loss
+    assert len(tiny) == 1 and tiny.dropped_batches == 4
+    assert tiny.dropped_packets == 11 + 12  # minutes two and three; minute four is in the entry kept
+    assert tiny.head().packets() == 18
+    assert Spool(str(tmp_path / "sp"), 10 ** 9).dropped_packets == 23  # the count survives restarts
