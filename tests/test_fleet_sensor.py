@@ -90,7 +90,8 @@ def history(address: str, sensor: str | None, env: dict) -> dict:
 
 
 def ports() -> tuple[int, int]:
-    p = random.randrange(41000, 48000, 2)
+    """Two UDP ports below the ephemeral range (32768-60999): no other program's replies land there."""
+    p = random.randrange(31000, 32700, 2)
     return p, p + 1
 
 
