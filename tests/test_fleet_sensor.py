@@ -193,3 +193,32 @@ def test_sensor_killed_while_spooled_and_restarted_counts_once(cluster, tmp_path
     assert rep["packets"] == 80 and rep["spool_batches"] == 0 and rep["spool_dropped_packets"] == 0
     h = history(cluster.address(1), ON_SHARD_1, env)
     assert h["packets"] == 500 and h["top10_udp_dst_ports"] == [[port, 500]]
+
+
+def test_wrong_password_spools_without_crashing_and_the_spool_drains_later(cluster, tmp_path):  # noqa: F811
+    """A sensor with a wrong password logs a clear error (never the password), keeps capturing into its
+    spool and exits cleanly; the next run with the right credentials sends the spool: exact totals."""
+    secret = "not-the-password-42"
+    env = {**ENV, "NTM_CLICKHOUSE_DATABASE": "t_auth", "CLICKHOUSE_PASSWORD": secret}
+    port, _ = ports()
+    spool = tmp_path / "spool"
+    bad = SensorProc(ON_SHARD_1, port, cluster.address(1), spool, tmp_path / "bad.log", env)
+    try:
+        send_udp(port, 90)
+        assert wait_metric(bad, "ntm_sensor_spool_batches", lambda v: v > 0)
+        rep = bad.finish()
+    finally:
+        if bad.proc.poll() is None:
+            bad.kill()
+    log = (tmp_path / "bad.log").read_text()
+    assert "authentication failed" in log and secret not in log
+    assert rep["packets"] == 90 and rep["packets_sent"] == 0 and rep["spool_packets"] == 90
+    good_env = {k: v for k, v in env.items() if k != "CLICKHOUSE_PASSWORD"}
+    good = SensorProc(ON_SHARD_1, port, cluster.address(1), spool, tmp_path / "good.log", good_env)
+    try:
+        assert wait_metric(good, "ntm_sensor_spool_batches", lambda v: v == 0)
+        good.finish()
+    finally:
+        if good.proc.poll() is None:
+            good.kill()
+    assert history(cluster.address(1), ON_SHARD_1, good_env)["packets"] == 90
