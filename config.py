@@ -155,6 +155,18 @@ SETTINGS: tuple[Setting, ...] = (
             "ports); the least recently used go first."),
     Setting("PROCESS_REFRESH_S", 1.0, "How often the socket table (psutil.net_connections) is re-read to name "
             "the local process of each port (s)."),
+    Setting("FLEET_FLUSH_S", 2.0, "How often a fleet sensor ships its history rows to ClickHouse (s)."),
+    Setting("FLEET_SPOOL_MB", 512, "Most disk space (MB) a fleet sensor's spool may use while ClickHouse cannot "
+            "take its batches; beyond it the oldest batches are dropped and counted."),
+    Setting("FLEET_SPOOL_DIR", "", "A fleet sensor's spool folder; empty means spool-<name> in $XDG_STATE_HOME "
+            "(or ~/.local/state)/network-traffic-monitor/."),
+    Setting("FLEET_QUEUE_BATCHES", 512, "Parsed batches waiting for a fleet sensor's rollup; beyond it batches are "
+            "skipped and counted (the capture never waits)."),
+    Setting("CLICKHOUSE_DATABASE", "ntm", "ClickHouse database of the fleet's history tables."),
+    Setting("CLICKHOUSE_SECURE", False, "Talk TLS to ClickHouse (clickhouse-driver's secure, the server's "
+            "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
+    Setting("CLICKHOUSE_CA_CERTS", "", "CA file that verifies the ClickHouse server's TLS certificate; empty "
+            "means the system's CAs."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -894,6 +894,8 @@ def _cli(argv: list[str] | None = None) -> int:
     c.add_argument("--store", default=None, metavar="PATH",
                    help="also record the capture into this history store (see `history`)")
     store_cli.add_subcommands(sub)
+    from fleet import cli as fleet_cli  # sensor; history --clickhouse; imported late: it imports this module
+    fleet_cli.add_subcommands(sub)
     args = ap.parse_args(argv)
     bad = config.problems()
     logging.basicConfig(level="INFO" if bad else config.get("LOG_LEVEL").upper(), stream=sys.stderr,
@@ -902,8 +904,8 @@ def _cli(argv: list[str] | None = None) -> int:
         for problem in bad:
             log.error("invalid setting: %s", problem)
         return 1
-    if args.cmd in ("import", "history"):
-        return store_cli.run(args)
+    if args.cmd in fleet_cli.COMMANDS:
+        return fleet_cli.run(args)  # sensor; import and history (the embedded store, or --clickhouse)
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)

@@ -1,0 +1,190 @@
+"""Fleet ingest into a local 2-shard ClickHouse cluster (Debian's 18.16), and the fleet's 24-hour query.
+
+1. Ingest: N simulated sensors (separate processes), each feeding per-second batches of synthetic
+   traffic (PPS packets/s over CONV conversations per minute) through the real `Rollup` and
+   shipping a StoreBatch every FLEET_FLUSH_S of traffic time to the cluster with `ClickHouseStore.send`
+   (the sensor's path), as fast as they can: rows/s ingested (all sensors), flush latency (send
+   time per batch: median, p95, max).
+2. Query: the same sensors' day (24 h) written an hour per batch, then `history_summary` over the
+   24 hours for all sensors (the fleet view's question) and for one, cold and warm (median of 3),
+   through the Distributed tables; target <= 1 s.
+
+    python benchmarks/fleet_ingest.py [--sensors 20] [--seconds 60] [--pps 500] [--day-pps 20]
+
+Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from analysis.headers import PACKET_DTYPE  # noqa: E402
+from store.clickhouse import ClickHouseStore  # noqa: E402
+from store.history import history_summary  # noqa: E402
+from store.rollup import Rollup  # noqa: E402
+
+T0 = 1_767_225_600  # 2026-01-01 00:00 UTC
+
+
+def traffic(rng: np.random.Generator, t: float, seconds: float, pps: int, conv: int) -> np.ndarray:
+    """`seconds` of packets from t: UDP/TCP between 200 local hosts and `conv` remote ends per minute."""
+    n = max(1, int(seconds * pps))
+    arr = np.zeros(n, PACKET_DTYPE)
+    arr["ts"] = t + np.sort(rng.random(n)) * seconds
+    arr["wire_len"] = rng.integers(60, 1500, n)
+    arr["cap_len"] = arr["wire_len"]
+    arr["cls"] = rng.choice([0, 1], n, p=[0.7, 0.3])
+    arr["proto"] = np.where(arr["cls"] == 0, 6, 17)
+    arr["ipver"] = 4
+    arr["ethertype"] = 0x0800
+    local = rng.integers(0, 200, n)
+    remote = rng.integers(0, conv, n)
+    src = np.zeros((n, 16), np.uint8)
+    src[:, 10:12] = 0xFF
+    src[:, 12] = 10
+    src[:, 14] = local // 256
+    src[:, 15] = local % 256
+    dst = src.copy()
+    dst[:, 12] = 100
+    dst[:, 13] = remote // 65536
+    dst[:, 14] = (remote // 256) % 256
+    dst[:, 15] = remote % 256
+    arr["src"] = src.view("S16").ravel()
+    arr["dst"] = dst.view("S16").ravel()
+    arr["sport"] = 30000 + remote % 20000
+    arr["dport"] = rng.choice([443, 80, 53, 22, 8080], n)
+    arr["direction"] = 1
+    return arr
+
+
+def ingest_worker(args: tuple) -> dict:
+    """One sensor: `seconds` of traffic, one batch per flush interval, sent as the sensor sends them."""
+    address, name, seconds, pps, conv, flush_s, db = args
+    store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
+    if not store.open():
+        return {"error": store.status().message}
+    shipped: list = []
+
+    class Outbox:
+        def allocate_segment(self) -> int:
+            return store.allocate_segment()
+
+        def write(self, batch) -> bool:
+            shipped.append(batch)
+            return True
+
+    r = Rollup(Outbox(), sensor=name, iface="eth0", flush_s=1e9)
+    rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
+    lat, rows = [], 0
+    start = time.perf_counter()
+    for s in range(0, seconds, int(flush_s)):
+        for k in range(int(flush_s)):
+            r.add(traffic(rng, T0 + s + k, 1.0, pps, conv))
+        r.flush(final=s + flush_s >= seconds)
+        for b in shipped:
+            t = time.perf_counter()
+            ok = store.send(b)
+            lat.append(time.perf_counter() - t)
+            rows += b.rows() if ok else 0
+        shipped.clear()
+    wall = time.perf_counter() - start
+    store.close()
+    return {"rows": rows, "lat": lat, "wall": wall}
+
+
+def day_worker(args: tuple) -> int:
+    """One sensor's day, an hour per batch (the query phase's data); rows written."""
+    address, name, pps, conv, db = args
+    store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
+    store.open()
+    rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
+    rows = 0
+    for h in range(24):
+        r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
+        r.add(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv))
+        batch = r.build(final=True)
+        store.send(batch)
+        rows += batch.rows()
+    store.close()
+    return rows
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sensors", type=int, default=20)
+    ap.add_argument("--seconds", type=int, default=60, help="traffic seconds each sensor ships in the ingest phase")
+    ap.add_argument("--pps", type=int, default=500)
+    ap.add_argument("--conv", type=int, default=2000, help="remote ends per sensor (conversations per minute)")
+    ap.add_argument("--day-pps", type=int, default=20, help="packets/s of each sensor's synthetic day")
+    ap.add_argument("--flush-s", type=float, default=2.0)
+    ap.add_argument("--skip-day", action="store_true")
+    a = ap.parse_args()
+    script = ROOT / "scripts" / "clickhouse_cluster.sh"
+    folder = tempfile.mkdtemp(prefix="ntm-fleet-bench-")
+    base = 19700
+    subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
+    address = f"127.0.0.1:{base}"
+    try:
+        probe = ClickHouseStore(address, database="bench")
+        version = probe.server_version if probe.open() else "unreachable"
+        probe.close()
+        names = [f"sensor-{i:02d}" for i in range(a.sensors)]
+        ClickHouseStore(address, cluster="fleet", database="bench").open()  # schema once, before the workers
+        with mp.get_context("spawn").Pool(a.sensors) as pool:
+            t = time.perf_counter()
+            res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench") for n in names])
+            wall = time.perf_counter() - t
+        errors = [r["error"] for r in res if "error" in r]
+        lat = sorted(x for r in res if "lat" in r for x in r["lat"])
+        rows = sum(r.get("rows", 0) for r in res)
+        print(f"ClickHouse {version} (2 shards, one machine); {a.sensors} sensor processes x {a.seconds} s of "
+              f"traffic at {a.pps} pkt/s, flush every {a.flush_s} s of traffic; errors: {errors or 'none'}")
+        print(f"ingest: {rows} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s; "
+              f"{a.sensors * a.seconds / wall:,.1f} sensor-seconds of traffic per second of wall time")
+        if lat:
+            print(f"flush latency (send per batch): median {statistics.median(lat) * 1000:.0f} ms, "
+                  f"p95 {lat[int(0.95 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms "
+                  f"over {len(lat)} batches")
+        if not a.skip_day:
+            ClickHouseStore(address, cluster="fleet", database="day").open()
+            t = time.perf_counter()
+            with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
+                day_rows = sum(pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day") for n in names]))
+            print(f"day: {a.sensors} sensors x 24 h at {a.day_pps} pkt/s: {day_rows:,} rows written in "
+                  f"{time.perf_counter() - t:.0f} s")
+            q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
+            q.open()
+            since, until = T0, T0 + 86400 - 1
+            cold = timed(lambda: history_summary(q, since, until))
+            warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
+            one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
+            total = history_summary(q, since, until)["packets"]
+            print(f"24 h x {a.sensors} sensors history_summary (all sensors, via Distributed): cold {cold:.2f} s, "
+                  f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
+                  f"(expected {a.sensors * 86400 * a.day_pps:,})")
+            q.close()
+    finally:
+        subprocess.run([str(script), "stop", folder], capture_output=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

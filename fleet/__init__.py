@@ -1,0 +1,1 @@
+"""Fleet mode: headless sensors shipping history to ClickHouse (sensor.py, spool.py, cli.py)."""

@@ -1,0 +1,75 @@
+"""The fleet's subcommands; packet_processor's CLI adds them with two lines.
+
+    python packet_processor.py sensor --name NAME --iface IF [--filter BPF] [--seconds N]
+        --clickhouse HOST:PORT [--cluster NAME] [--spool DIR] [--metrics-port P]
+    python packet_processor.py history --clickhouse HOST:PORT [--cluster NAME] [--sensor NAME] [--since T] [--until T]
+
+`history` is the store's subcommand (store/cli.py) with --clickhouse and --cluster added: the same JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from store import cli as store_cli
+
+COMMANDS = ("sensor", "history", "import")
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Add `sensor`, and the store's `import`/`history` (unless present) with --clickhouse/--cluster on history."""
+    if "history" not in sub.choices:
+        store_cli.add_subcommands(sub)
+    h = sub.choices["history"]
+    h.add_argument("--clickhouse", default=None, metavar="HOST:PORT", help="read the fleet's ClickHouse store")
+    h.add_argument("--cluster", default=None, help="ClickHouse cluster (queries through its Distributed tables)")
+    s = sub.add_parser("sensor", help="capture headless and ship history rows to ClickHouse every FLEET_FLUSH_S")
+    s.add_argument("--name", required=True, help="sensor name tagging every row")
+    s.add_argument("--iface", required=True, help="interface to capture on")
+    s.add_argument("--filter", default="", help="BPF capture filter")
+    s.add_argument("--seconds", type=float, default=None, help="stop after N seconds (default: run until SIGTERM)")
+    s.add_argument("--clickhouse", required=True, metavar="HOST:PORT", help="ClickHouse server (native protocol)")
+    s.add_argument("--cluster", default=None, help="ClickHouse cluster name (Distributed tables over its shards)")
+    s.add_argument("--spool", default=None, help="spool folder (default: FLEET_SPOOL_DIR or a per-sensor folder)")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:P")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a subcommand added here; the exit code."""
+    if args.cmd == "sensor":
+        from fleet import sensor
+
+        return sensor.run(args)
+    if args.cmd == "history" and getattr(args, "clickhouse", None):
+        return history(args)
+    return store_cli.run(args)
+
+
+def history(args: argparse.Namespace) -> int:
+    """`history --clickhouse`: the summary JSON of a range from the fleet's store, one sensor or all."""
+    from store.clickhouse import ClickHouseStore
+    from store.history import history_summary
+
+    store = ClickHouseStore(args.clickhouse, cluster=args.cluster)
+    if not store.open():
+        _print({"error": store.status().message})
+        return 1
+    try:
+        out = history_summary(store, args.since, args.until, args.sensor)
+    except ValueError as exc:
+        _print({"error": str(exc)})
+        return 2
+    except OSError as exc:
+        _print({"error": str(exc)})
+        return 1
+    finally:
+        store.close()
+    _print(out)
+    return 0
+
+
+def _print(obj: dict) -> None:
+    json.dump(obj, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# A local 2-shard ClickHouse cluster from Debian's clickhouse-server, for trying fleet mode on one box
+# (and for the fleet tests): two server processes on 127.0.0.1, data in a temporary folder, stopped by PID.
+#
+#   scripts/clickhouse_cluster.sh start [DIR] [BASE_PORT]   # prints DIR; shards on BASE_PORT and BASE_PORT+1
+#   scripts/clickhouse_cluster.sh stop DIR                  # SIGTERM each server by its PID, then remove DIR
+#   scripts/clickhouse_cluster.sh stop-shard DIR N          # stop shard N (1 or 2) only (outage tests)
+#   scripts/clickhouse_cluster.sh start-shard DIR N         # start shard N again on the same data
+#
+# Native ports: BASE_PORT (shard 1), BASE_PORT+1 (shard 2); HTTP BASE_PORT+100/+101; interserver +200/+201.
+# The cluster is named "fleet" in each server's remote_servers (no ZooKeeper: no distributed DDL, the
+# project creates the local tables on every shard itself). User "default" without a password, 127.0.0.1 only.
+set -euo pipefail
+
+SERVER=${CLICKHOUSE_SERVER:-/usr/sbin/clickhouse-server}
+cmd=${1:-}
+
+die() { echo "clickhouse_cluster: $*" >&2; exit 1; }
+
+write_config() {  # DIR N BASE_PORT
+  local dir=$1 n=$2 base=$3
+  local sd="$dir/shard$n" tcp=$((base + n - 1))
+  mkdir -p "$sd/data" "$sd/tmp" "$sd/user_files" "$sd/format_schemas" "$sd/log"
+  cat >"$sd/config.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>$sd/log/server.log</log><errorlog>$sd/log/error.log</errorlog>
+    <size>10M</size><count>2</count></logger>
+  <listen_host>127.0.0.1</listen_host>
+  <tcp_port>$tcp</tcp_port>
+  <http_port>$((tcp + 100))</http_port>
+  <interserver_http_port>$((tcp + 200))</interserver_http_port>
+  <interserver_http_host>127.0.0.1</interserver_http_host>
+  <path>$sd/data/</path>
+  <tmp_path>$sd/tmp/</tmp_path>
+  <user_files_path>$sd/user_files/</user_files_path>
+  <format_schema_path>$sd/format_schemas/</format_schema_path>
+  <users_config>$dir/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mark_cache_size>268435456</mark_cache_size>
+  <max_concurrent_queries>100</max_concurrent_queries>
+  <remote_servers>
+    <fleet>
+      <shard><replica><host>127.0.0.1</host><port>$base</port></replica></shard>
+      <shard><replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
+    </fleet>
+  </remote_servers>
+</yandex>
+EOF
+}
+
+write_users() {  # DIR
+  cat >"$1/users.xml" <<EOF
+<?xml version="1.0"?>
+<yandex>
+  <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+    <profile>default</profile><quota>default</quota></default></users>
+  <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
+    <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+EOF
+}
+
+start_shard() {  # DIR N
+  local dir=$1 n=$2 sd="$1/shard$2"
+  [ -f "$sd/config.xml" ] || die "no shard $n in $dir"
+  if [ -f "$sd/pid" ] && kill -0 "$(cat "$sd/pid")" 2>/dev/null; then return 0; fi
+  "$SERVER" --config-file="$sd/config.xml" >"$sd/log/stdout.log" 2>&1 &
+  echo $! >"$sd/pid"
+}
+
+wait_ready() {  # DIR N : until the native port answers a query (at most 30 s)
+  local dir=$1 n=$2 sd="$1/shard$2" port
+  port=$(sed -n 's:.*<tcp_port>\([0-9]*\)</tcp_port>.*:\1:p' "$sd/config.xml")
+  for _ in $(seq 300); do
+    if clickhouse-client --host 127.0.0.1 --port "$port" -q "SELECT 1" >/dev/null 2>&1; then return 0; fi
+    kill -0 "$(cat "$sd/pid")" 2>/dev/null || { tail -20 "$sd/log/stdout.log" "$sd/log/error.log" >&2 || true;
+                                                die "shard $n exited at start"; }
+    sleep 0.1
+  done
+  die "shard $n did not answer on port $port within 30 s"
+}
+
+stop_shard() {  # DIR N : SIGTERM by PID, SIGKILL after 15 s
+  local sd="$1/shard$2" pid
+  [ -f "$sd/pid" ] || return 0
+  pid=$(cat "$sd/pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid"
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+  fi
+  rm -f "$sd/pid"
+}
+
+case "$cmd" in
+  start)
+    dir=${2:-$(mktemp -d /tmp/ntm-clickhouse.XXXXXX)}
+    base=${3:-19000}
+    mkdir -p "$dir"
+    write_users "$dir"
+    for n in 1 2; do write_config "$dir" $n "$base"; done
+    for n in 1 2; do start_shard "$dir" $n; done
+    for n in 1 2; do wait_ready "$dir" $n; done
+    echo "$dir"
+    ;;
+  stop)
+    dir=${2:?usage: $0 stop DIR}
+    for n in 1 2; do stop_shard "$dir" $n; done
+    case "$dir" in /tmp/*) rm -rf "$dir" ;; *) echo "clickhouse_cluster: left $dir in place (not under /tmp)" >&2 ;; esac
+    ;;
+  stop-shard) stop_shard "${2:?DIR}" "${3:?N}" ;;
+  start-shard) start_shard "${2:?DIR}" "${3:?N}"; wait_ready "$2" "$3" ;;
+  *) die "usage: $0 start [DIR] [BASE_PORT] | stop DIR | stop-shard DIR N | start-shard DIR N" ;;
+esac

@@ -1,0 +1,562 @@
+"""The ClickHouse store: the same `Store` interface as the embedded one, for a fleet of sensors.
+
+Schema and SQL run on ClickHouse 18.16 (Debian's package) and on current releases: MergeTree tables
+partitioned by day (an integer day number, no time zone involved), ORDER BY (sensor, time, ...);
+retention drops whole day partitions; no TTL, no toIPv4, no Parquet, no lightweight DELETE.
+
+Nothing is counted twice, without DELETE. Every row carries the segment (`seg`) the rollup gave it
+and the version (`ver`) of the write attempt that inserted it. After a batch's rows are inserted, one
+`commits` row per segment names the version that attempt wrote; a row counts only when its version
+is the newest committed version of its (sensor, segment). So:
+  * the rollup's rewrite of a still-open minute (a newer version of the same segment) hides the
+    older rows, as the embedded store's DELETE of the segment does;
+  * a batch re-sent after a lost acknowledgement is first looked up by its batch id in `commits`:
+    found, it is not written again; not found, it is written under a new version, and whatever an
+    earlier unacknowledged attempt inserted stays invisible (never committed, or superseded);
+  * the tables are ReplacingMergeTree(ver) keyed by the row's identity, so background merges drop
+    superseded versions (compaction); correctness never depends on a merge having happened.
+The commit row is one INSERT into one table on one server (a sensor's rows all live on the shard its
+name hashes to), so it is atomic.
+
+Cluster: with `cluster`, the local tables are created on every shard listed in `system.clusters`
+(18.16 has no distributed DDL without ZooKeeper) and a `<table>_d` Distributed table over them, sharded
+by cityHash64(sensor), on every shard too. Writes go through the Distributed tables synchronously
+(insert_distributed_sync), queries through them; the visibility subquery names the local `commits`
+table, so each shard answers it for its own sensors.
+
+Credentials come from the environment or a file, never the command line: CLICKHOUSE_USER (default
+"default"), CLICKHOUSE_PASSWORD_FILE (a file holding the password) or CLICKHOUSE_PASSWORD. TLS: the
+`secure` and `ca_certs` options (settings CLICKHOUSE_SECURE, CLICKHOUSE_CA_CERTS) go to clickhouse-driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import config
+from store.base import (
+    ALERT_COLUMNS,
+    ALERT_KEYS,
+    ORIGIN_COLUMNS,
+    PREFIX,
+    SCHEMA_VERSION,
+    TABLES,
+    Store,
+    StoreBatch,
+    TimeRange,
+    columns,
+)
+
+log = logging.getLogger(__name__)
+
+_TYPES = {"VARCHAR": "String", "BIGINT": "Int64", "INTEGER": "Int32", "SMALLINT": "Int16", "DOUBLE": "Float64"}
+_NULLABLE = {("conversations", "a_port"), ("conversations", "b_port")}
+# Row identity within a segment (with sensor, period and seg): what ReplacingMergeTree collapses.
+_KEYS = {"seconds": ("ts",), "conversations": ("minute", "a", "b", "ifNull(a_port, -1)", "ifNull(b_port, -1)",
+                                                "proto", "vlan"),
+         "top_addrs": ("minute", "kind", "addr"), "top_ports": ("minute", "proto", "port"),
+         "caps": ("minute", "kind"), "open_hours": ("hour",)}
+_PERIOD = {"seconds": "ts", "open_hours": "hour"}  # others: minute
+SEG_TABLES = tuple(TABLES)
+QUERY_TABLES = (*SEG_TABLES, "alerts", "origins")
+
+
+@dataclass
+class IdBatch(StoreBatch):
+    """A StoreBatch with the id that makes its write idempotent (the spool keeps it across restarts)."""
+
+    batch_id: str = ""
+
+
+def with_id(batch: StoreBatch) -> IdBatch:
+    """The batch with a batch id (a new one unless it has one)."""
+    if isinstance(batch, IdBatch) and batch.batch_id:
+        return batch
+    return IdBatch(**{f.name: getattr(batch, f.name) for f in fields(StoreBatch)}, batch_id=uuid.uuid4().hex)
+
+
+def credentials() -> tuple[str, str]:
+    """(user, password) from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE or CLICKHOUSE_PASSWORD."""
+    user = os.environ.get("CLICKHOUSE_USER") or "default"
+    path = os.environ.get("CLICKHOUSE_PASSWORD_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return user, f.read().strip("\r\n")
+    return user, os.environ.get("CLICKHOUSE_PASSWORD", "")
+
+
+def parse_address(address: str, default_port: int = 9000) -> tuple[str, int]:
+    """HOST:PORT (or HOST, or [v6]:PORT) -> (host, port)."""
+    m = re.fullmatch(r"\[(.+)\](?::(\d+))?|([^:]+)(?::(\d+))?", address.strip())
+    if not m:
+        raise ValueError(f"not a ClickHouse address: {address!r} (give HOST:PORT)")
+    host = m.group(1) or m.group(3)
+    port = m.group(2) or m.group(4)
+    return host, int(port) if port else default_port
+
+
+def _col_sql(table: str, name: str, sql_type: str) -> str:
+    t = _TYPES[sql_type]
+    return f"{name} Nullable({t})" if (table.removesuffix("_1h"), name) in _NULLABLE else f"{name} {t}"
+
+
+def create_sql(db: str) -> list[str]:
+    """Schema version 1: every local table (run on every shard)."""
+    out = [f"CREATE DATABASE IF NOT EXISTS {db}",
+           f"CREATE TABLE IF NOT EXISTS {db}.meta (key String, value String) ENGINE = TinyLog"]
+    for name, cols in TABLES.items():
+        base = name.removesuffix("_1h")
+        body = ", ".join(_col_sql(name, c, t) for c, t in (*PREFIX, *cols))
+        period = _PERIOD.get(base, "minute")
+        order = ", ".join(("sensor", period, "seg", *(k for k in _KEYS[base] if k != period)))
+        out.append(f"CREATE TABLE IF NOT EXISTS {db}.{name} ({body}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
+                   f"PARTITION BY intDiv({period}, 86400) ORDER BY ({order})")
+    alerts = ", ".join(_col_sql("alerts", c, t) for c, t in ALERT_COLUMNS)
+    out.append(f"CREATE TABLE IF NOT EXISTS {db}.alerts ({alerts}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
+               f"PARTITION BY intDiv(toInt64(last_ts), 86400) "
+               f"ORDER BY (sensor, origin, detector, source, target, first_ts)")
+    origins = ", ".join(_col_sql("origins", c, t) for c, t in ORIGIN_COLUMNS)
+    out.append(f"CREATE TABLE IF NOT EXISTS {db}.origins ({origins}) ENGINE = ReplacingMergeTree(created) "
+               f"ORDER BY (sensor, origin)")
+    out.append(f"CREATE TABLE IF NOT EXISTS {db}.commits (sensor String, batch String, seg Int64, ver Int64, "
+               f"period Int64, alerts UInt8, wall Float64) ENGINE = MergeTree PARTITION BY intDiv(period, 86400) "
+               f"ORDER BY (sensor, period, seg, ver)")
+    return out
+
+
+def distributed_sql(db: str, cluster: str) -> list[str]:
+    """A Distributed table `<name>_d` over each local table, sharded by sensor (run on every shard)."""
+    return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
+            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "commits")]
+
+
+# version -> statements that bring a database from version-1 to version (on every shard).
+MIGRATIONS = {1: create_sql}
+
+
+class ClickHouseStore(Store):
+    """History rows in ClickHouse, one server or a cluster; writes never raise, errors are state."""
+
+    def __init__(self, address: str = "127.0.0.1:9000", cluster: str | None = None, database: str | None = None,
+                 sensor: str | None = None, secure: bool | None = None, ca_certs: str | None = None,
+                 pending_max: int | None = None, connect_timeout: float = 3.0, timeout: float = 30.0,
+                 clock=time.time) -> None:
+        super().__init__(pending_max if pending_max is not None else config.get("STORE_PENDING_MAX"), clock)
+        self.host, self.port = parse_address(address)
+        self.cluster = cluster or None
+        self.db = database or config.get("CLICKHOUSE_DATABASE")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.db) or (cluster and not re.fullmatch(r"[\w.-]+", cluster)):
+            raise ValueError(f"not a database/cluster name: {self.db!r} / {cluster!r}")
+        self.sensor = sensor
+        self.secure = bool(config.get("CLICKHOUSE_SECURE") if secure is None else secure)
+        self.ca_certs = ca_certs if ca_certs is not None else (config.get("CLICKHOUSE_CA_CERTS") or None)
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self._client = None
+        self._ver = 0
+        self.server_version = ""
+        self.batches_skipped = 0  # batches found already committed (re-sent after a lost acknowledgement)
+
+    @property
+    def path(self) -> str:
+        """The server (and cluster) the store talks to; never the credentials."""
+        return f"clickhouse://{self.host}:{self.port}/{self.db}" + (f" cluster {self.cluster}" if self.cluster else "")
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _connect(self, host: str, port: int):
+        from clickhouse_driver import Client
+
+        user, password = credentials()
+        kw: dict[str, Any] = {"secure": self.secure}
+        if self.ca_certs:
+            kw.update(ca_certs=self.ca_certs, verify=True)
+        return Client(host=host, port=port, user=user, password=password, connect_timeout=self.connect_timeout,
+                      send_receive_timeout=self.timeout, sync_request_timeout=self.connect_timeout,
+                      client_name="network-traffic-monitor", settings={"insert_distributed_sync": 1}, **kw)
+
+    def open(self) -> bool:
+        """Connect, create (or migrate) the schema on every shard; False with a clear reason when it cannot."""
+        with self._lock:
+            if self._client is not None:
+                return True
+            client = None
+            try:
+                client = self._connect(self.host, self.port)
+                self.server_version = client.execute("SELECT version()")[0][0]
+                self._ensure_schema(client)
+                self._init_versions(client)
+            except Exception as exc:  # any failure to reach or set up the server is state, never a crash
+                if client is not None:
+                    client.disconnect()
+                return self._set_state("error", self._describe(exc))
+            self._client = client
+            self._state, self._message = "ok", None
+            log.info("store: %s open (ClickHouse %s, schema version %d)", self.path, self.server_version,
+                     SCHEMA_VERSION)
+            return True
+
+    def _describe(self, exc: BaseException) -> str:
+        """A one-line error naming the server and what went wrong (authentication, network, the server's text)."""
+        code = getattr(exc, "code", None)
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        where = f"ClickHouse {self.host}:{self.port}"
+        if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
+            return (f"{where}: authentication failed for user {credentials()[0]!r} (check CLICKHOUSE_USER and "
+                    f"CLICKHOUSE_PASSWORD_FILE): {text}")
+        if isinstance(exc, OSError) or "NetworkError" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            return f"{where} unreachable: {text}"
+        return f"{where}: {type(exc).__name__}: {text}"
+
+    def _set_state(self, state: str, message: str) -> bool:
+        if (state, message) != (self._state, self._message):
+            log.error("store: %s", message)
+        self._state, self._message = state, message
+        return False
+
+    def shards(self, client=None) -> list[tuple[str, int]]:
+        """(host, port) of every shard of the cluster (the first replica of each), or the one server."""
+        if not self.cluster:
+            return [(self.host, self.port)]
+        rows = (client or self._client).execute(
+            "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = %(c)s AND replica_num = 1 "
+            "ORDER BY shard_num", {"c": self.cluster})
+        if not rows:
+            raise ValueError(f"cluster {self.cluster!r} is not in system.clusters of {self.host}:{self.port}")
+        return [(str(h), int(p)) for _, h, p in rows]
+
+    def _each_shard(self, client, statements_of) -> None:
+        """Run statements on every shard (and on the entry server, which may be no shard at all)."""
+        targets = self.shards(client)
+        if (self.host, self.port) not in targets:
+            targets.append((self.host, self.port))
+        for host, port in targets:
+            c = client if (host, port) == (self.host, self.port) else self._connect(host, port)
+            try:
+                for stmt in statements_of(c):
+                    c.execute(*stmt) if isinstance(stmt, tuple) else c.execute(stmt)
+            finally:
+                if c is not client:
+                    c.disconnect()
+
+    def _ensure_schema(self, client) -> None:
+        def statements(c) -> list[str]:
+            version = _schema_version(c, self.db)
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"database {self.db} has schema version {version}, newer than this program's "
+                                   f"{SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
+            out: list = []
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                out += MIGRATIONS[target](self.db)
+                out.append((f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))]))
+            if self.cluster:
+                out += distributed_sql(self.db, self.cluster)
+            return out
+
+        self._each_shard(client, statements)
+
+    def _init_versions(self, client) -> None:
+        """Start versions and segments above any this sensor wrote before (even if the clock went back)."""
+        if not self.sensor:
+            return
+        row = client.execute(f"SELECT max(ver), max(seg) FROM {self._t('commits')} WHERE sensor = %(s)s",
+                             {"s": self.sensor})
+        if row:
+            self._ver = max(self._ver, int(row[0][0] or 0))
+            self._last_seg = max(self._last_seg, int(row[0][1] or 0))
+
+    def _t(self, table: str) -> str:
+        """The table queries and writes go through: the Distributed one in a cluster."""
+        return f"{self.db}.{table}_d" if self.cluster else f"{self.db}.{table}"
+
+    def close(self) -> None:
+        """Write what waits in memory (once), disconnect; safe to call twice."""
+        with self._lock:
+            if self._pending and not self._drain():
+                self._give_up_pending()
+            client, self._client = self._client, None
+            if client is not None:
+                client.disconnect()
+            if self._state == "ok":
+                self._state = "closed"
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(self, batch: StoreBatch) -> bool:
+        """Write a batch (given a batch id when it has none) after the earlier ones that wait; False if it waits."""
+        return super().write(with_id(batch))
+
+    def send(self, batch: StoreBatch) -> bool:
+        """Write one batch now, outside the in-memory queue (the sensor's spool keeps it on failure)."""
+        batch = with_id(batch)
+        with self._lock:
+            if not self._ready():
+                return False
+            try:
+                self._write(batch)
+            except Exception as exc:  # any backend failure is state: the caller spools the batch
+                self._failed(exc)
+                return False
+            self._counts["batches_written"] += 1
+            self._counts["rows_written"] += batch.rows()
+            self._last_write = time.time()
+            return True
+
+    def next_version(self) -> int:
+        """A version above every one this store wrote (microseconds of the wall clock, strictly increasing)."""
+        with self._lock:
+            self._ver = max(self._ver + 1, time.time_ns() // 1000)
+            return self._ver
+
+    def _write(self, batch: StoreBatch) -> None:
+        client = self._client
+        if client is None:
+            raise OSError("store is not open")
+        batch = with_id(batch)
+        segs = _segments(batch)
+        sensor = self._batch_sensor(batch)
+        periods = [p for p in segs.values() if p is not None]
+        lo, hi = (min(periods), max(periods)) if periods else (0, 2 ** 62)
+        alert_period = _alert_period(batch)
+        lo = min(lo, alert_period) if alert_period is not None else lo
+        hi = max(hi, alert_period) if alert_period is not None and periods else hi
+        found = client.execute(f"SELECT count() FROM {self._t('commits')} WHERE sensor = %(s)s AND period >= %(lo)s "
+                               f"AND period <= %(hi)s AND batch = %(b)s",
+                               {"s": sensor, "lo": lo, "hi": hi, "b": batch.batch_id})
+        if found and found[0][0]:
+            self.batches_skipped += 1
+            log.info("store: batch %s is already in ClickHouse (re-sent after a lost acknowledgement); not written "
+                     "again", batch.batch_id)
+            return
+        ver = self.next_version()
+        for table, frame in batch.frames.items():
+            self._insert(client, table, frame, ver)
+        has_alerts = batch.alerts is not None and len(batch.alerts) > 0
+        if has_alerts:
+            self._insert(client, "alerts", batch.alerts, ver)
+        for row in batch.origins:
+            client.execute(f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) VALUES",
+                           [list(row)])
+        fallback = lo if periods else (alert_period or 0)
+        commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
+                  for s, p in segs.items()]
+        commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
+        # The commit: one block into one table on the sensor's shard; until it lands, the rows above count nowhere.
+        client.execute(f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
+                       commit)
+
+    def _batch_sensor(self, batch: StoreBatch) -> str:
+        for frame in (*batch.frames.values(), batch.alerts):
+            if frame is not None and len(frame):
+                return str(frame["sensor"].iloc[0])
+        if batch.origins:
+            return str(batch.origins[0][4])
+        return self.sensor or ""
+
+    def _insert(self, client, table: str, frame: pd.DataFrame, ver: int) -> None:
+        if frame is None or not len(frame):
+            return
+        cols = columns(table)
+        data = [_column(frame[c], table, c) for c in cols]
+        data.append([ver] * len(frame))
+        client.execute(f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
+
+    def _failed(self, exc: Exception) -> None:
+        """A failed write: the error becomes state; the connection is dropped and opened again on the next write."""
+        self._set_state("error", f"store write failed: {self._describe(exc)}")
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.disconnect()
+            except Exception:  # a broken connection may fail to close; it is gone either way
+                log.debug("disconnect failed", exc_info=True)
+
+    # -- retention -------------------------------------------------------------------------
+
+    def prune(self, retention_days: float | None = None, now: float | None = None) -> int:
+        """Drop the day partitions wholly older than the retention, on every shard; partitions dropped.
+
+        A ClickHouse fleet store holds live sensor data only (imports go to the embedded store)."""
+        days = config.get("RETENTION_DAYS") if retention_days is None else retention_days
+        cutoff = int((self.clock() if now is None else now) - days * 86400)
+        last_day = cutoff // 86400 - 1  # day d holds [d, d+1) * 86400: dropped when it ends before the cutoff
+        dropped = 0
+        with self._lock:
+            if not self._ready():
+                return 0
+            try:
+                def statements(c) -> list[str]:
+                    nonlocal dropped
+                    rows = c.execute("SELECT DISTINCT table, partition FROM system.parts WHERE database = %(d)s "
+                                     "AND active", {"d": self.db})
+                    out = [f"ALTER TABLE {self.db}.{t} DROP PARTITION {int(p)}" for t, p in rows
+                           if t not in ("origins", "meta") and not t.endswith("_d") and p.lstrip("-").isdigit()
+                           and int(p) <= last_day]
+                    dropped += len(out)
+                    return out
+
+                self._each_shard(self._client, statements)
+            except Exception as exc:  # retention failing is state, not a crash
+                self._failed(exc)
+                return 0
+        if dropped:
+            log.info("store: retention dropped %d day partitions before day %d", dropped, last_day + 1)
+        return dropped
+
+    def remove_origin(self, origin: str) -> int:
+        """Delete an origin's rows (an asynchronous ALTER ... DELETE on every shard); 0 (not counted)."""
+        with self._lock:
+            if not self._ready():
+                return 0
+            quoted = "'" + origin.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            tables = [*SEG_TABLES, "alerts", "origins"]
+            try:
+                self._each_shard(self._client, lambda c: [f"ALTER TABLE {self.db}.{t} DELETE WHERE origin = {quoted}"
+                                                          for t in tables])
+            except Exception as exc:
+                self._failed(exc)
+        return 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _visible(self, table: str) -> str:
+        """The condition that keeps, of a segment's rows, those of its newest committed version."""
+        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits "
+                f"WHERE period >= $m0 - 3600 AND period <= $until{{sensor}} GROUP BY sensor, seg)")
+
+    def _rewrite(self, sql: str, params: dict[str, Any]) -> str:
+        """The base class's SQL in this dialect: tables through the visibility filter, `$p` -> %(p)s."""
+        sensor = " AND sensor = $sensor" if params.get("sensor") else ""
+
+        def table(m: re.Match) -> str:
+            name = m.group(1)
+            if name not in SEG_TABLES:
+                raise ValueError(f"no ClickHouse rewrite for table {name}")
+            return f"FROM {self._t(name)} WHERE {self._visible(name).replace('{sensor}', sensor)} AND "
+
+        out = re.sub(r"\bFROM (\w+) WHERE ", table, sql)
+        out = re.sub(r"\bTRUE\b", "1", out)
+        return re.sub(r"\$(\w+)", r"%(\1)s", out)
+
+    def _query(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+        return self._run(self._rewrite(sql, params), params)
+
+    def _run(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+        with self._lock:
+            if self._client is None and not self.open():
+                raise OSError(self._message or "store is not open")
+            client = self._client
+            try:
+                rows, types = client.execute(sql, params, with_column_types=True, columnar=True)
+            except Exception as exc:
+                self._failed(exc)
+                raise OSError(self._message) from exc
+        names = [n for n, _ in types]
+        if not rows:
+            return pd.DataFrame({n: [] for n in names})
+        return pd.DataFrame({n: list(col) for n, col in zip(names, rows)})
+
+    def _sum(self, col: str) -> str:
+        return f"toInt64(sum({col}))"
+
+    def _bucket(self, col: str, width: int) -> str:
+        return f"(intDiv({col}, {width}) * {width})"
+
+    def totals(self, r: TimeRange) -> dict[str, Any]:
+        """As the base, with no first/last time for an empty range (ClickHouse's min() of nothing is 0)."""
+        out = super().totals(r)
+        if not out["packets"]:
+            out["min_ts"] = out["max_ts"] = None
+        return out
+
+    def extent(self, r: TimeRange = TimeRange()) -> tuple[int, int] | None:  # noqa: B008  (as the base)
+        """(first, last) second holding traffic in the range, or None when it is empty."""
+        df = self._query(f"SELECT min(ts) AS lo, max(ts) AS hi, count() AS n FROM seconds WHERE {self._where(r, 'ts')}",
+                         r.params())
+        if not len(df) or not int(df.iloc[0]["n"]):
+            return None
+        return int(df.iloc[0]["lo"]), int(df.iloc[0]["hi"])
+
+    def alerts(self, r: TimeRange) -> pd.DataFrame:
+        """Alerts active at some moment of the range (each alert's newest committed version), newest first."""
+        sensor = " AND sensor = %(sensor)s" if r.sensor else ""
+        key = "sensor, iface, origin, detector, source, target, first_ts"
+        latest = ", ".join(f"argMax({c}, ver) AS {c}" for c in ("severity", "last_ts", "count", "evidence"))
+        sql = (f"SELECT {key}, {latest} FROM {self._t('alerts')} WHERE (sensor, ver) IN "
+               f"(SELECT sensor, ver FROM {self.db}.commits WHERE seg = 0 AND alerts = 1{sensor}){sensor} "
+               f"GROUP BY {key} HAVING last_ts >= %(since)s AND first_ts < %(until)s + 1 "
+               f"ORDER BY last_ts DESC, first_ts DESC, detector, source, target")
+        df = self._run(sql, r.params())
+        return df[["sensor", "iface", "origin", *ALERT_KEYS]] if len(df) else pd.DataFrame(
+            columns=["sensor", "iface", "origin", *ALERT_KEYS])
+
+    def origins(self) -> pd.DataFrame:
+        """Every origin with its kind, label and creation wall time."""
+        return self._run(f"SELECT origin, argMax(kind, created) AS kind, argMax(label, created) AS label, "
+                         f"max(created) AS created, sensor FROM {self._t('origins')} GROUP BY sensor, origin "
+                         f"ORDER BY created", {})
+
+    def sensors(self) -> pd.DataFrame:
+        """Every sensor with its interfaces, last flush (wall time) and newest second of traffic."""
+        return self._run(f"SELECT sensor, max(wall) AS last_flush, max(period) AS last_period "
+                         f"FROM {self._t('commits')} GROUP BY sensor ORDER BY sensor", {})
+
+
+def _schema_version(client, db: str) -> int:
+    """The database's schema version on one server: 0 when it has none yet."""
+    if not client.execute("SELECT count() FROM system.tables WHERE database = %(d)s AND name = 'meta'",
+                          {"d": db})[0][0]:
+        return 0
+    rows = client.execute(f"SELECT max(toInt64(value)) FROM {db}.meta WHERE key = 'schema_version'")
+    return int(rows[0][0]) if rows else 0
+
+
+def _segments(batch: StoreBatch) -> dict[int, int | None]:
+    """Every segment the batch writes, replaces or closes, with its period (first second) where known."""
+    out: dict[int, int | None] = {}
+    for table, frame in batch.frames.items():
+        if frame is None or not len(frame):
+            continue
+        col = _PERIOD.get(table.removesuffix("_1h"), "minute")
+        period = frame[col].to_numpy(np.int64)
+        if table == "seconds":
+            period = period - period % 60
+        seg = frame["seg"].to_numpy(np.int64)
+        for s, p in pd.DataFrame({"s": seg, "p": period}).groupby("s")["p"].min().items():
+            out[int(s)] = min(int(p), out.get(int(s)) or int(p))
+    for s in (*batch.replaces, *batch.hours_done):
+        out.setdefault(int(s), None)
+    return out
+
+
+def _alert_period(batch: StoreBatch) -> int | None:
+    if batch.alerts is None or not len(batch.alerts):
+        return None
+    return int(np.floor(pd.to_numeric(batch.alerts["last_ts"]).min()))
+
+
+def _column(series: pd.Series, table: str, name: str) -> list:
+    """One column as the Python values clickhouse-driver sends (None for a missing port)."""
+    if isinstance(series.dtype, pd.CategoricalDtype) or series.dtype == object:
+        values = series.astype(object)
+        if (table.removesuffix("_1h"), name) in _NULLABLE:
+            return [None if pd.isna(v) else int(v) for v in values]
+        return ["" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v) for v in values]
+    if (table.removesuffix("_1h"), name) in _NULLABLE:
+        return [None if pd.isna(v) else int(v) for v in series.astype(object)]
+    if pd.api.types.is_float_dtype(series.dtype):
+        kind = dict(ALERT_COLUMNS).get(name) if table == "alerts" else None
+        if kind in ("BIGINT", "INTEGER") or name not in ("min_ts", "max_ts", "first_ts", "last_ts"):
+            return series.fillna(0).astype(np.int64).tolist()
+        return series.astype(float).tolist()
+    return series.astype(np.int64).tolist() if pd.api.types.is_integer_dtype(series.dtype) else \
+        series.astype(str).tolist()
