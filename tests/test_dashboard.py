@@ -602,16 +602,8 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
 
 @pytest.mark.live
 def test_promiscuous_toggle_reaches_the_capture(fresh, root_only):
-    import dataclasses
-
     import packet_processor
 
-    if "promisc" not in packet_processor.Source.__dataclass_fields__:  # until the capture side has the field
-        @dataclasses.dataclass(frozen=True)
-        class PromiscSource(packet_processor.Source):
-            promisc: bool = True
-
-        fresh.setattr(packet_processor, "Source", PromiscSource)
     asked = []
     real_start = packet_processor.CaptureEngine.start
     fresh.setattr(packet_processor.CaptureEngine, "start", lambda self, source: asked.append(source)
