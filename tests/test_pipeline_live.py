@@ -61,7 +61,6 @@ def test_a_slowed_detector_stage_skips_batches_and_the_totals_stay_exact(engine,
     assert 0 < st["packets_skipped"] < 4000 and st["batches_skipped"] > 0
     assert st["minute_analysed_pct"] == pytest.approx(100 * (4000 - st["packets_skipped"]) / 4000)
     assert st["error"] is None and st["alive"]
-    assert t["nic_dropped"] is not None and t["nic_dropped"] >= 0  # lo's own counters, read from sysfs
 
 
 def test_the_worker_process_lives_with_the_capture(engine):
