@@ -137,6 +137,11 @@ def process_tree() -> list[dict]:
     return rows
 
 
+def tree_rss_mb(exclude: int | None = None) -> float:
+    """RSS in MB summed over this process and its descendants (the detector worker, a broker), but `exclude`."""
+    return sum(r["rss_mb"] for r in process_tree() if r["pid"] != exclude)
+
+
 def machine() -> str:
     """nproc and the CPU model, for RESULTS.md."""
     model = "unknown CPU"
