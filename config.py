@@ -8,7 +8,9 @@ command-line flags override the few that have one. README.md documents the same 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,20 @@ class Setting:
     low: float | None = None  # the least valid value (numbers), inclusive
     high: float | None = None  # the greatest valid value (numbers), inclusive
     choices: tuple[str, ...] | None = None  # the valid values (text)
+    check: Callable[[Any], str | None] | None = None  # text: what is wrong with a value, None if nothing
+
+
+def bad_networks(spec: str) -> str | None:
+    """LOCAL_NETS: the entries that are not networks, or None when every entry is one."""
+    bad = []
+    for part in (p.strip() for p in str(spec).split(",")):
+        if not part:
+            continue
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError:
+            bad.append(part)
+    return None if not bad else "not networks: " + ", ".join(repr(b) for b in bad)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -39,7 +55,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PCAP", "", "Capture file to load as the source at start-up instead of a live interface."),
     Setting("LOCAL_NETS", "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,127.0.0.0/8,169.254.0.0/16,"
             "fc00::/7,fe80::/10,::1/128",
-            "Networks counted as 'local' when reading a capture file (live capture uses the host's own addresses)."),
+            "Networks counted as 'local' when reading a capture file (live capture uses the host's own addresses).",
+            check=bad_networks),
     Setting("RING_BLOCK_KB", 1024, "Size of one block of the kernel capture ring (TPACKET_V3), in KiB.",
             low=4, high=1 << 20),
     Setting("RING_BLOCKS", 64, "Number of blocks in the kernel capture ring; blocks x size is the kernel buffer.",
@@ -129,39 +146,41 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("STORE", "", "History store file (DuckDB); empty means history.duckdb in $XDG_DATA_HOME "
             "(or ~/.local/share)/network-traffic-monitor/."),
     Setting("STORE_FLUSH_S", 5.0, "How often the history rollup writes to the store (s): at most this much "
-            "history is lost when the process is killed."),
+            "history is lost when the process is killed.", low=0.1, high=3_600),
     Setting("RETENTION_DAYS", 7.0, "Days of live history kept, by capture time; imported capture files are kept "
-            "until removed."),
-    Setting("STORE_PRUNE_S", 600.0, "How often the store's retention prune runs (s)."),
+            "until removed.", low=0.001, high=36_500),
+    Setting("STORE_PRUNE_S", 600.0, "How often the store's retention prune runs (s).", low=1, high=86_400 * 7),
     Setting("STORE_SENSOR", "", "Name that tags every history row (the fleet's sensor name); empty means the "
             "host name."),
     Setting("STORE_TOP_MAX", 2000, "Per minute, most sources, destinations and ports kept in each history top "
-            "table; beyond it the smallest are left out and the error bound is stored."),
+            "table; beyond it the smallest are left out and the error bound is stored.", low=1, high=1_000_000),
     Setting("STORE_CONV_MAX", 50_000, "Per minute, most conversations kept in history; the rest are counted "
-            "as left out."),
+            "as left out.", low=1, high=10_000_000),
     Setting("STORE_PENDING_MAX", 60, "History batches kept in memory while the store cannot be written "
-            "(retried in order); beyond it the oldest are dropped and counted."),
+            "(retried in order); beyond it the oldest are dropped and counted.", low=1, high=100_000),
     Setting("REVERSE_DNS", True, "Look up host names (PTR) for the addresses shown, in a small background pool; "
             "off sends no DNS query at all."),
     Setting("DNS_SERVER", "", "Resolver address for reverse DNS; empty means the system's (/etc/resolv.conf)."),
     Setting("RDNS_TIMEOUT_S", 2.0, "Reverse DNS: time-out of one lookup (s); a lookup that times out is cached "
-            "as failed."),
+            "as failed.", low=0.05, high=60),
     Setting("RDNS_TTL_S", 3600.0, "Reverse DNS: how long an answer, or a failure, is kept before it is asked "
-            "again (s)."),
-    Setting("RDNS_WORKERS", 2, "Reverse DNS: worker threads doing lookups (each waits at most RDNS_TIMEOUT_S)."),
+            "again (s).", low=1, high=86_400 * 7),
+    Setting("RDNS_WORKERS", 2, "Reverse DNS: worker threads doing lookups (each waits at most RDNS_TIMEOUT_S).",
+            low=1, high=64),
     Setting("RDNS_QUEUE_MAX", 1000, "Reverse DNS: most lookups waiting for a worker; more are dropped (counted) "
-            "and asked again the next time the address is shown."),
+            "and asked again the next time the address is shown.", low=1, high=1_000_000),
     Setting("ENRICH_CACHE_MAX", 10_000, "Most entries in each enrichment cache (names, countries/AS, process "
-            "ports); the least recently used go first."),
+            "ports); the least recently used go first.", low=16, high=10_000_000),
     Setting("PROCESS_REFRESH_S", 1.0, "How often the socket table (psutil.net_connections) is re-read to name "
-            "the local process of each port (s)."),
-    Setting("FLEET_FLUSH_S", 2.0, "How often a fleet sensor ships its history rows to ClickHouse (s)."),
+            "the local process of each port (s).", low=0.1, high=3_600),
+    Setting("FLEET_FLUSH_S", 2.0, "How often a fleet sensor ships its history rows to ClickHouse (s).",
+            low=0.1, high=3_600),
     Setting("FLEET_SPOOL_MB", 512, "Most disk space (MB) a fleet sensor's spool may use while ClickHouse cannot "
-            "take its batches; beyond it the oldest batches are dropped and counted."),
+            "take its batches; beyond it the oldest batches are dropped and counted.", low=1, high=1 << 24),
     Setting("FLEET_SPOOL_DIR", "", "A fleet sensor's spool folder; empty means spool-<name> in $XDG_STATE_HOME "
             "(or ~/.local/state)/network-traffic-monitor/."),
     Setting("FLEET_QUEUE_BATCHES", 512, "Parsed batches waiting for a fleet sensor's rollup; beyond it batches are "
-            "skipped and counted (the capture never waits)."),
+            "skipped and counted (the capture never waits).", low=1, high=1 << 20),
     Setting("CLICKHOUSE_DATABASE", "ntm", "ClickHouse database of the fleet's history tables."),
     Setting("CLICKHOUSE_SECURE", False, "Talk TLS to ClickHouse (clickhouse-driver's secure, the server's "
             "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
@@ -221,6 +240,12 @@ def problems() -> list[str]:
             out.append(str(exc))
             continue
         bad = False
+        if setting.check is not None:
+            why = setting.check(value)
+            if why is not None:
+                out.append(f"{ENV_PREFIX}{setting.name}={os.environ.get(ENV_PREFIX + setting.name)!r} is not valid: "
+                           f"{why} ({setting.help})")
+            continue
         if setting.choices is not None:
             bad = str(value).upper() not in setting.choices
         elif setting.low is not None and not isinstance(value, bool):

@@ -71,21 +71,6 @@ def _zone_warning(name: str) -> None:
 LOCAL_TZ = local_zone()  # the script runs afresh on every rerun, so a change of TZ is seen at the next one
 
 
-def setting(name: str, default):
-    """A setting that another part of the project may not have added yet: its default until then."""
-    try:
-        return config.get(name)
-    except KeyError:
-        return default
-
-
-def live_source(iface: str, bpf: str, promisc: bool) -> Source:
-    """A live Source; `promisc` is passed only once Source has that field."""
-    if "promisc" in Source.__dataclass_fields__:
-        return Source("live", iface=iface, bpf=bpf, promisc=promisc)
-    return Source("live", iface=iface, bpf=bpf)
-
-
 def parse_flags(argv: list[str]) -> argparse.Namespace:
     """Flags given after `--` on the streamlit command line (unknown ones are ignored)."""
     ap = argparse.ArgumentParser(prog="dashboard.py", add_help=False, allow_abbrev=False)
@@ -123,8 +108,8 @@ def initial_source() -> Source:
         return Source("file", path=os.path.abspath(pcap), speed=speed)
     iface = flags.iface or config.get("INTERFACE") or default_interface()
     user_bpf = flags.filter if flags.filter is not None else config.get("BPF_FILTER")
-    return live_source(iface, capture_filter(user_bpf, config.get("EXCLUDE_OWN_TRAFFIC"), server_port()),
-                       setting("PROMISC", True))
+    return Source("live", iface=iface, bpf=capture_filter(user_bpf, config.get("EXCLUDE_OWN_TRAFFIC"), server_port()),
+                  promisc=config.get("PROMISC"))
 
 
 @st.cache_resource(show_spinner=False)
@@ -191,7 +176,7 @@ def _widget_defaults(source: Source | None) -> None:
         state["source_kind"] = "Live interface"
         state["iface"] = source.iface
         state["bpf"], state["own_traffic"] = split_filter(source.bpf, server_port())
-        state["promisc"] = bool(getattr(source, "promisc", setting("PROMISC", True)))
+        state["promisc"] = bool(source.promisc)
 
 
 @st.cache_data(ttl=5, show_spinner=False)
@@ -210,12 +195,12 @@ def _live_inputs(sb) -> Source | None:
     st.session_state.setdefault("own_traffic", config.get("EXCLUDE_OWN_TRAFFIC"))
     exclude = sb.checkbox("Hide this dashboard's own traffic", key="own_traffic",
                           help=f"Leaves out tcp port {server_port()} (the page itself).")
-    st.session_state.setdefault("promisc", setting("PROMISC", True))
+    st.session_state.setdefault("promisc", config.get("PROMISC"))
     promisc = sb.toggle("Promiscuous mode", key="promisc",
                         help="On: every frame the interface receives, as tcpdump captures by default (a mirror or "
                              "SPAN port shows other hosts' traffic). Off: only this host's own, broadcast and "
                              "multicast traffic, as `tcpdump -p` (PROMISC).")
-    return live_source(iface, capture_filter(user_bpf, exclude, server_port()), promisc)
+    return Source("live", iface=iface, bpf=capture_filter(user_bpf, exclude, server_port()), promisc=promisc)
 
 
 def _file_inputs(sb) -> Source | None:

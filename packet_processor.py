@@ -898,6 +898,8 @@ def _cli(argv: list[str] | None = None) -> int:
     fleet_cli.add_subcommands(sub)
     args = ap.parse_args(argv)
     bad = config.problems()
+    if getattr(args, "local_nets", None) and config.bad_networks(args.local_nets):
+        bad.append(f"--local-nets={args.local_nets!r} is not valid: {config.bad_networks(args.local_nets)}")
     logging.basicConfig(level="INFO" if bad else config.get("LOG_LEVEL").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bad:

@@ -376,16 +376,20 @@ def addr_text(key: bytes) -> str:
 
 
 def parse_nets(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """'10.0.0.0/8,fe80::/10' -> a list of networks (bad entries are logged and skipped)."""
-    nets = []
-    for part in spec.split(","):
-        part = part.strip()
+    """'10.0.0.0/8,fe80::/10' -> a list of networks; ValueError naming every entry that is not one.
+
+    config.validate() refuses a bad LOCAL_NETS at start-up; this refuses one passed by hand (--local-nets)
+    rather than silently counting local traffic as remote."""
+    nets, bad = [], []
+    for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         try:
             nets.append(ipaddress.ip_network(part, strict=False))
         except ValueError:
-            log.warning("LOCAL_NETS: %r is not a network; ignored", part)
+            bad.append(part)
+    if bad:
+        raise ValueError("LOCAL_NETS: not networks: " + ", ".join(repr(b) for b in bad))
     return nets
 
 

@@ -73,13 +73,18 @@ class StageStats:
             cell[1] += packets
             cell[2] += packets if skipped else 0
 
-    def lost(self, batches: int, packets: int) -> None:
-        """Batches accepted but never analysed (the worker died or was stopped with them queued)."""
+    def lost(self, batches: int, packets: int, offered_at: int | None = None) -> None:
+        """Batches accepted but never analysed (the worker died or was stopped with them queued).
+
+        The minute's share charges them to the second they were offered (offered_at, in whole
+        monotonic seconds): that second counted them in, so skipped never exceeds offered there."""
         with self._lock:
             self.batches_skipped += batches
             self.packets_skipped += packets
-            if self._minute:
-                self._minute[-1][2] += packets
+            for cell in self._minute:
+                if cell[0] == offered_at:
+                    cell[2] = min(cell[1], cell[2] + packets)
+                    break
 
     def analysed(self, batches: int, packets: int) -> None:
         """The stage's own count of what it has finished (replaces the previous report)."""
@@ -115,16 +120,21 @@ class BatchQueue:
         self._cond = threading.Condition()
         self.closed = False
 
-    def put(self, item: Any, packets: int, wait: bool, abort: threading.Event | None = None) -> bool:
-        """Queue an item; without `wait` False when full, with it wait for room (False if closed/aborted)."""
+    def put(self, item: Any, packets: int, wait: bool, abort: threading.Event | None = None,
+            at: int | None = None) -> bool:
+        """Queue an item; without `wait` False when full, with it wait for room (False if closed/aborted).
+
+        A 0-packet item (a control command such as Clear alerts) is always admitted while the queue
+        is open: it holds no packets, and refusing it would silently lose the user's command.
+        `at` is the second the batch was offered, returned by close()/drop_all()."""
         with self._cond:
-            while self._packets and self._packets + packets > self.max_packets:
+            while packets and self._packets and self._packets + packets > self.max_packets:
                 if not wait or self.closed or (abort is not None and abort.is_set()):
                     return False
                 self._cond.wait(0.1)
             if self.closed:
                 return False
-            self._items.append((item, packets))
+            self._items.append((item, packets, at))
             self._packets += packets
             self._cond.notify_all()
             return True
@@ -136,12 +146,12 @@ class BatchQueue:
                 self._cond.wait(timeout)
             if not self._items:
                 return None
-            item, packets = self._items.popleft()
+            item, packets, _ = self._items.popleft()
             self._packets -= packets
             self._cond.notify_all()
             return item, packets
 
-    def close(self) -> list[tuple[Any, int]]:
+    def close(self) -> list[tuple[Any, int, int | None]]:
         """Refuse new items and wake every waiter; returns what was still queued."""
         with self._cond:
             self.closed = True
@@ -151,7 +161,7 @@ class BatchQueue:
             self._cond.notify_all()
             return left
 
-    def drop_all(self) -> list[tuple[Any, int]]:
+    def drop_all(self) -> list[tuple[Any, int, int | None]]:
         """Empty the queue (a Clear) and return what it held."""
         with self._cond:
             left = list(self._items)
@@ -238,8 +248,9 @@ class Stage:
         if self.error is not None:  # a dead stage analyses nothing; counting goes on
             self.stats.offered(len(arr), skipped=True)
             return False
-        ok = self.queue.put(arr, len(arr), wait, abort if abort is not None else self._abort)
-        self.stats.offered(len(arr), skipped=not ok)
+        sec = int(time.monotonic())
+        ok = self.queue.put(arr, len(arr), wait, abort if abort is not None else self._abort, at=sec)
+        self.stats.offered(len(arr), skipped=not ok, now=sec)
         if ok:
             self._accepted += 1
         return ok
@@ -361,8 +372,8 @@ class DetectorStage(Stage):
         if self.error is None and not self._closed:
             log.error("detectors: %s", message)
             self.error = message
-        for _, packets in self.queue.close():
-            self.stats.lost(1, packets)
+        for _, packets, at in self.queue.close():
+            self.stats.lost(1, packets, at)
         with self._synced:
             self._synced.notify_all()
 
@@ -375,8 +386,8 @@ class DetectorStage(Stage):
         self._closed = True
         self._abort.set()
         left = self.queue.close()
-        for _, packets in left:
-            self.stats.lost(1, packets)
+        for _, packets, at in left:
+            self.stats.lost(1, packets, at)
         # The sender first (its queue is closed: it ends after the write in progress), then the
         # worker (EOF on its pipe, else SIGTERM), then the receiver (EOF on the results pipe).
         for t in self._threads:
@@ -396,7 +407,8 @@ class DetectorStage(Stage):
 
     def reset(self) -> None:
         """The page's Clear: drop queued batches (their packets were cleared) and restart the detectors."""
-        self._abandoned += len(self.queue.drop_all())  # their packets were cleared with the counters
+        dropped = self.queue.drop_all()  # their packets were cleared with the counters
+        self._abandoned += sum(1 for item, _, _ in dropped if not isinstance(item, bytes))  # batches, not commands
         self.stats = StageStats()
         with self._synced:
             self._done_offset = (self._done_batches, self._done_packets)
@@ -406,7 +418,8 @@ class DetectorStage(Stage):
         if self._inline is not None:
             self._inline = _command(cmd, *self._inline)
         else:
-            self.queue.put(cmd, 0, wait=False)
+            if not self.queue.put(cmd, 0, wait=False):  # only a closed queue refuses a command
+                log.warning("detectors: command %r not sent: the stage is closed", cmd)
 
     def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
         """Wait until the worker has analysed every batch accepted so far."""

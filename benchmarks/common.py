@@ -81,13 +81,65 @@ def tshark_classes(path: str | os.PathLike) -> dict[str, int]:
     return counts
 
 
-def rss_mb() -> float:
-    """Resident set size of this process in MB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process (this one by default) in MB."""
+    return _status(pid).get("VmRSS", 0) / 1024
+
+
+def _status(pid: int | str) -> dict[str, int]:
+    """The numeric fields of /proc/PID/status (VmRSS in kB, Threads); empty if the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "Threads"):
+                    out[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of a process (children, their children, ...), from /proc's PPid fields."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return sorted(out)
+
+
+def process_tree() -> list[dict]:
+    """This process and its descendants (the detector worker, a broker): pid, name, RSS in MB, threads."""
+    me = os.getpid()
+    rows = []
+    for pid in [me, *descendants(me)]:
+        st = _status(pid)
+        if not st:
+            continue  # it ended between the listing and the read
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                name = fh.read().strip()
+        except OSError:
+            name = "?"
+        rows.append({"pid": pid, "name": name, "rss_mb": st.get("VmRSS", 0) / 1024, "threads": st.get("Threads", 0),
+                     "self": pid == me})
+    return rows
+
+
+def tree_rss_mb(exclude: int | None = None) -> float:
+    """RSS in MB summed over this process and its descendants (the detector worker, a broker), but `exclude`."""
+    return sum(r["rss_mb"] for r in process_tree() if r["pid"] != exclude)
 
 
 def machine() -> str:

@@ -4,7 +4,8 @@
    (plus the counters and bounded top tables) from a generated mixed capture. Reference in the same
    run: the seed's way of holding the same packets, a list of Scapy packets.
 2. Flat: live capture on lo at 50,000 packets/s (C sender) with the dashboard's refresh work every
-   2 s; RSS is sampled every 10 s and the spread after warm-up is reported (root only).
+   2 s; RSS of the process tree (this process and its children: the detector worker, a broker;
+   not the sender) is sampled every 10 s and the spread after warm-up is reported (root only).
 
     python benchmarks/memory.py                   # both buffers, then 30 minutes of load
     python benchmarks/memory.py --short           # small buffers, 20 s of load (CI)
@@ -22,7 +23,7 @@ import tempfile
 import threading
 import time
 
-from common import make_mixed_pcap, rss_mb
+from common import make_mixed_pcap, rss_mb, tree_rss_mb
 from live_capture import PAYLOAD, build_sender
 from refresh import refresh_work
 
@@ -77,7 +78,7 @@ def flat_under_load(minutes: float) -> None:
         start = time.monotonic()
         while sender.poll() is None:
             time.sleep(min(10.0, max(1.0, seconds / 10)))
-            samples.append((time.monotonic() - start, rss_mb()))
+            samples.append((time.monotonic() - start, tree_rss_mb(exclude=sender.pid)))
             print(f"  t={samples[-1][0]:6.0f} s  RSS {samples[-1][1]:7.1f} MB  "
                   f"packets {engine.snapshot().totals['packets']:,}", flush=True)
         sent = int(sender.stdout.read())

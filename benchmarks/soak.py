@@ -14,7 +14,7 @@ any page exceptions.
 Exit status 1 when a check fails: packets unaccounted for, a page exception, a page that stopped
 showing new packets, RSS that grew more than --rss-growth-pct (5 %) from its value at the end of the
 warm-up (a quarter of the run, at most 300 s) to its greatest after it, or more OS threads than
---max-threads (16: the page and capture use 5 today; a thread per rerun or per capture would pass it).
+--max-threads (16, over the tree: a thread per rerun or per capture would pass it).
 """
 
 from __future__ import annotations
@@ -27,16 +27,22 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, rss_mb
+from common import ROOT, process_tree
 from live_capture import PAYLOAD, build_sender
 
 RATE = 50_000
 
 
-def os_threads() -> int:
-    """Threads of this process as the kernel counts them (Python's and the libraries' own)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+def tree_usage(label: str | None = None, exclude: int | None = None) -> tuple[float, int]:
+    """RSS in MB and OS threads summed over this process and its children (but `exclude`, the sender);
+    with a label, each process is printed."""
+    rows = [r for r in process_tree() if r["pid"] != exclude]
+    if label is not None:
+        for r in rows:
+            role = "this process" if r["self"] else "child"
+            print(f"  {label}: {role} {r['pid']} ({r['name']}): RSS {r['rss_mb']:.1f} MB, {r['threads']} threads",
+                  flush=True)
+    return sum(r["rss_mb"] for r in rows), sum(r["threads"] for r in rows)
 
 
 def page_packets(at) -> int:
@@ -64,7 +70,7 @@ def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 
     if status.state != "running":
         print(f"capture did not start: {status.error}")
         return False
-    rss_start, threads_max = rss_mb(), os_threads()
+    rss_start, threads_max = tree_usage("start")
     print(f"start: RSS {rss_start:.1f} MB, {threads_max} threads; sending {RATE:,} packets/s for {seconds:g} s",
           flush=True)
     reruns, errors, stale, last_shown = 0, [], 0, -1
@@ -81,21 +87,21 @@ def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 
             shown = page_packets(at)
             stale = stale + 1 if shown == last_shown and sender.poll() is None else 0
             last_shown = shown
-            threads_max = max(threads_max, os_threads())
+            rss_now, threads_now = tree_usage(exclude=sender.pid)
+            threads_max = max(threads_max, threads_now)
             if time.monotonic() - start >= warmup_s:
-                rss_now = rss_mb()
                 rss_base = rss_now if rss_base is None else rss_base
                 rss_max = max(rss_max, rss_now)
             if time.monotonic() >= next_report:
                 next_report += max(10.0, seconds / 20)
-                print(f"  t={time.monotonic() - start:6.0f} s  RSS {rss_mb():7.1f} MB  threads {os_threads()}  "
+                print(f"  t={time.monotonic() - start:6.0f} s  RSS {rss_now:7.1f} MB  threads {threads_now}  "
                       f"page shows {shown:,} packets", flush=True)
             if stale >= 5:
                 errors.append(f"the page showed {shown:,} packets for 5 reruns in a row while traffic flowed")
                 break
         sent = int(sender.communicate()[0])
     time.sleep(0.5)  # the last partly filled ring block times out into the engine
-    rss_end = rss_mb()
+    rss_end, _ = tree_usage("end")
     engine.stop()
     totals = engine.snapshot().totals
     stop_all()
@@ -128,7 +134,8 @@ def main() -> None:
                     help="seconds before RSS becomes the baseline (default: a quarter of the run, at most 300)")
     ap.add_argument("--rss-growth-pct", type=float, default=5.0,
                     help="most RSS growth after the warm-up, in %% of the baseline (default 5)")
-    ap.add_argument("--max-threads", type=int, default=16, help="most OS threads of the process (default 16)")
+    ap.add_argument("--max-threads", type=int, default=16,
+                    help="most OS threads of the process tree (default 16)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the soak captures on lo: run it as root (or with CAP_NET_RAW)")

@@ -28,9 +28,11 @@ def _read_counters(iface: str, root: str) -> dict[str, int] | None:
     return out
 
 
-def nic_counters(iface: str, root: str = SYSFS) -> dict[str, int] | None:
+def nic_counters(iface: str, root: str | None = None) -> dict[str, int] | None:
     """The interface's rx_dropped, rx_missed_errors and rx_fifo_errors (for 'any': summed over every
-    interface); None when the interface or its statistics are not there."""
+    interface); None when the interface or its statistics are not there. root: SYSFS (read at each
+    call, so a test can point the engine at a tree of its own)."""
+    root = SYSFS if root is None else root
     if iface == "any":
         try:
             names = sorted(os.listdir(root))

@@ -21,7 +21,9 @@ from packet_processor import CaptureEngine, Source
 
 pytestmark = pytest.mark.live
 
-FINISHED_WITHIN_S = 3.0  # after the burst; a quadratic detector took minutes here (issue 11)
+# After the burst: generous, as a correctness bound ("finished within the run"), not a speed target
+# (speed is benchmarks/live_scan.py's); a quadratic detector took minutes here (issue 11).
+FINISHED_WITHIN_S = 10.0
 
 
 class Tcpdump:
@@ -61,8 +63,10 @@ def engine(root_only) -> Iterator[CaptureEngine]:
 def stages_done(eng: CaptureEngine) -> bool:
     """Every consumer stage has analysed, or counted as skipped, every packet it was handed."""
     t = eng.snapshot().totals
+    stages = t["stages"]
+    assert "detectors" in stages, stages  # a missing stage must not pass as "nothing left to do"
     return all(st["packets_in"] == t["packets"] == st["packets_analysed"] + st["packets_skipped"]
-               for st in t.get("stages", {}).values())
+               for st in stages.values())
 
 
 def alerts(eng: CaptureEngine, detector: str) -> list[dict]:
@@ -93,7 +97,7 @@ def test_nmap_full_port_scan_on_lo_counted_exactly(engine):
     t = engine.snapshot().totals
     assert (t["packets"], t["dropped"]) == (ref, 0)
     assert t["transport_counts"]["tcp"] == ref
-    assert wait_for(lambda: alerts(engine, "port_scan"), 2.0)  # the detectors may run a step behind the count
+    assert wait_for(lambda: alerts(engine, "port_scan"), max(0.0, ended + FINISHED_WITHIN_S - time.monotonic()), 0.1)
     found = alerts(engine, "port_scan")
     assert [(a["source"], a["target"]) for a in found] == [("127.0.0.1", "127.0.0.1")], found
     started = time.monotonic()
@@ -123,7 +127,7 @@ def test_hping3_random_source_syn_flood_into_a_namespace(engine, veth):
                     max(0.0, ended + FINISHED_WITHIN_S - time.monotonic()), 0.1), engine.snapshot().totals
     time.sleep(0.5)
     t = engine.snapshot().totals
-    assert t["packets"] + t["dropped"] == ref, t
+    assert t["packets"] + t["dropped"] == ref and t["dropped"] <= ref // 1000, t  # at most 0.1 % lost
     assert t["transport_counts"]["tcp"] == t["packets"]
     assert wait_for(lambda: alerts(engine, "syn_flood"), 2.0)
     found = alerts(engine, "syn_flood")

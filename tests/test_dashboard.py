@@ -602,16 +602,8 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
 
 @pytest.mark.live
 def test_promiscuous_toggle_reaches_the_capture(fresh, root_only):
-    import dataclasses
-
     import packet_processor
 
-    if "promisc" not in packet_processor.Source.__dataclass_fields__:  # until the capture side has the field
-        @dataclasses.dataclass(frozen=True)
-        class PromiscSource(packet_processor.Source):
-            promisc: bool = True
-
-        fresh.setattr(packet_processor, "Source", PromiscSource)
     asked = []
     real_start = packet_processor.CaptureEngine.start
     fresh.setattr(packet_processor.CaptureEngine, "start", lambda self, source: asked.append(source)
@@ -625,3 +617,38 @@ def test_promiscuous_toggle_reaches_the_capture(fresh, root_only):
     at.sidebar.button(key="start").click().run()
     assert not at.sidebar.error and metric(at, "Status").value == "running"
     assert [s.promisc for s in asked] == [True, False] and asked[1].iface == "lo"
+
+
+@pytest.mark.live
+def test_the_nics_own_drops_reach_the_page_from_the_engine(fresh, root_only, tmp_path):
+    """The engine's real NIC figure (lo's counters read from a sysfs-like tree the test owns), not a
+    patched totals dict: its rise since the start is on the page, and Clear starts it afresh."""
+    from capture import nic
+
+    stats = tmp_path / "lo" / "statistics"
+    stats.mkdir(parents=True)
+    values = {"rx_dropped": 500, "rx_missed_errors": 0, "rx_fifo_errors": 9}
+
+    def write() -> None:
+        for name, v in values.items():
+            (stats / name).write_text(f"{v}\n")
+
+    write()
+    fresh.setattr(nic, "SYSFS", str(tmp_path))
+    fresh.setenv("NTM_INTERFACE", "lo")
+    fresh.setenv("NTM_BPF_FILTER", "udp port 9")
+    at = app().run()
+    assert metric(at, "Status").value == "running"
+    assert not any("network card" in rendered(w.value) for w in at.warning)  # nothing lost since the start
+    values["rx_dropped"] += 17
+    values["rx_fifo_errors"] += 2
+    write()
+
+    def shows(n: int):
+        return lambda a: any(f"network card or its driver dropped {n:,} packets" in rendered(w.value)
+                             for w in a.warning)
+
+    at = run_until(at, shows(19))
+    assert shows(19)(at) and "dropped 19 more" in metric(at, "Dropped").proto.help
+    at.sidebar.button(key="clear").click().run()
+    assert not shows(19)(at) and not any("network card" in rendered(w.value) for w in at.warning)

@@ -1,12 +1,10 @@
 """The staged pipeline on live traffic on lo: a slowed consumer skips batches while counting stays exact,
-the nmap -p- burst against tcpdump, Clear's drop baseline, and the worker's lifecycle."""
+Clear's drop baseline, and the worker's lifecycle (the nmap -p- burst is in tests/test_adversarial.py)."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -14,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import need, wait_for
+from conftest import wait_for
 
 from analysis import stages
 from packet_processor import CaptureEngine, Source
@@ -63,7 +61,6 @@ def test_a_slowed_detector_stage_skips_batches_and_the_totals_stay_exact(engine,
     assert 0 < st["packets_skipped"] < 4000 and st["batches_skipped"] > 0
     assert st["minute_analysed_pct"] == pytest.approx(100 * (4000 - st["packets_skipped"]) / 4000)
     assert st["error"] is None and st["alive"]
-    assert t["nic_dropped"] is not None and t["nic_dropped"] >= 0  # lo's own counters, read from sysfs
 
 
 def test_the_worker_process_lives_with_the_capture(engine):
@@ -116,39 +113,6 @@ def _settled(engine: CaptureEngine) -> bool:
     time.sleep(1.2)
     b = engine.snapshot().totals
     return (a["packets"], a["dropped"]) == (b["packets"], b["dropped"])
-
-
-def test_nmap_full_port_scan_burst_counted_exactly_alerted_and_finished(engine):
-    """nmap -sS -p- -T5 on 127.0.0.1 (~131,000 packets in about a second) from source port 45678, so
-    the filter isolates it: the engine's count equals tcpdump's, the capture has finished its work
-    within 1 s of the burst, and the port-scan alert is there within 2 s."""
-    need(shutil.which("nmap") is not None, "nmap is not installed")
-    need(shutil.which("tcpdump") is not None, "tcpdump is not installed")
-    bpf = "tcp port 45678"
-    assert engine.start(Source("live", iface="lo", bpf=bpf)), engine.status().error
-    dump = subprocess.Popen(["tcpdump", "-i", "lo", "-nn", "-B", "65536", "-w", "/dev/null", bpf],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    subprocess.run(["nmap", "-sS", "-p-", "-T5", "-n", "-Pn", "-g", "45678", "127.0.0.1"],
-                   capture_output=True, check=True, timeout=120)
-    burst_end = time.monotonic()
-    samples: list[tuple[float, int, bool]] = []
-    while time.monotonic() < burst_end + 2.5:
-        snap = engine.snapshot()
-        found = any(a.detector == "port_scan" for a in snap.alerts)
-        samples.append((time.monotonic() - burst_end, snap.totals["packets"] + snap.totals["dropped"], found))
-        time.sleep(0.02)
-    dump.send_signal(signal.SIGINT)
-    err = dump.communicate(timeout=10)[1]
-    captured = int(re.search(r"(\d+) packets captured", err).group(1))
-    dropped = int(re.search(r"(\d+) packets dropped by kernel", err).group(1))
-    assert captured > 130_000 and dropped == 0, err
-    t = engine.snapshot().totals
-    assert t["packets"] + t["dropped"] == captured and t["dropped"] <= captured // 1000
-    done_at = next((s for s, n, _ in samples if n == captured), None)
-    assert done_at is not None and done_at <= 1.0, samples[:: max(1, len(samples) // 20)]
-    alert_at = next((s for s, _, f in samples if f), None)
-    assert alert_at is not None and alert_at <= 2.0
 
 
 def test_the_worker_holds_no_capture_socket(root_only, tmp_path):
