@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from store import cli as store_cli
 
@@ -50,26 +48,5 @@ def run(args: argparse.Namespace) -> int:
 def history(args: argparse.Namespace) -> int:
     """`history --clickhouse`: the summary JSON of a range from the fleet's store, one sensor or all."""
     from store.clickhouse import ClickHouseStore
-    from store.history import history_summary
 
-    store = ClickHouseStore(args.clickhouse, cluster=args.cluster)
-    if not store.open():
-        _print({"error": store.status().message})
-        return 1
-    try:
-        out = history_summary(store, args.since, args.until, args.sensor)
-    except ValueError as exc:
-        _print({"error": str(exc)})
-        return 2
-    except OSError as exc:
-        _print({"error": str(exc)})
-        return 1
-    finally:
-        store.close()
-    _print(out)
-    return 0
-
-
-def _print(obj: dict) -> None:
-    json.dump(obj, sys.stdout, indent=1, default=str)
-    sys.stdout.write("\n")
+    return store_cli.print_history(ClickHouseStore(args.clickhouse, cluster=args.cluster), args)

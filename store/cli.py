@@ -59,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    store = EmbeddedStore(args.store, read_only=True)
+    return print_history(EmbeddedStore(args.store, read_only=True), args)
+
+
+def print_history(store: Store, args: argparse.Namespace) -> int:
+    """Open `store`, print the summary JSON of args' range (or the error) and close it; the exit code:
+    0, 1 when the store cannot be read, 2 for a bad time bound."""
     if not store.open():
         _print({"error": store.status().message})
         return 1
@@ -68,6 +73,9 @@ def _history(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _print({"error": str(exc)})
         return 2
+    except OSError as exc:
+        _print({"error": str(exc)})
+        return 1
     finally:
         store.close()
     _print(out)
