@@ -137,6 +137,10 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
         st.caption("Approximate top tables (per-minute caps STORE_TOP_MAX / STORE_CONV_MAX): "
                    + "; ".join(f"{k}: {v['keys_left_out']:,} keys left out, each ≤ {v['error_bound_packets']:,} "
                                "packets" for k, v in approx.items()))
+    if edges := summary["approximate"].get("edges"):
+        st.caption(f"Top talkers, ports and conversations are kept per minute: they cover the whole minutes "
+                   f"this range cuts, {edges['packets']:,} packets outside its seconds included (the totals "
+                   "above are exact).")
     st.subheader("Alerts in this range")
     alerts = store.alerts(r)
     st.dataframe(viz.history_alerts_table(alerts, tz), hide_index=True, key="hist_alerts")

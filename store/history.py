@@ -52,15 +52,16 @@ def history_summary(store: Store, since: Any = None, until: Any = None, sensor: 
     r = time_range(since, until, sensor)
     t = store.totals(r)
     first, last = t["min_ts"], t["max_ts"]
+    edge = edge_traffic(store, r)
     return {
         "packets": t["packets"], "bytes_wire": t["bytes"], "bytes_captured": t["bytes_captured"],
         "transport_counts": {c: t[f"pk_{c}"] for c in CLASSES},
         "transport_bytes": {c: t[f"by_{c}"] for c in CLASSES},
         "direction_counts": {d: t[f"pk_{d}"] for d in DIRECTIONS},
         "direction_bytes": {d: t[f"by_{d}"] for d in DIRECTIONS},
-        "top10_src_by_packets": _addrs(store.top_addrs(r, "src", "packets")),
-        "top10_src_by_bytes": _addrs(store.top_addrs(r, "src", "bytes")),
-        "top10_dst_by_packets": _addrs(store.top_addrs(r, "dst", "packets")),
+        "top10_src_by_packets": _addrs(store.top_addrs(r, "src", "packets"), edge, "packets"),
+        "top10_src_by_bytes": _addrs(store.top_addrs(r, "src", "bytes"), edge, "bytes"),
+        "top10_dst_by_packets": _addrs(store.top_addrs(r, "dst", "packets"), edge, "packets"),
         "top10_tcp_dst_ports": _ports(store.top_ports(r, "tcp")),
         "top10_udp_dst_ports": _ports(store.top_ports(r, "udp")),
         "first_ts": first, "last_ts": last, "min_ts": first, "max_ts": last,
@@ -69,14 +70,43 @@ def history_summary(store: Store, since: Any = None, until: Any = None, sensor: 
         "alerts": alerts(store, r),
         "since": r.since, "until": r.until if r.until < 2 ** 62 else None, "sensor": r.sensor,
         "tops_since": r.first_minute, "tops_until": r.until if r.until < 2 ** 62 else None,
-        "approximate": approximation(store, r),
+        "approximate": {**approximation(store, r), **({"edges": edge} if edge["packets"] else {})},
         "error": None,
     }
 
 
-def _addrs(df: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{"addr": str(a), "packets": int(p), "bytes": int(b)}
-            for a, p, b in zip(df["addr"], df["packets"], df["bytes"])]
+def edge_traffic(store: Store, r: TimeRange) -> dict[str, int]:
+    """Traffic of the minutes the range cuts, outside the range: what its per-minute top tables may hold
+    beyond the seconds named (packets, bytes, and packets per class), exact from the per-second rows."""
+    out = {"packets": 0, "bytes": 0, **{c: 0 for c in CLASSES}}
+    last_minute_end = r.until - r.until % 60 + 59
+    edges = [(r.first_minute, r.since - 1)]
+    if r.until < 2 ** 62:
+        edges.append((r.until + 1, last_minute_end))
+    for lo, hi in edges:
+        if lo > hi:
+            continue
+        t = store.totals(TimeRange(lo, hi, r.sensor))
+        out["packets"] += int(t["packets"])
+        out["bytes"] += int(t["bytes"])
+        for c in CLASSES:
+            out[c] += int(t[f"pk_{c}"])
+    return out
+
+
+def _addrs(df: pd.DataFrame, edge: dict[str, int] | None = None, by: str = "packets") -> list[dict[str, Any]]:
+    """Top entries as the summary gives them; where the range cuts a minute, each carries the most its
+    counts may exceed the range's (the edge minutes' traffic outside it), as the engine marks approximate ones."""
+    out = []
+    for a, p, b in zip(df["addr"], df["packets"], df["bytes"]):
+        entry: dict[str, Any] = {"addr": str(a), "packets": int(p), "bytes": int(b)}
+        if edge and edge["packets"]:
+            entry["packets_error"] = min(entry["packets"], edge["packets"])
+            entry["bytes_error"] = min(entry["bytes"], edge["bytes"])
+            entry["error"] = entry[f"{by}_error"]
+            entry["approx"] = True
+        out.append(entry)
+    return out
 
 
 def _ports(df: pd.DataFrame) -> list[list[int]]:

@@ -468,3 +468,23 @@ def test_sensor_filter_applies_to_every_figure(store):
     part = history_summary(store, h0 + 10, h0 + 100, sensor="s2")  # minutes only
     assert part["packets"] == 22 and part["top10_udp_dst_ports"] == [[2000, 22]]
     assert history_summary(store, h0, h0 + 3599)["packets"] == 33
+
+
+def test_a_range_that_cuts_a_minute_marks_its_top_lists_with_bounds_that_hold(store):
+    """Top tables are kept per minute: a range that cuts a minute says so, and its bounds contain the truth."""
+    arr = np.concatenate([udp_burst(M0 + 1, 5, src="10.0.0.1", dport=1111),
+                          udp_burst(M0 + 30, 50, src="10.0.0.2", dport=2222)])
+    r = Rollup(store, flush_s=3600)
+    r.add(arr)
+    r.flush(final=True)
+    cut = history_summary(store, M0, M0 + 1)
+    assert cut["packets"] == 5  # totals come from the seconds named
+    truth = {"10.0.0.1": 5, "10.0.0.2": 0}
+    tops = cut["top10_src_by_packets"]
+    assert {e["addr"] for e in tops} == {"10.0.0.1", "10.0.0.2"}
+    for e in tops:
+        assert e["approx"] is True and e["packets"] - e["error"] <= truth[e["addr"]] <= e["packets"]
+    assert cut["approximate"]["edges"]["packets"] == 50 and cut["approximate"]["edges"]["udp"] == 50
+    whole = history_summary(store, M0, M0 + 59)  # whole minutes: exact, no marks
+    assert [(e["addr"], e["packets"]) for e in whole["top10_src_by_packets"]] == [("10.0.0.2", 50), ("10.0.0.1", 5)]
+    assert not any("approx" in e for e in whole["top10_src_by_packets"]) and "edges" not in whole["approximate"]
