@@ -281,7 +281,7 @@ def import_uploads(engine: CaptureEngine, files: list) -> dict[str, Any]:
             with open(path, "wb") as fh:
                 upload.seek(0)
                 shutil.copyfileobj(upload, fh)
-            got = import_files([path], engine.store)
+            got = import_files([path], engine.store, labels=[upload.name])
             for key in ("files", "packets"):
                 out[key] += got[key]
             out["errors"] += [{**e, "file": upload.name} for e in got["errors"]]

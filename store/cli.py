@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Add `import` and `history` to an argparse subparsers object (dest must be `cmd`)."""
     i = sub.add_parser("import", help="load capture files into the history store; prints {files, packets, errors}")
-    i.add_argument("files", nargs="+", metavar="FILE")
+    i.add_argument("files", nargs="*", metavar="FILE")
+    i.add_argument("--list", action="store_true", help="list the imported files (origin id, label, import time)")
+    i.add_argument("--remove", default=None, metavar="ID", help="remove one imported file's rows (its origin id)")
     i.add_argument("--store", default=None, help="store file (default: config STORE or the per-user data folder)")
     i.add_argument("--local-nets", default=None, help="networks counted as local (default: config LOCAL_NETS)")
     i.add_argument("--sensor", default=None, help="name tagging the rows (default: STORE_SENSOR or the host name)")
@@ -44,7 +46,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `import` or `history` as parsed by add_subcommands; the exit code."""
+    if args.cmd == "import" and (args.list or args.remove):
+        return _manage_imports(args)
     if args.cmd == "import":
+        if not args.files:
+            _print({"error": "give capture files to import, or --list / --remove ID"})
+            return 2
         store = EmbeddedStore(args.store)
         store.open()
         try:
@@ -56,6 +63,29 @@ def run(args: argparse.Namespace) -> int:
     if args.cmd == "history":
         return _history(args)
     raise ValueError(f"not a store subcommand: {args.cmd}")
+
+
+def _manage_imports(args: argparse.Namespace) -> int:
+    """`import --list` prints the imported files; `import --remove ID` deletes one file's rows (imports are
+    kept, whatever their age, until removed this way)."""
+    store = EmbeddedStore(args.store)
+    if not store.open():
+        _print({"error": store.status().message})
+        return 1
+    try:
+        origins = store.origins()
+        imports = origins[origins["origin"].astype(str).str.startswith("import:")]
+        if args.remove:
+            if args.remove not in set(imports["origin"].astype(str)):
+                _print({"error": f"no imported file with origin {args.remove!r} (see import --list)"})
+                return 1
+            _print({"removed": args.remove, "rows": store.remove_origin(args.remove)})
+        else:
+            _print({"imports": [{str(k): (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                                for row in imports.to_dict("records")]})
+    finally:
+        store.close()
+    return 0
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -83,15 +113,17 @@ def print_history(store: Store, args: argparse.Namespace) -> int:
 
 
 def import_files(paths: list[str], store: Store, local_nets: str | None = None,
-                 sensor: str | None = None) -> dict[str, Any]:
+                 sensor: str | None = None, labels: list[str] | None = None) -> dict[str, Any]:
     """Load capture files into the store through the engine's parser and detectors; {files, packets, errors}.
 
     Each file gets its own origin ("import:<id>"), kept by import time until removed. A damaged
-    file keeps every packet before the damage and its error is reported."""
+    file keeps every packet before the damage and its error is reported. `labels` name the files in the
+    store (default: their absolute paths; the page gives an upload's own file name)."""
     matcher = LocalMatcher(nets=parse_nets(local_nets if local_nets is not None else config.get("LOCAL_NETS")))
     out: dict[str, Any] = {"files": 0, "packets": 0, "errors": [], "imports": []}
-    for path in paths:
-        packets, error, origin = _import_one(path, store, matcher, sensor)
+    for i, path in enumerate(paths):
+        label = labels[i] if labels else os.path.abspath(path)
+        packets, error, origin = _import_one(path, store, matcher, sensor, label)
         out["files"] += 1
         out["packets"] += packets
         out["imports"].append({"file": path, "origin": origin, "packets": packets})
@@ -104,10 +136,11 @@ def import_files(paths: list[str], store: Store, local_nets: str | None = None,
     return out
 
 
-def _import_one(path: str, store: Store, matcher: LocalMatcher, sensor: str | None) -> tuple[int, str | None, str]:
+def _import_one(path: str, store: Store, matcher: LocalMatcher, sensor: str | None,
+                label: str) -> tuple[int, str | None, str]:
     origin = f"import:{uuid.uuid4().hex[:12]}"
     rollup = Rollup(store, sensor=sensor, iface="", origin=origin)
-    rollup.note_origin("import", os.path.abspath(path))
+    rollup.note_origin("import", label)
     reader = FileReader(path)
     detectors, book = Detectors(), AlertBook()
     packets = 0

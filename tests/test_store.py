@@ -488,3 +488,20 @@ def test_a_range_that_cuts_a_minute_marks_its_top_lists_with_bounds_that_hold(st
     whole = history_summary(store, M0, M0 + 59)  # whole minutes: exact, no marks
     assert [(e["addr"], e["packets"]) for e in whole["top10_src_by_packets"]] == [("10.0.0.2", 50), ("10.0.0.1", 5)]
     assert not any("approx" in e for e in whole["top10_src_by_packets"]) and "edges" not in whole["approximate"]
+
+
+def test_an_imported_file_is_listed_and_removed_by_its_id(shared_pcaps, tmp_path):
+    """Imports are kept, whatever their age, until removed: `import --list` names them, `--remove ID`
+    takes exactly that file's packets out (history then equals the other file's tshark figures)."""
+    path = str(tmp_path / "h.duckdb")
+    keep, drop = FILES[0], FILES[1]
+    cli("import", str(shared_pcaps / "files" / keep), str(shared_pcaps / "files" / drop), "--store", path)
+    listed = cli("import", "--list", "--store", path)["imports"]
+    by_label = {Path(i["label"]).name: i["origin"] for i in listed}
+    assert set(by_label) == {keep, drop}
+    out = cli("import", "--remove", by_label[drop], "--store", path)
+    assert out["removed"] == by_label[drop] and out["rows"] > 0
+    left = cli("history", "--store", path)
+    o = oracle(shared_pcaps, keep)
+    assert (left["packets"], left["bytes_wire"]) == (o["packets"], o["bytes_wire"])
+    assert [Path(i["label"]).name for i in cli("import", "--list", "--store", path)["imports"]] == [keep]
