@@ -9,12 +9,12 @@ any page exceptions.
 
     python benchmarks/soak.py                  # 1 hour (root)
     python benchmarks/soak.py --short          # 60 s (CI)
-    python benchmarks/soak.py --seconds 600 --rss-growth-pct 5 --max-threads 16
+    python benchmarks/soak.py --seconds 600 --rss-growth-pct 5 --max-threads 24
 
 Exit status 1 when a check fails: packets unaccounted for, a page exception, a page that stopped
 showing new packets, RSS that grew more than --rss-growth-pct (5 %) from its value at the end of the
 warm-up (a quarter of the run, at most 300 s) to its greatest after it, or more OS threads than
---max-threads (16, over the tree: a thread per rerun or per capture would pass it).
+--max-threads (24, over the tree: a thread per rerun or per capture would pass it).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def page_packets(at) -> int:
     return int(next(m for m in at.metric if m.label == "Packets").value.replace(",", ""))
 
 
-def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 5.0, max_threads: int = 16) -> bool:
+def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 5.0, max_threads: int = 24) -> bool:
     """Run the soak; True when every check holds."""
     warmup_s = min(300.0, seconds / 4) if warmup_s is None else warmup_s
     from streamlit.testing.v1 import AppTest
@@ -134,7 +134,7 @@ def main() -> None:
                     help="seconds before RSS becomes the baseline (default: a quarter of the run, at most 300)")
     ap.add_argument("--rss-growth-pct", type=float, default=5.0,
                     help="most RSS growth after the warm-up, in %% of the baseline (default 5)")
-    ap.add_argument("--max-threads", type=int, default=16,
+    ap.add_argument("--max-threads", type=int, default=24,
                     help="most OS threads of the process tree (default 16)")
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -122,4 +122,19 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     for key in list(os.environ):
         if key.startswith("NTM_"):
             monkeypatch.delenv(key)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.getbasetemp() / "xdg-data"))
+    xdg = tmp_path_factory.getbasetemp() / "xdg-data"
+    xdg.mkdir(exist_ok=True)
+    xdg.chmod(0o1777)  # the dashboard, dropped to nobody, creates its store here
+    monkeypatch.setenv("XDG_DATA_HOME", str(xdg))
+
+
+@pytest.fixture(autouse=True)
+def _tmp_open_to_the_dropped_user(tmp_path: Path) -> None:
+    """Started as root, the dashboard gives up root for `nobody` (capture/broker.py) before it reads a file,
+    as it would for the user who ran sudo, whose own files those are. pytest's folders are root's (0700):
+    make the chain traversable and each test's folder writable (sticky, like /tmp) for that user."""
+    if os.geteuid() != 0:
+        return
+    for folder in (tmp_path.parent.parent, tmp_path.parent):
+        folder.chmod(0o755)
+    tmp_path.chmod(0o1777)

@@ -233,6 +233,7 @@ def test_browser_upload_replaced_deleted_and_folder_gone_at_exit(tmp_path):
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    tmp.chmod(0o1777)  # the page's TMPDIR: the dashboard writes uploads there as the user it dropped to
     start = tmp_path / "start.pcap"
     start.write_bytes(pcap_bytes([(1_700_000_000.0, bytes(Ether() / IP() / UDP()))]))
     files = {}
