@@ -587,6 +587,18 @@ def drop_privileges(uid: int, gid: int) -> None:
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     _no_new_privs_all_threads()
     _verify(uid, gid, 0)
+    _follow_home(uid)
+
+
+def _follow_home(uid: int) -> None:
+    """HOME and USER become the new user's: code that reads `~` later (Streamlit, each new viewer) must not
+    find root's home, which the new user cannot enter (an error there broke every viewer after the first)."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        os.environ["HOME"] = "/nonexistent"
+        return
+    os.environ["HOME"], os.environ["USER"] = entry.pw_dir, entry.pw_name
 
 
 @dataclass(frozen=True)

@@ -727,6 +727,14 @@ def test_page_started_as_root_runs_unprivileged_while_it_captures(root_only, ven
             broker_pid = the_broker(proc.pid)
             assert page.locator('[data-testid="stException"]').count() == 0
 
+            # A second viewer, whose session starts after the drop, sees the same capture (root's home,
+            # which Streamlit used to read for every new session, is out of nobody's reach).
+            second = chromium.new_page()
+            second.goto(f"http://127.0.0.1:{port}")
+            second.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+            assert wait_for(lambda: metric(second, "Packets") == 300, 15), metric(second, "Packets")
+            second.close()
+
             sidebar = page.get_by_test_id("stSidebarUserContent")
             # Stop and Start again, three times: a new socket from the broker each time.
             for _ in range(3):
