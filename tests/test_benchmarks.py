@@ -69,7 +69,7 @@ def test_soak_short(root_only):
     # warm-up and the threads stayed within their bound
     out = run_short("soak.py")
     assert ": exact" in out and "page exceptions 0" in out
-    assert re.search(r"growth [+-][\d.]+ % \(bound 5 %\): ok", out) and re.search(r"\(bound 16\): ok", out), out
+    assert re.search(r"growth [+-][\d.]+ % \(bound 5 %\): ok", out) and re.search(r"\(bound 24\): ok", out), out
 
 
 @pytest.mark.live

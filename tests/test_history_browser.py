@@ -77,7 +77,7 @@ def test_browser_import_range_and_downloads(tmp_path):
         page.locator('[data-testid="stMain"] input[type="file"]').set_input_files(files)
         page.wait_for_timeout(1500)
         page.get_by_role("button", name="Import", exact=True).click()
-        assert wait_for(lambda: page.get_by_text("Imported 2 files, 75 packets").count() > 0, 30), \
+        assert wait_for(lambda: page.get_by_text("Imported 2 files, 75 packets").count() > 0, 90), \
             page.inner_text("body")[-2000:]
         # The last hour, from the store: the imported packets (a file source is never recorded twice).
         radio = page.locator('[data-testid="stRadio"]').filter(has_text="Time range")
