@@ -31,6 +31,9 @@ def _download(page, name: str) -> bytes:
 
     button = page.get_by_role("button", name=name, exact=True)
     for attempt in range(2):
+        # The live and the history view both have a "seconds (CSV)"; while a rerun that switches
+        # views is still running, Streamlit keeps the old view's (stale) elements on the page.
+        assert wait_for(lambda: button.count() == 1, 30), f"{button.count()} buttons named {name!r}"
         button.wait_for(state="visible", timeout=30_000)
         try:
             with page.expect_download(timeout=30_000) as got:
