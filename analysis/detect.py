@@ -78,6 +78,9 @@ class AlertBook:
         self._kept: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._rules: Any = None  # an analysis.rules.RuleSet: matching findings are kept apart, never raised
+        self._excluded: OrderedDict[AlertKey, tuple[str, Alert]] = OrderedDict()  # by the rule's name
+        self._excluded_counts: Counter[str] = Counter()  # per rule: distinct alerts it silenced
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (to hand to another process): everything but the lock."""
@@ -95,6 +98,11 @@ class AlertBook:
         """Record a finding, or refresh the row of the same finding (same key: detector, source, target)."""
         key = key or (detector, source, target)
         rank = SEVERITY_RANK.get(severity, 0)
+        rules = self._rules
+        rule = rules.match(detector, source, target) if rules else None
+        if rule is not None:
+            self._exclude(rule.name, key, Alert(detector, severity, source, target, ts, ts, 1, evidence, meaning))
+            return
         with self._lock:
             old = self._alerts.get(key)
             if old is None:
@@ -109,6 +117,35 @@ class AlertBook:
                                 evidence=evidence, severity=severity, acknowledged=False)
             self._alerts[key] = alert
             self._queues.setdefault((detector, rank), OrderedDict())[key] = None
+
+    def set_rules(self, rules: Any) -> None:
+        """Exclusion rules (an analysis.rules.RuleSet, or None) for the findings raised from now on."""
+        with self._lock:
+            self._rules = rules
+
+    def _exclude(self, rule: str, key: AlertKey, alert: Alert) -> None:
+        """Keep a finding a rule silences apart (a repeat updates its row), bounded as the book is."""
+        with self._lock:
+            old = self._excluded.pop(key, None)
+            if old is None:
+                self._excluded_counts[rule] += 1
+                while len(self._excluded) >= self.max_alerts:
+                    self._excluded.popitem(last=False)  # the count stays; only the row goes
+            else:
+                alert = replace(old[1], last_ts=max(old[1].last_ts, alert.last_ts), count=old[1].count + 1,
+                                evidence=alert.evidence, severity=alert.severity)
+            self._excluded[key] = (rule, alert)
+
+    def excluded(self) -> list[tuple[str, Alert]]:
+        """(rule name, alert) for the findings exclusion rules silenced, newest (by last seen) first."""
+        with self._lock:
+            rows = list(self._excluded.values())
+        return sorted(rows, key=lambda r: r[1].last_ts, reverse=True)
+
+    def excluded_counts(self) -> dict[str, int]:
+        """Per rule name, the distinct alerts (detector, source, target) it silenced since the last clear()."""
+        with self._lock:
+            return dict(self._excluded_counts)
 
     def count_suppressed(self, detector: str, n: int) -> None:
         """Count n findings a detector did not raise (its per-batch share was used up)."""
@@ -171,6 +208,8 @@ class AlertBook:
             self._queues.clear()
             self._kept.clear()
             self._suppressed.clear()
+            self._excluded.clear()
+            self._excluded_counts.clear()
 
 
 class _Switched:
