@@ -36,6 +36,13 @@ class AlertControls:
         self._load()
         self.notifier.configure(self.destinations)
 
+    def use_store(self, store: Any) -> None:
+        """Read (and from now on save) rules and settings in `store`: a fleet sensor's ClickHouse, shared by
+        every sensor of the fleet."""
+        self.store = store
+        self._load()
+        self.notifier.configure(self.destinations)
+
     def _load(self) -> None:
         """Rules, detector settings and destinations saved in the store; a bad saved entry is skipped, logged."""
         if self.store is None:
