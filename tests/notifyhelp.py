@@ -59,11 +59,13 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-# RFC 5424 section 6, strictly: HEADER SP STRUCTURED-DATA [SP MSG].
+# RFC 5424 section 6, strictly: HEADER SP STRUCTURED-DATA [SP MSG]; PARAM-VALUE escapes only '"', '\\', ']'.
+_PARAM = rb' [^ =\]"]{1,32}="(?:[^"\\\]]|\\["\\\]])*"'
+_ELEMENT = rb'\[[^ =\]"]{1,32}(?:' + _PARAM + rb')*\]'
 RFC5424 = re.compile(
     rb"^<(?P<pri>\d{1,3})>(?P<version>[1-9]\d{0,2}) (?P<ts>-|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?"
     rb"(?:Z|[+-]\d\d:\d\d)) (?P<host>[\x21-\x7e]{1,255}) (?P<app>[\x21-\x7e]{1,48}) (?P<procid>[\x21-\x7e]{1,128}) "
-    rb"(?P<msgid>[\x21-\x7e]{1,32}) (?P<sd>-|(?:\[[^\]]*(?:\\\][^\]]*)*\])+)(?: (?P<msg>.*))?$", re.S)
+    rb"(?P<msgid>[\x21-\x7e]{1,32}) (?P<sd>-|(?:" + _ELEMENT + rb")+)(?: (?P<msg>.*))?$", re.S)
 SD_ELEMENT = re.compile(r'\[(?P<id>[^ =\]"]{1,32})(?P<params>(?: [^ =\]"]{1,32}="(?:[^"\\\]]|\\["\\\]])*")*)\]')
 SD_PARAM = re.compile(r' ([^ =\]"]{1,32})="((?:[^"\\\]]|\\["\\\]])*)"')
 
