@@ -119,6 +119,27 @@ def _feedback() -> None:
 def rules_section(controls: Any, counts: dict[str, int]) -> None:
     """The rules list, a form to add or edit one, remove, export and import."""
     rules = sorted(controls.rules.values(), key=lambda r: r.name)
+    if rules:
+        _rules_table(rules, counts)
+    else:
+        st.caption("No exclusion rules: every alert is raised and sent.")
+    chosen = st.selectbox("Add or edit", [NEW_RULE, *(r.name for r in rules)], key="ap_rule_pick")
+    rule = controls.rules.get(chosen) if chosen != NEW_RULE else None
+    _rule_form(controls, rule)
+    left, right = st.columns(2)
+    if rule is not None:
+        left.button(f"Remove rule {chosen}", key="ap_rule_remove", on_click=_run,
+                    args=(lambda n=chosen: f"Removed rule {n}." if controls.remove_rule(n) else "No such rule.",))
+    if rules:
+        right.download_button("Export rules (JSON)", controls.export_rules(), file_name="ntm-exclusions.json",
+                              mime="application/json", key="ap_rules_export")
+    upload = st.file_uploader("Import rules (an exported JSON file)", type=["json"], key="ap_rules_file")
+    if upload is not None:
+        st.button("Import these rules", key="ap_rules_import", on_click=_run,
+                  args=(lambda u=upload: f"Imported {controls.import_rules(u.getvalue())} rule(s).",))
+
+
+def _rules_table(rules: list[Rule], counts: dict[str, int]) -> None:
     now = time.time()
     st.dataframe(pd.DataFrame({
         "rule": [r.name for r in rules], "detector": [r.detector or "any" for r in rules],
@@ -128,19 +149,6 @@ def rules_section(controls: Any, counts: dict[str, int]) -> None:
         "suppressed": [counts.get(r.name, 0) for r in rules], "comment": [r.comment for r in rules]},
         columns=["rule", "detector", "source", "target", "port", "direction", "expires", "suppressed", "comment"]),
         hide_index=True, key="ap_rules")
-    chosen = st.selectbox("Add or edit", [NEW_RULE, *(r.name for r in rules)], key="ap_rule_pick")
-    rule = controls.rules.get(chosen) if chosen != NEW_RULE else None
-    _rule_form(controls, rule)
-    left, right = st.columns(2)
-    if rule is not None:
-        left.button(f"Remove rule {chosen}", key="ap_rule_remove", on_click=_run,
-                    args=(lambda n=chosen: f"Removed rule {n}." if controls.remove_rule(n) else "No such rule.",))
-    right.download_button("Export rules (JSON)", controls.export_rules(), file_name="ntm-exclusions.json",
-                          mime="application/json", key="ap_rules_export")
-    upload = st.file_uploader("Import rules (an exported JSON file)", type=["json"], key="ap_rules_file")
-    if upload is not None:
-        st.button("Import these rules", key="ap_rules_import", on_click=_run,
-                  args=(lambda u=upload: f"Imported {controls.import_rules(u.getvalue())} rule(s).",))
 
 
 def _rule_form(controls: Any, rule: Rule | None) -> None:
