@@ -79,7 +79,8 @@ class AlertControls:
             stage.configure(self.message())
 
     def _save(self, kind: str, name: str, body: dict | None) -> None:
-        """Store a document (None deletes it); a store failure is kept as the error the page shows, and raised."""
+        """Store a document (None deletes it). A store that fails does not stop the change: it applies to
+        the running capture, and the error (shown on the page) says it will not survive a restart."""
         if self.store is None:
             return
         try:
@@ -89,8 +90,8 @@ class AlertControls:
                 self.store.put_doc(kind, name, body)
             self.error = None
         except OSError as exc:
-            self.error = f"not saved in the history store: {exc}"
-            raise
+            self.error = f"applied to this run but not saved in the history store (lost at a restart): {exc}"
+            log.error("%s", self.error)
 
     # -- rules ------------------------------------------------------------------------------
 

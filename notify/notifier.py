@@ -186,11 +186,11 @@ class Channel:
         """Try 1 + NOTIFY_RETRIES times, waiting NOTIFY_BACKOFF_S and doubling; then give up, counted."""
         alerts = sum(1 for d in docs if d.get("kind") == "alert")
         for attempt in range(self.s.retries + 1):
-            self.counts["attempts"] += 1
+            self._count(attempts=1)
             try:
                 self.dest.send(docs)
             except (OSError, ValueError) as exc:  # every network, TLS, SMTP and HTTP failure
-                self.counts["failures"] += 1
+                self._count(failures=1)
                 self.last_error = self.dest.error_text(exc)
                 log.warning("notify: %s failed (attempt %d of %d): %s", self.name, attempt + 1,
                             self.s.retries + 1, self.last_error)
@@ -198,13 +198,17 @@ class Channel:
                                                                          BACKOFF_MAX_S)):
                     continue
                 break
-            self.counts["sent"] += alerts
-            self.counts["notices_sent"] += len(docs) - alerts
+            self._count(sent=alerts, notices_sent=len(docs) - alerts)
             self.last_sent_wall = time.time()
             return
-        self.counts["given_up"] += len(docs)
+        self._count(given_up=len(docs))
         log.error("notify: %s: gave up %d notification(s) after %d attempt(s): %s", self.name, len(docs),
                   self.counts["attempts"], self.last_error)
+
+    def _count(self, **deltas: int) -> None:
+        with self._cond:  # offer() counts too, from the dispatcher thread
+            for k, v in deltas.items():
+                self.counts[k] += v
 
     def drain(self, timeout: float) -> bool:
         """Send what waits (digests and notices at once) for up to `timeout` seconds; True when all went."""
