@@ -254,3 +254,31 @@ def test_syslog_structured_data_escapes_and_strict_parse():
     assert m["msg"].endswith(doc["evidence"])
     raw = syslog_message(doc, "h", now=0.0)
     assert raw.startswith(b"<130>1 1970-01-01T00:00:00.000000Z h network-traffic-monitor ")
+
+
+def test_a_store_that_cannot_save_leaves_the_rule_applied_and_says_so(tmp_path):
+    from notify.control import AlertControls
+    from store.embedded import EmbeddedStore
+
+    path = str(tmp_path / "h.duckdb")
+    writer = EmbeddedStore(path)
+    assert writer.open()
+    writer.put_doc("exclusion", "old", {"name": "old", "detector": "spike"})
+    writer.put_doc("exclusion", "broken", {"name": "broken"})  # matches everything: refused when read
+    writer.close()
+    ro = EmbeddedStore(path, read_only=True)
+    assert ro.open()
+    sent = []
+
+    class Stage:
+        error = None
+
+        def configure(self, msg: bytes) -> None:
+            sent.append(msg)
+
+    controls = AlertControls(ro, Notifier(), lambda: Stage(), ["10.0.0.0/8"])
+    assert list(controls.rules) == ["old"] and controls.error is None
+    controls.put_rule({"name": "new", "source": "10.0.0.5"})
+    assert sorted(controls.rules) == ["new", "old"] and b'"new"' in sent[-1]  # applied to the detectors
+    assert "not saved in the history store" in controls.error and "read-only" in controls.error
+    ro.close()
