@@ -9,7 +9,8 @@ import time
 import pytest
 from conftest import wait_for
 from notifyhelp import WebhookReceiver, free_port, nmap_scan, scan_port
-from test_dashboard import app, fresh, metric, run_until  # noqa: F401  (the fresh fixture)
+from test_adversarial import Tcpdump
+from test_dashboard import app, count, fresh, metric, run_until  # noqa: F401  (the fresh fixture)
 
 from packet_processor import engines
 from store.embedded import EmbeddedStore
@@ -129,10 +130,18 @@ def test_destinations_never_echo_the_secret_and_show_give_ups(fresh, root_only):
     assert at.text_input(key="ap_d_hook").value == ""
     assert token not in page_text(at)
     assert any("Webhook: webhook http://127.0.0.1" in c.value.replace("\\", "") for c in at.caption)
-    nmap_scan(sport, "47000-47299", "127.0.0.1")
+    dump = Tcpdump("lo", f"tcp port {sport}")
+    try:
+        nmap_scan(sport, "47000-47299", "127.0.0.1")
+        ref, ref_dropped = dump.finish()
+    finally:
+        dump.kill()
     at = run_until(at, lambda a: any("1 given up" in w.value for w in a.warning), 20)
     warning = next(w.value for w in at.warning if "given up" in w.value)
     assert "0 sent" in warning and token not in page_text(at)
+    # The page's numbers are exact while delivery failed: every packet tcpdump saw is counted.
+    at = run_until(at, lambda a: count(a) == ref, 10)
+    assert (count(at), ref_dropped) == (ref, 0) and ref >= 600
     # A working receiver set on the page gets the next scan's alert; the secret stays hidden.
     hook = WebhookReceiver()
     try:

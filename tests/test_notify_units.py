@@ -282,3 +282,30 @@ def test_a_store_that_cannot_save_leaves_the_rule_applied_and_says_so(tmp_path):
     assert sorted(controls.rules) == ["new", "old"] and b'"new"' in sent[-1]  # applied to the detectors
     assert "not saved in the history store" in controls.error and "read-only" in controls.error
     ro.close()
+
+
+def test_detector_settings_and_destinations_survive_a_restart(tmp_path):
+    from notify.control import AlertControls
+    from store.embedded import EmbeddedStore
+
+    path = str(tmp_path / "h.duckdb")
+    for round_ in range(2):
+        store = EmbeddedStore(path)
+        assert store.open()
+        notifier = Notifier()
+        controls = AlertControls(store, notifier, lambda: None, [])
+        if round_ == 0:
+            controls.set_detectors({"SCAN_PORTS": 40, "SPIKE_SIGMAS": 4.0}, {"spike"})  # 4.0 is the default
+            with pytest.raises(ValueError, match="SCAN_PORTS must be at least 1"):
+                controls.set_detectors({"SCAN_PORTS": 0}, set())
+            with pytest.raises(ValueError, match="not a threshold"):
+                controls.set_detectors({"DETECTOR_STATE_MAX": 10}, set())
+            assert controls.set_destinations({"NOTIFY_SYSLOG": "udp://127.0.0.1:9", "NOTIFY_WEBHOOK": ""}) == []
+            with pytest.raises(ValueError, match="NOTIFY_SYSLOG"):
+                controls.set_destinations({"NOTIFY_SYSLOG": "http://nope"})
+        assert controls.overrides == {"SCAN_PORTS": 40} and controls.disabled == {"spike"}
+        assert controls.threshold("SCAN_PORTS") == 40 and controls.threshold("SCAN_HOSTS") == 10
+        assert controls.destinations == {"NOTIFY_SYSLOG": "udp://127.0.0.1:9"}
+        assert [d["destination"] for d in notifier.status()["destinations"]] == ["syslog udp://127.0.0.1:9"]
+        notifier.close()
+        store.close()
