@@ -19,6 +19,20 @@ def metric(page, label: str) -> int:
     return int(value.locator('[data-testid="stMetricValue"]').inner_text().replace(",", ""))
 
 
+def choose(page, label: str, option: str) -> None:
+    """Pick an option of a selectbox; the 2 s auto-refresh may close the open list, so try again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(5):
+        try:
+            page.get_by_label(label).click()
+            page.get_by_role("option", name=option).click(timeout=3_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 4:
+                raise
+
+
 def body(page) -> str:
     return page.inner_text("body")
 
@@ -47,8 +61,7 @@ def test_browser_rules_list_silences_one_scanner(root_only, tmp_path):
         time.sleep(2.5)  # an auto-refresh later, still one
         assert metric(page, "Alerts") == 1
         # Remove it on the page (the section stays open after a change).
-        page.get_by_label("Add or edit").click()
-        page.get_by_role("option", name="lab scanner").click()
+        choose(page, "Add or edit", "lab scanner")
         page.get_by_role("button", name="Remove rule lab scanner").click()
         assert wait_for(lambda: "Removed rule lab scanner" in body(page), 20), body(page)[-2000:]
         assert wait_for(lambda: "No exclusion rules" in body(page), 10)
