@@ -930,6 +930,7 @@ def _cli(argv: list[str] | None = None) -> int:
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
+        engine.notifier.flush(config.get("NOTIFY_TIMEOUT_S") + 1)  # alerts found in a file are delivered too
         if args.enrich:
             from enrich import Enricher
             enricher = Enricher(processes=False)
