@@ -931,6 +931,7 @@ def _cli(argv: list[str] | None = None) -> int:
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
         engine.notifier.flush(config.get("NOTIFY_TIMEOUT_S") + 1)  # alerts found in a file are delivered too
+        out["notify"] = engine.notifier.status()
         if args.enrich:
             from enrich import Enricher
             enricher = Enricher(processes=False)
