@@ -835,6 +835,10 @@ class Detectors:
         for attr in _THRESHOLD_ATTRS:
             setattr(self, attr, getattr(fresh, attr))
         self.overrides, self.disabled = fresh.overrides, fresh.disabled
+        if self.learn_end == float("inf") and self.active_seconds >= self.learn and self.spike_state:
+            # A learning period shortened below the seconds already learned ends now (it ends only when the
+            # count equals it); one lengthened after it ended stays ended: the baseline is not unlearned.
+            self.learn_end = float(self.spike_state[0])
         return self
 
     def table_sizes(self) -> dict[str, int]:

@@ -59,3 +59,15 @@ def test_a_structural_change_starts_afresh():
     assert "SCAN_WINDOW_S" in STRUCTURAL
     fresh = d.reconfigured({"SCAN_WINDOW_S": 60}, frozenset())
     assert fresh is not d and fresh.window == 60 and len(fresh.pending) == 0
+
+
+def test_a_learning_period_shortened_below_what_was_learned_ends_now():
+    d = Detectors(overrides={"NEW_HOST_LEARN_S": 300})
+    book = AlertBook()
+    for sec in range(5):  # five seconds of traffic from a known local host
+        d.observe(records([{"ts": 1000.0 + sec, "src": "10.0.0.1", "dst": "10.0.0.2", "cls": 1}]), book)
+    assert d.learn_end == float("inf")
+    d = d.reconfigured({"NEW_HOST_LEARN_S": 2}, frozenset())
+    assert d.learn_end == 1004.0
+    d.observe(records([{"ts": 1006.0, "src": "10.0.0.77", "dst": "10.0.0.2", "cls": 1}]), book)
+    assert [(a.detector, a.source) for a in book.alerts()] == [("new_host", "10.0.0.77")]
