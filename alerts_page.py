@@ -200,17 +200,16 @@ def detectors_section(controls: Any) -> None:
 def destinations_section(controls: Any) -> None:
     """Webhook, syslog and e-mail settings; the webhook URL is write-only, the password never a field."""
     current = controls.notifier.settings.values
-    hook = current.get("NOTIFY_WEBHOOK") or ""
-    shown = _masked(hook)
+    shown = _masked(current.get("NOTIFY_WEBHOOK") or "")
     st.caption(plain(f"Webhook: {shown}. Syslog: {current.get('NOTIFY_SYSLOG') or 'not set'}. "
                      f"E-mail: {current.get('NOTIFY_EMAIL_TO') or 'not set'}. The SMTP password comes from "
                      f"SMTP_PASSWORD_FILE or the SMTP_PASSWORD environment variable, never from this page."))
     with st.form(key="ap_dest", clear_on_submit=True):  # the typed webhook URL is not kept in the field
-        new_hook = st.text_input("Webhook URL (write-only: leave empty to keep the current one)", value="",
-                                 type="password", key="ap_d_hook")
-        drop_hook = st.checkbox("Remove the webhook set on this page", value=False, key="ap_d_hook_off")
-        syslog = st.text_input("Syslog (udp://HOST:PORT or tcp://HOST:PORT)", value=current.get("NOTIFY_SYSLOG")
-                               or "", key="ap_d_syslog")
+        new_hook = st.text_input("Webhook URLs, separated by spaces (write-only: leave empty to keep the current "
+                                 "ones)", value="", type="password", key="ap_d_hook")
+        drop_hook = st.checkbox("Remove the webhooks set on this page", value=False, key="ap_d_hook_off")
+        syslog = st.text_input("Syslog (udp://HOST:PORT or tcp://HOST:PORT, several separated by spaces)",
+                               value=current.get("NOTIFY_SYSLOG") or "", key="ap_d_syslog")
         email = st.text_input("E-mail to (comma-separated)", value=current.get("NOTIFY_EMAIL_TO") or "",
                               key="ap_d_email")
         host = st.text_input("SMTP host", value=current.get("SMTP_HOST") or "", key="ap_d_smtp_host")
@@ -237,11 +236,12 @@ def _saved(errors: list[str]) -> str:
     return "Destinations saved."
 
 
-def _masked(url: str) -> str:
-    """A webhook as its scheme and host only (its path is often the token)."""
-    if not url:
-        return "not set"
-    try:
-        return Webhook(url).describe()
-    except ValueError:
-        return "set (not a valid URL)"
+def _masked(urls: str) -> str:
+    """Webhooks as their scheme and host only (a path is often the token)."""
+    out = []
+    for url in str(urls).split():
+        try:
+            out.append(Webhook(url).describe())
+        except ValueError:
+            out.append("one set (not a valid URL)")
+    return ", ".join(out) or "not set"

@@ -53,18 +53,25 @@ def bad_url(value: str) -> str | None:
     return None if parts.scheme in ("http", "https") and parts.hostname else "not an http:// or https:// URL"
 
 
+def bad_urls(value: str) -> str | None:
+    """NOTIFY_WEBHOOK: empty, or http(s) URLs separated by spaces."""
+    bad = [u for u in str(value).split() if bad_url(u)]
+    return None if not bad else f"{len(bad)} of the URLs are not http:// or https:// URLs"
+
+
 def bad_syslog(value: str) -> str | None:
-    """NOTIFY_SYSLOG: empty, or udp://HOST:PORT or tcp://HOST:PORT."""
+    """NOTIFY_SYSLOG: empty, or udp://HOST:PORT or tcp://HOST:PORT, several separated by spaces."""
     from urllib.parse import urlsplit
 
-    if not value:
-        return None
-    try:
-        parts = urlsplit(str(value))
-        ok = parts.scheme in ("udp", "tcp") and parts.hostname and parts.port
-    except ValueError:
-        ok = False
-    return None if ok else "not udp://HOST:PORT or tcp://HOST:PORT"
+    for part in str(value).split():
+        try:
+            parts = urlsplit(part)
+            ok = parts.scheme in ("udp", "tcp") and parts.hostname and parts.port
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"{part!r} is not udp://HOST:PORT or tcp://HOST:PORT"
+    return None
 
 
 def bad_emails(value: str) -> str | None:
@@ -230,13 +237,14 @@ SETTINGS: tuple[Setting, ...] = (
             "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
     Setting("CLICKHOUSE_CA_CERTS", "", "CA file that verifies the ClickHouse server's TLS certificate; empty "
             "means the system's CAs."),
-    Setting("NOTIFY_WEBHOOK", "", "Webhook URL that receives one JSON document per alert (with a Slack-compatible "
-            "`text` field); empty sends none. Treated as a secret (it often holds a token): never shown or logged "
-            "whole.", check=bad_url),
+    Setting("NOTIFY_WEBHOOK", "", "Webhook URLs (separated by spaces) that each receive one JSON document per "
+            "alert (with a Slack-compatible `text` field); empty sends none. Treated as a secret (a URL often "
+            "holds a token): never shown or logged whole.", check=bad_urls),
     Setting("NOTIFY_WEBHOOK_TOKEN_FILE", "", "File holding a bearer token sent as the webhook's Authorization "
             "header; empty sends none."),
-    Setting("NOTIFY_SYSLOG", "", "Syslog receiver for alerts (RFC 5424 with structured data): udp://HOST:PORT or "
-            "tcp://HOST:PORT (octet-counted frames); empty sends none.", check=bad_syslog),
+    Setting("NOTIFY_SYSLOG", "", "Syslog receivers for alerts (RFC 5424 with structured data), separated by "
+            "spaces: udp://HOST:PORT or tcp://HOST:PORT (octet-counted frames); empty sends none.",
+            check=bad_syslog),
     Setting("NOTIFY_EMAIL_TO", "", "E-mail addresses (comma-separated) that receive alerts through SMTP_HOST; "
             "empty sends none.", check=bad_emails),
     Setting("NOTIFY_EMAIL_FROM", "", "Sender address of alert e-mails; empty means network-traffic-monitor@<host "

@@ -70,16 +70,16 @@ class NotifySettings:
 def destinations(s: NotifySettings, hostname: str) -> tuple[list[Destination], list[str]]:
     """The destinations the settings describe, and a clear error per one that is misconfigured."""
     v, out, errors = s.values, [], []
-    builders = [
-        ("NOTIFY_WEBHOOK", lambda: Webhook(v["NOTIFY_WEBHOOK"], v["NOTIFY_WEBHOOK_TOKEN_FILE"], s.timeout_s)),
-        ("NOTIFY_SYSLOG", lambda: Syslog(v["NOTIFY_SYSLOG"], hostname, s.timeout_s)),
-        ("NOTIFY_EMAIL_TO", lambda: Email(v["NOTIFY_EMAIL_TO"], v["SMTP_HOST"], v["SMTP_PORT"], v["SMTP_USER"],
-                                          v["SMTP_PASSWORD_FILE"], v["NOTIFY_EMAIL_FROM"], v["SMTP_CA_FILE"],
-                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname)),
-    ]
+    builders = [(f"NOTIFY_WEBHOOK {i + 1}", lambda u=u: Webhook(u, v["NOTIFY_WEBHOOK_TOKEN_FILE"], s.timeout_s))
+                for i, u in enumerate(str(v.get("NOTIFY_WEBHOOK") or "").split())]
+    builders += [(f"NOTIFY_SYSLOG {u}", lambda u=u: Syslog(u, hostname, s.timeout_s))
+                 for u in str(v.get("NOTIFY_SYSLOG") or "").split()]
+    if v.get("NOTIFY_EMAIL_TO"):
+        builders.append(("NOTIFY_EMAIL_TO", lambda: Email(v["NOTIFY_EMAIL_TO"], v["SMTP_HOST"], v["SMTP_PORT"],
+                                                          v["SMTP_USER"], v["SMTP_PASSWORD_FILE"],
+                                                          v["NOTIFY_EMAIL_FROM"], v["SMTP_CA_FILE"],
+                                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname)))
     for name, build in builders:
-        if not v.get(name):
-            continue
         try:
             out.append(build())
         except (ValueError, TypeError) as exc:  # the message names the setting, never a secret's value

@@ -309,3 +309,25 @@ def test_detector_settings_and_destinations_survive_a_restart(tmp_path):
         assert [d["destination"] for d in notifier.status()["destinations"]] == ["syslog udp://127.0.0.1:9"]
         notifier.close()
         store.close()
+
+
+def test_any_number_of_webhooks_and_syslog_receivers_at_once(quick):
+    hooks = [WebhookReceiver(), WebhookReceiver()]
+    logs = [SyslogReceiver("udp"), SyslogReceiver("tcp")]
+    n = Notifier()
+    errors = n.configure({"NOTIFY_WEBHOOK": " ".join(h.url() for h in hooks),
+                          "NOTIFY_SYSLOG": " ".join(r.url() for r in logs)})
+    try:
+        assert errors == [] and len(n.status()["destinations"]) == 4
+        n.offer(1, [alert()])
+        assert wait_for(lambda: all(h.docs for h in hooks) and all(r.raw for r in logs))
+        assert n.flush(5) and n.status()["sent"] == 4
+    finally:
+        n.close()
+        for x in (*hooks, *logs):
+            x.close()
+    assert [len(h.docs) for h in hooks] == [1, 1] and [len(r.messages()) for r in logs] == [1, 1]
+    bad = Notifier()
+    assert bad.configure({"NOTIFY_SYSLOG": "udp://127.0.0.1:9 tcp://nohost"}) == \
+        ["NOTIFY_SYSLOG tcp://nohost: syslog destination 'tcp://nohost' is not udp://HOST:PORT or tcp://HOST:PORT"]
+    bad.close()
