@@ -28,6 +28,7 @@ class Setting:
     high: float | None = None  # the greatest valid value (numbers), inclusive
     choices: tuple[str, ...] | None = None  # the valid values (text)
     check: Callable[[Any], str | None] | None = None  # text: what is wrong with a value, None if nothing
+    secret: bool = False  # never echoed in an error message (a webhook URL holds its token)
 
 
 def bad_networks(spec: str) -> str | None:
@@ -239,7 +240,7 @@ SETTINGS: tuple[Setting, ...] = (
             "means the system's CAs."),
     Setting("NOTIFY_WEBHOOK", "", "Webhook URLs (separated by spaces) that each receive one JSON document per "
             "alert (with a Slack-compatible `text` field); empty sends none. Treated as a secret (a URL often "
-            "holds a token): never shown or logged whole.", check=bad_urls),
+            "holds a token): never shown or logged whole.", check=bad_urls, secret=True),
     Setting("NOTIFY_WEBHOOK_TOKEN_FILE", "", "File holding a bearer token sent as the webhook's Authorization "
             "header; empty sends none."),
     Setting("NOTIFY_SYSLOG", "", "Syslog receivers for alerts (RFC 5424 with structured data), separated by "
@@ -318,6 +319,11 @@ def _allowed(setting: Setting) -> str:
     return f"at least {_number(setting.low)}{hi}"
 
 
+def _shown(setting: Setting) -> str:
+    """The variable's value as an error message may show it (a secret one is hidden)."""
+    return "<hidden>" if setting.secret else repr(os.environ.get(ENV_PREFIX + setting.name))
+
+
 def problems() -> list[str]:
     """What is wrong with the current settings, one clear sentence per bad value (empty when all is well)."""
     out = []
@@ -331,8 +337,7 @@ def problems() -> list[str]:
         if setting.check is not None:
             why = setting.check(value)
             if why is not None:
-                out.append(f"{ENV_PREFIX}{setting.name}={os.environ.get(ENV_PREFIX + setting.name)!r} is not valid: "
-                           f"{why} ({setting.help})")
+                out.append(f"{ENV_PREFIX}{setting.name}={_shown(setting)} is not valid: {why} ({setting.help})")
             continue
         if setting.choices is not None:
             bad = str(value).upper() not in setting.choices

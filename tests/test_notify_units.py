@@ -331,3 +331,14 @@ def test_any_number_of_webhooks_and_syslog_receivers_at_once(quick):
     assert bad.configure({"NOTIFY_SYSLOG": "udp://127.0.0.1:9 tcp://nohost"}) == \
         ["NOTIFY_SYSLOG tcp://nohost: syslog destination 'tcp://nohost' is not udp://HOST:PORT or tcp://HOST:PORT"]
     bad.close()
+
+
+def test_a_bad_webhook_setting_is_a_clear_error_that_hides_the_value(monkeypatch):
+    import config
+
+    monkeypatch.setenv("NTM_NOTIFY_WEBHOOK", "ftp://hooks.example.org/T0KEN-zz9")
+    monkeypatch.setenv("NTM_NOTIFY_SYSLOG", "udp://127.0.0.1")
+    bad = config.problems()
+    assert any("NTM_NOTIFY_WEBHOOK=<hidden> is not valid" in p for p in bad)
+    assert any("NTM_NOTIFY_SYSLOG='udp://127.0.0.1' is not valid" in p for p in bad)
+    assert "T0KEN-zz9" not in " ".join(bad)
