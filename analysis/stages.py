@@ -632,11 +632,15 @@ def _configure(cfg: dict[str, Any], book, detectors):
     """Apply a config_message: thresholds and switches to the detectors, rules to the book."""
     import ipaddress
 
-    from analysis.rules import RuleSet, rule_from
+    from analysis.rules import RuleError, RuleSet, rule_from
 
     detectors = detectors.reconfigured(cfg["overrides"], frozenset(cfg["disabled"]))
     nets = [ipaddress.ip_network(n, strict=False) for n in cfg["local_nets"]]
-    book.set_rules(RuleSet([rule_from(r) for r in cfg["rules"]], nets))
+    rules = []
+    for r in cfg["rules"]:
+        with contextlib.suppress(RuleError):  # the engine checked them; a bad one must not end the detectors
+            rules.append(rule_from(r))
+    book.set_rules(RuleSet(rules, nets))
     return book, detectors
 
 
