@@ -80,7 +80,10 @@ def settings(engine: Any) -> None:
     """Exclusion rules, detector switches and thresholds, destinations (for a signed-in viewer: the page
     shows nothing at all before the password when ACCESS_PASSWORD is set)."""
     controls = engine.controls
-    with st.expander("Alert rules, detectors and notifications", expanded=bool(st.session_state.get("ap_open"))):
+    # Drawn only when asked for: the forms stay out of the page (and its refreshes) until a viewer opens them.
+    if not st.toggle("Alert rules, detectors and notifications", key="ap_show"):
+        return
+    with st.container(border=True):
         if controls.error:
             st.error(plain(controls.error))
         if controls.store is None:
@@ -97,7 +100,6 @@ def settings(engine: Any) -> None:
 
 def _run(action, *args) -> None:
     """Run a settings change from a button; its error is shown on the next run."""
-    st.session_state["ap_open"] = True
     try:
         out = action(*args)
     except (RuleError, ValueError, OSError) as exc:
@@ -133,7 +135,9 @@ def rules_section(controls: Any, counts: dict[str, int]) -> None:
     if rules:
         right.download_button("Export rules (JSON)", controls.export_rules(), file_name="ntm-exclusions.json",
                               mime="application/json", key="ap_rules_export")
-    upload = st.file_uploader("Import rules (an exported JSON file)", type=["json"], key="ap_rules_file")
+    upload = None
+    if st.checkbox("Import rules from a file", key="ap_rules_import_open"):
+        upload = st.file_uploader("Import rules (an exported JSON file)", type=["json"], key="ap_rules_file")
     if upload is not None:
         st.button("Import these rules", key="ap_rules_import", on_click=_run,
                   args=(lambda u=upload: f"Imported {controls.import_rules(u.getvalue())} rule(s).",))

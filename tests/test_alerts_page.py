@@ -39,12 +39,19 @@ def the_engine():
     return eng
 
 
+def opened(at):
+    """The page with the alert settings shown (a toggle: they are not drawn until asked for)."""
+    assert not [w for w in at.get("text_input") if str(w.key).startswith("ap_")]
+    at.toggle(key="ap_show").set_value(True).run()
+    return at
+
+
 def live_page(env, sport: int):
     env.setenv("NTM_INTERFACE", "lo")
     env.setenv("NTM_BPF_FILTER", f"tcp port {sport}")
     at = app().run()
     assert metric(at, "Status").value == "running", at.error
-    return at
+    return opened(at)
 
 
 def port_scans(eng) -> list[tuple[str, str]]:
@@ -62,7 +69,7 @@ def test_rules_are_added_edited_refused_and_removed_on_the_page(fresh, tmp_path)
     fresh.setenv("NTM_STORE", store)
     fresh.setenv("NTM_INTERFACE", "lo")
     fresh.setenv("NTM_BPF_FILTER", "udp port 9")
-    at = app().run()
+    at = opened(app().run())
     at.text_input(key="ap_r_name_new").input("audit box")
     at.selectbox(key="ap_r_det_new").select("port_scan")
     at.text_input(key="ap_r_src_new").input("10.20.0.0/16")
@@ -97,7 +104,7 @@ def test_remove_export_and_import_rules(fresh, tmp_path):  # noqa: F811
     fresh.setenv("NTM_STORE", str(tmp_path / "h.duckdb"))
     fresh.setenv("NTM_INTERFACE", "lo")
     fresh.setenv("NTM_BPF_FILTER", "udp port 9")
-    at = app().run()
+    at = opened(app().run())
     controls = the_engine().controls
     controls.put_rule({"name": "a", "detector": "spike"})
     controls.put_rule({"name": "b", "target": "127.0.0.9", "comment": "lab"})
