@@ -64,7 +64,7 @@ def analysed(eng) -> bool:
     return t["packets"] > 0 and st["packets_analysed"] + st["packets_skipped"] == t["packets"]
 
 
-def test_rules_are_added_edited_refused_and_removed_on_the_page(fresh, tmp_path):  # noqa: F811
+def test_rules_are_added_edited_and_refused_on_the_page(fresh, tmp_path):  # noqa: F811
     store = str(tmp_path / "h.duckdb")
     fresh.setenv("NTM_STORE", store)
     fresh.setenv("NTM_INTERFACE", "lo")
