@@ -48,7 +48,7 @@ from store.base import (
     ALERT_KEYS,
     ORIGIN_COLUMNS,
     PREFIX,
-    SCHEMA_VERSION,
+    SECOND_VALUES,
     TABLES,
     Store,
     StoreBatch,
@@ -67,6 +67,7 @@ _KEYS = {"seconds": ("ts",), "conversations": ("minute", "a", "b", "ifNull(a_por
          "caps": ("minute", "kind"), "open_hours": ("hour",)}
 _PERIOD = {"seconds": "ts", "open_hours": "hour"}  # others: minute
 SEG_TABLES = tuple(TABLES)
+MINUTES_FROM_S = 3600  # a range with at least this many seconds of whole minutes reads them from seconds_1m
 QUERY_TABLES = (*SEG_TABLES, "alerts", "origins")
 
 
@@ -136,11 +137,34 @@ def create_sql(db: str) -> list[str]:
 def distributed_sql(db: str, cluster: str) -> list[str]:
     """A Distributed table `<name>_d` over each local table, sharded by sensor (run on every shard)."""
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
-            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "commits")]
+            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "seconds_1m", "commits", "commits_max")]
+
+
+def minute_sql(db: str) -> list[str]:
+    """Schema version 2: per-minute sums of the per-second rows, and the compact visibility table.
+
+    `seconds_1m` holds, per (sensor, minute, segment, version), the sums of that segment's second rows:
+    the store writes it with the same version in the same write, so the same visibility rule applies
+    and a day reads 1,440 rows per sensor instead of 86,400. `commits_max` holds a batch's commit rows
+    too but collapses (ReplacingMergeTree) to one row per (sensor, period, segment) with its newest
+    version: the visibility lookup reads that instead of every flush's commit rows. Both are filled
+    from what is already there, so a version-1 database answers the same after the migration."""
+    body = ", ".join(_col_sql("seconds", c, t) for c, t in (*PREFIX, ("minute", "BIGINT"),
+                                                            *((v, "BIGINT") for v in SECOND_VALUES),
+                                                            ("min_ts", "DOUBLE"), ("max_ts", "DOUBLE")))
+    sums = ", ".join(f"sum({c})" for c in SECOND_VALUES)
+    return [f"CREATE TABLE IF NOT EXISTS {db}.seconds_1m ({body}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
+            f"PARTITION BY intDiv(minute, 86400) ORDER BY (sensor, minute, seg)",
+            f"CREATE TABLE IF NOT EXISTS {db}.commits_max (sensor String, period Int64, seg Int64, ver Int64) "
+            f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(period, 86400) ORDER BY (sensor, period, seg)",
+            f"INSERT INTO {db}.seconds_1m SELECT sensor, iface, origin, seg, intDiv(ts, 60) * 60 AS minute, {sums}, "
+            f"min(min_ts), max(max_ts), ver FROM {db}.seconds GROUP BY sensor, iface, origin, seg, ver, minute",
+            f"INSERT INTO {db}.commits_max SELECT sensor, period, seg, ver FROM {db}.commits"]
 
 
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql}
+MIGRATIONS = {1: create_sql, 2: minute_sql}
+CH_SCHEMA_VERSION = max(MIGRATIONS)  # this backend's schema version (the per-minute tables are ClickHouse's own)
 
 
 class ClickHouseStore(Store):
@@ -202,7 +226,7 @@ class ClickHouseStore(Store):
             self._client = client
             self._state, self._message = "ok", None
             log.info("store: %s open (ClickHouse %s, schema version %d)", self.path, self.server_version,
-                     SCHEMA_VERSION)
+                     CH_SCHEMA_VERSION)
             return True
 
     def _describe(self, exc: BaseException) -> str:
@@ -251,11 +275,11 @@ class ClickHouseStore(Store):
     def _ensure_schema(self, client) -> None:
         def statements(c) -> list[str]:
             version = _schema_version(c, self.db)
-            if version > SCHEMA_VERSION:
+            if version > CH_SCHEMA_VERSION:
                 raise RuntimeError(f"database {self.db} has schema version {version}, newer than this program's "
-                                   f"{SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
+                                   f"{CH_SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
             out: list = []
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            for target in range(version + 1, CH_SCHEMA_VERSION + 1):
                 out += MIGRATIONS[target](self.db)
                 out.append((f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))]))
             if self.cluster:
@@ -346,11 +370,17 @@ class ClickHouseStore(Store):
         for row in batch.origins:
             client.execute(f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) VALUES",
                            [list(row)])
+        if (sec := batch.frames.get("seconds")) is not None and len(sec):
+            self._insert(client, "seconds_1m", minute_rows(sec), ver)
         fallback = lo if periods else (alert_period or 0)
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
-        # The commit: one block into one table on the sensor's shard; until it lands, the rows above count nowhere.
+        # The commit: one block into one table on the sensor's shard; until it lands, the rows above count
+        # nowhere. Then the batch-id record (`commits`): an attempt cut off between the two is not found
+        # by id, so its retry writes the same segments under a newer version, which is the one that counts.
+        client.execute(f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
+                       [(c[0], c[4], c[2], c[3]) for c in commit])
         client.execute(f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
                        commit)
 
@@ -365,7 +395,7 @@ class ClickHouseStore(Store):
     def _insert(self, client, table: str, frame: pd.DataFrame, ver: int) -> None:
         if frame is None or not len(frame):
             return
-        cols = columns(table)
+        cols = list(frame.columns) if table == "seconds_1m" else columns(table)
         data = [_column(frame[c], table, c) for c in cols]
         data.append([ver] * len(frame))
         client.execute(f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
@@ -418,7 +448,7 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return 0
             quoted = "'" + origin.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            tables = [*SEG_TABLES, "alerts", "origins"]
+            tables = [*SEG_TABLES, "seconds_1m", "alerts", "origins"]
             try:
                 self._each_shard(self._client, lambda c: [f"ALTER TABLE {self.db}.{t} DELETE WHERE origin = {quoted}"
                                                           for t in tables])
@@ -430,7 +460,7 @@ class ClickHouseStore(Store):
 
     def _visible(self, table: str) -> str:
         """The condition that keeps, of a segment's rows, those of its newest committed version."""
-        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits "
+        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits_max "
                 f"WHERE period >= $m0 - 3600 AND period <= $until{{sensor}} GROUP BY sensor, seg)")
 
     def _rewrite(self, sql: str, params: dict[str, Any]) -> str:
@@ -439,7 +469,7 @@ class ClickHouseStore(Store):
 
         def table(m: re.Match) -> str:
             name = m.group(1)
-            if name not in SEG_TABLES:
+            if name not in SEG_TABLES and name != "seconds_1m":
                 raise ValueError(f"no ClickHouse rewrite for table {name}")
             return f"FROM {self._t(name)} WHERE {self._visible(name).replace('{sensor}', sensor)} AND "
 
@@ -471,20 +501,60 @@ class ClickHouseStore(Store):
     def _bucket(self, col: str, width: int) -> str:
         return f"(intDiv({col}, {width}) * {width})"
 
+    def _parts(self, r: TimeRange) -> list[tuple[str, str]] | None:
+        """A long range as (table, condition) parts: its whole minutes from `seconds_1m`, the seconds
+        before the first and after the last whole minute from `seconds`; None for a short range (one
+        part, `seconds`: a live view's last minutes stay per second)."""
+        m_lo = -(-r.since // 60) * 60
+        m_hi = (min(r.until, 2 ** 61) + 1) // 60 * 60
+        if m_hi - m_lo < MINUTES_FROM_S:
+            return None
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        return [("seconds", f"((ts >= $since AND ts < {m_lo}) OR (ts >= {m_hi} AND ts <= $until)){sensor}"),
+                ("seconds_1m", f"minute >= {m_lo} AND minute < {m_hi}{sensor}")]
+
     def totals(self, r: TimeRange) -> dict[str, Any]:
-        """As the base, with no first/last time for an empty range (ClickHouse's min() of nothing is 0)."""
-        out = super().totals(r)
+        """As the base (a long range's whole minutes read per minute), with no first/last time for an
+        empty range (ClickHouse's min() of nothing is 0)."""
+        parts = self._parts(r)
+        if parts is None:
+            out = super().totals(r)
+        else:
+            inner = ", ".join(f"sum({c}) AS {c}" for c in SECOND_VALUES)
+            union = " UNION ALL ".join(f"SELECT {inner}, min(min_ts) AS lo, max(max_ts) AS hi, count() AS n "
+                                       f"FROM {t} WHERE {cond}" for t, cond in parts)
+            outer = ", ".join(f"{self._sum(c)} AS {c}" for c in SECOND_VALUES)
+            df = self._query(f"SELECT {outer}, minIf(lo, n > 0) AS min_ts, maxIf(hi, n > 0) AS max_ts FROM ({union})",
+                             r.params())
+            row = df.iloc[0]
+            out = {c: int(row[c]) for c in SECOND_VALUES}
+            out["min_ts"], out["max_ts"] = float(row["min_ts"]), float(row["max_ts"])
         if not out["packets"]:
             out["min_ts"] = out["max_ts"] = None
         return out
 
+    def series(self, r: TimeRange, bin_s: int = 1, cols: tuple[str, ...] = tuple(SECOND_VALUES)) -> pd.DataFrame:
+        """As the base; bins of whole minutes over a long range add up per-minute rows."""
+        parts = self._parts(r)
+        if parts is None or bin_s % 60:
+            return super().series(r, bin_s, cols)
+        inner = ", ".join(f"sum({c}) AS {c}" for c in cols)
+        union = " UNION ALL ".join(f"SELECT {self._bucket(col, int(bin_s))} AS t, {inner} FROM {t} WHERE {cond} "
+                                   f"GROUP BY t" for (t, cond), col in zip(parts, ("ts", "minute")))
+        outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
+        return self._query(f"SELECT t, {outer} FROM ({union}) GROUP BY t ORDER BY t", r.params())
+
     def extent(self, r: TimeRange = TimeRange()) -> tuple[int, int] | None:  # noqa: B008  (as the base)
         """(first, last) second holding traffic in the range, or None when it is empty."""
-        df = self._query(f"SELECT min(ts) AS lo, max(ts) AS hi, count() AS n FROM seconds WHERE {self._where(r, 'ts')}",
-                         r.params())
-        if not len(df) or not int(df.iloc[0]["n"]):
+        parts = self._parts(r) or [("seconds", self._where(r, "ts"))]
+        bounds = {"seconds": ("toFloat64(ts)", "toFloat64(ts)"), "seconds_1m": ("min_ts", "max_ts")}
+        union = " UNION ALL ".join(f"SELECT min({bounds[t][0]}) AS lo, max({bounds[t][1]}) AS hi, count() AS n "
+                                   f"FROM {t} WHERE {cond}" for t, cond in parts)
+        df = self._query(f"SELECT minIf(lo, n > 0) AS first, maxIf(hi, n > 0) AS last, sum(n) AS found "
+                         f"FROM ({union})", r.params())
+        if not len(df) or not int(df.iloc[0]["found"]):
             return None
-        return int(df.iloc[0]["lo"]), int(df.iloc[0]["hi"])
+        return int(np.floor(df.iloc[0]["first"])), int(np.floor(df.iloc[0]["last"]))
 
     def alerts(self, r: TimeRange) -> pd.DataFrame:
         """Alerts active at some moment of the range (each alert's newest committed version), newest first."""
@@ -536,6 +606,18 @@ def _segments(batch: StoreBatch) -> dict[int, int | None]:
     for s in (*batch.replaces, *batch.hours_done):
         out.setdefault(int(s), None)
     return out
+
+
+def minute_rows(sec: pd.DataFrame) -> pd.DataFrame:
+    """The `seconds_1m` rows of a batch's per-second rows: sums per (sensor, iface, origin, segment, minute).
+
+    A batch holds every second of each segment it writes (the rollup writes a segment whole), so a
+    segment's minute row is exact, and each version of it replaces the last as the second rows do."""
+    keys = ["sensor", "iface", "origin", "seg"]
+    df = sec.astype({k: str for k in keys[:3]}).assign(minute=sec["ts"].to_numpy(np.int64) // 60 * 60)
+    agg = {**{c: "sum" for c in SECOND_VALUES}, "min_ts": "min", "max_ts": "max"}
+    out = df.groupby([*keys, "minute"], sort=False, observed=True).agg(agg).reset_index()
+    return out[[*keys, "minute", *SECOND_VALUES, "min_ts", "max_ts"]]
 
 
 def _alert_period(batch: StoreBatch) -> int | None:
