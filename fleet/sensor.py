@@ -70,8 +70,10 @@ class _FleetRecorder:
         self.skipped += packets
 
     def tick(self) -> None:
-        """Flush when due (no pruning here: retention is the fleet's, not one sensor's)."""
-        self.rollup.maybe_flush()
+        """Flush when due; with nothing to flush, a heartbeat (an empty batch: its commit row says the sensor
+        is alive, so the fleet page tells a quiet sensor from a stale one). No pruning: retention is the fleet's."""
+        if self.rollup.due() and not self.rollup.flush():
+            self.rollup.store.write(StoreBatch())
 
 
 class FleetStage(StoreStage):
@@ -141,7 +143,8 @@ class Shipper:
     def _turn(self) -> None:
         while self._in:
             batch = self._in.popleft()
-            if len(self.spool) or time.monotonic() < self._next_retry or not self._send(batch):
+            sent = not len(self.spool) and time.monotonic() >= self._next_retry and self._send(batch)
+            if not sent and not is_heartbeat(batch):  # a heartbeat says "alive now": worthless later, never spooled
                 self.spool.put(batch)
         if len(self.spool) and time.monotonic() >= self._next_retry:
             self._drain()
@@ -182,6 +185,11 @@ class Shipper:
         self._thread.join(timeout=30)
         self._next_retry = 0.0
         self._turn()
+
+
+def is_heartbeat(batch: StoreBatch) -> bool:
+    """An empty batch: no rows, nothing replaced or closed (only its commit row is written)."""
+    return not batch.rows() and not batch.replaces and not batch.hours_done and not batch.origins
 
 
 class Sensor:

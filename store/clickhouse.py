@@ -353,9 +353,10 @@ class ClickHouseStore(Store):
         alert_period = _alert_period(batch)
         lo = min(lo, alert_period) if alert_period is not None else lo
         hi = max(hi, alert_period) if alert_period is not None and periods else hi
-        found = client.execute(f"SELECT count() FROM {self._t('commits')} WHERE sensor = %(s)s AND period >= %(lo)s "
-                               f"AND period <= %(hi)s AND batch = %(b)s",
-                               {"s": sensor, "lo": lo, "hi": hi, "b": batch.batch_id})
+        empty = not batch.rows() and not batch.replaces and not batch.hours_done and not batch.origins
+        found = None if empty else client.execute(  # a heartbeat (no rows) counts nothing: no look-up needed
+            f"SELECT count() FROM {self._t('commits')} WHERE sensor = %(s)s AND period >= %(lo)s "
+            f"AND period <= %(hi)s AND batch = %(b)s", {"s": sensor, "lo": lo, "hi": hi, "b": batch.batch_id})
         if found and found[0][0]:
             self.batches_skipped += 1
             log.info("store: batch %s is already in ClickHouse (re-sent after a lost acknowledgement); not written "
@@ -372,7 +373,8 @@ class ClickHouseStore(Store):
                            [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
-        fallback = lo if periods else (alert_period or 0)
+        # A batch without rows (a sensor's heartbeat) commits under the wall second: its flush is recent.
+        fallback = lo if periods else (alert_period or int(time.time()))
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
@@ -544,6 +546,20 @@ class ClickHouseStore(Store):
         outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
         return self._query(f"SELECT t, {outer} FROM ({union}) GROUP BY t ORDER BY t", r.params())
 
+    def sensor_series(self, r: TimeRange, bin_s: int, cols: tuple[str, ...] = ("packets", "bytes")) -> pd.DataFrame:
+        """Per sensor and bin (`sensor`, `t`, then `cols`): the fleet page's sparklines in one query."""
+        parts = self._parts(r)
+        if parts is None or bin_s % 60:
+            parts = [("seconds", self._where(r, "ts"))]
+        inner = ", ".join(f"sum({c}) AS {c}" for c in cols)
+        union = " UNION ALL ".join(f"SELECT sensor, {self._bucket(col, int(bin_s))} AS t, {inner} FROM {t} "
+                                   f"WHERE {cond} GROUP BY sensor, t"
+                                   for (t, cond), col in zip(parts, ("ts", "minute")))
+        outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
+        df = self._query(f"SELECT sensor, t, {outer} FROM ({union}) GROUP BY sensor, t ORDER BY sensor, t",
+                         r.params())
+        return df if len(df) else pd.DataFrame(columns=["sensor", "t", *cols])
+
     def extent(self, r: TimeRange = TimeRange()) -> tuple[int, int] | None:  # noqa: B008  (as the base)
         """(first, last) second holding traffic in the range, or None when it is empty."""
         parts = self._parts(r) or [("seconds", self._where(r, "ts"))]
@@ -575,10 +591,11 @@ class ClickHouseStore(Store):
                          f"max(created) AS created, sensor FROM {self._t('origins')} GROUP BY sensor, origin "
                          f"ORDER BY created", {})
 
-    def sensors(self) -> pd.DataFrame:
-        """Every sensor with its interfaces, last flush (wall time) and newest second of traffic."""
+    def sensors(self, since: int = 0) -> pd.DataFrame:
+        """Every sensor that flushed rows of periods from `since` on: its last flush (wall time) and newest period."""
         return self._run(f"SELECT sensor, max(wall) AS last_flush, max(period) AS last_period "
-                         f"FROM {self._t('commits')} GROUP BY sensor ORDER BY sensor", {})
+                         f"FROM {self._t('commits')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
+                         {"since": int(since)})
 
 
 def _schema_version(client, db: str) -> int:
