@@ -237,6 +237,9 @@ class ClickHouseStore(Store):
         if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
             return (f"{where}: authentication failed for user {credentials()[0]!r} (check CLICKHOUSE_USER and "
                     f"CLICKHOUSE_PASSWORD_FILE): {text}")
+        if self.secure and ("SSL" in text or "certificate" in text.lower()):
+            return (f"{where}: TLS failed (is the server's certificate signed by the CA in CLICKHOUSE_CA_CERTS, "
+                    f"{self.ca_certs or 'the system CAs'}, and is its port tcp_port_secure?): {text}")
         if isinstance(exc, OSError) or "NetworkError" in type(exc).__name__ or "Timeout" in type(exc).__name__:
             return f"{where} unreachable: {text}"
         return f"{where}: {type(exc).__name__}: {text}"

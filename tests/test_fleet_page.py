@@ -106,6 +106,9 @@ def test_browser_fleet_page(page_env, tmp_path):
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(url)
         page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        if "Failed to fetch dynamically imported module" in page.inner_text("body"):
+            page.reload()  # a loaded machine can time out one of Streamlit's script chunks: once, load again
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         assert wait_for(lambda: packets(page) == sum(counted.values()), 30), page.inner_text("body")[-2000:]
         body = page.inner_text("body")
         assert f"{ON_SHARD_2} · ⚠️ stale" in body and f"{ON_SHARD_1} · ok" in body, body[:3000]
@@ -114,6 +117,8 @@ def test_browser_fleet_page(page_env, tmp_path):
             if (ROOT / "test-artifacts").is_dir() else None
         page.locator('[data-testid="stSelectbox"]').filter(has_text="Sensor").click()
         page.get_by_role("option", name=ON_SHARD_1, exact=True).click()
-        assert wait_for(lambda: packets(page) == counted[ON_SHARD_1], 30), page.inner_text("body")[-2000:]
+        assert wait_for(lambda: f"sensor {ON_SHARD_1}" in page.inner_text("body")
+                        and packets(page) == counted[ON_SHARD_1], 60), page.inner_text("body")[-2000:]
+        assert "Failed to fetch" not in page.inner_text("body")
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
