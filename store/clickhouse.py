@@ -376,8 +376,9 @@ class ClickHouseStore(Store):
                            [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
-        # A batch without rows (a sensor's heartbeat) commits under the wall second: its flush is recent.
-        fallback = lo if periods else (alert_period or int(time.time()))
+        # A batch without rows (a sensor's heartbeat) commits under the wall clock's minute: its flush is
+        # recent, and commits_max keeps one heartbeat row per sensor and minute.
+        fallback = lo if periods else (alert_period or int(time.time()) // 60 * 60)
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
@@ -618,9 +619,12 @@ class ClickHouseStore(Store):
                          f"ORDER BY created", {})
 
     def sensors(self, since: int = 0) -> pd.DataFrame:
-        """Every sensor that flushed rows of periods from `since` on: its last flush (wall time) and newest period."""
-        return self._run(f"SELECT sensor, max(wall) AS last_flush, max(period) AS last_period "
-                         f"FROM {self._t('commits')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
+        """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
+
+        Read from commits_max (a few rows per sensor and minute once merged, not one per flush): a version
+        is the wall clock in microseconds when the write began (next_version), so the newest is the last flush."""
+        return self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
+                         f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
                          {"since": int(since)})
 
 
