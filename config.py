@@ -44,6 +44,13 @@ def bad_networks(spec: str) -> str | None:
     return None if not bad else "not networks: " + ", ".join(repr(b) for b in bad)
 
 
+def bad_file(path: str) -> str | None:
+    """A file setting: empty, or a file this process can read."""
+    if path and not os.access(path, os.R_OK):
+        return f"{path!r} is not a readable file"
+    return None
+
+
 def bad_url(value: str) -> str | None:
     """NOTIFY_WEBHOOK, DASHBOARD_URL: empty, or an http(s) URL with a host."""
     from urllib.parse import urlsplit
@@ -231,13 +238,11 @@ SETTINGS: tuple[Setting, ...] = (
             "take its batches; beyond it the oldest batches are dropped and counted.", low=1, high=1 << 24),
     Setting("FLEET_SPOOL_DIR", "", "A fleet sensor's spool folder; empty means spool-<name> in $XDG_STATE_HOME "
             "(or ~/.local/state)/network-traffic-monitor/."),
-    Setting("FLEET_QUEUE_BATCHES", 512, "Parsed batches waiting for a fleet sensor's rollup; beyond it batches are "
-            "skipped and counted (the capture never waits).", low=1, high=1 << 20),
     Setting("CLICKHOUSE_DATABASE", "ntm", "ClickHouse database of the fleet's history tables."),
     Setting("CLICKHOUSE_SECURE", False, "Talk TLS to ClickHouse (clickhouse-driver's secure, the server's "
             "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
-    Setting("CLICKHOUSE_CA_CERTS", "", "CA file that verifies the ClickHouse server's TLS certificate; empty "
-            "means the system's CAs."),
+    Setting("CLICKHOUSE_CA_CERTS", "", "CA file (PEM) that verifies the ClickHouse server's TLS certificate "
+            "(with CLICKHOUSE_SECURE); empty means the system's CAs.", check=bad_file),
     Setting("NOTIFY_WEBHOOK", "", "Webhook URLs (separated by spaces) that each receive one JSON document per "
             "alert (with a Slack-compatible `text` field); empty sends none. Treated as a secret (a URL often "
             "holds a token): never shown or logged whole.", check=bad_urls, secret=True),

@@ -79,6 +79,8 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--filter", default=None)
     ap.add_argument("--pcap", default=None)
     ap.add_argument("--speed", type=float, default=None)
+    ap.add_argument("--clickhouse", default=None)  # HOST:PORT: the fleet page (fleet_page.py), no local capture
+    ap.add_argument("--cluster", default=None)
     flags, _ = ap.parse_known_args(argv)
     return flags
 
@@ -760,6 +762,10 @@ def page() -> None:
     st.set_page_config(page_title="Network Traffic Monitor", layout="wide")
     if not signed_in():
         return  # nothing about the traffic is shown or sent before the password
+    if (flags := parse_flags(sys.argv[1:])).clickhouse:  # the fleet page: ClickHouse only, no engine
+        import fleet_page
+
+        return fleet_page.page(flags.clickhouse, flags.cluster, LOCAL_TZ)
     engine = get_engine()
     sidebar(engine)
     snap, taken = current_view(engine)

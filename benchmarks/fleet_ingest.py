@@ -7,7 +7,8 @@
    time per batch: median, p95, max).
 2. Query: the same sensors' day (24 h) written an hour per batch, then `history_summary` over the
    24 hours for all sensors (the fleet view's question) and for one, cold and warm (median of 3),
-   through the Distributed tables; target <= 1 s.
+   through the Distributed tables; target <= 1 s; then every question the fleet page asks for that range.
+   Timing starts once the background merges of the day's burst of writes have settled.
 
     python benchmarks/fleet_ingest.py [--sensors 20] [--seconds 60] [--pps 500] [--day-pps 20]
 
@@ -121,6 +122,36 @@ def day_worker(args: tuple) -> int:
     return rows
 
 
+def wait_for_merges(base: int, limit_s: float = 600.0) -> float:
+    """Seconds until neither shard runs a merge (the day's burst of writes compacting), at most limit_s."""
+    from clickhouse_driver import Client
+
+    t = time.perf_counter()
+    clients = [Client("127.0.0.1", port=base + k) for k in (0, 1)]
+    while time.perf_counter() - t < limit_s:
+        if not any(c.execute("SELECT count() FROM system.merges")[0][0] for c in clients):
+            break
+        time.sleep(2)
+    for c in clients:
+        c.disconnect()
+    return time.perf_counter() - t
+
+
+def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
+    """Every question the fleet page asks for a range over all sensors (fleet_page.py + history_page.py)."""
+    from store.base import TimeRange
+    from store.history import bin_width, conversations
+
+    store.sensors()
+    store.sensor_series(TimeRange(since, until), bin_width(since, until, 300))
+    store.alerts(TimeRange(since, until))
+    history_summary(store, since, until)
+    store.series(TimeRange(since, until), bin_width(since, until), ("packets", "bytes"))
+    for kind in ("src", "dst"):
+        store.top_addrs(TimeRange(since, until), kind)
+    conversations(store, since, until, n=20)
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -170,6 +201,8 @@ def main() -> int:
                 day_rows = sum(pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day") for n in names]))
             print(f"day: {a.sensors} sensors x 24 h at {a.day_pps} pkt/s: {day_rows:,} rows written in "
                   f"{time.perf_counter() - t:.0f} s")
+            settled = wait_for_merges(base)
+            print(f"background merges after the day's writes settled in {settled:.0f} s")
             q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
             q.open()
             since, until = T0, T0 + 86400 - 1
@@ -180,6 +213,9 @@ def main() -> int:
             print(f"24 h x {a.sensors} sensors history_summary (all sensors, via Distributed): cold {cold:.2f} s, "
                   f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
                   f"(expected {a.sensors * 86400 * a.day_pps:,})")
+            page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
+            print(f"the fleet page's whole 24 h x {a.sensors} sensors view (sensor grid, summary, timeline, "
+                  f"conversations): warm {page:.2f} s")
             q.close()
     finally:
         subprocess.run([str(script), "stop", folder], capture_output=True)

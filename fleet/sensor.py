@@ -3,10 +3,12 @@
     python packet_processor.py sensor --name NAME --iface IF [--filter BPF] [--seconds N]
         --clickhouse HOST:PORT [--cluster CLUSTER] [--spool DIR] [--metrics-port P]
 
-Three threads besides the capture: the engine's capture thread hands each parsed batch to a bounded
-queue (never waiting: a full queue skips the batch and counts it); the rollup stage turns batches
-into StoreBatches every FLEET_FLUSH_S; the shipper sends them to ClickHouse, or, when ClickHouse is
-unreachable or refuses them, to the disk spool, which it drains in order once ClickHouse is back.
+The fleet writer is a consumer stage of the pipeline, like the history writer (FleetStage is a
+store.stage.StoreStage): the capture thread offers each parsed batch to its bounded queue and never
+waits (a full queue skips the batch and counts it, shown in the metrics and the snapshot's stages);
+its thread runs the rollup and hands a StoreBatch every FLEET_FLUSH_S to the shipper, a second
+thread that sends it to ClickHouse or, when ClickHouse is unreachable or refuses it, to the disk
+spool, which it drains in order once ClickHouse is back. So capture never waits for ClickHouse.
 Batch ids make a re-send harmless (store/clickhouse.py). SIGTERM (or --seconds) stops the capture,
 flushes the rollup, tries the spool once more, and exits; what could not be sent stays spooled.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -33,21 +34,63 @@ from packet_processor import CaptureEngine, Source
 from store.base import StoreBatch
 from store.clickhouse import ClickHouseStore, with_id
 from store.rollup import Rollup
+from store.stage import StoreStage
 
 log = logging.getLogger(__name__)
 
 
 class FleetEngine(CaptureEngine):
-    """The capture engine as it is, with one hook that also hands each parsed batch to the sensor."""
+    """The capture engine whose history writer is the fleet stage (ClickHouse through the shipper)."""
 
-    sink = None  # set by the Sensor: a callable taking a parsed batch, which must never block
+    stage_factory = None  # set by the Sensor: Source -> FleetStage, called when a live capture starts
 
-    # --- THE HOOK (the one place the sensor takes batches from the engine). When the engine has its
-    # --- consumer-stage interface, register Sensor.offer as a stage there and delete this override.
-    def _ingest(self, arr: np.ndarray, gen: int) -> None:
-        super()._ingest(arr, gen)
-        if self.sink is not None and len(arr) and gen == self._gen:
-            self.sink(arr)
+    def _new_store_stage(self, source: Source) -> StoreStage | None:
+        """The fleet stage takes the place of the history writer: the same queue, skips and lifecycle."""
+        return self.stage_factory(source) if self.stage_factory is not None else None
+
+
+class _FleetRecorder:
+    """What StoreStage drives (Recorder's methods) for a sensor: the rollup hands batches to the shipper."""
+
+    def __init__(self, rollup: Rollup) -> None:
+        self.rollup = rollup
+        self.skipped = 0
+
+    def on_batch(self, arr: np.ndarray) -> None:
+        """Count one parsed batch, and flush when FLEET_FLUSH_S has passed."""
+        self.rollup.add(arr)
+        self.tick()
+
+    def on_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        """New or changed alerts, shipped with the next flush."""
+        self.rollup.add_alerts(alerts)
+
+    def note_skipped(self, packets: int) -> None:
+        """Packets the stage skipped (its queue was full): ClickHouse lacks them, the metrics say so."""
+        self.skipped += packets
+
+    def tick(self) -> None:
+        """Flush when due; with nothing to flush, a heartbeat (an empty batch: its commit row says the sensor
+        is alive, so the fleet page tells a quiet sensor from a stale one). No pruning: retention is the fleet's."""
+        if self.rollup.due() and not self.rollup.flush():
+            self.rollup.store.write(StoreBatch())
+
+
+class FleetStage(StoreStage):
+    """The history writer of a sensor: StoreStage's thread, queue and skip counting, shipping to ClickHouse."""
+
+    name = "fleet"
+
+    def __init__(self, rollup: Rollup, store: ClickHouseStore, max_packets: int, mirror) -> None:
+        super().__init__(store, max_packets, iface=rollup.iface, sensor=rollup.sensor, mirror=mirror)
+        self.rollup = rollup
+
+    def start(self) -> FleetStage:
+        """Start the writer thread (the store was opened by the sensor; its errors are state)."""
+        self.recorder = _FleetRecorder(self.rollup)  # type: ignore[assignment]
+        self._thread = threading.Thread(target=self._loop, name="fleet-writer", daemon=True)
+        self._thread.start()
+        return self
 
 
 class _Outbox:
@@ -100,7 +143,8 @@ class Shipper:
     def _turn(self) -> None:
         while self._in:
             batch = self._in.popleft()
-            if len(self.spool) or time.monotonic() < self._next_retry or not self._send(batch):
+            sent = not len(self.spool) and time.monotonic() >= self._next_retry and self._send(batch)
+            if not sent and not is_heartbeat(batch):  # a heartbeat says "alive now": worthless later, never spooled
                 self.spool.put(batch)
         if len(self.spool) and time.monotonic() >= self._next_retry:
             self._drain()
@@ -143,8 +187,13 @@ class Shipper:
         self._turn()
 
 
+def is_heartbeat(batch: StoreBatch) -> bool:
+    """An empty batch: no rows, nothing replaced or closed (only its commit row is written)."""
+    return not batch.rows() and not batch.replaces and not batch.hours_done and not batch.origins
+
+
 class Sensor:
-    """A named sensor: capture on one interface, rollup, shipping to ClickHouse, metrics."""
+    """A named sensor: capture on one interface, the fleet stage (rollup), shipping to ClickHouse, metrics."""
 
     def __init__(self, name: str, iface: str, bpf: str, address: str, cluster: str | None = None,
                  spool_dir: str | None = None, flush_s: float | None = None) -> None:
@@ -156,63 +205,29 @@ class Sensor:
         self.rollup = Rollup(_Outbox(self.store, self.shipper), sensor=name, iface=iface,
                              flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s)
         self.engine = FleetEngine()
-        self.engine.sink = self.offer
-        self._queue: queue.Queue = queue.Queue(maxsize=int(config.get("FLEET_QUEUE_BATCHES")))
-        self.skipped = 0
-        self._alert_seen: dict[tuple, tuple] = {}
-        self._stop = threading.Event()
-        self._stage = threading.Thread(target=self._run_stage, name="fleet-rollup", daemon=True)
+        self.engine.stage_factory = self._new_stage
+        self.stage: FleetStage | None = None
 
-    def offer(self, arr: np.ndarray) -> None:
-        """From the capture thread: queue a parsed batch, or skip and count it when the stage is behind."""
-        try:
-            self._queue.put_nowait(arr)
-        except queue.Full:
-            self.skipped += len(arr)
+    def _new_stage(self, source: Source) -> FleetStage:
+        self.stage = FleetStage(self.rollup, self.store, config.get("STAGE_QUEUE_PACKETS"), self.engine.alerts)
+        return self.stage.start()
+
+    @property
+    def skipped(self) -> int:
+        """Packets the fleet stage skipped because its queue was full (ClickHouse lacks them)."""
+        return self.stage.stats.packets_skipped if self.stage is not None else 0
 
     def start(self) -> bool:
-        """Open the store (an error is logged and batches spool), start the threads and the capture."""
+        """Open the store (an error is logged and batches spool), start the shipper and the capture."""
         if self.store.open():
             self.engine.controls.use_store(self.store)  # the fleet's exclusion rules and settings (documents)
         self.shipper.start()
-        self._stage.start()
         return self.engine.start(Source("live", iface=self.iface, bpf=self.bpf))
 
-    def _run_stage(self) -> None:
-        while True:
-            try:
-                arr = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                arr = None
-            if arr is not None:
-                self.rollup.add(arr)
-            elif self._stop.is_set():
-                return
-            if self.rollup.due():
-                self._take_alerts()
-                self.rollup.flush()
-
-    def _take_alerts(self) -> None:
-        """Alerts new or changed since the last flush (the rollup writes them with the batch)."""
-        changed = []
-        for a in self.engine.alerts.alerts():
-            d = a.as_dict()
-            key = (d["detector"], d["source"], d["target"], float(d["first_ts"]))
-            state = (d["last_ts"], d["count"])
-            if self._alert_seen.get(key) != state:
-                self._alert_seen[key] = state
-                changed.append(d)
-        if changed:
-            self.rollup.add_alerts(changed)
-
     def stop(self) -> dict[str, Any]:
-        """Stop the capture, flush everything, send or spool it; the sensor's final report."""
-        self.engine.stop()
+        """Stop the capture; the stage writes what is queued and flushes; send or spool it; the final report."""
+        self.engine.stop(drain_s=60)
         self.engine.notifier.close(drain_s=config.get("NOTIFY_TIMEOUT_S") + 1)
-        self._stop.set()
-        self._stage.join(timeout=60)
-        self._take_alerts()
-        self.rollup.flush(final=True)
         self.shipper.stop()
         self.store.close()
         return self.report()
@@ -221,11 +236,13 @@ class Sensor:
         """What the sensor counted and what became of it (JSON-ready)."""
         summary = self.engine.summary()
         st = self.store.status()
+        stage = self.stage.as_dict() if self.stage is not None else {}
         return {"sensor": self.name, "iface": self.iface, "filter": self.bpf,
                 "packets": summary["packets"], "bytes_wire": summary["bytes_wire"],
                 "transport_counts": summary["transport_counts"], "dropped": summary["dropped"],
                 "first_ts": summary["first_ts"], "last_ts": summary["last_ts"], "error": summary["error"],
-                "skipped": self.skipped, "packets_sent": self.shipper.sent_packets,
+                "skipped": self.skipped, "stage_error": stage.get("error"),
+                "packets_sent": self.shipper.sent_packets,
                 "spool_batches": len(self.spool), "spool_packets": self.spool.packets(),
                 "spool_dropped_batches": self.spool.dropped_batches,
                 "spool_dropped_packets": self.spool.dropped_packets,

@@ -2,12 +2,17 @@
 # A local 2-shard ClickHouse cluster from Debian's clickhouse-server, for trying fleet mode on one box
 # (and for the fleet tests): two server processes on 127.0.0.1, data in a temporary folder, stopped by PID.
 #
-#   scripts/clickhouse_cluster.sh start [DIR] [BASE_PORT]   # prints DIR; shards on BASE_PORT and BASE_PORT+1
+#   scripts/clickhouse_cluster.sh start [DIR] [BASE_PORT] [--tls CERT KEY]
+#                                                           # prints DIR; shards on BASE_PORT and BASE_PORT+1
 #   scripts/clickhouse_cluster.sh stop DIR                  # SIGTERM each server by its PID, then remove DIR
 #   scripts/clickhouse_cluster.sh stop-shard DIR N          # stop shard N (1 or 2) only (outage tests)
 #   scripts/clickhouse_cluster.sh start-shard DIR N         # start shard N again on the same data
 #
 # Native ports: BASE_PORT (shard 1), BASE_PORT+1 (shard 2); HTTP BASE_PORT+100/+101; interserver +200/+201.
+# With --tls CERT KEY (PEM files: the server certificate, signed by the CA clients trust, and its key) each
+# shard also listens for TLS on the native protocol (tcp_port_secure) at BASE_PORT+300 / BASE_PORT+301;
+# clients use clickhouse-driver's secure=True with ca_certs (NTM_CLICKHOUSE_SECURE, NTM_CLICKHOUSE_CA_CERTS).
+# The shards still talk to each other in plain text on 127.0.0.1 (Distributed queries between them).
 # The cluster is named "fleet" in each server's remote_servers (no ZooKeeper: no distributed DDL, the
 # project creates the local tables on every shard itself). User "default" without a password, 127.0.0.1 only.
 set -euo pipefail
@@ -17,10 +22,17 @@ cmd=${1:-}
 
 die() { echo "clickhouse_cluster: $*" >&2; exit 1; }
 
-write_config() {  # DIR N BASE_PORT
-  local dir=$1 n=$2 base=$3
-  local sd="$dir/shard$n" tcp=$((base + n - 1))
+write_config() {  # DIR N BASE_PORT [CERT KEY]
+  local dir=$1 n=$2 base=$3 cert=${4:-} key=${5:-}
+  local sd="$dir/shard$n" tcp=$((base + n - 1)) tls=""
   mkdir -p "$sd/data" "$sd/tmp" "$sd/user_files" "$sd/format_schemas" "$sd/log"
+  if [ -n "$cert" ]; then
+    tls="<tcp_port_secure>$((tcp + 300))</tcp_port_secure>
+  <openSSL><server><certificateFile>$cert</certificateFile><privateKeyFile>$key</privateKeyFile>
+    <verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile>
+    <cacheSessions>true</cacheSessions><disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+    <preferServerCiphers>true</preferServerCiphers></server></openSSL>"
+  fi
   cat >"$sd/config.xml" <<EOF
 <?xml version="1.0"?>
 <yandex>
@@ -28,6 +40,7 @@ write_config() {  # DIR N BASE_PORT
     <size>10M</size><count>2</count></logger>
   <listen_host>127.0.0.1</listen_host>
   <tcp_port>$tcp</tcp_port>
+  $tls
   <http_port>$((tcp + 100))</http_port>
   <interserver_http_port>$((tcp + 200))</interserver_http_port>
   <interserver_http_host>127.0.0.1</interserver_http_host>
@@ -97,11 +110,19 @@ stop_shard() {  # DIR N : SIGTERM by PID, SIGKILL after 15 s
 
 case "$cmd" in
   start)
-    dir=${2:-$(mktemp -d /tmp/ntm-clickhouse.XXXXXX)}
-    base=${3:-19000}
+    shift
+    args=() cert="" key=""
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --tls) cert=$(realpath "${2:?--tls CERT KEY}"); key=$(realpath "${3:?--tls CERT KEY}"); shift 3 ;;
+        *) args+=("$1"); shift ;;
+      esac
+    done
+    dir=${args[0]:-$(mktemp -d /tmp/ntm-clickhouse.XXXXXX)}
+    base=${args[1]:-19000}
     mkdir -p "$dir"
     write_users "$dir"
-    for n in 1 2; do write_config "$dir" $n "$base"; done
+    for n in 1 2; do write_config "$dir" $n "$base" "$cert" "$key"; done
     for n in 1 2; do start_shard "$dir" $n; done
     for n in 1 2; do wait_ready "$dir" $n; done
     echo "$dir"
@@ -113,5 +134,5 @@ case "$cmd" in
     ;;
   stop-shard) stop_shard "${2:?DIR}" "${3:?N}" ;;
   start-shard) start_shard "${2:?DIR}" "${3:?N}"; wait_ready "$2" "$3" ;;
-  *) die "usage: $0 start [DIR] [BASE_PORT] | stop DIR | stop-shard DIR N | start-shard DIR N" ;;
+  *) die "usage: $0 start [DIR] [BASE_PORT] [--tls CERT KEY] | stop DIR | stop-shard DIR N | start-shard DIR N" ;;
 esac

@@ -49,7 +49,7 @@ from store.base import (
     DOC_COLUMNS,
     ORIGIN_COLUMNS,
     PREFIX,
-    SCHEMA_VERSION,
+    SECOND_VALUES,
     TABLES,
     Store,
     StoreBatch,
@@ -70,6 +70,7 @@ _KEYS = {"seconds": ("ts",), "conversations": ("minute", "a", "b", "ifNull(a_por
          "caps": ("minute", "kind"), "open_hours": ("hour",)}
 _PERIOD = {"seconds": "ts", "open_hours": "hour"}  # others: minute
 SEG_TABLES = tuple(TABLES)
+MINUTES_FROM_S = 3600  # a range with at least this many seconds of whole minutes reads them from seconds_1m
 QUERY_TABLES = (*SEG_TABLES, "alerts", "origins")
 
 
@@ -139,7 +140,29 @@ def create_sql(db: str) -> list[str]:
 def distributed_sql(db: str, cluster: str) -> list[str]:
     """A Distributed table `<name>_d` over each local table, sharded by sensor (run on every shard)."""
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
-            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "commits")]
+            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "seconds_1m", "commits", "commits_max")]
+
+
+def minute_sql(db: str) -> list[str]:
+    """Schema version 3: per-minute sums of the per-second rows, and the compact visibility table.
+
+    `seconds_1m` holds, per (sensor, minute, segment, version), the sums of that segment's second rows:
+    the store writes it with the same version in the same write, so the same visibility rule applies
+    and a day reads 1,440 rows per sensor instead of 86,400. `commits_max` holds a batch's commit rows
+    too but collapses (ReplacingMergeTree) to one row per (sensor, period, segment) with its newest
+    version: the visibility lookup reads that instead of every flush's commit rows. Both are filled
+    from what is already there, so a version-1 database answers the same after the migration."""
+    body = ", ".join(_col_sql("seconds", c, t) for c, t in (*PREFIX, ("minute", "BIGINT"),
+                                                            *((v, "BIGINT") for v in SECOND_VALUES),
+                                                            ("min_ts", "DOUBLE"), ("max_ts", "DOUBLE")))
+    sums = ", ".join(f"sum({c})" for c in SECOND_VALUES)
+    return [f"CREATE TABLE IF NOT EXISTS {db}.seconds_1m ({body}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
+            f"PARTITION BY intDiv(minute, 86400) ORDER BY (sensor, minute, seg)",
+            f"CREATE TABLE IF NOT EXISTS {db}.commits_max (sensor String, period Int64, seg Int64, ver Int64) "
+            f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(period, 86400) ORDER BY (sensor, period, seg)",
+            f"INSERT INTO {db}.seconds_1m SELECT sensor, iface, origin, seg, intDiv(ts, 60) * 60 AS minute, {sums}, "
+            f"min(min_ts), max(max_ts), ver FROM {db}.seconds GROUP BY sensor, iface, origin, seg, ver, minute",
+            f"INSERT INTO {db}.commits_max SELECT sensor, period, seg, ver FROM {db}.commits"]
 
 
 def documents_sql(db: str) -> list[str]:
@@ -151,7 +174,8 @@ def documents_sql(db: str) -> list[str]:
 
 
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql}
+CH_SCHEMA_VERSION = max(MIGRATIONS)  # this backend's schema version (the per-minute tables are ClickHouse's own)
 
 
 class ClickHouseStore(Store):
@@ -213,7 +237,7 @@ class ClickHouseStore(Store):
             self._client = client
             self._state, self._message = "ok", None
             log.info("store: %s open (ClickHouse %s, schema version %d)", self.path, self.server_version,
-                     SCHEMA_VERSION)
+                     CH_SCHEMA_VERSION)
             return True
 
     def _describe(self, exc: BaseException) -> str:
@@ -224,6 +248,9 @@ class ClickHouseStore(Store):
         if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
             return (f"{where}: authentication failed for user {credentials()[0]!r} (check CLICKHOUSE_USER and "
                     f"CLICKHOUSE_PASSWORD_FILE): {text}")
+        if self.secure and ("SSL" in text or "certificate" in text.lower()):
+            return (f"{where}: TLS failed (is the server's certificate signed by the CA in CLICKHOUSE_CA_CERTS, "
+                    f"{self.ca_certs or 'the system CAs'}, and is its port tcp_port_secure?): {text}")
         if isinstance(exc, OSError) or "NetworkError" in type(exc).__name__ or "Timeout" in type(exc).__name__:
             return f"{where} unreachable: {text}"
         return f"{where}: {type(exc).__name__}: {text}"
@@ -262,11 +289,11 @@ class ClickHouseStore(Store):
     def _ensure_schema(self, client) -> None:
         def statements(c) -> list[str]:
             version = _schema_version(c, self.db)
-            if version > SCHEMA_VERSION:
+            if version > CH_SCHEMA_VERSION:
                 raise RuntimeError(f"database {self.db} has schema version {version}, newer than this program's "
-                                   f"{SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
+                                   f"{CH_SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
             out: list = []
-            for target in range(version + 1, SCHEMA_VERSION + 1):
+            for target in range(version + 1, CH_SCHEMA_VERSION + 1):
                 out += MIGRATIONS[target](self.db)
                 out.append((f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))]))
             if self.cluster:
@@ -343,9 +370,10 @@ class ClickHouseStore(Store):
         alert_period = _alert_period(batch)
         lo = min(lo, alert_period) if alert_period is not None else lo
         hi = max(hi, alert_period) if alert_period is not None and periods else hi
-        found = client.execute(f"SELECT count() FROM {self._t('commits')} WHERE sensor = %(s)s AND period >= %(lo)s "
-                               f"AND period <= %(hi)s AND batch = %(b)s",
-                               {"s": sensor, "lo": lo, "hi": hi, "b": batch.batch_id})
+        empty = not batch.rows() and not batch.replaces and not batch.hours_done and not batch.origins
+        found = None if empty else client.execute(  # a heartbeat (no rows) counts nothing: no look-up needed
+            f"SELECT count() FROM {self._t('commits')} WHERE sensor = %(s)s AND period >= %(lo)s "
+            f"AND period <= %(hi)s AND batch = %(b)s", {"s": sensor, "lo": lo, "hi": hi, "b": batch.batch_id})
         if found and found[0][0]:
             self.batches_skipped += 1
             log.info("store: batch %s is already in ClickHouse (re-sent after a lost acknowledgement); not written "
@@ -360,11 +388,19 @@ class ClickHouseStore(Store):
         for row in batch.origins:
             client.execute(f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) VALUES",
                            [list(row)])
-        fallback = lo if periods else (alert_period or 0)
+        if (sec := batch.frames.get("seconds")) is not None and len(sec):
+            self._insert(client, "seconds_1m", minute_rows(sec), ver)
+        # A batch without rows (a sensor's heartbeat) commits under the wall clock's minute: its flush is
+        # recent, and commits_max keeps one heartbeat row per sensor and minute.
+        fallback = lo if periods else (alert_period or int(time.time()) // 60 * 60)
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
-        # The commit: one block into one table on the sensor's shard; until it lands, the rows above count nowhere.
+        # The commit: one block into one table on the sensor's shard; until it lands, the rows above count
+        # nowhere. Then the batch-id record (`commits`): an attempt cut off between the two is not found
+        # by id, so its retry writes the same segments under a newer version, which is the one that counts.
+        client.execute(f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
+                       [(c[0], c[4], c[2], c[3]) for c in commit])
         client.execute(f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
                        commit)
 
@@ -379,7 +415,7 @@ class ClickHouseStore(Store):
     def _insert(self, client, table: str, frame: pd.DataFrame, ver: int) -> None:
         if frame is None or not len(frame):
             return
-        cols = columns(table)
+        cols = list(frame.columns) if table == "seconds_1m" else columns(table)
         data = [_column(frame[c], table, c) for c in cols]
         data.append([ver] * len(frame))
         client.execute(f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
@@ -463,7 +499,7 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return 0
             quoted = "'" + origin.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            tables = [*SEG_TABLES, "alerts", "origins"]
+            tables = [*SEG_TABLES, "seconds_1m", "alerts", "origins"]
             try:
                 self._each_shard(self._client, lambda c: [f"ALTER TABLE {self.db}.{t} DELETE WHERE origin = {quoted}"
                                                           for t in tables])
@@ -475,7 +511,7 @@ class ClickHouseStore(Store):
 
     def _visible(self, table: str) -> str:
         """The condition that keeps, of a segment's rows, those of its newest committed version."""
-        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits "
+        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits_max "
                 f"WHERE period >= $m0 - 3600 AND period <= $until{{sensor}} GROUP BY sensor, seg)")
 
     def _rewrite(self, sql: str, params: dict[str, Any]) -> str:
@@ -484,7 +520,7 @@ class ClickHouseStore(Store):
 
         def table(m: re.Match) -> str:
             name = m.group(1)
-            if name not in SEG_TABLES:
+            if name not in SEG_TABLES and name != "seconds_1m":
                 raise ValueError(f"no ClickHouse rewrite for table {name}")
             return f"FROM {self._t(name)} WHERE {self._visible(name).replace('{sensor}', sensor)} AND "
 
@@ -516,20 +552,97 @@ class ClickHouseStore(Store):
     def _bucket(self, col: str, width: int) -> str:
         return f"(intDiv({col}, {width}) * {width})"
 
+    def _parts(self, r: TimeRange) -> list[tuple[str, str]] | None:
+        """A long range as (table, condition) parts: its whole minutes from `seconds_1m`, the seconds
+        before the first and after the last whole minute from `seconds`; None for a short range (one
+        part, `seconds`: a live view's last minutes stay per second)."""
+        m_lo = -(-r.since // 60) * 60
+        m_hi = (min(r.until, 2 ** 61) + 1) // 60 * 60
+        if m_hi - m_lo < MINUTES_FROM_S:
+            return None
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        return [("seconds", f"((ts >= $since AND ts < {m_lo}) OR (ts >= {m_hi} AND ts <= $until)){sensor}"),
+                ("seconds_1m", f"minute >= {m_lo} AND minute < {m_hi}{sensor}")]
+
     def totals(self, r: TimeRange) -> dict[str, Any]:
-        """As the base, with no first/last time for an empty range (ClickHouse's min() of nothing is 0)."""
-        out = super().totals(r)
+        """As the base (a long range's whole minutes read per minute), with no first/last time for an
+        empty range (ClickHouse's min() of nothing is 0)."""
+        parts = self._parts(r)
+        if parts is None:
+            out = super().totals(r)
+        else:
+            inner = ", ".join(f"sum({c}) AS {c}" for c in SECOND_VALUES)
+            union = " UNION ALL ".join(f"SELECT {inner}, min(min_ts) AS lo, max(max_ts) AS hi, count() AS n "
+                                       f"FROM {t} WHERE {cond}" for t, cond in parts)
+            outer = ", ".join(f"{self._sum(c)} AS {c}" for c in SECOND_VALUES)
+            df = self._query(f"SELECT {outer}, minIf(lo, n > 0) AS min_ts, maxIf(hi, n > 0) AS max_ts FROM ({union})",
+                             r.params())
+            row = df.iloc[0]
+            out = {c: int(row[c]) for c in SECOND_VALUES}
+            out["min_ts"], out["max_ts"] = float(row["min_ts"]), float(row["max_ts"])
         if not out["packets"]:
             out["min_ts"] = out["max_ts"] = None
         return out
 
+    def series(self, r: TimeRange, bin_s: int = 1, cols: tuple[str, ...] = tuple(SECOND_VALUES)) -> pd.DataFrame:
+        """As the base; bins of whole minutes over a long range add up per-minute rows."""
+        parts = self._parts(r)
+        if parts is None or bin_s % 60:
+            return super().series(r, bin_s, cols)
+        inner = ", ".join(f"sum({c}) AS {c}" for c in cols)
+        union = " UNION ALL ".join(f"SELECT {self._bucket(col, int(bin_s))} AS t, {inner} FROM {t} WHERE {cond} "
+                                   f"GROUP BY t" for (t, cond), col in zip(parts, ("ts", "minute")))
+        outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
+        return self._query(f"SELECT t, {outer} FROM ({union}) GROUP BY t ORDER BY t", r.params())
+
+    def _source(self, table: str, r: TimeRange, cols: str, cond: str = "TRUE") -> str:
+        """As the base, leaving out the parts whose time range is empty (a range that starts or ends on an
+        hour): each part is one more Distributed query with its own visibility look-up."""
+        h0, h1 = r.full_hours()
+        if h0 == h1:
+            return super()._source(table, r, cols, cond)
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        ranges = []
+        if r.first_minute < h0:
+            ranges.append((table, f"minute >= $m0 AND minute < {h0}"))
+        if h1 <= r.until:
+            ranges.append((table, f"minute >= {h1} AND minute <= $until"))
+        start = h0
+        for hour in self._open_hours(r, h0, h1):
+            if hour > start:
+                ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {hour}"))
+            ranges.append((table, f"minute >= {hour} AND minute < {hour + 3600}"))
+            start = hour + 3600
+        if start < h1:
+            ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
+        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in ranges]
+        return "(" + " UNION ALL ".join(parts) + ")"
+
+    def sensor_series(self, r: TimeRange, bin_s: int, cols: tuple[str, ...] = ("packets", "bytes")) -> pd.DataFrame:
+        """Per sensor and bin (`sensor`, `t`, then `cols`): the fleet page's sparklines in one query."""
+        parts = self._parts(r)
+        if parts is None or bin_s % 60:
+            parts = [("seconds", self._where(r, "ts"))]
+        inner = ", ".join(f"sum({c}) AS {c}" for c in cols)
+        union = " UNION ALL ".join(f"SELECT sensor, {self._bucket(col, int(bin_s))} AS t, {inner} FROM {t} "
+                                   f"WHERE {cond} GROUP BY sensor, t"
+                                   for (t, cond), col in zip(parts, ("ts", "minute")))
+        outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
+        df = self._query(f"SELECT sensor, t, {outer} FROM ({union}) GROUP BY sensor, t ORDER BY sensor, t",
+                         r.params())
+        return df if len(df) else pd.DataFrame(columns=["sensor", "t", *cols])
+
     def extent(self, r: TimeRange = TimeRange()) -> tuple[int, int] | None:  # noqa: B008  (as the base)
         """(first, last) second holding traffic in the range, or None when it is empty."""
-        df = self._query(f"SELECT min(ts) AS lo, max(ts) AS hi, count() AS n FROM seconds WHERE {self._where(r, 'ts')}",
-                         r.params())
-        if not len(df) or not int(df.iloc[0]["n"]):
+        parts = self._parts(r) or [("seconds", self._where(r, "ts"))]
+        bounds = {"seconds": ("toFloat64(ts)", "toFloat64(ts)"), "seconds_1m": ("min_ts", "max_ts")}
+        union = " UNION ALL ".join(f"SELECT min({bounds[t][0]}) AS lo, max({bounds[t][1]}) AS hi, count() AS n "
+                                   f"FROM {t} WHERE {cond}" for t, cond in parts)
+        df = self._query(f"SELECT minIf(lo, n > 0) AS first, maxIf(hi, n > 0) AS last, sum(n) AS found "
+                         f"FROM ({union})", r.params())
+        if not len(df) or not int(df.iloc[0]["found"]):
             return None
-        return int(df.iloc[0]["lo"]), int(df.iloc[0]["hi"])
+        return int(np.floor(df.iloc[0]["first"])), int(np.floor(df.iloc[0]["last"]))
 
     def alerts(self, r: TimeRange) -> pd.DataFrame:
         """Alerts active at some moment of the range (each alert's newest committed version), newest first."""
@@ -550,10 +663,14 @@ class ClickHouseStore(Store):
                          f"max(created) AS created, sensor FROM {self._t('origins')} GROUP BY sensor, origin "
                          f"ORDER BY created", {})
 
-    def sensors(self) -> pd.DataFrame:
-        """Every sensor with its interfaces, last flush (wall time) and newest second of traffic."""
-        return self._run(f"SELECT sensor, max(wall) AS last_flush, max(period) AS last_period "
-                         f"FROM {self._t('commits')} GROUP BY sensor ORDER BY sensor", {})
+    def sensors(self, since: int = 0) -> pd.DataFrame:
+        """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
+
+        Read from commits_max (a few rows per sensor and minute once merged, not one per flush): a version
+        is the wall clock in microseconds when the write began (next_version), so the newest is the last flush."""
+        return self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
+                         f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
+                         {"since": int(since)})
 
 
 def _schema_version(client, db: str) -> int:
@@ -581,6 +698,18 @@ def _segments(batch: StoreBatch) -> dict[int, int | None]:
     for s in (*batch.replaces, *batch.hours_done):
         out.setdefault(int(s), None)
     return out
+
+
+def minute_rows(sec: pd.DataFrame) -> pd.DataFrame:
+    """The `seconds_1m` rows of a batch's per-second rows: sums per (sensor, iface, origin, segment, minute).
+
+    A batch holds every second of each segment it writes (the rollup writes a segment whole), so a
+    segment's minute row is exact, and each version of it replaces the last as the second rows do."""
+    keys = ["sensor", "iface", "origin", "seg"]
+    df = sec.astype({k: str for k in keys[:3]}).assign(minute=sec["ts"].to_numpy(np.int64) // 60 * 60)
+    agg = {**{c: "sum" for c in SECOND_VALUES}, "min_ts": "min", "max_ts": "max"}
+    out = df.groupby([*keys, "minute"], sort=False, observed=True).agg(agg).reset_index()
+    return out[[*keys, "minute", *SECOND_VALUES, "min_ts", "max_ts"]]
 
 
 def _alert_period(batch: StoreBatch) -> int | None:

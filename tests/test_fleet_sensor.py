@@ -41,11 +41,13 @@ def metrics_port() -> int:
 class SensorProc:
     """A `packet_processor.py sensor` process with its metrics endpoint."""
 
-    def __init__(self, name: str, port: int, address: str, spool: Path, log: Path, env: dict) -> None:
+    def __init__(self, name: str, port: int, address: str, spool: Path, log: Path, env: dict,
+                 cluster_name: str | None = "fleet") -> None:
         self.name, self.mport, self.log = name, metrics_port(), log
         cmd = [PYTHON, str(ROOT / "packet_processor.py"), "sensor", "--name", name, "--iface", "lo",
-               "--filter", f"udp and dst port {port}", "--clickhouse", address, "--cluster", "fleet",
+               "--filter", f"udp and dst port {port}", "--clickhouse", address,
                "--spool", str(spool), "--metrics-port", str(self.mport)]
+        cmd += ["--cluster", cluster_name] if cluster_name else []
         self.err = open(log, "w")  # noqa: SIM115  (closed in finish/kill)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.err, text=True, env=env)
         assert wait_for(lambda: self.metrics() is not None, timeout=30), self.log.read_text()

@@ -9,7 +9,7 @@ from fleethelp import cluster  # noqa: F401  (the module's cluster fixture)
 from storehelp import udp_burst
 
 from store.base import SCHEMA_VERSION, TimeRange
-from store.clickhouse import ClickHouseStore, create_sql
+from store.clickhouse import CH_SCHEMA_VERSION, ClickHouseStore, create_sql
 from store.embedded import MIGRATIONS, EmbeddedStore
 from store.rollup import Rollup
 
@@ -113,6 +113,6 @@ def test_clickhouse_documents_and_migration_from_version_1(cluster):  # noqa: F8
     for shard in (1, 2):
         versions = cluster.query("SELECT max(toInt64(value)) FROM t_v1.meta WHERE key = 'schema_version'",
                                  shard=shard)
-        assert versions[0][0] == SCHEMA_VERSION
+        assert versions[0][0] == CH_SCHEMA_VERSION
         assert cluster.query("SELECT count() FROM system.tables WHERE database = 't_v1' AND name = 'documents'",
                              shard=shard)[0][0] == 1
