@@ -11,7 +11,7 @@ from fleethelp import cluster  # noqa: F401  (the module's cluster fixture)
 from storehelp import udp_burst
 
 from store.base import TimeRange
-from store.clickhouse import ClickHouseStore
+from store.clickhouse import CH_SCHEMA_VERSION, ClickHouseStore
 from store.embedded import EmbeddedStore
 from store.history import history_summary, series
 from store.rollup import Rollup
@@ -107,7 +107,7 @@ def test_a_version_1_database_is_migrated_with_its_rows(cluster):  # noqa: F811
     want = expected(batches, H0, H0 + 3 * 3600)
     ch.close()
     for shard in (1, 2):  # back to what a version-1 program left
-        for table in ("seconds_1m", "seconds_1m_d", "commits_max", "commits_max_d", "meta"):
+        for table in ("seconds_1m", "seconds_1m_d", "commits_max", "commits_max_d", "documents", "documents_d", "meta"):
             cluster.query(f"DROP TABLE IF EXISTS {db}.{table}", shard=shard)
         cluster.query(f"CREATE TABLE {db}.meta (key String, value String) ENGINE = TinyLog", shard=shard)
         cluster.query(f"INSERT INTO {db}.meta (key, value) VALUES", [("schema_version", "1")], shard=shard)
@@ -115,5 +115,5 @@ def test_a_version_1_database_is_migrated_with_its_rows(cluster):  # noqa: F811
     assert again.open(), again.status().message
     t = again.totals(TimeRange(H0, H0 + 3 * 3600))
     assert (t["packets"], t["bytes"]) == want
-    assert int(cluster.query(f"SELECT max(toInt64(value)) FROM {db}.meta")[0][0]) == 2
+    assert int(cluster.query(f"SELECT max(toInt64(value)) FROM {db}.meta")[0][0]) == CH_SCHEMA_VERSION
     again.close()

@@ -183,7 +183,7 @@ def test_sensor_killed_while_spooled_and_restarted_counts_once(cluster, tmp_path
             assert any(p.is_dir() for p in spool.iterdir())  # killed mid-spool
             second = SensorProc(ON_SHARD_1, port, cluster.address(1), spool, tmp_path / "s2.log", env)
             send_udp(port, 80)
-            assert wait_metric(second, "ntm_sensor_packets_total", lambda v: v == 80)
+            assert wait_metric(second, "ntm_sensor_packets_total", lambda v: v == 80), second.metrics()
         finally:
             cluster.start_shard(1)
         assert wait_metric(second, "ntm_sensor_spool_batches", lambda v: v == 0)
