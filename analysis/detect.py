@@ -19,6 +19,7 @@ of about n^2 / 2^65, under 1e-10 for a full table.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, replace
@@ -320,6 +321,14 @@ class _Unique:
             self._shrink()
         return dict(zip(grown, map(rows.__getitem__, at)))
 
+    def counts(self, keys: np.ndarray) -> np.ndarray:
+        """The distinct items counted for each key (int64 hashes) this epoch, 0 for keys not counted."""
+        return np.fromiter(map(self.count.__getitem__, keys.tolist()), np.int64, len(keys))
+
+    def first_of(self, key: int, default: float) -> float:
+        """The time of the key's first counted item this epoch (default when it has none)."""
+        return self.first.get(key, default)
+
     def _shrink(self) -> None:
         keys = np.fromiter(self.count.keys(), np.int64, len(self.count))
         vals = np.fromiter(self.count.values(), np.int64, len(self.count))
@@ -329,6 +338,169 @@ class _Unique:
         keep = keep.tolist()
         self.count = Counter(dict(zip(keep, map(self.count.__getitem__, keep))))
         self.first = dict(zip(keep, map(self.first.__getitem__, keep)))
+
+
+class _NSet:
+    """A set of uint64 keys for native/detect.c (its `hset`): the keys in insertion order in a dense numpy
+    array, with an open-addressing index of their positions (-1: empty) at least twice as large, and
+    optional value columns beside the keys. Numpy arrays, so the set pickles with the detectors."""
+
+    def __init__(self, values: tuple[tuple[str, Any], ...] = (), room: int = 1024) -> None:
+        self.n = 0
+        self.keys = np.zeros(room, np.uint64)
+        self.index = np.full(2 * room, -1, np.int64)
+        self.values = {name: np.zeros(room, dt) for name, dt in values}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more keys (a call into C never grows a set itself)."""
+        need = self.n + extra
+        if need <= len(self.keys):
+            return
+        room = 1 << max(need - 1, 1).bit_length()
+        keys = np.zeros(room, np.uint64)
+        keys[:self.n] = self.keys[:self.n]
+        self.keys, self.index = keys, np.empty(2 * room, np.int64)
+        for name, col in self.values.items():
+            grown = np.zeros(room, col.dtype)
+            grown[:self.n] = col[:self.n]
+            self.values[name] = grown
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the index over keys[:n] (after the keys moved)."""
+        s = self.struct()
+        native.function("ntm_hset_reindex")(ctypes.byref(s))
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self.n = 0
+        self.index.fill(-1)
+
+    def struct(self) -> _HSetC:
+        """The C view of the set (rebuilt per call: the arrays may have moved)."""
+        return _HSetC(self.keys.ctypes.data, self.index.ctypes.data, len(self.index) - 1, self.n)
+
+
+class _HSetC(ctypes.Structure):
+    _fields_ = [("keys", ctypes.c_void_p), ("index", ctypes.c_void_p), ("mask", ctypes.c_int64),
+                ("n", ctypes.c_int64)]
+
+
+class _UniqueStateC(ctypes.Structure):
+    _fields_ = [("one_key", ctypes.c_void_p), ("one_item", ctypes.c_void_p), ("one_ts", ctypes.c_void_p),
+                ("one_mask", ctypes.c_uint64), ("multi", _HSetC), ("seen", _HSetC), ("count", _HSetC),
+                ("cnt", ctypes.c_void_p), ("first", ctypes.c_void_p), ("seen_max", ctypes.c_int64),
+                ("lossy", ctypes.c_int64)]
+
+
+class _UniqueNative(_Unique):
+    """_Unique with its add() in native/detect.c: the same state changes and results, held in _NSet
+    tables (multi, seen, and count with each key's count and first time) instead of Python sets."""
+
+    def reset(self) -> None:
+        """Start a new epoch: drop the whole table."""
+        self.one_key[:] = 0
+        if getattr(self, "multi_set", None) is None:
+            self.multi_set, self.seen_set = _NSet(), _NSet()
+            self.count_set = _NSet((("cnt", np.int64), ("first", np.float64)))
+        else:
+            for table in (self.multi_set, self.seen_set, self.count_set):
+                table.clear()
+        self.lossy = False
+
+    def __len__(self) -> int:
+        return len(self.seen_set) + 2 * len(self.count_set) + len(self.multi_set)
+
+    def _state(self) -> _UniqueStateC:
+        c = self.count_set
+        return _UniqueStateC(self.one_key.ctypes.data, self.one_item.ctypes.data, self.one_ts.ctypes.data,
+                             int(self.mask), self.multi_set.struct(), self.seen_set.struct(), c.struct(),
+                             c.values["cnt"].ctypes.data, c.values["first"].ctypes.data, 4 * self.cap,
+                             int(self.lossy))
+
+    def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As _Unique.add, the promoted keys that grew as arrays: (keys as int64, a row of each)."""
+        n = len(keys)
+        self.multi_set.reserve(n)
+        self.seen_set.reserve(2 * n)
+        self.count_set.reserve(2 * n)
+        keys, items = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(items, np.uint64)
+        ts = np.ascontiguousarray(ts, np.float64)
+        out_key, out_row = np.empty(2 * n, np.uint64), np.empty(2 * n, np.int64)
+        st = self._state()
+        got = native.function("ntm_unique_add")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
+                                                ts.ctypes.data, n, out_key.ctypes.data, out_row.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of the scan tables")
+        self.multi_set.n, self.seen_set.n, self.count_set.n = st.multi.n, st.seen.n, st.count.n
+        self.lossy = bool(st.lossy)
+        if self.count_set.n > self.cap:
+            self._shrink()
+        return out_key[:got].view(np.int64), out_row[:got]
+
+    def _shrink(self) -> None:
+        c = self.count_set
+        keys, vals = c.keys[:c.n].view(np.int64), c.values["cnt"][:c.n]
+        keep = keys[np.argpartition(-vals, self.cap // 2)[:self.cap // 2]]  # as _Unique._shrink: the same keys
+        at = self.lookup_rows(keep)
+        c.keys[:len(keep)] = keep.view(np.uint64)
+        for col in c.values.values():
+            col[:len(keep)] = col[at]
+        c.n = len(keep)
+        c.reindex()
+        m = self.multi_set
+        m.keys[:len(keep)] = np.sort(keep.view(np.uint64))
+        m.n = len(keep)
+        m.reindex()
+
+    def lookup_rows(self, keys: np.ndarray) -> np.ndarray:
+        """The dense positions of counted keys (int64 hashes) in count_set."""
+        c = self.count_set
+        order = np.argsort(c.keys[:c.n])
+        return order[np.searchsorted(c.keys[:c.n], keys.view(np.uint64), sorter=order)]
+
+    def counts(self, keys: np.ndarray) -> np.ndarray:
+        """The distinct items counted for each key (int64 hashes) this epoch, 0 for keys not counted."""
+        keys = np.ascontiguousarray(keys).view(np.uint64)
+        count, first = np.empty(len(keys), np.int64), np.empty(len(keys), np.float64)
+        st = self._state()
+        native.function("ntm_unique_lookup")(ctypes.byref(st), keys.ctypes.data, len(keys), count.ctypes.data,
+                                             first.ctypes.data)
+        return count
+
+    def first_of(self, key: int, default: float) -> float:
+        """The time of the key's first counted item this epoch (default when it has none)."""
+        c = self.count_set
+        at = native.function("ntm_hset_find")(ctypes.byref(c.struct()), ctypes.c_uint64(key & _U64))
+        return float(c.values["first"][at]) if at >= 0 else default
+
+
+_U64 = (1 << 64) - 1
+
+
+def _nset_add(table: _NSet, keys: np.ndarray) -> None:
+    """Add keys (uint64 hashes) to a native set, in order."""
+    if len(keys):
+        table.reserve(len(keys))
+        keys = np.ascontiguousarray(keys, np.uint64)
+        s = table.struct()
+        native.function("ntm_hset_add")(ctypes.byref(s), keys.ctypes.data, len(keys))
+        table.n = s.n
+
+
+def _unique(cap: int) -> _Unique:
+    """A _Unique table: the compiled one when native/detect.c is built (NATIVE_TABLES), else the reference."""
+    return _UniqueNative(cap) if _native_tables() else _Unique(cap)
+
+
+NATIVE_TABLES = True  # tests set it to False to build the pure numpy/Python reference detectors
+
+
+def _native_tables() -> bool:
+    return NATIVE_TABLES and native.function("ntm_unique_add") is not None
 
 
 def _slots(cap: int) -> int:
@@ -597,9 +769,9 @@ class _ScanEpochs:
     def __init__(self, window: float, offset: float, cap: int) -> None:
         self.window, self.offset, self.cap = window, offset, cap
         self.epoch: int | None = None
-        self.vertical = _Unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
-        self.horizontal = _Unique(cap)  # (scanner, proto, port) -> distinct targets that failed
-        self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
+        self.vertical = _unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
+        self.horizontal = _unique(cap)  # (scanner, proto, port) -> distinct targets that failed
+        self.stealth = _unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
         self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts
 
     def parts(self, ts: np.ndarray):
@@ -626,12 +798,18 @@ class _ScanEpochs:
         self.answered = Counter()
 
 
-def _reached(table: _Unique, grown: dict[int, int], threshold: int) -> list[tuple[int, int, int]]:
+def _reached(table: _Unique, grown: dict[int, int] | tuple[np.ndarray, np.ndarray],
+             threshold: int) -> list[tuple[int, int, int]]:
     """(key, row, distinct count) of the grown keys whose count reached `threshold`."""
+    if isinstance(grown, tuple):  # the compiled table's (keys, rows)
+        keys, rows = grown
+        counts = table.counts(keys)
+        hot = np.flatnonzero(counts >= threshold)
+        return list(zip(keys[hot].tolist(), rows[hot].tolist(), counts[hot].tolist()))
     if not grown:
         return []
     keys = list(grown)
-    counts = np.fromiter(map(table.count.__getitem__, keys), np.int64, len(keys))
+    counts = table.counts(np.array(keys, np.int64))
     hot = counts >= threshold
     return [(k, grown[k], n) for k, n in zip(compress(keys, hot), counts[hot].tolist())]
 
@@ -745,8 +923,10 @@ class Detectors:
         self.seconds_seen = 0
         self.active_seconds = 0  # seconds that had traffic: the new-host learning clock
         self.learn_end = float("inf")  # capture time when NEW_HOST_LEARN_S seconds of traffic were learned
-        self.known_hosts: set[int] = set()  # local addresses learned before learn_end: never evicted
-        self.reported_hosts: set[int] = set()  # new hosts already reported (emptied beyond cap: a repeat updates)
+        # Local addresses learned before learn_end (never evicted), and new hosts already reported (emptied
+        # beyond cap: a repeat updates): Python sets, or the same in native/detect.c's tables.
+        self.known_hosts: set[int] | _NSet = _NSet() if _native_tables() else set()
+        self.reported_hosts: set[int] | _NSet = _NSet() if _native_tables() else set()
         self.local_nets = LocalMatcher(nets=parse_nets(config.get("LOCAL_NETS")))
         self.learn = config.get("NEW_HOST_LEARN_S")
 
@@ -921,7 +1101,7 @@ class Detectors:
     @staticmethod
     def _vertical_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, target = float(r["ts"]), addr_text(r["t"])
-        first = ph.vertical.first.get(key, ts)
+        first = ph.vertical.first_of(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
             if ph.vertical.lossy else ""
         book.raise_alert(
@@ -934,7 +1114,7 @@ class Detectors:
     @staticmethod
     def _horizontal_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, service = float(r["ts"]), f"{PROTO_NAME.get(int(r['proto']), r['proto'])}/{int(r['port'])}"
-        first = ph.horizontal.first.get(key, ts)
+        first = ph.horizontal.first_of(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
             if ph.horizontal.lossy else ""
         book.raise_alert(
@@ -1139,22 +1319,9 @@ class Detectors:
         ip = ip[(self.local_nets.kinds(arr["src"][ip]) == LocalMatcher.OURS) & ~np.isin(b.hs[ip], _UNSPEC)]
         if not len(ip):
             return
-        keys = _ints(b.hs[ip])
-        first = dict(zip(reversed(keys), reversed(ip.tolist())))  # address -> its first row of the batch
-        fresh = first.keys() - self.known_hosts - self.reported_hosts
-        if not fresh:
-            return
-        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
-        learning = arr["ts"][rows] < self.learn_end
-        if learning.any():
-            room = max(self.cap - len(self.known_hosts), 0)
-            self.known_hosts.update(islice(_ints(b.hs[rows[learning]]), room))
-        rows = rows[~learning]
+        rows = self._fresh_hosts(b, ip)
         if not len(rows):
             return
-        if len(self.reported_hosts) + len(rows) > self.cap:
-            self.reported_hosts.clear()
-        self.reported_hosts.update(_ints(b.hs[rows]))
         shown = rows[:self.alerts_per_batch]
         book.count_suppressed("new_host", len(rows) - len(shown))
         for i in shown.tolist():
@@ -1164,6 +1331,49 @@ class Detectors:
                              f"{src} sent its first packet after {self.active_seconds:,} seconds "
                              f"of traffic (learning period {self.learn:g} s)",
                              "A device or address not seen before: check that it belongs on this network.")
+
+    def _fresh_hosts(self, b: _Batch, ip: np.ndarray) -> np.ndarray:
+        """Of the rows ip (local sources), the first row of each address new to both host tables, learned
+        (before learn_end) or reported (after); the rows to report, in order."""
+        if isinstance(self.known_hosts, _NSet):
+            return self._fresh_hosts_native(b, ip)
+        keys = _ints(b.hs[ip])
+        first = dict(zip(reversed(keys), reversed(ip.tolist())))  # address -> its first row of the batch
+        fresh = first.keys() - self.known_hosts - self.reported_hosts
+        if not fresh:
+            return ip[:0]
+        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
+        learning = b.arr["ts"][rows] < self.learn_end
+        if learning.any():
+            room = max(self.cap - len(self.known_hosts), 0)
+            self.known_hosts.update(islice(_ints(b.hs[rows[learning]]), room))
+        rows = rows[~learning]
+        if not len(rows):
+            return rows
+        if len(self.reported_hosts) + len(rows) > self.cap:
+            self.reported_hosts.clear()
+        self.reported_hosts.update(_ints(b.hs[rows]))
+        return rows
+
+    def _fresh_hosts_native(self, b: _Batch, ip: np.ndarray) -> np.ndarray:
+        """_fresh_hosts with the tables in native/detect.c (the same rows and the same table contents)."""
+        known, reported = self.known_hosts, self.reported_hosts
+        keys, ip = np.ascontiguousarray(b.hs[ip]), np.ascontiguousarray(ip, np.int64)
+        out = np.empty(len(ip), np.int64)
+        got = native.function("ntm_new_hosts")(ctypes.byref(known.struct()), ctypes.byref(reported.struct()),
+                                               keys.ctypes.data, ip.ctypes.data, len(ip), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of new hosts")
+        rows = out[:got]
+        learning = b.arr["ts"][rows] < self.learn_end
+        if learning.any():
+            _nset_add(known, b.hs[rows[learning]][:max(self.cap - len(known), 0)])
+        rows = rows[~learning]
+        if len(rows):
+            if len(reported) + len(rows) > self.cap:
+                reported.clear()
+            _nset_add(reported, b.hs[rows])
+        return rows
 
     # -- ARP ----------------------------------------------------------------------------
 
