@@ -375,9 +375,10 @@ class _NSet:
         native.function("ntm_hset_reindex")(ctypes.byref(s))
 
     def clear(self) -> None:
-        """Forget every key."""
+        """Forget every key (in time proportional to them, not to the index)."""
+        s = self.struct()
+        native.function("ntm_hset_clear")(ctypes.byref(s))
         self.n = 0
-        self.index.fill(-1)
 
     def struct(self) -> _HSetC:
         """The C view of the set (rebuilt per call: the arrays may have moved)."""
@@ -648,6 +649,87 @@ class _Recent:
         return out
 
 
+class _PendingNative(_Pending):
+    """_Pending with add, answer and contains in native/detect.c: the same slots, the same probes out."""
+
+    def _c(self) -> tuple:
+        f = ATTEMPT_DTYPE.fields
+        return self.slots.ctypes.data, ATTEMPT_DTYPE.itemsize, f["h"][1]
+
+    def add(self, probes: np.ndarray) -> np.ndarray:
+        """Hold ATTEMPT_DTYPE rows until answered or expired; the probes pushed out (to count as unanswered)."""
+        if not len(probes):
+            return probes
+        if self.sweep_at is None:
+            self.sweep_at = float(probes["ts"].min()) + self.period
+        probes = np.ascontiguousarray(probes)
+        out = np.empty(len(probes), ATTEMPT_DTYPE)
+        slots, rec, off_h = self._c()
+        got = native.function("ntm_pending_add")(slots, rec, off_h, ATTEMPT_DTYPE.fields["ts"][1], int(self.mask),
+                                                 probes.ctypes.data, len(probes), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of probes")
+        return out[:got]
+
+    def _lookup(self, keys: np.ndarray, remove: bool) -> np.ndarray:
+        keys = np.ascontiguousarray(keys, np.uint64)
+        hit, where = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
+        slots, rec, off_h = self._c()
+        native.function("ntm_pending_answer")(slots, rec, off_h, int(self.mask), keys.ctypes.data, len(keys),
+                                              hit.ctypes.data, int(remove), where.ctypes.data)
+        return hit.view(bool)
+
+    def answer(self, keys: np.ndarray) -> np.ndarray:
+        """Remove the pending probes among `keys` (uint64 hashes); which of them were pending."""
+        return self._lookup(keys, True)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys are pending."""
+        return self._lookup(keys, False)
+
+
+class _RecentNative(_Recent):
+    """_Recent with add, contains and pop in native/detect.c: the same slots, the same answers."""
+
+    def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
+        """Remember keys at times ts (a key twice in one call may take two slots of its bucket)."""
+        if not len(keys):
+            return
+        keys = np.ascontiguousarray(keys, np.uint64)
+        ts = np.ascontiguousarray(ts, np.float64)
+        value = np.ascontiguousarray(np.broadcast_to(value, keys.shape), np.int64)
+        if native.function("ntm_recent_add")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+                                             int(self.mask), keys.ctypes.data, ts.ctypes.data, value.ctypes.data,
+                                             len(keys)) < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of a recent-keys table")
+
+    def _find_recent(self, keys: np.ndarray, now: float, remove: bool) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.ascontiguousarray(keys, np.uint64)
+        hit, value = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
+        native.function("ntm_recent_find")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+                                           int(self.mask), keys.ctypes.data, len(keys), now - self.period,
+                                           int(remove), hit.ctypes.data, value.ctypes.data)
+        return hit.view(bool), value
+
+    def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """Which keys were added within `period` before `now`."""
+        return self._find_recent(keys, now, False)[0]
+
+    def pop(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """The value of each key still remembered (-1 if not), forgetting it."""
+        return self._find_recent(keys, now, True)[1]
+
+
+def _pending(timeout: float, cap: int) -> _Pending:
+    """A _Pending table: compiled (native/detect.c) when it is built and NATIVE_TABLES, else the reference."""
+    return _PendingNative(timeout, cap) if _native_tables() else _Pending(timeout, cap)
+
+
+def _recent(period: float, cap: int) -> _Recent:
+    """A _Recent table: compiled (native/detect.c) when it is built and NATIVE_TABLES, else the reference."""
+    return _RecentNative(period, cap) if _native_tables() else _Recent(period, cap)
+
+
 class _PairSet:
     """The (destination, source) pairs of the current second, in numpy buckets of WAYS slots stamped with
     their second (a new second needs no clearing). Counting is exact while every pair finds a slot; a
@@ -692,6 +774,20 @@ class _PairSet:
         return counted, bool((~fits).any())
 
 
+class _PairSetNative(_PairSet):
+    """_PairSet with add in native/detect.c: the same slots, the same rows counted."""
+
+    def add(self, pairs: np.ndarray, second: int) -> tuple[np.ndarray, bool]:
+        """(rows whose pair is new this second and now stored, whether some new pair found no slot)."""
+        pairs = np.ascontiguousarray(pairs, np.uint64)
+        counted = np.empty(len(pairs), np.uint8)
+        missed = native.function("ntm_pairs_add")(self.keys.ctypes.data, self.stamp.ctypes.data, int(self.mask),
+                                                  pairs.ctypes.data, len(pairs), int(second), counted.ctypes.data)
+        if missed < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of pairs")
+        return counted.view(bool), bool(missed)
+
+
 def _first_rows(h: np.ndarray) -> np.ndarray:
     """The first row of each distinct hash (one plain sort of (hash, row) packed into a uint64; the hash
     keeps its top 64 - log2(rows) bits, 48 for 65,536 rows: a merge of two has odds under 1e-5)."""
@@ -713,7 +809,7 @@ class _ReflectSecond:
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
-        self.pairs = _PairSet(cap)
+        self.pairs = _PairSetNative(cap) if _native_tables() else _PairSet(cap)
         self.start(-(2 ** 62))
 
     def start(self, second: int) -> None:
@@ -874,6 +970,53 @@ class _Second:
                 np.where(found, self.sources[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0))
 
 
+class _SecondNative(_Second):
+    """_Second with its per-destination counts in a native/detect.c set (packets and sources beside each
+    key): the same counts for every key, without inserting into sorted arrays."""
+
+    def __init__(self, cap: int) -> None:
+        self.table = _NSet((("packets", np.int64), ("sources", np.int64)))
+        super().__init__(cap)
+        self.pairs = _PairSetNative(cap)
+
+    def start(self, second: int) -> None:
+        """Begin counting `second`."""
+        self.second = second
+        self.table.clear()
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.table) * 3 + len(self.pairs)
+
+    def add(self, dst: np.ndarray, pairs: np.ndarray | None) -> None:
+        """Count packets to `dst` (hashes, one per packet) and, when given, their (destination, source) pairs."""
+        t = self.table
+        t.reserve(len(dst))
+        dst = np.ascontiguousarray(dst, np.uint64)
+        counted = None
+        if pairs is not None:
+            counted, missed = self.pairs.add(pairs, self.second)
+            self.full |= missed
+            counted = np.ascontiguousarray(counted).view(np.uint8)
+        s = t.struct()
+        if native.function("ntm_second_add")(ctypes.byref(s), t.values["packets"].ctypes.data,
+                                             t.values["sources"].ctypes.data, self.cap, dst.ctypes.data, len(dst),
+                                             None if counted is None else counted.ctypes.data) < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of per-second counts")
+        t.n = s.n
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packets, distinct sources) this second for each key (0 for keys not counted)."""
+        t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
+        s, out = t.struct(), []
+        for col in ("packets", "sources"):
+            got = np.empty(len(keys), np.int64)
+            native.function("ntm_hset_values")(ctypes.byref(s), t.values[col].ctypes.data, keys.ctypes.data,
+                                               len(keys), got.ctypes.data)
+            out.append(got)
+        return out[0], out[1]
+
+
 def _find(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(insertion position, present) of each key in a sorted table."""
     pos = np.searchsorted(table, keys)
@@ -900,20 +1043,21 @@ class Detectors:
         self.stealth_ports = config.get("SCAN_STEALTH_PORTS")
         self.timeout = config.get("SCAN_UNANSWERED_S")
         self.alerts_per_batch = config.get("ALERTS_PER_DETECTOR")
-        self.pending = _Pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
+        self.pending = _pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
         # Two sets of epoch tables, offset by half an epoch: a scan that fits in SCAN_WINDOW_S / 2 lies
         # wholly inside an epoch of one of them, wherever the epoch boundaries fall.
         self.phases = (_ScanEpochs(self.window, 0.0, cap), _ScanEpochs(self.window, self.window / 2, cap))
-        self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
-        self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
+        self.served = _recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
+        self.last_udp = _recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
         self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
                           "udp": config.get("UDP_FLOOD_PPS")}
-        self.seconds = {kind: _Second(cap) for kind in ("synack", "syn", "icmp", "udp")}
+        second = _SecondNative if _native_tables() else _Second
+        self.seconds = {kind: second(cap) for kind in ("synack", "syn", "icmp", "udp")}
         self.reflect_bps = config.get("REFLECTION_BPS")
         self.reflect_sources = config.get("REFLECTION_SOURCES")
-        self.asked = _Recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
-        self.fragments = _Recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
+        self.asked = _recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
+        self.fragments = _recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
         self.reflected = _ReflectSecond(cap)  # per victim over the current second
         self.spike_k = config.get("SPIKE_SIGMAS")
         self.spike_min = config.get("SPIKE_MIN_PPS")

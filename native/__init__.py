@@ -74,6 +74,14 @@ _SIGNATURES = {
     "ntm_unique_add": ("detect", _I64, [_P, _P, _P, _P, _I64, _P, _P]),
     "ntm_unique_lookup": ("detect", None, [_P, _P, _I64, _P, _P]),
     "ntm_new_hosts": ("detect", _I64, [_P, _P, _P, _P, _I64, _P]),
+    "ntm_pending_add": ("detect", _I64, [_P, _I64, _I64, _I64, ctypes.c_uint64, _P, _I64, _P]),
+    "ntm_pending_answer": ("detect", None, [_P, _I64, _I64, ctypes.c_uint64, _P, _I64, _P, _INT, _P]),
+    "ntm_hset_clear": ("detect", None, [_P]),
+    "ntm_hset_values": ("detect", None, [_P, _P, _P, _I64, _P]),
+    "ntm_pairs_add": ("detect", _I64, [_P, _P, ctypes.c_uint64, _P, _I64, _I64, _P]),
+    "ntm_second_add": ("detect", _I64, [_P, _P, _P, _I64, _P, _I64, _P]),
+    "ntm_recent_add": ("detect", _I64, [_P, _P, _P, ctypes.c_uint64, _P, _P, _P, _I64]),
+    "ntm_recent_find": ("detect", None, [_P, _P, _P, ctypes.c_uint64, _P, _I64, ctypes.c_double, _INT, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
 

@@ -320,3 +320,339 @@ void ntm_hset_add(hset *s, const uint64_t *keys, int64_t n) {
     for (int64_t i = 0; i < n; i++)
         if (hs_find(s, keys[i]) < 0) hs_add(s, keys[i]);
 }
+
+/* -- set-associative tables of WAYS slots per bucket (_Pending, _Recent, _PairSet) ------------- */
+
+#define WAYS 4
+
+static int cmp_i64(const void *x, const void *y) {
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return a < b ? -1 : a > b;
+}
+
+/* Rows sel[0:m) sorted by (bucket, row) as Python's one sort of (bucket << shift | row); returns the
+ * packed values (caller frees) or NULL. */
+static int64_t *by_bucket(const int64_t *bucket, const int64_t *sel, int64_t m, int shift) {
+    int64_t *packed = malloc((size_t)(m ? m : 1) * sizeof(int64_t));
+    if (!packed) return NULL;
+    for (int64_t j = 0; j < m; j++) packed[j] = (bucket[sel[j]] << shift) | sel[j];
+    qsort(packed, (size_t)m, sizeof(int64_t), cmp_i64);
+    return packed;
+}
+
+static int bit_length(int64_t n) {
+    int b = 0;
+    while (n > 0) b++, n >>= 1;
+    return b;
+}
+
+/* Stable argsort of WAYS doubles (numpy's order: NaN last). */
+static void argsort4(const double *v, int *order) {
+    for (int i = 0; i < WAYS; i++) order[i] = i;
+    for (int i = 1; i < WAYS; i++) {
+        int x = order[i], j = i;
+        while (j > 0 && ts_less(v[x], v[order[j - 1]])) order[j] = order[j - 1], j--;
+        order[j] = x;
+    }
+}
+
+#define REC_H(base, r) (*(uint64_t *)((base) + (r) * rec + off_h))
+#define REC_TS(base, r) (*(double *)((base) + (r) * rec + off_ts))
+
+/* _Pending.add: probes (n packed records of `rec` bytes, hash at off_h, time at off_ts) into slots
+ * (buckets x WAYS records). The probes pushed out go to out: first the older probes they replaced, in
+ * (bucket, rank) order, then the surplus newcomers of full buckets; returns how many, or -1. */
+int64_t ntm_pending_add(uint8_t *slots, int64_t rec, int64_t off_h, int64_t off_ts, uint64_t mask,
+                        const uint8_t *probes, int64_t n, uint8_t *out) {
+    int64_t *bucket = malloc((size_t)(n ? n : 1) * sizeof(int64_t)), *sel = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (!bucket || !sel) {
+        free(bucket);
+        free(sel);
+        return -1;
+    }
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t h = REC_H(probes, i);
+        int64_t b = (int64_t)(h & mask);
+        bucket[i] = b;
+        int present = 0;
+        for (int w = 0; w < WAYS; w++) present |= REC_H(slots, b * WAYS + w) == h;
+        if (!present) sel[m++] = i;
+    }
+    int shift = bit_length(n) > 1 ? bit_length(n) : 1;
+    int64_t *packed = by_bucket(bucket, sel, m, shift);
+    int64_t nout = 0, nover = 0;
+    int64_t *over = malloc((size_t)(m ? m : 1) * sizeof(int64_t));
+    if (!packed || !over) {
+        free(bucket), free(sel), free(packed), free(over);
+        return -1;
+    }
+    int64_t lowmask = ((int64_t)1 << shift) - 1;
+    int64_t j = 0;
+    while (j < m) {
+        int64_t b = packed[j] >> shift, end = j;
+        while (end < m && (packed[end] >> shift) == b) end++;
+        /* The bucket as it was: its ways from the emptiest and oldest on. */
+        uint8_t cells[WAYS][128]; /* rec <= 128: checked by the caller */
+        double age[WAYS];
+        int order[WAYS];
+        for (int w = 0; w < WAYS; w++) {
+            memcpy(cells[w], slots + (b * WAYS + w) * rec, (size_t)rec);
+            uint64_t h;
+            double t;
+            memcpy(&h, cells[w] + off_h, 8);
+            memcpy(&t, cells[w] + off_ts, 8);
+            age[w] = h == 0 ? -INFINITY : t;
+        }
+        argsort4(age, order);
+        int rank = 0;
+        uint64_t prev = 0;
+        for (int64_t k = j; k < end; k++) {
+            int64_t row = packed[k] & lowmask;
+            uint64_t h = REC_H(probes, row);
+            if (k > j && h == prev) continue; /* the same probe twice in a row of the bucket: one slot */
+            /* numpy compares with the previous row of the sorted list, duplicate or not */
+            prev = h;
+            if (rank >= WAYS) {
+                over[nover++] = row;
+            } else {
+                int w = order[rank];
+                uint64_t oh;
+                memcpy(&oh, cells[w] + off_h, 8);
+                if (oh != 0) memcpy(out + (nout++) * rec, cells[w], (size_t)rec);
+                memcpy(slots + (b * WAYS + w) * rec, probes + row * rec, (size_t)rec);
+            }
+            rank++;
+        }
+        j = end;
+    }
+    for (int64_t k = 0; k < nover; k++) memcpy(out + (nout++) * rec, probes + over[k] * rec, (size_t)rec);
+    free(bucket), free(sel), free(packed), free(over);
+    return nout;
+}
+
+/* _Pending.contains / answer: which keys are pending; with remove, empty their slots afterwards
+ * (every key looked up first, as numpy does). */
+void ntm_pending_answer(uint8_t *slots, int64_t rec, int64_t off_h, uint64_t mask, const uint64_t *keys,
+                        int64_t n, uint8_t *hit, int remove, int64_t *where) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t b = (int64_t)(keys[i] & mask);
+        hit[i] = 0;
+        where[i] = -1;
+        for (int w = 0; w < WAYS; w++)
+            if (REC_H(slots, b * WAYS + w) == keys[i]) {
+                hit[i] = 1;
+                where[i] = b * WAYS + w;
+                break;
+            }
+    }
+    if (remove)
+        for (int64_t i = 0; i < n; i++)
+            if (hit[i]) REC_H(slots, where[i]) = 0;
+}
+
+/* _Recent.add: keys with times ts and values into (buckets x WAYS) tables; a key present updates its
+ * slot (the last row wins), newcomers take their bucket's slots from the oldest on (after those
+ * updates), at most WAYS per bucket. Returns 0, or -1 when out of memory. */
+int64_t ntm_recent_add(uint64_t *tkeys, double *tts, int64_t *tval, uint64_t mask, const uint64_t *keys,
+                       const double *ts, const int64_t *val, int64_t n) {
+    int64_t *bucket = malloc((size_t)(n ? n : 1) * sizeof(int64_t)), *sel = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    int64_t *way = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    if (!bucket || !sel || !way) {
+        free(bucket), free(sel), free(way);
+        return -1;
+    }
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t b = (int64_t)(keys[i] & mask);
+        bucket[i] = b;
+        way[i] = -1;
+        for (int w = 0; w < WAYS; w++)
+            if (tkeys[b * WAYS + w] == keys[i]) {
+                way[i] = b * WAYS + w;
+                break;
+            }
+        if (way[i] < 0) sel[m++] = i;
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (way[i] >= 0) tts[way[i]] = ts[i], tval[way[i]] = val[i];
+    int shift = bit_length(n) > 1 ? bit_length(n) : 1;
+    int64_t *packed = by_bucket(bucket, sel, m, shift);
+    if (!packed) {
+        free(bucket), free(sel), free(way);
+        return -1;
+    }
+    int64_t lowmask = ((int64_t)1 << shift) - 1;
+    int64_t j = 0;
+    while (j < m) {
+        int64_t b = packed[j] >> shift, end = j;
+        while (end < m && (packed[end] >> shift) == b) end++;
+        int amin = 0; /* np.argmin: the first smallest, or the first NaN */
+        for (int w = 0; w < WAYS; w++) {
+            double v = tts[b * WAYS + w], best = tts[b * WAYS + amin];
+            if (isnan(best)) break;
+            if (isnan(v) || v < best) amin = w;
+        }
+        for (int64_t k = j; k < end && k - j < WAYS; k++) {
+            int64_t row = packed[k] & lowmask, s = b * WAYS + (amin + (k - j)) % WAYS;
+            tkeys[s] = keys[row], tts[s] = ts[row], tval[s] = val[row];
+        }
+        j = end;
+    }
+    free(bucket), free(sel), free(way), free(packed);
+    return 0;
+}
+
+/* _Recent.contains (remove 0) and pop (remove 1): hit[i] when keys[i] was added at or after `since`;
+ * its value to value[i] (-1 if not); pop then forgets the hits (all looked up first). */
+void ntm_recent_find(uint64_t *tkeys, double *tts, const int64_t *tval, uint64_t mask, const uint64_t *keys,
+                     int64_t n, double since, int remove, uint8_t *hit, int64_t *value) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t b = (int64_t)(keys[i] & mask), s = -1;
+        for (int w = 0; w < WAYS; w++)
+            if (tkeys[b * WAYS + w] == keys[i]) {
+                s = b * WAYS + w;
+                break;
+            }
+        hit[i] = s >= 0 && tts[s] >= since;
+        value[i] = hit[i] ? s : -1; /* the slot for now */
+    }
+    for (int64_t i = 0; i < n; i++) {
+        int64_t s = value[i];
+        value[i] = s >= 0 ? tval[s] : -1;
+    }
+    if (remove)
+        for (int64_t i = 0; i < n; i++)
+            if (hit[i]) {
+                int64_t b = (int64_t)(keys[i] & mask);
+                for (int w = 0; w < WAYS; w++)
+                    if (tkeys[b * WAYS + w] == keys[i]) {
+                        tkeys[b * WAYS + w] = 0, tts[b * WAYS + w] = -INFINITY;
+                        break;
+                    }
+            }
+}
+
+static int cmp_u64p(const void *x, const void *y) { return cmp_u64(x, y); }
+
+/* _PairSet.add: the (destination, source) pair hashes of one second into (buckets x WAYS) slots
+ * stamped with their second. counted[i] for the rows whose pair is new this second and now stored
+ * (one row per pair: the pairs are told apart by their top 64 - max(bits of n, 16) bits, as
+ * _first_rows does); returns 1 when some new pair found no slot, 0 when all did, -1 without memory. */
+int64_t ntm_pairs_add(uint64_t *tkeys, int64_t *stamp, uint64_t mask, const uint64_t *pairs, int64_t n,
+                      int64_t second, uint8_t *counted) {
+    memset(counted, 0, (size_t)n);
+    if (n <= 0) return 0;
+    int bits = bit_length(n) > 16 ? bit_length(n) : 16;
+    uint64_t low = ((uint64_t)1 << bits) - 1;
+    uint64_t *packed = malloc((size_t)n * sizeof(uint64_t));
+    int64_t *first = malloc((size_t)n * sizeof(int64_t)), *bucket = malloc((size_t)n * sizeof(int64_t));
+    int64_t *sel = malloc((size_t)n * sizeof(int64_t));
+    if (!packed || !first || !bucket || !sel) {
+        free(packed), free(first), free(bucket), free(sel);
+        return -1;
+    }
+    for (int64_t i = 0; i < n; i++) packed[i] = (pairs[i] >> bits << bits) | (uint64_t)i;
+    qsort(packed, (size_t)n, sizeof(uint64_t), cmp_u64p);
+    int64_t np_ = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (i == 0 || (packed[i] >> bits) != (packed[i - 1] >> bits)) first[np_++] = (int64_t)(packed[i] & low);
+    int64_t m = 0;
+    for (int64_t j = 0; j < np_; j++) {
+        uint64_t p = pairs[first[j]];
+        int64_t b = (int64_t)(p & mask);
+        bucket[j] = b;
+        int present = 0;
+        for (int w = 0; w < WAYS; w++) present |= tkeys[b * WAYS + w] == p && stamp[b * WAYS + w] == second;
+        if (!present) sel[m++] = j;
+    }
+    int shift = bit_length(np_) > 1 ? bit_length(np_) : 1;
+    int64_t *order = by_bucket(bucket, sel, m, shift);
+    if (!order) {
+        free(packed), free(first), free(bucket), free(sel);
+        return -1;
+    }
+    int64_t lowmask = ((int64_t)1 << shift) - 1, j = 0;
+    int missed = 0;
+    while (j < m) {
+        int64_t b = order[j] >> shift, end = j;
+        while (end < m && (order[end] >> shift) == b) end++;
+        int free_ways[WAYS], nfree = 0; /* the ways of earlier seconds, in order */
+        for (int w = 0; w < WAYS; w++)
+            if (stamp[b * WAYS + w] != second) free_ways[nfree++] = w;
+        for (int64_t k = j; k < end; k++) {
+            int64_t at = order[k] & lowmask, rank = k - j;
+            if (rank >= nfree) {
+                missed = 1;
+                continue;
+            }
+            int64_t s = b * WAYS + free_ways[rank];
+            tkeys[s] = pairs[first[at]], stamp[s] = second;
+            counted[first[at]] = 1;
+        }
+        j = end;
+    }
+    free(packed), free(first), free(bucket), free(sel), free(order);
+    return missed;
+}
+
+/* _Second.add's packet counts: per destination hash of dst, packets += its rows; destinations new
+ * to the set join it (with their count) in ascending hash order while the set holds fewer than cap;
+ * then, when counted is given, sources += the counted rows of each destination in the set.
+ * Python made room for n more keys. Returns 0, or -1 without memory. */
+int64_t ntm_second_add(hset *s, int64_t *packets, int64_t *sources, int64_t cap, const uint64_t *dst, int64_t n,
+                       const uint8_t *counted) {
+    uint64_t *fresh = malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (!fresh) return -1;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t at = hs_find(s, dst[i]);
+        if (at >= 0) packets[at]++;
+        else fresh[m++] = dst[i];
+    }
+    qsort(fresh, (size_t)m, sizeof(uint64_t), cmp_u64p);
+    for (int64_t j = 0; j < m;) {
+        int64_t e = j;
+        while (e < m && fresh[e] == fresh[j]) e++;
+        if (s->n < cap) {
+            int64_t at = hs_add(s, fresh[j]);
+            packets[at] = e - j;
+            sources[at] = 0;
+        }
+        j = e;
+    }
+    if (counted)
+        for (int64_t i = 0; i < n; i++)
+            if (counted[i]) {
+                int64_t at = hs_find(s, dst[i]);
+                if (at >= 0) sources[at]++;
+            }
+    free(fresh);
+    return 0;
+}
+
+/* Values of a set's keys: col[position] for each key present, else 0. */
+void ntm_hset_values(const hset *s, const int64_t *col, const uint64_t *keys, int64_t n, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t at = hs_find(s, keys[i]);
+        out[i] = at < 0 ? 0 : col[at];
+    }
+}
+
+/* Empty a set in time proportional to its keys when they are few (a new second or epoch must not
+ * cost the whole index): each key's run of the index, from its home slot to the next empty one, is
+ * emptied, which covers every key whose home lies in it. */
+void ntm_hset_clear(hset *s) {
+    if (s->n * 8 > s->mask) {
+        hs_clear(s);
+        return;
+    }
+    for (int64_t j = 0; j < s->n; j++) {
+        uint64_t i = spot(s->keys[j]) & (uint64_t)s->mask;
+        while (s->index[i] >= 0) {
+            s->index[i] = -1;
+            i = (i + 1) & (uint64_t)s->mask;
+        }
+    }
+    s->n = 0;
+}
