@@ -127,9 +127,43 @@ static void merge_sort(int64_t *idx, int64_t *tmp, int64_t n, const double *ts) 
     while (a < h) idx[o++] = tmp[a++];
 }
 
-static int cmp_u64(const void *x, const void *y) {
-    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
-    return a < b ? -1 : a > b;
+/* Sort n uint64 ascending: LSD radix on 16-bit digits, skipping the digits every value shares (packed
+ * (bucket, row) values use two or three of the four), insertion sort for short arrays: a library
+ * sort's callback per comparison cost more than the tables it fed. Returns -1 without memory. */
+static int sort_u64(uint64_t *a, int64_t n) {
+    if (n < 48) {
+        for (int64_t i = 1; i < n; i++) {
+            uint64_t x = a[i];
+            int64_t j = i;
+            while (j > 0 && a[j - 1] > x) a[j] = a[j - 1], j--;
+            a[j] = x;
+        }
+        return 0;
+    }
+    uint64_t *tmp = malloc((size_t)n * sizeof(uint64_t));
+    int64_t *count = malloc(65536 * sizeof(int64_t));
+    if (!tmp || !count) {
+        free(tmp), free(count);
+        return -1;
+    }
+    uint64_t *src = a, *dst = tmp;
+    for (int d = 0; d < 64; d += 16) {
+        memset(count, 0, 65536 * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) count[(src[i] >> d) & 0xFFFF]++;
+        if (count[(src[0] >> d) & 0xFFFF] == n) continue; /* one digit for all: nothing to move */
+        int64_t sum = 0;
+        for (int k = 0; k < 65536; k++) {
+            int64_t c = count[k];
+            count[k] = sum;
+            sum += c;
+        }
+        for (int64_t i = 0; i < n; i++) dst[count[(src[i] >> d) & 0xFFFF]++] = src[i];
+        uint64_t *t = src;
+        src = dst, dst = t;
+    }
+    if (src != a) memcpy(a, src, (size_t)n * sizeof(uint64_t));
+    free(tmp), free(count);
+    return 0;
 }
 
 /* _exact over m gathered rows (key, item, ts, row): count the items new to their key, in time order.
@@ -234,7 +268,7 @@ int64_t ntm_unique_add(ustate *u, const uint64_t *keys, const uint64_t *items, c
         if (!(flag[i] & 1) && u->one_key[s] == keys[i] && u->one_item[s] != items[i]) fresh[nfresh++] = keys[i];
     }
     if (nfresh) {
-        qsort(fresh, (size_t)nfresh, sizeof(uint64_t), cmp_u64);
+        if (sort_u64(fresh, nfresh) < 0) goto done;
         int64_t w = 0;
         for (int64_t j = 0; j < nfresh; j++)
             if (!w || fresh[w - 1] != fresh[j]) fresh[w++] = fresh[j];
@@ -325,18 +359,16 @@ void ntm_hset_add(hset *s, const uint64_t *keys, int64_t n) {
 
 #define WAYS 4
 
-static int cmp_i64(const void *x, const void *y) {
-    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
-    return a < b ? -1 : a > b;
-}
-
 /* Rows sel[0:m) sorted by (bucket, row) as Python's one sort of (bucket << shift | row); returns the
  * packed values (caller frees) or NULL. */
 static int64_t *by_bucket(const int64_t *bucket, const int64_t *sel, int64_t m, int shift) {
     int64_t *packed = malloc((size_t)(m ? m : 1) * sizeof(int64_t));
     if (!packed) return NULL;
     for (int64_t j = 0; j < m; j++) packed[j] = (bucket[sel[j]] << shift) | sel[j];
-    qsort(packed, (size_t)m, sizeof(int64_t), cmp_i64);
+    if (sort_u64((uint64_t *)packed, m) < 0) { /* packed values are >= 0: the same order */
+        free(packed);
+        return NULL;
+    }
     return packed;
 }
 
@@ -533,8 +565,6 @@ void ntm_recent_find(uint64_t *tkeys, double *tts, const int64_t *tval, uint64_t
             }
 }
 
-static int cmp_u64p(const void *x, const void *y) { return cmp_u64(x, y); }
-
 /* _PairSet.add: the (destination, source) pair hashes of one second into (buckets x WAYS) slots
  * stamped with their second. counted[i] for the rows whose pair is new this second and now stored
  * (one row per pair: the pairs are told apart by their top 64 - max(bits of n, 16) bits, as
@@ -553,7 +583,10 @@ int64_t ntm_pairs_add(uint64_t *tkeys, int64_t *stamp, uint64_t mask, const uint
         return -1;
     }
     for (int64_t i = 0; i < n; i++) packed[i] = (pairs[i] >> bits << bits) | (uint64_t)i;
-    qsort(packed, (size_t)n, sizeof(uint64_t), cmp_u64p);
+    if (sort_u64(packed, n) < 0) {
+        free(packed), free(first), free(bucket), free(sel);
+        return -1;
+    }
     int64_t np_ = 0;
     for (int64_t i = 0; i < n; i++)
         if (i == 0 || (packed[i] >> bits) != (packed[i - 1] >> bits)) first[np_++] = (int64_t)(packed[i] & low);
@@ -610,7 +643,10 @@ int64_t ntm_second_add(hset *s, int64_t *packets, int64_t *sources, int64_t cap,
         if (at >= 0) packets[at]++;
         else fresh[m++] = dst[i];
     }
-    qsort(fresh, (size_t)m, sizeof(uint64_t), cmp_u64p);
+    if (sort_u64(fresh, m) < 0) {
+        free(fresh);
+        return -1;
+    }
     for (int64_t j = 0; j < m;) {
         int64_t e = j;
         while (e < m && fresh[e] == fresh[j]) e++;
