@@ -539,7 +539,7 @@ int64_t ntm_recent_add(uint64_t *tkeys, double *tts, int64_t *tval, uint64_t mas
  * its value to value[i] (-1 if not); pop then forgets the hits (all looked up first). */
 void ntm_recent_find(uint64_t *tkeys, double *tts, const int64_t *tval, uint64_t mask, const uint64_t *keys,
                      int64_t n, double since, int remove, uint8_t *hit, int64_t *value) {
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++) { /* value[i] holds the slot until every key is looked up */
         int64_t b = (int64_t)(keys[i] & mask), s = -1;
         for (int w = 0; w < WAYS; w++)
             if (tkeys[b * WAYS + w] == keys[i]) {
@@ -547,22 +547,13 @@ void ntm_recent_find(uint64_t *tkeys, double *tts, const int64_t *tval, uint64_t
                 break;
             }
         hit[i] = s >= 0 && tts[s] >= since;
-        value[i] = hit[i] ? s : -1; /* the slot for now */
+        value[i] = hit[i] ? s : -1;
     }
     for (int64_t i = 0; i < n; i++) {
         int64_t s = value[i];
         value[i] = s >= 0 ? tval[s] : -1;
+        if (remove && s >= 0) tkeys[s] = 0, tts[s] = -INFINITY; /* a repeated key empties the same slot */
     }
-    if (remove)
-        for (int64_t i = 0; i < n; i++)
-            if (hit[i]) {
-                int64_t b = (int64_t)(keys[i] & mask);
-                for (int w = 0; w < WAYS; w++)
-                    if (tkeys[b * WAYS + w] == keys[i]) {
-                        tkeys[b * WAYS + w] = 0, tts[b * WAYS + w] = -INFINITY;
-                        break;
-                    }
-            }
 }
 
 /* _PairSet.add: the (destination, source) pair hashes of one second into (buckets x WAYS) slots
