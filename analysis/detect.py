@@ -963,6 +963,11 @@ class _Second:
         kpos, ok = _find(self.keys, nd)
         self.sources[kpos[ok]] += nc[ok]
 
+    def hot(self, dst: np.ndarray, threshold: int) -> np.ndarray:
+        """The distinct keys among dst with at least `threshold` packets this second, ascending."""
+        keys = np.unique(dst)
+        return keys[self.lookup(keys)[0] >= threshold]
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(packets, distinct sources) this second for each key (0 for keys not counted)."""
         pos, found = _find(self.keys, keys)
@@ -1005,6 +1010,16 @@ class _SecondNative(_Second):
             raise MemoryError("native/detect.c: no memory for a batch of per-second counts")
         t.n = s.n
 
+    def hot(self, dst: np.ndarray, threshold: int) -> np.ndarray:
+        """The distinct keys among dst with at least `threshold` packets this second, ascending."""
+        t, dst = self.table, np.ascontiguousarray(dst, np.uint64)
+        out = np.empty(len(dst), np.uint64)
+        got = native.function("ntm_second_hot")(ctypes.byref(t.struct()), t.values["packets"].ctypes.data,
+                                                dst.ctypes.data, len(dst), int(threshold), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory to find a second's busiest destinations")
+        return out[:got]
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(packets, distinct sources) this second for each key (0 for keys not counted)."""
         t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
@@ -1037,6 +1052,7 @@ class Detectors:
 
     def __init__(self) -> None:
         cap = self.cap = config.get("DETECTOR_STATE_MAX")
+        self.compiled = _native_tables()  # the tables and steps of native/detect.c, else their references
         self.window = config.get("SCAN_WINDOW_S")
         self.vports = config.get("SCAN_PORTS")
         self.vhosts = config.get("SCAN_HOSTS")
@@ -1125,7 +1141,7 @@ class Detectors:
         answers = _attempts(arr["dst"][a], arr["src"][a], b.hd[a], b.hs[a], 6, arr["sport"][a], arr["ts"][a])
         # Answers to probes of this same batch (a fast scan's RSTs) are matched here: those probes never
         # take a slot. The others are looked up in the table.
-        here = _earlier(answers["h"], a, probes["h"], p)
+        here = _earlier(answers["h"], a, probes["h"], p, self.compiled)
         if len(p):
             waiting = ~np.isin(probes["h"], answers["h"][here]) if here.any() else np.ones(len(p), bool)
             pushed = self.pending.add(probes[waiting])
@@ -1165,9 +1181,10 @@ class Detectors:
         now = float(ts[-1])
         in_table = self.pending.contains(answers)
         candidate = ~in_table & ~self.served.contains(server, now)
-        here = _earlier(answers, idx, probes[candidate], idx[candidate])  # answers a probe earlier in the batch
+        # Answers a probe earlier in the batch; then, a reply from a port probed earlier in the batch.
+        here = _earlier(answers, idx, probes[candidate], idx[candidate], self.compiled)
         probe = candidate & ~here
-        probe &= ~_earlier(server, idx, marks[probe], idx[probe])  # a reply from a port probed earlier in the batch
+        probe &= ~_earlier(server, idx, marks[probe], idx[probe], self.compiled)
         if probe.any():
             self.served.add(marks[probe], ts[probe])
             self.last_udp.add(_comb(hs[probe], hd[probe]), ts[probe], dport[probe])
@@ -1298,9 +1315,9 @@ class Detectors:
                 continue
             dst = b.hd[sel]
             st.add(dst, _comb(dst, b.hs[sel]))
-            keys = np.unique(dst)
+            keys = st.hot(dst, self.flood_pps[kind])
             packets, sources = st.lookup(keys)
-            hot = np.flatnonzero(packets >= self.flood_pps[kind])[:self.alerts_per_batch]
+            hot = np.arange(min(len(keys), self.alerts_per_batch))
             if not len(hot):
                 continue
             answers = self.seconds["synack"]
@@ -1601,7 +1618,8 @@ def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
     return Counter(dict(zip(keep, map(counts.__getitem__, keep))))
 
 
-def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
+def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray,
+             compiled: bool = False) -> np.ndarray:
     """For each key: some ref equals it at an earlier row (one sort, no loop).
 
     Each ref is packed as (hash, row) into one uint64, the hash's top bits above the row's: after a
@@ -1610,6 +1628,14 @@ def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows:
     if not len(refs) or not len(keys):
         return np.zeros(len(keys), bool)
     bits = np.uint64(max(int(max(int(key_rows.max()), int(ref_rows.max()))).bit_length(), 16))
+    if compiled:  # native/detect.c: one hash pass instead of a sort, the same answer
+        out = np.empty(len(keys), np.uint8)
+        keys, refs = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(refs, np.uint64)
+        key_rows, ref_rows = np.ascontiguousarray(key_rows, np.int64), np.ascontiguousarray(ref_rows, np.int64)
+        if native.function("ntm_earlier")(keys.ctypes.data, key_rows.ctypes.data, len(keys), refs.ctypes.data,
+                                          ref_rows.ctypes.data, len(refs), int(bits), out.ctypes.data) < 0:
+            raise MemoryError("native/detect.c: no memory to match a batch's answers")
+        return out.view(bool)
     packed = np.sort((refs >> bits << bits) | ref_rows.astype(np.uint64))
     want = keys >> bits << bits
     pos = np.searchsorted(packed, want).clip(max=len(packed) - 1)

@@ -683,3 +683,38 @@ void ntm_hset_clear(hset *s) {
     }
     s->n = 0;
 }
+
+/* _earlier: for each key, some ref has the same top (64 - bits) bits at an earlier row. */
+int64_t ntm_earlier(const uint64_t *keys, const int64_t *key_rows, int64_t n, const uint64_t *refs,
+                    const int64_t *ref_rows, int64_t m, int bits, uint8_t *out) {
+    smap first; /* top bits -> the earliest row */
+    if (sm_init(&first, m) < 0) return -1;
+    for (int64_t j = 0; j < m; j++) {
+        uint64_t top = refs[j] >> bits, s = sm_slot(&first, top);
+        if (first.vals[s] < 0 || ref_rows[j] < first.vals[s]) first.keys[s] = top, first.vals[s] = ref_rows[j];
+    }
+    for (int64_t i = 0; i < n; i++) {
+        int64_t row = first.vals[sm_slot(&first, keys[i] >> bits)];
+        out[i] = row >= 0 && row < key_rows[i];
+    }
+    sm_free(&first);
+    return 0;
+}
+
+/* The distinct keys among dst whose packets this second reached `threshold`, ascending. */
+int64_t ntm_second_hot(const hset *s, const int64_t *packets, const uint64_t *dst, int64_t n, int64_t threshold,
+                       uint64_t *out) {
+    smap seen;
+    if (sm_init(&seen, n) < 0) return -1;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t at = hs_find(s, dst[i]);
+        if (at < 0 || packets[at] < threshold) continue;
+        uint64_t slot = sm_slot(&seen, dst[i]);
+        if (seen.vals[slot] >= 0) continue;
+        seen.keys[slot] = dst[i], seen.vals[slot] = 1;
+        out[m++] = dst[i];
+    }
+    sm_free(&seen);
+    return sort_u64(out, m) < 0 ? -1 : m;
+}
