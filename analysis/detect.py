@@ -425,15 +425,25 @@ class _UniqueNative(_Unique):
     def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As _Unique.add, the promoted keys that grew as arrays: (keys as int64, a row of each)."""
         n = len(keys)
-        self.multi_set.reserve(n)
-        self.seen_set.reserve(2 * n)
-        self.count_set.reserve(2 * n)
         keys, items = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(items, np.uint64)
         ts = np.ascontiguousarray(ts, np.float64)
-        out_key, out_row = np.empty(2 * n, np.uint64), np.empty(2 * n, np.int64)
+        gk, gi, gt, gr = (np.empty(2 * n, dt) for dt in (np.uint64, np.uint64, np.float64, np.int64))
+        fresh, nfresh = np.empty(n, np.uint64), ctypes.c_int64()
         st = self._state()
-        got = native.function("ntm_unique_add")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
-                                                ts.ctypes.data, n, out_key.ctypes.data, out_row.ctypes.data)
+        m = native.function("ntm_unique_gather")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
+                                                 ts.ctypes.data, n, gk.ctypes.data, gi.ctypes.data, gt.ctypes.data,
+                                                 gr.ctypes.data, fresh.ctypes.data, ctypes.byref(nfresh))
+        if m < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of the scan tables")
+        # Room for what the commit adds, known now: tables grow to what the traffic needs, not to 2 x a batch.
+        self.multi_set.reserve(nfresh.value)
+        self.seen_set.reserve(m)
+        self.count_set.reserve(m)
+        out_key, out_row = np.empty(m, np.uint64), np.empty(m, np.int64)
+        st = self._state()
+        got = native.function("ntm_unique_commit")(ctypes.byref(st), fresh.ctypes.data, nfresh.value,
+                                                   gk.ctypes.data, gi.ctypes.data, gt.ctypes.data, gr.ctypes.data,
+                                                   m, out_key.ctypes.data, out_row.ctypes.data)
         if got < 0:
             raise MemoryError("native/detect.c: no memory for a batch of the scan tables")
         self.multi_set.n, self.seen_set.n, self.count_set.n = st.multi.n, st.seen.n, st.count.n
@@ -501,7 +511,7 @@ NATIVE_TABLES = True  # tests set it to False to build the pure numpy/Python ref
 
 
 def _native_tables() -> bool:
-    return NATIVE_TABLES and native.function("ntm_unique_add") is not None
+    return NATIVE_TABLES and native.function("ntm_unique_gather") is not None
 
 
 def _slots(cap: int) -> int:

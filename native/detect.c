@@ -233,20 +233,19 @@ static int64_t unique_exact(ustate *u, const uint64_t *k, const uint64_t *it, co
     return out;
 }
 
-/* _Unique.add: n rows (key, item, ts). Returns the number of grown keys written to out_key/out_row
- * (room for 2n), or -1 when out of memory. Python has made room for n more keys in multi and 2n
- * more in seen and count. */
-int64_t ntm_unique_add(ustate *u, const uint64_t *keys, const uint64_t *items, const double *ts, int64_t n,
-                       uint64_t *out_key, int64_t *out_row) {
+/* _Unique.add, first half: n rows (key, item, ts). Updates the single slots and gathers the rows
+ * (key, item, ts, row) that go to the exact tables into gk, gi, gt, gr (room for 2n), and the keys
+ * promoted now, ascending, into fresh (room for n; *nfresh says how many). Returns how many rows
+ * were gathered, or -1 when out of memory. Nothing grows here: Python then makes room in multi,
+ * seen and count for what ntm_unique_commit adds. */
+int64_t ntm_unique_gather(ustate *u, const uint64_t *keys, const uint64_t *items, const double *ts, int64_t n,
+                          uint64_t *gk, uint64_t *gi, double *gt, int64_t *gr, uint64_t *fresh, int64_t *nfresh_out) {
+    *nfresh_out = 0;
     if (n <= 0) return 0;
     uint8_t *flag = malloc((size_t)n); /* bit 0: exact (a promoted key), bit 1: wrote its slot */
-    uint64_t *gk = malloc((size_t)n * 2 * sizeof(uint64_t)), *gi = malloc((size_t)n * 2 * sizeof(uint64_t));
-    double *gt = malloc((size_t)n * 2 * sizeof(double));
-    int64_t *gr = malloc((size_t)n * 2 * sizeof(int64_t));
-    uint64_t *fresh = malloc((size_t)n * sizeof(uint64_t));
     int64_t result = -1, nexact = 0, nfresh = 0, m = 0;
     smap fset = {0};
-    if (!flag || !gk || !gi || !gt || !gr || !fresh) goto done;
+    if (!flag) return -1;
     /* As numpy does it: every row compared with the slots as they were, then the writes in row
      * order (the last one of a slot stays), then the promotions against the written slots. */
     for (int64_t i = 0; i < n; i++) {
@@ -274,10 +273,10 @@ int64_t ntm_unique_add(ustate *u, const uint64_t *keys, const uint64_t *items, c
             if (!w || fresh[w - 1] != fresh[j]) fresh[w++] = fresh[j];
         nfresh = w;
         if (sm_init(&fset, nfresh) < 0) goto done;
-        for (int64_t j = 0; j < nfresh; j++) { /* fresh key -> its first row (-1 until found) */
+        for (int64_t j = 0; j < nfresh; j++) { /* fresh key -> its first row (n until found) */
             uint64_t s = sm_slot(&fset, fresh[j]);
             fset.keys[s] = fresh[j];
-            fset.vals[s] = n; /* present, no row yet */
+            fset.vals[s] = n;
         }
         for (int64_t i = 0; i < n; i++) {
             int in_fresh = 0;
@@ -299,7 +298,6 @@ int64_t ntm_unique_add(ustate *u, const uint64_t *keys, const uint64_t *items, c
             gr[m] = fset.vals[sm_slot(&fset, fresh[j])];
             m++;
             u->one_key[s] = 0;
-            hs_add(&u->multi, fresh[j]);
         }
     } else if (nexact) {
         for (int64_t i = 0; i < n; i++)
@@ -308,16 +306,20 @@ int64_t ntm_unique_add(ustate *u, const uint64_t *keys, const uint64_t *items, c
                 m++;
             }
     }
-    result = m ? unique_exact(u, gk, gi, gt, gr, m, out_key, out_row) : 0;
+    result = m;
+    *nfresh_out = nfresh;
 done:
-    if (nfresh && fset.keys) sm_free(&fset);
+    if (fset.keys) sm_free(&fset);
     free(flag);
-    free(gk);
-    free(gi);
-    free(gt);
-    free(gr);
-    free(fresh);
     return result;
+}
+
+/* _Unique.add, second half: the promoted keys join multi, then the gathered rows are counted (_exact).
+ * Returns the number of grown keys written to out_key/out_row (room for m), or -1 without memory. */
+int64_t ntm_unique_commit(ustate *u, const uint64_t *fresh, int64_t nfresh, const uint64_t *gk, const uint64_t *gi,
+                          const double *gt, const int64_t *gr, int64_t m, uint64_t *out_key, int64_t *out_row) {
+    for (int64_t j = 0; j < nfresh; j++) hs_add(&u->multi, fresh[j]);
+    return m ? unique_exact(u, gk, gi, gt, gr, m, out_key, out_row) : 0;
 }
 
 /* count and first of each key (0 and NaN for keys not counted). */

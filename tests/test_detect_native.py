@@ -34,7 +34,7 @@ T0 = 1_700_000_000.0
 def compiled() -> None:
     need(shutil.which("cc") is not None or shutil.which("gcc") is not None,
          "no C compiler: the Python versions run instead, and there is nothing to compare")
-    assert native.function("ntm_unique_add") is not None, "a C compiler is here, yet native/detect.c did not build"
+    assert native.function("ntm_unique_gather") is not None, "a C compiler is here, yet native/detect.c did not build"
 
 
 def detectors(compiled: bool) -> detect.Detectors:
