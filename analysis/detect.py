@@ -502,6 +502,53 @@ def _nset_add(table: _NSet, keys: np.ndarray) -> None:
         table.n = s.n
 
 
+class _Tally:
+    """Counter-like counts of uint64 hashes in a native/detect.c set, in insertion order as a Counter keeps
+    them (so _top_half's shrink keeps the same keys); get() takes the signed int keys a Counter would."""
+
+    def __init__(self) -> None:
+        self.table = _NSet((("cnt", np.int64),))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def update(self, keys: np.ndarray) -> None:
+        """Count each key once per occurrence."""
+        t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
+        t.reserve(len(keys))
+        s = t.struct()
+        native.function("ntm_hset_count")(ctypes.byref(s), t.values["cnt"].ctypes.data, keys.ctypes.data, len(keys))
+        t.n = s.n
+
+    def get(self, key: int, default: int = 0) -> int:
+        """The count of a key (a signed 64-bit int, as _ints gives)."""
+        t = self.table
+        at = native.function("ntm_hset_find")(ctypes.byref(t.struct()), ctypes.c_uint64(key & _U64))
+        return int(t.values["cnt"][at]) if at >= 0 else default
+
+    def items(self) -> list[tuple[int, int]]:
+        """(key, count) in insertion order, keys as signed ints."""
+        t = self.table
+        return list(zip(t.keys[:t.n].view(np.int64).tolist(), t.values["cnt"][:t.n].tolist()))
+
+    def clear(self) -> None:
+        """Forget every count."""
+        self.table.clear()
+
+    def top_half(self, cap: int) -> None:
+        """_top_half in place: keep the cap / 2 keys with the largest counts, in the order it keeps them."""
+        t = self.table
+        keys, vals = t.keys[:t.n].view(np.int64), t.values["cnt"][:t.n]
+        half = max(cap // 2, 1)
+        if len(keys) <= half:
+            return
+        pick = np.argpartition(-vals, half)[:half]
+        keep_keys, keep_vals = keys[pick].copy(), vals[pick].copy()
+        t.keys[:half], t.values["cnt"][:half] = keep_keys.view(np.uint64), keep_vals
+        t.n = half
+        t.reindex()
+
+
 def _unique(cap: int) -> _Unique:
     """A _Unique table: the compiled one when native/detect.c is built (NATIVE_TABLES), else the reference."""
     return _UniqueNative(cap) if _native_tables() else _Unique(cap)
@@ -878,7 +925,8 @@ class _ScanEpochs:
         self.vertical = _unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
         self.horizontal = _unique(cap)  # (scanner, proto, port) -> distinct targets that failed
         self.stealth = _unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
-        self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts
+        # (scanner, target) -> answered attempts
+        self.answered: Counter[int] | _Tally = _Tally() if _native_tables() else Counter()
 
     def parts(self, ts: np.ndarray):
         """Selectors of the rows per epoch, in order, starting each new epoch on the way."""
@@ -901,7 +949,10 @@ class _ScanEpochs:
         self.epoch = epoch
         for table in (self.vertical, self.horizontal, self.stealth):
             table.reset()
-        self.answered = Counter()
+        if isinstance(self.answered, _Tally):
+            self.answered.clear()
+        else:
+            self.answered = Counter()
 
 
 def _reached(table: _Unique, grown: dict[int, int] | tuple[np.ndarray, np.ndarray],
@@ -1153,7 +1204,7 @@ class Detectors:
         # take a slot. The others are looked up in the table.
         here = _earlier(answers["h"], a, probes["h"], p, self.compiled)
         if len(p):
-            waiting = ~np.isin(probes["h"], answers["h"][here]) if here.any() else np.ones(len(p), bool)
+            waiting = ~_isin(probes["h"], answers["h"][here], self.compiled) if here.any() else np.ones(len(p), bool)
             pushed = self.pending.add(probes[waiting])
             if len(pushed):
                 self._failed(pushed, book)
@@ -1198,7 +1249,7 @@ class Detectors:
         if probe.any():
             self.served.add(marks[probe], ts[probe])
             self.last_udp.add(_comb(hs[probe], hd[probe]), ts[probe], dport[probe])
-            waiting = probe & ~np.isin(probes, answers[here]) if here.any() else probe  # not answered in the batch
+            waiting = probe & ~_isin(probes, answers[here], self.compiled) if here.any() else probe  # not answered
             p = idx[waiting]
             pushed = self.pending.add(_attempts(arr["src"][p], arr["dst"][p], hs[waiting], hd[waiting], 17,
                                                 dport[waiting], ts[waiting]))
@@ -1230,6 +1281,11 @@ class Detectors:
         for ph in self.phases:
             for sel in ph.parts(rows["ts"]):
                 part = rows[sel]
+                if isinstance(ph.answered, _Tally):
+                    ph.answered.update(_comb(part["hs"], part["ht"]))
+                    if len(ph.answered) > self.cap:
+                        ph.answered.top_half(self.cap)
+                    continue
                 ph.answered.update(_ints(_comb(part["hs"], part["ht"])))
                 if len(ph.answered) > self.cap:
                     ph.answered = _top_half(ph.answered, self.cap)
@@ -1626,6 +1682,17 @@ def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
     half = max(cap // 2, 1)
     keep = keys[np.argpartition(-vals, half)[:half]].tolist() if len(keys) > half else keys.tolist()
     return Counter(dict(zip(keep, map(counts.__getitem__, keep))))
+
+
+def _isin(a: np.ndarray, b: np.ndarray, compiled: bool) -> np.ndarray:
+    """np.isin(a, b) for uint64 hashes; compiled: native/detect.c's one hash pass."""
+    if not compiled:
+        return np.isin(a, b)
+    a, b = np.ascontiguousarray(a, np.uint64), np.ascontiguousarray(b, np.uint64)
+    out = np.empty(len(a), np.uint8)
+    if native.function("ntm_isin")(a.ctypes.data, len(a), b.ctypes.data, len(b), out.ctypes.data) < 0:
+        raise MemoryError("native/detect.c: no memory to match a batch's answers")
+    return out.view(bool)
 
 
 def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray,

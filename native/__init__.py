@@ -83,6 +83,8 @@ _SIGNATURES = {
     "ntm_second_add": ("detect", _I64, [_P, _P, _P, _I64, _P, _I64, _P]),
     "ntm_earlier": ("detect", _I64, [_P, _P, _I64, _P, _P, _I64, _INT, _P]),
     "ntm_second_hot": ("detect", _I64, [_P, _P, _P, _I64, _I64, _P]),
+    "ntm_hset_count": ("detect", None, [_P, _P, _P, _I64]),
+    "ntm_isin": ("detect", _I64, [_P, _I64, _P, _I64, _P]),
     "ntm_recent_add": ("detect", _I64, [_P, _P, _P, ctypes.c_uint64, _P, _P, _P, _I64]),
     "ntm_recent_find": ("detect", None, [_P, _P, _P, ctypes.c_uint64, _P, _I64, ctypes.c_double, _INT, _P, _P]),
 }

@@ -720,3 +720,29 @@ int64_t ntm_second_hot(const hset *s, const int64_t *packets, const uint64_t *ds
     sm_free(&seen);
     return sort_u64(out, m) < 0 ? -1 : m;
 }
+
+/* Counter.update over hashes: cnt[key] += 1 per occurrence, new keys appended in order of first
+ * occurrence (Python made room for n more). */
+void ntm_hset_count(hset *s, int64_t *cnt, const uint64_t *keys, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t at = hs_find(s, keys[i]);
+        if (at < 0) {
+            at = hs_add(s, keys[i]);
+            cnt[at] = 0;
+        }
+        cnt[at]++;
+    }
+}
+
+/* np.isin(a, b) for uint64 hashes: one hash pass. */
+int64_t ntm_isin(const uint64_t *a, int64_t n, const uint64_t *b, int64_t m, uint8_t *out) {
+    smap set;
+    if (sm_init(&set, m) < 0) return -1;
+    for (int64_t j = 0; j < m; j++) {
+        uint64_t s = sm_slot(&set, b[j]);
+        set.keys[s] = b[j], set.vals[s] = 1;
+    }
+    for (int64_t i = 0; i < n; i++) out[i] = set.vals[sm_slot(&set, a[i])] >= 0;
+    sm_free(&set);
+    return 0;
+}

@@ -73,7 +73,7 @@ def assert_same_state(a: detect.Detectors, b: detect.Detectors) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert np.array_equal(x.keys, y.keys) and np.array_equal(x.ts, y.ts) and np.array_equal(x.value, y.value)
     for pa, pb in zip(a.phases, b.phases):
-        assert pa.epoch == pb.epoch and pa.answered == pb.answered
+        assert pa.epoch == pb.epoch and pa.answered.items() == list(pb.answered.items())
         for name in ("vertical", "horizontal", "stealth"):
             sa, sb = unique_state(getattr(pa, name)), unique_state(getattr(pb, name))
             for x, y in zip(sa[0], sb[0]):
