@@ -567,58 +567,61 @@ int64_t ntm_pairs_add(uint64_t *tkeys, int64_t *stamp, uint64_t mask, const uint
     memset(counted, 0, (size_t)n);
     if (n <= 0) return 0;
     int bits = bit_length(n) > 16 ? bit_length(n) : 16;
-    uint64_t low = ((uint64_t)1 << bits) - 1;
-    uint64_t *packed = malloc((size_t)n * sizeof(uint64_t));
-    int64_t *first = malloc((size_t)n * sizeof(int64_t)), *bucket = malloc((size_t)n * sizeof(int64_t));
-    int64_t *sel = malloc((size_t)n * sizeof(int64_t));
-    if (!packed || !first || !bucket || !sel) {
-        free(packed), free(first), free(bucket), free(sel);
+    smap tops; /* top bits -> the first row with them */
+    int64_t *fresh = malloc((size_t)n * sizeof(int64_t)); /* first rows of the pairs new to the table */
+    uint64_t *order = malloc((size_t)n * sizeof(uint64_t));
+    if (!fresh || !order || sm_init(&tops, n) < 0) {
+        free(fresh), free(order);
         return -1;
     }
-    for (int64_t i = 0; i < n; i++) packed[i] = (pairs[i] >> bits << bits) | (uint64_t)i;
-    if (sort_u64(packed, n) < 0) {
-        free(packed), free(first), free(bucket), free(sel);
-        return -1;
-    }
-    int64_t np_ = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (i == 0 || (packed[i] >> bits) != (packed[i - 1] >> bits)) first[np_++] = (int64_t)(packed[i] & low);
     int64_t m = 0;
-    for (int64_t j = 0; j < np_; j++) {
-        uint64_t p = pairs[first[j]];
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t s = sm_slot(&tops, pairs[i] >> bits);
+        if (tops.vals[s] >= 0) continue;
+        tops.keys[s] = pairs[i] >> bits, tops.vals[s] = i;
+        uint64_t p = pairs[i];
         int64_t b = (int64_t)(p & mask);
-        bucket[j] = b;
         int present = 0;
         for (int w = 0; w < WAYS; w++) present |= tkeys[b * WAYS + w] == p && stamp[b * WAYS + w] == second;
-        if (!present) sel[m++] = j;
+        if (!present) fresh[m++] = i;
     }
-    int shift = bit_length(np_) > 1 ? bit_length(np_) : 1;
-    int64_t *order = by_bucket(bucket, sel, m, shift);
-    if (!order) {
-        free(packed), free(first), free(bucket), free(sel);
+    /* _PairSet ranks the newcomers of a bucket by their pair's top bits (its one sort puts the distinct
+     * pairs in that order): sort (bucket, position in fresh), then each bucket's short run by top. */
+    int shift = bit_length(m) > 1 ? bit_length(m) : 1;
+    for (int64_t j = 0; j < m; j++) order[j] = ((pairs[fresh[j]] & mask) << shift) | (uint64_t)j;
+    if (sort_u64(order, m) < 0) {
+        free(fresh), free(order), sm_free(&tops);
         return -1;
     }
-    int64_t lowmask = ((int64_t)1 << shift) - 1, j = 0;
+    uint64_t low = ((uint64_t)1 << shift) - 1;
     int missed = 0;
-    while (j < m) {
-        int64_t b = order[j] >> shift, end = j;
+    for (int64_t j = 0; j < m;) {
+        uint64_t b = order[j] >> shift;
+        int64_t end = j;
         while (end < m && (order[end] >> shift) == b) end++;
+        for (int64_t k = j + 1; k < end; k++) { /* insertion sort of the run by top bits */
+            uint64_t x = order[k];
+            int64_t q = k;
+            while (q > j && (pairs[fresh[order[q - 1] & low]] >> bits) > (pairs[fresh[x & low]] >> bits))
+                order[q] = order[q - 1], q--;
+            order[q] = x;
+        }
         int free_ways[WAYS], nfree = 0; /* the ways of earlier seconds, in order */
         for (int w = 0; w < WAYS; w++)
             if (stamp[b * WAYS + w] != second) free_ways[nfree++] = w;
         for (int64_t k = j; k < end; k++) {
-            int64_t at = order[k] & lowmask, rank = k - j;
+            int64_t row = fresh[order[k] & low], rank = k - j;
             if (rank >= nfree) {
                 missed = 1;
                 continue;
             }
-            int64_t s = b * WAYS + free_ways[rank];
-            tkeys[s] = pairs[first[at]], stamp[s] = second;
-            counted[first[at]] = 1;
+            int64_t s = (int64_t)b * WAYS + free_ways[rank];
+            tkeys[s] = pairs[row], stamp[s] = second;
+            counted[row] = 1;
         }
         j = end;
     }
-    free(packed), free(first), free(bucket), free(sel), free(order);
+    free(fresh), free(order), sm_free(&tops);
     return missed;
 }
 
