@@ -350,9 +350,25 @@ class _NSet:
         self.keys = np.zeros(room, np.uint64)
         self.index = np.full(2 * room, -1, np.int64)
         self.values = {name: np.zeros(room, dt) for name, dt in values}
+        self.version = 0  # counts the times the arrays moved (a cached C view of them is then stale)
+        self._c: _HSetC | None = None
+        self._ptrs: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable: the arrays, not the cached C view (addresses of this process)."""
+        state = self.__dict__.copy()
+        state["_c"], state["_ptrs"] = None, {}
+        return state
 
     def __len__(self) -> int:
         return self.n
+
+    def ptr(self, name: str) -> int:
+        """The address of a value column (cached until the arrays move)."""
+        at = self._ptrs.get(name)
+        if at is None:
+            at = self._ptrs[name] = self.values[name].ctypes.data
+        return at
 
     def reserve(self, extra: int) -> None:
         """Make room for `extra` more keys (a call into C never grows a set itself)."""
@@ -367,22 +383,29 @@ class _NSet:
             grown = np.zeros(room, col.dtype)
             grown[:self.n] = col[:self.n]
             self.values[name] = grown
+        self.version += 1
+        self._c, self._ptrs = None, {}
         self.reindex()
 
     def reindex(self) -> None:
         """Rebuild the index over keys[:n] (after the keys moved)."""
         s = self.struct()
-        native.function("ntm_hset_reindex")(ctypes.byref(s))
+        _fn("ntm_hset_reindex")(ctypes.byref(s))
 
     def clear(self) -> None:
         """Forget every key (in time proportional to them, not to the index)."""
         s = self.struct()
-        native.function("ntm_hset_clear")(ctypes.byref(s))
+        _fn("ntm_hset_clear")(ctypes.byref(s))
         self.n = 0
 
     def struct(self) -> _HSetC:
-        """The C view of the set (rebuilt per call: the arrays may have moved)."""
-        return _HSetC(self.keys.ctypes.data, self.index.ctypes.data, len(self.index) - 1, self.n)
+        """The C view of the set, with the current n (built again only after the arrays moved); a call
+        that adds keys updates its n, which the caller copies back."""
+        c = self._c
+        if c is None:
+            c = self._c = _HSetC(self.keys.ctypes.data, self.index.ctypes.data, len(self.index) - 1, self.n)
+        c.n = self.n
+        return c
 
 
 class _HSetC(ctypes.Structure):
@@ -415,12 +438,27 @@ class _UniqueNative(_Unique):
     def __len__(self) -> int:
         return len(self.seen_set) + 2 * len(self.count_set) + len(self.multi_set)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable: the arrays, not the cached C view."""
+        state = self.__dict__.copy()
+        state["_st"] = None
+        return state
+
     def _state(self) -> _UniqueStateC:
-        c = self.count_set
-        return _UniqueStateC(self.one_key.ctypes.data, self.one_item.ctypes.data, self.one_ts.ctypes.data,
-                             int(self.mask), self.multi_set.struct(), self.seen_set.struct(), c.struct(),
-                             c.values["cnt"].ctypes.data, c.values["first"].ctypes.data, 4 * self.cap,
-                             int(self.lossy))
+        """The C view of the table (cached; built again after one of its sets' arrays moved)."""
+        sets = (self.multi_set, self.seen_set, self.count_set)
+        versions = tuple(t.version for t in sets)
+        st = getattr(self, "_st", None)
+        if st is None or self._st_versions != versions:
+            c = self.count_set
+            st = self._st = _UniqueStateC(self.one_key.ctypes.data, self.one_item.ctypes.data,
+                                          self.one_ts.ctypes.data, int(self.mask), self.multi_set.struct(),
+                                          self.seen_set.struct(), c.struct(), c.ptr("cnt"), c.ptr("first"),
+                                          4 * self.cap, 0)
+            self._st_versions = versions
+        st.multi.n, st.seen.n, st.count.n = self.multi_set.n, self.seen_set.n, self.count_set.n
+        st.lossy = int(self.lossy)
+        return st
 
     def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """As _Unique.add, the promoted keys that grew as arrays: (keys as int64, a row of each)."""
@@ -430,7 +468,7 @@ class _UniqueNative(_Unique):
         gk, gi, gt, gr = (np.empty(2 * n, dt) for dt in (np.uint64, np.uint64, np.float64, np.int64))
         fresh, nfresh = np.empty(n, np.uint64), ctypes.c_int64()
         st = self._state()
-        m = native.function("ntm_unique_gather")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
+        m = _fn("ntm_unique_gather")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
                                                  ts.ctypes.data, n, gk.ctypes.data, gi.ctypes.data, gt.ctypes.data,
                                                  gr.ctypes.data, fresh.ctypes.data, ctypes.byref(nfresh))
         if m < 0:
@@ -441,7 +479,7 @@ class _UniqueNative(_Unique):
         self.count_set.reserve(m)
         out_key, out_row = np.empty(m, np.uint64), np.empty(m, np.int64)
         st = self._state()
-        got = native.function("ntm_unique_commit")(ctypes.byref(st), fresh.ctypes.data, nfresh.value,
+        got = _fn("ntm_unique_commit")(ctypes.byref(st), fresh.ctypes.data, nfresh.value,
                                                    gk.ctypes.data, gi.ctypes.data, gt.ctypes.data, gr.ctypes.data,
                                                    m, out_key.ctypes.data, out_row.ctypes.data)
         if got < 0:
@@ -478,18 +516,27 @@ class _UniqueNative(_Unique):
         keys = np.ascontiguousarray(keys).view(np.uint64)
         count, first = np.empty(len(keys), np.int64), np.empty(len(keys), np.float64)
         st = self._state()
-        native.function("ntm_unique_lookup")(ctypes.byref(st), keys.ctypes.data, len(keys), count.ctypes.data,
+        _fn("ntm_unique_lookup")(ctypes.byref(st), keys.ctypes.data, len(keys), count.ctypes.data,
                                              first.ctypes.data)
         return count
 
     def first_of(self, key: int, default: float) -> float:
         """The time of the key's first counted item this epoch (default when it has none)."""
         c = self.count_set
-        at = native.function("ntm_hset_find")(ctypes.byref(c.struct()), ctypes.c_uint64(key & _U64))
+        at = _fn("ntm_hset_find")(ctypes.byref(c.struct()), ctypes.c_uint64(key & _U64))
         return float(c.values["first"][at]) if at >= 0 else default
 
 
 _U64 = (1 << 64) - 1
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def _fn(name: str) -> Any:
+    """A function of native/detect.c (looked up once per process)."""
+    f = _FUNCTIONS.get(name)
+    if f is None:
+        f = _FUNCTIONS[name] = native.function(name)
+    return f
 
 
 def _nset_add(table: _NSet, keys: np.ndarray) -> None:
@@ -498,7 +545,7 @@ def _nset_add(table: _NSet, keys: np.ndarray) -> None:
         table.reserve(len(keys))
         keys = np.ascontiguousarray(keys, np.uint64)
         s = table.struct()
-        native.function("ntm_hset_add")(ctypes.byref(s), keys.ctypes.data, len(keys))
+        _fn("ntm_hset_add")(ctypes.byref(s), keys.ctypes.data, len(keys))
         table.n = s.n
 
 
@@ -517,13 +564,13 @@ class _Tally:
         t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
         t.reserve(len(keys))
         s = t.struct()
-        native.function("ntm_hset_count")(ctypes.byref(s), t.values["cnt"].ctypes.data, keys.ctypes.data, len(keys))
+        _fn("ntm_hset_count")(ctypes.byref(s), t.values["cnt"].ctypes.data, keys.ctypes.data, len(keys))
         t.n = s.n
 
     def get(self, key: int, default: int = 0) -> int:
         """The count of a key (a signed 64-bit int, as _ints gives)."""
         t = self.table
-        at = native.function("ntm_hset_find")(ctypes.byref(t.struct()), ctypes.c_uint64(key & _U64))
+        at = _fn("ntm_hset_find")(ctypes.byref(t.struct()), ctypes.c_uint64(key & _U64))
         return int(t.values["cnt"][at]) if at >= 0 else default
 
     def items(self) -> list[tuple[int, int]]:
@@ -558,7 +605,7 @@ NATIVE_TABLES = True  # tests set it to False to build the pure numpy/Python ref
 
 
 def _native_tables() -> bool:
-    return NATIVE_TABLES and native.function("ntm_unique_gather") is not None
+    return NATIVE_TABLES and _fn("ntm_unique_gather") is not None
 
 
 def _slots(cap: int) -> int:
@@ -722,7 +769,7 @@ class _PendingNative(_Pending):
         probes = np.ascontiguousarray(probes)
         out = np.empty(len(probes), ATTEMPT_DTYPE)
         slots, rec, off_h = self._c()
-        got = native.function("ntm_pending_add")(slots, rec, off_h, ATTEMPT_DTYPE.fields["ts"][1], int(self.mask),
+        got = _fn("ntm_pending_add")(slots, rec, off_h, ATTEMPT_DTYPE.fields["ts"][1], int(self.mask),
                                                  probes.ctypes.data, len(probes), out.ctypes.data)
         if got < 0:
             raise MemoryError("native/detect.c: no memory for a batch of probes")
@@ -732,7 +779,7 @@ class _PendingNative(_Pending):
         keys = np.ascontiguousarray(keys, np.uint64)
         hit, where = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
         slots, rec, off_h = self._c()
-        native.function("ntm_pending_answer")(slots, rec, off_h, int(self.mask), keys.ctypes.data, len(keys),
+        _fn("ntm_pending_answer")(slots, rec, off_h, int(self.mask), keys.ctypes.data, len(keys),
                                               hit.ctypes.data, int(remove), where.ctypes.data)
         return hit.view(bool)
 
@@ -755,7 +802,7 @@ class _RecentNative(_Recent):
         keys = np.ascontiguousarray(keys, np.uint64)
         ts = np.ascontiguousarray(ts, np.float64)
         value = np.ascontiguousarray(np.broadcast_to(value, keys.shape), np.int64)
-        if native.function("ntm_recent_add")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+        if _fn("ntm_recent_add")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
                                              int(self.mask), keys.ctypes.data, ts.ctypes.data, value.ctypes.data,
                                              len(keys)) < 0:
             raise MemoryError("native/detect.c: no memory for a batch of a recent-keys table")
@@ -763,7 +810,7 @@ class _RecentNative(_Recent):
     def _find_recent(self, keys: np.ndarray, now: float, remove: bool) -> tuple[np.ndarray, np.ndarray]:
         keys = np.ascontiguousarray(keys, np.uint64)
         hit, value = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
-        native.function("ntm_recent_find")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+        _fn("ntm_recent_find")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
                                            int(self.mask), keys.ctypes.data, len(keys), now - self.period,
                                            int(remove), hit.ctypes.data, value.ctypes.data)
         return hit.view(bool), value
@@ -838,7 +885,7 @@ class _PairSetNative(_PairSet):
         """(rows whose pair is new this second and now stored, whether some new pair found no slot)."""
         pairs = np.ascontiguousarray(pairs, np.uint64)
         counted = np.empty(len(pairs), np.uint8)
-        missed = native.function("ntm_pairs_add")(self.keys.ctypes.data, self.stamp.ctypes.data, int(self.mask),
+        missed = _fn("ntm_pairs_add")(self.keys.ctypes.data, self.stamp.ctypes.data, int(self.mask),
                                                   pairs.ctypes.data, len(pairs), int(second), counted.ctypes.data)
         if missed < 0:
             raise MemoryError("native/detect.c: no memory for a batch of pairs")
@@ -1065,7 +1112,7 @@ class _SecondNative(_Second):
             self.full |= missed
             counted = np.ascontiguousarray(counted).view(np.uint8)
         s = t.struct()
-        if native.function("ntm_second_add")(ctypes.byref(s), t.values["packets"].ctypes.data,
+        if _fn("ntm_second_add")(ctypes.byref(s), t.values["packets"].ctypes.data,
                                              t.values["sources"].ctypes.data, self.cap, dst.ctypes.data, len(dst),
                                              None if counted is None else counted.ctypes.data) < 0:
             raise MemoryError("native/detect.c: no memory for a batch of per-second counts")
@@ -1075,7 +1122,7 @@ class _SecondNative(_Second):
         """The distinct keys among dst with at least `threshold` packets this second, ascending."""
         t, dst = self.table, np.ascontiguousarray(dst, np.uint64)
         out = np.empty(len(dst), np.uint64)
-        got = native.function("ntm_second_hot")(ctypes.byref(t.struct()), t.values["packets"].ctypes.data,
+        got = _fn("ntm_second_hot")(ctypes.byref(t.struct()), t.values["packets"].ctypes.data,
                                                 dst.ctypes.data, len(dst), int(threshold), out.ctypes.data)
         if got < 0:
             raise MemoryError("native/detect.c: no memory to find a second's busiest destinations")
@@ -1087,7 +1134,7 @@ class _SecondNative(_Second):
         s, out = t.struct(), []
         for col in ("packets", "sources"):
             got = np.empty(len(keys), np.int64)
-            native.function("ntm_hset_values")(ctypes.byref(s), t.values[col].ctypes.data, keys.ctypes.data,
+            _fn("ntm_hset_values")(ctypes.byref(s), t.values[col].ctypes.data, keys.ctypes.data,
                                                len(keys), got.ctypes.data)
             out.append(got)
         return out[0], out[1]
@@ -1587,7 +1634,7 @@ class Detectors:
         known, reported = self.known_hosts, self.reported_hosts
         keys, ip = np.ascontiguousarray(b.hs[ip]), np.ascontiguousarray(ip, np.int64)
         out = np.empty(len(ip), np.int64)
-        got = native.function("ntm_new_hosts")(ctypes.byref(known.struct()), ctypes.byref(reported.struct()),
+        got = _fn("ntm_new_hosts")(ctypes.byref(known.struct()), ctypes.byref(reported.struct()),
                                                keys.ctypes.data, ip.ctypes.data, len(ip), out.ctypes.data)
         if got < 0:
             raise MemoryError("native/detect.c: no memory for a batch of new hosts")
@@ -1690,7 +1737,7 @@ def _isin(a: np.ndarray, b: np.ndarray, compiled: bool) -> np.ndarray:
         return np.isin(a, b)
     a, b = np.ascontiguousarray(a, np.uint64), np.ascontiguousarray(b, np.uint64)
     out = np.empty(len(a), np.uint8)
-    if native.function("ntm_isin")(a.ctypes.data, len(a), b.ctypes.data, len(b), out.ctypes.data) < 0:
+    if _fn("ntm_isin")(a.ctypes.data, len(a), b.ctypes.data, len(b), out.ctypes.data) < 0:
         raise MemoryError("native/detect.c: no memory to match a batch's answers")
     return out.view(bool)
 
@@ -1709,7 +1756,7 @@ def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows:
         out = np.empty(len(keys), np.uint8)
         keys, refs = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(refs, np.uint64)
         key_rows, ref_rows = np.ascontiguousarray(key_rows, np.int64), np.ascontiguousarray(ref_rows, np.int64)
-        if native.function("ntm_earlier")(keys.ctypes.data, key_rows.ctypes.data, len(keys), refs.ctypes.data,
+        if _fn("ntm_earlier")(keys.ctypes.data, key_rows.ctypes.data, len(keys), refs.ctypes.data,
                                           ref_rows.ctypes.data, len(refs), int(bits), out.ctypes.data) < 0:
             raise MemoryError("native/detect.c: no memory to match a batch's answers")
         return out.view(bool)
