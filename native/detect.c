@@ -81,6 +81,7 @@ static int sm_init(smap *m, int64_t n) {
     if (!m->keys || !m->vals) {
         free(m->keys);
         free(m->vals);
+        m->keys = NULL, m->vals = NULL;
         return -1;
     }
     memset(m->vals, 0xFF, size * sizeof(int64_t));
@@ -127,9 +128,9 @@ static void merge_sort(int64_t *idx, int64_t *tmp, int64_t n, const double *ts) 
     while (a < h) idx[o++] = tmp[a++];
 }
 
-/* Sort n uint64 ascending: LSD radix on 16-bit digits, skipping the digits every value shares (packed
- * (bucket, row) values use two or three of the four), insertion sort for short arrays: a library
- * sort's callback per comparison cost more than the tables it fed. Returns -1 without memory. */
+/* Sort n uint64 ascending: LSD radix on 8-bit digits (16-bit for long arrays), skipping the digits every
+ * value shares (packed (bucket, row) values use few of them), insertion sort for short arrays: a
+ * library sort's callback per comparison cost more than the tables it fed. Returns -1 without memory. */
 static int sort_u64(uint64_t *a, int64_t n) {
     if (n < 48) {
         for (int64_t i = 1; i < n; i++) {
@@ -140,24 +141,27 @@ static int sort_u64(uint64_t *a, int64_t n) {
         }
         return 0;
     }
+    int width = n < 16384 ? 8 : 16;
+    int64_t buckets = (int64_t)1 << width;
+    uint64_t digit = (uint64_t)buckets - 1;
     uint64_t *tmp = malloc((size_t)n * sizeof(uint64_t));
-    int64_t *count = malloc(65536 * sizeof(int64_t));
+    int64_t *count = malloc((size_t)buckets * sizeof(int64_t));
     if (!tmp || !count) {
         free(tmp), free(count);
         return -1;
     }
     uint64_t *src = a, *dst = tmp;
-    for (int d = 0; d < 64; d += 16) {
-        memset(count, 0, 65536 * sizeof(int64_t));
-        for (int64_t i = 0; i < n; i++) count[(src[i] >> d) & 0xFFFF]++;
-        if (count[(src[0] >> d) & 0xFFFF] == n) continue; /* one digit for all: nothing to move */
+    for (int d = 0; d < 64; d += width) {
+        memset(count, 0, (size_t)buckets * sizeof(int64_t));
+        for (int64_t i = 0; i < n; i++) count[(src[i] >> d) & digit]++;
+        if (count[(src[0] >> d) & digit] == n) continue; /* one digit for all: nothing to move */
         int64_t sum = 0;
-        for (int k = 0; k < 65536; k++) {
+        for (int64_t k = 0; k < buckets; k++) {
             int64_t c = count[k];
             count[k] = sum;
             sum += c;
         }
-        for (int64_t i = 0; i < n; i++) dst[count[(src[i] >> d) & 0xFFFF]++] = src[i];
+        for (int64_t i = 0; i < n; i++) dst[count[(src[i] >> d) & digit]++] = src[i];
         uint64_t *t = src;
         src = dst, dst = t;
     }
@@ -398,6 +402,7 @@ static void argsort4(const double *v, int *order) {
  * (bucket, rank) order, then the surplus newcomers of full buckets; returns how many, or -1. */
 int64_t ntm_pending_add(uint8_t *slots, int64_t rec, int64_t off_h, int64_t off_ts, uint64_t mask,
                         const uint8_t *probes, int64_t n, uint8_t *out) {
+    if (rec > 128) return -1; /* a bucket's cells are copied into 128-byte buffers */
     int64_t *bucket = malloc((size_t)(n ? n : 1) * sizeof(int64_t)), *sel = malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     if (!bucket || !sel) {
         free(bucket);
