@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import json
 import logging
 import multiprocessing
@@ -352,7 +351,6 @@ class DetectorStage(Stage):
             if start_method() == "fork":
                 ctx = multiprocessing.get_context("fork")
                 batches_r, batches_w = ctx.Pipe(duplex=False)
-                _widen(batches_w)
                 results_r, results_w = ctx.Pipe(duplex=False)
                 # The child inherits the engine's ends too; it closes them, or it would never see EOF.
                 self._proc = ctx.Process(target=detector_worker, args=(batches_r, results_w, (batches_w, results_r)),
@@ -567,25 +565,10 @@ def start_method() -> str:
     return "fork" if threading.active_count() == 1 else "exec"
 
 
-_F_SETPIPE_SZ = 1031  # fcntl.h (Linux)
-
-
-def _widen_fd(fd: int) -> None:
-    """Give the batches' pipe 1 MiB (the unprivileged limit) instead of 64 KiB: a 5 MB batch then crosses
-    in 6 writes, not 90, each a wake-up of the worker."""
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)
-
-
-def _widen(conn: Connection) -> None:
-    _widen_fd(conn.fileno())
-
-
 def _pipes() -> tuple[Connection, Connection, Connection, Connection]:
     """(batches reader, batches writer, results reader, results writer) over plain OS pipes."""
     br, bw = os.pipe()
     rr, rw = os.pipe()
-    _widen_fd(bw)
     return (Connection(br, writable=False), Connection(bw, readable=False),
             Connection(rr, writable=False), Connection(rw, readable=False))
 
