@@ -129,7 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("POLL_MS", 200, "How long the capture thread waits for packets before checking for stop (ms).",
             low=1, high=10_000),
     Setting("NATIVE", True, "Use the compiled helpers (native/*.c, built with the system's C compiler) for the "
-            "record walk, the common-case parser and grouping; off runs their numpy/Python twins (same results)."),
+            "record walk, the common-case parser, grouping and the detectors' tables; off runs their numpy/Python "
+            "twins (same results)."),
     Setting("MALLOC_KEEP_MB", 64, "Free memory (MB) the C allocator may keep for reuse rather than return to the "
             "kernel, so each batch's arrays do not page-fault afresh; 0 leaves the allocator's defaults.",
             low=0, high=1 << 20),

@@ -69,12 +69,12 @@ from analysis.stages import AlertMirror, DetectorStage
 from capture import broker
 from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
-from store.stage import StoreStage
 
-if TYPE_CHECKING:  # the detectors (and pandas) load where they run: the worker, the page
+if TYPE_CHECKING:  # the detectors, pandas and the history writer load where they run: the worker, the page
     import pandas as pd
 
     from analysis.detect import Alert
+    from store.stage import StoreStage
 
 log = logging.getLogger(__name__)
 STOP_WAIT_S = 0.7  # the longest stop() waits for the capture thread
@@ -499,6 +499,8 @@ class CaptureEngine:
         """The history writer of a live capture (files enter history only through `import`)."""
         if self.store is None:
             return None
+        from store.stage import StoreStage  # with pandas: `summary` of a file never loads them
+
         sensor = config.get("STORE_SENSOR") or None
         return StoreStage(self.store, config.get("STAGE_QUEUE_PACKETS"), iface=source.iface, sensor=sensor,
                           mirror=self.alerts).start()

@@ -19,6 +19,7 @@ of about n^2 / 2^65, under 1e-10 for a full table.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import asdict, dataclass, replace
@@ -377,6 +378,14 @@ class _Unique:
             self._shrink()
         return dict(zip(grown, map(rows.__getitem__, at)))
 
+    def counts(self, keys: np.ndarray) -> np.ndarray:
+        """The distinct items counted for each key (int64 hashes) this epoch, 0 for keys not counted."""
+        return np.fromiter(map(self.count.__getitem__, keys.tolist()), np.int64, len(keys))
+
+    def first_of(self, key: int, default: float) -> float:
+        """The time of the key's first counted item this epoch (default when it has none)."""
+        return self.first.get(key, default)
+
     def _shrink(self) -> None:
         keys = np.fromiter(self.count.keys(), np.int64, len(self.count))
         vals = np.fromiter(self.count.values(), np.int64, len(self.count))
@@ -386,6 +395,274 @@ class _Unique:
         keep = keep.tolist()
         self.count = Counter(dict(zip(keep, map(self.count.__getitem__, keep))))
         self.first = dict(zip(keep, map(self.first.__getitem__, keep)))
+
+
+class _NSet:
+    """A set of uint64 keys for native/detect.c (its `hset`): the keys in insertion order in a dense numpy
+    array, with an open-addressing index of their positions (-1: empty) at least twice as large, and
+    optional value columns beside the keys. Numpy arrays, so the set pickles with the detectors."""
+
+    def __init__(self, values: tuple[tuple[str, Any], ...] = (), room: int = 1024) -> None:
+        self.n = 0
+        self.keys = np.zeros(room, np.uint64)
+        self.index = np.full(2 * room, -1, np.int64)
+        self.values = {name: np.zeros(room, dt) for name, dt in values}
+        self.version = 0  # counts the times the arrays moved (a cached C view of them is then stale)
+        self._c: _HSetC | None = None
+        self._ptrs: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable: the arrays, not the cached C view (addresses of this process)."""
+        state = self.__dict__.copy()
+        state["_c"], state["_ptrs"] = None, {}
+        return state
+
+    def __len__(self) -> int:
+        return self.n
+
+    def ptr(self, name: str) -> int:
+        """The address of a value column (cached until the arrays move)."""
+        at = self._ptrs.get(name)
+        if at is None:
+            at = self._ptrs[name] = self.values[name].ctypes.data
+        return at
+
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more keys (a call into C never grows a set itself)."""
+        need = self.n + extra
+        if need <= len(self.keys):
+            return
+        room = 1 << max(need - 1, 1).bit_length()
+        keys = np.zeros(room, np.uint64)
+        keys[:self.n] = self.keys[:self.n]
+        self.keys, self.index = keys, np.empty(2 * room, np.int64)
+        for name, col in self.values.items():
+            grown = np.zeros(room, col.dtype)
+            grown[:self.n] = col[:self.n]
+            self.values[name] = grown
+        self.version += 1
+        self._c, self._ptrs = None, {}
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild the index over keys[:n] (after the keys moved)."""
+        s = self.struct()
+        _fn("ntm_hset_reindex")(ctypes.byref(s))
+
+    def clear(self) -> None:
+        """Forget every key (in time proportional to them, not to the index)."""
+        s = self.struct()
+        _fn("ntm_hset_clear")(ctypes.byref(s))
+        self.n = 0
+
+    def struct(self) -> _HSetC:
+        """The C view of the set, with the current n (built again only after the arrays moved); a call
+        that adds keys updates its n, which the caller copies back."""
+        c = self._c
+        if c is None:
+            c = self._c = _HSetC(self.keys.ctypes.data, self.index.ctypes.data, len(self.index) - 1, self.n)
+        c.n = self.n
+        return c
+
+
+class _HSetC(ctypes.Structure):
+    _fields_ = [("keys", ctypes.c_void_p), ("index", ctypes.c_void_p), ("mask", ctypes.c_int64),
+                ("n", ctypes.c_int64)]
+
+
+class _UniqueStateC(ctypes.Structure):
+    _fields_ = [("one_key", ctypes.c_void_p), ("one_item", ctypes.c_void_p), ("one_ts", ctypes.c_void_p),
+                ("one_mask", ctypes.c_uint64), ("multi", _HSetC), ("seen", _HSetC), ("count", _HSetC),
+                ("cnt", ctypes.c_void_p), ("first", ctypes.c_void_p), ("seen_max", ctypes.c_int64),
+                ("lossy", ctypes.c_int64)]
+
+
+class _UniqueNative(_Unique):
+    """_Unique with its add() in native/detect.c: the same state changes and results, held in _NSet
+    tables (multi, seen, and count with each key's count and first time) instead of Python sets."""
+
+    def reset(self) -> None:
+        """Start a new epoch: drop the whole table."""
+        self.one_key[:] = 0
+        if getattr(self, "multi_set", None) is None:
+            self.multi_set, self.seen_set = _NSet(), _NSet()
+            self.count_set = _NSet((("cnt", np.int64), ("first", np.float64)))
+        else:
+            for table in (self.multi_set, self.seen_set, self.count_set):
+                table.clear()
+        self.lossy = False
+
+    def __len__(self) -> int:
+        return len(self.seen_set) + 2 * len(self.count_set) + len(self.multi_set)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable: the arrays, not the cached C view."""
+        state = self.__dict__.copy()
+        state["_st"] = None
+        return state
+
+    def _state(self) -> _UniqueStateC:
+        """The C view of the table (cached; built again after one of its sets' arrays moved)."""
+        sets = (self.multi_set, self.seen_set, self.count_set)
+        versions = tuple(t.version for t in sets)
+        st = getattr(self, "_st", None)
+        if st is None or self._st_versions != versions:
+            c = self.count_set
+            st = self._st = _UniqueStateC(self.one_key.ctypes.data, self.one_item.ctypes.data,
+                                          self.one_ts.ctypes.data, int(self.mask), self.multi_set.struct(),
+                                          self.seen_set.struct(), c.struct(), c.ptr("cnt"), c.ptr("first"),
+                                          4 * self.cap, 0)
+            self._st_versions = versions
+        st.multi.n, st.seen.n, st.count.n = self.multi_set.n, self.seen_set.n, self.count_set.n
+        st.lossy = int(self.lossy)
+        return st
+
+    def add(self, keys: np.ndarray, items: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As _Unique.add, the promoted keys that grew as arrays: (keys as int64, a row of each)."""
+        n = len(keys)
+        keys, items = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(items, np.uint64)
+        ts = np.ascontiguousarray(ts, np.float64)
+        gk, gi, gt, gr = (np.empty(2 * n, dt) for dt in (np.uint64, np.uint64, np.float64, np.int64))
+        fresh, nfresh = np.empty(n, np.uint64), ctypes.c_int64()
+        st = self._state()
+        m = _fn("ntm_unique_gather")(ctypes.byref(st), keys.ctypes.data, items.ctypes.data,
+                                                 ts.ctypes.data, n, gk.ctypes.data, gi.ctypes.data, gt.ctypes.data,
+                                                 gr.ctypes.data, fresh.ctypes.data, ctypes.byref(nfresh))
+        if m < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of the scan tables")
+        # Room for what the commit adds, known now: tables grow to what the traffic needs, not to 2 x a batch.
+        self.multi_set.reserve(nfresh.value)
+        self.seen_set.reserve(m)
+        self.count_set.reserve(m)
+        out_key, out_row = np.empty(m, np.uint64), np.empty(m, np.int64)
+        st = self._state()
+        got = _fn("ntm_unique_commit")(ctypes.byref(st), fresh.ctypes.data, nfresh.value,
+                                                   gk.ctypes.data, gi.ctypes.data, gt.ctypes.data, gr.ctypes.data,
+                                                   m, out_key.ctypes.data, out_row.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of the scan tables")
+        self.multi_set.n, self.seen_set.n, self.count_set.n = st.multi.n, st.seen.n, st.count.n
+        self.lossy = bool(st.lossy)
+        if self.count_set.n > self.cap:
+            self._shrink()
+        return out_key[:got].view(np.int64), out_row[:got]
+
+    def _shrink(self) -> None:
+        c = self.count_set
+        keys, vals = c.keys[:c.n].view(np.int64), c.values["cnt"][:c.n]
+        keep = keys[np.argpartition(-vals, self.cap // 2)[:self.cap // 2]]  # as _Unique._shrink: the same keys
+        at = self.lookup_rows(keep)
+        c.keys[:len(keep)] = keep.view(np.uint64)
+        for col in c.values.values():
+            col[:len(keep)] = col[at]
+        c.n = len(keep)
+        c.reindex()
+        m = self.multi_set
+        m.keys[:len(keep)] = np.sort(keep.view(np.uint64))
+        m.n = len(keep)
+        m.reindex()
+
+    def lookup_rows(self, keys: np.ndarray) -> np.ndarray:
+        """The dense positions of counted keys (int64 hashes) in count_set."""
+        c = self.count_set
+        order = np.argsort(c.keys[:c.n])
+        return order[np.searchsorted(c.keys[:c.n], keys.view(np.uint64), sorter=order)]
+
+    def counts(self, keys: np.ndarray) -> np.ndarray:
+        """The distinct items counted for each key (int64 hashes) this epoch, 0 for keys not counted."""
+        keys = np.ascontiguousarray(keys).view(np.uint64)
+        count, first = np.empty(len(keys), np.int64), np.empty(len(keys), np.float64)
+        st = self._state()
+        _fn("ntm_unique_lookup")(ctypes.byref(st), keys.ctypes.data, len(keys), count.ctypes.data,
+                                             first.ctypes.data)
+        return count
+
+    def first_of(self, key: int, default: float) -> float:
+        """The time of the key's first counted item this epoch (default when it has none)."""
+        c = self.count_set
+        at = _fn("ntm_hset_find")(ctypes.byref(c.struct()), ctypes.c_uint64(key & _U64))
+        return float(c.values["first"][at]) if at >= 0 else default
+
+
+_U64 = (1 << 64) - 1
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def _fn(name: str) -> Any:
+    """A function of native/detect.c (looked up once per process)."""
+    f = _FUNCTIONS.get(name)
+    if f is None:
+        f = _FUNCTIONS[name] = native.function(name)
+    return f
+
+
+def _nset_add(table: _NSet, keys: np.ndarray) -> None:
+    """Add keys (uint64 hashes) to a native set, in order."""
+    if len(keys):
+        table.reserve(len(keys))
+        keys = np.ascontiguousarray(keys, np.uint64)
+        s = table.struct()
+        _fn("ntm_hset_add")(ctypes.byref(s), keys.ctypes.data, len(keys))
+        table.n = s.n
+
+
+class _Tally:
+    """Counter-like counts of uint64 hashes in a native/detect.c set, in insertion order as a Counter keeps
+    them (so _top_half's shrink keeps the same keys); get() takes the signed int keys a Counter would."""
+
+    def __init__(self) -> None:
+        self.table = _NSet((("cnt", np.int64),))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def update(self, keys: np.ndarray) -> None:
+        """Count each key once per occurrence."""
+        t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
+        t.reserve(len(keys))
+        s = t.struct()
+        _fn("ntm_hset_count")(ctypes.byref(s), t.values["cnt"].ctypes.data, keys.ctypes.data, len(keys))
+        t.n = s.n
+
+    def get(self, key: int, default: int = 0) -> int:
+        """The count of a key (a signed 64-bit int, as _ints gives)."""
+        t = self.table
+        at = _fn("ntm_hset_find")(ctypes.byref(t.struct()), ctypes.c_uint64(key & _U64))
+        return int(t.values["cnt"][at]) if at >= 0 else default
+
+    def items(self) -> list[tuple[int, int]]:
+        """(key, count) in insertion order, keys as signed ints."""
+        t = self.table
+        return list(zip(t.keys[:t.n].view(np.int64).tolist(), t.values["cnt"][:t.n].tolist()))
+
+    def clear(self) -> None:
+        """Forget every count."""
+        self.table.clear()
+
+    def top_half(self, cap: int) -> None:
+        """_top_half in place: keep the cap / 2 keys with the largest counts, in the order it keeps them."""
+        t = self.table
+        keys, vals = t.keys[:t.n].view(np.int64), t.values["cnt"][:t.n]
+        half = max(cap // 2, 1)
+        if len(keys) <= half:
+            return
+        pick = np.argpartition(-vals, half)[:half]
+        keep_keys, keep_vals = keys[pick].copy(), vals[pick].copy()
+        t.keys[:half], t.values["cnt"][:half] = keep_keys.view(np.uint64), keep_vals
+        t.n = half
+        t.reindex()
+
+
+def _unique(cap: int) -> _Unique:
+    """A _Unique table: the compiled one when native/detect.c is built (NATIVE_TABLES), else the reference."""
+    return _UniqueNative(cap) if _native_tables() else _Unique(cap)
+
+
+NATIVE_TABLES = True  # tests set it to False to build the pure numpy/Python reference detectors
+
+
+def _native_tables() -> bool:
+    return NATIVE_TABLES and _fn("ntm_unique_gather") is not None
 
 
 def _slots(cap: int) -> int:
@@ -533,6 +810,87 @@ class _Recent:
         return out
 
 
+class _PendingNative(_Pending):
+    """_Pending with add, answer and contains in native/detect.c: the same slots, the same probes out."""
+
+    def _c(self) -> tuple:
+        f = ATTEMPT_DTYPE.fields
+        return self.slots.ctypes.data, ATTEMPT_DTYPE.itemsize, f["h"][1]
+
+    def add(self, probes: np.ndarray) -> np.ndarray:
+        """Hold ATTEMPT_DTYPE rows until answered or expired; the probes pushed out (to count as unanswered)."""
+        if not len(probes):
+            return probes
+        if self.sweep_at is None:
+            self.sweep_at = float(probes["ts"].min()) + self.period
+        probes = np.ascontiguousarray(probes)
+        out = np.empty(len(probes), ATTEMPT_DTYPE)
+        slots, rec, off_h = self._c()
+        got = _fn("ntm_pending_add")(slots, rec, off_h, ATTEMPT_DTYPE.fields["ts"][1], int(self.mask),
+                                                 probes.ctypes.data, len(probes), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of probes")
+        return out[:got]
+
+    def _lookup(self, keys: np.ndarray, remove: bool) -> np.ndarray:
+        keys = np.ascontiguousarray(keys, np.uint64)
+        hit, where = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
+        slots, rec, off_h = self._c()
+        _fn("ntm_pending_answer")(slots, rec, off_h, int(self.mask), keys.ctypes.data, len(keys),
+                                              hit.ctypes.data, int(remove), where.ctypes.data)
+        return hit.view(bool)
+
+    def answer(self, keys: np.ndarray) -> np.ndarray:
+        """Remove the pending probes among `keys` (uint64 hashes); which of them were pending."""
+        return self._lookup(keys, True)
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which keys are pending."""
+        return self._lookup(keys, False)
+
+
+class _RecentNative(_Recent):
+    """_Recent with add, contains and pop in native/detect.c: the same slots, the same answers."""
+
+    def add(self, keys: np.ndarray, ts: np.ndarray, value: np.ndarray | int = 0) -> None:
+        """Remember keys at times ts (a key twice in one call may take two slots of its bucket)."""
+        if not len(keys):
+            return
+        keys = np.ascontiguousarray(keys, np.uint64)
+        ts = np.ascontiguousarray(ts, np.float64)
+        value = np.ascontiguousarray(np.broadcast_to(value, keys.shape), np.int64)
+        if _fn("ntm_recent_add")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+                                             int(self.mask), keys.ctypes.data, ts.ctypes.data, value.ctypes.data,
+                                             len(keys)) < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of a recent-keys table")
+
+    def _find_recent(self, keys: np.ndarray, now: float, remove: bool) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.ascontiguousarray(keys, np.uint64)
+        hit, value = np.empty(len(keys), np.uint8), np.empty(len(keys), np.int64)
+        _fn("ntm_recent_find")(self.keys.ctypes.data, self.ts.ctypes.data, self.value.ctypes.data,
+                                           int(self.mask), keys.ctypes.data, len(keys), now - self.period,
+                                           int(remove), hit.ctypes.data, value.ctypes.data)
+        return hit.view(bool), value
+
+    def contains(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """Which keys were added within `period` before `now`."""
+        return self._find_recent(keys, now, False)[0]
+
+    def pop(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """The value of each key still remembered (-1 if not), forgetting it."""
+        return self._find_recent(keys, now, True)[1]
+
+
+def _pending(timeout: float, cap: int) -> _Pending:
+    """A _Pending table: compiled (native/detect.c) when it is built and NATIVE_TABLES, else the reference."""
+    return _PendingNative(timeout, cap) if _native_tables() else _Pending(timeout, cap)
+
+
+def _recent(period: float, cap: int) -> _Recent:
+    """A _Recent table: compiled (native/detect.c) when it is built and NATIVE_TABLES, else the reference."""
+    return _RecentNative(period, cap) if _native_tables() else _Recent(period, cap)
+
+
 class _PairSet:
     """The (destination, source) pairs of the current second, in numpy buckets of WAYS slots stamped with
     their second (a new second needs no clearing). Counting is exact while every pair finds a slot; a
@@ -577,6 +935,20 @@ class _PairSet:
         return counted, bool((~fits).any())
 
 
+class _PairSetNative(_PairSet):
+    """_PairSet with add in native/detect.c: the same slots, the same rows counted."""
+
+    def add(self, pairs: np.ndarray, second: int) -> tuple[np.ndarray, bool]:
+        """(rows whose pair is new this second and now stored, whether some new pair found no slot)."""
+        pairs = np.ascontiguousarray(pairs, np.uint64)
+        counted = np.empty(len(pairs), np.uint8)
+        missed = _fn("ntm_pairs_add")(self.keys.ctypes.data, self.stamp.ctypes.data, int(self.mask),
+                                                  pairs.ctypes.data, len(pairs), int(second), counted.ctypes.data)
+        if missed < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of pairs")
+        return counted.view(bool), bool(missed)
+
+
 def _first_rows(h: np.ndarray) -> np.ndarray:
     """The first row of each distinct hash (one plain sort of (hash, row) packed into a uint64; the hash
     keeps its top 64 - log2(rows) bits, 48 for 65,536 rows: a merge of two has odds under 1e-5)."""
@@ -598,7 +970,7 @@ class _ReflectSecond:
 
     def __init__(self, cap: int) -> None:
         self.cap = max(cap, 1)
-        self.pairs = _PairSet(cap)
+        self.pairs = _PairSetNative(cap) if _native_tables() else _PairSet(cap)
         self.start(-(2 ** 62))
 
     def start(self, second: int) -> None:
@@ -654,10 +1026,11 @@ class _ScanEpochs:
     def __init__(self, window: float, offset: float, cap: int) -> None:
         self.window, self.offset, self.cap = window, offset, cap
         self.epoch: int | None = None
-        self.vertical = _Unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
-        self.horizontal = _Unique(cap)  # (scanner, proto, port) -> distinct targets that failed
-        self.stealth = _Unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
-        self.answered: Counter[int] = Counter()  # (scanner, target) -> answered attempts
+        self.vertical = _unique(cap)  # (scanner, target) -> distinct (proto, port) that failed
+        self.horizontal = _unique(cap)  # (scanner, proto, port) -> distinct targets that failed
+        self.stealth = _unique(cap)  # (scanner, target) -> distinct ports sent NULL/FIN/Xmas
+        # (scanner, target) -> answered attempts
+        self.answered: Counter[int] | _Tally = _Tally() if _native_tables() else Counter()
 
     def parts(self, ts: np.ndarray):
         """Selectors of the rows per epoch, in order, starting each new epoch on the way."""
@@ -680,15 +1053,24 @@ class _ScanEpochs:
         self.epoch = epoch
         for table in (self.vertical, self.horizontal, self.stealth):
             table.reset()
-        self.answered = Counter()
+        if isinstance(self.answered, _Tally):
+            self.answered.clear()
+        else:
+            self.answered = Counter()
 
 
-def _reached(table: _Unique, grown: dict[int, int], threshold: int) -> list[tuple[int, int, int]]:
+def _reached(table: _Unique, grown: dict[int, int] | tuple[np.ndarray, np.ndarray],
+             threshold: int) -> list[tuple[int, int, int]]:
     """(key, row, distinct count) of the grown keys whose count reached `threshold`."""
+    if isinstance(grown, tuple):  # the compiled table's (keys, rows)
+        keys, rows = grown
+        counts = table.counts(keys)
+        hot = np.flatnonzero(counts >= threshold)
+        return list(zip(keys[hot].tolist(), rows[hot].tolist(), counts[hot].tolist()))
     if not grown:
         return []
     keys = list(grown)
-    counts = np.fromiter(map(table.count.__getitem__, keys), np.int64, len(keys))
+    counts = table.counts(np.array(keys, np.int64))
     hot = counts >= threshold
     return [(k, grown[k], n) for k, n in zip(compress(keys, hot), counts[hot].tolist())]
 
@@ -746,11 +1128,73 @@ class _Second:
         kpos, ok = _find(self.keys, nd)
         self.sources[kpos[ok]] += nc[ok]
 
+    def hot(self, dst: np.ndarray, threshold: int) -> np.ndarray:
+        """The distinct keys among dst with at least `threshold` packets this second, ascending."""
+        keys = np.unique(dst)
+        return keys[self.lookup(keys)[0] >= threshold]
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(packets, distinct sources) this second for each key (0 for keys not counted)."""
         pos, found = _find(self.keys, keys)
         return (np.where(found, self.packets[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0),
                 np.where(found, self.sources[pos.clip(max=max(len(self.keys) - 1, 0))] if len(self.keys) else 0, 0))
+
+
+class _SecondNative(_Second):
+    """_Second with its per-destination counts in a native/detect.c set (packets and sources beside each
+    key): the same counts for every key, without inserting into sorted arrays."""
+
+    def __init__(self, cap: int) -> None:
+        self.table = _NSet((("packets", np.int64), ("sources", np.int64)))
+        super().__init__(cap)
+        self.pairs = _PairSetNative(cap)
+
+    def start(self, second: int) -> None:
+        """Begin counting `second`."""
+        self.second = second
+        self.table.clear()
+        self.full = False
+
+    def __len__(self) -> int:
+        return len(self.table) * 3 + len(self.pairs)
+
+    def add(self, dst: np.ndarray, pairs: np.ndarray | None) -> None:
+        """Count packets to `dst` (hashes, one per packet) and, when given, their (destination, source) pairs."""
+        t = self.table
+        t.reserve(len(dst))
+        dst = np.ascontiguousarray(dst, np.uint64)
+        counted = None
+        if pairs is not None:
+            counted, missed = self.pairs.add(pairs, self.second)
+            self.full |= missed
+            counted = np.ascontiguousarray(counted).view(np.uint8)
+        s = t.struct()
+        if _fn("ntm_second_add")(ctypes.byref(s), t.values["packets"].ctypes.data,
+                                             t.values["sources"].ctypes.data, self.cap, dst.ctypes.data, len(dst),
+                                             None if counted is None else counted.ctypes.data) < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of per-second counts")
+        t.n = s.n
+
+    def hot(self, dst: np.ndarray, threshold: int) -> np.ndarray:
+        """The distinct keys among dst with at least `threshold` packets this second, ascending."""
+        t, dst = self.table, np.ascontiguousarray(dst, np.uint64)
+        out = np.empty(len(dst), np.uint64)
+        got = _fn("ntm_second_hot")(ctypes.byref(t.struct()), t.values["packets"].ctypes.data,
+                                                dst.ctypes.data, len(dst), int(threshold), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory to find a second's busiest destinations")
+        return out[:got]
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(packets, distinct sources) this second for each key (0 for keys not counted)."""
+        t, keys = self.table, np.ascontiguousarray(keys, np.uint64)
+        s, out = t.struct(), []
+        for col in ("packets", "sources"):
+            got = np.empty(len(keys), np.int64)
+            _fn("ntm_hset_values")(ctypes.byref(s), t.values[col].ctypes.data, keys.ctypes.data,
+                                               len(keys), got.ctypes.data)
+            out.append(got)
+        return out[0], out[1]
 
 
 def _find(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -788,26 +1232,28 @@ class Detectors:
         self.disabled = frozenset(disabled)
         setting = self.setting
         cap = self.cap = setting("DETECTOR_STATE_MAX")
+        self.compiled = _native_tables()  # the tables and steps of native/detect.c, else their references
         self.window = setting("SCAN_WINDOW_S")
         self.vports = setting("SCAN_PORTS")
         self.vhosts = setting("SCAN_HOSTS")
         self.stealth_ports = setting("SCAN_STEALTH_PORTS")
         self.timeout = setting("SCAN_UNANSWERED_S")
         self.alerts_per_batch = setting("ALERTS_PER_DETECTOR")
-        self.pending = _Pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
+        self.pending = _pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
         # Two sets of epoch tables, offset by half an epoch: a scan that fits in SCAN_WINDOW_S / 2 lies
         # wholly inside an epoch of one of them, wherever the epoch boundaries fall.
         self.phases = (_ScanEpochs(self.window, 0.0, cap), _ScanEpochs(self.window, self.window / 2, cap))
-        self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
-        self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
+        self.served = _recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
+        self.last_udp = _recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
         self.flood_pps = {"syn": setting("SYN_FLOOD_PPS"), "icmp": setting("ICMP_FLOOD_PPS"),
                           "udp": setting("UDP_FLOOD_PPS")}
-        self.seconds = {kind: _Second(cap) for kind in ("synack", "syn", "icmp", "udp")}
+        second = _SecondNative if self.compiled else _Second
+        self.seconds = {kind: second(cap) for kind in ("synack", "syn", "icmp", "udp")}
         self.reflect_bps = setting("REFLECTION_BPS")
         self.reflect_sources = setting("REFLECTION_SOURCES")
-        self.asked = _Recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
-        self.fragments = _Recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
+        self.asked = _recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
+        self.fragments = _recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
         self.reflected = _ReflectSecond(cap)  # per victim over the current second
         self.spike_k = setting("SPIKE_SIGMAS")
         self.spike_min = setting("SPIKE_MIN_PPS")
@@ -817,8 +1263,10 @@ class Detectors:
         self.seconds_seen = 0
         self.active_seconds = 0  # seconds that had traffic: the new-host learning clock
         self.learn_end = float("inf")  # capture time when NEW_HOST_LEARN_S seconds of traffic were learned
-        self.known_hosts: set[int] = set()  # local addresses learned before learn_end: never evicted
-        self.reported_hosts: set[int] = set()  # new hosts already reported (emptied beyond cap: a repeat updates)
+        # Local addresses learned before learn_end (never evicted), and new hosts already reported (emptied
+        # beyond cap: a repeat updates): Python sets, or the same in native/detect.c's tables.
+        self.known_hosts: set[int] | _NSet = _NSet() if self.compiled else set()
+        self.reported_hosts: set[int] | _NSet = _NSet() if self.compiled else set()
         self.local_nets = LocalMatcher(nets=parse_nets(setting("LOCAL_NETS")))
         self.learn = setting("NEW_HOST_LEARN_S")
 
@@ -893,9 +1341,9 @@ class Detectors:
         answers = _attempts(arr["dst"][a], arr["src"][a], b.hd[a], b.hs[a], 6, arr["sport"][a], arr["ts"][a])
         # Answers to probes of this same batch (a fast scan's RSTs) are matched here: those probes never
         # take a slot. The others are looked up in the table.
-        here = _earlier(answers["h"], a, probes["h"], p)
+        here = _earlier(answers["h"], a, probes["h"], p, self.compiled)
         if len(p):
-            waiting = ~np.isin(probes["h"], answers["h"][here]) if here.any() else np.ones(len(p), bool)
+            waiting = ~_isin(probes["h"], answers["h"][here], self.compiled) if here.any() else np.ones(len(p), bool)
             pushed = self.pending.add(probes[waiting])
             if len(pushed):
                 self._failed(pushed, book)
@@ -933,13 +1381,14 @@ class Detectors:
         now = float(ts[-1])
         in_table = self.pending.contains(answers)
         candidate = ~in_table & ~self.served.contains(server, now)
-        here = _earlier(answers, idx, probes[candidate], idx[candidate])  # answers a probe earlier in the batch
+        # Answers a probe earlier in the batch; then, a reply from a port probed earlier in the batch.
+        here = _earlier(answers, idx, probes[candidate], idx[candidate], self.compiled)
         probe = candidate & ~here
-        probe &= ~_earlier(server, idx, marks[probe], idx[probe])  # a reply from a port probed earlier in the batch
+        probe &= ~_earlier(server, idx, marks[probe], idx[probe], self.compiled)
         if probe.any():
             self.served.add(marks[probe], ts[probe])
             self.last_udp.add(_comb(hs[probe], hd[probe]), ts[probe], dport[probe])
-            waiting = probe & ~np.isin(probes, answers[here]) if here.any() else probe  # not answered in the batch
+            waiting = probe & ~_isin(probes, answers[here], self.compiled) if here.any() else probe  # not answered
             p = idx[waiting]
             pushed = self.pending.add(_attempts(arr["src"][p], arr["dst"][p], hs[waiting], hd[waiting], 17,
                                                 dport[waiting], ts[waiting]))
@@ -971,6 +1420,11 @@ class Detectors:
         for ph in self.phases:
             for sel in ph.parts(rows["ts"]):
                 part = rows[sel]
+                if isinstance(ph.answered, _Tally):
+                    ph.answered.update(_comb(part["hs"], part["ht"]))
+                    if len(ph.answered) > self.cap:
+                        ph.answered.top_half(self.cap)
+                    continue
                 ph.answered.update(_ints(_comb(part["hs"], part["ht"])))
                 if len(ph.answered) > self.cap:
                     ph.answered = _top_half(ph.answered, self.cap)
@@ -1013,7 +1467,7 @@ class Detectors:
     @staticmethod
     def _vertical_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, target = float(r["ts"]), addr_text(r["t"])
-        first = ph.vertical.first.get(key, ts)
+        first = ph.vertical.first_of(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
             if ph.vertical.lossy else ""
         book.raise_alert(
@@ -1026,7 +1480,7 @@ class Detectors:
     @staticmethod
     def _horizontal_alert(ph: _ScanEpochs, r: np.void, key: int, n: int, book: AlertBook) -> None:
         ts, service = float(r["ts"]), f"{PROTO_NAME.get(int(r['proto']), r['proto'])}/{int(r['port'])}"
-        first = ph.horizontal.first.get(key, ts)
+        first = ph.horizontal.first_of(key, ts)
         note = " (approximate: the table of attempts filled up this epoch, a repeat may count twice)" \
             if ph.horizontal.lossy else ""
         book.raise_alert(
@@ -1066,9 +1520,9 @@ class Detectors:
                 continue
             dst = b.hd[sel]
             st.add(dst, _comb(dst, b.hs[sel]))
-            keys = np.unique(dst)
+            keys = st.hot(dst, self.flood_pps[kind])
             packets, sources = st.lookup(keys)
-            hot = np.flatnonzero(packets >= self.flood_pps[kind])[:self.alerts_per_batch]
+            hot = np.arange(min(len(keys), self.alerts_per_batch))
             if not len(hot):
                 continue
             answers = self.seconds["synack"]
@@ -1231,22 +1685,9 @@ class Detectors:
         ip = ip[(self.local_nets.kinds(arr["src"][ip]) == LocalMatcher.OURS) & ~np.isin(b.hs[ip], _UNSPEC)]
         if not len(ip):
             return
-        keys = _ints(b.hs[ip])
-        first = dict(zip(reversed(keys), reversed(ip.tolist())))  # address -> its first row of the batch
-        fresh = first.keys() - self.known_hosts - self.reported_hosts
-        if not fresh:
-            return
-        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
-        learning = arr["ts"][rows] < self.learn_end
-        if learning.any():
-            room = max(self.cap - len(self.known_hosts), 0)
-            self.known_hosts.update(islice(_ints(b.hs[rows[learning]]), room))
-        rows = rows[~learning]
+        rows = self._fresh_hosts(b, ip)
         if not len(rows):
             return
-        if len(self.reported_hosts) + len(rows) > self.cap:
-            self.reported_hosts.clear()
-        self.reported_hosts.update(_ints(b.hs[rows]))
         shown = rows[:self.alerts_per_batch]
         book.count_suppressed("new_host", len(rows) - len(shown))
         for i in shown.tolist():
@@ -1256,6 +1697,49 @@ class Detectors:
                              f"{src} sent its first packet after {self.active_seconds:,} seconds "
                              f"of traffic (learning period {self.learn:g} s)",
                              "A device or address not seen before: check that it belongs on this network.")
+
+    def _fresh_hosts(self, b: _Batch, ip: np.ndarray) -> np.ndarray:
+        """Of the rows ip (local sources), the first row of each address new to both host tables, learned
+        (before learn_end) or reported (after); the rows to report, in order."""
+        if isinstance(self.known_hosts, _NSet):
+            return self._fresh_hosts_native(b, ip)
+        keys = _ints(b.hs[ip])
+        first = dict(zip(reversed(keys), reversed(ip.tolist())))  # address -> its first row of the batch
+        fresh = first.keys() - self.known_hosts - self.reported_hosts
+        if not fresh:
+            return ip[:0]
+        rows = np.sort(np.fromiter(map(first.__getitem__, fresh), np.int64, len(fresh)))
+        learning = b.arr["ts"][rows] < self.learn_end
+        if learning.any():
+            room = max(self.cap - len(self.known_hosts), 0)
+            self.known_hosts.update(islice(_ints(b.hs[rows[learning]]), room))
+        rows = rows[~learning]
+        if not len(rows):
+            return rows
+        if len(self.reported_hosts) + len(rows) > self.cap:
+            self.reported_hosts.clear()
+        self.reported_hosts.update(_ints(b.hs[rows]))
+        return rows
+
+    def _fresh_hosts_native(self, b: _Batch, ip: np.ndarray) -> np.ndarray:
+        """_fresh_hosts with the tables in native/detect.c (the same rows and the same table contents)."""
+        known, reported = self.known_hosts, self.reported_hosts
+        keys, ip = np.ascontiguousarray(b.hs[ip]), np.ascontiguousarray(ip, np.int64)
+        out = np.empty(len(ip), np.int64)
+        got = _fn("ntm_new_hosts")(ctypes.byref(known.struct()), ctypes.byref(reported.struct()),
+                                               keys.ctypes.data, ip.ctypes.data, len(ip), out.ctypes.data)
+        if got < 0:
+            raise MemoryError("native/detect.c: no memory for a batch of new hosts")
+        rows = out[:got]
+        learning = b.arr["ts"][rows] < self.learn_end
+        if learning.any():
+            _nset_add(known, b.hs[rows[learning]][:max(self.cap - len(known), 0)])
+        rows = rows[~learning]
+        if len(rows):
+            if len(reported) + len(rows) > self.cap:
+                reported.clear()
+            _nset_add(reported, b.hs[rows])
+        return rows
 
     # -- ARP ----------------------------------------------------------------------------
 
@@ -1339,7 +1823,19 @@ def _top_half(counts: Counter[int], cap: int) -> Counter[int]:
     return Counter(dict(zip(keep, map(counts.__getitem__, keep))))
 
 
-def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
+def _isin(a: np.ndarray, b: np.ndarray, compiled: bool) -> np.ndarray:
+    """np.isin(a, b) for uint64 hashes; compiled: native/detect.c's one hash pass."""
+    if not compiled:
+        return np.isin(a, b)
+    a, b = np.ascontiguousarray(a, np.uint64), np.ascontiguousarray(b, np.uint64)
+    out = np.empty(len(a), np.uint8)
+    if _fn("ntm_isin")(a.ctypes.data, len(a), b.ctypes.data, len(b), out.ctypes.data) < 0:
+        raise MemoryError("native/detect.c: no memory to match a batch's answers")
+    return out.view(bool)
+
+
+def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows: np.ndarray,
+             compiled: bool = False) -> np.ndarray:
     """For each key: some ref equals it at an earlier row (one sort, no loop).
 
     Each ref is packed as (hash, row) into one uint64, the hash's top bits above the row's: after a
@@ -1348,6 +1844,14 @@ def _earlier(keys: np.ndarray, key_rows: np.ndarray, refs: np.ndarray, ref_rows:
     if not len(refs) or not len(keys):
         return np.zeros(len(keys), bool)
     bits = np.uint64(max(int(max(int(key_rows.max()), int(ref_rows.max()))).bit_length(), 16))
+    if compiled:  # native/detect.c: one hash pass instead of a sort, the same answer
+        out = np.empty(len(keys), np.uint8)
+        keys, refs = np.ascontiguousarray(keys, np.uint64), np.ascontiguousarray(refs, np.uint64)
+        key_rows, ref_rows = np.ascontiguousarray(key_rows, np.int64), np.ascontiguousarray(ref_rows, np.int64)
+        if _fn("ntm_earlier")(keys.ctypes.data, key_rows.ctypes.data, len(keys), refs.ctypes.data,
+                                          ref_rows.ctypes.data, len(refs), int(bits), out.ctypes.data) < 0:
+            raise MemoryError("native/detect.c: no memory to match a batch's answers")
+        return out.view(bool)
     packed = np.sort((refs >> bits << bits) | ref_rows.astype(np.uint64))
     want = keys >> bits << bits
     pos = np.searchsorted(packed, want).clip(max=len(packed) - 1)

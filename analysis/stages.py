@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+import config
 from analysis.headers import PACKET_DTYPE
 
 log = logging.getLogger(__name__)
@@ -675,6 +676,20 @@ class _ignore_errors:
         return exc[0] is not None and issubclass(exc[0], (OSError, ValueError, AssertionError))
 
 
+def _join_waiting(first: np.ndarray, batches, most: int) -> tuple[list[np.ndarray], bytes | None]:
+    """The batch `first` and those already waiting in the pipe behind it, up to `most` packets in all
+    (a worker that fell behind a live capture's small ring blocks pays the per-batch cost once for
+    many), and the command that ended the run, if one did."""
+    arrs, n = [first], len(first)
+    while n < most and batches.poll(0):
+        buf = batches.recv_bytes()
+        if _is_command(buf):
+            return arrs, buf
+        arrs.append(np.frombuffer(buf, PACKET_DTYPE))
+        n += len(arrs[-1])
+    return arrs, None
+
+
 def detector_worker(batches, results, unused: tuple = ()) -> None:
     """The detector process: batches in, the alert book's contents out (every REPORT_S while busy)."""
     import signal
@@ -686,6 +701,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
 
     book, detectors = AlertBook(), Detectors()
     delay = float(os.environ.get(SLOW_HOOK_ENV) or 0)
+    join_max = config.get("BATCH_SIZE")
     n_batches = n_packets = 0
     last, news = time.monotonic(), False
     try:
@@ -695,11 +711,14 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
                 if _is_command(buf):
                     book, detectors = _command(buf, book, detectors)
                 else:
-                    arr = np.frombuffer(buf, PACKET_DTYPE)
+                    arrs, cmd = _join_waiting(np.frombuffer(buf, PACKET_DTYPE), batches, join_max)
+                    arr = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
                     detectors.observe(arr, book)
-                    n_batches, n_packets = n_batches + 1, n_packets + len(arr)
+                    n_batches, n_packets = n_batches + len(arrs), n_packets + len(arr)
                     if delay:
-                        time.sleep(delay)
+                        time.sleep(delay * len(arrs))
+                    if cmd is not None:  # a command that came after those batches
+                        book, detectors = _command(cmd, book, detectors)
                 news = True
             now = time.monotonic()
             # Report when idle with news (the last batch of a burst at once) or every REPORT_S.

@@ -7,8 +7,12 @@ Workloads, generated here (seeded) straight into PACKET_DTYPE rows, so only the 
 - nmap -p- burst: what `nmap -sS -p- -T5 127.0.0.1` puts on `lo` (~131,000 packets in 0.8 s): a SYN
   to each of the 65,535 ports from one source port, each answered by a RST-ACK, three open ports
   answered by a SYN-ACK and reset by the scanner.
-Batches of 65,536 rows (a capture file's BATCH_SIZE), 8,192 (about one full 1 MiB ring block) and 2,048. Reference:
-none in the same run; the figure to compare is the capture's own rate (issue 11: 1,500,000 packets/s).
+- scan-heavy mix: benchmarks/mixgen.py's mix (the one of file_scan_mix.py and live_mix.py), written to a
+  pcap and parsed as a file is.
+Batches of 65,536 rows (a capture file's BATCH_SIZE), 8,192 (about one full 1 MiB ring block) and 2,048.
+Reference in the same run: the same detectors on their numpy/Python tables (analysis.detect with
+NATIVE_TABLES off, the twins of native/detect.c) at 65,536 rows; the figure to reach is the capture's own
+rate (issue 11: 1,500,000 packets/s in-process for a file).
 
     .venv/bin/python benchmarks/detectors.py [--short]
 """
@@ -23,7 +27,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from targets import machine
+
+from analysis import detect
 from analysis.detect import AlertBook, Detectors
 from analysis.headers import ICMP, NON_IP, PACKET_DTYPE, TCP, UDP
 
@@ -112,11 +120,32 @@ def nmap_burst(seed: int = 2, seconds: float = 0.8) -> np.ndarray:
     return arr
 
 
-def run(arr: np.ndarray, batch: int, limit: float = 600.0) -> tuple[float, float, int, AlertBook]:
+def scan_mix(n: int, seed: int = 1) -> np.ndarray:
+    """benchmarks/mixgen.py's scan-heavy mix of n frames, parsed as the engine parses a file."""
+    import tempfile
+
+    import mixgen
+
+    from analysis.headers import LocalMatcher, parse_batch
+    from capture.sources import FileReader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mix.pcap"
+        mixgen.make_mix(path, n, seed=seed)
+        return np.concatenate([parse_batch(b, LocalMatcher()) for b in FileReader(str(path)).batches(65_536)])
+
+
+def run(arr: np.ndarray, batch: int, limit: float = 600.0,
+        compiled: bool = True) -> tuple[float, float, int, AlertBook]:
     """(wall s, CPU s, packets done, book) for the detectors over arr in batches; stops after `limit` s.
 
-    CPU time is this process's: on a machine shared with other work it is the steadier figure."""
-    det, book = Detectors(), AlertBook()
+    compiled: the tables of native/detect.c, else their numpy/Python references. CPU time is this
+    process's: on a machine shared with other work it is the steadier figure."""
+    detect.NATIVE_TABLES = compiled
+    try:
+        det, book = Detectors(), AlertBook()
+    finally:
+        detect.NATIVE_TABLES = True
     t, c = time.perf_counter(), time.process_time()
     done = 0
     for i in range(0, len(arr), batch):
@@ -134,17 +163,19 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=600.0, help="stop a workload after this many seconds")
     args = ap.parse_args()
     n = 100_000 if args.short else 1_000_000
-    work = {"hostile mix": hostile(n), "nmap -p- burst": nmap_burst()}
+    work = {"scan-heavy mix": scan_mix(n), "hostile mix": hostile(n), "nmap -p- burst": nmap_burst()}
     if args.short:
         work["nmap -p- burst"] = work["nmap -p- burst"][:20_000]
+    print(f"machine: {machine()}; compiled tables: {detect._native_tables()}")
     for name, arr in work.items():
-        for batch in (65_536, 8_192, 2_048):
-            secs, cpu, done, book = run(arr, batch, args.limit)
+        for batch, compiled in ((65_536, True), (8_192, True), (2_048, True), (65_536, False)):
+            secs, cpu, done, book = run(arr, batch, args.limit, compiled)
             kinds = sorted({a.detector for a in book.alerts()})
             note = "" if done == len(arr) else f" (stopped after {done:,} of {len(arr):,})"
-            print(f"{name:15s} batch {batch:6,d}: {done:9,d} packets in {secs:7.3f} s wall, {cpu:7.3f} s CPU = "
+            label = f"{name} batch {batch:,}" + ("" if compiled else " reference")
+            print(f"{label:40s}: {done:9,d} packets in {secs:7.3f} s wall, {cpu:7.3f} s CPU = "
                   f"{done / secs:11,.0f} packets/s wall, {done / cpu:11,.0f} per CPU second{note}; "
-                  f"alerts: {', '.join(kinds) or 'none'}")
+                  f"alerts: {', '.join(kinds) or 'none'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,26 @@ _SIGNATURES = {
     "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P, _P]),
     "ntm_top_merge": ("grouprows", _I64, [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
+    # detect.c: the detectors' tables (analysis/detect.py builds the structures it takes)
+    "ntm_hset_reindex": ("detect", None, [_P]),
+    "ntm_hset_add": ("detect", None, [_P, _P, _I64]),
+    "ntm_hset_find": ("detect", _I64, [_P, ctypes.c_uint64]),
+    "ntm_unique_gather": ("detect", _I64, [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _P]),
+    "ntm_unique_commit": ("detect", _I64, [_P, _P, _I64, _P, _P, _P, _P, _I64, _P, _P]),
+    "ntm_unique_lookup": ("detect", None, [_P, _P, _I64, _P, _P]),
+    "ntm_new_hosts": ("detect", _I64, [_P, _P, _P, _P, _I64, _P]),
+    "ntm_pending_add": ("detect", _I64, [_P, _I64, _I64, _I64, ctypes.c_uint64, _P, _I64, _P]),
+    "ntm_pending_answer": ("detect", None, [_P, _I64, _I64, ctypes.c_uint64, _P, _I64, _P, _INT, _P]),
+    "ntm_hset_clear": ("detect", None, [_P]),
+    "ntm_hset_values": ("detect", None, [_P, _P, _P, _I64, _P]),
+    "ntm_pairs_add": ("detect", _I64, [_P, _P, ctypes.c_uint64, _P, _I64, _I64, _P]),
+    "ntm_second_add": ("detect", _I64, [_P, _P, _P, _I64, _P, _I64, _P]),
+    "ntm_earlier": ("detect", _I64, [_P, _P, _I64, _P, _P, _I64, _INT, _P]),
+    "ntm_second_hot": ("detect", _I64, [_P, _P, _P, _I64, _I64, _P]),
+    "ntm_hset_count": ("detect", None, [_P, _P, _P, _I64]),
+    "ntm_isin": ("detect", _I64, [_P, _I64, _P, _I64, _P]),
+    "ntm_recent_add": ("detect", _I64, [_P, _P, _P, ctypes.c_uint64, _P, _P, _P, _I64]),
+    "ntm_recent_find": ("detect", None, [_P, _P, _P, ctypes.c_uint64, _P, _I64, ctypes.c_double, _INT, _P, _P]),
 }
 _libraries: dict[str, ctypes.CDLL | None] = {}
 

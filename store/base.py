@@ -20,11 +20,12 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from analysis.headers import CLASSES, DIRECTIONS
+
+if TYPE_CHECKING:  # pandas loads where a frame is made: `summary` and a live capture never need it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ def columns(table: str) -> list[str]:
 
 def empty_frame(table: str) -> pd.DataFrame:
     """An empty DataFrame with the table's columns."""
+    import pandas as pd
+
     return pd.DataFrame({c: [] for c in columns(table)})
 
 
@@ -348,6 +351,8 @@ class Store(ABC):
         sums = ", ".join(f"{self._sum(c)} AS {c}" for c in SECOND_VALUES)
         df = self._query(f"SELECT {sums}, min(min_ts) AS min_ts, max(max_ts) AS max_ts, count(DISTINCT ts) AS secs "
                          f"FROM seconds WHERE {self._where(r, 'ts')}", r.params())
+        import pandas as pd
+
         row = df.iloc[0] if len(df) else {}
         out = {c: int(row[c]) if c in row and pd.notna(row[c]) else 0 for c in SECOND_VALUES}
         for c in ("min_ts", "max_ts"):
@@ -421,6 +426,8 @@ class Store(ABC):
         """(first, last) second holding traffic in the range, or None when it is empty."""
         df = self._query(f"SELECT min(ts) AS lo, max(ts) AS hi FROM seconds WHERE {self._where(r, 'ts')}",
                          r.params())
+        import pandas as pd
+
         if not len(df) or pd.isna(df.iloc[0]["lo"]):
             return None
         return int(df.iloc[0]["lo"]), int(df.iloc[0]["hi"])

@@ -14,16 +14,14 @@ import logging
 import os
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import config
-from analysis.detect import AlertBook, Detectors
 from analysis.headers import LocalMatcher, parse_batch, parse_nets
 from capture.sources import FileReader
-from store.base import Store
-from store.embedded import EmbeddedStore
-from store.history import history_summary
-from store.rollup import Rollup
+
+if TYPE_CHECKING:  # DuckDB and pandas load in the commands that use them: `summary` never does
+    from store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.files:
             _print({"error": "give capture files to import, or --list / --remove ID"})
             return 2
+        from store.embedded import EmbeddedStore
+
         store = EmbeddedStore(args.store)
         store.open()
         try:
@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
 def _manage_imports(args: argparse.Namespace) -> int:
     """`import --list` prints the imported files; `import --remove ID` deletes one file's rows (imports are
     kept, whatever their age, until removed this way)."""
+    from store.embedded import EmbeddedStore
+
     store = EmbeddedStore(args.store)
     if not store.open():
         _print({"error": store.status().message})
@@ -89,6 +91,8 @@ def _manage_imports(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
+    from store.embedded import EmbeddedStore
+
     return print_history(EmbeddedStore(args.store, read_only=True), args)
 
 
@@ -99,6 +103,8 @@ def print_history(store: Store, args: argparse.Namespace) -> int:
         _print({"error": store.status().message})
         return 1
     try:
+        from store.history import history_summary
+
         out = history_summary(store, args.since, args.until, args.sensor)
     except ValueError as exc:
         _print({"error": str(exc)})
@@ -139,6 +145,9 @@ def import_files(paths: list[str], store: Store, local_nets: str | None = None,
 def _import_one(path: str, store: Store, matcher: LocalMatcher, sensor: str | None,
                 label: str) -> tuple[int, str | None, str]:
     origin = f"import:{uuid.uuid4().hex[:12]}"
+    from analysis.detect import AlertBook, Detectors
+    from store.rollup import Rollup
+
     rollup = Rollup(store, sensor=sensor, iface="", origin=origin)
     rollup.note_origin("import", label)
     reader = FileReader(path)
