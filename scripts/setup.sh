@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev"
+APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev npm"
 APT_TEST="iputils-ping tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl tcpreplay dnsmasq libwireshark-data clickhouse-server clickhouse-client"
 want="$APT_RUN"
 [ "${1:-}" = "--test" ] && want="$want $APT_TEST"
@@ -41,3 +41,20 @@ fi
 # The compiled helpers (native/*.c) are built now rather than at the first capture file; without a
 # compiler the Python versions run instead, with the same results.
 .venv/bin/python -c "import native; print('== compiled helpers:', 'built' if native.available() else 'not available (the Python versions run)')"
+
+# AS numbers (enrich/asn.py): no PyPI package ships an IP-to-AS-number table, so the npm registry's
+# ip-location-db 'asn' package (CC BY 4.0) is fetched here, at install time, with npm; nothing is
+# downloaded at run time. Pinned: its version is the database's date (2.3.YYYYMMDDHH).
+ASN_PKG="@ip-location-db/asn@2.3.2026061719"
+ASN_DIR=data/ip-location-db-asn
+if [ "$(cat "$ASN_DIR/.installed" 2>/dev/null)" != "$ASN_PKG" ]; then
+  echo "== npm pack $ASN_PKG -> $ASN_DIR"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$ASN_PKG" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$ASN_DIR"
+  for f in asn-ipv4-num.csv asn-ipv6-num.csv package.json DBIP-LICENSE ROUTEVIEWS-LICENSE NRO_LICENSE MODIFICATIONS; do
+    install -m 644 "$tmp/package/$f" "$ASN_DIR/$f"
+  done
+  rm -rf "$tmp"
+  echo "$ASN_PKG" > "$ASN_DIR/.installed"
+fi

@@ -105,7 +105,7 @@ def test_file_source_renders_every_panel_and_matches_the_cli(fresh, tmp_path):
     assert times[-1].startswith("2023-11-14")  # capture time, never 1970
     top = figs["Top 10 sources"]["data"][0]
     assert top["y"][-1] == cli["top10_src_by_packets"][0]["addr"]
-    conv, recent = at.dataframe
+    conv, recent = at.dataframe("conversations"), at.dataframe("recent")
     assert len(recent.value) == 8 and recent.value.iloc[0]["protocol"] == "UDP"  # newest first
     assert list(recent.value.columns) == ["time", "direction", "protocol", "source", "src port", "destination",
                                           "dst port", "size", "TCP flags"]
@@ -121,7 +121,7 @@ def test_recent_packets_text_filter(fresh, tmp_path):
     fresh.setenv("NTM_PCAP", write_capture(tmp_path))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     at.text_input(key="pkt_filter").input("8.8.8.8").run()
-    recent = at.dataframe[1].value
+    recent = at.dataframe("recent").value
     assert len(recent) == 2 and set(recent["protocol"]) == {"UDP"}
 
 
@@ -319,7 +319,7 @@ def test_times_follow_daylight_saving_on_both_sides_of_a_change(berlin, tmp_path
     berlin.setenv("NTM_PCAP", write_capture(tmp_path, "dst.pcap", frames=[(t, frame) for t in stamps]))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     assert not at.exception
-    conv, recent = at.dataframe
+    conv, recent = at.dataframe("conversations"), at.dataframe("recent")
     assert recent.value["time"].tolist() == berlin_wall[::-1]  # newest first
     assert (conv.value.iloc[0]["first seen"], conv.value.iloc[0]["last seen"]) == (berlin_wall[0], berlin_wall[-1])
 
@@ -350,10 +350,10 @@ def test_timestamps_beyond_the_calendar_do_not_break_the_page(fresh, tmp_path, f
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     assert not at.exception, at.exception
     assert count(at) == 9
-    recent = at.dataframe[1].value
+    recent = at.dataframe("recent").value
     assert "1.84467e+13 s since 1970 (outside the calendar)" in recent["time"].tolist()
     assert recent["time"].str.startswith("2023-11-14").sum() == 8
-    conv = at.dataframe[0].value
+    conv = at.dataframe("conversations").value
     assert "1.84467e+13 s since 1970 (outside the calendar)" in conv["last seen"].tolist()
     figs = figures(at)
     assert {"Protocols by packets", "Traffic by capture time", "Top 10 sources"} <= set(figs)
@@ -565,7 +565,7 @@ def test_approximate_top_counts_are_marked(fresh, tmp_path):
     top = figures(at)["Top 10 sources"]["data"][0]
     assert top["y"][-1] == "10.0.0.1" and top["text"][-1] == "≥ 3"  # 4 packets counted, 1 of them uncertain
     assert set(top["text"][:-1]) == {""}  # exact entries carry no mark
-    conv = at.dataframe[0].value
+    conv = at.dataframe("conversations").value
     assert conv["packets"].tolist()[:2] == ["≥ 1", "2"]  # 2 and 2 counted; the first has 1 uncertain
     assert any("≥ marks a count from a full top table" in c.value for c in at.caption)
 
@@ -591,13 +591,13 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
     fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
     fresh.setenv("NTM_PCAP", write_capture(tmp_path))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
-    recent = at.dataframe[1].value
+    recent = at.dataframe("recent").value
     assert recent["VLAN"].fillna(-1).tolist()[::-1] == [100, 100, 100, -1, -1, 200, -1, 100]
     vlans = figures(at)["VLANs (recent buffer)"]["data"][0]
     assert dict(zip(vlans["y"], array(vlans["x"]).tolist())) == {"VLAN 100": 4, "VLAN 200": 1}
     vids[:] = [0] * 8  # no tagged packet in the buffer: neither the column nor the chart
     at.run()
-    assert "VLAN" not in at.dataframe[1].value.columns and "VLANs (recent buffer)" not in figures(at)
+    assert "VLAN" not in at.dataframe("recent").value.columns and "VLANs (recent buffer)" not in figures(at)
 
 
 @pytest.mark.live
