@@ -17,7 +17,7 @@ import config
 from enrich.geo import LICENCE, GeoDB, GeoInfo
 from enrich.names import ReverseDNS
 from enrich.oui import OUI
-from enrich.processes import UNKNOWN, ProcessTable
+from enrich.processes import UNKNOWN, ProcessTable, shared_table
 from enrich.ranges import range_label
 from enrich.services import Services
 
@@ -45,8 +45,7 @@ class Enricher:
         self.geo = GeoDB(cache_max=config.get("ENRICH_CACHE_MAX"))
         self.services = Services()
         self.oui = OUI()
-        self.processes = ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"),
-                                      max_entries=config.get("ENRICH_CACHE_MAX"))
+        self.processes = shared_table() if processes else ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"))
         self._want_processes = processes
 
     def start(self) -> None:

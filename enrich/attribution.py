@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from analysis.headers import TCP, UDP, addr_text
+from analysis.stages import Stage
 from enrich.processes import UNKNOWN, ProcessTable
 
+log = logging.getLogger(__name__)
 _PROTO = {TCP: "tcp", UDP: "udp"}
 
 
@@ -65,3 +70,250 @@ def _conversation_ids(p: np.ndarray) -> np.ndarray:
     ends["bp"] = np.where(swap, p["sport"], p["dport"])
     ends["c"] = p["cls"]
     return np.unique(ends, return_inverse=True)[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Over all traffic: a consumer stage that attributes every counted TCP/UDP packet as it arrives.
+# ---------------------------------------------------------------------------------------------------
+
+WAITING = "not named yet"  # a port seen before the socket table's next read: kept apart, then named
+OTHERS = "other processes (table full)"
+_K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
+      np.uint64(0x27D4EB2F165667C5))
+TICK_S = 0.25
+
+
+class _Tally:
+    """Packets, bytes and distinct connections of one process (connections bounded: then '≥')."""
+
+    __slots__ = ("bytes", "capped", "conns", "packets", "since")
+
+    def __init__(self, since: float = 0.0) -> None:
+        self.packets = self.bytes = 0
+        self.conns: set[int] = set()
+        self.capped = False
+        self.since = since
+
+    def add(self, packets: int, nbytes: int, conns: np.ndarray, conn_max: int) -> None:
+        self.packets += packets
+        self.bytes += nbytes
+        if not self.capped:
+            self.conns.update(conns.tolist())
+            if len(self.conns) > conn_max:
+                self.capped = True
+
+    def merge(self, other: _Tally, conn_max: int) -> None:
+        self.add(other.packets, other.bytes, np.fromiter(other.conns, np.uint64, len(other.conns)), conn_max)
+        self.capped |= other.capped
+
+
+def _end_hash(addrs: np.ndarray, ports: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(addrs).view(">u8").reshape(-1, 2).astype(np.uint64)
+    return (u[:, 0] * _K[0]) ^ (u[:, 1] * _K[1]) ^ (ports.astype(np.uint64) * _K[2])
+
+
+def conversation_hashes(p: np.ndarray) -> np.ndarray:
+    """One 64-bit id per conversation (both directions alike: the sum of the two ends' hashes)."""
+    with np.errstate(over="ignore"):
+        return (_end_hash(p["src"], p["sport"]) + _end_hash(p["dst"], p["dport"])) ^ \
+            (p["cls"].astype(np.uint64) * _K[3])
+
+
+class ProcessStage(Stage):
+    """Per-process packets, bytes and connections over every TCP/UDP packet of a live capture.
+
+    A consumer stage (analysis.stages.Stage: a bounded queue; a capture that gets ahead skips whole
+    batches and counts them) whose thread keys each local end by (protocol, port) and names it from
+    the process table's last read: a dictionary lookup, never a psutil call (the table re-reads the
+    socket table in its own thread). A port not in the table yet is kept apart for `grace_s` (the
+    connection may be younger than the last read), then named, or counted as 'unknown'.
+    A packet between two local processes counts for both; for one process at both ends, once.
+    """
+
+    name = "processes"
+
+    def __init__(self, table: ProcessTable, max_packets: int, max_entries: int = 10_000,
+                 conn_max: int = 100_000, grace_s: float | None = None) -> None:
+        super().__init__(max_packets)
+        self.table = table
+        self.max_entries = max_entries
+        self.conn_max = conn_max
+        self.grace_s = grace_s if grace_s is not None else max(3.0, 3 * table.refresh_s)
+        self._lock = threading.Lock()
+        self._named: dict[tuple[int | None, str], _Tally] = {}
+        self._waiting: dict[int, _Tally] = {}  # key: udp<<16 | port
+        self._gen = 0
+        self._done = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._matcher = None
+        self._matcher_at = 0.0
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Hand a batch over (Stage.offer); nothing is taken once the stage is closing."""
+        if self._stopping.is_set():
+            self.stats.offered(len(arr), skipped=True)
+            return False
+        return super().offer(arr, wait, abort)
+
+    def alive(self) -> bool:
+        """Whether the attribution thread runs."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters and health for the Snapshot (totals.stages.processes)."""
+        return super().as_dict()
+
+    def start(self) -> ProcessStage:
+        """Start the process table's refresh and this stage's thread."""
+        self.table.start()
+        self._thread = threading.Thread(target=self._loop, name="process-attribution", daemon=True)
+        self._thread.start()
+        return self
+
+    def reset(self) -> None:
+        """Forget every total (the page's Clear)."""
+        self.queue.drop_all()
+        with self._lock:
+            self._named.clear()
+            self._waiting.clear()
+            self._gen += 1
+
+    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
+        """Wait until every accepted batch is counted; False on timeout or a dead thread."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._done < self._accepted:
+            if not self.alive() or (abort is not None and abort.is_set()):
+                return False
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Count what is queued (up to drain_s), then end the thread; safe to call twice."""
+        if drain_s:
+            self.drain(drain_s)
+        self._stopping.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(5)
+        for _, packets, at in self.queue.close():
+            self.stats.lost(1, packets, at)
+
+    # -- the thread --
+    def _loop(self) -> None:
+        try:
+            while True:
+                got = self.queue.get(TICK_S)
+                if got is not None:
+                    arr, n = got
+                    self.tally(arr)
+                    self._done += 1
+                    st = self.stats
+                    st.analysed(st.batches_done + 1, st.packets_done + n)
+                elif self._stopping.is_set():
+                    break
+                self.settle()
+        except Exception as exc:  # attribution stops; capture and its counters go on
+            log.exception("process attribution failed")
+            self.error = f"process attribution failed: {type(exc).__name__}: {exc}"
+            self.queue.close()
+
+    def _local(self, addrs: np.ndarray) -> np.ndarray:
+        now = time.monotonic()
+        if self._matcher is None or now - self._matcher_at > 5.0:  # interfaces' addresses come and go
+            from analysis.headers import LOOPBACK_NETS, LocalMatcher
+            from capture.sources import local_addresses
+            self._matcher, self._matcher_at = LocalMatcher(local_addresses(), LOOPBACK_NETS), now
+        return self._matcher.kinds(addrs) == self._matcher.OURS
+
+    def tally(self, arr: np.ndarray) -> None:
+        """Attribute one batch (the stage's thread; tests call it directly)."""
+        p = arr[(arr["cls"] == TCP) | (arr["cls"] == UDP)]
+        if not len(p):
+            return
+        udp = (p["cls"] == UDP).astype(np.int64) << 16
+        ka = np.where(self._local(p["src"]), udp | (p["sport"].astype(np.int64) & 0xFFFF), -1)
+        kb = np.where(self._local(p["dst"]), udp | (p["dport"].astype(np.int64) & 0xFFFF), -1)
+        keys = np.unique(np.concatenate((ka[ka >= 0], kb[kb >= 0])))
+        if not len(keys):
+            return
+        ents, ent_of_key = self._entities(keys)
+        ida = np.where(ka >= 0, ent_of_key[np.searchsorted(keys, ka)], -1)
+        idb = np.where(kb >= 0, ent_of_key[np.searchsorted(keys, kb)], -1)
+        idb = np.where(idb == ida, -1, idb)  # one process at both ends: once
+        ids = np.concatenate((ida, idb))
+        m = ids >= 0
+        ids = ids[m]
+        wl = np.concatenate((p["wire_len"], p["wire_len"]))[m].astype(np.int64)
+        conv = np.concatenate((conversation_hashes(p),) * 2)[m]
+        pk = np.bincount(ids, minlength=len(ents))
+        by = np.bincount(ids, weights=wl, minlength=len(ents))
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(len(ents) + 1))
+        with self._lock:
+            for e, tally in enumerate(ents):
+                if pk[e]:
+                    tally.add(int(pk[e]), int(by[e]), np.unique(conv[order[bounds[e]:bounds[e + 1]]]),
+                              self.conn_max)
+
+    def _entities(self, keys: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
+        """The tally each key counts into now: its named process, or its own waiting tally."""
+        ents: list[_Tally] = []
+        index: dict[int, int] = {}
+        of_key = np.empty(len(keys), np.int64)
+        now = time.monotonic()
+        with self._lock:
+            for i, k in enumerate(keys.tolist()):
+                t = self._tally_for(k, now)
+                of_key[i] = index.setdefault(id(t), len(ents))
+                if of_key[i] == len(ents):
+                    ents.append(t)
+        return ents, of_key
+
+    def _tally_for(self, key: int, now: float) -> _Tally:
+        owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
+        if owner is not None:
+            return self._named_tally(owner)
+        t = self._waiting.get(key)
+        if t is None:
+            if len(self._waiting) >= self.max_entries:
+                return self._named_tally((None, UNKNOWN))
+            t = self._waiting[key] = _Tally(now)
+        return t
+
+    def _named_tally(self, owner: tuple[int | None, str]) -> _Tally:
+        t = self._named.get(owner)
+        if t is None:
+            if len(self._named) >= self.max_entries:
+                owner = (None, OTHERS)
+                t = self._named.get(owner)
+            if t is None:
+                t = self._named[owner] = _Tally()
+        return t
+
+    def settle(self) -> None:
+        """Name the waiting ports the table now knows; after grace_s, count the rest as 'unknown'."""
+        now = time.monotonic()
+        with self._lock:
+            for key, t in list(self._waiting.items()):
+                owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
+                if owner is None and now - t.since < self.grace_s:
+                    continue
+                self._named_tally(owner or (None, UNKNOWN)).merge(t, self.conn_max)
+                del self._waiting[key]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """[{process, pid, packets, bytes, connections, connections_capped}], largest bytes first."""
+        with self._lock:
+            items = [(pid, name, t.packets, t.bytes, len(t.conns), t.capped) for (pid, name), t in
+                     self._named.items()]
+            if self._waiting:
+                w = list(self._waiting.values())
+                items.append((None, WAITING, sum(t.packets for t in w), sum(t.bytes for t in w),
+                              sum(len(t.conns) for t in w), any(t.capped for t in w)))
+        rows = [{"process": n, "pid": pid, "packets": p, "bytes": b, "connections": c, "connections_capped": cap}
+                for pid, n, p, b, c, cap in items]
+        rows.sort(key=lambda r: (-r["bytes"], r["process"]))
+        return rows

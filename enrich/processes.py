@@ -109,3 +109,18 @@ class ProcessTable:
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"
+
+
+_SHARED: dict[str, ProcessTable] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_table() -> ProcessTable:
+    """The process-wide table (the page's Enricher and the engine's attribution stage read the same one)."""
+    import config
+    with _SHARED_LOCK:
+        t = _SHARED.get("table")
+        if t is None:
+            t = _SHARED["table"] = ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"),
+                                                max_entries=config.get("ENRICH_CACHE_MAX"))
+        return t
