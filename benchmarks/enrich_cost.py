@@ -3,9 +3,11 @@ without and with the enrichment panel's work (names, countries/AS, services, pro
 
 Reuses live_capture.py's C sender and ladder: 60-byte UDP frames to 127.0.0.1 at rising rates; a rate is held
 when every run loses at most 0.1 %. Both variants run the engine and the page's refresh in the capturing
-process (the dashboard's process); "enriched" adds, every 2 s, what enrichment_panel() computes, with the
-process table thread running, the geo database loaded and reverse DNS on (asking 127.0.0.1, where no resolver
-listens: no query leaves the machine).
+process (the dashboard's process); "enriched" runs the engine with ENRICHMENT on (its process-attribution
+stage counts every packet: each of these frames has two local ends) and adds, every 2 s, what
+enrich_page.panel() computes, with the process table thread running, the geo and AS databases loaded and
+reverse DNS on (asking 127.0.0.1, where no resolver listens: no query leaves the machine). "plain" runs
+with ENRICHMENT off: no attribution stage, no panel.
 
     python benchmarks/enrich_cost.py            # 1 run of 3 s per rate (quick), the whole ladder (root)
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
@@ -35,7 +37,7 @@ RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_0
 
 
 def enrich_work(en, snap) -> int:
-    """What the page's enrichment panel computes on one refresh (see dashboard.enrichment_panel)."""
+    """What the page's enrichment panel computes on one refresh (see enrich_page.panel)."""
     n = 0
     for which in ("src", "dst"):
         for r in snap.top_addresses(which):
@@ -46,7 +48,8 @@ def enrich_work(en, snap) -> int:
         n += len(en.name_text(c["a"])) + len(en.name_text(c["b"]))
     busiest = snap.top_addresses("src", "packets", 2000) + snap.top_addresses("dst", "packets", 2000)
     n += len(en.by_country(busiest)) + len(en.by_network(busiest))
-    n += len(en.by_process(snap.packets))
+    by_process = snap.totals.get("by_process")  # all traffic (the engine's stage), else the buffer
+    n += len(by_process if by_process is not None else en.by_process(snap.packets))
     from analysis.headers import addr_text
     for row in snap.packets[-100:]:
         n += len(en.name_text(addr_text(bytes(row["src"])))) + len(en.oui.maker(bytes(row["hw_src"])) or "")
@@ -60,6 +63,7 @@ def child(port: int, enriched: bool) -> None:
     from packet_processor import CaptureEngine, Source
 
     os.sched_setaffinity(0, {0})
+    os.environ["NTM_ENRICHMENT"] = "1" if enriched else "0"  # the engine's attribution stage with it
     en = None
     if enriched:
         from enrich import Enricher
@@ -90,8 +94,9 @@ def child(port: int, enriched: bool) -> None:
     if en is not None:
         en.stop()
     t = engine.snapshot().totals
+    attributed = (t["stages"].get("processes") or {}).get("packets_analysed")
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
-                      "refresh_ms_max": max(times, default=0) * 1e3}), flush=True)
+                      "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed}), flush=True)
 
 
 def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
