@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import live_capture  # noqa: E402 - the sender and the ladder
 
-RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000]
+RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000,
+         2_500_000, 3_000_000, 4_000_000, 5_000_000]  # the ladder stops at the sender's ceiling
 
 
 def enrich_work(en, snap) -> int:
@@ -130,6 +131,10 @@ def main() -> int:
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
             held[name], log = live_capture.ladder(sender, "engine", RATES, args.seconds, args.runs, enriched)
             slowest[name] = max((r.get("refresh_ms_max", 0) for _, runs in log for r in runs), default=0)
+            if enriched:  # did the attribution stage keep up (every counted packet attributed)?
+                for rate, runs in log:
+                    share = min((r.get("attributed") or 0) / r["counted"] for r in runs if r["counted"])
+                    print(f"  {rate:>9,}/s  attributed to a process (or 'unknown'): {share * 100:.2f} % of counted")
     print("\nhighest loss-free rate (<= 0.1 % loss), and the slowest page refresh (ms) seen on the way:")
     for name, rate in held.items():
         print(f"  {name:22} {rate:>9,} packets/s   refresh max {slowest[name]:7.1f} ms")

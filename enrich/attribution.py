@@ -84,7 +84,9 @@ TICK_S = 0.25
 
 
 class _Tally:
-    """Packets, bytes and distinct connections of one process (connections bounded: then '≥')."""
+    """Packets, bytes and distinct connections of one process (connections bounded: then '≥').
+
+    The stage gives each add a room: what is left of its bound on connection ids held over all tallies."""
 
     __slots__ = ("bytes", "capped", "conns", "packets", "since")
 
@@ -94,17 +96,24 @@ class _Tally:
         self.capped = False
         self.since = since
 
-    def add(self, packets: int, nbytes: int, conns: np.ndarray, conn_max: int) -> None:
+    def add(self, packets: int, nbytes: int, conns: np.ndarray, room: int) -> int:
+        """Count packets and bytes, and the connection ids while there is room; returns the ids added."""
         self.packets += packets
         self.bytes += nbytes
-        if not self.capped:
-            self.conns.update(conns.tolist())
-            if len(self.conns) > conn_max:
-                self.capped = True
+        if self.capped:
+            return 0
+        before = len(self.conns)
+        new = [c for c in conns.tolist() if c not in self.conns] if before else conns.tolist()
+        if len(new) > room:
+            new, self.capped = new[:max(room, 0)], True
+        self.conns.update(new)
+        return len(self.conns) - before
 
-    def merge(self, other: _Tally, conn_max: int) -> None:
-        self.add(other.packets, other.bytes, np.fromiter(other.conns, np.uint64, len(other.conns)), conn_max)
+    def merge(self, other: _Tally, room: int) -> int:
+        """Take another tally's counts (a waiting port now named); returns the connection ids added."""
+        added = self.add(other.packets, other.bytes, np.fromiter(other.conns, np.uint64, len(other.conns)), room)
         self.capped |= other.capped
+        return added
 
 
 def _end_hash(addrs: np.ndarray, ports: np.ndarray) -> np.ndarray:
@@ -133,11 +142,12 @@ class ProcessStage(Stage):
     name = "processes"
 
     def __init__(self, table: ProcessTable, max_packets: int, max_entries: int = 10_000,
-                 conn_max: int = 100_000, grace_s: float | None = None) -> None:
+                 conn_max: int = 200_000, grace_s: float | None = None) -> None:
         super().__init__(max_packets)
         self.table = table
         self.max_entries = max_entries
-        self.conn_max = conn_max
+        self.conn_max = conn_max  # connection ids held over all tallies (8 bytes each, plus the set's)
+        self._conns_held = 0
         self.grace_s = grace_s if grace_s is not None else max(3.0, 3 * table.refresh_s)
         self._lock = threading.Lock()
         self._named: dict[tuple[int | None, str], _Tally] = {}
@@ -177,6 +187,7 @@ class ProcessStage(Stage):
         with self._lock:
             self._named.clear()
             self._waiting.clear()
+            self._conns_held = 0
             self._gen += 1
 
     def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
@@ -255,8 +266,9 @@ class ProcessStage(Stage):
         with self._lock:
             for e, tally in enumerate(ents):
                 if pk[e]:
-                    tally.add(int(pk[e]), int(by[e]), np.unique(conv[order[bounds[e]:bounds[e + 1]]]),
-                              self.conn_max)
+                    self._conns_held += tally.add(int(pk[e]), int(by[e]),
+                                                  np.unique(conv[order[bounds[e]:bounds[e + 1]]]),
+                                                  self.conn_max - self._conns_held)
 
     def _entities(self, keys: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
         """The tally each key counts into now: its named process, or its own waiting tally."""
@@ -301,7 +313,9 @@ class ProcessStage(Stage):
                 owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
                 if owner is None and now - t.since < self.grace_s:
                     continue
-                self._named_tally(owner or (None, UNKNOWN)).merge(t, self.conn_max)
+                self._conns_held -= len(t.conns)
+                self._conns_held += self._named_tally(owner or (None, UNKNOWN)).merge(
+                    t, self.conn_max - self._conns_held)
                 del self._waiting[key]
 
     def rows(self) -> list[dict[str, Any]]:

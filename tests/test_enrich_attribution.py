@@ -128,9 +128,13 @@ def test_stage_counts_one_process_at_both_ends_once_and_ignores_remote_ends():
     assert [(r["process"], r["packets"], r["bytes"]) for r in stage.rows()] == [("loop", 1, 100)]
 
 
-def test_stage_connections_are_bounded_and_say_so():
-    table = _FixedTable({("udp", 53): (1, "dns")})
-    stage = ProcessStage(table, 10_000, conn_max=10)
-    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 53, 70) for i in range(50)]))
-    (row,) = stage.rows()
-    assert row["packets"] == 50 and row["connections_capped"] and row["connections"] <= 50
+def test_stage_connections_are_bounded_over_all_processes_and_say_so():
+    table = _FixedTable({("udp", 53): (1, "dns"), ("udp", 123): (2, "ntp")})
+    stage = ProcessStage(table, 10_000, conn_max=30)
+    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 53, 70) for i in range(20)]))
+    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 123, 70) for i in range(20)]))
+    rows = {r["process"]: r for r in stage.rows()}
+    assert (rows["dns"]["packets"], rows["dns"]["connections"], rows["dns"]["connections_capped"]) == (20, 20, False)
+    # The second process gets what is left of the bound: its packets all count, its connections are "at least".
+    assert (rows["ntp"]["packets"], rows["ntp"]["connections"], rows["ntp"]["connections_capped"]) == (20, 10, True)
+    assert stage._conns_held == 30
