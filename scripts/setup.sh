@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev npm"
+APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev"
 APT_TEST="iputils-ping tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl tcpreplay dnsmasq libwireshark-data clickhouse-server clickhouse-client"
 want="$APT_RUN"
 [ "${1:-}" = "--test" ] && want="$want $APT_TEST"
@@ -49,6 +49,9 @@ ASN_PKG="@ip-location-db/asn@2.3.2026061719"
 ASN_DIR=data/ip-location-db-asn
 if [ "$(cat "$ASN_DIR/.installed" 2>/dev/null)" != "$ASN_PKG" ]; then
   echo "== npm pack $ASN_PKG -> $ASN_DIR"
+  if ! command -v npm >/dev/null; then  # a nodejs package may bring npm itself (and conflict with Debian's)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
   tmp=$(mktemp -d)
   (cd "$tmp" && npm pack --silent "$ASN_PKG" >/dev/null && tar xzf ./*.tgz)
   mkdir -p "$ASN_DIR"
