@@ -110,6 +110,48 @@ def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
     return proc
 
 
+def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
+    """live_capture.one_run, also timing the sender: at a rate it cannot pace, udp_sender still sends
+    the whole count, later, so the count alone hides its ceiling."""
+    import socket
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bound port: no ICMP errors; its owner is named
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    proc = start_capturer("engine", port, enriched)
+    try:
+        t = time.perf_counter()
+        sent = int(subprocess.run([sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
+                                  capture_output=True, text=True, check=True).stdout)
+        elapsed = time.perf_counter() - t
+        got = live_capture.finish_capturer("engine", proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sink.close()
+    counted = got.get("counted") or 0
+    return {**got, "sent": sent, "paced": sent / elapsed, "loss": (sent - counted) / sent if sent else 0.0}
+
+
+def ladder(sender: str, seconds: float, runs: int, enriched: bool) -> tuple[int, list]:
+    """Climb the rates until a run loses more than 0.1 %, or the sender cannot pace the rate (< 95 %)."""
+    held, log = 0, []
+    for rate in RATES:
+        results = [timed_run(sender, rate, seconds, enriched) for _ in range(runs)]
+        paced = min(r["paced"] for r in results)
+        if paced < 0.95 * rate:
+            print(f"  {rate:>9,}/s  the sender's ceiling: it paced only {paced:,.0f}/s; stopping here", flush=True)
+            break
+        log.append((rate, results))
+        worst = max(r["loss"] for r in results)
+        print(f"  {rate:>9,}/s  worst loss {worst * 100:6.3f} %  " + "  ".join(
+            f"sent {r['sent']:,} counted {r['counted']:,} dropped {r.get('dropped')} attributed {r.get('attributed')}"
+            for r in results), flush=True)
+        if worst > live_capture.LOSS_FREE:
+            break
+        held = rate
+    return held, log
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -123,13 +165,12 @@ def main() -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
-    live_capture.start_capturer = start_capturer  # one_run/ladder start this file's child
     held, slowest = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         sender = live_capture.build_sender(tmp)
         for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
-            held[name], log = live_capture.ladder(sender, "engine", RATES, args.seconds, args.runs, enriched)
+            held[name], log = ladder(sender, args.seconds, args.runs, enriched)
             slowest[name] = max((r.get("refresh_ms_max", 0) for _, runs in log for r in runs), default=0)
             if enriched:  # did the attribution stage keep up (every counted packet attributed)?
                 for rate, runs in log:

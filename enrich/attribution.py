@@ -81,6 +81,7 @@ OTHERS = "other processes (table full)"
 _K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
       np.uint64(0x27D4EB2F165667C5))
 TICK_S = 0.25
+WAITING_MAX = 1024  # ports waiting for the socket table's next read; beyond, new ones count as 'unknown'
 
 
 class _Tally:
@@ -158,6 +159,8 @@ class ProcessStage(Stage):
         self._stopping = threading.Event()
         self._matcher = None
         self._matcher_at = 0.0
+        self._index_of: dict | None = None
+        self._index: tuple[np.ndarray, list[tuple[int, str]]] = (np.zeros(0, np.int64), [])
 
     def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
         """Hand a batch over (Stage.offer); nothing is taken once the stage is closing."""
@@ -240,13 +243,21 @@ class ProcessStage(Stage):
         return self._matcher.kinds(addrs) == self._matcher.OURS
 
     def tally(self, arr: np.ndarray) -> None:
-        """Attribute one batch (the stage's thread; tests call it directly)."""
-        p = arr[(arr["cls"] == TCP) | (arr["cls"] == UDP)]
+        """Attribute one batch (the stage's thread; tests call it directly).
+
+        The batch is first grouped by conversation (one sort of 64-bit ids): a conversation's packets
+        all have the same two ends, so locality and owners are looked up once per conversation."""
+        ip = (arr["cls"] == TCP) | (arr["cls"] == UDP)
+        p = arr if ip.all() else arr[ip]
         if not len(p):
             return
-        udp = (p["cls"] == UDP).astype(np.int64) << 16
-        ka = np.where(self._local(p["src"]), udp | (p["sport"].astype(np.int64) & 0xFFFF), -1)
-        kb = np.where(self._local(p["dst"]), udp | (p["dport"].astype(np.int64) & 0xFFFF), -1)
+        conv, first, inv = np.unique(conversation_hashes(p), return_index=True, return_inverse=True)
+        pk = np.bincount(inv, minlength=len(conv))
+        by = np.bincount(inv, weights=p["wire_len"], minlength=len(conv))
+        f = p[first]  # one packet of each conversation
+        udp = (f["cls"] == UDP).astype(np.int64) << 16
+        ka = np.where(self._local(f["src"]), udp | (f["sport"].astype(np.int64) & 0xFFFF), -1)
+        kb = np.where(self._local(f["dst"]), udp | (f["dport"].astype(np.int64) & 0xFFFF), -1)
         keys = np.unique(np.concatenate((ka[ka >= 0], kb[kb >= 0])))
         if not len(keys):
             return
@@ -256,44 +267,63 @@ class ProcessStage(Stage):
         idb = np.where(idb == ida, -1, idb)  # one process at both ends: once
         ids = np.concatenate((ida, idb))
         m = ids >= 0
-        ids = ids[m]
-        wl = np.concatenate((p["wire_len"], p["wire_len"]))[m].astype(np.int64)
-        conv = np.concatenate((conversation_hashes(p),) * 2)[m]
-        pk = np.bincount(ids, minlength=len(ents))
-        by = np.bincount(ids, weights=wl, minlength=len(ents))
+        ids, cpk, cby, cconv = ids[m], np.concatenate((pk, pk))[m], np.concatenate((by, by))[m], \
+            np.concatenate((conv, conv))[m]
+        epk = np.bincount(ids, weights=cpk, minlength=len(ents))
+        eby = np.bincount(ids, weights=cby, minlength=len(ents))
         order = np.argsort(ids, kind="stable")
         bounds = np.searchsorted(ids[order], np.arange(len(ents) + 1))
         with self._lock:
             for e, tally in enumerate(ents):
-                if pk[e]:
-                    self._conns_held += tally.add(int(pk[e]), int(by[e]),
-                                                  np.unique(conv[order[bounds[e]:bounds[e + 1]]]),
+                if epk[e]:
+                    self._conns_held += tally.add(int(epk[e]), int(eby[e]), cconv[order[bounds[e]:bounds[e + 1]]],
                                                   self.conn_max - self._conns_held)
 
     def _entities(self, keys: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
-        """The tally each key counts into now: its named process, or its own waiting tally."""
+        """The tally each key counts into now: its named process, its own waiting tally, or 'unknown'
+        once WAITING_MAX ports wait (a scan's thousands of unowned ports cost no Python loop)."""
+        okeys, owners = self._owner_index()
+        pos = np.searchsorted(okeys, keys)
+        owned = okeys[np.minimum(pos, len(okeys) - 1)] == keys if len(okeys) else np.zeros(len(keys), bool)
         ents: list[_Tally] = []
         index: dict[int, int] = {}
         of_key = np.empty(len(keys), np.int64)
+
+        def ent(t: _Tally) -> int:
+            j = index.get(id(t))
+            if j is None:
+                j = index[id(t)] = len(ents)
+                ents.append(t)
+            return j
+
         now = time.monotonic()
         with self._lock:
-            for i, k in enumerate(keys.tolist()):
-                t = self._tally_for(k, now)
-                of_key[i] = index.setdefault(id(t), len(ents))
-                if of_key[i] == len(ents):
-                    ents.append(t)
+            for i in np.flatnonzero(owned).tolist():
+                of_key[i] = ent(self._named_tally(owners[pos[i]]))
+            rest = np.flatnonzero(~owned)
+            if len(rest):
+                waiting = np.fromiter(self._waiting, np.int64, len(self._waiting))
+                known = np.isin(keys[rest], waiting)
+                for i in rest[known].tolist():
+                    of_key[i] = ent(self._waiting[int(keys[i])])
+                new = rest[~known]
+                room = max(0, min(self.max_entries, WAITING_MAX) - len(self._waiting))
+                for i in new[:room].tolist():
+                    t = self._waiting[int(keys[i])] = _Tally(now)
+                    of_key[i] = ent(t)
+                if len(new) > room:
+                    of_key[new[room:]] = ent(self._named_tally((None, UNKNOWN)))
         return ents, of_key
 
-    def _tally_for(self, key: int, now: float) -> _Tally:
-        owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
-        if owner is not None:
-            return self._named_tally(owner)
-        t = self._waiting.get(key)
-        if t is None:
-            if len(self._waiting) >= self.max_entries:
-                return self._named_tally((None, UNKNOWN))
-            t = self._waiting[key] = _Tally(now)
-        return t
+    def _owner_index(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """The process table's owners as a sorted key array (rebuilt when the table is re-read)."""
+        src = self.table.owners()
+        if src is not self._index_of:
+            items = sorted(((1 << 16 if proto == "udp" else 0) | port, (v[0], v[1]))
+                           for (proto, port), v in src.items())
+            self._index = (np.array([k for k, _ in items], np.int64), [o for _, o in items])
+            self._index_of = src
+        return self._index
 
     def _named_tally(self, owner: tuple[int | None, str]) -> _Tally:
         t = self._named.get(owner)

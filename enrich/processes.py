@@ -99,6 +99,10 @@ class ProcessTable:
         v = self._owners.get((proto.lower(), int(port)))
         return (v[0], v[1]) if v else None
 
+    def owners(self) -> dict[tuple[str, int], tuple[int, str, float]]:
+        """The current {(proto, port): (pid, name, last seen)}; a new dict at each read, never changed in place."""
+        return self._owners
+
     def label(self, proto: str, port: int | None) -> str:
         """'name (pid)' or 'unknown'."""
         if port is None or port < 0:

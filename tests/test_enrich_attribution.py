@@ -18,7 +18,7 @@ from test_enrich_process import SIZE, web  # noqa: F401  - the local web server 
 
 import config
 from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
-from enrich.attribution import UNKNOWN, WAITING, ProcessStage
+from enrich.attribution import UNKNOWN, WAITING, WAITING_MAX, ProcessStage
 from enrich.processes import ProcessTable
 from packet_processor import CaptureEngine, Source
 
@@ -86,17 +86,18 @@ def _rows(specs: list[tuple[str, str, int, str, int, int]]) -> np.ndarray:
 
 
 class _FixedTable(ProcessTable):
-    """A process table whose owners the test sets (the stage reads only owner() and refresh_s)."""
+    """A process table whose owners the test sets, as a socket-table read would (no psutil thread)."""
 
     def __init__(self, owners: dict[tuple[str, int], tuple[int, str]]) -> None:
         super().__init__(refresh_s=0.05)
-        self.fixed = owners
+        for (proto, port), (pid, name) in owners.items():
+            self.own(proto, port, pid, name)
 
     def start(self) -> None:  # no psutil thread: the test decides who owns what
         pass
 
-    def owner(self, proto: str, port: int):
-        return self.fixed.get((proto, int(port)))
+    def own(self, proto: str, port: int, pid: int, name: str) -> None:
+        self._owners = {**self._owners, (proto, port): (pid, name, time.monotonic())}  # a new read
 
 
 def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
@@ -109,8 +110,8 @@ def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
     waiting = {r["process"]: r for r in stage.rows()}
     assert waiting == {WAITING: {"process": WAITING, "pid": None, "packets": 5, "bytes": 400, "connections": 3,
                                  "connections_capped": False}}
-    table.fixed[("tcp", 5000)] = (11, "client")
-    table.fixed[("tcp", 6000)] = (22, "server")
+    table.own("tcp", 5000, 11, "client")
+    table.own("tcp", 6000, 22, "server")
     stage.settle()  # the TCP ports are named now; the UDP port waits out its grace
     got = {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for r in stage.rows()}
     assert got == {"client": (11, 2, 160, 1), "server": (22, 2, 160, 1), WAITING: (None, 1, 80, 1)}
@@ -138,3 +139,16 @@ def test_stage_connections_are_bounded_over_all_processes_and_say_so():
     # The second process gets what is left of the bound: its packets all count, its connections are "at least".
     assert (rows["ntp"]["packets"], rows["ntp"]["connections"], rows["ntp"]["connections_capped"]) == (20, 10, True)
     assert stage._conns_held == 30
+
+
+def test_stage_a_scan_of_unowned_ports_waits_in_bounds_then_is_unknown():
+    """Thousands of unowned ports in one batch: WAITING_MAX wait for the table, the rest are 'unknown' at once;
+    every packet is counted either way."""
+    table = _FixedTable({("tcp", 22): (5, "sshd")})
+    stage = ProcessStage(table, 1 << 20, grace_s=3600)
+    rows = [("tcp", "192.0.2.1", 40000, "127.0.0.1", p, 60) for p in range(1, 5001)]
+    stage.tally(_rows(rows))
+    got = {r["process"]: r for r in stage.rows()}
+    assert got["sshd"]["packets"] == 1 and len(stage._waiting) == WAITING_MAX
+    assert got[WAITING]["packets"] == WAITING_MAX and got[UNKNOWN]["packets"] == 5000 - 1 - WAITING_MAX
+    assert sum(r["packets"] for r in got.values()) == 5000
