@@ -12,6 +12,7 @@ with ENRICHMENT off: no attribution stage, no panel.
     python benchmarks/enrich_cost.py            # 1 run of 3 s per rate (quick), the whole ladder (root)
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
+    python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def child(port: int, enriched: bool) -> None:
             times.append(time.perf_counter() - t)
 
     threading.Thread(target=refresher, daemon=True).start()
+    cpu0 = time.process_time()
     print("ready", flush=True)
     sys.stdin.readline()
     time.sleep(0.5)
@@ -96,8 +98,10 @@ def child(port: int, enriched: bool) -> None:
         en.stop()
     t = engine.snapshot().totals
     attributed = (t["stages"].get("processes") or {}).get("packets_analysed")
+    cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
-                      "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed}), flush=True)
+                      "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
+                      "cpu_s": cpu}), flush=True)
 
 
 def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
@@ -152,10 +156,28 @@ def ladder(sender: str, seconds: float, runs: int, enriched: bool) -> tuple[int,
     return held, log
 
 
+def flat_out(sender: str, pairs: int, packets: int) -> int:
+    """Alternating plain/enriched runs at the sender's full speed (it is asked for 50 M/s); each line
+    gives the pace it reached, the loss, and for the enriched runs the share the attribution stage took."""
+    rate = 50_000_000
+    for i in range(pairs):
+        for name, enriched in (("plain", False), ("enriched", True)):
+            r = timed_run(sender, rate, packets / rate, enriched)
+            att = f"  attributed {r['attributed'] / r['counted'] * 100:6.2f} %" if enriched and r["counted"] else ""
+            print(f"  pair {i + 1} {name:9} paced {r['paced']:>11,.0f}/s  sent {r['sent']:,}  counted "
+                  f"{r['counted']:,}  loss {r['loss'] * 100:6.3f} %  drops {r.get('dropped')}  capturing process "
+                  f"CPU {r['cpu_s'] / max(r['counted'], 1) * 1e6:.2f} µs/packet{att}", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--flat-out", type=int, default=0, metavar="PAIRS",
+                    help="instead of the ladder: PAIRS of alternating plain/enriched runs, each sending "
+                         "--packets as fast as the sender can")
+    ap.add_argument("--packets", type=int, default=3_000_000)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--enriched", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -168,6 +190,8 @@ def main() -> int:
     held, slowest = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         sender = live_capture.build_sender(tmp)
+        if args.flat_out:
+            return flat_out(sender, args.flat_out, args.packets)
         for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
             held[name], log = ladder(sender, args.seconds, args.runs, enriched)

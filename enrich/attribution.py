@@ -118,7 +118,8 @@ class _Tally:
 
 
 def _end_hash(addrs: np.ndarray, ports: np.ndarray) -> np.ndarray:
-    u = np.ascontiguousarray(addrs).view(">u8").reshape(-1, 2).astype(np.uint64)
+    # The halves in native byte order: a hash needs no numeric value, and a byte swap would copy the lot.
+    u = np.ascontiguousarray(addrs).view(np.uint64).reshape(-1, 2)
     return (u[:, 0] * _K[0]) ^ (u[:, 1] * _K[1]) ^ (ports.astype(np.uint64) * _K[2])
 
 
