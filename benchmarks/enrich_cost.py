@@ -67,7 +67,7 @@ def child(port: int, enriched: bool) -> None:
     os.sched_setaffinity(0, {0})
     os.environ["NTM_ENRICHMENT"] = "1" if enriched else "0"  # the engine's attribution stage with it
     en = None
-    if enriched:
+    if enriched and not os.environ.get("ENRICH_COST_STAGE_ONLY"):  # set: the attribution stage alone
         from enrich import Enricher
         en = Enricher(reverse_dns=True, dns_server="127.0.0.1", rdns_timeout_s=1.0)
         en.start()
@@ -101,7 +101,7 @@ def child(port: int, enriched: bool) -> None:
     cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
                       "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
-                      "cpu_s": cpu}), flush=True)
+                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in")}), flush=True)
 
 
 def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
@@ -164,9 +164,10 @@ def flat_out(sender: str, pairs: int, packets: int) -> int:
         for name, enriched in (("plain", False), ("enriched", True)):
             r = timed_run(sender, rate, packets / rate, enriched)
             att = f"  attributed {r['attributed'] / r['counted'] * 100:6.2f} %" if enriched and r["counted"] else ""
+            cpu = r["cpu_s"] / max(r["counted"], 1) * 1e6
             print(f"  pair {i + 1} {name:9} paced {r['paced']:>11,.0f}/s  sent {r['sent']:,}  counted "
                   f"{r['counted']:,}  loss {r['loss'] * 100:6.3f} %  drops {r.get('dropped')}  capturing process "
-                  f"CPU {r['cpu_s'] / max(r['counted'], 1) * 1e6:.2f} µs/packet{att}", flush=True)
+                  f"CPU {cpu:.2f} µs/packet  batches {r.get('batches')}{att}", flush=True)
     return 0
 
 
