@@ -101,12 +101,17 @@ class AsnDB:
         self.load_s: float | None = None
         self.version = ""  # the package's version, e.g. 2.3.2026061719 (its date is the last part)
 
-    def load(self) -> None:
-        """Start loading the database in a background thread (once)."""
+    def load(self, here: bool = False) -> None:
+        """Start loading the database in a background thread, or with `here` in this one (once)."""
         with self._lock:
-            if self._loading is None:
-                self._loading = threading.Thread(target=self._load, name="asn-load", daemon=True)
-                self._loading.start()
+            if self._loading is not None:
+                return
+            self._loading = threading.current_thread() if here else \
+                threading.Thread(target=self._load, name="asn-load", daemon=True)
+        if here:
+            self._load()
+        else:
+            self._loading.start()
 
     def _load(self) -> None:
         t = time.perf_counter()
@@ -122,9 +127,10 @@ class AsnDB:
         self.load_s = time.perf_counter() - t
         self._loaded.set()
 
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        """Start the load if needed and wait for it; True when the database is ready."""
-        self.load()
+    def wait_loaded(self, timeout: float | None = None, start: bool = True) -> bool:
+        """Start the load if needed (`start`) and wait for it; True when the database is ready."""
+        if start:
+            self.load()
         self._loaded.wait(timeout)
         return self._v4 is not None
 

@@ -56,7 +56,6 @@ class GeoDB:
             if self._loading is None:
                 self._loading = threading.Thread(target=self._load, name="geo-load", daemon=True)
                 self._loading.start()
-        self.asn.load()
 
     def _load(self) -> None:
         t = time.perf_counter()
@@ -70,12 +69,13 @@ class GeoDB:
             log.warning("%s", self.error)
         self.load_s = time.perf_counter() - t
         self._loaded.set()
+        self.asn.load(here=True)  # then the AS numbers, in this same thread (one loader thread, not two)
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Start the load if needed and wait for it; True when a database is ready."""
         self.load()
         self._loaded.wait(timeout)
-        self.asn.wait_loaded(timeout)
+        self.asn.wait_loaded(timeout, start=False)  # the geo thread loads it next
         return self._db is not None
 
     @property
