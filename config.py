@@ -218,6 +218,8 @@ SETTINGS: tuple[Setting, ...] = (
             "as left out.", low=1, high=10_000_000),
     Setting("STORE_PENDING_MAX", 60, "History batches kept in memory while the store cannot be written "
             "(retried in order); beyond it the oldest are dropped and counted.", low=1, high=100_000),
+    Setting("ENRICHMENT", True, "Who is on the other end: the page's names/countries/networks/processes panel, "
+            "and a live capture's per-process totals; off shows no panel and starts no look-up or process table."),
     Setting("REVERSE_DNS", True, "Look up host names (PTR) for the addresses shown, in a small background pool; "
             "off sends no DNS query at all."),
     Setting("DNS_SERVER", "", "Resolver address for reverse DNS; empty means the system's (/etc/resolv.conf)."),

@@ -25,6 +25,7 @@ from streamlit_autorefresh import st_autorefresh
 
 import alerts_page
 import config
+import enrich_page
 import history_page
 import visualizations as viz
 from capture import broker
@@ -593,155 +594,6 @@ def signed_in() -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------------------
-# Enrichment (issue 14): names, countries, networks, services, processes, makers. Nothing here waits on
-# the network: names come from the enricher's cache (a lookup is only queued), the rest is local tables.
-# st.dataframe shows cell text as text, and Plotly labels are escaped in visualizations.py.
-# ----------------------------------------------------------------------------------------
-
-ENRICH_TABS = ["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process",
-               "Recent packets", "Alerts"]
-
-
-def enricher():
-    """The process-wide Enricher (reverse DNS pool, geo database, process table)."""
-    import enrich
-    return enrich.shared()
-
-
-def who(en, addr: str) -> dict:
-    """Name, country and AS of one address, from caches only."""
-    g = en.geo.lookup(addr) if addr else None
-    return {"name": en.name_text(addr), "country": (g.country if g else None) or "",
-            "AS": (g.as_org if g else None) or ""}
-
-
-def who_rows(en, rows: list[dict]) -> list[dict]:
-    """Top-address rows with name, country and AS added (copies)."""
-    out = []
-    for r in rows:
-        addr = str(r.get("address", r.get("addr", "")))  # the engine's key has been both
-        w = who(en, addr)
-        out.append({**r, "addr": addr, "name": w["name"], "country": w["country"], "as_org": w["AS"]})
-    return out
-
-
-def enrichment_panel(snap: Snapshot) -> None:
-    """'Who is on the other end': enriched tables and the countries, networks and process views."""
-    # Opt-in for now: the page's other tests count its tables and charts by position.
-    if not st.toggle("Who is on the other end (names, countries, networks, processes)", key="enrich_panel",
-                     value=False):
-        return
-    en = enricher()
-    by = st.session_state.get("top_by", "packets")
-    st.subheader("Who is on the other end")
-    tabs = st.tabs(ENRICH_TABS)
-    src = who_rows(en, snap.top_addresses("src", by))
-    dst = who_rows(en, snap.top_addresses("dst", by))
-    with tabs[0]:
-        a, b = st.columns(2)
-        a.plotly_chart(viz.who_bar(src, "Top sources: who", by), key="who_src")
-        b.plotly_chart(viz.who_bar(dst, "Top destinations: who", by), key="who_dst")
-        st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
-    with tabs[1]:
-        st.dataframe(conversations_who(en, snap.top_conversations(20, by)), hide_index=True, key="who_conv")
-    busiest = snap.top_addresses("src", by, 2000) + snap.top_addresses("dst", by, 2000)
-    with tabs[2]:
-        st.plotly_chart(viz.share_bar(en.by_country(busiest), "Top countries", by), key="who_countries")
-    with tabs[3]:
-        st.plotly_chart(viz.share_bar(en.by_network(busiest), "Top networks (AS)", by), key="who_networks")
-    with tabs[4]:
-        st.dataframe(viz.process_table(en.by_process(snap.packets)), hide_index=True, key="who_process")
-        st.caption(plain(process_note(en, snap)))
-    with tabs[5]:
-        st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):]), hide_index=True,
-                     key="who_recent")
-    with tabs[6]:
-        st.dataframe(alerts_who(en, snap.alerts), hide_index=True, key="who_alerts")
-    st.caption(plain(enrich_note(en)))
-
-
-def talkers_frame(src: list[dict], dst: list[dict], by: str) -> pd.DataFrame:
-    """The enriched top sources and destinations as one table."""
-    rows = [{"side": side, "address": r["addr"], "name": r["name"], "country": r["country"], "AS": r["as_org"],
-             by: r[by]} for side, rows in (("source", src), ("destination", dst)) for r in rows]
-    return pd.DataFrame(rows, columns=["side", "address", "name", "country", "AS", by])
-
-
-def conversations_who(en, rows: list[dict]) -> pd.DataFrame:
-    """Top conversations with names, countries, services and local processes."""
-    out = []
-    for r in rows:
-        wa, wb = who(en, r["a"]), who(en, r["b"])
-        proto = str(r["proto"]).lower()
-        out.append({"A": r["a"], "A name": wa["name"], "A country": wa["country"],
-                    "A port": en.services.label(r["a_port"], proto), "A process": end_process(en, r["a"], proto,
-                                                                                         r["a_port"]),
-                    "B": r["b"], "B name": wb["name"], "B country": wb["country"], "B AS": wb["AS"],
-                    "B port": en.services.label(r["b_port"], proto),
-                    "B process": end_process(en, r["b"], proto, r["b_port"]),
-                    "protocol": r["proto"], "packets": r["packets"], "bytes": r["bytes"]})
-    return pd.DataFrame(out)
-
-
-def end_process(en, addr: str, proto: str, port) -> str:
-    """The local process of one end ('' for a remote end, 'unknown' for a local one with no owner)."""
-    if port is None or proto not in ("tcp", "udp") or not en.processes.is_local(addr):
-        return ""
-    return en.processes.label(proto, port)
-
-
-def recent_who(en, rows: np.ndarray) -> pd.DataFrame:
-    """The newest packets with names, countries, service, local process and device maker."""
-    frame = packets_table(rows, LOCAL_TZ).iloc[::-1]
-    proto = frame["protocol"].str.lower()
-    dport = frame["dst port"].astype(object).where(frame["dst port"].notna(), None)
-    sport = frame["src port"].astype(object).where(frame["src port"].notna(), None)
-    makers = [en.oui.maker(bytes(m)) or "" for m in rows["hw_src"][::-1]]
-    return pd.DataFrame({
-        "time": frame["time"].to_numpy(), "protocol": frame["protocol"].to_numpy(),
-        "source": frame["source"].to_numpy(), "source name": [en.name_text(a) for a in frame["source"]],
-        "source country": [who(en, a)["country"] for a in frame["source"]],
-        "destination": frame["destination"].to_numpy(),
-        "destination name": [en.name_text(a) for a in frame["destination"]],
-        "destination country": [who(en, a)["country"] for a in frame["destination"]],
-        "service": [en.services.label(p, t) if p is not None else "" for p, t in zip(dport, proto)],
-        "process": [end_process(en, s, t, sp) or end_process(en, d, t, dp)
-                    for s, d, t, sp, dp in zip(frame["source"], frame["destination"], proto, sport, dport)],
-        "maker": makers, "size": frame["size"].to_numpy()})
-
-
-def alerts_who(en, alerts) -> pd.DataFrame:
-    """Alerts with the source's and target's names and countries."""
-    rows = []
-    for a in alerts:
-        ws, wt = who(en, str(a.source)), who(en, str(a.target))
-        rows.append({"detector": a.detector, "severity": a.severity, "source": a.source, "source name": ws["name"],
-                     "source country": ws["country"], "source AS": ws["AS"], "target": a.target,
-                     "target name": wt["name"], "target country": wt["country"], "count": a.count})
-    return pd.DataFrame(rows, columns=["detector", "severity", "source", "source name", "source country",
-                                       "source AS", "target", "target name", "target country", "count"])
-
-
-def process_note(en, snap: Snapshot) -> str:
-    """What the by-process view covers."""
-    err = f" {en.processes.error}." if en.processes.error else ""
-    return (f"Over the {len(snap.packets):,} packets in the buffer; owners from the socket table re-read every "
-            f"{en.processes.refresh_s:g} s: 'unknown' means the socket closed between two reads or lives in "
-            f"another network namespace.{err}")
-
-
-def enrich_note(en) -> str:
-    """Where names, countries and networks come from."""
-    geo = en.geo
-    db = f"{geo.source} (dated {geo.date})" if geo.source else ("loading…" if not geo.error else geo.error)
-    rdns = "on" if en.names.enabled else "off (no DNS query is sent)"
-    s = en.names.stats
-    return (f"Country and AS organisation: offline database {db}; "
-            f"AS numbers are not in it. Reverse DNS {rdns}: {s.answered:,} answered, {s.failed:,} failed, "
-            f"{s.timed_out:,} timed out, {s.dropped_queue_full:,} not asked (queue full); … = lookup queued.")
-
-
 def current_view(engine: CaptureEngine) -> tuple[Snapshot, float]:
     """(the snapshot this viewer sees, the wall time it was taken).
 
@@ -791,7 +643,7 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
             st.info(EMPTY_HELP)
     else:
         charts(snap, end)
-        enrichment_panel(snap)
+        enrich_page.panel(snap, LOCAL_TZ)
         alerts_panel(snap, engine)
         alerts_page.alert_extras(snap, engine)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))

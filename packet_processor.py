@@ -408,6 +408,7 @@ class CaptureEngine:
         self._file_note = ""
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
         self._store_stage: StoreStage | None = None  # the history writer of the current live capture
+        self._proc_stage: Any = None  # enrich.attribution.ProcessStage of a live capture (ENRICHMENT on)
         self.store = _open_store(store_path) if record else None  # queried by the page through this object
         self._attach_notify()
 
@@ -467,6 +468,7 @@ class CaptureEngine:
                 self._kernel_base = (0, 0)
                 self._stage = stage
                 self._store_stage = self._new_store_stage(source) if live is not None else None
+                self._proc_stage = self._new_process_stage() if live is not None else None
             self._stop = threading.Event()
             self._paused.clear()
             self._thread = threading.Thread(target=self._run, args=(source, live, self._gen, self._stop),
@@ -505,6 +507,16 @@ class CaptureEngine:
         return StoreStage(self.store, config.get("STAGE_QUEUE_PACKETS"), iface=source.iface, sensor=sensor,
                           mirror=self.alerts).start()
 
+    @staticmethod
+    def _new_process_stage() -> Any:
+        """Per-process totals over every packet of a live capture (its own thread; off with ENRICHMENT)."""
+        if not config.get("ENRICHMENT"):
+            return None
+        from enrich.attribution import ProcessStage
+        from enrich.processes import shared_table
+        return ProcessStage(shared_table(), config.get("STAGE_QUEUE_PACKETS"),
+                            max_entries=config.get("ENRICH_CACHE_MAX")).start()
+
     def close_store(self, notify_drain_s: float = 0.0) -> None:
         """Stop recording and close the history store (at exit); safe to call twice."""
         self.stop()
@@ -535,6 +547,8 @@ class CaptureEngine:
             store_stage = self._store_stage
             if store_stage is not None:  # after the capture thread: every counted batch is in its queue
                 store_stage.close(drain_s)
+            if self._proc_stage is not None:
+                self._proc_stage.close(drain_s)
         with self._lock:
             if self._state in ("running", "paused"):
                 self._state = "stopped"
@@ -576,8 +590,11 @@ class CaptureEngine:
             stage = self._stage
             self._kernel_base = (self._kernel_received, self._kernel_dropped)
             self._nic_base = self._nic_now
+            proc_stage = self._proc_stage
         if stage is not None:
             stage.reset()
+        if proc_stage is not None:
+            proc_stage.reset()
         self.alerts.clear()
 
     def _reset_locked(self) -> None:
@@ -752,12 +769,15 @@ class CaptureEngine:
             return
         with self._lock:
             counters, stage, store_stage = self._counters, self._stage, self._store_stage
+            proc_stage = self._proc_stage
             if gen != self._gen:
                 return
         if stage is not None:  # first, so the detectors work on it while this thread counts
             stage.offer(arr, wait=wait is not None, abort=wait)
         if store_stage is not None:
             store_stage.offer(arr, wait=wait is not None, abort=wait)
+        if proc_stage is not None:
+            proc_stage.offer(arr, wait=wait is not None, abort=wait)
         # Only the capture thread writes the counters, so the heavy merge runs outside the lock;
         # a clear() or restart in the meantime replaces `counters`, and this batch is dropped.
         update = counters.prepare(arr)
@@ -822,10 +842,14 @@ class CaptureEngine:
             tables = (c.src.frozen(), c.dst.frozen(), c.tcp_dports.frozen(), c.udp_dports.frozen(),
                       c.other_protos.frozen(), c.conversations.frozen())
             status = self._status_locked()
-            stage, store_stage = self._stage, self._store_stage
+            stage, store_stage, proc_stage = self._stage, self._store_stage, self._proc_stage
         totals["stages"] = {stage.name: stage.as_dict()} if stage is not None else {}
         if store_stage is not None:
             totals["stages"][store_stage.name] = store_stage.as_dict()
+        totals["by_process"] = None  # only a live capture with ENRICHMENT on attributes every packet
+        if proc_stage is not None:
+            totals["stages"][proc_stage.name] = proc_stage.as_dict()
+            totals["by_process"] = proc_stage.rows()
         totals["store"] = self.history_state()
         totals["alerts_suppressed"] = self.alerts.suppressed()
         totals["alerts_excluded"] = self.alerts.excluded()[0]

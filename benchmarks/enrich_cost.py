@@ -3,13 +3,16 @@ without and with the enrichment panel's work (names, countries/AS, services, pro
 
 Reuses live_capture.py's C sender and ladder: 60-byte UDP frames to 127.0.0.1 at rising rates; a rate is held
 when every run loses at most 0.1 %. Both variants run the engine and the page's refresh in the capturing
-process (the dashboard's process); "enriched" adds, every 2 s, what enrichment_panel() computes, with the
-process table thread running, the geo database loaded and reverse DNS on (asking 127.0.0.1, where no resolver
-listens: no query leaves the machine).
+process (the dashboard's process); "enriched" runs the engine with ENRICHMENT on (its process-attribution
+stage counts every packet: each of these frames has two local ends) and adds, every 2 s, what
+enrich_page.panel() computes, with the process table thread running, the geo and AS databases loaded and
+reverse DNS on (asking 127.0.0.1, where no resolver listens: no query leaves the machine). "plain" runs
+with ENRICHMENT off: no attribution stage, no panel.
 
     python benchmarks/enrich_cost.py            # 1 run of 3 s per rate (quick), the whole ladder (root)
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
+    python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import live_capture  # noqa: E402 - the sender and the ladder
 
-RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000]
+RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_000, 1_500_000, 2_000_000,
+         2_500_000, 3_000_000, 4_000_000, 5_000_000]  # the ladder stops at the sender's ceiling
 
 
 def enrich_work(en, snap) -> int:
-    """What the page's enrichment panel computes on one refresh (see dashboard.enrichment_panel)."""
+    """What the page's enrichment panel computes on one refresh (see enrich_page.panel)."""
     n = 0
     for which in ("src", "dst"):
         for r in snap.top_addresses(which):
@@ -46,7 +50,8 @@ def enrich_work(en, snap) -> int:
         n += len(en.name_text(c["a"])) + len(en.name_text(c["b"]))
     busiest = snap.top_addresses("src", "packets", 2000) + snap.top_addresses("dst", "packets", 2000)
     n += len(en.by_country(busiest)) + len(en.by_network(busiest))
-    n += len(en.by_process(snap.packets))
+    by_process = snap.totals.get("by_process")  # all traffic (the engine's stage), else the buffer
+    n += len(by_process if by_process is not None else en.by_process(snap.packets))
     from analysis.headers import addr_text
     for row in snap.packets[-100:]:
         n += len(en.name_text(addr_text(bytes(row["src"])))) + len(en.oui.maker(bytes(row["hw_src"])) or "")
@@ -60,8 +65,9 @@ def child(port: int, enriched: bool) -> None:
     from packet_processor import CaptureEngine, Source
 
     os.sched_setaffinity(0, {0})
+    os.environ["NTM_ENRICHMENT"] = "1" if enriched else "0"  # the engine's attribution stage with it
     en = None
-    if enriched:
+    if enriched and not os.environ.get("ENRICH_COST_STAGE_ONLY"):  # set: the attribution stage alone
         from enrich import Enricher
         en = Enricher(reverse_dns=True, dns_server="127.0.0.1", rdns_timeout_s=1.0)
         en.start()
@@ -82,6 +88,7 @@ def child(port: int, enriched: bool) -> None:
             times.append(time.perf_counter() - t)
 
     threading.Thread(target=refresher, daemon=True).start()
+    cpu0 = time.process_time()
     print("ready", flush=True)
     sys.stdin.readline()
     time.sleep(0.5)
@@ -90,8 +97,11 @@ def child(port: int, enriched: bool) -> None:
     if en is not None:
         en.stop()
     t = engine.snapshot().totals
+    attributed = (t["stages"].get("processes") or {}).get("packets_analysed")
+    cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
-                      "refresh_ms_max": max(times, default=0) * 1e3}), flush=True)
+                      "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
+                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in")}), flush=True)
 
 
 def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
@@ -104,10 +114,71 @@ def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
     return proc
 
 
+def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
+    """live_capture.one_run, also timing the sender: at a rate it cannot pace, udp_sender still sends
+    the whole count, later, so the count alone hides its ceiling."""
+    import socket
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bound port: no ICMP errors; its owner is named
+    sink.bind(("127.0.0.1", 0))
+    port = sink.getsockname()[1]
+    proc = start_capturer("engine", port, enriched)
+    try:
+        t = time.perf_counter()
+        sent = int(subprocess.run([sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
+                                  capture_output=True, text=True, check=True).stdout)
+        elapsed = time.perf_counter() - t
+        got = live_capture.finish_capturer("engine", proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sink.close()
+    counted = got.get("counted") or 0
+    return {**got, "sent": sent, "paced": sent / elapsed, "loss": (sent - counted) / sent if sent else 0.0}
+
+
+def ladder(sender: str, seconds: float, runs: int, enriched: bool) -> tuple[int, list]:
+    """Climb the rates until a run loses more than 0.1 %, or the sender cannot pace the rate (< 95 %)."""
+    held, log = 0, []
+    for rate in RATES:
+        results = [timed_run(sender, rate, seconds, enriched) for _ in range(runs)]
+        paced = min(r["paced"] for r in results)
+        if paced < 0.95 * rate:
+            print(f"  {rate:>9,}/s  the sender's ceiling: it paced only {paced:,.0f}/s; stopping here", flush=True)
+            break
+        log.append((rate, results))
+        worst = max(r["loss"] for r in results)
+        print(f"  {rate:>9,}/s  worst loss {worst * 100:6.3f} %  " + "  ".join(
+            f"sent {r['sent']:,} counted {r['counted']:,} dropped {r.get('dropped')} attributed {r.get('attributed')}"
+            for r in results), flush=True)
+        if worst > live_capture.LOSS_FREE:
+            break
+        held = rate
+    return held, log
+
+
+def flat_out(sender: str, pairs: int, packets: int) -> int:
+    """Alternating plain/enriched runs at the sender's full speed (it is asked for 50 M/s); each line
+    gives the pace it reached, the loss, and for the enriched runs the share the attribution stage took."""
+    rate = 50_000_000
+    for i in range(pairs):
+        for name, enriched in (("plain", False), ("enriched", True)):
+            r = timed_run(sender, rate, packets / rate, enriched)
+            att = f"  attributed {r['attributed'] / r['counted'] * 100:6.2f} %" if enriched and r["counted"] else ""
+            cpu = r["cpu_s"] / max(r["counted"], 1) * 1e6
+            print(f"  pair {i + 1} {name:9} paced {r['paced']:>11,.0f}/s  sent {r['sent']:,}  counted "
+                  f"{r['counted']:,}  loss {r['loss'] * 100:6.3f} %  drops {r.get('dropped')}  capturing process "
+                  f"CPU {cpu:.2f} µs/packet  batches {r.get('batches')}{att}", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--flat-out", type=int, default=0, metavar="PAIRS",
+                    help="instead of the ladder: PAIRS of alternating plain/enriched runs, each sending "
+                         "--packets as fast as the sender can")
+    ap.add_argument("--packets", type=int, default=3_000_000)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--enriched", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -117,14 +188,19 @@ def main() -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
-    live_capture.start_capturer = start_capturer  # one_run/ladder start this file's child
     held, slowest = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         sender = live_capture.build_sender(tmp)
+        if args.flat_out:
+            return flat_out(sender, args.flat_out, args.packets)
         for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
-            held[name], log = live_capture.ladder(sender, "engine", RATES, args.seconds, args.runs, enriched)
+            held[name], log = ladder(sender, args.seconds, args.runs, enriched)
             slowest[name] = max((r.get("refresh_ms_max", 0) for _, runs in log for r in runs), default=0)
+            if enriched:  # did the attribution stage keep up (every counted packet attributed)?
+                for rate, runs in log:
+                    share = min((r.get("attributed") or 0) / r["counted"] for r in runs if r["counted"])
+                    print(f"  {rate:>9,}/s  attributed to a process (or 'unknown'): {share * 100:.2f} % of counted")
     print("\nhighest loss-free rate (<= 0.1 % loss), and the slowest page refresh (ms) seen on the way:")
     for name, rate in held.items():
         print(f"  {name:22} {rate:>9,} packets/s   refresh max {slowest[name]:7.1f} ms")

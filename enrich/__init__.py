@@ -17,7 +17,7 @@ import config
 from enrich.geo import LICENCE, GeoDB, GeoInfo
 from enrich.names import ReverseDNS
 from enrich.oui import OUI
-from enrich.processes import UNKNOWN, ProcessTable
+from enrich.processes import UNKNOWN, ProcessTable, shared_table
 from enrich.ranges import range_label
 from enrich.services import Services
 
@@ -45,8 +45,7 @@ class Enricher:
         self.geo = GeoDB(cache_max=config.get("ENRICH_CACHE_MAX"))
         self.services = Services()
         self.oui = OUI()
-        self.processes = ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"),
-                                      max_entries=config.get("ENRICH_CACHE_MAX"))
+        self.processes = shared_table() if processes else ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"))
         self._want_processes = processes
 
     def start(self) -> None:
@@ -99,8 +98,10 @@ class Enricher:
     def about(self) -> dict[str, Any]:
         """Where the answers come from (database, its date, licence) and the pools' counters."""
         s = self.names.stats
+        asn = self.geo.asn
         return {"geo_database": self.geo.source, "geo_date": self.geo.date, "geo_licence": LICENCE,
-                "geo_error": self.geo.error, "services": self.services.origin,
+                "geo_error": self.geo.error, "asn_database": f"{asn.folder.name} {asn.version}".strip(),
+                "asn_date": asn.date, "asn_error": asn.error, "services": self.services.origin,
                 "reverse_dns": self.names.enabled,
                 "rdns": {"queued": s.queued, "sent": s.sent, "answered": s.answered, "failed": s.failed,
                          "timed_out": s.timed_out, "dropped_queue_full": s.dropped_queue_full},
@@ -115,6 +116,8 @@ class Enricher:
         """Packets and bytes per AS organisation (or range label) over address rows; largest first."""
         def key(a: str) -> str:
             g = self.geo.lookup(a)
+            if g.asn is not None:
+                return f"AS{g.asn} {g.as_org or ''}".strip()
             return g.as_org or (g.country if g.country in ("private", "loopback", "link-local", "multicast",
                                                            "reserved") else "not in database")
         return self._group(rows, key)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
 
 from analysis.headers import TCP, UDP, addr_text
+from analysis.stages import Stage
 from enrich.processes import UNKNOWN, ProcessTable
 
+log = logging.getLogger(__name__)
 _PROTO = {TCP: "tcp", UDP: "udp"}
 
 
@@ -65,3 +70,310 @@ def _conversation_ids(p: np.ndarray) -> np.ndarray:
     ends["bp"] = np.where(swap, p["sport"], p["dport"])
     ends["c"] = p["cls"]
     return np.unique(ends, return_inverse=True)[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Over all traffic: a consumer stage that attributes every counted TCP/UDP packet as it arrives.
+# ---------------------------------------------------------------------------------------------------
+
+WAITING = "not named yet"  # a port seen before the socket table's next read: kept apart, then named
+OTHERS = "other processes (table full)"
+_K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9),
+      np.uint64(0x27D4EB2F165667C5))
+TICK_S = 0.25
+GATHER_S = 0.05  # how long the stage lets batches gather before one call attributes them all
+GATHER_MAX = 262_144  # packets attributed in one call at most
+WAITING_MAX = 1024  # ports waiting for the socket table's next read; beyond, new ones count as 'unknown'
+
+
+class _Tally:
+    """Packets, bytes and distinct connections of one process (connections bounded: then '≥').
+
+    The stage gives each add a room: what is left of its bound on connection ids held over all tallies."""
+
+    __slots__ = ("bytes", "capped", "conns", "packets", "since")
+
+    def __init__(self, since: float = 0.0) -> None:
+        self.packets = self.bytes = 0
+        self.conns: set[int] = set()
+        self.capped = False
+        self.since = since
+
+    def add(self, packets: int, nbytes: int, conns: np.ndarray, room: int) -> int:
+        """Count packets and bytes, and the connection ids while there is room; returns the ids added."""
+        self.packets += packets
+        self.bytes += nbytes
+        if self.capped:
+            return 0
+        before = len(self.conns)
+        new = [c for c in conns.tolist() if c not in self.conns] if before else conns.tolist()
+        if len(new) > room:
+            new, self.capped = new[:max(room, 0)], True
+        self.conns.update(new)
+        return len(self.conns) - before
+
+    def merge(self, other: _Tally, room: int) -> int:
+        """Take another tally's counts (a waiting port now named); returns the connection ids added."""
+        added = self.add(other.packets, other.bytes, np.fromiter(other.conns, np.uint64, len(other.conns)), room)
+        self.capped |= other.capped
+        return added
+
+
+def _end_hash(addrs: np.ndarray, ports: np.ndarray) -> np.ndarray:
+    # The halves in native byte order: a hash needs no numeric value, and a byte swap would copy the lot.
+    u = np.ascontiguousarray(addrs).view(np.uint64).reshape(-1, 2)
+    return (u[:, 0] * _K[0]) ^ (u[:, 1] * _K[1]) ^ (ports.astype(np.uint64) * _K[2])
+
+
+def conversation_hashes(p: np.ndarray) -> np.ndarray:
+    """One 64-bit id per conversation (both directions alike: the sum of the two ends' hashes)."""
+    with np.errstate(over="ignore"):
+        return (_end_hash(p["src"], p["sport"]) + _end_hash(p["dst"], p["dport"])) ^ \
+            (p["cls"].astype(np.uint64) * _K[3])
+
+
+class ProcessStage(Stage):
+    """Per-process packets, bytes and connections over every TCP/UDP packet of a live capture.
+
+    A consumer stage (analysis.stages.Stage: a bounded queue; a capture that gets ahead skips whole
+    batches and counts them) whose thread keys each local end by (protocol, port) and names it from
+    the process table's last read: a dictionary lookup, never a psutil call (the table re-reads the
+    socket table in its own thread). A port not in the table yet is kept apart for `grace_s` (the
+    connection may be younger than the last read), then named, or counted as 'unknown'.
+    A packet between two local processes counts for both; for one process at both ends, once.
+    """
+
+    name = "processes"
+
+    def __init__(self, table: ProcessTable, max_packets: int, max_entries: int = 10_000,
+                 conn_max: int = 200_000, grace_s: float | None = None) -> None:
+        super().__init__(max_packets)
+        self.table = table
+        self.max_entries = max_entries
+        self.conn_max = conn_max  # connection ids held over all tallies (8 bytes each, plus the set's)
+        self._conns_held = 0
+        self.grace_s = grace_s if grace_s is not None else max(3.0, 3 * table.refresh_s)
+        self._lock = threading.Lock()
+        self._named: dict[tuple[int | None, str], _Tally] = {}
+        self._waiting: dict[int, _Tally] = {}  # key: udp<<16 | port
+        self._gen = 0
+        self._done = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._matcher = None
+        self._matcher_at = 0.0
+        self._index_of: dict | None = None
+        self._index: tuple[np.ndarray, list[tuple[int, str]]] = (np.zeros(0, np.int64), [])
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Hand a batch over (Stage.offer); nothing is taken once the stage is closing."""
+        if self._stopping.is_set():
+            self.stats.offered(len(arr), skipped=True)
+            return False
+        return super().offer(arr, wait, abort)
+
+    def alive(self) -> bool:
+        """Whether the attribution thread runs."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters and health for the Snapshot (totals.stages.processes)."""
+        return super().as_dict()
+
+    def start(self) -> ProcessStage:
+        """Start the process table's refresh and this stage's thread."""
+        self.table.start()
+        self._thread = threading.Thread(target=self._loop, name="process-attribution", daemon=True)
+        self._thread.start()
+        return self
+
+    def reset(self) -> None:
+        """Forget every total (the page's Clear)."""
+        self.queue.drop_all()
+        with self._lock:
+            self._named.clear()
+            self._waiting.clear()
+            self._conns_held = 0
+            self._gen += 1
+
+    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
+        """Wait until every accepted batch is counted; False on timeout or a dead thread."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._done < self._accepted:
+            if not self.alive() or (abort is not None and abort.is_set()):
+                return False
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Count what is queued (up to drain_s), then end the thread; safe to call twice."""
+        if drain_s:
+            self.drain(drain_s)
+        self._stopping.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(5)
+        for _, packets, at in self.queue.close():
+            self.stats.lost(1, packets, at)
+
+    # -- the thread --
+    def _loop(self) -> None:
+        try:
+            while True:
+                got = self.queue.get(TICK_S)
+                if got is not None:
+                    self._gather(*got)
+                elif self._stopping.is_set():
+                    break
+                self.settle()
+        except Exception as exc:  # attribution stops; capture and its counters go on
+            log.exception("process attribution failed")
+            self.error = f"process attribution failed: {type(exc).__name__}: {exc}"
+            self.queue.close()
+
+    def _gather(self, arr: np.ndarray, n: int) -> None:
+        """Attribute this batch with those that arrive within GATHER_S: a live ring hands over small
+        batches, and the work per call, not per packet, was most of the cost (benchmarks/enrich_cost.py)."""
+        arrs = [arr]
+        if not self._stopping.is_set():
+            self._stopping.wait(GATHER_S)
+        while n < GATHER_MAX:
+            more = self.queue.get(0)
+            if more is None:
+                break
+            arrs.append(more[0])
+            n += more[1]
+        self.tally(arrs[0] if len(arrs) == 1 else np.concatenate(arrs))
+        self._done += len(arrs)
+        st = self.stats
+        st.analysed(st.batches_done + len(arrs), st.packets_done + n)
+
+    def _local(self, addrs: np.ndarray) -> np.ndarray:
+        now = time.monotonic()
+        if self._matcher is None or now - self._matcher_at > 5.0:  # interfaces' addresses come and go
+            from analysis.headers import LOOPBACK_NETS, LocalMatcher
+            from capture.sources import local_addresses
+            self._matcher, self._matcher_at = LocalMatcher(local_addresses(), LOOPBACK_NETS), now
+        return self._matcher.kinds(addrs) == self._matcher.OURS
+
+    def tally(self, arr: np.ndarray) -> None:
+        """Attribute one batch (the stage's thread; tests call it directly).
+
+        The batch is first grouped by conversation (one sort of 64-bit ids): a conversation's packets
+        all have the same two ends, so locality and owners are looked up once per conversation."""
+        ip = (arr["cls"] == TCP) | (arr["cls"] == UDP)
+        p = arr if ip.all() else arr[ip]
+        if not len(p):
+            return
+        conv, first, inv = np.unique(conversation_hashes(p), return_index=True, return_inverse=True)
+        pk = np.bincount(inv, minlength=len(conv))
+        by = np.bincount(inv, weights=p["wire_len"], minlength=len(conv))
+        f = p[first]  # one packet of each conversation
+        udp = (f["cls"] == UDP).astype(np.int64) << 16
+        ka = np.where(self._local(f["src"]), udp | (f["sport"].astype(np.int64) & 0xFFFF), -1)
+        kb = np.where(self._local(f["dst"]), udp | (f["dport"].astype(np.int64) & 0xFFFF), -1)
+        keys = np.unique(np.concatenate((ka[ka >= 0], kb[kb >= 0])))
+        if not len(keys):
+            return
+        ents, ent_of_key = self._entities(keys)
+        ida = np.where(ka >= 0, ent_of_key[np.searchsorted(keys, ka)], -1)
+        idb = np.where(kb >= 0, ent_of_key[np.searchsorted(keys, kb)], -1)
+        idb = np.where(idb == ida, -1, idb)  # one process at both ends: once
+        ids = np.concatenate((ida, idb))
+        m = ids >= 0
+        ids, cpk, cby, cconv = ids[m], np.concatenate((pk, pk))[m], np.concatenate((by, by))[m], \
+            np.concatenate((conv, conv))[m]
+        epk = np.bincount(ids, weights=cpk, minlength=len(ents))
+        eby = np.bincount(ids, weights=cby, minlength=len(ents))
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(len(ents) + 1))
+        with self._lock:
+            for e, tally in enumerate(ents):
+                if epk[e]:
+                    self._conns_held += tally.add(int(epk[e]), int(eby[e]), cconv[order[bounds[e]:bounds[e + 1]]],
+                                                  self.conn_max - self._conns_held)
+
+    def _entities(self, keys: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
+        """The tally each key counts into now: its named process, its own waiting tally, or 'unknown'
+        once WAITING_MAX ports wait (a scan's thousands of unowned ports cost no Python loop)."""
+        okeys, owners = self._owner_index()
+        pos = np.searchsorted(okeys, keys)
+        owned = okeys[np.minimum(pos, len(okeys) - 1)] == keys if len(okeys) else np.zeros(len(keys), bool)
+        ents: list[_Tally] = []
+        index: dict[int, int] = {}
+        of_key = np.empty(len(keys), np.int64)
+
+        def ent(t: _Tally) -> int:
+            j = index.get(id(t))
+            if j is None:
+                j = index[id(t)] = len(ents)
+                ents.append(t)
+            return j
+
+        now = time.monotonic()
+        with self._lock:
+            for i in np.flatnonzero(owned).tolist():
+                of_key[i] = ent(self._named_tally(owners[pos[i]]))
+            rest = np.flatnonzero(~owned)
+            if len(rest):
+                waiting = np.fromiter(self._waiting, np.int64, len(self._waiting))
+                known = np.isin(keys[rest], waiting)
+                for i in rest[known].tolist():
+                    of_key[i] = ent(self._waiting[int(keys[i])])
+                new = rest[~known]
+                room = max(0, min(self.max_entries, WAITING_MAX) - len(self._waiting))
+                for i in new[:room].tolist():
+                    t = self._waiting[int(keys[i])] = _Tally(now)
+                    of_key[i] = ent(t)
+                if len(new) > room:
+                    of_key[new[room:]] = ent(self._named_tally((None, UNKNOWN)))
+        return ents, of_key
+
+    def _owner_index(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """The process table's owners as a sorted key array (rebuilt when the table is re-read)."""
+        src = self.table.owners()
+        if src is not self._index_of:
+            items = sorted(((1 << 16 if proto == "udp" else 0) | port, (v[0], v[1]))
+                           for (proto, port), v in src.items())
+            self._index = (np.array([k for k, _ in items], np.int64), [o for _, o in items])
+            self._index_of = src
+        return self._index
+
+    def _named_tally(self, owner: tuple[int | None, str]) -> _Tally:
+        t = self._named.get(owner)
+        if t is None:
+            if len(self._named) >= self.max_entries:
+                owner = (None, OTHERS)
+                t = self._named.get(owner)
+            if t is None:
+                t = self._named[owner] = _Tally()
+        return t
+
+    def settle(self) -> None:
+        """Name the waiting ports the table now knows; after grace_s, count the rest as 'unknown'."""
+        now = time.monotonic()
+        with self._lock:
+            for key, t in list(self._waiting.items()):
+                owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
+                if owner is None and now - t.since < self.grace_s:
+                    continue
+                self._conns_held -= len(t.conns)
+                self._conns_held += self._named_tally(owner or (None, UNKNOWN)).merge(
+                    t, self.conn_max - self._conns_held)
+                del self._waiting[key]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """[{process, pid, packets, bytes, connections, connections_capped}], largest bytes first."""
+        with self._lock:
+            items = [(pid, name, t.packets, t.bytes, len(t.conns), t.capped) for (pid, name), t in
+                     self._named.items()]
+            if self._waiting:
+                w = list(self._waiting.values())
+                items.append((None, WAITING, sum(t.packets for t in w), sum(t.bytes for t in w),
+                              sum(len(t.conns) for t in w), any(t.capped for t in w)))
+        rows = [{"process": n, "pid": pid, "packets": p, "bytes": b, "connections": c, "connections_capped": cap}
+                for pid, n, p, b, c, cap in items]
+        rows.sort(key=lambda r: (-r["bytes"], r["process"]))
+        return rows

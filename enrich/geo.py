@@ -8,11 +8,14 @@ at once, from the address alone).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
+from enrich.asn import LICENCE as ASN_LICENCE
+from enrich.asn import AsnDB
 from enrich.cache import BoundedCache
 from enrich.ranges import range_label
 
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 
 DATA_FILE = "geoip2fast-asn-ipv6.dat.gz"
 LICENCE = ("GeoLite2 data created by MaxMind (https://www.maxmind.com), under the GeoLite2 End User Licence "
-           "Agreement; packaged by geoip2fast (MIT licence)")
+           "Agreement; packaged by geoip2fast (MIT licence); " + ASN_LICENCE)
 
 
 @dataclass(frozen=True)
@@ -28,15 +31,16 @@ class GeoInfo:
     """What the database says about one address."""
 
     country: str | None  # ISO 3166 alpha-2, a range label, or None (not in the database / not loaded)
-    asn: int | None  # the shipped database names the AS but carries no AS number: None
+    asn: int | None  # from the AS-number database (enrich/asn.py); None when it has none or is not installed
     as_org: str | None
 
 
 class GeoDB:
     """Offline country/AS lookups; load() starts the one background load, lookup() never waits for it."""
 
-    def __init__(self, cache_max: int = 65_536, data_file: str = DATA_FILE) -> None:
+    def __init__(self, cache_max: int = 65_536, data_file: str = DATA_FILE, asn_dir: str | None = None) -> None:
         self.data_file = data_file
+        self.asn = AsnDB(asn_dir)
         self._db = None
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -65,11 +69,13 @@ class GeoDB:
             log.warning("%s", self.error)
         self.load_s = time.perf_counter() - t
         self._loaded.set()
+        self.asn.load(here=True)  # then the AS numbers, in this same thread (one loader thread, not two)
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Start the load if needed and wait for it; True when a database is ready."""
         self.load()
         self._loaded.wait(timeout)
+        self.asn.wait_loaded(timeout, start=False)  # the geo thread loads it next
         return self._db is not None
 
     @property
@@ -89,9 +95,22 @@ class GeoDB:
         if self._db is None:
             self.load()
             return GeoInfo(None, None, None)
-        info = self._query(addr)
-        self._cache.put(addr, info)
+        info = self._with_asn(addr, self._query(addr))
+        if self.asn.ready or self.asn.error:  # cache only complete answers: the AS load may still run
+            self._cache.put(addr, info)
         return info
+
+    def _with_asn(self, addr: str, info: GeoInfo) -> GeoInfo:
+        """The AS number (and that database's organisation name, which goes with the number)."""
+        if info.country in ("reserved",) or not self.asn.ready:
+            return info
+        try:
+            hit = self.asn.lookup(ipaddress.ip_address(addr).packed)
+        except ValueError:
+            return info
+        if hit is None or hit.asn is None:
+            return info
+        return GeoInfo(info.country, hit.asn, hit.org or info.as_org)
 
     def _query(self, addr: str) -> GeoInfo:
         try:

@@ -99,6 +99,10 @@ class ProcessTable:
         v = self._owners.get((proto.lower(), int(port)))
         return (v[0], v[1]) if v else None
 
+    def owners(self) -> dict[tuple[str, int], tuple[int, str, float]]:
+        """The current {(proto, port): (pid, name, last seen)}; a new dict at each read, never changed in place."""
+        return self._owners
+
     def label(self, proto: str, port: int | None) -> str:
         """'name (pid)' or 'unknown'."""
         if port is None or port < 0:
@@ -109,3 +113,18 @@ class ProcessTable:
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"
+
+
+_SHARED: dict[str, ProcessTable] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_table() -> ProcessTable:
+    """The process-wide table (the page's Enricher and the engine's attribution stage read the same one)."""
+    import config
+    with _SHARED_LOCK:
+        t = _SHARED.get("table")
+        if t is None:
+            t = _SHARED["table"] = ProcessTable(refresh_s=config.get("PROCESS_REFRESH_S"),
+                                                max_entries=config.get("ENRICH_CACHE_MAX"))
+        return t

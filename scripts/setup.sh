@@ -41,3 +41,23 @@ fi
 # The compiled helpers (native/*.c) are built now rather than at the first capture file; without a
 # compiler the Python versions run instead, with the same results.
 .venv/bin/python -c "import native; print('== compiled helpers:', 'built' if native.available() else 'not available (the Python versions run)')"
+
+# AS numbers (enrich/asn.py): no PyPI package ships an IP-to-AS-number table, so the npm registry's
+# ip-location-db 'asn' package (CC BY 4.0) is fetched here, at install time, with npm; nothing is
+# downloaded at run time. Pinned: its version is the database's date (2.3.YYYYMMDDHH).
+ASN_PKG="@ip-location-db/asn@2.3.2026061719"
+ASN_DIR=data/ip-location-db-asn
+if [ "$(cat "$ASN_DIR/.installed" 2>/dev/null)" != "$ASN_PKG" ]; then
+  echo "== npm pack $ASN_PKG -> $ASN_DIR"
+  if ! command -v npm >/dev/null; then  # a nodejs package may bring npm itself (and conflict with Debian's)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "$ASN_PKG" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$ASN_DIR"
+  for f in asn-ipv4-num.csv asn-ipv6-num.csv package.json DBIP-LICENSE ROUTEVIEWS-LICENSE NRO_LICENSE MODIFICATIONS; do
+    install -m 644 "$tmp/package/$f" "$ASN_DIR/$f"
+  done
+  rm -rf "$tmp"
+  echo "$ASN_PKG" > "$ASN_DIR/.installed"
+fi

@@ -43,6 +43,14 @@ def metric(at: AppTest, label: str):
     return next(m for m in at.metric if m.label == label)
 
 
+def table(at: AppTest, column: str):
+    """The page's table with this column label (not by position: the enrichment panel adds tables;
+    AppTest gives a display table no key): "endpoint A" is the conversations, "direction" the recent packets."""
+    found = [d for d in at.dataframe if column in d.value.columns]
+    assert len(found) == 1, [list(d.value.columns) for d in at.dataframe]
+    return found[0]
+
+
 def count(at: AppTest, label: str = "Packets") -> int:
     return int(metric(at, label).value.replace(",", ""))
 
@@ -96,7 +104,9 @@ def test_file_source_renders_every_panel_and_matches_the_cli(fresh, tmp_path):
     assert metric(at, "Duration").value == "0:03"  # 3.5 s of capture time
     figs = figures(at)
     assert set(figs) == {"Protocols by packets", "Traffic by capture time", "Top 10 sources",
-                         "Top 10 destinations", "Top destination ports", "Packet sizes (recent buffer)"}
+                         "Top 10 destinations", "Top destination ports", "Packet sizes (recent buffer)",
+                         # the enrichment panel's (enrich_page.py), shown by default
+                         "Top sources: who", "Top destinations: who", "Top countries", "Top networks (AS)"}
     pie = figs["Protocols by packets"]["data"][0]
     assert array(pie["values"]).tolist() == [cli["transport_counts"][k] for k in
                                              ("tcp", "udp", "icmp", "icmpv6", "other_ip", "non_ip")]
@@ -105,7 +115,7 @@ def test_file_source_renders_every_panel_and_matches_the_cli(fresh, tmp_path):
     assert times[-1].startswith("2023-11-14")  # capture time, never 1970
     top = figs["Top 10 sources"]["data"][0]
     assert top["y"][-1] == cli["top10_src_by_packets"][0]["addr"]
-    conv, recent = at.dataframe
+    conv, recent = table(at, "endpoint A"), table(at, "direction")
     assert len(recent.value) == 8 and recent.value.iloc[0]["protocol"] == "UDP"  # newest first
     assert list(recent.value.columns) == ["time", "direction", "protocol", "source", "src port", "destination",
                                           "dst port", "size", "TCP flags"]
@@ -121,7 +131,7 @@ def test_recent_packets_text_filter(fresh, tmp_path):
     fresh.setenv("NTM_PCAP", write_capture(tmp_path))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     at.text_input(key="pkt_filter").input("8.8.8.8").run()
-    recent = at.dataframe[1].value
+    recent = table(at, "direction").value
     assert len(recent) == 2 and set(recent["protocol"]) == {"UDP"}
 
 
@@ -220,8 +230,7 @@ def test_alerts_show_in_the_page(fresh, tmp_path):
     fresh.setenv("NTM_PCAP", write_capture(tmp_path, "scan.pcap", frames=frames))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     assert count(at, "Alerts") == 1
-    table = next(d.value for d in at.dataframe if "detector" in d.value.columns)
-    row = table.iloc[0]
+    row = table(at, "evidence").value.iloc[0]  # the page's alerts (the enrichment panel's has no evidence)
     assert (row["detector"], row["source"], row["target"], row["severity"]) == ("port_scan", "10.9.0.5",
                                                                                 "10.9.0.7", "medium")
     assert "20 ports on 10.9.0.7" in row["evidence"] and row["what it means"]
@@ -230,7 +239,7 @@ def test_alerts_show_in_the_page(fresh, tmp_path):
     at.button(key="alerts_ack").click().run()
     assert count(at, "Alerts") == 0
     at.multiselect(key="alert_sev").set_value(["high"]).run()
-    assert next(d.value for d in at.dataframe if "detector" in d.value.columns).empty
+    assert table(at, "evidence").value.empty
 
 
 @pytest.mark.live
@@ -319,7 +328,7 @@ def test_times_follow_daylight_saving_on_both_sides_of_a_change(berlin, tmp_path
     berlin.setenv("NTM_PCAP", write_capture(tmp_path, "dst.pcap", frames=[(t, frame) for t in stamps]))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     assert not at.exception
-    conv, recent = at.dataframe
+    conv, recent = table(at, "endpoint A"), table(at, "direction")
     assert recent.value["time"].tolist() == berlin_wall[::-1]  # newest first
     assert (conv.value.iloc[0]["first seen"], conv.value.iloc[0]["last seen"]) == (berlin_wall[0], berlin_wall[-1])
 
@@ -350,10 +359,10 @@ def test_timestamps_beyond_the_calendar_do_not_break_the_page(fresh, tmp_path, f
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
     assert not at.exception, at.exception
     assert count(at) == 9
-    recent = at.dataframe[1].value
+    recent = table(at, "direction").value
     assert "1.84467e+13 s since 1970 (outside the calendar)" in recent["time"].tolist()
     assert recent["time"].str.startswith("2023-11-14").sum() == 8
-    conv = at.dataframe[0].value
+    conv = table(at, "endpoint A").value
     assert "1.84467e+13 s since 1970 (outside the calendar)" in conv["last seen"].tolist()
     figs = figures(at)
     assert {"Protocols by packets", "Traffic by capture time", "Top 10 sources"} <= set(figs)
@@ -565,7 +574,7 @@ def test_approximate_top_counts_are_marked(fresh, tmp_path):
     top = figures(at)["Top 10 sources"]["data"][0]
     assert top["y"][-1] == "10.0.0.1" and top["text"][-1] == "≥ 3"  # 4 packets counted, 1 of them uncertain
     assert set(top["text"][:-1]) == {""}  # exact entries carry no mark
-    conv = at.dataframe[0].value
+    conv = table(at, "endpoint A").value
     assert conv["packets"].tolist()[:2] == ["≥ 1", "2"]  # 2 and 2 counted; the first has 1 uncertain
     assert any("≥ marks a count from a full top table" in c.value for c in at.caption)
 
@@ -591,13 +600,13 @@ def test_vlan_ids_are_shown_when_records_carry_them(fresh, tmp_path):
     fresh.setattr(packet_processor.CaptureEngine, "snapshot", snapshot)
     fresh.setenv("NTM_PCAP", write_capture(tmp_path))
     at = run_until(app(), lambda a: metric(a, "Status").value == "finished")
-    recent = at.dataframe[1].value
+    recent = table(at, "direction").value
     assert recent["VLAN"].fillna(-1).tolist()[::-1] == [100, 100, 100, -1, -1, 200, -1, 100]
     vlans = figures(at)["VLANs (recent buffer)"]["data"][0]
     assert dict(zip(vlans["y"], array(vlans["x"]).tolist())) == {"VLAN 100": 4, "VLAN 200": 1}
     vids[:] = [0] * 8  # no tagged packet in the buffer: neither the column nor the chart
     at.run()
-    assert "VLAN" not in at.dataframe[1].value.columns and "VLANs (recent buffer)" not in figures(at)
+    assert "VLAN" not in table(at, "direction").value.columns and "VLANs (recent buffer)" not in figures(at)
 
 
 @pytest.mark.live

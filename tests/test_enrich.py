@@ -70,12 +70,13 @@ print(json.dumps({"about": e.about(), "geo": {a: e.address(a) for a in addrs}}))
 """
 
 # Independent knowledge (RIR registrations and the operators' own pages), not the database's output:
-# Google Public DNS is AS15169 'GOOGLE' (US); Cloudflare's 1.1.1.1 is AS13335 'CLOUDFLARENET', registered
-# by APNIC in Australia (APNIC-LABS research prefix); Quad9 is AS19281 'QUAD9-AS-1' (ARIN, US); OpenDNS
-# 208.67.222.222 is AS36692 'OPENDNS' (ARIN, US).
-PUBLIC = {"8.8.8.8": ("US", "GOOGLE"), "2001:4860:4860::8888": ("US", "GOOGLE"),
-          "1.1.1.1": ("AU", "CLOUDFLARENET"), "9.9.9.9": ("US", "QUAD9-AS-1"),
-          "208.67.222.222": ("US", "OPENDNS")}
+# Google Public DNS is AS15169 (Google LLC, US); Cloudflare's 1.1.1.1 is AS13335 (Cloudflare, Inc.),
+# registered by APNIC in Australia (APNIC-LABS research prefix); Quad9 9.9.9.9 is AS19281 (Quad9, ARIN,
+# US); OpenDNS 208.67.222.222 is AS36692 (Cisco OpenDNS, US). The country is GeoLite2's (2024-06-18),
+# the AS number and organisation come from one database (ip-location-db 'asn', 2026-06-17).
+PUBLIC = {"8.8.8.8": ("US", 15169, "google"), "2001:4860:4860::8888": ("US", 15169, "google"),
+          "1.1.1.1": ("AU", 13335, "cloudflare"), "2606:4700:4700::1111": ("US", 13335, "cloudflare"),
+          "9.9.9.9": ("US", 19281, "quad9"), "208.67.222.222": ("US", 36692, "opendns")}
 LABELLED = {"192.168.7.7": "private", "127.0.0.1": "loopback", "169.254.9.9": "link-local",
             "224.0.0.1": "multicast", "ff02::fb": "multicast", "192.0.2.1": "reserved"}
 
@@ -92,11 +93,13 @@ def test_geo_and_as_offline_in_a_namespace_without_a_route():
     finally:
         run(["ip", "netns", "del", ns], check=False)
     got = json.loads(out)
-    for addr, (country, org) in PUBLIC.items():
-        assert got["geo"][addr] == {"country": country, "asn": None, "as_org": org}, addr
+    for addr, (country, asn, org) in PUBLIC.items():
+        g = got["geo"][addr]
+        assert (g["country"], g["asn"]) == (country, asn) and org in g["as_org"].lower(), (addr, g)
     for addr, label in LABELLED.items():
         assert got["geo"][addr] == {"country": label, "asn": None, "as_org": None}, addr
     assert got["about"]["geo_date"] == "2024-06-18" and "GeoLite2" in got["about"]["geo_database"]
+    assert got["about"]["asn_date"] == "2026-06-17" and got["about"]["asn_error"] is None
 
 
 def test_summary_enrich_adds_geo_and_services(tmp_path):
@@ -115,8 +118,9 @@ def test_summary_enrich_adds_geo_and_services(tmp_path):
     src = {e.get("address", e.get("addr")): e for e in out["top10_src_by_packets"]}
     dst = {e.get("address", e.get("addr")): e for e in out["top10_dst_by_packets"]}
     assert src["10.0.0.5"]["country"] == "private" and src["10.0.0.5"]["asn"] is None
-    assert dst["8.8.8.8"]["country"] == "US" and dst["8.8.8.8"]["as_org"] == "GOOGLE"
-    assert dst["1.1.1.1"]["as_org"] == "CLOUDFLARENET" and "name" not in dst["1.1.1.1"]
+    assert (dst["8.8.8.8"]["country"], dst["8.8.8.8"]["asn"], dst["8.8.8.8"]["as_org"]) == ("US", 15169, "Google LLC")
+    assert (dst["1.1.1.1"]["asn"], dst["1.1.1.1"]["as_org"]) == (13335, "Cloudflare, Inc.")
+    assert "name" not in dst["1.1.1.1"]
     # Backward compatible: [port, count] first, the service name third; counts untouched.
     assert out["top10_udp_dst_ports"] == [[53, 2, "domain"], [5000, 1, None]]
     assert out["top10_tcp_dst_ports"] == [[443, 1, "https"]]

@@ -30,9 +30,7 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(url)
         page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
-        toggle = page.get_by_text("Who is on the other end (names, countries, networks, processes)")
-        toggle.wait_for(timeout=30_000)
-        toggle.click()  # the panel is opt-in
+        page.get_by_text("Who is on the other end").wait_for(timeout=30_000)  # shown by default
         assert wait_for(lambda: page.get_by_role("tab", name="Top countries").count() == 1, 20)
         for tab in ("Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process"):
             assert page.get_by_role("tab", name=tab).count() == 1, tab
@@ -60,4 +58,5 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
         assert wait_for(lambda: "**bold**<b>x</b>" in hover_text(), 30), seen[-3:]  # the markup shows as itself
         assert chart.locator(".hoverlayer tspan[style*='bold']").count() == 0  # and is not applied
         assert page.locator("a[href^='javascript']").count() == 0
+        assert page.get_by_text("AS number and organisation: ip-location-db asn").count() >= 1
         browser.close()

@@ -43,10 +43,8 @@ def capture(tmp_path, addrs: list[str]) -> str:
 
 
 def app():
-    """The page with the enrichment panel switched on (its toggle is off by default)."""
-    at = _app()
-    at.session_state["enrich_panel"] = True
-    return at
+    """The page as it starts: the enrichment panel is on by default (no toggle to switch)."""
+    return _app()
 
 
 def frame_with(at, column: str):
@@ -62,14 +60,14 @@ def test_columns_views_and_hostile_names_escaped(fresh, veth, tmp_path):
     fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8", "1.1.1.1"]))
     fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
     with dnsmasq(veth.ns, veth.ns_ip, {EVIL: HOSTILE, "8.8.8.8": "resolver.ntm.test"}):
-        at = run_until(app(), lambda a: talkers_have(a, "name", HOSTILE)
-                       and talkers_have(a, "country", "US"), 30)
+        at = run_until(app(), lambda a: talkers_have(a, "name", HOSTILE) and talkers_have(a, "country", "US")
+                       and talkers_have(a, "AS", "AS15169 Google LLC"), 30)  # each database loads in the background
     assert not at.exception
     assert [t.label for t in at.tabs][:7] == ["Top talkers", "Conversations", "Top countries",
                                               "Top networks (AS)", "By process", "Recent packets", "Alerts"]
     talkers = frame_with(at, "side")
     row = talkers[talkers["address"] == "8.8.8.8"].iloc[0]
-    assert (row["name"], row["country"], row["AS"]) == ("resolver.ntm.test", "US", "GOOGLE")
+    assert (row["name"], row["country"], row["AS"]) == ("resolver.ntm.test", "US", "AS15169 Google LLC")
     # The table shows the PTR text as text (st.dataframe does not render markdown or HTML).
     assert set(talkers[talkers["address"] == EVIL]["name"]) == {HOSTILE}
     conv = frame_with(at, "A name")
@@ -83,7 +81,9 @@ def test_columns_views_and_hostile_names_escaped(fresh, veth, tmp_path):
     figs = figures(at)
     assert {"Top countries", "Top networks (AS)", "Top sources: who"} <= set(figs)
     assert "US" in figs["Top countries"]["data"][0]["y"] and "private" in figs["Top countries"]["data"][0]["y"]
-    assert "GOOGLE" in figs["Top networks (AS)"]["data"][0]["y"]
+    assert "AS15169 Google LLC" in figs["Top networks (AS)"]["data"][0]["y"]
+    note = next(c.value for c in at.caption if "AS number and organisation" in c.value).replace("\\", "")
+    assert "dated 2024-06-18" in note and "ip-location-db asn 2.3.2026061719 (dated 2026-06-17)" in note
     hover = json.dumps(figs["Top sources: who"]["data"][0]["customdata"])
     assert "**bold**&lt;b&gt;x&lt;/b&gt;" in hover and "<b>x</b>" not in hover
     # No markdown element carries the raw name (it would render as markup).
@@ -125,3 +125,29 @@ def test_reverse_dns_off_the_page_sends_no_query(fresh, veth, tmp_path):
     assert enrich.shared().names.stats.sent == 0
     assert packets_in(dump) == 0
     assert any("Reverse DNS off" in c.value.replace("\\", "") for c in at.caption)
+
+
+def test_enrichment_off_shows_no_panel_and_starts_no_lookup(fresh, tmp_path):
+    """ENRICHMENT=0: the page has none of the panel's elements and builds no enricher."""
+    fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8"]))
+    fresh.setenv("NTM_ENRICHMENT", "0")
+    at = run_until(app(), lambda a: any("endpoint A" in d.value.columns for d in a.dataframe), 30)
+    assert not at.exception
+    assert not any(s.value == "Who is on the other end" for s in at.subheader) and not at.tabs
+    assert len(at.dataframe) == 2  # the page's own conversations and recent packets only (no alert here)
+    assert not any({"side", "A name", "maker", "pid"} & set(d.value.columns) for d in at.dataframe)
+    assert not enrich._SHARED  # no enricher: no DNS pool, no databases loaded, no process table
+
+
+def test_enrichment_on_by_default_with_the_pages_own_tables(fresh, tmp_path):
+    """On by default, beside the page's own tables (which tests pick by key, not by position)."""
+    fresh.setenv("NTM_PCAP", capture(tmp_path, ["8.8.8.8"]))
+    fresh.setenv("NTM_REVERSE_DNS", "0")
+    at = run_until(app(), lambda a: talkers_have(a, "country", "US"), 30)
+    assert not at.exception
+    assert any(s.value == "Who is on the other end" for s in at.subheader)
+    for column in ("endpoint A", "direction", "side", "A name", "maker", "pid", "target name"):
+        assert sum(column in d.value.columns for d in at.dataframe) == 1, column  # each table once
+    procs = frame_with(at, "pid")  # a file: the buffer's view, said so
+    assert list(procs.columns) == ["process", "pid", "packets", "bytes", "connections"]
+    assert any("Over the 2 packets in the buffer" in c.value.replace("\\", "") for c in at.caption)

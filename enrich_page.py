@@ -1,0 +1,219 @@
+"""The page's "Who is on the other end" panel (issue 14): names, countries, networks, services, processes, makers.
+
+Shown by default (the ENRICHMENT setting turns it off). Its input is a `Snapshot` (the page may hand it
+a filtered one). Nothing here waits on the network: names come from the enricher's cache (a lookup is
+only queued), the rest is local tables. st.dataframe shows cell text as text, Plotly labels are escaped
+in visualizations.py, and captions go through plain(): a PTR record can hold any text.
+"""
+
+from __future__ import annotations
+
+from datetime import tzinfo
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+import config
+import visualizations as viz
+from packet_processor import Snapshot, packets_frame
+
+TABS = ["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process",
+        "Recent packets", "Alerts"]
+
+# Markdown's and Streamlit's special characters escaped, line breaks as spaces: names are data, never markup
+# (the same rule as dashboard.plain, which this module cannot import: the page runs when imported).
+_MARKDOWN = str.maketrans({**{c: "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"},
+                           "\n": " ", "\r": " "})
+
+
+def plain(text: str) -> str:
+    """Text shown as itself where Streamlit reads Markdown (captions)."""
+    return text.translate(_MARKDOWN)
+
+
+def enabled() -> bool:
+    """Whether the panel is shown (the ENRICHMENT setting)."""
+    return bool(config.get("ENRICHMENT"))
+
+
+def enricher():
+    """The process-wide Enricher (reverse DNS pool, geo and AS databases, process table)."""
+    import enrich
+    return enrich.shared()
+
+
+def as_label(asn: int | None, org: str | None) -> str:
+    """'AS15169 Google LLC', the organisation alone, or ''."""
+    if asn is not None:
+        return f"AS{asn} {org or ''}".strip()
+    return org or ""
+
+
+def who(en, addr: str) -> dict[str, str]:
+    """Name, country and AS of one address, from caches only."""
+    g = en.geo.lookup(addr) if addr else None
+    return {"name": en.name_text(addr), "country": (g.country if g else None) or "",
+            "AS": as_label(g.asn, g.as_org) if g else ""}
+
+
+def who_rows(en, rows: list[dict]) -> list[dict]:
+    """Top-address rows with name, country and AS added (copies)."""
+    out = []
+    for r in rows:
+        addr = str(r.get("address", r.get("addr", "")))  # the engine's key has been both
+        w = who(en, addr)
+        out.append({**r, "addr": addr, "name": w["name"], "country": w["country"], "as_org": w["AS"]})
+    return out
+
+
+def panel(snap: Snapshot, tz: tzinfo | None) -> None:
+    """'Who is on the other end': enriched tables and the countries, networks and process views."""
+    if not enabled():
+        return
+    en = enricher()
+    by = st.session_state.get("top_by", "packets")
+    st.subheader("Who is on the other end")
+    tabs = st.tabs(TABS)
+    src = who_rows(en, snap.top_addresses("src", by))
+    dst = who_rows(en, snap.top_addresses("dst", by))
+    with tabs[0]:
+        a, b = st.columns(2)
+        a.plotly_chart(viz.who_bar(src, "Top sources: who", by), key="who_src")
+        b.plotly_chart(viz.who_bar(dst, "Top destinations: who", by), key="who_dst")
+        st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
+    with tabs[1]:
+        st.dataframe(conversations_who(en, snap.top_conversations(20, by)), hide_index=True, key="who_conv")
+    busiest = snap.top_addresses("src", by, 2000) + snap.top_addresses("dst", by, 2000)
+    with tabs[2]:
+        st.plotly_chart(viz.share_bar(en.by_country(busiest), "Top countries", by), key="who_countries")
+    with tabs[3]:
+        st.plotly_chart(viz.share_bar(en.by_network(busiest), "Top networks (AS)", by), key="who_networks")
+    with tabs[4]:
+        process_view(en, snap)
+    with tabs[5]:
+        st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):], tz), hide_index=True,
+                     key="who_recent")
+    with tabs[6]:
+        st.dataframe(alerts_who(en, snap.alerts), hide_index=True, key="who_alerts")
+    st.caption(plain(enrich_note(en)))
+    # DB-IP's licence (CC BY 4.0) asks pages that show its results for this link; fixed text, not data.
+    st.caption("AS data: [IP Geolocation by DB-IP](https://db-ip.com), RouteViews and NRO, CC BY 4.0.")
+
+
+def process_view(en, snap: Snapshot) -> None:
+    """Per-process packets, bytes and connections: over all traffic of a live capture, else the buffer."""
+    rows = snap.totals.get("by_process")
+    over_all = rows is not None
+    if not over_all:
+        rows = en.by_process(snap.packets)
+    frame = viz.process_table(rows)
+    if any(r.get("connections_capped") for r in rows):  # a bounded set stopped growing: at least
+        frame["connections"] = [f"≥ {r['connections']:,}" if r.get("connections_capped") else f"{r['connections']:,}"
+                                for r in rows]
+    st.dataframe(frame, hide_index=True, key="who_process")
+    st.caption(plain(process_note(en, snap, over_all)))
+
+
+def talkers_frame(src: list[dict], dst: list[dict], by: str) -> pd.DataFrame:
+    """The enriched top sources and destinations as one table."""
+    rows = [{"side": side, "address": r["addr"], "name": r["name"], "country": r["country"], "AS": r["as_org"],
+             by: r[by]} for side, rows in (("source", src), ("destination", dst)) for r in rows]
+    return pd.DataFrame(rows, columns=["side", "address", "name", "country", "AS", by])
+
+
+def conversations_who(en, rows: list[dict]) -> pd.DataFrame:
+    """Top conversations with names, countries, services and local processes."""
+    out = []
+    for r in rows:
+        wa, wb = who(en, r["a"]), who(en, r["b"])
+        proto = str(r["proto"]).lower()
+        out.append({"A": r["a"], "A name": wa["name"], "A country": wa["country"],
+                    "A port": en.services.label(r["a_port"], proto),
+                    "A process": end_process(en, r["a"], proto, r["a_port"]),
+                    "B": r["b"], "B name": wb["name"], "B country": wb["country"], "B AS": wb["AS"],
+                    "B port": en.services.label(r["b_port"], proto),
+                    "B process": end_process(en, r["b"], proto, r["b_port"]),
+                    "protocol": r["proto"], "packets": r["packets"], "bytes": r["bytes"]})
+    return pd.DataFrame(out)
+
+
+def end_process(en, addr: str, proto: str, port) -> str:
+    """The local process of one end ('' for a remote end, 'unknown' for a local one with no owner)."""
+    if port is None or proto not in ("tcp", "udp") or not en.processes.is_local(addr):
+        return ""
+    return en.processes.label(proto, port)
+
+
+def _frame(rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
+    """packets_frame with the time as text for any timestamp (pcapng allows times no calendar holds)."""
+    ts = rows["ts"]
+    safe = rows
+    outside = ~((ts >= viz.TS_MIN) & (ts <= viz.TS_MAX))
+    if outside.any():
+        safe = rows.copy()
+        safe["ts"][outside] = 0.0
+    frame = packets_frame(safe, tz)
+    frame["time"] = viz.time_texts(ts, tz)
+    return frame
+
+
+def recent_who(en, rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
+    """The newest packets with names, countries, service, local process and device maker."""
+    frame = _frame(rows, tz).iloc[::-1]
+    proto = frame["protocol"].str.lower()
+    dport = frame["dst port"].astype(object).where(frame["dst port"].notna(), None)
+    sport = frame["src port"].astype(object).where(frame["src port"].notna(), None)
+    makers = [en.oui.maker(bytes(m)) or "" for m in rows["hw_src"][::-1]]
+    return pd.DataFrame({
+        "time": frame["time"].to_numpy(), "protocol": frame["protocol"].to_numpy(),
+        "source": frame["source"].to_numpy(), "source name": [en.name_text(a) for a in frame["source"]],
+        "source country": [who(en, a)["country"] for a in frame["source"]],
+        "destination": frame["destination"].to_numpy(),
+        "destination name": [en.name_text(a) for a in frame["destination"]],
+        "destination country": [who(en, a)["country"] for a in frame["destination"]],
+        "service": [en.services.label(p, t) if p is not None else "" for p, t in zip(dport, proto)],
+        "process": [end_process(en, s, t, sp) or end_process(en, d, t, dp)
+                    for s, d, t, sp, dp in zip(frame["source"], frame["destination"], proto, sport, dport)],
+        "maker": makers, "size": frame["size"].to_numpy()})
+
+
+def alerts_who(en, alerts) -> pd.DataFrame:
+    """Alerts with the source's and target's names and countries."""
+    rows = []
+    for a in alerts:
+        ws, wt = who(en, str(a.source)), who(en, str(a.target))
+        rows.append({"detector": a.detector, "severity": a.severity, "source": a.source, "source name": ws["name"],
+                     "source country": ws["country"], "source AS": ws["AS"], "target": a.target,
+                     "target name": wt["name"], "target country": wt["country"], "count": a.count})
+    return pd.DataFrame(rows, columns=["detector", "severity", "source", "source name", "source country",
+                                       "source AS", "target", "target name", "target country", "count"])
+
+
+def process_note(en, snap: Snapshot, over_all: bool) -> str:
+    """What the by-process view covers, and what it could not attribute."""
+    err = f" {en.processes.error}." if en.processes.error else ""
+    owners = (f"owners from the socket table re-read every {en.processes.refresh_s:g} s: 'unknown' means the "
+              f"socket closed before a read saw it or lives in another network namespace.")
+    if not over_all:
+        return (f"Over the {len(snap.packets):,} packets in the buffer (per-process totals of all traffic need "
+                f"a live capture); {owners}{err}")
+    st_ = (snap.totals.get("stages") or {}).get("processes") or {}
+    skipped = int(st_.get("packets_skipped") or 0)
+    lost = f" {skipped:,} packets were skipped while attribution fell behind (not in these totals)." if skipped \
+        else ""
+    return (f"Over every TCP/UDP packet since the capture started (not only the buffer), each attributed as it "
+            f"was counted; {owners}{lost}{err}")
+
+
+def enrich_note(en) -> str:
+    """Where names, countries and networks come from, with each database's date."""
+    geo, asn = en.geo, en.geo.asn
+    db = f"{geo.source} (dated {geo.date})" if geo.source else ("loading…" if not geo.error else geo.error)
+    adb = f"ip-location-db asn {asn.version} (dated {asn.date})" if asn.ready else asn.error or "loading…"
+    rdns = "on" if en.names.enabled else "off (no DNS query is sent)"
+    s = en.names.stats
+    return (f"Country: offline database {db}. AS number and organisation: {adb}. "
+            f"Reverse DNS {rdns}: {s.answered:,} answered, {s.failed:,} failed, "
+            f"{s.timed_out:,} timed out, {s.dropped_queue_full:,} not asked (queue full); … = lookup queued.")
+

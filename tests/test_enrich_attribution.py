@@ -1,0 +1,154 @@
+"""'By process' over all traffic, not only the buffer: the engine's attribution stage counts every packet.
+
+The reference is tcpdump writing the same filter's packets to a file and tshark reading it back, not the
+engine's own numbers; the buffer is set far smaller than the transfer so the buffer alone cannot answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import psutil
+from conftest import need, wait_for
+from test_enrich_process import SIZE, web  # noqa: F401  - the local web server fixture
+
+import config
+from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
+from enrich.attribution import UNKNOWN, WAITING, WAITING_MAX, ProcessStage
+from enrich.processes import ProcessTable
+from packet_processor import CaptureEngine, Source
+
+BUFFER = 50  # packets: the transfer below is ~10 times this (~500 packets on lo)
+
+
+def _tshark_totals(pcap) -> tuple[int, int]:
+    """(packets, bytes on the wire) of a capture file as tshark reads it."""
+    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return len(out), sum(int(x) for x in out)
+
+
+def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeypatch, tmp_path):  # noqa: F811
+    need(shutil.which("curl") and shutil.which("tcpdump") and shutil.which("tshark"),
+         "curl makes the traffic, tcpdump + tshark count it independently")
+    server, port = web
+    monkeypatch.setenv("NTM_BUFFER_SIZE", str(BUFFER))
+    assert config.get("ENRICHMENT")  # on by default
+    pcap = tmp_path / "ref.pcap"
+    dump = subprocess.Popen(["tcpdump", "--immediate-mode", "-Z", "root", "-i", "lo", "-U", "-B", "65536",
+                             "-w", str(pcap), f"tcp port {port}"], stderr=subprocess.PIPE, text=True)
+    assert "listening" in dump.stderr.readline()
+    engine = CaptureEngine()
+    try:
+        assert engine.buffer_size == BUFFER
+        assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
+        time.sleep(0.5)
+        # --limit-rate keeps the connection open ~4 s: the socket table (re-read every second) sees it.
+        client = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "5M", "-w", "%{size_download}",
+                                   f"http://127.0.0.1:{port}/blob"], stdout=subprocess.PIPE, text=True)
+        out, _ = client.communicate(timeout=60)
+        assert out == str(SIZE)
+        time.sleep(1.5)
+        assert wait_for(lambda: not any(r["process"] == WAITING for r in engine.snapshot().totals["by_process"]),
+                        timeout=10)
+        snap = engine.snapshot()
+    finally:
+        engine.stop()
+        dump.terminate()
+        dump.wait(10)
+    ref_packets, ref_bytes = _tshark_totals(pcap)
+    assert snap.totals["packets"] == ref_packets > 5 * BUFFER and len(snap.packets) == BUFFER
+    st = snap.totals["stages"]["processes"]
+    assert st["packets_skipped"] == 0 and st["packets_analysed"] == ref_packets
+    rows = {r["process"]: r for r in snap.totals["by_process"]}
+    server_name = psutil.Process(server.pid).name()
+    assert set(rows) == {"curl", server_name}, rows
+    assert rows[server_name]["pid"] == server.pid and rows["curl"]["pid"] == client.pid
+    # Both ends are this machine: every packet of the one connection belongs to both processes.
+    for r in rows.values():
+        assert (r["packets"], r["bytes"], r["connections"]) == (ref_packets, ref_bytes, 1), r
+    assert ref_bytes > SIZE
+
+
+def _rows(specs: list[tuple[str, str, int, str, int, int]]) -> np.ndarray:
+    """Packet rows (proto, src, sport, dst, dport, wire_len) for the stage's unit tests."""
+    arr = np.zeros(len(specs), PACKET_DTYPE)
+    for i, (proto, src, sport, dst, dport, size) in enumerate(specs):
+        arr[i]["cls"] = TCP if proto == "tcp" else UDP
+        arr[i]["src"] = V4_PREFIX + ipaddress.ip_address(src).packed
+        arr[i]["dst"] = V4_PREFIX + ipaddress.ip_address(dst).packed
+        arr[i]["sport"], arr[i]["dport"], arr[i]["wire_len"] = sport, dport, size
+    return arr
+
+
+class _FixedTable(ProcessTable):
+    """A process table whose owners the test sets, as a socket-table read would (no psutil thread)."""
+
+    def __init__(self, owners: dict[tuple[str, int], tuple[int, str]]) -> None:
+        super().__init__(refresh_s=0.05)
+        for (proto, port), (pid, name) in owners.items():
+            self.own(proto, port, pid, name)
+
+    def start(self) -> None:  # no psutil thread: the test decides who owns what
+        pass
+
+    def own(self, proto: str, port: int, pid: int, name: str) -> None:
+        self._owners = {**self._owners, (proto, port): (pid, name, time.monotonic())}  # a new read
+
+
+def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
+    """A port seen before the table knows it is kept apart, named when the table does, else 'unknown'."""
+    table = _FixedTable({})
+    stage = ProcessStage(table, 10_000, grace_s=0.3)
+    stage.tally(_rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100),
+                       ("tcp", "127.0.0.1", 6000, "127.0.0.1", 5000, 60),
+                       ("udp", "127.0.0.1", 7000, "192.0.2.9", 53, 80)]))
+    waiting = {r["process"]: r for r in stage.rows()}
+    assert waiting == {WAITING: {"process": WAITING, "pid": None, "packets": 5, "bytes": 400, "connections": 3,
+                                 "connections_capped": False}}
+    table.own("tcp", 5000, 11, "client")
+    table.own("tcp", 6000, 22, "server")
+    stage.settle()  # the TCP ports are named now; the UDP port waits out its grace
+    got = {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for r in stage.rows()}
+    assert got == {"client": (11, 2, 160, 1), "server": (22, 2, 160, 1), WAITING: (None, 1, 80, 1)}
+    time.sleep(0.35)
+    stage.settle()
+    got = {r["process"]: (r["pid"], r["packets"], r["bytes"]) for r in stage.rows()}
+    assert got == {"client": (11, 2, 160), "server": (22, 2, 160), UNKNOWN: (None, 1, 80)}
+
+
+def test_stage_counts_one_process_at_both_ends_once_and_ignores_remote_ends():
+    table = _FixedTable({("tcp", 5000): (7, "loop"), ("tcp", 6000): (7, "loop")})
+    stage = ProcessStage(table, 10_000)
+    stage.tally(_rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100),
+                       ("tcp", "192.0.2.1", 443, "198.51.100.2", 5000, 999)]))  # neither end is this machine
+    assert [(r["process"], r["packets"], r["bytes"]) for r in stage.rows()] == [("loop", 1, 100)]
+
+
+def test_stage_connections_are_bounded_over_all_processes_and_say_so():
+    table = _FixedTable({("udp", 53): (1, "dns"), ("udp", 123): (2, "ntp")})
+    stage = ProcessStage(table, 10_000, conn_max=30)
+    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 53, 70) for i in range(20)]))
+    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 123, 70) for i in range(20)]))
+    rows = {r["process"]: r for r in stage.rows()}
+    assert (rows["dns"]["packets"], rows["dns"]["connections"], rows["dns"]["connections_capped"]) == (20, 20, False)
+    # The second process gets what is left of the bound: its packets all count, its connections are "at least".
+    assert (rows["ntp"]["packets"], rows["ntp"]["connections"], rows["ntp"]["connections_capped"]) == (20, 10, True)
+    assert stage._conns_held == 30
+
+
+def test_stage_a_scan_of_unowned_ports_waits_in_bounds_then_is_unknown():
+    """Thousands of unowned ports in one batch: WAITING_MAX wait for the table, the rest are 'unknown' at once;
+    every packet is counted either way."""
+    table = _FixedTable({("tcp", 22): (5, "sshd")})
+    stage = ProcessStage(table, 1 << 20, grace_s=3600)
+    rows = [("tcp", "192.0.2.1", 40000, "127.0.0.1", p, 60) for p in range(1, 5001)]
+    stage.tally(_rows(rows))
+    got = {r["process"]: r for r in stage.rows()}
+    assert got["sshd"]["packets"] == 1 and len(stage._waiting) == WAITING_MAX
+    assert got[WAITING]["packets"] == WAITING_MAX and got[UNKNOWN]["packets"] == 5000 - 1 - WAITING_MAX
+    assert sum(r["packets"] for r in got.values()) == 5000
