@@ -43,17 +43,27 @@ fi
 .venv/bin/python -c "import native; print('== compiled helpers:', 'built' if native.available() else 'not available (the Python versions run)')"
 
 # AS numbers (enrich/asn.py): no PyPI package ships an IP-to-AS-number table, so the npm registry's
-# ip-location-db 'asn' package (CC BY 4.0) is fetched here, at install time, with npm; nothing is
+# ip-location-db 'asn' package (CC BY 4.0) is fetched here, at install time; nothing is
 # downloaded at run time. Pinned: its version is the database's date (2.3.YYYYMMDDHH).
 ASN_PKG="@ip-location-db/asn@2.3.2026061719"
+ASN_SHA256=b9425daf2f011c28f8586685d4f89166e77627e2c15fd93c6262c3e2dead6153
 ASN_DIR=data/ip-location-db-asn
 if [ "$(cat "$ASN_DIR/.installed" 2>/dev/null)" != "$ASN_PKG" ]; then
-  echo "== npm pack $ASN_PKG -> $ASN_DIR"
-  if ! command -v npm >/dev/null; then  # a nodejs package may bring npm itself (and conflict with Debian's)
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
-  fi
+  echo "== $ASN_PKG (npm registry) -> $ASN_DIR"
+  # The npm registry's tarball, fetched directly (no need to install npm and its hundreds of Debian
+  # packages), checked against the pinned SHA-256 of that version.
+  url="https://registry.npmjs.org/@ip-location-db/asn/-/asn-${ASN_PKG##*@}.tgz"
   tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack --silent "$ASN_PKG" >/dev/null && tar xzf ./*.tgz)
+  .venv/bin/python - "$url" "$tmp/asn.tgz" "$ASN_SHA256" <<'PY'
+import hashlib, sys, urllib.request
+url, dest, want = sys.argv[1:]
+data = urllib.request.urlopen(url, timeout=120).read()
+got = hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"{url}: SHA-256 {got}, expected {want}: not installed")
+open(dest, "wb").write(data)
+PY
+  (cd "$tmp" && tar xzf asn.tgz)
   mkdir -p "$ASN_DIR"
   for f in asn-ipv4-num.csv asn-ipv6-num.csv package.json DBIP-LICENSE ROUTEVIEWS-LICENSE NRO_LICENSE MODIFICATIONS; do
     install -m 644 "$tmp/package/$f" "$ASN_DIR/$f"
