@@ -1,0 +1,226 @@
+"""The Streamlit side of investigating (issue 15): filter chips, brushing and clicking, the URL, the notes.
+
+Each viewer's filters live in its own URL query string (st.query_params is per session), so a link
+reproduces the view; the capture stays shared. The numbers come from investigate.filters.view.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from datetime import tzinfo
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+import config
+import visualizations as viz
+from investigate import filters as flt
+
+log = logging.getLogger(__name__)
+PROTO_BY_LABEL = dict(zip(viz.PROTOCOLS, viz.CLASS_KEYS))
+LABELS_KEY = "_inv_labels"  # chart key -> the label lists of its traces, for mapping a clicked point back
+
+
+def spec() -> flt.Spec:
+    """This viewer's filters, from its URL."""
+    return flt.from_query(st.query_params)
+
+
+def set_spec(new: flt.Spec) -> None:
+    """Write the filters to this viewer's URL (other query keys stay)."""
+    qp = st.query_params
+    for key in flt.KEYS:
+        if key in qp:
+            del qp[key]
+    for key, values in flt.to_query(new).items():
+        qp[key] = values if len(values) > 1 else values[0]
+
+
+# dashboard.plain's rule (dashboard.py runs the page when imported): escaped punctuation is never markup.
+_MARKDOWN = str.maketrans({**{c: "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"}, "\n": " ", "\r": " "})
+
+
+def plain(text: str) -> str:
+    """Text shown as itself in Markdown (values come from the URL, which anyone can write)."""
+    return text.translate(_MARKDOWN)
+
+
+def live_filter(snap, tz: tzinfo | None):
+    """Chips, messages and the filtered Snapshot (the snapshot itself when no filter is set)."""
+    conds, errors = flt.parse(spec(), tz)
+    chips(tz)
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+    if any(c.key == "sensor" for c in conds):
+        st.info("sensor= selects a sensor in the fleet views; this page shows one capture, so it is not applied here.")
+    conds = [c for c in conds if c.key != "sensor"]
+    if not conds:
+        return snap
+    view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
+    st.caption(plain(coverage_text(view.totals["filter"], tz)))
+    return view
+
+
+def coverage_text(f: dict[str, Any], tz: tzinfo | None) -> str:
+    """What the filtered numbers cover: exact over the whole capture, or over the last N buffered packets."""
+    matched = f"{f['matched']:,} packets match the filters"
+    if f["whole"]:
+        return f"{matched}: exact, over the whole capture ({f['buffered']:,} packets, all in the buffer)."
+    since = viz.time_texts([f["since"]], tz)[0] if f["since"] is not None else "—"
+    return (f"{matched} over the last {f['buffered']:,} buffered packets, since {since} — approximate for the "
+            f"whole capture ({f['total']:,} packets; the buffer holds BUFFER_SIZE packets).")
+
+
+def chips(tz: tzinfo | None) -> None:
+    """The filters as removable chips, a box to add one by hand, and Clear."""
+    current = spec()
+    with st.container(key="filter_chips"):
+        cols = st.columns([3, 1]) if current else [st.container()]
+        with cols[0]:
+            st.text_input("Add a filter", key="filter_add", placeholder="host=10.0.0.1, port=443, proto=udp, "
+                          "from=2024-05-01T14:02:00", on_change=_add_typed, args=(tz,),
+                          help="Keys: " + ", ".join(flt.KEYS) + ". Several filters combine with AND; the URL "
+                               "holds them, so a link reproduces this view.")
+        if not current:
+            return
+        cols[1].button("Clear filters", key="filter_clear", on_click=set_spec, args=((),))
+        row = st.columns(min(len(current), 6))
+        for i, pair in enumerate(current):
+            row[i % len(row)].button(f"✕ {chip_text(pair, tz)}", key=f"chip_{i}_{pair[0]}",
+                                     on_click=_remove, args=(pair,), help="Remove this filter")
+
+
+def chip_text(pair: tuple[str, str], tz: tzinfo | None) -> str:
+    """A chip's label; times also in the page's zone."""
+    key, text = pair
+    if key in ("from", "to"):
+        try:
+            return f"{key} {viz.time_texts([flt.parse_time(text, tz)], tz)[0]}"
+        except flt.FilterError:
+            pass
+    return f"{key} = {text}"
+
+
+def _remove(pair: tuple[str, str]) -> None:
+    set_spec(flt.without(spec(), pair))
+
+
+def _add_typed(tz: tzinfo | None) -> None:
+    text = st.session_state.get("filter_add", "").strip()
+    st.session_state["filter_add"] = ""
+    new = spec()
+    for part in (p.strip() for p in text.replace(",", " ").split()):
+        key, sep, value = part.partition("=")
+        if sep:
+            new = flt.with_filter(new, key.strip().lower(), value.strip(), replace=False)
+        else:
+            new = flt.with_filter(new, "host", part, replace=False)
+    set_spec(new)
+
+
+# -- brushing and clicking ------------------------------------------------------------------------
+
+
+def selectable(key: str, fig, tz: tzinfo | None) -> dict[str, Any]:
+    """st.plotly_chart keyword arguments that turn a selection on chart `key` into filters."""
+    if key == "timeline":
+        return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("box",)}
+    st.session_state.setdefault(LABELS_KEY, {})[key] = [trace_labels(t) for t in fig.data]
+    return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("points",)}
+
+
+def trace_labels(trace) -> list:
+    """A trace's category labels: a pie's labels, a horizontal bar's y."""
+    labels = getattr(trace, "labels", None)
+    if labels is None:
+        labels = getattr(trace, "y", None)
+    return [] if labels is None else list(labels)
+
+
+def selection_filters(key: str, selection: dict[str, Any], labels: list[list], tz: tzinfo | None) -> list:
+    """The (key, text) filters a chart selection means: a timeline box is a time span; a point is a value."""
+    if key == "timeline":
+        for box in selection.get("box") or []:
+            xs = [local_epoch(x, tz) for x in box.get("x") or []]
+            if len(xs) >= 2:
+                return [("from", f"{min(xs):.6f}".rstrip("0").rstrip(".")),
+                        ("to", f"{max(xs):.6f}".rstrip("0").rstrip("."))]
+        return []
+    out = []
+    for p in selection.get("points") or []:
+        curve, idx = int(p.get("curve_number", 0) or 0), p.get("point_index", p.get("point_number"))
+        try:
+            label = html.unescape(str(labels[curve][int(idx)]))
+        except (IndexError, TypeError, ValueError):
+            continue
+        out.extend(label_filters(key, label))
+    return out
+
+
+def label_filters(key: str, label: str) -> list[tuple[str, str]]:
+    """The filters a clicked label stands for, per chart."""
+    if key in ("pie",):
+        return [("proto", PROTO_BY_LABEL[label])] if label in PROTO_BY_LABEL else []
+    if key in ("top_src", "who_src"):
+        return [("src", label)]
+    if key in ("top_dst", "who_dst"):
+        return [("dst", label)]
+    if key == "ports":  # 'tcp/443 https'
+        proto, _, rest = label.partition("/")
+        return [("proto", proto), ("port", rest.split()[0])] if rest else []
+    if key == "vlans":  # 'VLAN 10'
+        return [("vlan", label.split()[-1])]
+    return []
+
+
+def local_epoch(x: Any, tz: tzinfo | None) -> float:
+    """A timeline x value (naive wall-clock time of the page's zone, as Plotly sends it) as epoch seconds."""
+    t = pd.Timestamp(x)
+    if t.tzinfo is None:
+        t = t.tz_localize(tz if tz is not None else "UTC", ambiguous=True, nonexistent="shift_forward")
+    return t.timestamp()
+
+
+def _on_select(key: str, tz: tzinfo | None) -> None:
+    state = st.session_state.get(key)
+    selection = (state or {}).get("selection") or {}
+    new = selection_filters(key, selection, st.session_state.get(LABELS_KEY, {}).get(key, []), tz)
+    apply(new)
+
+
+def apply(new: list[tuple[str, str]]) -> None:
+    """Add filters from a selection: a key set again replaces its value, except host and port from a row."""
+    current = spec()
+    for k, text in new:
+        current = flt.with_filter(current, k, text, replace=True)
+    set_spec(current)
+
+
+def conversation_select(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """st.dataframe keyword arguments that turn a clicked conversation row into its filters."""
+    st.session_state["_inv_conversations"] = [
+        {k: r[k] for k in ("a", "b", "a_port", "b_port", "proto")} for r in rows]
+    return {"on_select": _on_conversation, "selection_mode": "single-row"}
+
+
+def conversation_filters(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """A conversation's filters: both ends, both ports, its protocol (combined with AND)."""
+    out = [("host", row["a"]), ("host", row["b"])] if row["a"] != row["b"] else [("host", row["a"])]
+    ports = {p for p in (row["a_port"], row["b_port"]) if p is not None}
+    out += [("port", str(p)) for p in sorted(ports)]
+    proto = str(row["proto"]).lower()
+    if proto in flt.CLASSES:
+        out.append(("proto", proto))
+    return out
+
+
+def _on_conversation() -> None:
+    picked = ((st.session_state.get("conversations") or {}).get("selection") or {}).get("rows") or []
+    rows = st.session_state.get("_inv_conversations") or []
+    if not picked or picked[0] >= len(rows):
+        return
+    keep = tuple(p for p in spec() if p[0] not in ("host", "port", "proto", "src", "dst"))
+    set_spec(keep + tuple(conversation_filters(rows[picked[0]])))

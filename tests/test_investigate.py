@@ -1,0 +1,180 @@
+"""Investigating (issue 15) through AppTest: filters from the URL re-filter every metric, chart and table;
+chips; bad values; the buffer-coverage note; what a brushed box or a clicked bar turns into."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+from invhelp import HOSTS, SERVER, SPIKER, T0, tshark_count, write_mixed
+from test_dashboard import app, array, count, figures, fresh, metric, rendered, run_until  # noqa: F401
+
+import investigate_page as inv
+from investigate import filters as flt
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory) -> str:
+    return write_mixed(tmp_path_factory.mktemp("inv") / "mixed.pcap")
+
+
+def loaded(monkeypatch, path: str, **query: str | list[str]):
+    """The page over `path`, opened with `query` in its URL, run until the file is read."""
+    monkeypatch.setenv("NTM_PCAP", path)
+    at = app()
+    for k, v in query.items():
+        at.query_params[k] = v
+    return run_until(at, lambda a: metric(a, "Status").value == "finished")
+
+
+def bytes_help(at) -> str:
+    return metric(at, "Bytes").proto.help
+
+
+def tables(at) -> dict[str, object]:
+    """The page's tables by a column only each has."""
+    out = {}
+    for d in at.dataframe:
+        cols = set(d.value.columns)
+        name = "conversations" if "endpoint A" in cols else "recent" if "TCP flags" in cols else "other"
+        out[name] = d.value
+    return out
+
+
+def test_src_in_the_url_shows_that_sources_exact_count_in_every_panel(fresh, capture):
+    want, want_bytes = tshark_count(capture, f"ip.src=={SPIKER}")
+    total, _ = tshark_count(capture, "frame")
+    at = loaded(fresh, capture, src=SPIKER)
+    assert not at.exception
+    assert count(at) == want and want < total
+    assert f"{want_bytes:,} bytes" in bytes_help(at)
+    figs = figures(at)
+    assert figs["Top 10 sources"]["data"][0]["y"] == [SPIKER]
+    assert figs["Top 10 destinations"]["data"][0]["y"] == [SERVER]
+    assert int(array(figs["Protocols by packets"]["data"][0]["values"]).sum()) == want
+    udp, _ = tshark_count(capture, f"ip.src=={SPIKER} && udp")
+    pie = figs["Protocols by packets"]["data"][0]
+    assert dict(zip(pie["labels"], array(pie["values"]).tolist()))["UDP"] == udp
+    t = tables(at)
+    assert set(t["recent"]["source"]) == {SPIKER}
+    assert all(SPIKER in (a + b) for a, b in zip(t["conversations"]["endpoint A"], t["conversations"]["endpoint B"]))
+    assert any(b.label == f"✕ src = {SPIKER}" for b in at.button)
+    assert any(f"{want:,} packets match the filters: exact" in rendered(c.value) for c in at.caption)
+
+
+def test_filters_combine_with_and(fresh, capture):
+    want, want_bytes = tshark_count(capture, f"ip.addr=={HOSTS[0]} && tcp.port==443")
+    at = loaded(fresh, capture, host=HOSTS[0], port="443", proto="tcp")
+    assert count(at) == want > 0 and f"{want_bytes:,} bytes" in bytes_help(at)
+    ports = figures(at)["Top destination ports"]["data"]
+    assert [t["y"] for t in ports] == [["tcp/443 https"]]
+    assert set(tables(at)["recent"]["dst port"]) == {443}
+
+
+def test_a_time_span_in_the_url_epoch_or_iso(fresh, capture):
+    lo, hi = T0 + 10.5, T0 + 20.25
+    want, want_bytes = tshark_count(capture, f"frame.time_epoch >= {lo} && frame.time_epoch < {hi}")
+    at = loaded(fresh, capture, **{"from": str(lo), "to": str(hi)})
+    assert count(at) == want > 0 and f"{want_bytes:,} bytes" in bytes_help(at)
+    at2 = loaded(fresh, capture, **{"from": "2023-11-14T22:13:30.5Z", "to": "2023-11-14T23:13:40.25+01:00"})
+    assert count(at2) == want
+
+
+def test_bad_values_give_a_clear_message_not_an_exception(fresh, capture):
+    total, _ = tshark_count(capture, "frame")
+    at = loaded(fresh, capture, port="99999", proto="smtp", src="10.0.0.300", **{"from": "yesterday"})
+    assert not at.exception
+    errors = [rendered(e.value) for e in at.error]
+    assert any("port must be a whole number from 0 to 65535: '99999'" in e for e in errors)
+    assert any("proto must be one of tcp, udp, icmp, icmpv6, other_ip, non_ip: 'smtp'" in e for e in errors)
+    assert any("not an IP address or network: '10.0.0.300'" in e for e in errors)
+    assert any("not a time (epoch seconds or ISO 8601): 'yesterday'" in e for e in errors)
+    assert count(at) == total  # nothing valid left: the whole capture
+
+
+def test_a_removed_chip_leaves_the_url_and_the_numbers_follow(fresh, capture):
+    total, _ = tshark_count(capture, "frame")
+    tcp, _ = tshark_count(capture, "tcp")
+    both, _ = tshark_count(capture, f"ip.src=={SPIKER} && tcp")
+    at = loaded(fresh, capture, src=SPIKER, proto="tcp")
+    assert count(at) == both < tcp
+    next(b for b in at.button if b.label == f"✕ src = {SPIKER}").click().run()
+    assert at.query_params.get("src") is None and count(at) == tcp
+    at.button(key="filter_clear").click().run()
+    assert count(at) == total and not any(b.label.startswith("✕") for b in at.button)
+
+
+def test_a_typed_filter_lands_in_the_url(fresh, capture):
+    want, _ = tshark_count(capture, "udp.port==5353")
+    at = loaded(fresh, capture)
+    at.text_input(key="filter_add").input("port=5353 proto=udp").run()
+    assert at.query_params["port"] in ("5353", ["5353"]) and at.query_params["proto"] in ("udp", ["udp"])
+    assert count(at) == want
+
+
+def test_a_buffer_smaller_than_the_capture_says_the_figure_is_approximate(fresh, capture):
+    total, _ = tshark_count(capture, "frame")
+    fresh.setenv("NTM_BUFFER_SIZE", "500")
+    want, _ = tshark_count(capture, f"frame.number > {total - 500} && ip.src=={SPIKER}")
+    at = loaded(fresh, capture, src=SPIKER)
+    assert count(at) == want
+    notes = [rendered(c.value) for c in at.caption]
+    assert any(f"{want:,} packets match the filters over the last 500 buffered packets, since" in n
+               and "approximate" in n for n in notes)
+
+
+# -- what a selection means -------------------------------------------------------------------------
+
+
+def test_a_timeline_box_becomes_from_and_to_in_the_pages_zone():
+    berlin = ZoneInfo("Europe/Berlin")
+    sel = {"box": [{"xref": "x", "x": ["2023-11-14 23:13:40.25", "2023-11-14 23:13:30.5"]}]}
+    got = dict(inv.selection_filters("timeline", sel, [], berlin))
+    assert float(got["from"]) == T0 + 10.5 and float(got["to"]) == T0 + 20.25
+
+
+def test_a_clicked_point_becomes_the_filter_of_its_label():
+    labels = [["10.0.0.2", "10.0.0.1"]]
+    pick = {"points": [{"curve_number": 0, "point_index": 1}]}
+    assert inv.selection_filters("top_src", pick, labels, None) == [("src", "10.0.0.1")]
+    assert inv.selection_filters("top_dst", pick, labels, None) == [("dst", "10.0.0.1")]
+    pie = [["TCP", "UDP", "ICMPv6", "ARP/other"]]
+    assert inv.selection_filters("pie", {"points": [{"point_index": 3}]}, pie, None) == [("proto", "non_ip")]
+    ports = [["tcp/443 https"], ["udp/53 domain"]]
+    assert inv.selection_filters("ports", {"points": [{"curve_number": 1, "point_index": 0}]}, ports, None) == \
+        [("proto", "udp"), ("port", "53")]
+    assert inv.selection_filters("vlans", pick, [["VLAN 7", "VLAN 10"]], None) == [("vlan", "10")]
+    assert inv.selection_filters("top_src", {"points": [{"point_index": 9}]}, labels, None) == []
+    row = {"a": "10.0.0.1", "b": "10.0.0.2", "a_port": 40000, "b_port": 443, "proto": "TCP"}
+    assert inv.conversation_filters(row) == [("host", "10.0.0.1"), ("host", "10.0.0.2"), ("port", "443"),
+                                             ("port", "40000"), ("proto", "tcp")]
+
+
+def test_network_filters_match_what_ipaddress_says():
+    from analysis.headers import V4_PREFIX
+
+    rng = np.random.default_rng(3)
+    v4 = [ipaddress.ip_address(int(x)) for x in rng.integers(0, 2**32, 300)]
+    v6 = [ipaddress.ip_address(int(x) << 64 | 5) for x in rng.integers(0, 2**63, 300)]
+    keys = [V4_PREFIX + a.packed for a in v4] + [a.packed for a in v6]
+    rows = np.zeros(len(keys), dtype=[("src", "S16")])
+    rows["src"] = keys
+    addrs = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 16)
+    for text in ["10.0.0.0/8", f"{v4[0]}/13", f"{v4[1]}", f"{v6[0]}/48", f"{v6[2]}/7", "::/0"]:
+        net = ipaddress.ip_network(text, strict=False)
+        want = [a.version == net.version and a in net for a in v4 + v6]
+        assert flt.addr_mask(addrs, flt.parse_one("src", text).value).tolist() == want, text
+
+
+def test_query_round_trip_and_repeated_keys():
+    spec = (("host", "10.0.0.1"), ("host", "10.0.0.2"), ("port", "443"))
+    assert flt.from_query(flt.to_query(spec)) == spec
+    assert flt.from_query({"src": "1.2.3.4", "page": "fleet"}) == (("src", "1.2.3.4"),)
+    conds, errors = flt.parse([("from", "20"), ("to", "10")])
+    assert errors == ["from must be earlier than to: the time filter matches nothing"]
+    _, errors = flt.parse([("colour", "red")])
+    assert errors and "unknown filter key 'colour'" in errors[0]
+    assert json.dumps(flt.to_query(spec))  # plain data for the URL
