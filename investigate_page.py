@@ -127,6 +127,8 @@ def _add_typed(tz: tzinfo | None) -> None:
 def selectable(key: str, fig, tz: tzinfo | None) -> dict[str, Any]:
     """st.plotly_chart keyword arguments that turn a selection on chart `key` into filters."""
     if key == "timeline":
+        # A drag selects a time span (whole height) instead of zooming; double-click still resets.
+        fig.layout.dragmode, fig.layout.selectdirection = "select", "h"
         return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("box",)}
     st.session_state.setdefault(LABELS_KEY, {})[key] = [trace_labels(t) for t in fig.data]
     return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("points",)}

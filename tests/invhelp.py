@@ -19,12 +19,13 @@ def mixed_packets(seconds: int = 60, spike_from: int = 50, seed: int = 15) -> li
     from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6
 
     rng = random.Random(seed)
+    ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")  # no ARP look-up for a MAC
     out = []
     for sec in range(seconds):
         for i in range(12):
             src = rng.choice(HOSTS)
             kind = rng.random()
-            base = Ether() / IP(src=src, dst=SERVER)
+            base = ETH / IP(src=src, dst=SERVER)
             if kind < 0.5:
                 p = base / TCP(sport=rng.randint(30000, 60000), dport=rng.choice([443, 80, 22]), flags="A")
             elif kind < 0.8:
@@ -32,15 +33,15 @@ def mixed_packets(seconds: int = 60, spike_from: int = 50, seed: int = 15) -> li
             elif kind < 0.9:
                 p = base / ICMP()
             elif kind < 0.95:
-                p = Ether() / IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5000, dport=5001)
+                p = ETH / IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=5000, dport=5001)
             else:
-                p = Ether() / ARP(psrc=src, pdst=SERVER)
+                p = ETH / ARP(psrc=src, pdst=SERVER)
             p = p / (b"x" * rng.randint(0, 300))
             p.time = T0 + sec + i / 12 + rng.random() / 50
             out.append(p)
         if sec >= spike_from:
             for i in range(40):
-                p = Ether() / IP(src=SPIKER, dst=SERVER) / UDP(sport=40000 + i, dport=5353) / (b"s" * 100)
+                p = ETH / IP(src=SPIKER, dst=SERVER) / UDP(sport=40000 + i, dport=5353) / (b"s" * 100)
                 p.time = T0 + sec + (i + 0.5) / 41
                 out.append(p)
     out.sort(key=lambda p: float(p.time))

@@ -10,7 +10,8 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 from invhelp import HOSTS, SERVER, SPIKER, T0, tshark_count, write_mixed
-from test_dashboard import app, array, count, figures, fresh, metric, rendered, run_until  # noqa: F401
+from test_dashboard import app, array, count, figures, metric, rendered, run_until
+from test_dashboard import fresh as fresh  # the fixture: a new engine per test
 
 import investigate_page as inv
 from investigate import filters as flt
@@ -173,7 +174,7 @@ def test_query_round_trip_and_repeated_keys():
     spec = (("host", "10.0.0.1"), ("host", "10.0.0.2"), ("port", "443"))
     assert flt.from_query(flt.to_query(spec)) == spec
     assert flt.from_query({"src": "1.2.3.4", "page": "fleet"}) == (("src", "1.2.3.4"),)
-    conds, errors = flt.parse([("from", "20"), ("to", "10")])
+    _, errors = flt.parse([("from", "20"), ("to", "10")])
     assert errors == ["from must be earlier than to: the time filter matches nothing"]
     _, errors = flt.parse([("colour", "red")])
     assert errors and "unknown filter key 'colour'" in errors[0]
