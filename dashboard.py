@@ -788,6 +788,7 @@ def page() -> None:
 
 def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration: float, taken: float) -> None:
     """The buffer and counters of the running capture (the Live time range), filtered as the URL says."""
+    inv.health_panel(snap, taken)
     snap = inv.live_filter(snap, LOCAL_TZ)
     metrics(snap, end, duration, taken)
     if not snap.totals["packets"] and "filter" not in snap.totals:

@@ -226,3 +226,26 @@ def _on_conversation() -> None:
         return
     keep = tuple(p for p in spec() if p[0] not in ("host", "port", "proto", "src", "dst"))
     set_spec(keep + tuple(conversation_filters(rows[picked[0]])))
+
+
+# -- capture health ---------------------------------------------------------------------------------
+
+
+def health_panel(snap, wall: float) -> None:
+    """Red the moment the page's numbers stop being trustworthy; the readings behind the verdict."""
+    from investigate import health
+
+    before = st.session_state.get("_health_prev")
+    live = snap.status.source.startswith("interface")
+    h = health.assess(snap, wall, before, live)
+    if not st.session_state.get("paused"):  # a paused view keeps its moment; rates restart after it
+        st.session_state["_health_prev"] = health.sample(snap, wall)
+    if h.red:
+        st.error("Capture health: the numbers on this page are not trustworthy — "
+                 + plain("; ".join(h.reasons)) + ".", icon="🔴")
+    title = "Capture health: NOT TRUSTWORTHY" if h.red else "Capture health: OK"
+    with st.expander(title, expanded=False, key="health"):
+        for name, value in h.readings.items():
+            st.markdown(f"**{plain(name)}**: {plain(value)}")
+        for note in h.notes:
+            st.caption(plain(note))
