@@ -798,6 +798,8 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         charts(snap, end)
         enrichment_panel(snap)
         alerts_panel(snap, engine)
+        inv.alert_tools(snap, LOCAL_TZ)
+        inv.explain_panel(snap, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
         history_page.live_downloads(snap)
 

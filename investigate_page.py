@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import urllib.parse
 from datetime import tzinfo
 from typing import Any
 
@@ -249,3 +250,102 @@ def health_panel(snap, wall: float) -> None:
             st.markdown(f"**{plain(name)}**: {plain(value)}")
         for note in h.notes:
             st.caption(plain(note))
+
+
+# -- explain a change, explain an alert ----------------------------------------------------------
+
+
+def alert_filters(alert) -> list[tuple[str, str]]:
+    """The filters that show an alert's evidence: its addresses (when they are addresses) and its span."""
+    out = []
+    for key, text in (("src", alert.source), ("dst", alert.target)):
+        try:
+            flt.parse_one(key, str(text))
+        except flt.FilterError:
+            continue  # 'all traffic', a MAC, 'packets/s': not an address
+        out.append((key, str(text)))
+    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
+    out += [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+    return out
+
+
+def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
+    """The buffered packets an alert's evidence filters keep: what its export holds, row for row."""
+    conds, _ = flt.parse(evidence, tz)
+    return snap.packets[flt.mask(snap.packets, conds)]
+
+
+def _num(x: float) -> str:
+    return f"{x:.6f}".rstrip("0").rstrip(".")
+
+
+def _alert_name(a) -> str:
+    return f"{a.detector} · {a.source} → {a.target} · {viz.time_texts([a.last_ts])[0]} UTC"
+
+
+def alert_tools(snap, tz: tzinfo | None) -> None:
+    """Pick an alert: a link to the filtered view of its evidence, its rows as CSV or pcap, and for a
+    spike, what explains it."""
+    from packet_processor import packets_csv
+    from store.export import header_pcap
+
+    if not snap.alerts:
+        return
+    st.subheader("Investigate an alert")
+    names = [_alert_name(a) for a in snap.alerts]
+    pick = st.selectbox("Alert", range(len(names)), format_func=lambda i: names[i], key="inv_alert")
+    alert = snap.alerts[min(pick or 0, len(snap.alerts) - 1)]
+    evidence = alert_filters(alert)
+    rows = evidence_rows(snap, evidence, tz)
+    link = "?" + "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in evidence)
+    st.markdown(f"Evidence: [{plain(', '.join(f'{k}={v}' for k, v in evidence))}]({link}) — "
+                f"{len(rows):,} buffered packets.")
+    a, b, c = st.columns(3)
+    a.button("Show its evidence on this page", key="inv_alert_show", on_click=set_spec, args=(tuple(evidence),))
+    b.download_button("Its packets (CSV)", data=lambda: packets_csv(rows, tz), file_name=f"{alert.detector}.csv",
+                      mime="text/csv", key="inv_alert_csv", on_click="ignore")
+    c.download_button("Its packets' headers (pcap)", data=lambda: header_pcap(rows), on_click="ignore",
+                      file_name=f"{alert.detector}.pcap", mime="application/vnd.tcpdump.pcap", key="inv_alert_pcap")
+    if alert.detector == "spike":
+        explain_block(snap, alert.first_ts // 1, alert.last_ts // 1 + 1, "alert")
+
+
+def explain_panel(snap, tz: tzinfo | None) -> None:
+    """Explain the span selected on the timeline (from/to), within the other filters."""
+    conds, _ = flt.parse(spec(), tz)
+    lows = [c.value for c in conds if c.key == "from"]
+    highs = [c.value for c in conds if c.key == "to"]
+    st.subheader("Explain a change")
+    if not (lows and highs):
+        st.caption("Drag across the timeline to select a span (or pick a spike alert above): the page then ranks "
+                   "hosts, networks, ports, protocols and directions by their share of the change against the "
+                   "window just before it.")
+        return
+    others = [c for c in conds if c.key not in ("from", "to", "sensor")]
+    rows = snap.packets[flt.mask(snap.packets, others)] if others else snap.packets
+    explain_block(rows, max(lows), min(highs), "span")
+
+
+def explain_block(source, start: float, end: float, key: str) -> None:
+    """The explanation of [start, end) over a snapshot's or an array's packets, when asked for."""
+    from investigate import explain as ex_mod
+
+    rows = source.packets if hasattr(source, "packets") else source
+    measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key=f"explain_measure_{key}")
+    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", key=f"explain_{key}"):
+        return
+    try:
+        ex = ex_mod.explain(rows, float(start), float(end), measure)
+    except ValueError as exc:
+        st.error(plain(str(exc)))
+        return
+    st.success(plain(ex.headline))
+    if ex.baseline_s < end - start:
+        st.caption(plain(f"The buffer holds only {ex.baseline_s:,.1f} s before the span (of {end - start:,.1f} s): "
+                         "the baseline is shorter, so the shares are approximate."))
+    st.dataframe(pd.DataFrame(ex_mod.leaders(ex)), hide_index=True, key=f"explain_leaders_{key}")
+    dim = st.selectbox("Detail by", list(ex.dims), key=f"explain_dim_{key}")
+    detail = [{"key": r.key, "share of the change %": round(100 * r.share, 1),
+               f"before ({measure})": round(r.before, 1), f"during ({measure})": round(r.during, 1)}
+              for r in ex.dims[dim][:20]]
+    st.dataframe(pd.DataFrame(detail), hide_index=True, key=f"explain_detail_{key}")

@@ -13,9 +13,11 @@ SERVER = "10.9.9.9"
 SPIKER = "10.1.0.3"
 
 
-def mixed_packets(seconds: int = 60, spike_from: int = 50, seed: int = 15) -> list:
+def mixed_packets(seconds: int = 60, spike_from: int = 50, seed: int = 15, spike_pps: int = 40,
+                  spread: bool = False) -> list:
     """A minute of mixed traffic from five hosts to one server (TCP, UDP, ICMP, one IPv6 pair, ARP);
-    from `spike_from` on, SPIKER sends 40 extra UDP packets a second to port 5353."""
+    from `spike_from` on, SPIKER sends `spike_pps` extra UDP packets a second to port 5353 (`spread`:
+    to random ports, so that only the host explains the rise)."""
     from scapy.all import ARP, ICMP, IP, TCP, UDP, Ether, IPv6
 
     rng = random.Random(seed)
@@ -40,9 +42,10 @@ def mixed_packets(seconds: int = 60, spike_from: int = 50, seed: int = 15) -> li
             p.time = T0 + sec + i / 12 + rng.random() / 50
             out.append(p)
         if sec >= spike_from:
-            for i in range(40):
-                p = ETH / IP(src=SPIKER, dst=SERVER) / UDP(sport=40000 + i, dport=5353) / (b"s" * 100)
-                p.time = T0 + sec + (i + 0.5) / 41
+            for i in range(spike_pps):
+                dport = rng.randint(1024, 65000) if spread else 5353
+                p = ETH / IP(src=SPIKER, dst=SERVER) / UDP(sport=40000 + i, dport=dport) / (b"s" * 100)
+                p.time = T0 + sec + (i + 0.5) / (spike_pps + 1)
                 out.append(p)
     out.sort(key=lambda p: float(p.time))
     return out

@@ -1,0 +1,102 @@
+"""Explain a change and explain an alert (issue 15): the host a test made spike is named with its share;
+an alert links to exactly its evidence and exports exactly those rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+from invhelp import SERVER, SPIKER, T0, tshark_count, write_mixed
+from test_dashboard import app, count, metric, rendered, run_until
+from test_dashboard import fresh as fresh  # the fixture: a new engine per test
+
+import investigate_page as inv
+from investigate import explain
+from packet_processor import CaptureEngine, packets_csv, stop_all
+
+SPAN = (T0 + 64, T0 + 70)  # the spike: 150 extra packets a second from SPIKER to random ports
+
+
+@pytest.fixture(scope="module")
+def spiky(tmp_path_factory) -> str:
+    return write_mixed(tmp_path_factory.mktemp("spike") / "spike.pcap", seconds=70, spike_from=64, spike_pps=150,
+                       spread=True)
+
+
+def share_by_tshark(path: str, extra: str, lo: float, hi: float) -> float:
+    """The key's share of the rise in packets/s, from tshark's counts of both windows."""
+    length = hi - lo
+
+    def n(a: float, b: float, f: str = "") -> int:
+        cond = f"frame.time_epoch >= {a!r} && frame.time_epoch < {b!r}" + (f" && {f}" if f else "")
+        return tshark_count(path, cond)[0]
+
+    key_rise = (n(lo, hi, extra) - n(lo - length, lo, extra)) / length
+    all_rise = (n(lo, hi) - n(lo - length, lo)) / length
+    return key_rise / all_rise
+
+
+def test_the_explainer_names_the_host_that_spiked_with_its_share(spiky):
+    engine = CaptureEngine()
+    try:
+        engine.load_file(spiky)
+        rows = engine.snapshot().packets
+    finally:
+        stop_all()
+    ex = explain.explain(rows, *SPAN)
+    share = share_by_tshark(spiky, f"ip.src=={SPIKER}", *SPAN)
+    assert ex.best is not None and ex.best[0] == "source host"
+    assert [r.key for r in ex.best[1]] == [SPIKER]
+    assert ex.best[1][0].share == pytest.approx(share, abs=1e-9)
+    assert ex.headline.startswith(f"1 key explains {100 * share:.0f} % of the rise in packets/s")
+    assert f"by source host: {SPIKER} ({100 * share:.0f} %)" in ex.headline
+    # The destination carried everything before and during: it explains the rise but says nothing new.
+    assert ex.dims["destination host"][0].key == SERVER
+
+
+def test_a_quiet_change_and_a_short_baseline_are_said(spiky):
+    engine = CaptureEngine()
+    try:
+        engine.load_file(spiky)
+        rows = engine.snapshot().packets
+    finally:
+        stop_all()
+    first = explain.explain(rows, T0 + 2, T0 + 7)  # the capture starts at T0: 2 s of the 5 s before
+    assert first.baseline_s == pytest.approx(2.0 - float(rows["ts"].min() - T0))
+    assert first.headline
+    with pytest.raises(ValueError, match="the span must end after it starts"):
+        explain.explain(rows, T0 + 5, T0 + 5)
+
+
+def test_a_spike_alert_explains_itself_and_exports_exactly_its_rows(fresh, spiky):
+    fresh.setenv("NTM_PCAP", spiky)
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished"
+                   and any(o.startswith("spike") for o in a.selectbox(key="inv_alert").options), 60)
+    box = at.selectbox(key="inv_alert")
+    pick = next(i for i, o in enumerate(box.options) if o.startswith("spike"))
+    box.set_value(pick).run()
+    at.toggle(key="explain_alert").set_value(True).run()
+    assert not at.exception
+    headline = next(rendered(s.value) for s in at.success)
+    alert = next(a for a in page_engine(spiky).snapshot().alerts if a.detector == "spike")
+    lo, hi = float(int(alert.first_ts)), float(int(alert.last_ts)) + 1.0  # the seconds the alert names
+    assert SPAN[0] <= lo < hi <= SPAN[1]
+    share = share_by_tshark(spiky, f"ip.src=={SPIKER}", lo, hi)
+    assert f"by source host: {SPIKER} ({100 * share:.0f} %)" in headline
+    # The alert's evidence: its span, shown on the page with a click, and exported row for row.
+    want, _ = tshark_count(spiky, f"frame.time_epoch >= {lo!r} && frame.time_epoch < {hi!r}")
+    at.button(key="inv_alert_show").click().run()
+    assert at.query_params["from"] in (str(int(lo)), [str(int(lo))]) and count(at) == want
+    assert any(d.proto.label == "Its packets (CSV)" for d in at.get("download_button"))
+    snap = page_engine(spiky).snapshot()
+    rows = inv.evidence_rows(snap, inv.alert_filters(alert), None)
+    exported = list(csv.DictReader(io.StringIO(packets_csv(rows).decode())))
+    assert len(rows) == len(exported) == want
+
+
+def page_engine(path: str):
+    """The page's engine (one per process, kept in st.cache_resource): the one that read `path` and alerted."""
+    import packet_processor
+
+    return next(e for e in packet_processor.engines() if e.source and e.source.path == path and e.snapshot().alerts)
