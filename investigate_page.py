@@ -349,3 +349,31 @@ def explain_block(source, start: float, end: float, key: str) -> None:
                f"before ({measure})": round(r.before, 1), f"during ({measure})": round(r.during, 1)}
               for r in ex.dims[dim][:20]]
     st.dataframe(pd.DataFrame(detail), hide_index=True, key=f"explain_detail_{key}")
+
+
+# -- history ------------------------------------------------------------------------------------------
+
+
+def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
+    """The stored range narrowed by the URL's from/to; what the history cannot filter is said, not hidden."""
+    conds, errors = flt.parse(spec(), tz)
+    chips(tz)
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+    lows = [c.value for c in conds if c.key == "from"]
+    highs = [c.value for c in conds if c.key == "to"]
+    # Stored ranges are whole seconds, both ends included: from rounds down, to (exclusive) up.
+    lo = max([since, *[int(v // 1) for v in lows]])
+    hi = min([until, *[int(-(-v // 1)) - 1 for v in highs]])
+    if lows or highs:
+        st.caption(f"from/to narrow the stored range to {viz.time_texts([lo], tz)[0]} – {viz.time_texts([hi], tz)[0]} "
+                   "(whole seconds).")
+    rest = sorted({c.key for c in conds if c.key not in ("from", "to")})
+    if rest:
+        st.warning(plain(f"Not applied to the history: {', '.join(rest)}. The store keeps per-minute summaries "
+                         "(totals, top tables, conversations), not packets, so these filters apply to the Live view "
+                         "only; the numbers below are for all traffic of the range."))
+    if hi < lo:
+        st.error("from/to lie outside the chosen time range: showing the whole range.")
+        return since, until
+    return lo, hi

@@ -179,3 +179,39 @@ def test_query_round_trip_and_repeated_keys():
     _, errors = flt.parse([("colour", "red")])
     assert errors and "unknown filter key 'colour'" in errors[0]
     assert json.dumps(flt.to_query(spec))  # plain data for the URL
+
+
+def test_history_takes_from_and_to_and_says_what_it_cannot_filter(fresh, tmp_path):
+    """Three imported minutes of traffic; from/to in the URL narrow the stored range to the middle one."""
+    import io
+    import time
+
+    from pcapgen import pcap_bytes
+    from test_files import sample_frames
+
+    import history_page
+    from packet_processor import engines
+
+    fresh.setenv("NTM_STORE", str(tmp_path / "h.duckdb"))
+    fresh.setenv("NTM_PCAP", "")
+    fresh.setenv("NTM_INTERFACE", "lo")
+    fresh.setenv("NTM_BPF_FILTER", "udp dst port 47329")
+    at = app().run()
+    engine = next(e for e in engines() if e.store is not None and str(tmp_path) in str(e.store.path))
+    frames = sample_frames()
+    ts0 = float(int(time.time()) // 60 * 60 - 900)  # whole minutes, 15 minutes ago: inside '1 h'
+    uploads = []
+    for i in range(3):
+        data = io.BytesIO(pcap_bytes([(ts0 + i * 60 + j * 0.01, f) for j, (_, f) in enumerate(frames)]))
+        data.name = f"part{i}.pcap"
+        uploads.append(data)
+    assert not history_page.import_uploads(engine, uploads)["errors"]
+    at.radio(key="time_range").set_value("1 h").run()
+    assert count(at) == 3 * len(frames)
+    at.query_params["from"] = str(ts0 + 60)
+    at.query_params["to"] = str(ts0 + 120)
+    at.query_params["port"] = "53"
+    at.run()
+    assert not at.exception
+    assert count(at) == len(frames)
+    assert any("Not applied to the history: port." in rendered(w.value) for w in at.warning)
