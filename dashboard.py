@@ -789,7 +789,7 @@ def page() -> None:
 def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration: float, taken: float) -> None:
     """The buffer and counters of the running capture (the Live time range), filtered as the URL says."""
     inv.health_panel(snap, taken)
-    snap = inv.live_filter(snap, LOCAL_TZ)
+    whole, snap = snap, inv.live_filter(snap, LOCAL_TZ)
     metrics(snap, end, duration, taken)
     if not snap.totals["packets"] and "filter" not in snap.totals:
         if snap.status.state != "error":
@@ -799,7 +799,8 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         enrichment_panel(snap)
         alerts_panel(snap, engine)
         inv.alert_tools(snap, LOCAL_TZ)
-        inv.explain_panel(snap, LOCAL_TZ)
+        inv.explain_panel(whole, LOCAL_TZ)
+        inv.tools(engine, whole, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
         history_page.live_downloads(snap)
 

@@ -377,3 +377,117 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
         st.error("from/to lie outside the chosen time range: showing the whole range.")
         return since, until
     return lo, hi
+
+
+# -- threshold back-test, baselines ------------------------------------------------------------------
+
+
+def backtest_panel(snap, tz: tzinfo | None) -> None:
+    """Try other thresholds of a detector over the buffered packets before applying one."""
+    from investigate import backtest as bt
+
+    st.subheader("Threshold back-test")
+    setting = st.selectbox("Threshold", list(bt.DETECTOR_OF), key="bt_setting",
+                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {config.get(s)})")
+    default = ", ".join(f"{v:g}" for v in bt.candidates(setting))
+    text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
+                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
+    if st.button("Run the back-test", key="bt_run"):
+        try:
+            values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+            trials = bt.backtest(snap.packets, setting, values)
+        except ValueError as exc:
+            st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
+        else:
+            st.session_state["bt_result"] = (setting, trials_frame(trials, tz), coverage_text(
+                {**flt.coverage(snap), "matched": len(snap.packets)}, tz))
+    result = st.session_state.get("bt_result")
+    if result and result[0] == setting:
+        if result[1] is None:
+            st.error(plain(result[2]))
+        else:
+            st.dataframe(result[1], hide_index=True, key="bt_table")
+            st.caption(plain("Over the buffered packets: " + result[2]))
+
+
+def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
+    """One row per value tried: alerts (distinct), times raised, and when the first ones came."""
+    rows = []
+    for t in trials:
+        firsts = [a.first_ts for a in t.alerts]
+        rows.append({"value": t.value, "alerts": t.rows, "times raised": t.raised,
+                     "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
+                     "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
+    return pd.DataFrame(rows, columns=["value", "alerts", "times raised", "first at", "when (first 5)"])
+
+
+def baseline_panel(engine, snap, tz: tzinfo | None) -> None:
+    """Save the hosts, services and protocol mix seen so far under a name; list what is new since one."""
+    from investigate import baseline as bl
+
+    st.subheader("Baselines")
+    store = getattr(engine, "store", None)
+    if store is None or not hasattr(store, "put_doc"):
+        st.caption("Baselines are kept in the history store, which is off (HISTORY): none can be saved.")
+        return
+    name_col, save_col = st.columns([3, 1])
+    name = name_col.text_input("Baseline name", key="baseline_name", placeholder="e.g. monday-normal")
+    if save_col.button("Save baseline", key="baseline_save"):
+        _save_baseline(store, name, snap)
+    if msg := st.session_state.pop("baseline_msg", None):
+        (st.error if msg[0] else st.success)(plain(msg[1]))
+    try:
+        docs = {d["name"]: d for d in store.docs(bl.KIND)}
+    except OSError as exc:
+        st.error(plain(f"Baselines cannot be read: {exc}"))
+        return
+    if not docs:
+        st.caption("No baseline saved yet.")
+        return
+    pick = st.selectbox("New since baseline", sorted(docs), key="baseline_pick")
+    body = docs[pick]["body"]
+    new = bl.diff(body, snap.packets)
+    st.caption(plain(f"Baseline {pick}: {body['packets']:,} packets up to "
+                     f"{viz.time_texts([body['until_ts'] or 0], tz)[0]}"
+                     + ("" if body.get("whole_capture") else " (the buffer's last packets, not the whole capture)")
+                     + f". Compared with the {len(snap.packets):,} buffered packets."))
+    a, b = st.columns(2)
+    a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
+                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                hide_index=True, key="baseline_hosts")
+    b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
+                              "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                hide_index=True, key="baseline_services")
+    st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="baseline_mix")
+    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
+
+
+def _save_baseline(store, name: str, snap) -> None:
+    from investigate import baseline as bl
+
+    name = name.strip()
+    if not name:
+        st.session_state["baseline_msg"] = (True, "Give the baseline a name first.")
+        return
+    try:
+        store.put_doc(bl.KIND, name, bl.make(snap.packets, flt.coverage(snap)["whole"]))
+    except (OSError, ValueError) as exc:
+        st.session_state["baseline_msg"] = (True, f"Baseline not saved: {exc}")
+        return
+    st.session_state["baseline_msg"] = (False, f"Baseline {name} saved ({len(snap.packets):,} packets).")
+
+
+def _delete_baseline(store, name: str) -> None:
+    from investigate import baseline as bl
+
+    try:
+        store.delete_doc(bl.KIND, name)
+    except OSError as exc:
+        st.session_state["baseline_msg"] = (True, f"Baseline not deleted: {exc}")
+
+
+def tools(engine, snap, tz: tzinfo | None) -> None:
+    """The back-test and the baselines, folded away until opened (they work over the whole buffer)."""
+    with st.expander("Threshold back-test and baselines", key="inv_tools"):
+        backtest_panel(snap, tz)
+        baseline_panel(engine, snap, tz)
