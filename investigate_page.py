@@ -127,6 +127,8 @@ def _add_typed(tz: tzinfo | None) -> None:
 
 def selectable(key: str, fig, tz: tzinfo | None) -> dict[str, Any]:
     """st.plotly_chart keyword arguments that turn a selection on chart `key` into filters."""
+    if key == "pie":  # a sunburst's click comes as one point with its label
+        return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("points",)}
     if key == "timeline":
         # A drag selects a time span (whole height) instead of zooming; double-click still resets.
         fig.layout.dragmode, fig.layout.selectdirection = "select", "h"
@@ -154,6 +156,9 @@ def selection_filters(key: str, selection: dict[str, Any], labels: list[list], t
         return []
     out = []
     for p in selection.get("points") or []:
+        if key == "pie" and p.get("label"):
+            out.extend(label_filters(key, html.unescape(str(p["label"]))))
+            continue
         curve, idx = int(p.get("curve_number", 0) or 0), p.get("point_index", p.get("point_number"))
         try:
             label = html.unescape(str(labels[curve][int(idx)]))

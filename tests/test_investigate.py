@@ -144,6 +144,8 @@ def test_a_clicked_point_becomes_the_filter_of_its_label():
     assert inv.selection_filters("top_dst", pick, labels, None) == [("dst", "10.0.0.1")]
     pie = [["TCP", "UDP", "ICMPv6", "ARP/other"]]
     assert inv.selection_filters("pie", {"points": [{"point_index": 3}]}, pie, None) == [("proto", "non_ip")]
+    assert inv.selection_filters("pie", {"points": [{"label": "ICMPv6", "point_number": 0}]}, pie, None) == \
+        [("proto", "icmpv6")]
     ports = [["tcp/443 https"], ["udp/53 domain"]]
     assert inv.selection_filters("ports", {"points": [{"curve_number": 1, "point_index": 0}]}, ports, None) == \
         [("proto", "udp"), ("port", "53")]

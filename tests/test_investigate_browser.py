@@ -63,6 +63,8 @@ def test_brush_click_and_share_in_a_real_browser(tmp_path):
 
         def click() -> None:
             box = bars.last.bounding_box()
+            if box is None:  # being redrawn: the next try finds it
+                return
             page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
 
         assert until(page, click, lambda: "src" in query(page)), page.url
@@ -74,11 +76,29 @@ def test_brush_click_and_share_in_a_real_browser(tmp_path):
         page.get_by_role("button", name="Clear filters").click()
         assert wait_for(lambda: packets(page) == total and "src" not in query(page), 60)
 
+        # A click on the protocol chart's UDP slice keeps the UDP packets.
+        udp, _ = tshark_count(path, "udp")
+        slice_text = chart(page, "Protocols by").locator("text.slicetext", has_text="UDP").first
+
+        def click_slice() -> None:
+            box = slice_text.bounding_box()
+            if box is None:
+                return
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+        assert until(page, click_slice, lambda: packets(page) == udp), (packets(page), udp)
+        assert wait_for(lambda: query(page).get("proto") == ["udp"], 60), page.url
+        assert chips(page) == ["✕ proto = udp"]
+        page.get_by_role("button", name="Clear filters").click()
+        assert wait_for(lambda: packets(page) == total and "proto" not in query(page), 60)
+
         # A box dragged across the timeline keeps exactly the packets of that span.
         plot = chart(page, "Traffic by capture time").locator(".nsewdrag").first
 
         def drag() -> None:
             area = plot.bounding_box()
+            if area is None:
+                return
             y = area["y"] + area["height"] / 2
             page.mouse.move(area["x"] + area["width"] * 0.4, y)
             page.mouse.down()
