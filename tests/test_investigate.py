@@ -246,3 +246,35 @@ def test_live_lo_a_port_filter_counts_exactly_that_ports_packets(fresh, root_onl
     assert f"{sum(42 + 10 + i for i in range(30)):,} bytes" in bytes_help(at)  # Ethernet+IP+UDP = 42
     for s in (tx, rxa, rxb):
         s.close()
+
+
+def test_a_conversation_rows_filters_keep_exactly_that_conversation(fresh, capture):
+    """What a click on a conversation row sets (both ends, both ports, the protocol) keeps that
+    conversation's packets: the row's own count, and tshark's."""
+    at = loaded(fresh, capture)
+    conv = tables(at)["conversations"]
+    row = conv.iloc[0]
+    (a, pa), (b, pb) = (str(row["endpoint A"]).rsplit(":", 1), str(row["endpoint B"]).rsplit(":", 1))
+    a, b = a.strip("[]"), b.strip("[]")
+    ip = "ipv6" if ":" in a else "ip"
+    proto = str(row["protocol"]).lower()
+    pairs = inv.conversation_filters({"a": a, "b": b, "a_port": int(pa), "b_port": int(pb), "proto": proto})
+    want, _ = tshark_count(capture, f"{ip}.addr=={a} && {ip}.addr=={b} && {proto}.port=={pa} && {proto}.port=={pb}")
+    at2 = loaded(fresh, capture, **flt.to_query(tuple(pairs)))
+    assert count(at2) == want == int(row["packets"])
+    assert len(tables(at2)["conversations"]) == 1
+
+
+def test_explain_the_span_selected_in_the_url(fresh, tmp_path):
+    path = write_mixed(tmp_path / "spread.pcap", seconds=40, spike_from=30, spike_pps=60, spread=True)
+    at = loaded(fresh, path, **{"from": str(T0 + 30), "to": str(T0 + 40)})
+    at.toggle(key="explain_span").set_value(True).run()
+    assert not at.exception
+    headline = next(rendered(s.value) for s in at.success)
+    during, _ = tshark_count(path, f"frame.time_epoch >= {T0 + 30} && frame.time_epoch < {T0 + 40}")
+    before, _ = tshark_count(path, f"frame.time_epoch >= {T0 + 20} && frame.time_epoch < {T0 + 30}")
+    mine_d, _ = tshark_count(path, f"frame.time_epoch >= {T0 + 30} && frame.time_epoch < {T0 + 40} && ip.src=={SPIKER}")
+    mine_b, _ = tshark_count(path, f"frame.time_epoch >= {T0 + 20} && frame.time_epoch < {T0 + 30} && ip.src=={SPIKER}")
+    share = (mine_d - mine_b) / (during - before)
+    assert f"of the rise in packets/s ({before / 10:,.1f} → {during / 10:,.1f}), by source host: {SPIKER} " \
+           f"({100 * share:.0f} %)" in headline
