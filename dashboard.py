@@ -567,10 +567,11 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     table = viz.recent_table(packets_table(rows, LOCAL_TZ, tagged(snap.packets)), n, text)
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
                  key="recent")
-    # A paused view downloads what it shows; otherwise the buffer as it is at the click.
-    data = (lambda: _csv(snap.packets)) if frozen else (lambda: _csv(engine.snapshot().packets))
-    st.download_button("Download the whole buffer (CSV)", data=data, file_name="packets.csv",
-                       mime="text/csv", key="csv", on_click="ignore")
+    # A paused or filtered view downloads what it shows; otherwise the buffer as it is at the click.
+    filtered = "filter" in snap.totals
+    data = (lambda: _csv(snap.packets)) if frozen or filtered else (lambda: _csv(engine.snapshot().packets))
+    label = "Download the filtered packets (CSV)" if filtered else "Download the whole buffer (CSV)"
+    st.download_button(label, data=data, file_name="packets.csv", mime="text/csv", key="csv", on_click="ignore")
 
 
 def tagged(rows: np.ndarray) -> bool:

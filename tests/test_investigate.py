@@ -63,6 +63,7 @@ def test_src_in_the_url_shows_that_sources_exact_count_in_every_panel(fresh, cap
     assert set(t["recent"]["source"]) == {SPIKER}
     assert all(SPIKER in (a + b) for a, b in zip(t["conversations"]["endpoint A"], t["conversations"]["endpoint B"]))
     assert any(b.label == f"✕ src = {SPIKER}" for b in at.button)
+    assert any(d.proto.label == "Download the filtered packets (CSV)" for d in at.get("download_button"))
     assert any(f"{want:,} packets match the filters: exact" in rendered(c.value) for c in at.caption)
 
 
