@@ -780,7 +780,9 @@ def page() -> None:
     span = history_page.range_control(engine, taken)
     history_page.import_action(engine)
     if span is not None:  # a stored range: drawn from the history store, not the buffer
-        history_page.history_view(engine, *inv.history_span(*span, LOCAL_TZ), LOCAL_TZ)
+        span = inv.history_span(*span, LOCAL_TZ)
+        history_page.history_view(engine, *span, LOCAL_TZ)
+        inv.history_filtered(engine, *span, LOCAL_TZ)
     else:
         live_view(engine, snap, end, duration, taken)
     if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):

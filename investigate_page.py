@@ -375,9 +375,9 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
                    "(whole seconds).")
     rest = sorted({c.key for c in conds if c.key not in ("from", "to")})
     if rest:
-        st.warning(plain(f"Not applied to the history: {', '.join(rest)}. The store keeps per-minute summaries "
-                         "(totals, top tables, conversations), not packets, so these filters apply to the Live view "
-                         "only; the numbers below are for all traffic of the range."))
+        st.warning(plain(f"Not applied to the history's totals and charts: {', '.join(rest)}. The store keeps "
+                         "per-minute summaries, not packets: the numbers below are all traffic of the range, and "
+                         "the matching stored conversations follow them."))
     if hi < lo:
         st.error("from/to lie outside the chosen time range: showing the whole range.")
         return since, until
@@ -496,3 +496,65 @@ def tools(engine, snap, tz: tzinfo | None) -> None:
     with st.expander("Threshold back-test and baselines", key="inv_tools"):
         backtest_panel(snap, tz)
         baseline_panel(engine, snap, tz)
+
+
+IP_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+def conversation_mask(df: pd.DataFrame, conds: list) -> pd.Series:
+    """Which stored conversation rows (both directions together) match host/src/dst/port/proto/vlan.
+
+    A stored conversation does not keep which end sent which packet: src and dst select a conversation
+    with that address at either end, as host does."""
+    import ipaddress
+
+    keep = pd.Series(True, index=df.index)
+    for c in conds:
+        if c.key in flt.ADDRESS_KEYS:
+            net = ipaddress.ip_network(c.text.strip("[]"), strict=False)
+            inside = {a: _in(a, net) for a in pd.unique(pd.concat([df["a"], df["b"]]))}
+            keep &= df["a"].map(inside) | df["b"].map(inside)
+        elif c.key == "port":
+            keep &= (df["a_port"] == c.value) | (df["b_port"] == c.value)
+        elif c.key == "proto":
+            name = flt.CLASSES[c.value]
+            keep &= (df["proto"] == IP_PROTO[name]) if name in IP_PROTO else (
+                ~df["proto"].isin(list(IP_PROTO.values())) if name == "other_ip" else False)
+        elif c.key == "vlan":
+            keep &= df["vlan"] == c.value
+    return keep.fillna(False).astype(bool)
+
+
+def _in(addr: str, net) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr) in net
+    except ValueError:
+        return False
+
+
+def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
+    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations."""
+    from store.history import time_range
+
+    conds, _ = flt.parse(spec(), tz)
+    conds = [c for c in conds if c.key not in ("from", "to")]
+    if not conds or engine.store is None:
+        return
+    sensor = next((c.text for c in conds if c.key == "sensor"), None)
+    try:
+        df = engine.store.rows("conversations", time_range(since, until, sensor))
+    except Exception as exc:  # a store that cannot answer is a message
+        log.exception("history conversations query failed")
+        st.error(plain(f"History conversations cannot be read: {type(exc).__name__}: {exc}"))
+        return
+    df = df[conversation_mask(df, [c for c in conds if c.key != "sensor"])] if len(df) else df
+    st.subheader("Filtered: stored conversations")
+    st.metric("Packets in matching conversations", f"{int(df['packets'].sum()) if len(df) else 0:,}")
+    keys = ["a", "a_port", "b", "b_port", "proto", "vlan"]
+    table = (df.groupby(keys, dropna=False)[["packets", "bytes"]].sum().reset_index()
+             .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
+    st.dataframe(table, hide_index=True, key="hist_filtered_conv")
+    st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
+               "minute): approximate when minutes were capped; the figures above the line are all traffic.")

@@ -217,7 +217,13 @@ def test_history_takes_from_and_to_and_says_what_it_cannot_filter(fresh, tmp_pat
     at.run()
     assert not at.exception
     assert count(at) == len(frames)
-    assert any("Not applied to the history: port." in rendered(w.value) for w in at.warning)
+    assert any("Not applied to the history's totals and charts: port." in rendered(w.value) for w in at.warning)
+    # The stored conversations of that minute with port 53 at either end, counted from the frames themselves.
+    from analysis.headers import LocalMatcher, pack_records
+
+    recs = pack_records([(0.0, f, len(f), 1) for _, f in frames], LocalMatcher())
+    dns = int((((recs["sport"] == 53) | (recs["dport"] == 53)) & (recs["cls"] != 5)).sum())
+    assert dns > 0 and count(at, "Packets in matching conversations") == dns
 
 
 @pytest.mark.live
