@@ -285,3 +285,13 @@ def test_explain_the_span_selected_in_the_url(fresh, tmp_path):
     share = (mine_d - mine_b) / (during - before)
     assert f"of the rise in packets/s ({before / 10:,.1f} → {during / 10:,.1f}), by source host: {SPIKER} " \
            f"({100 * share:.0f} %)" in headline
+
+
+def test_each_viewer_has_its_own_filters_over_the_one_capture(fresh, capture):
+    total, _ = tshark_count(capture, "frame")
+    mine, _ = tshark_count(capture, f"ip.src=={SPIKER}")
+    filtered = loaded(fresh, capture, src=SPIKER)
+    plain_view = run_until(app(), lambda a: metric(a, "Status").value == "finished")
+    assert (count(filtered), count(plain_view)) == (mine, total)
+    filtered.run()  # the other viewer's page does not change this one's filters
+    assert count(filtered) == mine and not any(b.label.startswith("✕") for b in plain_view.button)
