@@ -250,7 +250,7 @@ def health_panel(snap, wall: float) -> None:
         st.error("Capture health: the numbers on this page are not trustworthy — "
                  + plain("; ".join(h.reasons)) + ".", icon="🔴")
     title = "Capture health: NOT TRUSTWORTHY" if h.red else "Capture health: OK"
-    with st.expander(title, expanded=False, key="health"):
+    with st.expander(title, expanded=False, key="inv_health"):
         for name, value in h.readings.items():
             st.markdown(f"**{plain(name)}**: {plain(value)}")
         for note in h.notes:

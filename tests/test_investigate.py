@@ -295,3 +295,10 @@ def test_each_viewer_has_its_own_filters_over_the_one_capture(fresh, capture):
     assert (count(filtered), count(plain_view)) == (mine, total)
     filtered.run()  # the other viewer's page does not change this one's filters
     assert count(filtered) == mine and not any(b.label.startswith("✕") for b in plain_view.button)
+
+
+def test_a_filter_that_matches_nothing_draws_an_empty_page_not_an_error(fresh, capture):
+    at = loaded(fresh, capture, src="10.99.99.99", **{"from": str(T0 + 5), "to": str(T0 + 6)})
+    assert not at.exception and count(at) == 0
+    assert any("0 packets match the filters" in rendered(c.value) for c in at.caption)
+    assert not any("No packets yet" in i.value for i in at.info)  # the capture has packets: the filter has none
