@@ -526,7 +526,8 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
     severities = st.multiselect("Severity", ["high", "medium", "low"], default=["high", "medium", "low"],
                                 key="alert_sev")
     shown = [a for a in snap.alerts if a.severity in severities]
-    st.dataframe(viz.alerts_table(shown, LOCAL_TZ), hide_index=True, key="alerts")
+    st.dataframe(inv.with_links(viz.alerts_table(shown, LOCAL_TZ), shown), hide_index=True, key="alerts",
+                 column_config=inv.link_config())
     ack, clear = st.columns(2)
     # Callbacks run before the next rerun draws the page, so the metrics above see the change.
     ack.button("Acknowledge all shown", key="alerts_ack", on_click=_acknowledge, args=(engine, shown))

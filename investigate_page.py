@@ -558,3 +558,20 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
     st.dataframe(table, hide_index=True, key="hist_filtered_conv")
     st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
                "minute): approximate when minutes were capped; the figures above the line are all traffic.")
+
+
+EVIDENCE_COLUMN = "evidence view"
+
+
+def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
+    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
+    if not len(frame):
+        return frame
+    links = ["?" + urllib.parse.urlencode(alert_filters(a)) for a in alerts]
+    return frame.assign(**{EVIDENCE_COLUMN: links})
+
+
+def link_config() -> dict[str, Any]:
+    """st.dataframe column_config that shows the evidence links as links."""
+    return {EVIDENCE_COLUMN: st.column_config.LinkColumn(EVIDENCE_COLUMN, display_text="open filtered view",
+                                                         help="This page filtered to the alert's evidence")}

@@ -86,6 +86,9 @@ def test_a_spike_alert_explains_itself_and_exports_exactly_its_rows(fresh, spiky
     assert f"by source host: {SPIKER} ({100 * share:.0f} %)" in headline
     # The alert's evidence: its span, shown on the page with a click, and exported row for row.
     want, _ = tshark_count(spiky, f"frame.time_epoch >= {lo!r} && frame.time_epoch < {hi!r}")
+    table = next(d.value for d in at.dataframe if "evidence view" in d.value.columns)
+    link = table.loc[table["detector"] == "spike", "evidence view"].iloc[0]
+    assert link == f"?from={int(lo)}&to={int(hi)}"  # the spike is all traffic: its seconds, no address
     at.button(key="inv_alert_show").click().run()
     assert at.query_params["from"] in (str(int(lo)), [str(int(lo))]) and count(at) == want
     assert any(d.proto.label == "Its packets (CSV)" for d in at.get("download_button"))
@@ -100,3 +103,33 @@ def page_engine(path: str):
     import packet_processor
 
     return next(e for e in packet_processor.engines() if e.source and e.source.path == path and e.snapshot().alerts)
+
+
+def test_a_scan_alerts_link_opens_exactly_its_probes(fresh, tmp_path):
+    """A port scan refused with RSTs: the alert's link keeps the scanner's probes to the target in its seconds."""
+    from scapy.all import IP, TCP, Ether, wrpcap
+    from test_dashboard import app as page_app
+
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    pkts = []
+    for i, port in enumerate(range(100, 130)):
+        syn = eth / IP(src="10.9.0.5", dst="10.9.0.7") / TCP(sport=40000, dport=port, flags="S")
+        rst = eth / IP(src="10.9.0.7", dst="10.9.0.5") / TCP(sport=port, dport=40000, flags="RA")
+        syn.time, rst.time = T0 + i * 0.05, T0 + i * 0.05 + 0.001
+        pkts += [syn, rst]
+    path = str(tmp_path / "scan.pcap")
+    wrpcap(path, pkts)
+    fresh.setenv("NTM_PCAP", path)
+    at = run_until(page_app(), lambda a: metric(a, "Status").value == "finished")
+    table = next(d.value for d in at.dataframe if "evidence view" in d.value.columns)
+    link = table["evidence view"].iloc[0]
+    query = dict(p.split("=", 1) for p in link[1:].split("&"))
+    assert (query["src"], query["dst"]) == ("10.9.0.5", "10.9.0.7")
+    lo, hi = float(query["from"]), float(query["to"])
+    want, _ = tshark_count(path, f"ip.src==10.9.0.5 && ip.dst==10.9.0.7 && frame.time_epoch >= {lo!r} "
+                                 f"&& frame.time_epoch < {hi!r}")
+    shared = page_app()
+    for k, v in query.items():
+        shared.query_params[k] = v
+    shared = run_until(shared, lambda a: metric(a, "Status").value == "finished")
+    assert count(shared) == want > 0
