@@ -331,6 +331,24 @@ def explain_panel(snap, tz: tzinfo | None) -> None:
     explain_block(rows, max(lows), min(highs), "span")
 
 
+def as_lookup():
+    """An address's AS organisation from the enrichment's offline database, or None when it is not loaded."""
+    try:
+        import enrich
+
+        geo = enrich.shared().geo
+    except Exception:  # enrichment unavailable: the explainer goes without AS
+        log.debug("no enrichment for the explainer", exc_info=True)
+        return None
+    if not geo.source:
+        return None
+
+    def of(addr: str) -> str | None:
+        g = geo.lookup(addr)
+        return g.as_org if g else None
+    return of
+
+
 def explain_block(source, start: float, end: float, key: str) -> None:
     """The explanation of [start, end) over a snapshot's or an array's packets, when asked for."""
     from investigate import explain as ex_mod
@@ -340,7 +358,7 @@ def explain_block(source, start: float, end: float, key: str) -> None:
     if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", key=f"explain_{key}"):
         return
     try:
-        ex = ex_mod.explain(rows, float(start), float(end), measure)
+        ex = ex_mod.explain(rows, float(start), float(end), measure, as_lookup())
     except ValueError as exc:
         st.error(plain(str(exc)))
         return

@@ -3,6 +3,7 @@ in packets/s or bit/s over a span, against the preceding window of the same leng
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,8 +84,10 @@ def label(dim: str, key) -> str:
     return DIRECTIONS[int(key)]
 
 
-def explain(rows: np.ndarray, start: float, end: float, measure: str = "packets/s") -> Explanation:
-    """What explains the change from [start - (end - start), start) to [start, end) in the given rows."""
+def explain(rows: np.ndarray, start: float, end: float, measure: str = "packets/s",
+            as_of: Callable[[str], str | None] | None = None) -> Explanation:
+    """What explains the change from [start - (end - start), start) to [start, end) in the given rows;
+    `as_of` (an address's AS organisation) adds the source and destination AS."""
     length = end - start
     if length <= 0:
         raise ValueError("the span must end after it starts")
@@ -101,20 +104,28 @@ def explain(rows: np.ndarray, start: float, end: float, measure: str = "packets/
     ex = Explanation(start, end, measure, tot_before, tot_during, baseline_s)
     change = tot_during - tot_before
     sel = during | before
-    for dim in DIMENSIONS:
-        k, has = keys(rows, dim)
+    # On a tie the headline keeps the earlier dimension: the more specific ones come first.
+    dims = DIMENSIONS[:4] + (("source AS", "destination AS") if as_of is not None else ()) + DIMENSIONS[4:]
+    for dim in dims:
+        host_dim = dim.replace(" AS", " host")
+        k, has = keys(rows, host_dim if dim.endswith(" AS") else dim)
         use = sel & has
         if not use.any():
             ex.dims[dim] = []
             continue
         uniq, inv = np.unique(k[use], return_inverse=True)
+        names = [label(host_dim if dim.endswith(" AS") else dim, u) for u in uniq]
+        if dim.endswith(" AS"):  # hosts grouped by their AS (the enrichment's offline database)
+            orgs = np.array([as_of(n) or "no AS (private or unknown)" for n in names], dtype=object)
+            names_arr, by_org = np.unique(orgs, return_inverse=True)
+            names, inv = names_arr.tolist(), by_org.reshape(-1)[inv.reshape(-1)]
         w, d = weight[use], during[use]
-        dur = np.bincount(inv, w * d, len(uniq)) / length
-        bef = np.bincount(inv, w * ~d, len(uniq)) * per_base
-        delta = dur - bef
-        share = delta / change if change else np.zeros(len(uniq))
+        n = len(names)
+        dur = np.bincount(inv, w * d, n) / length
+        bef = np.bincount(inv, w * ~d, n) * per_base
+        share = (dur - bef) / change if change else np.zeros(n)
         order = np.argsort(-share, kind="stable")
-        ex.dims[dim] = [Row(label(dim, uniq[i]), float(bef[i]), float(dur[i]), float(share[i])) for i in order]
+        ex.dims[dim] = [Row(names[i], float(bef[i]), float(dur[i]), float(share[i])) for i in order]
     _headline(ex, change)
     return ex
 

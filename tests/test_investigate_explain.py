@@ -133,3 +133,40 @@ def test_a_scan_alerts_link_opens_exactly_its_probes(fresh, tmp_path):
         shared.query_params[k] = v
     shared = run_until(shared, lambda a: metric(a, "Status").value == "finished")
     assert count(shared) == want > 0
+
+
+def test_the_explainer_groups_hosts_by_their_as(tmp_path):
+    """Two public hosts of one AS rise together: the AS explains the rise, each host only part of it
+    (AS from the enrichment's offline database, looked up here independently of the explainer)."""
+    from scapy.all import IP, UDP, Ether, wrpcap
+
+    from enrich.geo import GeoDB
+
+    geo = GeoDB()
+    geo.load()
+    from conftest import need
+
+    need(geo.wait_loaded(30) and bool(geo.source), "the offline geo/AS database is not installed")
+    org = geo.lookup("8.8.8.8").as_org
+    assert org and geo.lookup("8.8.4.4").as_org == org
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    pkts = []
+    for sec in range(20):
+        srcs = ["192.168.1.10"] * 5 + (["8.8.8.8"] * 20 + ["8.8.4.4"] * 20 if sec >= 10 else [])
+        for i, s in enumerate(srcs):
+            p = eth / IP(src=s, dst="192.168.1.2") / UDP(sport=53, dport=30000 + i)
+            p.time = T0 + sec + i / (len(srcs) + 1)
+            pkts.append(p)
+    path = str(tmp_path / "as.pcap")
+    wrpcap(path, pkts)
+    engine = CaptureEngine()
+    try:
+        engine.load_file(path)
+        rows = engine.snapshot().packets
+    finally:
+        stop_all()
+    ex = explain.explain(rows, T0 + 10, T0 + 20, as_of=lambda a: geo.lookup(a).as_org)
+    top = ex.dims["source AS"][0]
+    assert (top.key, round(top.share, 6)) == (org, 1.0)
+    assert [round(r.share, 6) for r in ex.dims["source host"][:2]] == [0.5, 0.5]
+    assert ex.best is not None and ex.best[0] == "source AS" and "by source AS: " + org in ex.headline
