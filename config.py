@@ -28,6 +28,7 @@ class Setting:
     high: float | None = None  # the greatest valid value (numbers), inclusive
     choices: tuple[str, ...] | None = None  # the valid values (text)
     check: Callable[[Any], str | None] | None = None  # text: what is wrong with a value, None if nothing
+    secret: bool = False  # never echoed in an error message (a webhook URL holds its token)
 
 
 def bad_networks(spec: str) -> str | None:
@@ -41,6 +42,57 @@ def bad_networks(spec: str) -> str | None:
         except ValueError:
             bad.append(part)
     return None if not bad else "not networks: " + ", ".join(repr(b) for b in bad)
+
+
+def bad_url(value: str) -> str | None:
+    """NOTIFY_WEBHOOK, DASHBOARD_URL: empty, or an http(s) URL with a host."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return None
+    parts = urlsplit(str(value))
+    return None if parts.scheme in ("http", "https") and parts.hostname else "not an http:// or https:// URL"
+
+
+def bad_urls(value: str) -> str | None:
+    """NOTIFY_WEBHOOK: empty, or http(s) URLs separated by spaces."""
+    bad = [u for u in str(value).split() if bad_url(u)]
+    return None if not bad else f"{len(bad)} of the URLs are not http:// or https:// URLs"
+
+
+def bad_syslog(value: str) -> str | None:
+    """NOTIFY_SYSLOG: empty, or udp://HOST:PORT or tcp://HOST:PORT, several separated by spaces."""
+    from urllib.parse import urlsplit
+
+    for part in str(value).split():
+        try:
+            parts = urlsplit(part)
+            ok = parts.scheme in ("udp", "tcp") and parts.hostname and parts.port
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"{part!r} is not udp://HOST:PORT or tcp://HOST:PORT"
+    return None
+
+
+def bad_emails(value: str) -> str | None:
+    """NOTIFY_EMAIL_TO: empty, or comma-separated addresses."""
+    bad = [a for a in (p.strip() for p in str(value).split(",")) if a and ("@" not in a or " " in a)]
+    return None if not bad else "not e-mail addresses: " + ", ".join(repr(b) for b in bad)
+
+
+def out_of_range(name: str, value: Any) -> str | None:
+    """What is wrong with `value` for setting `name` (a run-time change from the page), None if nothing."""
+    setting = _BY_NAME[name]
+    if setting.check is not None:
+        return setting.check(value)
+    if setting.choices is not None:
+        return None if str(value).upper() in setting.choices else f"{name} must be {_allowed(setting)}"
+    if setting.low is not None and not isinstance(value, bool):
+        high = setting.high if setting.high is not None else value
+        if not isinstance(value, int | float) or not setting.low <= value <= high:
+            return f"{name} must be {_allowed(setting)}"
+    return None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -186,6 +238,43 @@ SETTINGS: tuple[Setting, ...] = (
             "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
     Setting("CLICKHOUSE_CA_CERTS", "", "CA file that verifies the ClickHouse server's TLS certificate; empty "
             "means the system's CAs."),
+    Setting("NOTIFY_WEBHOOK", "", "Webhook URLs (separated by spaces) that each receive one JSON document per "
+            "alert (with a Slack-compatible `text` field); empty sends none. Treated as a secret (a URL often "
+            "holds a token): never shown or logged whole.", check=bad_urls, secret=True),
+    Setting("NOTIFY_WEBHOOK_TOKEN_FILE", "", "File holding a bearer token sent as the webhook's Authorization "
+            "header; empty sends none."),
+    Setting("NOTIFY_SYSLOG", "", "Syslog receivers for alerts (RFC 5424 with structured data), separated by "
+            "spaces: udp://HOST:PORT or tcp://HOST:PORT (octet-counted frames); empty sends none.",
+            check=bad_syslog),
+    Setting("NOTIFY_EMAIL_TO", "", "E-mail addresses (comma-separated) that receive alerts through SMTP_HOST; "
+            "empty sends none.", check=bad_emails),
+    Setting("NOTIFY_EMAIL_FROM", "", "Sender address of alert e-mails; empty means network-traffic-monitor@<host "
+            "name>."),
+    Setting("SMTP_HOST", "", "SMTP server for alert e-mails (STARTTLS is used whenever the server offers it)."),
+    Setting("SMTP_PORT", 587, "SMTP server port.", low=1, high=65_535),
+    Setting("SMTP_USER", "", "SMTP login user; empty logs in as nobody. The password comes from SMTP_PASSWORD_FILE "
+            "or the environment variable SMTP_PASSWORD, never from the page."),
+    Setting("SMTP_PASSWORD_FILE", "", "File holding the SMTP password (read at each delivery, never shown)."),
+    Setting("SMTP_CA_FILE", "", "CA file that verifies the SMTP server's certificate after STARTTLS; empty means "
+            "the system's CAs."),
+    Setting("NOTIFY_DIGEST_MIN", 0, "E-mail: 0 sends one message per alert; N collects the alerts of N minutes "
+            "into one digest message.", low=0, high=1_440),
+    Setting("NOTIFY_REPEAT_S", 300.0, "A repeat of the same detector, source and target within this many seconds "
+            "of its last notification updates the alert's count and sends nothing.", low=0, high=86_400 * 7),
+    Setting("NOTIFY_RATE_MAX", 10, "Most alert notifications per destination in NOTIFY_RATE_WINDOW_S; beyond it "
+            "alerts are counted and one 'N more alerts suppressed' message follows when the window ends.",
+            low=1, high=1_000_000),
+    Setting("NOTIFY_RATE_WINDOW_S", 60.0, "The window of NOTIFY_RATE_MAX (s).", low=0.1, high=86_400),
+    Setting("NOTIFY_RETRIES", 3, "Times a failed delivery is tried again (waits NOTIFY_BACKOFF_S, doubling each "
+            "time) before it is given up and counted.", low=0, high=100),
+    Setting("NOTIFY_BACKOFF_S", 2.0, "Wait before the first retry of a failed delivery (s); doubled for each "
+            "further retry, at most 300 s.", low=0.01, high=3_600),
+    Setting("NOTIFY_TIMEOUT_S", 5.0, "Time-out of one delivery attempt (connect and send), s.", low=0.1, high=600),
+    Setting("NOTIFY_QUEUE_MAX", 1000, "Most notifications waiting per destination; beyond it the oldest is given "
+            "up and counted (delivery never slows the capture).", low=1, high=1_000_000),
+    Setting("DASHBOARD_URL", "", "The dashboard's address as colleagues reach it (http://host:8501); when set, "
+            "each notification links to the view filtered to the alert's source, target, port and time.",
+            check=bad_url),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -230,6 +319,11 @@ def _allowed(setting: Setting) -> str:
     return f"at least {_number(setting.low)}{hi}"
 
 
+def _shown(setting: Setting) -> str:
+    """The variable's value as an error message may show it (a secret one is hidden)."""
+    return "<hidden>" if setting.secret else repr(os.environ.get(ENV_PREFIX + setting.name))
+
+
 def problems() -> list[str]:
     """What is wrong with the current settings, one clear sentence per bad value (empty when all is well)."""
     out = []
@@ -243,8 +337,7 @@ def problems() -> list[str]:
         if setting.check is not None:
             why = setting.check(value)
             if why is not None:
-                out.append(f"{ENV_PREFIX}{setting.name}={os.environ.get(ENV_PREFIX + setting.name)!r} is not valid: "
-                           f"{why} ({setting.help})")
+                out.append(f"{ENV_PREFIX}{setting.name}={_shown(setting)} is not valid: {why} ({setting.help})")
             continue
         if setting.choices is not None:
             bad = str(value).upper() not in setting.choices

@@ -23,6 +23,7 @@ import streamlit as st
 from streamlit import config as streamlit_config
 from streamlit_autorefresh import st_autorefresh
 
+import alerts_page
 import config
 import history_page
 import investigate_page as inv
@@ -786,6 +787,7 @@ def page() -> None:
         inv.history_filtered(engine, *span, LOCAL_TZ)
     else:
         live_view(engine, snap, end, duration, taken)
+    alerts_page.settings(engine)
     if st.session_state.get("auto_refresh", True) and not st.session_state.get("paused"):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="tick")
 
@@ -802,6 +804,7 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         charts(snap, end)
         enrichment_panel(snap)
         alerts_panel(snap, engine)
+        alerts_page.alert_extras(snap, engine)
         inv.alert_tools(snap, LOCAL_TZ)
         inv.explain_panel(whole, LOCAL_TZ)
         inv.tools(engine, whole, LOCAL_TZ)

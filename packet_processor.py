@@ -409,6 +409,18 @@ class CaptureEngine:
         self._control = threading.Lock()  # serialises start/stop from many browser tabs
         self._store_stage: StoreStage | None = None  # the history writer of the current live capture
         self.store = _open_store(store_path) if record else None  # queried by the page through this object
+        self._attach_notify()
+
+    def _attach_notify(self) -> None:
+        """Alerts leave the engine here, whatever the front-end (page, headless capture, fleet sensor): the
+        delivery stage follows the alert mirror; rules and detector settings come from the store."""
+        from notify.control import AlertControls
+        from notify.notifier import Notifier
+
+        self.notifier = Notifier()
+        self.alerts.subscribe(self.notifier.offer)
+        self.controls = AlertControls(self.store, self.notifier, lambda: self._stage,
+                                      [str(n) for n in self._nets])
 
     @property
     def _detectors(self) -> Any:
@@ -445,6 +457,7 @@ class CaptureEngine:
                     self._set_error(str(exc))
                     return False
             nic = nic_counters(source.iface) if live is not None else None
+            self.notifier.iface = source.iface or ""
             with self._lock:
                 self._source = source
                 self._state = "running"
@@ -474,7 +487,9 @@ class CaptureEngine:
         mode = "inline" if inline else ("process" if config.get("DETECTORS_PROCESS") else "thread")
         stage = DetectorStage(gen, self.alerts, config.get("STAGE_QUEUE_PACKETS"), mode=mode)
         try:
-            return stage.start()
+            stage.start()
+            self.controls.apply(stage)  # the page's thresholds, switches and exclusion rules, before any batch
+            return stage
         except OSError as exc:  # no process could be started: counting goes on, the page says why
             stage.error = f"detector process could not start: {exc}"
             log.error("%s", stage.error)
@@ -488,9 +503,10 @@ class CaptureEngine:
         return StoreStage(self.store, config.get("STAGE_QUEUE_PACKETS"), iface=source.iface, sensor=sensor,
                           mirror=self.alerts).start()
 
-    def close_store(self) -> None:
+    def close_store(self, notify_drain_s: float = 0.0) -> None:
         """Stop recording and close the history store (at exit); safe to call twice."""
         self.stop()
+        self.notifier.close(notify_drain_s)
         if self.store is not None:
             self.store.close()
 
@@ -810,6 +826,8 @@ class CaptureEngine:
             totals["stages"][store_stage.name] = store_stage.as_dict()
         totals["store"] = self.history_state()
         totals["alerts_suppressed"] = self.alerts.suppressed()
+        totals["alerts_excluded"] = self.alerts.excluded()[0]
+        totals["notify"] = self.notifier.status()
         alerts = tuple(self.alerts.alerts())
         rows.flags.writeable = False
         grid = np.array([[s, *v] for s, v in bins], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
@@ -851,6 +869,7 @@ class CaptureEngine:
             "nic_dropped": t["nic_dropped"], "file_dropped": t["file_dropped"],
             "error": snap.status.error,
             "alerts": [a.as_dict() for a in snap.alerts], "alerts_suppressed": t["alerts_suppressed"],
+            "alerts_excluded": t["alerts_excluded"], "notify": t["notify"],
             "stages": t["stages"], "store": t.get("store"),
         }
 
@@ -911,6 +930,8 @@ def _cli(argv: list[str] | None = None) -> int:
     if args.cmd == "summary":
         engine = CaptureEngine(local_nets=args.local_nets)
         out = engine.load_file(args.file)
+        engine.notifier.flush(config.get("NOTIFY_TIMEOUT_S") + 1)  # alerts found in a file are delivered too
+        out["notify"] = engine.notifier.status()
         if args.enrich:
             from enrich import Enricher
             enricher = Enricher(processes=False)
@@ -928,6 +949,7 @@ def _cli(argv: list[str] | None = None) -> int:
         if ok:
             engine._stop.wait(args.seconds)
         engine.stop(drain_s=5.0)  # headless: the alerts of the last batches are worth the wait
+        engine.notifier.flush(config.get("NOTIFY_TIMEOUT_S") + 1)  # and their notifications
         out = engine.summary()
         engine.close_store()
     json.dump(out, sys.stdout, indent=1)

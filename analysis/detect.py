@@ -78,6 +78,9 @@ class AlertBook:
         self._kept: Counter[str] = Counter()
         self._suppressed: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._rules: Any = None  # an analysis.rules.RuleSet: matching findings are kept apart, never raised
+        self._excluded: OrderedDict[AlertKey, tuple[str, Alert]] = OrderedDict()  # by the rule's name
+        self._excluded_counts: Counter[str] = Counter()  # per rule: distinct alerts it silenced
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (to hand to another process): everything but the lock."""
@@ -95,6 +98,11 @@ class AlertBook:
         """Record a finding, or refresh the row of the same finding (same key: detector, source, target)."""
         key = key or (detector, source, target)
         rank = SEVERITY_RANK.get(severity, 0)
+        rules = self._rules
+        rule = rules.match(detector, source, target) if rules else None
+        if rule is not None:
+            self._exclude(rule.name, key, Alert(detector, severity, source, target, ts, ts, 1, evidence, meaning))
+            return
         with self._lock:
             old = self._alerts.get(key)
             if old is None:
@@ -109,6 +117,35 @@ class AlertBook:
                                 evidence=evidence, severity=severity, acknowledged=False)
             self._alerts[key] = alert
             self._queues.setdefault((detector, rank), OrderedDict())[key] = None
+
+    def set_rules(self, rules: Any) -> None:
+        """Exclusion rules (an analysis.rules.RuleSet, or None) for the findings raised from now on."""
+        with self._lock:
+            self._rules = rules
+
+    def _exclude(self, rule: str, key: AlertKey, alert: Alert) -> None:
+        """Keep a finding a rule silences apart (a repeat updates its row), bounded as the book is."""
+        with self._lock:
+            old = self._excluded.pop(key, None)
+            if old is None:
+                self._excluded_counts[rule] += 1
+                while len(self._excluded) >= self.max_alerts:
+                    self._excluded.popitem(last=False)  # the count stays; only the row goes
+            else:
+                alert = replace(old[1], last_ts=max(old[1].last_ts, alert.last_ts), count=old[1].count + 1,
+                                evidence=alert.evidence, severity=alert.severity)
+            self._excluded[key] = (rule, alert)
+
+    def excluded(self) -> list[tuple[str, Alert]]:
+        """(rule name, alert) for the findings exclusion rules silenced, newest (by last seen) first."""
+        with self._lock:
+            rows = list(self._excluded.values())
+        return sorted(rows, key=lambda r: r[1].last_ts, reverse=True)
+
+    def excluded_counts(self) -> dict[str, int]:
+        """Per rule name, the distinct alerts (detector, source, target) it silenced since the last clear()."""
+        with self._lock:
+            return dict(self._excluded_counts)
 
     def count_suppressed(self, detector: str, n: int) -> None:
         """Count n findings a detector did not raise (its per-batch share was used up)."""
@@ -171,6 +208,26 @@ class AlertBook:
             self._queues.clear()
             self._kept.clear()
             self._suppressed.clear()
+            self._excluded.clear()
+            self._excluded_counts.clear()
+
+
+class _Switched:
+    """An alert book seen through the page's detector switches: a switched-off detector raises nothing
+    (its state is kept, so switching it back on needs no new learning period)."""
+
+    def __init__(self, book: AlertBook, disabled: frozenset[str]) -> None:
+        self.book, self.disabled = book, disabled
+
+    def raise_alert(self, detector: str, *args: Any, **kw: Any) -> None:
+        """Forward a finding unless its detector is switched off."""
+        if detector not in self.disabled:
+            self.book.raise_alert(detector, *args, **kw)
+
+    def count_suppressed(self, detector: str, n: int) -> None:
+        """Forward a quota count unless its detector is switched off."""
+        if detector not in self.disabled:
+            self.book.count_suppressed(detector, n)
 
 
 class _Bounded(OrderedDict):
@@ -704,6 +761,16 @@ def _find(table: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pos, table[pos.clip(max=len(table) - 1)] == keys
 
 
+# What the page may change on the running detectors (applied to their state as it is) ...
+THRESHOLDS = ("SCAN_PORTS", "SCAN_HOSTS", "SCAN_STEALTH_PORTS", "SYN_FLOOD_PPS", "ICMP_FLOOD_PPS", "UDP_FLOOD_PPS",
+              "REFLECTION_BPS", "REFLECTION_SOURCES", "SPIKE_SIGMAS", "SPIKE_MIN_PPS", "SPIKE_WARMUP_S",
+              "NEW_HOST_LEARN_S")
+# ... and what sizes or times their tables: a change starts the detectors afresh.
+STRUCTURAL = ("DETECTOR_STATE_MAX", "SCAN_WINDOW_S", "SCAN_UNANSWERED_S", "ALERTS_PER_DETECTOR", "LOCAL_NETS")
+_THRESHOLD_ATTRS = ("vports", "vhosts", "stealth_ports", "flood_pps", "reflect_bps", "reflect_sources", "spike_k",
+                    "spike_min", "spike_warmup", "learn")
+DETECTOR_NAMES = ("port_scan", "syn_flood", "icmp_flood", "udp_flood", "reflection", "spike", "new_host", "arp_spoof")
+
 _H_SALT = np.uint64(0x5851F42D4C957F2D)  # keeps (scanner, proto, port) keys apart from (scanner, target) ones
 _SERVED_SALT = np.uint64(0x14057B7EF767814F)
 PROTO_NAME = {6: "tcp", 17: "udp"}
@@ -714,14 +781,19 @@ class Detectors:
 
     Holds no lock and no function objects, so it can live in (and be pickled to) a consumer process."""
 
-    def __init__(self) -> None:
-        cap = self.cap = config.get("DETECTOR_STATE_MAX")
-        self.window = config.get("SCAN_WINDOW_S")
-        self.vports = config.get("SCAN_PORTS")
-        self.vhosts = config.get("SCAN_HOSTS")
-        self.stealth_ports = config.get("SCAN_STEALTH_PORTS")
-        self.timeout = config.get("SCAN_UNANSWERED_S")
-        self.alerts_per_batch = config.get("ALERTS_PER_DETECTOR")
+    def __init__(self, overrides: dict[str, Any] | None = None, disabled: frozenset[str] = frozenset()) -> None:
+        """overrides: settings (THRESHOLDS, STRUCTURAL) changed at run time, read before config; disabled:
+        detector names (DETECTOR_NAMES) whose findings are not raised."""
+        self.overrides = dict(overrides or {})
+        self.disabled = frozenset(disabled)
+        setting = self.setting
+        cap = self.cap = setting("DETECTOR_STATE_MAX")
+        self.window = setting("SCAN_WINDOW_S")
+        self.vports = setting("SCAN_PORTS")
+        self.vhosts = setting("SCAN_HOSTS")
+        self.stealth_ports = setting("SCAN_STEALTH_PORTS")
+        self.timeout = setting("SCAN_UNANSWERED_S")
+        self.alerts_per_batch = setting("ALERTS_PER_DETECTOR")
         self.pending = _Pending(self.timeout, cap)  # probes (prober, target, proto, port) awaiting an answer
         # Two sets of epoch tables, offset by half an epoch: a scan that fits in SCAN_WINDOW_S / 2 lies
         # wholly inside an epoch of one of them, wherever the epoch boundaries fall.
@@ -729,17 +801,17 @@ class Detectors:
         self.served = _Recent(self.window, cap)  # (address, UDP port) that received probes: its replies are none
         self.last_udp = _Recent(2 * self.timeout, cap)  # (prober, target) -> port of its latest UDP probe
         self.arp = _Bounded(cap)  # IPv4 address -> (MAC, time)
-        self.flood_pps = {"syn": config.get("SYN_FLOOD_PPS"), "icmp": config.get("ICMP_FLOOD_PPS"),
-                          "udp": config.get("UDP_FLOOD_PPS")}
+        self.flood_pps = {"syn": setting("SYN_FLOOD_PPS"), "icmp": setting("ICMP_FLOOD_PPS"),
+                          "udp": setting("UDP_FLOOD_PPS")}
         self.seconds = {kind: _Second(cap) for kind in ("synack", "syn", "icmp", "udp")}
-        self.reflect_bps = config.get("REFLECTION_BPS")
-        self.reflect_sources = config.get("REFLECTION_SOURCES")
+        self.reflect_bps = setting("REFLECTION_BPS")
+        self.reflect_sources = setting("REFLECTION_SOURCES")
         self.asked = _Recent(REQUEST_WAIT_S, cap)  # (asker, server, service port) of requests to reflector ports
         self.fragments = _Recent(REASSEMBLY_S, cap)  # (reflector, victim, IP id) of fragmented answers -> asked?
         self.reflected = _ReflectSecond(cap)  # per victim over the current second
-        self.spike_k = config.get("SPIKE_SIGMAS")
-        self.spike_min = config.get("SPIKE_MIN_PPS")
-        self.spike_warmup = config.get("SPIKE_WARMUP_S")
+        self.spike_k = setting("SPIKE_SIGMAS")
+        self.spike_min = setting("SPIKE_MIN_PPS")
+        self.spike_warmup = setting("SPIKE_WARMUP_S")
         self.spike_state: list[float] | None = None  # [second, packets, bytes] being counted
         self.baseline = {"pk": [0.0, 0.0], "by": [0.0, 0.0]}  # EWMA mean and variance per metric
         self.seconds_seen = 0
@@ -747,8 +819,27 @@ class Detectors:
         self.learn_end = float("inf")  # capture time when NEW_HOST_LEARN_S seconds of traffic were learned
         self.known_hosts: set[int] = set()  # local addresses learned before learn_end: never evicted
         self.reported_hosts: set[int] = set()  # new hosts already reported (emptied beyond cap: a repeat updates)
-        self.local_nets = LocalMatcher(nets=parse_nets(config.get("LOCAL_NETS")))
-        self.learn = config.get("NEW_HOST_LEARN_S")
+        self.local_nets = LocalMatcher(nets=parse_nets(setting("LOCAL_NETS")))
+        self.learn = setting("NEW_HOST_LEARN_S")
+
+    def setting(self, name: str) -> Any:
+        """A detector setting: the run-time override when there is one, else the configured value."""
+        return self.overrides[name] if name in self.overrides else config.get(name)
+
+    def reconfigured(self, overrides: dict[str, Any] | None, disabled: frozenset[str]) -> Detectors:
+        """These detectors with new thresholds and switches. Thresholds apply to the state built so far;
+        a change of a STRUCTURAL setting (table sizes, windows) starts the detectors afresh."""
+        fresh = Detectors(overrides, disabled)
+        if any(fresh.setting(n) != self.setting(n) for n in STRUCTURAL):
+            return fresh
+        for attr in _THRESHOLD_ATTRS:
+            setattr(self, attr, getattr(fresh, attr))
+        self.overrides, self.disabled = fresh.overrides, fresh.disabled
+        if self.learn_end == float("inf") and self.active_seconds >= self.learn and self.spike_state:
+            # A learning period shortened below the seconds already learned ends now (it ends only when the
+            # count equals it); one lengthened after it ended stays ended: the baseline is not unlearned.
+            self.learn_end = float(self.spike_state[0])
+        return self
 
     def table_sizes(self) -> dict[str, int]:
         """Entries held by every table, inner tables included (each one is bounded by DETECTOR_STATE_MAX)."""
@@ -765,6 +856,7 @@ class Detectors:
         """Update the state with one batch and raise what it shows."""
         if not len(arr):
             return
+        book = _Switched(book, self.disabled) if self.disabled else book
         b = _Batch(arr)
         flags, cls = arr["tcp_flags"], arr["cls"]
         # Only packets that open, answer or refuse a connection matter; skip the data flow.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -46,6 +47,23 @@ MINUTE_S = 60
 # tells a batch (a multiple of the record size, never empty) from a command.
 _RESET, _STOP, _SYNC = b"reset", b"stop", b"sync"
 assert PACKET_DTYPE.itemsize > 8
+# A longer command (new thresholds, switches, exclusion rules: JSON after this prefix) is padded so its
+# length is never a multiple of the record size.
+_CONFIG = b"config:"
+
+
+def config_message(overrides: dict[str, Any], disabled: frozenset[str] | set[str], rules: list[dict],
+                   local_nets: list[str]) -> bytes:
+    """The control message that gives a running detector stage new thresholds, switches and rules."""
+    body = json.dumps({"overrides": overrides, "disabled": sorted(disabled), "rules": rules,
+                       "local_nets": local_nets})
+    msg = _CONFIG + body.encode()
+    return msg + b" " if len(msg) % PACKET_DTYPE.itemsize == 0 else msg
+
+
+def _is_command(buf: bytes) -> bool:
+    """A control message, not a batch of records (see config_message)."""
+    return len(buf) < PACKET_DTYPE.itemsize or len(buf) % PACKET_DTYPE.itemsize != 0
 
 
 class StageStats:
@@ -188,18 +206,37 @@ class AlertMirror:
         self._suppressed: dict[str, int] = {}
         self._acked: dict[tuple, int] = {}  # (detector, target, first_ts) -> count when acknowledged
         self._on_clear = None
+        self._excluded: tuple[dict[str, int], list] = ({}, [])  # per rule: alerts silenced; (rule, alert) rows
+        self._listeners: list = []  # called with each generation's latest alerts (the notifier)
 
     def reset(self, gen: int, on_clear=None) -> None:
         """Start a new generation: empty, and `on_clear` asks its stage to forget its alerts too."""
         with self._lock:
             self._gen, self._alerts, self._suppressed, self._acked = gen, [], {}, {}
-            self._on_clear = on_clear
+            self._on_clear, self._excluded = on_clear, ({}, [])
 
-    def update(self, gen: int, alerts: list, suppressed: dict[str, int]) -> None:
+    def update(self, gen: int, alerts: list, suppressed: dict[str, int],
+               excluded: tuple[dict[str, int], list] | None = None) -> None:
         """A stage's latest alerts (the whole book, newest first); ignored for another generation."""
         with self._lock:
-            if gen == self._gen:
-                self._alerts, self._suppressed = list(alerts), dict(suppressed)
+            if gen != self._gen:
+                return
+            self._alerts, self._suppressed = list(alerts), dict(suppressed)
+            if excluded is not None:
+                self._excluded = excluded
+            listeners = list(self._listeners)
+        for fn in listeners:  # each one only takes the list and returns (the notifier's queue): never waits
+            fn(gen, alerts)
+
+    def subscribe(self, fn) -> None:
+        """Call fn(gen, alerts) with every report (the notifier: it must return at once)."""
+        with self._lock:
+            self._listeners.append(fn)
+
+    def excluded(self) -> tuple[dict[str, int], list]:
+        """Per exclusion rule the distinct alerts it silenced, and (rule, alert) rows newest first."""
+        with self._lock:
+            return self._excluded
 
     def alerts(self) -> list:
         """All alerts, newest (by last seen) first, with the page's acknowledgements."""
@@ -346,7 +383,7 @@ class DetectorStage(Stage):
         self.stats.offered(len(arr), skipped=False)
         detectors.observe(arr, book)
         self.stats.analysed(self.stats.batches_done + 1, self.stats.packets_done + len(arr))
-        self.mirror.update(self.gen, book.alerts(), _suppressed(book))
+        self.mirror.update(self.gen, book.alerts(), _suppressed(book), _excluded(book))
         return True
 
     def _spawn_thread(self, target, role: str) -> None:
@@ -414,6 +451,11 @@ class DetectorStage(Stage):
             self._done_offset = (self._done_batches, self._done_packets)
         self._command(_RESET + b"!")
 
+    def configure(self, message: bytes) -> None:
+        """New thresholds, switches and exclusion rules (a config_message) for the running detectors; they
+        apply from the next batch, after the ones already queued."""
+        self._command(message)
+
     def _command(self, cmd: bytes) -> None:
         if self._inline is not None:
             self._inline = _command(cmd, *self._inline)
@@ -474,8 +516,8 @@ class DetectorStage(Stage):
         if msg[0] == "error":
             self._fail(f"detectors failed: {msg[1]}; counting goes on")
             return
-        _, batches, packets, alerts, suppressed = msg
-        self.mirror.update(self.gen, alerts, suppressed)
+        _, batches, packets, alerts, suppressed, *excluded = msg
+        self.mirror.update(self.gen, alerts, suppressed, *excluded)
         with self._synced:
             self._done_batches, self._done_packets = batches, packets
             offset = self._done_offset
@@ -507,7 +549,7 @@ class DetectorStage(Stage):
                 if delay:
                     time.sleep(delay)
             if got is not None or time.monotonic() - last > REPORT_S:
-                self._apply_report(("report", batches, packets, book.alerts(), _suppressed(book)))
+                self._apply_report(("report", batches, packets, book.alerts(), _suppressed(book), _excluded(book)))
                 last = time.monotonic()
 
 
@@ -577,11 +619,33 @@ def _command(cmd: bytes, book, detectors):
     """Apply a control message in the worker: returns the (possibly new) book and detectors."""
     from analysis.detect import Detectors
 
+    if cmd.startswith(_CONFIG):
+        return _configure(json.loads(cmd[len(_CONFIG):]), book, detectors)
     if cmd.startswith(_RESET):
         book.clear()
         if cmd.endswith(b"!"):
-            detectors = Detectors()
+            detectors = Detectors(detectors.overrides, detectors.disabled)
     return book, detectors
+
+
+def _configure(cfg: dict[str, Any], book, detectors):
+    """Apply a config_message: thresholds and switches to the detectors, rules to the book."""
+    import ipaddress
+
+    from analysis.rules import RuleError, RuleSet, rule_from
+
+    detectors = detectors.reconfigured(cfg["overrides"], frozenset(cfg["disabled"]))
+    nets = [ipaddress.ip_network(n, strict=False) for n in cfg["local_nets"]]
+    rules = []
+    for r in cfg["rules"]:
+        with contextlib.suppress(RuleError):  # the engine checked them; a bad one must not end the detectors
+            rules.append(rule_from(r))
+    book.set_rules(RuleSet(rules, nets))
+    return book, detectors
+
+
+def _excluded(book) -> tuple[dict[str, int], list]:
+    return book.excluded_counts(), book.excluded()
 
 
 def _suppressed(book) -> dict[str, int]:
@@ -628,7 +692,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
         while True:
             if batches.poll(REPORT_S):
                 buf = batches.recv_bytes()  # EOFError when the engine closes the pipe: the end
-                if len(buf) < PACKET_DTYPE.itemsize:
+                if _is_command(buf):
                     book, detectors = _command(buf, book, detectors)
                 else:
                     arr = np.frombuffer(buf, PACKET_DTYPE)
@@ -640,7 +704,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
             now = time.monotonic()
             # Report when idle with news (the last batch of a burst at once) or every REPORT_S.
             if news and (now - last >= REPORT_S or not batches.poll(0)):
-                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book)))
+                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book), _excluded(book)))
                 last, news = now, False
     except EOFError:
         pass

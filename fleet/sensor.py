@@ -172,7 +172,8 @@ class Sensor:
 
     def start(self) -> bool:
         """Open the store (an error is logged and batches spool), start the threads and the capture."""
-        self.store.open()
+        if self.store.open():
+            self.engine.controls.use_store(self.store)  # the fleet's exclusion rules and settings (documents)
         self.shipper.start()
         self._stage.start()
         return self.engine.start(Source("live", iface=self.iface, bpf=self.bpf))
@@ -207,6 +208,7 @@ class Sensor:
     def stop(self) -> dict[str, Any]:
         """Stop the capture, flush everything, send or spool it; the sensor's final report."""
         self.engine.stop()
+        self.engine.notifier.close(drain_s=config.get("NOTIFY_TIMEOUT_S") + 1)
         self._stop.set()
         self._stage.join(timeout=60)
         self._take_alerts()
@@ -281,6 +283,12 @@ def serve_metrics(sensor: Sensor, port: int, addr: str = "127.0.0.1"):
                          sensor.spool.dropped_packets)
             yield metric(CounterMetricFamily, "ntm_sensor_send_failures", "Failed sends to ClickHouse",
                          sensor.shipper.failures)
+            notify = t.get("notify") or {}
+            yield metric(CounterMetricFamily, "ntm_sensor_notify_sent", "Alert notifications delivered",
+                         notify.get("sent", 0))
+            yield metric(CounterMetricFamily, "ntm_sensor_notify_given_up",
+                         "Alert notifications given up after the retry budget (or a full queue)",
+                         notify.get("given_up", 0))
             yield metric(GaugeMetricFamily, "ntm_sensor_last_flush_timestamp_seconds",
                          "Wall time of the last batch ClickHouse took (0: none yet)", sensor.shipper.last_success or 0)
 

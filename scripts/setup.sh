@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_RUN="libpcap0.8 libpcap0.8-dev iproute2 python3-venv libcap2-bin gcc libc6-dev"
-APT_TEST="iputils-ping tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl tcpreplay dnsmasq libwireshark-data clickhouse-server clickhouse-client"
+APT_TEST="iputils-ping openssl tcpdump tshark util-linux chromium chromium-driver nmap hping3 curl tcpreplay dnsmasq libwireshark-data clickhouse-server clickhouse-client"
 want="$APT_RUN"
 [ "${1:-}" = "--test" ] && want="$want $APT_TEST"
 

@@ -13,6 +13,7 @@ range, ORDER BY ... LIMIT): a backend supplies ``_query`` and the dialect's inte
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -27,7 +28,7 @@ from analysis.headers import CLASSES, DIRECTIONS
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `documents` table (exclusion rules, baselines: small named JSON documents)
 
 # Columns of the per-second table after the common prefix (sensor, iface, origin, seg).
 SECOND_VALUES = (["packets", "bytes", "bytes_captured", "malformed"] + [f"pk_{c}" for c in CLASSES]
@@ -66,7 +67,28 @@ ALERT_COLUMNS = (("sensor", "VARCHAR"), ("iface", "VARCHAR"), ("origin", "VARCHA
                  ("last_ts", "DOUBLE"), ("count", "BIGINT"), ("evidence", "VARCHAR"))
 ORIGIN_COLUMNS = (("origin", "VARCHAR"), ("kind", "VARCHAR"), ("label", "VARCHAR"), ("created", "DOUBLE"),
                   ("sensor", "VARCHAR"))
+DOC_COLUMNS = (("kind", "VARCHAR"), ("name", "VARCHAR"), ("body", "VARCHAR"), ("updated", "DOUBLE"))
+DOC_BYTES_MAX = 1_000_000  # one document's JSON text: rules and baselines are small; bound what a page can store
 ALERT_KEYS = ("detector", "severity", "source", "target", "first_ts", "last_ts", "count", "evidence")
+
+
+def doc_text(kind: str, name: str, body: dict) -> str:
+    """The JSON text of a document, after checking its kind, name and size (ValueError with the reason)."""
+    if not isinstance(kind, str) or not kind.strip() or not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a document needs a kind and a name (got {kind!r}, {name!r})")
+    if not isinstance(body, dict):
+        raise ValueError(f"a document's body is a JSON object, not {type(body).__name__}")
+    text = json.dumps(body, sort_keys=True, allow_nan=False)
+    if len(text) > DOC_BYTES_MAX:
+        raise ValueError(f"document {kind}/{name} is {len(text)} bytes, more than {DOC_BYTES_MAX}")
+    return text
+
+
+def doc_rows(df: pd.DataFrame) -> list[dict]:
+    """Documents as dicts (name, body, updated) from rows with those columns (body as JSON text), by name."""
+    out = [{"name": str(r["name"]), "body": json.loads(r["body"]), "updated": float(r["updated"])}
+           for _, r in df.iterrows()]
+    return sorted(out, key=lambda d: d["name"])
 
 
 def columns(table: str) -> list[str]:
@@ -266,6 +288,20 @@ class Store(ABC):
     @abstractmethod
     def remove_origin(self, origin: str) -> int:
         """Delete every row of one origin (an imported file). Rows deleted."""
+
+    # -- documents (exclusion rules, baselines) ------------------------------------------
+
+    @abstractmethod
+    def put_doc(self, kind: str, name: str, body: dict) -> None:
+        """Save (or replace) the named document of a kind; raises ValueError (bad input) or OSError (store down)."""
+
+    @abstractmethod
+    def docs(self, kind: str) -> list[dict]:
+        """Every document of a kind, by name: dicts with name, body and updated (wall time); OSError when down."""
+
+    @abstractmethod
+    def delete_doc(self, kind: str, name: str) -> bool:
+        """Remove a named document; False when there was none; OSError when the store is down."""
 
     # -- queries -----------------------------------------------------------------------
 

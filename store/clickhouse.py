@@ -46,6 +46,7 @@ import config
 from store.base import (
     ALERT_COLUMNS,
     ALERT_KEYS,
+    DOC_COLUMNS,
     ORIGIN_COLUMNS,
     PREFIX,
     SCHEMA_VERSION,
@@ -54,6 +55,8 @@ from store.base import (
     StoreBatch,
     TimeRange,
     columns,
+    doc_rows,
+    doc_text,
 )
 
 log = logging.getLogger(__name__)
@@ -139,8 +142,16 @@ def distributed_sql(db: str, cluster: str) -> list[str]:
             f"cityHash64(sensor))" for t in (*QUERY_TABLES, "commits")]
 
 
+def documents_sql(db: str) -> list[str]:
+    """Schema version 2: named JSON documents (exclusion rules, baselines). Versioned rows, no DELETE
+    (18.16 has none): the newest `ver` of a (kind, name) wins and a row with deleted = 1 removes it."""
+    body = ", ".join(_col_sql("documents", c, t) for c, t in DOC_COLUMNS)
+    return [f"CREATE TABLE IF NOT EXISTS {db}.documents ({body}, deleted UInt8, ver Int64) "
+            f"ENGINE = ReplacingMergeTree(ver) ORDER BY (kind, name)"]
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql}
 
 
 class ClickHouseStore(Store):
@@ -260,6 +271,9 @@ class ClickHouseStore(Store):
                 out.append((f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))]))
             if self.cluster:
                 out += distributed_sql(self.db, self.cluster)
+                # Documents belong to no sensor: spread by their own key; a query reads every shard.
+                out.append(f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
+                           f"Distributed({self.cluster}, {self.db}, documents, cityHash64(kind, name))")
             return out
 
         self._each_shard(client, statements)
@@ -379,6 +393,37 @@ class ClickHouseStore(Store):
                 client.disconnect()
             except Exception:  # a broken connection may fail to close; it is gone either way
                 log.debug("disconnect failed", exc_info=True)
+
+    # -- documents ---------------------------------------------------------------------------
+
+    def put_doc(self, kind: str, name: str, body: dict) -> None:
+        """Save (or replace) one named document: a row of a newer version."""
+        self._doc_row(kind, name, doc_text(kind, name, body), 0)
+
+    def docs(self, kind: str) -> list[dict]:
+        """Every document of a kind (each name's newest version, unless that one deletes it), by name."""
+        df = self._run(f"SELECT name, argMax(body, ver) AS b, argMax(updated, ver) AS u, argMax(deleted, ver) AS d "
+                       f"FROM {self._t('documents')} WHERE kind = %(kind)s GROUP BY name HAVING d = 0",
+                       {"kind": kind})
+        return doc_rows(df.rename(columns={"b": "body", "u": "updated"}))
+
+    def delete_doc(self, kind: str, name: str) -> bool:
+        """Remove one document (a deleting row of a newer version); False when there was none."""
+        if not any(d["name"] == name for d in self.docs(kind)):
+            return False
+        self._doc_row(kind, name, "{}", 1)
+        return True
+
+    def _doc_row(self, kind: str, name: str, text: str, deleted: int) -> None:
+        with self._lock:
+            if not self._ready() or self._client is None:
+                raise OSError(self._message or "store is not open")
+            try:
+                self._client.execute(f"INSERT INTO {self._t('documents')} (kind, name, body, updated, deleted, ver) "
+                                     f"VALUES", [(kind, name, text, time.time(), deleted, self.next_version())])
+            except Exception as exc:  # any backend failure: the caller shows it
+                self._failed(exc)
+                raise OSError(self._message) from exc
 
     # -- retention -------------------------------------------------------------------------
 

@@ -28,7 +28,19 @@ import duckdb
 import pandas as pd
 
 import config
-from store.base import ALERT_COLUMNS, ORIGIN_COLUMNS, PREFIX, SCHEMA_VERSION, TABLES, Store, StoreBatch, columns
+from store.base import (
+    ALERT_COLUMNS,
+    DOC_COLUMNS,
+    ORIGIN_COLUMNS,
+    PREFIX,
+    SCHEMA_VERSION,
+    TABLES,
+    Store,
+    StoreBatch,
+    columns,
+    doc_rows,
+    doc_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +84,11 @@ def _create_sql() -> list[str]:
 
 # version -> statements that bring a store from version-1 to version. A new schema version adds an
 # entry here (ALTER TABLE ...) and bumps SCHEMA_VERSION; old stores are migrated when opened.
-MIGRATIONS: dict[int, list[str]] = {1: _create_sql()}
+MIGRATIONS: dict[int, list[str]] = {
+    1: _create_sql(),
+    # 2: small named JSON documents (exclusion rules, baselines); one row per (kind, name).
+    2: [f"CREATE TABLE IF NOT EXISTS documents ({', '.join(f'{c} {t}' for c, t in DOC_COLUMNS)})"],
+}
 
 
 class StoreInUse(Exception):
@@ -228,6 +244,43 @@ class EmbeddedStore(Store):
         if con is not None:
             with contextlib.suppress(duckdb.Error):
                 con.close()
+
+    # -- documents ---------------------------------------------------------------------
+
+    def put_doc(self, kind: str, name: str, body: dict) -> None:
+        """Save (or replace) one named document in its own transaction."""
+        text = doc_text(kind, name, body)
+        self._doc_change([("DELETE FROM documents WHERE kind = ? AND name = ?", [kind, name]),
+                          ("INSERT INTO documents VALUES (?, ?, ?, ?)", [kind, name, text, time.time()])])
+
+    def docs(self, kind: str) -> list[dict]:
+        """Every document of a kind, by name."""
+        return doc_rows(self._query("SELECT name, body, updated FROM documents WHERE kind = $kind", {"kind": kind}))
+
+    def delete_doc(self, kind: str, name: str) -> bool:
+        """Remove one document; False when there was none."""
+        return self._doc_change([("DELETE FROM documents WHERE kind = ? AND name = ?", [kind, name])]) > 0
+
+    def _doc_change(self, statements: list[tuple[str, list]]) -> int:
+        """Run statements in one transaction; rows the first one changed. OSError when the store cannot write."""
+        with self._lock:
+            if self.read_only:
+                raise OSError(f"the store {self._path} is open read-only")
+            if not self._ready() or self._con is None:
+                raise OSError(self._message or "store is not open")
+            con = self._con
+            try:
+                con.execute("BEGIN TRANSACTION")
+                first = con.execute(*statements[0]).fetchone()
+                for stmt in statements[1:]:
+                    con.execute(*stmt)
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                self._failed(exc)
+                raise OSError(self._message) from exc
+            return int(first[0]) if first else 0
 
     # -- retention ---------------------------------------------------------------------
 
