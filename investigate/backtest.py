@@ -16,11 +16,6 @@ DETECTOR_OF = {"SCAN_PORTS": "port_scan", "SCAN_HOSTS": "port_scan", "SCAN_STEAL
                "SYN_FLOOD_PPS": "syn_flood", "ICMP_FLOOD_PPS": "icmp_flood", "UDP_FLOOD_PPS": "udp_flood",
                "REFLECTION_BPS": "reflection", "REFLECTION_SOURCES": "reflection", "SPIKE_SIGMAS": "spike",
                "SPIKE_MIN_PPS": "spike", "SPIKE_WARMUP_S": "spike", "NEW_HOST_LEARN_S": "new_host"}
-# Where Detectors keeps each threshold, for detectors built before Detectors(overrides=...) existed.
-ATTRIBUTE = {"SCAN_PORTS": "vports", "SCAN_HOSTS": "vhosts", "SCAN_STEALTH_PORTS": "stealth_ports",
-             "REFLECTION_BPS": "reflect_bps", "REFLECTION_SOURCES": "reflect_sources", "SPIKE_SIGMAS": "spike_k",
-             "SPIKE_MIN_PPS": "spike_min", "SPIKE_WARMUP_S": "spike_warmup", "NEW_HOST_LEARN_S": "learn"}
-FLOOD_KIND = {"SYN_FLOOD_PPS": "syn", "ICMP_FLOOD_PPS": "icmp", "UDP_FLOOD_PPS": "udp"}
 BATCH = 4096  # packets per observe(): the detectors' results do not depend on where batches end
 
 
@@ -47,26 +42,12 @@ def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH) -> Tri
     if setting not in DETECTOR_OF:
         raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
     kind = type(config.get(setting))
-    detectors, book = with_threshold(setting, kind(value)), AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
+    detectors, book = Detectors(overrides={setting: kind(value)}), AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
     ordered = rows[np.argsort(rows["ts"], kind="stable")] if len(rows) else rows
     for i in range(0, len(ordered), batch):
         detectors.observe(ordered[i:i + batch], book)
     mine = [a for a in book.alerts() if a.detector == DETECTOR_OF[setting]]
     return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
-
-
-def with_threshold(setting: str, value: float) -> Detectors:
-    """Fresh detectors with one threshold set: through overrides where Detectors takes them, else set on
-    the attribute the detectors read it from (the same value either way; config is never touched)."""
-    try:
-        return Detectors(overrides={setting: value})
-    except TypeError:  # Detectors() without run-time overrides
-        detectors = Detectors()
-        if setting in FLOOD_KIND:
-            detectors.flood_pps[FLOOD_KIND[setting]] = value
-        else:
-            setattr(detectors, ATTRIBUTE[setting], value)
-        return detectors
 
 
 def backtest(rows: np.ndarray, setting: str, values: Iterable[float]) -> list[Trial]:

@@ -48,14 +48,11 @@ def test_the_page_saves_a_named_baseline_in_the_store_and_lists_what_is_new(monk
     """Save 'quiet' over one capture, load a second with a new host and service: the page lists them with
     their first-seen times, and the baseline is still there for a new viewer."""
     import streamlit as st
-    from conftest import need
     from scapy.all import wrpcap
     from test_dashboard import app, metric, run_until
 
     from packet_processor import Source, engines, stop_all
-    from store.base import Store
 
-    need(hasattr(Store, "put_doc"), "the store's documents (Store.put_doc) arrive with the notify branch")
     rows_path = tmp_path / "quiet.pcap"
     wrpcap(str(rows_path), mixed_packets(seconds=20, spike_from=999))
     capture_rows(tmp_path)  # writes tmp_path/baseline.pcap: the same traffic and, from T0+40, the new host
