@@ -27,6 +27,7 @@ import alerts_page
 import config
 import enrich_page
 import history_page
+import investigate_page as inv
 import visualizations as viz
 from capture import broker
 from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
@@ -437,7 +438,9 @@ def metrics(snap: Snapshot, end: float | None, duration: float, now: float) -> N
     t = snap.totals
     pps, bps = snap.rate(config.get("RATE_WINDOW_S"), end) if end is not None else (0.0, 0.0)
     cols = st.columns(5)
-    cols[0].metric("Packets", f"{t['packets']:,}", help="Every packet seen since the capture started.")
+    seen = ("Buffered packets that match the filters (see the note above)." if "filter" in t
+            else "Every packet seen since the capture started.")
+    cols[0].metric("Packets", f"{t['packets']:,}", help=seen)
     cols[1].metric("Bytes", human_bytes(t["bytes"]), help=f"{t['bytes']:,} bytes on the wire since start.")
     cols[2].metric("Packets/s", f"{pps:,.1f}", help=f"Average over the last {config.get('RATE_WINDOW_S')} s.")
     cols[3].metric("Bit/s", human_rate(bps), help=f"Average over the last {config.get('RATE_WINDOW_S')} s.")
@@ -478,31 +481,39 @@ def charts(snap: Snapshot, end: float | None) -> None:
     with left:
         by = st.radio("Pie by", ["packets", "bytes"], horizontal=True, key="pie_by")
         counts = snap.totals["transport_counts" if by == "packets" else "transport_bytes"]
-        st.plotly_chart(viz.protocol_pie(counts, by), key="pie")
+        chart(viz.protocol_pie(counts, by), "pie")
         if tagged(snap.packets):
-            st.plotly_chart(viz.vlan_bar(snap.packets["vlan"]), key="vlans")
+            chart(viz.vlan_bar(snap.packets["vlan"]), "vlans")
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
         frame = viz.timeline_frame(snap.bins, window, end, LOCAL_TZ)
         marks = [a.last_ts for a in snap.alerts if end is not None and end - window < a.last_ts <= end + 1]
-        st.plotly_chart(viz.timeline(frame, marks), key="timeline")
+        chart(viz.timeline(frame, marks), "timeline")
         if end is not None and not viz.TS_MIN <= end <= viz.TS_MAX:
             st.caption(f"The capture's time ({end:.6g} s since 1970) lies outside any calendar: no timeline.")
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="top_by")
     a, b = st.columns(2)
     src, dst = snap.top_addresses("src", top_by), snap.top_addresses("dst", top_by)
-    a.plotly_chart(viz.top_bar(src, "Top 10 sources", top_by), key="top_src")
-    b.plotly_chart(viz.top_bar(dst, "Top 10 destinations", top_by), key="top_dst")
+    with a:
+        chart(viz.top_bar(src, "Top 10 sources", top_by), "top_src")
+    with b:
+        chart(viz.top_bar(dst, "Top 10 destinations", top_by), "top_dst")
     c, d = st.columns(2)
-    c.plotly_chart(viz.ports_bar(snap.top_ports("tcp", 10, top_by), snap.top_ports("udp", 10, top_by), top_by),
-                   key="ports")
+    with c:
+        chart(viz.ports_bar(snap.top_ports("tcp", 10, top_by), snap.top_ports("udp", 10, top_by), top_by), "ports")
     d.plotly_chart(viz.size_histogram(snap.packets["wire_len"]), key="sizes")
     st.subheader("Top conversations")
     conversations = snap.top_conversations(20, top_by)
-    st.dataframe(viz.conversations_table(conversations, LOCAL_TZ, top_by), hide_index=True, key="conversations")
+    st.dataframe(viz.conversations_table(conversations, LOCAL_TZ, top_by), hide_index=True, key="conversations",
+                 **inv.conversation_select(conversations))
     if any(r.get("error") for r in [*src, *dst, *conversations]):
         st.caption("≥ marks a count from a full top table (TOP_TABLE_MAX): the true count is at least that "
                    "(Space-Saving keeps the heaviest entries with a bounded error).")
+
+
+def chart(fig, key: str) -> None:
+    """A chart whose box (timeline) or clicked bar/slice adds a filter (investigate_page)."""
+    st.plotly_chart(fig, key=key, **inv.selectable(key, fig, LOCAL_TZ))
 
 
 def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
@@ -519,7 +530,8 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
     severities = st.multiselect("Severity", ["high", "medium", "low"], default=["high", "medium", "low"],
                                 key="alert_sev")
     shown = [a for a in snap.alerts if a.severity in severities]
-    st.dataframe(viz.alerts_table(shown, LOCAL_TZ), hide_index=True, key="alerts")
+    st.dataframe(inv.with_links(viz.alerts_table(shown, LOCAL_TZ), shown), hide_index=True, key="alerts",
+                 column_config=inv.link_config())
     ack, clear = st.columns(2)
     # Callbacks run before the next rerun draws the page, so the metrics above see the change.
     ack.button("Acknowledge all shown", key="alerts_ack", on_click=_acknowledge, args=(engine, shown))
@@ -560,10 +572,11 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     table = viz.recent_table(packets_table(rows, LOCAL_TZ, tagged(snap.packets)), n, text)
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
                  key="recent")
-    # A paused view downloads what it shows; otherwise the buffer as it is at the click.
-    data = (lambda: _csv(snap.packets)) if frozen else (lambda: _csv(engine.snapshot().packets))
-    st.download_button("Download the whole buffer (CSV)", data=data, file_name="packets.csv",
-                       mime="text/csv", key="csv", on_click="ignore")
+    # A paused or filtered view downloads what it shows; otherwise the buffer as it is at the click.
+    filtered = "filter" in snap.totals
+    data = (lambda: _csv(snap.packets)) if frozen or filtered else (lambda: _csv(engine.snapshot().packets))
+    label = "Download the filtered packets (CSV)" if filtered else "Download the whole buffer (CSV)"
+    st.download_button(label, data=data, file_name="packets.csv", mime="text/csv", key="csv", on_click="ignore")
 
 
 def tagged(rows: np.ndarray) -> bool:
@@ -627,7 +640,9 @@ def page() -> None:
     span = history_page.range_control(engine, taken)
     history_page.import_action(engine)
     if span is not None:  # a stored range: drawn from the history store, not the buffer
+        span = inv.history_span(*span, LOCAL_TZ)
         history_page.history_view(engine, *span, LOCAL_TZ)
+        inv.history_filtered(engine, *span, LOCAL_TZ)
     else:
         live_view(engine, snap, end, duration, taken)
     alerts_page.settings(engine)
@@ -636,9 +651,11 @@ def page() -> None:
 
 
 def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration: float, taken: float) -> None:
-    """The buffer and counters of the running capture (the Live time range)."""
+    """The buffer and counters of the running capture (the Live time range), filtered as the URL says."""
+    inv.health_panel(snap, taken)
+    whole, snap = snap, inv.live_filter(snap, LOCAL_TZ)
     metrics(snap, end, duration, taken)
-    if not snap.totals["packets"]:
+    if not snap.totals["packets"] and "filter" not in snap.totals:
         if snap.status.state != "error":
             st.info(EMPTY_HELP)
     else:
@@ -646,6 +663,9 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         enrich_page.panel(snap, LOCAL_TZ)
         alerts_panel(snap, engine)
         alerts_page.alert_extras(snap, engine)
+        inv.alert_tools(snap, LOCAL_TZ)
+        inv.explain_panel(whole, LOCAL_TZ)
+        inv.tools(engine, whole, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
         history_page.live_downloads(snap)
 

@@ -18,7 +18,9 @@ import time
 
 from common import make_mixed_pcap
 
+import config
 import visualizations as viz
+from investigate import filters as flt
 from packet_processor import CaptureEngine, Snapshot, packets_frame
 
 
@@ -66,6 +68,22 @@ def timed(fn, engine: CaptureEngine, repeat: int) -> float:
     return statistics.median(times)
 
 
+def filter_cases(snap: Snapshot) -> list[tuple[str, list]]:
+    """Filters as a viewer sets them: a protocol (most of the buffer), the busiest source (a sliver),
+    a brushed span of the middle half with a protocol."""
+    busiest = snap.top_addresses("src", "packets", 1)[0]["addr"]
+    lo, hi = float(snap.packets["ts"].min()), float(snap.packets["ts"].max())
+    span = [("from", str(lo + (hi - lo) / 4)), ("to", str(hi - (hi - lo) / 4)), ("proto", "tcp")]
+    return [(name, flt.parse(pairs)[0]) for name, pairs in
+            (("proto=udp", [("proto", "udp")]), (f"src={busiest}", [("src", busiest)]), ("span+proto=tcp", span))]
+
+
+def filtered_work(conds: list):
+    """One rerun with filters: the filtered snapshot counted afresh, then the same figures and tables."""
+    top, bins = config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS")
+    return lambda snap: refresh_work(flt.view(snap, conds, top, bins))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="small sizes, a few seconds")
@@ -76,6 +94,7 @@ def main() -> None:
         path = os.path.join(tmp, "mixed.pcap")
         make_mixed_pcap(path, max(sizes))
         print(f"{'buffer':>10} {'ours ms':>9} {'seed-style ms':>14} {'speed-up':>9}")
+        results = []
         for size in sizes:
             engine = CaptureEngine(buffer_size=size)
             engine.load_file(path)
@@ -83,6 +102,13 @@ def main() -> None:
             ours = timed(refresh_work, engine, repeat)
             seed = timed(seed_work, engine, max(1, repeat // 3))
             print(f"{size:>10,} {ours * 1e3:>9.1f} {seed * 1e3:>14.1f} {seed / ours:>8.1f}x")
+            results.append((size, engine))
+        print(f"\n{'buffer':>10} {'filter':>24} {'matched':>10} {'filtered ms':>12}  (snapshot + filter + page)")
+        for size, engine in results:
+            for name, conds in filter_cases(engine.snapshot()):
+                matched = int(flt.mask(engine.snapshot().packets, conds).sum())
+                t = timed(filtered_work(conds), engine, repeat)
+                print(f"{size:>10,} {name:>24} {matched:>10,} {t * 1e3:>12.1f}")
 
 
 if __name__ == "__main__":

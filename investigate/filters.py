@@ -1,0 +1,262 @@
+"""A filter spec read from and written to the URL's query string, applied to buffered packets with numpy masks.
+
+A spec is a tuple of (key, text) pairs, combined with AND; the same key may appear twice (a conversation
+is host=A & host=B & port=P & port=Q). `view` turns a Snapshot into the Snapshot of the matching packets,
+counted afresh, so every panel that reads a Snapshot shows the filtered numbers unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Any
+
+import numpy as np
+
+from analysis.counters import BIN_FIELDS, Counters
+from analysis.headers import CLASSES, DIRECTIONS
+from capture.sources import V4_PREFIX
+
+KEYS = ("src", "dst", "host", "port", "proto", "vlan", "sensor", "from", "to")
+ADDRESS_KEYS = ("src", "dst", "host")
+Spec = tuple[tuple[str, str], ...]
+
+
+class FilterError(ValueError):
+    """A filter value that cannot be read; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One parsed filter: key, the text as given, and the value it means."""
+
+    key: str
+    text: str
+    value: Any  # (net bytes, prefix bits) | int | float | str
+
+    def label(self) -> str:
+        """The chip text, e.g. 'src = 10.0.0.1'."""
+        return f"{self.key} = {self.text}"
+
+
+def _net(text: str) -> tuple[bytes, int]:
+    """An address or network as (16-byte key, prefix bits over the 16 bytes); IPv4 maps like the records."""
+    try:
+        net = ipaddress.ip_network(text.strip().strip("[]"), strict=False)
+    except ValueError:
+        raise FilterError(f"not an IP address or network: {text!r}") from None
+    if net.version == 4:
+        return V4_PREFIX + net.network_address.packed, 96 + net.prefixlen
+    return net.network_address.packed, net.prefixlen
+
+
+def parse_time(text: str, tz: tzinfo | None = None) -> float:
+    """Epoch seconds, or ISO 8601 (a time without an offset is in zone `tz`, else UTC)."""
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
+        except ValueError:
+            raise FilterError(f"not a time (epoch seconds or ISO 8601): {text!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=tz) if tz is not None else when.astimezone()
+        return when.timestamp()
+    if not math.isfinite(value):
+        raise FilterError(f"not a time (epoch seconds or ISO 8601): {text!r}")
+    return value
+
+
+def _int(text: str, key: str, lo: int, hi: int) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise FilterError(f"{key} must be a whole number from {lo} to {hi}: {text!r}") from None
+    if not lo <= value <= hi:
+        raise FilterError(f"{key} must be a whole number from {lo} to {hi}: {text!r}")
+    return value
+
+
+def parse_one(key: str, text: str, tz: tzinfo | None = None) -> Condition:
+    """One (key, text) pair as a Condition; FilterError with a clear message when it means nothing."""
+    if key in ADDRESS_KEYS:
+        return Condition(key, text.strip(), _net(text))
+    if key == "port":
+        return Condition(key, text.strip(), _int(text, "port", 0, 65535))
+    if key == "vlan":
+        return Condition(key, text.strip(), _int(text, "vlan", 1, 4094))
+    if key == "proto":
+        name = text.strip().lower()
+        if name not in CLASSES:
+            raise FilterError(f"proto must be one of {', '.join(CLASSES)}: {text!r}")
+        return Condition(key, name, CLASSES.index(name))
+    if key in ("from", "to"):
+        return Condition(key, text.strip(), parse_time(text, tz))
+    if key == "sensor":
+        return Condition(key, text.strip(), text.strip())
+    raise FilterError(f"unknown filter key {key!r} (known: {', '.join(KEYS)})")
+
+
+def parse(pairs: Iterable[tuple[str, str]], tz: tzinfo | None = None) -> tuple[list[Condition], list[str]]:
+    """(conditions that parse, one message per pair that does not): a bad value never raises."""
+    conds, errors = [], []
+    for key, text in pairs:
+        try:
+            conds.append(parse_one(key, text, tz))
+        except FilterError as exc:
+            errors.append(str(exc))
+    lows = [c.value for c in conds if c.key == "from"]
+    highs = [c.value for c in conds if c.key == "to"]
+    if lows and highs and max(lows) >= min(highs):
+        errors.append("from must be earlier than to: the time filter matches nothing")
+    return conds, errors
+
+
+def from_query(params: Mapping[str, Any]) -> Spec:
+    """The spec held in a query string (st.query_params, or a dict of str / list of str); other keys are ignored."""
+    out = []
+    for key in KEYS:
+        if key not in params:
+            continue
+        values = params.get_all(key) if hasattr(params, "get_all") else params[key]
+        for v in [values] if isinstance(values, str) else values:
+            out.append((key, str(v)))
+    return tuple(out)
+
+
+def to_query(spec: Spec) -> dict[str, list[str]]:
+    """The spec as query parameters (a key given twice becomes a list)."""
+    out: dict[str, list[str]] = {}
+    for key, text in spec:
+        out.setdefault(key, []).append(text)
+    return out
+
+
+def with_filter(spec: Spec, key: str, text: str, replace: bool = True) -> Spec:
+    """The spec with key=text added; `replace` first drops the key's other values (a new click on a bar)."""
+    kept = tuple(p for p in spec if not (replace and p[0] == key) and p != (key, text))
+    return (*kept, (key, text))
+
+
+def without(spec: Spec, pair: tuple[str, str]) -> Spec:
+    """The spec without one pair (a chip removed)."""
+    return tuple(p for p in spec if p != pair)
+
+
+# -- masks --------------------------------------------------------------------------------------
+
+
+def _addr_bytes(rows: np.ndarray, field: str) -> np.ndarray:
+    return np.ascontiguousarray(rows[field]).view(np.uint8).reshape(len(rows), 16)
+
+
+def addr_mask(addrs: np.ndarray, net: tuple[bytes, int]) -> np.ndarray:
+    """Which of the (n, 16) uint8 addresses lie in the network (16-byte key, prefix bits)."""
+    key, bits = net
+    whole, rest = divmod(bits, 8)
+    want = np.frombuffer(key, np.uint8)
+    mask = np.ones(len(addrs), bool)
+    if key[:12] != V4_PREFIX and bits < 96:
+        # An IPv6 network as wide as ::/96 would also cover the IPv4 addresses the records map into
+        # ::ffff:0:0/96; an IPv6 filter means IPv6 traffic.
+        mask &= ~(addrs[:, :12] == np.frombuffer(V4_PREFIX, np.uint8)).all(axis=1)
+    if whole:
+        mask &= (addrs[:, :whole] == want[:whole]).all(axis=1)
+    if rest:
+        m = (0xFF << (8 - rest)) & 0xFF
+        mask &= (addrs[:, whole] & m) == (want[whole] & m)
+    return mask
+
+
+def mask(rows: np.ndarray, conds: Iterable[Condition]) -> np.ndarray:
+    """Which rows match every condition (sensor is not a field of a single capture's records: see view)."""
+    out = np.ones(len(rows), bool)
+    cache: dict[str, np.ndarray] = {}
+
+    def addrs(field: str) -> np.ndarray:
+        if field not in cache:
+            cache[field] = _addr_bytes(rows, field)
+        return cache[field]
+
+    for c in conds:
+        if c.key == "src":
+            out &= addr_mask(addrs("src"), c.value)
+        elif c.key == "dst":
+            out &= addr_mask(addrs("dst"), c.value)
+        elif c.key == "host":
+            out &= addr_mask(addrs("src"), c.value) | addr_mask(addrs("dst"), c.value)
+        elif c.key == "port":
+            out &= (rows["sport"] == c.value) | (rows["dport"] == c.value)
+        elif c.key == "proto":
+            out &= rows["cls"] == c.value
+        elif c.key == "vlan":
+            out &= rows["vlan"] == c.value
+        elif c.key == "from":
+            out &= rows["ts"] >= c.value
+        elif c.key == "to":
+            out &= rows["ts"] < c.value
+    return out
+
+
+# -- the filtered view ---------------------------------------------------------------------------
+
+
+def coverage(snap) -> dict[str, Any]:
+    """What the buffer holds of the capture: whole (exact) or only its last N packets since T (approximate)."""
+    held = len(snap.packets)
+    total = int(snap.totals.get("packets") or 0)
+    since = float(snap.packets["ts"].min()) if held else None
+    return {"buffered": held, "total": total, "whole": held >= total, "since": since}
+
+
+def alert_matches(alert, conds: Iterable[Condition]) -> bool:
+    """Whether an alert concerns the filtered traffic: its source/target in the address filters, its time
+    span overlapping from/to (ports and protocols are not fields of an alert: they do not hide one)."""
+    ends = {"src": (alert.source,), "dst": (alert.target,), "host": (alert.source, alert.target)}
+    for c in conds:
+        if c.key in ends:
+            hits = []
+            for text in ends[c.key]:
+                try:
+                    hits.append(addr_mask(np.frombuffer(_net(str(text))[0], np.uint8).reshape(1, 16), c.value)[0])
+                except FilterError:
+                    hits.append(False)  # a MAC or a text target: not an address
+            if not any(hits):
+                return False
+        elif (c.key == "from" and alert.last_ts < c.value) or (c.key == "to" and alert.first_ts >= c.value):
+            return False
+    return True
+
+
+def view(snap, conds: list[Condition], top_max: int, bin_seconds: int):
+    """The Snapshot of the buffered packets matching every condition, counted afresh (exact over the buffer).
+
+    Engine-wide figures that no record carries (drops, stages, store) stay as they are; `totals["filter"]`
+    says what the numbers cover."""
+    # take() of the matching indexes copies the records ~2.5x faster than boolean indexing does.
+    rows = snap.packets.take(np.flatnonzero(mask(snap.packets, conds))) if conds else snap.packets
+    c = Counters(top_max)
+    # The timeline keeps the seconds the page keeps: the buffer can hold more seconds than that.
+    c.add(rows, max(bin_seconds, 1))
+    totals = dict(snap.totals)
+    totals.update({
+        "packets": c.packets, "bytes": c.bytes, "bytes_captured": c.bytes_captured, "malformed": c.malformed,
+        "transport_counts": dict(zip(CLASSES, c.cls_packets.tolist())),
+        "transport_bytes": dict(zip(CLASSES, c.cls_bytes.tolist())),
+        "direction_counts": dict(zip(DIRECTIONS, c.dir_packets.tolist())),
+        "direction_bytes": dict(zip(DIRECTIONS, c.dir_bytes.tolist())),
+        "first_ts": c.first_ts, "last_ts": c.last_ts, "min_ts": c.min_ts, "max_ts": c.max_ts,
+        "filter": {**coverage(snap), "matched": c.packets, "conditions": [x.label() for x in conds]},
+    })
+    rows = np.asarray(rows)
+    rows.flags.writeable = False
+    grid = np.array([[s, *v] for s, v in sorted(c.bins.items())], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
+    grid.flags.writeable = False
+    tables = {name: getattr(c, name).frozen() for name in Counters.TABLES}
+    alerts = tuple(a for a in snap.alerts if alert_matches(a, conds))
+    return dataclasses.replace(snap, packets=rows, totals=totals, bins=grid, alerts=alerts, **tables)

@@ -1,0 +1,595 @@
+"""The Streamlit side of investigating (issue 15): filter chips, brushing and clicking, the URL, the notes.
+
+Each viewer's filters live in its own URL query string (st.query_params is per session), so a link
+reproduces the view; the capture stays shared. The numbers come from investigate.filters.view.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import urllib.parse
+from datetime import tzinfo
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+import config
+import visualizations as viz
+from investigate import filters as flt
+
+log = logging.getLogger(__name__)
+PROTO_BY_LABEL = dict(zip(viz.PROTOCOLS, viz.CLASS_KEYS))
+LABELS_KEY = "_inv_labels"  # chart key -> the label lists of its traces, for mapping a clicked point back
+
+
+def spec() -> flt.Spec:
+    """This viewer's filters, from its URL."""
+    return flt.from_query(st.query_params)
+
+
+def set_spec(new: flt.Spec) -> None:
+    """Write the filters to this viewer's URL (other query keys stay)."""
+    qp = st.query_params
+    for key in flt.KEYS:
+        if key in qp:
+            del qp[key]
+    for key, values in flt.to_query(new).items():
+        qp[key] = values if len(values) > 1 else values[0]
+
+
+# dashboard.plain's rule (dashboard.py runs the page when imported): escaped punctuation is never markup.
+_MARKDOWN = str.maketrans({**{c: "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"}, "\n": " ", "\r": " "})
+
+
+def plain(text: str) -> str:
+    """Text shown as itself in Markdown (values come from the URL, which anyone can write)."""
+    return text.translate(_MARKDOWN)
+
+
+def live_filter(snap, tz: tzinfo | None):
+    """Chips, messages and the filtered Snapshot (the snapshot itself when no filter is set)."""
+    conds, errors = flt.parse(spec(), tz)
+    chips(tz)
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+    if any(c.key == "sensor" for c in conds):
+        st.info("sensor= selects a sensor in the fleet views; this page shows one capture, so it is not applied here.")
+    conds = [c for c in conds if c.key != "sensor"]
+    if not conds:
+        return snap
+    view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
+    st.caption(plain(coverage_text(view.totals["filter"], tz)))
+    return view
+
+
+def coverage_text(f: dict[str, Any], tz: tzinfo | None) -> str:
+    """What the filtered numbers cover: exact over the whole capture, or over the last N buffered packets."""
+    matched = f"{f['matched']:,} packets match the filters"
+    if f["whole"]:
+        return f"{matched}: exact, over the whole capture ({f['buffered']:,} packets, all in the buffer)."
+    since = viz.time_texts([f["since"]], tz)[0] if f["since"] is not None else "—"
+    return (f"{matched} over the last {f['buffered']:,} buffered packets, since {since} — approximate for the "
+            f"whole capture ({f['total']:,} packets; the buffer holds BUFFER_SIZE packets).")
+
+
+def chips(tz: tzinfo | None) -> None:
+    """The filters as removable chips, a box to add one by hand, and Clear."""
+    current = spec()
+    with st.container(key="filter_chips"):
+        cols = st.columns([3, 1]) if current else [st.container()]
+        with cols[0]:
+            st.text_input("Add a filter", key="filter_add", placeholder="host=10.0.0.1, port=443, proto=udp, "
+                          "from=2024-05-01T14:02:00", on_change=_add_typed, args=(tz,),
+                          help="Keys: " + ", ".join(flt.KEYS) + ". Several filters combine with AND; the URL "
+                               "holds them, so a link reproduces this view.")
+        if not current:
+            return
+        cols[1].button("Clear filters", key="filter_clear", on_click=set_spec, args=((),))
+        row = st.columns(min(len(current), 6))
+        for i, pair in enumerate(current):
+            row[i % len(row)].button(f"✕ {chip_text(pair, tz)}", key=f"chip_{i}_{pair[0]}",
+                                     on_click=_remove, args=(pair,), help="Remove this filter")
+
+
+def chip_text(pair: tuple[str, str], tz: tzinfo | None) -> str:
+    """A chip's label; times also in the page's zone."""
+    key, text = pair
+    if key in ("from", "to"):
+        try:
+            return f"{key} {viz.time_texts([flt.parse_time(text, tz)], tz)[0]}"
+        except flt.FilterError:
+            pass
+    return f"{key} = {text}"
+
+
+def _remove(pair: tuple[str, str]) -> None:
+    set_spec(flt.without(spec(), pair))
+
+
+def _add_typed(tz: tzinfo | None) -> None:
+    text = st.session_state.get("filter_add", "").strip()
+    st.session_state["filter_add"] = ""
+    new = spec()
+    for part in (p.strip() for p in text.replace(",", " ").split()):
+        key, sep, value = part.partition("=")
+        if sep:
+            new = flt.with_filter(new, key.strip().lower(), value.strip(), replace=False)
+        else:
+            new = flt.with_filter(new, "host", part, replace=False)
+    set_spec(new)
+
+
+# -- brushing and clicking ------------------------------------------------------------------------
+
+
+def selectable(key: str, fig, tz: tzinfo | None) -> dict[str, Any]:
+    """st.plotly_chart keyword arguments that turn a selection on chart `key` into filters."""
+    if key == "pie":  # a sunburst's click comes as one point with its label
+        return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("points",)}
+    if key == "timeline":
+        # A drag selects a time span (whole height) instead of zooming; double-click still resets.
+        fig.layout.dragmode, fig.layout.selectdirection = "select", "h"
+        return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("box",)}
+    st.session_state.setdefault(LABELS_KEY, {})[key] = [trace_labels(t) for t in fig.data]
+    return {"on_select": functools.partial(_on_select, key, tz), "selection_mode": ("points",)}
+
+
+def trace_labels(trace) -> list:
+    """A trace's category labels: a pie's labels, a horizontal bar's y."""
+    labels = getattr(trace, "labels", None)
+    if labels is None:
+        labels = getattr(trace, "y", None)
+    return [] if labels is None else list(labels)
+
+
+def selection_filters(key: str, selection: dict[str, Any], labels: list[list], tz: tzinfo | None) -> list:
+    """The (key, text) filters a chart selection means: a timeline box is a time span; a point is a value."""
+    if key == "timeline":
+        for box in selection.get("box") or []:
+            xs = [local_epoch(x, tz) for x in box.get("x") or []]
+            if len(xs) >= 2:
+                return [("from", f"{min(xs):.6f}".rstrip("0").rstrip(".")),
+                        ("to", f"{max(xs):.6f}".rstrip("0").rstrip("."))]
+        return []
+    out = []
+    for p in selection.get("points") or []:
+        if key == "pie" and p.get("label"):
+            out.extend(label_filters(key, html.unescape(str(p["label"]))))
+            continue
+        curve, idx = int(p.get("curve_number", 0) or 0), p.get("point_index", p.get("point_number"))
+        try:
+            label = html.unescape(str(labels[curve][int(idx)]))
+        except (IndexError, TypeError, ValueError):
+            continue
+        out.extend(label_filters(key, label))
+    return out
+
+
+def label_filters(key: str, label: str) -> list[tuple[str, str]]:
+    """The filters a clicked label stands for, per chart."""
+    if key in ("pie",):
+        return [("proto", PROTO_BY_LABEL[label])] if label in PROTO_BY_LABEL else []
+    if key in ("top_src", "who_src"):
+        return [("src", label)]
+    if key in ("top_dst", "who_dst"):
+        return [("dst", label)]
+    if key == "ports":  # 'tcp/443 https'
+        proto, _, rest = label.partition("/")
+        return [("proto", proto), ("port", rest.split()[0])] if rest else []
+    if key == "vlans":  # 'VLAN 10'
+        return [("vlan", label.split()[-1])]
+    return []
+
+
+def local_epoch(x: Any, tz: tzinfo | None) -> float:
+    """A timeline x value (naive wall-clock time of the page's zone, as Plotly sends it) as epoch seconds."""
+    t = pd.Timestamp(x)
+    if t.tzinfo is None:
+        t = t.tz_localize(tz if tz is not None else "UTC", ambiguous=True, nonexistent="shift_forward")
+    return t.timestamp()
+
+
+def _on_select(key: str, tz: tzinfo | None) -> None:
+    state = st.session_state.get(key)
+    selection = (state or {}).get("selection") or {}
+    new = selection_filters(key, selection, st.session_state.get(LABELS_KEY, {}).get(key, []), tz)
+    apply(new)
+
+
+def apply(new: list[tuple[str, str]]) -> None:
+    """Add filters from a selection: a key set again replaces its value, except host and port from a row."""
+    current = spec()
+    for k, text in new:
+        current = flt.with_filter(current, k, text, replace=True)
+    set_spec(current)
+
+
+def conversation_select(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """st.dataframe keyword arguments that turn a clicked conversation row into its filters."""
+    st.session_state["_inv_conversations"] = [
+        {k: r[k] for k in ("a", "b", "a_port", "b_port", "proto")} for r in rows]
+    return {"on_select": _on_conversation, "selection_mode": "single-row"}
+
+
+def conversation_filters(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """A conversation's filters: both ends, both ports, its protocol (combined with AND)."""
+    out = [("host", row["a"]), ("host", row["b"])] if row["a"] != row["b"] else [("host", row["a"])]
+    ports = {p for p in (row["a_port"], row["b_port"]) if p is not None}
+    out += [("port", str(p)) for p in sorted(ports)]
+    proto = str(row["proto"]).lower()
+    if proto in flt.CLASSES:
+        out.append(("proto", proto))
+    return out
+
+
+def _on_conversation() -> None:
+    picked = ((st.session_state.get("conversations") or {}).get("selection") or {}).get("rows") or []
+    rows = st.session_state.get("_inv_conversations") or []
+    if not picked or picked[0] >= len(rows):
+        return
+    keep = tuple(p for p in spec() if p[0] not in ("host", "port", "proto", "src", "dst"))
+    set_spec(keep + tuple(conversation_filters(rows[picked[0]])))
+
+
+# -- capture health ---------------------------------------------------------------------------------
+
+
+def health_panel(snap, wall: float) -> None:
+    """Red the moment the page's numbers stop being trustworthy; the readings behind the verdict."""
+    from investigate import health
+
+    before = st.session_state.get("_health_prev")
+    live = snap.status.source.startswith("interface")
+    h = health.assess(snap, wall, before, live)
+    if not st.session_state.get("paused"):  # a paused view keeps its moment; rates restart after it
+        st.session_state["_health_prev"] = health.sample(snap, wall)
+    if h.red:
+        st.error("Capture health: the numbers on this page are not trustworthy — "
+                 + plain("; ".join(h.reasons)) + ".", icon="🔴")
+    title = "Capture health: NOT TRUSTWORTHY" if h.red else "Capture health: OK"
+    with st.expander(title, expanded=False, key="inv_health"):
+        for name, value in h.readings.items():
+            st.markdown(f"**{plain(name)}**: {plain(value)}")
+        for note in h.notes:
+            st.caption(plain(note))
+
+
+# -- explain a change, explain an alert ----------------------------------------------------------
+
+
+def alert_filters(alert) -> list[tuple[str, str]]:
+    """The filters that show an alert's evidence: its addresses (when they are addresses) and its span."""
+    out = []
+    for key, text in (("src", alert.source), ("dst", alert.target)):
+        try:
+            flt.parse_one(key, str(text))
+        except flt.FilterError:
+            continue  # 'all traffic', a MAC, 'packets/s': not an address
+        out.append((key, str(text)))
+    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
+    out += [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+    return out
+
+
+def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
+    """The buffered packets an alert's evidence filters keep: what its export holds, row for row."""
+    conds, _ = flt.parse(evidence, tz)
+    return snap.packets[flt.mask(snap.packets, conds)]
+
+
+def _num(x: float) -> str:
+    return f"{x:.6f}".rstrip("0").rstrip(".")
+
+
+def _alert_name(a) -> str:
+    return f"{a.detector} · {a.source} → {a.target} · {viz.time_texts([a.last_ts])[0]} UTC"
+
+
+def alert_tools(snap, tz: tzinfo | None) -> None:
+    """Pick an alert: a link to the filtered view of its evidence, its rows as CSV or pcap, and for a
+    spike, what explains it."""
+    from packet_processor import packets_csv
+    from store.export import header_pcap
+
+    if not snap.alerts:
+        return
+    st.subheader("Investigate an alert")
+    names = [_alert_name(a) for a in snap.alerts]
+    pick = st.selectbox("Alert", range(len(names)), format_func=lambda i: names[i], key="inv_alert")
+    alert = snap.alerts[min(pick or 0, len(snap.alerts) - 1)]
+    evidence = alert_filters(alert)
+    rows = evidence_rows(snap, evidence, tz)
+    link = "?" + "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in evidence)
+    st.markdown(f"Evidence: [{plain(', '.join(f'{k}={v}' for k, v in evidence))}]({link}) — "
+                f"{len(rows):,} buffered packets.")
+    a, b, c = st.columns(3)
+    a.button("Show its evidence on this page", key="inv_alert_show", on_click=set_spec, args=(tuple(evidence),))
+    b.download_button("Its packets (CSV)", data=lambda: packets_csv(rows, tz), file_name=f"{alert.detector}.csv",
+                      mime="text/csv", key="inv_alert_csv", on_click="ignore")
+    c.download_button("Its packets' headers (pcap)", data=lambda: header_pcap(rows), on_click="ignore",
+                      file_name=f"{alert.detector}.pcap", mime="application/vnd.tcpdump.pcap", key="inv_alert_pcap")
+    if alert.detector == "spike":
+        explain_block(snap, alert.first_ts // 1, alert.last_ts // 1 + 1, "alert")
+
+
+def explain_panel(snap, tz: tzinfo | None) -> None:
+    """Explain the span selected on the timeline (from/to), within the other filters."""
+    conds, _ = flt.parse(spec(), tz)
+    lows = [c.value for c in conds if c.key == "from"]
+    highs = [c.value for c in conds if c.key == "to"]
+    st.subheader("Explain a change")
+    if not (lows and highs):
+        st.caption("Drag across the timeline to select a span (or pick a spike alert above): the page then ranks "
+                   "hosts, networks, ports, protocols and directions by their share of the change against the "
+                   "window just before it.")
+        return
+    others = [c for c in conds if c.key not in ("from", "to", "sensor")]
+    rows = snap.packets[flt.mask(snap.packets, others)] if others else snap.packets
+    explain_block(rows, max(lows), min(highs), "span")
+
+
+def as_lookup():
+    """An address's AS organisation from the enrichment's offline database, or None when it is not loaded."""
+    try:
+        import enrich
+
+        geo = enrich.shared().geo
+    except Exception:  # enrichment unavailable: the explainer goes without AS
+        log.debug("no enrichment for the explainer", exc_info=True)
+        return None
+    if not geo.source:
+        return None
+
+    def of(addr: str) -> str | None:
+        g = geo.lookup(addr)
+        return g.as_org if g else None
+    return of
+
+
+def explain_block(source, start: float, end: float, key: str) -> None:
+    """The explanation of [start, end) over a snapshot's or an array's packets, when asked for."""
+    from investigate import explain as ex_mod
+
+    rows = source.packets if hasattr(source, "packets") else source
+    measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key=f"explain_measure_{key}")
+    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", key=f"explain_{key}"):
+        return
+    try:
+        ex = ex_mod.explain(rows, float(start), float(end), measure, as_lookup())
+    except ValueError as exc:
+        st.error(plain(str(exc)))
+        return
+    st.success(plain(ex.headline))
+    if ex.baseline_s < end - start:
+        st.caption(plain(f"The buffer holds only {ex.baseline_s:,.1f} s before the span (of {end - start:,.1f} s): "
+                         "the baseline is shorter, so the shares are approximate."))
+    st.dataframe(pd.DataFrame(ex_mod.leaders(ex)), hide_index=True, key=f"explain_leaders_{key}")
+    dim = st.selectbox("Detail by", list(ex.dims), key=f"explain_dim_{key}")
+    detail = [{"key": r.key, "share of the change %": round(100 * r.share, 1),
+               f"before ({measure})": round(r.before, 1), f"during ({measure})": round(r.during, 1)}
+              for r in ex.dims[dim][:20]]
+    st.dataframe(pd.DataFrame(detail), hide_index=True, key=f"explain_detail_{key}")
+
+
+# -- history ------------------------------------------------------------------------------------------
+
+
+def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
+    """The stored range narrowed by the URL's from/to; what the history cannot filter is said, not hidden."""
+    conds, errors = flt.parse(spec(), tz)
+    chips(tz)
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+    lows = [c.value for c in conds if c.key == "from"]
+    highs = [c.value for c in conds if c.key == "to"]
+    # Stored ranges are whole seconds, both ends included: from rounds down, to (exclusive) up.
+    lo = max([since, *[int(v // 1) for v in lows]])
+    hi = min([until, *[int(-(-v // 1)) - 1 for v in highs]])
+    if lows or highs:
+        st.caption(f"from/to narrow the stored range to {viz.time_texts([lo], tz)[0]} – {viz.time_texts([hi], tz)[0]} "
+                   "(whole seconds).")
+    rest = sorted({c.key for c in conds if c.key not in ("from", "to")})
+    if rest:
+        st.warning(plain(f"Not applied to the history's totals and charts: {', '.join(rest)}. The store keeps "
+                         "per-minute summaries, not packets: the numbers below are all traffic of the range, and "
+                         "the matching stored conversations follow them."))
+    if hi < lo:
+        st.error("from/to lie outside the chosen time range: showing the whole range.")
+        return since, until
+    return lo, hi
+
+
+# -- threshold back-test, baselines ------------------------------------------------------------------
+
+
+def backtest_panel(snap, tz: tzinfo | None) -> None:
+    """Try other thresholds of a detector over the buffered packets before applying one."""
+    from investigate import backtest as bt
+
+    st.subheader("Threshold back-test")
+    setting = st.selectbox("Threshold", list(bt.DETECTOR_OF), key="bt_setting",
+                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {config.get(s)})")
+    default = ", ".join(f"{v:g}" for v in bt.candidates(setting))
+    text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
+                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
+    if st.button("Run the back-test", key="bt_run"):
+        try:
+            values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+            trials = bt.backtest(snap.packets, setting, values)
+        except ValueError as exc:
+            st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
+        else:
+            st.session_state["bt_result"] = (setting, trials_frame(trials, tz), coverage_text(
+                {**flt.coverage(snap), "matched": len(snap.packets)}, tz))
+    result = st.session_state.get("bt_result")
+    if result and result[0] == setting:
+        if result[1] is None:
+            st.error(plain(result[2]))
+        else:
+            st.dataframe(result[1], hide_index=True, key="bt_table")
+            st.caption(plain("Over the buffered packets: " + result[2]))
+
+
+def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
+    """One row per value tried: alerts (distinct), times raised, and when the first ones came."""
+    rows = []
+    for t in trials:
+        firsts = [a.first_ts for a in t.alerts]
+        rows.append({"value": t.value, "alerts": t.rows, "times raised": t.raised,
+                     "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
+                     "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
+    return pd.DataFrame(rows, columns=["value", "alerts", "times raised", "first at", "when (first 5)"])
+
+
+def baseline_panel(engine, snap, tz: tzinfo | None) -> None:
+    """Save the hosts, services and protocol mix seen so far under a name; list what is new since one."""
+    from investigate import baseline as bl
+
+    st.subheader("Baselines")
+    store = getattr(engine, "store", None)
+    if store is None or not hasattr(store, "put_doc"):
+        st.caption("Baselines are kept in the history store, which is off (HISTORY): none can be saved.")
+        return
+    name_col, save_col = st.columns([3, 1])
+    name = name_col.text_input("Baseline name", key="baseline_name", placeholder="e.g. monday-normal")
+    if save_col.button("Save baseline", key="baseline_save"):
+        _save_baseline(store, name, snap)
+    if msg := st.session_state.pop("baseline_msg", None):
+        (st.error if msg[0] else st.success)(plain(msg[1]))
+    try:
+        docs = {d["name"]: d for d in store.docs(bl.KIND)}
+    except OSError as exc:
+        st.error(plain(f"Baselines cannot be read: {exc}"))
+        return
+    if not docs:
+        st.caption("No baseline saved yet.")
+        return
+    pick = st.selectbox("New since baseline", sorted(docs), key="baseline_pick")
+    body = docs[pick]["body"]
+    new = bl.diff(body, snap.packets)
+    st.caption(plain(f"Baseline {pick}: {body['packets']:,} packets up to "
+                     f"{viz.time_texts([body['until_ts'] or 0], tz)[0]}"
+                     + ("" if body.get("whole_capture") else " (the buffer's last packets, not the whole capture)")
+                     + f". Compared with the {len(snap.packets):,} buffered packets."))
+    a, b = st.columns(2)
+    a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
+                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                hide_index=True, key="baseline_hosts")
+    b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
+                              "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                hide_index=True, key="baseline_services")
+    st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="baseline_mix")
+    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
+
+
+def _save_baseline(store, name: str, snap) -> None:
+    from investigate import baseline as bl
+
+    name = name.strip()
+    if not name:
+        st.session_state["baseline_msg"] = (True, "Give the baseline a name first.")
+        return
+    try:
+        store.put_doc(bl.KIND, name, bl.make(snap.packets, flt.coverage(snap)["whole"]))
+    except (OSError, ValueError) as exc:
+        st.session_state["baseline_msg"] = (True, f"Baseline not saved: {exc}")
+        return
+    st.session_state["baseline_msg"] = (False, f"Baseline {name} saved ({len(snap.packets):,} packets).")
+
+
+def _delete_baseline(store, name: str) -> None:
+    from investigate import baseline as bl
+
+    try:
+        store.delete_doc(bl.KIND, name)
+    except OSError as exc:
+        st.session_state["baseline_msg"] = (True, f"Baseline not deleted: {exc}")
+
+
+def tools(engine, snap, tz: tzinfo | None) -> None:
+    """The back-test and the baselines, folded away until opened (they work over the whole buffer)."""
+    with st.expander("Threshold back-test and baselines", key="inv_tools"):
+        backtest_panel(snap, tz)
+        baseline_panel(engine, snap, tz)
+
+
+IP_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58}
+
+
+def conversation_mask(df: pd.DataFrame, conds: list) -> pd.Series:
+    """Which stored conversation rows (both directions together) match host/src/dst/port/proto/vlan.
+
+    A stored conversation does not keep which end sent which packet: src and dst select a conversation
+    with that address at either end, as host does."""
+    import ipaddress
+
+    keep = pd.Series(True, index=df.index)
+    for c in conds:
+        if c.key in flt.ADDRESS_KEYS:
+            net = ipaddress.ip_network(c.text.strip("[]"), strict=False)
+            inside = {a: _in(a, net) for a in pd.unique(pd.concat([df["a"], df["b"]]))}
+            keep &= df["a"].map(inside) | df["b"].map(inside)
+        elif c.key == "port":
+            keep &= (df["a_port"] == c.value) | (df["b_port"] == c.value)
+        elif c.key == "proto":
+            name = flt.CLASSES[c.value]
+            keep &= (df["proto"] == IP_PROTO[name]) if name in IP_PROTO else (
+                ~df["proto"].isin(list(IP_PROTO.values())) if name == "other_ip" else False)
+        elif c.key == "vlan":
+            keep &= df["vlan"] == c.value
+    return keep.fillna(False).astype(bool)
+
+
+def _in(addr: str, net) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(addr) in net
+    except ValueError:
+        return False
+
+
+def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
+    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations."""
+    from store.history import time_range
+
+    conds, _ = flt.parse(spec(), tz)
+    conds = [c for c in conds if c.key not in ("from", "to")]
+    if not conds or engine.store is None:
+        return
+    sensor = next((c.text for c in conds if c.key == "sensor"), None)
+    try:
+        df = engine.store.rows("conversations", time_range(since, until, sensor))
+    except Exception as exc:  # a store that cannot answer is a message
+        log.exception("history conversations query failed")
+        st.error(plain(f"History conversations cannot be read: {type(exc).__name__}: {exc}"))
+        return
+    df = df[conversation_mask(df, [c for c in conds if c.key != "sensor"])] if len(df) else df
+    st.subheader("Filtered: stored conversations")
+    st.metric("Packets in matching conversations", f"{int(df['packets'].sum()) if len(df) else 0:,}")
+    keys = ["a", "a_port", "b", "b_port", "proto", "vlan"]
+    table = (df.groupby(keys, dropna=False)[["packets", "bytes"]].sum().reset_index()
+             .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
+    st.dataframe(table, hide_index=True, key="hist_filtered_conv")
+    st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
+               "minute): approximate when minutes were capped; the figures above the line are all traffic.")
+
+
+EVIDENCE_COLUMN = "evidence view"
+
+
+def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
+    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
+    if not len(frame):
+        return frame
+    links = ["?" + urllib.parse.urlencode(alert_filters(a)) for a in alerts]
+    return frame.assign(**{EVIDENCE_COLUMN: links})
+
+
+def link_config() -> dict[str, Any]:
+    """st.dataframe column_config that shows the evidence links as links."""
+    return {EVIDENCE_COLUMN: st.column_config.LinkColumn(EVIDENCE_COLUMN, display_text="open filtered view",
+                                                         help="This page filtered to the alert's evidence")}
