@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 SEEN_MAX = 10_000  # alert keys remembered for repeat suppression (the book itself holds at most ALERTS_MAX)
 BACKOFF_MAX_S = 300.0
-# Destination fields a signed-in viewer may set on the page (secrets are files or the environment).
+# Destination fields a signed-in viewer may set on the page. Secrets are the operator's (config, the
+# environment, files it names) and go only to the destinations the operator configured: a page-set webhook
+# gets no bearer token, a page-set SMTP server no login (see destinations()).
 PAGE_FIELDS = ("NOTIFY_WEBHOOK", "NOTIFY_SYSLOG", "NOTIFY_EMAIL_TO", "SMTP_HOST", "SMTP_PORT", "SMTP_USER",
-               "SMTP_PASSWORD_FILE", "NOTIFY_DIGEST_MIN")
+               "NOTIFY_DIGEST_MIN")
 SECRET_FIELDS = ("NOTIFY_WEBHOOK",)  # shown masked, never echoed back
 
 
@@ -50,35 +52,44 @@ class NotifySettings:
     queue_max: int = 1000
     dashboard_url: str = ""
     values: dict[str, Any] = field(default_factory=dict)  # the destinations' settings (PAGE_FIELDS and more)
+    operator: dict[str, Any] = field(default_factory=dict)  # the same settings from config alone
 
     @classmethod
     def from_config(cls, overrides: dict[str, Any] | None = None) -> NotifySettings:
-        """From config.get, with `overrides` (the page's saved destination settings) first."""
-        o = dict(overrides or {})
+        """From config.get, with `overrides` (the page's saved destination settings, PAGE_FIELDS only) first."""
+        o = {k: v for k, v in (overrides or {}).items() if k in PAGE_FIELDS}
 
         def get(name: str) -> Any:
             return o[name] if name in o else config.get(name)
 
-        names = (*PAGE_FIELDS, "NOTIFY_WEBHOOK_TOKEN_FILE", "NOTIFY_EMAIL_FROM", "SMTP_CA_FILE")
+        names = (*PAGE_FIELDS, "NOTIFY_WEBHOOK_TOKEN_FILE", "SMTP_PASSWORD_FILE", "NOTIFY_EMAIL_FROM", "SMTP_CA_FILE")
         return cls(repeat_s=get("NOTIFY_REPEAT_S"), rate_max=get("NOTIFY_RATE_MAX"),
                    rate_window_s=get("NOTIFY_RATE_WINDOW_S"), retries=get("NOTIFY_RETRIES"),
                    backoff_s=get("NOTIFY_BACKOFF_S"), timeout_s=get("NOTIFY_TIMEOUT_S"),
                    queue_max=get("NOTIFY_QUEUE_MAX"), dashboard_url=get("DASHBOARD_URL"),
-                   values={n: get(n) for n in names})
+                   values={n: get(n) for n in names}, operator={n: config.get(n) for n in names})
 
 
 def destinations(s: NotifySettings, hostname: str) -> tuple[list[Destination], list[str]]:
-    """The destinations the settings describe, and a clear error per one that is misconfigured."""
-    v, out, errors = s.values, [], []
-    builders = [(f"NOTIFY_WEBHOOK {i + 1}", lambda u=u: Webhook(u, v["NOTIFY_WEBHOOK_TOKEN_FILE"], s.timeout_s))
+    """The destinations the settings describe, and a clear error per one that is misconfigured.
+
+    The operator's secrets go only where the operator sent them: the bearer token to the webhooks of
+    config's NOTIFY_WEBHOOK, the SMTP login to config's SMTP_HOST and SMTP_PORT; a page can add
+    destinations, never redirect a secret."""
+    v, op, out, errors = s.values, s.operator, [], []
+    op_hooks = set(str(op.get("NOTIFY_WEBHOOK") or "").split())
+    token = v["NOTIFY_WEBHOOK_TOKEN_FILE"]
+    builders = [(f"NOTIFY_WEBHOOK {i + 1}", lambda u=u: Webhook(u, token if u in op_hooks else "", s.timeout_s))
                 for i, u in enumerate(str(v.get("NOTIFY_WEBHOOK") or "").split())]
     builders += [(f"NOTIFY_SYSLOG {u}", lambda u=u: Syslog(u, hostname, s.timeout_s))
                  for u in str(v.get("NOTIFY_SYSLOG") or "").split()]
     if v.get("NOTIFY_EMAIL_TO"):
+        own = (v["SMTP_HOST"], int(v["SMTP_PORT"] or 0)) == (op["SMTP_HOST"], int(op["SMTP_PORT"] or 0))
         builders.append(("NOTIFY_EMAIL_TO", lambda: Email(v["NOTIFY_EMAIL_TO"], v["SMTP_HOST"], v["SMTP_PORT"],
-                                                          v["SMTP_USER"], v["SMTP_PASSWORD_FILE"],
+                                                          v["SMTP_USER"] if own else "", op["SMTP_PASSWORD_FILE"],
                                                           v["NOTIFY_EMAIL_FROM"], v["SMTP_CA_FILE"],
-                                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname)))
+                                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname,
+                                                          login_refused=not own and bool(v["SMTP_USER"]))))
     for name, build in builders:
         try:
             out.append(build())

@@ -135,13 +135,17 @@ class SyslogReceiver:
 
 @dataclass
 class SmtpReceiver:
-    """aiosmtpd on 127.0.0.1 offering STARTTLS (a self-signed certificate) and requiring it, and a login."""
+    """aiosmtpd on 127.0.0.1 offering STARTTLS (a self-signed certificate) and requiring it, and requiring a
+    login with this user and password before any mail (auth_required=False: a login is optional); every
+    login tried is kept in `logins` as (user, password)."""
 
     folder: Path
     user: str = "ntm"
     password: str = "s3cret-Pa55"
+    auth_required: bool = True
     messages: list = field(default_factory=list)
     tls_sessions: list = field(default_factory=list)
+    logins: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         import ssl
@@ -165,6 +169,7 @@ class SmtpReceiver:
                 return "250 OK"
 
         def auth(server, session, envelope, mechanism, data):
+            outer.logins.append((data.login.decode(), data.password.decode()))
             ok = data.login.decode() == outer.user and data.password.decode() == outer.password
             return AuthResult(success=ok)
 
@@ -172,7 +177,8 @@ class SmtpReceiver:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.controller = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=ctx,
-                                     require_starttls=True, authenticator=auth, auth_require_tls=True)
+                                     require_starttls=True, authenticator=auth, auth_require_tls=True,
+                                     auth_required=self.auth_required)
         self.controller.start()
         self.port = port
         self.password_file = self.folder / "smtp-password"
