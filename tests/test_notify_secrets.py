@@ -175,3 +175,28 @@ def test_errors_that_quote_the_url_or_the_token_are_redacted(tmp_path):
     assert "bearer-s3cret" in str(exc.value)
     text = hook.error_text(exc.value)
     assert "s3cret" not in text and "second-line" not in text and "***" in text
+
+
+def test_the_store_holding_page_destinations_is_private(tmp_path):
+    import os
+    import stat
+
+    from store.embedded import EmbeddedStore
+
+    def mode(p) -> int:
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o022)  # the usual umask: what DuckDB and makedirs would otherwise use
+    try:
+        folder = tmp_path / "made-here"
+        store = EmbeddedStore(str(folder / "h.duckdb"))
+        assert store.open()
+        for i in range(2):  # a checkpoint in between: DuckDB makes the log afresh
+            store.put_doc("notify", "settings", {"NOTIFY_WEBHOOK": f"https://hooks.example.org/T0KEN{i}"})
+            assert (folder / "h.duckdb.wal").exists()
+            assert (mode(folder), mode(folder / "h.duckdb"), mode(folder / "h.duckdb.wal")) == (0o700, 0o600, 0o600)
+            store._con.execute("CHECKPOINT")
+        store.close()
+        assert mode(folder / "h.duckdb") == 0o600
+    finally:
+        os.umask(old)
