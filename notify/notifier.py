@@ -234,13 +234,17 @@ class Channel:
                 self._cond.wait(min(left, 0.05))
         return True
 
+    def stop(self) -> None:
+        """Ask the thread to stop after the delivery in progress (never waits)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
     def close(self, drain_s: float = 0.0) -> None:
         """Stop the thread (after up to drain_s s of delivering); what is left is counted as given up."""
         if drain_s > 0:
             self.drain(drain_s)
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self.stop()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.s.timeout_s + 1)
         with self._cond:
@@ -271,6 +275,8 @@ class Notifier:
         self._busy = False  # the dispatcher is handing a report to the channels
         self._seen: OrderedDict[tuple[str, str, str], list] = OrderedDict()  # key -> [first_ts, count, sent at]
         self._channels: list[Channel] = []
+        self._retiring: list[Channel] = []  # replaced by configure(), being closed by the closer thread
+        self._closer: threading.Thread | None = None
         self._retired: dict[str, int] = {"sent": 0, "given_up": 0}  # counts of channels replaced by configure()
         self.settings = NotifySettings.from_config()
         self.errors: list[str] = []
@@ -285,10 +291,7 @@ class Notifier:
         with self._lock:
             old, self._channels = self._channels, new
             self.settings, self.errors = s, errors
-        for ch in old:
-            ch.close(drain_s=0.0)
-            self._retired["sent"] += ch.counts["sent"]
-            self._retired["given_up"] += ch.counts["given_up"]
+        self._retire(old)
         for e in errors:
             log.error("notify: %s", e)
         for ch in new:
@@ -297,6 +300,30 @@ class Notifier:
             self._thread = threading.Thread(target=self._dispatch, name="notify-dispatch", daemon=True)
             self._thread.start()
         return errors
+
+    def _retire(self, old: list[Channel]) -> None:
+        """Stop replaced channels now and close them in the background: a delivery in progress can take up
+        to NOTIFY_TIMEOUT_S, and configure() runs on the page's script thread. One closer thread at most."""
+        for ch in old:
+            ch.stop()
+        with self._lock:
+            self._retiring.extend(old)
+            if old and (self._closer is None or not self._closer.is_alive()):
+                self._closer = threading.Thread(target=self._close_retiring, name="notify-closer", daemon=True)
+                self._closer.start()
+
+    def _close_retiring(self) -> None:
+        while True:
+            with self._lock:
+                if not self._retiring:
+                    self._closer = None
+                    return
+                ch = self._retiring[0]
+            ch.close(drain_s=0.0)
+            with self._lock:
+                self._retiring.remove(ch)
+                self._retired["sent"] += ch.counts["sent"]
+                self._retired["given_up"] += ch.counts["given_up"]
 
     def offer(self, gen: int, alerts: list) -> None:
         """The mirror's listener: keep the latest alert list and wake the dispatcher (never waits)."""
@@ -355,17 +382,20 @@ class Notifier:
         self._stop.set()
         self._wake.set()
         with self._lock:
-            channels = list(self._channels)
+            channels, closer = list(self._channels), self._closer
         for ch in channels:
             ch.close()
+        if closer is not None:  # channels replaced just before: their counts are final once it ends
+            closer.join(timeout=self.settings.timeout_s + 1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
 
     def status(self) -> dict[str, Any]:
         """Per destination its counters, with the totals (given_up is what the page and metrics show)."""
         with self._lock:
-            channels = list(self._channels)
+            channels, retiring, retired = list(self._channels), list(self._retiring), dict(self._retired)
         dests = [ch.status() for ch in channels]
+        old = [ch.status() for ch in retiring]  # replaced, still closing: their counts still count
         return {"destinations": dests, "errors": list(self.errors), "updated": self.updated,
-                "sent": self._retired["sent"] + sum(d["sent"] for d in dests),
-                "given_up": self._retired["given_up"] + sum(d["given_up"] for d in dests)}
+                "sent": retired["sent"] + sum(d["sent"] for d in dests + old),
+                "given_up": retired["given_up"] + sum(d["given_up"] for d in dests + old)}

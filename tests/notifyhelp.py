@@ -21,13 +21,15 @@ from conftest import need
 
 class WebhookReceiver:
     """A local HTTP server that keeps every JSON document POSTed to it; `delay` makes it slow, `status`
-    makes it answer with an error."""
+    makes it answer with an error; `hold` s: each request waits (at most that long) for `release` to be
+    set before it answers, and `answered` is set once an answer has gone out."""
 
-    def __init__(self, delay: float = 0.0, status: int = 204) -> None:
+    def __init__(self, delay: float = 0.0, status: int = 204, hold: float = 0.0) -> None:
         self.docs: list[dict] = []
         self.headers: list[dict] = []
         self.requests = 0
-        self.delay, self.status = delay, status
+        self.delay, self.status, self.hold = delay, status, hold
+        self.release, self.answered = threading.Event(), threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,12 +38,15 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if outer.delay:
                     time.sleep(outer.delay)
+                if outer.hold:
+                    outer.release.wait(outer.hold)
                 if outer.status < 300:
                     outer.docs.append(json.loads(body))
                     outer.headers.append(dict(self.headers))
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                outer.answered.set()
 
             def log_message(self, *args) -> None:
                 pass

@@ -45,3 +45,31 @@ def scans_after_clear(monkeypatch, configure: bool) -> list:
 def test_a_configuration_queued_before_clear_reaches_the_rebuilt_detectors(monkeypatch):
     assert scans_after_clear(monkeypatch, configure=False) == [("10.9.0.5", "10.9.0.7")]  # the scan is one
     assert scans_after_clear(monkeypatch, configure=True) == []  # port_scan stays off after the Clear
+
+
+def test_saving_destinations_never_waits_for_a_slow_receiver(monkeypatch):
+    from notifyhelp import SyslogReceiver, WebhookReceiver
+
+    from analysis.detect import Alert
+    from notify.notifier import Notifier
+
+    monkeypatch.setenv("NTM_NOTIFY_TIMEOUT_S", "20")
+    slow = [WebhookReceiver(hold=3.0), WebhookReceiver(hold=3.0)]
+    syslog = SyslogReceiver("udp")
+    n = Notifier()
+    try:
+        n.configure({"NOTIFY_WEBHOOK": " ".join(h.url() for h in slow)})
+        n.offer(1, [Alert("port_scan", "medium", "10.0.0.1", "10.0.0.2", T0, T0 + 1, 1, "e", "m")])
+        assert wait_for(lambda: all(h.requests == 1 for h in slow), 5)  # both deliveries are in flight
+        assert n.configure({"NOTIFY_SYSLOG": syslog.url()}) == []  # the page's "Save destinations"
+        answered = [h.answered.is_set() for h in slow]  # what had happened when configure returned
+        assert [d["destination"] for d in n.status()["destinations"]] == [f"syslog {syslog.url()}"]
+        for h in slow:
+            h.release.set()
+        # The old channels still end, in the background, and their deliveries are counted.
+        assert wait_for(lambda: n.status()["sent"] == 2, 10), n.status()
+    finally:
+        n.close()
+        for x in (*slow, syslog):
+            x.close()
+    assert answered == [False, False]  # configure returned while both receivers still held their answer
