@@ -35,6 +35,7 @@ UDP_MAX = 8192
 FACILITY = 16  # local0
 SEVERITY_CODE = {"high": 2, "medium": 4, "low": 5}  # crit, warning, notice (RFC 5424 table 2)
 APP_NAME = "network-traffic-monitor"
+BOM = b" \xef\xbb\xbf"  # SP and the UTF-8 byte order mark that start MSG (RFC 5424 section 6.4)
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -143,14 +144,32 @@ def _token(text: str, limit: int) -> str:
     return clean or "-"
 
 
-def syslog_message(doc: dict[str, Any], hostname: str, now: float | None = None) -> bytes:
-    """One RFC 5424 message: header, one structured-data element with the alert's fields, the text."""
+def syslog_parts(doc: dict[str, Any], hostname: str, now: float | None = None) -> tuple[bytes, bytes]:
+    """One RFC 5424 message in two parts: the header with one structured-data element carrying the alert's
+    fields, and the text (MSG: SP, the UTF-8 BOM, the text)."""
     pri = FACILITY * 8 + (SEVERITY_CODE.get(doc.get("severity", ""), 6) if doc.get("kind") == "alert" else 6)
     stamp = iso(time.time() if now is None else now)
     params = " ".join(f'{k}="{_sd_value(doc[k])}"' for k in SD_FIELDS if doc.get(k) not in (None, ""))
     header = (f"<{pri}>1 {stamp} {_token(hostname, 255)} {APP_NAME} {os.getpid()} "
               f"{_token(str(doc.get('detector', 'alert')), 32)} [{SD_ID} {params}]")
-    return header.encode() + b" \xef\xbb\xbf" + plain_text(doc).encode()
+    return header.encode(), BOM + plain_text(doc).encode()
+
+
+def syslog_message(doc: dict[str, Any], hostname: str, now: float | None = None) -> bytes:
+    """One RFC 5424 message: header, one structured-data element with the alert's fields, the text."""
+    return b"".join(syslog_parts(doc, hostname, now))
+
+
+def fit_datagram(header: bytes, text: bytes, limit: int = 0) -> bytes:
+    """A message of at most `limit` (UDP_MAX) bytes: the text is cut on a UTF-8 character boundary; the
+    header (with the structured data) is never cut, even when it alone is longer."""
+    limit = limit or UDP_MAX
+    room = limit - len(header)
+    if len(text) <= room:
+        return header + text
+    if room <= len(BOM):
+        return header
+    return header + BOM + text[len(BOM):room].decode("utf-8", "ignore").encode()  # drops a split character
 
 
 class Syslog(Destination):
@@ -171,15 +190,16 @@ class Syslog(Destination):
 
     def send(self, docs: list[dict[str, Any]]) -> None:
         """Every document as one message; TCP frames each as 'LENGTH SP MESSAGE'."""
-        msgs = [syslog_message(d, self.hostname) for d in docs]
+        parts = [syslog_parts(d, self.hostname) for d in docs]
         info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM if self.proto == "udp"
                                   else socket.SOCK_STREAM)[0]
         with socket.socket(info[0], info[1]) as s:
             s.settimeout(self.timeout)
             if self.proto == "udp":
-                for m in msgs:
-                    s.sendto(m[:UDP_MAX], info[4])
+                for header, text in parts:
+                    s.sendto(fit_datagram(header, text), info[4])
             else:
+                msgs = [header + text for header, text in parts]
                 s.connect(info[4])
                 s.sendall(b"".join(str(len(m)).encode() + b" " + m for m in msgs))
 

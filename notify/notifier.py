@@ -328,7 +328,8 @@ class Notifier:
     def offer(self, gen: int, alerts: list) -> None:
         """The mirror's listener: keep the latest alert list and wake the dispatcher (never waits)."""
         if self._channels:
-            self._latest = alerts
+            with self._lock:  # held only for the assignment: the mirror's thread never waits on delivery
+                self._latest = alerts
             self._wake.set()
 
     def _dispatch(self) -> None:
@@ -345,7 +346,8 @@ class Notifier:
             except Exception:  # a bug here must not end delivery for good; it is logged
                 log.exception("notify: dispatch failed")
             finally:
-                self._busy = False
+                with self._lock:
+                    self._busy = False
 
     def _diff(self, alerts: list) -> None:
         """Send what is new, and repeats last sent more than NOTIFY_REPEAT_S ago; track the rest."""
@@ -368,10 +370,15 @@ class Notifier:
             for ch in list(self._channels):
                 ch.offer(doc)
 
+    def _dispatching(self) -> bool:
+        """A report waits for the dispatcher, or it is handing one to the channels."""
+        with self._lock:
+            return self._latest is not None or self._busy
+
     def flush(self, timeout: float) -> bool:
         """Deliver what the latest report holds and what waits, for up to `timeout` s (the headless CLI)."""
         deadline = time.monotonic() + timeout
-        while (self._latest is not None or self._busy) and time.monotonic() < deadline:
+        while self._dispatching() and time.monotonic() < deadline:
             time.sleep(0.02)
         return all(ch.drain(max(0.0, deadline - time.monotonic())) for ch in list(self._channels))
 

@@ -359,3 +359,25 @@ def test_a_bad_webhook_setting_is_a_clear_error_that_hides_the_value(monkeypatch
     assert any("NTM_NOTIFY_WEBHOOK=<hidden> is not valid" in p for p in bad)
     assert any("NTM_NOTIFY_SYSLOG='udp://127.0.0.1' is not valid" in p for p in bad)
     assert "T0KEN-zz9" not in " ".join(bad)
+
+
+def test_a_long_syslog_datagram_is_cut_in_its_text_on_a_character_boundary():
+    from notify.destinations import UDP_MAX, Syslog
+
+    udp = SyslogReceiver("udp")
+    try:
+        for pad in range(3):  # one of these puts the 8,192-byte cut inside a 3-byte character
+            evidence = "x" * pad + "€" * 5000  # 15,000 bytes of text: the datagram must be cut
+            doc = {"kind": "alert", "severity": "high", "detector": "port_scan", "source": "10.0.0.1",
+                   "target": "10.0.0.2", "count": 1, "sensor": "s", "first_seen": "a", "last_seen": "b",
+                   "evidence": evidence}
+            Syslog(udp.url(), hostname="h").send([doc])
+            assert wait_for(lambda pad=pad: len(udp.raw) == pad + 1)
+        raws = list(udp.raw)
+        msgs = udp.messages()  # strict: the text must be UTF-8
+    finally:
+        udp.close()
+    for pad, (raw, m) in enumerate(zip(raws, msgs, strict=True)):
+        assert UDP_MAX - 3 <= len(raw) <= UDP_MAX
+        assert m["sd"]["ntm@32473"]["evidence"] == ("x" * pad + "€" * 5000)[:1024]  # the header is whole
+        assert m["sd"]["ntm@32473"]["target"] == "10.0.0.2" and m["msg"].endswith("€")
