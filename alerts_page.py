@@ -4,7 +4,9 @@ export, import), per-detector switches and thresholds (applied to the running ca
 notification destinations. dashboard.py calls alert_extras() under the alerts and settings() once per page.
 
 Secrets are never echoed back: the webhook URL field starts empty and the current one is shown as its
-scheme and host only; the SMTP password is never a field (SMTP_PASSWORD_FILE or the environment).
+scheme and host only; the SMTP password and the webhook token are never fields (config, the environment or
+files it names) and go only to the destinations config names. Destinations are editable only by a viewer
+signed in with ACCESS_PASSWORD; without one they are shown read-only.
 Text from rules and alerts is shown in tables (text, not Markdown) or through plain().
 """
 
@@ -201,13 +203,32 @@ def detectors_section(controls: Any) -> None:
             st.rerun()
 
 
+def may_edit_destinations() -> bool:
+    """Destinations are changed on the page only by a signed-in viewer: ACCESS_PASSWORD set and given
+    (without it anyone reaching the page could send the alerts, and the network's details, anywhere)."""
+    return bool(config.get("ACCESS_PASSWORD")) and bool(st.session_state.get("signed_in"))
+
+
 def destinations_section(controls: Any) -> None:
-    """Webhook, syslog and e-mail settings; the webhook URL is write-only, the password never a field."""
+    """Webhook, syslog and e-mail settings; the webhook URL is write-only, the password never a field;
+    read-only unless a viewer signed in with ACCESS_PASSWORD."""
     current = controls.notifier.settings.values
     shown = _masked(current.get("NOTIFY_WEBHOOK") or "")
     st.caption(plain(f"Webhook: {shown}. Syslog: {current.get('NOTIFY_SYSLOG') or 'not set'}. "
-                     f"E-mail: {current.get('NOTIFY_EMAIL_TO') or 'not set'}. The SMTP password comes from "
-                     f"SMTP_PASSWORD_FILE or the SMTP_PASSWORD environment variable, never from this page."))
+                     f"E-mail: {current.get('NOTIFY_EMAIL_TO') or 'not set'}"
+                     f"{' via ' + str(current.get('SMTP_HOST')) if current.get('SMTP_HOST') else ''}. "
+                     f"The SMTP password (SMTP_PASSWORD_FILE or the SMTP_PASSWORD environment variable) and the "
+                     f"webhook token (NOTIFY_WEBHOOK_TOKEN_FILE) come from the configuration and go only to the "
+                     f"SMTP server and webhooks configured there, never to ones set on this page."))
+    if not may_edit_destinations():
+        st.info("Destinations are read-only here: they can be changed on this page only when ACCESS_PASSWORD is "
+                "set and you have signed in. Set them in the configuration (NTM_NOTIFY_WEBHOOK, "
+                "NTM_NOTIFY_SYSLOG, NTM_NOTIFY_EMAIL_TO, NTM_SMTP_HOST, ...).")
+        return
+    _destinations_form(controls, current)
+
+
+def _destinations_form(controls: Any, current: dict[str, Any]) -> None:
     with st.form(key="ap_dest", clear_on_submit=True):  # the typed webhook URL is not kept in the field
         new_hook = st.text_input("Webhook URLs, separated by spaces (write-only: leave empty to keep the current "
                                  "ones)", value="", type="password", key="ap_d_hook")
@@ -218,17 +239,15 @@ def destinations_section(controls: Any) -> None:
                               key="ap_d_email")
         host = st.text_input("SMTP host", value=current.get("SMTP_HOST") or "", key="ap_d_smtp_host")
         port = st.number_input("SMTP port", 1, 65535, int(current.get("SMTP_PORT") or 587), key="ap_d_smtp_port")
-        user = st.text_input("SMTP user", value=current.get("SMTP_USER") or "", key="ap_d_smtp_user")
-        pwfile = st.text_input("SMTP password file (a path)", value=current.get("SMTP_PASSWORD_FILE") or "",
-                               key="ap_d_smtp_pwfile")
+        user = st.text_input("SMTP user (logs in only on the configured SMTP server)",
+                             value=current.get("SMTP_USER") or "", key="ap_d_smtp_user")
         digest = st.number_input("E-mail digest every N minutes (0: one message per alert)", 0, 1440,
                                  int(current.get("NOTIFY_DIGEST_MIN") or 0), key="ap_d_digest")
         if st.form_submit_button("Save destinations", key="ap_d_save"):
             page_hook = controls.destinations.get("NOTIFY_WEBHOOK", "")
             values = {"NOTIFY_WEBHOOK": "" if drop_hook else (new_hook.strip() or page_hook),
                       "NOTIFY_SYSLOG": syslog.strip(), "NOTIFY_EMAIL_TO": email.strip(), "SMTP_HOST": host.strip(),
-                      "SMTP_PORT": int(port), "SMTP_USER": user.strip(), "SMTP_PASSWORD_FILE": pwfile.strip(),
-                      "NOTIFY_DIGEST_MIN": int(digest)}
+                      "SMTP_PORT": int(port), "SMTP_USER": user.strip(), "NOTIFY_DIGEST_MIN": int(digest)}
             _run(lambda: _saved(controls.set_destinations(values)))
             del st.session_state["ap_d_hook"]  # the typed URL is not kept, not even in this session's state
             st.rerun()

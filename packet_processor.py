@@ -976,8 +976,8 @@ def _cli(argv: list[str] | None = None) -> int:
             engine._stop.wait(args.seconds)
         engine.stop(drain_s=5.0)  # headless: the alerts of the last batches are worth the wait
         engine.notifier.flush(config.get("NOTIFY_TIMEOUT_S") + 1)  # and their notifications
+        engine.close_store()  # first: what the notifier (and the store) give up at close is in the JSON
         out = engine.summary()
-        engine.close_store()
     json.dump(out, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return exit_status(args.cmd, out)

@@ -451,10 +451,15 @@ class DetectorStage(Stage):
         with self._synced:
             self._done_offset = (self._done_batches, self._done_packets)
         self._command(_RESET + b"!")
+        if self._config is not None:  # drop_all may have dropped it: the rebuilt detectors need it again
+            self._command(self._config)
+
+    _config: bytes | None = None  # the last configure() message, sent again after a reset
 
     def configure(self, message: bytes) -> None:
         """New thresholds, switches and exclusion rules (a config_message) for the running detectors; they
         apply from the next batch, after the ones already queued."""
+        self._config = message
         self._command(message)
 
     def _command(self, cmd: bytes) -> None:

@@ -9,6 +9,7 @@ file, never written to a log or the page: describe() and every error message go 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -34,13 +35,14 @@ UDP_MAX = 8192
 FACILITY = 16  # local0
 SEVERITY_CODE = {"high": 2, "medium": 4, "low": 5}  # crit, warning, notice (RFC 5424 table 2)
 APP_NAME = "network-traffic-monitor"
+BOM = b" \xef\xbb\xbf"  # SP and the UTF-8 byte order mark that start MSG (RFC 5424 section 6.4)
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
-    """The text with every secret replaced by ***."""
+    """The text with every secret replaced by ***, also where an error quotes it escaped (repr)."""
     for s in secrets:
-        if s:
-            text = text.replace(s, "***")
+        for form in (s, repr(s)[1:-1]) if s else ():
+            text = text.replace(form, "***")
     return text
 
 
@@ -95,11 +97,17 @@ class Webhook(Destination):
 
     def secrets(self) -> tuple[str, ...]:
         parts = urlsplit(self.url)
-        return tuple(s for s in (self.url, parts.path if len(parts.path) > 1 else "", parts.query) if s)
+        try:
+            token = read_secret(self.token_file)
+        except OSError:
+            token = ""
+        return tuple(s for s in (self.url, parts.path if len(parts.path) > 1 else "", parts.query, token) if s)
 
     def send(self, docs: list[dict[str, Any]]) -> None:
-        """One POST per document; any status but 2xx is a failure."""
+        """One POST per document; any status but 2xx is a failure, a redirect too (urllib would follow it
+        as a GET, carrying the Authorization header to wherever it points)."""
         token = read_secret(self.token_file)
+        opener = urllib.request.build_opener(_NoRedirect)
         for doc in docs:
             body = json.dumps(doc).encode()
             req = urllib.request.Request(self.url, data=body, method="POST",
@@ -108,10 +116,20 @@ class Webhook(Destination):
             if token:
                 req.add_header("Authorization", f"Bearer {token}")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with opener.open(req, timeout=self.timeout) as resp:
                     resp.read(65536)
             except urllib.error.HTTPError as exc:
                 raise OSError(f"HTTP {exc.code} {exc.reason}") from None
+            except http.client.HTTPException as exc:  # a bad URL or answer: neither OSError nor ValueError
+                raise OSError(f"{type(exc).__name__}: {exc}") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse every redirect: the 3xx answer is the error (HTTPError)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl) -> None:
+        """No new request: urllib raises the 3xx as an HTTPError."""
+        return None
 
 
 def _sd_value(value: Any) -> str:
@@ -126,14 +144,32 @@ def _token(text: str, limit: int) -> str:
     return clean or "-"
 
 
-def syslog_message(doc: dict[str, Any], hostname: str, now: float | None = None) -> bytes:
-    """One RFC 5424 message: header, one structured-data element with the alert's fields, the text."""
+def syslog_parts(doc: dict[str, Any], hostname: str, now: float | None = None) -> tuple[bytes, bytes]:
+    """One RFC 5424 message in two parts: the header with one structured-data element carrying the alert's
+    fields, and the text (MSG: SP, the UTF-8 BOM, the text)."""
     pri = FACILITY * 8 + (SEVERITY_CODE.get(doc.get("severity", ""), 6) if doc.get("kind") == "alert" else 6)
     stamp = iso(time.time() if now is None else now)
     params = " ".join(f'{k}="{_sd_value(doc[k])}"' for k in SD_FIELDS if doc.get(k) not in (None, ""))
     header = (f"<{pri}>1 {stamp} {_token(hostname, 255)} {APP_NAME} {os.getpid()} "
               f"{_token(str(doc.get('detector', 'alert')), 32)} [{SD_ID} {params}]")
-    return header.encode() + b" \xef\xbb\xbf" + plain_text(doc).encode()
+    return header.encode(), BOM + plain_text(doc).encode()
+
+
+def syslog_message(doc: dict[str, Any], hostname: str, now: float | None = None) -> bytes:
+    """One RFC 5424 message: header, one structured-data element with the alert's fields, the text."""
+    return b"".join(syslog_parts(doc, hostname, now))
+
+
+def fit_datagram(header: bytes, text: bytes, limit: int = 0) -> bytes:
+    """A message of at most `limit` (UDP_MAX) bytes: the text is cut on a UTF-8 character boundary; the
+    header (with the structured data) is never cut, even when it alone is longer."""
+    limit = limit or UDP_MAX
+    room = limit - len(header)
+    if len(text) <= room:
+        return header + text
+    if room <= len(BOM):
+        return header
+    return header + BOM + text[len(BOM):room].decode("utf-8", "ignore").encode()  # drops a split character
 
 
 class Syslog(Destination):
@@ -154,15 +190,16 @@ class Syslog(Destination):
 
     def send(self, docs: list[dict[str, Any]]) -> None:
         """Every document as one message; TCP frames each as 'LENGTH SP MESSAGE'."""
-        msgs = [syslog_message(d, self.hostname) for d in docs]
+        parts = [syslog_parts(d, self.hostname) for d in docs]
         info = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM if self.proto == "udp"
                                   else socket.SOCK_STREAM)[0]
         with socket.socket(info[0], info[1]) as s:
             s.settimeout(self.timeout)
             if self.proto == "udp":
-                for m in msgs:
-                    s.sendto(m[:UDP_MAX], info[4])
+                for header, text in parts:
+                    s.sendto(fit_datagram(header, text), info[4])
             else:
+                msgs = [header + text for header, text in parts]
                 s.connect(info[4])
                 s.sendall(b"".join(str(len(m)).encode() + b" " + m for m in msgs))
 
@@ -174,7 +211,9 @@ class Email(Destination):
 
     def __init__(self, to: str, host: str, port: int, user: str = "", password_file: str = "",
                  sender: str = "", ca_file: str = "", digest_min: float = 0, timeout: float = 5.0,
-                 hostname: str = "") -> None:
+                 hostname: str = "", login_refused: bool = False) -> None:
+        """login_refused: a user was set for a server that is not the operator's (the page's SMTP_HOST), so
+        no login is made there: the operator's password goes only to the operator's server."""
         self.to = [a.strip() for a in to.split(",") if a.strip()]
         if not self.to or not host:
             raise ValueError("e-mail needs NOTIFY_EMAIL_TO and SMTP_HOST")
@@ -182,13 +221,17 @@ class Email(Destination):
         self.sender = sender or f"network-traffic-monitor@{hostname or socket.gethostname()}"
         self.ca_file, self.timeout = ca_file, timeout
         self.digest_s = float(digest_min) * 60
+        self.login_refused = login_refused
 
     def describe(self) -> str:
         """Recipients and server (never the password)."""
         mode = f", digest every {self.digest_s / 60:g} min" if self.digest_s else ""
-        return f"email to {', '.join(self.to)} via {self.host}:{self.port}{mode}"
+        no_login = " (no login: the SMTP password goes only to config's SMTP_HOST)" if self.login_refused else ""
+        return f"email to {', '.join(self.to)} via {self.host}:{self.port}{mode}{no_login}"
 
     def secrets(self) -> tuple[str, ...]:
+        if not self.user:
+            return ()
         try:
             return (read_secret(self.password_file, "SMTP_PASSWORD"),)
         except OSError:

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 SEEN_MAX = 10_000  # alert keys remembered for repeat suppression (the book itself holds at most ALERTS_MAX)
 BACKOFF_MAX_S = 300.0
-# Destination fields a signed-in viewer may set on the page (secrets are files or the environment).
+# Destination fields a signed-in viewer may set on the page. Secrets are the operator's (config, the
+# environment, files it names) and go only to the destinations the operator configured: a page-set webhook
+# gets no bearer token, a page-set SMTP server no login (see destinations()).
 PAGE_FIELDS = ("NOTIFY_WEBHOOK", "NOTIFY_SYSLOG", "NOTIFY_EMAIL_TO", "SMTP_HOST", "SMTP_PORT", "SMTP_USER",
-               "SMTP_PASSWORD_FILE", "NOTIFY_DIGEST_MIN")
+               "NOTIFY_DIGEST_MIN")
 SECRET_FIELDS = ("NOTIFY_WEBHOOK",)  # shown masked, never echoed back
 
 
@@ -50,35 +52,44 @@ class NotifySettings:
     queue_max: int = 1000
     dashboard_url: str = ""
     values: dict[str, Any] = field(default_factory=dict)  # the destinations' settings (PAGE_FIELDS and more)
+    operator: dict[str, Any] = field(default_factory=dict)  # the same settings from config alone
 
     @classmethod
     def from_config(cls, overrides: dict[str, Any] | None = None) -> NotifySettings:
-        """From config.get, with `overrides` (the page's saved destination settings) first."""
-        o = dict(overrides or {})
+        """From config.get, with `overrides` (the page's saved destination settings, PAGE_FIELDS only) first."""
+        o = {k: v for k, v in (overrides or {}).items() if k in PAGE_FIELDS}
 
         def get(name: str) -> Any:
             return o[name] if name in o else config.get(name)
 
-        names = (*PAGE_FIELDS, "NOTIFY_WEBHOOK_TOKEN_FILE", "NOTIFY_EMAIL_FROM", "SMTP_CA_FILE")
+        names = (*PAGE_FIELDS, "NOTIFY_WEBHOOK_TOKEN_FILE", "SMTP_PASSWORD_FILE", "NOTIFY_EMAIL_FROM", "SMTP_CA_FILE")
         return cls(repeat_s=get("NOTIFY_REPEAT_S"), rate_max=get("NOTIFY_RATE_MAX"),
                    rate_window_s=get("NOTIFY_RATE_WINDOW_S"), retries=get("NOTIFY_RETRIES"),
                    backoff_s=get("NOTIFY_BACKOFF_S"), timeout_s=get("NOTIFY_TIMEOUT_S"),
                    queue_max=get("NOTIFY_QUEUE_MAX"), dashboard_url=get("DASHBOARD_URL"),
-                   values={n: get(n) for n in names})
+                   values={n: get(n) for n in names}, operator={n: config.get(n) for n in names})
 
 
 def destinations(s: NotifySettings, hostname: str) -> tuple[list[Destination], list[str]]:
-    """The destinations the settings describe, and a clear error per one that is misconfigured."""
-    v, out, errors = s.values, [], []
-    builders = [(f"NOTIFY_WEBHOOK {i + 1}", lambda u=u: Webhook(u, v["NOTIFY_WEBHOOK_TOKEN_FILE"], s.timeout_s))
+    """The destinations the settings describe, and a clear error per one that is misconfigured.
+
+    The operator's secrets go only where the operator sent them: the bearer token to the webhooks of
+    config's NOTIFY_WEBHOOK, the SMTP login to config's SMTP_HOST and SMTP_PORT; a page can add
+    destinations, never redirect a secret."""
+    v, op, out, errors = s.values, s.operator, [], []
+    op_hooks = set(str(op.get("NOTIFY_WEBHOOK") or "").split())
+    token = v["NOTIFY_WEBHOOK_TOKEN_FILE"]
+    builders = [(f"NOTIFY_WEBHOOK {i + 1}", lambda u=u: Webhook(u, token if u in op_hooks else "", s.timeout_s))
                 for i, u in enumerate(str(v.get("NOTIFY_WEBHOOK") or "").split())]
     builders += [(f"NOTIFY_SYSLOG {u}", lambda u=u: Syslog(u, hostname, s.timeout_s))
                  for u in str(v.get("NOTIFY_SYSLOG") or "").split()]
     if v.get("NOTIFY_EMAIL_TO"):
+        own = (v["SMTP_HOST"], int(v["SMTP_PORT"] or 0)) == (op["SMTP_HOST"], int(op["SMTP_PORT"] or 0))
         builders.append(("NOTIFY_EMAIL_TO", lambda: Email(v["NOTIFY_EMAIL_TO"], v["SMTP_HOST"], v["SMTP_PORT"],
-                                                          v["SMTP_USER"], v["SMTP_PASSWORD_FILE"],
+                                                          v["SMTP_USER"] if own else "", op["SMTP_PASSWORD_FILE"],
                                                           v["NOTIFY_EMAIL_FROM"], v["SMTP_CA_FILE"],
-                                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname)))
+                                                          v["NOTIFY_DIGEST_MIN"], s.timeout_s, hostname,
+                                                          login_refused=not own and bool(v["SMTP_USER"]))))
     for name, build in builders:
         try:
             out.append(build())
@@ -223,13 +234,17 @@ class Channel:
                 self._cond.wait(min(left, 0.05))
         return True
 
+    def stop(self) -> None:
+        """Ask the thread to stop after the delivery in progress (never waits)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
     def close(self, drain_s: float = 0.0) -> None:
         """Stop the thread (after up to drain_s s of delivering); what is left is counted as given up."""
         if drain_s > 0:
             self.drain(drain_s)
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self.stop()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.s.timeout_s + 1)
         with self._cond:
@@ -260,6 +275,8 @@ class Notifier:
         self._busy = False  # the dispatcher is handing a report to the channels
         self._seen: OrderedDict[tuple[str, str, str], list] = OrderedDict()  # key -> [first_ts, count, sent at]
         self._channels: list[Channel] = []
+        self._retiring: list[Channel] = []  # replaced by configure(), being closed by the closer thread
+        self._closer: threading.Thread | None = None
         self._retired: dict[str, int] = {"sent": 0, "given_up": 0}  # counts of channels replaced by configure()
         self.settings = NotifySettings.from_config()
         self.errors: list[str] = []
@@ -274,10 +291,7 @@ class Notifier:
         with self._lock:
             old, self._channels = self._channels, new
             self.settings, self.errors = s, errors
-        for ch in old:
-            ch.close(drain_s=0.0)
-            self._retired["sent"] += ch.counts["sent"]
-            self._retired["given_up"] += ch.counts["given_up"]
+        self._retire(old)
         for e in errors:
             log.error("notify: %s", e)
         for ch in new:
@@ -287,10 +301,35 @@ class Notifier:
             self._thread.start()
         return errors
 
+    def _retire(self, old: list[Channel]) -> None:
+        """Stop replaced channels now and close them in the background: a delivery in progress can take up
+        to NOTIFY_TIMEOUT_S, and configure() runs on the page's script thread. One closer thread at most."""
+        for ch in old:
+            ch.stop()
+        with self._lock:
+            self._retiring.extend(old)
+            if old and (self._closer is None or not self._closer.is_alive()):
+                self._closer = threading.Thread(target=self._close_retiring, name="notify-closer", daemon=True)
+                self._closer.start()
+
+    def _close_retiring(self) -> None:
+        while True:
+            with self._lock:
+                if not self._retiring:
+                    self._closer = None
+                    return
+                ch = self._retiring[0]
+            ch.close(drain_s=0.0)
+            with self._lock:
+                self._retiring.remove(ch)
+                self._retired["sent"] += ch.counts["sent"]
+                self._retired["given_up"] += ch.counts["given_up"]
+
     def offer(self, gen: int, alerts: list) -> None:
         """The mirror's listener: keep the latest alert list and wake the dispatcher (never waits)."""
         if self._channels:
-            self._latest = alerts
+            with self._lock:  # held only for the assignment: the mirror's thread never waits on delivery
+                self._latest = alerts
             self._wake.set()
 
     def _dispatch(self) -> None:
@@ -307,7 +346,8 @@ class Notifier:
             except Exception:  # a bug here must not end delivery for good; it is logged
                 log.exception("notify: dispatch failed")
             finally:
-                self._busy = False
+                with self._lock:
+                    self._busy = False
 
     def _diff(self, alerts: list) -> None:
         """Send what is new, and repeats last sent more than NOTIFY_REPEAT_S ago; track the rest."""
@@ -330,10 +370,15 @@ class Notifier:
             for ch in list(self._channels):
                 ch.offer(doc)
 
+    def _dispatching(self) -> bool:
+        """A report waits for the dispatcher, or it is handing one to the channels."""
+        with self._lock:
+            return self._latest is not None or self._busy
+
     def flush(self, timeout: float) -> bool:
         """Deliver what the latest report holds and what waits, for up to `timeout` s (the headless CLI)."""
         deadline = time.monotonic() + timeout
-        while (self._latest is not None or self._busy) and time.monotonic() < deadline:
+        while self._dispatching() and time.monotonic() < deadline:
             time.sleep(0.02)
         return all(ch.drain(max(0.0, deadline - time.monotonic())) for ch in list(self._channels))
 
@@ -344,17 +389,20 @@ class Notifier:
         self._stop.set()
         self._wake.set()
         with self._lock:
-            channels = list(self._channels)
+            channels, closer = list(self._channels), self._closer
         for ch in channels:
             ch.close()
+        if closer is not None:  # channels replaced just before: their counts are final once it ends
+            closer.join(timeout=self.settings.timeout_s + 1)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
 
     def status(self) -> dict[str, Any]:
         """Per destination its counters, with the totals (given_up is what the page and metrics show)."""
         with self._lock:
-            channels = list(self._channels)
+            channels, retiring, retired = list(self._channels), list(self._retiring), dict(self._retired)
         dests = [ch.status() for ch in channels]
+        old = [ch.status() for ch in retiring]  # replaced, still closing: their counts still count
         return {"destinations": dests, "errors": list(self.errors), "updated": self.updated,
-                "sent": self._retired["sent"] + sum(d["sent"] for d in dests),
-                "given_up": self._retired["given_up"] + sum(d["given_up"] for d in dests)}
+                "sent": retired["sent"] + sum(d["sent"] for d in dests + old),
+                "given_up": retired["given_up"] + sum(d["given_up"] for d in dests + old)}

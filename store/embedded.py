@@ -138,8 +138,8 @@ class EmbeddedStore(Store):
     def _connect_and_migrate(self) -> duckdb.DuckDBPyConnection:
         if self.read_only and not os.path.exists(self._path):
             raise OSError(f"no store at {self._path}")
-        if not self.read_only:
-            os.makedirs(os.path.dirname(self._path) or ".", exist_ok=True)
+        if not self.read_only:  # a folder made here is this user's only (the store holds page-set webhook URLs)
+            os.makedirs(os.path.dirname(self._path) or ".", mode=0o700, exist_ok=True)
         con = self._connect()
         try:
             version = _schema_version(con)
@@ -160,6 +160,8 @@ class EmbeddedStore(Store):
             version = 0
         if version < SCHEMA_VERSION and not self.read_only:
             _migrate(con, version)
+        if not self.read_only:
+            _private(self._path)
         return con
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -232,6 +234,7 @@ class EmbeddedStore(Store):
                 con.execute("DELETE FROM origins WHERE origin = ?", [row[0]])
                 con.execute("INSERT INTO origins VALUES (?, ?, ?, ?, ?)", list(row))
             con.execute("COMMIT")
+            _private(self._path)
         except BaseException:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
@@ -275,6 +278,7 @@ class EmbeddedStore(Store):
                 for stmt in statements[1:]:
                     con.execute(*stmt)
                 con.execute("COMMIT")
+                _private(self._path)
             except duckdb.Error as exc:
                 with contextlib.suppress(duckdb.Error):
                     con.execute("ROLLBACK")
@@ -345,6 +349,15 @@ class EmbeddedStore(Store):
                 with contextlib.suppress(OSError, duckdb.Error):
                     self._last_seg = self.max_segment()
         return super().allocate_segment()
+
+
+def _private(path: str) -> None:
+    """The store file and its write-ahead log readable by this user only (0600): DuckDB makes them (and the
+    log again after each checkpoint) with the umask's mode. One stat each when already private."""
+    for p in (path, path + ".wal"):
+        with contextlib.suppress(OSError):  # not there (no log yet), or not ours to change
+            if os.stat(p).st_mode & 0o077:
+                os.chmod(p, 0o600)
 
 
 def _schema_version(con: duckdb.DuckDBPyConnection) -> int:

@@ -21,13 +21,15 @@ from conftest import need
 
 class WebhookReceiver:
     """A local HTTP server that keeps every JSON document POSTed to it; `delay` makes it slow, `status`
-    makes it answer with an error."""
+    makes it answer with an error; `hold` s: each request waits (at most that long) for `release` to be
+    set before it answers, and `answered` is set once an answer has gone out."""
 
-    def __init__(self, delay: float = 0.0, status: int = 204) -> None:
+    def __init__(self, delay: float = 0.0, status: int = 204, hold: float = 0.0) -> None:
         self.docs: list[dict] = []
         self.headers: list[dict] = []
         self.requests = 0
-        self.delay, self.status = delay, status
+        self.delay, self.status, self.hold = delay, status, hold
+        self.release, self.answered = threading.Event(), threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,12 +38,15 @@ class WebhookReceiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if outer.delay:
                     time.sleep(outer.delay)
+                if outer.hold:
+                    outer.release.wait(outer.hold)
                 if outer.status < 300:
                     outer.docs.append(json.loads(body))
                     outer.headers.append(dict(self.headers))
                 self.send_response(outer.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                outer.answered.set()
 
             def log_message(self, *args) -> None:
                 pass
@@ -135,13 +140,17 @@ class SyslogReceiver:
 
 @dataclass
 class SmtpReceiver:
-    """aiosmtpd on 127.0.0.1 offering STARTTLS (a self-signed certificate) and requiring it, and a login."""
+    """aiosmtpd on 127.0.0.1 offering STARTTLS (a self-signed certificate) and requiring it, and requiring a
+    login with this user and password before any mail (auth_required=False: a login is optional); every
+    login tried is kept in `logins` as (user, password)."""
 
     folder: Path
     user: str = "ntm"
     password: str = "s3cret-Pa55"
+    auth_required: bool = True
     messages: list = field(default_factory=list)
     tls_sessions: list = field(default_factory=list)
+    logins: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         import ssl
@@ -165,6 +174,7 @@ class SmtpReceiver:
                 return "250 OK"
 
         def auth(server, session, envelope, mechanism, data):
+            outer.logins.append((data.login.decode(), data.password.decode()))
             ok = data.login.decode() == outer.user and data.password.decode() == outer.password
             return AuthResult(success=ok)
 
@@ -172,7 +182,8 @@ class SmtpReceiver:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.controller = Controller(Handler(), hostname="127.0.0.1", port=port, tls_context=ctx,
-                                     require_starttls=True, authenticator=auth, auth_require_tls=True)
+                                     require_starttls=True, authenticator=auth, auth_require_tls=True,
+                                     auth_required=self.auth_required)
         self.controller.start()
         self.port = port
         self.password_file = self.folder / "smtp-password"

@@ -1,5 +1,6 @@
 """The page's alert settings through AppTest: exclusion rules (add, edit, bad input, remove, saved in the
-store), destinations (a secret is never echoed back; the page-set webhook and its give-ups work), and the
+store), destinations (editable only when signed in with ACCESS_PASSWORD, read-only without it; a secret is
+never echoed back; the page-set webhook and its give-ups work), and the
 per-detector switches and thresholds, proved with nmap traffic on lo reaching the running detectors."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 from conftest import wait_for
 from notifyhelp import WebhookReceiver, free_port, nmap_scan, scan_port
 from test_adversarial import Tcpdump
-from test_dashboard import app, count, fresh, metric, run_until  # noqa: F401  (the fresh fixture)
+from test_dashboard import app, count, fresh, metric, run_until, write_capture  # noqa: F401  (the fresh fixture)
 
 from packet_processor import engines
 from store.embedded import EmbeddedStore
@@ -121,6 +122,30 @@ def test_remove_export_and_import_rules(fresh, tmp_path):  # noqa: F811
     assert sorted(controls.rules) == ["a", "b"]
 
 
+def test_without_access_password_destinations_are_read_only(fresh, tmp_path):  # noqa: F811
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    fresh.setenv("NTM_NOTIFY_SYSLOG", "udp://127.0.0.1:9")
+    at = opened(app().run())
+    assert not at.exception
+    assert any("read-only here" in i.value and "ACCESS_PASSWORD" in i.value for i in at.info)
+    assert any("udp://127.0.0.1:9" in c.value.replace("\\", "") for c in at.caption)
+    keys = [str(w.key) for kind in ("text_input", "number_input", "checkbox", "button")
+            for w in at.get(kind) if w.key]
+    assert not [k for k in keys if k.startswith("ap_d_")], keys
+    assert "ap_r_save_new" in keys  # the rest of the settings is there: only destinations are held back
+
+
+def signed_in_page(env, sport: int, password: str = "s3cret-pass"):
+    """A live page behind ACCESS_PASSWORD, signed in, settings shown."""
+    env.setenv("NTM_ACCESS_PASSWORD", password)
+    env.setenv("NTM_INTERFACE", "lo")
+    env.setenv("NTM_BPF_FILTER", f"tcp port {sport}")
+    at = app().run()
+    at.text_input(key="password").input(password).run()
+    at = run_until(at, lambda a: bool(a.metric) and metric(a, "Status").value == "running")
+    return opened(at)
+
+
 @pytest.mark.live
 def test_destinations_never_echo_the_secret_and_show_give_ups(fresh, root_only):  # noqa: F811
     fresh.setenv("NTM_NOTIFY_RETRIES", "1")
@@ -128,7 +153,7 @@ def test_destinations_never_echo_the_secret_and_show_give_ups(fresh, root_only):
     fresh.setenv("NTM_NOTIFY_TIMEOUT_S", "1")
     fresh.setenv("NTM_HISTORY", "false")
     sport = scan_port()
-    at = live_page(fresh, sport)
+    at = signed_in_page(fresh, sport)
     token = "XOXB-SECRET-7f3a9c"
     dead = f"http://127.0.0.1:{free_port()}/services/{token}"
     at.text_input(key="ap_d_hook").input(dead)

@@ -247,3 +247,24 @@ def test_the_headless_capture_command_delivers(env, tmp_path):
     assert summary["notify"]["sent"] == 1 and summary["notify"]["given_up"] == 0, err
     msgs = udp.messages()
     assert [m["sd"]["ntm@32473"]["detector"] for m in msgs] == ["port_scan"]
+
+
+def test_the_capture_json_counts_what_is_given_up_at_exit(env, tmp_path):
+    # A dead webhook and a long back-off: at exit the alert still waits for its retry, and closing gives
+    # it up; the JSON must say so (it was built before the close, showing 0 given up).
+    sport = scan_port()
+    environ = dict(os.environ, NTM_NOTIFY_WEBHOOK=f"http://127.0.0.1:{free_port()}/hook", NTM_NOTIFY_RETRIES="5",
+                   NTM_NOTIFY_BACKOFF_S="60", NTM_NOTIFY_TIMEOUT_S="1")
+    proc = subprocess.Popen([PYTHON, str(ROOT / "packet_processor.py"), "capture", "--iface", "lo", "--filter",
+                             f"tcp port {sport}", "--seconds", "4"], cwd=str(tmp_path), env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)  # start-up and the capture ring
+        threading.Thread(target=nmap_scan, args=(sport, "45000-45299"), daemon=True).start()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    notify = json.loads(out)["notify"]
+    assert (notify["sent"], notify["given_up"]) == (0, 1), (notify, err[-2000:])
+    assert notify["destinations"][0]["failures"] == 1  # one attempt; the retry was 60 s away at exit

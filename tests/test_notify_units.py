@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 import time
 
+import numpy as np
 import pytest
 from conftest import wait_for
 from notifyhelp import SmtpReceiver, SyslogReceiver, WebhookReceiver, free_port
@@ -103,9 +104,19 @@ def test_the_book_keeps_excluded_alerts_apart_counted_per_rule():
 
 
 def test_config_messages_are_never_mistaken_for_batches():
-    for n in range(0, 400):
-        msg = config_message({"SCAN_PORTS": n}, {"spike"}, [], ["10.0.0.0/8"] * (n % 7))
-        assert len(msg) % PACKET_DTYPE.itemsize != 0
+    from analysis.detect import Detectors
+    from analysis.stages import _command, _is_command
+
+    padded = 0
+    for n in range(0, 2 * PACKET_DTYPE.itemsize):  # every length modulo the record size
+        msg = config_message({"SCAN_PORTS": 20}, {"spike"}, [{"name": "r", "comment": "x" * n}], ["10.0.0.0/8"])
+        assert _is_command(msg), len(msg)  # the worker's own test: this goes to _command, not the detectors
+        padded += msg.endswith(b" ")  # JSON ends with '}': a space is the padding of an unlucky length
+    assert padded > 0  # the lengths tried include ones that are a multiple of the record size unpadded
+    for k in (1, 2, 3, 100):
+        assert not _is_command(np.zeros(k, PACKET_DTYPE).tobytes())
+    _, det = _command(config_message({"SCAN_PORTS": 77}, {"spike"}, [], []), AlertBook(), Detectors())
+    assert det.overrides == {"SCAN_PORTS": 77} and det.disabled == {"spike"}
 
 
 # -- delivery ---------------------------------------------------------------------------------
@@ -148,10 +159,12 @@ def test_a_repeat_updates_within_the_window_and_is_sent_again_after_it(quick):
 def test_an_email_digest_collects_alerts_into_one_message(quick, tmp_path):
     smtp = SmtpReceiver(tmp_path)
     quick.setenv("NTM_SMTP_CA_FILE", str(smtp.cert))
+    quick.setenv("NTM_SMTP_HOST", "127.0.0.1")  # the operator's server: the only one the password goes to
+    quick.setenv("NTM_SMTP_PORT", str(smtp.port))
+    quick.setenv("NTM_SMTP_USER", smtp.user)
+    quick.setenv("NTM_SMTP_PASSWORD_FILE", str(smtp.password_file))
     n = Notifier()
-    errors = n.configure({"NOTIFY_EMAIL_TO": "a@example.org,b@example.org", "SMTP_HOST": "127.0.0.1",
-                          "SMTP_PORT": smtp.port, "SMTP_USER": smtp.user, "SMTP_PASSWORD_FILE": str(smtp.password_file),
-                          "NOTIFY_DIGEST_MIN": 1})
+    errors = n.configure({"NOTIFY_EMAIL_TO": "a@example.org,b@example.org", "NOTIFY_DIGEST_MIN": 1})
     try:
         assert errors == []
         n.offer(1, [alert(target=f"10.0.0.{i}") for i in range(2, 5)])
@@ -162,6 +175,7 @@ def test_an_email_digest_collects_alerts_into_one_message(quick, tmp_path):
         n.close()
         smtp.close()
     assert len(smtp.messages) == 1 and smtp.tls_sessions == [True]
+    assert smtp.logins == [(smtp.user, smtp.password)]  # the server takes no mail without this login
     body = smtp.messages[0].content.decode()
     assert "3 alerts on unit" in body and all(f"10.0.0.{i}" in body for i in range(2, 5))
     assert sorted(smtp.messages[0].rcpt_tos) == ["a@example.org", "b@example.org"]
@@ -203,8 +217,11 @@ def test_webhook_token_header_and_no_secret_in_errors(quick, tmp_path):
     ok = WebhookReceiver()
     bad = WebhookReceiver(status=500)
     try:
-        Webhook(ok.url("/path-token-xyz"), str(token)).send([{"kind": "alert", "text": "t"}])
+        with_token = Webhook(ok.url("/path-token-xyz"), str(token))
+        with_token.send([{"kind": "alert", "text": "t"}])
         assert ok.headers[0]["Authorization"] == "Bearer bearer-s3cret"
+        assert "bearer-s3cret" in with_token.secrets()  # so redact() hides it wherever an error quotes it
+        assert with_token.error_text(OSError("refused: Bearer bearer-s3cret")) == "OSError: refused: Bearer ***"
         hook = Webhook(bad.url("/path-token-xyz"))
         with pytest.raises(OSError) as exc:
             hook.send([{"kind": "alert", "text": "t"}])
@@ -342,3 +359,25 @@ def test_a_bad_webhook_setting_is_a_clear_error_that_hides_the_value(monkeypatch
     assert any("NTM_NOTIFY_WEBHOOK=<hidden> is not valid" in p for p in bad)
     assert any("NTM_NOTIFY_SYSLOG='udp://127.0.0.1' is not valid" in p for p in bad)
     assert "T0KEN-zz9" not in " ".join(bad)
+
+
+def test_a_long_syslog_datagram_is_cut_in_its_text_on_a_character_boundary():
+    from notify.destinations import UDP_MAX, Syslog
+
+    udp = SyslogReceiver("udp")
+    try:
+        for pad in range(3):  # one of these puts the 8,192-byte cut inside a 3-byte character
+            evidence = "x" * pad + "€" * 5000  # 15,000 bytes of text: the datagram must be cut
+            doc = {"kind": "alert", "severity": "high", "detector": "port_scan", "source": "10.0.0.1",
+                   "target": "10.0.0.2", "count": 1, "sensor": "s", "first_seen": "a", "last_seen": "b",
+                   "evidence": evidence}
+            Syslog(udp.url(), hostname="h").send([doc])
+            assert wait_for(lambda pad=pad: len(udp.raw) == pad + 1)
+        raws = list(udp.raw)
+        msgs = udp.messages()  # strict: the text must be UTF-8
+    finally:
+        udp.close()
+    for pad, (raw, m) in enumerate(zip(raws, msgs, strict=True)):
+        assert UDP_MAX - 3 <= len(raw) <= UDP_MAX
+        assert m["sd"]["ntm@32473"]["evidence"] == ("x" * pad + "€" * 5000)[:1024]  # the header is whole
+        assert m["sd"]["ntm@32473"]["target"] == "10.0.0.2" and m["msg"].endswith("€")
