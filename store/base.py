@@ -193,6 +193,7 @@ class Store(ABC):
         self.clock = clock
         self._lock = threading.RLock()
         self._pending: deque[StoreBatch] = deque()
+        self._write_error: str | None = None  # the last failed write's message, until the waiting batches are written
         self._pending_max = pending_max
         self._counts = {"batches_written": 0, "rows_written": 0, "batches_failed": 0, "batches_dropped": 0,
                         "packets_dropped": 0}
@@ -220,7 +221,11 @@ class Store(ABC):
     def status(self) -> StoreStatus:
         """The store's state for the page and the CLI."""
         with self._lock:
-            return StoreStatus(self._state, self.path, self._message, self._moved_aside, pending=len(self._pending),
+            state, message = self._state, self._message
+            if state == "ok" and self._write_error and self._pending:
+                # Reopened after a failed write, but the waiting batches are not written yet: still an error.
+                state, message = "error", self._write_error
+            return StoreStatus(state, self.path, message, self._moved_aside, pending=len(self._pending),
                                last_write_wall=self._last_write, **self._counts)
 
     def allocate_segment(self) -> int:
@@ -263,11 +268,13 @@ class Store(ABC):
                 self._write(head)
             except Exception as exc:  # any backend failure is state: the capture goes on
                 self._failed(exc)
+                self._write_error = self._message
                 return False
             self._pending.popleft()
             self._counts["batches_written"] += 1
             self._counts["rows_written"] += head.rows()
             self._last_write = time.time()
+        self._write_error = None
         return True
 
     def _ready(self) -> bool:

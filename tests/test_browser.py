@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -113,7 +114,9 @@ def traffic() -> Iterator[None]:
 
 
 def packets(page) -> int:
-    value = page.locator('[data-testid="stMetric"]', has_text="Packets").first
+    """The value of the metric labelled exactly "Packets" (not "Packets/s", not a panel's own)."""
+    label = page.locator('[data-testid="stMetricLabel"]', has_text=re.compile(r"^\s*Packets\s*$"))
+    value = page.locator('[data-testid="stMetric"]', has=label).first
     return int(value.locator('[data-testid="stMetricValue"]').inner_text().replace(",", ""))
 
 
