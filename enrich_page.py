@@ -193,8 +193,7 @@ def alerts_who(en, alerts) -> pd.DataFrame:
 def process_note(en, snap: Snapshot, over_all: bool) -> str:
     """What the by-process view covers, and what it could not attribute."""
     err = f" {en.processes.error}." if en.processes.error else ""
-    owners = (f"owners from the socket table re-read every {en.processes.refresh_s:g} s: 'unknown' means the "
-              f"socket closed before a read saw it or lives in another network namespace.")
+    owners = owners_note(en.processes)
     if not over_all:
         return (f"Over the {len(snap.packets):,} packets in the buffer (per-process totals of all traffic need "
                 f"a live capture); {owners}{err}")
@@ -204,6 +203,18 @@ def process_note(en, snap: Snapshot, over_all: bool) -> str:
         else ""
     return (f"Over every TCP/UDP packet since the capture started (not only the buffer), each attributed as it "
             f"was counted; {owners}{lost}{err}")
+
+
+def owners_note(table) -> str:
+    """Where owners come from, what 'unknown' means and, said plainly, the ports whose owner this process
+    may not see (after the privilege drop psutil lists other users' sockets without a PID)."""
+    from enrich.processes import HIDDEN, HIDDEN_NOTE
+    text = (f"owners from the socket table re-read every {table.refresh_s:g} s: 'unknown' means the socket "
+            f"closed before a read saw it or lives in another network namespace.")
+    n = len(table.hidden_ports())
+    if n:
+        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n)}."
+    return text
 
 
 def enrich_note(en) -> str:

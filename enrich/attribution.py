@@ -11,7 +11,7 @@ import numpy as np
 
 from analysis.headers import TCP, UDP, addr_text
 from analysis.stages import Stage
-from enrich.processes import UNKNOWN, ProcessTable
+from enrich.processes import HIDDEN, UNKNOWN, ProcessTable
 
 log = logging.getLogger(__name__)
 _PROTO = {TCP: "tcp", UDP: "udp"}
@@ -19,7 +19,8 @@ _PROTO = {TCP: "tcp", UDP: "udp"}
 
 def _owner_ids(cls: np.ndarray, addrs: np.ndarray, ports: np.ndarray, table: ProcessTable,
                owners: dict[tuple[int, str], int]) -> np.ndarray:
-    """Per row: the index of the owning process in `owners`, -2 for a local end with no owner, -1 not local."""
+    """Per row: the index of the owning process in `owners`, -2 for a local end with no owner, -3 for one whose
+    owner this process may not see, -1 not local."""
     out = np.full(len(cls), -1, dtype=np.int64)
     if not len(cls):
         return out
@@ -32,7 +33,7 @@ def _owner_ids(cls: np.ndarray, addrs: np.ndarray, ports: np.ndarray, table: Pro
             continue
         o = table.owner(_PROTO[int(c)], int(p))
         if o is None:
-            ids[i] = -2
+            ids[i] = -3 if table.hidden(_PROTO[int(c)], int(p)) else -2
             continue
         ids[i] = owners.setdefault((o[0], o[1]), len(owners))
     return ids[inv]
@@ -46,10 +47,12 @@ def by_process(packets: np.ndarray, table: ProcessTable) -> list[dict[str, Any]]
     b = _owner_ids(p["cls"], p["dst"], p["dport"], table, owners)
     rows = []
     conv = _conversation_ids(p)
-    for (pid, name), i in [*owners.items(), ((None, UNKNOWN), -2)]:
+    for (pid, name), i in [*owners.items(), ((None, HIDDEN), -3), ((None, UNKNOWN), -2)]:
         mask = (a == i) | (b == i)
-        if i == -2:  # unknown: a local end with no owner, and no known owner at the other end
+        if i < -1:  # a local end with no owner, and no known owner at the other end (hidden first: once)
             mask &= (a < 0) & (b < 0)
+            if i == -2:
+                mask &= (a != -3) & (b != -3)
         if not mask.any():
             continue
         rows.append({"process": name, "pid": pid, "packets": int(mask.sum()),
@@ -328,7 +331,12 @@ class ProcessStage(Stage):
                     t = self._waiting[int(keys[i])] = _Tally(now)
                     of_key[i] = ent(t)
                 if len(new) > room:
-                    of_key[new[room:]] = ent(self._named_tally((None, UNKNOWN)))
+                    over = new[room:]
+                    hid = np.isin(keys[over], self._hidden_keys())
+                    if hid.any():
+                        of_key[over[hid]] = ent(self._named_tally((None, HIDDEN)))
+                    if not hid.all():
+                        of_key[over[~hid]] = ent(self._named_tally((None, UNKNOWN)))
         return ents, of_key
 
     def _owner_index(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
@@ -340,6 +348,15 @@ class ProcessStage(Stage):
             self._index = (np.array([k for k, _ in items], np.int64), [o for _, o in items])
             self._index_of = src
         return self._index
+
+    def _hidden_keys(self) -> np.ndarray:
+        """The ports listed without a visible owner, as keys (udp<<16 | port)."""
+        return np.fromiter(((1 << 16 if proto == "udp" else 0) | port for proto, port in self.table.hidden_ports()),
+                           np.int64)
+
+    def _unowned(self, key: int) -> tuple[None, str]:
+        """The tally of a port with no owner: hidden (listed, owner not visible) or unknown."""
+        return (None, HIDDEN) if self.table.hidden("udp" if key >> 16 else "tcp", key & 0xFFFF) else (None, UNKNOWN)
 
     def _named_tally(self, owner: tuple[int | None, str]) -> _Tally:
         t = self._named.get(owner)
@@ -360,7 +377,7 @@ class ProcessStage(Stage):
                 if owner is None and now - t.since < self.grace_s:
                     continue
                 self._conns_held -= len(t.conns)
-                self._conns_held += self._named_tally(owner or (None, UNKNOWN)).merge(
+                self._conns_held += self._named_tally(owner or self._unowned(key)).merge(
                     t, self.conn_max - self._conns_held)
                 del self._waiting[key]
 

@@ -1,8 +1,11 @@
 """Which local process owns a port: psutil.net_connections() re-read on a short interval in one thread.
 
 Keyed by (protocol, local port). A connection that closed between two reads, or one in another network
-namespace, has no owner here: the page says "unknown" plainly. Entries stay for a few refreshes after the
-socket closes (short connections are still named), and the table is bounded.
+namespace, has no owner here: the page says "unknown" plainly. A socket listed without an owner because
+this process may not read the owner's file descriptors (after the dashboard gives up root, other users'
+processes) is "hidden", counted apart and said so: it is not closed, and naming it needs the privilege.
+Entries stay for a few refreshes after the socket closes (short connections are still named), and the
+table is bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import time
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+HIDDEN = "owner not visible (no privilege)"
+HIDDEN_NOTE = ("{n:,} ports owned by processes this unprivileged process cannot see (run as root without the "
+               "privilege drop, or RUN_AS_USER=root: see README)")
 _PROTO = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 
 
@@ -28,6 +34,7 @@ class ProcessTable:
         self._owners: dict[tuple[str, int], tuple[int, str, float]] = {}
         self._names: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
+        self._hidden: frozenset[tuple[str, int]] = frozenset()  # listed sockets whose owner we may not see
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,10 +74,17 @@ class ProcessTable:
             log.warning("%s", self.error)
             return
         seen: dict[tuple[str, int], tuple[int, str, float]] = {}
+        hidden: set[tuple[str, int]] = set()
         for c in conns:
-            if c.pid is None or not c.laddr or c.type not in _PROTO:
+            if not c.laddr or c.type not in _PROTO:
+                continue
+            if c.pid is None:  # /proc/net lists it, but its owner's /proc/PID/fd is not ours to read
+                hidden.add((_PROTO[c.type], c.laddr.port))
                 continue
             seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
+        hidden.difference_update(seen)  # another socket on that port (v4/v6, or ours) names it
+        if len(hidden) > self.max_entries:
+            hidden = set(sorted(hidden)[:self.max_entries])
         with self._lock:
             kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
             kept.update(seen)
@@ -78,6 +92,7 @@ class ProcessTable:
                 kept = dict(sorted(kept.items(), key=lambda kv: kv[1][2])[-self.max_entries:])
             self._owners = kept
             self._local = local
+            self._hidden = frozenset(hidden)
             live = {v[0] for v in kept.values()}
             self._names = {p: n for p, n in self._names.items() if p in live}
         self.error = None
@@ -103,12 +118,22 @@ class ProcessTable:
         """The current {(proto, port): (pid, name, last seen)}; a new dict at each read, never changed in place."""
         return self._owners
 
+    def hidden(self, proto: str, port: int) -> bool:
+        """Whether the last read listed a socket on this port whose owner this process may not see."""
+        return (proto.lower(), int(port)) in self._hidden
+
+    def hidden_ports(self) -> frozenset[tuple[str, int]]:
+        """The (proto, port) of sockets listed without an owner at the last read (a new set at each read)."""
+        return self._hidden
+
     def label(self, proto: str, port: int | None) -> str:
-        """'name (pid)' or 'unknown'."""
+        """'name (pid)', HIDDEN (owner not visible without the privilege) or 'unknown'."""
         if port is None or port < 0:
             return UNKNOWN
         o = self.owner(proto, port)
-        return f"{o[1]} ({o[0]})" if o else UNKNOWN
+        if o:
+            return f"{o[1]} ({o[0]})"
+        return HIDDEN if self.hidden(proto, port) else UNKNOWN
 
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
