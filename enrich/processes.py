@@ -35,6 +35,7 @@ class ProcessTable:
         self._names: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
         self._hidden: frozenset[tuple[str, int]] = frozenset()  # listed sockets whose owner we may not see
+        self._hidden_at: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,8 +84,6 @@ class ProcessTable:
                 continue
             seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
         hidden.difference_update(seen)  # another socket on that port (v4/v6, or ours) names it
-        if len(hidden) > self.max_entries:
-            hidden = set(sorted(hidden)[:self.max_entries])
         with self._lock:
             kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
             kept.update(seen)
@@ -92,7 +91,14 @@ class ProcessTable:
                 kept = dict(sorted(kept.items(), key=lambda kv: kv[1][2])[-self.max_entries:])
             self._owners = kept
             self._local = local
-            self._hidden = frozenset(hidden)
+            # Like owners, a hidden port is remembered keep_s after its socket closes (its last packets are
+            # attributed a few reads later), and bounded.
+            held = {k: at for k, at in self._hidden_at.items() if now - at < self.keep_s and k not in kept}
+            held.update((k, now) for k in hidden)
+            if len(held) > self.max_entries:
+                held = dict(sorted(held.items(), key=lambda kv: kv[1])[-self.max_entries:])
+            self._hidden_at = held
+            self._hidden = frozenset(held)
             live = {v[0] for v in kept.values()}
             self._names = {p: n for p, n in self._names.items() if p in live}
         self.error = None
