@@ -265,7 +265,8 @@ def owners_note(table) -> str:
             f"closed before a read saw it or lives in another network namespace.")
     n = len(table.hidden_ports())
     if n:
-        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n)}."
+        import getpass
+        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n, user=getpass.getuser())}."
     return text
 
 

@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 HIDDEN = "owner not visible (no privilege)"
-HIDDEN_NOTE = ("{n:,} ports owned by processes this unprivileged process cannot see (run as root without the "
-               "privilege drop, or RUN_AS_USER=root: see README)")
+# Not "run as root" or RUN_AS_USER=root: started as root the dashboard always gives up root, and
+# capture.broker.target_user refuses uid 0. A user may read the fd tables of its own processes only.
+HIDDEN_NOTE = ("{n:,} ports owned by processes this unprivileged process cannot see (it runs as {user} and may "
+               "read only that user's processes; set RUN_AS_USER to the user who owns them, or ask "
+               "`sudo ss -tunap`: see README, Enrichment)")
 _PROTO = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 
 
