@@ -266,7 +266,9 @@ def owners_note(table) -> str:
     n = len(table.hidden_ports())
     if n:
         import getpass
-        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n, user=getpass.getuser())}."
+        users = ", ".join(f"{u} ({k:,})" for u, k in sorted(table.hidden_users().items()))
+        owned = f"; their sockets belong to {users}" if users else ""
+        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n, user=getpass.getuser())}{owned}."
     return text
 
 

@@ -39,6 +39,7 @@ class ProcessTable:
         self._local: frozenset[str] = frozenset()
         self._hidden: frozenset[tuple[str, int]] = frozenset()  # listed sockets whose owner we may not see
         self._hidden_at: dict[tuple[str, int], float] = {}
+        self._hidden_users: dict[tuple[str, int], int] = {}  # their sockets' uid (/proc/net, no privilege)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -87,6 +88,7 @@ class ProcessTable:
                 continue
             seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
         hidden.difference_update(seen)  # another socket on that port (v4/v6, or ours) names it
+        users = socket_users(hidden) if hidden else {}
         with self._lock:
             kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
             kept.update(seen)
@@ -102,6 +104,7 @@ class ProcessTable:
                 held = dict(sorted(held.items(), key=lambda kv: kv[1])[-self.max_entries:])
             self._hidden_at = held
             self._hidden = frozenset(held)
+            self._hidden_users = {k: u for k, u in {**self._hidden_users, **users}.items() if k in held}
             live = {v[0] for v in kept.values()}
             self._names = {p: n for p, n in self._names.items() if p in live}
         self.error = None
@@ -135,6 +138,15 @@ class ProcessTable:
         """The (proto, port) of sockets listed without an owner at the last read (a new set at each read)."""
         return self._hidden
 
+    def hidden_users(self) -> dict[str, int]:
+        """{user name: hidden ports} of the sockets listed without a visible owner (the kernel's table says
+        which user owns a socket; only the PID needs the privilege)."""
+        out: dict[str, int] = {}
+        for uid in dict(self._hidden_users).values():
+            name = _user_name(uid)
+            out[name] = out.get(name, 0) + 1
+        return out
+
     def label(self, proto: str, port: int | None) -> str:
         """'name (pid)', HIDDEN (owner not visible without the privilege) or 'unknown'."""
         if port is None or port < 0:
@@ -147,6 +159,33 @@ class ProcessTable:
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"
+
+
+def socket_users(ports: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The uid owning each (proto, local port), from /proc/net/{tcp,tcp6,udp,udp6} (readable by anyone)."""
+    out: dict[tuple[str, int], int] = {}
+    for proto, name in (("tcp", "tcp"), ("tcp", "tcp6"), ("udp", "udp"), ("udp", "udp6")):
+        try:
+            with open(f"/proc/net/{name}", encoding="ascii") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 8:
+                continue
+            key = (proto, int(f[1].rsplit(":", 1)[1], 16))
+            if key in ports and key not in out:
+                out[key] = int(f[7])
+    return out
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 _SHARED: dict[str, ProcessTable] = {}
