@@ -79,3 +79,12 @@ def test_ipv4_mapped_address_is_its_ipv4() -> None:
     plain, mapped = g.lookup("8.8.8.8"), g.lookup("::ffff:8.8.8.8")
     assert plain.country == "US" and plain.asn == 15169
     assert mapped == plain
+
+
+def test_asn_folder_is_readable_by_the_user_the_dashboard_drops_to():
+    """After the drop to `nobody` the database must still load: every folder on the way and every CSV readable
+    (scripts/setup.sh makes the folders 0755, whatever the umask of whoever ran it)."""
+    from capture.broker import unreadable
+    need((DEFAULT_DIR / "asn-ipv4-num.csv").exists(), "the AS database is missing: run scripts/setup.sh")
+    files = [str(DEFAULT_DIR / f) for f in ("asn-ipv4-num.csv", "asn-ipv6-num.csv", "package.json")]
+    assert unreadable(files, 65534, 65534) == []
