@@ -12,12 +12,14 @@ from datetime import tzinfo
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 import config
 import visualizations as viz
 from packet_processor import Snapshot, packets_frame
 
+AGG_ADDRESSES = 2000  # top sources and top destinations summed per country and per network
 TABS = ["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process",
         "Recent packets", "Alerts"]
 
@@ -84,11 +86,13 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
         st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
     with tabs[1]:
         st.dataframe(conversations_who(en, snap.top_conversations(20, by)), hide_index=True, key="who_conv")
-    busiest = snap.top_addresses("src", by, 2000) + snap.top_addresses("dst", by, 2000)
+    countries, networks, note = ends_views(en, snap, by)
     with tabs[2]:
-        st.plotly_chart(viz.share_bar(en.by_country(busiest), "Top countries", by), key="who_countries")
+        st.plotly_chart(ends_bar(countries, "Top countries", by), key="who_countries")
+        st.caption(plain(note))
     with tabs[3]:
-        st.plotly_chart(viz.share_bar(en.by_network(busiest), "Top networks (AS)", by), key="who_networks")
+        st.plotly_chart(ends_bar(networks, "Top networks (AS)", by), key="who_networks")
+        st.caption(plain(note))
     with tabs[4]:
         process_view(en, snap)
     with tabs[5]:
@@ -113,6 +117,54 @@ def process_view(en, snap: Snapshot) -> None:
                                 for r in rows]
     st.dataframe(frame, hide_index=True, key="who_process")
     st.caption(plain(process_note(en, snap, over_all)))
+
+
+def ends_views(en, snap: Snapshot, by: str, n: int = AGG_ADDRESSES) -> tuple[list[dict], list[dict], str]:
+    """(countries, networks, note): per key what its addresses sent and received, over the top `n` sources
+    and `n` destinations, and a note that says per end, and approximate when the tables are."""
+    src = snap.top_addresses("src", by, n + 1)
+    dst = snap.top_addresses("dst", by, n + 1)
+    cut = len(src) > n or len(dst) > n
+    src, dst = src[:n], dst[:n]
+    pruned = any(tuple(t.state[4]) != (0, 0) for t in (snap.src, snap.dst))  # addresses left the tables
+    bounded = any(r.get("approx") for r in (*src, *dst))
+    note = ("Per end: 'sent' counts the packets whose source address is there, 'received' those whose "
+            "destination is; a packet between two of them counts in both bars, once at each end.")
+    if cut or pruned or bounded:
+        why = []
+        if cut or pruned:
+            why.append(f"only the busiest {n:,} sources and {n:,} destinations of the top-address tables are "
+                       f"summed (the others' traffic is left out)")
+        if bounded:
+            why.append("some of those counts are upper bounds (Space-Saving: a count may exceed the truth by "
+                       "its error bound)")
+        note += " Approximate: " + "; ".join(why) + "."
+    else:
+        note += " Exact: every address seen is in the tables with its exact count."
+    countries, networks = en.by_country(src, dst), en.by_network(src, dst)
+    for rows in (countries, networks):
+        for r in rows:
+            r["approx"] = bool(r["approx"] or cut or pruned)
+    return countries, networks, note
+
+
+def ends_bar(rows: list[dict], title: str, by: str, n: int = 15) -> go.Figure:
+    """Grouped bars: what each key sent and received (by packets or bytes); '≈' marks an approximate figure."""
+    rows = sorted(rows, key=lambda r: -max(r[f"sent_{by}"], r[f"received_{by}"]))[:n][::-1]
+    approx = any(r["approx"] for r in rows)
+    title = f"{title} (approximate)" if approx else title
+    if not rows:
+        return go.Figure(layout={**viz.LAYOUT, "title": {"text": title}, "annotations": [
+            {"text": "no data yet", "showarrow": False}], "xaxis": {"visible": False}, "yaxis": {"visible": False}})
+    keys = [viz.chart_text(str(r["key"])) for r in rows]
+    mark = "≈ " if approx else ""
+    bars = [{"type": "bar", "name": end, "x": [r[f"{end}_{by}"] for r in rows], "y": keys, "orientation": "h",
+             "customdata": [f"{r['addresses']:,} addresses" for r in rows],
+             "hovertemplate": f"%{{y}} {end}: {mark}%{{x:,}} {by} (%{{customdata}})<extra></extra>"}
+            for end in ("sent", "received")]
+    return go.Figure(data=bars, layout={**viz.LAYOUT, "title": {"text": title}, "barmode": "group",
+                                        "uirevision": title, "yaxis": {"type": "category"},
+                                        "legend": {"orientation": "h"}})
 
 
 def talkers_frame(src: list[dict], dst: list[dict], by: str) -> pd.DataFrame:
@@ -193,8 +245,7 @@ def alerts_who(en, alerts) -> pd.DataFrame:
 def process_note(en, snap: Snapshot, over_all: bool) -> str:
     """What the by-process view covers, and what it could not attribute."""
     err = f" {en.processes.error}." if en.processes.error else ""
-    owners = (f"owners from the socket table re-read every {en.processes.refresh_s:g} s: 'unknown' means the "
-              f"socket closed before a read saw it or lives in another network namespace.")
+    owners = owners_note(en.processes)
     if not over_all:
         return (f"Over the {len(snap.packets):,} packets in the buffer (per-process totals of all traffic need "
                 f"a live capture); {owners}{err}")
@@ -204,6 +255,21 @@ def process_note(en, snap: Snapshot, over_all: bool) -> str:
         else ""
     return (f"Over every TCP/UDP packet since the capture started (not only the buffer), each attributed as it "
             f"was counted; {owners}{lost}{err}")
+
+
+def owners_note(table) -> str:
+    """Where owners come from, what 'unknown' means and, said plainly, the ports whose owner this process
+    may not see (after the privilege drop psutil lists other users' sockets without a PID)."""
+    from enrich.processes import HIDDEN, HIDDEN_NOTE
+    text = (f"owners from the socket table re-read every {table.refresh_s:g} s: 'unknown' means the socket "
+            f"closed before a read saw it or lives in another network namespace.")
+    n = len(table.hidden_ports())
+    if n:
+        import getpass
+        users = ", ".join(f"{u} ({k:,})" for u, k in sorted(table.hidden_users().items()))
+        owned = f"; their sockets belong to {users}" if users else ""
+        text += f" '{HIDDEN}': {HIDDEN_NOTE.format(n=n, user=getpass.getuser())}{owned}."
+    return text
 
 
 def enrich_note(en) -> str:

@@ -108,31 +108,37 @@ class Enricher:
                 "process_error": self.processes.error, "oui_error": self.oui.error}
 
     # ---- aggregate views ----
-    def by_country(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Packets and bytes per country (or range label) over address rows; largest first."""
-        return self._group(rows, lambda a: self.geo.lookup(a).country or "not in database")
+    def by_country(self, src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per country (or range label): what its addresses sent (as sources) and received (as destinations)."""
+        return self._group(src, dst, lambda a: self.geo.lookup(a).country or "not in database")
 
-    def by_network(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Packets and bytes per AS organisation (or range label) over address rows; largest first."""
+    def by_network(self, src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per AS (number and organisation, or range label): what its addresses sent and received."""
         def key(a: str) -> str:
             g = self.geo.lookup(a)
             if g.asn is not None:
                 return f"AS{g.asn} {g.as_org or ''}".strip()
             return g.as_org or (g.country if g.country in ("private", "loopback", "link-local", "multicast",
                                                            "reserved") else "not in database")
-        return self._group(rows, key)
+        return self._group(src, dst, key)
 
     @staticmethod
-    def _group(rows: Iterable[dict[str, Any]], key) -> list[dict[str, Any]]:
-        acc: dict[str, list[int]] = {}
-        for r in rows:
-            k = key(_addr_of(r))
-            v = acc.setdefault(k, [0, 0, 0])
-            v[0] += int(r.get("packets", 0))
-            v[1] += int(r.get("bytes", 0))
-            v[2] += 1
-        out = [{"key": k, "packets": p, "bytes": b, "addresses": n} for k, (p, b, n) in acc.items()]
-        out.sort(key=lambda r: (-r["packets"], r["key"]))
+    def _group(src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]], key) -> list[dict[str, Any]]:
+        """Sums per key, each end apart: a packet between two keys is sent by one and received by the other,
+        so adding 'sent' and 'received' would count it twice. `approx` when a row's count is a bound."""
+        acc: dict[str, dict[str, Any]] = {}
+        for end, rows in (("sent", src), ("received", dst)):
+            for r in rows:
+                addr = _addr_of(r)
+                v = acc.setdefault(key(addr), {"sent_packets": 0, "sent_bytes": 0, "received_packets": 0,
+                                               "received_bytes": 0, "addrs": set(), "approx": False})
+                v[f"{end}_packets"] += int(r.get("packets", 0))
+                v[f"{end}_bytes"] += int(r.get("bytes", 0))
+                v["addrs"].add(addr)
+                v["approx"] |= bool(r.get("approx"))
+        out = [{"key": k, **{f: v[f] for f in ("sent_packets", "sent_bytes", "received_packets", "received_bytes",
+                                                "approx")}, "addresses": len(v["addrs"])} for k, v in acc.items()]
+        out.sort(key=lambda r: (-max(r["sent_packets"], r["received_packets"]), r["key"]))
         return out
 
     def by_process(self, packets: np.ndarray) -> list[dict[str, Any]]:

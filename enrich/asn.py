@@ -2,8 +2,9 @@
 
 No PyPI package ships IP-to-AS *numbers* (geoip2fast's files name the AS organisation only), so the
 numbers come from the `@ip-location-db/asn` package of the npm registry (RouteViews prefix-to-AS, the
-five RIRs' delegations and DB-IP's IP-to-ASN Lite, CC BY 4.0), which scripts/setup.sh installs into
-data/ip-location-db-asn/ with npm at install time. Nothing is downloaded at run time: without the
+five RIRs' delegations and DB-IP's IP-to-ASN Lite, CC BY 4.0). scripts/setup.sh fetches that package's
+tarball from the npm registry at install time (no npm needed), checks it against a pinned SHA-256 and
+unpacks it into data/ip-location-db-asn/. Nothing is downloaded at run time: without the
 folder, AS numbers stay null and the page says why.
 
 The CSV ranges (inclusive, sorted, not overlapping) load once in a background thread into numpy
@@ -49,12 +50,15 @@ class _Table:
     def find(self, key: int) -> AsInfo | None:
         """The range holding `key`, or None."""
         if self.start_lo is None:
-            i = int(np.searchsorted(self.start, key, side="right")) - 1
+            # A numpy scalar of the array's own type: a Python int would be compared as float64.
+            i = int(np.searchsorted(self.start, self.start.dtype.type(key), side="right")) - 1
             if i < 0 or key > int(self.end[i]):
                 return None
         else:
             hi, lo = key >> 64, key & _M64
-            i = int(np.searchsorted(self.start, hi, side="right")) - 1
+            # np.uint64, not a Python int: numpy would compare an int with uint64 as float64 and lose the
+            # low bits of the upper half (28 % of range ends answered the neighbouring range).
+            i = int(np.searchsorted(self.start, np.uint64(hi), side="right")) - 1
             while i >= 0 and int(self.start[i]) == hi and int(self.start_lo[i]) > lo:
                 i -= 1  # same upper half, the range starts after the address inside its /64
             if i < 0 or (hi, lo) > (int(self.end[i]), int(self.end_lo[i])):

@@ -11,7 +11,7 @@ import numpy as np
 
 from analysis.headers import TCP, UDP, addr_text
 from analysis.stages import Stage
-from enrich.processes import UNKNOWN, ProcessTable
+from enrich.processes import HIDDEN, UNKNOWN, ProcessTable
 
 log = logging.getLogger(__name__)
 _PROTO = {TCP: "tcp", UDP: "udp"}
@@ -19,7 +19,8 @@ _PROTO = {TCP: "tcp", UDP: "udp"}
 
 def _owner_ids(cls: np.ndarray, addrs: np.ndarray, ports: np.ndarray, table: ProcessTable,
                owners: dict[tuple[int, str], int]) -> np.ndarray:
-    """Per row: the index of the owning process in `owners`, -2 for a local end with no owner, -1 not local."""
+    """Per row: the index of the owning process in `owners`, -2 for a local end with no owner, -3 for one whose
+    owner this process may not see, -1 not local."""
     out = np.full(len(cls), -1, dtype=np.int64)
     if not len(cls):
         return out
@@ -32,7 +33,7 @@ def _owner_ids(cls: np.ndarray, addrs: np.ndarray, ports: np.ndarray, table: Pro
             continue
         o = table.owner(_PROTO[int(c)], int(p))
         if o is None:
-            ids[i] = -2
+            ids[i] = -3 if table.hidden(_PROTO[int(c)], int(p)) else -2
             continue
         ids[i] = owners.setdefault((o[0], o[1]), len(owners))
     return ids[inv]
@@ -46,10 +47,12 @@ def by_process(packets: np.ndarray, table: ProcessTable) -> list[dict[str, Any]]
     b = _owner_ids(p["cls"], p["dst"], p["dport"], table, owners)
     rows = []
     conv = _conversation_ids(p)
-    for (pid, name), i in [*owners.items(), ((None, UNKNOWN), -2)]:
+    for (pid, name), i in [*owners.items(), ((None, HIDDEN), -3), ((None, UNKNOWN), -2)]:
         mask = (a == i) | (b == i)
-        if i == -2:  # unknown: a local end with no owner, and no known owner at the other end
+        if i < -1:  # a local end with no owner, and no known owner at the other end (hidden first: once)
             mask &= (a < 0) & (b < 0)
+            if i == -2:
+                mask &= (a != -3) & (b != -3)
         if not mask.any():
             continue
         rows.append({"process": name, "pid": pid, "packets": int(mask.sum()),
@@ -83,7 +86,16 @@ _K = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x
 TICK_S = 0.25
 GATHER_S = 0.05  # how long the stage lets batches gather before one call attributes them all
 GATHER_MAX = 262_144  # packets attributed in one call at most
-WAITING_MAX = 1024  # ports waiting for the socket table's next read; beyond, new ones count as 'unknown'
+WAITING_MAX = 1024  # pairs of ends waiting for the socket table's next read; beyond, new ones count as 'unknown'
+_NONE = 0x3FFFF  # a waiting pair's code for an end that is not this machine's
+
+
+def _find(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position, found) of each wanted key in the sorted `keys` (both int64: no float comparison)."""
+    pos = np.searchsorted(keys, wanted)
+    if not len(keys):
+        return pos, np.zeros(len(wanted), bool)
+    return pos, keys[np.minimum(pos, len(keys) - 1)] == wanted
 
 
 class _Tally:
@@ -155,7 +167,7 @@ class ProcessStage(Stage):
         self.grace_s = grace_s if grace_s is not None else max(3.0, 3 * table.refresh_s)
         self._lock = threading.Lock()
         self._named: dict[tuple[int | None, str], _Tally] = {}
-        self._waiting: dict[int, _Tally] = {}  # key: udp<<16 | port
+        self._waiting: dict[int, _Tally] = {}  # key: a conversation's two ends, see _entities
         self._gen = 0
         self._done = 0
         self._thread: threading.Thread | None = None
@@ -272,19 +284,19 @@ class ProcessStage(Stage):
         by = np.bincount(inv, weights=p["wire_len"], minlength=len(conv))
         f = p[first]  # one packet of each conversation
         udp = (f["cls"] == UDP).astype(np.int64) << 16
-        ka = np.where(self._local(f["src"]), udp | (f["sport"].astype(np.int64) & 0xFFFF), -1)
-        kb = np.where(self._local(f["dst"]), udp | (f["dport"].astype(np.int64) & 0xFFFF), -1)
-        keys = np.unique(np.concatenate((ka[ka >= 0], kb[kb >= 0])))
-        if not len(keys):
+        la, lb = self._local(f["src"]), self._local(f["dst"])
+        if not (la | lb).any():
             return
-        ents, ent_of_key = self._entities(keys)
-        ida = np.where(ka >= 0, ent_of_key[np.searchsorted(keys, ka)], -1)
-        idb = np.where(kb >= 0, ent_of_key[np.searchsorted(keys, kb)], -1)
-        idb = np.where(idb == ida, -1, idb)  # one process at both ends: once
-        ids = np.concatenate((ida, idb))
+        ka = udp | (f["sport"].astype(np.int64) & 0xFFFF)
+        kb = udp | (f["dport"].astype(np.int64) & 0xFFFF)
+        ents, cols = self._entities(la, lb, ka, kb)
+        # A conversation counts once for each distinct tally of its row (one process at both ends: once).
+        cols.sort(axis=1)
+        cols[:, 1:][cols[:, 1:] == cols[:, :-1]] = -1
+        ids = cols.ravel()
         m = ids >= 0
-        ids, cpk, cby, cconv = ids[m], np.concatenate((pk, pk))[m], np.concatenate((by, by))[m], \
-            np.concatenate((conv, conv))[m]
+        w = cols.shape[1]
+        ids, cpk, cby, cconv = ids[m], np.repeat(pk, w)[m], np.repeat(by, w)[m], np.repeat(conv, w)[m]
         epk = np.bincount(ids, weights=cpk, minlength=len(ents))
         eby = np.bincount(ids, weights=cby, minlength=len(ents))
         order = np.argsort(ids, kind="stable")
@@ -295,15 +307,21 @@ class ProcessStage(Stage):
                     self._conns_held += tally.add(int(epk[e]), int(eby[e]), cconv[order[bounds[e]:bounds[e + 1]]],
                                                   self.conn_max - self._conns_held)
 
-    def _entities(self, keys: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
-        """The tally each key counts into now: its named process, its own waiting tally, or 'unknown'
-        once WAITING_MAX ports wait (a scan's thousands of unowned ports cost no Python loop)."""
+    def _entities(self, la: np.ndarray, lb: np.ndarray, ka: np.ndarray,
+                  kb: np.ndarray) -> tuple[list[_Tally], np.ndarray]:
+        """Per conversation, up to four tallies it counts into: the named process of each owned local end, and
+        for its unowned local ends one waiting tally per pair of ends (so a conversation between two unowned
+        ports waits, and later counts, once per distinct owner, not once per port), or, once WAITING_MAX
+        pairs wait, 'unknown'/hidden at once (a scan's thousands of unowned ports cost no Python loop)."""
         okeys, owners = self._owner_index()
-        pos = np.searchsorted(okeys, keys)
-        owned = okeys[np.minimum(pos, len(okeys) - 1)] == keys if len(okeys) else np.zeros(len(keys), bool)
+        pa, oa = _find(okeys, ka)
+        pb, ob = _find(okeys, kb)
+        oa &= la
+        ob &= lb
+        wa, wb = la & ~oa, lb & ~ob
+        cols = np.full((len(ka), 4), -1, np.int64)
         ents: list[_Tally] = []
         index: dict[int, int] = {}
-        of_key = np.empty(len(keys), np.int64)
 
         def ent(t: _Tally) -> int:
             j = index.get(id(t))
@@ -314,22 +332,39 @@ class ProcessStage(Stage):
 
         now = time.monotonic()
         with self._lock:
-            for i in np.flatnonzero(owned).tolist():
-                of_key[i] = ent(self._named_tally(owners[pos[i]]))
-            rest = np.flatnonzero(~owned)
-            if len(rest):
-                waiting = np.fromiter(self._waiting, np.int64, len(self._waiting))
-                known = np.isin(keys[rest], waiting)
-                for i in rest[known].tolist():
-                    of_key[i] = ent(self._waiting[int(keys[i])])
-                new = rest[~known]
-                room = max(0, min(self.max_entries, WAITING_MAX) - len(self._waiting))
-                for i in new[:room].tolist():
-                    t = self._waiting[int(keys[i])] = _Tally(now)
-                    of_key[i] = ent(t)
-                if len(new) > room:
-                    of_key[new[room:]] = ent(self._named_tally((None, UNKNOWN)))
-        return ents, of_key
+            upos = np.unique(np.concatenate((pa[oa], pb[ob])))
+            of_pos = np.full(len(okeys), -1, np.int64)
+            of_pos[upos] = [ent(self._named_tally(owners[i])) for i in upos.tolist()]
+            cols[:, 0] = np.where(oa, of_pos[np.minimum(pa, len(okeys) - 1)] if len(okeys) else -1, -1)
+            cols[:, 1] = np.where(ob, of_pos[np.minimum(pb, len(okeys) - 1)] if len(okeys) else -1, -1)
+            waits = np.flatnonzero(wa | wb)
+            if not len(waits):
+                return ents, cols
+            # The pair's code: each end's key, bit 17 = owned (already counted under its name), NONE = not local.
+            code = (np.where(la, ka | (oa.astype(np.int64) << 17), _NONE) << 18) | \
+                np.where(lb, kb | (ob.astype(np.int64) << 17), _NONE)
+            ucode, uinv = np.unique(code[waits], return_inverse=True)
+            of_code = np.full(len(ucode), -1, np.int64)
+            known = np.isin(ucode, np.fromiter(self._waiting, np.int64, len(self._waiting)))
+            for i in np.flatnonzero(known).tolist():
+                of_code[i] = ent(self._waiting[int(ucode[i])])
+            new = np.flatnonzero(~known)
+            room = max(0, min(self.max_entries, WAITING_MAX) - len(self._waiting))
+            for i in new[:room].tolist():
+                t = self._waiting[int(ucode[i])] = _Tally(now)
+                of_code[i] = ent(t)
+            cols[waits, 2] = of_code[uinv]
+            over = waits[of_code[uinv] < 0]
+            if len(over):  # no room to wait: each unowned end counts as hidden or unknown now
+                hk = self._hidden_keys()
+                for col, k, unowned in ((2, ka, wa), (3, kb, wb)):
+                    rows = over[unowned[over]]
+                    hid = np.isin(k[rows], hk)
+                    if hid.any():
+                        cols[rows[hid], col] = ent(self._named_tally((None, HIDDEN)))
+                    if not hid.all():
+                        cols[rows[~hid], col] = ent(self._named_tally((None, UNKNOWN)))
+        return ents, cols
 
     def _owner_index(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """The process table's owners as a sorted key array (rebuilt when the table is re-read)."""
@@ -340,6 +375,15 @@ class ProcessStage(Stage):
             self._index = (np.array([k for k, _ in items], np.int64), [o for _, o in items])
             self._index_of = src
         return self._index
+
+    def _hidden_keys(self) -> np.ndarray:
+        """The ports listed without a visible owner, as keys (udp<<16 | port)."""
+        return np.fromiter(((1 << 16 if proto == "udp" else 0) | port for proto, port in self.table.hidden_ports()),
+                           np.int64)
+
+    def _unowned(self, key: int) -> tuple[None, str]:
+        """The tally of a port with no owner: hidden (listed, owner not visible) or unknown."""
+        return (None, HIDDEN) if self.table.hidden("udp" if key >> 16 else "tcp", key & 0xFFFF) else (None, UNKNOWN)
 
     def _named_tally(self, owner: tuple[int | None, str]) -> _Tally:
         t = self._named.get(owner)
@@ -352,17 +396,26 @@ class ProcessStage(Stage):
         return t
 
     def settle(self) -> None:
-        """Name the waiting ports the table now knows; after grace_s, count the rest as 'unknown'."""
+        """Name the waiting ends the table now knows; after grace_s, count the rest as 'unknown' (or hidden).
+
+        A waiting pair counts once for each distinct owner of its unowned ends, minus the owners its owned
+        ends were already counted under (one process at both ends: once)."""
         now = time.monotonic()
         with self._lock:
-            for key, t in list(self._waiting.items()):
-                owner = self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
-                if owner is None and now - t.since < self.grace_s:
+            for code, t in list(self._waiting.items()):
+                ends = [(part & 0x1FFFF, bool(part >> 17 & 1)) for part in (code >> 18, code & _NONE) if part != _NONE]
+                found = {k: self._owner_of(k) for k, owned in ends if not owned}
+                if None in found.values() and now - t.since < self.grace_s:
                     continue
+                counted = {self._owner_of(k) for k, owned in ends if owned}
+                targets = {o or self._unowned(k) for k, o in found.items()} - counted
                 self._conns_held -= len(t.conns)
-                self._conns_held += self._named_tally(owner or (None, UNKNOWN)).merge(
-                    t, self.conn_max - self._conns_held)
-                del self._waiting[key]
+                for target in sorted(targets, key=str):
+                    self._conns_held += self._named_tally(target).merge(t, self.conn_max - self._conns_held)
+                del self._waiting[code]
+
+    def _owner_of(self, key: int) -> tuple[int, str] | None:
+        return self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
 
     def rows(self) -> list[dict[str, Any]]:
         """[{process, pid, packets, bytes, connections, connections_capped}], largest bytes first."""

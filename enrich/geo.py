@@ -35,6 +35,17 @@ class GeoInfo:
     as_org: str | None
 
 
+def _unmapped(addr: str) -> str:
+    """The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), else `addr` unchanged."""
+    if ":" not in addr or "ffff" not in addr.lower():  # cheap filter: most addresses are not mapped
+        return addr
+    try:
+        mapped = ipaddress.IPv6Address(addr).ipv4_mapped
+    except ValueError:
+        return addr
+    return str(mapped) if mapped is not None else addr
+
+
 class GeoDB:
     """Offline country/AS lookups; load() starts the one background load, lookup() never waits for it."""
 
@@ -86,6 +97,7 @@ class GeoDB:
 
     def lookup(self, addr: str) -> GeoInfo:
         """Country (or range label) and AS organisation of an address; never blocks on the load."""
+        addr = _unmapped(addr)  # ::ffff:a.b.c.d is a.b.c.d (the databases key it as IPv4)
         label = range_label(addr)
         if label:
             return GeoInfo(label, None, None)

@@ -1,8 +1,11 @@
 """Which local process owns a port: psutil.net_connections() re-read on a short interval in one thread.
 
 Keyed by (protocol, local port). A connection that closed between two reads, or one in another network
-namespace, has no owner here: the page says "unknown" plainly. Entries stay for a few refreshes after the
-socket closes (short connections are still named), and the table is bounded.
+namespace, has no owner here: the page says "unknown" plainly. A socket listed without an owner because
+this process may not read the owner's file descriptors (after the dashboard gives up root, other users'
+processes) is "hidden", counted apart and said so: it is not closed, and naming it needs the privilege.
+Entries stay for a few refreshes after the socket closes (short connections are still named), and the
+table is bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,12 @@ import time
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+HIDDEN = "owner not visible (no privilege)"
+# Not "run as root" or RUN_AS_USER=root: started as root the dashboard always gives up root, and
+# capture.broker.target_user refuses uid 0. A user may read the fd tables of its own processes only.
+HIDDEN_NOTE = ("{n:,} ports owned by processes this unprivileged process cannot see (it runs as {user} and may "
+               "read only that user's processes; set RUN_AS_USER to the user who owns them, or ask "
+               "`sudo ss -tunap`: see README, Enrichment)")
 _PROTO = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}
 
 
@@ -28,6 +37,9 @@ class ProcessTable:
         self._owners: dict[tuple[str, int], tuple[int, str, float]] = {}
         self._names: dict[int, str] = {}
         self._local: frozenset[str] = frozenset()
+        self._hidden: frozenset[tuple[str, int]] = frozenset()  # listed sockets whose owner we may not see
+        self._hidden_at: dict[tuple[str, int], float] = {}
+        self._hidden_users: dict[tuple[str, int], int] = {}  # their sockets' uid (/proc/net, no privilege)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,10 +79,16 @@ class ProcessTable:
             log.warning("%s", self.error)
             return
         seen: dict[tuple[str, int], tuple[int, str, float]] = {}
+        hidden: set[tuple[str, int]] = set()
         for c in conns:
-            if c.pid is None or not c.laddr or c.type not in _PROTO:
+            if not c.laddr or c.type not in _PROTO:
+                continue
+            if c.pid is None:  # /proc/net lists it, but its owner's /proc/PID/fd is not ours to read
+                hidden.add((_PROTO[c.type], c.laddr.port))
                 continue
             seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
+        hidden.difference_update(seen)  # another socket on that port (v4/v6, or ours) names it
+        users = socket_users(hidden) if hidden else {}
         with self._lock:
             kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
             kept.update(seen)
@@ -78,6 +96,15 @@ class ProcessTable:
                 kept = dict(sorted(kept.items(), key=lambda kv: kv[1][2])[-self.max_entries:])
             self._owners = kept
             self._local = local
+            # Like owners, a hidden port is remembered keep_s after its socket closes (its last packets are
+            # attributed a few reads later), and bounded.
+            held = {k: at for k, at in self._hidden_at.items() if now - at < self.keep_s and k not in kept}
+            held.update((k, now) for k in hidden)
+            if len(held) > self.max_entries:
+                held = dict(sorted(held.items(), key=lambda kv: kv[1])[-self.max_entries:])
+            self._hidden_at = held
+            self._hidden = frozenset(held)
+            self._hidden_users = {k: u for k, u in {**self._hidden_users, **users}.items() if k in held}
             live = {v[0] for v in kept.values()}
             self._names = {p: n for p, n in self._names.items() if p in live}
         self.error = None
@@ -103,16 +130,62 @@ class ProcessTable:
         """The current {(proto, port): (pid, name, last seen)}; a new dict at each read, never changed in place."""
         return self._owners
 
+    def hidden(self, proto: str, port: int) -> bool:
+        """Whether the last read listed a socket on this port whose owner this process may not see."""
+        return (proto.lower(), int(port)) in self._hidden
+
+    def hidden_ports(self) -> frozenset[tuple[str, int]]:
+        """The (proto, port) of sockets listed without an owner at the last read (a new set at each read)."""
+        return self._hidden
+
+    def hidden_users(self) -> dict[str, int]:
+        """{user name: hidden ports} of the sockets listed without a visible owner (the kernel's table says
+        which user owns a socket; only the PID needs the privilege)."""
+        out: dict[str, int] = {}
+        for uid in dict(self._hidden_users).values():
+            name = _user_name(uid)
+            out[name] = out.get(name, 0) + 1
+        return out
+
     def label(self, proto: str, port: int | None) -> str:
-        """'name (pid)' or 'unknown'."""
+        """'name (pid)', HIDDEN (owner not visible without the privilege) or 'unknown'."""
         if port is None or port < 0:
             return UNKNOWN
         o = self.owner(proto, port)
-        return f"{o[1]} ({o[0]})" if o else UNKNOWN
+        if o:
+            return f"{o[1]} ({o[0]})"
+        return HIDDEN if self.hidden(proto, port) else UNKNOWN
 
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"
+
+
+def socket_users(ports: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The uid owning each (proto, local port), from /proc/net/{tcp,tcp6,udp,udp6} (readable by anyone)."""
+    out: dict[tuple[str, int], int] = {}
+    for proto, name in (("tcp", "tcp"), ("tcp", "tcp6"), ("udp", "udp"), ("udp", "udp6")):
+        try:
+            with open(f"/proc/net/{name}", encoding="ascii") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 8:
+                continue
+            key = (proto, int(f[1].rsplit(":", 1)[1], 16))
+            if key in ports and key not in out:
+                out[key] = int(f[7])
+    return out
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 _SHARED: dict[str, ProcessTable] = {}

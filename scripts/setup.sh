@@ -64,7 +64,10 @@ if got != want:
 open(dest, "wb").write(data)
 PY
   (cd "$tmp" && tar xzf asn.tgz)
+  # 0755 explicitly (data/ too): the dashboard reads these files as `nobody` after the privilege drop,
+  # and mkdir -p under a umask of 077 would make folders only root can enter.
   mkdir -p "$ASN_DIR"
+  chmod 755 "$(dirname "$ASN_DIR")" "$ASN_DIR"
   for f in asn-ipv4-num.csv asn-ipv6-num.csv package.json DBIP-LICENSE ROUTEVIEWS-LICENSE NRO_LICENSE MODIFICATIONS; do
     install -m 644 "$tmp/package/$f" "$ASN_DIR/$f"
   done

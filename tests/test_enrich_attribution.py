@@ -108,7 +108,8 @@ def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
                        ("tcp", "127.0.0.1", 6000, "127.0.0.1", 5000, 60),
                        ("udp", "127.0.0.1", 7000, "192.0.2.9", 53, 80)]))
     waiting = {r["process"]: r for r in stage.rows()}
-    assert waiting == {WAITING: {"process": WAITING, "pid": None, "packets": 5, "bytes": 400, "connections": 3,
+    # The TCP conversation waits once (both its ends are unnamed), not once per port.
+    assert waiting == {WAITING: {"process": WAITING, "pid": None, "packets": 3, "bytes": 240, "connections": 2,
                                  "connections_capped": False}}
     table.own("tcp", 5000, 11, "client")
     table.own("tcp", 6000, 22, "server")
@@ -152,3 +153,38 @@ def test_stage_a_scan_of_unowned_ports_waits_in_bounds_then_is_unknown():
     assert got["sshd"]["packets"] == 1 and len(stage._waiting) == WAITING_MAX
     assert got[WAITING]["packets"] == WAITING_MAX and got[UNKNOWN]["packets"] == 5000 - 1 - WAITING_MAX
     assert sum(r["packets"] for r in got.values()) == 5000
+
+
+def test_stage_counts_a_packet_between_two_unnamed_local_ports_once():
+    """One 100-byte packet between two local ports neither of which is ever named: 1 packet, 100 bytes of
+    'unknown' (it was 2 packets, 200 bytes: each port waited apart and both were merged into 'unknown')."""
+    stage = ProcessStage(_FixedTable({}), 10_000, grace_s=0.0)
+    stage.tally(_rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100)]))
+    assert [(r["process"], r["packets"], r["bytes"]) for r in stage.rows()] == [(WAITING, 1, 100)]
+    time.sleep(0.01)
+    stage.settle()
+    assert [(r["process"], r["packets"], r["bytes"], r["connections"]) for r in stage.rows()] == \
+        [(UNKNOWN, 1, 100, 1)]
+
+
+def test_stage_waiting_pair_named_later_counts_for_each_process_once():
+    """Two unnamed ports that the table names later: each process gets the packets once; when both ports turn
+    out to be one process, that process counts them once; an end named at once and its unnamed partner later
+    named as the same process: once."""
+    table = _FixedTable({})
+    stage = ProcessStage(table, 10_000, grace_s=5.0)
+    stage.tally(_rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100),
+                       ("udp", "127.0.0.1", 7000, "127.0.0.1", 7001, 50)]))
+    table.own("tcp", 5000, 11, "client")
+    table.own("tcp", 6000, 22, "server")
+    table.own("udp", 7000, 33, "loop")
+    table.own("udp", 7001, 33, "loop")
+    stage.settle()
+    got = {r["process"]: (r["packets"], r["bytes"]) for r in stage.rows()}
+    assert got == {"client": (1, 100), "server": (1, 100), "loop": (1, 50)}
+    table2 = _FixedTable({("udp", 8000): (44, "half")})
+    stage2 = ProcessStage(table2, 10_000, grace_s=5.0)
+    stage2.tally(_rows([("udp", "127.0.0.1", 8000, "127.0.0.1", 8001, 70)]))
+    table2.own("udp", 8001, 44, "half")
+    stage2.settle()
+    assert [(r["process"], r["packets"], r["bytes"]) for r in stage2.rows()] == [("half", 1, 70)]
