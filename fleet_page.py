@@ -128,7 +128,7 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
         by, most = view.conversations_note
         st.caption(f"Top conversations are approximate for this range: too many conversations of similar size to "
                    f"prove the top 20 from each hour's largest. Each {by} figure shows the part that is certain "
-                   f"(≥ N; the true count is at most the figure in the CSV download's data); a conversation not "
+                   f"(≥ N); a conversation not "
                    f"listed has at most {most:,} {by}.")
     if live and st.session_state.get("fleet_auto_refresh", True):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="fleet_tick")

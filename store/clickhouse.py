@@ -674,9 +674,9 @@ class ClickHouseStore(Store):
         """As the base, through the exact top-N shortcut when it applies (see `_conv_shortcut`).
 
         When it does not: `exact` -> the full grouping (every conversation of the range); otherwise the
-        candidates' bounds, marked approximate (columns `packets_error`, `bytes_error`: a row's `by` count
-        is at most its figure and at least its figure minus its error; attrs["unlisted_max"]: the most any
-        conversation not listed may have)."""
+        candidates' bounds, marked approximate (attrs method "approximate" and `unlisted_max`, the most
+        any conversation not listed may have; columns `packets_error`, `bytes_error`: a count is at most
+        its figure and at least its figure minus its error; first and last seen are unknown, NaN)."""
         if by not in ("bytes", "packets"):
             raise ValueError(f"top conversations by {by!r}: give bytes or packets")
         got = self._conv_shortcut(r, by, int(n)) if 0 < n <= CONV_TOP_K else None
@@ -702,42 +702,72 @@ class ClickHouseStore(Store):
         hours = [rng for t, rng in ranges if t.endswith("_1h")]
         if not hours:
             return None
+        other = "packets" if by == "bytes" else "bytes"
         sensor = " AND sensor = $sensor" if r.sensor else ""
         params = {**r.params(), "by": by}
-        hsql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes, rest, seg, minute, sensor "
-                                  f"FROM conv_top_1h WHERE {rng} AND top_by = $by{sensor}" for rng in hours)
-        units = self._query(f"SELECT toInt64(sum(r)) AS b, count() AS u FROM (SELECT any(rest) AS r FROM ({hsql}) "
-                            f"GROUP BY sensor, seg, minute)", params)
-        bound = int(units.iloc[0]["b"]) if len(units) else 0
-        cands = self._query(f"SELECT k, toInt64(sum(packets)) AS packets, toInt64(sum(bytes)) AS bytes, "
-                            f"toInt64(sum(rest)) AS listed_rest FROM ({hsql}) GROUP BY k "
-                            f"ORDER BY {by} DESC LIMIT {CONV_SCAN_MAX * 2}", params)
+        hsql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes, rest, top_by, seg, minute, sensor "
+                                  f"FROM conv_top_1h WHERE {rng}{sensor}" for rng in hours)
+        units = self._query(f"SELECT toInt64(sumIf(r, t = $by)) AS b, toInt64(sumIf(r, t != $by)) AS o FROM "
+                            f"(SELECT top_by AS t, any(rest) AS r FROM ({hsql}) GROUP BY sensor, seg, minute, t)",
+                            params)
+        bound = {by: int(units.iloc[0]["b"]), other: int(units.iloc[0]["o"])} if len(units) else {by: 0, other: 0}
+        # Per candidate: its `by` sum where listed by `by`, the `other` sums where listed by either, the rests
+        # of the parts where it is listed.
+        cands = self._query(
+            f"SELECT k, toInt64(sumIf({by}, top_by = $by)) AS lo_by, toInt64(sumIf(rest, top_by = $by)) AS rest_by, "
+            f"toInt64(greatest(sumIf({other}, top_by = $by), sumIf({other}, top_by != $by))) AS lo_o, "
+            f"toInt64(sumIf({other}, top_by != $by)) AS known_o, toInt64(sumIf(rest, top_by != $by)) AS rest_o "
+            f"FROM ({hsql}) GROUP BY k HAVING countIf(top_by = $by) > 0 ORDER BY lo_by DESC "
+            f"LIMIT {CONV_SCAN_MAX * 2}", params)
+        cands = cands.assign(up_by=cands["lo_by"] + bound[by] - cands["rest_by"],
+                             up_o=cands["known_o"] + bound[other] - cands["rest_o"])
         minutes = [rng for t, rng in ranges if not t.endswith("_1h")]
-        if minutes:  # the range's minute rows: one more part, grouped here (at most the two ragged hours
-            # and any open hour)
-            msql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes FROM conversations WHERE {rng}"
-                                      f"{sensor}" for rng in minutes)
+        if minutes:
+            cands = self._conv_minutes(by, other, minutes, sensor, params, cands, bound)
+        cands = cands.rename(columns={"lo_by": by, "up_by": "upper"})
+        return self._conv_decide(r, by, n, cands, bound[by], sensor, ranges)
+
+    def _conv_minutes(self, by: str, other: str, minutes: list[str], sensor: str, params: dict,
+                      cands: pd.DataFrame, bound: dict[str, int]) -> pd.DataFrame:
+        """The range's minute rows (its ragged hours, open hours) as one more part: grouped here, its
+        CONV_TOP_K largest by each count are candidates (exact there), its next largest the part's rest."""
+        msql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes FROM conversations WHERE {rng}"
+                                  f"{sensor}" for rng in minutes)
+        lists, rest = [], {}
+        for col in (by, other):
             top = self._query(f"SELECT k, toInt64(sum(packets)) AS packets, toInt64(sum(bytes)) AS bytes "
-                              f"FROM ({msql}) GROUP BY k ORDER BY {by} DESC LIMIT {CONV_TOP_K + 1}", params)
-            rest = int(top.iloc[CONV_TOP_K][by]) if len(top) > CONV_TOP_K else 0
-            top = top.iloc[:CONV_TOP_K].assign(listed_rest=rest)
-            bound += rest
-            cands = pd.concat([cands, top]).groupby("k", sort=False, as_index=False).sum()
-        return self._conv_decide(r, by, n, cands, bound, sensor, ranges)
+                              f"FROM ({msql}) GROUP BY k ORDER BY {col} DESC LIMIT {CONV_TOP_K + 1}", params)
+            rest[col] = int(top.iloc[CONV_TOP_K][col]) if len(top) > CONV_TOP_K else 0
+            lists.append(top.iloc[:CONV_TOP_K])
+        listed = pd.concat(lists).drop_duplicates("k").set_index("k")
+        new = [k for k in lists[0]["k"] if k not in set(cands["k"])]
+        cands = pd.concat([cands, pd.DataFrame({"k": new, "lo_by": 0, "rest_by": 0, "lo_o": 0, "known_o": 0,
+                                                "rest_o": 0, "up_by": bound[by], "up_o": bound[other]})],
+                          ignore_index=True)
+        known = cands["k"].map(lambda k: k in listed.index)
+        got_by = cands["k"].map(lambda k: int(listed.at[k, by]) if k in listed.index else 0)
+        got_o = cands["k"].map(lambda k: int(listed.at[k, other]) if k in listed.index else 0)
+        # Listed in either of the part's lists: both counts exact there; else at most the part's rests.
+        cands["lo_by"] += got_by
+        cands["lo_o"] += got_o
+        cands["up_by"] += got_by.where(known, rest[by])
+        cands["up_o"] += got_o.where(known, rest[other])
+        bound[by] += rest[by]
+        bound[other] += rest[other]
+        return cands
 
     def _conv_decide(self, r: TimeRange, by: str, n: int, cands: pd.DataFrame, bound: int, sensor: str,
                      ranges: list[tuple[str, str]]):
         """Exact totals for the candidates that may rank; the top n when provably exact, else bounds."""
         if not len(cands):
             return None
-        cands = cands.assign(upper=cands[by] + bound - cands["listed_rest"])
         full = len(cands) >= CONV_SCAN_MAX * 2  # candidates beyond those fetched: each ≤ the last + bound
         outside = bound + (int(cands[by].min()) if full else 0)
         lower_n = int(cands[by].nlargest(n).iloc[-1]) if len(cands) >= n else 0
         may_rank = cands[cands["upper"] >= max(lower_n, 1)]
-        if len(cands) >= n and outside < lower_n and len(may_rank) <= CONV_SCAN_MAX:
+        if (outside == 0 or outside < lower_n) and len(may_rank) <= CONV_SCAN_MAX:
             got = self._conv_exact(r, by, n, may_rank["k"].tolist(), sensor, ranges)
-            if len(got) >= n and int(got[by].iloc[n - 1]) > outside:
+            if outside == 0 or (len(got) >= n and int(got[by].iloc[n - 1]) > outside):
                 return got
         return False, self._conv_approx(by, n, cands, max(outside, int(cands["upper"].max())))
 
@@ -753,15 +783,17 @@ class ClickHouseStore(Store):
                            f"LIMIT {int(n)}", r.params())
 
     def _conv_approx(self, by: str, n: int, cands: pd.DataFrame, unlisted: int) -> pd.DataFrame:
-        """The n candidates with the largest certain `by` count, as bounds (figure = the most it may be)."""
+        """The n candidates with the largest certain `by` count, as bounds: each figure the most its count
+        may be, its error how much less it may be (no read of the conversation rows: that is the cost)."""
+        other = "packets" if by == "bytes" else "bytes"
         top = cands.sort_values([by, "upper"], ascending=False).head(n)
         a, a_port, b, b_port, proto, vlan = (list(x) for x in zip(*top["k"])) if len(top) else ([],) * 6
-        other = "packets" if by == "bytes" else "bytes"
         df = pd.DataFrame({"a": a, "a_port": [None if p < 0 else p for p in a_port], "b": b,
                            "b_port": [None if p < 0 else p for p in b_port], "proto": proto, "vlan": vlan,
-                           by: top["upper"].to_numpy(), f"{by}_error": (top["upper"] - top[by]).to_numpy(),
-                           other: top[other].to_numpy(), f"{other}_error": 0,
-                           "first_ts": float("nan"), "last_ts": float("nan")})
+                           by: top["upper"].to_numpy(np.int64), other: top["up_o"].to_numpy(np.int64),
+                           f"{by}_error": (top["upper"] - top[by]).to_numpy(np.int64),
+                           f"{other}_error": (top["up_o"] - top["lo_o"]).to_numpy(np.int64),
+                           "first_ts": np.nan, "last_ts": np.nan})
         df.attrs.update(method="approximate", unlisted_max=int(unlisted))
         return df
 

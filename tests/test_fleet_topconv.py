@@ -128,8 +128,9 @@ def test_near_equal_conversations_fall_back_to_the_exact_grouping(stores):
 
 @pytest.mark.parametrize("by", ["bytes", "packets"])
 def test_near_equal_conversations_asked_fast_are_marked_approximate_with_true_bounds(stores, by):
-    """exact=False: the answer says it is approximate; each listed conversation's true count lies in
-    [figure - error, figure], and no conversation left out has more than `unlisted_max`."""
+    """exact=False: the answer says it is approximate; each listed conversation's true packets and bytes
+    lie in [figure - error, figure], and no conversation left out has more than `unlisted_max` (checked
+    against every conversation fed)."""
     (chs, fed) = stores
     got = chs["flat"].top_conversations(TimeRange(SINCE, UNTIL), by, 10, exact=False)
     assert got.attrs["method"] == "approximate"
@@ -140,9 +141,9 @@ def test_near_equal_conversations_asked_fast_are_marked_approximate_with_true_bo
     for row in got.itertuples(index=False):
         key = (row.a, int(row.a_port), row.b, int(row.b_port))
         listed.add(key)
-        true = truth[key][col]
-        fig, err = int(getattr(row, by)), int(getattr(row, f"{by}_error"))
-        assert fig - err <= true <= fig, (key, fig, err, true)
+        for i, count in enumerate(("packets", "bytes")):  # both counts: bounds that hold the true totals
+            fig, err = int(getattr(row, count)), int(getattr(row, f"{count}_error"))
+            assert err >= 0 and fig - err <= truth[key][i] <= fig, (key, count, fig, err, truth[key][i])
     assert max(v[col] for k, v in truth.items() if k not in listed) <= got.attrs["unlisted_max"]
     # The fleet page asks through its SensorView (fast: never the full grouping); its rows say "approximate".
     rows = conversations(SensorView(chs["flat"], None), SINCE, UNTIL, n=10, by=by)
@@ -170,3 +171,28 @@ def totals_of_all(rows: list[dict]) -> dict[tuple, tuple[int, int]]:
     """Every conversation fed: (packets, bytes)."""
     g = pd.DataFrame(rows).groupby(["src", "sport", "dst", "dport"]).agg(p=("ts", "size"), b=("wire_len", "sum"))
     return {k: (int(v.p), int(v.b)) for k, v in g.iterrows()}
+
+
+def test_a_version_3_database_gets_its_hour_candidates_when_migrated(cluster):  # noqa: F811
+    """A database written before `conv_top_1h` existed (schema 3) is filled from its hour rows when opened:
+    the shortcut then answers, exactly."""
+    db = "t_topconv_migrate"
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db)
+    assert ch.open(), ch.status().message
+    fed = []
+    for salt, sensor in ((1, "alpha"), (2, "bravo")):
+        hours = [heavy_hitters(salt, h) for h in range(HOURS)]
+        feed(ch, sensor, hours)
+        fed += [row for h in hours for row in h]
+    ch.close()
+    for shard in (1, 2):  # back to schema 3: no candidates table, the version says 3
+        for stmt in (f"DROP TABLE {db}.conv_top_1h_d", f"DROP TABLE {db}.conv_top_1h", f"DROP TABLE {db}.meta",
+                     f"CREATE TABLE {db}.meta (key String, value String) ENGINE = TinyLog"):
+            cluster.query(stmt, shard=shard)
+        cluster.query(f"INSERT INTO {db}.meta (key, value) VALUES", [("schema_version", "3")], shard=shard)
+    ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database=db)
+    assert ch.open(), ch.status().message
+    got = ch.top_conversations(TimeRange(SINCE, UNTIL), "bytes", 10)
+    assert got.attrs["method"] == "shortcut"
+    assert as_tuples(got) == expected(fed, "bytes", 10)
+    ch.close()
