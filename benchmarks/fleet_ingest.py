@@ -73,9 +73,9 @@ def traffic(rng: np.random.Generator, t: float, seconds: float, pps: int, conv: 
     return arr
 
 
-def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
-    """The same packets with a tenth of them (each of the k) moved onto k fixed conversations: heavy hitters
-    as real links have them (backups, video), the rest left as many small conversations."""
+def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int, salt: int = 0) -> np.ndarray:
+    """The same packets with a tenth of them (each of the k) moved onto k fixed conversations of this sensor
+    (`salt`): heavy hitters as real links have them (backups, video), the rest many small conversations."""
     if k <= 0:
         return arr
     n = len(arr)
@@ -84,6 +84,7 @@ def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int) -> np.ndar
     src = np.zeros((n, 16), np.uint8)
     src[:, 10:12] = 0xFF
     src[:, 12] = 10
+    src[:, 14] = salt % 256
     src[:, 15] = 1 + which
     dst = src.copy()
     dst[:, 12] = 100
@@ -141,7 +142,7 @@ def day_worker(args: tuple) -> int:
     rows = 0
     for h in range(24):
         r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
-        r.add(with_elephants(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv), rng, elephants))
+        r.add(with_elephants(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv), rng, elephants, int(name[-2:])))
         batch = r.build(final=True)
         store.send(batch)
         rows += batch.rows()
@@ -234,7 +235,7 @@ def main() -> int:
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
     ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
     ap.add_argument("--elephants", type=int, default=0,
-                    help="per sensor, conversations carrying a tenth of its packets each hour (heavy hitters)")
+                    help="per sensor, conversations carrying a tenth of its packets each (heavy hitters)")
     a = ap.parse_args()
     script = ROOT / "scripts" / "clickhouse_cluster.sh"
     folder = tempfile.mkdtemp(prefix="ntm-fleet-bench-")

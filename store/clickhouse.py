@@ -207,7 +207,9 @@ def conv_top_sql(db: str) -> list[str]:
             f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(minute, 86400) "
             f"ORDER BY (sensor, minute, seg, top_by, a, b, ifNull(a_port, -1), ifNull(b_port, -1), proto, vlan)",
             f"INSERT INTO {db}.conv_top_1h (sensor, iface, origin, seg, minute, top_by, {_CONV_KEYS}, packets, "
-            f"bytes, first_us, last_us, rest, ver) {conv_top_select(f'{db}.conversations_1h')}"]
+            f"bytes, first_us, last_us, rest, ver) " + conv_top_select(
+                f"{db}.conversations_1h", f"(sensor, seg, minute, ver) NOT IN (SELECT sensor, seg, minute, ver "
+                f"FROM {db}.conv_top_1h)")]  # only what is not there yet: a migration run again adds nothing
 
 
 # version -> statements that bring a database from version-1 to version (on every shard).
