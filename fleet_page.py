@@ -13,6 +13,7 @@ CLICKHOUSE_PASSWORD_FILE; TLS with CLICKHOUSE_SECURE and CLICKHOUSE_CA_CERTS), n
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import types
@@ -51,6 +52,7 @@ class SensorView:
         self.store = store
         self.sensor = sensor
         self.conversations_note: tuple[str, int] | None = None  # (by, most unlisted) when last approximate
+        self._answers: dict[tuple, Any] = {}  # this page run's answers (the view lives for one run)
 
     @property
     def path(self) -> str:
@@ -69,7 +71,18 @@ class SensorView:
             return lambda table, r, *a, **k: attr(table, self._r(r), *a, **k)
         if name == "top_conversations":  # never the full grouping of a day's conversations: bounds, marked
             return self._top_conversations
-        return lambda r, *a, **k: attr(self._r(r), *a, **k)
+        return lambda r, *a, **k: self._asked(name, attr, self._r(r), *a, **k)
+
+    def _asked(self, name: str, call, r: TimeRange, *a: Any, **k: Any) -> Any:
+        """A question's answer, asked once per view (one page run): the summary and the panels ask the
+        same top tables, caps and alerts, and each is a Distributed query."""
+        bound = inspect.signature(call).bind(r, *a, **k)
+        bound.apply_defaults()  # top_ports(r, "tcp") and top_ports(r, "tcp", "packets") are one question
+        key = (name, repr(sorted(bound.arguments.items())))
+        if key not in self._answers:
+            self._answers[key] = call(r, *a, **k)
+        got = self._answers[key]
+        return got.copy() if isinstance(got, pd.DataFrame) else got
 
 
     def _top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:

@@ -168,7 +168,8 @@ def wait_for_merges(base: int, limit_s: float = 600.0) -> float:
 def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple[str, object]]:
     """Every question the fleet page asks for a range over all sensors, in its order (fleet_page.py +
     history_page.py), each as (name, call); top conversations as the page asks them (SensorView: the
-    exact shortcut, else marked bounds), and the exact answer as the CLI's history asks it (not on the page)."""
+    exact shortcut, else marked bounds). One SensorView per call, as one page run has: the panels' questions
+    that the summary already asked are answered from the view."""
     from fleet_page import SensorView
     from store.base import TimeRange
     from store.history import approximation, bin_width, conversations
@@ -179,12 +180,12 @@ def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple
             ("sensor grid series", lambda: store.sensor_series(r, bin_width(since, until, 300))),
             ("sensor grid alerts", lambda: store.alerts(r)),
             ("history_summary", lambda: history_summary(view, since, until)),
-            ("timeline", lambda: store.series(r, bin_width(since, until), ("packets", "bytes"))),
-            ("top talkers (src, dst)", lambda: [store.top_addrs(r, k) for k in ("src", "dst")]),
-            ("top ports (tcp, udp)", lambda: [store.top_ports(r, p) for p in ("tcp", "udp")]),
-            ("top conversations (page)", lambda: conversations(view, since, until, n=20)),
-            ("caps", lambda: approximation(store, r)),
-            ("alerts table", lambda: store.alerts(r))]
+            ("timeline", lambda: view.series(r, bin_width(since, until), ("packets", "bytes"))),
+            ("top talkers (src, dst)", lambda: [view.top_addrs(r, k, "packets") for k in ("src", "dst")]),
+            ("top ports (tcp, udp)", lambda: [view.top_ports(r, p, "packets") for p in ("tcp", "udp")]),
+            ("top conversations (page)", lambda: conversations(view, since, until, n=20, by="packets")),
+            ("caps", lambda: approximation(view, r)),
+            ("alerts table", lambda: view.alerts(r))]
 
 
 def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
