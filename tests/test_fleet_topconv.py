@@ -200,3 +200,18 @@ def test_a_version_3_database_gets_its_hour_candidates_when_migrated(cluster):  
         assert got.attrs["method"] == "shortcut"
         assert as_tuples(got) == expected(fed, "bytes", 10)
         ch.close()
+
+
+def test_an_hour_built_at_once_has_one_row_per_conversation():
+    """A whole hour added and closed in one build (a sensor's hour-long batch, an import's last flush): its
+    hour rows hold each conversation once, with its whole counts. Before the fix a conversation came once
+    per minute, which the hour candidates took as separate conversations and ReplacingMergeTree (keyed by
+    the conversation) collapsed to one minute's counts."""
+    rows = heavy_hitters(4, 0)
+    r = Rollup(None, sensor="s", iface="lo", flush_s=3600)
+    r.add(records(sorted(rows, key=lambda x: x["ts"])))
+    hour = r.build(final=True).frames["conversations_1h"]
+    keys = ["seg", "minute", "a", "b", "a_port", "b_port", "proto", "vlan"]
+    assert not hour.duplicated(keys).any()
+    got = {(x.a, int(x.a_port), x.b, int(x.b_port)): (int(x.packets), int(x.bytes)) for x in hour.itertuples()}
+    assert got == totals_of_all(rows)
