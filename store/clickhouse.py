@@ -771,7 +771,9 @@ class ClickHouseStore(Store):
             got = self._conv_exact(r, by, n, may_rank["k"].tolist(), sensor, ranges)
             if outside == 0 or (len(got) >= n and int(got[by].iloc[n - 1]) > outside):
                 return got
-        return False, self._conv_approx(by, n, cands, max(outside, int(cands["upper"].max())))
+        shown = cands.sort_values([by, "upper"], ascending=False).index[:n]
+        rest = cands.drop(index=shown)["upper"]  # candidates not listed: each at most its own bound
+        return False, self._conv_approx(by, n, cands, max(outside, int(rest.max()) if len(rest) else 0))
 
     def _conv_exact(self, r: TimeRange, by: str, n: int, keys: list, sensor: str,
                     ranges: list[tuple[str, str]]) -> pd.DataFrame:
