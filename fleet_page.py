@@ -13,6 +13,7 @@ CLICKHOUSE_PASSWORD_FILE; TLS with CLICKHOUSE_SECURE and CLICKHOUSE_CA_CERTS), n
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import types
@@ -50,6 +51,8 @@ class SensorView:
     def __init__(self, store: ClickHouseStore, sensor: str | None) -> None:
         self.store = store
         self.sensor = sensor
+        self.conversations_note: tuple[str, int] | None = None  # (by, most unlisted) when last approximate
+        self._answers: dict[tuple, Any] = {}  # this page run's answers (the view lives for one run)
 
     @property
     def path(self) -> str:
@@ -66,7 +69,28 @@ class SensorView:
             return attr
         if name == "rows":
             return lambda table, r, *a, **k: attr(table, self._r(r), *a, **k)
-        return lambda r, *a, **k: attr(self._r(r), *a, **k)
+        if name == "top_conversations":  # never the full grouping of a day's conversations: bounds, marked
+            return self._top_conversations
+        return lambda r, *a, **k: self._asked(name, attr, self._r(r), *a, **k)
+
+    def _asked(self, name: str, call, r: TimeRange, *a: Any, **k: Any) -> Any:
+        """A question's answer, asked once per view (one page run): the summary and the panels ask the
+        same top tables, caps and alerts, and each is a Distributed query."""
+        bound = inspect.signature(call).bind(r, *a, **k)
+        bound.apply_defaults()  # top_ports(r, "tcp") and top_ports(r, "tcp", "packets") are one question
+        key = (name, repr(sorted(bound.arguments.items())))
+        if key not in self._answers:
+            self._answers[key] = call(r, *a, **k)
+        got = self._answers[key]
+        return got.copy() if isinstance(got, pd.DataFrame) else got
+
+
+    def _top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
+        """The store's top conversations, exact when its shortcut proves them, else marked approximate."""
+        df = self.store.top_conversations(self._r(r), by, n, exact=False)
+        approximate = df.attrs.get("method") == "approximate"
+        self.conversations_note = (by, int(df.attrs["unlisted_max"])) if approximate else None
+        return df
 
 
 def fleet_store(address: str, cluster: str | None) -> ClickHouseStore:
@@ -113,6 +137,12 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     st.header(choice if choice != ALL else "All sensors")
     view = SensorView(store, None if choice == ALL else choice)
     history_page.history_view(types.SimpleNamespace(store=view), since, until, tz)
+    if view.conversations_note:
+        by, most = view.conversations_note
+        st.caption(f"Top conversations are approximate for this range: too many conversations of similar size to "
+                   f"prove the top 20 from each hour's largest. Each {by} figure shows the part that is certain "
+                   f"(≥ N); a conversation not "
+                   f"listed has at most {most:,} {by}.")
     if live and st.session_state.get("fleet_auto_refresh", True):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="fleet_tick")
 

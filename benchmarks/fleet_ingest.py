@@ -11,6 +11,8 @@
    Timing starts once the background merges of the day's burst of writes have settled.
 
     python benchmarks/fleet_ingest.py [--sensors 20] [--seconds 60] [--pps 500] [--day-pps 20]
+    python benchmarks/fleet_ingest.py --skip-ingest --breakdown --day-pps 3 --conv 30 [--elephants 5]
+        (each page question timed, run by run: the page-breakdown logs)
 
 Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import subprocess
 import sys
@@ -70,6 +73,31 @@ def traffic(rng: np.random.Generator, t: float, seconds: float, pps: int, conv: 
     return arr
 
 
+def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int, salt: int = 0) -> np.ndarray:
+    """The same packets with a tenth of them (each of the k) moved onto k fixed conversations of this sensor
+    (`salt`): heavy hitters as real links have them (backups, video), the rest many small conversations."""
+    if k <= 0:
+        return arr
+    n = len(arr)
+    pick = rng.random(n) < 0.1 * k
+    which = rng.integers(0, k, n)
+    src = np.zeros((n, 16), np.uint8)
+    src[:, 10:12] = 0xFF
+    src[:, 12] = 10
+    src[:, 14] = salt % 256
+    src[:, 15] = 1 + which
+    dst = src.copy()
+    dst[:, 12] = 100
+    dst[:, 13] = 250
+    arr["src"] = np.where(pick, src.view("S16").ravel(), arr["src"])
+    arr["dst"] = np.where(pick, dst.view("S16").ravel(), arr["dst"])
+    arr["sport"] = np.where(pick, 40000 + which, arr["sport"])
+    arr["dport"] = np.where(pick, 443, arr["dport"])
+    arr["cls"] = np.where(pick, 0, arr["cls"])
+    arr["proto"] = np.where(pick, 6, arr["proto"])
+    return arr
+
+
 def ingest_worker(args: tuple) -> dict:
     """One sensor: `seconds` of traffic, one batch per flush interval, sent as the sensor sends them."""
     address, name, seconds, pps, conv, flush_s, db = args
@@ -107,14 +135,14 @@ def ingest_worker(args: tuple) -> dict:
 
 def day_worker(args: tuple) -> int:
     """One sensor's day, an hour per batch (the query phase's data); rows written."""
-    address, name, pps, conv, db = args
+    address, name, pps, conv, db, elephants = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     store.open()
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
     rows = 0
     for h in range(24):
         r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
-        r.add(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv))
+        r.add(with_elephants(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv), rng, elephants, int(name[-2:])))
         batch = r.build(final=True)
         store.send(batch)
         rows += batch.rows()
@@ -137,19 +165,56 @@ def wait_for_merges(base: int, limit_s: float = 600.0) -> float:
     return time.perf_counter() - t
 
 
-def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
-    """Every question the fleet page asks for a range over all sensors (fleet_page.py + history_page.py)."""
+def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple[str, object]]:
+    """Every question the fleet page asks for a range over all sensors, in its order (fleet_page.py +
+    history_page.py), each as (name, call); top conversations as the page asks them (SensorView: the
+    exact shortcut, else marked bounds). One SensorView per call, as one page run has: the panels' questions
+    that the summary already asked are answered from the view."""
+    from fleet_page import SensorView
     from store.base import TimeRange
-    from store.history import bin_width, conversations
+    from store.history import approximation, bin_width, conversations
 
-    store.sensors()
-    store.sensor_series(TimeRange(since, until), bin_width(since, until, 300))
-    store.alerts(TimeRange(since, until))
-    history_summary(store, since, until)
-    store.series(TimeRange(since, until), bin_width(since, until), ("packets", "bytes"))
-    for kind in ("src", "dst"):
-        store.top_addrs(TimeRange(since, until), kind)
-    conversations(store, since, until, n=20)
+    r = TimeRange(since, until)
+    view = SensorView(store, None)
+    return [("sensors", store.sensors),
+            ("sensor grid series", lambda: store.sensor_series(r, bin_width(since, until, 300))),
+            ("sensor grid alerts", lambda: store.alerts(r)),
+            ("history_summary", lambda: history_summary(view, since, until)),
+            ("timeline", lambda: view.series(r, bin_width(since, until), ("packets", "bytes"))),
+            ("top talkers (src, dst)", lambda: [view.top_addrs(r, k, "packets") for k in ("src", "dst")]),
+            ("top ports (tcp, udp)", lambda: [view.top_ports(r, p, "packets") for p in ("tcp", "udp")]),
+            ("top conversations (page)", lambda: conversations(view, since, until, n=20, by="packets")),
+            ("caps", lambda: approximation(view, r)),
+            ("alerts table", lambda: view.alerts(r))]
+
+
+def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
+    """Every question the fleet page asks for a range over all sensors."""
+    for _, call in page_questions(store, since, until):
+        call()
+
+
+def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3) -> None:
+    """Each page question's time, run by run (run 0 cold), the whole page's, and the exact top conversations."""
+    from store.base import TimeRange
+
+    for run in range(runs):
+        total = 0.0
+        for name, call in page_questions(store, since, until):
+            took = timed(call)
+            total += took
+            print(f"run {run} {name}: {took:.2f} s")
+        print(f"run {run} the whole page: {total:.2f} s")
+    r = TimeRange(since, until)
+    for by in ("bytes", "packets"):
+        df = store.top_conversations(r, by, 20, exact=False)
+        print(f"top 20 conversations by {by} as the page asks: {df.attrs.get('method')}"
+              + (f", a conversation not listed has at most {df.attrs['unlisted_max']:,} {by}"
+                 if df.attrs.get("method") == "approximate" else ""))
+    t = time.perf_counter()
+    df = store.top_conversations(r, "bytes", 20, exact=True)
+    print(f"top 20 conversations by bytes, exact (the CLI's history): {df.attrs.get('method')} in "
+          f"{time.perf_counter() - t:.2f} s")
 
 
 def timed(fn) -> float:
@@ -167,10 +232,15 @@ def main() -> int:
     ap.add_argument("--day-pps", type=int, default=20, help="packets/s of each sensor's synthetic day")
     ap.add_argument("--flush-s", type=float, default=2.0)
     ap.add_argument("--skip-day", action="store_true")
+    ap.add_argument("--port", type=int, default=19700, help="shard 1's native port (shard 2: the next)")
+    ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
+    ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
+    ap.add_argument("--elephants", type=int, default=0,
+                    help="per sensor, conversations carrying a tenth of its packets each (heavy hitters)")
     a = ap.parse_args()
     script = ROOT / "scripts" / "clickhouse_cluster.sh"
     folder = tempfile.mkdtemp(prefix="ntm-fleet-bench-")
-    base = 19700
+    base = a.port
     subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
     address = f"127.0.0.1:{base}"
     try:
@@ -179,17 +249,22 @@ def main() -> int:
         probe.close()
         names = [f"sensor-{i:02d}" for i in range(a.sensors)]
         ClickHouseStore(address, cluster="fleet", database="bench").open()  # schema once, before the workers
-        with mp.get_context("spawn").Pool(a.sensors) as pool:
-            t = time.perf_counter()
-            res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench") for n in names])
-            wall = time.perf_counter() - t
+        res, wall = [], 1.0
+        if not a.skip_ingest:
+            with mp.get_context("spawn").Pool(a.sensors) as pool:
+                t = time.perf_counter()
+                res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench")
+                                               for n in names])
+                wall = time.perf_counter() - t
         errors = [r["error"] for r in res if "error" in r]
         lat = sorted(x for r in res if "lat" in r for x in r["lat"])
         rows = sum(r.get("rows", 0) for r in res)
-        print(f"ClickHouse {version} (2 shards, one machine); {a.sensors} sensor processes x {a.seconds} s of "
+        print(f"ClickHouse {version} (2 shards, one machine); load average {os.getloadavg()}")
+        print(f"{a.sensors} sensor processes x {a.seconds if res else 0} s of "
               f"traffic at {a.pps} pkt/s, flush every {a.flush_s} s of traffic; errors: {errors or 'none'}")
-        print(f"ingest: {rows} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s; "
-              f"{a.sensors * a.seconds / wall:,.1f} sensor-seconds of traffic per second of wall time")
+        if res:
+            print(f"ingest: {rows} rows in {wall:.1f} s = {rows / wall:,.0f} rows/s; "
+                  f"{a.sensors * a.seconds / wall:,.1f} sensor-seconds of traffic per second of wall time")
         if lat:
             print(f"flush latency (send per batch): median {statistics.median(lat) * 1000:.0f} ms, "
                   f"p95 {lat[int(0.95 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms "
@@ -198,7 +273,8 @@ def main() -> int:
             ClickHouseStore(address, cluster="fleet", database="day").open()
             t = time.perf_counter()
             with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
-                day_rows = sum(pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day") for n in names]))
+                day_rows = sum(pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day", a.elephants)
+                                                     for n in names]))
             print(f"day: {a.sensors} sensors x 24 h at {a.day_pps} pkt/s: {day_rows:,} rows written in "
                   f"{time.perf_counter() - t:.0f} s")
             settled = wait_for_merges(base)
@@ -213,9 +289,12 @@ def main() -> int:
             print(f"24 h x {a.sensors} sensors history_summary (all sensors, via Distributed): cold {cold:.2f} s, "
                   f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
                   f"(expected {a.sensors * 86400 * a.day_pps:,})")
-            page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
-            print(f"the fleet page's whole 24 h x {a.sensors} sensors view (sensor grid, summary, timeline, "
-                  f"conversations): warm {page:.2f} s")
+            if a.breakdown:
+                page_breakdown(q, since, until)
+            else:
+                page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
+                print(f"the fleet page's whole 24 h x {a.sensors} sensors view (sensor grid, summary, timeline, "
+                      f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
             q.close()
     finally:
         subprocess.run([str(script), "stop", folder], capture_output=True)

@@ -140,7 +140,7 @@ def create_sql(db: str) -> list[str]:
 def distributed_sql(db: str, cluster: str) -> list[str]:
     """A Distributed table `<name>_d` over each local table, sharded by sensor (run on every shard)."""
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
-            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "seconds_1m", "commits", "commits_max")]
+            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", "conv_top_1h")]
 
 
 def minute_sql(db: str) -> list[str]:
@@ -173,8 +173,47 @@ def documents_sql(db: str) -> list[str]:
             f"ENGINE = ReplacingMergeTree(ver) ORDER BY (kind, name)"]
 
 
+CONV_TOP_K = 100  # per hour segment: the conversations kept (by bytes, and by packets) as top-N candidates
+CONV_SCAN_MAX = 500  # most candidates whose exact totals one query reads (more: the shortcut gives up)
+_CONV_KEYS = "a, a_port, b, b_port, proto, vlan"
+_CONV_TUPLE = "(a, ifNull(a_port, -1), b, ifNull(b_port, -1), proto, vlan)"
+
+
+def conv_top_select(db_table: str, where: str = "1") -> str:
+    """The `conv_top_1h` rows of the hour rows in `db_table` matching `where`: per hour segment and version,
+    the CONV_TOP_K largest conversations by bytes and by packets, each with `rest`, the largest value (of
+    its `top_by`) of a conversation of that segment left out (0 when none is)."""
+    k = CONV_TOP_K
+    row = f"({_CONV_KEYS}, packets, bytes, first_us, last_us)"
+    parts = []
+    for i, by in enumerate(("bytes", "packets")):
+        pos = 8 if by == "bytes" else 7  # the value's place in `row`
+        parts.append(
+            f"SELECT sensor, iface, origin, seg, minute, '{by}' AS top_by, r.1 AS a, r.2 AS a_port, r.3 AS b, "
+            f"r.4 AS b_port, r.5 AS proto, r.6 AS vlan, r.7 AS packets, r.8 AS bytes, r.9 AS first_us, "
+            f"r.10 AS last_us, rest, ver FROM (SELECT sensor, iface, origin, seg, minute, ver, "
+            f"arrayReverseSort(x -> x.{pos}, groupArray({row})) AS s{i}, arraySlice(s{i}, 1, {k}) AS top{i}, "
+            f"if(length(s{i}) > {k}, s{i}[{k + 1}].{pos}, 0) AS rest FROM {db_table} WHERE {where} "
+            f"GROUP BY sensor, iface, origin, seg, minute, ver) ARRAY JOIN top{i} AS r")
+    return " UNION ALL ".join(parts)
+
+
+def conv_top_sql(db: str) -> list[str]:
+    """Schema version 4: `conv_top_1h`, each closed hour segment's largest conversations (the exact
+    top-N shortcut's candidates and bounds), written with the hour rows under the same version (so the
+    same visibility rule applies); filled from the hour rows already there."""
+    body = ", ".join(_col_sql("conversations", c, t) for c, t in (*PREFIX, *TABLES["conversations"]))
+    return [f"CREATE TABLE IF NOT EXISTS {db}.conv_top_1h ({body}, top_by String, rest Int64, ver Int64) "
+            f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(minute, 86400) "
+            f"ORDER BY (sensor, minute, seg, top_by, a, b, ifNull(a_port, -1), ifNull(b_port, -1), proto, vlan)",
+            f"INSERT INTO {db}.conv_top_1h (sensor, iface, origin, seg, minute, top_by, {_CONV_KEYS}, packets, "
+            f"bytes, first_us, last_us, rest, ver) " + conv_top_select(
+                f"{db}.conversations_1h", f"(sensor, seg, minute, ver) NOT IN (SELECT sensor, seg, minute, ver "
+                f"FROM {db}.conv_top_1h)")]  # only what is not there yet: a migration run again adds nothing
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 4: conv_top_sql}
 CH_SCHEMA_VERSION = max(MIGRATIONS)  # this backend's schema version (the per-minute tables are ClickHouse's own)
 
 
@@ -390,6 +429,14 @@ class ClickHouseStore(Store):
                            [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
+        if (hours := batch.frames.get("conversations_1h")) is not None and len(hours):
+            # The hour rows just written, read back on the sensor's shard: the hour's candidates and bound.
+            h = hours["minute"].to_numpy(np.int64)
+            client.execute(f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
+                           f"{_CONV_KEYS}, packets, bytes, first_us, last_us, rest, ver) " + conv_top_select(
+                               self._t("conversations_1h"), f"sensor = %(s)s AND ver = {ver} AND minute >= "
+                                                            f"{int(h.min())} AND minute <= {int(h.max())}"),
+                           {"s": sensor})
         # A batch without rows (a sensor's heartbeat) commits under the wall clock's minute: its flush is
         # recent, and commits_max keeps one heartbeat row per sensor and minute.
         fallback = lo if periods else (alert_period or int(time.time()) // 60 * 60)
@@ -499,7 +546,7 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return 0
             quoted = "'" + origin.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            tables = [*SEG_TABLES, "seconds_1m", "alerts", "origins"]
+            tables = [*SEG_TABLES, "seconds_1m", "conv_top_1h", "alerts", "origins"]
             try:
                 self._each_shard(self._client, lambda c: [f"ALTER TABLE {self.db}.{t} DELETE WHERE origin = {quoted}"
                                                           for t in tables])
@@ -520,7 +567,7 @@ class ClickHouseStore(Store):
 
         def table(m: re.Match) -> str:
             name = m.group(1)
-            if name not in SEG_TABLES and name != "seconds_1m":
+            if name not in SEG_TABLES and name not in ("seconds_1m", "conv_top_1h"):
                 raise ValueError(f"no ClickHouse rewrite for table {name}")
             return f"FROM {self._t(name)} WHERE {self._visible(name).replace('{sensor}', sensor)} AND "
 
@@ -598,10 +645,18 @@ class ClickHouseStore(Store):
     def _source(self, table: str, r: TimeRange, cols: str, cond: str = "TRUE") -> str:
         """As the base, leaving out the parts whose time range is empty (a range that starts or ends on an
         hour): each part is one more Distributed query with its own visibility look-up."""
-        h0, h1 = r.full_hours()
-        if h0 == h1:
+        if r.full_hours()[0] == r.full_hours()[1]:
             return super()._source(table, r, cols, cond)
         sensor = " AND sensor = $sensor" if r.sensor else ""
+        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in self._ranges(table, r)]
+        return "(" + " UNION ALL ".join(parts) + ")"
+
+    def _ranges(self, table: str, r: TimeRange) -> list[tuple[str, str]]:
+        """(table, time condition) parts of the range: whole closed hours from `<table>_1h`, open hours and
+        the minutes around the whole hours from `table` (empty parts left out)."""
+        h0, h1 = r.full_hours()
+        if h0 == h1:
+            return [(table, "minute >= $m0 AND minute <= $until")]
         ranges = []
         if r.first_minute < h0:
             ranges.append((table, f"minute >= $m0 AND minute < {h0}"))
@@ -615,8 +670,136 @@ class ClickHouseStore(Store):
             start = hour + 3600
         if start < h1:
             ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
-        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in ranges]
-        return "(" + " UNION ALL ".join(parts) + ")"
+        return ranges
+
+    def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20, exact: bool = True) -> pd.DataFrame:
+        """As the base, through the exact top-N shortcut when it applies (see `_conv_shortcut`).
+
+        When it does not: `exact` -> the full grouping (every conversation of the range); otherwise the
+        candidates' bounds, marked approximate (attrs method "approximate" and `unlisted_max`, the most
+        any conversation not listed may have; columns `packets_error`, `bytes_error`: a count is at most
+        its figure and at least its figure minus its error; first and last seen are unknown, NaN)."""
+        if by not in ("bytes", "packets"):
+            raise ValueError(f"top conversations by {by!r}: give bytes or packets")
+        got = self._conv_shortcut(r, by, int(n)) if 0 < n <= CONV_TOP_K else None
+        if isinstance(got, pd.DataFrame):
+            got.attrs["method"] = "shortcut"
+            return got
+        if exact or got is None:
+            df = super().top_conversations(r, by, n)
+            df.attrs["method"] = "full"
+            return df
+        return got[1]
+
+    def _conv_shortcut(self, r: TimeRange, by: str, n: int):
+        """The exact top n from the hours' candidates, or (False, approximate frame), or None (no hours).
+
+        Per closed hour segment (`conv_top_1h`) and for the rest of the range (its minute rows, grouped,
+        as one more part) the CONV_TOP_K largest conversations are candidates, and the part's `rest` (the
+        largest value left out) bounds what any other conversation has there. So a conversation that is
+        no candidate has at most B = the sum of every part's rest, and a candidate at most its known sum
+        plus the rests of the parts where it is not listed. The n largest are exact when the n-th
+        largest exact total (read for the candidates that may rank) is above everything else's bound."""
+        ranges = self._ranges("conversations", r)
+        hours = [rng for t, rng in ranges if t.endswith("_1h")]
+        if not hours:
+            return None
+        other = "packets" if by == "bytes" else "bytes"
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        params = {**r.params(), "by": by}
+        hsql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes, rest, top_by, seg, minute, sensor "
+                                  f"FROM conv_top_1h WHERE {rng}{sensor}" for rng in hours)
+        units = self._query(f"SELECT toInt64(sumIf(r, t = $by)) AS b, toInt64(sumIf(r, t != $by)) AS o FROM "
+                            f"(SELECT top_by AS t, any(rest) AS r FROM ({hsql}) GROUP BY sensor, seg, minute, t)",
+                            params)
+        bound = {by: int(units.iloc[0]["b"]), other: int(units.iloc[0]["o"])} if len(units) else {by: 0, other: 0}
+        # Per candidate: its `by` sum where listed by `by`, the `other` sums where listed by either, the rests
+        # of the parts where it is listed.
+        cands = self._query(
+            f"SELECT k, toInt64(sumIf({by}, top_by = $by)) AS lo_by, toInt64(sumIf(rest, top_by = $by)) AS rest_by, "
+            f"toInt64(greatest(sumIf({other}, top_by = $by), sumIf({other}, top_by != $by))) AS lo_o, "
+            f"toInt64(sumIf({other}, top_by != $by)) AS known_o, toInt64(sumIf(rest, top_by != $by)) AS rest_o "
+            f"FROM ({hsql}) GROUP BY k HAVING countIf(top_by = $by) > 0 ORDER BY lo_by DESC "
+            f"LIMIT {CONV_SCAN_MAX * 2}", params)
+        cands = cands.assign(up_by=cands["lo_by"] + bound[by] - cands["rest_by"],
+                             up_o=cands["known_o"] + bound[other] - cands["rest_o"])
+        minutes = [rng for t, rng in ranges if not t.endswith("_1h")]
+        if minutes:
+            cands = self._conv_minutes(by, other, minutes, sensor, params, cands, bound)
+        cands = cands.rename(columns={"lo_by": by, "up_by": "upper"})
+        return self._conv_decide(r, by, n, cands, bound[by], sensor, ranges)
+
+    def _conv_minutes(self, by: str, other: str, minutes: list[str], sensor: str, params: dict,
+                      cands: pd.DataFrame, bound: dict[str, int]) -> pd.DataFrame:
+        """The range's minute rows (its ragged hours, open hours) as one more part: grouped here, its
+        CONV_TOP_K largest by each count are candidates (exact there), its next largest the part's rest."""
+        msql = " UNION ALL ".join(f"SELECT {_CONV_TUPLE} AS k, packets, bytes FROM conversations WHERE {rng}"
+                                  f"{sensor}" for rng in minutes)
+        lists, rest = [], {}
+        for col in (by, other):
+            top = self._query(f"SELECT k, toInt64(sum(packets)) AS packets, toInt64(sum(bytes)) AS bytes "
+                              f"FROM ({msql}) GROUP BY k ORDER BY {col} DESC LIMIT {CONV_TOP_K + 1}", params)
+            rest[col] = int(top.iloc[CONV_TOP_K][col]) if len(top) > CONV_TOP_K else 0
+            lists.append(top.iloc[:CONV_TOP_K])
+        listed = pd.concat(lists).drop_duplicates("k").set_index("k")
+        new = [k for k in lists[0]["k"] if k not in set(cands["k"])]
+        cands = pd.concat([cands, pd.DataFrame({"k": new, "lo_by": 0, "rest_by": 0, "lo_o": 0, "known_o": 0,
+                                                "rest_o": 0, "up_by": bound[by], "up_o": bound[other]})],
+                          ignore_index=True)
+        known = cands["k"].map(lambda k: k in listed.index)
+        got_by = cands["k"].map(lambda k: int(listed.at[k, by]) if k in listed.index else 0)
+        got_o = cands["k"].map(lambda k: int(listed.at[k, other]) if k in listed.index else 0)
+        # Listed in either of the part's lists: both counts exact there; else at most the part's rests.
+        cands["lo_by"] += got_by
+        cands["lo_o"] += got_o
+        cands["up_by"] += got_by.where(known, rest[by])
+        cands["up_o"] += got_o.where(known, rest[other])
+        bound[by] += rest[by]
+        bound[other] += rest[other]
+        return cands
+
+    def _conv_decide(self, r: TimeRange, by: str, n: int, cands: pd.DataFrame, bound: int, sensor: str,
+                     ranges: list[tuple[str, str]]):
+        """Exact totals for the candidates that may rank; the top n when provably exact, else bounds."""
+        if not len(cands):
+            return None
+        full = len(cands) >= CONV_SCAN_MAX * 2  # candidates beyond those fetched: each ≤ the last + bound
+        outside = bound + (int(cands[by].min()) if full else 0)
+        lower_n = int(cands[by].nlargest(n).iloc[-1]) if len(cands) >= n else 0
+        may_rank = cands[cands["upper"] >= max(lower_n, 1)]
+        if (outside == 0 or outside < lower_n) and len(may_rank) <= CONV_SCAN_MAX:
+            got = self._conv_exact(r, by, n, may_rank["k"].tolist(), sensor, ranges)
+            if outside == 0 or (len(got) >= n and int(got[by].iloc[n - 1]) > outside):
+                return got
+        shown = cands.sort_values([by, "upper"], ascending=False).index[:n]
+        rest = cands.drop(index=shown)["upper"]  # candidates not listed: each at most its own bound
+        return False, self._conv_approx(by, n, cands, max(outside, int(rest.max()) if len(rest) else 0))
+
+    def _conv_exact(self, r: TimeRange, by: str, n: int, keys: list, sensor: str,
+                    ranges: list[tuple[str, str]]) -> pd.DataFrame:
+        """Exact totals of these conversations over the range (every row, minute and hour), the top n."""
+        times = "minute + first_us / 1000000.0 AS first_ts, minute + last_us / 1000000.0 AS last_ts"
+        keyset = ", ".join("(" + ", ".join(_literal(v) for v in k) + ")" for k in keys)
+        union = " UNION ALL ".join(f"SELECT {_CONV_KEYS}, packets, bytes, {times} FROM {t} WHERE {rng} AND "
+                                   f"{_CONV_TUPLE} IN ({keyset}){sensor}" for t, rng in ranges)
+        return self._query(f"SELECT {_CONV_KEYS}, {self._sums()}, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
+                           f"FROM ({union}) GROUP BY {_CONV_KEYS} ORDER BY {by} DESC, a, b, a_port, b_port "
+                           f"LIMIT {int(n)}", r.params())
+
+    def _conv_approx(self, by: str, n: int, cands: pd.DataFrame, unlisted: int) -> pd.DataFrame:
+        """The n candidates with the largest certain `by` count, as bounds: each figure the most its count
+        may be, its error how much less it may be (no read of the conversation rows: that is the cost)."""
+        other = "packets" if by == "bytes" else "bytes"
+        top = cands.sort_values([by, "upper"], ascending=False).head(n)
+        a, a_port, b, b_port, proto, vlan = (list(x) for x in zip(*top["k"])) if len(top) else ([],) * 6
+        df = pd.DataFrame({"a": a, "a_port": [None if p < 0 else p for p in a_port], "b": b,
+                           "b_port": [None if p < 0 else p for p in b_port], "proto": proto, "vlan": vlan,
+                           by: top["upper"].to_numpy(np.int64), other: top["up_o"].to_numpy(np.int64),
+                           f"{by}_error": (top["upper"] - top[by]).to_numpy(np.int64),
+                           f"{other}_error": (top["up_o"] - top["lo_o"]).to_numpy(np.int64),
+                           "first_ts": np.nan, "last_ts": np.nan})
+        df.attrs.update(method="approximate", unlisted_max=int(unlisted))
+        return df
 
     def sensor_series(self, r: TimeRange, bin_s: int, cols: tuple[str, ...] = ("packets", "bytes")) -> pd.DataFrame:
         """Per sensor and bin (`sensor`, `t`, then `cols`): the fleet page's sparklines in one query."""
@@ -671,6 +854,13 @@ class ClickHouseStore(Store):
         return self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
                          f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
                          {"since": int(since)})
+
+
+def _literal(v) -> str:
+    """A value as a ClickHouse literal (strings quoted and escaped)."""
+    if isinstance(v, str):
+        return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(int(v))
 
 
 def _schema_version(client, db: str) -> int:

@@ -163,7 +163,12 @@ def conversations(store: Store, since: Any = None, until: Any = None, sensor: st
     from packet_processor import proto_name  # the engine's names; imported late (the engine may import us)
 
     df = store.top_conversations(time_range(since, until, sensor), by, n)
-    return [{"a": row.a, "a_port": None if pd.isna(row.a_port) else int(row.a_port), "b": row.b,
-             "b_port": None if pd.isna(row.b_port) else int(row.b_port), "proto": proto_name(int(row.proto)),
-             "vlan": int(row.vlan), "packets": int(row.packets), "bytes": int(row.bytes),
-             "first_ts": float(row.first_ts), "last_ts": float(row.last_ts)} for row in df.itertuples(index=False)]
+    out = [{"a": row.a, "a_port": None if pd.isna(row.a_port) else int(row.a_port), "b": row.b,
+            "b_port": None if pd.isna(row.b_port) else int(row.b_port), "proto": proto_name(int(row.proto)),
+            "vlan": int(row.vlan), "packets": int(row.packets), "bytes": int(row.bytes),
+            "first_ts": float(row.first_ts), "last_ts": float(row.last_ts)} for row in df.itertuples(index=False)]
+    if f"{by}_error" in df.columns:  # a store's approximate answer: each figure the most it may be
+        for entry, p, b in zip(out, df["packets_error"], df["bytes_error"]):
+            entry.update(packets_error=int(p), bytes_error=int(b), approx=True)
+            entry["error"] = entry[f"{by}_error"]
+    return out

@@ -81,6 +81,7 @@ class KeyTable:
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.rows = 0
         self.clean = True  # the parts are one merged, capped part: merge() has nothing to do
+        self.ungrouped = False  # a part from add_grouped (closed minutes as hours) may hold a key twice
         self.dropped: dict[int, np.ndarray] = {}  # minute -> keys, packets, bytes, bound packets, bound bytes
 
     def add(self, keys: np.ndarray, wire: np.ndarray, ts: np.ndarray) -> None:
@@ -106,7 +107,7 @@ class KeyTable:
                     np.empty((0, 2)) if self.times else None)
         if self.clean:
             return self.parts[0]
-        if len(self.parts) > 1:
+        if len(self.parts) > 1 or self.ungrouped:  # one part from add_grouped may repeat a key (its minutes)
             keys = np.concatenate([p[0] for p in self.parts])
             vals = np.concatenate([p[1] for p in self.parts])
             first, inv = group_rows(keys)
@@ -123,6 +124,7 @@ class KeyTable:
             self.parts = [self._capped(*self.parts[0])]
         self.rows = len(self.parts[0][0])
         self.clean = True
+        self.ungrouped = False
         return self.parts[0]
 
     def _capped(self, keys: np.ndarray, vals: np.ndarray, times: np.ndarray | None) -> tuple:
@@ -157,6 +159,7 @@ class KeyTable:
             self.parts.append((keys, vals, times if self.times else None))
             self.rows += len(keys)
             self.clean = False
+            self.ungrouped = True
 
     def select(self, periods: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The merged rows of these periods."""
