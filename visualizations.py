@@ -248,8 +248,8 @@ def time_texts(ts: Sequence[float] | np.ndarray, tz: tzinfo | None = None) -> np
         if tz is not None:
             t = t.tz_convert(tz)
         out[ok] = np.asarray(t.strftime(TIME_FORMAT).str[:-3], dtype=object)
-    for i in np.flatnonzero(~ok):
-        out[i] = f"{ts[i]:.6g} s since 1970 (outside the calendar)"
+    for i in np.flatnonzero(~ok):  # NaN: a time the store does not know (an approximate fleet row)
+        out[i] = "unknown" if np.isnan(ts[i]) else f"{ts[i]:.6g} s since 1970 (outside the calendar)"
     return out
 
 

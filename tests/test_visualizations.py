@@ -154,3 +154,11 @@ def test_vlan_bar_counts_tagged_packets_only():
     fig = viz.vlan_bar(np.array([0, 100, 100, 7, 0, 100, 4095, -1], dtype=np.int16))
     assert dict(zip(fig.data[0].y, fig.data[0].x)) == {"VLAN 100": 3, "VLAN 7": 1}
     assert not viz.vlan_bar(np.zeros(5, np.int16)).data
+
+
+def test_an_unknown_time_is_said_plainly():
+    """NaN (a first/last-seen time an approximate fleet row does not know) reads 'unknown', not 1970."""
+    out = viz.time_texts([float("nan"), 0.0, 1e300])
+    assert out[0] == "unknown"
+    assert out[1].startswith("1970-01-01 00:00:00.000")
+    assert out[2].endswith("(outside the calendar)")
