@@ -53,8 +53,7 @@ def live_filter(snap, tz: tzinfo | None):
     """Chips, messages and the filtered Snapshot (the snapshot itself when no filter is set)."""
     conds, errors = flt.parse(spec(), tz)
     chips(tz)
-    for msg in errors:
-        st.error(f"Filter ignored: {plain(msg)}")
+    show_errors(errors)
     if any(c.key == "sensor" for c in conds):
         st.info("sensor= selects a sensor in the fleet views; this page shows one capture, so it is not applied here.")
     conds = [c for c in conds if c.key != "sensor"]
@@ -63,6 +62,38 @@ def live_filter(snap, tz: tzinfo | None):
     view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
     st.caption(plain(coverage_text(view.totals["filter"], tz)))
     return view
+
+
+def show_errors(errors: list[str]) -> None:
+    """Each filter that does not apply, and a typed key that is not a filter key, said in red."""
+    if msg := st.session_state.pop("_filter_unknown", None):
+        st.error(plain(msg))
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+
+
+def rate_span(f: dict[str, Any] | None, end: float | None) -> tuple[float, float] | None:
+    """The span a time-filtered view's rates average over: from (or the buffer's start) to to (or the
+    capture's end); None without a time filter (the rates then cover the last RATE_WINDOW_S s)."""
+    if not f or (f.get("from") is None and f.get("to") is None):
+        return None
+    lo = f["from"] if f.get("from") is not None else f.get("since")
+    if f.get("since") is not None and f.get("from") is not None:
+        lo = max(lo, f["since"])  # the buffer holds nothing before its first packet
+    hi = f["to"] if f.get("to") is not None else end
+    if end is not None and hi is not None and f.get("to") is not None:
+        hi = min(hi, end + 1)  # nothing after the capture's last (whole) second
+    if lo is None or hi is None:
+        return None
+    return float(lo), float(hi)
+
+
+def view_end(snap, end: float | None) -> float | None:
+    """The end of the timeline's window: a time filter's last second, else the capture's."""
+    f = snap.totals.get("filter") or {}
+    if f.get("to") is None or end is None:
+        return end
+    return min(end, float(-(-f["to"] // 1)) - 1)
 
 
 def coverage_text(f: dict[str, Any], tz: tzinfo | None) -> str:
@@ -90,7 +121,8 @@ def chips(tz: tzinfo | None) -> None:
         cols[1].button("Clear filters", key="filter_clear", on_click=set_spec, args=((),))
         row = st.columns(min(len(current), 6))
         for i, pair in enumerate(current):
-            row[i % len(row)].button(f"✕ {chip_text(pair, tz)}", key=f"chip_{i}_{pair[0]}",
+            row[i % len(row)].button(plain(f"✕ {chip_text(pair, tz)}"),  # URL text: never markup
+                                     key=f"chip_{i}_{pair[0]}",
                                      on_click=_remove, args=(pair,), help="Remove this filter")
 
 
@@ -113,12 +145,19 @@ def _add_typed(tz: tzinfo | None) -> None:
     text = st.session_state.get("filter_add", "").strip()
     st.session_state["filter_add"] = ""
     new = spec()
+    unknown = []
     for part in (p.strip() for p in text.replace(",", " ").split()):
         key, sep, value = part.partition("=")
-        if sep:
-            new = flt.with_filter(new, key.strip().lower(), value.strip(), replace=False)
+        key = key.strip().lower()
+        if sep and key not in flt.KEYS:
+            unknown.append(part)  # 'prot=udp': said, not silently dropped
+        elif sep:
+            new = flt.with_filter(new, key, value.strip(), replace=False)
         else:
             new = flt.with_filter(new, "host", part, replace=False)
+    if unknown:
+        st.session_state["_filter_unknown"] = (f"Not added: {', '.join(unknown)} — unknown filter key "
+                                               f"(known: {', '.join(flt.KEYS)}).")
     set_spec(new)
 
 
@@ -260,8 +299,9 @@ def health_panel(snap, wall: float) -> None:
 # -- explain a change, explain an alert ----------------------------------------------------------
 
 
-def alert_filters(alert) -> list[tuple[str, str]]:
-    """The filters that show an alert's evidence: its addresses (when they are addresses) and its span."""
+def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
+    """The filters that show an alert's evidence: its addresses (when they are addresses), its protocol and
+    port where it names them, and its span. `rows` (the buffer) settles a vertical scan's protocol."""
     out = []
     for key, text in (("src", alert.source), ("dst", alert.target)):
         try:
@@ -270,8 +310,15 @@ def alert_filters(alert) -> list[tuple[str, str]]:
             continue  # 'all traffic', a MAC, 'packets/s': not an address
         out.append((key, str(text)))
     # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
-    out += [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
-    return out
+    span = [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+    protos, port = flt.alert_traffic(alert)
+    if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
+        protos = (flt.scan_proto(rows, alert),)
+    if port is not None:
+        out.append(("port", str(port)))
+    if protos is not None and len(protos) == 1:
+        out.append(("proto", protos[0]))
+    return out + span
 
 
 def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
@@ -288,19 +335,21 @@ def _alert_name(a) -> str:
     return f"{a.detector} · {a.source} → {a.target} · {viz.time_texts([a.last_ts])[0]} UTC"
 
 
-def alert_tools(snap, tz: tzinfo | None) -> None:
-    """Pick an alert: a link to the filtered view of its evidence, its rows as CSV or pcap, and for a
-    spike, what explains it."""
+def alert_tools(snap, tz: tzinfo | None, alerts=None) -> None:
+    """Pick an alert (of `alerts`, those the filters keep): a link to the filtered view of its evidence, its
+    rows as CSV or pcap, and for a spike, what explains it. `snap` is the whole, unfiltered snapshot: the
+    evidence is the alert's rows, whatever this viewer's filters are."""
     from packet_processor import packets_csv
     from store.export import header_pcap
 
-    if not snap.alerts:
+    alerts = snap.alerts if alerts is None else alerts
+    if not alerts:
         return
     st.subheader("Investigate an alert")
-    names = [_alert_name(a) for a in snap.alerts]
+    names = [_alert_name(a) for a in alerts]
     pick = st.selectbox("Alert", range(len(names)), format_func=lambda i: names[i], key="inv_alert")
-    alert = snap.alerts[min(pick or 0, len(snap.alerts) - 1)]
-    evidence = alert_filters(alert)
+    alert = alerts[min(pick or 0, len(alerts) - 1)]
+    evidence = alert_filters(alert, snap.packets)
     rows = evidence_rows(snap, evidence, tz)
     link = "?" + "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in evidence)
     st.markdown(f"Evidence: [{plain(', '.join(f'{k}={v}' for k, v in evidence))}]({link}) — "
@@ -381,8 +430,7 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
     """The stored range narrowed by the URL's from/to; what the history cannot filter is said, not hidden."""
     conds, errors = flt.parse(spec(), tz)
     chips(tz)
-    for msg in errors:
-        st.error(f"Filter ignored: {plain(msg)}")
+    show_errors(errors)
     lows = [c.value for c in conds if c.key == "from"]
     highs = [c.value for c in conds if c.key == "to"]
     # Stored ranges are whole seconds, both ends included: from rounds down, to (exclusive) up.
