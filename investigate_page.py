@@ -517,20 +517,44 @@ def baseline_panel(engine, snap, tz: tzinfo | None) -> None:
         return
     pick = st.selectbox("New since baseline", sorted(docs), key="baseline_pick")
     body = docs[pick]["body"]
-    new = bl.diff(body, snap.packets)
+    cache = st.session_state.setdefault("_baseline_diff", bl.DiffCache())
     st.caption(plain(f"Baseline {pick}: {body['packets']:,} packets up to "
                      f"{viz.time_texts([body['until_ts'] or 0], tz)[0]}"
                      + ("" if body.get("whole_capture") else " (the buffer's last packets, not the whole capture)")
-                     + f". Compared with the {len(snap.packets):,} buffered packets."))
+                     + "."))
+    if body.get("truncated"):
+        st.warning(plain(f"This baseline kept only the {bl.MAX_KEYS:,} earliest hosts and services it saw: a "
+                         "host or service not in it but seen before it was saved is marked 'not kept', not new."))
+    if st.button("Compare with the buffer now", key="baseline_compare",
+                 help="Lists what the buffered packets hold that the baseline does not (seconds at 1M packets)."):
+        cache.compute(pick, body, snap)
+    new, gen = cache.last(pick, body)
+    if new is None:
+        st.caption("Press 'Compare with the buffer now' to list what is new since this baseline.")
+    else:
+        baseline_tables(new, body, gen, bl.generation(snap), tz)
+    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
+
+
+def baseline_tables(new: dict[str, Any], body: dict[str, Any], gen: tuple, now: tuple, tz: tzinfo | None) -> None:
+    """New hosts and services with first-seen times, and the protocol mix then and now."""
+    st.caption(plain(f"Compared with the {gen[3]:,} buffered packets"
+                     + ("." if gen == now else " of an earlier refresh: compare again for the buffer as it is now.")))
+    until = body.get("until_ts") or 0.0
+
+    def status(t: float) -> str:
+        # A truncated baseline did not keep every key it saw: one seen before it was saved is not new.
+        return "not kept in the baseline" if body.get("truncated") and t <= until else "new"
     a, b = st.columns(2)
     a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
-                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz),
+                              "since baseline": [status(t) for _, t in new["hosts"]]}),
                 hide_index=True, key="baseline_hosts")
     b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
-                              "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                              "first seen": viz.time_texts([t for _, t in new["services"]], tz),
+                              "since baseline": [status(t) for _, t in new["services"]]}),
                 hide_index=True, key="baseline_services")
     st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="baseline_mix")
-    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
 
 
 def _save_baseline(store, name: str, snap) -> None:

@@ -192,3 +192,41 @@ def test_an_alerts_export_is_exactly_its_evidence_whatever_the_viewers_filter(fr
     got = tshark_rows(str(pcap), "frame")
     assert [r[1:] for r in got] == [r[1:] for r in want]
     assert [float(r[0]) for r in got] == pytest.approx([float(r[0]) for r in want], abs=1e-6)
+
+
+def test_a_baseline_diff_runs_when_asked_once_per_buffer_and_says_when_truncated(monkeypatch, tmp_path):
+    """Reruns with a saved baseline never diff the buffer; 'Compare' does, once per buffer generation; a
+    truncated baseline says so and does not call a host it saw (but did not keep) new."""
+    import streamlit as st
+    from invhelp import mixed_packets
+    from scapy.all import wrpcap
+
+    from investigate import baseline as bl
+    from packet_processor import stop_all
+
+    path = tmp_path / "quiet.pcap"
+    wrpcap(str(path), mixed_packets(seconds=20, spike_from=999))
+    calls = []
+    real = bl.diff
+    monkeypatch.setattr(bl, "diff", lambda base, rows: calls.append(len(rows)) or real(base, rows))
+    monkeypatch.setattr(bl, "MAX_KEYS", 2)  # of the 8 hosts (HOSTS, SERVER, fd00::1, ::2) 2 are kept
+    stop_all()
+    st.cache_resource.clear()
+    monkeypatch.setenv("NTM_STORE", str(tmp_path / "h.duckdb"))
+    try:
+        at = loaded(monkeypatch, str(path))
+        at.text_input(key="baseline_name").input("quiet").run()
+        at.button(key="baseline_save").click().run()
+        for _ in range(3):
+            at.run()
+        assert calls == []  # a saved baseline costs no rerun a diff of the buffer
+        assert any("kept only the 2 earliest" in w.value.replace("\\", "") for w in at.warning)
+        at.button(key="baseline_compare").click().run()
+        at.run()
+        at.button(key="baseline_compare").click().run()
+        assert len(calls) == 1  # the same buffer: the cached diff
+        hosts = next(d.value for d in at.dataframe if "new host" in d.value.columns)
+        assert len(hosts) == 8 - 2 and set(hosts["since baseline"]) == {"not kept in the baseline"}
+    finally:
+        stop_all()
+        st.cache_resource.clear()
