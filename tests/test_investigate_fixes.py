@@ -230,3 +230,27 @@ def test_a_baseline_diff_runs_when_asked_once_per_buffer_and_says_when_truncated
     finally:
         stop_all()
         st.cache_resource.clear()
+
+
+def test_filters_are_bounded_and_what_is_ignored_is_not_applied():
+    from investigate import filters as flt
+
+    conds, errors = flt.parse([("host", "10.0.0.0/8")] * 100, limit=16)
+    assert len(conds) == 16 and any("100 filters given, at most 16 apply (FILTER_MAX)" in e for e in errors)
+    # from >= to is said to be ignored, and it is: the other filters still apply, the time ones do not.
+    conds, errors = flt.parse([("from", "200"), ("to", "100"), ("proto", "udp")])
+    assert [c.key for c in conds] == ["proto"] and any("is ignored" in e for e in errors)
+
+
+def test_filter_max_bounds_the_page_and_says_so(fresh, capture):
+    fresh.setenv("NTM_FILTER_MAX", "3")
+    at = loaded(fresh, capture, host=["10.0.0.0/8", "10.1.0.0/16", "10.1.0.3", "10.1.0.3/32"])
+    assert any("at most 3 apply" in rendered(e.value) for e in at.error)
+    assert sum(1 for b in at.button if b.key and b.key.startswith("chip_")) == 4  # every chip is shown
+
+
+def test_an_unknown_typed_key_is_said_not_dropped(fresh, capture):
+    at = loaded(fresh, capture)
+    at.text_input(key="filter_add").input("prot=udp").run()
+    assert any("prot=udp" in rendered(e.value) and "unknown filter key" in rendered(e.value) for e in at.error)
+    assert "prot" not in at.query_params
