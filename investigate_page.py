@@ -453,20 +453,25 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
 # -- threshold back-test, baselines ------------------------------------------------------------------
 
 
-def backtest_panel(snap, tz: tzinfo | None) -> None:
-    """Try other thresholds of a detector over the buffered packets before applying one."""
+def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
+    """Try other thresholds of a detector over the buffered packets before applying one, with the running
+    detectors' other settings (the page's thresholds and switches, not only the config's)."""
     from investigate import backtest as bt
 
     st.subheader("Threshold back-test")
+    overrides, disabled = bt.running(engine)
     setting = st.selectbox("Threshold", list(bt.DETECTOR_OF), key="bt_setting",
-                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {config.get(s)})")
-    default = ", ".join(f"{v:g}" for v in bt.candidates(setting))
+                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
+    if bt.DETECTOR_OF[setting] in disabled:
+        st.caption(plain(f"{bt.DETECTOR_OF[setting]} is switched off now: the back-test shows what it would raise "
+                         "if switched on."))
+    default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
                          help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
     if st.button("Run the back-test", key="bt_run"):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            trials = bt.backtest(snap.packets, setting, values)
+            trials = bt.backtest(snap.packets, setting, values, overrides, disabled)
         except ValueError as exc:
             st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
         else:
@@ -584,7 +589,7 @@ def _delete_baseline(store, name: str) -> None:
 def tools(engine, snap, tz: tzinfo | None) -> None:
     """The back-test and the baselines, folded away until opened (they work over the whole buffer)."""
     with st.expander("Threshold back-test and baselines", key="inv_tools"):
-        backtest_panel(snap, tz)
+        backtest_panel(snap, tz, engine)
         baseline_panel(engine, snap, tz)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,12 +38,25 @@ class Trial:
         return sum(a.count for a in self.alerts)
 
 
-def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH) -> Trial:
-    """Fresh detectors with one threshold changed, fed the rows in capture-time order."""
+def running(engine) -> tuple[dict[str, Any], frozenset[str]]:
+    """The thresholds and switches the running capture's detectors use (the page's AlertControls)."""
+    controls = getattr(engine, "controls", None)
+    if controls is None:
+        return {}, frozenset()
+    with controls._lock:  # set_detectors swaps both under it
+        return dict(controls.overrides), frozenset(controls.disabled)
+
+
+def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH, overrides: dict[str, Any] | None = None,
+        disabled: Iterable[str] = ()) -> Trial:
+    """Fresh detectors set as the running ones (`overrides`, `disabled`) with one threshold changed, fed the
+    rows in capture-time order; the setting's own detector runs even when switched off now."""
     if setting not in DETECTOR_OF:
         raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
     kind = type(config.get(setting))
-    detectors, book = Detectors(overrides={setting: kind(value)}), AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
+    detectors = Detectors(overrides={**(overrides or {}), setting: kind(value)},
+                          disabled=frozenset(disabled) - {DETECTOR_OF[setting]})
+    book = AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
     ordered = rows[np.argsort(rows["ts"], kind="stable")] if len(rows) else rows
     for i in range(0, len(ordered), batch):
         detectors.observe(ordered[i:i + batch], book)
@@ -50,14 +64,16 @@ def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH) -> Tri
     return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
 
 
-def backtest(rows: np.ndarray, setting: str, values: Iterable[float]) -> list[Trial]:
-    """One Trial per candidate value, in the order given."""
-    return [run(rows, setting, v) for v in values]
+def backtest(rows: np.ndarray, setting: str, values: Iterable[float], overrides: dict[str, Any] | None = None,
+             disabled: Iterable[str] = ()) -> list[Trial]:
+    """One Trial per candidate value, in the order given, over the running settings."""
+    return [run(rows, setting, v, overrides=overrides, disabled=disabled) for v in values]
 
 
-def candidates(setting: str, n: int = 5) -> list[float]:
-    """Values around the configured one: ÷4, ÷2, as set, ×2, ×4 (whole numbers for whole-number settings)."""
-    now = config.get(setting)
+def candidates(setting: str, n: int = 5, now: float | None = None) -> list[float]:
+    """Values around the one in use (`now`, else the config's): ÷4, ÷2, as set, ×2, ×4 (whole numbers for
+    whole-number settings)."""
+    now = config.get(setting) if now is None else type(config.get(setting))(now)
     factors = (0.25, 0.5, 1.0, 2.0, 4.0)[:n]
     out = []
     for f in factors:
