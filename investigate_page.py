@@ -22,6 +22,7 @@ from investigate import filters as flt
 
 log = logging.getLogger(__name__)
 PROTO_BY_LABEL = dict(zip(viz.PROTOCOLS, viz.CLASS_KEYS))
+EXPLAIN_KEY = "explain"  # ?explain=1: the explanation of the from/to span is open (a spike alert's link)
 LABELS_KEY = "_inv_labels"  # chart key -> the label lists of its traces, for mapping a clicked point back
 
 
@@ -327,6 +328,12 @@ def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
     return snap.packets[flt.mask(snap.packets, conds)]
 
 
+def alert_link(alert, rows=None) -> str:
+    """The relative URL of this page filtered to an alert's evidence; a spike's opens its explanation first."""
+    pairs = alert_filters(alert, rows) + ([(EXPLAIN_KEY, "1")] if alert.detector == "spike" else [])
+    return "?" + urllib.parse.urlencode(pairs)
+
+
 def _num(x: float) -> str:
     return f"{x:.6f}".rstrip("0").rstrip(".")
 
@@ -351,17 +358,25 @@ def alert_tools(snap, tz: tzinfo | None, alerts=None) -> None:
     alert = alerts[min(pick or 0, len(alerts) - 1)]
     evidence = alert_filters(alert, snap.packets)
     rows = evidence_rows(snap, evidence, tz)
-    link = "?" + "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in evidence)
+    link = alert_link(alert, snap.packets)
     st.markdown(f"Evidence: [{plain(', '.join(f'{k}={v}' for k, v in evidence))}]({link}) — "
                 f"{len(rows):,} buffered packets.")
     a, b, c = st.columns(3)
-    a.button("Show its evidence on this page", key="inv_alert_show", on_click=set_spec, args=(tuple(evidence),))
+    a.button("Show its evidence on this page", key="inv_alert_show", on_click=show_evidence,
+             args=(tuple(evidence), alert.detector == "spike"))
     b.download_button("Its packets (CSV)", data=lambda: packets_csv(rows, tz), file_name=f"{alert.detector}.csv",
                       mime="text/csv", key="inv_alert_csv", on_click="ignore")
     c.download_button("Its packets' headers (pcap)", data=lambda: header_pcap(rows), on_click="ignore",
                       file_name=f"{alert.detector}.pcap", mime="application/vnd.tcpdump.pcap", key="inv_alert_pcap")
     if alert.detector == "spike":
         explain_block(snap, alert.first_ts // 1, alert.last_ts // 1 + 1, "alert")
+
+
+def show_evidence(evidence: flt.Spec, explain: bool) -> None:
+    """The page filtered to an alert's evidence (a spike's: with its explanation open)."""
+    set_spec(evidence)
+    if explain:
+        st.query_params[EXPLAIN_KEY] = "1"
 
 
 def explain_panel(snap, tz: tzinfo | None) -> None:
@@ -377,7 +392,8 @@ def explain_panel(snap, tz: tzinfo | None) -> None:
         return
     others = [c for c in conds if c.key not in ("from", "to", "sensor")]
     rows = snap.packets[flt.mask(snap.packets, others)] if others else snap.packets
-    explain_block(rows, max(lows), min(highs), "span")
+    # A spike alert's link (explain=1) opens the explanation of its seconds at once.
+    explain_block(rows, max(lows), min(highs), "span", opened=st.query_params.get(EXPLAIN_KEY) == "1")
 
 
 def as_lookup():
@@ -398,13 +414,14 @@ def as_lookup():
     return of
 
 
-def explain_block(source, start: float, end: float, key: str) -> None:
+def explain_block(source, start: float, end: float, key: str, opened: bool = False) -> None:
     """The explanation of [start, end) over a snapshot's or an array's packets, when asked for."""
     from investigate import explain as ex_mod
 
     rows = source.packets if hasattr(source, "packets") else source
     measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key=f"explain_measure_{key}")
-    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", key=f"explain_{key}"):
+    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", value=opened,
+                     key=f"explain_{key}"):
         return
     try:
         ex = ex_mod.explain(rows, float(start), float(end), measure, as_lookup())
@@ -662,7 +679,7 @@ def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
     """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
     if not len(frame):
         return frame
-    links = ["?" + urllib.parse.urlencode(alert_filters(a)) for a in alerts]
+    links = [alert_link(a) for a in alerts]
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 

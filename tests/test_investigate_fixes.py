@@ -254,3 +254,21 @@ def test_an_unknown_typed_key_is_said_not_dropped(fresh, capture):
     at.text_input(key="filter_add").input("prot=udp").run()
     assert any("prot=udp" in rendered(e.value) and "unknown filter key" in rendered(e.value) for e in at.error)
     assert "prot" not in at.query_params
+
+
+def test_a_spike_alerts_link_opens_the_explanation_of_its_seconds(fresh, tmp_path):
+    from invhelp import SPIKER
+
+    path = write_mixed(tmp_path / "spike.pcap", seconds=70, spike_from=64, spike_pps=150, spread=True)
+    at = loaded(fresh, path)
+    table = next(d.value for d in at.dataframe if "evidence view" in d.value.columns)
+    link = table.loc[table["detector"] == "spike", "evidence view"].iloc[0]
+    query = urllib.parse.parse_qs(link[1:])
+    assert query["explain"] == ["1"] and {"from", "to"} <= set(query)
+    opened = loaded(fresh, path, **{k: v[0] for k, v in query.items()})  # the link, opened: nothing clicked
+    assert not opened.exception
+    assert opened.toggle(key="explain_span").value is True
+    headline = next(rendered(s.value) for s in opened.success)
+    assert f"by source host: {SPIKER}" in headline
+    plain_span = loaded(fresh, path, **{"from": query["from"][0], "to": query["to"][0]})
+    assert plain_span.toggle(key="explain_span").value is False  # a brushed span: asked for, not opened
