@@ -485,15 +485,22 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
     default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
                          help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
-    if st.button("Run the back-test", key="bt_run"):
+    job = st.session_state.get("bt_job")
+    if st.button("Run the back-test", key="bt_run", disabled=job is not None and job.running):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            trials = bt.backtest(snap.packets, setting, values, overrides, disabled)
+            st.session_state["bt_job"] = job = bt.Job(snap.packets, setting, values, overrides, disabled)
+            st.session_state["bt_cover"] = coverage_text({**flt.coverage(snap), "matched": len(snap.packets)}, tz)
         except ValueError as exc:
             st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
-        else:
-            st.session_state["bt_result"] = (setting, trials_frame(trials, tz), coverage_text(
-                {**flt.coverage(snap), "matched": len(snap.packets)}, tz))
+    if job is not None and job.running:
+        # The page's refresh redraws this line; the script never waits for the thread.
+        st.info(plain(f"Back-test of {job.setting} running in the background: {job.tried} of "
+                      f"{len(job.values)} values tried."))
+    elif job is not None:
+        st.session_state.pop("bt_job")
+        st.session_state["bt_result"] = (job.setting, None, f"Back-test failed: {job.error}") if job.error else (
+            job.setting, trials_frame(job.trials or [], tz), st.session_state.get("bt_cover", ""))
     result = st.session_state.get("bt_result")
     if result and result[0] == setting:
         if result[1] is None:

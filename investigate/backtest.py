@@ -3,6 +3,8 @@ to see how many alerts a setting would have raised, and when, before applying it
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,8 @@ import numpy as np
 
 import config
 from analysis.detect import AlertBook, Detectors
+
+log = logging.getLogger(__name__)
 
 # Which detector each threshold belongs to (analysis/detect.py THRESHOLDS).
 DETECTOR_OF = {"SCAN_PORTS": "port_scan", "SCAN_HOSTS": "port_scan", "SCAN_STEALTH_PORTS": "port_scan",
@@ -82,3 +86,43 @@ def candidates(setting: str, n: int = 5, now: float | None = None) -> list[float
         if v not in out:
             out.append(v)
     return out
+
+
+class Job:
+    """One back-test in its own thread (~9 s at 1M packets would block the page's script): the values tried
+    so far while it runs, the trials (or the error) when it ends. The rows are a snapshot's read-only copy."""
+
+    def __init__(self, rows: np.ndarray, setting: str, values: Iterable[float],
+                 overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> None:
+        if setting not in DETECTOR_OF:
+            raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
+        self.setting, self.values = setting, list(values)
+        if not self.values:
+            raise ValueError("no value to try")
+        self.tried = 0
+        self.trials: list[Trial] | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._work, args=(rows, dict(overrides or {}), frozenset(disabled)),
+                                        name=f"backtest-{setting}", daemon=True)
+        self._thread.start()
+
+    def _work(self, rows: np.ndarray, overrides: dict[str, Any], disabled: frozenset[str]) -> None:
+        out = []
+        try:
+            for v in self.values:
+                out.append(run(rows, self.setting, v, overrides=overrides, disabled=disabled))
+                self.tried += 1
+        except Exception as exc:  # the page shows it; the thread ends
+            log.exception("back-test of %s failed", self.setting)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self.trials = out
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still trying values."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (tests, shutdown)."""
+        self._thread.join(timeout)

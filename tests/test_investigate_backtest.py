@@ -114,7 +114,8 @@ def page_backtest(monkeypatch, path: str, live: dict | None = None):
             next(e for e in engines() if e.source and e.source.path == path).controls.set_detectors(live, set())
         at.selectbox(key="bt_setting").set_value("SPIKE_MIN_PPS").run()
         at.text_input(key="bt_values_SPIKE_MIN_PPS").input("50, 400").run()
-        at.button(key="bt_run").click().run()
+        at.button(key="bt_run").click().run()  # the back-test runs in its own thread; the page reruns
+        at = run_until(at, lambda a: any("times raised" in d.value.columns for d in a.dataframe), 60)
         assert not at.exception
         return next(d.value for d in at.dataframe if "times raised" in d.value.columns)
     finally:

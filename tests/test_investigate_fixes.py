@@ -272,3 +272,31 @@ def test_a_spike_alerts_link_opens_the_explanation_of_its_seconds(fresh, tmp_pat
     assert f"by source host: {SPIKER}" in headline
     plain_span = loaded(fresh, path, **{"from": query["from"][0], "to": query["to"][0]})
     assert plain_span.toggle(key="explain_span").value is False  # a brushed span: asked for, not opened
+
+
+def test_the_backtest_runs_in_the_background_with_a_progress_line(fresh, capture):
+    """The page's script does not wait for the back-test: it says how far it got, then shows the table."""
+    import threading
+
+    from investigate import backtest as bt
+
+    go = threading.Event()
+    real = bt.run
+
+    def slow(*args, **kw):
+        go.wait(10)  # held until the page has drawn the progress line
+        return real(*args, **kw)
+
+    fresh.setattr(bt, "run", slow)
+    at = loaded(fresh, capture)
+    at.selectbox(key="bt_setting").set_value("SPIKE_MIN_PPS").run()
+    at.text_input(key="bt_values_SPIKE_MIN_PPS").input("50, 400").run()
+    at.button(key="bt_run").click().run()
+    assert any("running in the background: 0 of 2 values tried" in rendered(i.value) for i in at.info)
+    at.run()  # a refresh while it runs: still running, and no second one can start
+    assert any("0 of 2 values tried" in rendered(i.value) for i in at.info)
+    assert at.button(key="bt_run").disabled
+    go.set()
+    at = run_until(at, lambda a: any("times raised" in d.value.columns for d in a.dataframe), 30)
+    table = next(d.value for d in at.dataframe if "times raised" in d.value.columns)
+    assert table["value"].tolist() == [50, 400]
