@@ -108,7 +108,8 @@ def parse(pairs: Iterable[tuple[str, str]], tz: tzinfo | None = None,
     """(conditions that parse, one message per pair that does not): a bad value never raises.
 
     At most `limit` conditions (FILTER_MAX) apply: each costs a pass over the buffer at every rerun."""
-    pairs = list(pairs)
+    # The same condition twice is the same AND: counted and applied once.
+    pairs = list(dict.fromkeys((k, t.strip()) for k, t in pairs))
     limit = config.get("FILTER_MAX") if limit is None else limit
     conds, errors = [], []
     if len(pairs) > limit:
@@ -190,23 +191,47 @@ def addr_mask(addrs: np.ndarray, net: tuple[bytes, int]) -> np.ndarray:
     return mask
 
 
+_ALL = (1 << 64) - 1
+
+
+def words(rows: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """An address field as two native uint64 (the high and low 8 bytes, big-endian): a network test is then
+    four whole-word operations per row, not sixteen byte compares."""
+    w = _addr_bytes(rows, field).view(">u8")
+    return w[:, 0].astype(np.uint64), w[:, 1].astype(np.uint64)
+
+
+def words_mask(hi: np.ndarray, lo: np.ndarray, net: tuple[bytes, int]) -> np.ndarray:
+    """Which addresses (as `words`) lie in the network: addr_mask's answer, faster."""
+    key, bits = net
+    k = int.from_bytes(key, "big")
+    m = (((1 << bits) - 1) << (128 - bits)) if bits else 0
+    mh, ml = np.uint64(m >> 64), np.uint64(m & _ALL)
+    out = (hi & mh) == np.uint64((k >> 64) & int(mh))
+    if int(ml):
+        out &= (lo & ml) == np.uint64(k & int(ml))
+    if key[:12] != V4_PREFIX and bits < 96:  # an IPv6 network means IPv6 traffic (see addr_mask)
+        out &= ~((hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF)))
+    return out
+
+
 def mask(rows: np.ndarray, conds: Iterable[Condition]) -> np.ndarray:
     """Which rows match every condition (sensor is not a field of a single capture's records: see view)."""
     out = np.ones(len(rows), bool)
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def addrs(field: str) -> np.ndarray:
+    def inside(field: str, net: tuple[bytes, int]) -> np.ndarray:
         if field not in cache:
-            cache[field] = _addr_bytes(rows, field)
-        return cache[field]
+            cache[field] = words(rows, field)
+        return words_mask(*cache[field], net)
 
     for c in conds:
         if c.key == "src":
-            out &= addr_mask(addrs("src"), c.value)
+            out &= inside("src", c.value)
         elif c.key == "dst":
-            out &= addr_mask(addrs("dst"), c.value)
+            out &= inside("dst", c.value)
         elif c.key == "host":
-            out &= addr_mask(addrs("src"), c.value) | addr_mask(addrs("dst"), c.value)
+            out &= inside("src", c.value) | inside("dst", c.value)
         elif c.key == "port":
             out &= (rows["sport"] == c.value) | (rows["dport"] == c.value)
         elif c.key == "proto":

@@ -235,8 +235,10 @@ def test_a_baseline_diff_runs_when_asked_once_per_buffer_and_says_when_truncated
 def test_filters_are_bounded_and_what_is_ignored_is_not_applied():
     from investigate import filters as flt
 
-    conds, errors = flt.parse([("host", "10.0.0.0/8")] * 100, limit=16)
+    conds, errors = flt.parse([("host", f"10.{i}.0.0/16") for i in range(100)], limit=16)
     assert len(conds) == 16 and any("100 filters given, at most 16 apply (FILTER_MAX)" in e for e in errors)
+    conds, errors = flt.parse([("host", "10.0.0.0/8")] * 100, limit=16)  # one condition, given 100 times
+    assert len(conds) == 1 and not errors
     # from >= to is said to be ignored, and it is: the other filters still apply, the time ones do not.
     conds, errors = flt.parse([("from", "200"), ("to", "100"), ("proto", "udp")])
     assert [c.key for c in conds] == ["proto"] and any("is ignored" in e for e in errors)
@@ -300,3 +302,29 @@ def test_the_backtest_runs_in_the_background_with_a_progress_line(fresh, capture
     at = run_until(at, lambda a: any("times raised" in d.value.columns for d in a.dataframe), 30)
     table = next(d.value for d in at.dataframe if "times raised" in d.value.columns)
     assert table["value"].tolist() == [50, 400]
+
+
+def test_the_word_mask_agrees_with_ipaddress():
+    """mask() tests networks on whole 64-bit words: the same answer as ipaddress, IPv4 and IPv6, every prefix."""
+    import ipaddress
+
+    import numpy as np
+
+    from analysis.headers import V4_PREFIX
+    from investigate import filters as flt
+
+    rng = np.random.default_rng(15)
+    v4 = [ipaddress.ip_address(int(x)) for x in rng.integers(0, 2**32, 400)]
+    v6 = [ipaddress.ip_address(int(a) << 64 | int(b)) for a, b in zip(rng.integers(0, 2**63, 400),
+                                                                        rng.integers(0, 2**63, 400))]
+    v6 += [ipaddress.ip_address("::1"), ipaddress.ip_address("::")]  # (::ffff:0:0/96 is where records keep IPv4)
+    keys = [V4_PREFIX + a.packed for a in v4] + [a.packed for a in v6]
+    rows = np.zeros(len(keys), dtype=[("src", "S16")])
+    rows["src"] = keys
+    texts = [f"{v4[0]}/{p}" for p in (0, 1, 7, 8, 13, 24, 31, 32)] + [f"{v6[0]}/{p}" for p in
+                                                                       (0, 1, 48, 63, 64, 65, 96, 127, 128)]
+    for text in [*texts, "::/0", "::/96", "0.0.0.0/0"]:
+        net = ipaddress.ip_network(text, strict=False)
+        want = [a.version == net.version and a in net for a in v4 + v6]
+        got = flt.mask(rows, [flt.parse_one("src", text)]).tolist()
+        assert got == want, text
