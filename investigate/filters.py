@@ -273,9 +273,22 @@ def alert_traffic(alert) -> tuple[tuple[str, ...] | None, int | None]:
     return ALERT_PROTOS.get(alert.detector), None
 
 
+_SCAN_PROTOS: dict[tuple, str] = {}  # (source, target, first, last) -> protocol: a span's packets do not change
+_SCAN_PROTOS_MAX = 4096
+
+
 def scan_proto(rows: np.ndarray, alert) -> str:
     """A vertical scan's protocol (the alert does not name it): of TCP and UDP from its source to its target
-    in its whole seconds, the one reaching more destination ports."""
+    in its whole seconds, the one reaching more destination ports (remembered: one pass per alert span)."""
+    key = (alert.source, alert.target, alert.first_ts, alert.last_ts)
+    if key not in _SCAN_PROTOS:
+        if len(_SCAN_PROTOS) >= _SCAN_PROTOS_MAX:
+            _SCAN_PROTOS.clear()
+        _SCAN_PROTOS[key] = _scan_proto(rows, alert)
+    return _SCAN_PROTOS[key]
+
+
+def _scan_proto(rows: np.ndarray, alert) -> str:
     conds = []
     for key, text in (("src", alert.source), ("dst", alert.target)):
         try:
