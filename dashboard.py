@@ -510,6 +510,7 @@ def charts(snap: Snapshot, end: float | None) -> None:
             chart(viz.vlan_bar(snap.packets["vlan"]), "vlans")
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
+        end = inv.view_end(snap, end, window)  # a time filter's span before the window: the window ends there
         frame = viz.timeline_frame(snap.bins, window, end, LOCAL_TZ)
         marks = [a.last_ts for a in snap.alerts if end is not None and end - window < a.last_ts <= end + 1]
         chart(viz.timeline(frame, marks), "timeline")
@@ -678,7 +679,6 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
     """The buffer and counters of the running capture (the Live time range), filtered as the URL says."""
     inv.health_panel(snap, taken)
     whole, snap = snap, inv.live_filter(snap, LOCAL_TZ)
-    end = inv.view_end(snap, end)  # a time filter's span ends the rates and the timeline
     metrics(snap, end, duration, taken)
     if not snap.totals["packets"] and "filter" not in snap.totals:
         if snap.status.state != "error":

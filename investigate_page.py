@@ -89,12 +89,14 @@ def rate_span(f: dict[str, Any] | None, end: float | None) -> tuple[float, float
     return float(lo), float(hi)
 
 
-def view_end(snap, end: float | None) -> float | None:
-    """The end of the timeline's window: a time filter's last second, else the capture's."""
+def view_end(snap, end: float | None, window: int) -> float | None:
+    """The end of the timeline's window: the capture's, unless a time filter's span ends before that window
+    (then the span's last second). A span inside the window leaves it still, so a brush does not move it."""
     f = snap.totals.get("filter") or {}
     if f.get("to") is None or end is None:
         return end
-    return min(end, float(-(-f["to"] // 1)) - 1)
+    last = float(-(-f["to"] // 1)) - 1
+    return last if last <= end - window else end
 
 
 def coverage_text(f: dict[str, Any], tz: tzinfo | None) -> str:

@@ -328,3 +328,15 @@ def test_the_word_mask_agrees_with_ipaddress():
         want = [a.version == net.version and a in net for a in v4 + v6]
         got = flt.mask(rows, [flt.parse_one("src", text)]).tolist()
         assert got == want, text
+
+
+def test_the_timeline_window_moves_only_for_a_span_outside_it():
+    from types import SimpleNamespace
+
+    import investigate_page as inv
+
+    def snap(to):
+        return SimpleNamespace(totals={"filter": {"to": to}})
+    assert inv.view_end(snap(T0 + 30.5), T0 + 59, 60) == T0 + 59  # inside the last minute: a brush does not move it
+    assert inv.view_end(snap(T0 - 100.5), T0 + 59, 60) == T0 - 101  # before it: the window ends at the span's end
+    assert inv.view_end(snap(None), T0 + 59, 60) == T0 + 59
