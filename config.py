@@ -138,6 +138,8 @@ SETTINGS: tuple[Setting, ...] = (
             low=1, high=1 << 22),
     Setting("ADDR_REFRESH_S", 5.0, "How often the capture thread re-reads the host's own addresses (s).",
             low=0.1, high=86_400),
+    Setting("FILTER_MAX", 16, "Most filter conditions (URL query keys) a view applies; each costs a pass over "
+            "the buffer at every refresh, the others are ignored with a message.", low=1, high=64),
     Setting("RATE_WINDOW_S", 5, "Seconds averaged for the current packets/s and bit/s.", low=1, high=3_600),
     Setting("REFRESH_S", 2.0, "Dashboard auto-refresh interval (s).", low=0.1, high=3_600),
     Setting("RECENT_ROWS", 100, "Rows shown in the recent-packets table.", low=1, high=1_000_000),

@@ -433,30 +433,54 @@ def stage_lines(stages: dict | None) -> list[tuple[str, bool]]:
     return lines
 
 
+def rates(snap: Snapshot, end: float | None) -> tuple[float, float, str]:
+    """(packets/s, bit/s, what they average): the last RATE_WINDOW_S s, or a time filter's whole span."""
+    window = config.get("RATE_WINDOW_S")
+    span = inv.rate_span(snap.totals.get("filter"), end)
+    if span is not None:  # the matching packets all lie in [from, to): averaged over that span
+        secs = span[1] - span[0]
+        if secs <= 0:
+            return 0.0, 0.0, "No time left in the filtered span."
+        t = snap.totals
+        return t["packets"] / secs, t["bytes"] * 8 / secs, f"Average over the filtered span ({secs:,.1f} s)."
+    pps, bps = snap.rate(window, end) if end is not None else (0.0, 0.0)
+    return pps, bps, f"Average over the last {window} s."
+
+
 def metrics(snap: Snapshot, end: float | None, duration: float, now: float) -> None:
-    """The metrics row: totals, duration, rates, drops, buffer fill and status."""
+    """The metrics row: totals, duration, rates, drops, buffer fill and status (a filtered view: of its packets)."""
     t = snap.totals
-    pps, bps = snap.rate(config.get("RATE_WINDOW_S"), end) if end is not None else (0.0, 0.0)
+    filtered = t.get("filter")
+    pps, bps, over = rates(snap, end)
+    if filtered is not None:  # the span the matching packets cover
+        duration = t["max_ts"] - t["min_ts"] if t["packets"] else 0.0
     cols = st.columns(5)
-    seen = ("Buffered packets that match the filters (see the note above)." if "filter" in t
+    seen = ("Buffered packets that match the filters (see the note above)." if filtered
             else "Every packet seen since the capture started.")
     cols[0].metric("Packets", f"{t['packets']:,}", help=seen)
     cols[1].metric("Bytes", human_bytes(t["bytes"]), help=f"{t['bytes']:,} bytes on the wire since start.")
-    cols[2].metric("Packets/s", f"{pps:,.1f}", help=f"Average over the last {config.get('RATE_WINDOW_S')} s.")
-    cols[3].metric("Bit/s", human_rate(bps), help=f"Average over the last {config.get('RATE_WINDOW_S')} s.")
-    cols[4].metric("Duration", _duration(duration))
+    cols[2].metric("Packets/s", f"{pps:,.1f}", help=over)
+    cols[3].metric("Bit/s", human_rate(bps), help=over)
+    cols[4].metric("Duration", _duration(duration), help="From the first to the last matching packet."
+                   if filtered else "Capture time covered.")
     cols = st.columns(5)
     nic = t.get("nic_dropped")
     nic_help = "" if nic is None else f" The network card or driver dropped {count_of(nic):,} more (not counted here)."
     cols[0].metric("Dropped", f"{t['dropped']:,}", help="Packets the kernel dropped (capture ring full)." + nic_help)
     cols[1].metric("Malformed", f"{t['malformed']:,}", help="Packets whose headers were cut short or lied.")
-    cols[2].metric("Buffer", f"{t['buffer_len']:,} / {snap.buffer_size:,}",
-                   help="Packets held for the tables and CSV (BUFFER_SIZE); totals are not limited by it.")
+    if filtered is not None:
+        cols[2].metric("Buffer", f"{filtered['matched']:,} of {t['buffer_len']:,}",
+                       help="Buffered packets that match the filters, of those buffered (BUFFER_SIZE "
+                            f"{snap.buffer_size:,}).")
+    else:
+        cols[2].metric("Buffer", f"{t['buffer_len']:,} / {snap.buffer_size:,}",
+                       help="Packets held for the tables and CSV (BUFFER_SIZE); totals are not limited by it.")
     state = snap.status.state
     cols[3].metric("Status", "paused view" if st.session_state.get("paused") else state,
                    help=plain(snap.status.source))  # a file name is data, never Markdown
     open_alerts = sum(1 for a in snap.alerts if not a.acknowledged)
-    cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged.")
+    cols[4].metric("Alerts", f"{open_alerts:,}", help="Findings of the detectors not yet acknowledged"
+                   + (" that concern the filtered traffic." if filtered else "."))
     st.caption(plain(health_text(snap, now)))
 
 
@@ -486,6 +510,7 @@ def charts(snap: Snapshot, end: float | None) -> None:
             chart(viz.vlan_bar(snap.packets["vlan"]), "vlans")
     with right:
         window = WINDOWS[st.radio("Window", list(WINDOWS), horizontal=True, key="window")]
+        end = inv.view_end(snap, end, window)  # a time filter's span before the window: the window ends there
         frame = viz.timeline_frame(snap.bins, window, end, LOCAL_TZ)
         marks = [a.last_ts for a in snap.alerts if end is not None and end - window < a.last_ts <= end + 1]
         chart(viz.timeline(frame, marks), "timeline")
@@ -663,7 +688,7 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         enrich_page.panel(snap, LOCAL_TZ)
         alerts_panel(snap, engine)
         alerts_page.alert_extras(snap, engine)
-        inv.alert_tools(snap, LOCAL_TZ)
+        inv.alert_tools(whole, LOCAL_TZ, snap.alerts)  # evidence from the whole buffer, not the filtered one
         inv.explain_panel(whole, LOCAL_TZ)
         inv.tools(engine, whole, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))

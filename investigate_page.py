@@ -22,6 +22,7 @@ from investigate import filters as flt
 
 log = logging.getLogger(__name__)
 PROTO_BY_LABEL = dict(zip(viz.PROTOCOLS, viz.CLASS_KEYS))
+EXPLAIN_KEY = "explain"  # ?explain=1: the explanation of the from/to span is open (a spike alert's link)
 LABELS_KEY = "_inv_labels"  # chart key -> the label lists of its traces, for mapping a clicked point back
 
 
@@ -53,8 +54,7 @@ def live_filter(snap, tz: tzinfo | None):
     """Chips, messages and the filtered Snapshot (the snapshot itself when no filter is set)."""
     conds, errors = flt.parse(spec(), tz)
     chips(tz)
-    for msg in errors:
-        st.error(f"Filter ignored: {plain(msg)}")
+    show_errors(errors)
     if any(c.key == "sensor" for c in conds):
         st.info("sensor= selects a sensor in the fleet views; this page shows one capture, so it is not applied here.")
     conds = [c for c in conds if c.key != "sensor"]
@@ -63,6 +63,40 @@ def live_filter(snap, tz: tzinfo | None):
     view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
     st.caption(plain(coverage_text(view.totals["filter"], tz)))
     return view
+
+
+def show_errors(errors: list[str]) -> None:
+    """Each filter that does not apply, and a typed key that is not a filter key, said in red."""
+    if msg := st.session_state.pop("_filter_unknown", None):
+        st.error(plain(msg))
+    for msg in errors:
+        st.error(f"Filter ignored: {plain(msg)}")
+
+
+def rate_span(f: dict[str, Any] | None, end: float | None) -> tuple[float, float] | None:
+    """The span a time-filtered view's rates average over: from (or the buffer's start) to to (or the
+    capture's end); None without a time filter (the rates then cover the last RATE_WINDOW_S s)."""
+    if not f or (f.get("from") is None and f.get("to") is None):
+        return None
+    lo = f["from"] if f.get("from") is not None else f.get("since")
+    if f.get("since") is not None and f.get("from") is not None:
+        lo = max(lo, f["since"])  # the buffer holds nothing before its first packet
+    hi = f["to"] if f.get("to") is not None else end
+    if end is not None and hi is not None and f.get("to") is not None:
+        hi = min(hi, end + 1)  # nothing after the capture's last (whole) second
+    if lo is None or hi is None:
+        return None
+    return float(lo), float(hi)
+
+
+def view_end(snap, end: float | None, window: int) -> float | None:
+    """The end of the timeline's window: the capture's, unless a time filter's span ends before that window
+    (then the span's last second). A span inside the window leaves it still, so a brush does not move it."""
+    f = snap.totals.get("filter") or {}
+    if f.get("to") is None or end is None:
+        return end
+    last = float(-(-f["to"] // 1)) - 1
+    return last if last <= end - window else end
 
 
 def coverage_text(f: dict[str, Any], tz: tzinfo | None) -> str:
@@ -90,7 +124,8 @@ def chips(tz: tzinfo | None) -> None:
         cols[1].button("Clear filters", key="filter_clear", on_click=set_spec, args=((),))
         row = st.columns(min(len(current), 6))
         for i, pair in enumerate(current):
-            row[i % len(row)].button(f"✕ {chip_text(pair, tz)}", key=f"chip_{i}_{pair[0]}",
+            row[i % len(row)].button(plain(f"✕ {chip_text(pair, tz)}"),  # URL text: never markup
+                                     key=f"chip_{i}_{pair[0]}",
                                      on_click=_remove, args=(pair,), help="Remove this filter")
 
 
@@ -113,12 +148,19 @@ def _add_typed(tz: tzinfo | None) -> None:
     text = st.session_state.get("filter_add", "").strip()
     st.session_state["filter_add"] = ""
     new = spec()
+    unknown = []
     for part in (p.strip() for p in text.replace(",", " ").split()):
         key, sep, value = part.partition("=")
-        if sep:
-            new = flt.with_filter(new, key.strip().lower(), value.strip(), replace=False)
+        key = key.strip().lower()
+        if sep and key not in flt.KEYS:
+            unknown.append(part)  # 'prot=udp': said, not silently dropped
+        elif sep:
+            new = flt.with_filter(new, key, value.strip(), replace=False)
         else:
             new = flt.with_filter(new, "host", part, replace=False)
+    if unknown:
+        st.session_state["_filter_unknown"] = (f"Not added: {', '.join(unknown)} — unknown filter key "
+                                               f"(known: {', '.join(flt.KEYS)}).")
     set_spec(new)
 
 
@@ -260,8 +302,9 @@ def health_panel(snap, wall: float) -> None:
 # -- explain a change, explain an alert ----------------------------------------------------------
 
 
-def alert_filters(alert) -> list[tuple[str, str]]:
-    """The filters that show an alert's evidence: its addresses (when they are addresses) and its span."""
+def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
+    """The filters that show an alert's evidence: its addresses (when they are addresses), its protocol and
+    port where it names them, and its span. `rows` (the buffer) settles a vertical scan's protocol."""
     out = []
     for key, text in (("src", alert.source), ("dst", alert.target)):
         try:
@@ -270,14 +313,27 @@ def alert_filters(alert) -> list[tuple[str, str]]:
             continue  # 'all traffic', a MAC, 'packets/s': not an address
         out.append((key, str(text)))
     # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
-    out += [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
-    return out
+    span = [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+    protos, port = flt.alert_traffic(alert)
+    if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
+        protos = (flt.scan_proto(rows, alert),)
+    if port is not None:
+        out.append(("port", str(port)))
+    if protos is not None and len(protos) == 1:
+        out.append(("proto", protos[0]))
+    return out + span
 
 
 def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
     """The buffered packets an alert's evidence filters keep: what its export holds, row for row."""
     conds, _ = flt.parse(evidence, tz)
     return snap.packets[flt.mask(snap.packets, conds)]
+
+
+def alert_link(alert, rows=None) -> str:
+    """The relative URL of this page filtered to an alert's evidence; a spike's opens its explanation first."""
+    pairs = alert_filters(alert, rows) + ([(EXPLAIN_KEY, "1")] if alert.detector == "spike" else [])
+    return "?" + urllib.parse.urlencode(pairs)
 
 
 def _num(x: float) -> str:
@@ -288,31 +344,41 @@ def _alert_name(a) -> str:
     return f"{a.detector} · {a.source} → {a.target} · {viz.time_texts([a.last_ts])[0]} UTC"
 
 
-def alert_tools(snap, tz: tzinfo | None) -> None:
-    """Pick an alert: a link to the filtered view of its evidence, its rows as CSV or pcap, and for a
-    spike, what explains it."""
+def alert_tools(snap, tz: tzinfo | None, alerts=None) -> None:
+    """Pick an alert (of `alerts`, those the filters keep): a link to the filtered view of its evidence, its
+    rows as CSV or pcap, and for a spike, what explains it. `snap` is the whole, unfiltered snapshot: the
+    evidence is the alert's rows, whatever this viewer's filters are."""
     from packet_processor import packets_csv
     from store.export import header_pcap
 
-    if not snap.alerts:
+    alerts = snap.alerts if alerts is None else alerts
+    if not alerts:
         return
     st.subheader("Investigate an alert")
-    names = [_alert_name(a) for a in snap.alerts]
+    names = [_alert_name(a) for a in alerts]
     pick = st.selectbox("Alert", range(len(names)), format_func=lambda i: names[i], key="inv_alert")
-    alert = snap.alerts[min(pick or 0, len(snap.alerts) - 1)]
-    evidence = alert_filters(alert)
+    alert = alerts[min(pick or 0, len(alerts) - 1)]
+    evidence = alert_filters(alert, snap.packets)
     rows = evidence_rows(snap, evidence, tz)
-    link = "?" + "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in evidence)
+    link = alert_link(alert, snap.packets)
     st.markdown(f"Evidence: [{plain(', '.join(f'{k}={v}' for k, v in evidence))}]({link}) — "
                 f"{len(rows):,} buffered packets.")
     a, b, c = st.columns(3)
-    a.button("Show its evidence on this page", key="inv_alert_show", on_click=set_spec, args=(tuple(evidence),))
+    a.button("Show its evidence on this page", key="inv_alert_show", on_click=show_evidence,
+             args=(tuple(evidence), alert.detector == "spike"))
     b.download_button("Its packets (CSV)", data=lambda: packets_csv(rows, tz), file_name=f"{alert.detector}.csv",
                       mime="text/csv", key="inv_alert_csv", on_click="ignore")
     c.download_button("Its packets' headers (pcap)", data=lambda: header_pcap(rows), on_click="ignore",
                       file_name=f"{alert.detector}.pcap", mime="application/vnd.tcpdump.pcap", key="inv_alert_pcap")
     if alert.detector == "spike":
         explain_block(snap, alert.first_ts // 1, alert.last_ts // 1 + 1, "alert")
+
+
+def show_evidence(evidence: flt.Spec, explain: bool) -> None:
+    """The page filtered to an alert's evidence (a spike's: with its explanation open)."""
+    set_spec(evidence)
+    if explain:
+        st.query_params[EXPLAIN_KEY] = "1"
 
 
 def explain_panel(snap, tz: tzinfo | None) -> None:
@@ -328,7 +394,8 @@ def explain_panel(snap, tz: tzinfo | None) -> None:
         return
     others = [c for c in conds if c.key not in ("from", "to", "sensor")]
     rows = snap.packets[flt.mask(snap.packets, others)] if others else snap.packets
-    explain_block(rows, max(lows), min(highs), "span")
+    # A spike alert's link (explain=1) opens the explanation of its seconds at once.
+    explain_block(rows, max(lows), min(highs), "span", opened=st.query_params.get(EXPLAIN_KEY) == "1")
 
 
 def as_lookup():
@@ -349,13 +416,14 @@ def as_lookup():
     return of
 
 
-def explain_block(source, start: float, end: float, key: str) -> None:
+def explain_block(source, start: float, end: float, key: str, opened: bool = False) -> None:
     """The explanation of [start, end) over a snapshot's or an array's packets, when asked for."""
     from investigate import explain as ex_mod
 
     rows = source.packets if hasattr(source, "packets") else source
     measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key=f"explain_measure_{key}")
-    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", key=f"explain_{key}"):
+    if not st.toggle(f"Explain {'this spike' if key == 'alert' else 'the selected span'}", value=opened,
+                     key=f"explain_{key}"):
         return
     try:
         ex = ex_mod.explain(rows, float(start), float(end), measure, as_lookup())
@@ -381,8 +449,7 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
     """The stored range narrowed by the URL's from/to; what the history cannot filter is said, not hidden."""
     conds, errors = flt.parse(spec(), tz)
     chips(tz)
-    for msg in errors:
-        st.error(f"Filter ignored: {plain(msg)}")
+    show_errors(errors)
     lows = [c.value for c in conds if c.key == "from"]
     highs = [c.value for c in conds if c.key == "to"]
     # Stored ranges are whole seconds, both ends included: from rounds down, to (exclusive) up.
@@ -405,25 +472,37 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
 # -- threshold back-test, baselines ------------------------------------------------------------------
 
 
-def backtest_panel(snap, tz: tzinfo | None) -> None:
-    """Try other thresholds of a detector over the buffered packets before applying one."""
+def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
+    """Try other thresholds of a detector over the buffered packets before applying one, with the running
+    detectors' other settings (the page's thresholds and switches, not only the config's)."""
     from investigate import backtest as bt
 
     st.subheader("Threshold back-test")
+    overrides, disabled = bt.running(engine)
     setting = st.selectbox("Threshold", list(bt.DETECTOR_OF), key="bt_setting",
-                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {config.get(s)})")
-    default = ", ".join(f"{v:g}" for v in bt.candidates(setting))
+                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
+    if bt.DETECTOR_OF[setting] in disabled:
+        st.caption(plain(f"{bt.DETECTOR_OF[setting]} is switched off now: the back-test shows what it would raise "
+                         "if switched on."))
+    default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
                          help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
-    if st.button("Run the back-test", key="bt_run"):
+    job = st.session_state.get("bt_job")
+    if st.button("Run the back-test", key="bt_run", disabled=job is not None and job.running):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            trials = bt.backtest(snap.packets, setting, values)
+            st.session_state["bt_job"] = job = bt.Job(snap.packets, setting, values, overrides, disabled)
+            st.session_state["bt_cover"] = coverage_text({**flt.coverage(snap), "matched": len(snap.packets)}, tz)
         except ValueError as exc:
             st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
-        else:
-            st.session_state["bt_result"] = (setting, trials_frame(trials, tz), coverage_text(
-                {**flt.coverage(snap), "matched": len(snap.packets)}, tz))
+    if job is not None and job.running:
+        # The page's refresh redraws this line; the script never waits for the thread.
+        st.info(plain(f"Back-test of {job.setting} running in the background: {job.tried} of "
+                      f"{len(job.values)} values tried."))
+    elif job is not None:
+        st.session_state.pop("bt_job")
+        st.session_state["bt_result"] = (job.setting, None, f"Back-test failed: {job.error}") if job.error else (
+            job.setting, trials_frame(job.trials or [], tz), st.session_state.get("bt_cover", ""))
     result = st.session_state.get("bt_result")
     if result and result[0] == setting:
         if result[1] is None:
@@ -469,20 +548,44 @@ def baseline_panel(engine, snap, tz: tzinfo | None) -> None:
         return
     pick = st.selectbox("New since baseline", sorted(docs), key="baseline_pick")
     body = docs[pick]["body"]
-    new = bl.diff(body, snap.packets)
+    cache = st.session_state.setdefault("_baseline_diff", bl.DiffCache())
     st.caption(plain(f"Baseline {pick}: {body['packets']:,} packets up to "
                      f"{viz.time_texts([body['until_ts'] or 0], tz)[0]}"
                      + ("" if body.get("whole_capture") else " (the buffer's last packets, not the whole capture)")
-                     + f". Compared with the {len(snap.packets):,} buffered packets."))
+                     + "."))
+    if body.get("truncated"):
+        st.warning(plain(f"This baseline kept only the {bl.MAX_KEYS:,} earliest hosts and services it saw: a "
+                         "host or service not in it but seen before it was saved is marked 'not kept', not new."))
+    if st.button("Compare with the buffer now", key="baseline_compare",
+                 help="Lists what the buffered packets hold that the baseline does not (seconds at 1M packets)."):
+        cache.compute(pick, body, snap)
+    new, gen = cache.last(pick, body)
+    if new is None:
+        st.caption("Press 'Compare with the buffer now' to list what is new since this baseline.")
+    else:
+        baseline_tables(new, body, gen, bl.generation(snap), tz)
+    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
+
+
+def baseline_tables(new: dict[str, Any], body: dict[str, Any], gen: tuple, now: tuple, tz: tzinfo | None) -> None:
+    """New hosts and services with first-seen times, and the protocol mix then and now."""
+    st.caption(plain(f"Compared with the {gen[3]:,} buffered packets"
+                     + ("." if gen == now else " of an earlier refresh: compare again for the buffer as it is now.")))
+    until = body.get("until_ts") or 0.0
+
+    def status(t: float) -> str:
+        # A truncated baseline did not keep every key it saw: one seen before it was saved is not new.
+        return "not kept in the baseline" if body.get("truncated") and t <= until else "new"
     a, b = st.columns(2)
     a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
-                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz),
+                              "since baseline": [status(t) for _, t in new["hosts"]]}),
                 hide_index=True, key="baseline_hosts")
     b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
-                              "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                              "first seen": viz.time_texts([t for _, t in new["services"]], tz),
+                              "since baseline": [status(t) for _, t in new["services"]]}),
                 hide_index=True, key="baseline_services")
     st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="baseline_mix")
-    st.button("Delete this baseline", key="baseline_delete", on_click=_delete_baseline, args=(store, pick))
 
 
 def _save_baseline(store, name: str, snap) -> None:
@@ -512,7 +615,7 @@ def _delete_baseline(store, name: str) -> None:
 def tools(engine, snap, tz: tzinfo | None) -> None:
     """The back-test and the baselines, folded away until opened (they work over the whole buffer)."""
     with st.expander("Threshold back-test and baselines", key="inv_tools"):
-        backtest_panel(snap, tz)
+        backtest_panel(snap, tz, engine)
         baseline_panel(engine, snap, tz)
 
 
@@ -585,7 +688,7 @@ def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
     """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
     if not len(frame):
         return frame
-    links = ["?" + urllib.parse.urlencode(alert_filters(a)) for a in alerts]
+    links = [alert_link(a) for a in alerts]
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 

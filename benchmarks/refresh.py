@@ -84,6 +84,18 @@ def filtered_work(conds: list):
     return lambda snap: refresh_work(flt.view(snap, conds, top, bins))
 
 
+def baseline_work(cache):
+    """One rerun with a saved baseline shown but not asked to compare: the page looks up its last diff
+    (investigate_page.baseline_panel); the diff itself runs only on 'Compare' (timed apart, once)."""
+    from investigate import baseline as bl
+
+    def work(snap: Snapshot) -> int:
+        base = cache.setdefault("base", bl.make(snap.packets[: len(snap.packets) // 2], whole=False))
+        cache.setdefault("diffs", bl.DiffCache()).last("b", base)
+        return refresh_work(snap)
+    return work
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="small sizes, a few seconds")
@@ -109,6 +121,16 @@ def main() -> None:
                 matched = int(flt.mask(engine.snapshot().packets, conds).sum())
                 t = timed(filtered_work(conds), engine, repeat)
                 print(f"{size:>10,} {name:>24} {matched:>10,} {t * 1e3:>12.1f}")
+        print(f"\n{'buffer':>10} {'rerun with a baseline ms':>25} {'Compare (once) ms':>18}")
+        for size, engine in results:
+            from investigate import baseline as bl
+
+            cache: dict = {}
+            t = timed(baseline_work(cache), engine, repeat)
+            snap = engine.snapshot()
+            start = time.perf_counter()
+            bl.DiffCache().compute("b", cache["base"], snap)
+            print(f"{size:>10,} {t * 1e3:>25.1f} {(time.perf_counter() - start) * 1e3:>18.1f}")
 
 
 if __name__ == "__main__":

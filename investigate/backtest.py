@@ -3,13 +3,18 @@ to see how many alerts a setting would have raised, and when, before applying it
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 import config
 from analysis.detect import AlertBook, Detectors
+
+log = logging.getLogger(__name__)
 
 # Which detector each threshold belongs to (analysis/detect.py THRESHOLDS).
 DETECTOR_OF = {"SCAN_PORTS": "port_scan", "SCAN_HOSTS": "port_scan", "SCAN_STEALTH_PORTS": "port_scan",
@@ -37,12 +42,25 @@ class Trial:
         return sum(a.count for a in self.alerts)
 
 
-def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH) -> Trial:
-    """Fresh detectors with one threshold changed, fed the rows in capture-time order."""
+def running(engine) -> tuple[dict[str, Any], frozenset[str]]:
+    """The thresholds and switches the running capture's detectors use (the page's AlertControls)."""
+    controls = getattr(engine, "controls", None)
+    if controls is None:
+        return {}, frozenset()
+    with controls._lock:  # set_detectors swaps both under it
+        return dict(controls.overrides), frozenset(controls.disabled)
+
+
+def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH, overrides: dict[str, Any] | None = None,
+        disabled: Iterable[str] = ()) -> Trial:
+    """Fresh detectors set as the running ones (`overrides`, `disabled`) with one threshold changed, fed the
+    rows in capture-time order; the setting's own detector runs even when switched off now."""
     if setting not in DETECTOR_OF:
         raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
     kind = type(config.get(setting))
-    detectors, book = Detectors(overrides={setting: kind(value)}), AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
+    detectors = Detectors(overrides={**(overrides or {}), setting: kind(value)},
+                          disabled=frozenset(disabled) - {DETECTOR_OF[setting]})
+    book = AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
     ordered = rows[np.argsort(rows["ts"], kind="stable")] if len(rows) else rows
     for i in range(0, len(ordered), batch):
         detectors.observe(ordered[i:i + batch], book)
@@ -50,14 +68,16 @@ def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH) -> Tri
     return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
 
 
-def backtest(rows: np.ndarray, setting: str, values: Iterable[float]) -> list[Trial]:
-    """One Trial per candidate value, in the order given."""
-    return [run(rows, setting, v) for v in values]
+def backtest(rows: np.ndarray, setting: str, values: Iterable[float], overrides: dict[str, Any] | None = None,
+             disabled: Iterable[str] = ()) -> list[Trial]:
+    """One Trial per candidate value, in the order given, over the running settings."""
+    return [run(rows, setting, v, overrides=overrides, disabled=disabled) for v in values]
 
 
-def candidates(setting: str, n: int = 5) -> list[float]:
-    """Values around the configured one: ÷4, ÷2, as set, ×2, ×4 (whole numbers for whole-number settings)."""
-    now = config.get(setting)
+def candidates(setting: str, n: int = 5, now: float | None = None) -> list[float]:
+    """Values around the one in use (`now`, else the config's): ÷4, ÷2, as set, ×2, ×4 (whole numbers for
+    whole-number settings)."""
+    now = config.get(setting) if now is None else type(config.get(setting))(now)
     factors = (0.25, 0.5, 1.0, 2.0, 4.0)[:n]
     out = []
     for f in factors:
@@ -66,3 +86,43 @@ def candidates(setting: str, n: int = 5) -> list[float]:
         if v not in out:
             out.append(v)
     return out
+
+
+class Job:
+    """One back-test in its own thread (~9 s at 1M packets would block the page's script): the values tried
+    so far while it runs, the trials (or the error) when it ends. The rows are a snapshot's read-only copy."""
+
+    def __init__(self, rows: np.ndarray, setting: str, values: Iterable[float],
+                 overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> None:
+        if setting not in DETECTOR_OF:
+            raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
+        self.setting, self.values = setting, list(values)
+        if not self.values:
+            raise ValueError("no value to try")
+        self.tried = 0
+        self.trials: list[Trial] | None = None
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._work, args=(rows, dict(overrides or {}), frozenset(disabled)),
+                                        name=f"backtest-{setting}", daemon=True)
+        self._thread.start()
+
+    def _work(self, rows: np.ndarray, overrides: dict[str, Any], disabled: frozenset[str]) -> None:
+        out = []
+        try:
+            for v in self.values:
+                out.append(run(rows, self.setting, v, overrides=overrides, disabled=disabled))
+                self.tried += 1
+        except Exception as exc:  # the page shows it; the thread ends
+            log.exception("back-test of %s failed", self.setting)
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        self.trials = out
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still trying values."""
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (tests, shutdown)."""
+        self._thread.join(timeout)

@@ -68,3 +68,36 @@ def diff(base: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     mix = [{"protocol": c, "baseline %": round(100 * then.get(c, 0) / t_all, 1),
             "now %": round(100 * now.get(c, 0) / n_all, 1)} for c in CLASSES if then.get(c) or now.get(c)]
     return {"hosts": new_hosts, "services": new_services, "mix": mix}
+
+
+def generation(snap) -> tuple:
+    """What identifies the buffer a diff was computed over: it changes when packets come or go."""
+    t = snap.totals
+    return int(t.get("packets") or 0), t.get("first_ts"), t.get("last_ts"), len(snap.packets)
+
+
+class DiffCache:
+    """One viewer's last diff, keyed by (baseline, its content, buffer generation): a diff over a 1M-packet
+    buffer costs seconds, so it runs when the viewer asks, never at every refresh."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.result: dict[str, Any] | None = None
+
+    @staticmethod
+    def key_of(name: str, base: dict[str, Any], snap) -> tuple:
+        """The cache key of a diff of baseline `name` against `snap`'s buffer."""
+        return name, base.get("until_ts"), base.get("packets"), generation(snap)
+
+    def last(self, name: str, base: dict[str, Any]) -> tuple[dict[str, Any] | None, tuple | None]:
+        """(the last diff of this baseline, the generation it covers), whatever the buffer now holds."""
+        if self.key is None or self.key[:3] != (name, base.get("until_ts"), base.get("packets")):
+            return None, None
+        return self.result, self.key[3]
+
+    def compute(self, name: str, base: dict[str, Any], snap) -> dict[str, Any]:
+        """The diff for the current buffer: computed once per generation."""
+        key = self.key_of(name, base, snap)
+        if key != self.key:
+            self.result, self.key = diff(base, snap.packets), key
+        return self.result

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+import config
 from analysis.counters import BIN_FIELDS, Counters
 from analysis.headers import CLASSES, DIRECTIONS
 from capture.sources import V4_PREFIX
@@ -55,7 +56,7 @@ def _net(text: str) -> tuple[bytes, int]:
 
 
 def parse_time(text: str, tz: tzinfo | None = None) -> float:
-    """Epoch seconds, or ISO 8601 (a time without an offset is in zone `tz`, else UTC)."""
+    """Epoch seconds, or ISO 8601 (a time without an offset is in zone `tz`, else in the server's local zone)."""
     s = text.strip()
     try:
         value = float(s)
@@ -102,9 +103,19 @@ def parse_one(key: str, text: str, tz: tzinfo | None = None) -> Condition:
     raise FilterError(f"unknown filter key {key!r} (known: {', '.join(KEYS)})")
 
 
-def parse(pairs: Iterable[tuple[str, str]], tz: tzinfo | None = None) -> tuple[list[Condition], list[str]]:
-    """(conditions that parse, one message per pair that does not): a bad value never raises."""
+def parse(pairs: Iterable[tuple[str, str]], tz: tzinfo | None = None,
+          limit: int | None = None) -> tuple[list[Condition], list[str]]:
+    """(conditions that parse, one message per pair that does not): a bad value never raises.
+
+    At most `limit` conditions (FILTER_MAX) apply: each costs a pass over the buffer at every rerun."""
+    # The same condition twice is the same AND: counted and applied once.
+    pairs = list(dict.fromkeys((k, t.strip()) for k, t in pairs))
+    limit = config.get("FILTER_MAX") if limit is None else limit
     conds, errors = [], []
+    if len(pairs) > limit:
+        errors.append(f"{len(pairs)} filters given, at most {limit} apply (FILTER_MAX): the first {limit} are "
+                      f"used, the other {len(pairs) - limit} are ignored")
+        pairs = pairs[:limit]
     for key, text in pairs:
         try:
             conds.append(parse_one(key, text, tz))
@@ -113,7 +124,9 @@ def parse(pairs: Iterable[tuple[str, str]], tz: tzinfo | None = None) -> tuple[l
     lows = [c.value for c in conds if c.key == "from"]
     highs = [c.value for c in conds if c.key == "to"]
     if lows and highs and max(lows) >= min(highs):
-        errors.append("from must be earlier than to: the time filter matches nothing")
+        # Said and done: the time filter is dropped, the others apply.
+        errors.append("from must be earlier than to: the time filter (from, to) is ignored")
+        conds = [c for c in conds if c.key not in ("from", "to")]
     return conds, errors
 
 
@@ -127,6 +140,11 @@ def from_query(params: Mapping[str, Any]) -> Spec:
         for v in [values] if isinstance(values, str) else values:
             out.append((key, str(v)))
     return tuple(out)
+
+
+def unknown_keys(spec: Spec) -> list[str]:
+    """The keys of a spec that are not filter keys (a typed 'prot=udp'): said, never silently dropped."""
+    return sorted({k for k, _ in spec if k not in KEYS})
 
 
 def to_query(spec: Spec) -> dict[str, list[str]]:
@@ -173,23 +191,47 @@ def addr_mask(addrs: np.ndarray, net: tuple[bytes, int]) -> np.ndarray:
     return mask
 
 
+_ALL = (1 << 64) - 1
+
+
+def words(rows: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """An address field as two native uint64 (the high and low 8 bytes, big-endian): a network test is then
+    four whole-word operations per row, not sixteen byte compares."""
+    w = _addr_bytes(rows, field).view(">u8")
+    return w[:, 0].astype(np.uint64), w[:, 1].astype(np.uint64)
+
+
+def words_mask(hi: np.ndarray, lo: np.ndarray, net: tuple[bytes, int]) -> np.ndarray:
+    """Which addresses (as `words`) lie in the network: addr_mask's answer, faster."""
+    key, bits = net
+    k = int.from_bytes(key, "big")
+    m = (((1 << bits) - 1) << (128 - bits)) if bits else 0
+    mh, ml = np.uint64(m >> 64), np.uint64(m & _ALL)
+    out = (hi & mh) == np.uint64((k >> 64) & int(mh))
+    if int(ml):
+        out &= (lo & ml) == np.uint64(k & int(ml))
+    if key[:12] != V4_PREFIX and bits < 96:  # an IPv6 network means IPv6 traffic (see addr_mask)
+        out &= ~((hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF)))
+    return out
+
+
 def mask(rows: np.ndarray, conds: Iterable[Condition]) -> np.ndarray:
     """Which rows match every condition (sensor is not a field of a single capture's records: see view)."""
     out = np.ones(len(rows), bool)
-    cache: dict[str, np.ndarray] = {}
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def addrs(field: str) -> np.ndarray:
+    def inside(field: str, net: tuple[bytes, int]) -> np.ndarray:
         if field not in cache:
-            cache[field] = _addr_bytes(rows, field)
-        return cache[field]
+            cache[field] = words(rows, field)
+        return words_mask(*cache[field], net)
 
     for c in conds:
         if c.key == "src":
-            out &= addr_mask(addrs("src"), c.value)
+            out &= inside("src", c.value)
         elif c.key == "dst":
-            out &= addr_mask(addrs("dst"), c.value)
+            out &= inside("dst", c.value)
         elif c.key == "host":
-            out &= addr_mask(addrs("src"), c.value) | addr_mask(addrs("dst"), c.value)
+            out &= inside("src", c.value) | inside("dst", c.value)
         elif c.key == "port":
             out &= (rows["sport"] == c.value) | (rows["dport"] == c.value)
         elif c.key == "proto":
@@ -214,21 +256,77 @@ def coverage(snap) -> dict[str, Any]:
     return {"buffered": held, "total": total, "whole": held >= total, "since": since}
 
 
-def alert_matches(alert, conds: Iterable[Condition]) -> bool:
+# The protocol classes each detector's traffic is made of (analysis/detect.py); spike and new_host: any.
+ALERT_PROTOS = {"syn_flood": ("tcp",), "icmp_flood": ("icmp", "icmpv6"), "udp_flood": ("udp",),
+                "reflection": ("udp",), "arp_spoof": ("non_ip",)}
+
+
+def alert_traffic(alert) -> tuple[tuple[str, ...] | None, int | None]:
+    """(protocol classes, port) an alert's traffic is made of, where the alert names them (None: any)."""
+    if alert.detector == "port_scan":
+        proto, sep, port = str(alert.target).partition("/")
+        if sep and proto in CLASSES and port.isdigit():  # a horizontal scan names its service: 'tcp/443'
+            return (proto,), int(port)
+        if "NULL/FIN/Xmas" in str(alert.evidence):  # stealth probes are TCP
+            return ("tcp",), None
+        return ("tcp", "udp"), None  # a vertical scan: failed TCP or UDP attempts
+    return ALERT_PROTOS.get(alert.detector), None
+
+
+_SCAN_PROTOS: dict[tuple, str] = {}  # (source, target, first, last) -> protocol: a span's packets do not change
+_SCAN_PROTOS_MAX = 4096
+
+
+def scan_proto(rows: np.ndarray, alert) -> str:
+    """A vertical scan's protocol (the alert does not name it): of TCP and UDP from its source to its target
+    in its whole seconds, the one reaching more destination ports (remembered: one pass per alert span)."""
+    key = (alert.source, alert.target, alert.first_ts, alert.last_ts)
+    if key not in _SCAN_PROTOS:
+        if len(_SCAN_PROTOS) >= _SCAN_PROTOS_MAX:
+            _SCAN_PROTOS.clear()
+        _SCAN_PROTOS[key] = _scan_proto(rows, alert)
+    return _SCAN_PROTOS[key]
+
+
+def _scan_proto(rows: np.ndarray, alert) -> str:
+    conds = []
+    for key, text in (("src", alert.source), ("dst", alert.target)):
+        try:
+            conds.append(parse_one(key, str(text)))
+        except FilterError:
+            return "tcp"
+    conds += [Condition("from", "", float(int(alert.first_ts))), Condition("to", "", float(int(alert.last_ts)) + 1)]
+    mine = rows[mask(rows, conds)]
+    ports = {p: len(np.unique(mine["dport"][mine["cls"] == CLASSES.index(p)])) for p in ("tcp", "udp")}
+    return max(ports, key=lambda p: (ports[p], p == "tcp"))
+
+
+def _in_net(texts: Iterable[str], net: tuple[bytes, int]) -> bool:
+    for text in texts:
+        try:
+            if addr_mask(np.frombuffer(_net(str(text))[0], np.uint8).reshape(1, 16), net)[0]:
+                return True
+        except FilterError:
+            continue  # a MAC or a text target: not an address
+    return False
+
+
+def alert_matches(alert, conds: Iterable[Condition], rows: np.ndarray | None = None) -> bool:
     """Whether an alert concerns the filtered traffic: its source/target in the address filters, its time
-    span overlapping from/to (ports and protocols are not fields of an alert: they do not hide one)."""
+    span overlapping from/to, its protocol and port (where the alert names them) those of the filters.
+    `rows` (the buffer) settles a vertical scan's protocol when a protocol filter asks."""
+    conds = list(conds)
     ends = {"src": (alert.source,), "dst": (alert.target,), "host": (alert.source, alert.target)}
+    protos, port = alert_traffic(alert)
+    if protos is not None and len(protos) > 1 and rows is not None and any(c.key == "proto" for c in conds):
+        protos = (scan_proto(rows, alert),)
     for c in conds:
-        if c.key in ends:
-            hits = []
-            for text in ends[c.key]:
-                try:
-                    hits.append(addr_mask(np.frombuffer(_net(str(text))[0], np.uint8).reshape(1, 16), c.value)[0])
-                except FilterError:
-                    hits.append(False)  # a MAC or a text target: not an address
-            if not any(hits):
-                return False
-        elif (c.key == "from" and alert.last_ts < c.value) or (c.key == "to" and alert.first_ts >= c.value):
+        if c.key in ends and not _in_net(ends[c.key], c.value):
+            return False
+        if (c.key == "from" and alert.last_ts < c.value) or (c.key == "to" and alert.first_ts >= c.value):
+            return False
+        if (c.key == "proto" and protos is not None and CLASSES[c.value] not in protos) or (
+                c.key == "port" and port is not None and c.value != port):
             return False
     return True
 
@@ -251,12 +349,15 @@ def view(snap, conds: list[Condition], top_max: int, bin_seconds: int):
         "direction_counts": dict(zip(DIRECTIONS, c.dir_packets.tolist())),
         "direction_bytes": dict(zip(DIRECTIONS, c.dir_bytes.tolist())),
         "first_ts": c.first_ts, "last_ts": c.last_ts, "min_ts": c.min_ts, "max_ts": c.max_ts,
-        "filter": {**coverage(snap), "matched": c.packets, "conditions": [x.label() for x in conds]},
+        "filter": {**coverage(snap), "matched": c.packets, "conditions": [x.label() for x in conds],
+                   # The time span asked for (None: unbounded), for rates over the filtered span.
+                   "from": max((x.value for x in conds if x.key == "from"), default=None),
+                   "to": min((x.value for x in conds if x.key == "to"), default=None)},
     })
     rows = np.asarray(rows)
     rows.flags.writeable = False
     grid = np.array([[s, *v] for s, v in sorted(c.bins.items())], dtype=np.int64).reshape(-1, 1 + len(BIN_FIELDS))
     grid.flags.writeable = False
     tables = {name: getattr(c, name).frozen() for name in Counters.TABLES}
-    alerts = tuple(a for a in snap.alerts if alert_matches(a, conds))
+    alerts = tuple(a for a in snap.alerts if alert_matches(a, conds, snap.packets))
     return dataclasses.replace(snap, packets=rows, totals=totals, bins=grid, alerts=alerts, **tables)

@@ -62,7 +62,7 @@ def test_src_in_the_url_shows_that_sources_exact_count_in_every_panel(fresh, cap
     t = tables(at)
     assert set(t["recent"]["source"]) == {SPIKER}
     assert all(SPIKER in (a + b) for a, b in zip(t["conversations"]["endpoint A"], t["conversations"]["endpoint B"]))
-    assert any(b.label == f"✕ src = {SPIKER}" for b in at.button)
+    assert any(rendered(b.label) == f"✕ src = {SPIKER}" for b in at.button)
     assert any(d.proto.label == "Download the filtered packets (CSV)" for d in at.get("download_button"))
     assert any(f"{want:,} packets match the filters: exact" in rendered(c.value) for c in at.caption)
 
@@ -103,7 +103,7 @@ def test_a_removed_chip_leaves_the_url_and_the_numbers_follow(fresh, capture):
     both, _ = tshark_count(capture, f"ip.src=={SPIKER} && tcp")
     at = loaded(fresh, capture, src=SPIKER, proto="tcp")
     assert count(at) == both < tcp
-    next(b for b in at.button if b.label == f"✕ src = {SPIKER}").click().run()
+    next(b for b in at.button if rendered(b.label) == f"✕ src = {SPIKER}").click().run()
     assert at.query_params.get("src") is None and count(at) == tcp
     at.button(key="filter_clear").click().run()
     assert count(at) == total and not any(b.label.startswith("✕") for b in at.button)
@@ -178,7 +178,7 @@ def test_query_round_trip_and_repeated_keys():
     assert flt.from_query(flt.to_query(spec)) == spec
     assert flt.from_query({"src": "1.2.3.4", "page": "fleet"}) == (("src", "1.2.3.4"),)
     _, errors = flt.parse([("from", "20"), ("to", "10")])
-    assert errors == ["from must be earlier than to: the time filter matches nothing"]
+    assert errors == ["from must be earlier than to: the time filter (from, to) is ignored"]
     _, errors = flt.parse([("colour", "red")])
     assert errors and "unknown filter key 'colour'" in errors[0]
     assert json.dumps(flt.to_query(spec))  # plain data for the URL
@@ -246,10 +246,11 @@ def test_live_lo_a_port_filter_counts_exactly_that_ports_packets(fresh, root_onl
         tx.sendto(b"a" * (10 + i), ("127.0.0.1", pa))
         if i % 3 == 0:
             tx.sendto(b"b", ("127.0.0.1", pb))
-    at = run_until(at, lambda a: count(a) >= 30 and int(metric(a, "Buffer").value.split("/")[0].replace(",", "")) >= 40,
-                   15)
+    def buffer(a) -> list[int]:  # 'matching of buffered'
+        return [int(x.replace(",", "")) for x in metric(a, "Buffer").value.split(" of ")]
+    at = run_until(at, lambda a: count(a) >= 30 and buffer(a)[1] >= 40, 15)
     assert count(at) == 30  # libpcap skips lo's outgoing copies: each datagram once
-    assert int(metric(at, "Buffer").value.split("/")[0].replace(",", "")) == 40
+    assert buffer(at) == [30, 40]
     assert f"{sum(42 + 10 + i for i in range(30)):,} bytes" in bytes_help(at)  # Ethernet+IP+UDP = 42
     for s in (tx, rxa, rxb):
         s.close()

@@ -38,16 +38,20 @@ def scans(path) -> str:
     return str(path)
 
 
-def engine_alerts(monkeypatch, path: str, setting: str, value) -> list[tuple]:
-    """The engine's own alerts of the setting's detector, replaying the file with NTM_<SETTING>=value."""
-    monkeypatch.setenv(f"NTM_{setting}", str(value))
+def engine_alerts(monkeypatch, path: str, setting: str, value, **others) -> list[tuple]:
+    """The engine's own alerts of the setting's detector, replaying the file with NTM_<SETTING>=value
+    (and NTM_<OTHER>=v for each other setting given)."""
+    env = {setting: value, **others}
+    for name, v in env.items():
+        monkeypatch.setenv(f"NTM_{name}", str(v))
     engine = CaptureEngine()
     try:
         engine.load_file(path)
         return shape(a for a in engine.snapshot().alerts if a.detector == bt.DETECTOR_OF[setting])
     finally:
         stop_all()
-        monkeypatch.delenv(f"NTM_{setting}")
+        for name in env:
+            monkeypatch.delenv(f"NTM_{name}")
 
 
 def shape(alerts) -> list[tuple]:
@@ -81,6 +85,7 @@ def test_backtest_counts_equal_the_engine_replayed_with_each_threshold(monkeypat
 
 def test_candidates_and_bad_settings():
     assert bt.candidates("SCAN_PORTS") == [4, 8, 15, 30, 60]  # the default, 15, halved and doubled twice
+    assert bt.candidates("SCAN_PORTS", now=30) == [8, 15, 30, 60, 120]  # around the value in use
     with pytest.raises(ValueError, match="LOG_LEVEL is not a detector threshold"):
         bt.run(buffered_empty(), "LOG_LEVEL", 1)
 
@@ -93,25 +98,50 @@ def buffered_empty():
     return np.zeros(0, PACKET_DTYPE)
 
 
-def test_the_page_runs_the_backtest_over_its_buffer(monkeypatch, tmp_path):
+def page_backtest(monkeypatch, path: str, live: dict | None = None):
+    """The page's back-test table for SPIKE_MIN_PPS 50 and 400 (`live`: thresholds set on the page first)."""
     import streamlit as st
     from test_dashboard import app, metric, run_until
 
+    from packet_processor import engines
+
     stop_all()
     st.cache_resource.clear()
-    path = write_mixed(tmp_path / "spike.pcap", seconds=70, spike_from=64, spike_pps=150, spread=True)
     monkeypatch.setenv("NTM_PCAP", path)
     try:
         at = run_until(app(), lambda a: metric(a, "Status").value == "finished", 60)
+        if live:
+            next(e for e in engines() if e.source and e.source.path == path).controls.set_detectors(live, set())
         at.selectbox(key="bt_setting").set_value("SPIKE_MIN_PPS").run()
         at.text_input(key="bt_values_SPIKE_MIN_PPS").input("50, 400").run()
-        at.button(key="bt_run").click().run()
+        at.button(key="bt_run").click().run()  # the back-test runs in its own thread; the page reruns
+        at = run_until(at, lambda a: any("times raised" in d.value.columns for d in a.dataframe), 60)
         assert not at.exception
-        table = next(d.value for d in at.dataframe if "times raised" in d.value.columns)
-        want = bt.backtest(buffered(path), "SPIKE_MIN_PPS", [50, 400])
-        assert table["value"].tolist() == [50, 400]
-        assert table["alerts"].tolist() == [t.rows for t in want] and want[0].rows > 0
-        assert table["times raised"].tolist() == [t.raised for t in want]
+        return next(d.value for d in at.dataframe if "times raised" in d.value.columns)
     finally:
         stop_all()
         st.cache_resource.clear()
+
+
+def spike_file(tmp_path) -> str:
+    return write_mixed(tmp_path / "spike.pcap", seconds=70, spike_from=64, spike_pps=150, spread=True)
+
+
+def test_the_page_runs_the_backtest_over_its_buffer(monkeypatch, tmp_path):
+    path = spike_file(tmp_path)
+    table = page_backtest(monkeypatch, path)
+    want = [engine_alerts(monkeypatch, path, "SPIKE_MIN_PPS", v) for v in (50, 400)]  # the engine, replayed
+    assert table["value"].tolist() == [50, 400]
+    assert table["alerts"].tolist() == [len(w) for w in want] and want[0]
+    assert table["times raised"].tolist() == [sum(a[2] for a in w) for w in want]
+
+
+def test_the_page_backtest_uses_the_thresholds_set_on_the_page(monkeypatch, tmp_path):
+    """A threshold changed on the page (AlertControls) is part of every trial, as the running detectors use it."""
+    path = spike_file(tmp_path)
+    table = page_backtest(monkeypatch, path, {"SPIKE_SIGMAS": 40.0})
+    want = [engine_alerts(monkeypatch, path, "SPIKE_MIN_PPS", v, SPIKE_SIGMAS=40.0) for v in (50, 400)]
+    config_only = engine_alerts(monkeypatch, path, "SPIKE_MIN_PPS", 50)
+    assert sum(a[2] for a in want[0]) != sum(a[2] for a in config_only)  # the page's threshold matters here
+    assert table["alerts"].tolist() == [len(w) for w in want]
+    assert table["times raised"].tolist() == [sum(a[2] for a in w) for w in want]

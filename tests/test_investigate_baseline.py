@@ -67,8 +67,9 @@ def test_the_page_saves_a_named_baseline_in_the_store_and_lists_what_is_new(monk
         assert any("Baseline quiet saved" in s.value for s in at.success)
         engine = next(e for e in engines() if e.source and e.source.path == str(rows_path))
         engine.start(Source("file", path=str(tmp_path / "baseline.pcap")))
-        at = run_until(app(), lambda a: metric(a, "Status").value == "finished"
-                       and any("new host" in d.value.columns and len(d.value) for d in a.dataframe), 60)
+        at = run_until(app(), lambda a: metric(a, "Status").value == "finished", 60)
+        assert not any("new host" in d.value.columns for d in at.dataframe)  # computed when asked only
+        at.button(key="baseline_compare").click().run()
         hosts = next(d.value for d in at.dataframe if "new host" in d.value.columns)
         assert hosts["new host"].tolist() == ["10.1.0.77"]
         services = next(d.value for d in at.dataframe if "new service" in d.value.columns)

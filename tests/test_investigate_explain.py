@@ -88,7 +88,7 @@ def test_a_spike_alert_explains_itself_and_exports_exactly_its_rows(fresh, spiky
     want, _ = tshark_count(spiky, f"frame.time_epoch >= {lo!r} && frame.time_epoch < {hi!r}")
     table = next(d.value for d in at.dataframe if "evidence view" in d.value.columns)
     link = table.loc[table["detector"] == "spike", "evidence view"].iloc[0]
-    assert link == f"?from={int(lo)}&to={int(hi)}"  # the spike is all traffic: its seconds, no address
+    assert link == f"?from={int(lo)}&to={int(hi)}&explain=1"  # all traffic: its seconds, its explanation open
     at.button(key="inv_alert_show").click().run()
     assert at.query_params["from"] in (str(int(lo)), [str(int(lo))]) and count(at) == want
     assert any(d.proto.label == "Its packets (CSV)" for d in at.get("download_button"))
