@@ -737,6 +737,8 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
     for conn in unused:
         conn.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    import numpy.ma  # noqa: F401 - np.unique imports it at its first call: now, before the first batch arrives
+
     from analysis.detect import AlertBook, Detectors
 
     book, detectors = AlertBook(), Detectors()
