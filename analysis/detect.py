@@ -1099,11 +1099,11 @@ class _Batch:
 
     def __init__(self, arr: np.ndarray) -> None:
         self.arr = arr
-        self.cols = _Columns(arr)  # the detectors read fields here (read only), not from arr
-        self.hs = _addr_hash(arr["src"])
-        self.hd = _addr_hash(arr["dst"])
-        self.sec = np.floor(arr["ts"]).astype(np.int64)
-        self.unicast = ~_group(arr["dst"])  # multicast and broadcast are one-way by nature: never probes
+        cols = self.cols = _Columns(arr)  # the detectors read fields here (read only), not from arr
+        self.hs = _addr_hash(cols["src"])
+        self.hd = _addr_hash(cols["dst"])
+        self.sec = np.floor(cols["ts"]).astype(np.int64)
+        self.unicast = ~_group(cols["dst"])  # multicast and broadcast are one-way by nature: never probes
 
 
 class _Second:
