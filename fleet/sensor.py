@@ -370,9 +370,43 @@ def serve_metrics(sensor: Sensor, port: int, addr: str = "127.0.0.1"):
     return start_http_server(port, addr=addr, registry=registry)
 
 
+def give_up_root(sensor: Sensor) -> bool:
+    """As root: prepare what the sensor needs afterwards, then give up root as `capture` does (the broker
+    keeps CAP_NET_RAW and opens the capture socket). The password is read now (the file may be root's
+    only); the spool folder is handed to the user the process becomes; a CA file that user cannot read
+    is an error said now. False when the drop failed (the sensor must not run half-privileged)."""
+    from capture import broker
+    from store.clickhouse import remember_credentials
+
+    try:
+        remember_credentials()
+    except OSError as exc:
+        log.error("sensor %s: cannot read CLICKHOUSE_PASSWORD_FILE: %s", sensor.name, exc)
+        return False
+    if os.geteuid() == 0:
+        uid, gid, name = broker.target_user(config.get("RUN_AS_USER"))
+        for folder, _, files in os.walk(sensor.spool.folder):
+            os.chown(folder, uid, gid)
+            for f in files:
+                os.chown(os.path.join(folder, f), uid, gid)
+        if sensor.store.ca_certs and broker.unreadable([sensor.store.ca_certs], uid, gid):
+            log.error("sensor %s: user %s cannot read the CA file %s (CLICKHOUSE_CA_CERTS): TLS connections "
+                      "will fail after the sensor gives up root", sensor.name, name, sensor.store.ca_certs)
+    try:
+        outcome = broker.separate()
+    except broker.PrivilegeError as exc:
+        log.error("sensor %s: %s", sensor.name, exc)
+        return False
+    if outcome.still_root:
+        log.warning("sensor %s runs as root: the parsers run with every privilege", sensor.name)
+    return True
+
+
 def run(args) -> int:
     """The `sensor` subcommand: run until --seconds pass or SIGTERM; print the final report as JSON."""
     sensor = Sensor(args.name, args.iface, args.filter or "", args.clickhouse, args.cluster, args.spool)
+    if not give_up_root(sensor):
+        return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -89,8 +89,21 @@ def with_id(batch: StoreBatch) -> IdBatch:
     return IdBatch(**{f.name: getattr(batch, f.name) for f in fields(StoreBatch)}, batch_id=uuid.uuid4().hex)
 
 
+_REMEMBERED: tuple[str, str] | None = None
+
+
+def remember_credentials() -> None:
+    """Read the credentials once, now (a sensor does it as root, before it gives up root and may no
+    longer read a password file only root can read); credentials() answers from memory afterwards."""
+    global _REMEMBERED
+    _REMEMBERED = None
+    _REMEMBERED = credentials()
+
+
 def credentials() -> tuple[str, str]:
     """(user, password) from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE or CLICKHOUSE_PASSWORD."""
+    if _REMEMBERED is not None:
+        return _REMEMBERED
     user = os.environ.get("CLICKHOUSE_USER") or "default"
     path = os.environ.get("CLICKHOUSE_PASSWORD_FILE")
     if path:
