@@ -109,12 +109,18 @@ class _Outbox:
 
 
 class Shipper:
-    """Sends batches in order: straight to ClickHouse while the spool is empty, else through the spool."""
+    """Sends batches in order: straight to ClickHouse while the spool is empty, else through the spool.
 
-    def __init__(self, store: ClickHouseStore, spool: Spool, retry_s: float = 1.0) -> None:
+    One thread sends (never two: stop() asks that thread to do the last round). While a backlog is in
+    the spool, new batches join it on disk (bounded by FLEET_SPOOL_MB) instead of waiting in memory, so
+    a kill -9 loses nothing that was handed over. An unexpected error is logged, counted and retried
+    with back-off; it never ends the thread."""
+
+    def __init__(self, store: ClickHouseStore, spool: Spool, retry_s: float = 1.0, max_retry_s: float = 60.0) -> None:
         self.store = store
         self.spool = spool
         self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
         self._in: deque = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -122,7 +128,10 @@ class Shipper:
         self.sent_packets = 0  # packets ClickHouse has from this process: each segment's newest version counted
         self._seg_sent: dict[int, int] = {}
         self.failures = 0
+        self.errors = 0  # unexpected exceptions in the shipper (a damaged disk, a bug): each logged and retried
+        self.last_error: str | None = None
         self.last_success: float | None = None
+        self._backoff = retry_s
         self._thread = threading.Thread(target=self._run, name="fleet-shipper", daemon=True)
 
     def start(self) -> None:
@@ -134,23 +143,51 @@ class Shipper:
         self._in.append(batch)
         self._wake.set()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the shipper thread runs."""
+        return self._thread.is_alive()
+
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
+            stopping = self._stop.is_set()
+            if stopping:
+                self._next_retry = 0.0  # the last round tries the spool once more, whatever the back-off
+            try:
+                self._turn()
+                self._backoff = self.retry_s
+            except Exception as exc:  # the shipper must outlive any error: logged, counted, retried later
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("fleet: shipper error (retry in %.0f s): %s", self._backoff, self.last_error)
+                self._next_retry = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, self.max_retry_s)
+            if stopping:
+                return
             self._wake.wait(0.5)
             self._wake.clear()
-            self._turn()
 
     def _turn(self) -> None:
         while self._in:
-            batch = self._in.popleft()
+            batch = self._in[0]
             sent = not len(self.spool) and time.monotonic() >= self._next_retry and self._send(batch)
             if not sent and not is_heartbeat(batch):  # a heartbeat says "alive now": worthless later, never spooled
-                self.spool.put(batch)
+                self.spool.put(batch)  # raises (disk full...): the batch stays first in memory, retried
+            self._in.popleft()
         if len(self.spool) and time.monotonic() >= self._next_retry:
             self._drain()
 
+    def _spool_incoming(self) -> None:
+        """While a backlog drains, new batches go behind it on disk (in order), not into memory."""
+        while self._in:
+            batch = self._in[0]
+            if not is_heartbeat(batch):
+                self.spool.put(batch)
+            self._in.popleft()
+
     def _drain(self) -> None:
         while True:
+            self._spool_incoming()
             batch = self.spool.head()
             if batch is None:
                 return
@@ -178,13 +215,21 @@ class Shipper:
         while len(self._seg_sent) > 10_000:  # bounded: old minutes are never written again
             self._seg_sent.pop(next(iter(self._seg_sent)))
 
-    def stop(self) -> None:
-        """Stop the thread, then send what is queued and try the spool once; the rest stays spooled."""
+    def stop(self, join_s: float = 30.0) -> bool:
+        """Ask the thread for a last round (send what is queued, try the spool once) and wait for it.
+
+        False when it is still busy after join_s (a send that hangs): nothing else sends meanwhile (one
+        drainer only); what is still queued in memory then is logged as not spooled."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=30)
-        self._next_retry = 0.0
-        self._turn()
+        if self._thread.ident is None:  # never started: this thread is the only sender
+            self._thread.start()
+        self._thread.join(timeout=join_s)
+        if self._thread.is_alive():
+            log.error("fleet: the shipper is still busy after %.0f s (a send hangs?); %d batches still in memory",
+                      join_s, len(self._in))
+            return False
+        return True
 
 
 def is_heartbeat(batch: StoreBatch) -> bool:
@@ -246,6 +291,9 @@ class Sensor:
                 "spool_batches": len(self.spool), "spool_packets": self.spool.packets(),
                 "spool_dropped_batches": self.spool.dropped_batches,
                 "spool_dropped_packets": self.spool.dropped_packets,
+                "spool_damaged_batches": self.spool.damaged_batches,
+                "spool_damaged_packets": self.spool.damaged_packets,
+                "shipper_errors": self.shipper.errors, "shipper_last_error": self.shipper.last_error,
                 "send_failures": self.shipper.failures, "last_flush_wall": self.shipper.last_success,
                 "store": {"state": st.state, "path": st.path, "message": st.message}}
 
@@ -298,6 +346,14 @@ def serve_metrics(sensor: Sensor, port: int, addr: str = "127.0.0.1"):
             yield metric(CounterMetricFamily, "ntm_sensor_spool_dropped_packets",
                          "Packets lost from history when the full spool dropped its oldest batches",
                          sensor.spool.dropped_packets)
+            yield metric(CounterMetricFamily, "ntm_sensor_spool_damaged_packets",
+                         "Packets lost from history in spool entries that could not be read back (moved aside)",
+                         sensor.spool.damaged_packets)
+            yield metric(CounterMetricFamily, "ntm_sensor_shipper_errors",
+                         "Unexpected errors in the shipper thread (logged, retried with back-off)",
+                         sensor.shipper.errors)
+            yield metric(GaugeMetricFamily, "ntm_sensor_shipper_alive", "1 while the shipper thread runs",
+                         int(sensor.shipper.alive))
             yield metric(CounterMetricFamily, "ntm_sensor_send_failures", "Failed sends to ClickHouse",
                          sensor.shipper.failures)
             notify = t.get("notify") or {}
@@ -314,9 +370,43 @@ def serve_metrics(sensor: Sensor, port: int, addr: str = "127.0.0.1"):
     return start_http_server(port, addr=addr, registry=registry)
 
 
+def give_up_root(sensor: Sensor) -> bool:
+    """As root: prepare what the sensor needs afterwards, then give up root as `capture` does (the broker
+    keeps CAP_NET_RAW and opens the capture socket). The password is read now (the file may be root's
+    only); the spool folder is handed to the user the process becomes; a CA file that user cannot read
+    is an error said now. False when the drop failed (the sensor must not run half-privileged)."""
+    from capture import broker
+    from store.clickhouse import remember_credentials
+
+    try:
+        remember_credentials()
+    except OSError as exc:
+        log.error("sensor %s: cannot read CLICKHOUSE_PASSWORD_FILE: %s", sensor.name, exc)
+        return False
+    if os.geteuid() == 0:
+        uid, gid, name = broker.target_user(config.get("RUN_AS_USER"))
+        for folder, _, files in os.walk(sensor.spool.folder):
+            os.chown(folder, uid, gid)
+            for f in files:
+                os.chown(os.path.join(folder, f), uid, gid)
+        if sensor.store.ca_certs and broker.unreadable([sensor.store.ca_certs], uid, gid):
+            log.error("sensor %s: user %s cannot read the CA file %s (CLICKHOUSE_CA_CERTS): TLS connections "
+                      "will fail after the sensor gives up root", sensor.name, name, sensor.store.ca_certs)
+    try:
+        outcome = broker.separate()
+    except broker.PrivilegeError as exc:
+        log.error("sensor %s: %s", sensor.name, exc)
+        return False
+    if outcome.still_root:
+        log.warning("sensor %s runs as root: the parsers run with every privilege", sensor.name)
+    return True
+
+
 def run(args) -> int:
     """The `sensor` subcommand: run until --seconds pass or SIGTERM; print the final report as JSON."""
     sensor = Sensor(args.name, args.iface, args.filter or "", args.clickhouse, args.cluster, args.spool)
+    if not give_up_root(sensor):
+        return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

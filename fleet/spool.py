@@ -49,6 +49,8 @@ class Spool:
         state = self._read_state()
         self.dropped_batches = int(state.get("dropped_batches", 0))
         self.dropped_packets = int(state.get("dropped_packets", 0))
+        self.damaged_batches = int(state.get("damaged_batches", 0))  # entries that could not be read back
+        self.damaged_packets = int(state.get("damaged_packets", 0))
 
     def _read_state(self) -> dict:
         try:
@@ -58,7 +60,8 @@ class Spool:
 
     def _write_state(self) -> None:
         tmp = self.folder / ".state.json.tmp"
-        tmp.write_text(json.dumps({"dropped_batches": self.dropped_batches, "dropped_packets": self.dropped_packets}))
+        tmp.write_text(json.dumps({"dropped_batches": self.dropped_batches, "dropped_packets": self.dropped_packets,
+                                   "damaged_batches": self.damaged_batches, "damaged_packets": self.damaged_packets}))
         os.replace(tmp, self.folder / "state.json")
 
     def __len__(self) -> int:
@@ -85,12 +88,13 @@ class Spool:
             name = f"{self._seq:012d}-{batch.batch_id}"
             tmp = self.folder / f".tmp-{name}"
             tmp.mkdir()
+            # The data files reach the disk before the meta that points at them: after a power cut an
+            # entry with a meta.json has its data whole (and a damaged one is moved aside by head()).
             for table, frame in batch.frames.items():
                 if frame is not None and len(frame):
-                    frame.reset_index(drop=True).to_parquet(tmp / f"{table}.parquet", index=False)
+                    _write_synced(tmp / f"{table}.parquet", frame.reset_index(drop=True))
             if batch.alerts is not None and len(batch.alerts):
-                batch.alerts.reset_index(drop=True).astype({"evidence": str}).to_parquet(tmp / "_alerts.parquet",
-                                                                                        index=False)
+                _write_synced(tmp / "_alerts.parquet", batch.alerts.reset_index(drop=True).astype({"evidence": str}))
             seg_packets = _seg_packets(batch)
             meta = {"batch_id": batch.batch_id, "replaces": list(map(int, batch.replaces)),
                     "hours_done": list(map(int, batch.hours_done)), "origins": [list(o) for o in batch.origins],
@@ -99,7 +103,9 @@ class Spool:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
+            _fsync_dir(tmp)
             os.rename(tmp, self.folder / name)
+            _fsync_dir(self.folder)
             self._entries.append((self.folder / name, _dir_size(self.folder / name), seg_packets))
             self._bound()
 
@@ -115,22 +121,36 @@ class Spool:
             log.error("spool: over FLEET_SPOOL_MB; the oldest batch was dropped (%d packets lost from history)", lost)
 
     def head(self) -> IdBatch | None:
-        """The oldest batch, read back (None when the spool is empty)."""
+        """The oldest batch, read back (None when the spool is empty).
+
+        An entry that cannot be read back (a power cut, a disk error) is moved aside as `.bad-<name>`
+        and its packets counted as lost (damaged_batches, damaged_packets); the next entry is tried."""
+        while True:
+            with self._lock:
+                if not self._entries:
+                    return None
+                path = self._entries[0][0]
+            try:
+                return _read_entry(path)
+            except Exception as exc:  # any damage: never a crash, the loss is counted
+                self._set_aside(path, exc)
+
+    def _set_aside(self, path: Path, exc: Exception) -> None:
         with self._lock:
-            if not self._entries:
-                return None
-            path = self._entries[0][0]
-        meta = json.loads((path / "meta.json").read_text())
-        frames, alerts = {}, None
-        for f in sorted(path.glob("*.parquet")):
-            df = pd.read_parquet(f)
-            if f.stem == "_alerts":
-                alerts = df
-            else:
-                frames[f.stem] = df
-        return IdBatch(frames=frames, replaces=tuple(meta["replaces"]), alerts=alerts,
-                       origins=tuple(tuple(o) for o in meta["origins"]), hours_done=tuple(meta["hours_done"]),
-                       batch_id=meta["batch_id"])
+            if not self._entries or self._entries[0][0] != path:
+                return
+            _, _, segs = self._entries.pop(0)
+            later = {s for _, _, sg in self._entries for s in sg}
+            lost = sum(p for s, p in segs.items() if s not in later)
+            self.damaged_batches += 1
+            self.damaged_packets += lost
+            try:
+                path.rename(path.with_name(".bad-" + path.name))
+            except OSError:
+                shutil.rmtree(path, ignore_errors=True)
+            self._write_state()
+        log.error("spool: damaged entry %s moved aside (%d packets lost from history): %s: %s", path.name, lost,
+                  type(exc).__name__, exc)
 
     def pop(self, batch_id: str) -> None:
         """Remove the oldest entry once ClickHouse has it (by id: a dropped head is not removed twice)."""
@@ -138,6 +158,35 @@ class Spool:
             if self._entries and self._entries[0][0].name.endswith("-" + batch_id):
                 path, _, _ = self._entries.pop(0)
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_entry(path: Path) -> IdBatch:
+    meta = json.loads((path / "meta.json").read_text())
+    frames, alerts = {}, None
+    for f in sorted(path.glob("*.parquet")):
+        df = pd.read_parquet(f)
+        if f.stem == "_alerts":
+            alerts = df
+        else:
+            frames[f.stem] = df
+    return IdBatch(frames=frames, replaces=tuple(meta["replaces"]), alerts=alerts,
+                   origins=tuple(tuple(o) for o in meta["origins"]), hours_done=tuple(meta["hours_done"]),
+                   batch_id=meta["batch_id"])
+
+
+def _write_synced(path: Path, frame: pd.DataFrame) -> None:
+    with open(path, "wb") as f:
+        frame.to_parquet(f, index=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _seg_packets(batch: IdBatch) -> dict[int, int]:

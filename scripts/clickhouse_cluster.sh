@@ -14,7 +14,9 @@
 # clients use clickhouse-driver's secure=True with ca_certs (NTM_CLICKHOUSE_SECURE, NTM_CLICKHOUSE_CA_CERTS).
 # The shards still talk to each other in plain text on 127.0.0.1 (Distributed queries between them).
 # The cluster is named "fleet" in each server's remote_servers (no ZooKeeper: no distributed DDL, the
-# project creates the local tables on every shard itself). User "default" without a password, 127.0.0.1 only.
+# project creates the local tables on every shard itself). User "default" without a password, 127.0.0.1 only
+# (the shards use it between themselves), and user "fleet" with the password "fleet-test-password" (for
+# trying, and testing, credentials from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE; never for production).
 set -euo pipefail
 
 SERVER=${CLICKHOUSE_SERVER:-/usr/sbin/clickhouse-server}
@@ -69,7 +71,9 @@ write_users() {  # DIR
 <yandex>
   <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
   <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-    <profile>default</profile><quota>default</quota></default></users>
+    <profile>default</profile><quota>default</quota></default>
+    <fleet><password>fleet-test-password</password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+    <profile>default</profile><quota>default</quota></fleet></users>
   <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
     <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>

@@ -36,6 +36,7 @@ import os
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -88,8 +89,21 @@ def with_id(batch: StoreBatch) -> IdBatch:
     return IdBatch(**{f.name: getattr(batch, f.name) for f in fields(StoreBatch)}, batch_id=uuid.uuid4().hex)
 
 
+_REMEMBERED: tuple[str, str] | None = None
+
+
+def remember_credentials() -> None:
+    """Read the credentials once, now (a sensor does it as root, before it gives up root and may no
+    longer read a password file only root can read); credentials() answers from memory afterwards."""
+    global _REMEMBERED
+    _REMEMBERED = None
+    _REMEMBERED = credentials()
+
+
 def credentials() -> tuple[str, str]:
     """(user, password) from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE or CLICKHOUSE_PASSWORD."""
+    if _REMEMBERED is not None:
+        return _REMEMBERED
     user = os.environ.get("CLICKHOUSE_USER") or "default"
     path = os.environ.get("CLICKHOUSE_PASSWORD_FILE")
     if path:
@@ -113,21 +127,33 @@ def _col_sql(table: str, name: str, sql_type: str) -> str:
     return f"{name} Nullable({t})" if (table.removesuffix("_1h"), name) in _NULLABLE else f"{name} {t}"
 
 
+def _layouts() -> dict[str, tuple[str, str]]:
+    """(PARTITION BY, ORDER BY) of every versioned table as schema versions 1 and 3 created them."""
+    out = {}
+    for name in TABLES:
+        base = name.removesuffix("_1h")
+        period = _PERIOD.get(base, "minute")
+        out[name] = (f"intDiv({period}, 86400)",
+                     ", ".join(("sensor", period, "seg", *(k for k in _KEYS[base] if k != period))))
+    out["alerts"] = ("intDiv(toInt64(last_ts), 86400)", "sensor, origin, detector, source, target, first_ts")
+    out["seconds_1m"] = ("intDiv(minute, 86400)", "sensor, minute, seg")
+    return out
+
+
 def create_sql(db: str) -> list[str]:
     """Schema version 1: every local table (run on every shard)."""
     out = [f"CREATE DATABASE IF NOT EXISTS {db}",
            f"CREATE TABLE IF NOT EXISTS {db}.meta (key String, value String) ENGINE = TinyLog"]
+    layouts = _layouts()
     for name, cols in TABLES.items():
-        base = name.removesuffix("_1h")
         body = ", ".join(_col_sql(name, c, t) for c, t in (*PREFIX, *cols))
-        period = _PERIOD.get(base, "minute")
-        order = ", ".join(("sensor", period, "seg", *(k for k in _KEYS[base] if k != period)))
+        part, order = layouts[name]
         out.append(f"CREATE TABLE IF NOT EXISTS {db}.{name} ({body}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
-                   f"PARTITION BY intDiv({period}, 86400) ORDER BY ({order})")
+                   f"PARTITION BY {part} ORDER BY ({order})")
     alerts = ", ".join(_col_sql("alerts", c, t) for c, t in ALERT_COLUMNS)
+    part, order = layouts["alerts"]
     out.append(f"CREATE TABLE IF NOT EXISTS {db}.alerts ({alerts}, ver Int64) ENGINE = ReplacingMergeTree(ver) "
-               f"PARTITION BY intDiv(toInt64(last_ts), 86400) "
-               f"ORDER BY (sensor, origin, detector, source, target, first_ts)")
+               f"PARTITION BY {part} ORDER BY ({order})")
     origins = ", ".join(_col_sql("origins", c, t) for c, t in ORIGIN_COLUMNS)
     out.append(f"CREATE TABLE IF NOT EXISTS {db}.origins ({origins}) ENGINE = ReplacingMergeTree(created) "
                f"ORDER BY (sensor, origin)")
@@ -160,9 +186,62 @@ def minute_sql(db: str) -> list[str]:
             f"PARTITION BY intDiv(minute, 86400) ORDER BY (sensor, minute, seg)",
             f"CREATE TABLE IF NOT EXISTS {db}.commits_max (sensor String, period Int64, seg Int64, ver Int64) "
             f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(period, 86400) ORDER BY (sensor, period, seg)",
+            # Only the (sensor, iface, origin, segment, version, minute) groups not there yet: a repeat
+            # (cut off before the version was recorded) adds nothing; each group is one row, whole or absent.
             f"INSERT INTO {db}.seconds_1m SELECT sensor, iface, origin, seg, intDiv(ts, 60) * 60 AS minute, {sums}, "
-            f"min(min_ts), max(max_ts), ver FROM {db}.seconds GROUP BY sensor, iface, origin, seg, ver, minute",
+            f"min(min_ts), max(max_ts), ver FROM {db}.seconds WHERE (sensor, iface, origin, seg, ver, "
+            f"intDiv(ts, 60) * 60) NOT IN (SELECT sensor, iface, origin, seg, ver, minute FROM {db}.seconds_1m) "
+            f"GROUP BY sensor, iface, origin, seg, ver, minute",
+            # commits_max is read with max(ver): a row copied twice changes nothing.
             f"INSERT INTO {db}.commits_max SELECT sensor, period, seg, ver FROM {db}.commits"]
+
+
+VERSIONED = (*TABLES, "seconds_1m", "alerts")  # the tables whose rows carry a write attempt's `ver`
+
+
+def version_key_steps(db: str, client) -> list[str]:
+    """Schema version 4: `ver` joins the sorting key of every versioned table (run on one shard).
+
+    Under ReplacingMergeTree(ver) keyed without `ver`, a merge kept only a row's newest version, even
+    one whose write was cut off before its commit, and so erased the committed rows the visibility rule
+    asks for. Keyed with `ver`, a merge collapses only identical rows of one version (a repeated copy),
+    and which version counts is the visibility rule's choice alone. ClickHouse cannot change a sorting
+    key, so each table is rebuilt: a new table, a swap of names, then a copy of the old rows. Every step
+    looks at what is there first, so a migration cut off anywhere completes when it runs again; the
+    caller holds the shard's migration lock, so two programs never run it at once."""
+    out: list[str] = []
+    for name, (part, order) in _layouts().items():
+        table, new, old = f"{db}.{name}", f"{db}.{name}_v4", f"{db}.{name}_v3"
+        if not _exists(client, db, name) or not _has_ver_key(client, table):
+            if _exists(client, db, name):
+                client.execute(f"CREATE TABLE IF NOT EXISTS {new} AS {table} ENGINE = ReplacingMergeTree(ver) "
+                               f"PARTITION BY {part} ORDER BY ({order}, ver)")
+                # Writes in between fail (no table) and are retried by their senders: nothing is lost.
+                client.execute(f"RENAME TABLE {table} TO {old}")
+            client.execute(f"RENAME TABLE {new} TO {table}")
+        if _exists(client, db, f"{name}_v3"):
+            _copy_missing(client, table, old, part, order)
+            client.execute(f"DROP TABLE {old}")
+    return out
+
+
+def _exists(client, db: str, name: str) -> bool:
+    return bool(client.execute("SELECT count() FROM system.tables WHERE database = %(d)s AND name = %(n)s",
+                               {"d": db, "n": name})[0][0])
+
+
+def _has_ver_key(client, table: str) -> bool:
+    text = client.execute(f"SHOW CREATE TABLE {table}")[0][0]
+    return ", ver)" in text.split("ORDER BY", 1)[-1]
+
+
+def _copy_missing(client, table: str, old: str, part: str, order: str) -> None:
+    """Copy the old table's rows not in the new one yet, a day partition at a time (bounded memory)."""
+    key = f"{order}, ver"
+    days = client.execute(f"SELECT DISTINCT {part} AS p FROM {old} ORDER BY p")
+    for (day,) in days:
+        client.execute(f"INSERT INTO {table} SELECT * FROM {old} WHERE {part} = {int(day)} AND ({key}) NOT IN "
+                       f"(SELECT {key} FROM {table} WHERE {part} = {int(day)})")
 
 
 def documents_sql(db: str) -> list[str]:
@@ -199,13 +278,13 @@ def conv_top_select(db_table: str, where: str = "1") -> str:
 
 
 def conv_top_sql(db: str) -> list[str]:
-    """Schema version 4: `conv_top_1h`, each closed hour segment's largest conversations (the exact
+    """Schema version 5: `conv_top_1h`, each closed hour segment's largest conversations (the exact
     top-N shortcut's candidates and bounds), written with the hour rows under the same version (so the
     same visibility rule applies); filled from the hour rows already there."""
     body = ", ".join(_col_sql("conversations", c, t) for c, t in (*PREFIX, *TABLES["conversations"]))
     return [f"CREATE TABLE IF NOT EXISTS {db}.conv_top_1h ({body}, top_by String, rest Int64, ver Int64) "
             f"ENGINE = ReplacingMergeTree(ver) PARTITION BY intDiv(minute, 86400) "
-            f"ORDER BY (sensor, minute, seg, top_by, a, b, ifNull(a_port, -1), ifNull(b_port, -1), proto, vlan)",
+            f"ORDER BY (sensor, minute, seg, top_by, a, b, ifNull(a_port, -1), ifNull(b_port, -1), proto, vlan, ver)",
             f"INSERT INTO {db}.conv_top_1h (sensor, iface, origin, seg, minute, top_by, {_CONV_KEYS}, packets, "
             f"bytes, first_us, last_us, rest, ver) " + conv_top_select(
                 f"{db}.conversations_1h", f"(sensor, seg, minute, ver) NOT IN (SELECT sensor, seg, minute, ver "
@@ -213,8 +292,13 @@ def conv_top_sql(db: str) -> list[str]:
 
 
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 4: conv_top_sql}
-CH_SCHEMA_VERSION = max(MIGRATIONS)  # this backend's schema version (the per-minute tables are ClickHouse's own)
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql}
+# version -> steps that look at a shard's tables first, run there (they return statements to run after).
+STEPS = {4: version_key_steps}
+MIGRATION_WAIT_S = 60.0  # how long an open waits for another program's migration of a shard before failing
+MIGRATION_STALE_S = 900.0  # a migration lock this old was left by a program that died: taken over
+# this backend's schema version (the per-minute tables, version keys and hour candidates are ClickHouse's own)
+CH_SCHEMA_VERSION = max(*MIGRATIONS, *STEPS)
 
 
 class ClickHouseStore(Store):
@@ -327,14 +411,8 @@ class ClickHouseStore(Store):
 
     def _ensure_schema(self, client) -> None:
         def statements(c) -> list[str]:
-            version = _schema_version(c, self.db)
-            if version > CH_SCHEMA_VERSION:
-                raise RuntimeError(f"database {self.db} has schema version {version}, newer than this program's "
-                                   f"{CH_SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
+            self._migrate_shard(c)
             out: list = []
-            for target in range(version + 1, CH_SCHEMA_VERSION + 1):
-                out += MIGRATIONS[target](self.db)
-                out.append((f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))]))
             if self.cluster:
                 out += distributed_sql(self.db, self.cluster)
                 # Documents belong to no sensor: spread by their own key; a query reads every shard.
@@ -343,6 +421,27 @@ class ClickHouseStore(Store):
             return out
 
         self._each_shard(client, statements)
+
+    def _migrate_shard(self, c) -> None:
+        """Bring one shard's tables to this program's schema version, under the shard's migration lock."""
+        if self._check_version(c) == CH_SCHEMA_VERSION:
+            return
+        c.execute(f"CREATE DATABASE IF NOT EXISTS {self.db}")
+        with migration_lock(c, self.db):
+            version = self._check_version(c)  # another program may have migrated while this one waited
+            for target in range(version + 1, CH_SCHEMA_VERSION + 1):
+                log.info("store: %s: migrating to schema version %d", self.path, target)
+                steps = MIGRATIONS[target](self.db) if target in MIGRATIONS else STEPS[target](self.db, c)
+                for stmt in steps:
+                    c.execute(stmt)
+                c.execute(f"INSERT INTO {self.db}.meta (key, value) VALUES", [("schema_version", str(target))])
+
+    def _check_version(self, c) -> int:
+        version = _schema_version(c, self.db)
+        if version > CH_SCHEMA_VERSION:
+            raise RuntimeError(f"database {self.db} has schema version {version}, newer than this program's "
+                               f"{CH_SCHEMA_VERSION}: upgrade Network Traffic Monitor (nothing was changed)")
+        return version
 
     def _init_versions(self, client) -> None:
         """Start versions and segments above any this sensor wrote before (even if the clock went back)."""
@@ -861,6 +960,60 @@ def _literal(v) -> str:
     if isinstance(v, str):
         return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(int(v))
+
+
+@contextmanager
+def migration_lock(client, db: str):
+    """Hold one server's migration lock: a table that only one CREATE can make (an atomic DDL in every
+    ClickHouse version), dropped when done. Another program waits (MIGRATION_WAIT_S, then fails its open
+    and retries later); a lock left by a program that died (older than MIGRATION_STALE_S) is taken over
+    by renaming it away, which only one program can do."""
+    name, deadline, first_empty = f"{db}.migration_lock", time.monotonic() + MIGRATION_WAIT_S, None
+    while True:
+        try:
+            client.execute(f"CREATE TABLE {name} (since Float64) ENGINE = TinyLog")
+            break
+        except Exception as exc:
+            if getattr(exc, "code", None) != 57:  # TABLE_ALREADY_EXISTS: another program migrates
+                raise
+        since = _lock_since(client, name)
+        if since is None:  # created, its time not written yet (or its owner died right then)
+            first_empty = first_empty or time.time()
+            since = first_empty
+        if time.time() - since > MIGRATION_STALE_S:
+            _take_over(client, name)
+            continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"database {db} is being migrated by another program (since "
+                               f"{time.strftime('%H:%M:%S', time.localtime(since))}); try again later")
+        time.sleep(0.2)
+    try:
+        client.execute(f"INSERT INTO {name} (since) VALUES", [(time.time(),)])
+        yield
+    finally:
+        client.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def _lock_since(client, name: str) -> float | None:
+    try:
+        rows = client.execute(f"SELECT count(), max(since) FROM {name}")
+    except Exception as exc:
+        if getattr(exc, "code", None) == 60:  # UNKNOWN_TABLE: released meanwhile
+            return time.time()
+        raise
+    return float(rows[0][1]) if rows and rows[0][0] else None
+
+
+def _take_over(client, name: str) -> None:
+    stale = f"{name}_stale_{uuid.uuid4().hex[:8]}"
+    try:
+        client.execute(f"RENAME TABLE {name} TO {stale}")
+    except Exception as exc:
+        if getattr(exc, "code", None) != 60:  # another program took it over first
+            raise
+        return
+    log.warning("store: took over a migration lock left by a program that died (%s)", name)
+    client.execute(f"DROP TABLE IF EXISTS {stale}")
 
 
 def _schema_version(client, db: str) -> int:

@@ -163,15 +163,26 @@ def test_unreachable_server_and_wrong_password_are_clear_errors(cluster, monkeyp
     assert secret not in msg and secret not in caplog.text
 
 
-def test_password_from_a_file(cluster, tmp_path, monkeypatch):  # noqa: F811
-    """CLICKHOUSE_PASSWORD_FILE is read (here the right, empty password), CLICKHOUSE_PASSWORD ignored."""
+def test_password_from_a_file(cluster, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """The test cluster's user "fleet" has a non-empty password: the one in CLICKHOUSE_PASSWORD_FILE opens
+    the store (CLICKHOUSE_PASSWORD, wrong here, is ignored); a wrong one in the file fails clearly."""
+    caplog.set_level(logging.INFO)
     f = tmp_path / "pw"
-    f.write_text("\n")
+    f.write_text("fleet-test-password\n")
+    monkeypatch.setenv("CLICKHOUSE_USER", "fleet")
     monkeypatch.setenv("CLICKHOUSE_PASSWORD", "wrong")
+    without = ClickHouseStore(cluster.address(), database="t_pwfile")
+    assert not without.open() and "authentication failed for user 'fleet'" in without.status().message
     monkeypatch.setenv("CLICKHOUSE_PASSWORD_FILE", str(f))
-    s = ClickHouseStore(cluster.address(), database="t_pwfile")
+    s = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_pwfile")
     assert s.open(), s.status().message
     s.close()
+    f.write_text("not-the-fleet-password\n")
+    bad = ClickHouseStore(cluster.address(), database="t_pwfile")
+    assert not bad.open()
+    msg = bad.status().message
+    assert "authentication failed for user 'fleet'" in msg and "CLICKHOUSE_PASSWORD_FILE" in msg, msg
+    assert "not-the-fleet-password" not in msg + caplog.text and "fleet-test-password" not in msg + caplog.text
 
 
 def test_retention_drops_whole_old_days_on_every_shard(cluster):  # noqa: F811
