@@ -122,7 +122,7 @@ def shown(page) -> str:
 def sign_in(page, password: str) -> None:
     """Give ACCESS_PASSWORD on the sign-in form and wait for the dashboard."""
     field = page.get_by_label("Password", exact=True)
-    field.wait_for(timeout=30_000)
+    assert wait_for(lambda: field.count() == 1, 60), body(page)[-2000:]
     field.fill(password)
     field.press("Enter")
     page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
