@@ -7,7 +7,11 @@ alert book keeps it apart, counted under the rule's name ("suppressed by rule X"
 
 What an alert carries decides what a field can match: a port matches an alert that names one (a
 horizontal scan's target `tcp/22`), an address field matches an alert whose end is an address (a
-flood's source is a count of sources, so only detector, target and direction rules reach it).
+flood's source is a count of sources, so only detector, target and direction rules reach it). A
+direction is judged from both ends when both are addresses; when only one is, from that end: a local
+target (a flood's, ARP spoofing's) is `in`, a local source (a horizontal scan's) is `out`; a
+non-local single end, or no address at all (a traffic spike), has no direction and no direction rule
+matches it.
 
 Light on purpose (standard library only): the detector worker process imports it.
 """
@@ -165,12 +169,19 @@ class RuleSet:
         return None
 
     def _direction(self, src: Any, dst: Any) -> str:
-        """in, out, local or transit by LOCAL_NETS; "" when an end is not an address."""
-        if src is None or dst is None:
+        """in, out, local or transit by LOCAL_NETS; with one address end, judged from that end alone."""
+        s = src is not None and self._local(src)
+        d = dst is not None and self._local(dst)
+        if src is None and dst is None:
             return ""
-        s = any(src.version == n.version and src in n for n in self.local_nets)
-        d = any(dst.version == n.version and dst in n for n in self.local_nets)
+        if src is None or dst is None:
+            # A flood's or ARP alert's target, a horizontal scan's source: the other end is a count, a
+            # MAC or a service, so only a local address end says anything (toward it in, from it out).
+            return "in" if d else "out" if s else ""
         return {(True, True): "local", (True, False): "out", (False, True): "in"}.get((s, d), "transit")
+
+    def _local(self, ip: Any) -> bool:
+        return any(ip.version == n.version and ip in n for n in self.local_nets)
 
 
 def export_text(rules: list[Rule]) -> str:

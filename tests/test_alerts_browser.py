@@ -1,6 +1,8 @@
 """The exclusion rules list in a real Chromium: a rule added on the page silences one of two nmap scanners
 on lo (the page counts it as suppressed by the rule, the Alerts metric shows only the other), and the rule
-is exported (downloaded), removed and imported again on the page."""
+is exported (downloaded), removed and imported again on the page; signed in with ACCESS_PASSWORD, a webhook
+set on the page receives a scan's alert while its token never appears in the page's HTML, and the port-scan
+switch turned off and on again on the page is followed by the running capture."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import time
 
 import pytest
 from conftest import wait_for
-from notifyhelp import nmap_scan, scan_port
+from notifyhelp import WebhookReceiver, nmap_scan, scan_port
 from test_browser import CHROME_ARGS, CHROMIUM, dashboard
 from test_history_browser import _download
 
@@ -92,3 +94,93 @@ def test_browser_rules_list_silences_one_scanner(root_only, tmp_path):
         assert wait_for(lambda: "No exclusion rules" not in body(page), 10)
         assert page.locator('[data-testid="stException"]').count() == 0
         browser.close()
+
+
+def detector_switch(page, name: str, on: bool) -> None:
+    """Set one detector's switch in the detectors form and apply it; the page says when it is applied."""
+    page.get_by_role("tab", name="Detectors").click()
+    form = page.locator('[data-testid="stForm"]', has=page.get_by_role("button", name="Apply to the running detectors"))
+    box = form.locator('[data-testid="stCheckbox"]', has_text=name).first
+    if box.get_by_role("checkbox").is_checked() != on:
+        box.locator("label").first.click()
+    assert wait_for(lambda: box.get_by_role("checkbox").is_checked() == on, 10)
+    form.get_by_role("button", name="Apply to the running detectors").click()
+    assert wait_for(lambda: "Applied to the running detectors." in body(page), 20), body(page)[-2000:]
+
+
+def tab_text(page, name: str) -> str:
+    """The page's text with one settings tab shown (a rerun after a change may show the first tab again)."""
+    page.get_by_role("tab", name=name).click()
+    return body(page)
+
+
+def shown(page) -> str:
+    """The page's HTML and every input's current value (a typed value lives in the DOM, not the HTML)."""
+    return page.content() + page.eval_on_selector_all("input, textarea", "els => els.map(e => e.value).join(' ')")
+
+
+def sign_in(page, password: str) -> None:
+    """Give ACCESS_PASSWORD on the sign-in form and wait for the dashboard."""
+    field = page.get_by_label("Password", exact=True)
+    assert wait_for(lambda: field.count() == 1, 60), body(page)[-2000:]
+    field.fill(password)
+    field.press("Enter")
+    page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+
+
+def test_browser_destination_secret_hidden_and_detector_switch_followed(root_only, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    tmp_path.chmod(0o1777)
+    sport = scan_port()
+    token = "XOXB-BROWSER-SECRET-41d7e2"
+    hook = WebhookReceiver()
+    try:
+        with dashboard(["--iface", "lo", "--filter", f"tcp port {sport}"], tmp_path / "server.log",
+                       ACCESS_PASSWORD="s3cret-pass", HISTORY="false") as url, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+            page = browser.new_page(viewport={"width": 1440, "height": 4000})
+            page.goto(url)
+            sign_in(page, "s3cret-pass")
+            page.get_by_text("Alert rules, detectors and notifications").click()  # the toggle
+            page.get_by_role("tab", name="Notifications").click()
+            field = page.get_by_label("Webhook URLs, separated by spaces", exact=False)
+            field.wait_for(timeout=30_000)  # shown only to a signed-in viewer
+            field.fill(hook.url(f"/services/{token}"))
+            assert token in shown(page)  # the check below sees a typed value
+            page.get_by_role("button", name="Save destinations").click()
+            assert wait_for(lambda: "Destinations saved." in body(page), 20), body(page)[-2000:]
+            assert wait_for(lambda: "Webhook: webhook http://127.0.0.1" in tab_text(page, "Notifications"), 10), \
+                body(page)[-2000:]
+            assert token not in shown(page)  # neither the caption, nor the (cleared) field's value
+            # (a) a real scan reaches the receiver set on the page.
+            nmap_scan(sport, "51000-51299", source="127.0.0.2")
+            assert wait_for(lambda: hook.docs, 30), body(page)[-2000:]
+            assert [(d["detector"], d["source"]) for d in hook.docs] == [("port_scan", "127.0.0.2")]
+            assert wait_for(lambda: metric(page, "Alerts") == 1, 20)
+            # (b) the port-scan switch off on the page: the running capture raises nothing for the next scan
+            # (it is counted: the Packets metric grows, and the detectors get several batches to act on it).
+            detector_switch(page, "port_scan", on=False)
+            before = metric(page, "Packets")
+            nmap_scan(sport, "51000-51299", source="127.0.0.3")
+            assert wait_for(lambda: metric(page, "Packets") >= before + 600, 30)
+            time.sleep(6)  # three auto-refreshes: an alert would have shown by now
+            assert metric(page, "Alerts") == 1 and len(hook.docs) == 1
+            # On again: the next scan is raised and sent.
+            detector_switch(page, "port_scan", on=True)
+            nmap_scan(sport, "51000-51299", source="127.0.0.4")
+            assert wait_for(lambda: len(hook.docs) == 2, 30), body(page)[-2000:]
+            assert hook.docs[1]["detector"] == "port_scan" and hook.docs[1]["source"] == "127.0.0.4"
+            assert wait_for(lambda: metric(page, "Alerts") == 2, 20)
+            page.reload()  # a fresh session is signed out: sign in again, the secret is still nowhere
+            sign_in(page, "s3cret-pass")
+            page.get_by_text("Alert rules, detectors and notifications").click()
+            page.get_by_role("tab", name="Notifications").click()
+            assert wait_for(lambda: "Webhook: webhook http://127.0.0.1" in tab_text(page, "Notifications"), 30), \
+                body(page)[-2000:]
+            assert token not in shown(page)
+            assert page.locator('[data-testid="stException"]').count() == 0
+            browser.close()
+        assert token not in (tmp_path / "server.log").read_text(errors="replace")  # nor in the logs
+    finally:
+        hook.close()

@@ -54,6 +54,19 @@ def test_rules_match_detector_networks_port_direction_and_expiry():
     assert [r.name for r in again.rules] == [r.name for r in rules.rules]
 
 
+def test_direction_rules_reach_alerts_with_one_address_end():
+    rules = RuleSet([rule_from({"name": "in", "direction": "in"}),
+                     rule_from({"name": "out", "direction": "out"})], LOCAL)
+    assert rules.match("syn_flood", "12 source(s)", "10.0.0.5").name == "in"  # a flood on a local host
+    assert rules.match("arp_spoof", "02:00:00:00:00:01", "10.0.0.7").name == "in"
+    assert rules.match("port_scan", "10.0.0.9", "tcp/22").name == "out"  # a local host sweeping others
+    assert rules.match("syn_flood", "12 source(s)", "192.0.2.5") is None  # one non-local end: no direction
+    assert rules.match("port_scan", "192.0.2.9", "tcp/22") is None
+    assert rules.match("spike", "all traffic", "packets/s") is None  # no address: no direction
+    assert rules.match("new_host", "192.0.2.1", "10.0.0.5").name == "in"  # both ends, as before
+    assert rules.match("new_host", "192.0.2.1", "198.51.100.1") is None  # transit
+
+
 @pytest.mark.parametrize(("data", "why"), [
     ({"name": "x"}, "at least one of"),
     ({"name": "", "detector": "spike"}, "rule name"),
