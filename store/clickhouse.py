@@ -163,10 +163,12 @@ def create_sql(db: str) -> list[str]:
     return out
 
 
-def distributed_sql(db: str, cluster: str) -> list[str]:
-    """A Distributed table `<name>_d` over each local table, sharded by sensor (run on every shard)."""
+def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
+    """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
+    every shard)."""
+    tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()))
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
-            f"cityHash64(sensor))" for t in (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", "conv_top_1h")]
+            f"cityHash64(sensor))" for t in tables]
 
 
 def minute_sql(db: str) -> list[str]:
@@ -414,7 +416,7 @@ class ClickHouseStore(Store):
             self._migrate_shard(c)
             out: list = []
             if self.cluster:
-                out += distributed_sql(self.db, self.cluster)
+                out += distributed_sql(self.db, self.cluster, CH_SCHEMA_VERSION)
                 # Documents belong to no sensor: spread by their own key; a query reads every shard.
                 out.append(f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
                            f"Distributed({self.cluster}, {self.db}, documents, cityHash64(kind, name))")
@@ -528,7 +530,8 @@ class ClickHouseStore(Store):
                            [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
-        if (hours := batch.frames.get("conversations_1h")) is not None and len(hours):
+        hours = batch.frames.get("conversations_1h") if CH_SCHEMA_VERSION >= 5 else None  # 5: the candidates
+        if hours is not None and len(hours):
             # The hour rows just written, read back on the sensor's shard: the hour's candidates and bound.
             h = hours["minute"].to_numpy(np.int64)
             client.execute(f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
