@@ -507,7 +507,9 @@ class DetectorStage(Stage):
                     self._conn.send_bytes(np.ascontiguousarray(item).view(np.uint8))
         except (OSError, ValueError) as exc:  # the worker went away (BrokenPipe) or the pipe was closed
             if not self._closed:
-                self._fail(f"detector process stopped ({type(exc).__name__}: {exc}); counting goes on")
+                code = self._exit_code()
+                why = f"exited (code {code})" if code is not None else f"stopped ({type(exc).__name__}: {exc})"
+                self._fail(f"detector process {why}; counting goes on, alerts are not updated")
 
     def _receive_loop(self) -> None:
         """Bring the worker's reports back: alerts into the mirror, progress into the stats."""
@@ -518,11 +520,16 @@ class DetectorStage(Stage):
                 break
             self._apply_report(msg)
         if not self._closed:
-            code = self._proc.exitcode if self._proc is not None else None
-            if code is None and self._proc is not None:
-                self._proc.join(timeout=0.5)
-                code = self._proc.exitcode
-            self._fail(f"detector process exited (code {code}); counting goes on, alerts are not updated")
+            self._fail(f"detector process exited (code {self._exit_code()}); counting goes on, alerts are not "
+                       "updated")
+
+    def _exit_code(self) -> int | None:
+        """The worker's exit code, waiting a moment for a process that is going (whichever loop saw it first)."""
+        if self._proc is None:
+            return None
+        if self._proc.exitcode is None:
+            self._proc.join(timeout=0.5)
+        return self._proc.exitcode
 
     def _apply_report(self, msg: tuple) -> None:
         if msg[0] == "error":

@@ -65,6 +65,12 @@ def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 
     os.sched_setaffinity(0, {0})
     at = AppTest.from_file(str(ROOT / "dashboard.py"), default_timeout=60)
     at.run()
+    import config
+
+    if config.get("ENRICHMENT"):  # the geo and AS databases load once, in the background: start-up, not growth
+        import enrich
+
+        enrich.shared().geo.wait_loaded(120)
     engine = next(iter(engines()))
     status = engine.status()
     if status.state != "running":

@@ -62,7 +62,7 @@ def test_browser_rules_list_silences_one_scanner(root_only, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 3000})
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         page.get_by_text("Alert rules, detectors and notifications").click()  # the toggle
         page.get_by_label("Rule name").fill("lab scanner")
         page.get_by_label("Source (address or CIDR; empty: any)").fill("127.0.0.5")
@@ -125,7 +125,7 @@ def sign_in(page, password: str) -> None:
     assert wait_for(lambda: field.count() == 1, 60), body(page)[-2000:]
     field.fill(password)
     field.press("Enter")
-    page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+    page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
 
 
 def test_browser_destination_secret_hidden_and_detector_switch_followed(root_only, tmp_path):

@@ -134,7 +134,7 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(server)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         assert wait_for(lambda: packets(page) > 0, 15)
         first = packets(page)
         # Two auto-refreshes (every 2 s) without any click: the total must rise by itself.
@@ -195,7 +195,7 @@ def test_browser_shows_crafted_markup_as_text(tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         assert wait_for(lambda: packets(page) == 50, 15)
         assert wait_for(lambda: page.get_by_text(CRAFTED_APP).count() > 0, 10), "the file's words are not shown"
         text = page.inner_text("body")
@@ -253,7 +253,7 @@ def test_browser_upload_replaced_deleted_and_folder_gone_at_exit(tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         uploader = page.locator('[data-testid="stSidebar"] input[type="file"]')
         uploader.set_input_files(str(files["first.pcap"]))
         assert wait_for(lambda: kept() == ["first.pcap"], 15), kept()

@@ -29,7 +29,7 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         page.get_by_text("Who is on the other end").wait_for(timeout=30_000)  # shown by default
         assert wait_for(lambda: page.get_by_role("tab", name="Top countries").count() == 1, 20)
         for tab in ("Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process"):

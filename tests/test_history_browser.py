@@ -64,7 +64,7 @@ def test_browser_import_range_and_downloads(tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400}, accept_downloads=True)
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=30_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         assert wait_for(lambda: packets(page) == 12, 15)
         # Live downloads: the buffer's headers as a pcap tshark reads, no payload in it.
         pcap = _download(page, "Buffered packets' headers (pcap, no payload)")
