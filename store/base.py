@@ -326,25 +326,33 @@ class Store(ABC):
         return cond + (" AND sensor = $sensor" if r.sensor else "")
 
     def _source(self, table: str, r: TimeRange, cols: str, cond: str = "TRUE") -> str:
-        """A subquery over the range's rows of a per-period table: whole closed hours from `<table>_1h`,
-        open hours and the minutes before and after the whole hours from `table`; each part a plain
-        time range, so row groups outside it are skipped."""
+        """A subquery over the range's rows of a per-period table (the parts of `_ranges`); each part a
+        plain time range, so row groups outside it are skipped."""
         sensor = " AND sensor = $sensor" if r.sensor else ""
+        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in self._ranges(table, r)]
+        return "(" + " UNION ALL ".join(parts) + ")"
+
+    def _ranges(self, table: str, r: TimeRange) -> list[tuple[str, str]]:
+        """(table, time condition) parts of the range: whole closed hours from `<table>_1h`, open hours and
+        the minutes around the whole hours from `table` (empty parts left out: in a cluster each part is one
+        more Distributed query)."""
         h0, h1 = r.full_hours()
         if h0 == h1:
-            ranges = [(table, "minute >= $m0 AND minute <= $until")]
-        else:
-            ranges = [(table, f"minute >= $m0 AND minute < {h0}"), (table, f"minute >= {h1} AND minute <= $until")]
-            start = h0
-            for hour in self._open_hours(r, h0, h1):
-                if hour > start:
-                    ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {hour}"))
-                ranges.append((table, f"minute >= {hour} AND minute < {hour + 3600}"))
-                start = hour + 3600
-            if start < h1:
-                ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
-        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in ranges]
-        return "(" + " UNION ALL ".join(parts) + ")"
+            return [(table, "minute >= $m0 AND minute <= $until")]
+        ranges = []
+        if r.first_minute < h0:
+            ranges.append((table, f"minute >= $m0 AND minute < {h0}"))
+        if h1 <= r.until:
+            ranges.append((table, f"minute >= {h1} AND minute <= $until"))
+        start = h0
+        for hour in self._open_hours(r, h0, h1):
+            if hour > start:
+                ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {hour}"))
+            ranges.append((table, f"minute >= {hour} AND minute < {hour + 3600}"))
+            start = hour + 3600
+        if start < h1:
+            ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
+        return ranges
 
     def _open_hours(self, r: TimeRange, h0: int, h1: int) -> list[int]:
         """Hours in [h0, h1) some writer has not closed (their minutes answer for them)."""

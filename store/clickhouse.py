@@ -744,36 +744,6 @@ class ClickHouseStore(Store):
         outer = ", ".join(f"{self._sum(c)} AS {c}" for c in cols)
         return self._query(f"SELECT t, {outer} FROM ({union}) GROUP BY t ORDER BY t", r.params())
 
-    def _source(self, table: str, r: TimeRange, cols: str, cond: str = "TRUE") -> str:
-        """As the base, leaving out the parts whose time range is empty (a range that starts or ends on an
-        hour): each part is one more Distributed query with its own visibility look-up."""
-        if r.full_hours()[0] == r.full_hours()[1]:
-            return super()._source(table, r, cols, cond)
-        sensor = " AND sensor = $sensor" if r.sensor else ""
-        parts = [f"SELECT {cols} FROM {t} WHERE {rng} AND {cond}{sensor}" for t, rng in self._ranges(table, r)]
-        return "(" + " UNION ALL ".join(parts) + ")"
-
-    def _ranges(self, table: str, r: TimeRange) -> list[tuple[str, str]]:
-        """(table, time condition) parts of the range: whole closed hours from `<table>_1h`, open hours and
-        the minutes around the whole hours from `table` (empty parts left out)."""
-        h0, h1 = r.full_hours()
-        if h0 == h1:
-            return [(table, "minute >= $m0 AND minute <= $until")]
-        ranges = []
-        if r.first_minute < h0:
-            ranges.append((table, f"minute >= $m0 AND minute < {h0}"))
-        if h1 <= r.until:
-            ranges.append((table, f"minute >= {h1} AND minute <= $until"))
-        start = h0
-        for hour in self._open_hours(r, h0, h1):
-            if hour > start:
-                ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {hour}"))
-            ranges.append((table, f"minute >= {hour} AND minute < {hour + 3600}"))
-            start = hour + 3600
-        if start < h1:
-            ranges.append((f"{table}_1h", f"minute >= {start} AND minute < {h1}"))
-        return ranges
-
     def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20, exact: bool = True) -> pd.DataFrame:
         """As the base, through the exact top-N shortcut when it applies (see `_conv_shortcut`).
 
