@@ -97,14 +97,33 @@ def test_browser_rules_list_silences_one_scanner(root_only, tmp_path):
 
 
 def detector_switch(page, name: str, on: bool) -> None:
-    """Set one detector's switch in the detectors form and apply it; the page says when it is applied."""
-    page.get_by_role("tab", name="Detectors").click()
+    """Set one detector's switch in the detectors form and apply it; the page says when it is applied.
+
+    A 2 s auto-refresh rerun may show the first settings tab again or replace the form under the click,
+    so the tab is chosen and the click tried again until the switch holds the wanted state."""
+    from playwright.sync_api import Error as PlaywrightError
+
     form = page.locator('[data-testid="stForm"]', has=page.get_by_role("button", name="Apply to the running detectors"))
     box = form.locator('[data-testid="stCheckbox"]', has_text=name).first
-    if box.get_by_role("checkbox").is_checked() != on:
-        box.locator("label").first.click()
-    assert wait_for(lambda: box.get_by_role("checkbox").is_checked() == on, 10)
-    form.get_by_role("button", name="Apply to the running detectors").click()
+    for attempt in range(8):
+        try:
+            page.get_by_role("tab", name="Detectors").click(timeout=5_000)
+            if box.get_by_role("checkbox").is_checked(timeout=5_000) != on:
+                box.locator("label").first.click(timeout=5_000)
+            if wait_for(lambda: box.get_by_role("checkbox").is_checked() == on, 3):
+                break
+        except PlaywrightError:
+            if attempt == 7:
+                raise
+    assert box.get_by_role("checkbox").is_checked() == on
+    for attempt in range(5):
+        try:
+            page.get_by_role("tab", name="Detectors").click(timeout=5_000)
+            form.get_by_role("button", name="Apply to the running detectors").click(timeout=5_000)
+            break
+        except PlaywrightError:
+            if attempt == 4:
+                raise
     assert wait_for(lambda: "Applied to the running detectors." in body(page), 20), body(page)[-2000:]
 
 
