@@ -505,7 +505,9 @@ class DetectorStage(Stage):
                     self._conn.send_bytes(item)
                 else:  # the record bytes without a copy; send_bytes releases the GIL while it writes
                     self._conn.send_bytes(np.ascontiguousarray(item).view(np.uint8))
-        except (OSError, ValueError) as exc:  # the worker went away (BrokenPipe) or the pipe was closed
+        except (OSError, ValueError, TypeError) as exc:
+            # The worker went away (BrokenPipe), or close() closed the pipe under a write in progress
+            # (a closed Connection's handle is None: TypeError inside multiprocessing).
             if not self._closed:
                 code = self._exit_code()
                 why = f"exited (code {code})" if code is not None else f"stopped ({type(exc).__name__}: {exc})"
