@@ -80,6 +80,11 @@ def server(root_only, tmp_path) -> Iterator[str]:
         yield url
 
 
+def module_failed(page) -> bool:
+    """Chromium could not fetch one of Streamlit's lazily loaded scripts (seen only on a loaded machine)."""
+    return "Failed to fetch dynamically imported module" in page.inner_text("body")
+
+
 def assert_no_marker(*texts: str | bytes) -> None:
     """The payload marker appears in none of these, neither as text nor as hex."""
     for text in texts:

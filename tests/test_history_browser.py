@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import need, wait_for
 from pcapgen import pcap_bytes
-from test_browser import CHROME_ARGS, CHROMIUM, MARKER, assert_no_marker, dashboard, packets
+from test_browser import CHROME_ARGS, CHROMIUM, MARKER, assert_no_marker, dashboard, module_failed, packets
 
 pytestmark = [pytest.mark.browser]
 
@@ -83,11 +83,19 @@ def test_browser_import_range_and_downloads(tmp_path):
         assert wait_for(lambda: page.get_by_text("Imported 2 files, 75 packets").count() > 0, 90), \
             page.inner_text("body")[-2000:]
         # The last hour, from the store: the imported packets (a file source is never recorded twice).
-        radio = page.locator('[data-testid="stRadio"]').filter(has_text="Time range")
-        radio.get_by_text("1 h", exact=True).click()
-        assert wait_for(lambda: packets(page) == 75, 15), page.inner_text("body")[-2000:]
-        # The axis title is drawn by Plotly after the metrics: give the chart time to render.
-        assert wait_for(lambda: "bin width 5 s" in page.content(), 20), page.inner_text("body")[-2000:]
+        for attempt in range(2):
+            radio = page.locator('[data-testid="stRadio"]').filter(has_text="Time range")
+            radio.get_by_text("1 h", exact=True).click()
+            assert wait_for(lambda: packets(page) == 75, 15), page.inner_text("body")[-2000:]
+            # The axis title is drawn by Plotly after the metrics: give the chart time to render.
+            if wait_for(lambda: "bin width 5 s" in page.content(), 20):
+                break
+            # On a loaded machine Chromium may fail to fetch a chart's script (the server's answer is
+            # late or its idle connection closed under the request); the document keeps that failure,
+            # so only a reload recovers. Anything else is a real failure.
+            assert attempt == 0 and module_failed(page), page.inner_text("body")[-2000:]
+            page.reload()
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         sec = pd.read_csv(io.BytesIO(_download(page, "seconds (CSV)")))
         assert int(sec["packets"].sum()) == 75 and int(sec["pk_udp"].sum()) == 75
         conv = pd.read_parquet(io.BytesIO(_download(page, "conversations (Parquet)")))
