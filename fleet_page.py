@@ -102,9 +102,9 @@ def fleet_store(address: str, cluster: str | None) -> ClickHouseStore:
 @st.cache_resource(show_spinner=False)
 def _store(address: str, cluster: str | None, database: str, secure: bool, ca_certs: str) -> ClickHouseStore:
     """The store (cached per address and settings; it serialises its queries under its lock)."""
-    store = ClickHouseStore(address, cluster=cluster, database=database, secure=secure, ca_certs=ca_certs or None)
-    store.open()  # an error is state: the page shows it and tries again at the next rerun
-    return store
+    # Not opened here: the page's first read opens it (bounded by CLICKHOUSE_QUERY_TIMEOUT_S), so a server
+    # that does not answer costs one timeout per run, and its error is the page's state.
+    return ClickHouseStore(address, cluster=cluster, database=database, secure=secure, ca_certs=ca_certs or None)
 
 
 def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:

@@ -167,8 +167,38 @@ def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
     """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
     every shard)."""
     tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()))
-    return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
+    return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({_quote(cluster)}, {db}, {t}, "
             f"cityHash64(sensor))" for t in tables]
+
+
+def _quote(name: str) -> str:
+    """An identifier in backticks (a cluster named `site-a.eu`), escaped as ClickHouse reads it."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+class ReadOnlySchema(RuntimeError):
+    """The database needs a schema change and the account may not make it."""
+
+
+class _OneLine(logging.Filter):
+    """clickhouse_driver logs a whole traceback at WARNING for each failed connection attempt; the store
+    reports the failure itself (state, one error line): keep the driver's record to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_driver_logs() -> None:
+    """Install the one-line filter on clickhouse_driver's connection logger (once)."""
+    logger = logging.getLogger("clickhouse_driver.connection")
+    if not any(isinstance(f, _OneLine) for f in logger.filters):
+        logger.addFilter(_OneLine())
 
 
 def minute_sql(db: str) -> list[str]:
@@ -309,7 +339,7 @@ class ClickHouseStore(Store):
     def __init__(self, address: str = "127.0.0.1:9000", cluster: str | None = None, database: str | None = None,
                  sensor: str | None = None, secure: bool | None = None, ca_certs: str | None = None,
                  pending_max: int | None = None, connect_timeout: float = 3.0, timeout: float = 30.0,
-                 clock=time.time) -> None:
+                 clock=time.time, query_timeout: float | None = None) -> None:
         super().__init__(pending_max if pending_max is not None else config.get("STORE_PENDING_MAX"), clock)
         self.host, self.port = parse_address(address)
         self.cluster = cluster or None
@@ -320,7 +350,11 @@ class ClickHouseStore(Store):
         self.secure = bool(config.get("CLICKHOUSE_SECURE") if secure is None else secure)
         self.ca_certs = ca_certs if ca_certs is not None else (config.get("CLICKHOUSE_CA_CERTS") or None)
         self.connect_timeout = connect_timeout
-        self.timeout = timeout
+        self.timeout = timeout  # writes and migrations (a big batch, an INSERT ... SELECT over a day)
+        # Reads and handshakes: a server that accepts and never answers holds the store's lock this long at most.
+        self.query_timeout = float(config.get("CLICKHOUSE_QUERY_TIMEOUT_S") if query_timeout is None
+                                   else query_timeout)
+        self._wait_s = self.query_timeout  # the timeout in effect, for the error message
         self._client = None
         self._ver = 0
         self.server_version = ""
@@ -334,15 +368,41 @@ class ClickHouseStore(Store):
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self, host: str, port: int):
+        """A client whose handshake and reads wait at most query_timeout (writes widen it: _long).
+
+        No client-wide settings: a read-only account (profile readonly = 1) refuses any query that sets
+        one; the writes through Distributed tables ask for insert_distributed_sync themselves (_exec)."""
         from clickhouse_driver import Client
 
+        quiet_driver_logs()
         user, password = credentials()
         kw: dict[str, Any] = {"secure": self.secure}
         if self.ca_certs:
             kw.update(ca_certs=self.ca_certs, verify=True)
         return Client(host=host, port=port, user=user, password=password, connect_timeout=self.connect_timeout,
-                      send_receive_timeout=self.timeout, sync_request_timeout=self.connect_timeout,
-                      client_name="network-traffic-monitor", settings={"insert_distributed_sync": 1}, **kw)
+                      send_receive_timeout=self.query_timeout, sync_request_timeout=self.connect_timeout,
+                      client_name="network-traffic-monitor", **kw)
+
+    @contextmanager
+    def _long(self, client):
+        """Within: the client waits `timeout` (a write, a migration), not the reads' query_timeout."""
+        conn = client.connection
+        old, self._wait_s = conn.send_receive_timeout, self.timeout
+        conn.send_receive_timeout = self.timeout
+        if conn.connected and conn.socket is not None:
+            conn.socket.settimeout(self.timeout)
+        try:
+            yield
+        finally:
+            conn.send_receive_timeout, self._wait_s = old, self.query_timeout
+            if conn.connected and conn.socket is not None:
+                conn.socket.settimeout(old)
+
+    def _exec(self, client, sql: str, data: Any = None, **kw: Any) -> Any:
+        """An INSERT, through the Distributed table synchronously in a cluster (the batch is on its shard
+        when this returns, so its commit row can follow)."""
+        settings = {"insert_distributed_sync": 1} if self.cluster else None
+        return client.execute(sql, data, settings=settings, **kw)
 
     def open(self) -> bool:
         """Connect, create (or migrate) the schema on every shard; False with a clear reason when it cannot."""
@@ -370,6 +430,12 @@ class ClickHouseStore(Store):
         code = getattr(exc, "code", None)
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         where = f"ClickHouse {self.host}:{self.port}"
+        if isinstance(exc, TimeoutError) or code == 209 or "SocketTimeout" in type(exc).__name__:  # SOCKET_TIMEOUT
+            setting = "CLICKHOUSE_QUERY_TIMEOUT_S" if self._wait_s == self.query_timeout else "the write timeout"
+            return (f"ClickHouse did not answer within {self._wait_s:g} s ({self.host}:{self.port}, {setting}): "
+                    f"the server accepts connections but does not reply (overloaded or hung?)")
+        if isinstance(exc, ReadOnlySchema):
+            return f"{where}: {exc}"
         if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
             return (f"{where}: authentication failed for user {credentials()[0]!r} (check CLICKHOUSE_USER and "
                     f"CLICKHOUSE_PASSWORD_FILE): {text}")
@@ -387,42 +453,80 @@ class ClickHouseStore(Store):
         return False
 
     def shards(self, client=None) -> list[tuple[str, int]]:
-        """(host, port) of every shard of the cluster (the first replica of each), or the one server."""
+        """(host, port) of every server of the cluster: every replica of every shard (each holds its own
+        local tables: without ZooKeeper nothing creates them on a replica but this), or the one server."""
         if not self.cluster:
             return [(self.host, self.port)]
         rows = (client or self._client).execute(
-            "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = %(c)s AND replica_num = 1 "
-            "ORDER BY shard_num", {"c": self.cluster})
+            "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = %(c)s "
+            "ORDER BY shard_num, replica_num", {"c": self.cluster})
         if not rows:
             raise ValueError(f"cluster {self.cluster!r} is not in system.clusters of {self.host}:{self.port}")
         return [(str(h), int(p)) for _, h, p in rows]
 
     def _each_shard(self, client, statements_of) -> None:
         """Run statements on every shard (and on the entry server, which may be no shard at all)."""
-        targets = self.shards(client)
+        targets = list(dict.fromkeys(self.shards(client)))  # a server listed twice is asked once
         if (self.host, self.port) not in targets:
             targets.append((self.host, self.port))
         for host, port in targets:
             c = client if (host, port) == (self.host, self.port) else self._connect(host, port)
             try:
                 for stmt in statements_of(c):
-                    c.execute(*stmt) if isinstance(stmt, tuple) else c.execute(stmt)
+                    with self._long(c):
+                        c.execute(*stmt) if isinstance(stmt, tuple) else c.execute(stmt)
             finally:
                 if c is not client:
                     c.disconnect()
 
     def _ensure_schema(self, client) -> None:
+        """Every server at this program's schema version, with its Distributed tables. A server already
+        there gets no DDL at all (only system.tables and meta are read), so a read-only account opens a
+        current database; one that would need a change raises ReadOnlySchema."""
         def statements(c) -> list[str]:
-            self._migrate_shard(c)
-            out: list = []
-            if self.cluster:
-                out += distributed_sql(self.db, self.cluster, CH_SCHEMA_VERSION)
-                # Documents belong to no sensor: spread by their own key; a query reads every shard.
-                out.append(f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
-                           f"Distributed({self.cluster}, {self.db}, documents, cityHash64(kind, name))")
-            return out
+            if self._current(c):
+                return []
+            try:
+                with self._long(c):
+                    self._migrate_shard(c)
+                    for stmt in self._distributed_ddl():
+                        c.execute(stmt)
+            except Exception as exc:
+                if getattr(exc, "code", None) == 164:  # READONLY: the account may not change anything
+                    raise ReadOnlySchema(self._readonly_text(c)) from exc
+                raise
+            return []
 
         self._each_shard(client, statements)
+
+    def _distributed_ddl(self) -> list[str]:
+        if not self.cluster:
+            return []
+        # Documents belong to no sensor: spread by their own key; a query reads every shard.
+        return [*distributed_sql(self.db, self.cluster, CH_SCHEMA_VERSION),
+                f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
+                f"Distributed({_quote(self.cluster)}, {self.db}, documents, cityHash64(kind, name))"]
+
+    def _current(self, c) -> bool:
+        """Whether this server is at this program's schema version with every Distributed table it needs."""
+        if self._check_version(c) != CH_SCHEMA_VERSION:
+            return False
+        need = {m.group(1) for m in (re.search(r"TABLE IF NOT EXISTS \w+\.(\w+)", d) for d in self._distributed_ddl())
+                if m}
+        if not need:
+            return True
+        have = {r[0] for r in c.execute("SELECT name FROM system.tables WHERE database = %(d)s", {"d": self.db})}
+        return need <= have
+
+    def _readonly_text(self, c) -> str:
+        try:
+            version = _schema_version(c, self.db)
+        except Exception:  # the message matters more than the number
+            version = -1
+        found = f"schema version {version}" if version > 0 else "no schema yet"
+        return (f"database {self.db} has {found}, this program needs version {CH_SCHEMA_VERSION}, and user "
+                f"{credentials()[0]!r} is read-only (profile readonly): open it once with an account that may "
+                f"create tables (a sensor does at its start), then read it with this one. Nothing was changed.")
 
     def _migrate_shard(self, c) -> None:
         """Bring one shard's tables to this program's schema version, under the shard's migration lock."""
@@ -483,7 +587,8 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return False
             try:
-                self._write(batch)
+                with self._long(self._client):
+                    self._write(batch)
             except Exception as exc:  # any backend failure is state: the caller spools the batch
                 self._failed(exc)
                 return False
@@ -526,15 +631,15 @@ class ClickHouseStore(Store):
         if has_alerts:
             self._insert(client, "alerts", batch.alerts, ver)
         for row in batch.origins:
-            client.execute(f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) VALUES",
-                           [list(row)])
+            self._exec(client, f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) "
+                               f"VALUES", [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
         hours = batch.frames.get("conversations_1h") if CH_SCHEMA_VERSION >= 5 else None  # 5: the candidates
         if hours is not None and len(hours):
             # The hour rows just written, read back on the sensor's shard: the hour's candidates and bound.
             h = hours["minute"].to_numpy(np.int64)
-            client.execute(f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
+            self._exec(client, f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
                            f"{_CONV_KEYS}, packets, bytes, first_us, last_us, rest, ver) " + conv_top_select(
                                self._t("conversations_1h"), f"sensor = %(s)s AND ver = {ver} AND minute >= "
                                                             f"{int(h.min())} AND minute <= {int(h.max())}"),
@@ -548,10 +653,10 @@ class ClickHouseStore(Store):
         # The commit: one block into one table on the sensor's shard; until it lands, the rows above count
         # nowhere. Then the batch-id record (`commits`): an attempt cut off between the two is not found
         # by id, so its retry writes the same segments under a newer version, which is the one that counts.
-        client.execute(f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
-                       [(c[0], c[4], c[2], c[3]) for c in commit])
-        client.execute(f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
-                       commit)
+        self._exec(client, f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
+                   [(c[0], c[4], c[2], c[3]) for c in commit])
+        self._exec(client, f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
+                   commit)
 
     def _batch_sensor(self, batch: StoreBatch) -> str:
         for frame in (*batch.frames.values(), batch.alerts):
@@ -567,7 +672,7 @@ class ClickHouseStore(Store):
         cols = list(frame.columns) if table == "seconds_1m" else columns(table)
         data = [_column(frame[c], table, c) for c in cols]
         data.append([ver] * len(frame))
-        client.execute(f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
+        self._exec(client, f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
 
     def _failed(self, exc: Exception) -> None:
         """A failed write: the error becomes state; the connection is dropped and opened again on the next write."""
@@ -604,8 +709,10 @@ class ClickHouseStore(Store):
             if not self._ready() or self._client is None:
                 raise OSError(self._message or "store is not open")
             try:
-                self._client.execute(f"INSERT INTO {self._t('documents')} (kind, name, body, updated, deleted, ver) "
-                                     f"VALUES", [(kind, name, text, time.time(), deleted, self.next_version())])
+                with self._long(self._client):
+                    self._exec(self._client, f"INSERT INTO {self._t('documents')} (kind, name, body, updated, "
+                                             f"deleted, ver) VALUES",
+                               [(kind, name, text, time.time(), deleted, self.next_version())])
             except Exception as exc:  # any backend failure: the caller shows it
                 self._failed(exc)
                 raise OSError(self._message) from exc
