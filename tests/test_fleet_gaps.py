@@ -108,3 +108,111 @@ def test_driver_connection_warnings_are_one_line(caplog):
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in driver), caplog.text
     assert any("Connection refused" in r.getMessage() or "NetworkError" in r.getMessage() for r in driver)
     assert "Traceback" not in caplog.text
+
+
+# -- 2. a read-only account ------------------------------------------------------------------------------
+
+READER = {"CLICKHOUSE_USER": "reader", "CLICKHOUSE_PASSWORD": "reader-test-password"}
+
+
+def _fill(cluster, db: str, sensor: str = "ro1", packets: int = 70) -> int:  # noqa: F811
+    """Open `db` with the default (writing) account and write one sensor's minute of UDP; the packets."""
+    from storehelp import udp_burst
+
+    from store.rollup import Rollup
+
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db, sensor=sensor)
+    assert ch.open(), ch.status().message
+    r = Rollup(ch, sensor=sensor, iface="lo", flush_s=3600)
+    r.add(udp_burst(int(time.time()) - 90, packets, dport=4242))  # recent: inside the page's Live range
+    r.flush(final=True)
+    ch.close()
+    return packets
+
+
+def test_read_only_account_reads_a_current_schema(cluster, monkeypatch):  # noqa: F811
+    """A `readonly` profile account opens a current database (no DDL, no settings sent) and reads it,
+    in the store and through `history --clickhouse`."""
+    from store.history import history_summary
+
+    want = _fill(cluster, "t_ro")
+    for k, v in READER.items():
+        monkeypatch.setenv(k, v)
+    ro = ClickHouseStore(cluster.address(2), cluster=cluster.name, database="t_ro")
+    assert ro.open(), ro.status().message
+    assert history_summary(ro)["packets"] == want
+    assert list(ro.sensors()["sensor"]) == ["ro1"]
+    ro.close()
+    out = subprocess.run([sys.executable, str(ROOT / "packet_processor.py"), "history", "--clickhouse",
+                          cluster.address(), "--cluster", cluster.name],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **READER, "NTM_CLICKHOUSE_DATABASE": "t_ro"})
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert json.loads(out.stdout)["packets"] == want
+
+
+def test_read_only_account_fleet_page(cluster, monkeypatch):  # noqa: F811
+    """The fleet page with a read-only account: the sensor's card and its exact packets, no error."""
+    want = _fill(cluster, "t_ro_page", sensor="ro2", packets=33)
+    for k, v in {**READER, "NTM_CLICKHOUSE_DATABASE": "t_ro_page"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(sys, "argv", ["dashboard.py", "--clickhouse", cluster.address(), "--cluster", cluster.name])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert "**ro2** ·" in "\n".join(m.value for m in at.markdown), [m.value for m in at.markdown]
+    assert int(next(m for m in at.metric if m.label == "Packets").value.replace(",", "")) == want
+
+
+def test_read_only_account_on_an_older_schema_is_a_clear_error(cluster, monkeypatch):  # noqa: F811
+    """An older schema (here version 4) needs a migration a read-only account may not run: open() fails
+    with a message saying so, and the database is unchanged."""
+    import store.clickhouse as chmod
+
+    monkeypatch.setattr(chmod, "CH_SCHEMA_VERSION", 4)
+    _fill(cluster, "t_ro_old")
+    monkeypatch.undo()
+    for k, v in READER.items():
+        monkeypatch.setenv(k, v)
+    ro = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_ro_old")
+    assert not ro.open()
+    msg = ro.status().message or ""
+    assert "schema version 4" in msg and f"needs version {chmod.CH_SCHEMA_VERSION}" in msg and "read-only" in msg, msg
+    assert cluster.query("SELECT max(toInt64(value)) FROM t_ro_old.meta")[0][0] == 4
+    none = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_ro_none")
+    assert not none.open() and "no schema yet" in (none.status().message or "")
+
+
+# -- 5. quoted cluster names, every replica --------------------------------------------------------------
+
+
+def test_cluster_name_with_dash_and_dot_and_every_replica(cluster):  # noqa: F811
+    """Cluster `dc-2a` (one shard, two replicas: the two servers): the Distributed DDL quotes its name,
+    the local tables are created on both replicas, and what is written reads back exactly."""
+    from store.history import history_summary
+
+    ch = ClickHouseStore(cluster.address(), cluster="dc-2a", database="t_rep")
+    assert ch.shards.__doc__ and ch.open(), ch.status().message
+    assert [(h, p) for h, p in ch.shards()] == [("127.0.0.1", cluster.port), ("127.0.0.1", cluster.port + 1)]
+    for shard in (1, 2):
+        tables = {r[0] for r in cluster.query("SELECT name FROM system.tables WHERE database = 't_rep'", shard=shard)}
+        assert {"seconds", "commits", "seconds_d", "commits_max_d"} <= tables, (shard, tables)
+    ch.close()
+    want = _fill_rep(cluster)
+    reader = ClickHouseStore(cluster.address(2), cluster="dc-2a", database="t_rep")
+    assert history_summary(reader)["packets"] == want
+    reader.close()
+
+
+def _fill_rep(cluster) -> int:  # noqa: F811
+    from storehelp import udp_burst
+
+    from store.rollup import Rollup
+
+    ch = ClickHouseStore(cluster.address(), cluster="dc-2a", database="t_rep", sensor="rep1")
+    assert ch.open(), ch.status().message
+    r = Rollup(ch, sensor="rep1", iface="lo", flush_s=3600)
+    r.add(udp_burst(1_700_000_000, 21, dport=4243))
+    r.flush(final=True)
+    ch.close()
+    return 21
