@@ -18,7 +18,8 @@
 # (the shards use it between themselves), and user "fleet" with the password "fleet-test-password" (for
 # trying, and testing, credentials from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE; never for production),
 # and user "reader" (password "reader-test-password", profile readonly: a page or `history` account).
-# A second cluster, "dc-2a" (a name SQL reads only quoted), has one shard whose two replicas are the two servers.
+# Cluster "dc-2a" is "fleet" under a name SQL reads only quoted; cluster "replicas" has one shard whose two
+# replicas are the two servers (each replica gets its own local tables).
 set -euo pipefail
 
 SERVER=${CLICKHOUSE_SERVER:-/usr/sbin/clickhouse-server}
@@ -63,9 +64,13 @@ write_config() {  # DIR N BASE_PORT [CERT KEY]
       <shard><replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
     </fleet>
     <dc-2a>
+      <shard><replica><host>127.0.0.1</host><port>$base</port></replica></shard>
+      <shard><replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
+    </dc-2a>
+    <replicas>
       <shard><replica><host>127.0.0.1</host><port>$base</port></replica>
         <replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
-    </dc-2a>
+    </replicas>
   </remote_servers>
 </yandex>
 EOF

@@ -186,33 +186,46 @@ def test_read_only_account_on_an_older_schema_is_a_clear_error(cluster, monkeypa
 # -- 5. quoted cluster names, every replica --------------------------------------------------------------
 
 
-def test_cluster_name_with_dash_and_dot_and_every_replica(cluster):  # noqa: F811
-    """Cluster `dc-2a` (one shard, two replicas: the two servers): the Distributed DDL quotes its name,
-    the local tables are created on both replicas, and what is written reads back exactly."""
+def test_cluster_name_that_sql_reads_only_quoted(cluster):  # noqa: F811
+    """Cluster `dc-2a` (unquoted, `2a` is a syntax error): the Distributed DDL quotes its name, and what is
+    written through it reads back exactly. (18.16 refuses cluster names with dots whatever the quoting.)"""
     from store.history import history_summary
 
-    ch = ClickHouseStore(cluster.address(), cluster="dc-2a", database="t_rep")
-    assert ch.shards.__doc__ and ch.open(), ch.status().message
-    assert [(h, p) for h, p in ch.shards()] == [("127.0.0.1", cluster.port), ("127.0.0.1", cluster.port + 1)]
-    for shard in (1, 2):
-        tables = {r[0] for r in cluster.query("SELECT name FROM system.tables WHERE database = 't_rep'", shard=shard)}
-        assert {"seconds", "commits", "seconds_d", "commits_max_d"} <= tables, (shard, tables)
-    ch.close()
-    want = _fill_rep(cluster)
-    reader = ClickHouseStore(cluster.address(2), cluster="dc-2a", database="t_rep")
-    assert history_summary(reader)["packets"] == want
+    assert _fill_in(cluster, "dc-2a", "t_quoted", 21) == 21
+    reader = ClickHouseStore(cluster.address(2), cluster="dc-2a", database="t_quoted")
+    assert history_summary(reader)["packets"] == 21
     reader.close()
 
 
-def _fill_rep(cluster) -> int:  # noqa: F811
+def test_every_replica_of_a_shard_gets_the_local_tables(cluster):  # noqa: F811
+    """Cluster `replicas` (one shard whose two replicas are the two servers): shards() lists both and the
+    local and Distributed tables are created on both (no ZooKeeper: nothing else would), so either replica
+    answers; what is written reads back exactly from the other server."""
+    from store.history import history_summary
+
+    ch = ClickHouseStore(cluster.address(), cluster="replicas", database="t_rep")
+    assert ch.open(), ch.status().message
+    assert ch.shards() == [("127.0.0.1", cluster.port), ("127.0.0.1", cluster.port + 1)]
+    ch.close()
+    for shard in (1, 2):
+        tables = {r[0] for r in cluster.query("SELECT name FROM system.tables WHERE database = 't_rep'", shard=shard)}
+        assert {"seconds", "commits", "seconds_d", "commits_max_d"} <= tables, (shard, tables)
+    assert _fill_in(cluster, "replicas", "t_rep", 17) == 17
+    reader = ClickHouseStore(cluster.address(2), cluster="replicas", database="t_rep")
+    assert history_summary(reader)["packets"] == 17
+    reader.close()
+
+
+def _fill_in(cluster, name: str, db: str, packets: int) -> int:  # noqa: F811
+    """Write one sensor's UDP burst through cluster `name`; the packets written."""
     from storehelp import udp_burst
 
     from store.rollup import Rollup
 
-    ch = ClickHouseStore(cluster.address(), cluster="dc-2a", database="t_rep", sensor="rep1")
+    ch = ClickHouseStore(cluster.address(), cluster=name, database=db, sensor="q1")
     assert ch.open(), ch.status().message
-    r = Rollup(ch, sensor="rep1", iface="lo", flush_s=3600)
-    r.add(udp_burst(1_700_000_000, 21, dport=4243))
+    r = Rollup(ch, sensor="q1", iface="lo", flush_s=3600)
+    r.add(udp_burst(int(time.time()) - 90, packets, dport=4243))
     r.flush(final=True)
     ch.close()
-    return 21
+    return packets
