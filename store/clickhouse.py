@@ -80,6 +80,9 @@ class IdBatch(StoreBatch):
     """A StoreBatch with the id that makes its write idempotent (the spool keeps it across restarts)."""
 
     batch_id: str = ""
+    # The sensor's loss counters when the batch was made ((iface, *LOSS_COLUMNS)), cumulative
+    # since the sensor process started: a row written twice (a re-send) changes no max().
+    losses: tuple = ()
 
 
 def with_id(batch: StoreBatch) -> IdBatch:
@@ -166,7 +169,8 @@ def create_sql(db: str) -> list[str]:
 def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
     """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
     every shard)."""
-    tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()))
+    tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()),
+              *(("losses", "flushes") if version >= 6 else ()))
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({_quote(cluster)}, {db}, {t}, "
             f"cityHash64(sensor))" for t in tables]
 
@@ -323,8 +327,30 @@ def conv_top_sql(db: str) -> list[str]:
                 f"FROM {db}.conv_top_1h)")]  # only what is not there yet: a migration run again adds nothing
 
 
+LOSS_COLUMNS = ("run", "ts", "ring_dropped", "nic_dropped", "detect_skipped_packets", "detect_skipped_batches",
+                "history_skipped_packets")
+
+
+def losses_sql(db: str) -> list[str]:
+    """Schema version 6: each sensor's loss counters, and the servers' receive time of each flush.
+
+    `losses`: one row per flush whose counters changed, cumulative since the sensor process (`run`)
+    started, at the sensor's wall second `ts`: a range's losses are, per run, the largest value up to
+    its end minus the largest before its start, so a row sent twice (a re-send after a lost
+    acknowledgement, a spool replayed after a restart) counts once. Only identical rows collapse.
+    `flushes`: one row per write, `received` filled by the server that takes the insert (its clock,
+    not the sensor's): the fleet page's stale marking. Collapses to a sensor's newest row; no day
+    partition (one row per sensor once merged)."""
+    counters = ", ".join(f"{c} Int64" for c in LOSS_COLUMNS[2:])
+    return [f"CREATE TABLE IF NOT EXISTS {db}.losses (sensor String, iface String, run String, ts Int64, {counters}) "
+            f"ENGINE = ReplacingMergeTree PARTITION BY intDiv(ts, 86400) ORDER BY (sensor, run, ts, "
+            f"{', '.join(LOSS_COLUMNS[2:])})",
+            f"CREATE TABLE IF NOT EXISTS {db}.flushes (sensor String, received DateTime DEFAULT now()) "
+            f"ENGINE = ReplacingMergeTree(received) ORDER BY sensor"]
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql}
 # version -> steps that look at a shard's tables first, run there (they return statements to run after).
 STEPS = {4: version_key_steps}
 MIGRATION_WAIT_S = 60.0  # how long an open waits for another program's migration of a shard before failing
@@ -359,6 +385,7 @@ class ClickHouseStore(Store):
         self._ver = 0
         self.server_version = ""
         self.batches_skipped = 0  # batches found already committed (re-sent after a lost acknowledgement)
+        self._last_losses: dict[tuple, tuple] = {}  # (sensor, run) -> the counters last written (same: no row)
 
     @property
     def path(self) -> str:
@@ -650,6 +677,7 @@ class ClickHouseStore(Store):
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
+        self._write_losses(client, sensor, batch)
         # The commit: one block into one table on the sensor's shard; until it lands, the rows above count
         # nowhere. Then the batch-id record (`commits`): an attempt cut off between the two is not found
         # by id, so its retry writes the same segments under a newer version, which is the one that counts.
@@ -657,6 +685,18 @@ class ClickHouseStore(Store):
                    [(c[0], c[4], c[2], c[3]) for c in commit])
         self._exec(client, f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
                    commit)
+
+    def _write_losses(self, client, sensor: str, batch: StoreBatch) -> None:
+        """The flush's receive time (the server's clock), and the sensor's loss counters when they changed."""
+        if CH_SCHEMA_VERSION < 6:
+            return
+        self._exec(client, f"INSERT INTO {self._t('flushes')} (sensor) VALUES", [(sensor,)])
+        losses = tuple(getattr(batch, "losses", ()) or ())  # (iface, *LOSS_COLUMNS)
+        if not losses or self._last_losses.get((sensor, losses[1])) == losses[3:]:
+            return
+        self._exec(client, f"INSERT INTO {self._t('losses')} (sensor, iface, {', '.join(LOSS_COLUMNS)}) VALUES",
+                   [(sensor, str(losses[0]), str(losses[1]), *(int(v) for v in losses[2:]))])
+        self._last_losses = {(sensor, losses[1]): losses[3:]}  # bounded: one run's last row
 
     def _batch_sensor(self, batch: StoreBatch) -> str:
         for frame in (*batch.frames.values(), batch.alerts):
@@ -1025,14 +1065,32 @@ class ClickHouseStore(Store):
                          f"max(created) AS created, sensor FROM {self._t('origins')} GROUP BY sensor, origin "
                          f"ORDER BY created", {})
 
+    def losses(self, r: TimeRange) -> pd.DataFrame:
+        """Per sensor, the packets lost within the range: ring and NIC drops, detector-stage skips
+        (packets and batches), history-stage skips. Per sensor run: the largest cumulative value up to
+        the range's end minus the largest before its start (re-sent rows change neither)."""
+        sensor = " AND sensor = %(sensor)s" if r.sensor else ""
+        cols = LOSS_COLUMNS[2:]
+        inner = ", ".join(f"maxIf({c}, ts <= %(until)s) - maxIf({c}, ts < %(since)s) AS {c}" for c in cols)
+        outer = ", ".join(f"toInt64(sum({c})) AS {c}" for c in cols)
+        df = self._run(f"SELECT sensor, {outer} FROM (SELECT sensor, run, {inner} FROM {self._t('losses')} "
+                       f"WHERE ts <= %(until)s{sensor} GROUP BY sensor, run) GROUP BY sensor ORDER BY sensor",
+                       r.params())
+        return df if len(df) else pd.DataFrame(columns=["sensor", *cols])
+
     def sensors(self, since: int = 0) -> pd.DataFrame:
         """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
 
         Read from commits_max (a few rows per sensor and minute once merged, not one per flush): a version
         is the wall clock in microseconds when the write began (next_version), so the newest is the last flush."""
-        return self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
-                         f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
-                         {"since": int(since)})
+        df = self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
+                       f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
+                       {"since": int(since)})
+        # How long ago the servers last took a write from each sensor, by the servers' clocks alone: a
+        # sensor whose clock is off is neither stale nor fresh for it (NaN: no flush since version 6).
+        ages = self._run(f"SELECT sensor, toInt64(now()) - toInt64(max(received)) AS server_age_s "
+                         f"FROM {self._t('flushes')} GROUP BY sensor", {})
+        return df.merge(ages, on="sensor", how="left") if len(df) else df.assign(server_age_s=[])
 
 
 def _literal(v) -> str:

@@ -229,3 +229,86 @@ def _fill_in(cluster, name: str, db: str, packets: int) -> int:  # noqa: F811
     r.flush(final=True)
     ch.close()
     return packets
+
+
+# -- 3. sensor losses in ClickHouse, on the page and in the metrics --------------------------------------
+
+
+def _loss_batch(sensor: str, run: str, ts: int, ring: int, nic: int, dpk: int, dbt: int, hist: int = 0):
+    """A heartbeat batch (no rows) carrying one loss sample, as a sensor's _Outbox makes it."""
+    from store.base import StoreBatch
+    from store.clickhouse import with_id
+
+    b = with_id(StoreBatch())
+    b.losses = ("lo", run, ts, ring, nic, dpk, dbt, hist)
+    return b
+
+
+def test_losses_are_shipped_per_run_and_a_resend_counts_once(cluster):  # noqa: F811
+    """Cumulative loss samples of two sensor runs: a range's losses are each run's growth within it; the
+    same sample sent again (a new store, as after a restart with a spool) changes nothing."""
+    t0 = int(time.time()) - 600
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_loss", sensor="lossy")
+    assert ch.open(), ch.status().message
+    samples = [("r1", t0, 5, 1, 100, 2), ("r1", t0 + 10, 9, 1, 300, 5), ("r2", t0 + 20, 4, 0, 50, 1)]
+    for run, ts, ring, nic, dpk, dbt in samples:
+        assert ch.send(_loss_batch("lossy", run, ts, ring, nic, dpk, dbt))
+    ch.close()
+    again = ClickHouseStore(cluster.address(2), cluster=cluster.name, database="t_loss", sensor="lossy")
+    assert again.open() and again.send(_loss_batch("lossy", "r1", t0 + 10, 9, 1, 300, 5))
+    got = again.losses(TimeRange(t0 - 60, t0 + 60)).set_index("sensor")
+    assert got.loc["lossy"].to_dict() == {"ring_dropped": 13, "nic_dropped": 1, "detect_skipped_packets": 350,
+                                          "detect_skipped_batches": 6, "history_skipped_packets": 0}
+    later = again.losses(TimeRange(t0 + 5, t0 + 15, sensor="lossy")).set_index("sensor").loc["lossy"]
+    assert (later["ring_dropped"], later["detect_skipped_packets"]) == (4, 200)  # r1's growth in the range
+    raw = sum(cluster.query("SELECT count() FROM t_loss.losses", shard=s)[0][0] for s in (1, 2))
+    assert raw in (3, 4)  # the re-sent row is stored again or merged away; it never adds
+    again.close()
+
+
+def test_fleet_page_shows_each_sensors_losses(cluster, monkeypatch):  # noqa: F811
+    """The grid's card and the chosen sensor's view say what it lost: ring, NIC, detectors."""
+    t0 = int(time.time()) - 100
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_loss_page", sensor="lossy")
+    assert ch.open(), ch.status().message
+    assert ch.send(_loss_batch("lossy", "r1", t0, 0, 0, 0, 0))
+    assert ch.send(_loss_batch("lossy", "r1", t0 + 30, 7, 3, 1234, 12))
+    ch.close()
+    monkeypatch.setenv("NTM_CLICKHOUSE_DATABASE", "t_loss_page")
+    monkeypatch.setattr(sys, "argv", ["dashboard.py", "--clickhouse", cluster.address(), "--cluster", cluster.name])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    want = "ring dropped 7, NIC dropped 3, detectors skipped 1,234 (12 batches)"
+    captions = [c.value for c in at.caption]
+    assert sum(want in c for c in captions) == 2, captions  # the card, and the "All sensors" view
+    at.selectbox(key="fleet_sensor").set_value("lossy").run()
+    assert sum(want in c.value for c in at.caption) == 2
+
+
+def test_sensor_ships_detector_skips_and_exports_them_in_metrics(cluster, tmp_path):  # noqa: F811
+    """A real sensor whose detectors fall behind (test hook: 0.1 s per batch, a 4-packet stage queue):
+    the metrics show the skipped analysis, and ClickHouse holds exactly the sensor's final loss counters."""
+    from conftest import need
+    from test_fleet_sensor import SensorProc, ports, send_udp, wait_metric
+
+    need(os.geteuid() == 0, "live capture tests need root: run them with sudo")
+    env = {**os.environ, "NTM_FLEET_FLUSH_S": "0.5", "NTM_CLICKHOUSE_DATABASE": "t_loss_live",
+           "NTM_TEST_DETECTOR_DELAY_S": "0.1", "NTM_STAGE_QUEUE_PACKETS": "4"}
+    port = ports()[0]
+    proc = SensorProc("lossy-live", port, cluster.address(), tmp_path / "spool", tmp_path / "s.log", env)
+    try:
+        send_udp(port, 3000, gap=0.001)  # more than the pipe to the worker holds, in many batches
+        assert wait_metric(proc, "ntm_sensor_detect_skipped_packets_total", lambda v: v > 0), \
+            proc.log.read_text()[-2000:]
+        assert "ntm_sensor_detect_skipped_batches_total" in proc.metrics()
+        report = proc.finish()
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    want = report["losses"]
+    assert want["detect_skipped_packets"] > 0 and want["detect_skipped_batches"] > 0, report
+    ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database="t_loss_live")
+    got = ch.losses(TimeRange(int(time.time()) - 600, int(time.time()) + 5, sensor="lossy-live"))
+    assert len(got) == 1, got
+    assert {k: int(v) for k, v in got.iloc[0].items() if k != "sensor"} == want
+    ch.close()
