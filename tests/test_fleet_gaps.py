@@ -312,3 +312,60 @@ def test_sensor_ships_detector_skips_and_exports_them_in_metrics(cluster, tmp_pa
     assert len(got) == 1, got
     assert {k: int(v) for k, v in got.iloc[0].items() if k != "sensor"} == want
     ch.close()
+
+
+# -- 4. stale by the servers' clock ----------------------------------------------------------------------
+
+
+class _ShiftedTime:
+    """The `time` module as a host whose clock is `shift` seconds off sees it."""
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+
+    def time(self) -> float:
+        return time.time() + self.shift
+
+    def time_ns(self) -> int:
+        return time.time_ns() + int(self.shift * 1e9)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def _write_shifted(cluster, monkeypatch, sensor: str, shift: float) -> None:  # noqa: F811
+    """A sensor whose clock is `shift` s off writes a minute of traffic (its batch times shifted too)."""
+    import store.base as base_mod
+    import store.clickhouse as chmod
+    from storehelp import udp_burst
+
+    from store.rollup import Rollup
+
+    fake = _ShiftedTime(shift)
+    with monkeypatch.context() as m:
+        m.setattr(chmod, "time", fake)
+        m.setattr(base_mod, "time", fake)
+        ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_clock", sensor=sensor)
+        assert ch.open(), ch.status().message
+        r = Rollup(ch, sensor=sensor, iface="lo", flush_s=3600)
+        r.add(udp_burst(int(fake.time()) - 30, 10, dport=4244))
+        r.flush(final=True)
+        ch.close()
+
+
+def test_stale_marking_uses_the_servers_receive_time_not_the_sensors_clock(cluster, monkeypatch):  # noqa: F811
+    """A sensor whose clock is 10 minutes behind, just flushed: fresh. One whose clock is 10 minutes ahead,
+    silent for more than 3 flush intervals: stale. (By the sensor's clock against the page's it was the
+    other way round for both.)"""
+    from fleet_page import sensor_table
+
+    monkeypatch.setenv("NTM_FLEET_FLUSH_S", "0.5")  # stale after 1.5 s without a flush
+    _write_shifted(cluster, monkeypatch, "ahead", +600)
+    time.sleep(2.5)
+    _write_shifted(cluster, monkeypatch, "behind", -600)
+    ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database="t_clock")
+    table = sensor_table(ch, time.time()).set_index("sensor")
+    ch.close()
+    assert not table.loc["behind", "stale"], table
+    assert table.loc["ahead", "stale"], table
+    assert 1.5 < table.loc["ahead", "age_s"] < 30, table
