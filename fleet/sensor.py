@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -426,17 +427,48 @@ def give_up_root(sensor: Sensor) -> bool:
     return True
 
 
+def metrics_bind_error(addr: str, port: int) -> str | None:
+    """Why the metrics cannot listen on addr:port (in use, bad address, privileged port), or None.
+
+    Checked before the capture starts: a busy port is a clear error then, not a traceback after
+    packets were already being captured. (The server binds the same way, with SO_REUSEADDR.)"""
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"metrics address {addr!r}: {exc}"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+            s.listen(1)
+        except OSError as exc:
+            return f"cannot serve metrics on {addr}:{port} (--metrics-port): {exc.strerror or exc}"
+    return None
+
+
 def run(args) -> int:
     """The `sensor` subcommand: run until --seconds pass or SIGTERM; print the final report as JSON."""
+    addr = getattr(args, "metrics_addr", None) or config.get("FLEET_METRICS_ADDR")
+    if args.metrics_port:
+        problem = metrics_bind_error(addr, args.metrics_port)
+        if problem:
+            log.error("sensor %s: %s; nothing was captured", args.name, problem)
+            return 2
     sensor = Sensor(args.name, args.iface, args.filter or "", args.clickhouse, args.cluster, args.spool)
     if not give_up_root(sensor):
         return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    started = sensor.start()
+    started, metrics_failed = sensor.start(), False
     if args.metrics_port:  # after the capture ring is open: a scrape that answers means packets are counted
-        serve_metrics(sensor, args.metrics_port)
+        try:
+            serve_metrics(sensor, args.metrics_port, addr)
+        except OSError as exc:  # taken in between by another program: said, and the sensor stops cleanly
+            log.error("sensor %s: cannot serve metrics on %s:%d: %s", args.name, addr, args.metrics_port, exc)
+            metrics_failed = True
+            stop.set()
     if not started:
         log.error("sensor %s: capture did not start: %s", args.name, sensor.engine.status().error)
     else:
@@ -446,4 +478,4 @@ def run(args) -> int:
     report = sensor.stop()
     json.dump(report, sys.stdout, indent=1, default=str)
     sys.stdout.write("\n")
-    return 0 if not report["error"] else 1
+    return 2 if metrics_failed else 0 if not report["error"] else 1

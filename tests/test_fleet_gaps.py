@@ -335,10 +335,10 @@ class _ShiftedTime:
 
 def _write_shifted(cluster, monkeypatch, sensor: str, shift: float) -> None:  # noqa: F811
     """A sensor whose clock is `shift` s off writes a minute of traffic (its batch times shifted too)."""
-    import store.base as base_mod
-    import store.clickhouse as chmod
     from storehelp import udp_burst
 
+    import store.base as base_mod
+    import store.clickhouse as chmod
     from store.rollup import Rollup
 
     fake = _ShiftedTime(shift)
@@ -369,3 +369,30 @@ def test_stale_marking_uses_the_servers_receive_time_not_the_sensors_clock(clust
     assert not table.loc["behind", "stale"], table
     assert table.loc["ahead", "stale"], table
     assert 1.5 < table.loc["ahead", "age_s"] < 30, table
+
+
+# -- 5. metrics address and a busy metrics port ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["default", "flag", "setting"])
+def test_busy_metrics_port_is_a_clear_error_before_the_capture_starts(tmp_path, how):
+    """--metrics-port on a port another program listens on, at the address asked for (default 127.0.0.1,
+    --metrics-addr, FLEET_METRICS_ADDR): exit 2 at once naming that address, and no capture was started
+    (before: the capture ran, then a traceback; and only 127.0.0.1 could be asked for)."""
+    from conftest import need
+
+    need(os.geteuid() == 0, "live capture tests need root: run them with sudo")
+    addr = {"default": "127.0.0.1", "flag": "127.0.0.2", "setting": "127.0.0.3"}[how]
+    env = {**os.environ, **({"NTM_FLEET_METRICS_ADDR": addr} if how == "setting" else {})}
+    with socket.socket() as busy:
+        busy.bind((addr, 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, str(ROOT / "packet_processor.py"), "sensor", "--name", "busy", "--iface", "lo",
+               "--filter", "udp and dst port 9", "--clickhouse", "127.0.0.1:9", "--spool", str(tmp_path / "spool"),
+               "--metrics-port", str(port), "--seconds", "5"]
+        cmd += ["--metrics-addr", addr] if how == "flag" else []
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"cannot serve metrics on {addr}:{port}" in out.stderr and "in use" in out.stderr, out.stderr
+    assert "capturing on" not in out.stderr and "Traceback" not in out.stderr, out.stderr
