@@ -24,6 +24,11 @@ by cityHash64(sensor), on every shard too. Writes go through the Distributed tab
 (insert_distributed_sync), queries through them; the visibility subquery names the local `commits`
 table, so each shard answers it for its own sensors.
 
+Reads and connection handshakes wait at most CLICKHOUSE_QUERY_TIMEOUT_S (a server that accepts and never
+answers is an error in seconds, and the store's lock is free again); writes and migrations wait `timeout`.
+open() changes nothing on a server already at this schema version, so a read-only account (profile
+readonly = 1; no query settings are sent except on inserts) reads a current database.
+
 Credentials come from the environment or a file, never the command line: CLICKHOUSE_USER (default
 "default"), CLICKHOUSE_PASSWORD_FILE (a file holding the password) or CLICKHOUSE_PASSWORD. TLS: the
 `secure` and `ca_certs` options (settings CLICKHOUSE_SECURE, CLICKHOUSE_CA_CERTS) go to clickhouse-driver.
@@ -176,7 +181,8 @@ def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
 
 
 def _quote(name: str) -> str:
-    """An identifier in backticks (a cluster named `site-a.eu`), escaped as ClickHouse reads it."""
+    """An identifier in backticks (unquoted, a cluster named dc-2a is a syntax error), escaped as ClickHouse
+    reads it. (18.16 refuses cluster names with dots in any form; later releases take them quoted.)"""
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
@@ -1082,7 +1088,9 @@ class ClickHouseStore(Store):
         """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
 
         Read from commits_max (a few rows per sensor and minute once merged, not one per flush): a version
-        is the wall clock in microseconds when the write began (next_version), so the newest is the last flush."""
+        is the sensor's wall clock in microseconds when the write began (next_version), so the newest is
+        the last flush. `server_age_s`: seconds since a server last took a write from it (`flushes`, the
+        servers' clocks only), NaN for a sensor that wrote nothing since schema version 6."""
         df = self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
                        f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
                        {"since": int(since)})
