@@ -248,6 +248,12 @@ SETTINGS: tuple[Setting, ...] = (
             "tcp_port_secure); user and password come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE."),
     Setting("CLICKHOUSE_CA_CERTS", "", "CA file (PEM) that verifies the ClickHouse server's TLS certificate "
             "(with CLICKHOUSE_SECURE); empty means the system's CAs.", check=bad_file),
+    Setting("CLICKHOUSE_QUERY_TIMEOUT_S", 10.0, "Longest wait (s) for ClickHouse to answer a read (the fleet page, "
+            "`history --clickhouse`) or a connection's handshake; a server that does not answer in time is an error "
+            "the page shows, and the store is free again. Writes and migrations keep a longer timeout.",
+            low=0.5, high=600),
+    Setting("FLEET_METRICS_ADDR", "127.0.0.1", "Address a fleet sensor's Prometheus metrics (--metrics-port) listen "
+            "on; 0.0.0.0 (or ::) lets a Prometheus server on another host scrape them (--metrics-addr)."),
     Setting("NOTIFY_WEBHOOK", "", "Webhook URLs (separated by spaces) that each receive one JSON document per "
             "alert (with a Slack-compatible `text` field); empty sends none. Treated as a secret (a URL often "
             "holds a token): never shown or logged whole.", check=bad_urls, secret=True),

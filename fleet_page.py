@@ -102,9 +102,9 @@ def fleet_store(address: str, cluster: str | None) -> ClickHouseStore:
 @st.cache_resource(show_spinner=False)
 def _store(address: str, cluster: str | None, database: str, secure: bool, ca_certs: str) -> ClickHouseStore:
     """The store (cached per address and settings; it serialises its queries under its lock)."""
-    store = ClickHouseStore(address, cluster=cluster, database=database, secure=secure, ca_certs=ca_certs or None)
-    store.open()  # an error is state: the page shows it and tries again at the next rerun
-    return store
+    # Not opened here: the page's first read opens it (bounded by CLICKHOUSE_QUERY_TIMEOUT_S), so a server
+    # that does not answer costs one timeout per run, and its error is the page's state.
+    return ClickHouseStore(address, cluster=cluster, database=database, secure=secure, ca_certs=ca_certs or None)
 
 
 def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
@@ -133,8 +133,10 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     if span is None:
         return
     since, until = span
-    sensor_grid(store, sensors, since, until, tz)
+    losses = store.losses(TimeRange(since, until))
+    sensor_grid(store, sensors, since, until, tz, losses)
     st.header(choice if choice != ALL else "All sensors")
+    st.caption(loss_text(losses, None if choice == ALL else choice))
     view = SensorView(store, None if choice == ALL else choice)
     history_page.history_view(types.SimpleNamespace(store=view), since, until, tz)
     if view.conversations_note:
@@ -158,18 +160,38 @@ def fleet_range(now: float) -> tuple[int, int] | None:
 
 
 def sensor_table(store: ClickHouseStore, now: float) -> pd.DataFrame:
-    """Every sensor with its last flush, how long ago, and whether it is stale."""
+    """Every sensor with its last flush, how long ago, and whether it is stale.
+
+    How long ago is the servers' clock alone (now on the server minus the time a server took the
+    sensor's last write): a sensor whose clock is off, or a page whose clock is, marks nothing wrongly.
+    Only a sensor with no write since schema version 6 falls back to its own clock against the page's."""
     df = store.sensors(since=int(now - float(config.get("RETENTION_DAYS")) * 86400))
     stale_s = STALE_FLUSHES * float(config.get("FLEET_FLUSH_S"))
     if not len(df):
         return pd.DataFrame(columns=["sensor", "last_flush", "last_period", "age_s", "stale"])
     df = df.copy()
-    df["age_s"] = now - df["last_flush"].astype(float)
+    fallback = now - df["last_flush"].astype(float)
+    server = pd.to_numeric(df["server_age_s"], errors="coerce") if "server_age_s" in df else fallback * float("nan")
+    df["age_s"] = server.where(server.notna(), fallback).clip(lower=0)
     df["stale"] = df["age_s"] > stale_s
     return df
 
 
-def sensor_grid(store: ClickHouseStore, sensors: pd.DataFrame, since: int, until: int, tz: tzinfo | None) -> None:
+def loss_text(losses: pd.DataFrame, sensor: str | None) -> str:
+    """What a sensor (or, with None, every sensor) lost in the range: ring, NIC, detectors."""
+    rows = losses[losses["sensor"] == sensor] if sensor is not None else losses
+    total = {c: int(rows[c].sum()) if len(rows) else 0 for c in
+             ("ring_dropped", "nic_dropped", "detect_skipped_packets", "detect_skipped_batches",
+              "history_skipped_packets")}
+    text = (f"ring dropped {total['ring_dropped']:,}, NIC dropped {total['nic_dropped']:,}, detectors skipped "
+            f"{total['detect_skipped_packets']:,} ({total['detect_skipped_batches']:,} batches)")
+    if total["history_skipped_packets"]:
+        text += f", history skipped {total['history_skipped_packets']:,} (not in these totals)"
+    return text
+
+
+def sensor_grid(store: ClickHouseStore, sensors: pd.DataFrame, since: int, until: int, tz: tzinfo | None,
+                losses: pd.DataFrame) -> None:
     """One card per sensor: its state (ok, stale, silent), totals and sparklines of the range."""
     from store.history import bin_width
 
@@ -188,6 +210,7 @@ def sensor_grid(store: ClickHouseStore, sensors: pd.DataFrame, since: int, until
         fired = alerts[alerts["sensor"] == name] if len(alerts) else alerts
         with cols[i % GRID_COLUMNS].container(border=True, key=f"fleet_card_{i}"):
             sensor_card(name, row, mine, fired, since, until, width, tz)
+            st.caption(loss_text(losses, name))
 
 
 def sensor_card(name: str, row: Any, series: pd.DataFrame, alerts: pd.DataFrame, since: int, until: int,

@@ -828,6 +828,19 @@ class CaptureEngine:
                       last_packet_ts=c.last_ts, last_batch_wall=self._last_batch_wall,
                       started_wall=self._started_wall, file_note=self._file_note)
 
+    def losses(self) -> dict[str, int]:
+        """The capture's loss counters (ring and NIC drops, the detector stage's skips), without the
+        snapshot's copies: a fleet sensor ships them with every flush."""
+        self._refresh_kernel_stats()
+        with self._lock:
+            ring = self._kernel_dropped - self._kernel_base[1]
+            nic = nic_dropped_since(self._nic_base, self._nic_now)
+            stage = self._stage
+        d = stage.as_dict() if stage is not None else {}
+        return {"ring_dropped": int(ring), "nic_dropped": int(nic or 0),
+                "detect_skipped_packets": int(d.get("packets_skipped", 0)),
+                "detect_skipped_batches": int(d.get("batches_skipped", 0))}
+
     def snapshot(self) -> Snapshot:
         """An immutable copy of the buffer and counters; the lock is held only for the copies."""
         self._refresh_kernel_stats()

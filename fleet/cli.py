@@ -1,7 +1,7 @@
 """The fleet's subcommands; packet_processor's CLI adds them with two lines.
 
     python packet_processor.py sensor --name NAME --iface IF [--filter BPF] [--seconds N]
-        --clickhouse HOST:PORT [--cluster NAME] [--spool DIR] [--metrics-port P]
+        --clickhouse HOST:PORT [--cluster NAME] [--spool DIR] [--metrics-port P [--metrics-addr ADDR]]
     python packet_processor.py history --clickhouse HOST:PORT [--cluster NAME] [--sensor NAME] [--since T] [--until T]
 
 `history` is the store's subcommand (store/cli.py) with --clickhouse and --cluster added: the same JSON.
@@ -31,7 +31,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clickhouse", required=True, metavar="HOST:PORT", help="ClickHouse server (native protocol)")
     s.add_argument("--cluster", default=None, help="ClickHouse cluster name (Distributed tables over its shards)")
     s.add_argument("--spool", default=None, help="spool folder (default: FLEET_SPOOL_DIR or a per-sensor folder)")
-    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:P")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on port P (checked before the capture starts)")
+    s.add_argument("--metrics-addr", default=None, metavar="ADDR",
+                   help="address the metrics listen on (default FLEET_METRICS_ADDR, 127.0.0.1)")
 
 
 def run(args: argparse.Namespace) -> int:

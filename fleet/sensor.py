@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -94,17 +96,21 @@ class FleetStage(StoreStage):
 
 
 class _Outbox:
-    """What the Rollup sees as its store: segment ids, and write() handing the batch to the shipper."""
+    """What the Rollup sees as its store: segment ids, and write() handing the batch to the shipper with
+    the sensor's loss counters of that moment (`losses`: a callable, () when there are none)."""
 
-    def __init__(self, store: ClickHouseStore, shipper: Shipper) -> None:
+    def __init__(self, store: ClickHouseStore, shipper: Shipper, losses=lambda: ()) -> None:
         self.store = store
         self.shipper = shipper
+        self.losses = losses
 
     def allocate_segment(self) -> int:
         return self.store.allocate_segment()
 
     def write(self, batch: StoreBatch) -> bool:
-        self.shipper.submit(with_id(batch))
+        b = with_id(batch)
+        b.losses = self.losses()
+        self.shipper.submit(b)
         return True
 
 
@@ -247,7 +253,8 @@ class Sensor:
         folder = spool_dir or config.get("FLEET_SPOOL_DIR") or default_spool(name)
         self.spool = Spool(folder, int(config.get("FLEET_SPOOL_MB") * 1024 * 1024))
         self.shipper = Shipper(self.store, self.spool)
-        self.rollup = Rollup(_Outbox(self.store, self.shipper), sensor=name, iface=iface,
+        self.run_id = uuid.uuid4().hex  # this process's loss counters start at 0: ClickHouse keeps them per run
+        self.rollup = Rollup(_Outbox(self.store, self.shipper, self.loss_row), sensor=name, iface=iface,
                              flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s)
         self.engine = FleetEngine()
         self.engine.stage_factory = self._new_stage
@@ -256,6 +263,17 @@ class Sensor:
     def _new_stage(self, source: Source) -> FleetStage:
         self.stage = FleetStage(self.rollup, self.store, config.get("STAGE_QUEUE_PACKETS"), self.engine.alerts)
         return self.stage.start()
+
+    def losses(self) -> dict[str, int]:
+        """Every loss counter of this sensor since it started: ring, NIC, detector and history skips."""
+        return {**self.engine.losses(), "history_skipped_packets": self.skipped}
+
+    def loss_row(self) -> tuple:
+        """(iface, run, ts, *counters) as store.clickhouse.LOSS_COLUMNS: shipped with each flush."""
+        from store.clickhouse import LOSS_COLUMNS
+
+        d = self.losses()
+        return (self.iface, self.run_id, int(time.time()), *(d[c] for c in LOSS_COLUMNS[2:]))
 
     @property
     def skipped(self) -> int:
@@ -286,7 +304,7 @@ class Sensor:
                 "packets": summary["packets"], "bytes_wire": summary["bytes_wire"],
                 "transport_counts": summary["transport_counts"], "dropped": summary["dropped"],
                 "first_ts": summary["first_ts"], "last_ts": summary["last_ts"], "error": summary["error"],
-                "skipped": self.skipped, "stage_error": stage.get("error"),
+                "skipped": self.skipped, "stage_error": stage.get("error"), "losses": self.losses(),
                 "packets_sent": self.shipper.sent_packets,
                 "spool_batches": len(self.spool), "spool_packets": self.spool.packets(),
                 "spool_dropped_batches": self.spool.dropped_batches,
@@ -338,6 +356,13 @@ def serve_metrics(sensor: Sensor, port: int, addr: str = "127.0.0.1"):
                 yield metric(CounterMetricFamily, "ntm_sensor_nic_drops", "Interface rx_dropped (kernel)", nic)
             yield metric(CounterMetricFamily, "ntm_sensor_skipped", "Packets the history stage skipped (queue full)",
                          sensor.skipped)
+            detect = (t.get("stages") or {}).get("detectors") or {}
+            yield metric(CounterMetricFamily, "ntm_sensor_detect_skipped_packets",
+                         "Packets the detectors did not analyse (their stage's queue was full)",
+                         detect.get("packets_skipped", 0))
+            yield metric(CounterMetricFamily, "ntm_sensor_detect_skipped_batches",
+                         "Batches the detectors did not analyse (their stage's queue was full)",
+                         detect.get("batches_skipped", 0))
             yield metric(CounterMetricFamily, "ntm_sensor_sent_packets", "Packets in batches ClickHouse has",
                          sensor.shipper.sent_packets)
             yield metric(GaugeMetricFamily, "ntm_sensor_spool_bytes", "Bytes in the disk spool",
@@ -402,17 +427,48 @@ def give_up_root(sensor: Sensor) -> bool:
     return True
 
 
+def metrics_bind_error(addr: str, port: int) -> str | None:
+    """Why the metrics cannot listen on addr:port (in use, bad address, privileged port), or None.
+
+    Checked before the capture starts: a busy port is a clear error then, not a traceback after
+    packets were already being captured. (The server binds the same way, with SO_REUSEADDR.)"""
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"metrics address {addr!r}: {exc}"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+            s.listen(1)
+        except OSError as exc:
+            return f"cannot serve metrics on {addr}:{port} (--metrics-port): {exc.strerror or exc}"
+    return None
+
+
 def run(args) -> int:
     """The `sensor` subcommand: run until --seconds pass or SIGTERM; print the final report as JSON."""
+    addr = getattr(args, "metrics_addr", None) or config.get("FLEET_METRICS_ADDR")
+    if args.metrics_port:
+        problem = metrics_bind_error(addr, args.metrics_port)
+        if problem:
+            log.error("sensor %s: %s; nothing was captured", args.name, problem)
+            return 2
     sensor = Sensor(args.name, args.iface, args.filter or "", args.clickhouse, args.cluster, args.spool)
     if not give_up_root(sensor):
         return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    started = sensor.start()
+    started, metrics_failed = sensor.start(), False
     if args.metrics_port:  # after the capture ring is open: a scrape that answers means packets are counted
-        serve_metrics(sensor, args.metrics_port)
+        try:
+            serve_metrics(sensor, args.metrics_port, addr)
+        except OSError as exc:  # taken in between by another program: said, and the sensor stops cleanly
+            log.error("sensor %s: cannot serve metrics on %s:%d: %s", args.name, addr, args.metrics_port, exc)
+            metrics_failed = True
+            stop.set()
     if not started:
         log.error("sensor %s: capture did not start: %s", args.name, sensor.engine.status().error)
     else:
@@ -422,4 +478,4 @@ def run(args) -> int:
     report = sensor.stop()
     json.dump(report, sys.stdout, indent=1, default=str)
     sys.stdout.write("\n")
-    return 0 if not report["error"] else 1
+    return 2 if metrics_failed else 0 if not report["error"] else 1

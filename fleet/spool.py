@@ -98,7 +98,8 @@ class Spool:
             seg_packets = _seg_packets(batch)
             meta = {"batch_id": batch.batch_id, "replaces": list(map(int, batch.replaces)),
                     "hours_done": list(map(int, batch.hours_done)), "origins": [list(o) for o in batch.origins],
-                    "seg_packets": {str(k): v for k, v in seg_packets.items()}}
+                    "seg_packets": {str(k): v for k, v in seg_packets.items()},
+                    "losses": [v if isinstance(v, str) else int(v) for v in getattr(batch, "losses", ())]}
             with open(tmp / "meta.json", "w") as f:
                 json.dump(meta, f)
                 f.flush()
@@ -171,7 +172,7 @@ def _read_entry(path: Path) -> IdBatch:
             frames[f.stem] = df
     return IdBatch(frames=frames, replaces=tuple(meta["replaces"]), alerts=alerts,
                    origins=tuple(tuple(o) for o in meta["origins"]), hours_done=tuple(meta["hours_done"]),
-                   batch_id=meta["batch_id"])
+                   batch_id=meta["batch_id"], losses=tuple(meta.get("losses", ())))
 
 
 def _write_synced(path: Path, frame: pd.DataFrame) -> None:

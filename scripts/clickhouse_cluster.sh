@@ -16,7 +16,10 @@
 # The cluster is named "fleet" in each server's remote_servers (no ZooKeeper: no distributed DDL, the
 # project creates the local tables on every shard itself). User "default" without a password, 127.0.0.1 only
 # (the shards use it between themselves), and user "fleet" with the password "fleet-test-password" (for
-# trying, and testing, credentials from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE; never for production).
+# trying, and testing, credentials from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD_FILE; never for production),
+# and user "reader" (password "reader-test-password", profile readonly: a page or `history` account).
+# Cluster "dc-2a" is "fleet" under a name SQL reads only quoted; cluster "replicas" has one shard whose two
+# replicas are the two servers (each replica gets its own local tables).
 set -euo pipefail
 
 SERVER=${CLICKHOUSE_SERVER:-/usr/sbin/clickhouse-server}
@@ -60,6 +63,14 @@ write_config() {  # DIR N BASE_PORT [CERT KEY]
       <shard><replica><host>127.0.0.1</host><port>$base</port></replica></shard>
       <shard><replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
     </fleet>
+    <dc-2a>
+      <shard><replica><host>127.0.0.1</host><port>$base</port></replica></shard>
+      <shard><replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
+    </dc-2a>
+    <replicas>
+      <shard><replica><host>127.0.0.1</host><port>$base</port></replica>
+        <replica><host>127.0.0.1</host><port>$((base + 1))</port></replica></shard>
+    </replicas>
   </remote_servers>
 </yandex>
 EOF
@@ -69,11 +80,14 @@ write_users() {  # DIR
   cat >"$1/users.xml" <<EOF
 <?xml version="1.0"?>
 <yandex>
-  <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+  <profiles><default><max_memory_usage>2000000000</max_memory_usage></default>
+    <readonly><readonly>1</readonly></readonly></profiles>
   <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
     <profile>default</profile><quota>default</quota></default>
     <fleet><password>fleet-test-password</password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-    <profile>default</profile><quota>default</quota></fleet></users>
+    <profile>default</profile><quota>default</quota></fleet>
+    <reader><password>reader-test-password</password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+    <profile>readonly</profile><quota>default</quota></reader></users>
   <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors>
     <result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>

@@ -24,6 +24,11 @@ by cityHash64(sensor), on every shard too. Writes go through the Distributed tab
 (insert_distributed_sync), queries through them; the visibility subquery names the local `commits`
 table, so each shard answers it for its own sensors.
 
+Reads and connection handshakes wait at most CLICKHOUSE_QUERY_TIMEOUT_S (a server that accepts and never
+answers is an error in seconds, and the store's lock is free again); writes and migrations wait `timeout`.
+open() changes nothing on a server already at this schema version, so a read-only account (profile
+readonly = 1; no query settings are sent except on inserts) reads a current database.
+
 Credentials come from the environment or a file, never the command line: CLICKHOUSE_USER (default
 "default"), CLICKHOUSE_PASSWORD_FILE (a file holding the password) or CLICKHOUSE_PASSWORD. TLS: the
 `secure` and `ca_certs` options (settings CLICKHOUSE_SECURE, CLICKHOUSE_CA_CERTS) go to clickhouse-driver.
@@ -80,6 +85,9 @@ class IdBatch(StoreBatch):
     """A StoreBatch with the id that makes its write idempotent (the spool keeps it across restarts)."""
 
     batch_id: str = ""
+    # The sensor's loss counters when the batch was made ((iface, *LOSS_COLUMNS)), cumulative
+    # since the sensor process started: a row written twice (a re-send) changes no max().
+    losses: tuple = ()
 
 
 def with_id(batch: StoreBatch) -> IdBatch:
@@ -166,9 +174,41 @@ def create_sql(db: str) -> list[str]:
 def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
     """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
     every shard)."""
-    tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()))
-    return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({cluster}, {db}, {t}, "
+    tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()),
+              *(("losses", "flushes") if version >= 6 else ()))
+    return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({_quote(cluster)}, {db}, {t}, "
             f"cityHash64(sensor))" for t in tables]
+
+
+def _quote(name: str) -> str:
+    """An identifier in backticks (unquoted, a cluster named dc-2a is a syntax error), escaped as ClickHouse
+    reads it. (18.16 refuses cluster names with dots in any form; later releases take them quoted.)"""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+class ReadOnlySchema(RuntimeError):
+    """The database needs a schema change and the account may not make it."""
+
+
+class _OneLine(logging.Filter):
+    """clickhouse_driver logs a whole traceback at WARNING for each failed connection attempt; the store
+    reports the failure itself (state, one error line): keep the driver's record to one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_driver_logs() -> None:
+    """Install the one-line filter on clickhouse_driver's connection logger (once)."""
+    logger = logging.getLogger("clickhouse_driver.connection")
+    if not any(isinstance(f, _OneLine) for f in logger.filters):
+        logger.addFilter(_OneLine())
 
 
 def minute_sql(db: str) -> list[str]:
@@ -293,8 +333,30 @@ def conv_top_sql(db: str) -> list[str]:
                 f"FROM {db}.conv_top_1h)")]  # only what is not there yet: a migration run again adds nothing
 
 
+LOSS_COLUMNS = ("run", "ts", "ring_dropped", "nic_dropped", "detect_skipped_packets", "detect_skipped_batches",
+                "history_skipped_packets")
+
+
+def losses_sql(db: str) -> list[str]:
+    """Schema version 6: each sensor's loss counters, and the servers' receive time of each flush.
+
+    `losses`: one row per flush whose counters changed, cumulative since the sensor process (`run`)
+    started, at the sensor's wall second `ts`: a range's losses are, per run, the largest value up to
+    its end minus the largest before its start, so a row sent twice (a re-send after a lost
+    acknowledgement, a spool replayed after a restart) counts once. Only identical rows collapse.
+    `flushes`: one row per write, `received` filled by the server that takes the insert (its clock,
+    not the sensor's): the fleet page's stale marking. Collapses to a sensor's newest row; no day
+    partition (one row per sensor once merged)."""
+    counters = ", ".join(f"{c} Int64" for c in LOSS_COLUMNS[2:])
+    return [f"CREATE TABLE IF NOT EXISTS {db}.losses (sensor String, iface String, run String, ts Int64, {counters}) "
+            f"ENGINE = ReplacingMergeTree PARTITION BY intDiv(ts, 86400) ORDER BY (sensor, run, ts, "
+            f"{', '.join(LOSS_COLUMNS[2:])})",
+            f"CREATE TABLE IF NOT EXISTS {db}.flushes (sensor String, received DateTime DEFAULT now()) "
+            f"ENGINE = ReplacingMergeTree(received) ORDER BY sensor"]
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql}
 # version -> steps that look at a shard's tables first, run there (they return statements to run after).
 STEPS = {4: version_key_steps}
 MIGRATION_WAIT_S = 60.0  # how long an open waits for another program's migration of a shard before failing
@@ -309,7 +371,7 @@ class ClickHouseStore(Store):
     def __init__(self, address: str = "127.0.0.1:9000", cluster: str | None = None, database: str | None = None,
                  sensor: str | None = None, secure: bool | None = None, ca_certs: str | None = None,
                  pending_max: int | None = None, connect_timeout: float = 3.0, timeout: float = 30.0,
-                 clock=time.time) -> None:
+                 clock=time.time, query_timeout: float | None = None) -> None:
         super().__init__(pending_max if pending_max is not None else config.get("STORE_PENDING_MAX"), clock)
         self.host, self.port = parse_address(address)
         self.cluster = cluster or None
@@ -320,11 +382,16 @@ class ClickHouseStore(Store):
         self.secure = bool(config.get("CLICKHOUSE_SECURE") if secure is None else secure)
         self.ca_certs = ca_certs if ca_certs is not None else (config.get("CLICKHOUSE_CA_CERTS") or None)
         self.connect_timeout = connect_timeout
-        self.timeout = timeout
+        self.timeout = timeout  # writes and migrations (a big batch, an INSERT ... SELECT over a day)
+        # Reads and handshakes: a server that accepts and never answers holds the store's lock this long at most.
+        self.query_timeout = float(config.get("CLICKHOUSE_QUERY_TIMEOUT_S") if query_timeout is None
+                                   else query_timeout)
+        self._wait_s = self.query_timeout  # the timeout in effect, for the error message
         self._client = None
         self._ver = 0
         self.server_version = ""
         self.batches_skipped = 0  # batches found already committed (re-sent after a lost acknowledgement)
+        self._last_losses: dict[tuple, tuple] = {}  # (sensor, run) -> the counters last written (same: no row)
 
     @property
     def path(self) -> str:
@@ -334,15 +401,41 @@ class ClickHouseStore(Store):
     # -- connections ---------------------------------------------------------------------
 
     def _connect(self, host: str, port: int):
+        """A client whose handshake and reads wait at most query_timeout (writes widen it: _long).
+
+        No client-wide settings: a read-only account (profile readonly = 1) refuses any query that sets
+        one; the writes through Distributed tables ask for insert_distributed_sync themselves (_exec)."""
         from clickhouse_driver import Client
 
+        quiet_driver_logs()
         user, password = credentials()
         kw: dict[str, Any] = {"secure": self.secure}
         if self.ca_certs:
             kw.update(ca_certs=self.ca_certs, verify=True)
         return Client(host=host, port=port, user=user, password=password, connect_timeout=self.connect_timeout,
-                      send_receive_timeout=self.timeout, sync_request_timeout=self.connect_timeout,
-                      client_name="network-traffic-monitor", settings={"insert_distributed_sync": 1}, **kw)
+                      send_receive_timeout=self.query_timeout, sync_request_timeout=self.connect_timeout,
+                      client_name="network-traffic-monitor", **kw)
+
+    @contextmanager
+    def _long(self, client):
+        """Within: the client waits `timeout` (a write, a migration), not the reads' query_timeout."""
+        conn = client.connection
+        old, self._wait_s = conn.send_receive_timeout, self.timeout
+        conn.send_receive_timeout = self.timeout
+        if conn.connected and conn.socket is not None:
+            conn.socket.settimeout(self.timeout)
+        try:
+            yield
+        finally:
+            conn.send_receive_timeout, self._wait_s = old, self.query_timeout
+            if conn.connected and conn.socket is not None:
+                conn.socket.settimeout(old)
+
+    def _exec(self, client, sql: str, data: Any = None, **kw: Any) -> Any:
+        """An INSERT, through the Distributed table synchronously in a cluster (the batch is on its shard
+        when this returns, so its commit row can follow)."""
+        settings = {"insert_distributed_sync": 1} if self.cluster else None
+        return client.execute(sql, data, settings=settings, **kw)
 
     def open(self) -> bool:
         """Connect, create (or migrate) the schema on every shard; False with a clear reason when it cannot."""
@@ -370,6 +463,12 @@ class ClickHouseStore(Store):
         code = getattr(exc, "code", None)
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         where = f"ClickHouse {self.host}:{self.port}"
+        if isinstance(exc, TimeoutError) or code == 209 or "SocketTimeout" in type(exc).__name__:  # SOCKET_TIMEOUT
+            setting = "CLICKHOUSE_QUERY_TIMEOUT_S" if self._wait_s == self.query_timeout else "the write timeout"
+            return (f"ClickHouse did not answer within {self._wait_s:g} s ({self.host}:{self.port}, {setting}): "
+                    f"the server accepts connections but does not reply (overloaded or hung?)")
+        if isinstance(exc, ReadOnlySchema):
+            return f"{where}: {exc}"
         if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
             return (f"{where}: authentication failed for user {credentials()[0]!r} (check CLICKHOUSE_USER and "
                     f"CLICKHOUSE_PASSWORD_FILE): {text}")
@@ -387,42 +486,80 @@ class ClickHouseStore(Store):
         return False
 
     def shards(self, client=None) -> list[tuple[str, int]]:
-        """(host, port) of every shard of the cluster (the first replica of each), or the one server."""
+        """(host, port) of every server of the cluster: every replica of every shard (each holds its own
+        local tables: without ZooKeeper nothing creates them on a replica but this), or the one server."""
         if not self.cluster:
             return [(self.host, self.port)]
         rows = (client or self._client).execute(
-            "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = %(c)s AND replica_num = 1 "
-            "ORDER BY shard_num", {"c": self.cluster})
+            "SELECT shard_num, host_address, port FROM system.clusters WHERE cluster = %(c)s "
+            "ORDER BY shard_num, replica_num", {"c": self.cluster})
         if not rows:
             raise ValueError(f"cluster {self.cluster!r} is not in system.clusters of {self.host}:{self.port}")
         return [(str(h), int(p)) for _, h, p in rows]
 
     def _each_shard(self, client, statements_of) -> None:
         """Run statements on every shard (and on the entry server, which may be no shard at all)."""
-        targets = self.shards(client)
+        targets = list(dict.fromkeys(self.shards(client)))  # a server listed twice is asked once
         if (self.host, self.port) not in targets:
             targets.append((self.host, self.port))
         for host, port in targets:
             c = client if (host, port) == (self.host, self.port) else self._connect(host, port)
             try:
                 for stmt in statements_of(c):
-                    c.execute(*stmt) if isinstance(stmt, tuple) else c.execute(stmt)
+                    with self._long(c):
+                        c.execute(*stmt) if isinstance(stmt, tuple) else c.execute(stmt)
             finally:
                 if c is not client:
                     c.disconnect()
 
     def _ensure_schema(self, client) -> None:
+        """Every server at this program's schema version, with its Distributed tables. A server already
+        there gets no DDL at all (only system.tables and meta are read), so a read-only account opens a
+        current database; one that would need a change raises ReadOnlySchema."""
         def statements(c) -> list[str]:
-            self._migrate_shard(c)
-            out: list = []
-            if self.cluster:
-                out += distributed_sql(self.db, self.cluster, CH_SCHEMA_VERSION)
-                # Documents belong to no sensor: spread by their own key; a query reads every shard.
-                out.append(f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
-                           f"Distributed({self.cluster}, {self.db}, documents, cityHash64(kind, name))")
-            return out
+            if self._current(c):
+                return []
+            try:
+                with self._long(c):
+                    self._migrate_shard(c)
+                    for stmt in self._distributed_ddl():
+                        c.execute(stmt)
+            except Exception as exc:
+                if getattr(exc, "code", None) == 164:  # READONLY: the account may not change anything
+                    raise ReadOnlySchema(self._readonly_text(c)) from exc
+                raise
+            return []
 
         self._each_shard(client, statements)
+
+    def _distributed_ddl(self) -> list[str]:
+        if not self.cluster:
+            return []
+        # Documents belong to no sensor: spread by their own key; a query reads every shard.
+        return [*distributed_sql(self.db, self.cluster, CH_SCHEMA_VERSION),
+                f"CREATE TABLE IF NOT EXISTS {self.db}.documents_d AS {self.db}.documents ENGINE = "
+                f"Distributed({_quote(self.cluster)}, {self.db}, documents, cityHash64(kind, name))"]
+
+    def _current(self, c) -> bool:
+        """Whether this server is at this program's schema version with every Distributed table it needs."""
+        if self._check_version(c) != CH_SCHEMA_VERSION:
+            return False
+        need = {m.group(1) for m in (re.search(r"TABLE IF NOT EXISTS \w+\.(\w+)", d) for d in self._distributed_ddl())
+                if m}
+        if not need:
+            return True
+        have = {r[0] for r in c.execute("SELECT name FROM system.tables WHERE database = %(d)s", {"d": self.db})}
+        return need <= have
+
+    def _readonly_text(self, c) -> str:
+        try:
+            version = _schema_version(c, self.db)
+        except Exception:  # the message matters more than the number
+            version = -1
+        found = f"schema version {version}" if version > 0 else "no schema yet"
+        return (f"database {self.db} has {found}, this program needs version {CH_SCHEMA_VERSION}, and user "
+                f"{credentials()[0]!r} is read-only (profile readonly): open it once with an account that may "
+                f"create tables (a sensor does at its start), then read it with this one. Nothing was changed.")
 
     def _migrate_shard(self, c) -> None:
         """Bring one shard's tables to this program's schema version, under the shard's migration lock."""
@@ -483,7 +620,8 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return False
             try:
-                self._write(batch)
+                with self._long(self._client):
+                    self._write(batch)
             except Exception as exc:  # any backend failure is state: the caller spools the batch
                 self._failed(exc)
                 return False
@@ -526,15 +664,15 @@ class ClickHouseStore(Store):
         if has_alerts:
             self._insert(client, "alerts", batch.alerts, ver)
         for row in batch.origins:
-            client.execute(f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) VALUES",
-                           [list(row)])
+            self._exec(client, f"INSERT INTO {self._t('origins')} ({', '.join(c for c, _ in ORIGIN_COLUMNS)}) "
+                               f"VALUES", [list(row)])
         if (sec := batch.frames.get("seconds")) is not None and len(sec):
             self._insert(client, "seconds_1m", minute_rows(sec), ver)
         hours = batch.frames.get("conversations_1h") if CH_SCHEMA_VERSION >= 5 else None  # 5: the candidates
         if hours is not None and len(hours):
             # The hour rows just written, read back on the sensor's shard: the hour's candidates and bound.
             h = hours["minute"].to_numpy(np.int64)
-            client.execute(f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
+            self._exec(client, f"INSERT INTO {self._t('conv_top_1h')} (sensor, iface, origin, seg, minute, top_by, "
                            f"{_CONV_KEYS}, packets, bytes, first_us, last_us, rest, ver) " + conv_top_select(
                                self._t("conversations_1h"), f"sensor = %(s)s AND ver = {ver} AND minute >= "
                                                             f"{int(h.min())} AND minute <= {int(h.max())}"),
@@ -545,13 +683,26 @@ class ClickHouseStore(Store):
         commit = [(sensor, batch.batch_id, int(s), ver, int(p if p is not None else fallback), 0, time.time())
                   for s, p in segs.items()]
         commit.append((sensor, batch.batch_id, 0, ver, int(fallback), int(has_alerts), time.time()))
+        self._write_losses(client, sensor, batch)
         # The commit: one block into one table on the sensor's shard; until it lands, the rows above count
         # nowhere. Then the batch-id record (`commits`): an attempt cut off between the two is not found
         # by id, so its retry writes the same segments under a newer version, which is the one that counts.
-        client.execute(f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
-                       [(c[0], c[4], c[2], c[3]) for c in commit])
-        client.execute(f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
-                       commit)
+        self._exec(client, f"INSERT INTO {self._t('commits_max')} (sensor, period, seg, ver) VALUES",
+                   [(c[0], c[4], c[2], c[3]) for c in commit])
+        self._exec(client, f"INSERT INTO {self._t('commits')} (sensor, batch, seg, ver, period, alerts, wall) VALUES",
+                   commit)
+
+    def _write_losses(self, client, sensor: str, batch: StoreBatch) -> None:
+        """The flush's receive time (the server's clock), and the sensor's loss counters when they changed."""
+        if CH_SCHEMA_VERSION < 6:
+            return
+        self._exec(client, f"INSERT INTO {self._t('flushes')} (sensor) VALUES", [(sensor,)])
+        losses = tuple(getattr(batch, "losses", ()) or ())  # (iface, *LOSS_COLUMNS)
+        if not losses or self._last_losses.get((sensor, losses[1])) == losses[3:]:
+            return
+        self._exec(client, f"INSERT INTO {self._t('losses')} (sensor, iface, {', '.join(LOSS_COLUMNS)}) VALUES",
+                   [(sensor, str(losses[0]), str(losses[1]), *(int(v) for v in losses[2:]))])
+        self._last_losses = {(sensor, losses[1]): losses[3:]}  # bounded: one run's last row
 
     def _batch_sensor(self, batch: StoreBatch) -> str:
         for frame in (*batch.frames.values(), batch.alerts):
@@ -567,7 +718,7 @@ class ClickHouseStore(Store):
         cols = list(frame.columns) if table == "seconds_1m" else columns(table)
         data = [_column(frame[c], table, c) for c in cols]
         data.append([ver] * len(frame))
-        client.execute(f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
+        self._exec(client, f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
 
     def _failed(self, exc: Exception) -> None:
         """A failed write: the error becomes state; the connection is dropped and opened again on the next write."""
@@ -604,8 +755,10 @@ class ClickHouseStore(Store):
             if not self._ready() or self._client is None:
                 raise OSError(self._message or "store is not open")
             try:
-                self._client.execute(f"INSERT INTO {self._t('documents')} (kind, name, body, updated, deleted, ver) "
-                                     f"VALUES", [(kind, name, text, time.time(), deleted, self.next_version())])
+                with self._long(self._client):
+                    self._exec(self._client, f"INSERT INTO {self._t('documents')} (kind, name, body, updated, "
+                                             f"deleted, ver) VALUES",
+                               [(kind, name, text, time.time(), deleted, self.next_version())])
             except Exception as exc:  # any backend failure: the caller shows it
                 self._failed(exc)
                 raise OSError(self._message) from exc
@@ -918,14 +1071,34 @@ class ClickHouseStore(Store):
                          f"max(created) AS created, sensor FROM {self._t('origins')} GROUP BY sensor, origin "
                          f"ORDER BY created", {})
 
+    def losses(self, r: TimeRange) -> pd.DataFrame:
+        """Per sensor, the packets lost within the range: ring and NIC drops, detector-stage skips
+        (packets and batches), history-stage skips. Per sensor run: the largest cumulative value up to
+        the range's end minus the largest before its start (re-sent rows change neither)."""
+        sensor = " AND sensor = %(sensor)s" if r.sensor else ""
+        cols = LOSS_COLUMNS[2:]
+        inner = ", ".join(f"maxIf({c}, ts <= %(until)s) - maxIf({c}, ts < %(since)s) AS {c}" for c in cols)
+        outer = ", ".join(f"toInt64(sum({c})) AS {c}" for c in cols)
+        df = self._run(f"SELECT sensor, {outer} FROM (SELECT sensor, run, {inner} FROM {self._t('losses')} "
+                       f"WHERE ts <= %(until)s{sensor} GROUP BY sensor, run) GROUP BY sensor ORDER BY sensor",
+                       r.params())
+        return df if len(df) else pd.DataFrame(columns=["sensor", *cols])
+
     def sensors(self, since: int = 0) -> pd.DataFrame:
         """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
 
         Read from commits_max (a few rows per sensor and minute once merged, not one per flush): a version
-        is the wall clock in microseconds when the write began (next_version), so the newest is the last flush."""
-        return self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
-                         f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
-                         {"since": int(since)})
+        is the sensor's wall clock in microseconds when the write began (next_version), so the newest is
+        the last flush. `server_age_s`: seconds since a server last took a write from it (`flushes`, the
+        servers' clocks only), NaN for a sensor that wrote nothing since schema version 6."""
+        df = self._run(f"SELECT sensor, max(ver) / 1000000.0 AS last_flush, max(period) AS last_period "
+                       f"FROM {self._t('commits_max')} WHERE period >= %(since)s GROUP BY sensor ORDER BY sensor",
+                       {"since": int(since)})
+        # How long ago the servers last took a write from each sensor, by the servers' clocks alone: a
+        # sensor whose clock is off is neither stale nor fresh for it (NaN: no flush since version 6).
+        ages = self._run(f"SELECT sensor, toInt64(now()) - toInt64(max(received)) AS server_age_s "
+                         f"FROM {self._t('flushes')} GROUP BY sensor", {})
+        return df.merge(ages, on="sensor", how="left") if len(df) else df.assign(server_age_s=[])
 
 
 def _literal(v) -> str:
