@@ -60,9 +60,32 @@ def live_filter(snap, tz: tzinfo | None):
     conds = [c for c in conds if c.key != "sensor"]
     if not conds:
         return snap
+    geo_state(conds)
     view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
     st.caption(plain(coverage_text(view.totals["filter"], tz)))
+    for note in view.totals["filter"].get("notes") or []:
+        st.warning(plain(note))
     return view
+
+
+def geo_state(conds: list) -> None:
+    """A country/AS filter while its databases still load matches only range labels (private, loopback):
+    said, so that a short count is not taken for the truth."""
+    if not any(c.key in flt.GEO_KEYS for c in conds):
+        return
+    try:
+        import enrich
+
+        geo = enrich.shared().geo
+    except Exception as exc:  # the filter then matches nothing; the reason is shown
+        st.error(plain(f"country/asn filters cannot be applied: the enrichment is unavailable ({exc})."))
+        return
+    if geo.error or geo.asn.error:
+        st.warning(plain(f"country/asn filters: {geo.error or geo.asn.error}; addresses without an answer count "
+                         "as 'not in database'."))
+    elif not (geo.source and geo.asn.ready):
+        st.info("The country and AS databases are still loading: until they are, country/asn filters match only "
+                "private, loopback and other range labels, and public addresses count as 'not in database'.")
 
 
 def show_errors(errors: list[str]) -> None:
@@ -223,6 +246,11 @@ def label_filters(key: str, label: str) -> list[tuple[str, str]]:
         return [("proto", proto), ("port", rest.split()[0])] if rest else []
     if key == "vlans":  # 'VLAN 10'
         return [("vlan", label.split()[-1])]
+    if key == "who_countries":  # 'US', 'private', 'not in database'
+        return [("country", label)]
+    if key == "who_networks":  # 'AS15169 Google LLC' -> asn=15169; 'private', an organisation: the label
+        first = label.split(" ", 1)[0]
+        return [("asn", first[2:] if first[:2] == "AS" and first[2:].isdigit() else label)]
     return []
 
 
@@ -643,6 +671,10 @@ def conversation_mask(df: pd.DataFrame, conds: list) -> pd.Series:
                 ~df["proto"].isin(list(IP_PROTO.values())) if name == "other_ip" else False)
         elif c.key == "vlan":
             keep &= df["vlan"] == c.value
+        elif c.key in flt.GEO_KEYS:
+            key_of = flt.geo_keys(c.key)
+            inside = {a: flt.geo_match(c.value, key_of(str(a))) for a in pd.unique(pd.concat([df["a"], df["b"]]))}
+            keep &= df["a"].map(inside) | df["b"].map(inside)
     return keep.fillna(False).astype(bool)
 
 
