@@ -13,6 +13,7 @@ import urllib.parse
 from datetime import tzinfo
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -486,11 +487,6 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
     if lows or highs:
         st.caption(f"from/to narrow the stored range to {viz.time_texts([lo], tz)[0]} – {viz.time_texts([hi], tz)[0]} "
                    "(whole seconds).")
-    rest = sorted({c.key for c in conds if c.key not in ("from", "to")})
-    if rest:
-        st.warning(plain(f"Not applied to the history's totals and charts: {', '.join(rest)}. The store keeps "
-                         "per-minute summaries, not packets: the numbers below are all traffic of the range, and "
-                         "the matching stored conversations follow them."))
     if hi < lo:
         st.error("from/to lie outside the chosen time range: showing the whole range.")
         return since, until
@@ -687,6 +683,87 @@ def _in(addr: str, net) -> bool:
         return False
 
 
+HISTORY_CONV_ROWS = 1_000_000  # stored conversation rows read for a filtered range (each minute's up to STORE_CONV_MAX)
+CLASS_OF_PROTO = {v: k for k, v in IP_PROTO.items()}
+
+
+def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[str, Any] | None:
+    """The stored range's totals, protocol mix and timeline for the URL's non-time filters, from what the store
+    holds: a protocol filter alone from the per-second protocol counts (exact), any other from the per-minute
+    stored conversations (IP only, whole minutes). None without such filters."""
+    from store.history import time_range
+
+    conds, _ = flt.parse(spec(), tz)
+    sensor = next((c.text for c in conds if c.key == "sensor"), None)
+    conds = [c for c in conds if c.key not in ("from", "to", "sensor")]
+    if not conds or engine.store is None:
+        return None
+    labels = plain(", ".join(c.label() for c in conds))  # URL text, shown in Markdown: never markup
+    r = time_range(since, until, sensor)
+    try:
+        got = _proto_history(engine.store, r, conds) if all(c.key == "proto" for c in conds) else \
+            _conversation_history(engine.store, r, conds)
+    except Exception as exc:  # a store that cannot answer is a message; the totals then say they are unfiltered
+        log.exception("filtered history query failed")
+        return {"error": plain(f"{type(exc).__name__}: {exc}"), "labels": labels}
+    return {**got, "labels": labels, "note": plain(got["note"])}
+
+
+def _binned(t: pd.Series, values: pd.DataFrame, since: int, until: int, width: int) -> pd.DataFrame:
+    """Per-bin sums (t, packets, bytes) over since..until, empty bins as 0."""
+    got = values.assign(t=(t.astype("int64") // width) * width).groupby("t")[["packets", "bytes"]].sum()
+    grid = np.arange(since // width * width, until + 1, width, dtype=np.int64)
+    return pd.DataFrame({"t": grid}).merge(got.reset_index(), on="t", how="left").fillna(0)
+
+
+def _proto_history(store, r, conds: list) -> dict[str, Any]:
+    """A protocol filter alone: the per-second protocol counts, exact to the second."""
+    from store.history import bin_width
+
+    wanted = {flt.CLASSES[c.value] for c in conds}
+    cls = next(iter(wanted))
+    t = store.totals(r)
+    width = bin_width(r.since, r.until)
+    got = store.series(r, width, (f"pk_{cls}", f"by_{cls}")).rename(columns={f"pk_{cls}": "packets",
+                                                                              f"by_{cls}": "bytes"})
+    if len(wanted) > 1:  # proto=tcp AND proto=udp: no packet is both
+        got = got.iloc[0:0]
+    packets, nbytes = (int(t[f"pk_{cls}"]), int(t[f"by_{cls}"])) if len(wanted) == 1 else (0, 0)
+    return {"packets": packets, "bytes": nbytes, "span_s": r.until - r.since + 1,
+            "transport_counts": {cls: packets}, "transport_bytes": {cls: nbytes},
+            "series": _binned(got["t"], got[["packets", "bytes"]], r.since, r.until, width), "bin_s": width,
+            "exact": True, "note": "exact, from the stored per-second protocol counts"}
+
+
+def _conversation_history(store, r, conds: list) -> dict[str, Any]:
+    """Any other filter: the stored per-minute conversations that match, summed per minute."""
+    from store.history import approximation, bin_width
+
+    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
+    cut = len(df) >= HISTORY_CONV_ROWS
+    df = df[conversation_mask(df, conds)] if len(df) else df
+    lo, hi = r.first_minute, r.until - r.until % 60 + 59  # the whole minutes the range touches
+    width = max(60, bin_width(lo, hi))
+    classes = df["proto"].map(lambda p: CLASS_OF_PROTO.get(int(p), "other_ip")) if len(df) else pd.Series([], dtype=str)
+    capped = approximation(store, r).get("conv")
+    notes = ["per minute, from the stored conversations: IP traffic only (ARP and other non-IP traffic has no "
+             f"conversations), the whole minutes {viz.time_texts([lo])[0]} – {viz.time_texts([hi])[0]} UTC "
+             "(traffic of those minutes outside the chosen seconds counts), and src= / dst= select a conversation "
+             "with that address at either end (a stored conversation does not keep which end sent a packet)"]
+    if capped:
+        notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX "
+                     f"conversations, {capped['packets_left_out']:,} packets of the conversations left out are "
+                     "not counted")
+    if cut:
+        notes.append(f"approximate: only the first {HISTORY_CONV_ROWS:,} stored conversation rows were read")
+    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
+            "span_s": hi - lo + 1,
+            "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
+            "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
+            "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
+            "exact": not (capped or cut), "note": "; ".join(notes)}
+
+
 def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
     """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations."""
     from store.history import time_range
@@ -710,7 +787,7 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
              .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
     st.dataframe(table, hide_index=True, key="hist_filtered_conv")
     st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
-               "minute): approximate when minutes were capped; the figures above the line are all traffic.")
+               "minute): approximate when minutes were capped.")
 
 
 EVIDENCE_COLUMN = "evidence view"
