@@ -341,8 +341,6 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         except flt.FilterError:
             continue  # 'all traffic', a MAC, 'packets/s': not an address
         out.append((key, str(text)))
-    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
-    span = [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
     protos, port = flt.alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
         protos = (flt.scan_proto(rows, alert),)
@@ -350,7 +348,52 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         out.append(("port", str(port)))
     if protos is not None and len(protos) == 1:
         out.append(("proto", protos[0]))
-    return out + span
+    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span ends after the last
+    # raise's second and starts at the first evidence packet (the buffer's), else at the first raise's second.
+    # A packet's time as the float it is (repr round-trips), so that the packet itself is inside the span.
+    start = repr(evidence_start(alert, rows, out)) if rows is not None else _num(float(int(alert.first_ts)))
+    return [*out, ("from", start), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+
+
+ACK = 0x10
+
+
+def evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+    """The capture time of an alert's first evidence packet in the buffer: of its traffic (`pairs`: its
+    addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
+    attempts are counted over a SCAN_WINDOW_S epoch before it is raised, the earliest probe (a packet with
+    no ACK: a SYN, a NULL/FIN/Xmas probe, a UDP datagram) in the window before the raise. Falls back to
+    the first raise's whole second when the buffer no longer holds them."""
+    key = (alert.detector, alert.source, alert.target, alert.first_ts, tuple(pairs))
+    if key not in _STARTS:  # a past span's packets do not change: one pass over the buffer per alert
+        if len(_STARTS) >= _STARTS_MAX:
+            _STARTS.clear()
+            _SEEN.clear()
+        _STARTS[key] = _evidence_start(alert, rows, pairs)
+        _SEEN.add(key[:4])
+    return _STARTS[key]
+
+
+_STARTS: dict[tuple, float] = {}
+_SEEN: set[tuple] = set()  # the alerts of _STARTS
+_STARTS_MAX = 4096
+
+
+def known(alert) -> bool:
+    """Whether an alert's evidence start was found before (its link then costs no pass over the buffer)."""
+    return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
+
+
+def _evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+    second = float(int(alert.first_ts))
+    conds, _ = flt.parse(pairs)
+    if alert.detector == "port_scan":
+        conds += [flt.Condition("from", "", alert.first_ts - float(config.get("SCAN_WINDOW_S")))]
+        mine = rows[flt.mask(rows, conds) & (rows["ts"] <= alert.first_ts)]
+        mine = mine[(mine["cls"] != flt.CLASSES.index("tcp")) | ((mine["tcp_flags"] & ACK) == 0)]
+    else:
+        mine = rows[flt.mask(rows, [*conds, flt.Condition("from", "", second), flt.Condition("to", "", second + 1)])]
+    return float(mine["ts"].min()) if len(mine) else second
 
 
 def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
@@ -791,13 +834,21 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
 
 
 EVIDENCE_COLUMN = "evidence view"
+LINKS_PER_RUN = 50
 
 
-def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
-    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
+def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
+    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL);
+    `rows` (the whole buffer) settle a vertical scan's protocol and each alert's first evidence packet."""
     if not len(frame):
         return frame
-    links = [alert_link(a) for a in alerts]
+    # Each alert's first link costs a pass or two over the buffer; at most LINKS_PER_RUN new ones a rerun
+    # (the rest show their first raise's whole second until a later refresh finds their evidence).
+    budget, links = LINKS_PER_RUN, []
+    for a in alerts:
+        fresh = rows is not None and not known(a)
+        links.append(alert_link(a, rows if rows is not None and (not fresh or budget > 0) else None))
+        budget -= fresh
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 
