@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import time
 import urllib.parse
 from datetime import tzinfo
 from typing import Any
@@ -551,15 +552,25 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
     if bt.DETECTOR_OF[setting] in disabled:
         st.caption(plain(f"{bt.DETECTOR_OF[setting]} is switched off now: the back-test shows what it would raise "
                          "if switched on."))
+    over = backtest_over(engine, setting)
     default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
-                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
+                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order "
+                              "(or the spike detector over the stored seconds).")
     job = st.session_state.get("bt_job")
-    if st.button("Run the back-test", key="bt_run", disabled=job is not None and job.running):
+    if st.button("Run the back-test", key="bt_run", disabled=(job is not None and job.running) or over is False):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            st.session_state["bt_job"] = job = bt.Job(snap.packets, setting, values, overrides, disabled)
-            st.session_state["bt_cover"] = coverage_text({**flt.coverage(snap), "matched": len(snap.packets)}, tz)
+            if over:  # a stored range: the spike detector over its seconds
+                since, until = over
+                rows, runner = bt.stored_seconds(engine.store, since, until), bt.run_seconds
+                cover = (f"the stored seconds from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]}"
+                         f" ({len(rows[0]):,} seconds with traffic, {int(rows[1].sum()):,} packets).")
+            else:
+                rows, runner = snap.packets, bt.run
+                cover = "the buffered packets: " + coverage_text({**flt.coverage(snap), "matched": len(rows)}, tz)
+            st.session_state["bt_job"] = job = bt.Job(rows, setting, values, overrides, disabled, runner)
+            st.session_state["bt_cover"] = cover
         except ValueError as exc:
             st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
     if job is not None and job.running:
@@ -576,7 +587,37 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
             st.error(plain(result[2]))
         else:
             st.dataframe(result[1], hide_index=True, key="bt_table")
-            st.caption(plain("Over the buffered packets: " + result[2]))
+            st.caption(plain("Over " + result[2]))
+
+
+BUFFERED = "the buffered packets"
+BT_RANGES = {"the stored last 1 h": 3600, "the stored last 6 h": 6 * 3600, "the stored last 24 h": 86_400,
+             "the stored last 7 days": 7 * 86_400}
+
+
+def backtest_over(engine, setting: str) -> tuple[int, int] | bool | None:
+    """Where the back-test runs: None for the buffered packets, (since, until) for a stored range, False
+    when a stored range is asked for a threshold the store cannot back-test (the page says why)."""
+    from investigate import backtest as bt
+
+    if getattr(engine, "store", None) is None:
+        st.caption("Over the buffered packets (the history store is off: HISTORY).")
+        return None
+    pick = st.radio("Over", [BUFFERED, *BT_RANGES], horizontal=True,
+                    key="bt_over", help="A stored range back-tests the spike thresholds only: see below.")
+    st.caption(plain("A stored range: the store keeps each second's packets and bytes, so the spike detector's "
+                     f"thresholds ({', '.join(bt.HISTORY_SETTINGS)}) are tried over exactly what it would have seen. "
+                     "The others need the packets, which the store does not keep: "
+                     + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()) + "."))
+    if pick == BUFFERED:
+        return None
+    if setting not in bt.HISTORY_SETTINGS:
+        st.warning(plain(f"{setting} cannot be back-tested over a stored range: {bt.DETECTOR_OF[setting]} needs "
+                         f"{bt.NOT_FROM_HISTORY[bt.DETECTOR_OF[setting]]}, which the store does not keep. Back-test "
+                         "it over the buffered packets."))
+        return False
+    until = int(time.time())
+    return until - BT_RANGES[pick] + 1, until
 
 
 def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
