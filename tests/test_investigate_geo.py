@@ -107,3 +107,46 @@ def test_country_and_asn_values_parse_and_bad_ones_say_why():
         flt.parse_one("country", " ")
     assert inv.label_filters("who_networks", "private") == [("asn", "private")]
     assert inv.label_filters("who_countries", "not in database") == [("country", "not in database")]
+
+
+@pytest.mark.browser
+def test_a_country_bar_clicked_in_a_real_browser_filters_the_page(tmp_path, capture):
+    """In Chromium: the Top countries tab, a click on the US 'sent' bar: the URL gets country=US, a chip shows,
+    and the Packets metric is tshark's count of the packets with either end in the US."""
+    from conftest import wait_for
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROME_ARGS, CHROMIUM, dashboard, packets
+    from test_investigate_browser import chart, chips, query, until
+
+    total, _ = tshark_count(capture, "frame")
+    want, _ = tshark_count(capture, either_end(0, "US"))
+    with dashboard(["--pcap", capture], tmp_path / "server.log", REFRESH_S="30") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 2400})
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        assert wait_for(lambda: packets(page) == total, 90), packets(page)
+        tab = page.get_by_role("tab", name="Top countries")
+        countries = chart(page, "Top countries")
+
+        def labels() -> list:
+            try:
+                return page.evaluate("(el) => el.data[0].y", countries.locator(".js-plotly-plot").element_handle(
+                    timeout=2000))
+            except Exception:  # being redrawn
+                return []
+
+        def us_bar_click() -> None:
+            tab.click()
+            ys = labels()
+            if "US" not in ys:
+                return
+            bar = countries.locator("g.trace.bars").first.locator("g.point path").nth(ys.index("US"))
+            box = bar.bounding_box()
+            if box is not None:
+                page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+        assert until(page, us_bar_click, lambda: query(page).get("country") == ["US"], tries=6), page.url
+        assert wait_for(lambda: packets(page) == want, 60), (packets(page), want)
+        assert chips(page) == ["✕ country = US"]
+        browser.close()
