@@ -352,16 +352,19 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
     # Detectors stamp whole seconds (a spike's second) or a packet's time: the span ends after the last
     # raise's second and starts at the first evidence packet (the buffer's), else at the first raise's second.
     # A packet's time as the float it is (repr round-trips), so that the packet itself is inside the span.
-    start = repr(evidence_start(alert, rows, out)) if rows is not None else _num(float(int(alert.first_ts)))
+    # A detector that counts whole seconds (a spike, a flood) has the second as its evidence: kept whole.
+    start = repr(evidence_start(alert, rows, out)) if rows is not None and alert.detector not in SECOND_STAMPED \
+        else _num(float(int(alert.first_ts)))
     return [*out, ("from", start), ("to", _num(float(int(alert.last_ts)) + 1.0))]
 
 
 ACK = 0x10
+SECOND_STAMPED = ("spike", "syn_flood", "icmp_flood", "udp_flood", "reflection")  # raised for a whole second
 
 
 def evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
-    """The capture time of an alert's first evidence packet in the buffer: of its traffic (`pairs`: its
-    addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
+    """The capture time of a packet-stamped alert's first evidence packet in the buffer: of its traffic
+    (`pairs`: its addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
     attempts are counted over a SCAN_WINDOW_S epoch before it is raised, the earliest probe (a packet with
     no ACK: a SYN, a NULL/FIN/Xmas probe, a UDP datagram) in the window before the raise. Falls back to
     the first raise's whole second when the buffer no longer holds them."""
@@ -779,10 +782,11 @@ def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[st
 
     conds, _ = flt.parse(spec(), tz)
     sensor = next((c.text for c in conds if c.key == "sensor"), None)
-    conds = [c for c in conds if c.key not in ("from", "to", "sensor")]
-    if not conds or engine.store is None:
+    shown = [c for c in conds if c.key not in ("from", "to")]
+    conds = [c for c in shown if c.key != "sensor"]
+    if not shown or engine.store is None:
         return None
-    labels = plain(", ".join(c.label() for c in conds))  # URL text, shown in Markdown: never markup
+    labels = plain(", ".join(c.label() for c in shown))  # URL text, shown in Markdown: never markup
     r = time_range(since, until, sensor)
     try:
         got = _proto_history(engine.store, r, conds) if all(c.key == "proto" for c in conds) else \
@@ -801,22 +805,24 @@ def _binned(t: pd.Series, values: pd.DataFrame, since: int, until: int, width: i
 
 
 def _proto_history(store, r, conds: list) -> dict[str, Any]:
-    """A protocol filter alone: the per-second protocol counts, exact to the second."""
+    """A protocol filter alone (or only sensor=): the per-second totals, exact to the second."""
     from store.history import bin_width
 
     wanted = {flt.CLASSES[c.value] for c in conds}
-    cls = next(iter(wanted))
     t = store.totals(r)
     width = bin_width(r.since, r.until)
-    got = store.series(r, width, (f"pk_{cls}", f"by_{cls}")).rename(columns={f"pk_{cls}": "packets",
-                                                                              f"by_{cls}": "bytes"})
+    cols = (f"pk_{next(iter(wanted))}", f"by_{next(iter(wanted))}") if wanted else ("packets", "bytes")
+    got = store.series(r, width, cols).rename(columns=dict(zip(cols, ("packets", "bytes"))))
     if len(wanted) > 1:  # proto=tcp AND proto=udp: no packet is both
         got = got.iloc[0:0]
-    packets, nbytes = (int(t[f"pk_{cls}"]), int(t[f"by_{cls}"])) if len(wanted) == 1 else (0, 0)
+    packets, nbytes = (int(t[cols[0]]), int(t[cols[1]])) if len(wanted) <= 1 else (0, 0)
+    classes = wanted if wanted else flt.CLASSES
     return {"packets": packets, "bytes": nbytes, "span_s": r.until - r.since + 1,
-            "transport_counts": {cls: packets}, "transport_bytes": {cls: nbytes},
+            "transport_counts": {c: int(t[f"pk_{c}"]) for c in classes if len(wanted) <= 1},
+            "transport_bytes": {c: int(t[f"by_{c}"]) for c in classes if len(wanted) <= 1},
             "series": _binned(got["t"], got[["packets", "bytes"]], r.since, r.until, width), "bin_s": width,
-            "exact": True, "note": "exact, from the stored per-second protocol counts"}
+            "exact": True, "note": "exact, from the stored per-second " + ("protocol counts" if wanted else "totals")
+            + (" of that sensor" if r.sensor else "")}
 
 
 def _conversation_history(store, r, conds: list) -> dict[str, Any]:
@@ -887,7 +893,7 @@ def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
     # (the rest show their first raise's whole second until a later refresh finds their evidence).
     budget, links = LINKS_PER_RUN, []
     for a in alerts:
-        fresh = rows is not None and not known(a)
+        fresh = rows is not None and a.detector not in SECOND_STAMPED and not known(a)
         links.append(alert_link(a, rows if rows is not None and (not fresh or budget > 0) else None))
         budget -= fresh
     return frame.assign(**{EVIDENCE_COLUMN: links})

@@ -124,3 +124,20 @@ def test_history_totals_and_timeline_follow_host_port_proto(fresh, tmp_path, sto
     at = filtered(at)
     assert count(at) == tshark_count(path, "frame")[0]
     assert "Traffic by capture time" in figures(at)
+
+
+def test_history_sensor_filter_alone_selects_that_sensors_stored_seconds(fresh, tmp_path, stored_file):
+    """sensor= alone: the per-second totals of that sensor (exact); a sensor the store never heard of: none."""
+    import socket
+
+    import config
+
+    path, _ = stored_file
+    at = history_page_at(fresh, tmp_path, path)
+    total, total_bytes = tshark_count(path, "frame")
+    name = config.get("STORE_SENSOR") or socket.gethostname()
+    at = filtered(at, sensor=name)
+    assert count(at) == total and metric(at, "Bytes").value == f"{total_bytes:,}"
+    assert "exact, from the stored per-second totals of that sensor" in notes(at)
+    at = filtered(at, sensor="no-such-sensor")
+    assert count(at) == 0
