@@ -109,8 +109,10 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
     store = engine.store
     summary = history_summary(store, since, until)
     r = time_range(since, until)
+    alerts = store.alerts(r)
     if filtered is not None and "error" not in filtered:
-        shown, pie_src = _filtered_metrics(summary, filtered), filtered
+        alerts = filtered["keep_alerts"](alerts)
+        shown, pie_src = _filtered_metrics(summary, filtered, len(alerts)), filtered
     else:
         shown, pie_src = _metrics(summary, until - since + 1), summary
         if filtered is not None:
@@ -152,7 +154,6 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
                    f"this range cuts, {edges['packets']:,} packets outside its seconds included (the totals "
                    "above are exact).")
     st.subheader("Alerts in this range")
-    alerts = store.alerts(r)
     st.dataframe(viz.history_alerts_table(alerts, tz), hide_index=True, key="hist_alerts")
     history_downloads(engine, since, until)
 
@@ -168,7 +169,7 @@ def _metrics(summary: dict[str, Any], span: int) -> int:
     return int(summary["packets"])
 
 
-def _filtered_metrics(summary: dict[str, Any], f: dict[str, Any]) -> int:
+def _filtered_metrics(summary: dict[str, Any], f: dict[str, Any], alerts: int) -> int:
     """The matching traffic's totals as the page's metrics, with what they are counted from said (`f`'s
     labels, note and error are Markdown-escaped text: the URL's values are never markup)."""
     span = int(f["span_s"])
@@ -178,7 +179,8 @@ def _filtered_metrics(summary: dict[str, Any], f: dict[str, Any]) -> int:
     cols[1].metric("Bytes", f"{f['bytes']:,}", help=f"{how} All traffic: {summary['bytes_wire']:,} bytes.")
     cols[2].metric("Packets/s", f"{f['packets'] / span:,.2f}", help=f"Average over {span:,} s. {how}")
     cols[3].metric("Bit/s", f"{f['bytes'] * 8 / span:,.0f}", help=f"Average over {span:,} s. {how}")
-    cols[4].metric("Alerts", f"{len(summary['alerts']):,}", help="Alerts of the range (not filtered).")
+    cols[4].metric("Alerts", f"{alerts:,}", help=f"The range's alerts that concern the matching traffic (of "
+                                                 f"{len(summary['alerts']):,}).")
     (st.caption if f["exact"] else st.warning)(
         f"Filtered figures ({f['labels']}) — packets, bytes, rates, protocol mix and timeline: {f['note']}.")
     return int(f["packets"])

@@ -794,7 +794,14 @@ def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[st
     except Exception as exc:  # a store that cannot answer is a message; the totals then say they are unfiltered
         log.exception("filtered history query failed")
         return {"error": plain(f"{type(exc).__name__}: {exc}"), "labels": labels}
-    return {**got, "labels": labels, "note": plain(got["note"])}
+    return {**got, "labels": labels, "note": plain(got["note"]), "keep_alerts": functools.partial(_keep_alerts, conds)}
+
+
+def _keep_alerts(conds: list, alerts: pd.DataFrame) -> pd.DataFrame:
+    """The stored alerts that concern the filtered traffic (their addresses, seconds, protocol and port)."""
+    if not len(alerts) or not conds:
+        return alerts
+    return alerts[[flt.alert_matches(a, conds) for a in alerts.itertuples(index=False)]]
 
 
 def _binned(t: pd.Series, values: pd.DataFrame, since: int, until: int, width: int) -> pd.DataFrame:

@@ -141,3 +141,36 @@ def test_history_sensor_filter_alone_selects_that_sensors_stored_seconds(fresh, 
     assert "exact, from the stored per-second totals of that sensor" in notes(at)
     at = filtered(at, sensor="no-such-sensor")
     assert count(at) == 0
+
+
+def test_history_alerts_follow_the_filters(fresh, tmp_path):
+    """A stored TCP scan 10.9.0.5 -> 10.9.0.7 beside the mixed traffic: the Alerts metric and table keep it
+    under host=10.9.0.5 or proto=tcp, and drop it under another host or proto=icmp."""
+    from scapy.all import IP, TCP, Ether, wrpcap
+
+    ts0 = float(int(time.time()) // 60 * 60 - 600)
+    eth = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+    pkts = mixed_packets(seconds=20, spike_from=999)
+    for p in pkts:
+        p.time = float(p.time) - T0 + ts0
+    for i, port in enumerate(range(300, 330)):
+        syn = eth / IP(src="10.9.0.5", dst="10.9.0.7") / TCP(sport=42000, dport=port, flags="S")
+        rst = eth / IP(src="10.9.0.7", dst="10.9.0.5") / TCP(sport=port, dport=42000, flags="RA")
+        syn.time, rst.time = ts0 + 5 + i * 0.1, ts0 + 5 + i * 0.1 + 0.001
+        pkts += [syn, rst]
+    pkts.sort(key=lambda p: float(p.time))
+    path = tmp_path / "scan-and-mix.pcap"
+    wrpcap(str(path), pkts)
+    at = history_page_at(fresh, tmp_path, str(path))
+    alerts = int(metric(at, "Alerts").value)
+    assert alerts >= 1
+
+    def scans(a) -> int:
+        table = next(d.value for d in a.dataframe if "evidence" in d.value.columns and "detector" in d.value.columns)
+        return int((table["detector"] == "port_scan").sum())
+    assert scans(at) == 1
+    for query, kept in (({"host": "10.9.0.5"}, 1), ({"proto": "tcp"}, 1), ({"host": SPIKER}, 0),
+                        ({"proto": "icmp"}, 0)):
+        at = filtered(at, **query)
+        assert scans(at) == kept, query
+        assert int(metric(at, "Alerts").value) <= alerts and (kept == 0 or int(metric(at, "Alerts").value) >= 1)
