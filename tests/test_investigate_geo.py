@@ -124,7 +124,7 @@ def test_a_country_bar_clicked_in_a_real_browser_filters_the_page(tmp_path, capt
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
         page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=120_000)  # a first load on a loaded machine
         assert wait_for(lambda: packets(page) == total, 90), packets(page)
         tab = page.get_by_role("tab", name="Top countries")
         countries = chart(page, "Top countries")
