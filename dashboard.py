@@ -541,8 +541,9 @@ def chart(fig, key: str) -> None:
     st.plotly_chart(fig, key=key, **inv.selectable(key, fig, LOCAL_TZ))
 
 
-def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
-    """The detectors' findings, newest first, filterable by severity, with acknowledge and clear."""
+def alerts_panel(snap: Snapshot, engine: CaptureEngine, whole: Snapshot | None = None) -> None:
+    """The detectors' findings, newest first, filterable by severity, with acknowledge and clear; `whole`: the
+    unfiltered snapshot, whose packets settle each evidence link."""
     st.subheader("Alerts")
     suppressed = snap.totals.get("alerts_suppressed") or {}
     if total := sum(int(n or 0) for n in suppressed.values()):
@@ -555,7 +556,8 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine) -> None:
     severities = st.multiselect("Severity", ["high", "medium", "low"], default=["high", "medium", "low"],
                                 key="alert_sev")
     shown = [a for a in snap.alerts if a.severity in severities]
-    st.dataframe(inv.with_links(viz.alerts_table(shown, LOCAL_TZ), shown), hide_index=True, key="alerts",
+    rows = (whole or snap).packets
+    st.dataframe(inv.with_links(viz.alerts_table(shown, LOCAL_TZ), shown, rows), hide_index=True, key="alerts",
                  column_config=inv.link_config())
     ack, clear = st.columns(2)
     # Callbacks run before the next rerun draws the page, so the metrics above see the change.
@@ -666,7 +668,7 @@ def page() -> None:
     history_page.import_action(engine)
     if span is not None:  # a stored range: drawn from the history store, not the buffer
         span = inv.history_span(*span, LOCAL_TZ)
-        history_page.history_view(engine, *span, LOCAL_TZ)
+        history_page.history_view(engine, *span, LOCAL_TZ, inv.history_filter(engine, *span, LOCAL_TZ))
         inv.history_filtered(engine, *span, LOCAL_TZ)
     else:
         live_view(engine, snap, end, duration, taken)
@@ -686,7 +688,7 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
     else:
         charts(snap, end)
         enrich_page.panel(snap, LOCAL_TZ)
-        alerts_panel(snap, engine)
+        alerts_panel(snap, engine, whole)
         alerts_page.alert_extras(snap, engine)
         inv.alert_tools(whole, LOCAL_TZ, snap.alerts)  # evidence from the whole buffer, not the filtered one
         inv.explain_panel(whole, LOCAL_TZ)

@@ -81,18 +81,18 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     dst = who_rows(en, snap.top_addresses("dst", by))
     with tabs[0]:
         a, b = st.columns(2)
-        a.plotly_chart(viz.who_bar(src, "Top sources: who", by), key="who_src")
-        b.plotly_chart(viz.who_bar(dst, "Top destinations: who", by), key="who_dst")
+        chart(a, viz.who_bar(src, "Top sources: who", by), "who_src", tz)
+        chart(b, viz.who_bar(dst, "Top destinations: who", by), "who_dst", tz)
         st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
     with tabs[1]:
         st.dataframe(conversations_who(en, snap.top_conversations(20, by)), hide_index=True, key="who_conv")
     countries, networks, note = ends_views(en, snap, by)
     with tabs[2]:
-        st.plotly_chart(ends_bar(countries, "Top countries", by), key="who_countries")
-        st.caption(plain(note))
+        chart(st, ends_bar(countries, "Top countries", by), "who_countries", tz)
+        st.caption(plain(note + CLICK_NOTE))
     with tabs[3]:
-        st.plotly_chart(ends_bar(networks, "Top networks (AS)", by), key="who_networks")
-        st.caption(plain(note))
+        chart(st, ends_bar(networks, "Top networks (AS)", by), "who_networks", tz)
+        st.caption(plain(note + CLICK_NOTE))
     with tabs[4]:
         process_view(en, snap)
     with tabs[5]:
@@ -103,6 +103,17 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     st.caption(plain(enrich_note(en)))
     # DB-IP's licence (CC BY 4.0) asks pages that show its results for this link; fixed text, not data.
     st.caption("AS data: [IP Geolocation by DB-IP](https://db-ip.com), RouteViews and NRO, CC BY 4.0.")
+
+
+CLICK_NOTE = (" A click on a bar filters the whole page to the packets with either end in that country or "
+              "network (country= / asn= in the URL).")
+
+
+def chart(where, fig: go.Figure, key: str, tz: tzinfo | None) -> None:
+    """A bar chart whose clicked bar adds its filter to the page (investigate_page.selectable)."""
+    import investigate_page as inv
+
+    where.plotly_chart(fig, key=key, **inv.selectable(key, fig, tz))
 
 
 def process_view(en, snap: Snapshot) -> None:

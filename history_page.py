@@ -91,38 +91,50 @@ def store_banner(state: dict[str, Any] | None) -> None:
 # -- a stored range ---------------------------------------------------------------------------
 
 
-def history_view(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None) -> None:
-    """Metrics, protocol mix, timeline, top talkers, ports, conversations and alerts of a stored range."""
+def history_view(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None,
+                 filtered: dict[str, Any] | None = None) -> None:
+    """Metrics, protocol mix, timeline, top talkers, ports, conversations and alerts of a stored range;
+    `filtered` (investigate_page.history_filter): the metrics, protocol mix and timeline of the matching traffic."""
     try:
-        _history_body(engine, since, until, tz)
+        _history_body(engine, since, until, tz, filtered)
     except Exception as exc:  # a store that cannot answer is a message, never a broken page
         log.exception("history query failed")
         st.error(f"History cannot be read: {type(exc).__name__}: {exc}")
 
 
-def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None) -> None:
+def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None,
+                  filtered: dict[str, Any] | None = None) -> None:
     from store.history import approximation, history_summary, time_range
 
     store = engine.store
     summary = history_summary(store, since, until)
-    frame, bin_s = range_series(store, since, until)
     r = time_range(since, until)
-    span = until - since + 1
-    cols = st.columns(5)
-    cols[0].metric("Packets", f"{summary['packets']:,}", help="Every packet stored for this range.")
-    cols[1].metric("Bytes", f"{summary['bytes_wire']:,}", help="Bytes on the wire stored for this range.")
-    cols[2].metric("Packets/s", f"{summary['packets'] / span:,.2f}", help=f"Average over the {span:,} s of the range.")
-    cols[3].metric("Bit/s", f"{summary['bytes_wire'] * 8 / span:,.0f}", help=f"Average over the {span:,} s.")
-    cols[4].metric("Alerts", f"{len(summary['alerts']):,}")
+    alerts = store.alerts(r)
+    if filtered is not None and "error" not in filtered:
+        alerts = filtered["keep_alerts"](alerts)
+        shown, pie_src = _filtered_metrics(summary, filtered, len(alerts)), filtered
+    else:
+        shown, pie_src = _metrics(summary, until - since + 1), summary
+        if filtered is not None:
+            st.error(f"The filters ({filtered['labels']}) cannot be applied to the totals and charts: "
+                     f"{filtered['error']}. They show all traffic of the range.")
     st.caption(f"History from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]} "
                f"(both seconds included) · store {store.path}")
     if not summary["packets"]:
         st.info("The history holds no traffic in this range.")
+    elif not shown:
+        st.info("No stored traffic of this range matches the filters.")
     left, right = st.columns([1, 2])
     by = left.radio("Pie by", ["packets", "bytes"], horizontal=True, key="hist_pie_by")
-    left.plotly_chart(viz.protocol_pie(summary["transport_counts" if by == "packets" else "transport_bytes"], by),
+    left.plotly_chart(viz.protocol_pie(pie_src["transport_counts" if by == "packets" else "transport_bytes"], by),
                       key="hist_pie")
-    right.plotly_chart(viz.history_timeline(frame, bin_s, tz), key="hist_timeline")
+    if filtered is not None and "error" not in filtered:
+        right.plotly_chart(viz.matching_timeline(filtered["series"], filtered["bin_s"], tz), key="hist_timeline")
+        st.warning("Top talkers, ports and conversations just below are all traffic of the range (the store keeps "
+                   "them per minute without the other fields); the matching stored conversations follow them.")
+    else:
+        frame, bin_s = range_series(store, since, until)
+        right.plotly_chart(viz.history_timeline(frame, bin_s, tz), key="hist_timeline")
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="hist_top_by")
     a, b = st.columns(2)
     src = _addrs(store.top_addrs(r, "src", top_by))
@@ -142,9 +154,36 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
                    f"this range cuts, {edges['packets']:,} packets outside its seconds included (the totals "
                    "above are exact).")
     st.subheader("Alerts in this range")
-    alerts = store.alerts(r)
     st.dataframe(viz.history_alerts_table(alerts, tz), hide_index=True, key="hist_alerts")
     history_downloads(engine, since, until)
+
+
+def _metrics(summary: dict[str, Any], span: int) -> int:
+    """The range's totals as the page's metrics (every stored packet); the packets shown."""
+    cols = st.columns(5)
+    cols[0].metric("Packets", f"{summary['packets']:,}", help="Every packet stored for this range.")
+    cols[1].metric("Bytes", f"{summary['bytes_wire']:,}", help="Bytes on the wire stored for this range.")
+    cols[2].metric("Packets/s", f"{summary['packets'] / span:,.2f}", help=f"Average over the {span:,} s of the range.")
+    cols[3].metric("Bit/s", f"{summary['bytes_wire'] * 8 / span:,.0f}", help=f"Average over the {span:,} s.")
+    cols[4].metric("Alerts", f"{len(summary['alerts']):,}")
+    return int(summary["packets"])
+
+
+def _filtered_metrics(summary: dict[str, Any], f: dict[str, Any], alerts: int) -> int:
+    """The matching traffic's totals as the page's metrics, with what they are counted from said (`f`'s
+    labels, note and error are Markdown-escaped text: the URL's values are never markup)."""
+    span = int(f["span_s"])
+    how = f"Matching {f['labels']}: {f['note']}."
+    cols = st.columns(5)
+    cols[0].metric("Packets", f"{f['packets']:,}", help=f"{how} All traffic: {summary['packets']:,} packets.")
+    cols[1].metric("Bytes", f"{f['bytes']:,}", help=f"{how} All traffic: {summary['bytes_wire']:,} bytes.")
+    cols[2].metric("Packets/s", f"{f['packets'] / span:,.2f}", help=f"Average over {span:,} s. {how}")
+    cols[3].metric("Bit/s", f"{f['bytes'] * 8 / span:,.0f}", help=f"Average over {span:,} s. {how}")
+    cols[4].metric("Alerts", f"{alerts:,}", help=f"The range's alerts that concern the matching traffic (of "
+                                                 f"{len(summary['alerts']):,}).")
+    (st.caption if f["exact"] else st.warning)(
+        f"Filtered figures ({f['labels']}) — packets, bytes, rates, protocol mix and timeline: {f['note']}.")
+    return int(f["packets"])
 
 
 def range_series(store, since: int, until: int) -> tuple[pd.DataFrame, int]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import time
 import urllib.parse
 from datetime import tzinfo
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -60,9 +62,32 @@ def live_filter(snap, tz: tzinfo | None):
     conds = [c for c in conds if c.key != "sensor"]
     if not conds:
         return snap
+    geo_state(conds)
     view = flt.view(snap, conds, config.get("TOP_TABLE_MAX"), config.get("BIN_SECONDS"))
     st.caption(plain(coverage_text(view.totals["filter"], tz)))
+    for note in view.totals["filter"].get("notes") or []:
+        st.warning(plain(note))
     return view
+
+
+def geo_state(conds: list) -> None:
+    """A country/AS filter while its databases still load matches only range labels (private, loopback):
+    said, so that a short count is not taken for the truth."""
+    if not any(c.key in flt.GEO_KEYS for c in conds):
+        return
+    try:
+        import enrich
+
+        geo = enrich.shared().geo
+    except Exception as exc:  # the filter then matches nothing; the reason is shown
+        st.error(plain(f"country/asn filters cannot be applied: the enrichment is unavailable ({exc})."))
+        return
+    if geo.error or geo.asn.error:
+        st.warning(plain(f"country/asn filters: {geo.error or geo.asn.error}; addresses without an answer count "
+                         "as 'not in database'."))
+    elif not (geo.source and geo.asn.ready):
+        st.info("The country and AS databases are still loading: until they are, country/asn filters match only "
+                "private, loopback and other range labels, and public addresses count as 'not in database'.")
 
 
 def show_errors(errors: list[str]) -> None:
@@ -223,6 +248,11 @@ def label_filters(key: str, label: str) -> list[tuple[str, str]]:
         return [("proto", proto), ("port", rest.split()[0])] if rest else []
     if key == "vlans":  # 'VLAN 10'
         return [("vlan", label.split()[-1])]
+    if key == "who_countries":  # 'US', 'private', 'not in database'
+        return [("country", label)]
+    if key == "who_networks":  # 'AS15169 Google LLC' -> asn=15169; 'private', an organisation: the label
+        first = label.split(" ", 1)[0]
+        return [("asn", first[2:] if first[:2] == "AS" and first[2:].isdigit() else label)]
     return []
 
 
@@ -312,8 +342,6 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         except flt.FilterError:
             continue  # 'all traffic', a MAC, 'packets/s': not an address
         out.append((key, str(text)))
-    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span covers both.
-    span = [("from", _num(float(int(alert.first_ts)))), ("to", _num(float(int(alert.last_ts)) + 1.0))]
     protos, port = flt.alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
         protos = (flt.scan_proto(rows, alert),)
@@ -321,7 +349,55 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         out.append(("port", str(port)))
     if protos is not None and len(protos) == 1:
         out.append(("proto", protos[0]))
-    return out + span
+    # Detectors stamp whole seconds (a spike's second) or a packet's time: the span ends after the last
+    # raise's second and starts at the first evidence packet (the buffer's), else at the first raise's second.
+    # A packet's time as the float it is (repr round-trips), so that the packet itself is inside the span.
+    # A detector that counts whole seconds (a spike, a flood) has the second as its evidence: kept whole.
+    start = repr(evidence_start(alert, rows, out)) if rows is not None and alert.detector not in SECOND_STAMPED \
+        else _num(float(int(alert.first_ts)))
+    return [*out, ("from", start), ("to", _num(float(int(alert.last_ts)) + 1.0))]
+
+
+ACK = 0x10
+SECOND_STAMPED = ("spike", "syn_flood", "icmp_flood", "udp_flood", "reflection")  # raised for a whole second
+
+
+def evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+    """The capture time of a packet-stamped alert's first evidence packet in the buffer: of its traffic
+    (`pairs`: its addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
+    attempts are counted over a SCAN_WINDOW_S epoch before it is raised, the earliest probe (a packet with
+    no ACK: a SYN, a NULL/FIN/Xmas probe, a UDP datagram) in the window before the raise. Falls back to
+    the first raise's whole second when the buffer no longer holds them."""
+    key = (alert.detector, alert.source, alert.target, alert.first_ts, tuple(pairs))
+    if key not in _STARTS:  # a past span's packets do not change: one pass over the buffer per alert
+        if len(_STARTS) >= _STARTS_MAX:
+            _STARTS.clear()
+            _SEEN.clear()
+        _STARTS[key] = _evidence_start(alert, rows, pairs)
+        _SEEN.add(key[:4])
+    return _STARTS[key]
+
+
+_STARTS: dict[tuple, float] = {}
+_SEEN: set[tuple] = set()  # the alerts of _STARTS
+_STARTS_MAX = 4096
+
+
+def known(alert) -> bool:
+    """Whether an alert's evidence start was found before (its link then costs no pass over the buffer)."""
+    return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
+
+
+def _evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+    second = float(int(alert.first_ts))
+    conds, _ = flt.parse(pairs)
+    if alert.detector == "port_scan":
+        conds += [flt.Condition("from", "", alert.first_ts - float(config.get("SCAN_WINDOW_S")))]
+        mine = rows[flt.mask(rows, conds) & (rows["ts"] <= alert.first_ts)]
+        mine = mine[(mine["cls"] != flt.CLASSES.index("tcp")) | ((mine["tcp_flags"] & ACK) == 0)]
+    else:
+        mine = rows[flt.mask(rows, [*conds, flt.Condition("from", "", second), flt.Condition("to", "", second + 1)])]
+    return float(mine["ts"].min()) if len(mine) else second
 
 
 def evidence_rows(snap, evidence: list[tuple[str, str]], tz: tzinfo | None):
@@ -458,11 +534,6 @@ def history_span(since: int, until: int, tz: tzinfo | None) -> tuple[int, int]:
     if lows or highs:
         st.caption(f"from/to narrow the stored range to {viz.time_texts([lo], tz)[0]} – {viz.time_texts([hi], tz)[0]} "
                    "(whole seconds).")
-    rest = sorted({c.key for c in conds if c.key not in ("from", "to")})
-    if rest:
-        st.warning(plain(f"Not applied to the history's totals and charts: {', '.join(rest)}. The store keeps "
-                         "per-minute summaries, not packets: the numbers below are all traffic of the range, and "
-                         "the matching stored conversations follow them."))
     if hi < lo:
         st.error("from/to lie outside the chosen time range: showing the whole range.")
         return since, until
@@ -484,15 +555,25 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
     if bt.DETECTOR_OF[setting] in disabled:
         st.caption(plain(f"{bt.DETECTOR_OF[setting]} is switched off now: the back-test shows what it would raise "
                          "if switched on."))
+    over = backtest_over(engine, setting)
     default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"bt_values_{setting}",
-                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order.")
+                         help="Comma-separated; each runs fresh detectors over the buffered packets in capture order "
+                              "(or the spike detector over the stored seconds).")
     job = st.session_state.get("bt_job")
-    if st.button("Run the back-test", key="bt_run", disabled=job is not None and job.running):
+    if st.button("Run the back-test", key="bt_run", disabled=(job is not None and job.running) or over is False):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            st.session_state["bt_job"] = job = bt.Job(snap.packets, setting, values, overrides, disabled)
-            st.session_state["bt_cover"] = coverage_text({**flt.coverage(snap), "matched": len(snap.packets)}, tz)
+            if over:  # a stored range: the spike detector over its seconds
+                since, until = over
+                rows, runner = bt.stored_seconds(engine.store, since, until), bt.run_seconds
+                cover = (f"the stored seconds from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]}"
+                         f" ({len(rows[0]):,} seconds with traffic, {int(rows[1].sum()):,} packets).")
+            else:
+                rows, runner = snap.packets, bt.run
+                cover = "the buffered packets: " + coverage_text({**flt.coverage(snap), "matched": len(rows)}, tz)
+            st.session_state["bt_job"] = job = bt.Job(rows, setting, values, overrides, disabled, runner)
+            st.session_state["bt_cover"] = cover
         except ValueError as exc:
             st.session_state["bt_result"] = (setting, None, f"Back-test not run: {exc}")
     if job is not None and job.running:
@@ -509,7 +590,37 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
             st.error(plain(result[2]))
         else:
             st.dataframe(result[1], hide_index=True, key="bt_table")
-            st.caption(plain("Over the buffered packets: " + result[2]))
+            st.caption(plain("Over " + result[2]))
+
+
+BUFFERED = "the buffered packets"
+BT_RANGES = {"the stored last 1 h": 3600, "the stored last 6 h": 6 * 3600, "the stored last 24 h": 86_400,
+             "the stored last 7 days": 7 * 86_400}
+
+
+def backtest_over(engine, setting: str) -> tuple[int, int] | bool | None:
+    """Where the back-test runs: None for the buffered packets, (since, until) for a stored range, False
+    when a stored range is asked for a threshold the store cannot back-test (the page says why)."""
+    from investigate import backtest as bt
+
+    if getattr(engine, "store", None) is None:
+        st.caption("Over the buffered packets (the history store is off: HISTORY).")
+        return None
+    pick = st.radio("Over", [BUFFERED, *BT_RANGES], horizontal=True,
+                    key="bt_over", help="A stored range back-tests the spike thresholds only: see below.")
+    st.caption(plain("A stored range: the store keeps each second's packets and bytes, so the spike detector's "
+                     f"thresholds ({', '.join(bt.HISTORY_SETTINGS)}) are tried over exactly what it would have seen. "
+                     "The others need the packets, which the store does not keep: "
+                     + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()) + "."))
+    if pick == BUFFERED:
+        return None
+    if setting not in bt.HISTORY_SETTINGS:
+        st.warning(plain(f"{setting} cannot be back-tested over a stored range: {bt.DETECTOR_OF[setting]} needs "
+                         f"{bt.NOT_FROM_HISTORY[bt.DETECTOR_OF[setting]]}, which the store does not keep. Back-test "
+                         "it over the buffered packets."))
+        return False
+    until = int(time.time())
+    return until - BT_RANGES[pick] + 1, until
 
 
 def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
@@ -643,6 +754,10 @@ def conversation_mask(df: pd.DataFrame, conds: list) -> pd.Series:
                 ~df["proto"].isin(list(IP_PROTO.values())) if name == "other_ip" else False)
         elif c.key == "vlan":
             keep &= df["vlan"] == c.value
+        elif c.key in flt.GEO_KEYS:
+            key_of = flt.geo_keys(c.key)
+            inside = {a: flt.geo_match(c.value, key_of(str(a))) for a in pd.unique(pd.concat([df["a"], df["b"]]))}
+            keep &= df["a"].map(inside) | df["b"].map(inside)
     return keep.fillna(False).astype(bool)
 
 
@@ -653,6 +768,97 @@ def _in(addr: str, net) -> bool:
         return ipaddress.ip_address(addr) in net
     except ValueError:
         return False
+
+
+HISTORY_CONV_ROWS = 1_000_000  # stored conversation rows read for a filtered range (each minute's up to STORE_CONV_MAX)
+CLASS_OF_PROTO = {v: k for k, v in IP_PROTO.items()}
+
+
+def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[str, Any] | None:
+    """The stored range's totals, protocol mix and timeline for the URL's non-time filters, from what the store
+    holds: a protocol filter alone from the per-second protocol counts (exact), any other from the per-minute
+    stored conversations (IP only, whole minutes). None without such filters."""
+    from store.history import time_range
+
+    conds, _ = flt.parse(spec(), tz)
+    sensor = next((c.text for c in conds if c.key == "sensor"), None)
+    shown = [c for c in conds if c.key not in ("from", "to")]
+    conds = [c for c in shown if c.key != "sensor"]
+    if not shown or engine.store is None:
+        return None
+    labels = plain(", ".join(c.label() for c in shown))  # URL text, shown in Markdown: never markup
+    r = time_range(since, until, sensor)
+    try:
+        got = _proto_history(engine.store, r, conds) if all(c.key == "proto" for c in conds) else \
+            _conversation_history(engine.store, r, conds)
+    except Exception as exc:  # a store that cannot answer is a message; the totals then say they are unfiltered
+        log.exception("filtered history query failed")
+        return {"error": plain(f"{type(exc).__name__}: {exc}"), "labels": labels}
+    return {**got, "labels": labels, "note": plain(got["note"]), "keep_alerts": functools.partial(_keep_alerts, conds)}
+
+
+def _keep_alerts(conds: list, alerts: pd.DataFrame) -> pd.DataFrame:
+    """The stored alerts that concern the filtered traffic (their addresses, seconds, protocol and port)."""
+    if not len(alerts) or not conds:
+        return alerts
+    return alerts[[flt.alert_matches(a, conds) for a in alerts.itertuples(index=False)]]
+
+
+def _binned(t: pd.Series, values: pd.DataFrame, since: int, until: int, width: int) -> pd.DataFrame:
+    """Per-bin sums (t, packets, bytes) over since..until, empty bins as 0."""
+    got = values.assign(t=(t.astype("int64") // width) * width).groupby("t")[["packets", "bytes"]].sum()
+    grid = np.arange(since // width * width, until + 1, width, dtype=np.int64)
+    return pd.DataFrame({"t": grid}).merge(got.reset_index(), on="t", how="left").fillna(0)
+
+
+def _proto_history(store, r, conds: list) -> dict[str, Any]:
+    """A protocol filter alone (or only sensor=): the per-second totals, exact to the second."""
+    from store.history import bin_width
+
+    wanted = {flt.CLASSES[c.value] for c in conds}
+    t = store.totals(r)
+    width = bin_width(r.since, r.until)
+    cols = (f"pk_{next(iter(wanted))}", f"by_{next(iter(wanted))}") if wanted else ("packets", "bytes")
+    got = store.series(r, width, cols).rename(columns=dict(zip(cols, ("packets", "bytes"))))
+    if len(wanted) > 1:  # proto=tcp AND proto=udp: no packet is both
+        got = got.iloc[0:0]
+    packets, nbytes = (int(t[cols[0]]), int(t[cols[1]])) if len(wanted) <= 1 else (0, 0)
+    classes = wanted if wanted else flt.CLASSES
+    return {"packets": packets, "bytes": nbytes, "span_s": r.until - r.since + 1,
+            "transport_counts": {c: int(t[f"pk_{c}"]) for c in classes if len(wanted) <= 1},
+            "transport_bytes": {c: int(t[f"by_{c}"]) for c in classes if len(wanted) <= 1},
+            "series": _binned(got["t"], got[["packets", "bytes"]], r.since, r.until, width), "bin_s": width,
+            "exact": True, "note": "exact, from the stored per-second " + ("protocol counts" if wanted else "totals")
+            + (" of that sensor" if r.sensor else "")}
+
+
+def _conversation_history(store, r, conds: list) -> dict[str, Any]:
+    """Any other filter: the stored per-minute conversations that match, summed per minute."""
+    from store.history import approximation, bin_width
+
+    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
+    cut = len(df) >= HISTORY_CONV_ROWS
+    df = df[conversation_mask(df, conds)] if len(df) else df
+    lo, hi = r.first_minute, r.until - r.until % 60 + 59  # the whole minutes the range touches
+    width = max(60, bin_width(lo, hi))
+    classes = df["proto"].map(lambda p: CLASS_OF_PROTO.get(int(p), "other_ip")) if len(df) else pd.Series([], dtype=str)
+    capped = approximation(store, r).get("conv")
+    notes = ["per minute, from the stored conversations: IP traffic only (ARP and other non-IP traffic has no "
+             f"conversations), the whole minutes {viz.time_texts([lo])[0]} – {viz.time_texts([hi])[0]} UTC "
+             "(traffic of those minutes outside the chosen seconds counts), and src= / dst= select a conversation "
+             "with that address at either end (a stored conversation does not keep which end sent a packet)"]
+    if capped:
+        notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX "
+                     f"conversations, {capped['packets_left_out']:,} packets of the conversations left out are "
+                     "not counted")
+    if cut:
+        notes.append(f"approximate: only the first {HISTORY_CONV_ROWS:,} stored conversation rows were read")
+    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
+            "span_s": hi - lo + 1,
+            "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
+            "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
+            "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
+            "exact": not (capped or cut), "note": "; ".join(notes)}
 
 
 def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
@@ -678,17 +884,25 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
              .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
     st.dataframe(table, hide_index=True, key="hist_filtered_conv")
     st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
-               "minute): approximate when minutes were capped; the figures above the line are all traffic.")
+               "minute): approximate when minutes were capped.")
 
 
 EVIDENCE_COLUMN = "evidence view"
+LINKS_PER_RUN = 50
 
 
-def with_links(frame: pd.DataFrame, alerts) -> pd.DataFrame:
-    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL)."""
+def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
+    """The alerts table with a link per alert to this page filtered to its evidence (a relative URL);
+    `rows` (the whole buffer) settle a vertical scan's protocol and each alert's first evidence packet."""
     if not len(frame):
         return frame
-    links = [alert_link(a) for a in alerts]
+    # Each alert's first link costs a pass or two over the buffer; at most LINKS_PER_RUN new ones a rerun
+    # (the rest show their first raise's whole second until a later refresh finds their evidence).
+    budget, links = LINKS_PER_RUN, []
+    for a in alerts:
+        fresh = rows is not None and a.detector not in SECOND_STAMPED and not known(a)
+        links.append(alert_link(a, rows if rows is not None and (not fresh or budget > 0) else None))
+        budget -= fresh
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 

@@ -367,3 +367,25 @@ def process_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=cols)
     frame["pid"] = frame["pid"].astype("Int64")
     return frame
+
+
+def matching_timeline(series: pd.DataFrame, bin_s: int, tz: tzinfo | None = None) -> go.Figure:
+    """The timeline of a stored range's traffic that matches filters: per-bin sums (bin start `t`, packets,
+    bytes) drawn as average packets/s and bit/s per bin, the bin width named on the time axis."""
+    title = "Matching traffic by capture time"
+    if series.empty:
+        return _empty(title, "timeline")
+    when = pd.to_datetime(series["t"].to_numpy(dtype=np.int64), unit="s", utc=True)
+    x = (when.tz_convert(tz) if tz is not None else when).tz_localize(None).to_numpy()
+    style = {"type": "scatter", "mode": "lines", "x": x, "name": "matching", "line": {"width": 1, "color": "#d62728"}}
+    data = [{**style, "y": series["packets"].to_numpy(dtype=np.float64) / bin_s, "fill": "tozeroy",
+             "xaxis": "x", "yaxis": "y"},
+            {**style, "y": series["bytes"].to_numpy(dtype=np.float64) * 8 / bin_s, "fill": "tozeroy",
+             "xaxis": "x2", "yaxis": "y2", "showlegend": False}]
+    width = f"{bin_s} s" if bin_s < 60 else (f"{bin_s // 60} min" if bin_s < 3600 else f"{bin_s / 3600:g} h")
+    return _figure(data, title, "timeline", hovermode="x unified", height=420,
+                   xaxis={"anchor": "y", "matches": "x2", "showticklabels": False},
+                   xaxis2={"anchor": "y2", "title": {"text": f"capture time — each point averages {width} "
+                                                              f"(bin width {bin_s} s)"}},
+                   yaxis={"domain": [0.55, 1.0], "title": {"text": "packets/s"}},
+                   yaxis2={"domain": [0.0, 0.45], "title": {"text": "bit/s"}})

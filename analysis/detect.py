@@ -1649,6 +1649,11 @@ class Detectors:
             secs, inv = np.unique(sec, return_inverse=True)
             pk = np.bincount(inv, minlength=len(secs))
             by = np.bincount(inv, wire, len(secs))
+        self.spike_seconds(secs, pk, by, book)
+
+    def spike_seconds(self, secs: np.ndarray, pk: np.ndarray, by: np.ndarray, book: AlertBook) -> None:
+        """The spike detector fed per-second totals (second, packets, wire bytes), seconds ascending: what
+        a batch's packets come to, and what the history store keeps (the back-test over a stored range)."""
         for second, p, bb in zip(secs.tolist(), pk.tolist(), by.tolist()):
             cur = self.spike_state
             if cur is None:

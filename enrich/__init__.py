@@ -110,17 +110,23 @@ class Enricher:
     # ---- aggregate views ----
     def by_country(self, src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per country (or range label): what its addresses sent (as sources) and received (as destinations)."""
-        return self._group(src, dst, lambda a: self.geo.lookup(a).country or "not in database")
+        return self._group(src, dst, self.country_of)
 
     def by_network(self, src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Per AS (number and organisation, or range label): what its addresses sent and received."""
-        def key(a: str) -> str:
-            g = self.geo.lookup(a)
-            if g.asn is not None:
-                return f"AS{g.asn} {g.as_org or ''}".strip()
-            return g.as_org or (g.country if g.country in ("private", "loopback", "link-local", "multicast",
-                                                           "reserved") else "not in database")
-        return self._group(src, dst, key)
+        return self._group(src, dst, self.network_of)
+
+    def country_of(self, addr: str) -> str:
+        """An address's key in the countries view (its bar, and a country= filter)."""
+        return self.geo.lookup(addr).country or "not in database"
+
+    def network_of(self, addr: str) -> str:
+        """An address's key in the networks (AS) view (its bar, and an asn= filter)."""
+        g = self.geo.lookup(addr)
+        if g.asn is not None:
+            return f"AS{g.asn} {g.as_org or ''}".strip()
+        return g.as_org or (g.country if g.country in ("private", "loopback", "link-local", "multicast",
+                                                       "reserved") else "not in database")
 
     @staticmethod
     def _group(src: Iterable[dict[str, Any]], dst: Iterable[dict[str, Any]], key) -> list[dict[str, Any]]:

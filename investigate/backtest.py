@@ -22,6 +22,19 @@ DETECTOR_OF = {"SCAN_PORTS": "port_scan", "SCAN_HOSTS": "port_scan", "SCAN_STEAL
                "REFLECTION_BPS": "reflection", "REFLECTION_SOURCES": "reflection", "SPIKE_SIGMAS": "spike",
                "SPIKE_MIN_PPS": "spike", "SPIKE_WARMUP_S": "spike", "NEW_HOST_LEARN_S": "new_host"}
 BATCH = 4096  # packets per observe(): the detectors' results do not depend on where batches end
+# The thresholds a stored range can be back-tested with: the spike detector reads only each second's packets
+# and wire bytes of all traffic, which the history store keeps per second. The others need what it does not.
+HISTORY_SETTINGS = ("SPIKE_SIGMAS", "SPIKE_MIN_PPS", "SPIKE_WARMUP_S")
+NOT_FROM_HISTORY = {
+    "port_scan": "each failed or unanswered attempt (TCP flags, whether and how it was answered, per source, "
+                 "target and port)",
+    "syn_flood": "SYNs and SYN-ACKs per destination per second with their distinct sources",
+    "icmp_flood": "ICMP echo requests per destination per second with their distinct sources",
+    "udp_flood": "UDP packets per destination per second with their distinct sources",
+    "reflection": "UDP answers per victim per second with their reflector ports and sources, and the requests "
+                  "they answer",
+    "new_host": "each local address's first packet",
+}
 
 
 @dataclass
@@ -68,6 +81,30 @@ def run(rows: np.ndarray, setting: str, value: float, batch: int = BATCH, overri
     return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
 
 
+def run_seconds(seconds: tuple[np.ndarray, np.ndarray, np.ndarray], setting: str, value: float,
+                overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> Trial:
+    """A spike threshold tried over stored per-second totals (seconds ascending, packets, wire bytes): the
+    running detector's own per-second code, fed what the store keeps instead of the packets."""
+    if setting not in HISTORY_SETTINGS:
+        raise ValueError(f"{setting} cannot be back-tested over the history: its detector needs "
+                         f"{NOT_FROM_HISTORY[DETECTOR_OF[setting]]}, which the store does not keep")
+    kind = type(config.get(setting))
+    detectors = Detectors(overrides={**(overrides or {}), setting: kind(value)},
+                          disabled=frozenset(disabled) - {"spike"})
+    book = AlertBook(max_alerts=1 << 30, per_detector=1 << 30)
+    detectors.spike_seconds(*seconds, book)
+    mine = [a for a in book.alerts() if a.detector == "spike"]
+    return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
+
+
+def stored_seconds(store, since: int, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds, packets, wire bytes) of every stored second with traffic in since..until, ascending."""
+    from store.history import time_range
+
+    df = store.series(time_range(since, until), 1, ("packets", "bytes"))
+    return (df["t"].to_numpy(np.int64), df["packets"].to_numpy(np.int64), df["bytes"].to_numpy(np.float64))
+
+
 def backtest(rows: np.ndarray, setting: str, values: Iterable[float], overrides: dict[str, Any] | None = None,
              disabled: Iterable[str] = ()) -> list[Trial]:
     """One Trial per candidate value, in the order given, over the running settings."""
@@ -92,14 +129,16 @@ class Job:
     """One back-test in its own thread (~9 s at 1M packets would block the page's script): the values tried
     so far while it runs, the trials (or the error) when it ends. The rows are a snapshot's read-only copy."""
 
-    def __init__(self, rows: np.ndarray, setting: str, values: Iterable[float],
-                 overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> None:
+    def __init__(self, rows: Any, setting: str, values: Iterable[float],
+                 overrides: dict[str, Any] | None = None, disabled: Iterable[str] = (), runner=None) -> None:
+        """`runner` (run, or run_seconds over a stored range's seconds) tries one value over `rows`."""
         if setting not in DETECTOR_OF:
             raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
         self.setting, self.values = setting, list(values)
         if not self.values:
             raise ValueError("no value to try")
         self.tried = 0
+        self._runner = runner or run
         self.trials: list[Trial] | None = None
         self.error: str | None = None
         self._thread = threading.Thread(target=self._work, args=(rows, dict(overrides or {}), frozenset(disabled)),
@@ -110,7 +149,7 @@ class Job:
         out = []
         try:
             for v in self.values:
-                out.append(run(rows, self.setting, v, overrides=overrides, disabled=disabled))
+                out.append(self._runner(rows, self.setting, v, overrides=overrides, disabled=disabled))
                 self.tried += 1
         except Exception as exc:  # the page shows it; the thread ends
             log.exception("back-test of %s failed", self.setting)

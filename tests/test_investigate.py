@@ -184,7 +184,7 @@ def test_query_round_trip_and_repeated_keys():
     assert json.dumps(flt.to_query(spec))  # plain data for the URL
 
 
-def test_history_takes_from_and_to_and_says_what_it_cannot_filter(fresh, tmp_path):
+def test_history_takes_from_and_to_and_filters_totals_from_stored_conversations(fresh, tmp_path):
     """Three imported minutes of traffic; from/to in the URL narrow the stored range to the middle one."""
     import io
     import time
@@ -216,14 +216,15 @@ def test_history_takes_from_and_to_and_says_what_it_cannot_filter(fresh, tmp_pat
     at.query_params["port"] = "53"
     at.run()
     assert not at.exception
-    assert count(at) == len(frames)
-    assert any("Not applied to the history's totals and charts: port." in rendered(w.value) for w in at.warning)
-    # The stored conversations of that minute with port 53 at either end, counted from the frames themselves.
+    # The stored conversations of that minute with port 53 at either end, counted from the frames themselves:
+    # the Packets metric is theirs (per minute, from conversations, said), and so is the table's sum.
     from analysis.headers import LocalMatcher, pack_records
 
     recs = pack_records([(0.0, f, len(f), 1) for _, f in frames], LocalMatcher())
     dns = int((((recs["sport"] == 53) | (recs["dport"] == 53)) & (recs["cls"] != 5)).sum())
-    assert dns > 0 and count(at, "Packets in matching conversations") == dns
+    assert dns > 0 and count(at, "Packets in matching conversations") == dns == count(at)
+    assert any("per minute, from the stored conversations" in rendered(c.value) for c in at.caption)
+    assert any("Top talkers, ports and conversations just below are all traffic" in w.value for w in at.warning)
 
 
 @pytest.mark.live

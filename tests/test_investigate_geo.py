@@ -1,0 +1,152 @@
+"""A clicked country or network (AS) bar filters every panel and metric (issue 15): country= and asn= in the URL.
+
+The capture is the enrichment tests' file of public and private addresses (written, never sent); the
+reference is tshark's count over the addresses test_enrich_ends.WHO names for that country or network."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import need
+from invhelp import tshark_count
+from test_dashboard import array, count, figures, metric, rendered, run_until
+from test_enrich_ends import FLOWS, WHO, _pcap
+from test_enrich_page import app
+from test_enrich_page import fresh as fresh  # a new engine and enricher per test
+
+import investigate_page as inv
+from investigate import filters as flt
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory) -> str:
+    need(shutil.which("tshark") is not None, "tshark is the reference (apt-get install tshark)")
+    path = tmp_path_factory.mktemp("invgeo") / "ends.pcap"
+    _pcap(path)
+    return str(path)
+
+
+def either_end(col: int, key: str) -> str:
+    """tshark's display filter for packets with either end among WHO's addresses of that key."""
+    addrs = [a for a, who in WHO.items() if who[col] == key]
+    return " || ".join(f"{'ipv6' if ':' in a else 'ip'}.addr=={a}" for a in addrs)
+
+
+def geo_loaded(at) -> bool:
+    figs = figures(at)
+    return "US" in (figs.get("Top countries", {}).get("data") or [{}])[0].get("y", []) and \
+        any("AS15169" in y for y in (figs.get("Top networks (AS)", {}).get("data") or [{}])[0].get("y", []))
+
+
+def page(monkeypatch, path: str):
+    monkeypatch.setenv("NTM_PCAP", path)
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished" and geo_loaded(a), 60)
+    assert geo_loaded(at) and not at.exception
+    return at
+
+
+def click(at, key: str, label: str) -> list[tuple[str, str]]:
+    """What a click on the bar labelled `label` of chart `key` (its first trace, 'sent') sets, through the
+    labels the page registered for that chart."""
+    labels = at.session_state[inv.LABELS_KEY][key]
+    sel = {"points": [{"curve_number": 0, "point_index": labels[0].index(label)}]}
+    return inv.selection_filters(key, sel, labels, None)
+
+
+@pytest.mark.parametrize(("chart", "label", "want_pair", "col", "key"), [
+    ("who_countries", "US", ("country", "US"), 0, "US"),
+    ("who_networks", "AS15169 Google LLC", ("asn", "15169"), 1, "AS15169 Google LLC"),
+])
+def test_a_clicked_country_or_network_bar_filters_every_panel(fresh, capture, chart, label, want_pair, col, key):
+    """The bar's filter lands in the URL as a chip; the Packets metric, the protocol pie, the top talkers and
+    the countries chart itself then hold exactly the packets with either end there (tshark's count)."""
+    total, _ = tshark_count(capture, "frame")
+    assert total == sum(n for *_, n in FLOWS)
+    at = page(fresh, capture)
+    pairs = click(at, chart, label)
+    assert pairs == [want_pair]
+    inv_spec = flt.with_filter((), *pairs[0])
+    for k, values in flt.to_query(inv_spec).items():
+        at.query_params[k] = values
+    at.run()
+    assert not at.exception
+    want, want_bytes = tshark_count(capture, either_end(col, key))
+    assert 0 < want < total
+    assert count(at) == want
+    assert f"{want_bytes:,} bytes" in metric(at, "Bytes").proto.help
+    assert any(rendered(b.label) == f"✕ {want_pair[0]} = {want_pair[1]}" for b in at.button)
+    figs = figures(at)
+    assert int(array(figs["Protocols by packets"]["data"][0]["values"]).sum()) == want
+    mine = {a for a, who in WHO.items() if who[col] == key}
+    for title in ("Top 10 sources", "Top 10 destinations"):
+        for y in figs[title]["data"][0]["y"]:
+            # Each listed address is either one of the key's own, or talked to one of them.
+            assert y in mine or any({y, a} <= {s, d} for s, d, *_ in FLOWS for a in mine), (title, y)
+    # The countries chart re-filters too: every packet it sums has an end in the key.
+    bars = figs["Top countries"]["data"]
+    sent = dict(zip(bars[0]["y"], array(bars[0]["x"]).tolist()))
+    received = dict(zip(bars[1]["y"], array(bars[1]["x"]).tolist()))
+    if col == 0:
+        assert max(sent.get(key, 0), received.get(key, 0)) > 0
+    assert sum(sent.values()) == want == sum(received.values())
+    # The chip removed: the whole capture again, and the URL without the key.
+    chip = next(b for b in at.button if rendered(b.label).startswith(f"✕ {want_pair[0]} ="))
+    chip.click().run()
+    assert count(at) == total and want_pair[0] not in at.query_params
+
+
+def test_country_and_asn_values_parse_and_bad_ones_say_why():
+    assert flt.parse_one("asn", "AS15169").value == 15169 and flt.parse_one("asn", "15169").value == 15169
+    assert flt.parse_one("asn", "private").value == "private"
+    assert flt.parse_one("country", " us ").value == "us" and flt.geo_match("us", "US")
+    assert flt.geo_match(15169, "AS15169 Google LLC") and not flt.geo_match(1516, "AS15169 Google LLC")
+    with pytest.raises(flt.FilterError, match="asn"):
+        flt.parse_one("asn", "AS99999999999")
+    with pytest.raises(flt.FilterError, match="country needs a value"):
+        flt.parse_one("country", " ")
+    assert inv.label_filters("who_networks", "private") == [("asn", "private")]
+    assert inv.label_filters("who_countries", "not in database") == [("country", "not in database")]
+
+
+@pytest.mark.browser
+def test_a_country_bar_clicked_in_a_real_browser_filters_the_page(tmp_path, capture):
+    """In Chromium: the Top countries tab, a click on the US 'sent' bar: the URL gets country=US, a chip shows,
+    and the Packets metric is tshark's count of the packets with either end in the US."""
+    from conftest import wait_for
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROME_ARGS, CHROMIUM, dashboard, packets
+    from test_investigate_browser import chart, chips, query, until
+
+    total, _ = tshark_count(capture, "frame")
+    want, _ = tshark_count(capture, either_end(0, "US"))
+    with dashboard(["--pcap", capture], tmp_path / "server.log", REFRESH_S="30") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 2400})
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=120_000)  # a first load on a loaded machine
+        assert wait_for(lambda: packets(page) == total, 90), packets(page)
+        tab = page.get_by_role("tab", name="Top countries")
+        countries = chart(page, "Top countries")
+
+        def labels() -> list:
+            try:
+                return page.evaluate("(el) => el.data[0].y", countries.locator(".js-plotly-plot").element_handle(
+                    timeout=2000))
+            except Exception:  # being redrawn
+                return []
+
+        def us_bar_click() -> None:
+            tab.click()
+            ys = labels()
+            if "US" not in ys:
+                return
+            bar = countries.locator("g.trace.bars").first.locator("g.point path").nth(ys.index("US"))
+            box = bar.bounding_box()
+            if box is not None:
+                page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+        assert until(page, us_bar_click, lambda: query(page).get("country") == ["US"], tries=6), page.url
+        assert wait_for(lambda: packets(page) == want, 60), (packets(page), want)
+        assert chips(page) == ["✕ country = US"]
+        browser.close()
