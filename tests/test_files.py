@@ -82,7 +82,9 @@ def test_pcapng_with_two_link_types_and_nanoseconds(tmp_path):
     assert s["max_ts"] == pytest.approx(T0 + 1.000000001, abs=1e-6)
 
 
-def test_cut_at_every_byte_keeps_whole_records_and_says_where(tmp_path):
+def test_cut_at_every_byte_keeps_whole_records_and_says_where(tmp_path, monkeypatch):
+    # The detectors in a thread: this is about the reader, and ~300 worker processes would take a minute.
+    monkeypatch.setenv("NTM_DETECTORS_PROCESS", "false")
     frames = sample_frames()[:4]
     image = pcap_bytes(frames)
     ends = [24]
