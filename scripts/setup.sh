@@ -33,10 +33,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv with $($PY --version)"
   "$PY" -m venv .venv
 fi
-if ! cmp -s requirements.txt .venv/.requirements.installed 2>/dev/null; then
-  echo "== pip install -r requirements.txt"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  cp requirements.txt .venv/.requirements.installed
+if ! cat requirements.txt constraints.txt | cmp -s - .venv/.requirements.installed 2>/dev/null; then
+  echo "== pip install -r requirements.txt (within constraints.txt)"
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -r requirements.txt
+  cat requirements.txt constraints.txt >.venv/.requirements.installed
 fi
 # The compiled helpers (native/*.c) are built now rather than at the first capture file; without a
 # compiler the Python versions run instead, with the same results.
