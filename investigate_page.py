@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import threading
 import time
 import urllib.parse
 from datetime import tzinfo
@@ -344,7 +345,7 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         out.append((key, str(text)))
     protos, port = flt.alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
-        protos = (flt.scan_proto(rows, alert),)
+        protos = (flt.scan_proto(scan_rows(rows, alert), alert),)
     if port is not None:
         out.append(("port", str(port)))
     if protos is not None and len(protos) == 1:
@@ -358,6 +359,11 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
     return [*out, ("from", start), ("to", _num(float(int(alert.last_ts)) + 1.0))]
 
 
+def scan_rows(rows, alert) -> np.ndarray:
+    """The packets a scan's protocol is settled over (its whole seconds): of a Window, that span's slice."""
+    return rows.span(float(int(alert.first_ts)), float(int(alert.last_ts)) + 1) if isinstance(rows, Window) else rows
+
+
 ACK = 0x10
 SECOND_STAMPED = ("spike", "syn_flood", "icmp_flood", "udp_flood", "reflection")  # raised for a whole second
 
@@ -367,36 +373,67 @@ def evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
     (`pairs`: its addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
     attempts are counted over a SCAN_WINDOW_S epoch before it is raised, the earliest probe (a packet with
     no ACK: a SYN, a NULL/FIN/Xmas probe, a UDP datagram) in the window before the raise. Falls back to
-    the first raise's whole second when the buffer no longer holds them."""
+    the first raise's whole second when the buffer no longer holds them. `rows`: the buffer or its Window."""
     key = (alert.detector, alert.source, alert.target, alert.first_ts, tuple(pairs))
-    if key not in _STARTS:  # a past span's packets do not change: one pass over the buffer per alert
+    with _STARTS_LOCK:  # every session's thread shares the cache
+        hit = _STARTS.get(key)
+    if hit is not None:
+        return hit
+    # A past span's packets do not change: one search per alert, kept.
+    start = _evidence_start(alert, rows if isinstance(rows, Window) else Window(rows), pairs)
+    with _STARTS_LOCK:
         if len(_STARTS) >= _STARTS_MAX:
             _STARTS.clear()
             _SEEN.clear()
-        _STARTS[key] = _evidence_start(alert, rows, pairs)
+        _STARTS[key] = start
         _SEEN.add(key[:4])
-    return _STARTS[key]
+    return start  # the value found, not the dict's: another thread may have emptied it since
 
 
 _STARTS: dict[tuple, float] = {}
 _SEEN: set[tuple] = set()  # the alerts of _STARTS
 _STARTS_MAX = 4096
+_STARTS_LOCK = threading.Lock()
 
 
 def known(alert) -> bool:
     """Whether an alert's evidence start was found before (its link then costs no pass over the buffer)."""
-    return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
+    with _STARTS_LOCK:
+        return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
 
 
-def _evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+class Window:
+    """The buffer's packets in capture-time order, for many short time-span searches in one rerun: a span is
+    two binary searches and a slice, not a pass over the buffer. The buffer is in arrival order, which is
+    time order for a live capture; a file's packets can be out of order, and are then sorted once, within
+    lo..hi (the spans the rerun will search). `scanned` counts the rows the searches have read."""
+
+    def __init__(self, rows: np.ndarray, lo: float = -np.inf, hi: float = np.inf) -> None:
+        ts = rows["ts"]
+        if len(ts) > 1 and not (ts[1:] >= ts[:-1]).all():
+            rows = rows[(ts >= lo) & (ts <= hi)]
+            rows = rows.take(np.argsort(rows["ts"], kind="stable"))
+        # Contiguous once: searchsorted would copy a structured array's strided field at every call.
+        self.rows, self.ts, self.scanned = rows, np.ascontiguousarray(rows["ts"]), 0
+
+    def span(self, lo: float, hi: float, closed: bool = False) -> np.ndarray:
+        """The packets with lo <= ts < hi (ts <= hi when `closed`)."""
+        i = int(np.searchsorted(self.ts, lo, side="left"))
+        j = int(np.searchsorted(self.ts, hi, side="right" if closed else "left"))
+        self.scanned += max(j - i, 0)
+        return self.rows[i:j]
+
+
+def _evidence_start(alert, win: Window, pairs: list[tuple[str, str]]) -> float:
     second = float(int(alert.first_ts))
     conds, _ = flt.parse(pairs)
     if alert.detector == "port_scan":
-        conds += [flt.Condition("from", "", alert.first_ts - float(config.get("SCAN_WINDOW_S")))]
-        mine = rows[flt.mask(rows, conds) & (rows["ts"] <= alert.first_ts)]
+        rows = win.span(alert.first_ts - float(config.get("SCAN_WINDOW_S")), alert.first_ts, closed=True)
+        mine = rows[flt.mask(rows, conds)]
         mine = mine[(mine["cls"] != flt.CLASSES.index("tcp")) | ((mine["tcp_flags"] & ACK) == 0)]
     else:
-        mine = rows[flt.mask(rows, [*conds, flt.Condition("from", "", second), flt.Condition("to", "", second + 1)])]
+        rows = win.span(second, second + 1)
+        mine = rows[flt.mask(rows, conds)]
     return float(mine["ts"].min()) if len(mine) else second
 
 
@@ -889,6 +926,7 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
 
 EVIDENCE_COLUMN = "evidence view"
 LINKS_PER_RUN = 50
+EVIDENCE_ROWS_PER_RUN = 2_000_000  # rows the new alerts' searches may read a rerun (~80 ms)
 
 
 def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
@@ -896,13 +934,18 @@ def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
     `rows` (the whole buffer) settle a vertical scan's protocol and each alert's first evidence packet."""
     if not len(frame):
         return frame
-    # Each alert's first link costs a pass or two over the buffer; at most LINKS_PER_RUN new ones a rerun
-    # (the rest show their first raise's whole second until a later refresh finds their evidence).
+    fresh = [rows is not None and a.detector not in SECOND_STAMPED and not known(a) for a in alerts]
+    if any(fresh):
+        # One time-ordered view of the buffer per rerun: each new alert's search is then a slice of its own
+        # seconds. At most LINKS_PER_RUN new alerts and EVIDENCE_ROWS_PER_RUN rows read a rerun (the rest
+        # show their first raise's whole second until a later refresh finds their evidence).
+        rows = Window(rows, min(a.first_ts for a in alerts) - float(config.get("SCAN_WINDOW_S")) - 1,
+                      max(a.last_ts for a in alerts) + 1)
     budget, links = LINKS_PER_RUN, []
-    for a in alerts:
-        fresh = rows is not None and a.detector not in SECOND_STAMPED and not known(a)
-        links.append(alert_link(a, rows if rows is not None and (not fresh or budget > 0) else None))
-        budget -= fresh
+    for a, new in zip(alerts, fresh):
+        spent = budget <= 0 or (isinstance(rows, Window) and rows.scanned >= EVIDENCE_ROWS_PER_RUN)
+        links.append(alert_link(a, None if rows is None or (new and spent) else rows))
+        budget -= new
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 
