@@ -153,3 +153,16 @@ def test_reserved_never_matches_an_arp_or_lldp_frame():
     for key in ("country", "asn"):
         conds, _ = flt.parse([(key, "reserved")])
         assert flt.mask(rows, conds).tolist() == [False, False, True], key
+
+
+def test_the_investigate_cost_benchmark_runs_short():
+    """benchmarks/investigate_cost.py cannot rot: its short mode prints each case (speed is not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "investigate_cost.py"), "--short"],
+                         capture_output=True, text=True, timeout=180, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "| 10,000 | evidence links, 50 new alerts |" in out.stdout and "| 10,000 | country=US" in out.stdout
