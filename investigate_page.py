@@ -817,6 +817,7 @@ def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[st
     stored conversations (IP only, whole minutes). None without such filters."""
     from store.history import time_range
 
+    # At most FILTER_MAX (parse's default), as on the live page; history_span has said what is ignored.
     conds, _ = flt.parse(spec(), tz)
     sensor = next((c.text for c in conds if c.key == "sensor"), None)
     shown = [c for c in conds if c.key not in ("from", "to")]
@@ -873,9 +874,7 @@ def _conversation_history(store, r, conds: list) -> dict[str, Any]:
     """Any other filter: the stored per-minute conversations that match, summed per minute."""
     from store.history import approximation, bin_width
 
-    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
-    cut = len(df) >= HISTORY_CONV_ROWS
-    df = df[conversation_mask(df, conds)] if len(df) else df
+    df, cut = read_conversations(store, r, conds)
     lo, hi = r.first_minute, r.until - r.until % 60 + 59  # the whole minutes the range touches
     width = max(60, bin_width(lo, hi))
     classes = df["proto"].map(lambda p: CLASS_OF_PROTO.get(int(p), "other_ip")) if len(df) else pd.Series([], dtype=str)
@@ -895,25 +894,34 @@ def _conversation_history(store, r, conds: list) -> dict[str, Any]:
             "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
             "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
             "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
-            "exact": not (capped or cut), "note": "; ".join(notes)}
+            "exact": not (capped or cut), "note": "; ".join(notes), "conversations": (df, cut)}
 
 
-def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
-    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations."""
+def read_conversations(store, r, conds: list) -> tuple[pd.DataFrame, bool]:
+    """(the stored conversations of the range that match, whether HISTORY_CONV_ROWS cut the read)."""
+    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
+    cut = len(df) >= HISTORY_CONV_ROWS
+    return (df[conversation_mask(df, conds)] if len(df) else df), cut
+
+
+def history_filtered(engine, since: int, until: int, tz: tzinfo | None,
+                     got: dict[str, Any] | None = None) -> None:
+    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations.
+    `got` (history_filter's answer on this rerun) brings them when it read them already: read once."""
     from store.history import time_range
 
-    conds, _ = flt.parse(spec(), tz)
+    conds, _ = flt.parse(spec(), tz)  # its messages were shown by history_filter
     conds = [c for c in conds if c.key not in ("from", "to")]
     if not conds or engine.store is None:
         return
     sensor = next((c.text for c in conds if c.key == "sensor"), None)
     try:
-        df = engine.store.rows("conversations", time_range(since, until, sensor))
+        df, cut = (got or {}).get("conversations") or read_conversations(
+            engine.store, time_range(since, until, sensor), [c for c in conds if c.key != "sensor"])
     except Exception as exc:  # a store that cannot answer is a message
         log.exception("history conversations query failed")
         st.error(plain(f"History conversations cannot be read: {type(exc).__name__}: {exc}"))
         return
-    df = df[conversation_mask(df, [c for c in conds if c.key != "sensor"])] if len(df) else df
     st.subheader("Filtered: stored conversations")
     st.metric("Packets in matching conversations", f"{int(df['packets'].sum()) if len(df) else 0:,}")
     keys = ["a", "a_port", "b", "b_port", "proto", "vlan"]
@@ -921,7 +929,8 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
              .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
     st.dataframe(table, hide_index=True, key="hist_filtered_conv")
     st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
-               "minute): approximate when minutes were capped.")
+               "minute): approximate when minutes were capped"
+               + (f", and here: only the first {HISTORY_CONV_ROWS:,} stored rows were read." if cut else "."))
 
 
 EVIDENCE_COLUMN = "evidence view"
