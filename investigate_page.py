@@ -337,7 +337,7 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
     """The filters that show an alert's evidence: its addresses (when they are addresses), its protocol and
     port where it names them, and its span. `rows` (the buffer) settles a vertical scan's protocol."""
     out = []
-    for key, text in (("src", alert.source), ("dst", alert.target)):
+    for key, text in flt.alert_ends(alert):
         try:
             flt.parse_one(key, str(text))
         except flt.FilterError:

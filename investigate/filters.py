@@ -394,6 +394,14 @@ ALERT_PROTOS = {"syn_flood": ("tcp",), "icmp_flood": ("icmp", "icmpv6"), "udp_fl
                 "reflection": ("udp",), "arp_spoof": ("non_ip",)}
 
 
+def alert_ends(alert) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (key, text) of an alert's two ends as filters. An ARP spoof's source is a MAC and its target the
+    address claimed: the evidence is the ARP packets whose sender address is that address (src=)."""
+    if alert.detector == "arp_spoof":
+        return ("src", str(alert.target)), ("src", str(alert.source))
+    return ("src", str(alert.source)), ("dst", str(alert.target))
+
+
 def alert_traffic(alert) -> tuple[tuple[str, ...] | None, int | None]:
     """(protocol classes, port) an alert's traffic is made of, where the alert names them (None: any)."""
     if alert.detector == "port_scan":
@@ -469,6 +477,8 @@ def alert_matches(alert, conds: Iterable[Condition], rows: np.ndarray | None = N
     `rows` (the buffer) settles a vertical scan's protocol when a protocol filter asks."""
     conds = list(conds)
     ends = {"src": (alert.source,), "dst": (alert.target,), "host": (alert.source, alert.target)}
+    if alert.detector == "arp_spoof":  # its evidence is the ARP packets that claim the address (their src)
+        ends["src"] = (alert.source, alert.target)
     protos, port = alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and any(c.key == "proto" for c in conds):
         protos = (scan_proto(rows, alert),)

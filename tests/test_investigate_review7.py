@@ -166,3 +166,71 @@ def test_the_investigate_cost_benchmark_runs_short():
                          capture_output=True, text=True, timeout=180, cwd=root)
     assert out.returncode == 0, out.stderr
     assert "| 10,000 | evidence links, 50 new alerts |" in out.stdout and "| 10,000 | country=US" in out.stdout
+
+
+# -- README's evidence spans and the GEO_LOOKUP_MAX note -------------------------------------------------------
+
+
+def detected(frames, monkeypatch) -> tuple[np.ndarray, list]:
+    """The frames as the capture records them, and the alerts fresh detectors raise on them."""
+    from analysis.detect import AlertBook, Detectors
+
+    monkeypatch.setenv("NTM_NEW_HOST_LEARN_S", "2")
+    rows = pack_records([(t, bytes(p), len(p), 1) for t, p in frames], LocalMatcher())
+    book = AlertBook(max_alerts=1000, per_detector=1000)
+    Detectors().observe(rows, book)
+    return rows, list(book.alerts())
+
+
+def test_a_new_hosts_and_an_arp_spoofs_evidence_starts_at_their_first_packet(monkeypatch, empty_cache):
+    """README: 'a new host's or an ARP spoof's first packet ... in the second of its first raise'; the ARP
+    spoof's view holds the ARP packets claiming the address, the spoofed reply among them."""
+    from scapy.all import ARP, IP, UDP, Ether
+
+    eth = Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff")
+    frames = [(T0 + s, eth / IP(src="10.9.0.5", dst="10.9.0.7") / UDP(sport=1, dport=2)) for s in range(4)]
+    frames += [(T0 + 4, eth / ARP(op=2, hwsrc="02:00:00:00:00:aa", psrc="10.9.0.1", pdst="10.9.0.5")),
+               (T0 + 5.2, eth / ARP(op=1, hwsrc="02:00:00:00:00:bb", psrc="10.9.0.5", pdst="10.9.0.1")),
+               (T0 + 5.4, eth / ARP(op=2, hwsrc="02:66:66:66:66:66", psrc="10.9.0.1", pdst="10.9.0.5")),
+               (T0 + 6.1, eth / IP(src="10.9.0.5", dst="10.9.0.7") / UDP(sport=1, dport=2)),
+               (T0 + 6.3, eth / IP(src="10.9.0.66", dst="10.9.0.7") / UDP(sport=1, dport=2)),
+               (T0 + 6.8, eth / IP(src="10.9.0.66", dst="10.9.0.7") / UDP(sport=3, dport=4))]
+    rows, alerts = detected(frames, monkeypatch)
+    spoof = next(a for a in alerts if a.detector == "arp_spoof")
+    new = next(a for a in alerts if a.detector == "new_host" and a.source == "10.9.0.66")
+    for alert, first_ts, want in ((spoof, frames[6][0], 1), (new, frames[8][0], 2)):
+        pairs = inv.alert_filters(alert, rows)
+        got = dict(pairs)
+        assert float(got["from"]) == float(rows["ts"][rows["ts"] >= first_ts - 1e-6].min())  # the packet's time
+        assert float(got["to"]) == float(int(alert.last_ts)) + 1
+        snap = types.SimpleNamespace(packets=rows)
+        assert len(inv.evidence_rows(snap, pairs, None)) == want
+        conds, _ = flt.parse(pairs)
+        assert flt.alert_matches(alert, conds)  # the evidence view keeps the alert in its table
+    spoofed = inv.evidence_rows(types.SimpleNamespace(packets=rows), inv.alert_filters(spoof, rows), None)
+    assert bytes(spoofed["hw_src"][0]) == bytes.fromhex("026666666666")
+
+
+@pytest.mark.parametrize("detector", inv.SECOND_STAMPED)
+def test_per_second_detectors_evidence_is_their_whole_seconds(detector, empty_cache):
+    """README: 'the whole seconds of a spike, a flood or a reflection, which are counted per second'."""
+    rows = buffer(10_000, 10)
+    alert = types.SimpleNamespace(detector=detector, source="10.0.0.1", target="10.0.0.2", severity="high",
+                                  first_ts=T0 + 3.7, last_ts=T0 + 5.2)
+    got = dict(inv.alert_filters(alert, rows))
+    assert (float(got["from"]), float(got["to"])) == (T0 + 3, T0 + 6)
+
+
+def test_past_geo_lookup_max_the_busiest_are_looked_up_and_the_page_says_approximate(monkeypatch):
+    rows = buffer(20_000)  # 250 sources, each 80 packets; 10.0.0.0 .. 10.0.0.99 sent one more each
+    extra = buffer(100)
+    rows = np.concatenate([rows, extra])
+    monkeypatch.setattr(flt, "GEO_LOOKUP_MAX", 100)
+    monkeypatch.setattr(flt, "geo_keys", lambda key: lambda a: "private")
+    monkeypatch.setattr(flt, "geo_version", lambda: None)
+    notes: list[str] = []
+    conds, _ = flt.parse([("country", "private")])
+    got = flt.mask(rows, conds, notes)
+    busiest = np.ascontiguousarray(rows["src"]).view(np.uint8).reshape(-1, 16)[:, 15] < 100
+    assert (got == busiest).all()  # the others are left out
+    assert any("only the 100 busiest of 250 src addresses" in n and "approximate" in n for n in notes)
