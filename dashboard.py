@@ -668,8 +668,9 @@ def page() -> None:
     history_page.import_action(engine)
     if span is not None:  # a stored range: drawn from the history store, not the buffer
         span = inv.history_span(*span, LOCAL_TZ)
-        history_page.history_view(engine, *span, LOCAL_TZ, inv.history_filter(engine, *span, LOCAL_TZ))
-        inv.history_filtered(engine, *span, LOCAL_TZ)
+        got = inv.history_filter(engine, *span, LOCAL_TZ)
+        history_page.history_view(engine, *span, LOCAL_TZ, got)
+        inv.history_filtered(engine, *span, LOCAL_TZ, got)  # the conversations history_filter read: once
     else:
         live_view(engine, snap, end, duration, taken)
     alerts_page.settings(engine)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import html
 import logging
+import threading
 import time
 import urllib.parse
 from datetime import tzinfo
@@ -336,7 +337,7 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
     """The filters that show an alert's evidence: its addresses (when they are addresses), its protocol and
     port where it names them, and its span. `rows` (the buffer) settles a vertical scan's protocol."""
     out = []
-    for key, text in (("src", alert.source), ("dst", alert.target)):
+    for key, text in flt.alert_ends(alert):
         try:
             flt.parse_one(key, str(text))
         except flt.FilterError:
@@ -344,7 +345,7 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
         out.append((key, str(text)))
     protos, port = flt.alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and alert.detector == "port_scan":
-        protos = (flt.scan_proto(rows, alert),)
+        protos = (flt.scan_proto(scan_rows(rows, alert), alert),)
     if port is not None:
         out.append(("port", str(port)))
     if protos is not None and len(protos) == 1:
@@ -358,6 +359,11 @@ def alert_filters(alert, rows=None) -> list[tuple[str, str]]:
     return [*out, ("from", start), ("to", _num(float(int(alert.last_ts)) + 1.0))]
 
 
+def scan_rows(rows, alert) -> np.ndarray:
+    """The packets a scan's protocol is settled over (its whole seconds): of a Window, that span's slice."""
+    return rows.span(float(int(alert.first_ts)), float(int(alert.last_ts)) + 1) if isinstance(rows, Window) else rows
+
+
 ACK = 0x10
 SECOND_STAMPED = ("spike", "syn_flood", "icmp_flood", "udp_flood", "reflection")  # raised for a whole second
 
@@ -367,36 +373,67 @@ def evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
     (`pairs`: its addresses, protocol, port), the earliest in the second of its first raise, or for a port scan, whose
     attempts are counted over a SCAN_WINDOW_S epoch before it is raised, the earliest probe (a packet with
     no ACK: a SYN, a NULL/FIN/Xmas probe, a UDP datagram) in the window before the raise. Falls back to
-    the first raise's whole second when the buffer no longer holds them."""
+    the first raise's whole second when the buffer no longer holds them. `rows`: the buffer or its Window."""
     key = (alert.detector, alert.source, alert.target, alert.first_ts, tuple(pairs))
-    if key not in _STARTS:  # a past span's packets do not change: one pass over the buffer per alert
+    with _STARTS_LOCK:  # every session's thread shares the cache
+        hit = _STARTS.get(key)
+    if hit is not None:
+        return hit
+    # A past span's packets do not change: one search per alert, kept.
+    start = _evidence_start(alert, rows if isinstance(rows, Window) else Window(rows), pairs)
+    with _STARTS_LOCK:
         if len(_STARTS) >= _STARTS_MAX:
             _STARTS.clear()
             _SEEN.clear()
-        _STARTS[key] = _evidence_start(alert, rows, pairs)
+        _STARTS[key] = start
         _SEEN.add(key[:4])
-    return _STARTS[key]
+    return start  # the value found, not the dict's: another thread may have emptied it since
 
 
 _STARTS: dict[tuple, float] = {}
 _SEEN: set[tuple] = set()  # the alerts of _STARTS
 _STARTS_MAX = 4096
+_STARTS_LOCK = threading.Lock()
 
 
 def known(alert) -> bool:
     """Whether an alert's evidence start was found before (its link then costs no pass over the buffer)."""
-    return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
+    with _STARTS_LOCK:
+        return (alert.detector, alert.source, alert.target, alert.first_ts) in _SEEN
 
 
-def _evidence_start(alert, rows, pairs: list[tuple[str, str]]) -> float:
+class Window:
+    """The buffer's packets in capture-time order, for many short time-span searches in one rerun: a span is
+    two binary searches and a slice, not a pass over the buffer. The buffer is in arrival order, which is
+    time order for a live capture; a file's packets can be out of order, and are then sorted once, within
+    lo..hi (the spans the rerun will search). `scanned` counts the rows the searches have read."""
+
+    def __init__(self, rows: np.ndarray, lo: float = -np.inf, hi: float = np.inf) -> None:
+        ts = rows["ts"]
+        if len(ts) > 1 and not (ts[1:] >= ts[:-1]).all():
+            rows = rows[(ts >= lo) & (ts <= hi)]
+            rows = rows.take(np.argsort(rows["ts"], kind="stable"))
+        # Contiguous once: searchsorted would copy a structured array's strided field at every call.
+        self.rows, self.ts, self.scanned = rows, np.ascontiguousarray(rows["ts"]), 0
+
+    def span(self, lo: float, hi: float, closed: bool = False) -> np.ndarray:
+        """The packets with lo <= ts < hi (ts <= hi when `closed`)."""
+        i = int(np.searchsorted(self.ts, lo, side="left"))
+        j = int(np.searchsorted(self.ts, hi, side="right" if closed else "left"))
+        self.scanned += max(j - i, 0)
+        return self.rows[i:j]
+
+
+def _evidence_start(alert, win: Window, pairs: list[tuple[str, str]]) -> float:
     second = float(int(alert.first_ts))
     conds, _ = flt.parse(pairs)
     if alert.detector == "port_scan":
-        conds += [flt.Condition("from", "", alert.first_ts - float(config.get("SCAN_WINDOW_S")))]
-        mine = rows[flt.mask(rows, conds) & (rows["ts"] <= alert.first_ts)]
+        rows = win.span(alert.first_ts - float(config.get("SCAN_WINDOW_S")), alert.first_ts, closed=True)
+        mine = rows[flt.mask(rows, conds)]
         mine = mine[(mine["cls"] != flt.CLASSES.index("tcp")) | ((mine["tcp_flags"] & ACK) == 0)]
     else:
-        mine = rows[flt.mask(rows, [*conds, flt.Condition("from", "", second), flt.Condition("to", "", second + 1)])]
+        rows = win.span(second, second + 1)
+        mine = rows[flt.mask(rows, conds)]
     return float(mine["ts"].min()) if len(mine) else second
 
 
@@ -780,6 +817,7 @@ def history_filter(engine, since: int, until: int, tz: tzinfo | None) -> dict[st
     stored conversations (IP only, whole minutes). None without such filters."""
     from store.history import time_range
 
+    # At most FILTER_MAX (parse's default), as on the live page; history_span has said what is ignored.
     conds, _ = flt.parse(spec(), tz)
     sensor = next((c.text for c in conds if c.key == "sensor"), None)
     shown = [c for c in conds if c.key not in ("from", "to")]
@@ -836,9 +874,7 @@ def _conversation_history(store, r, conds: list) -> dict[str, Any]:
     """Any other filter: the stored per-minute conversations that match, summed per minute."""
     from store.history import approximation, bin_width
 
-    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
-    cut = len(df) >= HISTORY_CONV_ROWS
-    df = df[conversation_mask(df, conds)] if len(df) else df
+    df, cut = read_conversations(store, r, conds)
     lo, hi = r.first_minute, r.until - r.until % 60 + 59  # the whole minutes the range touches
     width = max(60, bin_width(lo, hi))
     classes = df["proto"].map(lambda p: CLASS_OF_PROTO.get(int(p), "other_ip")) if len(df) else pd.Series([], dtype=str)
@@ -858,25 +894,34 @@ def _conversation_history(store, r, conds: list) -> dict[str, Any]:
             "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
             "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
             "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
-            "exact": not (capped or cut), "note": "; ".join(notes)}
+            "exact": not (capped or cut), "note": "; ".join(notes), "conversations": (df, cut)}
 
 
-def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
-    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations."""
+def read_conversations(store, r, conds: list) -> tuple[pd.DataFrame, bool]:
+    """(the stored conversations of the range that match, whether HISTORY_CONV_ROWS cut the read)."""
+    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
+    cut = len(df) >= HISTORY_CONV_ROWS
+    return (df[conversation_mask(df, conds)] if len(df) else df), cut
+
+
+def history_filtered(engine, since: int, until: int, tz: tzinfo | None,
+                     got: dict[str, Any] | None = None) -> None:
+    """For host/port/proto/vlan/sensor filters on a stored range: the matching stored conversations.
+    `got` (history_filter's answer on this rerun) brings them when it read them already: read once."""
     from store.history import time_range
 
-    conds, _ = flt.parse(spec(), tz)
+    conds, _ = flt.parse(spec(), tz)  # its messages were shown by history_filter
     conds = [c for c in conds if c.key not in ("from", "to")]
     if not conds or engine.store is None:
         return
     sensor = next((c.text for c in conds if c.key == "sensor"), None)
     try:
-        df = engine.store.rows("conversations", time_range(since, until, sensor))
+        df, cut = (got or {}).get("conversations") or read_conversations(
+            engine.store, time_range(since, until, sensor), [c for c in conds if c.key != "sensor"])
     except Exception as exc:  # a store that cannot answer is a message
         log.exception("history conversations query failed")
         st.error(plain(f"History conversations cannot be read: {type(exc).__name__}: {exc}"))
         return
-    df = df[conversation_mask(df, [c for c in conds if c.key != "sensor"])] if len(df) else df
     st.subheader("Filtered: stored conversations")
     st.metric("Packets in matching conversations", f"{int(df['packets'].sum()) if len(df) else 0:,}")
     keys = ["a", "a_port", "b", "b_port", "proto", "vlan"]
@@ -884,11 +929,13 @@ def history_filtered(engine, since: int, until: int, tz: tzinfo | None) -> None:
              .sort_values("bytes", ascending=False).head(50)) if len(df) else pd.DataFrame(columns=keys)
     st.dataframe(table, hide_index=True, key="hist_filtered_conv")
     st.caption("From the stored conversations (IP only, kept per minute, whole minutes, at most STORE_CONV_MAX a "
-               "minute): approximate when minutes were capped.")
+               "minute): approximate when minutes were capped"
+               + (f", and here: only the first {HISTORY_CONV_ROWS:,} stored rows were read." if cut else "."))
 
 
 EVIDENCE_COLUMN = "evidence view"
 LINKS_PER_RUN = 50
+EVIDENCE_ROWS_PER_RUN = 2_000_000  # rows the new alerts' searches may read a rerun (~80 ms)
 
 
 def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
@@ -896,13 +943,18 @@ def with_links(frame: pd.DataFrame, alerts, rows=None) -> pd.DataFrame:
     `rows` (the whole buffer) settle a vertical scan's protocol and each alert's first evidence packet."""
     if not len(frame):
         return frame
-    # Each alert's first link costs a pass or two over the buffer; at most LINKS_PER_RUN new ones a rerun
-    # (the rest show their first raise's whole second until a later refresh finds their evidence).
+    fresh = [rows is not None and a.detector not in SECOND_STAMPED and not known(a) for a in alerts]
+    if any(fresh):
+        # One time-ordered view of the buffer per rerun: each new alert's search is then a slice of its own
+        # seconds. At most LINKS_PER_RUN new alerts and EVIDENCE_ROWS_PER_RUN rows read a rerun (the rest
+        # show their first raise's whole second until a later refresh finds their evidence).
+        rows = Window(rows, min(a.first_ts for a in alerts) - float(config.get("SCAN_WINDOW_S")) - 1,
+                      max(a.last_ts for a in alerts) + 1)
     budget, links = LINKS_PER_RUN, []
-    for a in alerts:
-        fresh = rows is not None and a.detector not in SECOND_STAMPED and not known(a)
-        links.append(alert_link(a, rows if rows is not None and (not fresh or budget > 0) else None))
-        budget -= fresh
+    for a, new in zip(alerts, fresh):
+        spent = budget <= 0 or (isinstance(rows, Window) and rows.scanned >= EVIDENCE_ROWS_PER_RUN)
+        links.append(alert_link(a, None if rows is None or (new and spent) else rows))
+        budget -= new
     return frame.assign(**{EVIDENCE_COLUMN: links})
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -19,7 +21,7 @@ import numpy as np
 
 import config
 from analysis.counters import BIN_FIELDS, Counters
-from analysis.headers import CLASSES, DIRECTIONS
+from analysis.headers import CLASSES, DIRECTIONS, addr_text
 from capture.sources import V4_PREFIX
 
 KEYS = ("src", "dst", "host", "port", "proto", "vlan", "sensor", "from", "to", "country", "asn")
@@ -30,6 +32,8 @@ GEO_KEYS = ("country", "asn")
 # Distinct addresses looked up per end for a country/AS filter: each costs a database look-up the first
 # time. Beyond it, the busiest are looked up and the page says the figures are approximate.
 GEO_LOOKUP_MAX = 50_000
+# Addresses whose country/network key is kept across reruns, per key (country, asn): ~100 bytes each.
+GEO_CACHE_MAX = 131_072
 Spec = tuple[tuple[str, str], ...]
 
 
@@ -264,27 +268,77 @@ def _distinct(hi: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return first, inv.ravel(), counts
 
 
-def geo_mask(rows: np.ndarray, cond: Condition, words_of, notes: list[str] | None = None) -> np.ndarray:
-    """Rows with either end in the country or network a country/asn condition names."""
-    from analysis.headers import addr_text
+class GeoCache:
+    """Address -> country/network key, kept across reruns (bounded): a key found once costs a dict look-up
+    afterwards, not a database look-up. Only complete answers are kept (both databases loaded), and a new
+    database version empties it."""
 
+    def __init__(self, max_items: int = GEO_CACHE_MAX) -> None:
+        self.max_items = max_items
+        self._lock = threading.Lock()
+        self._maps: dict[str, dict[bytes, str]] = {}
+        self._version: tuple = ()
+
+    def keys(self, kind: str, addrs: list[bytes], key_of, version: tuple | None) -> list[str]:
+        """The key of each 16-byte address (`key_of` for the ones not kept); `version` None: keep nothing."""
+        with self._lock:
+            if version is not None and version != self._version:
+                self._maps.clear()
+                self._version = version
+            known = dict(self._maps.get(kind) or {})  # a copy: other sessions' threads add to it
+        out, found = [], {}
+        for b in addrs:
+            k = known.get(b)
+            if k is None:
+                k = found[b] = key_of(addr_text(b))
+            out.append(k)
+        if found and version is not None:
+            with self._lock:
+                m = self._maps.setdefault(kind, {})
+                if len(m) + len(found) > self.max_items:
+                    m.clear()  # whole, not piecemeal: the busiest come back at the next rerun
+                m.update(itertools.islice(found.items(), self.max_items))
+        return out
+
+
+GEO_CACHE = GeoCache()
+
+
+def geo_version() -> tuple | None:
+    """The loaded databases' versions, or None while either still loads (its answers are then incomplete)."""
+    import enrich
+
+    geo = enrich.shared().geo
+    if not ((geo.source or geo.error) and (geo.asn.ready or geo.asn.error)):
+        return None
+    return geo.source, geo.error, geo.asn.version, geo.asn.error
+
+
+def geo_mask(rows: np.ndarray, cond: Condition, words_of, notes: list[str] | None = None) -> np.ndarray:
+    """Rows with either end in the country or network a country/asn condition names. Non-IP rows (ARP,
+    LLDP: their address fields are zeros, which would read as '::', 'reserved') never match."""
     key_of = geo_keys(cond.key)
+    version = geo_version()
+    ip = rows["cls"] != CLASSES.index("non_ip")
     out = np.zeros(len(rows), bool)
     for field in ("src", "dst"):
-        if not len(rows):
+        if not ip.any():
             break
         hi, lo = words_of(field)
-        first, inv, counts = _distinct(hi, lo)
+        first, inv, counts = _distinct(hi[ip], lo[ip])
         look = np.arange(len(first))
         if len(first) > GEO_LOOKUP_MAX:  # the busiest addresses; the others count as not matching
             look = np.argsort(-counts, kind="stable")[:GEO_LOOKUP_MAX]
             if notes is not None:
                 notes.append(f"{cond.key} filter: only the {GEO_LOOKUP_MAX:,} busiest of {len(first):,} {field} "
                              "addresses were looked up; packets of the others are left out (approximate)")
-        raw = np.ascontiguousarray(rows[field][first[look]])
+        raw = np.ascontiguousarray(rows[field][ip][first[look]]).view(np.uint8).reshape(-1, 16)
+        texts = GEO_CACHE.keys(cond.key, [r.tobytes() for r in raw], key_of, version)
+        # Few distinct keys (countries, networks): each is matched once.
+        verdict = {k: geo_match(cond.value, k) for k in set(texts)}
         hit = np.zeros(len(first), bool)
-        hit[look] = [geo_match(cond.value, key_of(addr_text(bytes(b)))) for b in raw]
-        out |= hit[inv]
+        hit[look] = [verdict[k] for k in texts]
+        out[ip] |= hit[inv]
     return out
 
 
@@ -340,6 +394,14 @@ ALERT_PROTOS = {"syn_flood": ("tcp",), "icmp_flood": ("icmp", "icmpv6"), "udp_fl
                 "reflection": ("udp",), "arp_spoof": ("non_ip",)}
 
 
+def alert_ends(alert) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (key, text) of an alert's two ends as filters. An ARP spoof's source is a MAC and its target the
+    address claimed: the evidence is the ARP packets whose sender address is that address (src=)."""
+    if alert.detector == "arp_spoof":
+        return ("src", str(alert.target)), ("src", str(alert.source))
+    return ("src", str(alert.source)), ("dst", str(alert.target))
+
+
 def alert_traffic(alert) -> tuple[tuple[str, ...] | None, int | None]:
     """(protocol classes, port) an alert's traffic is made of, where the alert names them (None: any)."""
     if alert.detector == "port_scan":
@@ -354,17 +416,23 @@ def alert_traffic(alert) -> tuple[tuple[str, ...] | None, int | None]:
 
 _SCAN_PROTOS: dict[tuple, str] = {}  # (source, target, first, last) -> protocol: a span's packets do not change
 _SCAN_PROTOS_MAX = 4096
+_SCAN_LOCK = threading.Lock()
 
 
 def scan_proto(rows: np.ndarray, alert) -> str:
     """A vertical scan's protocol (the alert does not name it): of TCP and UDP from its source to its target
     in its whole seconds, the one reaching more destination ports (remembered: one pass per alert span)."""
     key = (alert.source, alert.target, alert.first_ts, alert.last_ts)
-    if key not in _SCAN_PROTOS:
+    with _SCAN_LOCK:  # every session's thread shares the dict
+        hit = _SCAN_PROTOS.get(key)
+    if hit is not None:
+        return hit
+    proto = _scan_proto(rows, alert)
+    with _SCAN_LOCK:
         if len(_SCAN_PROTOS) >= _SCAN_PROTOS_MAX:
             _SCAN_PROTOS.clear()
-        _SCAN_PROTOS[key] = _scan_proto(rows, alert)
-    return _SCAN_PROTOS[key]
+        _SCAN_PROTOS[key] = proto
+    return proto
 
 
 def _scan_proto(rows: np.ndarray, alert) -> str:
@@ -409,6 +477,8 @@ def alert_matches(alert, conds: Iterable[Condition], rows: np.ndarray | None = N
     `rows` (the buffer) settles a vertical scan's protocol when a protocol filter asks."""
     conds = list(conds)
     ends = {"src": (alert.source,), "dst": (alert.target,), "host": (alert.source, alert.target)}
+    if alert.detector == "arp_spoof":  # its evidence is the ARP packets that claim the address (their src)
+        ends["src"] = (alert.source, alert.target)
     protos, port = alert_traffic(alert)
     if protos is not None and len(protos) > 1 and rows is not None and any(c.key == "proto" for c in conds):
         protos = (scan_proto(rows, alert),)

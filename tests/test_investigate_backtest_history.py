@@ -38,9 +38,15 @@ def live(at) -> None:
 
     at.radio(key="time_range").set_value("Live").run()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _ in range(3):
-            s.sendto(b"x", ("127.0.0.1", 47331))
-    run_until(at, lambda a: any(r.key == "bt_over" for r in a.radio), 15)
+
+        def drawn(a) -> bool:
+            # Sent again at every try: under load a single burst can pass before the capture draws anything.
+            for _ in range(3):
+                s.sendto(b"x", ("127.0.0.1", 47331))
+            return any(r.key == "bt_over" for r in a.radio)
+
+        run_until(at, drawn, 60)
+    assert any(r.key == "bt_over" for r in at.radio), "the live panels never drew"
 
 
 def packets_trials(pkts) -> list:
