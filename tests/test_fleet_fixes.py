@@ -319,3 +319,28 @@ def test_fleet_caption_says_what_history_skipped():
     assert loss_text(df, None).endswith("history skipped 1,234 (not in these totals)")
     none = df.assign(history_skipped_packets=[0, 0])
     assert "history" not in loss_text(none, "a") and "history" not in loss_text(none, None)
+
+
+def test_version_6_loss_rows_are_migrated_to_version_7(cluster, monkeypatch):  # noqa: F811
+    """A database at schema version 6 with loss rows (stamped by the sensor's clock, no previous counters):
+    opened by this program, it is migrated to version 7, the rows are copied once (received = their time)
+    and a range reads what version 6 read; a second open copies nothing again."""
+    import store.clickhouse as chmod
+
+    monkeypatch.setattr(chmod, "CH_SCHEMA_VERSION", 6)
+    old = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fix_v6", sensor="v6")
+    assert old.open(), old.status().message
+    old.close()
+    monkeypatch.undo()
+    t = int(time.time()) - 100
+    cols = "sensor, iface, run, ts, " + ", ".join(LOSS_COUNTERS)
+    cluster.query(f"INSERT INTO t_fix_v6.losses ({cols}) VALUES",
+                  [("v6", "lo", "r1", t - 7200, 3, 0, 0, 0, 0), ("v6", "lo", "r1", t, 8, 1, 0, 0, 0)])
+    for _ in range(2):
+        ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database="t_fix_v6")
+        assert ch.open(), ch.status().message
+        got = ch.losses(TimeRange(t - 60, t + 60)).set_index("sensor").loc["v6"]
+        assert (got["ring_dropped"], got["nic_dropped"]) == (5, 1)
+        ch.close()
+    assert cluster.query("SELECT count() FROM t_fix_v6.run_losses")[0][0] == 2
+    assert int(cluster.query("SELECT max(toInt64(value)) FROM t_fix_v6.meta")[0][0]) == chmod.CH_SCHEMA_VERSION
