@@ -9,6 +9,7 @@ import select
 import socket
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Iterator
 
@@ -71,6 +72,7 @@ def test_loss_rows_are_stamped_by_the_server_not_the_sensors_clock(cluster, monk
     """A sensor whose clock is 10 minutes fast (and one 10 minutes slow) ships its losses: they are in the
     last 5 minutes' range (the page's Live), by the servers' clock; before, both were outside it."""
     from fleet.sensor import Sensor
+    from store.base import StoreBatch
 
     now = int(time.time())
     ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fix_clock", sensor="fast")
@@ -81,11 +83,11 @@ def test_loss_rows_are_stamped_by_the_server_not_the_sensors_clock(cluster, monk
         fake.iface, fake.run_id, fake._prev_losses = "lo", f"run-{sensor}", (0,) * len(LOSS_COUNTERS)
         counts = dict.fromkeys(LOSS_COUNTERS, 0) | {"ring_dropped": 7, "nic_dropped": 2}
         fake.losses = lambda counts=counts: counts
-        monkeypatch.setattr("fleet.sensor.time.time", lambda shift=shift: now + shift)
-        row = fake.loss_row()
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr("fleet.sensor.time", types.SimpleNamespace(time=lambda shift=shift: now + shift))
+            row = fake.loss_row()
         assert row[2] == now + shift
-        b = with_id(__import__("store.base", fromlist=["StoreBatch"]).StoreBatch())
+        b = with_id(StoreBatch())
         b.losses = row
         assert ch.send(b), ch.status().message
     got = ch.losses(TimeRange(now - 300, now + 5)).set_index("sensor")
