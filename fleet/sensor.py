@@ -34,7 +34,7 @@ import config
 from fleet.spool import Spool
 from packet_processor import CaptureEngine, Source
 from store.base import StoreBatch
-from store.clickhouse import ClickHouseStore, with_id
+from store.clickhouse import LOSS_COUNTERS, ClickHouseStore, with_id
 from store.rollup import Rollup
 from store.stage import StoreStage
 
@@ -254,6 +254,7 @@ class Sensor:
         self.spool = Spool(folder, int(config.get("FLEET_SPOOL_MB") * 1024 * 1024))
         self.shipper = Shipper(self.store, self.spool)
         self.run_id = uuid.uuid4().hex  # this process's loss counters start at 0: ClickHouse keeps them per run
+        self._prev_losses = (0,) * len(LOSS_COUNTERS)  # the counters shipped with the previous flush
         self.rollup = Rollup(_Outbox(self.store, self.shipper, self.loss_row), sensor=name, iface=iface,
                              flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s)
         self.engine = FleetEngine()
@@ -269,11 +270,14 @@ class Sensor:
         return {**self.engine.losses(), "history_skipped_packets": self.skipped}
 
     def loss_row(self) -> tuple:
-        """(iface, run, ts, *counters) as store.clickhouse.LOSS_COLUMNS: shipped with each flush."""
-        from store.clickhouse import LOSS_COLUMNS
-
+        """(iface, run, ts, *counters, *previous counters) as store.clickhouse.LOSS_COUNTERS: shipped with
+        each flush. The previous counters are those of the run's previous flush: they let ClickHouse
+        tell a range's losses when retention dropped the row before it, and a batch whose counters did
+        not grow write no row. `ts` is the sensor's clock, for reference only (ClickHouse stamps the row)."""
         d = self.losses()
-        return (self.iface, self.run_id, int(time.time()), *(d[c] for c in LOSS_COLUMNS[2:]))
+        now = tuple(int(d[c]) for c in LOSS_COUNTERS)
+        prev, self._prev_losses = self._prev_losses, now  # one caller: the rollup's flush (one thread)
+        return (self.iface, self.run_id, int(time.time()), *now, *prev)
 
     @property
     def skipped(self) -> int:

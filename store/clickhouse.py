@@ -39,9 +39,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -175,7 +176,7 @@ def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
     """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
     every shard)."""
     tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()),
-              *(("losses", "flushes") if version >= 6 else ()))
+              *(("losses", "flushes") if version >= 6 else ()), *(("run_losses",) if version >= 7 else ()))
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({_quote(cluster)}, {db}, {t}, "
             f"cityHash64(sensor))" for t in tables]
 
@@ -188,6 +189,16 @@ def _quote(name: str) -> str:
 
 class ReadOnlySchema(RuntimeError):
     """The database needs a schema change and the account may not make it."""
+
+
+class WaitTimeout(TimeoutError):
+    """ClickHouse did not answer within the timeout in effect; the text names that timeout."""
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether an error is a socket timeout (Python's, or clickhouse-driver's SOCKET_TIMEOUT, code 209)."""
+    return isinstance(exc, TimeoutError) or getattr(exc, "code", None) == 209 or \
+        "SocketTimeout" in type(exc).__name__
 
 
 class _OneLine(logging.Filter):
@@ -355,8 +366,34 @@ def losses_sql(db: str) -> list[str]:
             f"ENGINE = ReplacingMergeTree(received) ORDER BY sensor"]
 
 
+LOSS_COUNTERS = LOSS_COLUMNS[2:]
+PREV_COLUMNS = tuple(f"prev_{c}" for c in LOSS_COUNTERS)
+
+
+def run_losses_sql(db: str) -> list[str]:
+    """Schema version 7: `run_losses`, the loss rows as `losses` plus when a server received them and the
+    counters of the run's previous row (`prev_*`, as the sensor sent them before).
+
+    `received` is the server's clock (a sensor's own clock may be minutes off: its rows would fall outside
+    the Live range) and the day partition, so retention drops a row with the day it arrived. A range's
+    loss per run is the largest value up to its end minus the last value before its start; when no row
+    of the run is left before the start (retention dropped that day, or the run began in the range), the
+    smallest `prev_*` within the range is that last value. A row sent twice is the same row (max and min
+    unchanged; ReplacingMergeTree merges it away). The version 6 rows are copied with received = their ts
+    and prev 0 (what version 6 computed); `losses` stays, unused."""
+    counters = ", ".join(f"{c} Int64" for c in (*LOSS_COUNTERS, *PREV_COLUMNS))
+    key = ", ".join((*LOSS_COUNTERS, *PREV_COLUMNS))
+    cols = f"sensor, iface, run, received, ts, {key}"
+    return [f"CREATE TABLE IF NOT EXISTS {db}.run_losses (sensor String, iface String, run String, received Int64, "
+            f"ts Int64, {counters}) ENGINE = ReplacingMergeTree PARTITION BY intDiv(received, 86400) "
+            f"ORDER BY (sensor, run, ts, {key})",
+            f"INSERT INTO {db}.run_losses ({cols}) SELECT sensor, iface, run, ts, ts, "
+            f"{', '.join(LOSS_COUNTERS)}, {', '.join('toInt64(0)' for _ in PREV_COLUMNS)} FROM {db}.losses "
+            f"WHERE (sensor, run, ts) NOT IN (SELECT sensor, run, ts FROM {db}.run_losses)"]
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql, 7: run_losses_sql}
 # version -> steps that look at a shard's tables first, run there (they return statements to run after).
 STEPS = {4: version_key_steps}
 MIGRATION_WAIT_S = 60.0  # how long an open waits for another program's migration of a shard before failing
@@ -386,12 +423,12 @@ class ClickHouseStore(Store):
         # Reads and handshakes: a server that accepts and never answers holds the store's lock this long at most.
         self.query_timeout = float(config.get("CLICKHOUSE_QUERY_TIMEOUT_S") if query_timeout is None
                                    else query_timeout)
-        self._wait_s = self.query_timeout  # the timeout in effect, for the error message
         self._client = None
         self._ver = 0
         self.server_version = ""
         self.batches_skipped = 0  # batches found already committed (re-sent after a lost acknowledgement)
-        self._last_losses: dict[tuple, tuple] = {}  # (sensor, run) -> the counters last written (same: no row)
+        self._slow = threading.local()  # .on: this thread's reads wait `timeout` (an exact full grouping)
+        self._now_sql = "toInt64(now())"  # the receive time of a loss row: the server's clock (tests shift it)
 
     @property
     def path(self) -> str:
@@ -417,19 +454,41 @@ class ClickHouseStore(Store):
                       client_name="network-traffic-monitor", **kw)
 
     @contextmanager
-    def _long(self, client):
-        """Within: the client waits `timeout` (a write, a migration), not the reads' query_timeout."""
+    def _long(self, client, what: str = "the write timeout"):
+        """Within: the client waits `timeout` (a write, a migration), not the reads' query_timeout. A
+        timeout within is described here, with the limit that was in effect (WaitTimeout)."""
         conn = client.connection
-        old, self._wait_s = conn.send_receive_timeout, self.timeout
+        old = conn.send_receive_timeout
         conn.send_receive_timeout = self.timeout
         if conn.connected and conn.socket is not None:
             conn.socket.settimeout(self.timeout)
         try:
             yield
+        except WaitTimeout:
+            raise
+        except Exception as exc:
+            if _timed_out(exc):
+                raise WaitTimeout(self._timeout_text(self.timeout, what)) from exc
+            raise
         finally:
-            conn.send_receive_timeout, self._wait_s = old, self.query_timeout
+            conn.send_receive_timeout = old
             if conn.connected and conn.socket is not None:
                 conn.socket.settimeout(old)
+
+    def _timeout_text(self, wait_s: float, setting: str) -> str:
+        return (f"ClickHouse did not answer within {wait_s:g} s ({self.host}:{self.port}, {setting}): "
+                f"the server accepts connections but does not reply (overloaded or hung?)")
+
+    @contextmanager
+    def slow_reads(self):
+        """Within (this thread): reads wait the write timeout, not CLICKHOUSE_QUERY_TIMEOUT_S (a query
+        known to be slow, as history's exact full grouping of a day's conversations)."""
+        before = getattr(self._slow, "on", False)
+        self._slow.on = True
+        try:
+            yield
+        finally:
+            self._slow.on = before
 
     def _exec(self, client, sql: str, data: Any = None, **kw: Any) -> Any:
         """An INSERT, through the Distributed table synchronously in a cluster (the batch is on its shard
@@ -463,10 +522,10 @@ class ClickHouseStore(Store):
         code = getattr(exc, "code", None)
         text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         where = f"ClickHouse {self.host}:{self.port}"
-        if isinstance(exc, TimeoutError) or code == 209 or "SocketTimeout" in type(exc).__name__:  # SOCKET_TIMEOUT
-            setting = "CLICKHOUSE_QUERY_TIMEOUT_S" if self._wait_s == self.query_timeout else "the write timeout"
-            return (f"ClickHouse did not answer within {self._wait_s:g} s ({self.host}:{self.port}, {setting}): "
-                    f"the server accepts connections but does not reply (overloaded or hung?)")
+        if isinstance(exc, WaitTimeout):  # described where it happened, with the limit in effect
+            return str(exc)
+        if _timed_out(exc):  # outside _long: a read or a handshake
+            return self._timeout_text(self.query_timeout, "CLICKHOUSE_QUERY_TIMEOUT_S")
         if isinstance(exc, ReadOnlySchema):
             return f"{where}: {exc}"
         if code in (192, 193, 516):  # UNKNOWN_USER, WRONG_PASSWORD, AUTHENTICATION_FAILED
@@ -620,8 +679,7 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return False
             try:
-                with self._long(self._client):
-                    self._write(batch)
+                self._write(batch)
             except Exception as exc:  # any backend failure is state: the caller spools the batch
                 self._failed(exc)
                 return False
@@ -637,9 +695,14 @@ class ClickHouseStore(Store):
             return self._ver
 
     def _write(self, batch: StoreBatch) -> None:
+        """Write one batch under the write timeout (send(), and write() and close() through _drain())."""
         client = self._client
         if client is None:
             raise OSError("store is not open")
+        with self._long(client):
+            self._write_batch(client, batch)
+
+    def _write_batch(self, client, batch: StoreBatch) -> None:
         batch = with_id(batch)
         segs = _segments(batch)
         sensor = self._batch_sensor(batch)
@@ -693,16 +756,28 @@ class ClickHouseStore(Store):
                    commit)
 
     def _write_losses(self, client, sensor: str, batch: StoreBatch) -> None:
-        """The flush's receive time (the server's clock), and the sensor's loss counters when they changed."""
+        """The flush's receive time (the server's clock), and the sensor's loss counters when they grew.
+
+        The loss row is stamped by the server that takes it (`received`, as `flushes`): the sensor's clock
+        may be off. Whether a row is written depends on the batch alone (its counters against the `prev_*`
+        it carries), never on what this store wrote before, so a re-send or a spool replayed after a
+        restart writes exactly the rows the first attempt did (the same rows: they change no max or min)."""
         if CH_SCHEMA_VERSION < 6:
             return
         self._exec(client, f"INSERT INTO {self._t('flushes')} (sensor) VALUES", [(sensor,)])
-        losses = tuple(getattr(batch, "losses", ()) or ())  # (iface, *LOSS_COLUMNS)
-        if not losses or self._last_losses.get((sensor, losses[1])) == losses[3:]:
+        losses = tuple(getattr(batch, "losses", ()) or ())  # (iface, run, ts, *counters[, *prev])
+        n = len(LOSS_COUNTERS)
+        if len(losses) < 3 + n:
             return
-        self._exec(client, f"INSERT INTO {self._t('losses')} (sensor, iface, {', '.join(LOSS_COLUMNS)}) VALUES",
-                   [(sensor, str(losses[0]), str(losses[1]), *(int(v) for v in losses[2:]))])
-        self._last_losses = {(sensor, losses[1]): losses[3:]}  # bounded: one run's last row
+        now, prev = losses[3:3 + n], losses[3 + n:3 + 2 * n]
+        if len(prev) != n:  # a batch spooled by an older sensor: no previous counters (0: version 6's rule)
+            prev = (0,) * n
+        elif tuple(now) == tuple(prev):  # nothing lost since the run's previous flush: no row
+            return
+        values = ", ".join([_literal(sensor), _literal(str(losses[0])), _literal(str(losses[1])), self._now_sql,
+                            *(str(int(v)) for v in (losses[2], *now, *prev))])
+        self._exec(client, f"INSERT INTO {self._t('run_losses')} (sensor, iface, run, received, ts, "
+                           f"{', '.join((*LOSS_COUNTERS, *PREV_COLUMNS))}) SELECT {values}")
 
     def _batch_sensor(self, batch: StoreBatch) -> str:
         for frame in (*batch.frames.values(), batch.alerts):
@@ -839,7 +914,9 @@ class ClickHouseStore(Store):
                 raise OSError(self._message or "store is not open")
             client = self._client
             try:
-                rows, types = client.execute(sql, params, with_column_types=True, columnar=True)
+                slow = getattr(self._slow, "on", False)
+                with self._long(client, "the long-read timeout of an exact grouping") if slow else nullcontext():
+                    rows, types = client.execute(sql, params, with_column_types=True, columnar=True)
             except Exception as exc:
                 self._failed(exc)
                 raise OSError(self._message) from exc
@@ -906,6 +983,10 @@ class ClickHouseStore(Store):
         its figure and at least its figure minus its error; first and last seen are unknown, NaN)."""
         if by not in ("bytes", "packets"):
             raise ValueError(f"top conversations by {by!r}: give bytes or packets")
+        with self.slow_reads() if exact else nullcontext():  # exact (history): may group every conversation
+            return self._top_conversations(r, by, n, exact)
+
+    def _top_conversations(self, r: TimeRange, by: str, n: int, exact: bool) -> pd.DataFrame:
         got = self._conv_shortcut(r, by, int(n)) if 0 < n <= CONV_TOP_K else None
         if isinstance(got, pd.DataFrame):
             got.attrs["method"] = "shortcut"
@@ -1072,17 +1153,21 @@ class ClickHouseStore(Store):
                          f"ORDER BY created", {})
 
     def losses(self, r: TimeRange) -> pd.DataFrame:
-        """Per sensor, the packets lost within the range: ring and NIC drops, detector-stage skips
-        (packets and batches), history-stage skips. Per sensor run: the largest cumulative value up to
-        the range's end minus the largest before its start (re-sent rows change neither)."""
+        """Per sensor, the packets lost within the range (by the servers' receive time): ring and NIC drops,
+        detector-stage skips (packets and batches), history-stage skips. Per sensor run: the largest
+        cumulative value up to the range's end minus the last one before its start, which is the largest
+        row before the start or, when retention left none (or the run began within the range), the
+        smallest `prev_*` of the run's rows in the range (re-sent rows change neither)."""
         sensor = " AND sensor = %(sensor)s" if r.sensor else ""
-        cols = LOSS_COLUMNS[2:]
-        inner = ", ".join(f"maxIf({c}, ts <= %(until)s) - maxIf({c}, ts < %(since)s) AS {c}" for c in cols)
-        outer = ", ".join(f"toInt64(sum({c})) AS {c}" for c in cols)
-        df = self._run(f"SELECT sensor, {outer} FROM (SELECT sensor, run, {inner} FROM {self._t('losses')} "
-                       f"WHERE ts <= %(until)s{sensor} GROUP BY sensor, run) GROUP BY sensor ORDER BY sensor",
+        within = "received >= %(since)s AND received <= %(until)s"
+        inner = ", ".join(f"maxIf({c}, received <= %(until)s) - if(countIf(received < %(since)s) > 0, "
+                          f"maxIf({c}, received < %(since)s), minIf(prev_{c}, {within})) AS {c}"
+                          for c in LOSS_COUNTERS)
+        outer = ", ".join(f"toInt64(sum({c})) AS {c}" for c in LOSS_COUNTERS)
+        df = self._run(f"SELECT sensor, {outer} FROM (SELECT sensor, run, {inner} FROM {self._t('run_losses')} "
+                       f"WHERE received <= %(until)s{sensor} GROUP BY sensor, run) GROUP BY sensor ORDER BY sensor",
                        r.params())
-        return df if len(df) else pd.DataFrame(columns=["sensor", *cols])
+        return df if len(df) else pd.DataFrame(columns=["sensor", *LOSS_COUNTERS])
 
     def sensors(self, since: int = 0) -> pd.DataFrame:
         """Every sensor that committed periods from `since` on: its last flush (wall time) and newest period.
