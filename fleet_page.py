@@ -67,7 +67,7 @@ class SensorView:
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.store, name)
         if name not in ("totals", "series", "top_addrs", "top_ports", "top_conversations", "caps", "alerts",
-                        "extent", "rows"):
+                        "extent", "rows", "vlans"):
             return attr
         if name == "rows":
             return lambda table, r, *a, **k: attr(table, self._r(r), *a, **k)
@@ -333,7 +333,7 @@ def sparklines(series: pd.DataFrame, alerts: pd.DataFrame, since: int, until: in
 
 # -- the single-host page's other panels, from what the fleet stores -----------------------------------
 
-VLAN_ROWS = 200_000  # stored conversation rows read for the VLAN chart (each minute's up to STORE_CONV_MAX)
+VLAN_ROWS = 200_000  # stored conversation rows read for a filtered VLAN chart (each minute's up to STORE_CONV_MAX)
 WHO_ADDRESSES = 500  # top sources and destinations summed per country and per network
 RECENT_TEXT = ("**Recent packets:** the fleet does not store packets. Each sensor ships, every FLEET_FLUSH_S, "
                "per-second totals (packets, bytes, per protocol and direction), per-minute top talkers, ports "
@@ -382,11 +382,14 @@ def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> N
     from store.history import approximation, time_range
 
     r = time_range(since, until)
-    df = view.rows("conversations", r, VLAN_ROWS)
-    cut = len(df) >= VLAN_ROWS
     conds = traffic_filters(tz)
-    if conds and len(df):  # the stored conversations that match the URL's filters, as the filtered totals
-        df = df[inv.conversation_mask(df, conds)]
+    cut = False
+    if conds:  # the stored conversations that match the URL's filters, as the filtered totals count them
+        df = view.rows("conversations", r, VLAN_ROWS)
+        cut = len(df) >= VLAN_ROWS
+        df = df[inv.conversation_mask(df, conds)] if len(df) else df
+    else:  # summed by the store (whole hours from the hourly rows): no rows to read
+        df = view.vlans(r)
     by = st.session_state.get("hist_top_by", "packets")
     fig = vlan_figure(vlan_totals(df), by)
     st.subheader("VLANs")

@@ -115,6 +115,9 @@ def test_url_filters_chips_and_the_sensor_picker(at):
     url(at, port="443", sensor="west")
     assert at.selectbox(key="fleet_sensor").value == "west"
     assert count(at) == want("west", port=443) == 15
+    sensor_chip = next(b for b in at.button if rendered(b.label) == "✕ sensor = west")
+    sensor_chip.click().run()  # the chip removed: all sensors again, in the picker too
+    assert at.selectbox(key="fleet_sensor").value == fleet_page.ALL and count(at) == want(port=443)
     at.selectbox(key="fleet_sensor").set_value("east").run()
     assert at.query_params["sensor"] == ["east"] or at.query_params["sensor"] == "east", at.query_params
     assert count(at) == want("east", port=443) == 30
@@ -129,6 +132,23 @@ def test_url_filters_chips_and_the_sensor_picker(at):
     assert count(at) == 115 and "host" not in at.query_params
     url(at, sensor="nosuch")
     assert any("sensor=nosuch" in rendered(w.value) for w in at.warning) and count(at) == 0
+
+
+def test_a_brushed_span_narrows_the_fleet_totals_to_its_seconds(at):
+    """A timeline box selection gives from/to; the page opened with them counts exactly the packets of
+    those whole seconds (per-second rows: exact), for all sensors and for one."""
+    lo, hi = T0 + 12.4, T0 + 31.6
+    x = [pd.Timestamp(v, unit="s").strftime("%Y-%m-%d %H:%M:%S.%f") for v in (lo, hi)]  # naive UTC, as Plotly
+    pairs = inv.selection_filters(fleet_page.CHART_KINDS["hist_timeline"], {"box": [{"x": x}]}, [], None)
+    assert [k for k, _ in pairs] == ["from", "to"] and abs(float(pairs[0][1]) - lo) < 1e-3
+    df = packets()
+    sec = np.floor(df["ts"])
+    inside = (sec >= np.floor(lo)) & (sec <= np.ceil(hi) - 1)  # whole seconds, both ends (the stored grain)
+    url(at, **dict(pairs))
+    assert count(at) == int(inside.sum()) and 0 < count(at) < len(df)
+    assert sum(c.startswith("✕ from") or c.startswith("✕ to") for c in chips(at)) == 2
+    url(at, **dict(pairs), sensor="east")
+    assert count(at) == int((inside & (df["sensor"] == "east")).sum())
 
 
 def click(at: AppTest, key: str, label: str) -> list[tuple[str, str]]:
@@ -208,3 +228,32 @@ def test_vlan_chart_enrichment_views_and_recent_packets_statement(at):
     figs = figures(at)
     assert bars(figs["VLANs (stored conversations, per minute)"]) == {"VLAN 30": want("west", vlan=30)}
     assert np.isclose(count(at), want("west"))
+
+
+def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster):  # noqa: F811
+    """Store.vlans (the VLAN chart's unfiltered question) over a range of whole closed hours (hourly rows) and
+    ragged minutes at both ends (minute rows), in the cluster: each VLAN's packets and bytes as fed."""
+    from store.base import TimeRange
+
+    h0 = 1_700_006_400  # an hour boundary, long ago
+    rng = np.random.default_rng(7)
+    n = 3000
+    fed = pd.DataFrame({"ts": np.sort(h0 + rng.random(n) * 4 * 3600), "vlan": rng.choice([0, 7, 100, 4000], n),
+                        "wire_len": rng.integers(60, 1500, n), "sport": rng.integers(1024, 1100, n)})
+    fed["src"], fed["dst"], fed["cls"], fed["dport"] = "10.7.0.1", "10.7.0.2", 1, 53
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fleet_vlans", sensor="v")
+    assert ch.open(), ch.status().message
+    roll = Rollup(ch, sensor="v", iface="lo", flush_s=3600)
+    for hour in range(4):  # an hour per build, as a sensor closes them
+        part = fed[(fed["ts"] >= h0 + 3600 * hour) & (fed["ts"] < h0 + 3600 * (hour + 1))]
+        roll.add(records(part.to_dict("records")))
+        roll.flush()
+    roll.flush(final=True)
+    since, until = h0 + 1500, h0 + 3 * 3600 + 1800 - 1  # cuts the first and the last hour, minute-aligned
+    got = ch.vlans(TimeRange(since, until)).astype("int64").set_index("vlan")
+    ch.close()
+    minute = (np.floor(fed["ts"]) // 60 * 60).astype(np.int64)
+    inside = fed[(minute >= since - since % 60) & (minute <= until)]
+    want_ = inside.groupby("vlan").agg(packets=("ts", "size"), bytes=("wire_len", "sum")).astype("int64")
+    assert got.to_dict("index") == want_.to_dict("index")
+    assert 0 < len(inside) < len(fed) and len(got) == 4
