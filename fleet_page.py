@@ -420,6 +420,10 @@ def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> No
     cut = len(src_all) > WHO_ADDRESSES or len(dst_all) > WHO_ADDRESSES
     src_all, dst_all = src_all[:WHO_ADDRESSES], dst_all[:WHO_ADDRESSES]
     st.subheader("Who is on the other end")
+    if traffic_filters(tz):
+        st.caption("These views are all traffic of the range (of the chosen sensor): the fleet keeps its top "
+                   "talkers, ports and conversations per minute without the other fields, so the filters "
+                   "narrow the totals, charts and tables above, not these.")
     tabs = st.tabs(["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "Services",
                     "Recent packets"])
     src, dst = enrich_page.who_rows(en, src_all[:10]), enrich_page.who_rows(en, dst_all[:10])
