@@ -137,7 +137,7 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     since, until = span
     losses = store.losses(TimeRange(since, until))
     sensor_grid(store, sensors, since, until, tz, losses)
-    st.header(choice if choice != ALL else "All sensors")
+    st.header(inv.plain(choice) if choice != ALL else "All sensors")  # a name (or the URL's) is text
     st.caption(loss_text(losses, None if choice == ALL else choice))
     view = SensorView(store, None if choice == ALL else choice)
     since, until = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
