@@ -132,6 +132,8 @@ def test_url_filters_chips_and_the_sensor_picker(at):
     assert count(at) == 115 and "host" not in at.query_params
     url(at, sensor="nosuch")
     assert any("sensor=nosuch" in rendered(w.value) for w in at.warning) and count(at) == 0
+    url(at, sensor="*x*")  # the URL's text as the view's header: shown as itself, never Markdown
+    assert any(h.value == "\\*x\\*" for h in at.header), [h.value for h in at.header]
 
 
 def test_a_brushed_span_narrows_the_fleet_totals_to_its_seconds(at):
