@@ -13,6 +13,7 @@ CLICKHOUSE_PASSWORD_FILE; TLS with CLICKHOUSE_SECURE and CLICKHOUSE_CA_CERTS), n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -27,6 +28,7 @@ from plotly.subplots import make_subplots
 
 import config
 import history_page
+import investigate_page as inv
 import visualizations as viz
 from store.base import TimeRange
 from store.clickhouse import ClickHouseStore
@@ -65,7 +67,7 @@ class SensorView:
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.store, name)
         if name not in ("totals", "series", "top_addrs", "top_ports", "top_conversations", "caps", "alerts",
-                        "extent", "rows"):
+                        "extent", "rows", "vlans"):
             return attr
         if name == "rows":
             return lambda table, r, *a, **k: attr(table, self._r(r), *a, **k)
@@ -124,7 +126,7 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
         return
     names = sensors["sensor"].tolist()
     left, right = st.columns([1, 3])
-    choice = left.selectbox("Sensor", [ALL, *names], key="fleet_sensor")
+    choice = sensor_picker(left, names)
     with right:
         span = fleet_range(now)
     live = st.session_state.get("fleet_range") == next(iter(RANGES))
@@ -135,10 +137,17 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     since, until = span
     losses = store.losses(TimeRange(since, until))
     sensor_grid(store, sensors, since, until, tz, losses)
-    st.header(choice if choice != ALL else "All sensors")
+    st.header(inv.plain(choice) if choice != ALL else "All sensors")  # a name (or the URL's) is text
     st.caption(loss_text(losses, None if choice == ALL else choice))
     view = SensorView(store, None if choice == ALL else choice)
-    history_page.history_view(types.SimpleNamespace(store=view), since, until, tz)
+    since, until = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
+    engine = types.SimpleNamespace(store=view)
+    filtering = bool(traffic_filters(tz))
+    history_page.history_view(engine, since, until, tz, inv.history_filter(engine, since, until, tz)
+                              if filtering else None, select=functools.partial(clickable, tz=tz))
+    if filtering:
+        inv.history_filtered(engine, since, until, tz)
+    fleet_panels(view, since, until, tz)
     if view.conversations_note:
         by, most = view.conversations_note
         st.caption(f"Top conversations are approximate for this range: too many conversations of similar size to "
@@ -147,6 +156,76 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
                    f"listed has at most {most:,} {by}.")
     if live and st.session_state.get("fleet_auto_refresh", True):
         st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="fleet_tick")
+
+
+def sensor_picker(where: Any, names: list[str]) -> str:
+    """The sensor picker, tied to the URL's sensor= (a link opens that sensor; a pick writes it; removing the
+    chip shows all sensors again). A sensor= naming no sensor of this database is said, and shown (empty)."""
+    wanted = list(dict.fromkeys(st.query_params.get_all("sensor")))
+    if len(wanted) > 1:
+        st.error(inv.plain(f"Several sensor= values ({', '.join(wanted)}): a packet comes from one sensor, so "
+                           f"the page shows the last one, {wanted[-1]}."))
+    chosen = wanted[-1] if wanted else ALL
+    if chosen != ALL and chosen not in names:
+        st.warning(inv.plain(f"sensor={chosen}: no sensor of this name has written to this database within "
+                             "RETENTION_DAYS; its view is empty."))
+        names = [*names, chosen]
+    st.session_state["fleet_sensor"] = chosen  # the URL decides; the picker's change rewrites the URL first
+    return where.selectbox("Sensor", [ALL, *names], key="fleet_sensor", on_change=_picked)
+
+
+def _picked() -> None:
+    choice = st.session_state.get("fleet_sensor", ALL)
+    kept = tuple(p for p in inv.spec() if p[0] != "sensor")
+    inv.set_spec(kept if choice == ALL else (*kept, ("sensor", choice)))
+
+
+def traffic_filters(tz: tzinfo | None) -> list:
+    """The URL's filters that select traffic within the chosen sensor and range (not sensor=, from=, to=)."""
+    from investigate import filters as flt
+
+    conds, _ = flt.parse(inv.spec(), tz)
+    return [c for c in conds if c.key not in ("sensor", "from", "to")]
+
+
+# A chart of the page -> the investigate page's name for it (which filters a click on it means).
+CHART_KINDS = {"hist_pie": "pie", "hist_timeline": "timeline", "hist_top_src": "top_src", "hist_top_dst": "top_dst",
+               "hist_ports": "ports", "fleet_vlans": "vlans", "fleet_who_src": "who_src",
+               "fleet_who_dst": "who_dst", "fleet_countries": "who_countries", "fleet_networks": "who_networks"}
+
+
+def clickable(key: str, obj: Any, tz: tzinfo | None) -> dict[str, Any]:
+    """st.plotly_chart / st.dataframe keywords that turn a click on chart `key` (or a conversation row) into
+    filters in the URL, as on the single-host page (investigate_page's mapping of labels to filters)."""
+    if key == "hist_conversations":
+        st.session_state["_fleet_conversations"] = [
+            {k: r[k] for k in ("a", "b", "a_port", "b_port", "proto")} for r in obj]
+        return {"on_select": _on_conversation, "selection_mode": "single-row"}
+    kind = CHART_KINDS.get(key)
+    if kind is None:
+        return {}
+    if kind == "timeline":  # a drag selects a time span (whole height) instead of zooming
+        obj.layout.dragmode, obj.layout.selectdirection = "select", "h"
+        mode: tuple[str, ...] = ("box",)
+    else:
+        st.session_state.setdefault(inv.LABELS_KEY, {})[key] = [inv.trace_labels(t) for t in obj.data]
+        mode = ("points",)
+    return {"on_select": functools.partial(_on_select, key, kind, tz), "selection_mode": mode}
+
+
+def _on_select(key: str, kind: str, tz: tzinfo | None) -> None:
+    selection = (st.session_state.get(key) or {}).get("selection") or {}
+    labels = st.session_state.get(inv.LABELS_KEY, {}).get(key, [])
+    inv.apply(inv.selection_filters(kind, selection, labels, tz))
+
+
+def _on_conversation() -> None:
+    picked = ((st.session_state.get("hist_conversations") or {}).get("selection") or {}).get("rows") or []
+    rows = st.session_state.get("_fleet_conversations") or []
+    if not picked or picked[0] >= len(rows):
+        return
+    keep = tuple(p for p in inv.spec() if p[0] not in ("host", "port", "proto", "src", "dst"))
+    inv.set_spec(keep + tuple(inv.conversation_filters(rows[picked[0]])))
 
 
 def fleet_range(now: float) -> tuple[int, int] | None:
@@ -250,3 +329,162 @@ def sparklines(series: pd.DataFrame, alerts: pd.DataFrame, since: int, until: in
     fig.update_yaxes(title_text=None, tickfont={"size": 9})
     fig.update_xaxes(showticklabels=False)
     return fig
+
+
+# -- the single-host page's other panels, from what the fleet stores -----------------------------------
+
+VLAN_ROWS = 200_000  # stored conversation rows read for a filtered VLAN chart (each minute's up to STORE_CONV_MAX)
+WHO_ADDRESSES = 500  # top sources and destinations summed per country and per network
+RECENT_TEXT = ("**Recent packets:** the fleet does not store packets. Each sensor ships, every FLEET_FLUSH_S, "
+               "per-second totals (packets, bytes, per protocol and direction), per-minute top talkers, ports "
+               "and conversations (at most STORE_TOP_MAX / STORE_CONV_MAX a minute), its alerts and its "
+               "losses — that is what every panel here is drawn from. For packets, open that sensor's own "
+               "dashboard, or capture there.")
+
+
+def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+    """The VLANs, 'who is on the other end' and recent packets panels of the single-host page, as the
+    fleet can draw them; each says what it is counted from."""
+    for name, draw in (("VLANs", vlan_panel), ("Who is on the other end", who_panel)):
+        try:
+            draw(view, since, until, tz)
+        except Exception as exc:  # a store that cannot answer is a message, never a broken page
+            log.exception("fleet %s panel failed", name)
+            st.error(f"{name} cannot be read: {type(exc).__name__}: {exc}")
+    st.markdown(RECENT_TEXT)
+
+
+def vlan_totals(df: pd.DataFrame) -> pd.DataFrame:
+    """Packets and bytes per 802.1Q VLAN id of stored conversation rows (untagged, id 0, left out)."""
+    tagged = df[(df["vlan"] > 0) & (df["vlan"] < 4095)] if len(df) else df
+    if not len(tagged):
+        return pd.DataFrame(columns=["vlan", "packets", "bytes"])
+    out = tagged.groupby("vlan")[["packets", "bytes"]].sum().reset_index()
+    return out.astype("int64").sort_values(["packets", "vlan"], ascending=[False, True], ignore_index=True)
+
+
+def vlan_figure(totals: pd.DataFrame, by: str) -> go.Figure:
+    """Bars 'VLAN N' (a click filters vlan=N), largest 20."""
+    title = "VLANs (stored conversations, per minute)"
+    rows = totals.sort_values([by, "vlan"], ascending=[False, True]).head(20).iloc[::-1]
+    if not len(rows):
+        return go.Figure(layout={**viz.LAYOUT, "title": {"text": title}, "annotations": [
+            {"text": "no tagged traffic stored", "showarrow": False}], "xaxis": {"visible": False},
+            "yaxis": {"visible": False}})
+    bar = go.Bar(x=rows[by].tolist(), y=[f"VLAN {int(v)}" for v in rows["vlan"]], orientation="h",
+                 marker={"color": "#e377c2"}, hovertemplate="%{y}: %{x:,} " + by + "<extra></extra>")
+    return go.Figure(data=[bar], layout={**viz.LAYOUT, "title": {"text": title}, "uirevision": title,
+                                         "yaxis": {"type": "category"}})
+
+
+def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+    """Packets per VLAN from the stored per-minute conversations (the per-second rows carry no VLAN)."""
+    from store.history import approximation, time_range
+
+    r = time_range(since, until)
+    conds = traffic_filters(tz)
+    cut = False
+    if conds:  # the stored conversations that match the URL's filters, as the filtered totals count them
+        df = view.rows("conversations", r, VLAN_ROWS)
+        cut = len(df) >= VLAN_ROWS
+        df = df[inv.conversation_mask(df, conds)] if len(df) else df
+    else:  # summed by the store (whole hours from the hourly rows): no rows to read
+        df = view.vlans(r)
+    by = st.session_state.get("hist_top_by", "packets")
+    fig = vlan_figure(vlan_totals(df), by)
+    st.subheader("VLANs")
+    st.plotly_chart(fig, key="fleet_vlans", **clickable("fleet_vlans", fig, tz))
+    notes = ["The fleet stores VLAN ids only with its per-minute conversations (the per-second rows carry none): "
+             "IP traffic only, whole minutes of the range; untagged traffic is not drawn"
+             + ("; only the conversations matching the filters (src= / dst= at either end)" if conds else "")]
+    if capped := approximation(view, r).get("conv"):
+        notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX "
+                     f"conversations ({capped['packets_left_out']:,} packets left out)")
+    if cut:
+        notes.append(f"approximate: only the first {VLAN_ROWS:,} stored conversation rows were read")
+    st.caption("; ".join(notes) + ". A click on a bar filters the page to that VLAN.")
+
+
+def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+    """Names, countries, networks (AS) and services of the range's top talkers, ports and conversations."""
+    import enrich_page
+    from store.history import approximation, time_range
+
+    if not enrich_page.enabled():
+        return
+    en = enrich_page.enricher()
+    by = st.session_state.get("hist_top_by", "packets")
+    r = time_range(since, until)
+    src_all = history_page._addrs(view.top_addrs(r, "src", by, WHO_ADDRESSES + 1))
+    dst_all = history_page._addrs(view.top_addrs(r, "dst", by, WHO_ADDRESSES + 1))
+    cut = len(src_all) > WHO_ADDRESSES or len(dst_all) > WHO_ADDRESSES
+    src_all, dst_all = src_all[:WHO_ADDRESSES], dst_all[:WHO_ADDRESSES]
+    st.subheader("Who is on the other end")
+    if traffic_filters(tz):
+        st.caption("These views are all traffic of the range (of the chosen sensor): the fleet keeps its top "
+                   "talkers, ports and conversations per minute without the other fields, so the filters "
+                   "narrow the totals, charts and tables above, not these.")
+    tabs = st.tabs(["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "Services",
+                    "Recent packets"])
+    src, dst = enrich_page.who_rows(en, src_all[:10]), enrich_page.who_rows(en, dst_all[:10])
+    with tabs[0]:
+        a, b = st.columns(2)
+        for where, key, fig in ((a, "fleet_who_src", viz.who_bar(src, "Top sources: who", by)),
+                                (b, "fleet_who_dst", viz.who_bar(dst, "Top destinations: who", by))):
+            where.plotly_chart(fig, key=key, **clickable(key, fig, tz))
+        st.dataframe(enrich_page.talkers_frame(src, dst, by), hide_index=True, key="fleet_who_talkers")
+    with tabs[1]:
+        st.dataframe(conversations_who(en, view, since, until, by), hide_index=True, key="fleet_who_conv")
+    note = ends_note(cut, approximation(view, r))
+    for tab, key, title, rows in ((tabs[2], "fleet_countries", "Top countries", en.by_country(src_all, dst_all)),
+                                  (tabs[3], "fleet_networks", "Top networks (AS)", en.by_network(src_all, dst_all))):
+        with tab:
+            fig = enrich_page.ends_bar(rows, title, by)
+            st.plotly_chart(fig, key=key, **clickable(key, fig, tz))
+            st.caption(inv.plain(note) + " A click on a bar filters the page to that country or network.")
+    with tabs[4]:
+        st.dataframe(services_frame(en, view, r, by), hide_index=True, key="fleet_who_services")
+        st.caption("Top destination ports of the range with their service names (per-minute top tables).")
+    with tabs[5]:
+        st.markdown(RECENT_TEXT)
+    st.caption(inv.plain(enrich_page.enrich_note(en)) + " Local processes are not shown: they belong to each "
+               "sensor's host, which the fleet does not ask.")
+    st.caption("AS data: [IP Geolocation by DB-IP](https://db-ip.com), RouteViews and NRO, CC BY 4.0.")
+
+
+def ends_note(cut: bool, approx: dict[str, dict[str, int]]) -> str:
+    """What the countries and networks views sum, and when that is approximate."""
+    note = ("Per end, over the range's stored per-minute top sources and destinations of all its traffic: 'sent' "
+            "counts the packets whose source address is there, 'received' those whose destination is.")
+    why = []
+    if cut:
+        why.append(f"only the busiest {WHO_ADDRESSES:,} sources and {WHO_ADDRESSES:,} destinations are summed")
+    if any(k in approx for k in ("src", "dst")):
+        why.append("some minutes held more addresses than STORE_TOP_MAX (their smallest were left out)")
+    return note + (" Approximate: " + "; ".join(why) + "." if why else " Exact: every stored address is summed.")
+
+
+def conversations_who(en: Any, view: SensorView, since: int, until: int, by: str) -> pd.DataFrame:
+    """The range's top conversations with names, countries, AS and services (no processes: see the note)."""
+    from enrich_page import who
+    from store.history import conversations
+
+    out = []
+    for r in conversations(view, since, until, n=20, by=by):
+        wa, wb = who(en, r["a"]), who(en, r["b"])
+        proto = str(r["proto"]).lower()
+        out.append({"A": r["a"], "A name": wa["name"], "A country": wa["country"], "A AS": wa["AS"],
+                    "A port": en.services.label(r["a_port"], proto), "B": r["b"], "B name": wb["name"],
+                    "B country": wb["country"], "B AS": wb["AS"], "B port": en.services.label(r["b_port"], proto),
+                    "protocol": r["proto"], "packets": r["packets"], "bytes": r["bytes"]})
+    return pd.DataFrame(out, columns=["A", "A name", "A country", "A AS", "A port", "B", "B name", "B country",
+                                      "B AS", "B port", "protocol", "packets", "bytes"])
+
+
+def services_frame(en: Any, view: SensorView, r: TimeRange, by: str) -> pd.DataFrame:
+    """Top TCP and UDP destination ports with their service names, most `by` first."""
+    rows = [{"protocol": proto.upper(), "port": int(p), "service": en.services.name(int(p), proto) or "",
+             "packets": int(n), "bytes": int(b)}
+            for proto in ("tcp", "udp") for p, n, b in history_page._ports(view.top_ports(r, proto, by, 20))]
+    df = pd.DataFrame(rows, columns=["protocol", "port", "service", "packets", "bytes"])
+    return df.sort_values([by, "protocol", "port"], ascending=[False, True, True], ignore_index=True)

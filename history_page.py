@@ -92,18 +92,20 @@ def store_banner(state: dict[str, Any] | None) -> None:
 
 
 def history_view(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None,
-                 filtered: dict[str, Any] | None = None) -> None:
+                 filtered: dict[str, Any] | None = None, select: Any = None) -> None:
     """Metrics, protocol mix, timeline, top talkers, ports, conversations and alerts of a stored range;
-    `filtered` (investigate_page.history_filter): the metrics, protocol mix and timeline of the matching traffic."""
+    `filtered` (investigate_page.history_filter): the metrics, protocol mix and timeline of the matching traffic;
+    `select(key, figure or rows)`: the st.plotly_chart / st.dataframe keywords that make a chart or the
+    conversations table clickable (the fleet page's filters), or none."""
     try:
-        _history_body(engine, since, until, tz, filtered)
+        _history_body(engine, since, until, tz, filtered, select or (lambda key, obj: {}))
     except Exception as exc:  # a store that cannot answer is a message, never a broken page
         log.exception("history query failed")
         st.error(f"History cannot be read: {type(exc).__name__}: {exc}")
 
 
 def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None,
-                  filtered: dict[str, Any] | None = None) -> None:
+                  filtered: dict[str, Any] | None, select: Any) -> None:
     from store.history import approximation, history_summary, time_range
 
     store = engine.store
@@ -126,24 +128,26 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
         st.info("No stored traffic of this range matches the filters.")
     left, right = st.columns([1, 2])
     by = left.radio("Pie by", ["packets", "bytes"], horizontal=True, key="hist_pie_by")
-    left.plotly_chart(viz.protocol_pie(pie_src["transport_counts" if by == "packets" else "transport_bytes"], by),
-                      key="hist_pie")
+    pie = viz.protocol_pie(pie_src["transport_counts" if by == "packets" else "transport_bytes"], by)
+    left.plotly_chart(pie, key="hist_pie", **select("hist_pie", pie))
     if filtered is not None and "error" not in filtered:
         right.plotly_chart(viz.matching_timeline(filtered["series"], filtered["bin_s"], tz), key="hist_timeline")
         st.warning("Top talkers, ports and conversations just below are all traffic of the range (the store keeps "
                    "them per minute without the other fields); the matching stored conversations follow them.")
     else:
         frame, bin_s = range_series(store, since, until)
-        right.plotly_chart(viz.history_timeline(frame, bin_s, tz), key="hist_timeline")
+        line = viz.history_timeline(frame, bin_s, tz)
+        right.plotly_chart(line, key="hist_timeline", **select("hist_timeline", line))
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="hist_top_by")
     a, b = st.columns(2)
     src = _addrs(store.top_addrs(r, "src", top_by))
     dst = _addrs(store.top_addrs(r, "dst", top_by))
-    a.plotly_chart(viz.top_bar(src, "Top 10 sources", top_by), key="hist_top_src")
-    b.plotly_chart(viz.top_bar(dst, "Top 10 destinations", top_by), key="hist_top_dst")
-    st.plotly_chart(viz.ports_bar(_ports(store.top_ports(r, "tcp", top_by)), _ports(store.top_ports(r, "udp", top_by)),
-                                  top_by), key="hist_ports")
-    _history_conversations(store, since, until, top_by, tz)
+    for where, key, fig in ((a, "hist_top_src", viz.top_bar(src, "Top 10 sources", top_by)),
+                            (b, "hist_top_dst", viz.top_bar(dst, "Top 10 destinations", top_by)),
+                            (st, "hist_ports", viz.ports_bar(_ports(store.top_ports(r, "tcp", top_by)),
+                                                             _ports(store.top_ports(r, "udp", top_by)), top_by))):
+        where.plotly_chart(fig, key=key, **select(key, fig))
+    _history_conversations(store, since, until, top_by, tz, select)
     approx = approximation(store, r)
     if approx:
         st.caption("Approximate top tables (per-minute caps STORE_TOP_MAX / STORE_CONV_MAX): "
@@ -198,12 +202,13 @@ def range_series(store, since: int, until: int) -> tuple[pd.DataFrame, int]:
     return full, width
 
 
-def _history_conversations(store, since: int, until: int, by: str, tz: tzinfo | None) -> None:
+def _history_conversations(store, since: int, until: int, by: str, tz: tzinfo | None, select: Any) -> None:
     from store.history import conversations
 
     st.subheader("Top conversations")
     rows = conversations(store, since, until, n=20, by=by)
-    st.dataframe(viz.conversations_table(rows, tz, by), hide_index=True, key="hist_conversations")
+    st.dataframe(viz.conversations_table(rows, tz, by), hide_index=True, key="hist_conversations",
+                 **select("hist_conversations", rows))
 
 
 def _addrs(df: pd.DataFrame) -> list[dict[str, Any]]:

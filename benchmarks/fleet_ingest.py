@@ -5,14 +5,17 @@
    shipping a StoreBatch every FLEET_FLUSH_S of traffic time to the cluster with `ClickHouseStore.send`
    (the sensor's path), as fast as they can: rows/s ingested (all sensors), flush latency (send
    time per batch: median, p95, max).
-2. Query: the same sensors' day (24 h) written an hour per batch, then `history_summary` over the
-   24 hours for all sensors (the fleet view's question) and for one, cold and warm (median of 3),
+2. Query: the same sensors' day (24 h, or --day-hours) written an hour per batch (or per --day-batch-s),
+   then `history_summary` over that range for all sensors (the fleet view's question) and for one, cold
+   and warm (median of 3),
    through the Distributed tables; target <= 1 s; then every question the fleet page asks for that range.
    Timing starts once the background merges of the day's burst of writes have settled.
 
     python benchmarks/fleet_ingest.py [--sensors 20] [--seconds 60] [--pps 500] [--day-pps 20]
     python benchmarks/fleet_ingest.py --skip-ingest --breakdown --day-pps 3 --conv 30 [--elephants 5]
         (each page question timed, run by run: the page-breakdown logs)
+    python benchmarks/fleet_ingest.py --skip-ingest --day-hours 1 --day-batch-s 60 (or 2)
+        (a shorter "day" written as running sensors ship it: a batch per minute or per FLEET_FLUSH_S)
 
 Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID).
 """
@@ -133,21 +136,32 @@ def ingest_worker(args: tuple) -> dict:
     return {"rows": rows, "lat": lat, "wall": wall}
 
 
-def day_worker(args: tuple) -> int:
-    """One sensor's day, an hour per batch (the query phase's data); rows written."""
-    address, name, pps, conv, db, elephants = args
+def day_worker(args: tuple) -> dict:
+    """One sensor's day (the query phase's data): an hour per batch, or, with batch_s < 3600, a batch per
+    batch_s seconds of traffic through one rollup, as a running sensor ships it (each batch the minutes it
+    changed, whole); rows written, batches and their send times."""
+    address, name, pps, conv, db, elephants, hours, batch_s = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     store.open()
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
-    rows = 0
-    for h in range(24):
-        r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
-        r.add(with_elephants(traffic(rng, T0 + 3600 * h, 3600.0, pps, conv), rng, elephants, int(name[-2:])))
-        batch = r.build(final=True)
-        store.send(batch)
-        rows += batch.rows()
+    span = round(hours * 3600)
+    rows, lat = 0, []
+    step = 3600 if batch_s >= 3600 else int(batch_s)
+    r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
+    for s in range(0, span, step):
+        if step == 3600:  # an hour per batch: a fresh rollup each hour, closed at once
+            r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
+        seconds = min(step, span - s)
+        r.add(with_elephants(traffic(rng, T0 + s, float(seconds), pps, conv), rng, elephants, int(name[-2:])))
+        batch = r.build(final=step == 3600 or s + step >= span)
+        if batch is None:
+            continue
+        t = time.perf_counter()
+        ok = store.send(batch)
+        lat.append(time.perf_counter() - t)
+        rows += batch.rows() if ok else 0
     store.close()
-    return rows
+    return {"rows": rows, "lat": lat}
 
 
 def wait_for_merges(base: int, limit_s: float = 600.0) -> float:
@@ -185,7 +199,11 @@ def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple
             ("top ports (tcp, udp)", lambda: [view.top_ports(r, p, "packets") for p in ("tcp", "udp")]),
             ("top conversations (page)", lambda: conversations(view, since, until, n=20, by="packets")),
             ("caps", lambda: approximation(view, r)),
-            ("alerts table", lambda: view.alerts(r))]
+            ("alerts table", lambda: view.alerts(r)),
+            ("VLAN chart", lambda: view.vlans(r)),
+            ("who: top 501 sources, destinations", lambda: [view.top_addrs(r, k, "packets", 501)
+                                                           for k in ("src", "dst")]),
+            ("who: top ports (20)", lambda: [view.top_ports(r, p, "packets", 20) for p in ("tcp", "udp")])]
 
 
 def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
@@ -232,6 +250,10 @@ def main() -> int:
     ap.add_argument("--day-pps", type=int, default=20, help="packets/s of each sensor's synthetic day")
     ap.add_argument("--flush-s", type=float, default=2.0)
     ap.add_argument("--skip-day", action="store_true")
+    ap.add_argument("--day-hours", type=float, default=24.0, help="hours of each sensor's day (the query range)")
+    ap.add_argument("--day-batch-s", type=float, default=3600.0,
+                    help="seconds of traffic per batch of the day: 3600 an hour per batch (fast to write); "
+                         "FLEET_FLUSH_S (2) or 60 as running sensors ship it")
     ap.add_argument("--port", type=int, default=19700, help="shard 1's native port (shard 2: the next)")
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
     ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
@@ -273,27 +295,36 @@ def main() -> int:
             ClickHouseStore(address, cluster="fleet", database="day").open()
             t = time.perf_counter()
             with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
-                day_rows = sum(pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day", a.elephants)
-                                                     for n in names]))
-            print(f"day: {a.sensors} sensors x 24 h at {a.day_pps} pkt/s: {day_rows:,} rows written in "
-                  f"{time.perf_counter() - t:.0f} s")
+                days = pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day", a.elephants, a.day_hours,
+                                              a.day_batch_s) for n in names])
+            took = time.perf_counter() - t
+            day_rows = sum(d["rows"] for d in days)
+            day_lat = sorted(x for d in days for x in d["lat"])
+            print(f"day: {a.sensors} sensors x {a.day_hours:g} h at {a.day_pps} pkt/s, a batch per "
+                  f"{a.day_batch_s:g} s of traffic, 4 writer processes: {day_rows:,} rows in {len(day_lat):,} "
+                  f"batches written in {took:.0f} s = {day_rows / took:,.0f} rows/s, "
+                  f"{a.sensors * a.day_hours * 3600 / took:,.0f} sensor-seconds of traffic per wall second; "
+                  f"send per batch median {statistics.median(day_lat) * 1000:.0f} ms, "
+                  f"p95 {day_lat[int(0.95 * (len(day_lat) - 1))] * 1000:.0f} ms, max {day_lat[-1] * 1000:.0f} ms")
             settled = wait_for_merges(base)
             print(f"background merges after the day's writes settled in {settled:.0f} s")
             q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
             q.open()
-            since, until = T0, T0 + 86400 - 1
+            since, until = T0, T0 + round(a.day_hours * 3600) - 1
             cold = timed(lambda: history_summary(q, since, until))
             warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
             one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
             total = history_summary(q, since, until)["packets"]
-            print(f"24 h x {a.sensors} sensors history_summary (all sensors, via Distributed): cold {cold:.2f} s, "
+            print(f"{a.day_hours:g} h x {a.sensors} sensors history_summary (all sensors, via Distributed): "
+                  f"cold {cold:.2f} s, "
                   f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
-                  f"(expected {a.sensors * 86400 * a.day_pps:,})")
+                  f"(expected {a.sensors * round(a.day_hours * 3600) * a.day_pps:,})")
             if a.breakdown:
                 page_breakdown(q, since, until)
             else:
                 page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
-                print(f"the fleet page's whole 24 h x {a.sensors} sensors view (sensor grid, summary, timeline, "
+                print(f"the fleet page's whole {a.day_hours:g} h x {a.sensors} sensors view (sensor grid, summary, "
+                      f"timeline, "
                       f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
             q.close()
     finally:

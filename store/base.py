@@ -404,6 +404,11 @@ class Store(ABC):
         return self._query(f"SELECT port, {self._sums()} FROM {src} GROUP BY port ORDER BY {by} DESC, port LIMIT $n",
                            {**r.params(), "proto": proto, "n": int(n)})
 
+    def vlans(self, r: TimeRange) -> pd.DataFrame:
+        """Packets and bytes per VLAN id (0: untagged) of the range's stored conversations (IP traffic only)."""
+        src = self._source("conversations", r, "vlan, packets, bytes")
+        return self._query(f"SELECT vlan, {self._sums()} FROM {src} GROUP BY vlan ORDER BY vlan", r.params())
+
     def top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
         """The n conversations (both directions, per VLAN) with most bytes (or packets) in the range."""
         keys = "a, a_port, b, b_port, proto, vlan"

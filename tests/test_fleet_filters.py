@@ -1,0 +1,261 @@
+"""The fleet page's filters and its other panels (issues 15 and 17), over a real local 2-shard ClickHouse
+cluster: two sensors' known traffic goes through the real rollup into the cluster; every expectation is
+counted from those packet lists with pandas, never from the store.
+
+The URL's keys (port, proto, src, host, vlan, country, asn, sensor) re-filter the fleet view as they do the
+single-host history page; sensor= is the sensor picker; chips remove filters; a clicked bar or conversation
+row sets its filters; the VLAN chart, the enrichment views and the recent-packets statement are there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from fleethelp import cluster  # noqa: F401  (the module's cluster fixture)
+from storehelp import records
+from streamlit.testing.v1 import AppTest
+from test_dashboard import array, count, rendered
+
+import fleet_page
+import investigate_page as inv
+from store.clickhouse import ClickHouseStore
+from store.rollup import Rollup
+
+APP = "../dashboard.py"
+DB = "t_fleet_filters"
+T0 = int(time.time()) // 60 * 60 - 600  # ten minutes ago, minute-aligned: inside the "1 h" range
+
+# (sensor, cls, src, sport, dst, dport, packets, wire_len, vlan); cls 0 TCP, 1 UDP, 2 ICMP
+FLOWS = [("east", 1, "10.5.0.1", 5000, "10.5.0.2", 5353, 40, 120, 10),
+         ("east", 0, "10.5.0.3", 40000, "8.8.8.8", 443, 30, 200, 20),
+         ("east", 2, "10.5.0.1", -1, "10.5.0.9", -1, 5, 84, 10),
+         ("west", 1, "10.6.0.1", 6000, "10.6.0.2", 53, 25, 90, 0),
+         ("west", 0, "10.6.0.4", 41000, "1.1.1.1", 443, 15, 300, 30)]
+
+
+def packets() -> pd.DataFrame:
+    """Every packet fed, one row each (the reference the page is checked against)."""
+    rows = []
+    for sensor, cls, src, sport, dst, dport, n, size, vlan in FLOWS:
+        for k in range(n):
+            rows.append({"sensor": sensor, "cls": cls, "src": src, "sport": sport, "dst": dst, "dport": dport,
+                         "wire_len": size, "vlan": vlan, "ts": T0 + 5 + k * 1.7 + cls * 0.3})
+    return pd.DataFrame(rows)
+
+
+def want(sensor: str | None = None, **eq) -> int:
+    """Packets of the fed traffic matching: sensor, and each key equal (port / host: either end)."""
+    df = packets()
+    if sensor:
+        df = df[df["sensor"] == sensor]
+    for key, value in eq.items():
+        if key == "port":
+            df = df[(df["sport"] == value) | (df["dport"] == value)]
+        elif key == "host":
+            df = df[(df["src"] == value) | (df["dst"] == value)]
+        else:
+            df = df[df[key] == value]
+    return len(df)
+
+
+@pytest.fixture(scope="module")
+def fed(cluster) -> Iterator[str]:  # noqa: F811
+    """The two sensors' traffic written through the real rollup into the cluster; the address to read."""
+    df = packets()
+    for sensor in ("east", "west"):
+        ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=DB, sensor=sensor)
+        assert ch.open(), ch.status().message
+        r = Rollup(ch, sensor=sensor, iface="lo", flush_s=3600)
+        mine = df[df["sensor"] == sensor].sort_values("ts")
+        r.add(records(mine.drop(columns="sensor").to_dict("records")))
+        r.flush(final=True)
+        ch.close()
+    yield cluster.address(2)
+
+
+@pytest.fixture
+def at(fed, monkeypatch) -> AppTest:
+    """The fleet page over the fed database, on the "1 h" range."""
+    monkeypatch.setenv("NTM_CLICKHOUSE_DATABASE", DB)
+    monkeypatch.setattr(sys, "argv", ["dashboard.py", "--clickhouse", fed, "--cluster", "fleet"])
+    page = AppTest.from_file(APP, default_timeout=60).run()
+    page.radio(key="fleet_range").set_value("1 h").run()
+    assert not page.exception, page.exception
+    return page
+
+
+def url(at: AppTest, **params: str) -> AppTest:
+    """The page opened with these query keys (all others removed)."""
+    for k in list(at.query_params):
+        del at.query_params[k]
+    for k, v in params.items():
+        at.query_params[k] = v
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def chips(at: AppTest) -> list[str]:
+    return [rendered(b.label) for b in at.button if rendered(b.label).startswith("✕ ")]
+
+
+def test_url_filters_chips_and_the_sensor_picker(at):
+    """port= filters every sensor's totals to exactly its packets, with a chip; sensor= in the URL picks the
+    sensor; the picker writes sensor= back; proto= alone is exact per second; removing a chip undoes it."""
+    assert count(at) == want() == 115
+    url(at, port="443")
+    assert count(at) == want(port=443) == 45
+    assert chips(at) == ["✕ port = 443"]
+    url(at, port="443", sensor="west")
+    assert at.selectbox(key="fleet_sensor").value == "west"
+    assert count(at) == want("west", port=443) == 15
+    sensor_chip = next(b for b in at.button if rendered(b.label) == "✕ sensor = west")
+    sensor_chip.click().run()  # the chip removed: all sensors again, in the picker too
+    assert at.selectbox(key="fleet_sensor").value == fleet_page.ALL and count(at) == want(port=443)
+    at.selectbox(key="fleet_sensor").set_value("east").run()
+    assert at.query_params["sensor"] == ["east"] or at.query_params["sensor"] == "east", at.query_params
+    assert count(at) == want("east", port=443) == 30
+    url(at, proto="udp", sensor="east")
+    assert count(at) == want("east", cls=1) == 40
+    assert any("exact, from the stored per-second protocol counts of that sensor" in rendered(c.value)
+               for c in at.caption)
+    url(at, host="10.5.0.1")
+    assert count(at) == want(host="10.5.0.1") == 45
+    chip = next(b for b in at.button if rendered(b.label) == "✕ host = 10.5.0.1")
+    chip.click().run()
+    assert count(at) == 115 and "host" not in at.query_params
+    url(at, sensor="nosuch")
+    assert any("sensor=nosuch" in rendered(w.value) for w in at.warning) and count(at) == 0
+    url(at, sensor="*x*")  # the URL's text as the view's header: shown as itself, never Markdown
+    assert any(h.value == "\\*x\\*" for h in at.header), [h.value for h in at.header]
+
+
+def test_a_brushed_span_narrows_the_fleet_totals_to_its_seconds(at):
+    """A timeline box selection gives from/to; the page opened with them counts exactly the packets of
+    those whole seconds (per-second rows: exact), for all sensors and for one."""
+    lo, hi = T0 + 12.4, T0 + 31.6
+    x = [pd.Timestamp(v, unit="s").strftime("%Y-%m-%d %H:%M:%S.%f") for v in (lo, hi)]  # naive UTC, as Plotly
+    pairs = inv.selection_filters(fleet_page.CHART_KINDS["hist_timeline"], {"box": [{"x": x}]}, [], None)
+    assert [k for k, _ in pairs] == ["from", "to"] and abs(float(pairs[0][1]) - lo) < 1e-3
+    df = packets()
+    sec = np.floor(df["ts"])
+    inside = (sec >= np.floor(lo)) & (sec <= np.ceil(hi) - 1)  # whole seconds, both ends (the stored grain)
+    url(at, **dict(pairs))
+    assert count(at) == int(inside.sum()) and 0 < count(at) < len(df)
+    assert sum(c.startswith("✕ from") or c.startswith("✕ to") for c in chips(at)) == 2
+    url(at, **dict(pairs), sensor="east")
+    assert count(at) == int((inside & (df["sensor"] == "east")).sum())
+
+
+def click(at: AppTest, key: str, label: str) -> list[tuple[str, str]]:
+    """What a click on the bar labelled `label` of fleet chart `key` sets (the labels the page registered)."""
+    labels = at.session_state[inv.LABELS_KEY][key]
+    curve = next(i for i, ys in enumerate(labels) if label in ys)
+    sel = {"points": [{"curve_number": curve, "point_index": labels[curve].index(label)}]}
+    return inv.selection_filters(fleet_page.CHART_KINDS[key], sel, labels, None)
+
+
+def test_clicked_bars_and_conversation_rows_filter_the_fleet_page(at):
+    """A top-source bar, a port bar, a VLAN bar and a conversation row each give their filters; the page
+    filtered by them shows exactly the matching packets."""
+    assert click(at, "hist_top_src", "10.6.0.4") == [("src", "10.6.0.4")]
+    url(at, src="10.6.0.4")
+    assert count(at) == want(src="10.6.0.4") == 15
+    url(at)
+    assert click(at, "hist_ports", "udp/53 domain") == [("proto", "udp"), ("port", "53")]
+    url(at, proto="udp", port="53")
+    assert count(at) == want(cls=1, port=53) == 25
+    url(at)
+    assert click(at, "fleet_vlans", "VLAN 10") == [("vlan", "10")]
+    url(at, vlan="10")
+    assert count(at) == want(vlan=10) == 45
+    url(at)
+    rows = at.session_state["_fleet_conversations"]
+    row = next(r for r in rows if r["b"] == "8.8.8.8" or r["a"] == "8.8.8.8")
+    pairs = inv.conversation_filters(row)
+    assert sorted(pairs) == sorted([("host", "10.5.0.3"), ("host", "8.8.8.8"), ("port", "40000"),
+                                    ("port", "443"), ("proto", "tcp")])
+    for k in list(at.query_params):
+        del at.query_params[k]
+    at.query_params["host"] = ["10.5.0.3", "8.8.8.8"]
+    at.query_params["port"] = ["40000", "443"]
+    at.query_params["proto"] = "tcp"
+    at.run()
+    assert count(at) == want(src="10.5.0.3", dst="8.8.8.8") == 30
+
+
+def figures(at: AppTest) -> dict[str, dict]:
+    """The page's titled charts by title (the sensor cards' sparklines have none)."""
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    return {s["layout"]["title"]["text"]: s for s in specs if "title" in s["layout"]}
+
+
+def bars(fig: dict, trace: int = 0) -> dict[str, int]:
+    d = fig["data"][trace]
+    return dict(zip(d["y"], array(d["x"]).astype(int).tolist()))
+
+
+def test_vlan_chart_enrichment_views_and_recent_packets_statement(at):
+    """The VLAN chart sums each VLAN's packets (untagged left out); the networks and countries views give
+    8.8.8.8 to AS15169/US and 1.1.1.1 to AS13335/AU with their received packets; services name the ports;
+    the page says the fleet keeps no packets and what it keeps instead."""
+    import enrich
+
+    assert enrich.shared().geo.wait_loaded(120)
+    at.run()
+    df = packets()
+    tagged = df[df["vlan"] > 0].groupby("vlan").size()
+    figs = figures(at)
+    assert bars(figs["VLANs (stored conversations, per minute)"]) == {f"VLAN {v}": int(n) for v, n in tagged.items()}
+    nets = next(f for t, f in figs.items() if t.startswith("Top networks (AS)"))
+    assert bars(nets, 1)["AS15169 Google LLC"] == want(dst="8.8.8.8") == 30
+    assert bars(nets, 1)["AS13335 Cloudflare, Inc."] == want(dst="1.1.1.1") == 15
+    countries = next(f for t, f in figs.items() if t.startswith("Top countries"))
+    assert bars(countries, 1)["US"] == 30 and bars(countries, 1)["AU"] == 15
+    services = next(d.value for d in at.dataframe if "service" in d.value.columns)
+    got = {(r.protocol, r.port): (r.service, r.packets) for r in services.itertuples(index=False)}
+    assert got[("TCP", 443)] == ("https", want(cls=0, dport=443))
+    assert got[("UDP", 53)] == ("domain", 25) and got[("UDP", 5353)] == ("mdns", 40)
+    assert any("the fleet does not store packets" in m.value for m in at.markdown)
+    url(at, port="443")  # the VLAN chart re-filters with the page
+    assert bars(figures(at)["VLANs (stored conversations, per minute)"]) == {"VLAN 20": want(port=443, vlan=20),
+                                                                             "VLAN 30": want(port=443, vlan=30)}
+    url(at, sensor="west")
+    figs = figures(at)
+    assert bars(figs["VLANs (stored conversations, per minute)"]) == {"VLAN 30": want("west", vlan=30)}
+    assert np.isclose(count(at), want("west"))
+
+
+def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster):  # noqa: F811
+    """Store.vlans (the VLAN chart's unfiltered question) over a range of whole closed hours (hourly rows) and
+    ragged minutes at both ends (minute rows), in the cluster: each VLAN's packets and bytes as fed."""
+    from store.base import TimeRange
+
+    h0 = 1_700_006_400  # an hour boundary, long ago
+    rng = np.random.default_rng(7)
+    n = 3000
+    fed = pd.DataFrame({"ts": np.sort(h0 + rng.random(n) * 4 * 3600), "vlan": rng.choice([0, 7, 100, 4000], n),
+                        "wire_len": rng.integers(60, 1500, n), "sport": rng.integers(1024, 1100, n)})
+    fed["src"], fed["dst"], fed["cls"], fed["dport"] = "10.7.0.1", "10.7.0.2", 1, 53
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fleet_vlans", sensor="v")
+    assert ch.open(), ch.status().message
+    roll = Rollup(ch, sensor="v", iface="lo", flush_s=3600)
+    for hour in range(4):  # an hour per build, as a sensor closes them
+        part = fed[(fed["ts"] >= h0 + 3600 * hour) & (fed["ts"] < h0 + 3600 * (hour + 1))]
+        roll.add(records(part.to_dict("records")))
+        roll.flush()
+    roll.flush(final=True)
+    since, until = h0 + 1500, h0 + 3 * 3600 + 1800 - 1  # cuts the first and the last hour, minute-aligned
+    got = ch.vlans(TimeRange(since, until)).astype("int64").set_index("vlan")
+    ch.close()
+    minute = (np.floor(fed["ts"]) // 60 * 60).astype(np.int64)
+    inside = fed[(minute >= since - since % 60) & (minute <= until)]
+    want_ = inside.groupby("vlan").agg(packets=("ts", "size"), bytes=("wire_len", "sum")).astype("int64")
+    assert got.to_dict("index") == want_.to_dict("index")
+    assert 0 < len(inside) < len(fed) and len(got) == 4
