@@ -135,7 +135,12 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     if span is None:
         return
     since, until = span
-    losses = store.losses(TimeRange(since, until))
+    try:
+        losses = store.losses(TimeRange(since, until))
+    except Exception as exc:  # the server went away or hung after the sensor table: a message, as above
+        log.warning("fleet page: %s", exc)
+        st.error(f"ClickHouse cannot be read: {exc}")
+        return
     sensor_grid(store, sensors, since, until, tz, losses)
     st.header(inv.plain(choice) if choice != ALL else "All sensors")  # a name (or the URL's) is text
     st.caption(loss_text(losses, None if choice == ALL else choice))
@@ -143,10 +148,10 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     since, until = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
     engine = types.SimpleNamespace(store=view)
     filtering = bool(traffic_filters(tz))
-    history_page.history_view(engine, since, until, tz, inv.history_filter(engine, since, until, tz)
-                              if filtering else None, select=functools.partial(clickable, tz=tz))
+    got = inv.history_filter(engine, since, until, tz) if filtering else None
+    history_page.history_view(engine, since, until, tz, got, select=functools.partial(clickable, tz=tz))
     if filtering:
-        inv.history_filtered(engine, since, until, tz)
+        inv.history_filtered(engine, since, until, tz, got)  # the conversations history_filter read: once
     fleet_panels(view, since, until, tz)
     if view.conversations_note:
         by, most = view.conversations_note
@@ -262,7 +267,11 @@ def loss_text(losses: pd.DataFrame, sensor: str | None) -> str:
     total = {c: int(rows[c].sum()) if len(rows) else 0 for c in
              ("ring_dropped", "nic_dropped", "detect_skipped_packets", "detect_skipped_batches",
               "history_skipped_packets")}
-    text = (f"ring dropped {total['ring_dropped']:,}, NIC dropped {total['nic_dropped']:,}, detectors skipped "
+    # The NIC's counter belongs to the interface, not the sensor: sensors sharing one each report it.
+    nic = (f"NIC dropped {total['nic_dropped']:,}" if sensor is not None or len(rows) < 2 else
+           f"NIC dropped {total['nic_dropped']:,} (summed over sensors: sensors sharing an interface each count "
+           "its drops)")
+    text = (f"ring dropped {total['ring_dropped']:,}, {nic}, detectors skipped "
             f"{total['detect_skipped_packets']:,} ({total['detect_skipped_batches']:,} batches)")
     if total["history_skipped_packets"]:
         text += f", history skipped {total['history_skipped_packets']:,} (not in these totals)"

@@ -321,6 +321,11 @@ def test_fleet_caption_says_what_history_skipped():
     assert loss_text(df, None).endswith("history skipped 1,234 (not in these totals)")
     none = df.assign(history_skipped_packets=[0, 0])
     assert "history" not in loss_text(none, "a") and "history" not in loss_text(none, None)
+    # NIC drops are the interface's: summed over several sensors the caption says sharing ones each count them.
+    nic = df.assign(nic_dropped=[5, 5])
+    assert "NIC dropped 5," in loss_text(nic, "a")
+    assert "NIC dropped 10 (summed over sensors: sensors sharing an interface each count its drops)" in \
+        loss_text(nic, None)
 
 
 def test_version_6_loss_rows_are_migrated_to_version_7(cluster, monkeypatch):  # noqa: F811
@@ -346,3 +351,27 @@ def test_version_6_loss_rows_are_migrated_to_version_7(cluster, monkeypatch):  #
         ch.close()
     assert cluster.query("SELECT count() FROM t_fix_v6.run_losses")[0][0] == 2
     assert int(cluster.query("SELECT max(toInt64(value)) FROM t_fix_v6.meta")[0][0]) == chmod.CH_SCHEMA_VERSION
+
+
+def test_fleet_page_says_so_when_clickhouse_fails_after_the_sensor_table(cluster, monkeypatch):  # noqa: F811
+    """A server that goes away between the page's first read (the sensor table) and the loss counters: the
+    page shows the error as its state, never an exception."""
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    db = "t_fix_lossfail"
+    first = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db, sensor="s1")
+    assert first.open(), first.status().message
+    first.close()
+
+    def gone(self, r):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(ClickHouseStore, "losses", gone)
+    monkeypatch.setenv("NTM_CLICKHOUSE_DATABASE", db)
+    monkeypatch.setattr(sys, "argv", ["dashboard.py", "--clickhouse", cluster.address(), "--cluster", cluster.name])
+    at = AppTest.from_file("../dashboard.py", default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("ClickHouse cannot be read" in e.value and "Connection reset" in e.value for e in at.error), \
+        [e.value for e in at.error]
