@@ -18,7 +18,7 @@ import psutil
 import pytest
 import streamlit as st
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, dnsmasq
+from enrichhelp import HOSTILE, dnsmasq, silent_resolver
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
@@ -60,11 +60,11 @@ def keyed(at, key: str):
 
 @pytest.fixture
 def web():
-    """python -m http.server on WEB:WEB_PORT serving a 3 MB file."""
+    """python -m http.server on WEB:WEB_PORT serving a 12 MB file."""
     need(shutil.which("curl") is not None, "curl is not installed")
     folder = Path("/tmp") / f"ntm-enrcol-{time.time_ns()}"
     folder.mkdir()
-    (folder / "blob").write_bytes(b"x" * 3_000_000)
+    (folder / "blob").write_bytes(b"x" * 12_000_000)
     proc = subprocess.Popen([PYTHON, "-m", "http.server", str(WEB_PORT), "--bind", WEB], cwd=folder,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -77,8 +77,9 @@ def web():
 
 
 def curl_with_owner() -> tuple[int, int]:
-    """Fetch the blob with curl (paced, ~3 s); (curl's pid, its local port) as `ss -tnp` lists the socket."""
-    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "1M",
+    """Fetch the blob with curl, paced: more than the socket buffers hold, so the connection lasts ~1.5 s.
+    Returns (curl's pid, its local port) as `ss -tnp` lists the socket."""
+    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "4M",
                              f"http://{WEB}:{WEB_PORT}/blob"])
     port = None
     deadline = time.monotonic() + 10
@@ -121,15 +122,14 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
         assert not at.exception
         pid, cport = curl_with_owner()
         nmap_scan(sport, "47000-47199", TARGET)
-        at = run_until(at, lambda a: keyed(a, "recent") is not None and len(keyed(a, "recent")), 15)
-        first = keyed(at, "recent")
-        # The first refresh that shows an address only queues its lookup: the cell says so, the page does not wait.
-        assert set(first["src host"]) | set(first["dst host"]) <= {"…"}
 
         def filled(a) -> bool:
-            al, rec = keyed(a, "alerts"), keyed(a, "recent")
-            return (al is not None and TARGET in set(al["target"]) and rec is not None
-                    and "…" not in set(rec["src host"]) | set(rec["dst host"]))
+            al, rec, conv = keyed(a, "alerts"), keyed(a, "recent"), keyed(a, "conversations")
+            if al is None or TARGET not in set(al["target"]) or rec is None or conv is None:
+                return False
+            hosts = [*rec["src host"], *rec["dst host"], *conv["A host"], *conv["B host"], *al["source host"],
+                     *al["target host"], *keyed(a, "top_talkers")["host"]]
+            return "…" not in hosts  # every lookup answered (each table reads the cache as it is drawn)
         at = run_until(at, filled, 20)
     assert not at.exception
     server = psutil.Process(web.pid).name()
@@ -232,3 +232,23 @@ def test_enrichment_off_keeps_todays_tables_and_builds_no_enricher(fresh, tmp_pa
     hover = figures(at)["Top 10 sources"]["data"][0]["customdata"]
     assert all("<br>" not in h for h in hover)
     assert not enrich._SHARED  # no enricher: no DNS pool, no database, no process table
+
+
+def test_unanswered_names_show_pending_and_the_page_does_not_wait(fresh, veth, tmp_path):
+    fresh.setenv("NTM_PCAP", public_capture(tmp_path))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_RDNS_TIMEOUT_S", "5")
+    fresh.setenv("NTM_RDNS_WORKERS", "1")
+    with silent_resolver(veth.ns, veth.ns_ip):
+        at = run_until(app(), lambda a: keyed(a, "alerts") is not None, 30)
+        # One worker and 5 s per time-out: waiting for the 3 addresses' names would take 15 s per refresh.
+        t = time.monotonic()
+        at.run()
+        assert time.monotonic() - t < 5
+        assert not at.exception
+        tables = [keyed(at, k) for k in ("top_talkers", "conversations", "recent", "alerts")]
+        hosts = [set(tables[0]["host"]), set(tables[1]["A host"]) | set(tables[1]["B host"]),
+                 set(tables[2]["src host"]) | set(tables[2]["dst host"]),
+                 set(tables[3]["source host"]) | set(tables[3]["target host"])]
+        assert hosts == [{"…"}] * 4  # queued, said so; a later refresh fills them in
+        assert enrich.shared().names.stats.answered == 0
