@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import streamlit as st
@@ -252,3 +253,26 @@ def test_unanswered_names_show_pending_and_the_page_does_not_wait(fresh, veth, t
                  set(tables[3]["source host"]) | set(tables[3]["target host"])]
         assert hosts == [{"…"}] * 4  # queued, said so; a later refresh fills them in
         assert enrich.shared().names.stats.answered == 0
+
+
+def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
+    """by_process finds this machine's ends with array compares (local_rows): the same answer as is_local."""
+    from analysis.headers import addr_text
+    from capture.sources import V4_PREFIX
+    from enrich.attribution import local_rows
+    from enrich.processes import ProcessTable
+
+    table = ProcessTable()
+    table.refresh()  # this machine's interface addresses, read as the page reads them
+    mine = sorted(table.local_addresses())
+    assert mine, "no interface address read"
+    texts = [*mine, "127.0.0.1", "127.255.0.9", "::1", "::2", "8.8.8.8", "10.213.0.66", "2001:db8::1",
+             "0.0.0.0", "::", "128.0.0.1", "::ffff:127.0.0.1"]
+    keys = []
+    for t in texts:
+        ip = ipaddress.ip_address(t)
+        keys.append(V4_PREFIX + ip.packed if ip.version == 4 else ip.packed)
+    addrs = np.array(keys, dtype="S16")
+    want = [table.is_local(addr_text(bytes(a))) for a in addrs]
+    assert local_rows(addrs, table).tolist() == want
+    assert want.count(True) >= len(mine) + 3  # the machine's own, two of 127/8 and ::1
