@@ -25,6 +25,7 @@ from streamlit_autorefresh import st_autorefresh
 
 import alerts_page
 import config
+import enrich_columns as ec
 import enrich_page
 import history_page
 import investigate_page as inv
@@ -519,21 +520,33 @@ def charts(snap: Snapshot, end: float | None) -> None:
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="top_by")
     a, b = st.columns(2)
     src, dst = snap.top_addresses("src", top_by), snap.top_addresses("dst", top_by)
+    look = lookups()
     with a:
-        chart(viz.top_bar(src, "Top 10 sources", top_by), "top_src")
+        chart(viz.top_bar(src, "Top 10 sources", top_by, look and ec.hover_notes(look, src)), "top_src")
     with b:
-        chart(viz.top_bar(dst, "Top 10 destinations", top_by), "top_dst")
+        chart(viz.top_bar(dst, "Top 10 destinations", top_by, look and ec.hover_notes(look, dst)), "top_dst")
+    if look:
+        st.dataframe(ec.talkers_table(look, src, dst, top_by), hide_index=True, key="top_talkers")
     c, d = st.columns(2)
     with c:
         chart(viz.ports_bar(snap.top_ports("tcp", 10, top_by), snap.top_ports("udp", 10, top_by), top_by), "ports")
     d.plotly_chart(viz.size_histogram(snap.packets["wire_len"]), key="sizes")
     st.subheader("Top conversations")
     conversations = snap.top_conversations(20, top_by)
-    st.dataframe(viz.conversations_table(conversations, LOCAL_TZ, top_by), hide_index=True, key="conversations",
+    table = viz.conversations_table(conversations, LOCAL_TZ, top_by)
+    if look:
+        table = ec.conversations(look, table, conversations)
+    st.dataframe(table, hide_index=True, key="conversations",
                  **inv.conversation_select(conversations))
     if any(r.get("error") for r in [*src, *dst, *conversations]):
         st.caption("≥ marks a count from a full top table (TOP_TABLE_MAX): the true count is at least that "
                    "(Space-Saving keeps the heaviest entries with a bounded error).")
+
+
+def lookups() -> ec.Lookups | None:
+    """This refresh's enrichment look-ups, or None with ENRICHMENT off (then no enricher is built and
+    no query is sent)."""
+    return ec.Lookups(enrich_page.enricher()) if enrich_page.enabled() else None
 
 
 def chart(fig, key: str) -> None:
@@ -557,7 +570,10 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine, whole: Snapshot | None =
                                 key="alert_sev")
     shown = [a for a in snap.alerts if a.severity in severities]
     rows = (whole or snap).packets
-    st.dataframe(inv.with_links(viz.alerts_table(shown, LOCAL_TZ), shown, rows), hide_index=True, key="alerts",
+    table = viz.alerts_table(shown, LOCAL_TZ)
+    if look := lookups():
+        table = ec.alerts(look, table)
+    st.dataframe(inv.with_links(table, shown, rows), hide_index=True, key="alerts",
                  column_config=inv.link_config())
     ack, clear = st.columns(2)
     # Callbacks run before the next rerun draws the page, so the metrics above see the change.
@@ -596,7 +612,13 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     text = st.text_input("Filter by address, port or protocol", key="pkt_filter")
     n = config.get("RECENT_ROWS")
     rows = snap.packets if text.strip() else snap.packets[-n:]
-    table = viz.recent_table(packets_table(rows, LOCAL_TZ, tagged(snap.packets)), n, text)
+    frame = packets_table(rows, LOCAL_TZ, tagged(snap.packets))
+    look = lookups()
+    if look:
+        frame["row"] = np.arange(len(frame))  # which buffer row each shown line is: its source MAC
+    table = viz.recent_table(frame, n, text)
+    if look:
+        table = ec.recent(look, table.drop(columns=["row"]), ec.shown_macs(rows, table["row"]))
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
                  key="recent")
     # A paused or filtered view downloads what it shows; otherwise the buffer as it is at the click.

@@ -134,20 +134,23 @@ def count_text(value: int, error: int = 0) -> str:
     return f"{value:,}" if not error else f"≥ {max(0, value - error):,}"
 
 
-def top_bar(rows: list[dict[str, Any]], title: str, by: str = "packets") -> go.Figure:
+def top_bar(rows: list[dict[str, Any]], title: str, by: str = "packets", notes: list[str] | None = None) -> go.Figure:
     """Horizontal bars of top addresses ([{addr, packets, bytes, error?}], largest first).
 
     An entry with an `error` (of the `by` count) is approximate: its bar says '≥ N' and its hover
-    gives the range; exact entries carry no text.
+    gives the range; exact entries carry no text. `notes` (one per row: host, country, AS) join the hover.
     """
     if not rows:
         return _empty(title, title)
     rows = rows[::-1]
     errors = [int(r.get("error", 0) or 0) for r in rows]
+    hover = [_range_text(r[by], e, by) for r, e in zip(rows, errors)]
+    if notes is not None:
+        hover = [f"{h}<br>{chart_text(n)}" if n else h for h, n in zip(hover, notes[::-1])]
     bar = {"type": "bar", "x": [r[by] for r in rows], "y": [chart_text(r["addr"]) for r in rows],
            "orientation": "h", "marker": {"color": "#1f77b4"}, "text": [count_text(r[by], e) if e else ""
                                                                          for r, e in zip(rows, errors)],
-           "textposition": "auto", "customdata": [_range_text(r[by], e, by) for r, e in zip(rows, errors)],
+           "textposition": "auto", "customdata": hover,
            "hovertemplate": "%{y}: %{customdata}<extra></extra>"}
     return _figure([bar], title, title, yaxis={"type": "category"})
 

@@ -36,12 +36,14 @@ def _templates() -> list[tuple[bytes, int, int, int]]:
     return out
 
 
-def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float = 50_000.0, flows: int = 0) -> None:
+def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float = 50_000.0, flows: int = 0,
+                    public: bool = False) -> None:
     """Write an n-packet pcap mixing IPv4/IPv6, TCP/UDP/ICMP/ARP, VLAN and several sizes.
 
     flows=0: every packet gets a random host (of 2,000) and source port, so nearly every packet is
     a new flow (the worst case for per-flow state). flows=N: packets belong to N flows, a few
-    large and many small (a flow's index is drawn as N * u**3), as on a real link."""
+    large and many small (a flow's index is drawn as N * u**3), as on a real link. public=True: the
+    IPv4 sources are public addresses (first octet 11..100), so enrichment looks each one up."""
     rng = random.Random(seed)
     pool = [(rng.randrange(1, 2000), rng.randrange(1024, 65535)) for _ in range(flows)]
     templates = _templates()
@@ -57,6 +59,8 @@ def make_mixed_pcap(path: str | os.PathLike, n: int, seed: int = 1, pps: float =
                 host, port = pool[int(flows * rng.random() ** 3)] if flows else \
                     (rng.randrange(1, 2000), rng.randrange(1024, 65535))
                 f[a_off + a_len - 2:a_off + a_len] = host.to_bytes(2, "big")  # vary the source
+                if public and a_len == 4:
+                    f[a_off] = 11 + host % 90  # 11.0.x.y .. 100.0.x.y: routed, in the geo and AS databases
                 if p_off >= 0:
                     f[p_off:p_off + 2] = port.to_bytes(2, "big")
             ts = t0 + i / pps

@@ -1,13 +1,15 @@
 """Enrichment's cost to live capture: the highest loss-free rate on lo with the page's refresh work every 2 s,
-without and with the enrichment panel's work (names, countries/AS, services, processes, makers).
+without and with enrichment (the live tables' columns and the panel: names, countries/AS, services,
+processes, makers).
 
 Reuses live_capture.py's C sender and ladder: 60-byte UDP frames to 127.0.0.1 at rising rates; a rate is held
 when every run loses at most 0.1 %. Both variants run the engine and the page's refresh in the capturing
 process (the dashboard's process); "enriched" runs the engine with ENRICHMENT on (its process-attribution
-stage counts every packet: each of these frames has two local ends) and adds, every 2 s, what
-enrich_page.panel() computes, with the process table thread running, the geo and AS databases loaded and
-reverse DNS on (asking 127.0.0.1, where no resolver listens: no query leaves the machine). "plain" runs
-with ENRICHMENT off: no attribution stage, no panel.
+stage counts every packet: each of these frames has two local ends) and its refresh, every 2 s, is the
+page's with ENRICHMENT on (refresh.panel_work: the live tables' enrichment columns and enrich_page.panel's
+work), with the process table thread running, the geo and AS databases loaded and reverse DNS on (asking
+127.0.0.1, where no resolver listens: no query leaves the machine). "plain" runs with ENRICHMENT off: no
+attribution stage, no panel.
 
     python benchmarks/enrich_cost.py            # 1 run of 3 s per rate (quick), the whole ladder (root)
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
@@ -38,29 +40,9 @@ RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_0
          2_500_000, 3_000_000, 4_000_000, 5_000_000]  # the ladder stops at the sender's ceiling
 
 
-def enrich_work(en, snap) -> int:
-    """What the page's enrichment panel computes on one refresh (see enrich_page.panel)."""
-    n = 0
-    for which in ("src", "dst"):
-        for r in snap.top_addresses(which):
-            n += len(en.address(str(r.get("address", r.get("addr")))))
-    for c in snap.top_conversations(20):
-        proto = str(c["proto"]).lower()
-        n += len(en.services.label(c["a_port"], proto)) + len(en.services.label(c["b_port"], proto))
-        n += len(en.name_text(c["a"])) + len(en.name_text(c["b"]))
-    busiest = snap.top_addresses("src", "packets", 2000) + snap.top_addresses("dst", "packets", 2000)
-    n += len(en.by_country(busiest)) + len(en.by_network(busiest))
-    by_process = snap.totals.get("by_process")  # all traffic (the engine's stage), else the buffer
-    n += len(by_process if by_process is not None else en.by_process(snap.packets))
-    from analysis.headers import addr_text
-    for row in snap.packets[-100:]:
-        n += len(en.name_text(addr_text(bytes(row["src"])))) + len(en.oui.maker(bytes(row["hw_src"])) or "")
-    return n
-
-
 def child(port: int, enriched: bool) -> None:
     """In the capturing process: the engine on lo, the page's refresh every 2 s, optionally enrichment too."""
-    from refresh import refresh_work
+    from refresh import panel_work, refresh_work
 
     from packet_processor import CaptureEngine, Source
 
@@ -77,14 +59,12 @@ def child(port: int, enriched: bool) -> None:
         print(json.dumps({"error": engine.status().error}), flush=True)
         return
     stop, times = threading.Event(), []
+    work = panel_work(en) if en is not None else refresh_work  # the page with ENRICHMENT on: columns + panel
 
     def refresher() -> None:
         while not stop.wait(2.0):
             t = time.perf_counter()
-            snap = engine.snapshot()
-            refresh_work(snap)
-            if en is not None:
-                enrich_work(en, snap)
+            work(engine.snapshot())
             times.append(time.perf_counter() - t)
 
     threading.Thread(target=refresher, daemon=True).start()

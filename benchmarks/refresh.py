@@ -6,42 +6,124 @@ in the same run is the same page drawn with plotly.express, as the seed drew it.
 
     python benchmarks/refresh.py            # 10,000 and 1,000,000-packet buffers
     python benchmarks/refresh.py --short    # small sizes, a few seconds (CI)
+    python benchmarks/refresh.py --enrich   # ENRICHMENT off vs the live tables' columns vs columns + panel
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
 import time
 
+import numpy as np
 from common import make_mixed_pcap
 
 import config
+import enrich_columns as ec
 import visualizations as viz
 from investigate import filters as flt
 from packet_processor import CaptureEngine, Snapshot, packets_frame
 
 
-def refresh_work(snap: Snapshot, rows: int = 100) -> int:
-    """Everything one rerun of the page computes and sends; returns the bytes it would send."""
+def refresh_work(snap: Snapshot, rows: int = 100, en=None) -> int:
+    """Everything one rerun of the page computes and sends; returns the bytes it would send. `en`: an
+    Enricher, for the page with ENRICHMENT on (dashboard.py's columns on its own tables)."""
     import pyarrow as pa
 
     end = snap.totals["last_ts"]
+    look = ec.Lookups(en) if en is not None else None
+    src, dst = snap.top_addresses("src"), snap.top_addresses("dst")
     figs = [
         viz.protocol_pie(snap.totals["transport_counts"], "packets"),
         viz.timeline(viz.timeline_frame(snap.bins, 60, end)),
-        viz.top_bar(snap.top_addresses("src"), "Top 10 sources"),
-        viz.top_bar(snap.top_addresses("dst"), "Top 10 destinations"),
+        viz.top_bar(src, "Top 10 sources", "packets", look and ec.hover_notes(look, src)),
+        viz.top_bar(dst, "Top 10 destinations", "packets", look and ec.hover_notes(look, dst)),
         viz.ports_bar(snap.top_ports("tcp"), snap.top_ports("udp")),
         viz.size_histogram(snap.packets["wire_len"]),
     ]
-    tables = [viz.conversations_table(snap.top_conversations(20)),
-              viz.recent_table(packets_frame(snap.packets[-rows:]), rows)]
+    recent_rows = snap.packets[-rows:]
+    conv, frame = snap.top_conversations(20), packets_frame(recent_rows)
+    tables = [viz.conversations_table(conv), viz.alerts_table(snap.alerts)]
+    if look is None:
+        tables.append(viz.recent_table(frame, rows))
+    else:
+        frame["row"] = np.arange(len(frame))
+        recent = viz.recent_table(frame, rows)
+        tables = [ec.conversations(look, tables[0], conv), ec.alerts(look, tables[1]),
+                  ec.recent(look, recent.drop(columns=["row"]), ec.shown_macs(recent_rows, recent["row"])),
+                  ec.talkers_table(look, src, dst, "packets")]
     sent = sum(len(f.to_json()) for f in figs)
     sent += sum(pa.Table.from_pandas(t).nbytes for t in tables)
     return sent
+
+
+def panel_work(en):
+    """The page with ENRICHMENT on: its tables' columns and the separate panel (enrich_page.panel's tables
+    and figures; over a file, its by-process view walks the whole buffer)."""
+    import pyarrow as pa
+
+    import enrich_page as ep
+
+    def work(snap: Snapshot) -> int:
+        sent = refresh_work(snap, en=en)
+        src, dst = ep.who_rows(en, snap.top_addresses("src")), ep.who_rows(en, snap.top_addresses("dst"))
+        countries, networks, _ = ep.ends_views(en, snap, "packets")
+        figs = [viz.who_bar(src, "Top sources: who"), viz.who_bar(dst, "Top destinations: who"),
+                ep.ends_bar(countries, "Top countries", "packets"), ep.ends_bar(networks, "Top networks", "packets")]
+        procs = snap.totals.get("by_process")
+        tables = [ep.talkers_frame(src, dst, "packets"), ep.conversations_who(en, snap.top_conversations(20)),
+                  ep.recent_who(en, snap.packets[-100:], None), ep.alerts_who(en, snap.alerts),
+                  viz.process_table(procs if procs is not None else en.by_process(snap.packets))]
+        return sent + sum(len(f.to_json()) for f in figs) + sum(pa.Table.from_pandas(t).nbytes for t in tables)
+    return work
+
+
+def enricher():
+    """An Enricher as the page builds it (databases loaded, process table running), reverse DNS on towards
+    127.0.0.1 so every name is asked (and answered as a failure, cached) without leaving the machine."""
+    from enrich import Enricher
+
+    en = Enricher(reverse_dns=True, dns_server="127.0.0.1", rdns_timeout_s=0.5)
+    en.start()
+    en.geo.wait_loaded(120)
+    deadline = time.monotonic() + 120
+    while not en.geo.asn.ready and not en.geo.asn.error and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return en
+
+
+def settle(en, limit_s: float = 120.0) -> None:
+    """Wait until every queued reverse-DNS lookup has its (cached) answer: the timed refreshes read caches."""
+    s, deadline = en.names.stats, time.monotonic() + limit_s
+    while time.monotonic() < deadline and s.answered + s.failed + s.timed_out < s.queued:
+        time.sleep(0.2)
+
+
+def enrich_main(sizes: list[int], repeat: int) -> None:
+    """ENRICHMENT off, the live tables' columns, and the columns plus the panel, over public addresses."""
+    en = enricher()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "public.pcap")
+        make_mixed_pcap(path, max(sizes), public=True)
+        print(f"{'buffer':>10} {'off ms':>8} {'columns ms':>11} {'columns+panel ms':>17}  (median of {repeat})")
+        for size in sizes:
+            engine = CaptureEngine(buffer_size=size)
+            engine.load_file(path)
+            on = functools.partial(refresh_work, en=en)
+            for fn in (on, panel_work(en)):  # warm: the first look-ups queue names and fill the caches
+                fn(engine.snapshot())
+            settle(en)
+            off = timed(refresh_work, engine, repeat)
+            cols = timed(on, engine, repeat)
+            both = timed(panel_work(en), engine, repeat)
+            print(f"{size:>10,} {off * 1e3:>8.1f} {cols * 1e3:>11.1f} {both * 1e3:>17.1f}")
+        s = en.names.stats
+        print(f"reverse DNS: {s.queued:,} queued, {s.sent:,} sent, {s.failed:,} failed, "
+              f"{s.dropped_queue_full:,} not asked (queue full)")
+    en.stop()
 
 
 def seed_work(snap: Snapshot) -> int:
@@ -99,9 +181,12 @@ def baseline_work(cache):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", action="store_true", help="small sizes, a few seconds")
+    ap.add_argument("--enrich", action="store_true", help="only the enrichment comparison")
     args = ap.parse_args()
     sizes = [2_000, 20_000] if args.short else [10_000, 1_000_000]
     repeat = 3 if args.short else 10
+    if args.enrich:
+        return enrich_main(sizes, repeat)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "mixed.pcap")
         make_mixed_pcap(path, max(sizes))

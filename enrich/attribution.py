@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from analysis.headers import TCP, UDP, addr_text
+from analysis.headers import TCP, UDP, V4_PREFIX
 from analysis.stages import Stage
 from enrich.processes import HIDDEN, UNKNOWN, ProcessTable
 
@@ -22,21 +23,49 @@ def _owner_ids(cls: np.ndarray, addrs: np.ndarray, ports: np.ndarray, table: Pro
     """Per row: the index of the owning process in `owners`, -2 for a local end with no owner, -3 for one whose
     owner this process may not see, -1 not local."""
     out = np.full(len(cls), -1, dtype=np.int64)
-    if not len(cls):
+    # Only this machine's ends are looked up: found with array compares, so remote traffic (a file of
+    # strangers' packets: every row a new flow) costs no per-key Python work.
+    rows = np.flatnonzero(local_rows(addrs, table))
+    if not len(rows):
         return out
-    keys = np.empty(len(cls), dtype=[("c", "u1"), ("a", "S16"), ("p", "<i4")])
-    keys["c"], keys["a"], keys["p"] = cls, addrs, ports
+    keys = np.empty(len(rows), dtype=[("c", "u1"), ("a", "S16"), ("p", "<i4")])
+    keys["c"], keys["a"], keys["p"] = cls[rows], addrs[rows], ports[rows]
     uniq, inv = np.unique(keys, return_inverse=True)
     ids = np.full(len(uniq), -1, dtype=np.int64)
-    for i, (c, a, p) in enumerate(uniq.tolist()):
-        if not table.is_local(addr_text(a)):
-            continue
+    for i, (c, _a, p) in enumerate(uniq.tolist()):
         o = table.owner(_PROTO[int(c)], int(p))
         if o is None:
             ids[i] = -3 if table.hidden(_PROTO[int(c)], int(p)) else -2
             continue
         ids[i] = owners.setdefault((o[0], o[1]), len(owners))
-    return ids[inv]
+    out[rows] = ids[inv]
+    return out
+
+
+def _key(text: str) -> bytes | None:
+    """An address's 16-byte key as the records hold it (IPv4 behind V4_PREFIX), None for no address."""
+    try:
+        return V4_PREFIX + socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        try:
+            return socket.inet_pton(socket.AF_INET6, text)
+        except OSError:
+            return None
+
+
+def local_rows(addrs: np.ndarray, table: ProcessTable) -> np.ndarray:
+    """Per row: whether the address is this machine's as table.is_local says (loopback, or an address of
+    an interface at the table's last read)."""
+    keys = np.ascontiguousarray(addrs, dtype="S16")
+    b = keys.view(np.uint8).reshape(-1, 16)
+    prefix = np.frombuffer(V4_PREFIX, dtype=np.uint8)
+    local = (b[:, :12] == prefix).all(axis=1) & (b[:, 12] == 127)  # 127.0.0.0/8
+    local |= (b[:, :15] == 0).all(axis=1) & (b[:, 15] == 1)  # ::1
+    for text in table.local_addresses():
+        key = _key(text)
+        if key is not None:
+            local |= keys == np.bytes_(key)
+    return local
 
 
 def by_process(packets: np.ndarray, table: ProcessTable) -> list[dict[str, Any]]:
@@ -45,6 +74,8 @@ def by_process(packets: np.ndarray, table: ProcessTable) -> list[dict[str, Any]]
     owners: dict[tuple[int, str], int] = {}
     a = _owner_ids(p["cls"], p["src"], p["sport"], table, owners)
     b = _owner_ids(p["cls"], p["dst"], p["dport"], table, owners)
+    mine = (a != -1) | (b != -1)  # no other row is in any tally: conversations are told apart over these only
+    p, a, b = p[mine], a[mine], b[mine]
     rows = []
     conv = _conversation_ids(p)
     for (pid, name), i in [*owners.items(), ((None, HIDDEN), -3), ((None, UNKNOWN), -2)]:

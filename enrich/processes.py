@@ -156,6 +156,10 @@ class ProcessTable:
             return f"{o[1]} ({o[0]})"
         return HIDDEN if self.hidden(proto, port) else UNKNOWN
 
+    def local_addresses(self) -> frozenset[str]:
+        """This machine's interface addresses as of the last refresh (loopback ranges aside)."""
+        return self._local
+
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 LABELS = ("private", "loopback", "link-local", "multicast", "reserved")
 
@@ -11,6 +12,7 @@ _PRIVATE = tuple(ipaddress.ip_network(n) for n in
                  ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7"))
 
 
+@lru_cache(maxsize=65_536)  # bounded; every refresh asks again for the same few thousand top addresses
 def range_label(addr: str) -> str | None:
     """The range label of an address, or None for a public (global unicast) address or text that is no address."""
     try:

@@ -118,7 +118,10 @@ def test_file_source_renders_every_panel_and_matches_the_cli(fresh, tmp_path):
     conv, recent = table(at, "endpoint A"), table(at, "direction")
     assert len(recent.value) == 8 and recent.value.iloc[0]["protocol"] == "UDP"  # newest first
     assert list(recent.value.columns) == ["time", "direction", "protocol", "source", "src port", "destination",
-                                          "dst port", "size", "TCP flags"]
+                                          "dst port", "size", "TCP flags",
+                                          # ENRICHMENT on by default: enrich_columns.py's, at the right
+                                          "src host", "src country", "src AS", "dst host", "dst country",
+                                          "dst AS", "service", "src process", "dst process", "src maker"]
     assert len(conv.value) >= 1
     assert at.get("download_button")
     sb = at.sidebar

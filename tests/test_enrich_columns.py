@@ -1,0 +1,278 @@
+"""The live page's own tables (top talkers, conversations, recent packets, alerts) with enrichment columns,
+through AppTest on real traffic: names from a real resolver (dnsmasq), processes from curl and http.server
+checked against `ss -p`, AS numbers against the AS database's CSV read here, hostile PTR text escaped."""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import streamlit as st
+from conftest import PYTHON, ROOT, need, wait_for
+from enrichhelp import HOSTILE, dnsmasq, silent_resolver
+from notifyhelp import nmap_scan, scan_port
+from pcapgen import pcap_bytes
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from test_dashboard import app, figures, run_until
+
+import enrich
+from packet_processor import stop_all
+
+WEB, CLIENT, TARGET = "127.0.0.7", "127.0.0.1", "127.0.0.2"  # the web server, curl, the scanned host
+WEB_PORT = 8080  # http-alt in /etc/services: the service column has a name to show
+NAMES = {WEB: "web.ntm.test", CLIENT: "client.ntm.test", TARGET: HOSTILE}
+CONV_COLUMNS = ["endpoint A", "endpoint B", "protocol", "packets", "bytes", "first seen", "last seen"]
+RECENT_COLUMNS = ["time", "direction", "protocol", "source", "src port", "destination", "dst port", "size",
+                  "TCP flags"]
+ALERT_COLUMNS = ["last seen", "severity", "detector", "source", "target", "count", "evidence", "what it means", "ack"]
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    stop_all()
+    enrich.stop_shared()
+    st.cache_resource.clear()
+    yield monkeypatch
+    stop_all()
+    enrich.stop_shared()
+    st.cache_resource.clear()
+
+
+def keyed(at, key: str):
+    """The page's table with this widget key (AppTest keeps the key of a selectable dataframe only), else by
+    a column only that table has."""
+    marks = {"conversations": "endpoint A", "recent": "TCP flags", "alerts": "detector", "top_talkers": "top"}
+    found = [d.value for d in at.dataframe if marks[key] in d.value.columns
+             and not {"A name", "side", "maker", "target name"} & set(d.value.columns)]  # not the panel's tables
+    assert len(found) <= 1, [list(f.columns) for f in found]
+    return found[0] if found else None
+
+
+@pytest.fixture
+def web():
+    """python -m http.server on WEB:WEB_PORT serving a 12 MB file."""
+    need(shutil.which("curl") is not None, "curl is not installed")
+    folder = Path("/tmp") / f"ntm-enrcol-{time.time_ns()}"
+    folder.mkdir()
+    (folder / "blob").write_bytes(b"x" * 12_000_000)
+    proc = subprocess.Popen([PYTHON, "-m", "http.server", str(WEB_PORT), "--bind", WEB], cwd=folder,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: socket.socket().connect_ex((WEB, WEB_PORT)) == 0, 10), "http.server did not start"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def curl_with_owner() -> tuple[int, int]:
+    """Fetch the blob with curl, paced: more than the socket buffers hold, so the connection lasts ~1.5 s.
+    Returns (curl's pid, its local port) as `ss -tnp` lists the socket."""
+    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "4M",
+                             f"http://{WEB}:{WEB_PORT}/blob"])
+    port = None
+    deadline = time.monotonic() + 10
+    while port is None and time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-tnpH", "dst", f"{WEB}:{WEB_PORT}"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"pid={proc.pid}," in line:
+                port = int(re.search(rf"{re.escape(CLIENT)}:(\d+)", line).group(1))
+        time.sleep(0.1)
+    assert proc.wait(30) == 0
+    assert port is not None, "ss never listed curl's socket"
+    return proc.pid, port
+
+
+def conversation(conv, endpoint: str):
+    """(the conversation row with this endpoint, which end it is: 'A' or 'B', the other end)."""
+    sel = conv[(conv["endpoint A"] == endpoint) | (conv["endpoint B"] == endpoint)]
+    assert len(sel) == 1, sel
+    row = sel.iloc[0]
+    end = "A" if row["endpoint A"] == endpoint else "B"
+    return row, end, "B" if end == "A" else "A"
+
+
+def rows_of(frame, **match):
+    sel = frame
+    for k, v in match.items():
+        sel = sel[sel[k] == v]
+    return sel
+
+
+def test_live_tables_show_names_processes_services_and_escape_hostile_names(fresh, veth, web):
+    fresh.setenv("NTM_INTERFACE", "lo")
+    sport = scan_port()
+    fresh.setenv("NTM_BPF_FILTER", f"(host {WEB} and tcp port {WEB_PORT}) or (host {TARGET} and port {sport})")
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_RECENT_ROWS", "1000")
+    with dnsmasq(veth.ns, veth.ns_ip, NAMES):
+        at = app()
+        at.run()
+        assert not at.exception
+        pid, cport = curl_with_owner()
+        nmap_scan(sport, "47000-47199", TARGET)
+
+        def filled(a) -> bool:
+            al, rec, conv = keyed(a, "alerts"), keyed(a, "recent"), keyed(a, "conversations")
+            if al is None or TARGET not in set(al["target"]) or rec is None or conv is None:
+                return False
+            hosts = [*rec["src host"], *rec["dst host"], *conv["A host"], *conv["B host"], *al["source host"],
+                     *al["target host"], *keyed(a, "top_talkers")["host"]]
+            return "…" not in hosts  # every lookup answered (each table reads the cache as it is drawn)
+        at = run_until(at, filled, 20)
+    assert not at.exception
+    server = psutil.Process(web.pid).name()
+    recent = keyed(at, "recent")
+    assert list(recent.columns[:len(RECENT_COLUMNS)]) == RECENT_COLUMNS  # today's columns first, unchanged
+    to_web = rows_of(recent, source=CLIENT, destination=WEB, **{"src port": cport})
+    assert len(to_web)
+    assert set(to_web["src host"]) == {NAMES[CLIENT]} and set(to_web["dst host"]) == {NAMES[WEB]}
+    assert set(to_web["src country"]) == set(to_web["dst country"]) == {"loopback"}  # 127/8, never a country
+    assert set(to_web["src AS"]) == {""}
+    assert set(to_web["service"]) == {f"{WEB_PORT}/{socket.getservbyport(WEB_PORT, 'tcp')}"}
+    assert set(to_web["src process"]) == {f"curl ({pid})"}  # the pid `ss -p` named for curl's port
+    assert set(to_web["dst process"]) == {f"{server} ({web.pid})"}
+    replies = rows_of(recent, source=WEB, destination=CLIENT, **{"dst port": cport})
+    assert set(replies["service"]) == {f"{WEB_PORT}/http-alt"} and set(replies["dst process"]) == {f"curl ({pid})"}
+    assert set(recent["src maker"]) == {""}  # lo's frames carry an all-zero MAC: no maker to name
+
+    conv = keyed(at, "conversations")
+    assert list(conv.columns[:len(CONV_COLUMNS)]) == CONV_COLUMNS
+    row, web_end, cl_end = conversation(conv, f"{WEB}:{WEB_PORT}")
+    assert (row[f"{web_end} host"], row[f"{web_end} service"], row[f"{web_end} process"]) == (
+        NAMES[WEB], f"{WEB_PORT}/http-alt", f"{server} ({web.pid})")
+    assert (row[f"{cl_end} host"], row[f"{cl_end} process"], row[f"{cl_end} country"]) == (
+        NAMES[CLIENT], f"curl ({pid})", "loopback")
+
+    alerts = keyed(at, "alerts")
+    assert list(alerts.columns[:len(ALERT_COLUMNS)]) == ALERT_COLUMNS
+    scan = alerts[(alerts["detector"] == "port_scan") & (alerts["target"] == TARGET)].iloc[0]
+    assert (scan["source host"], scan["target host"], scan["target country"]) == (NAMES[CLIENT], HOSTILE, "loopback")
+
+    talkers = keyed(at, "top_talkers")
+    assert dict(zip(talkers["address"], talkers["host"])) == {a: NAMES[a] for a in set(talkers["address"])}
+    # PTR text is data: the Plotly hover escapes it, no Markdown element carries it raw.
+    hover = json.dumps(figures(at)["Top 10 destinations"]["data"][0]["customdata"])
+    assert "**bold**&lt;b&gt;x&lt;/b&gt;" in hover and "<b>x</b>" not in hover
+    assert not any("<b>x</b>" in m.value for m in [*at.markdown, *at.caption])
+
+
+def as_entry(addr: str) -> tuple[int, str]:
+    """(AS number, organisation) of an IPv4 address from the shipped CSV, read here by a plain scan."""
+    key = int(ipaddress.IPv4Address(addr))
+    with open(ROOT / "data" / "ip-location-db-asn" / "asn-ipv4-num.csv", newline="") as fh:
+        for start, end, asn, org in csv.reader(fh):
+            if int(start) <= key <= int(end):
+                return int(asn), org
+    raise AssertionError(f"{addr} is in no range")
+
+
+def public_capture(tmp_path) -> str:
+    """UDP/DNS and HTTPS exchanges with public addresses, and a SYN scan of one (a file: no packet is sent)."""
+    eth = Ether(src="00:00:0c:01:02:03", dst="00:11:22:33:44:55")
+    me, frames = "10.213.0.5", []
+    for i, far in [*enumerate(["8.8.8.8", "1.1.1.1"])] * 3:  # busier than any one scan probe: in the top 20
+        frames += [eth / IP(src=me, dst=far) / UDP(sport=5000 + i, dport=53) / b"q",
+                   eth / IP(src=far, dst=me) / UDP(sport=53, dport=5000 + i) / b"a",
+                   eth / IP(src=me, dst=far) / TCP(sport=41000 + i, dport=443, flags="S"),
+                   eth / IP(src=far, dst=me) / TCP(sport=443, dport=41000 + i, flags="SA")]
+    frames += [eth / IP(src="1.1.1.1", dst=me) / TCP(sport=555, dport=p, flags="S") for p in range(20, 60)]
+    frames += [eth / IP(src=me, dst="1.1.1.1") / TCP(sport=p, dport=555, flags="RA") for p in range(20, 60)]
+    path = tmp_path / "public.pcap"
+    path.write_bytes(pcap_bytes([(1_700_000_000.0 + i / 100, bytes(f)) for i, f in enumerate(frames)]))
+    return str(path)
+
+
+def test_public_addresses_get_the_as_databases_entry_and_makers(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", public_capture(tmp_path))
+    fresh.setenv("NTM_REVERSE_DNS", "0")
+    at = run_until(app(), lambda a: keyed(a, "top_talkers") is not None
+                   and "AS15169" in " ".join(keyed(a, "top_talkers")["AS"]), 30)  # the databases load in the background
+    assert not at.exception
+    want = {a: "AS{} {}".format(*as_entry(a)) for a in ("8.8.8.8", "1.1.1.1")}
+    talkers = keyed(at, "top_talkers")
+    got = {r["address"]: r["AS"] for _, r in talkers.iterrows() if r["address"] in want}
+    assert got == want
+    assert set(talkers[talkers["address"] == "10.213.0.5"]["country"]) == {"private"}
+    assert set(talkers["host"]) == {""}  # REVERSE_DNS off: no name, no query
+    conv = keyed(at, "conversations")
+    dns, e, other = conversation(conv, "8.8.8.8:53")
+    assert (dns[f"{e} service"], dns[f"{e} country"], dns[f"{e} AS"], dns[f"{e} process"]) == (
+        "53/domain", "US", want["8.8.8.8"], "")
+    assert (dns[f"{other} country"], dns[f"{other} AS"], dns[f"{other} service"]) == ("private", "", "")
+    recent = keyed(at, "recent")
+    assert set(recent["src maker"]) == {"Cisco Systems, Inc"}  # 00:00:0c is Cisco's OUI (IEEE registry)
+    assert "443/https" in set(recent["service"])
+    alerts = keyed(at, "alerts")
+    scan = alerts[alerts["detector"] == "port_scan"].iloc[0]
+    assert (scan["source"], scan["source AS"], scan["source country"]) == ("1.1.1.1", want["1.1.1.1"], "AU")
+    assert "Cloudflare" in want["1.1.1.1"]
+
+
+def test_enrichment_off_keeps_todays_tables_and_builds_no_enricher(fresh, tmp_path):
+    fresh.setenv("NTM_PCAP", public_capture(tmp_path))
+    fresh.setenv("NTM_ENRICHMENT", "0")
+    at = run_until(app(), lambda a: keyed(a, "alerts") is not None, 30)
+    assert not at.exception
+    assert list(keyed(at, "conversations").columns) == CONV_COLUMNS
+    assert list(keyed(at, "recent").columns) == RECENT_COLUMNS
+    assert list(keyed(at, "alerts").columns) == [*ALERT_COLUMNS, "evidence view"]
+    assert keyed(at, "top_talkers") is None
+    hover = figures(at)["Top 10 sources"]["data"][0]["customdata"]
+    assert all("<br>" not in h for h in hover)
+    assert not enrich._SHARED  # no enricher: no DNS pool, no database, no process table
+
+
+def test_unanswered_names_show_pending_and_the_page_does_not_wait(fresh, veth, tmp_path):
+    fresh.setenv("NTM_PCAP", public_capture(tmp_path))
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_RDNS_TIMEOUT_S", "5")
+    fresh.setenv("NTM_RDNS_WORKERS", "1")
+    with silent_resolver(veth.ns, veth.ns_ip):
+        at = run_until(app(), lambda a: keyed(a, "alerts") is not None, 30)
+        # One worker and 5 s per time-out: waiting for the 3 addresses' names would take 15 s per refresh.
+        t = time.monotonic()
+        at.run()
+        assert time.monotonic() - t < 5
+        assert not at.exception
+        tables = [keyed(at, k) for k in ("top_talkers", "conversations", "recent", "alerts")]
+        hosts = [set(tables[0]["host"]), set(tables[1]["A host"]) | set(tables[1]["B host"]),
+                 set(tables[2]["src host"]) | set(tables[2]["dst host"]),
+                 set(tables[3]["source host"]) | set(tables[3]["target host"])]
+        assert hosts == [{"…"}] * 4  # queued, said so; a later refresh fills them in
+        assert enrich.shared().names.stats.answered == 0
+
+
+def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
+    """by_process finds this machine's ends with array compares (local_rows): the same answer as is_local."""
+    from analysis.headers import addr_text
+    from capture.sources import V4_PREFIX
+    from enrich.attribution import local_rows
+    from enrich.processes import ProcessTable
+
+    table = ProcessTable()
+    table.refresh()  # this machine's interface addresses, read as the page reads them
+    mine = sorted(table.local_addresses())
+    assert mine, "no interface address read"
+    texts = [*mine, "127.0.0.1", "127.255.0.9", "::1", "::2", "8.8.8.8", "10.213.0.66", "2001:db8::1",
+             "0.0.0.0", "::", "128.0.0.1", "::ffff:127.0.0.1"]
+    keys = []
+    for t in texts:
+        ip = ipaddress.ip_address(t)
+        keys.append(V4_PREFIX + ip.packed if ip.version == 4 else ip.packed)
+    addrs = np.array(keys, dtype="S16")
+    want = [table.is_local(addr_text(bytes(a))) for a in addrs]
+    assert local_rows(addrs, table).tolist() == want
+    assert want.count(True) >= len(mine) + 3  # the machine's own, two of 127/8 and ::1
