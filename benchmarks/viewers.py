@@ -15,7 +15,7 @@ when the loss is at most 0.1 %.
 Target: the rate held with 6 tabs >= 90 % of the rate held with none.
 
     python benchmarks/viewers.py            # root, chromium, playwright (in the venv)
-    python benchmarks/viewers.py --quick    # two low rates of 2 s; the target is reported, not enforced
+    python benchmarks/viewers.py --quick    # two low rates (10k, 20k/s) of 2 s, two tabs; target reported, not enforced
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgro
                "--disable-component-update", "--disable-sync", "--no-first-run"]
 TABS = 6
 LADDER = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000]
+QUICK_LADDER = [10_000, 20_000]
 NICE = 10  # after the tabs have loaded: niced before, they took minutes to load on a machine shared with other work
 LOSS_FREE = 0.001
 TARGET = 0.9
@@ -178,7 +179,8 @@ def main() -> int:
         raise SystemExit("needs Debian's chromium (apt-get install chromium); never `playwright install`")
     from playwright.sync_api import sync_playwright
 
-    seconds, ladder, bisect = (2.0, LADDER[:2], 0) if args.quick else (args.seconds, LADDER, args.bisect)
+    # --quick: low rates that a loaded machine (CI) still sends on time; it checks counts, not speed.
+    seconds, ladder, bisect = (2.0, QUICK_LADDER, 0) if args.quick else (args.seconds, LADDER, args.bisect)
     # --quick checks that the tool works (it is a CI test): two tabs show that each refreshes by itself.
     n_tabs = args.tabs if args.tabs is not None else (2 if args.quick else TABS)
     verdicts = Verdicts(enforce=not args.quick)
