@@ -100,24 +100,39 @@ def settings(engine: Any) -> None:
             destinations_section(controls)
 
 
+FEEDBACK_S = 10.0  # how long a change's outcome stays on the page
+
+
 def _run(action, *args) -> None:
-    """Run a settings change from a button; its error is shown on the next run."""
+    """Run a settings change from a button; its outcome is shown for FEEDBACK_S seconds."""
     try:
         out = action(*args)
     except (RuleError, ValueError, OSError) as exc:
-        st.session_state["ap_error"] = str(exc)
+        st.session_state["ap_outcome"] = ("error", str(exc), time.monotonic())
         return
-    st.session_state["ap_error"] = None
-    st.session_state["ap_done"] = out if isinstance(out, str) else "Saved."
+    st.session_state["ap_outcome"] = ("done", out if isinstance(out, str) else "Saved.", time.monotonic())
+
+
+def _run_now(action) -> None:
+    """_run from a form's submit button (in the script's flow, after _feedback was drawn): run the page again
+    at once so that the outcome shows now, not at the next refresh."""
+    _run(action)
+    st.rerun()
 
 
 def _feedback() -> None:
-    """The outcome of the last change, shown once."""
-    err, done = st.session_state.pop("ap_error", None), st.session_state.pop("ap_done", None)
-    if err:
-        st.error(plain(err))
-    elif done:
-        st.success(plain(done))
+    """The outcome of the last change, for FEEDBACK_S seconds: shown once, it could last a single 2 s
+    refresh, or none at all when the next auto-refresh interrupted the run that drew it."""
+    outcome = st.session_state.get("ap_outcome")
+    if outcome is None:
+        return
+    kind, text, at = outcome
+    if time.monotonic() - at > FEEDBACK_S:
+        del st.session_state["ap_outcome"]
+    elif kind == "error":
+        st.error(plain(text))
+    else:
+        st.success(plain(text))
 
 
 def rules_section(controls: Any, counts: dict[str, int]) -> None:
@@ -179,7 +194,7 @@ def _rule_form(controls: Any, rule: Rule | None) -> None:
             data = {"name": name, "detector": "" if detector == "any" else detector, "source": source,
                     "target": target, "port": int(port), "direction": "" if direction == "any" else direction,
                     "expires": time.time() + hours * 3600 if hours else 0, "comment": comment}
-            _run(lambda: f"Saved rule {controls.put_rule(data, replaces=rule.name if rule else None).name}.")
+            _run_now(lambda: f"Saved rule {controls.put_rule(data, replaces=rule.name if rule else None).name}.")
             st.rerun()
 
 
@@ -199,7 +214,7 @@ def detectors_section(controls: Any) -> None:
                     values[name] = st.number_input(name, value=int(current), step=1, key=f"ap_th_{name}")
         if st.form_submit_button("Apply to the running detectors", key="ap_detectors_apply"):
             off = {d for d, on in enabled.items() if not on}
-            _run(lambda: controls.set_detectors(values, off) or "Applied to the running detectors.")
+            _run_now(lambda: controls.set_detectors(values, off) or "Applied to the running detectors.")
             st.rerun()
 
 
