@@ -214,7 +214,8 @@ def detectors_section(controls: Any) -> None:
                     values[name] = st.number_input(name, value=int(current), step=1, key=f"ap_th_{name}")
         if st.form_submit_button("Apply to the running detectors", key="ap_detectors_apply"):
             off = {d for d, on in enabled.items() if not on}
-            _run_now(lambda: controls.set_detectors(values, off) or "Applied to the running detectors.")
+            done = f"off: {', '.join(sorted(off))}" if off else "every detector on"
+            _run_now(lambda: controls.set_detectors(values, off) or f"Applied to the running detectors ({done}).")
             st.rerun()
 
 

@@ -116,15 +116,22 @@ def detector_switch(page, name: str, on: bool) -> None:
             if attempt == 7:
                 raise
     assert box.get_by_role("checkbox").is_checked() == on
-    for attempt in range(5):
+    # A click that lands while a refresh replaces the form is lost (no submit reaches the server): then the
+    # outcome never shows, and the switch is checked and the form applied again (the same settings twice).
+    # The outcome names the switches, so an earlier apply's message (shown for 10 s) is not taken for this one.
+    applied = f"Applied to the running detectors ({'every detector on' if on else 'off: ' + name})."
+    for _ in range(4):
         try:
             page.get_by_role("tab", name="Detectors").click(timeout=5_000)
+            if box.get_by_role("checkbox").is_checked(timeout=5_000) != on:
+                box.locator("label").first.click(timeout=5_000)
+                continue
             form.get_by_role("button", name="Apply to the running detectors").click(timeout=5_000)
-            break
         except PlaywrightError:
-            if attempt == 4:
-                raise
-    assert wait_for(lambda: "Applied to the running detectors." in body(page), 20), body(page)[-2000:]
+            continue
+        if wait_for(lambda: applied in body(page), 10):
+            return
+    raise AssertionError(body(page)[-2000:])
 
 
 def tab_text(page, name: str) -> str:
