@@ -122,6 +122,10 @@ def _quiet_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
     for key in list(os.environ):
         if key.startswith("NTM_"):
             monkeypatch.delenv(key)
+    # Reverse DNS is on by default and asks the system's resolver, which is not on this machine's loopback:
+    # tests send nothing beyond 127.0.0.0/8 and their namespaces, so an unset resolver is a loopback address
+    # where nothing answers (lookups time out, in the background). Tests of names set their own (dnsmasq).
+    monkeypatch.setenv("NTM_DNS_SERVER", "127.0.0.9")
     xdg = tmp_path_factory.getbasetemp() / "xdg-data"
     xdg.mkdir(exist_ok=True)
     xdg.chmod(0o1777)  # the dashboard, dropped to nobody, creates its store here
