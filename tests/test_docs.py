@@ -18,6 +18,7 @@ def test_every_setting_is_in_the_readme_table():
 
 
 def test_settings_have_help_and_env_override(monkeypatch):
+    monkeypatch.delenv("NTM_DNS_SERVER", raising=False)  # conftest's loopback resolver for tests, not a default
     for s in config.SETTINGS:
         assert s.help.strip()
         assert config.get(s.name) == s.default
