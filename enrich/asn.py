@@ -39,6 +39,34 @@ class AsInfo:
     org: str | None
 
 
+def le128(a_hi: np.ndarray, a_lo: np.ndarray, b_hi: np.ndarray, b_lo: np.ndarray) -> np.ndarray:
+    """a <= b for 128-bit numbers kept as two uint64 halves."""
+    return (a_hi < b_hi) | ((a_hi == b_hi) & (a_lo <= b_lo))
+
+
+def floor_index(t_hi: np.ndarray, t_lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray) -> np.ndarray:
+    """For each 128-bit query (q_hi, q_lo), the index of the last table key <= it (-1: none): bisect_right - 1
+    over keys kept as two uint64 columns sorted together, for all queries at once."""
+    q_hi, q_lo = np.asarray(q_hi, np.uint64), np.asarray(q_lo, np.uint64)
+    lo_b = np.searchsorted(t_hi, q_hi, side="left").astype(np.int64)
+    hi_b = np.searchsorted(t_hi, q_hi, side="right").astype(np.int64)
+    zero = q_hi == 0
+    n0 = int(np.searchsorted(t_hi, np.uint64(0), side="right"))
+    if n0 and zero.any():
+        # Every IPv4 key shares the upper half 0: one search over that run, not a long binary search each.
+        lo_b[zero] = np.searchsorted(t_lo[:n0], q_lo[zero], side="right")
+        hi_b[zero] = lo_b[zero]
+    # Within each run of equal upper halves (a few keys), a binary search on the lower halves, all at once.
+    active = np.nonzero(lo_b < hi_b)[0]
+    while len(active):
+        mid = (lo_b[active] + hi_b[active]) // 2
+        le = t_lo[mid] <= q_lo[active]
+        lo_b[active] = np.where(le, mid + 1, lo_b[active])
+        hi_b[active] = np.where(le, hi_b[active], mid)
+        active = active[lo_b[active] < hi_b[active]]
+    return lo_b - 1
+
+
 class _Table:
     """Sorted inclusive ranges keyed by integers (IPv4) or (hi, lo) 64-bit halves (IPv6)."""
 
@@ -46,6 +74,7 @@ class _Table:
                  names: list[str], start_lo: np.ndarray | None = None, end_lo: np.ndarray | None = None) -> None:
         self.start, self.end, self.asn, self.org, self.names = start, end, asn, org, names
         self.start_lo, self.end_lo = start_lo, end_lo
+        self._named: np.ndarray | None = None  # which organisation names are not empty (find_many)
 
     def find(self, key: int) -> AsInfo | None:
         """The range holding `key`, or None."""
@@ -64,6 +93,25 @@ class _Table:
             if i < 0 or (hi, lo) > (int(self.end[i]), int(self.end_lo[i])):
                 return None
         return AsInfo(int(self.asn[i]) or None, self.names[int(self.org[i])] or None)
+
+    def find_many(self, q_hi: np.ndarray, q_lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """find() for many keys at once: (AS number, 0 for none; organisation index into names, -1 for
+        none). IPv4 keys are q_lo (q_hi ignored); IPv6 keys are (q_hi, q_lo)."""
+        if self.start_lo is None:
+            q = q_lo.astype(np.uint64)
+            i = np.searchsorted(self.start.astype(np.uint64), q, side="right") - 1
+            j = np.maximum(i, 0)
+            hit = (i >= 0) & (q <= self.end[j].astype(np.uint64))
+        else:
+            i = floor_index(self.start, self.start_lo, q_hi, q_lo)
+            j = np.maximum(i, 0)
+            hit = (i >= 0) & le128(q_hi, q_lo, self.end[j], self.end_lo[j])
+        asn = np.where(hit, self.asn[j], 0).astype(np.int64)
+        if self._named is None:
+            self._named = np.array([bool(n) for n in self.names], bool)
+        org = self.org[j].astype(np.int64)
+        org = np.where(hit & self._named[org], org, -1)
+        return asn, org
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +151,7 @@ class AsnDB:
         self._loaded = threading.Event()
         self.error: str | None = None
         self.load_s: float | None = None
+        self._names: list[str] | None = None  # both tables' organisation names (lookup_many)
         self.version = ""  # the package's version, e.g. 2.3.2026061719 (its date is the last part)
 
     def load(self, here: bool = False) -> None:
@@ -162,4 +211,21 @@ class AsnDB:
         if len(packed) == 4:
             return self._v4.find(int.from_bytes(packed, "big"))
         return self._v6.find(int.from_bytes(packed, "big"))
+
+    def lookup_many(self, v4: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """lookup() for many addresses at once: where `v4`, the IPv4 address is q_lo; else (q_hi, q_lo) is
+        the IPv6 address. (AS number, 0 for none; organisation index, -1 for none; the names it indexes):
+        the IPv6 indexes follow the IPv4 names. Zeros and -1 throughout when not loaded."""
+        n = len(q_lo)
+        asn, org = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+        if not self.ready:
+            return asn, org, []
+        for sel, table, shift in ((v4, self._v4, 0), (~v4, self._v6, len(self._v4.names))):
+            if sel.any():
+                a, o = table.find_many(q_hi[sel], q_lo[sel])
+                asn[sel], org[sel] = a, np.where(o >= 0, o + shift, -1)
+        if self._names is None or len(self._names) != len(self._v4.names) + len(self._v6.names):
+            self._names = self._v4.names + self._v6.names
+        return asn, org, self._names
 

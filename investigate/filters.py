@@ -29,8 +29,9 @@ ADDRESS_KEYS = ("src", "dst", "host")
 # Either end's country (ISO code or range label) or network (AS number, or the networks view's label), as
 # the enrichment panel's bars key them (Enricher.country_of / network_of).
 GEO_KEYS = ("country", "asn")
-# Distinct addresses looked up per end for a country/AS filter: each costs a database look-up the first
-# time. Beyond it, the busiest are looked up and the page says the figures are approximate.
+# Distinct addresses looked up per end for a country/AS filter when only single look-ups can answer (the
+# vectorised look-up, enrich.geo's keys_of, has no cap): each costs a database look-up the first time.
+# Beyond it, the busiest are looked up and the page says the figures are approximate.
 GEO_LOOKUP_MAX = 50_000
 # Addresses whose country/network key is kept across reruns, per key (country, asn): ~100 bytes each.
 GEO_CACHE_MAX = 131_072
@@ -132,6 +133,17 @@ def geo_keys(key: str):
 
     en = enrich.shared()
     return en.country_of if key == "country" else en.network_of
+
+
+def geo_keys_many(key: str):
+    """The function that gives many addresses' country or network keys at once (enrich.geo's vectorised
+    look-up: (hi, lo) words -> (index per address, texts)), or None when only geo_keys can answer."""
+    import enrich
+
+    geo = enrich.shared().geo
+    if not geo.vectorised:
+        return None
+    return lambda hi, lo: geo.keys_of(key, hi, lo)
 
 
 def geo_match(value: int | str, key_text: str) -> bool:
@@ -317,13 +329,23 @@ def geo_version() -> tuple | None:
 def geo_mask(rows: np.ndarray, cond: Condition, words_of, notes: list[str] | None = None) -> np.ndarray:
     """Rows with either end in the country or network a country/asn condition names. Non-IP rows (ARP,
     LLDP: their address fields are zeros, which would read as '::', 'reserved') never match."""
-    key_of = geo_keys(cond.key)
-    version = geo_version()
     ip = rows["cls"] != CLASSES.index("non_ip")
     out = np.zeros(len(rows), bool)
+    if not ip.any():
+        return out
+    many = geo_keys_many(cond.key)
+    if many is not None:
+        # Every distinct address at once, with numpy over the databases' sorted ranges: no cap, no cache.
+        for field in ("src", "dst"):
+            hi, lo = words_of(field)
+            first, inv, _ = _distinct(hi[ip], lo[ip])
+            index, texts = many(hi[ip][first], lo[ip][first])
+            verdict = np.array([geo_match(cond.value, k) for k in texts], bool)
+            out[ip] |= verdict[index][inv]
+        return out
+    key_of = geo_keys(cond.key)
+    version = geo_version()
     for field in ("src", "dst"):
-        if not ip.any():
-            break
         hi, lo = words_of(field)
         first, inv, counts = _distinct(hi[ip], lo[ip])
         look = np.arange(len(first))

@@ -117,6 +117,7 @@ def test_a_country_filter_looks_each_address_up_once_across_reruns(monkeypatch):
         return "US" if addr.endswith(".7") and addr.startswith("8.") else "private"
 
     monkeypatch.setattr(flt, "geo_keys", lambda key: country_of)
+    monkeypatch.setattr(flt, "geo_keys_many", lambda key: None)  # the single look-ups' path
     monkeypatch.setattr(flt, "geo_version", lambda: ("test", None, "1", None))
     monkeypatch.setattr(flt, "GEO_CACHE", flt.GeoCache())
     conds, _ = flt.parse([("country", "us")])
@@ -132,6 +133,7 @@ def test_while_the_databases_load_nothing_is_kept(monkeypatch):
     rows = buffer(1_000)
     asked: list[str] = []
     monkeypatch.setattr(flt, "geo_keys", lambda key: lambda a: asked.append(a) or "not in database")
+    monkeypatch.setattr(flt, "geo_keys_many", lambda key: None)  # the single look-ups' path
     monkeypatch.setattr(flt, "geo_version", lambda: None)
     monkeypatch.setattr(flt, "GEO_CACHE", flt.GeoCache())
     conds, _ = flt.parse([("country", "US")])
@@ -166,6 +168,7 @@ def test_the_investigate_cost_benchmark_runs_short():
                          capture_output=True, text=True, timeout=180, cwd=root)
     assert out.returncode == 0, out.stderr
     assert "| 10,000 | evidence links, 50 new alerts |" in out.stdout and "| 10,000 | country=US" in out.stdout
+    assert "| 10,000 | asn=15169" in out.stdout
 
 
 # -- README's evidence spans and the GEO_LOOKUP_MAX note -------------------------------------------------------
@@ -227,6 +230,7 @@ def test_past_geo_lookup_max_the_busiest_are_looked_up_and_the_page_says_approxi
     rows = np.concatenate([rows, extra])
     monkeypatch.setattr(flt, "GEO_LOOKUP_MAX", 100)
     monkeypatch.setattr(flt, "geo_keys", lambda key: lambda a: "private")
+    monkeypatch.setattr(flt, "geo_keys_many", lambda key: None)  # the single look-ups' path
     monkeypatch.setattr(flt, "geo_version", lambda: None)
     notes: list[str] = []
     conds, _ = flt.parse([("country", "private")])
