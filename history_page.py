@@ -132,22 +132,23 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
     left.plotly_chart(pie, key="hist_pie", **select("hist_pie", pie))
     if filtered is not None and "error" not in filtered:
         right.plotly_chart(viz.matching_timeline(filtered["series"], filtered["bin_s"], tz), key="hist_timeline")
-        st.warning("Top talkers, ports and conversations just below are all traffic of the range (the store keeps "
-                   "them per minute without the other fields); the matching stored conversations follow them.")
     else:
         frame, bin_s = range_series(store, since, until)
         line = viz.history_timeline(frame, bin_s, tz)
         right.plotly_chart(line, key="hist_timeline", **select("hist_timeline", line))
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="hist_top_by")
-    a, b = st.columns(2)
-    src = _addrs(store.top_addrs(r, "src", top_by))
-    dst = _addrs(store.top_addrs(r, "dst", top_by))
-    for where, key, fig in ((a, "hist_top_src", viz.top_bar(src, "Top 10 sources", top_by)),
-                            (b, "hist_top_dst", viz.top_bar(dst, "Top 10 destinations", top_by)),
-                            (st, "hist_ports", viz.ports_bar(_ports(store.top_ports(r, "tcp", top_by)),
-                                                             _ports(store.top_ports(r, "udp", top_by)), top_by))):
-        where.plotly_chart(fig, key=key, **select(key, fig))
-    _history_conversations(store, since, until, top_by, tz, select)
+    if filtered is not None and "error" not in filtered and "tops" in filtered:
+        filtered_tops(filtered, top_by, tz, select)
+    else:
+        a, b = st.columns(2)
+        src = _addrs(store.top_addrs(r, "src", top_by))
+        dst = _addrs(store.top_addrs(r, "dst", top_by))
+        for where, key, fig in ((a, "hist_top_src", viz.top_bar(src, "Top 10 sources", top_by)),
+                                (b, "hist_top_dst", viz.top_bar(dst, "Top 10 destinations", top_by)),
+                                (st, "hist_ports", viz.ports_bar(_ports(store.top_ports(r, "tcp", top_by)),
+                                                                 _ports(store.top_ports(r, "udp", top_by)), top_by))):
+            where.plotly_chart(fig, key=key, **select(key, fig))
+        _history_conversations(store, since, until, top_by, tz, select)
     approx = approximation(store, r)
     if approx:
         st.caption("Approximate top tables (per-minute caps STORE_TOP_MAX / STORE_CONV_MAX): "
@@ -209,6 +210,66 @@ def _history_conversations(store, since: int, until: int, by: str, tz: tzinfo | 
     rows = conversations(store, since, until, n=20, by=by)
     st.dataframe(viz.conversations_table(rows, tz, by), hide_index=True, key="hist_conversations",
                  **select("hist_conversations", rows))
+
+
+# -- the filtered range's top tables, from its matching stored conversations -----------------------------------
+
+
+def filtered_tops(filtered: dict[str, Any], by: str, tz: tzinfo | None, select: Any) -> None:
+    """Top hosts, ports and conversations of the matching traffic, summed from the matching stored per-minute
+    conversations (`filtered["conversations"]`: (rows, whether the read was cut)); said where approximate."""
+    df, _ = filtered["conversations"]  # a cut read is said in filtered["tops"]
+    hosts, tcp, udp, convs = conversation_tops(df, by)
+    a, b = st.columns(2)
+    fig = viz.top_bar(hosts, "Top 10 hosts in the matching conversations", by)
+    a.plotly_chart(fig, key="hist_top_src", **select("hist_top_src", fig))
+    fig = viz.ports_bar(tcp, udp, by)
+    fig.update_layout(title={"text": "Top ports (either end) of the matching conversations"})
+    b.plotly_chart(fig, key="hist_ports", **select("hist_ports", fig))
+    st.subheader("Top conversations (matching the filters)")
+    st.dataframe(viz.conversations_table(convs, tz, by), hide_index=True, key="hist_conversations",
+                 **select("hist_conversations", convs))
+    how = ("A host's figures are those of the matching conversations it is an end of (both directions: a stored "
+           "conversation does not keep which end sent a packet); a port's, those of the matching conversations "
+           "with that port at either end.")
+    note, exact = filtered["tops"]
+    (st.caption if exact else st.warning)(
+        f"Top hosts, ports and conversations of the matching traffic{'' if exact else ' (approximate)'}: {note}. "
+        f"{how}")
+
+
+def conversation_tops(df: pd.DataFrame, by: str, n: int = 10, n_conv: int = 20
+                      ) -> tuple[list[dict[str, Any]], list[tuple[int, int, int]], list[tuple[int, int, int]],
+                                 list[dict[str, Any]]]:
+    """(top hosts, top TCP ports, top UDP ports, top conversations) of stored conversation rows (any minutes),
+    by `by`: a host counts the conversations it is an end of, a port those with it at either end, once each."""
+    if not len(df):
+        return [], [], [], []
+    vals = ["packets", "bytes"]
+    ends = pd.concat([df[["a", *vals]].rename(columns={"a": "addr"}),
+                      df.loc[df["a"] != df["b"], ["b", *vals]].rename(columns={"b": "addr"})])
+    host = ends.groupby("addr")[vals].sum().sort_values([by, "addr"], ascending=[False, True]).head(n)
+    hosts = [{"addr": str(k), "packets": int(p), "bytes": int(b)}
+             for k, p, b in zip(host.index, host["packets"], host["bytes"])]
+    ports: dict[int, list[tuple[int, int, int]]] = {}
+    for proto in (6, 17):
+        mine = df[df["proto"] == proto]
+        both = pd.concat([mine[["a_port", *vals]].rename(columns={"a_port": "port"}),
+                          mine.loc[mine["a_port"] != mine["b_port"], ["b_port", *vals]].rename(
+                              columns={"b_port": "port"})]).dropna(subset=["port"])
+        top = both.groupby("port")[vals].sum().sort_values(by, ascending=False).head(n)
+        ports[proto] = [(int(p), int(k), int(b)) for p, k, b in zip(top.index, top["packets"], top["bytes"])]
+    keys = ["a", "a_port", "b", "b_port", "proto", "vlan"]
+    g = (df.groupby(keys, dropna=False).agg(packets=("packets", "sum"), bytes=("bytes", "sum"),
+                                            first_us=("first_us", "min"), last_us=("last_us", "max"))
+         .reset_index().sort_values([by, "a", "b"], ascending=[False, True, True]).head(n_conv))
+    from packet_processor import proto_name
+
+    convs = [{"a": r.a, "a_port": None if pd.isna(r.a_port) else int(r.a_port), "b": r.b,
+              "b_port": None if pd.isna(r.b_port) else int(r.b_port), "proto": proto_name(int(r.proto)),
+              "vlan": int(r.vlan), "packets": int(r.packets), "bytes": int(r.bytes),
+              "first_ts": r.first_us / 1e6, "last_ts": r.last_us / 1e6} for r in g.itertuples(index=False)]
+    return hosts, ports[6], ports[17], convs
 
 
 def _addrs(df: pd.DataFrame) -> list[dict[str, Any]]:

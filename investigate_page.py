@@ -792,8 +792,8 @@ def conversation_mask(df: pd.DataFrame, conds: list) -> pd.Series:
         elif c.key == "vlan":
             keep &= df["vlan"] == c.value
         elif c.key in flt.GEO_KEYS:
-            key_of = flt.geo_keys(c.key)
-            inside = {a: flt.geo_match(c.value, key_of(str(a))) for a in pd.unique(pd.concat([df["a"], df["b"]]))}
+            addrs = pd.unique(pd.concat([df["a"], df["b"]]))
+            inside = dict(zip(addrs, flt.geo_match_texts(c, [str(a) for a in addrs])))
             keep &= df["a"].map(inside) | df["b"].map(inside)
     return keep.fillna(False).astype(bool)
 
@@ -862,7 +862,11 @@ def _proto_history(store, r, conds: list) -> dict[str, Any]:
         got = got.iloc[0:0]
     packets, nbytes = (int(t[cols[0]]), int(t[cols[1]])) if len(wanted) <= 1 else (0, 0)
     classes = wanted if wanted else flt.CLASSES
-    return {"packets": packets, "bytes": nbytes, "span_s": r.until - r.since + 1,
+    # The top hosts, ports and conversations come from the stored conversations of that protocol.
+    conv = read_conversations(store, r, conds)
+    tops, exact = conversation_notes(store, r, conv[1])
+    return {"tops": ("; ".join(tops), exact), "conversations": conv,
+            "packets": packets, "bytes": nbytes, "span_s": r.until - r.since + 1,
             "transport_counts": {c: int(t[f"pk_{c}"]) for c in classes if len(wanted) <= 1},
             "transport_bytes": {c: int(t[f"by_{c}"]) for c in classes if len(wanted) <= 1},
             "series": _binned(got["t"], got[["packets", "bytes"]], r.since, r.until, width), "bin_s": width,
@@ -872,12 +876,27 @@ def _proto_history(store, r, conds: list) -> dict[str, Any]:
 
 def _conversation_history(store, r, conds: list) -> dict[str, Any]:
     """Any other filter: the stored per-minute conversations that match, summed per minute."""
-    from store.history import approximation, bin_width
+    from store.history import bin_width
 
     df, cut = read_conversations(store, r, conds)
     lo, hi = r.first_minute, r.until - r.until % 60 + 59  # the whole minutes the range touches
     width = max(60, bin_width(lo, hi))
     classes = df["proto"].map(lambda p: CLASS_OF_PROTO.get(int(p), "other_ip")) if len(df) else pd.Series([], dtype=str)
+    notes, exact = conversation_notes(store, r, cut)
+    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
+            "span_s": hi - lo + 1,
+            "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
+            "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
+            "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
+            "exact": exact, "note": "; ".join(notes), "conversations": (df, cut), "tops": ("; ".join(notes), exact)}
+
+
+def conversation_notes(store, r, cut: bool) -> tuple[list[str], bool]:
+    """What figures summed from a range's stored conversations are (and whether exact): per minute, IP only,
+    whole minutes; approximate when minutes were capped (STORE_CONV_MAX) or the read was cut."""
+    from store.history import approximation
+
+    lo, hi = r.first_minute, r.until - r.until % 60 + 59
     capped = approximation(store, r).get("conv")
     notes = ["per minute, from the stored conversations: IP traffic only (ARP and other non-IP traffic has no "
              f"conversations), the whole minutes {viz.time_texts([lo])[0]} – {viz.time_texts([hi])[0]} UTC "
@@ -889,12 +908,7 @@ def _conversation_history(store, r, conds: list) -> dict[str, Any]:
                      "not counted")
     if cut:
         notes.append(f"approximate: only the first {HISTORY_CONV_ROWS:,} stored conversation rows were read")
-    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
-            "span_s": hi - lo + 1,
-            "transport_counts": df.groupby(classes)["packets"].sum().astype(int).to_dict() if len(df) else {},
-            "transport_bytes": df.groupby(classes)["bytes"].sum().astype(int).to_dict() if len(df) else {},
-            "series": _binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
-            "exact": not (capped or cut), "note": "; ".join(notes), "conversations": (df, cut)}
+    return notes, not (capped or cut)
 
 
 def read_conversations(store, r, conds: list) -> tuple[pd.DataFrame, bool]:

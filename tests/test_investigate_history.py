@@ -174,3 +174,122 @@ def test_history_alerts_follow_the_filters(fresh, tmp_path):
         at = filtered(at, **query)
         assert scans(at) == kept, query
         assert int(metric(at, "Alerts").value) <= alerts and (kept == 0 or int(metric(at, "Alerts").value) >= 1)
+
+
+# -- the top tables follow the filters (from the matching stored conversations) -------------------------------
+
+PUBLIC = [("10.0.0.5", "8.8.8.8", 7), ("8.8.8.8", "10.0.0.5", 5), ("192.168.1.9", "1.1.1.1", 4),
+          ("10.0.0.5", "9.9.9.9", 2), ("9.9.9.9", "1.1.1.1", 1), ("fd00::5", "2001:4860:4860::8888", 6)]
+US = ("8.8.8.8", "9.9.9.9", "2001:4860:4860::8888")  # test_enrich_ends.WHO: the geo database's answer
+
+
+def public_file(tmp_path, ts0: float) -> str:
+    """A few UDP flows between private and public addresses (written, never sent), inside the stored minutes."""
+    from scapy.all import IP, UDP, Ether, IPv6, wrpcap
+
+    pkts, t = [], ts0 + 5
+    for src, dst, n in PUBLIC:
+        for i in range(n):
+            ip = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst)
+            p = Ether() / ip / UDP(sport=41000 + i, dport=8853) / (b"p" * 40)
+            t += 0.01
+            p.time = t
+            pkts.append(p)
+    path = tmp_path / "public.pcap"
+    wrpcap(str(path), pkts)
+    return str(path)
+
+
+def packets_of(paths: list[str], display_filter: str) -> list[tuple]:
+    """(ends, protocol, ports, wire length) of each IP packet tshark's filter keeps, over the files."""
+    fields = ["ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "ip.proto", "ipv6.nxt", "tcp.srcport", "tcp.dstport",
+              "udp.srcport", "udp.dstport", "frame.len"]
+    out = []
+    for path in paths:
+        got = subprocess.run(["tshark", "-r", path, "-Y", f"({display_filter}) && (ip || ipv6)", "-T", "fields",
+                              "-E", "occurrence=f", "-E", "separator=|", *(x for f in fields for x in ("-e", f))],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        for line in got:
+            s4, d4, s6, d6, p4, p6, ts, td, us, ud, n = line.split("|")
+            proto = "tcp" if ts else "udp" if us else {"1": "icmp", "58": "icmpv6"}.get(p4 or p6, "other")
+            ports = (int(ts), int(td)) if ts else (int(us), int(ud)) if us else None
+            out.append(((s4 or s6, d4 or d6), proto, ports, int(n)))
+    return out
+
+
+def expected_tops(pkts: list[tuple]) -> tuple[Counter, Counter, Counter]:
+    """Per host (either end), per (protocol, port) (either end) and per conversation, counted packet by packet."""
+    hosts, ports, convs = Counter(), Counter(), Counter()
+    for (src, dst), proto, pp, _ in pkts:
+        for h in {src, dst}:
+            hosts[h] += 1
+        if pp and proto in ("tcp", "udp"):
+            for port in set(pp):
+                ports[f"{proto}/{port}"] += 1
+
+        def ep(a, p):
+            return a if p is None else (f"[{a}]:{p}" if ":" in a else f"{a}:{p}")
+        ends = frozenset({ep(src, pp[0] if pp else None), ep(dst, pp[1] if pp else None)})
+        convs[(ends, proto)] += 1
+    return hosts, ports, convs
+
+
+def shown_tops(at) -> tuple[dict, dict, dict]:
+    figs = figures(at)
+    host = figs["Top 10 hosts in the matching conversations"]["data"]
+    hosts = dict(zip(host[0]["y"], array(host[0]["x"]).tolist())) if host and "y" in host[0] else {}
+    ports = {}
+    for tr in figs["Top ports (either end) of the matching conversations"]["data"]:
+        ports.update({label.split()[0]: int(x) for label, x in zip(tr.get("y") or [], array(tr.get("x", [])).tolist())})
+    conv = next(d.value for d in at.dataframe if "endpoint A" in d.value.columns)
+    convs = {(frozenset({a, b}), p.lower()): int(n) for a, b, p, n in
+             zip(conv["endpoint A"], conv["endpoint B"], conv["protocol"], conv["packets"])}
+    return hosts, ports, convs
+
+
+def assert_tops(at, pkts: list[tuple]) -> None:
+    """Every shown bar and row is its exact count; the shown ones are the largest (ties aside)."""
+    want_hosts, want_ports, want_convs = expected_tops(pkts)
+    hosts, ports, convs = shown_tops(at)
+    assert hosts and hosts == {h: want_hosts[h] for h in hosts}, (hosts, want_hosts)
+    assert sorted(hosts.values(), reverse=True) == [n for _, n in want_hosts.most_common(len(hosts))]
+    assert len(hosts) == min(10, len(want_hosts))
+    assert ports == {p: want_ports[p] for p in ports}, (ports, want_ports)
+    assert sorted(ports.values(), reverse=True) == [n for _, n in want_ports.most_common(len(ports))]
+    assert len(ports) == min(10, len(want_ports))
+    assert convs == {k: want_convs[k] for k in convs}, (convs, want_convs)
+    assert sorted(convs.values(), reverse=True) == [n for _, n in want_convs.most_common(len(convs))]
+    assert len(convs) == min(20, len(want_convs))
+
+
+def test_history_top_talkers_ports_and_conversations_follow_src_port_country(fresh, tmp_path, stored_file):
+    import enrich
+
+    path, ts0 = stored_file
+    at = history_page_at(fresh, tmp_path, path)
+    public = public_file(tmp_path, ts0)
+    engine = next(e for e in engines() if e.store is not None and str(tmp_path) in str(e.store.path))
+    with open(public, "rb") as fh:
+        data = io.BytesIO(fh.read())
+    data.name = "public.pcap"
+    assert not history_page.import_uploads(engine, [data])["errors"]
+    paths = [path, public]
+    # src=: the conversations with that address at either end (the store keeps no direction).
+    at = filtered(at, src=SPIKER)
+    assert_tops(at, packets_of(paths, f"ip.addr=={SPIKER}"))
+    hosts, _, convs = shown_tops(at)
+    assert SPIKER in hosts and all(any(SPIKER in e for e in ends) for ends, _ in convs)
+    # port=
+    at = filtered(at, port="53")
+    assert_tops(at, packets_of(paths, "tcp.port==53 || udp.port==53"))
+    assert "Top hosts, ports and conversations of the matching traffic:" in notes(at)  # exact: nothing capped
+    # country= (the databases loaded first: until then no address has a country)
+    assert enrich.shared().geo.wait_loaded(120)
+    at = filtered(at, country="US")
+    us = " || ".join(f"{'ipv6' if ':' in a else 'ip'}.addr=={a}" for a in US)
+    assert_tops(at, packets_of(paths, us))
+    hosts, _, _ = shown_tops(at)
+    assert set(US) <= set(hosts) and count(at) == tshark_count(public, us)[0]
+    # proto= alone: its totals from the per-second counts, its top tables from the stored conversations.
+    at = filtered(at, proto="tcp")
+    assert_tops(at, packets_of(paths, "tcp"))
