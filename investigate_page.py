@@ -601,7 +601,16 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
     if st.button("Run the back-test", key="bt_run", disabled=(job is not None and job.running) or over is False):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            if over:  # a stored range: the spike detector over its seconds
+            if over and setting in bt.FLOOD_CLASSES:  # a stored range: a flood bounded by its per-second classes
+                since, until = over
+                rows, runner = bt.stored_class_seconds(engine.store, since, until, setting), bt.flood_bound
+                classes = " and ".join(bt.FLOOD_CLASSES[setting])
+                cover = (f"the stored seconds from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]}"
+                         f" ({len(rows[0]):,} seconds with traffic, {int(rows[1].sum()):,} {classes} packets). "
+                         f"Upper bounds: the store keeps each second's {classes} packets, not per destination, so a "
+                         f"flood could only have been raised in the seconds listed (exactly those when one destination "
+                         f"receives that traffic), and at most 'times raised' times.")
+            elif over:  # a stored range: the spike detector over its seconds
                 since, until = over
                 rows, runner = bt.stored_seconds(engine.store, since, until), bt.run_seconds
                 cover = (f"the stored seconds from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]}"
@@ -644,14 +653,17 @@ def backtest_over(engine, setting: str) -> tuple[int, int] | bool | None:
         st.caption("Over the buffered packets (the history store is off: HISTORY).")
         return None
     pick = st.radio("Over", [BUFFERED, *BT_RANGES], horizontal=True,
-                    key="bt_over", help="A stored range back-tests the spike thresholds only: see below.")
+                    key="bt_over", help="A stored range: the spike thresholds, and bounds for the floods (see below).")
     st.caption(plain("A stored range: the store keeps each second's packets and bytes, so the spike detector's "
-                     f"thresholds ({', '.join(bt.HISTORY_SETTINGS)}) are tried over exactly what it would have seen. "
+                     f"thresholds ({', '.join(bt.HISTORY_SETTINGS)}) are tried over exactly what it would have seen; "
+                     "it keeps each second's packets per protocol, not per destination, so the flood thresholds "
+                     f"({', '.join(bt.FLOOD_CLASSES)}) get upper bounds. "
                      "The others need the packets, which the store does not keep: "
-                     + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()) + "."))
+                     + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()
+                                 if not d.endswith("_flood")) + "."))
     if pick == BUFFERED:
         return None
-    if setting not in bt.HISTORY_SETTINGS:
+    if setting not in bt.HISTORY_SETTINGS and setting not in bt.FLOOD_CLASSES:
         st.warning(plain(f"{setting} cannot be back-tested over a stored range: {bt.DETECTOR_OF[setting]} needs "
                          f"{bt.NOT_FROM_HISTORY[bt.DETECTOR_OF[setting]]}, which the store does not keep. Back-test "
                          "it over the buffered packets."))
@@ -664,11 +676,21 @@ def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
     """One row per value tried: alerts (distinct), times raised, and when the first ones came."""
     rows = []
     for t in trials:
+        if hasattr(t, "most"):  # a flood's bound over a stored range (backtest.Bound)
+            firsts = t.seconds.tolist()
+            rows.append({"value": t.value, "alerts": f"≤ {t.most:,}", "times raised": f"≤ {t.most:,}",
+                         "seconds that could raise": len(firsts),
+                         "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
+                         "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
+            continue
         firsts = [a.first_ts for a in t.alerts]
         rows.append({"value": t.value, "alerts": t.rows, "times raised": t.raised,
                      "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
                      "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
-    return pd.DataFrame(rows, columns=["value", "alerts", "times raised", "first at", "when (first 5)"])
+    cols = ["value", "alerts", "times raised", "first at", "when (first 5)"]
+    if any(hasattr(t, "most") for t in trials):
+        cols.insert(3, "seconds that could raise")
+    return pd.DataFrame(rows, columns=cols)
 
 
 def baseline_panel(engine, snap, tz: tzinfo | None) -> None:

@@ -25,14 +25,19 @@ BATCH = 4096  # packets per observe(): the detectors' results do not depend on w
 # The thresholds a stored range can be back-tested with: the spike detector reads only each second's packets
 # and wire bytes of all traffic, which the history store keeps per second. The others need what it does not.
 HISTORY_SETTINGS = ("SPIKE_SIGMAS", "SPIKE_MIN_PPS", "SPIKE_WARMUP_S")
+# The flood thresholds over a stored range: the store keeps each second's packets per protocol class, not
+# per destination, so a flood can be bounded from it, not replayed: a destination reaches N packets of the
+# class in a second only where the second's whole class did (the detector counts a subset: SYNs of the TCP
+# packets, echo requests of the ICMP ones, unicast UDP of the UDP ones).
+FLOOD_CLASSES = {"SYN_FLOOD_PPS": ("tcp",), "ICMP_FLOOD_PPS": ("icmp", "icmpv6"), "UDP_FLOOD_PPS": ("udp",)}
 NOT_FROM_HISTORY = {
     "port_scan": "each failed or unanswered attempt (TCP flags, whether and how it was answered, per source, "
-                 "target and port)",
+                 "target and port; the stored per-minute conversations keep neither flags nor direction)",
     "syn_flood": "SYNs and SYN-ACKs per destination per second with their distinct sources",
     "icmp_flood": "ICMP echo requests per destination per second with their distinct sources",
     "udp_flood": "UDP packets per destination per second with their distinct sources",
     "reflection": "UDP answers per victim per second with their reflector ports and sources, and the requests "
-                  "they answer",
+                  "they answer (the stored conversations are per minute and keep no direction)",
     "new_host": "each local address's first packet",
 }
 
@@ -86,8 +91,10 @@ def run_seconds(seconds: tuple[np.ndarray, np.ndarray, np.ndarray], setting: str
     """A spike threshold tried over stored per-second totals (seconds ascending, packets, wire bytes): the
     running detector's own per-second code, fed what the store keeps instead of the packets."""
     if setting not in HISTORY_SETTINGS:
-        raise ValueError(f"{setting} cannot be back-tested over the history: its detector needs "
-                         f"{NOT_FROM_HISTORY[DETECTOR_OF[setting]]}, which the store does not keep")
+        why = NOT_FROM_HISTORY.get(DETECTOR_OF[setting])
+        raise ValueError(f"{setting} cannot be replayed over the history: " + (
+            f"its detector needs {why}, which the store does not keep" if why else
+            "the store keeps its protocol's packets per second, not per destination (flood_bound bounds it)"))
     kind = type(config.get(setting))
     detectors = Detectors(overrides={**(overrides or {}), setting: kind(value)},
                           disabled=frozenset(disabled) - {"spike"})
@@ -95,6 +102,39 @@ def run_seconds(seconds: tuple[np.ndarray, np.ndarray, np.ndarray], setting: str
     detectors.spike_seconds(*seconds, book)
     mine = [a for a in book.alerts() if a.detector == "spike"]
     return Trial(kind(value), sorted(mine, key=lambda a: (a.first_ts, a.source, a.target)))
+
+
+@dataclass
+class Bound:
+    """What a flood threshold could at most have raised over a stored range (its per-second class totals)."""
+
+    value: float
+    seconds: np.ndarray  # the seconds whose class total reached the value: the only ones a flood could be raised in
+    most: int  # sum over those seconds of total // value: the most raises (one per destination reaching it)
+
+
+def flood_bound(seconds: tuple[np.ndarray, np.ndarray], setting: str, value: float,
+                overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> Bound:
+    """A flood threshold tried over stored per-second class totals (seconds, packets of the setting's
+    classes): the seconds that could have raised it and the most raises. Exact in seconds when one
+    destination carries the class's traffic; never below what the detector raises."""
+    if setting not in FLOOD_CLASSES:
+        raise ValueError(f"{setting} is not a flood threshold (one of {', '.join(FLOOD_CLASSES)})")
+    v = type(config.get(setting))(value)
+    if v <= 0:
+        raise ValueError(f"{setting} must be above 0: {value!r}")
+    t, count = seconds
+    hit = count >= v
+    return Bound(v, t[hit], int((count[hit] // v).sum()))
+
+
+def stored_class_seconds(store, since: int, until: int, setting: str) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, packets of the flood setting's protocol classes) of every stored second in since..until."""
+    from store.history import time_range
+
+    cols = tuple(f"pk_{c}" for c in FLOOD_CLASSES[setting])
+    df = store.series(time_range(since, until), 1, cols)
+    return df["t"].to_numpy(np.int64), df[list(cols)].sum(axis=1).to_numpy(np.int64)
 
 
 def stored_seconds(store, since: int, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

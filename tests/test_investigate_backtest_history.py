@@ -88,3 +88,64 @@ def test_a_threshold_the_store_cannot_back_test_says_which_packets_it_needs(fres
            "attempt" in said
     with pytest.raises(ValueError, match="UDP packets per destination per second"):
         bt.run_seconds((np.zeros(0, np.int64),) * 3, "UDP_FLOOD_PPS", 5)
+
+
+# -- floods over a stored range: upper bounds from the per-second protocol counts ------------------------------
+
+FLOOD_VALUES = [20, 50, 100]  # UDP_FLOOD_PPS: the flood's seconds carry 30, then 60 UDP packets
+
+
+def flood_packets(ts0: float, split: bool) -> list:
+    """30 s of UDP to 10.9.9.9 (5, then 30, then 60 packets a second) and TCP to other hosts; `split`: the
+    UDP half to 10.9.9.9, half to 10.9.9.8 (each then stays below a threshold the two together reach)."""
+    from scapy.all import IP, TCP, UDP, Ether
+
+    out = []
+    for sec in range(30):
+        rate = 5 if sec < 10 else 30 if sec < 20 else 60
+        for i in range(rate):
+            dst = "10.9.9.8" if split and i % 2 else "10.9.9.9"
+            p = Ether() / IP(src=f"10.1.0.{1 + i % 7}", dst=dst) / UDP(sport=40000 + i, dport=9999) / b"u"
+            p.time = ts0 + sec + (i + 0.5) / (rate + 1)
+            out.append(p)
+        for i in range(8):
+            p = Ether() / IP(src="10.1.0.1", dst=f"10.2.0.{i}") / TCP(sport=50000 + i, dport=443, flags="A")
+            p.time = ts0 + sec + (i + 0.25) / 9
+            out.append(p)
+    out.sort(key=lambda p: float(p.time))
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-destination", "two-destinations"])
+def test_flood_thresholds_over_the_store_bound_what_the_detectors_raise(fresh, tmp_path, split):
+    import time
+
+    from scapy.all import wrpcap
+
+    ts0 = float(int(time.time()) // 60 * 60 - 900)
+    pkts = flood_packets(ts0, split)
+    path = tmp_path / "flood.pcap"
+    wrpcap(str(path), pkts)
+    recs = pack_records([(float(p.time), bytes(p), len(p), 1) for p in pkts], LocalMatcher())
+    want = [bt.run(recs, "UDP_FLOOD_PPS", v) for v in FLOOD_VALUES]  # the detectors on the packets
+    at = history_page_at(fresh, tmp_path, str(path))
+    live(at)
+    at.radio(key="bt_over").set_value("the stored last 1 h").run()
+    at.selectbox(key="bt_setting").set_value("UDP_FLOOD_PPS").run()
+    assert not at.button(key="bt_run").disabled
+    at.text_input(key="bt_values_UDP_FLOOD_PPS").input(", ".join(map(str, FLOOD_VALUES))).run()
+    at.button(key="bt_run").click().run()
+    at = run_until(at, lambda a: any("seconds that could raise" in d.value.columns for d in a.dataframe), 30)
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "seconds that could raise" in d.value.columns)
+    assert table["value"].tolist() == FLOOD_VALUES
+    seconds = table["seconds that could raise"].tolist()
+    most = [int(x.removeprefix("≤ ").replace(",", "")) for x in table["times raised"]]
+    assert seconds == [20, 10, 0]  # the seconds whose UDP reached each value (30 and 60 a second)
+    for s, m, w in zip(seconds, most, want, strict=True):
+        assert w.raised <= m and len({int(a.first_ts) for a in w.alerts}) <= s  # never below the detectors
+    if not split:  # one destination: the seconds are exactly the detector's raises
+        assert [t.raised for t in want] == seconds
+    else:  # each destination gets half: the detectors raise less than the bound
+        assert [t.raised for t in want] == [20, 0, 0]
+    assert any("Upper bounds" in rendered(c.value) for c in at.caption)
