@@ -160,6 +160,9 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
                    "above are exact).")
     st.subheader("Alerts in this range")
     st.dataframe(viz.history_alerts_table(alerts, tz), hide_index=True, key="hist_alerts")
+    import investigate_page
+
+    investigate_page.history_tools(engine, since, until, tz)  # explain, baselines, back-test: any store
     history_downloads(engine, since, until)
 
 

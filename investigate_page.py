@@ -998,3 +998,147 @@ def link_config() -> dict[str, Any]:
     """st.dataframe column_config that shows the evidence links as links."""
     return {EVIDENCE_COLUMN: st.column_config.LinkColumn(EVIDENCE_COLUMN, display_text="open filtered view",
                                                          help="This page filtered to the alert's evidence")}
+
+
+# -- explain, baselines and back-test over a stored range (any store: the host's history, a fleet view) --------
+
+
+def history_tools(engine, since: int, until: int, tz: tzinfo | None) -> None:
+    """Explain the range against the one before it, baselines from it, and the detectors' thresholds tried
+    over it: from what the store keeps (the history view draws this for any store)."""
+    store = getattr(engine, "store", None)
+    if store is None:
+        return
+    with st.expander("Explain, baselines and threshold back-test over this range", key="hist_tools"):
+        history_explain(store, since, until, tz)
+        history_baselines(store, since, until, tz)
+        history_backtest(engine, since, until, tz)
+
+
+def _whole_minutes(since: int, until: int) -> tuple[int, int]:
+    """The whole minutes a range touches (the stored conversations are per minute): [lo, hi + 1)."""
+    return since - since % 60, until - until % 60 + 60
+
+
+def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
+    """What explains the change from the window before the range to the range (stored conversations)."""
+    from investigate import explain as ex_mod
+    from investigate import stored
+
+    st.subheader("Explain this range")
+    measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key="hist_explain_measure")
+    if not st.toggle("Explain the change against the window just before the range", key="hist_explain"):
+        return
+    start, end = _whole_minutes(since, until)
+    base_start = start - (end - start)
+    try:
+        during, cut_d = stored.read(store, start, end - 1)
+        before, cut_b = stored.read(store, base_start, start - 1)
+        ex = stored.explain(before, during, start, end, base_start, measure)
+    except Exception as exc:  # a store that cannot answer is a message
+        log.exception("history explain failed")
+        st.error(plain(f"Cannot explain this range: {type(exc).__name__}: {exc}"))
+        return
+    st.success(plain(ex.headline))
+    st.caption(plain(f"From the stored conversations of {viz.time_texts([start], tz)[0]} – "
+                     f"{viz.time_texts([end - 1], tz)[0]} against the same length before it (whole minutes, IP "
+                     "traffic only; a host counts the conversations it is an end of)"
+                     + ("; approximate: a window's conversation rows were cut" if cut_d or cut_b else "") + "."))
+    st.dataframe(pd.DataFrame(ex_mod.leaders(ex)), hide_index=True, key="hist_explain_leaders")
+    dim = st.selectbox("Detail by", list(ex.dims), key="hist_explain_dim")
+    st.dataframe(pd.DataFrame([{"key": r.key, "share of the change %": round(100 * r.share, 1),
+                                f"before ({measure})": round(r.before, 1), f"during ({measure})": round(r.during, 1)}
+                               for r in ex.dims[dim][:20]]), hide_index=True, key="hist_explain_detail")
+
+
+def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
+    """Save the range's hosts, services and protocol mix as a baseline; list what the range holds that one
+    does not (baselines live in the store, as the live page's)."""
+    from investigate import baseline as bl
+    from investigate import stored
+
+    st.subheader("Baselines")
+    if not hasattr(store, "put_doc"):
+        st.caption("This store keeps no baselines.")
+        return
+    name_col, save_col = st.columns([3, 1])
+    name = name_col.text_input("Baseline name", key="hist_baseline_name", placeholder="e.g. monday-normal")
+    if save_col.button("Save this range as a baseline", key="hist_baseline_save"):
+        try:
+            if not name.strip():
+                raise ValueError("give the baseline a name first")
+            df, _ = stored.read(store, since, until)
+            store.put_doc(bl.KIND, name.strip(), stored.make(df, until))
+            st.success(plain(f"Baseline {name.strip()} saved ({int(df['packets'].sum()):,} packets in "
+                             f"{len(df):,} stored conversation rows)."))
+        except Exception as exc:  # said, nothing lost
+            st.error(plain(f"Baseline not saved: {exc}"))
+    try:
+        docs = {d["name"]: d["body"] for d in store.docs(bl.KIND)}
+    except Exception as exc:
+        st.error(plain(f"Baselines cannot be read: {exc}"))
+        return
+    if not docs:
+        st.caption("No baseline saved yet.")
+        return
+    pick = st.selectbox("Compare this range with baseline", sorted(docs), key="hist_baseline_pick")
+    if st.button("Compare", key="hist_baseline_compare"):
+        try:
+            df, cut = stored.read(store, since, until)
+            st.session_state["hist_baseline_diff"] = (pick, stored.diff(docs[pick], df), cut)
+        except Exception as exc:
+            st.error(plain(f"Cannot compare: {exc}"))
+    got = st.session_state.get("hist_baseline_diff")
+    if got and got[0] == pick:
+        new = got[1]
+        st.caption(plain(f"New in this range since baseline {pick} (from the stored conversations: IP only, whole "
+                         "minutes" + ("; approximate: the rows read were cut" if got[2] else "") + ")."))
+        a, b = st.columns(2)
+        a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
+                                  "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                    hide_index=True, key="hist_baseline_hosts")
+        b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
+                                  "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                    hide_index=True, key="hist_baseline_services")
+        st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="hist_baseline_mix")
+
+
+def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
+    """The spike thresholds replayed over the range's stored seconds, the floods' bounded; the others say why."""
+    from investigate import backtest as bt
+
+    st.subheader("Threshold back-test over this range")
+    overrides, disabled = bt.running(engine)
+    settings = [*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES]
+    setting = st.selectbox("Threshold", settings, key="hbt_setting",
+                           format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
+    st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals; the floods get "
+                     "upper bounds (the store keeps each second's packets per protocol, not per destination). "
+                     "The others cannot be tried over the store: "
+                     + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()
+                                 if not d.endswith("_flood")) + "."))
+    default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
+    text = st.text_input("Values to try", value=default, key=f"hbt_values_{setting}")
+    if st.button("Run the back-test over this range", key="hbt_run"):
+        try:
+            values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+            if not values:
+                raise ValueError("no value to try")
+            if setting in bt.FLOOD_CLASSES:
+                rows = bt.stored_class_seconds(engine.store, since, until, setting)
+                trials = [bt.flood_bound(rows, setting, v) for v in values]
+            else:
+                rows = bt.stored_seconds(engine.store, since, until)
+                trials = [bt.run_seconds(rows, setting, v, overrides, disabled) for v in values]
+            st.session_state["hbt_result"] = (setting, trials_frame(trials, tz), len(rows[0]))
+        except Exception as exc:  # bad values or a store that cannot answer: said
+            st.session_state["hbt_result"] = (setting, None, f"Back-test not run: {exc}")
+    result = st.session_state.get("hbt_result")
+    if result and result[0] == setting:
+        if result[1] is None:
+            st.error(plain(result[2]))
+        else:
+            st.dataframe(result[1], hide_index=True, key="hbt_table")
+            st.caption(plain(f"Over the {result[2]:,} stored seconds with traffic from {viz.time_texts([since], tz)[0]}"
+                             f" to {viz.time_texts([until], tz)[0]}"
+                             + ("; upper bounds (see above)." if setting in bt.FLOOD_CLASSES else ".")))
