@@ -26,11 +26,13 @@ def read(store, since: int, until: int) -> tuple[pd.DataFrame, bool]:
 
 
 def _classes(df: pd.DataFrame) -> pd.Series:
-    return df["proto"].map(lambda p: CLASS_OF.get(int(p), "other_ip"))
+    return df["proto"].map(lambda p: CLASS_OF.get(int(p), "other_ip")).astype(object)
 
 
 def _service(df: pd.DataFrame) -> pd.Series:
     """The service side of each TCP/UDP conversation ('udp/53': the lower port of the two ends), else None."""
+    if not len(df):
+        return pd.Series([], dtype=object, index=df.index)
     low = np.minimum(df["a_port"].fillna(-1).astype(np.int64), df["b_port"].fillna(-1).astype(np.int64))
     tu = df["proto"].isin([6, 17]) & df["a_port"].notna() & df["b_port"].notna()
     return pd.Series(np.where(tu, _classes(df) + "/" + low.astype(str), None), index=df.index)
