@@ -192,12 +192,12 @@ def _ranges(index: list, firsts: list, netlens: list, ids: list) -> _Ranges | No
     if not index or index[0] != 0 or any(i != c[0] for i, c in zip(index, firsts, strict=True)):
         return None
     flat = list(itertools.chain.from_iterable(firsts))
-    lens = np.fromiter(itertools.chain.from_iterable(netlens), np.int64, len(flat))
+    lens = np.fromiter(itertools.chain.from_iterable(netlens), np.int16, len(flat))
     if any(a >= b for a, b in itertools.pairwise(flat)) or len(lens) != len(flat) or lens.max() > 128:
         return None
     mask = (1 << 64) - 1
     return _Ranges(np.array([x >> 64 for x in flat], _U64), np.array([x & mask for x in flat], _U64),
-                   lens, np.fromiter(itertools.chain.from_iterable(ids), np.int64, len(flat)))
+                   lens, np.fromiter(itertools.chain.from_iterable(ids), np.int32, len(flat)))
 
 
 @dataclass(frozen=True)
