@@ -601,7 +601,11 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
     if st.button("Run the back-test", key="bt_run", disabled=(job is not None and job.running) or over is False):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            if over and setting in bt.FLOOD_CLASSES:  # a stored range: a flood bounded by its per-second classes
+            if over and setting in bt.SCAN_SETTINGS:  # a stored range: a scan bounded by its conversations
+                since, until = over
+                rows, runner = bt.stored_scan_rows(engine.store, since, until), bt.scan_bound
+                cover = scan_cover(since, until, rows, tz)
+            elif over and setting in bt.FLOOD_CLASSES:  # a stored range: a flood bounded by its per-second classes
                 since, until = over
                 rows, runner = bt.stored_class_seconds(engine.store, since, until, setting), bt.flood_bound
                 classes = " and ".join(bt.FLOOD_CLASSES[setting])
@@ -657,13 +661,14 @@ def backtest_over(engine, setting: str) -> tuple[int, int] | bool | None:
     st.caption(plain("A stored range: the store keeps each second's packets and bytes, so the spike detector's "
                      f"thresholds ({', '.join(bt.HISTORY_SETTINGS)}) are tried over exactly what it would have seen; "
                      "it keeps each second's packets per protocol, not per destination, so the flood thresholds "
-                     f"({', '.join(bt.FLOOD_CLASSES)}) get upper bounds. "
+                     f"({', '.join(bt.FLOOD_CLASSES)}) get upper bounds, and the port scan thresholds "
+                     f"({', '.join(bt.SCAN_SETTINGS)}) upper bounds from the stored conversations. "
                      "The others need the packets, which the store does not keep: "
                      + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()
-                                 if not d.endswith("_flood")) + "."))
+                                 if d not in bt.BOUNDED) + "."))
     if pick == BUFFERED:
         return None
-    if setting not in bt.HISTORY_SETTINGS and setting not in bt.FLOOD_CLASSES:
+    if setting not in (*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES, *bt.SCAN_SETTINGS):
         st.warning(plain(f"{setting} cannot be back-tested over a stored range: {bt.DETECTOR_OF[setting]} needs "
                          f"{bt.NOT_FROM_HISTORY[bt.DETECTOR_OF[setting]]}, which the store does not keep. Back-test "
                          "it over the buffered packets."))
@@ -676,6 +681,14 @@ def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
     """One row per value tried: alerts (distinct), times raised, and when the first ones came."""
     rows = []
     for t in trials:
+        if hasattr(t, "keys"):  # a scan's bound over a stored range (backtest.ScanBound)
+            firsts = t.seconds.tolist()
+            rows.append({"value": t.value, "alerts": f"≤ {t.most:,}" if t.exact_rows else f"≈ {t.most:,} (not a bound)",
+                         "times raised": "not bounded", "seconds that could raise": "",
+                         "keys that could raise": ", ".join(t.keys[:5]),
+                         "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
+                         "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
+            continue
         if hasattr(t, "most"):  # a flood's bound over a stored range (backtest.Bound)
             firsts = t.seconds.tolist()
             rows.append({"value": t.value, "alerts": f"≤ {t.most:,}", "times raised": f"≤ {t.most:,}",
@@ -690,6 +703,8 @@ def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
     cols = ["value", "alerts", "times raised", "first at", "when (first 5)"]
     if any(hasattr(t, "most") for t in trials):
         cols.insert(3, "seconds that could raise")
+    if any(hasattr(t, "keys") for t in trials):
+        cols.insert(4, "keys that could raise")
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -1109,14 +1124,15 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
 
     st.subheader("Threshold back-test over this range")
     overrides, disabled = bt.running(engine)
-    settings = [*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES]
+    settings = [*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES, *bt.SCAN_SETTINGS]
     setting = st.selectbox("Threshold", settings, key="hbt_setting",
                            format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
     st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals; the floods get "
-                     "upper bounds (the store keeps each second's packets per protocol, not per destination). "
+                     "upper bounds (the store keeps each second's packets per protocol, not per destination), and "
+                     "the port scans upper bounds from the stored conversations. "
                      "The others cannot be tried over the store: "
                      + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()
-                                 if not d.endswith("_flood")) + "."))
+                                 if d not in bt.BOUNDED) + "."))
     default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"hbt_values_{setting}")
     if st.button("Run the back-test over this range", key="hbt_run"):
@@ -1124,7 +1140,12 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
             if not values:
                 raise ValueError("no value to try")
-            if setting in bt.FLOOD_CLASSES:
+            if setting in bt.SCAN_SETTINGS:
+                conv = bt.stored_scan_rows(engine.store, since, until)
+                rows = (conv[0]["minute"].unique(),)
+                trials = [bt.scan_bound(conv, setting, v) for v in values]
+                st.caption(plain(scan_cover(since, until, conv, tz)))
+            elif setting in bt.FLOOD_CLASSES:
                 rows = bt.stored_class_seconds(engine.store, since, until, setting)
                 trials = [bt.flood_bound(rows, setting, v) for v in values]
             else:
@@ -1139,6 +1160,20 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
             st.error(plain(result[2]))
         else:
             st.dataframe(result[1], hide_index=True, key="hbt_table")
-            st.caption(plain(f"Over the {result[2]:,} stored seconds with traffic from {viz.time_texts([since], tz)[0]}"
+            unit = "stored minutes with conversations" if setting in bt.SCAN_SETTINGS else "stored seconds with traffic"
+            st.caption(plain(f"Over the {result[2]:,} {unit} from {viz.time_texts([since], tz)[0]}"
                              f" to {viz.time_texts([until], tz)[0]}"
-                             + ("; upper bounds (see above)." if setting in bt.FLOOD_CLASSES else ".")))
+                             + ("; upper bounds (see above)." if setting not in bt.HISTORY_SETTINGS else ".")))
+
+
+def scan_cover(since: int, until: int, conv, tz: tzinfo | None) -> str:
+    """What a scan threshold's bound over a stored range is, and when it is no bound."""
+    df, exact = conv
+    return (f"the stored conversations from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]} "
+            f"({len(df):,} rows). Upper bounds: every failed attempt the detector counts is a packet between its "
+            "source and target, so a (source, target) pair (SCAN_PORTS, SCAN_STEALTH_PORTS: TCP) or a (source, "
+            "service) key (SCAN_HOSTS) could raise a scan only if its conversations over the whole range reach the "
+            "value in distinct ports or targets; a stored row keeps no direction, so each end is tried as the "
+            "source. 'keys that could raise' lists them; how often each would be raised is not bounded."
+            + ("" if exact else " Not a bound here: some minutes' conversations were left out (STORE_CONV_MAX, "
+                                 "or the rows read were cut), so a scan among them is missed."))

@@ -128,6 +128,83 @@ def flood_bound(seconds: tuple[np.ndarray, np.ndarray], setting: str, value: flo
     return Bound(v, t[hit], int((count[hit] // v).sum()))
 
 
+# Port-scan thresholds over a stored range, bounded from the stored conversations: every failed attempt the
+# detector counts is a packet of a conversation between its source and target (the target's port at the
+# target's end), so what the conversations hold over the whole range bounds what any epoch counted.
+SCAN_SETTINGS = ("SCAN_PORTS", "SCAN_HOSTS", "SCAN_STEALTH_PORTS")
+PROTO = {6: "tcp", 17: "udp"}
+
+
+@dataclass
+class ScanBound(Bound):
+    """The keys (source and target, or source and service) whose stored conversations reach a scan threshold
+    over the range: the only ones that could raise; `seconds` are their first-seen seconds. `exact_rows`
+    False: some minutes' conversations were left out (capped, or the read cut), so it is no bound."""
+
+    keys: list = field(default_factory=list)
+    exact_rows: bool = True
+
+
+def scan_items(df) -> Any:
+    """(source, target, protocol, target's port, first seen) of stored conversations, both orientations of
+    each row (a stored row does not keep which end sent); TCP and UDP rows with ports only."""
+    import pandas as pd
+
+    tu = df[df["proto"].isin([6, 17]) & df["a_port"].notna() & df["b_port"].notna()]
+    rows = []
+    for s, t, tport in (("a", "b", "b_port"), ("b", "a", "a_port")):
+        rows.append(pd.DataFrame({"src": tu[s].to_numpy(), "dst": tu[t].to_numpy(), "proto": tu["proto"].to_numpy(),
+                                  "port": tu[tport].astype("int64").to_numpy(), "first_us": tu["first_us"].to_numpy()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def scan_bound(conv: tuple[Any, bool], setting: str, value: float, overrides: dict[str, Any] | None = None,
+               disabled: Iterable[str] = ()) -> ScanBound:
+    """A scan threshold tried over a stored range's conversations ((rows, whether complete), stored_scan_rows).
+    The port scan detector raises vertical scans (SCAN_PORTS), sweeps (SCAN_HOSTS) and stealth scans
+    (SCAN_STEALTH_PORTS) alike: with the tried value for its setting and the running ones for the others,
+    the keys whose conversations over the range reach them: (source, target) pairs with that many distinct
+    ports (stealth: TCP ones), (source, service) keys with that many distinct targets."""
+    if setting not in SCAN_SETTINGS:
+        raise ValueError(f"{setting} is not a scan threshold (one of {', '.join(SCAN_SETTINGS)})")
+    v = type(config.get(setting))(value)
+    if v <= 0:
+        raise ValueError(f"{setting} must be above 0: {value!r}")
+    limits = {s: type(config.get(s))((overrides or {}).get(s, config.get(s))) for s in SCAN_SETTINGS}
+    limits[setting] = v
+    df, exact = conv
+    items = scan_items(df)
+    names: list[str] = []
+    firsts: list[int] = []
+    for kind, limit in limits.items():
+        mine = items[items["proto"] == 6] if kind == "SCAN_STEALTH_PORTS" else items
+        if not len(mine):
+            continue
+        by, what = (["src", "dst"], ["proto", "port"]) if kind != "SCAN_HOSTS" else (["src", "proto", "port"], ["dst"])
+        distinct = mine.drop_duplicates([*by, *what]).groupby(by).size()
+        hit = distinct[distinct >= limit].index
+        first = mine.groupby(by)["first_us"].min()
+        firsts += (first.loc[hit].to_numpy(np.int64) // 1_000_000).tolist() if len(hit) else []
+        names += [f"{k[0]} → {k[1]}" if kind != "SCAN_HOSTS" else f"{k[0]} → {PROTO.get(int(k[1]), k[1])}/{k[2]}"
+                  for k in hit]
+    return ScanBound(v, np.sort(np.array(firsts, np.int64)), len(names), keys=names, exact_rows=exact)
+
+
+def stored_scan_rows(store, since: int, until: int) -> tuple[Any, bool]:
+    """(the stored conversations of since..until, whether they are all of its attempts' packets: no minute
+    capped, the read not cut)."""
+    from investigate.stored import read
+    from store.history import approximation, time_range
+
+    df, cut = read(store, since, until)
+    capped = approximation(store, time_range(since, until)).get("conv")
+    return df, not (cut or capped)
+
+
+# Detectors a stored range bounds rather than replays (the page lists why the others cannot be tried).
+BOUNDED = ("syn_flood", "icmp_flood", "udp_flood", "port_scan")
+
+
 def stored_class_seconds(store, since: int, until: int, setting: str) -> tuple[np.ndarray, np.ndarray]:
     """(seconds, packets of the flood setting's protocol classes) of every stored second in since..until."""
     from store.history import time_range
