@@ -224,7 +224,7 @@ def test_history_takes_from_and_to_and_filters_totals_from_stored_conversations(
     dns = int((((recs["sport"] == 53) | (recs["dport"] == 53)) & (recs["cls"] != 5)).sum())
     assert dns > 0 and count(at, "Packets in matching conversations") == dns == count(at)
     assert any("per minute, from the stored conversations" in rendered(c.value) for c in at.caption)
-    assert any("Top talkers, ports and conversations just below are all traffic" in w.value for w in at.warning)
+    assert any("Top hosts, ports and conversations of the matching traffic" in rendered(c.value) for c in at.caption)
 
 
 @pytest.mark.live
