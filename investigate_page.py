@@ -1174,6 +1174,7 @@ def scan_cover(since: int, until: int, conv, tz: tzinfo | None) -> str:
             "source and target, so a (source, target) pair (SCAN_PORTS, SCAN_STEALTH_PORTS: TCP) or a (source, "
             "service) key (SCAN_HOSTS) could raise a scan only if its conversations over the whole range reach the "
             "value in distinct ports or targets; a stored row keeps no direction, so each end is tried as the "
-            "source. 'keys that could raise' lists them; how often each would be raised is not bounded."
+            "source. 'keys that could raise' lists them, 'first at' and 'when' the times their conversations were "
+            "first seen (a raise comes at or after them); how often each would be raised is not bounded."
             + ("" if exact else " Not a bound here: some minutes' conversations were left out (STORE_CONV_MAX, "
                                  "or the rows read were cut), so a scan among them is missed."))

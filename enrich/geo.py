@@ -80,7 +80,10 @@ class GeoDB:
             from geoip2fast import GeoIP2Fast
             db = GeoIP2Fast(geoip2fast_data_file=self.data_file)
             self.source = str(getattr(db, "source_info", ""))
-            self._vec = _vector_of(db)  # before _db: whoever sees the database loaded sees its arrays
+            try:  # before _db: whoever sees the database loaded sees its arrays
+                self._vec = _vector_of(db)
+            except Exception as exc:  # the arrays are a speed-up: single look-ups still answer without them
+                log.warning("geo database kept for single look-ups only: %s", exc)
             self._db = db
         except Exception as exc:
             self.error = f"geo database not loaded: {exc}"
