@@ -254,3 +254,40 @@ int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const do
     WIDTHS(MERGE)
 #undef MERGE
 }
+
+/* LocalMatcher.kinds (analysis/headers.py, the numpy reference) over n 16-byte address keys read at
+ * `stride` bytes apart (a field of packed records is read in place, no copy): 0 NONE, 1 OURS (one of
+ * the na addresses as (hi, lo) pairs, or inside one of the nn networks as (hi, lo, hi mask, lo mask)),
+ * 2 GROUP (multicast or broadcast); the all-zero key is NONE. Keys are big-endian halves. */
+static inline uint64_t be64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+void ntm_addr_kinds(const uint8_t *keys, int64_t stride, int64_t n, const uint64_t *addrs, int64_t na,
+                    const uint64_t *nets, int64_t nn, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *k = keys + i * stride;
+        uint64_t hi = be64(k), lo = be64(k + 8);
+        int64_t kind = 0;
+        int ours = 0;
+        for (int64_t a = 0; a < na && !ours; a++) ours = addrs[2 * a] == hi && addrs[2 * a + 1] == lo;
+        int v4 = hi == 0 && (lo >> 32) == 0xFFFF;
+        int group = v4 ? ((lo >> 24) & 0xFF) >= 224 : (hi >> 56) == 0xFF;
+        if (ours) {
+            kind = 1;
+        } else if (group) {
+            kind = 2;
+        } else {
+            for (int64_t j = 0; j < nn; j++) {
+                const uint64_t *m = nets + 4 * j;
+                if ((hi & m[2]) == m[0] && (lo & m[3]) == m[1]) {
+                    kind = 1;
+                    break;
+                }
+            }
+        }
+        out[i] = (hi == 0 && lo == 0) ? 0 : kind;
+    }
+}
