@@ -66,7 +66,6 @@ from analysis.headers import (  # noqa: F401  - re-exported: the engine's public
     parse_nets,
 )
 from analysis.stages import AlertMirror, DetectorStage
-from capture import broker
 from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
 
@@ -977,6 +976,8 @@ def _cli(argv: list[str] | None = None) -> int:
             out = enricher.enrich_summary(out)
             enricher.stop()
     else:
+        from capture import broker  # only live capture needs it: `summary` starts without it
+
         try:  # started as root: the capture helper starts, then this process gives up root
             if broker.separate().still_root:
                 log.warning("capture as root: the parsers run with every privilege")
