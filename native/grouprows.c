@@ -66,6 +66,27 @@ INLINE int rows_equal(const uint8_t *x, const uint8_t *y, int64_t width) {
 #define SLOT_GROUP(v) ((int64_t)((v) & 0xFFFFFFFFULL) - 1)
 #define MAX_ROWS 0xFFFFFFF0LL
 
+/* The hash of the row PF rows ahead is computed early and its slot prefetched: each probe of these
+ * tables of megabytes is a cache miss, and independent rows' misses then overlap. The hashes wait in
+ * a ring of PF; a prefetch never faults (and every address is inside the table: the index is masked). */
+#define PF 8
+#define PF_AHEAD(rows, i, n, width, cap, ring, slots) \
+    do { \
+        if ((i) + PF < (n)) { \
+            uint64_t ahead = hash_row((rows) + ((i) + PF) * (width), (width)); \
+            (ring)[((i) + PF) % PF] = ahead; \
+            __builtin_prefetch(&(slots)[ahead & ((cap) - 1)]); \
+        } \
+    } while (0)
+
+static inline void pf_start(const uint8_t *rows, int64_t n, int64_t width, uint64_t cap, uint64_t *ring,
+                            const uint64_t *slots) {
+    for (int64_t i = 0; i < n && i < PF; i++) {
+        ring[i] = hash_row(rows + i * width, width);
+        __builtin_prefetch(&slots[ring[i] & (cap - 1)]);
+    }
+}
+
 static uint64_t *new_table(int64_t rows, uint64_t *cap) {
     uint64_t c = 16;
     while (c < (uint64_t)rows * 2) c <<= 1;
@@ -78,9 +99,12 @@ INLINE int64_t group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t
     uint64_t *slots = new_table(n, &cap);
     if (!slots) return -1;
     int64_t groups = 0;
+    uint64_t ring[PF];
+    pf_start(rows, n, width, cap, ring, slots);
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = rows + i * width;
-        uint64_t h = hash_row(row, width);
+        uint64_t h = ring[i % PF];
+        PF_AHEAD(rows, i, n, width, cap, ring, slots);
         uint32_t tag = (uint32_t)(h >> 32);
         uint64_t s = h & (cap - 1);
         for (;;) {
@@ -211,9 +235,12 @@ INLINE int64_t top_merge(const uint8_t *old_keys, const int64_t *old_vals, const
         slots[s] = SLOT((uint32_t)(h >> 32), g);
     }
     int64_t rows = m;
+    uint64_t ring[PF];
+    pf_start(keys, n, width, cap, ring, slots);
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *key = keys + i * width;
-        uint64_t h = hash_row(key, width);
+        uint64_t h = ring[i % PF];
+        PF_AHEAD(keys, i, n, width, cap, ring, slots);
         uint32_t tag = (uint32_t)(h >> 32);
         uint64_t s = h & (cap - 1);
         int64_t g;
