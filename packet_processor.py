@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -30,7 +31,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if __name__ == "__main__":
+    # Before numpy loads: its OpenBLAS starts a thread per core that spins ~70 ms of CPU at start-up, on the
+    # core the detectors' worker needs, and nothing here does linear algebra (a user's setting stays).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # after the setting above
 
 import config
 import native

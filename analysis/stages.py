@@ -613,6 +613,9 @@ class _ExecWorker:
     def __init__(self, batches: Connection, results: Connection) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        # numpy's OpenBLAS would start a thread per core that spins ~70 ms of CPU while the worker starts;
+        # the detectors do no linear algebra (a user's own setting stays).
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
         code = "import sys; from analysis.stages import exec_worker; exec_worker(int(sys.argv[1]), int(sys.argv[2]))"
         fds = (batches.fileno(), results.fileno())
         self._popen = subprocess.Popen([sys.executable, "-c", code, *map(str, fds)], pass_fds=fds, env=env,
