@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -30,7 +31,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if __name__ == "__main__":
+    # Before numpy loads: its OpenBLAS starts a thread per core that spins ~70 ms of CPU at start-up, on the
+    # core the detectors' worker needs, and nothing here does linear algebra (a user's setting stays).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # after the setting above
 
 import config
 import native
@@ -66,7 +72,6 @@ from analysis.headers import (  # noqa: F401  - re-exported: the engine's public
     parse_nets,
 )
 from analysis.stages import AlertMirror, DetectorStage
-from capture import broker
 from capture.nic import nic_counters, nic_dropped_since
 from capture.sources import CaptureError, FileReader, LiveRing, Record, default_interface, local_addresses
 
@@ -977,6 +982,8 @@ def _cli(argv: list[str] | None = None) -> int:
             out = enricher.enrich_summary(out)
             enricher.stop()
     else:
+        from capture import broker  # only live capture needs it: `summary` starts without it
+
         try:  # started as root: the capture helper starts, then this process gives up root
             if broker.separate().still_root:
                 log.warning("capture as root: the parsers run with every privilege")

@@ -407,9 +407,19 @@ class LocalMatcher:
         self._addr_hi = np.array([p[0] for p in pairs], np.uint64)
         self._addr_lo = np.array([p[1] for p in pairs], np.uint64)
         self._net_masks = [_net_mask(net) for net in self.nets]
+        self._addrs_c = np.array(pairs, np.uint64).reshape(-1, 2)  # the same, as native.addr_kinds takes them
+        self._nets_c = np.array(self._net_masks, np.uint64).reshape(-1, 4)
 
     def kinds(self, keys: np.ndarray) -> np.ndarray:
-        """Vectorised __call__ over an array of 16-byte keys (S16 or V16): OURS, GROUP or NONE each."""
+        """Vectorised __call__ over an array of 16-byte keys (S16 or V16): OURS, GROUP or NONE each.
+
+        native/grouprows.c reads a field of packed records in place (no copy, one pass); kinds_numpy
+        is the reference (tests/test_native.py keeps them equal)."""
+        out = native.addr_kinds(keys, self._addrs_c, self._nets_c)
+        return self.kinds_numpy(keys) if out is None else out
+
+    def kinds_numpy(self, keys: np.ndarray) -> np.ndarray:
+        """kinds in numpy: the reference of the compiled version."""
         u = np.ascontiguousarray(keys).view(">u8").reshape(-1, 2)
         hi, lo = u[:, 0], u[:, 1]
         ours = np.zeros(len(u), bool)

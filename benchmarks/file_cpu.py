@@ -5,12 +5,15 @@ On a shared machine wall time moves with the load; CPU seconds per packet move m
 compares two versions of the code in the same minutes (run it from each checkout in turn).
 
     python benchmarks/file_cpu.py FILE.pcap [--runs 3]     # e.g. the mix of file_scan_mix.py (mixgen.py)
+    python benchmarks/file_cpu.py FILE.pcap --whole         # also `python packet_processor.py summary FILE`:
+                                                            # its CPU (worker included) and wall, start-up included
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--whole", action="store_true", help="also time the command-line summary as a whole process")
     args = ap.parse_args()
     from packet_processor import CaptureEngine
 
@@ -46,6 +50,15 @@ def main() -> int:
         print(f"  reader {(cpu(me2) - cpu(me)) / m:.3f} s CPU per million packets, detector worker "
               f"{(cpu(kids2) - cpu(kids)) / m:.3f}; wall {out['packets'] / wall:,.0f} packets/s, "
               f"{len(out['alerts'])} alerts")
+    for _ in range(args.runs if args.whole else 0):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "packet_processor.py", "summary", args.file], check=True,
+                       stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        m = out["packets"] / 1e6
+        print(f"  whole `summary` process: {(cpu(resource.getrusage(resource.RUSAGE_CHILDREN)) - cpu(before)) / m:.3f}"
+              f" s CPU per million packets (its worker included), wall {wall:.2f} s")
     return 0
 
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import native
-from capture import broker
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +662,6 @@ SKF_AD_PROTOCOL = 0
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 BPF_CLASS_LD, BPF_CLASS_LDX = 0x00, 0x01
 BPF_MODES_WITH_OFFSET = (0x20, 0x40, 0xA0)  # BPF_ABS, BPF_IND, BPF_MSH
-_pcap_lock = broker.PCAP_LOCK  # libpcap's compiler keeps global state in older versions (shared with the live one)
 _libpcap: list[ctypes.CDLL | None] = []
 
 
@@ -704,6 +702,8 @@ def compile_bpf(expr: str, linktype: int, snaplen: int = DEFAULT_MAX_CAPLEN,
     interface: a dead handle (the syntax check). Cooked: Linux cooked v2, as tcpdump -i any, with its
     header's loads mapped to the kernel's metadata (a dead handle gives the same program as a live one)."""
     if linktype != LINKTYPE_COOKED and iface and iface != "any":
+        from capture import broker  # here, not at the top: reading a file never needs the capture helper
+
         try:
             return broker.compile_filter(expr, iface, snaplen)
         except broker.CompileError as exc:
@@ -724,7 +724,9 @@ def _compile_dead(expr: str, linktype: int, snaplen: int, iface: str | None) -> 
         if lib.pcap_lookupnet(iface.encode(), ctypes.byref(net), ctypes.byref(mask),
                               ctypes.create_string_buffer(256)) == 0:
             netmask = mask.value
-    with _pcap_lock:
+    from capture.broker import PCAP_LOCK  # libpcap's compiler kept global state in older versions (shared)
+
+    with PCAP_LOCK:
         handle = lib.pcap_open_dead(DLT_LINUX_SLL2 if cooked else DLT_EN10MB, snaplen)
         if not handle:
             raise CaptureError("cannot compile BPF filters: libpcap could not open a handle")
@@ -863,6 +865,8 @@ class LiveRing:
         try:
             # Protocol 0: the socket receives nothing until bind() names the interface and
             # ETH_P_ALL, so no packet of another interface slips into the ring in between.
+            from capture import broker
+
             self.sock = broker.packet_socket(kind, iface)  # after a drop from root, the broker opens it
         except PermissionError as exc:
             raise CaptureError(privilege_message()) from exc

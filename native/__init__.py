@@ -66,6 +66,7 @@ _SIGNATURES = {
     "ntm_conv_keys": ("grouprows", None, [_P, _I64, _P]),
     "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P, _P]),
     "ntm_top_merge": ("grouprows", _I64, [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P]),
+    "ntm_addr_kinds": ("grouprows", None, [_P, _I64, _I64, _P, _I64, _P, _I64, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
     # detect.c: the detectors' tables (analysis/detect.py builds the structures it takes)
     "ntm_hset_reindex": ("detect", None, [_P]),
@@ -178,6 +179,24 @@ def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if groups < 0:
         return None
     return first[:groups], codes
+
+
+def addr_kinds(keys: np.ndarray, addrs: np.ndarray, nets: np.ndarray) -> np.ndarray | None:
+    """native/grouprows.c: analysis.headers.LocalMatcher.kinds over a 1-D array of 16-byte keys (a
+    field of packed records is read in place), addrs as (n, 2) and nets as (n, 4) uint64; None when
+    the library is not available."""
+    fn = function("ntm_addr_kinds")
+    if fn is None or keys.ndim != 1 or keys.dtype.itemsize != 16:
+        return None
+    if keys.strides[0] < 16:  # negative or overlapping steps: read a copy
+        keys = np.ascontiguousarray(keys)
+    addrs = np.ascontiguousarray(addrs, np.uint64).reshape(-1, 2)
+    nets = np.ascontiguousarray(nets, np.uint64).reshape(-1, 4)
+    out = np.empty(len(keys), np.int64)
+    if len(keys):
+        fn(keys.ctypes.data, keys.strides[0], len(keys), addrs.ctypes.data, len(addrs), nets.ctypes.data,
+           len(nets), out.ctypes.data)
+    return out
 
 
 def parse_fast(batch, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray] | None:

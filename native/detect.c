@@ -36,6 +36,13 @@ static inline int64_t hs_find(const hset *s, uint64_t k) {
     }
 }
 
+/* Prefetching the table slot of the key PF rows ahead: the lookups of a batch are independent, and
+ * each is a cache miss in tables of megabytes, so the misses then overlap instead of queueing. A
+ * prefetch never faults; every address below is inside its table (the index is masked). */
+#define PF 8
+static inline void pf(const void *p) { __builtin_prefetch(p); }
+static inline void hs_prefetch(const hset *s, uint64_t k) { pf(&s->index[spot(k) & (uint64_t)s->mask]); }
+
 static inline int64_t hs_add(hset *s, uint64_t k) { /* k must be absent; returns its position */
     uint64_t i = spot(k) & (uint64_t)s->mask;
     while (s->index[i] >= 0) i = (i + 1) & (uint64_t)s->mask;
@@ -199,6 +206,7 @@ static int64_t unique_exact(ustate *u, const uint64_t *k, const uint64_t *it, co
     }
     int64_t fresh = 0;
     for (int64_t p = 0; p < m; p++) {
+        if (p + PF < m) hs_prefetch(&u->seen, it[order[p + PF]]);
         uint64_t item = it[order[p]];
         if (last.vals[sm_slot(&last, item)] == p && hs_find(&u->seen, item) < 0) order[fresh++] = order[p];
         /* order[0:fresh) now holds the new items' rows in time order (fresh <= p: no overwrite ahead) */
@@ -211,6 +219,7 @@ static int64_t unique_exact(ustate *u, const uint64_t *k, const uint64_t *it, co
         }
         for (int64_t j = 0; j < fresh; j++) hs_add(&u->seen, it[order[j]]);
         for (int64_t j = 0; j < fresh; j++) {
+            if (j + PF < fresh) hs_prefetch(&u->count, k[order[j + PF]]);
             int64_t g = order[j];
             uint64_t key = k[g];
             int64_t at = hs_find(&u->count, key);
@@ -253,6 +262,10 @@ int64_t ntm_unique_gather(ustate *u, const uint64_t *keys, const uint64_t *items
     /* As numpy does it: every row compared with the slots as they were, then the writes in row
      * order (the last one of a slot stays), then the promotions against the written slots. */
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) {
+            hs_prefetch(&u->multi, keys[i + PF]);
+            pf(&u->one_key[keys[i + PF] & u->one_mask]);
+        }
         uint64_t s = keys[i] & u->one_mask;
         int exact = hs_find(&u->multi, keys[i]) >= 0;
         nexact += exact;
@@ -345,6 +358,11 @@ int64_t ntm_new_hosts(const hset *known, const hset *reported, const uint64_t *k
     if (sm_init(&here, n) < 0) return -1;
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) {
+            hs_prefetch(known, keys[i + PF]);
+            hs_prefetch(reported, keys[i + PF]);
+            pf(&here.vals[spot(keys[i + PF]) & here.mask]);
+        }
         uint64_t s = sm_slot(&here, keys[i]);
         if (here.vals[s] >= 0) continue;
         here.keys[s] = keys[i];
@@ -411,6 +429,7 @@ int64_t ntm_pending_add(uint8_t *slots, int64_t rec, int64_t off_h, int64_t off_
     }
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) pf(slots + (int64_t)(REC_H(probes, i + PF) & mask) * WAYS * rec + off_h);
         uint64_t h = REC_H(probes, i);
         int64_t b = (int64_t)(h & mask);
         bucket[i] = b;
@@ -475,6 +494,7 @@ int64_t ntm_pending_add(uint8_t *slots, int64_t rec, int64_t off_h, int64_t off_
 void ntm_pending_answer(uint8_t *slots, int64_t rec, int64_t off_h, uint64_t mask, const uint64_t *keys,
                         int64_t n, uint8_t *hit, int remove, int64_t *where) {
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) pf(slots + (int64_t)(keys[i + PF] & mask) * WAYS * rec + off_h);
         int64_t b = (int64_t)(keys[i] & mask);
         hit[i] = 0;
         where[i] = -1;
@@ -503,6 +523,7 @@ int64_t ntm_recent_add(uint64_t *tkeys, double *tts, int64_t *tval, uint64_t mas
     }
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) pf(&tkeys[(keys[i + PF] & mask) * WAYS]);
         int64_t b = (int64_t)(keys[i] & mask);
         bucket[i] = b;
         way[i] = -1;
@@ -547,6 +568,7 @@ int64_t ntm_recent_add(uint64_t *tkeys, double *tts, int64_t *tval, uint64_t mas
 void ntm_recent_find(uint64_t *tkeys, double *tts, const int64_t *tval, uint64_t mask, const uint64_t *keys,
                      int64_t n, double since, int remove, uint8_t *hit, int64_t *value) {
     for (int64_t i = 0; i < n; i++) { /* value[i] holds the slot until every key is looked up */
+        if (i + PF < n) pf(&tkeys[(keys[i + PF] & mask) * WAYS]);
         int64_t b = (int64_t)(keys[i] & mask), s = -1;
         for (int w = 0; w < WAYS; w++)
             if (tkeys[b * WAYS + w] == keys[i]) {
@@ -581,6 +603,10 @@ int64_t ntm_pairs_add(uint64_t *tkeys, int64_t *stamp, uint64_t mask, const uint
     }
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) {
+            pf(&tkeys[(pairs[i + PF] & mask) * WAYS]);
+            pf(&tops.vals[spot(pairs[i + PF] >> bits) & tops.mask]);
+        }
         uint64_t s = sm_slot(&tops, pairs[i] >> bits);
         if (tops.vals[s] >= 0) continue;
         tops.keys[s] = pairs[i] >> bits, tops.vals[s] = i;
@@ -640,6 +666,7 @@ int64_t ntm_second_add(hset *s, int64_t *packets, int64_t *sources, int64_t cap,
     if (!fresh) return -1;
     int64_t m = 0;
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) hs_prefetch(s, dst[i + PF]);
         int64_t at = hs_find(s, dst[i]);
         if (at >= 0) packets[at]++;
         else fresh[m++] = dst[i];
@@ -661,6 +688,7 @@ int64_t ntm_second_add(hset *s, int64_t *packets, int64_t *sources, int64_t cap,
     if (counted)
         for (int64_t i = 0; i < n; i++)
             if (counted[i]) {
+                if (i + PF < n) hs_prefetch(s, dst[i + PF]);
                 int64_t at = hs_find(s, dst[i]);
                 if (at >= 0) sources[at]++;
             }
@@ -733,6 +761,7 @@ int64_t ntm_second_hot(const hset *s, const int64_t *packets, const uint64_t *ds
  * occurrence (Python made room for n more). */
 void ntm_hset_count(hset *s, int64_t *cnt, const uint64_t *keys, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
+        if (i + PF < n) hs_prefetch(s, keys[i + PF]);
         int64_t at = hs_find(s, keys[i]);
         if (at < 0) {
             at = hs_add(s, keys[i]);

@@ -66,6 +66,27 @@ INLINE int rows_equal(const uint8_t *x, const uint8_t *y, int64_t width) {
 #define SLOT_GROUP(v) ((int64_t)((v) & 0xFFFFFFFFULL) - 1)
 #define MAX_ROWS 0xFFFFFFF0LL
 
+/* The hash of the row PF rows ahead is computed early and its slot prefetched: each probe of these
+ * tables of megabytes is a cache miss, and independent rows' misses then overlap. The hashes wait in
+ * a ring of PF; a prefetch never faults (and every address is inside the table: the index is masked). */
+#define PF 8
+#define PF_AHEAD(rows, i, n, width, cap, ring, slots) \
+    do { \
+        if ((i) + PF < (n)) { \
+            uint64_t ahead = hash_row((rows) + ((i) + PF) * (width), (width)); \
+            (ring)[((i) + PF) % PF] = ahead; \
+            __builtin_prefetch(&(slots)[ahead & ((cap) - 1)]); \
+        } \
+    } while (0)
+
+static inline void pf_start(const uint8_t *rows, int64_t n, int64_t width, uint64_t cap, uint64_t *ring,
+                            const uint64_t *slots) {
+    for (int64_t i = 0; i < n && i < PF; i++) {
+        ring[i] = hash_row(rows + i * width, width);
+        __builtin_prefetch(&slots[ring[i] & (cap - 1)]);
+    }
+}
+
 static uint64_t *new_table(int64_t rows, uint64_t *cap) {
     uint64_t c = 16;
     while (c < (uint64_t)rows * 2) c <<= 1;
@@ -78,9 +99,12 @@ INLINE int64_t group_rows(const uint8_t *rows, int64_t n, int64_t width, int64_t
     uint64_t *slots = new_table(n, &cap);
     if (!slots) return -1;
     int64_t groups = 0;
+    uint64_t ring[PF];
+    pf_start(rows, n, width, cap, ring, slots);
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *row = rows + i * width;
-        uint64_t h = hash_row(row, width);
+        uint64_t h = ring[i % PF];
+        PF_AHEAD(rows, i, n, width, cap, ring, slots);
         uint32_t tag = (uint32_t)(h >> 32);
         uint64_t s = h & (cap - 1);
         for (;;) {
@@ -211,9 +235,12 @@ INLINE int64_t top_merge(const uint8_t *old_keys, const int64_t *old_vals, const
         slots[s] = SLOT((uint32_t)(h >> 32), g);
     }
     int64_t rows = m;
+    uint64_t ring[PF];
+    pf_start(keys, n, width, cap, ring, slots);
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *key = keys + i * width;
-        uint64_t h = hash_row(key, width);
+        uint64_t h = ring[i % PF];
+        PF_AHEAD(keys, i, n, width, cap, ring, slots);
         uint32_t tag = (uint32_t)(h >> 32);
         uint64_t s = h & (cap - 1);
         int64_t g;
@@ -253,4 +280,41 @@ int64_t ntm_top_merge(const uint8_t *old_keys, const int64_t *old_vals, const do
 #define MERGE(w) top_merge(old_keys, old_vals, old_times, m, keys, wire, ts, n, w, out_keys, out_vals, out_times)
     WIDTHS(MERGE)
 #undef MERGE
+}
+
+/* LocalMatcher.kinds (analysis/headers.py, the numpy reference) over n 16-byte address keys read at
+ * `stride` bytes apart (a field of packed records is read in place, no copy): 0 NONE, 1 OURS (one of
+ * the na addresses as (hi, lo) pairs, or inside one of the nn networks as (hi, lo, hi mask, lo mask)),
+ * 2 GROUP (multicast or broadcast); the all-zero key is NONE. Keys are big-endian halves. */
+static inline uint64_t be64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+void ntm_addr_kinds(const uint8_t *keys, int64_t stride, int64_t n, const uint64_t *addrs, int64_t na,
+                    const uint64_t *nets, int64_t nn, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *k = keys + i * stride;
+        uint64_t hi = be64(k), lo = be64(k + 8);
+        int64_t kind = 0;
+        int ours = 0;
+        for (int64_t a = 0; a < na && !ours; a++) ours = addrs[2 * a] == hi && addrs[2 * a + 1] == lo;
+        int v4 = hi == 0 && (lo >> 32) == 0xFFFF;
+        int group = v4 ? ((lo >> 24) & 0xFF) >= 224 : (hi >> 56) == 0xFF;
+        if (ours) {
+            kind = 1;
+        } else if (group) {
+            kind = 2;
+        } else {
+            for (int64_t j = 0; j < nn; j++) {
+                const uint64_t *m = nets + 4 * j;
+                if ((hi & m[2]) == m[0] && (lo & m[3]) == m[1]) {
+                    kind = 1;
+                    break;
+                }
+            }
+        }
+        out[i] = (hi == 0 && lo == 0) ? 0 : kind;
+    }
 }

@@ -206,3 +206,33 @@ def test_top_table_prunes_the_smallest_and_keeps_older_among_equals():
     assert table.floor == (1, 100)  # pruned: 9 (1 packet, 60 bytes), 20 and 22 (1 packet, 100 bytes each)
     assert table.vals[got.index(5)].tolist() == [3, 60 + 200]
     assert table.vals[got.index(21)].tolist() == [2, 200]
+
+
+# Addresses that sit on every branch of LocalMatcher.kinds: unspecified, IPv4 (mapped) unicast, multicast
+# and broadcast, IPv6 unicast and multicast, loopback, and this host's own.
+_KIND_ADDRS = [bytes(16), headers.V4_PREFIX + bytes([127, 0, 0, 1]), headers.V4_PREFIX + bytes([10, 1, 2, 3]),
+               headers.V4_PREFIX + bytes([224, 0, 0, 251]), headers.V4_PREFIX + bytes([255] * 4),
+               headers.V4_PREFIX + bytes([192, 168, 7, 9]), bytes([0xFF, 2]) + bytes(13) + b"\x01",
+               bytes([0xFE, 0x80]) + bytes(13) + b"\x05", bytes(15) + b"\x01",
+               bytes([0x20, 0x01, 0xD, 0xB8]) + bytes(12)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_KIND_ADDRS), st.binary(min_size=16, max_size=16)), max_size=60),
+       st.lists(st.sampled_from(["10.0.0.0/8", "192.168.0.0/16", "127.0.0.0/8", "fe80::/10", "2001:db8::/32",
+                                 "0.0.0.0/0", "224.0.0.0/4"]), max_size=4),
+       st.lists(st.sampled_from(_KIND_ADDRS), max_size=3))
+def test_address_kinds_match_numpy(keys, nets, ours):
+    """native.addr_kinds (in place on a field of packed records) = LocalMatcher.kinds_numpy."""
+    import ipaddress
+
+    matcher = headers.LocalMatcher(addrs=ours, nets=[ipaddress.ip_network(n) for n in nets])
+    recs = np.zeros(len(keys), headers.PACKET_DTYPE)
+    recs["src"] = keys
+    recs["dst"] = keys[::-1]
+    for field in (recs["src"], recs["dst"], recs["src"][::-1], recs["dst"][1::2]):  # strided, reversed
+        want = matcher.kinds_numpy(field)
+        got = native.addr_kinds(field, matcher._addrs_c, matcher._nets_c)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist()
+        assert matcher.kinds(field).tolist() == want.tolist()
+        assert [matcher(bytes(k).ljust(16, b"\0")) for k in field] == want.tolist()  # the per-address classifier

@@ -43,3 +43,23 @@ def test_a_stage_closed_with_batches_queued_never_reports_a_negative_share():
     stage.close()
     d = stage.stats.as_dict()
     assert d["packets_skipped"] == 300 and d["minute_analysed_pct"] == 0.0
+
+
+def test_the_batch_pipe_holds_a_mebibyte_so_a_batch_crosses_in_few_wakeups():
+    import fcntl
+    import os
+    from pathlib import Path
+
+    stage = stages.DetectorStage(1, stages.AlertMirror(), max_packets=1000).start()  # the worker process
+    try:
+        size = fcntl.fcntl(stage._conn.fileno(), fcntl.F_GETPIPE_SZ)
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        # Beyond pipe-max-size only root may go; otherwise the pipe keeps Linux's default 64 KiB.
+        assert size == (stages.PIPE_BYTES if os.geteuid() == 0 or limit >= stages.PIPE_BYTES else 65536)
+        arr = np.zeros(20_000, PACKET_DTYPE)  # 1.7 MB: more than the pipe holds, arrives whole
+        arr["ts"] = 1.0
+        assert stage.offer(arr, wait=True)
+        assert stage.drain(30)
+        assert stage.stats.packets_done == 20_000
+    finally:
+        stage.close()
