@@ -206,23 +206,62 @@ def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple
             ("who: top ports (20)", lambda: [view.top_ports(r, p, "packets", 20) for p in ("tcp", "udp")])]
 
 
-def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
-    """Every question the fleet page asks for a range over all sensors."""
-    for _, call in page_questions(store, since, until):
-        call()
+def page_run(store: ClickHouseStore, since: int, until: int, threads: int | None = None) -> list[tuple[str, float]]:
+    """The page's questions as fleet_page.fleet_view asks them: its slowest ones started on a thread pool
+    (fleet_page.ask_ahead, each thread on its own connection), the rest asked in page order on this thread
+    (each waiting for a started answer); (question, seconds this thread spent on it), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fleet_page
+    from fleet_page import SensorView
+    from history_page import DIR_COLS
+    from store.base import TimeRange
+    from store.history import approximation, bin_width, conversations
+
+    r = TimeRange(since, until)
+    view = SensorView(store, None)
+    pool = ThreadPoolExecutor(threads or fleet_page.AHEAD_THREADS)
+    out = []
+    try:
+        out.append(("sensors", timed(store.sensors)))
+        out.append(("losses", timed(lambda: store.losses(r))))
+        out.append(("start the pool's questions", timed(lambda: fleet_page.ask_ahead(view, pool, since, until, False,
+                                                                                   "packets"))))
+        for name, call in [("sensor grid series", lambda: store.sensor_series(r, bin_width(since, until, 300))),
+                           ("sensor grid alerts", lambda: store.alerts(r)),
+                           ("history_summary", lambda: history_summary(view, since, until)),
+                           ("timeline", lambda: view.series(r, bin_width(since, until), DIR_COLS)),
+                           ("top talkers, ports", lambda: [view.top_addrs(r, k, "packets") for k in ("src", "dst")]),
+                           ("top conversations (page)", lambda: conversations(view, since, until, n=20, by="packets")),
+                           ("caps, alerts table", lambda: (approximation(view, r), view.alerts(r))),
+                           ("VLAN chart", lambda: view.vlans(r)),
+                           ("who: top 501 sources, destinations, top 20 ports",
+                            lambda: [view.top_addrs(r, k, "packets", 501) for k in ("src", "dst")]
+                            + [view.top_ports(r, p, "packets", 20) for p in ("tcp", "udp")]),
+                           ("who: conversations", lambda: conversations(view, since, until, n=20, by="packets"))]:
+            out.append((name, timed(call)))
+    finally:
+        pool.shutdown(wait=True)
+    return out
 
 
 def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3) -> None:
-    """Each page question's time, run by run (run 0 cold), the whole page's, and the exact top conversations."""
+    """Each page question's time, run by run (run 0 cold), the whole page's as it runs (a pool for the
+    slowest questions) and, as the reference in the same run, every question asked one after another;
+    the losses question alone; then the exact top conversations."""
     from store.base import TimeRange
 
     for run in range(runs):
         total = 0.0
-        for name, call in page_questions(store, since, until):
-            took = timed(call)
+        for name, took in page_run(store, since, until):
             total += took
-            print(f"run {run} {name}: {took:.2f} s")
-        print(f"run {run} the whole page: {total:.2f} s")
+            print(f"run {run} {name}: {took:.3f} s")
+        print(f"run {run} the whole page (as it runs): {total:.2f} s")
+        serial = sum(timed(call) for _, call in page_questions(store, since, until))
+        print(f"run {run} reference, the same questions one after another (one connection): {serial:.2f} s")
+    r = TimeRange(since, until)
+    lost = [timed(lambda: store.losses(r)) for _ in range(3)]
+    print(f"losses over the range (per sensor): {', '.join(f'{t:.3f}' for t in lost)} s")
     r = TimeRange(since, until)
     for by in ("bytes", "packets"):
         df = store.top_conversations(r, by, 20, exact=False)
@@ -255,6 +294,9 @@ def main() -> int:
                     help="seconds of traffic per batch of the day: 3600 an hour per batch (fast to write); "
                          "FLEET_FLUSH_S (2) or 60 as running sensors ship it")
     ap.add_argument("--port", type=int, default=19700, help="shard 1's native port (shard 2: the next)")
+    ap.add_argument("--running", default=None, metavar="DIR",
+                    help="use the cluster already running from DIR on --port (not started or stopped here)")
+    ap.add_argument("--day-written", action="store_true", help="the day is in the database already: query only")
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
     ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
     ap.add_argument("--elephants", type=int, default=0,
@@ -263,7 +305,8 @@ def main() -> int:
     script = ROOT / "scripts" / "clickhouse_cluster.sh"
     folder = tempfile.mkdtemp(prefix="ntm-fleet-bench-")
     base = a.port
-    subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
+    if not a.running:
+        subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
     address = f"127.0.0.1:{base}"
     try:
         probe = ClickHouseStore(address, database="bench")
@@ -291,7 +334,9 @@ def main() -> int:
             print(f"flush latency (send per batch): median {statistics.median(lat) * 1000:.0f} ms, "
                   f"p95 {lat[int(0.95 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms "
                   f"over {len(lat)} batches")
-        if not a.skip_day:
+        if not a.skip_day and a.day_written:
+            print(f"day: written before (database day, {a.sensors} sensors x {a.day_hours:g} h)")
+        elif not a.skip_day:
             ClickHouseStore(address, cluster="fleet", database="day").open()
             t = time.perf_counter()
             with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
@@ -308,27 +353,30 @@ def main() -> int:
                   f"p95 {day_lat[int(0.95 * (len(day_lat) - 1))] * 1000:.0f} ms, max {day_lat[-1] * 1000:.0f} ms")
             settled = wait_for_merges(base)
             print(f"background merges after the day's writes settled in {settled:.0f} s")
-            q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
-            q.open()
-            since, until = T0, T0 + round(a.day_hours * 3600) - 1
-            cold = timed(lambda: history_summary(q, since, until))
-            warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
-            one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
-            total = history_summary(q, since, until)["packets"]
-            print(f"{a.day_hours:g} h x {a.sensors} sensors history_summary (all sensors, via Distributed): "
-                  f"cold {cold:.2f} s, "
-                  f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
-                  f"(expected {a.sensors * round(a.day_hours * 3600) * a.day_pps:,})")
-            if a.breakdown:
-                page_breakdown(q, since, until)
-            else:
-                page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
-                print(f"the fleet page's whole {a.day_hours:g} h x {a.sensors} sensors view (sensor grid, summary, "
-                      f"timeline, "
-                      f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
-            q.close()
+        if a.skip_day:
+            return 0
+        q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
+        q.open()
+        since, until = T0, T0 + round(a.day_hours * 3600) - 1
+        cold = timed(lambda: history_summary(q, since, until))
+        warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
+        one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
+        total = history_summary(q, since, until)["packets"]
+        print(f"{a.day_hours:g} h x {a.sensors} sensors history_summary (all sensors, via Distributed): "
+              f"cold {cold:.2f} s, "
+              f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
+              f"(expected {a.sensors * round(a.day_hours * 3600) * a.day_pps:,})")
+        if a.breakdown:
+            page_breakdown(q, since, until)
+        else:
+            page = statistics.median(sum(t for _, t in page_run(q, since, until)) for _ in range(3))
+            print(f"the fleet page's whole {a.day_hours:g} h x {a.sensors} sensors view (sensor grid, summary, "
+                  f"timeline, "
+                  f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
+        q.close()
     finally:
-        subprocess.run([str(script), "stop", folder], capture_output=True)
+        if not a.running:
+            subprocess.run([str(script), "stop", folder], capture_output=True)
     return 0
 
 
