@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import ipaddress
 import logging
 import time
 import types
@@ -226,7 +227,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
         ask_ahead(view, pool, lo, hi, filtering, st.session_state.get("hist_top_by", "packets"))
         with grid:
             sensor_grid(store, sensors, since, until, tz, losses)
-        got = inv.history_filter(engine, lo, hi, tz) if filtering else None
+        got = (own_end_filter(view, lo, hi, tz) or inv.history_filter(engine, lo, hi, tz)) if filtering else None
         history_page.history_view(engine, lo, hi, tz, got, select=functools.partial(clickable, tz=tz))
         if filtering:
             inv.history_filtered(engine, lo, hi, tz, got)  # the conversations history_filter read: once
@@ -240,6 +241,49 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
                    f"(≥ N); a conversation not "
                    f"listed has at most {most:,} {by}.")
     return live
+
+
+OWN_END_ADDRS = 100_000  # distinct stored top sources (or destinations) matched against a src= / dst= network
+
+
+def own_end_filter(view: SensorView, since: int, until: int, tz: tzinfo | None) -> dict[str, Any] | None:
+    """src= alone (or dst= alone, any number of them): the matching traffic from the per-minute top sources
+    (destinations), which keep each address at its own end, so src= never counts a packet sent to it.
+    None for other filters (history_filter: the stored conversations, either end; they keep no direction)."""
+    from store.history import approximation, bin_width, time_range
+
+    conds = traffic_filters(tz)
+    kinds = {c.key for c in conds}
+    if kinds not in ({"src"}, {"dst"}):
+        return None
+    kind = kinds.pop()
+    labels = inv.plain(", ".join(c.label() for c in conds))
+    r = view._r(time_range(since, until))
+    try:
+        seen = view.store.addr_minutes(r, kind, limit=OWN_END_ADDRS)["addr"].astype(str).tolist()
+        nets = [ipaddress.ip_network(c.text.strip("[]"), strict=False) for c in conds]
+        mine = [a for a in seen if all(inv._in(a, net) for net in nets)]
+        df = view.store.addr_minutes(r, kind, mine)
+        capped = approximation(view, time_range(since, until)).get(kind)
+    except Exception as exc:  # a store that cannot answer: the totals say they are unfiltered
+        log.exception("fleet src/dst filter failed")
+        return {"error": inv.plain(f"{type(exc).__name__}: {exc}"), "labels": labels}
+    lo, hi = r.first_minute, until - until % 60 + 59  # the whole minutes the range touches
+    width = max(60, bin_width(lo, hi))
+    ends = "sources" if kind == "src" else "destinations"
+    notes = [f"per minute, from the stored top {ends} (each address at its own end: {kind}= counts the packets "
+             f"whose {'source' if kind == 'src' else 'destination'} it is), the whole minutes "
+             f"{viz.time_texts([lo])[0]} – {viz.time_texts([hi])[0]} UTC; the protocol mix is not kept per address"]
+    if capped:
+        notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_TOP_MAX {ends} "
+                     f"({capped['packets_left_out']:,} packets of those left out are not counted)")
+    if len(seen) >= OWN_END_ADDRS:
+        notes.append(f"approximate: only the first {OWN_END_ADDRS:,} stored addresses were matched")
+    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
+            "span_s": hi - lo + 1, "transport_counts": {}, "transport_bytes": {},
+            "series": inv._binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
+            "exact": not (capped or len(seen) >= OWN_END_ADDRS), "note": inv.plain("; ".join(notes)),
+            "labels": labels, "keep_alerts": functools.partial(inv._keep_alerts, conds)}
 
 
 def sensor_picker(where: Any, names: list[str]) -> str:

@@ -1193,6 +1193,19 @@ class ClickHouseStore(Store):
         return self._query(f"SELECT vlan, {self._sums()} FROM ({' UNION ALL '.join(parts)}) GROUP BY vlan "
                            f"ORDER BY vlan", r.params())
 
+    def addr_minutes(self, r: TimeRange, kind: str, addrs: list[str] | None = None,
+                     limit: int = 100_000) -> pd.DataFrame:
+        """The per-minute top sources (kind src) or destinations (dst) of the range: without `addrs`, the
+        distinct addresses there (`addr`, at most `limit`); with them, their packets and bytes per minute."""
+        if addrs is None:
+            return self._query(f"SELECT DISTINCT addr FROM top_addrs WHERE {self._where(r, 'minute')} AND kind = "
+                               f"$kind ORDER BY addr LIMIT {int(limit)}", {**r.params(), "kind": kind})
+        if not addrs:
+            return pd.DataFrame({"minute": [], "packets": [], "bytes": []})
+        return self._query(f"SELECT minute, {self._sums()} FROM top_addrs WHERE {self._where(r, 'minute')} AND "
+                           f"kind = $kind AND addr IN $addrs GROUP BY minute ORDER BY minute",
+                           {**r.params(), "kind": kind, "addrs": tuple(addrs)})
+
     def vlans_by(self, r: TimeRange, cols: tuple[str, ...] = ()) -> pd.DataFrame:
         """Packets and bytes per VLAN id and `cols` (conversation keys: a, b, a_port, b_port, proto) of the
         range's stored conversations, summed here: what a filtered VLAN chart needs, never the raw rows."""

@@ -443,3 +443,20 @@ def test_who_conversations_show_lower_bounds_when_approximate():
 
     df = fleet_page.conversations_who(en, View(), 0, 59, "packets")
     assert df["packets"].tolist() == ["≥ 700", "≥ 500"] and df["bytes"].tolist() == ["≥ 8,900", "≥ 6,400"]
+
+
+def test_src_and_dst_match_their_own_end_host_either(at):
+    """src= counts the packets an address sent, dst= those it received (the stored top sources and
+    destinations keep the ends), host= both; networks too, per sensor too. Exact counts of the fed packets."""
+    df = packets()
+    assert want(src="10.5.0.1") == count(url(at, src="10.5.0.1")) == 45
+    assert want(dst="10.5.0.1") == count(url(at, dst="10.5.0.1")) == 0  # never a destination: either end gave 45
+    assert want(host="10.5.0.1") == count(url(at, host="10.5.0.1")) == 45
+    assert want(dst="8.8.8.8") == count(url(at, dst="8.8.8.8")) == 30
+    east_sent = int(df["src"].str.startswith("10.5.").sum())
+    east_got = int(df["dst"].str.startswith("10.5.").sum())
+    assert east_sent == count(url(at, src="10.5.0.0/16")) == 75
+    assert east_got == count(url(at, dst="10.5.0.0/16")) == 45
+    assert count(url(at, dst="10.6.0.2", sensor="west")) == want("west", dst="10.6.0.2") == 25
+    assert count(url(at, dst="10.6.0.2", sensor="east")) == 0
+    assert any("each address at its own end" in rendered(c.value) for c in at.caption)
