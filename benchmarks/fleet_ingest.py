@@ -17,7 +17,12 @@
     python benchmarks/fleet_ingest.py --skip-ingest --day-hours 1 --day-batch-s 60 (or 2)
         (a shorter "day" written as running sensors ship it: a batch per minute or per FLEET_FLUSH_S)
 
-Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID).
+    python benchmarks/fleet_ingest.py --skip-ingest --breakdown --losses --day-pps 3 --conv 30 --elephants 5
+        (the page as it runs, its slowest questions on a thread pool, against the same questions asked one
+        after another in the same run; and the losses question over a day of loss rows)
+
+Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID), or uses one
+already running (--running DIR --port P; with --day-written, the day written by an earlier run).
 """
 
 from __future__ import annotations
@@ -261,7 +266,9 @@ def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3
         print(f"run {run} reference, the same questions one after another (one connection): {serial:.2f} s")
     r = TimeRange(since, until)
     lost = [timed(lambda: store.losses(r)) for _ in range(3)]
-    print(f"losses over the range (per sensor): {', '.join(f'{t:.3f}' for t in lost)} s")
+    got = store.losses(r)
+    print(f"losses over the range (per sensor, {len(got)} sensors): {', '.join(f'{t:.3f}' for t in lost)} s; "
+          f"ring dropped {int(got['ring_dropped'].sum()):,}, NIC dropped {int(got['nic_dropped'].sum()):,}")
     r = TimeRange(since, until)
     for by in ("bytes", "packets"):
         df = store.top_conversations(r, by, 20, exact=False)
@@ -272,6 +279,26 @@ def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3
     df = store.top_conversations(r, "bytes", 20, exact=True)
     print(f"top 20 conversations by bytes, exact (the CLI's history): {df.attrs.get('method')} in "
           f"{time.perf_counter() - t:.2f} s")
+
+
+def loss_rows(port: int, names: list[str], hours: float, flush_s: float = 2.0) -> int:
+    """Each sensor's loss rows for the day, as a sensor that loses packets at every flush ships them (one
+    row per FLEET_FLUSH_S, the worst case: a row is written only when a counter grew): ring drops +1 and
+    NIC drops +1 every 10th flush per row; written with INSERT ... SELECT (fast). Rows written."""
+    from clickhouse_driver import Client
+
+    c = Client("127.0.0.1", port=port)
+    n = int(hours * 3600 / flush_s)
+    for name in names:
+        c.execute(f"INSERT INTO day.run_losses_d (sensor, iface, run, received, ts, ring_dropped, nic_dropped, "
+                  f"detect_skipped_packets, detect_skipped_batches, history_skipped_packets, prev_ring_dropped, "
+                  f"prev_nic_dropped, prev_detect_skipped_packets, prev_detect_skipped_batches, "
+                  f"prev_history_skipped_packets) SELECT '{name}', 'eth0', 'run-1', {T0} + toInt64(number * "
+                  f"{flush_s}), {T0} + toInt64(number * {flush_s}), toInt64(number + 1), toInt64(intDiv(number + 1, "
+                  f"10)), 0, 0, 0, toInt64(number), toInt64(intDiv(number, 10)), 0, 0, 0 FROM numbers({n})",
+                  settings={"insert_distributed_sync": 1})
+    c.disconnect()
+    return n * len(names)
 
 
 def timed(fn) -> float:
@@ -297,6 +324,8 @@ def main() -> int:
     ap.add_argument("--running", default=None, metavar="DIR",
                     help="use the cluster already running from DIR on --port (not started or stopped here)")
     ap.add_argument("--day-written", action="store_true", help="the day is in the database already: query only")
+    ap.add_argument("--losses", action="store_true",
+                    help="write each sensor's loss rows for the day (one per FLEET_FLUSH_S) before the queries")
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
     ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
     ap.add_argument("--elephants", type=int, default=0,
@@ -357,6 +386,12 @@ def main() -> int:
             return 0
         q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
         q.open()
+        if a.losses:
+            t = time.perf_counter()
+            n = loss_rows(base, names, a.day_hours, a.flush_s)
+            print(f"loss rows: {n:,} (one per sensor and FLEET_FLUSH_S of the day) written in "
+                  f"{time.perf_counter() - t:.0f} s; expected losses: ring {len(names) * n // len(names):,}, "
+                  f"NIC {len(names) * (n // len(names) // 10):,}")
         since, until = T0, T0 + round(a.day_hours * 3600) - 1
         cold = timed(lambda: history_summary(q, since, until))
         warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
