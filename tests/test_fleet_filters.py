@@ -460,3 +460,28 @@ def test_src_and_dst_match_their_own_end_host_either(at):
     assert count(url(at, dst="10.6.0.2", sensor="west")) == want("west", dst="10.6.0.2") == 25
     assert count(url(at, dst="10.6.0.2", sensor="east")) == 0
     assert any("each address at its own end" in rendered(c.value) for c in at.caption)
+
+
+def test_reads_on_the_pages_pool_equal_the_shared_connections(fed, t0):
+    """The page's pool: each thread reads through its own connection, all at once; the answers are the
+    shared connection's (and the traffic fed); idle connections are kept up to READERS_MAX, closed at close."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import store.clickhouse as chmod
+    from store.base import TimeRange
+
+    ch = ClickHouseStore(fed, cluster="fleet", database=DB)
+    assert ch.open(), ch.status().message
+    r = TimeRange(t0 - 60, t0 + 600)
+
+    def ask() -> tuple:
+        return (ch.totals(r)["packets"], ch.vlans(r).astype("int64").to_dict("list"),
+                ch.top_addrs(r, "src", "packets", 50).to_dict("list"))
+
+    shared = ask()
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: fleet_page._owned(ch, ask), range(12)))
+    assert shared[0] == want() == 115 and all(g == shared for g in got)
+    assert 1 <= len(ch._spare) <= chmod.READERS_MAX
+    ch.close()
+    assert not ch._spare
