@@ -108,7 +108,7 @@ def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int, salt: int 
 
 def ingest_worker(args: tuple) -> dict:
     """One sensor: `seconds` of traffic, one batch per flush interval, sent as the sensor sends them."""
-    address, name, seconds, pps, conv, flush_s, db = args
+    address, name, seconds, pps, conv, flush_s, db, deltas = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     if not store.open():
         return {"error": store.status().message}
@@ -122,7 +122,7 @@ def ingest_worker(args: tuple) -> dict:
             shipped.append(batch)
             return True
 
-    r = Rollup(Outbox(), sensor=name, iface="eth0", flush_s=1e9)
+    r = Rollup(Outbox(), sensor=name, iface="eth0", flush_s=1e9, deltas=deltas)
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
     lat, rows = [], 0
     start = time.perf_counter()
@@ -145,14 +145,14 @@ def day_worker(args: tuple) -> dict:
     """One sensor's day (the query phase's data): an hour per batch, or, with batch_s < 3600, a batch per
     batch_s seconds of traffic through one rollup, as a running sensor ships it (each batch the minutes it
     changed, whole); rows written, batches and their send times."""
-    address, name, pps, conv, db, elephants, hours, batch_s = args
+    address, name, pps, conv, db, elephants, hours, batch_s, deltas = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     store.open()
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
     span = round(hours * 3600)
     rows, lat = 0, []
     step = 3600 if batch_s >= 3600 else int(batch_s)
-    r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
+    r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9, deltas=deltas)
     for s in range(0, span, step):
         if step == 3600:  # an hour per batch: a fresh rollup each hour, closed at once
             r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
@@ -324,6 +324,9 @@ def main() -> int:
     ap.add_argument("--running", default=None, metavar="DIR",
                     help="use the cluster already running from DIR on --port (not started or stopped here)")
     ap.add_argument("--day-written", action="store_true", help="the day is in the database already: query only")
+    ap.add_argument("--whole-minutes", action="store_true",
+                    help="ship each open minute whole at every flush (the rollup before deltas: the reference)")
+    ap.add_argument("--day-db", default="day", help="database of the day (a fresh one per written day)")
     ap.add_argument("--losses", action="store_true",
                     help="write each sensor's loss rows for the day (one per FLEET_FLUSH_S) before the queries")
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
@@ -347,8 +350,8 @@ def main() -> int:
         if not a.skip_ingest:
             with mp.get_context("spawn").Pool(a.sensors) as pool:
                 t = time.perf_counter()
-                res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench")
-                                               for n in names])
+                res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench",
+                                                not a.whole_minutes) for n in names])
                 wall = time.perf_counter() - t
         errors = [r["error"] for r in res if "error" in r]
         lat = sorted(x for r in res if "lat" in r for x in r["lat"])
@@ -366,11 +369,11 @@ def main() -> int:
         if not a.skip_day and a.day_written:
             print(f"day: written before (database day, {a.sensors} sensors x {a.day_hours:g} h)")
         elif not a.skip_day:
-            ClickHouseStore(address, cluster="fleet", database="day").open()
+            ClickHouseStore(address, cluster="fleet", database=a.day_db).open()
             t = time.perf_counter()
             with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
-                days = pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day", a.elephants, a.day_hours,
-                                              a.day_batch_s) for n in names])
+                days = pool.map(day_worker, [(address, n, a.day_pps, a.conv, a.day_db, a.elephants, a.day_hours,
+                                              a.day_batch_s, not a.whole_minutes) for n in names])
             took = time.perf_counter() - t
             day_rows = sum(d["rows"] for d in days)
             day_lat = sorted(x for d in days for x in d["lat"])
@@ -384,7 +387,7 @@ def main() -> int:
             print(f"background merges after the day's writes settled in {settled:.0f} s")
         if a.skip_day:
             return 0
-        q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
+        q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database=a.day_db)
         q.open()
         if a.losses:
             t = time.perf_counter()
