@@ -281,7 +281,7 @@ def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3
           f"{time.perf_counter() - t:.2f} s")
 
 
-def loss_rows(port: int, names: list[str], hours: float, flush_s: float = 2.0) -> int:
+def loss_rows(port: int, names: list[str], hours: float, flush_s: float = 2.0, db: str = "day") -> int:
     """Each sensor's loss rows for the day, as a sensor that loses packets at every flush ships them (one
     row per FLEET_FLUSH_S, the worst case: a row is written only when a counter grew): ring drops +1 and
     NIC drops +1 every 10th flush per row; written with INSERT ... SELECT (fast). Rows written."""
@@ -290,7 +290,7 @@ def loss_rows(port: int, names: list[str], hours: float, flush_s: float = 2.0) -
     c = Client("127.0.0.1", port=port)
     n = int(hours * 3600 / flush_s)
     for name in names:
-        c.execute(f"INSERT INTO day.run_losses_d (sensor, iface, run, received, ts, ring_dropped, nic_dropped, "
+        c.execute(f"INSERT INTO {db}.run_losses_d (sensor, iface, run, received, ts, ring_dropped, nic_dropped, "
                   f"detect_skipped_packets, detect_skipped_batches, history_skipped_packets, prev_ring_dropped, "
                   f"prev_nic_dropped, prev_detect_skipped_packets, prev_detect_skipped_batches, "
                   f"prev_history_skipped_packets) SELECT '{name}', 'eth0', 'run-1', {T0} + toInt64(number * "
@@ -391,7 +391,7 @@ def main() -> int:
         q.open()
         if a.losses:
             t = time.perf_counter()
-            n = loss_rows(base, names, a.day_hours, a.flush_s)
+            n = loss_rows(base, names, a.day_hours, a.flush_s, a.day_db)
             print(f"loss rows: {n:,} (one per sensor and FLEET_FLUSH_S of the day) written in "
                   f"{time.perf_counter() - t:.0f} s; expected losses: ring {len(names) * n // len(names):,}, "
                   f"NIC {len(names) * (n // len(names) // 10):,}")
