@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import ipaddress
 import logging
 import time
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import tzinfo
 from typing import Any
 
@@ -47,6 +49,11 @@ RANGES: dict[str, int | None] = {"Live (5 min)": LIVE_S, "15 min": 900, "1 h": 3
 _MARKDOWN = str.maketrans({c: "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"})  # a name is text
 
 
+WHO_ADDRESSES = 500  # top sources and destinations summed per country and per network
+# Top tables asked at least this long (ordered by the count, then the key: a shorter list is its head).
+ASKED_TOP = {"top_addrs": WHO_ADDRESSES + 1, "top_ports": 20}
+
+
 class SensorView:
     """A store whose every range question is asked for one sensor (or all): what history_page draws from."""
 
@@ -59,7 +66,7 @@ class SensorView:
     @property
     def path(self) -> str:
         """The store's address, and the sensor shown."""
-        return f"{self.store.path} · {'sensor ' + self.sensor if self.sensor else 'all sensors'}"
+        return f"{self.store.path} · {'sensor ' + inv.plain(self.sensor) if self.sensor else 'all sensors'}"
 
     def _r(self, r: TimeRange) -> TimeRange:
         return dataclasses.replace(r, sensor=self.sensor)
@@ -67,23 +74,37 @@ class SensorView:
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.store, name)
         if name not in ("totals", "series", "top_addrs", "top_ports", "top_conversations", "caps", "alerts",
-                        "extent", "rows", "vlans"):
+                        "extent", "rows", "vlans", "vlans_by"):
             return attr
         if name == "rows":
             return lambda table, r, *a, **k: attr(table, self._r(r), *a, **k)
         if name == "top_conversations":  # never the full grouping of a day's conversations: bounds, marked
-            return self._top_conversations
+            attr = self._top_conversations
         return lambda r, *a, **k: self._asked(name, attr, self._r(r), *a, **k)
 
-    def _asked(self, name: str, call, r: TimeRange, *a: Any, **k: Any) -> Any:
+    def ahead(self, pool: Any, name: str, r: TimeRange, *a: Any, **k: Any) -> None:
+        """Ask a question now on `pool` (its own connection); the page's later ask waits for the answer."""
+        call = self._top_conversations if name == "top_conversations" else getattr(self.store, name)
+        self._asked(name, call, self._r(r), *a, pool=pool, **k)
+
+    def _asked(self, name: str, call, r: TimeRange, *a: Any, pool: Any = None, **k: Any) -> Any:
         """A question's answer, asked once per view (one page run): the summary and the panels ask the
-        same top tables, caps and alerts, and each is a Distributed query."""
+        same top tables, caps and alerts, and each is a Distributed query. With `pool`: asked there."""
         bound = inspect.signature(call).bind(r, *a, **k)
         bound.apply_defaults()  # top_ports(r, "tcp") and top_ports(r, "tcp", "packets") are one question
+        n = bound.arguments.get("n") if name in ASKED_TOP else None
+        if n is not None:  # the panels' top 10 is the head of the who panel's longer list: one query
+            bound.arguments["n"] = max(int(n), ASKED_TOP[name])
         key = (name, repr(sorted(bound.arguments.items())))
         if key not in self._answers:
-            self._answers[key] = call(r, *a, **k)
+            self._answers[key] = pool.submit(_owned, self.store, call, *bound.args, **bound.kwargs) \
+                if pool is not None else call(*bound.args, **bound.kwargs)
+        if pool is not None:
+            return None
         got = self._answers[key]
+        if isinstance(got, Future):
+            got = self._answers[key] = got.result()
+        got = got.head(n) if n is not None else got
         return got.copy() if isinstance(got, pd.DataFrame) else got
 
 
@@ -93,6 +114,33 @@ class SensorView:
         approximate = df.attrs.get("method") == "approximate"
         self.conversations_note = (by, int(df.attrs["unlisted_max"])) if approximate else None
         return df
+
+
+def _owned(store: ClickHouseStore, call, *a: Any, **k: Any) -> Any:
+    """A call whose reads go through this (pool) thread's own connection."""
+    with store.own_connection():
+        return call(*a, **k)
+
+
+AHEAD_THREADS = 3  # page questions asked in parallel with the main thread (each on its own connection)
+
+
+def ask_ahead(view: SensorView, pool: ThreadPoolExecutor, since: int, until: int, filtering: bool,
+              by: str) -> None:
+    """Start the page's slowest range questions on `pool` (the page asks them later and waits for them):
+    top conversations, the VLAN chart's sums, the timeline, the totals and top tables of the summary."""
+    from store.history import bin_width, time_range
+
+    r = time_range(since, until)
+    view.ahead(pool, "top_conversations", r, by, 20)
+    if not filtering:
+        view.ahead(pool, "vlans", r)
+        view.ahead(pool, "series", r, bin_width(since, until), history_page.DIR_COLS)
+    view.ahead(pool, "totals", r)
+    for kind, of in {("src", "packets"), ("src", "bytes"), ("dst", "packets"), ("dst", by)}:
+        view.ahead(pool, "top_addrs", r, kind, of)
+    for proto in ("tcp", "udp"):
+        view.ahead(pool, "top_ports", r, proto)
 
 
 def fleet_store(address: str, cluster: str | None) -> ClickHouseStore:
@@ -110,20 +158,51 @@ def _store(address: str, cluster: str | None, database: str, secure: bool, ca_ce
 
 
 def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
-    """The whole fleet page (called by dashboard.page() when --clickhouse is given)."""
+    """The whole fleet page (called by dashboard.page() when --clickhouse is given).
+
+    A read that fails anywhere is the page's error state, never an exception, and the page keeps
+    refreshing (Live at REFRESH_S, otherwise every 5 x REFRESH_S while it fails): it recovers by itself
+    when the server is back."""
     from streamlit_autorefresh import st_autorefresh
 
     st.title("Network Traffic Monitor · fleet")
+    for key in KEPT:  # a run that failed before drawing these widgets must not reset them (Streamlit would)
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
     store = fleet_store(address, cluster)
-    now = time.time()
+    live = st.session_state.get("fleet_range", next(iter(RANGES))) == next(iter(RANGES))
+    failed = False
     try:
-        sensors = sensor_table(store, now)
-    except Exception as exc:  # unreachable, wrong password, bad TLS: a message, never a broken page
+        live = fleet_view(store, tz)
+    except Unreadable as exc:  # unreachable, wrong password, bad TLS, a server gone mid-run: a message
+        failed = True
         log.warning("fleet page: %s", exc)
-        st.error(f"ClickHouse cannot be read: {store.status().message or exc}")
+        st.error(f"ClickHouse cannot be read: {exc}")
         st.caption(f"Store: {store.path}. The page tries again at the next refresh.")
-        st_autorefresh(interval=int(config.get("REFRESH_S") * 1000 * 5), key="fleet_tick")
-        return
+    if failed or (live and st.session_state.get("fleet_auto_refresh", True)):
+        scale = 1 if live else 5
+        st_autorefresh(interval=int(config.get("REFRESH_S") * 1000 * scale), key="fleet_tick")
+
+
+KEPT = ("fleet_range", "range_from", "range_to", "hist_top_by", "hist_pie_by")  # choices that outlive an outage
+
+
+class Unreadable(RuntimeError):
+    """A read the fleet page needs failed (its text says why)."""
+
+
+def _read(store: ClickHouseStore, call, *a: Any) -> Any:
+    """A store read whose failure is the page's state (Unreadable), whatever the driver raised."""
+    try:
+        return call(*a)
+    except Exception as exc:  # the server went away or hung: the page says so and refreshes
+        raise Unreadable(str(exc) or store.status().message or type(exc).__name__) from exc
+
+
+def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
+    """The page's controls, grid and panels; whether the Live range is shown. Raises Unreadable."""
+    now = time.time()
+    sensors = _read(store, sensor_table, store, now)
     names = sensors["sensor"].tolist()
     left, right = st.columns([1, 3])
     choice = sensor_picker(left, names)
@@ -133,34 +212,78 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     st.caption(f"ClickHouse {store.server_version} at {store.path} · {len(names)} sensors · "
                f"{'live: the last ' + str(LIVE_S // 60) + ' minutes, per second' if live else 'historical range'}")
     if span is None:
-        return
+        return live
     since, until = span
-    try:
-        losses = store.losses(TimeRange(since, until))
-    except Exception as exc:  # the server went away or hung after the sensor table: a message, as above
-        log.warning("fleet page: %s", exc)
-        st.error(f"ClickHouse cannot be read: {exc}")
-        return
-    sensor_grid(store, sensors, since, until, tz, losses)
+    losses = _read(store, store.losses, TimeRange(since, until))
+    grid = st.container()  # drawn below, while the pool reads the view's slowest questions
     st.header(inv.plain(choice) if choice != ALL else "All sensors")  # a name (or the URL's) is text
     st.caption(loss_text(losses, None if choice == ALL else choice))
     view = SensorView(store, None if choice == ALL else choice)
-    since, until = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
+    lo, hi = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
     engine = types.SimpleNamespace(store=view)
     filtering = bool(traffic_filters(tz))
-    got = inv.history_filter(engine, since, until, tz) if filtering else None
-    history_page.history_view(engine, since, until, tz, got, select=functools.partial(clickable, tz=tz))
-    if filtering:
-        inv.history_filtered(engine, since, until, tz, got)  # the conversations history_filter read: once
-    fleet_panels(view, since, until, tz)
+    pool = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="fleet-read")
+    try:
+        ask_ahead(view, pool, lo, hi, filtering, st.session_state.get("hist_top_by", "packets"))
+        with grid:
+            sensor_grid(store, sensors, since, until, tz, losses)
+        got = (own_end_filter(view, lo, hi, tz) or inv.history_filter(engine, lo, hi, tz)) if filtering else None
+        history_page.history_view(engine, lo, hi, tz, got, select=functools.partial(clickable, tz=tz))
+        if filtering:
+            inv.history_filtered(engine, lo, hi, tz, got)  # the conversations history_filter read: once
+        fleet_panels(view, lo, hi, tz, got, sensors)
+    finally:  # a question the page did not ask (or a run cut short) finishes in the background
+        pool.shutdown(wait=False, cancel_futures=True)
     if view.conversations_note:
         by, most = view.conversations_note
         st.caption(f"Top conversations are approximate for this range: too many conversations of similar size to "
                    f"prove the top 20 from each hour's largest. Each {by} figure shows the part that is certain "
                    f"(≥ N); a conversation not "
                    f"listed has at most {most:,} {by}.")
-    if live and st.session_state.get("fleet_auto_refresh", True):
-        st_autorefresh(interval=int(config.get("REFRESH_S") * 1000), key="fleet_tick")
+    return live
+
+
+OWN_END_ADDRS = 100_000  # distinct stored top sources (or destinations) matched against a src= / dst= network
+
+
+def own_end_filter(view: SensorView, since: int, until: int, tz: tzinfo | None) -> dict[str, Any] | None:
+    """src= alone (or dst= alone, any number of them): the matching traffic from the per-minute top sources
+    (destinations), which keep each address at its own end, so src= never counts a packet sent to it.
+    None for other filters (history_filter: the stored conversations, either end; they keep no direction)."""
+    from store.history import approximation, bin_width, time_range
+
+    conds = traffic_filters(tz)
+    kinds = {c.key for c in conds}
+    if kinds not in ({"src"}, {"dst"}):
+        return None
+    kind = kinds.pop()
+    labels = inv.plain(", ".join(c.label() for c in conds))
+    r = view._r(time_range(since, until))
+    try:
+        seen = view.store.addr_minutes(r, kind, limit=OWN_END_ADDRS)["addr"].astype(str).tolist()
+        nets = [ipaddress.ip_network(c.text.strip("[]"), strict=False) for c in conds]
+        mine = [a for a in seen if all(inv._in(a, net) for net in nets)]
+        df = view.store.addr_minutes(r, kind, mine)
+        capped = approximation(view, time_range(since, until)).get(kind)
+    except Exception as exc:  # a store that cannot answer: the totals say they are unfiltered
+        log.exception("fleet src/dst filter failed")
+        return {"error": inv.plain(f"{type(exc).__name__}: {exc}"), "labels": labels}
+    lo, hi = r.first_minute, until - until % 60 + 59  # the whole minutes the range touches
+    width = max(60, bin_width(lo, hi))
+    ends = "sources" if kind == "src" else "destinations"
+    notes = [f"per minute, from the stored top {ends} (each address at its own end: {kind}= counts the packets "
+             f"whose {'source' if kind == 'src' else 'destination'} it is), the whole minutes "
+             f"{viz.time_texts([lo])[0]} – {viz.time_texts([hi])[0]} UTC; the protocol mix is not kept per address"]
+    if capped:
+        notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_TOP_MAX {ends} "
+                     f"({capped['packets_left_out']:,} packets of those left out are not counted)")
+    if len(seen) >= OWN_END_ADDRS:
+        notes.append(f"approximate: only the first {OWN_END_ADDRS:,} stored addresses were matched")
+    return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
+            "span_s": hi - lo + 1, "transport_counts": {}, "transport_bytes": {},
+            "series": inv._binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
+            "exact": not (capped or len(seen) >= OWN_END_ADDRS), "note": inv.plain("; ".join(notes)),
+            "labels": labels, "keep_alerts": functools.partial(inv._keep_alerts, conds)}
 
 
 def sensor_picker(where: Any, names: list[str]) -> str:
@@ -289,8 +412,8 @@ def sensor_grid(store: ClickHouseStore, sensors: pd.DataFrame, since: int, until
                 "`packet_processor.py sensor --clickhouse ...`).")
         return
     width = bin_width(since, until, GRID_POINTS)
-    per = store.sensor_series(TimeRange(since, until), width)
-    alerts = store.alerts(TimeRange(since, until))
+    per = _read(store, store.sensor_series, TimeRange(since, until), width)
+    alerts = _read(store, store.alerts, TimeRange(since, until))
     cols = st.columns(GRID_COLUMNS)
     for i, row in enumerate(sensors.itertuples(index=False)):
         name = str(row.sensor)
@@ -342,8 +465,6 @@ def sparklines(series: pd.DataFrame, alerts: pd.DataFrame, since: int, until: in
 
 # -- the single-host page's other panels, from what the fleet stores -----------------------------------
 
-VLAN_ROWS = 200_000  # stored conversation rows read for a filtered VLAN chart (each minute's up to STORE_CONV_MAX)
-WHO_ADDRESSES = 500  # top sources and destinations summed per country and per network
 RECENT_TEXT = ("**Recent packets:** the fleet does not store packets. Each sensor ships, every FLEET_FLUSH_S, "
                "per-second totals (packets, bytes, per protocol and direction), per-minute top talkers, ports "
                "and conversations (at most STORE_TOP_MAX / STORE_CONV_MAX a minute), its alerts and its "
@@ -351,10 +472,13 @@ RECENT_TEXT = ("**Recent packets:** the fleet does not store packets. Each senso
                "dashboard, or capture there.")
 
 
-def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None, got: dict[str, Any] | None = None,
+                 sensors: pd.DataFrame | None = None) -> None:
     """The VLANs, 'who is on the other end' and recent packets panels of the single-host page, as the
-    fleet can draw them; each says what it is counted from."""
-    for name, draw in (("VLANs", vlan_panel), ("Who is on the other end", who_panel)):
+    fleet can draw them; each says what it is counted from. `got`: history_filter's answer (its matching
+    conversations are the VLAN chart's, read once); `sensors`: the sensor table (whose names are this host)."""
+    for name, draw in (("VLANs", functools.partial(vlan_panel, got=got)),
+                       ("Who is on the other end", functools.partial(who_panel, sensors=sensors))):
         try:
             draw(view, since, until, tz)
         except Exception as exc:  # a store that cannot answer is a message, never a broken page
@@ -386,7 +510,25 @@ def vlan_figure(totals: pd.DataFrame, by: str) -> go.Figure:
                                          "yaxis": {"type": "category"}})
 
 
-def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+# The conversation columns a filter key needs to be matched on (conversation_mask).
+_MASK_COLUMNS = {"port": ("a_port", "b_port"), "proto": ("proto",), "vlan": ()}
+
+
+def filtered_vlans(view: SensorView, r: TimeRange, conds: list,
+                   got: dict[str, Any] | None) -> tuple[pd.DataFrame, bool]:
+    """(per VLAN and the columns the filters need, the matching conversations; whether a read was cut).
+
+    The conversations history_filter read for the totals when it did (no second read); else (a protocol
+    filter, counted from the per-second rows) summed in SQL per VLAN and the filters' columns, then matched."""
+    if got and "conversations" in got:
+        df, cut = got["conversations"]
+        return df, bool(cut)
+    cols = tuple(dict.fromkeys(c for cond in conds for c in _MASK_COLUMNS.get(cond.key, ("a", "b"))))
+    df = view.vlans_by(r, cols)
+    return (df[inv.conversation_mask(df, conds)] if len(df) else df), False
+
+
+def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None, got: dict[str, Any] | None = None) -> None:
     """Packets per VLAN from the stored per-minute conversations (the per-second rows carry no VLAN)."""
     from store.history import approximation, time_range
 
@@ -394,9 +536,7 @@ def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> N
     conds = traffic_filters(tz)
     cut = False
     if conds:  # the stored conversations that match the URL's filters, as the filtered totals count them
-        df = view.rows("conversations", r, VLAN_ROWS)
-        cut = len(df) >= VLAN_ROWS
-        df = df[inv.conversation_mask(df, conds)] if len(df) else df
+        df, cut = filtered_vlans(view, r, conds, got)
     else:  # summed by the store (whole hours from the hourly rows): no rows to read
         df = view.vlans(r)
     by = st.session_state.get("hist_top_by", "packets")
@@ -410,18 +550,20 @@ def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> N
         notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX "
                      f"conversations ({capped['packets_left_out']:,} packets left out)")
     if cut:
-        notes.append(f"approximate: only the first {VLAN_ROWS:,} stored conversation rows were read")
+        notes.append(f"approximate: only the first {inv.HISTORY_CONV_ROWS:,} stored conversation rows were read")
     st.caption("; ".join(notes) + ". A click on a bar filters the page to that VLAN.")
 
 
-def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> None:
+def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None,
+              sensors: pd.DataFrame | None = None) -> None:
     """Names, countries, networks (AS) and services of the range's top talkers, ports and conversations."""
     import enrich_page
     from store.history import approximation, time_range
 
     if not enrich_page.enabled():
         return
-    en = enrich_page.enricher()
+    shown = [view.sensor] if view.sensor else ([] if sensors is None else sensors["sensor"].astype(str).tolist())
+    en = SiteNames(enrich_page.enricher(), all(is_this_host(s) for s in shown))
     by = st.session_state.get("hist_top_by", "packets")
     r = time_range(since, until)
     src_all = history_page._addrs(view.top_addrs(r, "src", by, WHO_ADDRESSES + 1))
@@ -444,6 +586,10 @@ def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> No
         st.dataframe(enrich_page.talkers_frame(src, dst, by), hide_index=True, key="fleet_who_talkers")
     with tabs[1]:
         st.dataframe(conversations_who(en, view, since, until, by), hide_index=True, key="fleet_who_conv")
+        if view.conversations_note:
+            of, most = view.conversations_note
+            st.caption(f"Approximate: a count shown as ≥ N is a lower bound (the part that is certain); a "
+                       f"conversation not listed has at most {most:,} {of}.")
     note = ends_note(cut, approximation(view, r))
     for tab, key, title, rows in ((tabs[2], "fleet_countries", "Top countries", en.by_country(src_all, dst_all)),
                                   (tabs[3], "fleet_networks", "Top networks (AS)", en.by_network(src_all, dst_all))):
@@ -457,8 +603,44 @@ def who_panel(view: SensorView, since: int, until: int, tz: tzinfo | None) -> No
     with tabs[5]:
         st.markdown(RECENT_TEXT)
     st.caption(inv.plain(enrich_page.enrich_note(en)) + " Local processes are not shown: they belong to each "
-               "sensor's host, which the fleet does not ask.")
+               "sensor's host, which the fleet does not ask. " + PRIVATE_NAMES_RULE)
     st.caption("AS data: [IP Geolocation by DB-IP](https://db-ip.com), RouteViews and NRO, CC BY 4.0.")
+
+
+PRIVATE_NAMES_RULE = ("Names: a private, link-local or loopback address (not globally routable) seen by a sensor "
+                      "other than this host is not looked up: the dashboard's resolver would answer for its own "
+                      "site's addresses, not the sensor's. A sensor is this host when its name is this host's "
+                      "name.")
+NOT_LOOKED_UP = "(another site's private address: not looked up)"
+
+
+def is_this_host(sensor: str) -> bool:
+    """Whether a sensor's name is this host's (short or full) name: its private addresses are ours."""
+    import socket
+
+    return sensor in {socket.gethostname(), socket.gethostname().split(".")[0], socket.getfqdn()}
+
+
+class SiteNames:
+    """The enricher, but names of addresses that are not globally routable only for this host's own sensors."""
+
+    def __init__(self, en: Any, local: bool) -> None:
+        self._en, self._local = en, local
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._en, name)
+
+    def name_text(self, addr: str) -> str:
+        """The host name, or NOT_LOOKED_UP for another site's private address (never asked for)."""
+        import ipaddress
+
+        if not self._local and addr:
+            try:
+                if not ipaddress.ip_address(addr.strip("[]")).is_global:
+                    return NOT_LOOKED_UP
+            except ValueError:
+                pass
+        return self._en.name_text(addr)
 
 
 def ends_note(cut: bool, approx: dict[str, dict[str, int]]) -> str:
@@ -482,6 +664,9 @@ def conversations_who(en: Any, view: SensorView, since: int, until: int, by: str
     for r in conversations(view, since, until, n=20, by=by):
         wa, wb = who(en, r["a"]), who(en, r["b"])
         proto = str(r["proto"]).lower()
+        if r.get("approx"):  # the store's bounds: what is certain ("≥ N"), as the conversations table shows
+            r = {**r, "packets": viz.count_text(r["packets"], r["packets_error"]),
+                 "bytes": viz.count_text(r["bytes"], r["bytes_error"])}
         out.append({"A": r["a"], "A name": wa["name"], "A country": wa["country"], "A AS": wa["AS"],
                     "A port": en.services.label(r["a_port"], proto), "B": r["b"], "B name": wb["name"],
                     "B country": wb["country"], "B AS": wb["AS"], "B port": en.services.label(r["b_port"], proto),

@@ -131,7 +131,8 @@ def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | No
     pie = viz.protocol_pie(pie_src["transport_counts" if by == "packets" else "transport_bytes"], by)
     left.plotly_chart(pie, key="hist_pie", **select("hist_pie", pie))
     if filtered is not None and "error" not in filtered:
-        right.plotly_chart(viz.matching_timeline(filtered["series"], filtered["bin_s"], tz), key="hist_timeline")
+        line = viz.matching_timeline(filtered["series"], filtered["bin_s"], tz)
+        right.plotly_chart(line, key="hist_timeline", **select("hist_timeline", line))  # a brush sets from/to
     else:
         frame, bin_s = range_series(store, since, until)
         line = viz.history_timeline(frame, bin_s, tz)

@@ -17,7 +17,12 @@
     python benchmarks/fleet_ingest.py --skip-ingest --day-hours 1 --day-batch-s 60 (or 2)
         (a shorter "day" written as running sensors ship it: a batch per minute or per FLEET_FLUSH_S)
 
-Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID).
+    python benchmarks/fleet_ingest.py --skip-ingest --breakdown --losses --day-pps 3 --conv 30 --elephants 5
+        (the page as it runs, its slowest questions on a thread pool, against the same questions asked one
+        after another in the same run; and the losses question over a day of loss rows)
+
+Starts and stops its own cluster with scripts/clickhouse_cluster.sh (always stopped, by PID), or uses one
+already running (--running DIR --port P; with --day-written, the day written by an earlier run).
 """
 
 from __future__ import annotations
@@ -103,7 +108,7 @@ def with_elephants(arr: np.ndarray, rng: np.random.Generator, k: int, salt: int 
 
 def ingest_worker(args: tuple) -> dict:
     """One sensor: `seconds` of traffic, one batch per flush interval, sent as the sensor sends them."""
-    address, name, seconds, pps, conv, flush_s, db = args
+    address, name, seconds, pps, conv, flush_s, db, deltas = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     if not store.open():
         return {"error": store.status().message}
@@ -117,7 +122,7 @@ def ingest_worker(args: tuple) -> dict:
             shipped.append(batch)
             return True
 
-    r = Rollup(Outbox(), sensor=name, iface="eth0", flush_s=1e9)
+    r = Rollup(Outbox(), sensor=name, iface="eth0", flush_s=1e9, deltas=deltas)
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
     lat, rows = [], 0
     start = time.perf_counter()
@@ -140,14 +145,14 @@ def day_worker(args: tuple) -> dict:
     """One sensor's day (the query phase's data): an hour per batch, or, with batch_s < 3600, a batch per
     batch_s seconds of traffic through one rollup, as a running sensor ships it (each batch the minutes it
     changed, whole); rows written, batches and their send times."""
-    address, name, pps, conv, db, elephants, hours, batch_s = args
+    address, name, pps, conv, db, elephants, hours, batch_s, deltas = args
     store = ClickHouseStore(address, cluster="fleet", database=db, sensor=name)
     store.open()
     rng = np.random.default_rng(abs(hash(name)) % 2 ** 32)
     span = round(hours * 3600)
     rows, lat = 0, []
     step = 3600 if batch_s >= 3600 else int(batch_s)
-    r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
+    r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9, deltas=deltas)
     for s in range(0, span, step):
         if step == 3600:  # an hour per batch: a fresh rollup each hour, closed at once
             r = Rollup(store, sensor=name, iface="eth0", flush_s=1e9)
@@ -206,23 +211,64 @@ def page_questions(store: ClickHouseStore, since: int, until: int) -> list[tuple
             ("who: top ports (20)", lambda: [view.top_ports(r, p, "packets", 20) for p in ("tcp", "udp")])]
 
 
-def fleet_view(store: ClickHouseStore, since: int, until: int) -> None:
-    """Every question the fleet page asks for a range over all sensors."""
-    for _, call in page_questions(store, since, until):
-        call()
+def page_run(store: ClickHouseStore, since: int, until: int, threads: int | None = None) -> list[tuple[str, float]]:
+    """The page's questions as fleet_page.fleet_view asks them: its slowest ones started on a thread pool
+    (fleet_page.ask_ahead, each thread on its own connection), the rest asked in page order on this thread
+    (each waiting for a started answer); (question, seconds this thread spent on it), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import fleet_page
+    from fleet_page import SensorView
+    from history_page import DIR_COLS
+    from store.base import TimeRange
+    from store.history import approximation, bin_width, conversations
+
+    r = TimeRange(since, until)
+    view = SensorView(store, None)
+    pool = ThreadPoolExecutor(threads or fleet_page.AHEAD_THREADS)
+    out = []
+    try:
+        out.append(("sensors", timed(store.sensors)))
+        out.append(("losses", timed(lambda: store.losses(r))))
+        out.append(("start the pool's questions", timed(lambda: fleet_page.ask_ahead(view, pool, since, until, False,
+                                                                                   "packets"))))
+        for name, call in [("sensor grid series", lambda: store.sensor_series(r, bin_width(since, until, 300))),
+                           ("sensor grid alerts", lambda: store.alerts(r)),
+                           ("history_summary", lambda: history_summary(view, since, until)),
+                           ("timeline", lambda: view.series(r, bin_width(since, until), DIR_COLS)),
+                           ("top talkers, ports", lambda: [view.top_addrs(r, k, "packets") for k in ("src", "dst")]),
+                           ("top conversations (page)", lambda: conversations(view, since, until, n=20, by="packets")),
+                           ("caps, alerts table", lambda: (approximation(view, r), view.alerts(r))),
+                           ("VLAN chart", lambda: view.vlans(r)),
+                           ("who: top 501 sources, destinations, top 20 ports",
+                            lambda: [view.top_addrs(r, k, "packets", 501) for k in ("src", "dst")]
+                            + [view.top_ports(r, p, "packets", 20) for p in ("tcp", "udp")]),
+                           ("who: conversations", lambda: conversations(view, since, until, n=20, by="packets"))]:
+            out.append((name, timed(call)))
+    finally:
+        pool.shutdown(wait=True)
+    return out
 
 
 def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3) -> None:
-    """Each page question's time, run by run (run 0 cold), the whole page's, and the exact top conversations."""
+    """Each page question's time, run by run (run 0 cold), the whole page's as it runs (a pool for the
+    slowest questions) and, as the reference in the same run, every question asked one after another;
+    the losses question alone; then the exact top conversations."""
     from store.base import TimeRange
 
     for run in range(runs):
         total = 0.0
-        for name, call in page_questions(store, since, until):
-            took = timed(call)
+        for name, took in page_run(store, since, until):
             total += took
-            print(f"run {run} {name}: {took:.2f} s")
-        print(f"run {run} the whole page: {total:.2f} s")
+            print(f"run {run} {name}: {took:.3f} s")
+        print(f"run {run} the whole page (as it runs): {total:.2f} s")
+        serial = sum(timed(call) for _, call in page_questions(store, since, until))
+        print(f"run {run} reference, the same questions one after another (one connection): {serial:.2f} s")
+    r = TimeRange(since, until)
+    lost = [timed(lambda: store.losses(r)) for _ in range(3)]
+    got = store.losses(r)
+    print(f"losses over the range (per sensor, {len(got)} sensors): {', '.join(f'{t:.3f}' for t in lost)} s; "
+          f"ring dropped {int(got['ring_dropped'].sum()):,}, NIC dropped {int(got['nic_dropped'].sum()):,}")
     r = TimeRange(since, until)
     for by in ("bytes", "packets"):
         df = store.top_conversations(r, by, 20, exact=False)
@@ -233,6 +279,26 @@ def page_breakdown(store: ClickHouseStore, since: int, until: int, runs: int = 3
     df = store.top_conversations(r, "bytes", 20, exact=True)
     print(f"top 20 conversations by bytes, exact (the CLI's history): {df.attrs.get('method')} in "
           f"{time.perf_counter() - t:.2f} s")
+
+
+def loss_rows(port: int, names: list[str], hours: float, flush_s: float = 2.0, db: str = "day") -> int:
+    """Each sensor's loss rows for the day, as a sensor that loses packets at every flush ships them (one
+    row per FLEET_FLUSH_S, the worst case: a row is written only when a counter grew): ring drops +1 and
+    NIC drops +1 every 10th flush per row; written with INSERT ... SELECT (fast). Rows written."""
+    from clickhouse_driver import Client
+
+    c = Client("127.0.0.1", port=port)
+    n = int(hours * 3600 / flush_s)
+    for name in names:
+        c.execute(f"INSERT INTO {db}.run_losses_d (sensor, iface, run, received, ts, ring_dropped, nic_dropped, "
+                  f"detect_skipped_packets, detect_skipped_batches, history_skipped_packets, prev_ring_dropped, "
+                  f"prev_nic_dropped, prev_detect_skipped_packets, prev_detect_skipped_batches, "
+                  f"prev_history_skipped_packets) SELECT '{name}', 'eth0', 'run-1', {T0} + toInt64(number * "
+                  f"{flush_s}), {T0} + toInt64(number * {flush_s}), toInt64(number + 1), toInt64(intDiv(number + 1, "
+                  f"10)), 0, 0, 0, toInt64(number), toInt64(intDiv(number, 10)), 0, 0, 0 FROM numbers({n})",
+                  settings={"insert_distributed_sync": 1})
+    c.disconnect()
+    return n * len(names)
 
 
 def timed(fn) -> float:
@@ -255,6 +321,14 @@ def main() -> int:
                     help="seconds of traffic per batch of the day: 3600 an hour per batch (fast to write); "
                          "FLEET_FLUSH_S (2) or 60 as running sensors ship it")
     ap.add_argument("--port", type=int, default=19700, help="shard 1's native port (shard 2: the next)")
+    ap.add_argument("--running", default=None, metavar="DIR",
+                    help="use the cluster already running from DIR on --port (not started or stopped here)")
+    ap.add_argument("--day-written", action="store_true", help="the day is in the database already: query only")
+    ap.add_argument("--whole-minutes", action="store_true",
+                    help="ship each open minute whole at every flush (the rollup before deltas: the reference)")
+    ap.add_argument("--day-db", default="day", help="database of the day (a fresh one per written day)")
+    ap.add_argument("--losses", action="store_true",
+                    help="write each sensor's loss rows for the day (one per FLEET_FLUSH_S) before the queries")
     ap.add_argument("--skip-ingest", action="store_true", help="only the day and its queries")
     ap.add_argument("--breakdown", action="store_true", help="time each question of the fleet page (3 runs)")
     ap.add_argument("--elephants", type=int, default=0,
@@ -263,7 +337,8 @@ def main() -> int:
     script = ROOT / "scripts" / "clickhouse_cluster.sh"
     folder = tempfile.mkdtemp(prefix="ntm-fleet-bench-")
     base = a.port
-    subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
+    if not a.running:
+        subprocess.run([str(script), "start", folder, str(base)], check=True, capture_output=True)
     address = f"127.0.0.1:{base}"
     try:
         probe = ClickHouseStore(address, database="bench")
@@ -275,8 +350,8 @@ def main() -> int:
         if not a.skip_ingest:
             with mp.get_context("spawn").Pool(a.sensors) as pool:
                 t = time.perf_counter()
-                res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench")
-                                               for n in names])
+                res = pool.map(ingest_worker, [(address, n, a.seconds, a.pps, a.conv, a.flush_s, "bench",
+                                                not a.whole_minutes) for n in names])
                 wall = time.perf_counter() - t
         errors = [r["error"] for r in res if "error" in r]
         lat = sorted(x for r in res if "lat" in r for x in r["lat"])
@@ -291,12 +366,14 @@ def main() -> int:
             print(f"flush latency (send per batch): median {statistics.median(lat) * 1000:.0f} ms, "
                   f"p95 {lat[int(0.95 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms "
                   f"over {len(lat)} batches")
-        if not a.skip_day:
-            ClickHouseStore(address, cluster="fleet", database="day").open()
+        if not a.skip_day and a.day_written:
+            print(f"day: written before (database day, {a.sensors} sensors x {a.day_hours:g} h)")
+        elif not a.skip_day:
+            ClickHouseStore(address, cluster="fleet", database=a.day_db).open()
             t = time.perf_counter()
             with mp.get_context("spawn").Pool(min(a.sensors, 4)) as pool:
-                days = pool.map(day_worker, [(address, n, a.day_pps, a.conv, "day", a.elephants, a.day_hours,
-                                              a.day_batch_s) for n in names])
+                days = pool.map(day_worker, [(address, n, a.day_pps, a.conv, a.day_db, a.elephants, a.day_hours,
+                                              a.day_batch_s, not a.whole_minutes) for n in names])
             took = time.perf_counter() - t
             day_rows = sum(d["rows"] for d in days)
             day_lat = sorted(x for d in days for x in d["lat"])
@@ -308,27 +385,36 @@ def main() -> int:
                   f"p95 {day_lat[int(0.95 * (len(day_lat) - 1))] * 1000:.0f} ms, max {day_lat[-1] * 1000:.0f} ms")
             settled = wait_for_merges(base)
             print(f"background merges after the day's writes settled in {settled:.0f} s")
-            q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database="day")
-            q.open()
-            since, until = T0, T0 + round(a.day_hours * 3600) - 1
-            cold = timed(lambda: history_summary(q, since, until))
-            warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
-            one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
-            total = history_summary(q, since, until)["packets"]
-            print(f"{a.day_hours:g} h x {a.sensors} sensors history_summary (all sensors, via Distributed): "
-                  f"cold {cold:.2f} s, "
-                  f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
-                  f"(expected {a.sensors * round(a.day_hours * 3600) * a.day_pps:,})")
-            if a.breakdown:
-                page_breakdown(q, since, until)
-            else:
-                page = statistics.median(timed(lambda: fleet_view(q, since, until)) for _ in range(3))
-                print(f"the fleet page's whole {a.day_hours:g} h x {a.sensors} sensors view (sensor grid, summary, "
-                      f"timeline, "
-                      f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
-            q.close()
+        if a.skip_day:
+            return 0
+        q = ClickHouseStore(f"127.0.0.1:{base + 1}", cluster="fleet", database=a.day_db)
+        q.open()
+        if a.losses:
+            t = time.perf_counter()
+            n = loss_rows(base, names, a.day_hours, a.flush_s, a.day_db)
+            print(f"loss rows: {n:,} (one per sensor and FLEET_FLUSH_S of the day) written in "
+                  f"{time.perf_counter() - t:.0f} s; expected losses: ring {len(names) * n // len(names):,}, "
+                  f"NIC {len(names) * (n // len(names) // 10):,}")
+        since, until = T0, T0 + round(a.day_hours * 3600) - 1
+        cold = timed(lambda: history_summary(q, since, until))
+        warm = statistics.median(timed(lambda: history_summary(q, since, until)) for _ in range(3))
+        one = statistics.median(timed(lambda: history_summary(q, since, until, names[0])) for _ in range(3))
+        total = history_summary(q, since, until)["packets"]
+        print(f"{a.day_hours:g} h x {a.sensors} sensors history_summary (all sensors, via Distributed): "
+              f"cold {cold:.2f} s, "
+              f"warm {warm:.2f} s (target <= 1 s); one sensor warm {one:.2f} s; packets {total:,} "
+              f"(expected {a.sensors * round(a.day_hours * 3600) * a.day_pps:,})")
+        if a.breakdown:
+            page_breakdown(q, since, until)
+        else:
+            page = statistics.median(sum(t for _, t in page_run(q, since, until)) for _ in range(3))
+            print(f"the fleet page's whole {a.day_hours:g} h x {a.sensors} sensors view (sensor grid, summary, "
+                  f"timeline, "
+                  f"top talkers and ports, conversations, caps, alerts): warm {page:.2f} s")
+        q.close()
     finally:
-        subprocess.run([str(script), "stop", folder], capture_output=True)
+        if not a.running:
+            subprocess.run([str(script), "stop", folder], capture_output=True)
     return 0
 
 

@@ -213,6 +213,10 @@ class Shipper:
 
     def _count_sent(self, batch) -> None:
         sec = batch.frames.get("seconds")
+        shipped = set() if sec is None or not len(sec) else set(sec["seg"].astype(int).tolist())
+        for seg in batch.replaces:  # a minute's close replaces its delta segments: their packets no longer count
+            if int(seg) not in shipped:
+                self.sent_packets -= self._seg_sent.pop(int(seg), 0)
         if sec is None or not len(sec):
             return
         for seg, packets in sec.groupby("seg")["packets"].sum().items():
@@ -255,8 +259,9 @@ class Sensor:
         self.shipper = Shipper(self.store, self.spool)
         self.run_id = uuid.uuid4().hex  # this process's loss counters start at 0: ClickHouse keeps them per run
         self._prev_losses = (0,) * len(LOSS_COUNTERS)  # the counters shipped with the previous flush
+        # deltas: each flush ships only what changed in the open minute (its close ships the minute whole once)
         self.rollup = Rollup(_Outbox(self.store, self.shipper, self.loss_row), sensor=name, iface=iface,
-                             flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s)
+                             flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s, deltas=True)
         self.engine = FleetEngine()
         self.engine.stage_factory = self._new_stage
         self.stage: FleetStage | None = None

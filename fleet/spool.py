@@ -191,7 +191,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _seg_packets(batch: IdBatch) -> dict[int, int]:
+    """Packets per segment the batch writes; a segment it replaces without rows (a minute's delta segments,
+    replaced by its close) holds none from then on."""
+    out = {int(s): 0 for s in batch.replaces}
     sec = batch.frames.get("seconds")
-    if sec is None or not len(sec):
-        return {}
-    return {int(k): int(v) for k, v in sec.groupby("seg")["packets"].sum().items()}
+    if sec is not None and len(sec):
+        out.update({int(k): int(v) for k, v in sec.groupby("seg")["packets"].sum().items()})
+    return out

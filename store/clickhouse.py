@@ -77,6 +77,8 @@ _KEYS = {"seconds": ("ts",), "conversations": ("minute", "a", "b", "ifNull(a_por
          "caps": ("minute", "kind"), "open_hours": ("hour",)}
 _PERIOD = {"seconds": "ts", "open_hours": "hour"}  # others: minute
 SEG_TABLES = tuple(TABLES)
+READERS_MAX = 4  # idle per-thread read connections a store keeps (own_connection)
+OPEN_HOURS_TTL_S = 2.0  # how long a range's open hours are remembered (one page run asks them ~10 times)
 MINUTES_FROM_S = 3600  # a range with at least this many seconds of whole minutes reads them from seconds_1m
 QUERY_TABLES = (*SEG_TABLES, "alerts", "origins")
 
@@ -176,7 +178,8 @@ def distributed_sql(db: str, cluster: str, version: int) -> list[str]:
     """A Distributed table `<name>_d` over each local table of schema `version`, sharded by sensor (run on
     every shard)."""
     tables = (*QUERY_TABLES, "seconds_1m", "commits", "commits_max", *(("conv_top_1h",) if version >= 5 else ()),
-              *(("losses", "flushes") if version >= 6 else ()), *(("run_losses",) if version >= 7 else ()))
+              *(("losses", "flushes") if version >= 6 else ()), *(("run_losses",) if version >= 7 else ()),
+              *(("vlans_1h",) if version >= 8 else ()))
     return [f"CREATE TABLE IF NOT EXISTS {db}.{t}_d AS {db}.{t} ENGINE = Distributed({_quote(cluster)}, {db}, {t}, "
             f"cityHash64(sensor))" for t in tables]
 
@@ -392,8 +395,21 @@ def run_losses_sql(db: str) -> list[str]:
             f"WHERE (sensor, run, ts) NOT IN (SELECT sensor, run, ts FROM {db}.run_losses)"]
 
 
+def vlans_sql(db: str) -> list[str]:
+    """Schema version 8: `vlans_1h`, each closed hour segment's packets and bytes per VLAN, written with its
+    hour rows under the same version (the same visibility rule): the VLAN chart of a day reads these, not
+    every conversation of the day. Filled from the hour rows already there (only what is not there yet)."""
+    return [f"CREATE TABLE IF NOT EXISTS {db}.vlans_1h (sensor String, iface String, origin String, seg Int64, "
+            f"minute Int64, vlan Int32, packets Int64, bytes Int64, ver Int64) ENGINE = ReplacingMergeTree(ver) "
+            f"PARTITION BY intDiv(minute, 86400) ORDER BY (sensor, minute, seg, vlan, ver)",
+            f"INSERT INTO {db}.vlans_1h SELECT sensor, iface, origin, seg, minute, vlan, sum(packets), sum(bytes), "
+            f"ver FROM {db}.conversations_1h WHERE (sensor, seg, minute, ver) NOT IN (SELECT sensor, seg, minute, "
+            f"ver FROM {db}.vlans_1h) GROUP BY sensor, iface, origin, seg, minute, vlan, ver"]
+
+
 # version -> statements that bring a database from version-1 to version (on every shard).
-MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql, 7: run_losses_sql}
+MIGRATIONS = {1: create_sql, 2: documents_sql, 3: minute_sql, 5: conv_top_sql, 6: losses_sql, 7: run_losses_sql,
+              8: vlans_sql}
 # version -> steps that look at a shard's tables first, run there (they return statements to run after).
 STEPS = {4: version_key_steps}
 MIGRATION_WAIT_S = 60.0  # how long an open waits for another program's migration of a shard before failing
@@ -428,6 +444,9 @@ class ClickHouseStore(Store):
         self.server_version = ""
         self.batches_skipped = 0  # batches found already committed (re-sent after a lost acknowledgement)
         self._slow = threading.local()  # .on: this thread's reads wait `timeout` (an exact full grouping)
+        self._own = threading.local()  # .client: this thread's own read connection (own_connection)
+        self._spare: list = []  # idle read connections of own_connection, at most READERS_MAX
+        self._hours_seen: dict[tuple, tuple[float, tuple[int, ...]]] = {}  # _open_hours' recent answers
         self._now_sql = "toInt64(now())"  # the receive time of a loss row: the server's clock (tests shift it)
 
     @property
@@ -663,6 +682,9 @@ class ClickHouseStore(Store):
             client, self._client = self._client, None
             if client is not None:
                 client.disconnect()
+            for spare in self._spare:
+                spare.disconnect()
+            self._spare.clear()
             if self._state == "ok":
                 self._state = "closed"
 
@@ -740,6 +762,8 @@ class ClickHouseStore(Store):
                                self._t("conversations_1h"), f"sensor = %(s)s AND ver = {ver} AND minute >= "
                                                             f"{int(h.min())} AND minute <= {int(h.max())}"),
                            {"s": sensor})
+        if hours is not None and len(hours) and CH_SCHEMA_VERSION >= 8:  # the hour's VLAN sums (the frame's rows)
+            self._insert(client, "vlans_1h", vlan_rows(hours), ver)
         # A batch without rows (a sensor's heartbeat) commits under the wall clock's minute: its flush is
         # recent, and commits_max keeps one heartbeat row per sensor and minute.
         fallback = lo if periods else (alert_period or int(time.time()) // 60 * 60)
@@ -790,7 +814,7 @@ class ClickHouseStore(Store):
     def _insert(self, client, table: str, frame: pd.DataFrame, ver: int) -> None:
         if frame is None or not len(frame):
             return
-        cols = list(frame.columns) if table == "seconds_1m" else columns(table)
+        cols = list(frame.columns) if table in ("seconds_1m", "vlans_1h") else columns(table)
         data = [_column(frame[c], table, c) for c in cols]
         data.append([ver] * len(frame))
         self._exec(client, f"INSERT INTO {self._t(table)} ({', '.join(cols)}, ver) VALUES", data, columnar=True)
@@ -876,7 +900,7 @@ class ClickHouseStore(Store):
             if not self._ready():
                 return 0
             quoted = "'" + origin.replace("\\", "\\\\").replace("'", "\\'") + "'"
-            tables = [*SEG_TABLES, "seconds_1m", "conv_top_1h", "alerts", "origins"]
+            tables = [*SEG_TABLES, "seconds_1m", "conv_top_1h", "vlans_1h", "alerts", "origins"]
             try:
                 self._each_shard(self._client, lambda c: [f"ALTER TABLE {self.db}.{t} DELETE WHERE origin = {quoted}"
                                                           for t in tables])
@@ -897,7 +921,7 @@ class ClickHouseStore(Store):
 
         def table(m: re.Match) -> str:
             name = m.group(1)
-            if name not in SEG_TABLES and name not in ("seconds_1m", "conv_top_1h"):
+            if name not in SEG_TABLES and name not in ("seconds_1m", "conv_top_1h", "vlans_1h"):
                 raise ValueError(f"no ClickHouse rewrite for table {name}")
             return f"FROM {self._t(name)} WHERE {self._visible(name).replace('{sensor}', sensor)} AND "
 
@@ -908,18 +932,50 @@ class ClickHouseStore(Store):
     def _query(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
         return self._run(self._rewrite(sql, params), params)
 
-    def _run(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+    @contextmanager
+    def own_connection(self):
+        """Within (this thread): reads go through a connection of the thread's own, not the store's shared
+        one under its lock, so a page's reads run in parallel (a clickhouse-driver client serves one thread
+        at a time). The connection goes back to a bounded pool (READERS_MAX) for the next page run."""
+        if not self.open():
+            raise OSError(self._message or "store is not open")
         with self._lock:
-            if self._client is None and not self.open():
+            client = self._spare.pop() if self._spare else None
+        try:
+            client = client or self._connect(self.host, self.port)
+        except Exception as exc:
+            raise OSError(self._describe(exc)) from exc
+        self._own.client = client
+        broken = False
+        try:
+            yield
+        except Exception:
+            broken = True  # a failed read may leave the connection mid-answer: never reused
+            raise
+        finally:
+            self._own.client = None
+            with self._lock:
+                keep = not broken and len(self._spare) < READERS_MAX
+                if keep:
+                    self._spare.append(client)
+            if not keep:
+                client.disconnect()
+
+    def _run(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
+        own = getattr(self._own, "client", None)
+        with nullcontext() if own is not None else self._lock:
+            if own is None and self._client is None and not self.open():
                 raise OSError(self._message or "store is not open")
-            client = self._client
+            client = own or self._client
             try:
                 slow = getattr(self._slow, "on", False)
                 with self._long(client, "the long-read timeout of an exact grouping") if slow else nullcontext():
                     rows, types = client.execute(sql, params, with_column_types=True, columnar=True)
             except Exception as exc:
-                self._failed(exc)
-                raise OSError(self._message) from exc
+                if own is None:
+                    self._failed(exc)
+                    raise OSError(self._message) from exc
+                raise OSError(self._describe(exc)) from exc
         names = [n for n, _ in types]
         if not rows:
             return pd.DataFrame({n: [] for n in names})
@@ -942,6 +998,22 @@ class ClickHouseStore(Store):
         sensor = " AND sensor = $sensor" if r.sensor else ""
         return [("seconds", f"((ts >= $since AND ts < {m_lo}) OR (ts >= {m_hi} AND ts <= $until)){sensor}"),
                 ("seconds_1m", f"minute >= {m_lo} AND minute < {m_hi}{sensor}")]
+
+    def _open_hours(self, r: TimeRange, h0: int, h1: int) -> list[int]:
+        """As the base, remembered OPEN_HOURS_TTL_S: a page asks it before each of its ~10 range questions.
+
+        A stale answer stays exact: an hour that closed meanwhile is read from its minute rows, which
+        closing keeps (only its open_hours row goes); an hour first written within the TTL (a spool
+        replaying an old hour) shows at the next refresh."""
+        key, now = (r.sensor, h0, h1), time.monotonic()
+        hit = self._hours_seen.get(key)
+        if hit is not None and now - hit[0] < OPEN_HOURS_TTL_S:
+            return list(hit[1])
+        got = super()._open_hours(r, h0, h1)
+        if len(self._hours_seen) >= 64:  # bounded: a page asks a few ranges
+            self._hours_seen.clear()
+        self._hours_seen[key] = (now, tuple(got))
+        return got
 
     def totals(self, r: TimeRange) -> dict[str, Any]:
         """As the base (a long range's whole minutes read per minute), with no first/last time for an
@@ -1088,9 +1160,15 @@ class ClickHouseStore(Store):
         keyset = ", ".join("(" + ", ".join(_literal(v) for v in k) + ")" for k in keys)
         union = " UNION ALL ".join(f"SELECT {_CONV_KEYS}, packets, bytes, {times} FROM {t} WHERE {rng} AND "
                                    f"{_CONV_TUPLE} IN ({keyset}){sensor}" for t, rng in ranges)
-        return self._query(f"SELECT {_CONV_KEYS}, {self._sums()}, min(first_ts) AS first_ts, max(last_ts) AS last_ts "
-                           f"FROM ({union}) GROUP BY {_CONV_KEYS} ORDER BY {by} DESC, a, b, a_port, b_port "
-                           f"LIMIT {int(n)}", r.params())
+        sql = self._rewrite(f"SELECT {_CONV_KEYS}, {self._sums()}, min(first_ts) AS first_ts, max(last_ts) AS "
+                            f"last_ts FROM ({union}) GROUP BY {_CONV_KEYS} ORDER BY {by} DESC, a, b, a_port, b_port "
+                            f"LIMIT {int(n)}", r.params())
+        # The candidates' ends first (PREWHERE reads two columns of every row, the rest only where they match):
+        # half the time of the tuple test alone over a day's conversation rows. The same rows either way.
+        ends = " AND ".join(f"{c} IN ({', '.join(_literal(v) for v in sorted({k[i] for k in keys}))})"
+                            for c, i in (("b", 2), ("a", 0)))
+        sql = re.sub(r"(FROM [\w.]*conversations\w*) WHERE ", rf"\1 PREWHERE {ends} WHERE ", sql)
+        return self._run(sql, r.params())
 
     def _conv_approx(self, by: str, n: int, cands: pd.DataFrame, unlisted: int) -> pd.DataFrame:
         """The n candidates with the largest certain `by` count, as bounds: each figure the most its count
@@ -1106,6 +1184,34 @@ class ClickHouseStore(Store):
                            "first_ts": np.nan, "last_ts": np.nan})
         df.attrs.update(method="approximate", unlisted_max=int(unlisted))
         return df
+
+    def vlans(self, r: TimeRange) -> pd.DataFrame:
+        """As the base; whole closed hours from their per-VLAN sums (`vlans_1h`), not their conversations."""
+        sensor = " AND sensor = $sensor" if r.sensor else ""
+        parts = [f"SELECT vlan, packets, bytes FROM {'vlans_1h' if t.endswith('_1h') else t} WHERE {rng}{sensor}"
+                 for t, rng in self._ranges("conversations", r)]
+        return self._query(f"SELECT vlan, {self._sums()} FROM ({' UNION ALL '.join(parts)}) GROUP BY vlan "
+                           f"ORDER BY vlan", r.params())
+
+    def addr_minutes(self, r: TimeRange, kind: str, addrs: list[str] | None = None,
+                     limit: int = 100_000) -> pd.DataFrame:
+        """The per-minute top sources (kind src) or destinations (dst) of the range: without `addrs`, the
+        distinct addresses there (`addr`, at most `limit`); with them, their packets and bytes per minute."""
+        if addrs is None:
+            return self._query(f"SELECT DISTINCT addr FROM top_addrs WHERE {self._where(r, 'minute')} AND kind = "
+                               f"$kind ORDER BY addr LIMIT {int(limit)}", {**r.params(), "kind": kind})
+        if not addrs:
+            return pd.DataFrame({"minute": [], "packets": [], "bytes": []})
+        return self._query(f"SELECT minute, {self._sums()} FROM top_addrs WHERE {self._where(r, 'minute')} AND "
+                           f"kind = $kind AND addr IN $addrs GROUP BY minute ORDER BY minute",
+                           {**r.params(), "kind": kind, "addrs": tuple(addrs)})
+
+    def vlans_by(self, r: TimeRange, cols: tuple[str, ...] = ()) -> pd.DataFrame:
+        """Packets and bytes per VLAN id and `cols` (conversation keys: a, b, a_port, b_port, proto) of the
+        range's stored conversations, summed here: what a filtered VLAN chart needs, never the raw rows."""
+        keys = ", ".join(dict.fromkeys(("vlan", *(c for c in cols if c in _CONV_KEYS.split(", ")))))
+        src = self._source("conversations", r, f"{keys}, packets, bytes")
+        return self._query(f"SELECT {keys}, {self._sums()} FROM {src} GROUP BY {keys} ORDER BY {keys}", r.params())
 
     def sensor_series(self, r: TimeRange, bin_s: int, cols: tuple[str, ...] = ("packets", "bytes")) -> pd.DataFrame:
         """Per sensor and bin (`sensor`, `t`, then `cols`): the fleet page's sparklines in one query."""
@@ -1284,6 +1390,14 @@ def minute_rows(sec: pd.DataFrame) -> pd.DataFrame:
     agg = {**{c: "sum" for c in SECOND_VALUES}, "min_ts": "min", "max_ts": "max"}
     out = df.groupby([*keys, "minute"], sort=False, observed=True).agg(agg).reset_index()
     return out[[*keys, "minute", *SECOND_VALUES, "min_ts", "max_ts"]]
+
+
+def vlan_rows(hours: pd.DataFrame) -> pd.DataFrame:
+    """The `vlans_1h` rows of a batch's hour conversation rows: packets and bytes per segment, hour and VLAN."""
+    keys = ["sensor", "iface", "origin", "seg", "minute", "vlan"]
+    df = hours.astype({k: str for k in keys[:3]})
+    out = df.groupby(keys, sort=False, observed=True)[["packets", "bytes"]].sum().reset_index()
+    return out[[*keys, "packets", "bytes"]]
 
 
 def _alert_period(batch: StoreBatch) -> int | None:

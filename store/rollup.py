@@ -13,6 +13,14 @@ exactly one segment's state, and every segment's rows in the store are one consi
 A flush that fails is retried by the store in order; a later write of the same segment carries
 the whole minute anyway.
 
+With `deltas` (a fleet sensor, flushing every FLEET_FLUSH_S): a flush ships, for each open minute,
+only the keys and seconds that changed since its last flush (the difference, in a segment of its
+own); reads sum a minute's rows over its segments, so the deltas add up to the minute's state. The
+minute's close writes it whole once and replaces its delta segments (as a rewrite replaces a
+segment), so each packet counts once, a re-sent batch is found by its id, and a sensor restarted
+mid-minute leaves its shipped deltas as that minute's rows. While the minute is open, a key a capped
+table evicted after it was shipped keeps its shipped part; the caps rows come with the close.
+
 Top tables and conversations are capped per minute (STORE_TOP_MAX, STORE_CONV_MAX): the keys
 with most packets and those with most bytes are kept, and for the rest the store gets what was
 left out and the most any single left-out key had, which bounds a range top-N's error.
@@ -56,6 +64,38 @@ def _minute_bytes(minutes: np.ndarray) -> np.ndarray:
 
 def _key_minutes(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<i8").ravel()
+
+
+def _changed(cur: tuple, prev: tuple | None) -> tuple:
+    """The rows of `cur` (keys, vals, times) whose counts differ from `prev`'s, as the difference."""
+    keys, vals, times = cur
+    if prev is None or not len(prev[0]) or not len(keys):
+        return cur
+    before = {bytes(k): v for k, v in zip(prev[0], prev[1])}
+    base = np.array([before.get(bytes(k), (0, 0)) for k in keys], np.int64).reshape(-1, 2)
+    diff = vals - base
+    keep = diff.any(axis=1)
+    return keys[keep], diff[keep], None if times is None else times[keep]
+
+
+def _replace_minutes(sent: tuple | None, cur: tuple | None, minutes: list[int]) -> tuple | None:
+    """`sent` with the rows of these minutes replaced by `cur`'s (or removed, with cur None)."""
+    if sent is None:
+        return cur
+    keep = ~np.isin(_key_minutes(sent[0]), minutes)
+    parts = [(sent[0][keep], sent[1][keep], None if sent[2] is None else sent[2][keep])]
+    if cur is not None:
+        parts.append(cur)
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            None if parts[0][2] is None else np.concatenate([p[2] for p in parts]))
+
+
+def _concat_frames(a: dict[str, pd.DataFrame], b: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Two batches' frames as one (per table, rows of both)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = pd.concat([out[k], v], ignore_index=True) if k in out and len(out[k]) else v
+    return out
 
 
 def _to_hours(keys: np.ndarray) -> np.ndarray:
@@ -183,8 +223,15 @@ class Rollup:
 
     def __init__(self, store: Store | None, sensor: str | None = None, iface: str = "", origin: str = "live",
                  flush_s: float | None = None, top_max: int | None = None, conv_max: int | None = None,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, deltas: bool = False) -> None:
         self.store = store
+        # deltas (a fleet sensor's flushes every FLEET_FLUSH_S): an open minute's flush carries only what
+        # changed since its last flush, in a segment of its own, summed on read; the minute's close writes it
+        # whole once, replacing its delta segments (see `_delta_frames`).
+        self.deltas = deltas
+        self._sent: dict[str, tuple] = {}  # table kind -> the open minutes' rows as last shipped (deltas)
+        self._sent_secs: dict[int, tuple] = {}  # second -> (grid row, min, max) as last shipped (deltas)
+        self._dsegs: dict[int, list[int]] = {}  # open minute -> its delta segments shipped (deltas)
         self.sensor = sensor or config.get("STORE_SENSOR") or socket.gethostname()
         self.iface = iface
         self.origin = origin
@@ -319,12 +366,20 @@ class Rollup:
             return None
         newest = self._newest_minute
         closed = sorted(m for m in self._segs if final or (newest is not None and m < newest))
+        open_dirty: list[int] = []
+        if self.deltas:  # a closing minute with deltas shipped is written whole (its deltas replaced)
+            self._dirty |= {m for m in closed if m in self._dsegs}
+            open_dirty = sorted(self._dirty - set(closed))
+            self._dirty -= set(open_dirty)
         dirty = sorted(self._dirty)
         frames: dict[str, pd.DataFrame] = {}
         if dirty:
             rows = {k: t.select(dirty) for k, t in self.tables.items()}
             drops = {k: {m: t.dropped[m] for m in dirty if m in t.dropped} for k, t in self.tables.items()}
             frames.update(self._period_frames(rows, drops, self._segs, "", *self._merged_seconds()))
+        replaced = [s for m in dirty for s in self._dsegs.pop(m, [])]
+        if open_dirty:
+            frames = _concat_frames(frames, self._delta_frames(open_dirty))
         self._fold(closed)
         still_open = {m - m % 3600 for m in self._segs if m not in closed}
         closing = sorted(h for h in self._hsegs if final or h not in still_open)
@@ -332,13 +387,13 @@ class Rollup:
             rows = {k: t.select(closing) for k, t in self.hours.items()}
             drops = {k: {h: t.dropped[h] for h in closing if h in t.dropped} for k, t in self.hours.items()}
             frames.update(self._period_frames(rows, drops, self._hsegs, "_1h"))
-        opened = sorted({m - m % 3600 for m in dirty} - set(closing))
+        opened = sorted({m - m % 3600 for m in (*dirty, *open_dirty)} - set(closing))
         opened = [h for h in opened if self._hsegs[h] not in self._marked]
         if opened:
             frames["open_hours"] = pd.DataFrame({**self._prefix(len(opened), np.array(opened), self._hsegs),
                                                  "hour": opened}, columns=columns("open_hours"))
         segs = [self._segs[m] for m in dirty]
-        batch = StoreBatch(frames=frames, replaces=tuple(s for s in segs if s in self._written),
+        batch = StoreBatch(frames=frames, replaces=tuple(s for s in segs if s in self._written) + tuple(replaced),
                            alerts=self._alert_frame(), origins=tuple(self._origins),
                            hours_done=tuple(self._hsegs[h] for h in closing if self._hsegs[h] in self._marked))
         self._written.update(segs)
@@ -348,6 +403,38 @@ class Rollup:
         self._dirty.clear()
         self._close(closed, closing)
         return batch
+
+    def _delta_frames(self, minutes: list[int]) -> dict[str, pd.DataFrame]:
+        """What changed in these open minutes since their last shipment, each minute in a new segment.
+
+        Per key (and per second): the current count minus the count last shipped; first/last seen as
+        now (read as min/max). Reads sum a minute's rows over its segments, so the shipped deltas add up
+        to the minute's state; its close writes it whole and replaces them. A key a capped table evicted
+        after it was shipped keeps its shipped part until that close (the caps rows come with it)."""
+        segs = {m: self._allocate() for m in minutes}
+        rows = {}
+        for kind, t in self.tables.items():
+            cur = t.select(minutes)
+            rows[kind] = _changed(cur, self._sent.get(kind))
+            self._sent[kind] = _replace_minutes(self._sent.get(kind), cur, minutes)
+        secs, grid, mins, maxs = self._merged_seconds()
+        sel = np.isin(secs - secs % 60, minutes)
+        secs, grid, mins, maxs = secs[sel], grid[sel].copy(), mins[sel], maxs[sel]
+        for i, sec in enumerate(secs.tolist()):
+            before = self._sent_secs.get(sec)
+            self._sent_secs[sec] = (grid[i].copy(), mins[i], maxs[i])
+            if before is not None:
+                grid[i] -= before[0]
+        moved = grid.any(axis=1)
+        saved = self._dirty
+        self._dirty = set(minutes)  # _period_frames ships the seconds of the dirty minutes
+        try:
+            frames = self._period_frames(rows, {}, segs, "", secs[moved], grid[moved], mins[moved], maxs[moved])
+        finally:
+            self._dirty = saved
+        for m, seg in segs.items():
+            self._dsegs.setdefault(m, []).append(seg)
+        return frames
 
     def _fold(self, closed: list[int]) -> None:
         """Closed minutes join their hour's state (rows and what their caps left out)."""
@@ -371,6 +458,10 @@ class Rollup:
             self._secs = [(secs[keep], grid[keep], mins[keep], maxs[keep])] if keep.any() else []
             for m in minutes:
                 self._written.discard(self._segs.pop(m))
+                self._dsegs.pop(m, None)
+            if self._sent:
+                self._sent = {k: _replace_minutes(v, None, minutes) for k, v in self._sent.items()}
+                self._sent_secs = {t: v for t, v in self._sent_secs.items() if t - t % 60 not in minutes}
         if hours:
             for t in self.hours.values():
                 t.forget(hours)

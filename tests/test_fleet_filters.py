@@ -29,7 +29,6 @@ from store.rollup import Rollup
 
 APP = "../dashboard.py"
 DB = "t_fleet_filters"
-T0 = int(time.time()) // 60 * 60 - 600  # ten minutes ago, minute-aligned: inside the "1 h" range
 
 # (sensor, cls, src, sport, dst, dport, packets, wire_len, vlan); cls 0 TCP, 1 UDP, 2 ICMP
 FLOWS = [("east", 1, "10.5.0.1", 5000, "10.5.0.2", 5353, 40, 120, 10),
@@ -39,13 +38,19 @@ FLOWS = [("east", 1, "10.5.0.1", 5000, "10.5.0.2", 5353, 40, 120, 10),
          ("west", 0, "10.6.0.4", 41000, "1.1.1.1", 443, 15, 300, 30)]
 
 
-def packets() -> pd.DataFrame:
-    """Every packet fed, one row each (the reference the page is checked against)."""
+@pytest.fixture(scope="module")
+def t0() -> int:
+    """Ten minutes before the module's traffic is fed, minute-aligned: inside the page's "1 h" range."""
+    return int(time.time()) // 60 * 60 - 600
+
+
+def packets(t0: int = 0) -> pd.DataFrame:
+    """Every packet fed, one row each (the reference the page is checked against), from second t0."""
     rows = []
     for sensor, cls, src, sport, dst, dport, n, size, vlan in FLOWS:
         for k in range(n):
             rows.append({"sensor": sensor, "cls": cls, "src": src, "sport": sport, "dst": dst, "dport": dport,
-                         "wire_len": size, "vlan": vlan, "ts": T0 + 5 + k * 1.7 + cls * 0.3})
+                         "wire_len": size, "vlan": vlan, "ts": t0 + 5 + k * 1.7 + cls * 0.3})
     return pd.DataFrame(rows)
 
 
@@ -65,9 +70,9 @@ def want(sensor: str | None = None, **eq) -> int:
 
 
 @pytest.fixture(scope="module")
-def fed(cluster) -> Iterator[str]:  # noqa: F811
+def fed(cluster, t0) -> Iterator[str]:  # noqa: F811
     """The two sensors' traffic written through the real rollup into the cluster; the address to read."""
-    df = packets()
+    df = packets(t0)
     for sensor in ("east", "west"):
         ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=DB, sensor=sensor)
         assert ch.open(), ch.status().message
@@ -136,14 +141,14 @@ def test_url_filters_chips_and_the_sensor_picker(at):
     assert any(h.value == "\\*x\\*" for h in at.header), [h.value for h in at.header]
 
 
-def test_a_brushed_span_narrows_the_fleet_totals_to_its_seconds(at):
+def test_a_brushed_span_narrows_the_fleet_totals_to_its_seconds(at, t0):
     """A timeline box selection gives from/to; the page opened with them counts exactly the packets of
     those whole seconds (per-second rows: exact), for all sensors and for one."""
-    lo, hi = T0 + 12.4, T0 + 31.6
+    lo, hi = t0 + 12.4, t0 + 31.6
     x = [pd.Timestamp(v, unit="s").strftime("%Y-%m-%d %H:%M:%S.%f") for v in (lo, hi)]  # naive UTC, as Plotly
     pairs = inv.selection_filters(fleet_page.CHART_KINDS["hist_timeline"], {"box": [{"x": x}]}, [], None)
     assert [k for k, _ in pairs] == ["from", "to"] and abs(float(pairs[0][1]) - lo) < 1e-3
-    df = packets()
+    df = packets(t0)
     sec = np.floor(df["ts"])
     inside = (sec >= np.floor(lo)) & (sec <= np.ceil(hi) - 1)  # whole seconds, both ends (the stored grain)
     url(at, **dict(pairs))
@@ -232,10 +237,18 @@ def test_vlan_chart_enrichment_views_and_recent_packets_statement(at):
     assert np.isclose(count(at), want("west"))
 
 
-def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster):  # noqa: F811
-    """Store.vlans (the VLAN chart's unfiltered question) over a range of whole closed hours (hourly rows) and
-    ragged minutes at both ends (minute rows), in the cluster: each VLAN's packets and bytes as fed."""
+@pytest.mark.parametrize("written_at", [7, None])
+def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster, monkeypatch, written_at):  # noqa: F811
+    """Store.vlans (the VLAN chart's unfiltered question) over a range of whole closed hours (their per-VLAN
+    sums, vlans_1h) and ragged minutes at both ends (minute rows), in the cluster: each VLAN's packets and
+    bytes as fed. Written by a program of schema version 7 (no per-VLAN sums), then opened by this one: the
+    migration fills them from the hour rows, with the same answer."""
+    import store.clickhouse as chmod
     from store.base import TimeRange
+
+    if written_at:
+        monkeypatch.setattr(chmod, "CH_SCHEMA_VERSION", written_at)
+    db = f"t_fleet_vlans_{written_at or 'now'}"
 
     h0 = 1_700_006_400  # an hour boundary, long ago
     rng = np.random.default_rng(7)
@@ -243,7 +256,7 @@ def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster)
     fed = pd.DataFrame({"ts": np.sort(h0 + rng.random(n) * 4 * 3600), "vlan": rng.choice([0, 7, 100, 4000], n),
                         "wire_len": rng.integers(60, 1500, n), "sport": rng.integers(1024, 1100, n)})
     fed["src"], fed["dst"], fed["cls"], fed["dport"] = "10.7.0.1", "10.7.0.2", 1, 53
-    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fleet_vlans", sensor="v")
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db, sensor="v")
     assert ch.open(), ch.status().message
     roll = Rollup(ch, sensor="v", iface="lo", flush_s=3600)
     for hour in range(4):  # an hour per build, as a sensor closes them
@@ -251,6 +264,14 @@ def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster)
         roll.add(records(part.to_dict("records")))
         roll.flush()
     roll.flush(final=True)
+    if written_at:
+        ch.close()
+        monkeypatch.undo()
+        assert not cluster.query(f"EXISTS TABLE {db}.vlans_1h")[0][0]
+        ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database=db)
+        assert ch.open(), ch.status().message
+    assert cluster.query(f"SELECT count() FROM {db}.vlans_1h")[0][0] + \
+        cluster.query(f"SELECT count() FROM {db}.vlans_1h", shard=2)[0][0] > 0  # the hours' sums are read
     since, until = h0 + 1500, h0 + 3 * 3600 + 1800 - 1  # cuts the first and the last hour, minute-aligned
     got = ch.vlans(TimeRange(since, until)).astype("int64").set_index("vlan")
     ch.close()
@@ -259,3 +280,208 @@ def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster)
     want_ = inside.groupby("vlan").agg(packets=("ts", "size"), bytes=("wire_len", "sum")).astype("int64")
     assert got.to_dict("index") == want_.to_dict("index")
     assert 0 < len(inside) < len(fed) and len(got) == 4
+
+
+# -- the page's own callbacks, its error state, and its other fixes ------------------------------------
+
+
+def chart_id(at: AppTest, key: str) -> str:
+    """The widget id of the page's chart `key` (a chart with on_select is a widget: its id ends with its key)."""
+    ids = [c.proto.id for c in at.get("plotly_chart") if c.proto.id.endswith(key)]
+    assert len(ids) == 1, f"chart {key} is not selectable (no on_select)"
+    return ids[0]
+
+
+def select(at: AppTest, key: str, selection: dict, widget_id: str | None = None) -> AppTest:
+    """A selection on the page's chart (or table) `key`, as the browser sends it: its widget state, so the
+    page's own on_select callback turns it into filters (AppTest has no plotly element to click)."""
+    ws = at._tree.get_widget_states()
+    w = ws.widgets.add()
+    w.id = widget_id or chart_id(at, key)
+    w.string_value = json.dumps({"selection": selection})
+    at = at._run(ws)
+    assert not at.exception, at.exception
+    return at
+
+
+def bar_click(at: AppTest, key: str, label: str) -> AppTest:
+    """A click on the bar labelled `label` of chart `key` (the labels the page registered for it)."""
+    labels = at.session_state[inv.LABELS_KEY][key]
+    curve = next(i for i, ys in enumerate(labels) if label in ys)
+    i = labels[curve].index(label)
+    return select(at, key, {"points": [{"curve_number": curve, "point_number": i, "point_index": i, "y": label}],
+                            "point_indices": [i], "box": [], "lasso": []})
+
+
+def spec(at: AppTest) -> set[tuple[str, str]]:
+    from investigate import filters as flt
+
+    return set(flt.from_query(at.query_params))
+
+
+def test_clicks_go_through_the_pages_callbacks_and_refilter_the_panels(at):
+    """A top-source bar, a VLAN bar and a conversation row, clicked as the browser sends them: the page's
+    on_select callbacks write the URL, and the totals and the VLAN chart re-filter to exactly their packets."""
+    at = bar_click(url(at), "hist_top_src", "10.6.0.4")
+    assert spec(at) == {("src", "10.6.0.4")}
+    assert count(at) == want(src="10.6.0.4") == 15
+    at = bar_click(url(at), "fleet_vlans", "VLAN 10")
+    assert spec(at) == {("vlan", "10")} and count(at) == want(vlan=10) == 45
+    assert bars(figures(at)["VLANs (stored conversations, per minute)"]) == {"VLAN 10": 45}
+    at = url(at)
+    rows = at.session_state["_fleet_conversations"]
+    i = next(k for k, r in enumerate(rows) if "8.8.8.8" in (r["a"], r["b"]))
+    table = next(d for d in at.dataframe if d.proto.id.endswith("hist_conversations"))
+    at = select(at, "hist_conversations", {"rows": [i], "columns": []}, table.proto.id)
+    assert spec(at) == {("host", "10.5.0.3"), ("host", "8.8.8.8"), ("port", "40000"), ("port", "443"),
+                        ("proto", "tcp")}
+    assert count(at) == want(src="10.5.0.3", dst="8.8.8.8") == 30
+
+
+def test_a_brush_on_the_filtered_timeline_sets_from_and_to(at, t0):
+    """With a filter set, the timeline (the matching traffic per minute) is still a brush: a box selection
+    sets from/to in the URL next to the filter, as on the unfiltered page."""
+    at = url(at, port="443")
+    lo, hi = t0 + 12.4, t0 + 31.6
+    x = [pd.Timestamp(v, unit="s").strftime("%Y-%m-%d %H:%M:%S.%f") for v in (lo, hi)]
+    at = select(at, "hist_timeline", {"points": [], "point_indices": [], "box": [{"x": x, "y": [0, 1]}],
+                                      "lasso": []})
+    got = dict(spec(at))
+    assert got["port"] == "443" and set(got) == {"port", "from", "to"}, got
+    assert abs(float(got["from"]) - lo) < 1e-3 and abs(float(got["to"]) - hi) < 1e-3
+
+
+def test_vlan_chart_under_a_protocol_filter_sums_in_sql(at):
+    """proto= alone is counted from the per-second rows (no conversations read): the VLAN chart then asks
+    the store for its sums per VLAN and protocol; each bar is exactly that protocol's packets there."""
+    at = url(at, proto="udp")
+    assert want(cls=1, vlan=10) == 40 and want(cls=1, vlan=0) == 25  # untagged (west's UDP): not drawn
+    assert bars(figures(at)["VLANs (stored conversations, per minute)"]) == {"VLAN 10": 40}
+
+
+def test_a_sensor_name_is_text_in_the_history_caption(at):
+    """sensor= from the URL (anyone can write it) shows as itself in the history caption's store address."""
+    at = url(at, sensor="<b>x</b>*y*")
+    caps = [c.value for c in at.caption if "· sensor " in c.value]
+    assert caps and all("· sensor \\<b\\>x\\</b\\>\\*y\\*" in c.replace("\\/", "/") for c in caps), caps
+
+
+def test_clickhouse_gone_is_the_pages_error_and_the_page_recovers(at, cluster, monkeypatch):  # noqa: F811
+    """The server the page reads from is stopped: the page shows the error (no exception) and keeps its
+    refresh running; started again, the next run shows the exact totals. A failing sensor-grid read alone is
+    the page's error too."""
+    import streamlit_autorefresh
+
+    ticks: list[int] = []
+    monkeypatch.setattr(streamlit_autorefresh, "st_autorefresh", lambda interval, key: ticks.append(interval))
+    at = url(at)
+    cluster.stop_shard(2)
+    try:
+        at.run()
+        assert not at.exception, at.exception
+        assert any("ClickHouse cannot be read" in e.value for e in at.error), [e.value for e in at.error]
+        assert ticks, "the page stopped refreshing"
+    finally:
+        cluster.start_shard(2)
+    ticks.clear()
+    at.run()
+    assert not at.exception and not at.error and count(at) == want() == 115
+
+    def grid_fails(self, r, bin_s, cols=("packets", "bytes")):
+        raise OSError("Connection reset by peer")
+
+    monkeypatch.setattr(ClickHouseStore, "sensor_series", grid_fails)
+    at.radio(key="fleet_range").set_value(next(iter(fleet_page.RANGES))).run()  # Live: refreshes every REFRESH_S
+    assert not at.exception, at.exception
+    assert any("Connection reset" in e.value for e in at.error), [e.value for e in at.error]
+    assert ticks
+
+
+def test_another_sites_private_addresses_are_not_looked_up():
+    """Names: a private, link-local or loopback address is asked of this host's resolver only for a sensor
+    that is this host; a public address always."""
+    import socket
+
+    asked: list[str] = []
+
+    class Names:
+        def name_text(self, addr: str) -> str:
+            asked.append(addr)
+            return "name-of-" + addr
+
+    remote = fleet_page.SiteNames(Names(), local=False)
+    for addr in ("10.5.0.1", "192.168.1.2", "172.16.0.9", "fe80::1", "127.0.0.1", "fd00::2", "100.64.0.1"):
+        assert remote.name_text(addr) == fleet_page.NOT_LOOKED_UP
+    assert asked == [] and remote.name_text("8.8.8.8") == "name-of-8.8.8.8" and asked == ["8.8.8.8"]
+    assert fleet_page.SiteNames(Names(), local=True).name_text("10.5.0.1") == "name-of-10.5.0.1"
+    assert fleet_page.is_this_host(socket.gethostname()) and not fleet_page.is_this_host("east")
+
+
+def test_who_conversations_show_lower_bounds_when_approximate():
+    """An approximate top-conversations answer (bounds): the who panel's counts are '≥ the certain part',
+    and its caption says so; an exact one shows plain counts."""
+    import types
+
+    class Names:
+        def name_text(self, addr: str) -> str:
+            return ""
+
+    en = types.SimpleNamespace(name_text=Names().name_text, geo=types.SimpleNamespace(lookup=lambda a: None),
+                               services=types.SimpleNamespace(label=lambda p, proto: str(p)))
+    # Certain part (lo) and most it may be (upper) per conversation, as the store's bounds give them.
+    lo, upper = [700, 500], [900, 650]
+    approx = pd.DataFrame({"a": ["10.0.0.1", "10.0.0.2"], "a_port": [1000, 1001], "b": ["8.8.8.8", "1.1.1.1"],
+                           "b_port": [443, 443], "proto": [6, 6], "vlan": [0, 0], "packets": upper,
+                           "bytes": [9000, 6500], "packets_error": [u - x for u, x in zip(upper, lo)],
+                           "bytes_error": [100, 100], "first_ts": np.nan, "last_ts": np.nan})
+
+    class View:
+        conversations_note = ("packets", 480)
+
+        def top_conversations(self, r, by, n):
+            return approx
+
+    df = fleet_page.conversations_who(en, View(), 0, 59, "packets")
+    assert df["packets"].tolist() == ["≥ 700", "≥ 500"] and df["bytes"].tolist() == ["≥ 8,900", "≥ 6,400"]
+
+
+def test_src_and_dst_match_their_own_end_host_either(at):
+    """src= counts the packets an address sent, dst= those it received (the stored top sources and
+    destinations keep the ends), host= both; networks too, per sensor too. Exact counts of the fed packets."""
+    df = packets()
+    assert want(src="10.5.0.1") == count(url(at, src="10.5.0.1")) == 45
+    assert want(dst="10.5.0.1") == count(url(at, dst="10.5.0.1")) == 0  # never a destination: either end gave 45
+    assert want(host="10.5.0.1") == count(url(at, host="10.5.0.1")) == 45
+    assert want(dst="8.8.8.8") == count(url(at, dst="8.8.8.8")) == 30
+    east_sent = int(df["src"].str.startswith("10.5.").sum())
+    east_got = int(df["dst"].str.startswith("10.5.").sum())
+    assert east_sent == count(url(at, src="10.5.0.0/16")) == 75
+    assert east_got == count(url(at, dst="10.5.0.0/16")) == 45
+    assert count(url(at, dst="10.6.0.2", sensor="west")) == want("west", dst="10.6.0.2") == 25
+    assert count(url(at, dst="10.6.0.2", sensor="east")) == 0
+    assert any("each address at its own end" in rendered(c.value) for c in at.caption)
+
+
+def test_reads_on_the_pages_pool_equal_the_shared_connections(fed, t0):
+    """The page's pool: each thread reads through its own connection, all at once; the answers are the
+    shared connection's (and the traffic fed); idle connections are kept up to READERS_MAX, closed at close."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import store.clickhouse as chmod
+    from store.base import TimeRange
+
+    ch = ClickHouseStore(fed, cluster="fleet", database=DB)
+    assert ch.open(), ch.status().message
+    r = TimeRange(t0 - 60, t0 + 600)
+
+    def ask() -> tuple:
+        return (ch.totals(r)["packets"], ch.vlans(r).astype("int64").to_dict("list"),
+                ch.top_addrs(r, "src", "packets", 50).to_dict("list"))
+
+    shared = ask()
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: fleet_page._owned(ch, ask), range(12)))
+    assert shared[0] == want() == 115 and all(g == shared for g in got)
+    assert 1 <= len(ch._spare) <= chmod.READERS_MAX
+    ch.close()
+    assert not ch._spare

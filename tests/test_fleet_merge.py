@@ -87,6 +87,18 @@ def assert_exact(store: ClickHouseStore, batches: list[np.ndarray]) -> None:
         assert store.totals(TimeRange(since, until))["packets"] == fed_packets(batches, since, until), (since, until)
 
 
+def fed_at_version(cluster, db: str, version: int) -> list[np.ndarray]:  # noqa: F811
+    """Sensor alpha's hours of traffic written at this schema version, then the database as a program of
+    `version` left it; the batches fed."""
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db)
+    assert ch.open(), ch.status().message
+    batches = hours_of_traffic()
+    feed(ch, "alpha", batches)
+    ch.close()
+    back_to_version(cluster, db, version)
+    return batches
+
+
 def back_to_version(cluster, db: str, version: int) -> None:  # noqa: F811
     """What a program of that schema version left: the later tables gone, meta saying `version`."""
     for shard in (1, 2):
@@ -101,12 +113,7 @@ def back_to_version(cluster, db: str, version: int) -> None:  # noqa: F811
 def test_a_migration_cut_off_before_its_version_is_recorded_runs_again_exactly(cluster):  # noqa: F811
     """Version 3's backfill done, the program killed before writing version 3: the next open repeats it."""
     db = "t_migr_crash"
-    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db)
-    assert ch.open(), ch.status().message
-    batches = hours_of_traffic()
-    feed(ch, "alpha", batches)
-    ch.close()
-    back_to_version(cluster, db, 2)
+    batches = fed_at_version(cluster, db, 2)
     for shard in (1, 2):
         for stmt in minute_sql(db):
             if stmt.startswith("INSERT"):
@@ -122,12 +129,7 @@ def test_a_migration_cut_off_before_its_version_is_recorded_runs_again_exactly(c
 def test_two_programs_migrating_at_once_count_nothing_twice(cluster):  # noqa: F811
     """Two stores (two sensors, or a sensor and the page) open a version-1 database at the same moment."""
     db = "t_migr_two"
-    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database=db)
-    assert ch.open(), ch.status().message
-    batches = hours_of_traffic()
-    feed(ch, "alpha", batches)
-    ch.close()
-    back_to_version(cluster, db, 1)
+    batches = fed_at_version(cluster, db, 1)
     stores = [ClickHouseStore(cluster.address(1 + i % 2), cluster=cluster.name, database=db) for i in range(3)]
     start = threading.Barrier(len(stores))
 

@@ -11,7 +11,7 @@ from fleethelp import cluster  # noqa: F401  (the module's cluster fixture)
 from storehelp import udp_burst
 
 from store.base import TimeRange
-from store.clickhouse import CH_SCHEMA_VERSION, ClickHouseStore
+from store.clickhouse import CH_SCHEMA_VERSION, ClickHouseStore, with_id
 from store.embedded import EmbeddedStore
 from store.history import history_summary, series
 from store.rollup import Rollup
@@ -117,3 +117,62 @@ def test_a_version_1_database_is_migrated_with_its_rows(cluster):  # noqa: F811
     assert (t["packets"], t["bytes"]) == want
     assert int(cluster.query(f"SELECT max(toInt64(value)) FROM {db}.meta")[0][0]) == CH_SCHEMA_VERSION
     again.close()
+
+
+def answers(store, r: TimeRange) -> tuple:
+    """Every per-minute and per-second answer the page reads, for comparing two stores' contents."""
+    from store.history import conversations
+
+    t = store.totals(r)
+    return (t["packets"], t["bytes"], store.series(r, 60, ("packets", "bytes")).astype("int64").to_dict("list"),
+            store.top_addrs(r, "src", "packets", 50).to_dict("list"),
+            store.top_ports(r, "udp", "bytes", 50).to_dict("list"),
+            [(c["a"], c["b"], c["a_port"], c["b_port"], c["packets"], c["bytes"]) for c in
+             conversations(store, r.since, r.until, r.sensor, n=50, by="bytes")],
+            store.vlans(r).astype("int64").to_dict("list"))
+
+
+def test_delta_flushes_ship_only_what_changed_and_answer_as_whole_minutes(cluster):  # noqa: F811
+    """A fleet sensor's rollup (deltas): each flush of an open minute ships only the keys and seconds that
+    changed since the last one, yet after every flush every answer equals a rollup that rewrites whole
+    minutes (the reference) and the traffic fed; a delta batch re-sent (a lost acknowledgement) and the
+    minute's close (written whole, its deltas replaced) count nothing twice."""
+    db = "t_deltas"
+    stores = {k: ClickHouseStore(cluster.address(1 + i), cluster=cluster.name, database=db, sensor=k)
+              for i, k in enumerate(("whole", "delta"))}
+    for s in stores.values():
+        assert s.open(), s.status().message
+    shipped: dict[str, list] = {"whole": [], "delta": []}
+
+    class Outbox:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def allocate_segment(self) -> int:
+            return stores[self.name].allocate_segment()
+
+        def write(self, batch) -> bool:
+            batch = with_id(batch)  # as the sensor's spool keeps it: its id goes with every re-send
+            shipped[self.name].append(batch)
+            return stores[self.name].send(batch)
+
+    rolls = {k: Rollup(Outbox(k), sensor=k, iface="lo", flush_s=3600, deltas=k == "delta") for k in stores}
+    t0 = H0 + 7200
+    bursts = [udp_burst(t0 + 2 * k + 0.1, 4, src=f"10.9.0.{1 + k % 3}", dst=f"10.9.1.{k % 4}", dport=4000 + k % 2,
+                        wire_len=90 + k % 5, spacing=0.05) for k in range(50)]  # 100 s: 2 minutes, 2 s flushes
+    r = TimeRange(t0, t0 + 119)
+    for k, b in enumerate(bursts):
+        for roll in rolls.values():
+            roll.add(b)
+            roll.flush(final=k == len(bursts) - 1)
+        if k % 25 == 12 or k == len(bursts) - 1:
+            want = expected(bursts[:k + 1], r.since, r.until)
+            got = {n: answers(s, TimeRange(r.since, r.until, n)) for n, s in stores.items()}
+            assert got["delta"][:2] == want and got["delta"] == got["whole"], k
+    assert stores["delta"].send(shipped["delta"][40]) and stores["delta"].batches_skipped == 1  # a re-send
+    assert answers(stores["delta"], TimeRange(r.since, r.until, "delta")) == \
+        answers(stores["whole"], TimeRange(r.since, r.until, "whole"))
+    open_rows = {n: sum(len(b.frames.get("conversations", [])) for b in shipped[n][:-1]) for n in shipped}
+    assert open_rows["delta"] < open_rows["whole"] / 2, open_rows  # ~1 conversation changed per flush
+    for s in stores.values():
+        s.close()
