@@ -15,20 +15,23 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
     python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
-    python benchmarks/enrich_cost.py --quota 30 --rounds 4   # the capture held to 30 % of a core: bisection
+    python benchmarks/enrich_cost.py --quota 20 --rounds 5 --runs 2   # the capture held to 20 % of a core
 
 --quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
 so without it no variant loses a packet and the ladder ends at the sender. The capturing process (engine,
-refresh, enricher: every thread) runs in a cgroup with a CPU quota (cgroup v2 cpu.max, or v1
-cpu.cfs_quota_us where the cpu controller is v1's), created here and removed at the end; both variants get
-the same quota. Each round bisects the loss-free rate of plain and of enriched, in alternating order (plain
-first in odd rounds, enriched first in even ones, so drift in the machine's load hits both), and reports the
-pair's ratio enriched / plain; the worst round's ratio is the figure.
+refresh, enricher: every thread, and the detector process) runs, once started, in a cgroup with a CPU
+quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us where the cpu controller is v1's), created here and
+removed at the end, and with a small capture ring (--ring-blocks), the same for both variants; capturer and
+sender run at nice -15, so the quota, not the machine's other load, holds the capture back. Each round
+bisects the loss-free rate of plain and of enriched, in alternating order (plain first in odd rounds,
+enriched first in even ones, so drift in the machine's load hits both), and reports the pair's ratio
+enriched / plain; the worst round's ratio is the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -139,12 +142,21 @@ class CpuQuota:
 PRIORITY = -15  # under --quota: the quota is the capture's CPU, not what the machine's other load leaves it
 
 
-def _join_cgroup() -> None:
-    # Runs in the capturer between fork and exec: it, and every thread and process it starts, is under the
-    # quota, and ahead of the machine's other work (a shared machine's load would otherwise decide the rate).
+def _ahead() -> None:
+    # Runs in the capturer between fork and exec: ahead of the machine's other work (a shared machine's load
+    # would otherwise decide the rate; the quota is what holds it back).
     if _CGROUP:
-        (_CGROUP[0] / "cgroup.procs").write_text(str(os.getpid()))
         os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+
+
+def _under_quota(pid: int) -> None:
+    """Move the capturer and its processes (the detector process), every thread, into the quota's cgroup:
+    once it is ready, so its start-up (imports, database loads) is not slowed, only the capture."""
+    from common import descendants
+
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            (_CGROUP[0] / "cgroup.procs").write_text(str(p))
 
 
 def settle(idle: float = 0.05, limit_s: float = 30.0) -> None:
@@ -181,10 +193,12 @@ def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
     """live_capture's capturer start, pointed at this file's child ('refresh' means enriched here)."""
     args = [sys.executable, __file__, "--child", "--port", str(port)] + (["--enriched"] if refresh else [])
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            preexec_fn=_join_cgroup)
+                            preexec_fn=_ahead)
     line = proc.stdout.readline()
     if line.strip() != "ready":
         raise SystemExit(f"capturer did not start: {line.strip()}")
+    if _CGROUP:
+        _under_quota(proc.pid)
     return proc
 
 
@@ -246,21 +260,34 @@ def flat_out(sender: str, pairs: int, packets: int) -> int:
     return 0
 
 
-def bisect(sender: str, seconds: float, low: int, high: int, steps: int, enriched: bool) -> tuple[int, list]:
-    """The highest rate in [low, high] that loses at most 0.1 % (one run per step; `low` is taken as held
-    only if a run there held): each step halves the bracket."""
+def paced_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
+    """timed_run, again (up to 3 times) when the loaded sender could not pace the rate: such a run says
+    nothing about the capture."""
+    for _ in range(3):
+        r = timed_run(sender, rate, seconds, enriched)
+        if r["paced"] >= 0.95 * rate:
+            break
+    return r
+
+
+def bisect(sender: str, seconds: float, low: int, high: int, steps: int, enriched: bool,
+           runs: int = 1) -> tuple[int, list]:
+    """The highest rate in [low, high] that loses at most 0.1 % in each of `runs` runs (`low` is taken as held
+    only if its runs held): each step halves the bracket."""
     held, log = 0, []
     for _ in range(steps):
         rate = (low + high) // 2 if held or log else low
-        for _ in range(3):  # a run the (loaded) sender could not pace says nothing about the capture: again
-            r = timed_run(sender, rate, seconds, enriched)
-            if r["paced"] >= 0.95 * rate:
+        ok = True
+        for _ in range(runs):
+            r = paced_run(sender, rate, seconds, enriched)
+            ok = r["loss"] <= live_capture.LOSS_FREE and r["paced"] >= 0.95 * rate
+            log.append((rate, r))
+            print(f"    {'enriched' if enriched else 'plain':8} {rate:>9,}/s  {'held' if ok else 'lost'}  sent "
+                  f"{r['sent']:,} counted {r['counted']:,} loss {r['loss'] * 100:.3f} % paced {r['paced']:,.0f}/s "
+                  f"attributed {r.get('attributed')} cpu {r['cpu_s'] / max(r['counted'], 1) * 1e6:.2f} µs/packet",
+                  flush=True)
+            if not ok:
                 break
-        ok = r["loss"] <= live_capture.LOSS_FREE and r["paced"] >= 0.95 * rate
-        log.append((rate, r))
-        print(f"    {'enriched' if enriched else 'plain':8} {rate:>9,}/s  {'held' if ok else 'lost'}  sent "
-              f"{r['sent']:,} counted {r['counted']:,} loss {r['loss'] * 100:.3f} % paced {r['paced']:,.0f}/s "
-              f"attributed {r.get('attributed')} cpu {r['cpu_s']:.2f} s", flush=True)
         if ok:
             held, low = rate, rate
         elif not held:
@@ -279,13 +306,13 @@ def quota_rounds(sender: str, args) -> int:
     os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
     with CpuQuota(args.quota) as path:
         print(f"capturing process in {path}: {args.quota:g} % of one core (period {PERIOD_US} µs); "
-              f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.seconds:g} s; ring "
+              f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.runs} x {args.seconds:g} s; ring "
               f"{args.ring_blocks} x {os.environ.get('NTM_RING_BLOCK_KB', '1024')} KiB", flush=True)
         for i in range(args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
             got = {}
             for enriched in order:
-                got[enriched], _ = bisect(sender, args.seconds, args.low, args.high, args.steps, enriched)
+                got[enriched], _ = bisect(sender, args.seconds, args.low, args.high, args.steps, enriched, args.runs)
             ratio = got[True] / got[False] if got[False] else float("nan")
             ratios.append(ratio)
             print(f"  round {i + 1} ({'plain first' if not order[0] else 'enriched first'}): plain "
