@@ -16,6 +16,7 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
     python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
     python benchmarks/enrich_cost.py --quota 20 --rounds 5 --runs 2   # the capture held to 20 % of a core
+    python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
 
 --quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
 so without it no variant loses a packet and the ladder ends at the sender. The capturing process (engine,
@@ -34,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,10 +83,12 @@ def child(port: int, enriched: bool) -> None:
 
     threading.Thread(target=refresher, daemon=True).start()
     settle()
+    threads0 = thread_cpu()
     cpu0 = time.process_time()
     print("ready", flush=True)
     sys.stdin.readline()
     drain(engine)
+    threads1 = thread_cpu()
     stop.set()
     engine.stop()
     if en is not None:
@@ -94,7 +98,9 @@ def child(port: int, enriched: bool) -> None:
     cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
                       "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
-                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in")}), flush=True)
+                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in"),
+                      "threads": {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items()
+                                  if v - threads0.get(k, 0.0) > 0}}), flush=True)
 
 
 CGROUP_NAME = "ntm_enrich_cost"
@@ -157,6 +163,24 @@ def _under_quota(pid: int) -> None:
     for p in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             (_CGROUP[0] / "cgroup.procs").write_text(str(p))
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each thread of this process, by thread name (/proc/self/task)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                comm = fh.read().strip()
+        except OSError:  # the thread ended
+            continue
+        key = names.get(int(tid), comm)
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def settle(idle: float = 0.05, limit_s: float = 30.0) -> None:
@@ -304,6 +328,8 @@ def quota_rounds(sender: str, args) -> int:
     # whole and the drain would count it all at any rate. A small ring, the same for both variants, makes a
     # run measure the sustained rate: what the ring holds is a fraction of a second of it.
     os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
+    # A background job ignores SIGINT: SIGTERM ends the rounds through the `with`, which removes the cgroup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with CpuQuota(args.quota) as path:
         print(f"capturing process in {path}: {args.quota:g} % of one core (period {PERIOD_US} µs); "
               f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.runs} x {args.seconds:g} s; ring "
@@ -322,6 +348,18 @@ def quota_rounds(sender: str, args) -> int:
     return 0
 
 
+def threads(sender: str, pairs: int, rate: int, seconds: float) -> int:
+    """Alternating plain/enriched runs at one rate the capture holds (no quota): the capturing process's
+    CPU per thread, i.e. where enrichment's cost goes (capture, attribution stage, process table, refresh)."""
+    for i in range(pairs):
+        for name, enriched in (("plain", False), ("enriched", True)):
+            r = timed_run(sender, rate, seconds, enriched)
+            each = sorted(r.get("threads", {}).items(), key=lambda kv: -kv[1])
+            print(f"  pair {i + 1} {name:9} sent {r['sent']:,} counted {r['counted']:,}  CPU "
+                  f"{sum(v for _, v in each):.2f} s: " + "  ".join(f"{k} {v:.2f}" for k, v in each), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -333,6 +371,9 @@ def main() -> int:
     ap.add_argument("--quota", type=float, default=0, metavar="PERCENT",
                     help="instead of the ladder: hold the capturing process to PERCENT %% of one core and "
                          "bisect each variant's loss-free rate, --rounds times")
+    ap.add_argument("--threads", type=int, default=0, metavar="PAIRS",
+                    help="instead of the ladder: PAIRS of plain/enriched runs at --rate, CPU per thread")
+    ap.add_argument("--rate", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ring-blocks", type=int, default=4, help="--quota: the capture ring's blocks (RING_BLOCKS)")
     ap.add_argument("--low", type=int, default=20_000)
@@ -354,6 +395,8 @@ def main() -> int:
             return flat_out(sender, args.flat_out, args.packets)
         if args.quota:
             return quota_rounds(sender, args)
+        if args.threads:
+            return threads(sender, args.threads, args.rate, args.seconds)
         for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
             held[name], log = ladder(sender, args.seconds, args.runs, enriched)
