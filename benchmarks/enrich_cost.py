@@ -343,8 +343,12 @@ def quota_rounds(sender: str, args) -> int:
             ratios.append(ratio)
             print(f"  round {i + 1} ({'plain first' if not order[0] else 'enriched first'}): plain "
                   f"{got[False]:,}/s  enriched {got[True]:,}/s  enriched / plain {ratio:.3f}", flush=True)
-    print(f"worst enriched / plain: {min(ratios):.3f}  (rounds: {', '.join(f'{r:.3f}' for r in ratios)}); "
-          f"resolution of one bisection: {(args.high - args.low) / 2 ** (args.steps - 1):,.0f}/s")
+    # A round where either variant lost at the bracket's bottom (--low) has no ratio: it is shown, not hidden.
+    valid = [r for r in ratios if r == r and r > 0]
+    worst = f"{min(valid):.3f}" if valid else "none"
+    print(f"worst enriched / plain: {worst} over {len(valid)} of {len(ratios)} rounds (rounds: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}; nan or 0: a variant lost at --low); resolution of one "
+          f"bisection: {(args.high - args.low) / 2 ** (args.steps - 1):,.0f}/s")
     return 0
 
 
