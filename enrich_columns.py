@@ -164,6 +164,7 @@ class Lookups:
 
     def maker(self, mac: bytes) -> str:
         """The OUI maker of a MAC address ('' when unknown or all zeros: no link-layer source)."""
+        mac = bytes(mac).ljust(6, b"\0")  # numpy's S6 drops trailing zero bytes: 02:…:00 must stay 6 bytes
         hit = self.memo.get("maker", mac)
         if hit is None:
             hit = "" if not any(mac) else (self.en.oui.maker(mac) or "")
@@ -319,7 +320,7 @@ def text_matches(look: Lookups, rows: np.ndarray, frame: pd.DataFrame, text: str
     if not needle or not len(rows):
         return mask, ""
     src, dst = frame["source"].to_numpy(dtype=object), frame["destination"].to_numpy(dtype=object)
-    distinct = pd.unique(np.concatenate([src[::-1], dst[::-1]]))
+    distinct = pd.unique(np.column_stack((src[::-1], dst[::-1])).ravel())  # newest rows first, both ends
     addrs = distinct[:FILTER_KEYS_MAX]
     hit = [a for a in addrs if any(needle in c.lower() for c in look.peek(str(a)))]
     if hit:
@@ -364,5 +365,5 @@ def _maker_matches(look: Lookups, rows: np.ndarray, needle: str) -> tuple[np.nda
         return np.zeros(len(rows), dtype=bool), False
     macs = rows["hw_src"]
     distinct = pd.unique(macs[::-1])
-    hit = [m for m in distinct[:FILTER_KEYS_MAX] if needle in look.maker(bytes(m).ljust(6, b"\0")).lower()]
+    hit = [m for m in distinct[:FILTER_KEYS_MAX] if needle in look.maker(m).lower()]
     return np.isin(macs, hit) if hit else np.zeros(len(rows), dtype=bool), len(distinct) > FILTER_KEYS_MAX
