@@ -520,7 +520,7 @@ def charts(snap: Snapshot, end: float | None) -> None:
     top_by = st.radio("Top talkers by", ["packets", "bytes"], horizontal=True, key="top_by")
     a, b = st.columns(2)
     src, dst = snap.top_addresses("src", top_by), snap.top_addresses("dst", top_by)
-    look = lookups()
+    look = lookups(snap)
     with a:
         chart(viz.top_bar(src, "Top 10 sources", top_by, look and ec.hover_notes(look, src)), "top_src")
     with b:
@@ -543,10 +543,10 @@ def charts(snap: Snapshot, end: float | None) -> None:
                    "(Space-Saving keeps the heaviest entries with a bounded error).")
 
 
-def lookups() -> ec.Lookups | None:
+def lookups(snap: Snapshot) -> ec.Lookups | None:
     """This refresh's enrichment look-ups, or None with ENRICHMENT off (then no enricher is built and
-    no query is sent)."""
-    return ec.Lookups(enrich_page.enricher()) if enrich_page.enabled() else None
+    no query is sent); a file's packets get no process (ec.NOT_LIVE)."""
+    return ec.Lookups(enrich_page.enricher(), live=ec.is_live(snap)) if enrich_page.enabled() else None
 
 
 def chart(fig, key: str) -> None:
@@ -571,7 +571,7 @@ def alerts_panel(snap: Snapshot, engine: CaptureEngine, whole: Snapshot | None =
     shown = [a for a in snap.alerts if a.severity in severities]
     rows = (whole or snap).packets
     table = viz.alerts_table(shown, LOCAL_TZ)
-    if look := lookups():
+    if look := lookups(snap):
         table = ec.alerts(look, table)
     st.dataframe(inv.with_links(table, shown, rows), hide_index=True, key="alerts",
                  column_config=inv.link_config())
@@ -609,14 +609,16 @@ def packets_table(rows: np.ndarray, tz: tzinfo | None, vlan: bool = False) -> pd
 def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     """Newest packets first, with a text filter and a CSV download of the whole buffer."""
     st.subheader("Recent packets")
-    text = st.text_input("Filter by address, port or protocol", key="pkt_filter")
+    look = lookups(snap)
+    what = ("address, port, protocol, host name, country, AS, service, process or maker" if look
+            else "address, port or protocol")
+    text = st.text_input(f"Filter by {what}", key="pkt_filter")
     n = config.get("RECENT_ROWS")
     rows = snap.packets if text.strip() else snap.packets[-n:]
     frame = packets_table(rows, LOCAL_TZ, tagged(snap.packets))
-    look = lookups()
     if look:
         frame["row"] = np.arange(len(frame))  # which buffer row each shown line is: its source MAC
-    table = viz.recent_table(frame, n, text)
+    table = recent_matches(look, rows, frame, n, text) if look and text.strip() else viz.recent_table(frame, n, text)
     if look:
         table = ec.recent(look, table.drop(columns=["row"]), ec.shown_macs(rows, table["row"]))
     st.dataframe(table.drop(columns=["ts", "captured", "ICMP type", "malformed"]), hide_index=True,
@@ -626,6 +628,16 @@ def recent_packets(snap: Snapshot, engine: CaptureEngine, frozen: bool) -> None:
     data = (lambda: _csv(snap.packets)) if frozen or filtered else (lambda: _csv(engine.snapshot().packets))
     label = "Download the filtered packets (CSV)" if filtered else "Download the whole buffer (CSV)"
     st.download_button(label, data=data, file_name="packets.csv", mime="text/csv", key="csv", on_click="ignore")
+
+
+def recent_matches(look: ec.Lookups, rows: np.ndarray, frame: pd.DataFrame, n: int, text: str) -> pd.DataFrame:
+    """The newest n rows matching `text` by address, port or protocol (viz.recent_table) or in an enrichment
+    column (host name, country, AS, service, process, maker: ec.text_matches, bounded)."""
+    by_cells, note = ec.text_matches(look, rows, frame, text)
+    keep = np.union1d(viz.recent_table(frame, n, text)["row"].to_numpy(dtype=np.int64), np.flatnonzero(by_cells))
+    if note:
+        st.caption(plain(note))
+    return viz.recent_table(frame.iloc[keep[-n:]], n)
 
 
 def tagged(rows: np.ndarray) -> bool:

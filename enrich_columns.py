@@ -1,9 +1,11 @@
 """Enrichment columns for the live page's own tables (issue 14): host name, country, AS, service, process, maker.
 
-Only the rows a table shows are enriched, and each distinct address once per refresh (`Lookups` memoises),
-so the work per refresh is bounded by the rows shown, never by the buffer. Every look-up reads a cache:
-a reverse-DNS miss is only queued to the enricher's bounded pool, its cell says PENDING and fills in at a
-later refresh. The page calls none of this with ENRICHMENT off, so no enricher exists and nothing is sent.
+Only the rows a table shows are enriched, and each distinct address, port, MAC and (address, port) once: the
+answers are memoised per enricher across reruns (`Memo`, bounded), so a rerun over the same rows costs
+dictionary look-ups, and the work per refresh is bounded by the rows shown, never by the buffer. Every
+look-up reads a cache: a reverse-DNS miss is only queued to the enricher's bounded pool, its cell says
+PENDING and fills in at a later refresh. The page calls none of this with ENRICHMENT off, so no enricher
+exists and nothing is sent.
 Names from PTR records are shown as cell text (st.dataframe renders neither Markdown nor HTML) and escaped
 for Plotly hovers (visualizations.chart_text).
 """
@@ -11,6 +13,10 @@ for Plotly hovers (visualizations.chart_text).
 from __future__ import annotations
 
 import ipaddress
+import re
+import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +25,11 @@ import pandas as pd
 
 PENDING = "…"  # the reverse-DNS lookup is queued: a later refresh shows the name
 ADDR_COLUMNS = ("host", "country", "AS")
+# Packets read from a file: the socket table says who holds a port *now* on this machine, which says nothing
+# about who sent a recorded packet (another machine, or a process long gone), so no process is named.
+NOT_LIVE = "not live"
+MEMO_MAX = 20_000  # answers kept per kind across reruns (addresses, ports, MACs, process ends)
+NAME_KEEP_S = 30.0  # an address's answer is asked again after this (its PTR name may have arrived or expired)
 
 
 def is_address(text: str) -> bool:
@@ -37,20 +48,83 @@ def as_text(asn: int | None, org: str | None) -> str:
     return org or ""
 
 
-class Lookups:
-    """One refresh's look-ups: each address, port and MAC answered once from the enricher's caches."""
+def is_live(snap) -> bool:
+    """Whether a snapshot's packets are this machine's live traffic (Source.describe: 'interface …'), not a
+    file's: only then can the socket table name their processes."""
+    return not str(getattr(snap.status, "source", "")).startswith("file ")
 
-    def __init__(self, en) -> None:
+
+class Memo:
+    """Bounded maps (least recently stored goes first) that outlive one refresh: one per enricher."""
+
+    def __init__(self, maxsize: int = MEMO_MAX) -> None:
+        self.maxsize = maxsize
+        self.maps: dict[str, OrderedDict] = {k: OrderedDict() for k in ("who", "service", "process", "maker")}
+
+    def get(self, kind: str, key):
+        """The stored answer, or None."""
+        return self.maps[kind].get(key)
+
+    def put(self, kind: str, key, value) -> None:
+        """Store an answer; the oldest goes when the map is full."""
+        m = self.maps[kind]
+        m[key] = value
+        if len(m) > self.maxsize:
+            m.popitem(last=False)
+
+
+_MEMOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # enricher -> Memo (gone with the enricher)
+
+
+def memo_of(en) -> Memo:
+    """The enricher's Memo (created on first use)."""
+    try:
+        memo = _MEMOS.get(en)
+        if memo is None:
+            memo = _MEMOS[en] = Memo()
+        return memo
+    except TypeError:  # an object that takes no weak reference: a memo for this refresh only
+        return Memo()
+
+
+def server_end(sport: int | None, dport: int | None, flags: str = "") -> str:
+    """Which end of a TCP/UDP packet is the server: 'dst' or 'src' ('' without ports).
+
+    The rule: a SYN goes to the server (dst), a SYN-ACK comes from it (src); otherwise the lower port is the
+    server's (well-known and registered ports sit below the ephemeral range clients use: 32768-60999 on
+    Linux, 49152-65535 elsewhere), equal ports the destination. So a reply from 443 is https, and a reply
+    *to* a client whose ephemeral port happens to be registered (e.g. 33434/traceroute) is not named by it."""
+    if sport is None or dport is None:
+        return "dst" if dport is not None else ("src" if sport is not None else "")
+    words = flags.upper().split()  # the table's text: 'SYN', 'SYN ACK', 'PSH ACK', …
+    if "SYN" in words:
+        return "src" if "ACK" in words else "dst"
+    return "src" if sport < dport else "dst"
+
+
+class Lookups:
+    """One refresh's look-ups: each address, port and MAC answered from the enricher's caches, memoised
+    across reruns (`Memo`); `live` False (a file) names no process."""
+
+    def __init__(self, en, live: bool = True) -> None:
         self.en = en
-        self._addr: dict[str, tuple[str, str, str]] = {}
-        self._maker: dict[bytes, str] = {}
+        self.live = live
+        self.memo = memo_of(en)
+        self._now = time.monotonic()
+        # The geo and AS databases load in the background: answers given before they are in are not kept.
+        self._geo_final = bool(en.geo.wait_loaded(0) and en.geo.asn.ready)
 
     def who(self, addr: str) -> tuple[str, str, str]:
         """(host name, country or range label, AS) of an address; ('', '', '') for text that is no address."""
-        hit = self._addr.get(addr)
-        if hit is None:
-            hit = self._addr[addr] = self._who(addr) if addr and is_address(addr) else ("", "", "")
-        return hit
+        hit = self.memo.get("who", addr)
+        if hit is not None and hit[0] > self._now:
+            return hit[1]
+        cells = self._who(addr) if addr and is_address(addr) else ("", "", "")
+        # A queued name, or a country/AS before the databases are in, is asked again at the next refresh;
+        # a complete answer is kept NAME_KEEP_S.
+        final = cells[0] != PENDING and self._geo_final
+        self.memo.put("who", addr, (self._now + (NAME_KEEP_S if final else 0.0), cells))
+        return cells
 
     def _who(self, addr: str) -> tuple[str, str, str]:
         g = self.en.geo.lookup(addr)
@@ -60,21 +134,52 @@ class Lookups:
         """'443/https' for a TCP/UDP port with a registered name, else ''."""
         if port is None or proto not in ("tcp", "udp"):
             return ""
-        name = self.en.services.name(int(port), proto)
-        return f"{int(port)}/{name}" if name else ""
+        key = (int(port), proto)
+        hit = self.memo.get("service", key)
+        if hit is None:
+            name = self.en.services.name(key[0], proto)
+            hit = f"{key[0]}/{name}" if name else ""
+            self.memo.put("service", key, hit)
+        return hit
+
+    def server_service(self, sport, dport, proto: str, flags: str = "") -> str:
+        """The service of the packet's server end only (server_end's rule), else ''."""
+        end = server_end(sport, dport, flags)
+        return self.service(dport if end == "dst" else sport, proto) if end else ""
 
     def process(self, addr: str, port, proto: str) -> str:
-        """The owning local process of one end ('' for a remote end or no port, 'unknown' when no owner is seen)."""
-        if port is None or proto not in ("tcp", "udp") or not addr or not self.en.processes.is_local(addr):
+        """The owning local process of one end ('' for a remote end or no port, 'unknown' when no owner is
+        seen, NOT_LIVE for a file's packets)."""
+        if port is None or proto not in ("tcp", "udp") or not addr:
             return ""
-        return self.en.processes.label(proto, int(port))
+        table = self.en.processes
+        key = (addr, int(port), proto)
+        hit = self.memo.get("process", key)
+        if hit is not None and hit[0] == table.refreshes:  # valid until the socket table is read again
+            label = hit[1]
+        else:
+            label = table.label(proto, int(port)) if table.is_local(addr) else ""
+            self.memo.put("process", key, (table.refreshes, label))
+        return NOT_LIVE if label and not self.live else label
 
     def maker(self, mac: bytes) -> str:
         """The OUI maker of a MAC address ('' when unknown or all zeros: no link-layer source)."""
-        hit = self._maker.get(mac)
+        mac = bytes(mac).ljust(6, b"\0")  # numpy's S6 drops trailing zero bytes: 02:…:00 must stay 6 bytes
+        hit = self.memo.get("maker", mac)
         if hit is None:
-            hit = self._maker[mac] = "" if not any(mac) else (self.en.oui.maker(mac) or "")
+            hit = "" if not any(mac) else (self.en.oui.maker(mac) or "")
+            self.memo.put("maker", mac, hit)
         return hit
+
+    def peek(self, addr: str) -> tuple[str, str, str]:
+        """who() without queuing a reverse-DNS lookup (a name only if already known): the text filter's use."""
+        hit = self.memo.get("who", addr)
+        if hit is not None:
+            return hit[1]
+        if not addr or not is_address(addr):
+            return ("", "", "")
+        g = self.en.geo.lookup(addr)
+        return self.en.names.cached(addr) or "", g.country or "", as_text(g.asn, g.as_org)
 
     def ends(self, addrs, prefix: str) -> dict[str, list[str]]:
         """'<prefix> host', '<prefix> country' and '<prefix> AS' columns for these addresses."""
@@ -125,7 +230,11 @@ def conversations(look: Lookups, frame: pd.DataFrame, rows: list[dict[str, Any]]
         key = end.upper()
         for i, name in enumerate(ADDR_COLUMNS):
             add[f"{key} {name}"] = [c[i] for c in cells]
-        add[f"{key} service"] = [look.service(r[f"{end}_port"], str(r["proto"]).lower()) for r in rows]
+        # Only the server end names a service (server_end: the lower port; a conversation has no flags).
+        server = "src" if end == "a" else "dst"
+        add[f"{key} service"] = [look.service(r[f"{end}_port"], str(r["proto"]).lower())
+                                 if server_end(_port(r["a_port"]), _port(r["b_port"])) == server else ""
+                                 for r in rows]
         add[f"{key} process"] = [look.process(str(r[end]), r[f"{end}_port"], str(r["proto"]).lower()) for r in rows]
     return _joined(frame, add)
 
@@ -136,8 +245,10 @@ def recent(look: Lookups, table: pd.DataFrame, macs: np.ndarray) -> pd.DataFrame
     proto = [str(p).lower() for p in table["protocol"]]
     sport = [_port(p) for p in table["src port"]]
     dport = [_port(p) for p in table["dst port"]]
-    # The named side of the pair: a reply from 443 to an ephemeral port is still https.
-    service = [look.service(d, t) or look.service(s, t) for s, d, t in zip(sport, dport, proto)]
+    flags = table["TCP flags"] if "TCP flags" in table.columns else [""] * len(table)
+    # The server end's service only (server_end): a reply from 443 is https; a reply to a client's
+    # ephemeral port is not named after whatever that port is registered for.
+    service = [look.server_service(s, d, t, str(f or "")) for s, d, t, f in zip(sport, dport, proto, flags)]
     return _joined(table, {
         **look.ends(table["source"], "src"), **look.ends(table["destination"], "dst"),
         "service": service,
@@ -146,9 +257,28 @@ def recent(look: Lookups, table: pd.DataFrame, macs: np.ndarray) -> pd.DataFrame
         "src maker": [look.maker(bytes(m)) for m in macs]})
 
 
+MAC_TEXT = re.compile(r"\b[0-9a-f]{2}(?::[0-9a-f]{2}){5}\b", re.IGNORECASE)
+MAKERS_MAX = 4  # MACs named per alert: an ARP spoof's evidence holds two, the claimed and the earlier
+
+
+def makers_text(look: Lookups, *texts: str) -> str:
+    """'aa:bb:cc:dd:ee:ff Maker; …' for the distinct MAC addresses in an alert's texts (source, target,
+    evidence), each with its OUI maker or 'unknown maker'; '' when they name no MAC."""
+    seen: list[str] = []
+    for text in texts:
+        for mac in MAC_TEXT.findall(str(text or "")):
+            if mac.lower() not in seen and len(seen) < MAKERS_MAX:
+                seen.append(mac.lower())
+    return "; ".join(f"{m} {look.maker(bytes.fromhex(m.replace(':', ''))) or 'unknown maker'}" for m in seen)
+
+
 def alerts(look: Lookups, frame: pd.DataFrame) -> pd.DataFrame:
-    """The alerts table with host, country and AS of each alert's source and target."""
-    return _joined(frame, {**look.ends(frame["source"], "source"), **look.ends(frame["target"], "target")})
+    """The alerts table with host, country and AS of each alert's source and target, and the device maker of
+    each MAC address its source, target or evidence names (ARP spoofing's are MACs). Cells are text: the
+    table renders neither Markdown nor HTML, so a maker's name from the manuf file shows as itself."""
+    makers = [makers_text(look, s, t, e) for s, t, e in zip(frame["source"], frame["target"], frame["evidence"])]
+    return _joined(frame, {**look.ends(frame["source"], "source"), **look.ends(frame["target"], "target"),
+                           "device makers": makers})
 
 
 def shown_macs(rows: np.ndarray, index: Sequence[int]) -> np.ndarray:
@@ -156,3 +286,84 @@ def shown_macs(rows: np.ndarray, index: Sequence[int]) -> np.ndarray:
     if "hw_src" not in (rows.dtype.names or ()):
         return np.zeros((len(index), 6), dtype=np.uint8)
     return rows["hw_src"][np.asarray(index, dtype=np.int64)]
+
+
+FILTER_KEYS_MAX = 5_000  # distinct addresses and MACs the recent-packets filter looks at (newest first)
+TCP_CLS, UDP_CLS = 0, 1  # analysis.headers' classes of the rows' `cls`
+SYN, ACK = 0x02, 0x10
+
+
+def server_ports(rows: np.ndarray) -> np.ndarray:
+    """Per row, the server end's port by server_end's rule (vectorised; -1 without ports)."""
+    sport, dport = rows["sport"].astype(np.int64), rows["dport"].astype(np.int64)
+    flags = rows["tcp_flags"].astype(np.int64)
+    syn = (rows["cls"] == TCP_CLS) & ((flags & SYN) != 0)
+    from_src = np.where(syn, (flags & ACK) != 0, sport < dport)
+    return np.where(from_src, sport, dport)
+
+
+def _ports_named(look: Lookups, needle: str, proto: str) -> list[int]:
+    # Every registered port whose '443/https' text holds the needle (a few thousand entries: bounded).
+    table = look.en.services.table
+    return [port for (port, p), name in table.items() if p == proto and needle in f"{port}/{name}".lower()]
+
+
+def text_matches(look: Lookups, rows: np.ndarray, frame: pd.DataFrame, text: str) -> tuple[np.ndarray, str]:
+    """Which of `rows` (frame: their packets_frame) show `text` in an enrichment cell: host name, country, AS,
+    service, process or maker (case-insensitive), and a note when the bound cut what was looked at.
+
+    Cheap and bounded: each distinct address (the FILTER_KEYS_MAX newest) and MAC is looked up once from the
+    caches (no reverse-DNS query is queued by filtering), ports and processes by their small tables, and
+    rows are then selected with array compares."""
+    needle = text.strip().lower()
+    mask = np.zeros(len(rows), dtype=bool)
+    if not needle or not len(rows):
+        return mask, ""
+    src, dst = frame["source"].to_numpy(dtype=object), frame["destination"].to_numpy(dtype=object)
+    distinct = pd.unique(np.column_stack((src[::-1], dst[::-1])).ravel())  # newest rows first, both ends
+    addrs = distinct[:FILTER_KEYS_MAX]
+    hit = [a for a in addrs if any(needle in c.lower() for c in look.peek(str(a)))]
+    if hit:
+        mask |= np.isin(src, hit) | np.isin(dst, hit)
+    server = server_ports(rows)
+    for cls, proto in ((TCP_CLS, "tcp"), (UDP_CLS, "udp")):
+        if named := _ports_named(look, needle, proto):
+            mask |= (rows["cls"] == cls) & np.isin(server, named)
+    mask |= _process_matches(look, rows, src, dst, addrs, needle)
+    macs, cut = _maker_matches(look, rows, needle)
+    mask |= macs
+    note = ""
+    if len(distinct) > FILTER_KEYS_MAX or cut:
+        note = (f"Names, countries, AS and makers were matched for the {FILTER_KEYS_MAX:,} newest distinct "
+                f"addresses and MACs of the buffer (of {len(distinct):,} addresses): older ones only by address.")
+    return mask, note
+
+
+def _process_matches(look: Lookups, rows: np.ndarray, src, dst, addrs, needle: str) -> np.ndarray:
+    """Rows whose local end's port is held by a process whose 'name (pid)' holds the needle (live only)."""
+    out = np.zeros(len(rows), dtype=bool)
+    if not look.live:
+        return out
+    table = look.en.processes
+    owned = {(proto, port) for (proto, port), (pid, name, _) in table.owners().items()
+             if needle in f"{name} ({pid})".lower()}
+    if not owned:
+        return out
+    local = [a for a in addrs if table.is_local(str(a))]
+    for cls, proto in ((TCP_CLS, "tcp"), (UDP_CLS, "udp")):
+        ports = [port for p, port in owned if p == proto]
+        if ports:
+            of = rows["cls"] == cls
+            out |= of & np.isin(src, local) & np.isin(rows["sport"], ports)
+            out |= of & np.isin(dst, local) & np.isin(rows["dport"], ports)
+    return out
+
+
+def _maker_matches(look: Lookups, rows: np.ndarray, needle: str) -> tuple[np.ndarray, bool]:
+    """Rows whose source MAC's maker holds the needle; whether the distinct MACs were cut at the bound."""
+    if "hw_src" not in (rows.dtype.names or ()):
+        return np.zeros(len(rows), dtype=bool), False
+    macs = rows["hw_src"]
+    distinct = pd.unique(macs[::-1])
+    hit = [m for m in distinct[:FILTER_KEYS_MAX] if needle in look.maker(m).lower()]
+    return np.isin(macs, hit) if hit else np.zeros(len(rows), dtype=bool), len(distinct) > FILTER_KEYS_MAX

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import config
+import enrich_columns as ec
 import visualizations as viz
 from packet_processor import Snapshot, packets_frame
 
@@ -74,6 +75,7 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     if not enabled():
         return
     en = enricher()
+    live = ec.is_live(snap)  # a file's packets: no process is named (ec.NOT_LIVE)
     by = st.session_state.get("top_by", "packets")
     st.subheader("Who is on the other end")
     tabs = st.tabs(TABS)
@@ -85,7 +87,7 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
         chart(b, viz.who_bar(dst, "Top destinations: who", by), "who_dst", tz)
         st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
     with tabs[1]:
-        st.dataframe(conversations_who(en, snap.top_conversations(20, by)), hide_index=True, key="who_conv")
+        st.dataframe(conversations_who(en, snap.top_conversations(20, by), live), hide_index=True, key="who_conv")
     countries, networks, note = ends_views(en, snap, by)
     with tabs[2]:
         chart(st, ends_bar(countries, "Top countries", by), "who_countries", tz)
@@ -94,9 +96,9 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
         chart(st, ends_bar(networks, "Top networks (AS)", by), "who_networks", tz)
         st.caption(plain(note + CLICK_NOTE))
     with tabs[4]:
-        process_view(en, snap)
+        process_view(en, snap, live)
     with tabs[5]:
-        st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):], tz), hide_index=True,
+        st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):], tz, live), hide_index=True,
                      key="who_recent")
     with tabs[6]:
         st.dataframe(alerts_who(en, snap.alerts), hide_index=True, key="who_alerts")
@@ -116,8 +118,17 @@ def chart(where, fig: go.Figure, key: str, tz: tzinfo | None) -> None:
     where.plotly_chart(fig, key=key, **inv.selectable(key, fig, tz))
 
 
-def process_view(en, snap: Snapshot) -> None:
-    """Per-process packets, bytes and connections: over all traffic of a live capture, else the buffer."""
+FILE_PROCESS_NOTE = ("Not live: the packets come from a file, and the socket table only says which process "
+                     "holds a port on this machine now, not who sent a recorded packet, so none is named.")
+
+
+def process_view(en, snap: Snapshot, live: bool = True) -> None:
+    """Per-process packets, bytes and connections: over all traffic of a live capture, else the buffer; a
+    file's packets are attributed to no process."""
+    if not live:
+        st.dataframe(viz.process_table([]), hide_index=True, key="who_process")
+        st.caption(FILE_PROCESS_NOTE)
+        return
     rows = snap.totals.get("by_process")
     over_all = rows is not None
     if not over_all:
@@ -185,27 +196,37 @@ def talkers_frame(src: list[dict], dst: list[dict], by: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["side", "address", "name", "country", "AS", by])
 
 
-def conversations_who(en, rows: list[dict]) -> pd.DataFrame:
-    """Top conversations with names, countries, services and local processes."""
+def conversations_who(en, rows: list[dict], live: bool = True) -> pd.DataFrame:
+    """Top conversations with names, countries, services and local processes (NOT_LIVE for a file's)."""
     out = []
     for r in rows:
         wa, wb = who(en, r["a"]), who(en, r["b"])
-        proto = str(r["proto"]).lower()
+        proto = str(r["proto"]).lower() if live else "file"  # end_process: a file's packets name no process
         out.append({"A": r["a"], "A name": wa["name"], "A country": wa["country"],
-                    "A port": en.services.label(r["a_port"], proto),
+                    "A port": end_port(en, r, "a"),
                     "A process": end_process(en, r["a"], proto, r["a_port"]),
                     "B": r["b"], "B name": wb["name"], "B country": wb["country"], "B AS": wb["AS"],
-                    "B port": en.services.label(r["b_port"], proto),
+                    "B port": end_port(en, r, "b"),
                     "B process": end_process(en, r["b"], proto, r["b_port"]),
                     "protocol": r["proto"], "packets": r["packets"], "bytes": r["bytes"]})
     return pd.DataFrame(out)
 
 
-def end_process(en, addr: str, proto: str, port) -> str:
-    """The local process of one end ('' for a remote end, 'unknown' for a local one with no owner)."""
-    if port is None or proto not in ("tcp", "udp") or not en.processes.is_local(addr):
+def end_port(en, r: dict, end: str) -> str:
+    """One end's port, with its service name only on the server end (ec.server_end: the lower port)."""
+    port = r[f"{end}_port"]
+    if port is None or pd.isna(port):
         return ""
-    return en.processes.label(proto, port)
+    server = ec.server_end(ec._port(r["a_port"]), ec._port(r["b_port"])) == ("src" if end == "a" else "dst")
+    return en.services.label(int(port), str(r["proto"]).lower()) if server else str(int(port))
+
+
+def end_process(en, addr: str, proto: str, port) -> str:
+    """The local process of one end ('' for a remote end, 'unknown' for a local one with no owner; proto
+    'file': a file's packets, ec.NOT_LIVE for a local end)."""
+    if port is None or proto not in ("tcp", "udp", "file") or not en.processes.is_local(addr):
+        return ""
+    return ec.NOT_LIVE if proto == "file" else en.processes.label(proto, port)
 
 
 def _frame(rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
@@ -221,7 +242,7 @@ def _frame(rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
     return frame
 
 
-def recent_who(en, rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
+def recent_who(en, rows: np.ndarray, tz: tzinfo | None, live: bool = True) -> pd.DataFrame:
     """The newest packets with names, countries, service, local process and device maker."""
     frame = _frame(rows, tz).iloc[::-1]
     proto = frame["protocol"].str.lower()
@@ -235,10 +256,16 @@ def recent_who(en, rows: np.ndarray, tz: tzinfo | None) -> pd.DataFrame:
         "destination": frame["destination"].to_numpy(),
         "destination name": [en.name_text(a) for a in frame["destination"]],
         "destination country": [who(en, a)["country"] for a in frame["destination"]],
-        "service": [en.services.label(p, t) if p is not None else "" for p, t in zip(dport, proto)],
-        "process": [end_process(en, s, t, sp) or end_process(en, d, t, dp)
+        "service": [server_label(en, sp, dp, t, f) for sp, dp, t, f in zip(sport, dport, proto, frame["TCP flags"])],
+        "process": [end_process(en, s, t if live else "file", sp) or end_process(en, d, t if live else "file", dp)
                     for s, d, t, sp, dp in zip(frame["source"], frame["destination"], proto, sport, dport)],
         "maker": makers, "size": frame["size"].to_numpy()})
+
+
+def server_label(en, sport, dport, proto: str, flags) -> str:
+    """The service label of the packet's server end (ec.server_end's rule), '' without ports."""
+    end = ec.server_end(sport, dport, str(flags or ""))
+    return en.services.label(dport if end == "dst" else sport, proto) if end else ""
 
 
 def alerts_who(en, alerts) -> pd.DataFrame:

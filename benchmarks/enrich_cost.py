@@ -15,13 +15,27 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --seconds 6  # ~3 refreshes per run
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
     python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
+    python benchmarks/enrich_cost.py --quota 20 --rounds 5 --runs 2   # the capture held to 20 % of a core
+    python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
+
+--quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
+so without it no variant loses a packet and the ladder ends at the sender. The capturing process (engine,
+refresh, enricher: every thread, and the detector process) runs, once started, in a cgroup with a CPU
+quota (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us where the cpu controller is v1's), created here and
+removed at the end, and with a small capture ring (--ring-blocks), the same for both variants; capturer and
+sender run at nice -15, so the quota, not the machine's other load, holds the capture back. Each round
+bisects the loss-free rate of plain and of enriched, in alternating order (plain first in odd rounds,
+enriched first in even ones, so drift in the machine's load hits both), and reports the pair's ratio
+enriched / plain; the worst round's ratio is the figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,11 +81,15 @@ def child(port: int, enriched: bool) -> None:
             work(engine.snapshot())
             times.append(time.perf_counter() - t)
 
+    work(engine.snapshot())  # warm: a running page has drawn before (imports, first look-ups), this one too
     threading.Thread(target=refresher, daemon=True).start()
+    settle()
+    threads0 = thread_cpu()
     cpu0 = time.process_time()
     print("ready", flush=True)
     sys.stdin.readline()
-    time.sleep(0.5)
+    drain(engine)
+    threads1 = thread_cpu()
     stop.set()
     engine.stop()
     if en is not None:
@@ -81,16 +99,131 @@ def child(port: int, enriched: bool) -> None:
     cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
                       "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
-                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in")}), flush=True)
+                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in"),
+                      "threads": {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items()
+                                  if v - threads0.get(k, 0.0) > 0}}), flush=True)
+
+
+CGROUP_NAME = "ntm_enrich_cost"
+PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs
+_CGROUP: list[Path] = []  # the quota's cgroup while --quota runs: every capturer starts inside it
+
+
+class CpuQuota:
+    """A cgroup holding the capturing process to `percent` % of one core (created on enter, removed on exit)."""
+
+    def __init__(self, percent: float) -> None:
+        self.quota_us = int(PERIOD_US * percent / 100)
+        v2 = Path("/sys/fs/cgroup")
+        if "cpu" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
+            self.path, self.v2 = v2 / CGROUP_NAME, True
+        else:  # a hybrid hierarchy: the cpu controller is cgroup v1's
+            self.path, self.v2 = Path("/sys/fs/cgroup/cpu") / CGROUP_NAME, False
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(exist_ok=True)
+        if self.v2:
+            (self.path / "cpu.max").write_text(f"{self.quota_us} {PERIOD_US}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
+        _CGROUP.append(self.path)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        _CGROUP.clear()
+        for _ in range(50):  # the last capturer may still be exiting
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"could not remove {self.path}", file=sys.stderr)
+
+    def throttled_s(self) -> float:
+        """Seconds the cgroup's tasks were held back by the quota so far (cpu.stat)."""
+        stat = dict(line.split() for line in (self.path / "cpu.stat").read_text().splitlines())
+        return int(stat.get("throttled_usec", 0)) / 1e6 if self.v2 else int(stat.get("throttled_time", 0)) / 1e9
+
+
+PRIORITY = -15  # under --quota: the quota is the capture's CPU, not what the machine's other load leaves it
+
+
+def _ahead() -> None:
+    # Runs in the capturer between fork and exec: ahead of the machine's other work (a shared machine's load
+    # would otherwise decide the rate; the quota is what holds it back).
+    if _CGROUP:
+        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+
+
+def _under_quota(pid: int) -> None:
+    """Move the capturer and its processes (the detector process), every thread, into the quota's cgroup:
+    once it is ready, so its start-up (imports, database loads) is not slowed, only the capture."""
+    from common import descendants
+
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            (_CGROUP[0] / "cgroup.procs").write_text(str(p))
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) so far of each thread of this process, by thread name (/proc/self/task)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                comm = fh.read().strip()
+        except OSError:  # the thread ended
+            continue
+        key = names.get(int(tid), comm)
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def settle(idle: float = 0.05, limit_s: float = 30.0) -> None:
+    """Wait until this process and its children (the detector process) use under `idle` of a core: under a
+    CPU quota the start-up's imports and threads take seconds, and a run must not start inside them."""
+    import psutil
+
+    me, end = psutil.Process(), time.monotonic() + limit_s
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in [me, *me.children(recursive=True)] if p.is_running())
+
+    last = cpu()
+    while time.monotonic() < end:
+        time.sleep(0.5)
+        now = cpu()
+        if now - last < idle * 0.5:
+            return
+        last = now
+
+
+def drain(engine, settle_s: float = 1.0, limit_s: float = 20.0) -> None:
+    """Wait until the engine has taken no batch for `settle_s` (under a CPU quota the capture runs behind the
+    sender; what the ring still holds is not lost), at most `limit_s`; status() is cheap (no buffer copy)."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        time.sleep(0.25)
+        last = engine.status().last_batch_wall
+        if last and time.time() - last >= settle_s:
+            return
 
 
 def start_capturer(tool: str, port: int, refresh: bool) -> subprocess.Popen:
     """live_capture's capturer start, pointed at this file's child ('refresh' means enriched here)."""
     args = [sys.executable, __file__, "--child", "--port", str(port)] + (["--enriched"] if refresh else [])
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=_ahead)
     line = proc.stdout.readline()
     if line.strip() != "ready":
         raise SystemExit(f"capturer did not start: {line.strip()}")
+    if _CGROUP:
+        _under_quota(proc.pid)
     return proc
 
 
@@ -104,7 +237,8 @@ def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
     proc = start_capturer("engine", port, enriched)
     try:
         t = time.perf_counter()
-        sent = int(subprocess.run([sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
+        nice = ["nice", "-n", str(PRIORITY)] if _CGROUP else []  # the sender must pace the rate asked
+        sent = int(subprocess.run([*nice, sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
                                   capture_output=True, text=True, check=True).stdout)
         elapsed = time.perf_counter() - t
         got = live_capture.finish_capturer("engine", proc)
@@ -151,6 +285,86 @@ def flat_out(sender: str, pairs: int, packets: int) -> int:
     return 0
 
 
+def paced_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
+    """timed_run, again (up to 3 times) when the loaded sender could not pace the rate: such a run says
+    nothing about the capture."""
+    for _ in range(3):
+        r = timed_run(sender, rate, seconds, enriched)
+        if r["paced"] >= 0.95 * rate:
+            break
+    return r
+
+
+def bisect(sender: str, seconds: float, low: int, high: int, steps: int, enriched: bool,
+           runs: int = 1) -> tuple[int, list]:
+    """The highest rate in [low, high] that loses at most 0.1 % in each of `runs` runs (`low` is taken as held
+    only if its runs held): each step halves the bracket."""
+    held, log = 0, []
+    for _ in range(steps):
+        rate = (low + high) // 2 if held or log else low
+        ok = True
+        for _ in range(runs):
+            r = paced_run(sender, rate, seconds, enriched)
+            ok = r["loss"] <= live_capture.LOSS_FREE and r["paced"] >= 0.95 * rate
+            log.append((rate, r))
+            print(f"    {'enriched' if enriched else 'plain':8} {rate:>9,}/s  {'held' if ok else 'lost'}  sent "
+                  f"{r['sent']:,} counted {r['counted']:,} loss {r['loss'] * 100:.3f} % paced {r['paced']:,.0f}/s "
+                  f"attributed {r.get('attributed')} cpu {r['cpu_s'] / max(r['counted'], 1) * 1e6:.2f} µs/packet",
+                  flush=True)
+            if not ok:
+                break
+        if ok:
+            held, low = rate, rate
+        elif not held:
+            return 0, log  # even the bottom of the bracket lost: widen it (--low)
+        else:
+            high = rate
+    return held, log
+
+
+def quota_rounds(sender: str, args) -> int:
+    """--quota: rounds of plain/enriched bisections under the same CPU quota, alternating which goes first."""
+    ratios = []
+    # The default ring (64 x 1 MiB) holds ~500,000 of these frames: a run of a few seconds would fit in it
+    # whole and the drain would count it all at any rate. A small ring, the same for both variants, makes a
+    # run measure the sustained rate: what the ring holds is a fraction of a second of it.
+    os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
+    # A background job ignores SIGINT: SIGTERM ends the rounds through the `with`, which removes the cgroup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    with CpuQuota(args.quota) as path:
+        print(f"capturing process in {path}: {args.quota:g} % of one core (period {PERIOD_US} µs); "
+              f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.runs} x {args.seconds:g} s; ring "
+              f"{args.ring_blocks} x {os.environ.get('NTM_RING_BLOCK_KB', '1024')} KiB", flush=True)
+        for i in range(args.rounds):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            got = {}
+            for enriched in order:
+                got[enriched], _ = bisect(sender, args.seconds, args.low, args.high, args.steps, enriched, args.runs)
+            ratio = got[True] / got[False] if got[False] else float("nan")
+            ratios.append(ratio)
+            print(f"  round {i + 1} ({'plain first' if not order[0] else 'enriched first'}): plain "
+                  f"{got[False]:,}/s  enriched {got[True]:,}/s  enriched / plain {ratio:.3f}", flush=True)
+    # A round where either variant lost at the bracket's bottom (--low) has no ratio: it is shown, not hidden.
+    valid = [r for r in ratios if r == r and r > 0]
+    worst = f"{min(valid):.3f}" if valid else "none"
+    print(f"worst enriched / plain: {worst} over {len(valid)} of {len(ratios)} rounds (rounds: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}; nan or 0: a variant lost at --low); resolution of one "
+          f"bisection: {(args.high - args.low) / 2 ** (args.steps - 1):,.0f}/s")
+    return 0
+
+
+def threads(sender: str, pairs: int, rate: int, seconds: float) -> int:
+    """Alternating plain/enriched runs at one rate the capture holds (no quota): the capturing process's
+    CPU per thread, i.e. where enrichment's cost goes (capture, attribution stage, process table, refresh)."""
+    for i in range(pairs):
+        for name, enriched in (("plain", False), ("enriched", True)):
+            r = timed_run(sender, rate, seconds, enriched)
+            each = sorted(r.get("threads", {}).items(), key=lambda kv: -kv[1])
+            print(f"  pair {i + 1} {name:9} sent {r['sent']:,} counted {r['counted']:,}  CPU "
+                  f"{sum(v for _, v in each):.2f} s: " + "  ".join(f"{k} {v:.2f}" for k, v in each), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -159,6 +373,17 @@ def main() -> int:
                     help="instead of the ladder: PAIRS of alternating plain/enriched runs, each sending "
                          "--packets as fast as the sender can")
     ap.add_argument("--packets", type=int, default=3_000_000)
+    ap.add_argument("--quota", type=float, default=0, metavar="PERCENT",
+                    help="instead of the ladder: hold the capturing process to PERCENT %% of one core and "
+                         "bisect each variant's loss-free rate, --rounds times")
+    ap.add_argument("--threads", type=int, default=0, metavar="PAIRS",
+                    help="instead of the ladder: PAIRS of plain/enriched runs at --rate, CPU per thread")
+    ap.add_argument("--rate", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ring-blocks", type=int, default=4, help="--quota: the capture ring's blocks (RING_BLOCKS)")
+    ap.add_argument("--low", type=int, default=20_000)
+    ap.add_argument("--high", type=int, default=320_000)
+    ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--enriched", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -173,6 +398,10 @@ def main() -> int:
         sender = live_capture.build_sender(tmp)
         if args.flat_out:
             return flat_out(sender, args.flat_out, args.packets)
+        if args.quota:
+            return quota_rounds(sender, args)
+        if args.threads:
+            return threads(sender, args.threads, args.rate, args.seconds)
         for name, enriched in (("refresh", False), ("refresh + enrichment", True), ("refresh again", False)):
             print(f"{name}: {args.runs} run(s) of {args.seconds:g} s per rate", flush=True)
             held[name], log = ladder(sender, args.seconds, args.runs, enriched)

@@ -78,6 +78,10 @@ class ReverseDNS:
         self._submit(addr)
         return None
 
+    def cached(self, addr: str) -> str | None:
+        """The cached name ('' after a failure), or None; never queues a lookup (the packet filter's use)."""
+        return self._cache.get(addr) if self.enabled and addr else None
+
     def _submit(self, addr: str) -> None:
         with self._lock:
             if addr in self._pending or self._stop.is_set():

@@ -6,6 +6,11 @@ this process may not read the owner's file descriptors (after the dashboard give
 processes) is "hidden", counted apart and said so: it is not closed, and naming it needs the privilege.
 Entries stay for a few refreshes after the socket closes (short connections are still named), and the
 table is bounded.
+
+A read costs ~20 ms of CPU on a busy machine (psutil reads /proc/net and every process's fd table), so the
+thread reads every `refresh_s` only while someone is asking for a port it does not know (owner() missed:
+the attribution stage's waiting ports, a page's row); when every port asked for is named it reads only
+every IDLE_READS intervals (enrichment's largest fixed cost to the capturing process: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+
+IDLE_READS = 10  # with no port asked for unknown, the table is re-read every IDLE_READS x refresh_s
 
 UNKNOWN = "unknown"
 HIDDEN = "owner not visible (no privilege)"
@@ -45,6 +52,8 @@ class ProcessTable:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.refreshes = 0
+        self.skipped = 0  # intervals with no read: nothing asked for was unknown
+        self._wanted = True  # the first interval reads
 
     def start(self) -> None:
         """Start the refresh thread (once); the first read happens at once."""
@@ -62,9 +71,19 @@ class ProcessTable:
             t.join(self.refresh_s + 5)
 
     def _run(self) -> None:
+        idle = 0
         while not self._stop.is_set():
-            self.refresh()
+            if self._wanted or idle >= IDLE_READS - 1:
+                self._wanted, idle = False, 0
+                self.refresh()
+            else:
+                idle += 1
+                self.skipped += 1
             self._stop.wait(self.refresh_s)
+
+    def want(self) -> None:
+        """Ask for a read at the next interval (a port is not known yet)."""
+        self._wanted = True
 
     def refresh(self) -> None:
         """Read the socket table once (also callable directly)."""
@@ -124,7 +143,10 @@ class ProcessTable:
     def owner(self, proto: str, port: int) -> tuple[int, str] | None:
         """(pid, name) of the local socket on this port, or None (unknown)."""
         v = self._owners.get((proto.lower(), int(port)))
-        return (v[0], v[1]) if v else None
+        if v is None:
+            self._wanted = True  # the next interval reads the table again: this port may be new
+            return None
+        return v[0], v[1]
 
     def owners(self) -> dict[tuple[str, int], tuple[int, str, float]]:
         """The current {(proto, port): (pid, name, last seen)}; a new dict at each read, never changed in place."""

@@ -6,12 +6,45 @@ import ipaddress
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import streamlit as st
 from conftest import PYTHON, need
 
+import enrich
+from packet_processor import CaptureEngine, Snapshot, Source, stop_all
+
 HOSTILE = "**bold**<b>x</b>[a](javascript:alert(1))"  # printable text a PTR record can carry
+
+
+def _clear() -> None:
+    stop_all()
+    enrich.stop_shared()
+    st.cache_resource.clear()
+
+
+@contextmanager
+def cleared() -> Iterator[None]:
+    """No engine, no shared Enricher and no cached resource before and after the block (the page under
+    AppTest builds its own): the `fresh` fixture of the enrichment page tests."""
+    _clear()
+    try:
+        yield
+    finally:
+        _clear()
+
+
+def file_snapshot(path: str, timeout_s: float = 20.0) -> Snapshot:
+    """The snapshot of an engine that has read the whole file at `path` (and is stopped)."""
+    eng = CaptureEngine()
+    assert eng.start(Source("file", path=str(path)))
+    deadline = time.monotonic() + timeout_s
+    while eng.status().state == "running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    snap = eng.snapshot()
+    eng.stop()
+    return snap
 
 
 def ptr_name(addr: str) -> str:
@@ -55,6 +88,56 @@ def silent_resolver(ns: str, listen: str) -> Iterator[subprocess.Popen]:
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield proc
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+HELD = """
+import select, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+print("ready", flush=True)
+held, released = [], False
+
+def nxdomain(query):  # the query's id and question back, QR RD RA set, rcode NXDOMAIN, no answer
+    return query[:2] + b"\\x81\\x83" + query[4:6] + b"\\x00\\x00\\x00\\x00" + query[10:]
+
+while True:
+    ready, _, _ = select.select([s, sys.stdin], [], [])
+    if sys.stdin in ready:
+        if not sys.stdin.readline():
+            break
+        released = True
+        for q, peer in held:
+            s.sendto(nxdomain(q), peer)
+        held.clear()
+        print("released", flush=True)
+    if s in ready:
+        q, peer = s.recvfrom(4096)
+        if released:
+            s.sendto(nxdomain(q), peer)
+        else:
+            held.append((q, peer))
+"""
+
+
+@contextmanager
+def held_resolver(ns: str, listen: str) -> Iterator[Callable[[], None]]:
+    """A resolver in namespace `ns` on `listen`:53 that holds every query unanswered until the test calls
+    the yielded release(); then it answers each held and later query at once with NXDOMAIN. A test sees
+    lookups outstanding for as long as it wants, and their end, without waiting on a time-out."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "-c", HELD, listen],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def release() -> None:
+        proc.stdin.write("release\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "released"
+
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield release
     finally:
         proc.kill()
         proc.wait(5)

@@ -17,17 +17,22 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import streamlit as st
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, dnsmasq, silent_resolver
+from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import ARP, Ether
 from test_dashboard import app, figures, run_until
 
 import enrich
-from packet_processor import stop_all
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    with cleared():
+        yield monkeypatch
+
 
 WEB, CLIENT, TARGET = "127.0.0.7", "127.0.0.1", "127.0.0.2"  # the web server, curl, the scanned host
 WEB_PORT = 8080  # http-alt in /etc/services: the service column has a name to show
@@ -36,17 +41,6 @@ CONV_COLUMNS = ["endpoint A", "endpoint B", "protocol", "packets", "bytes", "fir
 RECENT_COLUMNS = ["time", "direction", "protocol", "source", "src port", "destination", "dst port", "size",
                   "TCP flags"]
 ALERT_COLUMNS = ["last seen", "severity", "detector", "source", "target", "count", "evidence", "what it means", "ack"]
-
-
-@pytest.fixture
-def fresh(monkeypatch):
-    stop_all()
-    enrich.stop_shared()
-    st.cache_resource.clear()
-    yield monkeypatch
-    stop_all()
-    enrich.stop_shared()
-    st.cache_resource.clear()
 
 
 def keyed(at, key: str):
@@ -236,23 +230,33 @@ def test_enrichment_off_keeps_todays_tables_and_builds_no_enricher(fresh, tmp_pa
 
 
 def test_unanswered_names_show_pending_and_the_page_does_not_wait(fresh, veth, tmp_path):
+    """The resolver holds every query until the test releases it (no time-out decides anything): the page
+    draws while the lookups are outstanding, says '…', and shows the outcome at a later refresh."""
     fresh.setenv("NTM_PCAP", public_capture(tmp_path))
     fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
-    fresh.setenv("NTM_RDNS_TIMEOUT_S", "5")
+    fresh.setenv("NTM_RDNS_TIMEOUT_S", "60")  # longer than the test: only the resolver ends a lookup
     fresh.setenv("NTM_RDNS_WORKERS", "1")
-    with silent_resolver(veth.ns, veth.ns_ip):
-        at = run_until(app(), lambda a: keyed(a, "alerts") is not None, 30)
-        # One worker and 5 s per time-out: waiting for the 3 addresses' names would take 15 s per refresh.
-        t = time.monotonic()
+    with held_resolver(veth.ns, veth.ns_ip) as release:
+        at = run_until(app(), lambda a: keyed(a, "alerts") is not None and enrich.shared().names.stats.sent, 30)
         at.run()
-        assert time.monotonic() - t < 5
         assert not at.exception
-        tables = [keyed(at, k) for k in ("top_talkers", "conversations", "recent", "alerts")]
-        hosts = [set(tables[0]["host"]), set(tables[1]["A host"]) | set(tables[1]["B host"]),
-                 set(tables[2]["src host"]) | set(tables[2]["dst host"]),
-                 set(tables[3]["source host"]) | set(tables[3]["target host"])]
-        assert hosts == [{"…"}] * 4  # queued, said so; a later refresh fills them in
-        assert enrich.shared().names.stats.answered == 0
+        stats = enrich.shared().names.stats
+        # A query was out and none had ended while the page ran and drew: it did not wait for one.
+        assert stats.sent >= 1 and (stats.answered, stats.failed, stats.timed_out) == (0, 0, 0)
+        assert hosts_shown(at) == [{"…"}] * 4  # queued, said so
+        release()
+        assert wait_for(lambda: stats.failed >= 3 and not enrich.shared().names._pending, 20), stats
+        at.run()
+        assert hosts_shown(at) == [{""}] * 4  # NXDOMAIN: no name, at the next refresh
+        assert stats.timed_out == 0 and stats.answered == 0
+
+
+def hosts_shown(at) -> list[set[str]]:
+    """The host cells of the top talkers, conversations, recent packets and alerts tables."""
+    tables = [keyed(at, k) for k in ("top_talkers", "conversations", "recent", "alerts")]
+    return [set(tables[0]["host"]), set(tables[1]["A host"]) | set(tables[1]["B host"]),
+            set(tables[2]["src host"]) | set(tables[2]["dst host"]),
+            set(tables[3]["source host"]) | set(tables[3]["target host"])]
 
 
 def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
@@ -276,3 +280,138 @@ def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
     want = [table.is_local(addr_text(bytes(a))) for a in addrs]
     assert local_rows(addrs, table).tolist() == want
     assert want.count(True) >= len(mine) + 3  # the machine's own, two of 127/8 and ::1
+
+
+def manuf_maker(prefix: str) -> str:
+    """The long maker name of an OUI prefix ('00:50:56') as Wireshark's manuf file lists it (read here)."""
+    for line in Path("/usr/share/wireshark/manuf").read_text(errors="replace").splitlines():
+        fields = line.split("\t")
+        if fields[0].upper() == prefix.upper():
+            return (fields[2] if len(fields) > 2 and fields[2].strip() else fields[1]).strip()
+    raise AssertionError(f"{prefix} is not in manuf")
+
+
+CISCO, VMWARE = "00:00:0c:11:22:33", "00:50:56:aa:bb:cc"  # real OUIs: Cisco's and VMware's
+ME, SERVER, CLIENT_PORT = "10.213.0.5", "127.0.0.7", 57000  # 57000: dircproxy in /etc/services, an ephemeral port
+
+
+def filter_capture(tmp_path) -> tuple[str, list]:
+    """(a file, its frames): DNS to 8.8.8.8, HTTPS to 1.1.1.1, a local web server's reply to a client port
+    registered for another service, and an ARP reply claiming an address for a second MAC (an ARP spoof)."""
+    eth = Ether(src=CISCO, dst="00:11:22:33:44:55")
+    frames = []
+    for i in range(10):
+        frames += [eth / IP(src=ME, dst="8.8.8.8") / UDP(sport=5000 + i, dport=53) / b"q",
+                   eth / IP(src="8.8.8.8", dst=ME) / UDP(sport=53, dport=5000 + i) / b"a"]
+    for i in range(6):
+        frames += [eth / IP(src=ME, dst="1.1.1.1") / TCP(sport=41000 + i, dport=443, flags="S"),
+                   eth / IP(src="1.1.1.1", dst=ME) / TCP(sport=443, dport=41000 + i, flags="SA")]
+    for _ in range(4):
+        frames += [eth / IP(src=SERVER, dst=CLIENT) / TCP(sport=WEB_PORT, dport=CLIENT_PORT, flags="PA"),
+                   eth / IP(src=CLIENT, dst=SERVER) / TCP(sport=CLIENT_PORT, dport=WEB_PORT, flags="A")]
+    frames += [Ether(src=CISCO, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=CISCO, psrc="10.213.0.1", pdst=ME),
+               Ether(src=VMWARE, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=VMWARE, psrc="10.213.0.1", pdst=ME)]
+    path = tmp_path / "filter.pcap"
+    path.write_bytes(pcap_bytes([(1_700_000_000.0 + i / 10, bytes(f)) for i, f in enumerate(frames)]))
+    return str(path), frames
+
+
+def test_filter_matches_enrichment_cells_and_alerts_name_device_makers(fresh, veth, tmp_path):
+    """The recent-packets filter finds rows by host name, AS, service and maker; the service is the server
+    end's; a file's local ends say 'not live'; the ARP spoof's MACs carry their makers."""
+    path, frames = filter_capture(tmp_path)
+    fresh.setenv("NTM_PCAP", path)
+    fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
+    fresh.setenv("NTM_RECENT_ROWS", "1000")
+    with dnsmasq(veth.ns, veth.ns_ip, {"8.8.8.8": "resolver.ntm.test"}):
+        at = run_until(app(), lambda a: keyed(a, "recent") is not None and keyed(a, "alerts") is not None
+                       and "resolver.ntm.test" in set(keyed(a, "recent")["dst host"])
+                       and "Cloudflare" in " ".join(keyed(a, "recent")["dst AS"]), 30)
+    assert not at.exception
+    recent = keyed(at, "recent")
+    assert len(recent) == len(frames)
+    local = rows_of(recent, source=SERVER)
+    assert set(local["service"]) == {f"{WEB_PORT}/http-alt"}  # not 57000/dircproxy: the client's port
+    assert set(rows_of(recent, source=CLIENT)["service"]) == {f"{WEB_PORT}/http-alt"}
+    assert set(local["src process"]) == set(local["dst process"]) == {"not live"}  # a file's packets
+    conv = keyed(at, "conversations")
+    row, web_end, cl_end = conversation(conv, f"{SERVER}:{WEB_PORT}")
+    assert (row[f"{web_end} service"], row[f"{cl_end} service"]) == (f"{WEB_PORT}/http-alt", "")
+
+    def shown(text: str):
+        at.text_input(key="pkt_filter").set_value(text).run()
+        assert not at.exception
+        return keyed(at, "recent")
+
+    def sent(pred) -> int:  # the reference: frames counted here from what was written
+        return sum(1 for f in frames if IP in f and pred(f[IP]))
+
+    by_name = shown("RESOLVER.ntm")  # part of a host name, any case
+    assert set(by_name["source"]) | set(by_name["destination"]) >= {"8.8.8.8"}
+    assert len(by_name) == sent(lambda ip: "8.8.8.8" in (ip.src, ip.dst)) == 20
+    assert all("8.8.8.8" in (s, d) for s, d in zip(by_name["source"], by_name["destination"]))
+    by_as = shown("cloudflare")
+    assert len(by_as) == sent(lambda ip: "1.1.1.1" in (ip.src, ip.dst)) == 12
+    by_service = shown("http-alt")
+    assert len(by_service) == 8 and set(by_service["service"]) == {f"{WEB_PORT}/http-alt"}
+    assert len(shown("dircproxy")) == 0  # 57000 is the client's port: no row names it
+    by_maker = shown("vmware")
+    assert len(by_maker) == 1 and set(by_maker["src maker"]) == {manuf_maker("00:50:56")}
+    assert len(shown("no such text anywhere")) == 0
+
+    alerts = keyed(at, "alerts")
+    spoof = alerts[alerts["detector"] == "arp_spoof"].iloc[0]
+    assert spoof["device makers"] == (f"{VMWARE} {manuf_maker('00:50:56')}; {CISCO} {manuf_maker('00:00:0C')}")
+
+
+def test_a_rerun_over_the_same_rows_only_reads_the_memo_and_the_memo_is_bounded(tmp_path):
+    """Per-row answers outlive the refresh: a second Lookups over the same rows asks no cache or table."""
+    import enrich_columns as ec
+    from enrich import Enricher
+    from enrich.processes import ProcessTable
+
+    en = Enricher(reverse_dns=False, processes=False)
+    en.processes = ProcessTable()
+    en.processes.refresh()  # a read of the socket table: the process answers stand until the next one
+    assert en.geo.wait_loaded(120) and en.geo.asn.ready
+    path, _ = filter_capture(tmp_path)
+    from enrichhelp import file_snapshot
+    snap = file_snapshot(path)
+    from dashboard import packets_table
+    table = packets_table(snap.packets, None)
+    macs = ec.shown_macs(snap.packets, range(len(snap.packets)))
+    calls: dict[str, int] = {}
+
+    def counted(obj, name: str) -> None:
+        real = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a, **k)
+        setattr(obj, name, wrapper)
+
+    for obj, name in ((en.geo, "lookup"), (en.services, "name"), (en.processes, "label"),
+                      (en.processes, "is_local"), (en.oui, "maker")):
+        counted(obj, name)
+    first = ec.recent(ec.Lookups(en), table, macs)
+    assert calls["lookup"] >= 4 and calls["name"] >= 1 and calls["maker"] == 2  # the work, done once
+    calls.clear()
+    again = ec.recent(ec.Lookups(en), table, macs)
+    assert calls == {} and again.equals(first)  # the rerun: dictionary look-ups only
+    en.processes.refresh()  # a new read of the socket table: process answers are asked again
+    ec.recent(ec.Lookups(en), table, macs)
+    assert set(calls) == {"is_local", "label"}
+    memo = ec.Memo(maxsize=3)
+    for i in range(5):
+        memo.put("service", i, str(i))
+    assert list(memo.maps["service"]) == [2, 3, 4]  # bounded: the oldest went
+    en.stop()
+
+
+@pytest.mark.parametrize("sport,dport,flags,server", [
+    (8080, 57000, "PSH ACK", "src"), (57000, 8080, "ACK", "dst"), (443, 41000, "SYN ACK", "src"),
+    (41000, 443, "SYN", "dst"), (50000, 1234, "SYN", "dst"),  # a SYN names its destination, lower or not
+    (1234, 50000, "SYN ACK", "src"), (53, 53, "", "dst"), (None, 53, "", "dst"), (None, None, "", "")])
+def test_the_server_end_is_the_syns_destination_else_the_lower_port(sport, dport, flags, server):
+    import enrich_columns as ec
+    assert ec.server_end(sport, dport, flags) == server

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import defaultdict
 
 import pytest
 from conftest import need
-
-from packet_processor import CaptureEngine, Source
+from enrichhelp import file_snapshot
 
 # address -> (country or range label, network label as the page writes it)
 WHO = {"8.8.8.8": ("US", "AS15169 Google LLC"), "2001:4860:4860::8888": ("US", "AS15169 Google LLC"),
@@ -59,13 +57,7 @@ def snap_and_ref(tmp_path_factory):
     need(shutil.which("tshark") is not None, "tshark is the reference (apt-get install tshark)")
     path = tmp_path_factory.mktemp("ends") / "ends.pcap"
     _pcap(path)
-    eng = CaptureEngine()
-    assert eng.start(Source("file", path=str(path)))
-    deadline = time.monotonic() + 20
-    while eng.status().state == "running" and time.monotonic() < deadline:
-        time.sleep(0.02)
-    snap = eng.snapshot()
-    eng.stop()
+    snap = file_snapshot(path)
     assert snap.totals["packets"] == sum(n for *_, n in FLOWS)
     import enrich
     en = enrich.shared()

@@ -6,8 +6,7 @@ import json
 import time
 
 import pytest
-import streamlit as st
-from enrichhelp import HOSTILE, dnsmasq, packets_in, silent_resolver, tcpdump
+from enrichhelp import HOSTILE, cleared, dnsmasq, packets_in, silent_resolver, tcpdump
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -15,20 +14,15 @@ from test_dashboard import app as _app
 from test_dashboard import figures, run_until
 
 import enrich
-from packet_processor import stop_all
-
-EVIL = "10.213.0.66"
 
 
 @pytest.fixture
 def fresh(monkeypatch):
-    stop_all()
-    enrich.stop_shared()
-    st.cache_resource.clear()
-    yield monkeypatch
-    stop_all()
-    enrich.stop_shared()
-    st.cache_resource.clear()
+    with cleared():
+        yield monkeypatch
+
+
+EVIL = "10.213.0.66"
 
 
 def capture(tmp_path, addrs: list[str]) -> str:
@@ -148,6 +142,7 @@ def test_enrichment_on_by_default_with_the_pages_own_tables(fresh, tmp_path):
     assert any(s.value == "Who is on the other end" for s in at.subheader)
     for column in ("endpoint A", "direction", "side", "A name", "maker", "pid", "target name"):
         assert sum(column in d.value.columns for d in at.dataframe) == 1, column  # each table once
-    procs = frame_with(at, "pid")  # a file: the buffer's view, said so
-    assert list(procs.columns) == ["process", "pid", "packets", "bytes", "connections"]
-    assert any("Over the 2 packets in the buffer" in c.value.replace("\\", "") for c in at.caption)
+    procs = frame_with(at, "pid")  # a file: who holds a port now says nothing about its packets
+    assert list(procs.columns) == ["process", "pid", "packets", "bytes", "connections"] and procs.empty
+    assert any(c.value.startswith("Not live: the packets come from a file") for c in at.caption)
+    assert set(frame_with(at, "maker")["process"]) <= {"", "not live"}  # the panel's recent packets

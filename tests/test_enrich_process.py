@@ -72,3 +72,25 @@ def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
         assert r["packets"] == len(p) and r["bytes"] == int(p["wire_len"].sum()) == snap.totals["bytes"]
         assert r["connections"] == 1
     assert snap.totals["bytes"] > SIZE  # the file plus headers went through the capture
+
+
+def test_the_table_is_read_every_interval_only_while_a_port_asked_for_is_unknown():
+    """A read costs ~20 ms on a busy machine: with every port asked for named, the thread reads only every
+    IDLE_READS intervals; a miss (a port it does not know) brings the next read at the next interval."""
+    from enrich.processes import IDLE_READS
+
+    table = ProcessTable(refresh_s=0.2)
+    table.start()
+    try:
+        assert wait_for(lambda: table.refreshes >= 1, 10)
+        assert wait_for(lambda: table.skipped >= IDLE_READS // 2, 10)
+        assert table.refreshes == 1  # half the idle stretch went by without a read
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()  # a port opened after the read: the table does not know it yet
+            port = s.getsockname()[1]
+            assert table.owner("tcp", port) is None  # the miss asks for a read
+            assert wait_for(lambda: table.owner("tcp", port) is not None, 5)
+        assert table.refreshes == 2 and table.skipped < IDLE_READS - 1  # read at once, not at the idle read
+    finally:
+        table.stop()
