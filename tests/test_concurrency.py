@@ -1,4 +1,9 @@
-"""Twenty readers (snapshots and figure builds) against a live capture at 50,000 packets/s for 60 s."""
+"""Twenty readers (snapshots and figure builds) against a live capture at 50,000 packets/s for 20 s.
+
+20 s (it was 60 s) proves the same: a million packets wrap the 10,000-packet buffer a hundred times,
+the whole run still fits in the per-second history, and every reader takes and checks snapshots
+throughout (71-87 each at load 4; the test asserts at least 10); what is checked per snapshot and per
+packet (sent = counted + dropped) does not depend on the run's length."""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ pytestmark = pytest.mark.live
 
 READERS = 20
 RATE = 50_000
-SECONDS = 60
+SECONDS = 20
 PAYLOAD = 18  # 60-byte frames, as in the benchmarks
 
 
@@ -110,7 +115,8 @@ def test_twenty_readers_at_50k_per_second(root_only, tmp_path):
         sink.close()
     assert not failures, failures[:5]
     assert all(not t.is_alive() for t in readers), "a reader hung"
-    assert min(checked) > 0, checked
+    print(f"snapshots checked per reader: {min(checked)}-{max(checked)}")
+    assert min(checked) >= 10, checked  # every reader checked snapshots all through the run
     assert ended, "the capture thread did not end after stop()"
     assert after_stop == frozen, "packets sent after stop() were counted"
     t = engine.snapshot().totals
