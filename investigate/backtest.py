@@ -158,15 +158,18 @@ class ScanBound(Bound):
 
 
 def scan_items(df) -> Any:
-    """(source, target, protocol, target's port, first seen) of stored conversations, both orientations of
+    """(source, target, protocol, target's port, first seen in epoch µs) of stored conversations, both orientations of
     each row (a stored row does not keep which end sent); TCP and UDP rows with ports only."""
     import pandas as pd
 
+    from investigate.stored import first_ts
+
     tu = df[df["proto"].isin([6, 17]) & df["a_port"].notna() & df["b_port"].notna()]
+    first_us = (first_ts(tu) * 1e6).round().astype(np.int64) if len(tu) else tu["first_us"]
     rows = []
     for s, t, tport in (("a", "b", "b_port"), ("b", "a", "a_port")):
         rows.append(pd.DataFrame({"src": tu[s].to_numpy(), "dst": tu[t].to_numpy(), "proto": tu["proto"].to_numpy(),
-                                  "port": tu[tport].astype("int64").to_numpy(), "first_us": tu["first_us"].to_numpy()}))
+                                  "port": tu[tport].astype("int64").to_numpy(), "first_us": first_us.to_numpy()}))
     return pd.concat(rows, ignore_index=True)
 
 

@@ -122,19 +122,25 @@ def explain(before: pd.DataFrame, during: pd.DataFrame, start: int, end: int, ba
     return ex
 
 
-def _first_seen(keys: pd.Series, first_us: pd.Series) -> dict[str, float]:
-    got = pd.DataFrame({"k": keys, "t": first_us}).dropna(subset=["k"]).groupby("k")["t"].min() / 1e6
+def first_ts(df: pd.DataFrame) -> pd.Series:
+    """Each stored conversation's first packet time (epoch s): first_us counts from the row's minute."""
+    return df["minute"].astype(np.float64) + df["first_us"].astype(np.float64) / 1e6
+
+
+def _first_seen(keys: pd.Series, ts: pd.Series) -> dict[str, float]:
+    got = pd.DataFrame({"k": keys, "t": ts}).dropna(subset=["k"]).groupby("k")["t"].min()
     return {str(k): float(t) for k, t in got.items()}
 
 
 def hosts(df: pd.DataFrame) -> dict[str, float]:
     """Every address at either end of the conversations, with its first-seen time."""
-    return _first_seen(pd.concat([df["a"], df["b"]]), pd.concat([df["first_us"], df["first_us"]]))
+    t = first_ts(df)
+    return _first_seen(pd.concat([df["a"], df["b"]]), pd.concat([t, t]))
 
 
 def services(df: pd.DataFrame) -> dict[str, float]:
     """Every TCP/UDP service ('tcp/443', the lower port of the two ends) with its first-seen time."""
-    return _first_seen(_service(df), df["first_us"])
+    return _first_seen(_service(df), first_ts(df))
 
 
 def protocols(df: pd.DataFrame) -> dict[str, int]:
