@@ -1254,6 +1254,7 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
                 load, runner = (lambda: bt.stored_seconds(store, since, until)), bt.run_seconds
             st.session_state["hbt_job"] = job = bt.Job(load, setting, values, overrides, disabled, runner)
             st.session_state["hbt_job_key"] = (key, since, until)
+            st.session_state.pop("hbt_result", None)  # the new run replaces it: never shown as the new one's
         except ValueError as exc:  # bad values: said
             st.session_state["hbt_result"] = (key, None, f"Back-test not run: {exc}")
     if job is not None and job.running:
