@@ -1089,7 +1089,8 @@ def read_notes(store, since: int, until: int, cut: bool) -> list[str]:
     from store.history import approximation, time_range
 
     capped = approximation(store, time_range(since, until)).get("conv")
-    return ([f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX conversations "
+    n = capped["minutes_capped"] if capped else 0
+    return ([f"approximate: {n:,} minute{'s' if n != 1 else ''} held more than STORE_CONV_MAX conversations "
              f"({capped['packets_left_out']:,} packets of the conversations left out are not counted)"]
             if capped else []) + ([f"approximate: only the first {HISTORY_CONV_ROWS:,} stored conversation rows "
                                    "were read"] if cut else [])

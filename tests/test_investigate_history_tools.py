@@ -129,3 +129,22 @@ def test_history_back_test_and_baseline_over_the_range(fresh, tmp_path, spiky): 
     at = tools_on(at, m0, m0 + 59)
     assert not any("new service" in d.value.columns for d in at.dataframe)
     assert not at.exception
+
+
+def test_history_tools_say_approximate_when_minutes_were_capped(fresh, tmp_path, spiky):  # noqa: F811
+    path, pkts = spiky
+    m0 = int(float(pkts[0].time)) // 60 * 60
+    # tshark: each of the two minutes holds far more than 3 conversations (random client ports).
+    convs = per_minute(path, "tcp.flags.ack==1 || udp")
+    assert convs[m0] > 3 and convs[m0 + 60] > 3
+    fresh.setenv("NTM_STORE_CONV_MAX", "3")
+    at = tools_on(history_page_at(fresh, tmp_path, path), m0 + 60, m0 + 119)
+    at.toggle(key="hist_explain").set_value(True).run()
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert "approximate: 2 minutes held more than STORE_CONV_MAX" in caption, caption
+    at.text_input(key="hist_baseline_name").input("capped").run()
+    at.button(key="hist_baseline_save").click().run()
+    assert any("approximate: 1 minute held more than STORE_CONV_MAX" in rendered(s.value) for s in at.success)
+    at.button(key="hist_baseline_compare").click().run()
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert "may list hosts or services as new that it left out" in caption
