@@ -16,6 +16,7 @@ from test_fleet_page import APP, fleet, page_env  # noqa: F401  (the same sensor
 from test_fleet_sensor import ON_SHARD_1, wait_metric
 
 SECOND = 90  # datagrams from 127.0.0.2
+IMPORTED = "delta"  # a sensor whose rows come from the two-minute file (invhelp: SPIKER's burst in minute two)
 
 
 @pytest.fixture
@@ -32,6 +33,28 @@ def two_hosts(page_env) -> dict:  # noqa: F811
         want = before + SECOND
         assert wait_metric(live, "ntm_sensor_sent_packets_total", lambda v: v == want)
     return {**page_env, "total": int(live.metrics()["ntm_sensor_packets_total"])}
+
+
+@pytest.fixture
+def imported(two_hosts, tmp_path_factory) -> dict:
+    """The two minutes of mixed traffic (15 minutes ago, SPIKER's UDP burst to port 5353 in the second)
+    imported into the cluster as sensor IMPORTED, once per module."""
+    from invhelp import T0, mixed_packets
+    from scapy.all import wrpcap
+
+    import fleet_page
+    from store.cli import import_files
+
+    path = tmp_path_factory.getbasetemp() / "delta.pcap"
+    if not path.exists():
+        ts0 = float(int(time.time()) // 60 * 60 - 900)
+        pkts = mixed_packets(seconds=120, spike_from=100)
+        for p in pkts:
+            p.time = float(p.time) - T0 + ts0
+        wrpcap(str(path), pkts)
+        store = fleet_page.fleet_store(two_hosts["address"], "fleet")
+        assert not import_files([str(path)], store, sensor=IMPORTED)["errors"]
+    return {**two_hosts, "path": str(path)}
 
 
 def frame(at, column: str):
@@ -80,3 +103,54 @@ def test_fleet_page_explains_baselines_and_back_tests_one_sensors_range(two_host
     assert any("no sensor's detector saw" in rendered(c.value) for c in at.caption)
     assert not at.exception
 
+
+
+def test_fleet_page_explains_a_rise_and_lists_what_is_new_since_an_earlier_range(imported):
+    from invhelp import SPIKER
+    from test_investigate_history import per_minute
+
+    import visualizations as viz
+
+    path = imported["path"]
+    every, spiker, burst = per_minute(path, "ip || ipv6"), per_minute(path, f"ip.addr=={SPIKER}"), \
+        per_minute(path, "udp.port==5353")
+    m0 = min(every)
+    at = AppTest.from_file(APP, default_timeout=90)
+    at.query_params["sensor"] = IMPORTED
+    at.query_params["from"], at.query_params["to"] = str(m0 + 60), str(m0 + 120)
+    at.run()
+    at.radio(key="fleet_range").set_value("1 h").run()
+    # Explain the second minute against the first: SPIKER's share of the rise as tshark counts the file.
+    at.toggle(key="hist_explain").set_value(True).run()
+    assert not at.exception, at.exception
+    at.selectbox(key="hist_explain_dim").set_value("host (either end)").run()
+    detail = next(d.value for d in at.dataframe if "key" in d.value.columns and "by" not in d.value.columns)
+    share = dict(zip(detail["key"], detail["share of the change %"])).get(SPIKER)
+    assert share is not None, (detail, [rendered(c.value) for c in [*at.caption, *at.warning, *at.success, *at.error]])
+    want = (spiker[m0 + 60] - spiker[m0]) / (every[m0 + 60] - every[m0])
+    assert share == pytest.approx(100 * want, abs=0.05) and want > 0.5
+    rise = (burst[m0 + 60] - burst[m0]) / (every[m0 + 60] - every[m0])
+    assert any(f"by port: udp/5353 ({100 * rise:.0f} %)" in rendered(s.value) for s in at.success)
+    # A baseline of the first minute; the second minute's new service is the burst's, first seen when sent.
+    at.query_params["from"], at.query_params["to"] = str(m0), str(m0 + 60)
+    at.run()
+    at.text_input(key="hist_baseline_name").input("delta-first-minute").run()
+    at.button(key="hist_baseline_save").click().run()
+    at.query_params["from"], at.query_params["to"] = str(m0 + 60), str(m0 + 120)
+    at.run()
+    at.selectbox(key="hist_baseline_pick").set_value("delta-first-minute").run()
+    at.button(key="hist_baseline_compare").click().run()
+    new = frame(at, "new service")
+    services = dict(zip(new["new service"], new["first seen"]))
+    first = subprocess_first(path, "udp.port==5353")
+    assert services == {"udp/5353": viz.time_texts([first], None)[0]}  # udp/53, tcp/443 ...: in the first minute
+    assert frame(at, "new host").empty and not at.exception
+
+
+def subprocess_first(path: str, display_filter: str) -> float:
+    """tshark's time of the first packet its filter keeps."""
+    import subprocess
+
+    out = subprocess.run(["tshark", "-r", path, "-Y", display_filter, "-T", "fields", "-e", "frame.time_epoch"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return min(map(float, out))
