@@ -30,7 +30,7 @@ def read(store, since: int, until: int, sensor: str | None = None) -> tuple[pd.D
 
 
 def _classes(df: pd.DataFrame) -> pd.Series:
-    return df["proto"].map(lambda p: CLASS_OF.get(int(p), "other_ip")).astype(object)
+    return df["proto"].map(CLASS_OF).fillna("other_ip").astype(object)
 
 
 def _service(df: pd.DataFrame) -> pd.Series:
@@ -43,18 +43,21 @@ def _service(df: pd.DataFrame) -> pd.Series:
 
 
 def _net(addrs: pd.Series) -> pd.Series:
-    """Each address's /24 (IPv4) or /48 (IPv6) network as text, looked up once per distinct address."""
+    """Each address's /24 (IPv4) or /48 (IPv6) network as text, computed once per distinct address (IPv4 by
+    cutting the text: a stored address is in its canonical form)."""
     import ipaddress
 
-    def one(a: str) -> str:
+    def v6(a: str) -> str:
         try:
-            ip = ipaddress.ip_address(a)
+            return str(ipaddress.ip_network(f"{a}/48", strict=False))
         except ValueError:
             return a
-        return str(ipaddress.ip_network(f"{a}/{24 if ip.version == 4 else 48}", strict=False))
 
-    uniq = pd.unique(addrs)
-    return addrs.map(dict(zip(uniq, map(one, uniq))))
+    uniq = pd.Series(pd.unique(addrs), dtype=object)
+    is6 = uniq.str.contains(":", regex=False).fillna(False).astype(bool)
+    nets = uniq.str.rsplit(".", n=1).str[0] + ".0/24"
+    nets[is6] = uniq[is6].map(v6)
+    return addrs.map(dict(zip(uniq, nets)))
 
 
 def _ends(df: pd.DataFrame, dim: str) -> tuple[pd.Series, pd.Series]:
@@ -115,7 +118,8 @@ def explain(before: pd.DataFrame, during: pd.DataFrame, start: int, end: int, ba
             continue
         both["share"] = (both["during"] - both["before"]) / change if change else 0.0
         both = both.sort_values(["share"], ascending=False, kind="stable")
-        ex.dims[dim] = [Row(str(k), float(r.before), float(r.during), float(r.share)) for k, r in both.iterrows()]
+        ex.dims[dim] = [Row(str(k), float(b_), float(d_), float(s_)) for k, b_, d_, s_ in
+                        zip(both.index, both["before"].to_numpy(), both["during"].to_numpy(), both["share"].to_numpy())]
     unions = {dim: _union(before, during, dim, col, (scale, base_s, length), change, tot_before)
               for dim in (HOST, NET)} if change else {}
     _headline(ex, change, unions)
