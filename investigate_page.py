@@ -613,7 +613,7 @@ def backtest_panel(snap, tz: tzinfo | None, engine=None) -> None:
                          f" ({len(rows[0]):,} seconds with traffic, {int(rows[1].sum()):,} {classes} packets). "
                          f"Upper bounds: the store keeps each second's {classes} packets, not per destination, so a "
                          f"flood could only have been raised in the seconds listed (exactly those when one destination "
-                         f"receives that traffic), and at most 'times raised' times.")
+                         f"receives that traffic), for at most 'alerts' destinations; {bt.FLOOD_CAVEATS}.")
             elif over:  # a stored range: the spike detector over its seconds
                 since, until = over
                 rows, runner = bt.stored_seconds(engine.store, since, until), bt.run_seconds
@@ -691,7 +691,7 @@ def trials_frame(trials: list, tz: tzinfo | None) -> pd.DataFrame:
             continue
         if hasattr(t, "most"):  # a flood's bound over a stored range (backtest.Bound)
             firsts = t.seconds.tolist()
-            rows.append({"value": t.value, "alerts": f"≤ {t.most:,}", "times raised": f"≤ {t.most:,}",
+            rows.append({"value": t.value, "alerts": f"≤ {t.most:,}", "times raised": "not bounded",
                          "seconds that could raise": len(firsts),
                          "first at": viz.time_texts(firsts[:1], tz)[0] if firsts else "",
                          "when (first 5)": ", ".join(viz.time_texts(firsts[:5], tz))})
@@ -949,10 +949,14 @@ def conversation_notes(store, r, cut: bool) -> tuple[list[str], bool]:
 
 
 def read_conversations(store, r, conds: list) -> tuple[pd.DataFrame, bool]:
-    """(the stored conversations of the range that match, whether HISTORY_CONV_ROWS cut the read)."""
-    df = store.rows("conversations", r, HISTORY_CONV_ROWS)
-    cut = len(df) >= HISTORY_CONV_ROWS
-    return (df[conversation_mask(df, conds)] if len(df) else df), cut
+    """(the stored conversations of the range that match, whether HISTORY_CONV_ROWS cut the read), cached
+    for the reruns (cached_read)."""
+    def read() -> tuple[pd.DataFrame, bool]:
+        df = store.rows("conversations", r, HISTORY_CONV_ROWS)
+        cut = len(df) >= HISTORY_CONV_ROWS
+        return (df[conversation_mask(df, conds)] if len(df) else df), cut
+
+    return cached_read(minutes_of(store, r.since, r.until, r.sensor, ", ".join(c.label() for c in conds)), read)
 
 
 def history_filtered(engine, since: int, until: int, tz: tzinfo | None,
@@ -1035,10 +1039,76 @@ def _whole_minutes(since: int, until: int) -> tuple[int, int]:
     return since - since % 60, until - until % 60 + 60
 
 
+READ_TTL_S = 30  # a stored read is reused this long by the reruns (the page refreshes every few seconds)
+READS_KEPT = 4  # stored reads kept per viewer (each up to CONV_ROWS rows)
+
+
+def tool_filters(tz: tzinfo | None) -> tuple[list, str | None, str]:
+    """(the URL's filters that select stored conversations, its sensor=, their text) for the history tools."""
+    conds, _ = flt.parse(spec(), tz)  # its messages were shown by history_span
+    conds = [c for c in conds if c.key not in ("from", "to")]
+    sensor = next((c.text for c in conds if c.key == "sensor"), None)
+    conds = [c for c in conds if c.key != "sensor"]
+    return conds, sensor, ", ".join(c.label() for c in conds)
+
+
+def cached_read(key: tuple, read: Any) -> Any:
+    """read()'s answer, reused for READ_TTL_S by this viewer's reruns (at most READS_KEPT kept): a stored
+    range's conversations are not read again (up to a million rows) at every refresh."""
+    reads = st.session_state.setdefault("_hist_reads", {})
+    got = reads.get(key)
+    if got is None or time.monotonic() - got[0] > READ_TTL_S:
+        got = reads[key] = (time.monotonic(), read())
+        while len(reads) > READS_KEPT:
+            reads.pop(next(iter(reads)))
+    return got[1]
+
+
+def minutes_of(store, since: int, until: int, sensor: str | None, what: str) -> tuple:
+    """A read's cache key: the stored conversations are per minute, so a range ending now reads the same
+    rows (bar the current minute, refreshed after READ_TTL_S) until the clock enters another minute."""
+    return (what, store_id(store), since // 60, until // 60, sensor)
+
+
+def tool_rows(store, since: int, until: int, tz: tzinfo | None) -> tuple[pd.DataFrame, bool]:
+    """(the stored conversations of since..until that match the URL's filters, whether the read was cut),
+    cached (cached_read): the explain toggle and the baselines do not read them again at every refresh."""
+    from investigate import stored
+
+    conds, sensor, text = tool_filters(tz)
+
+    def read() -> tuple[pd.DataFrame, bool]:
+        df, cut = stored.read(store, since, until, sensor)
+        return (df[conversation_mask(df, conds)] if conds and len(df) else df), cut
+
+    return cached_read(minutes_of(store, since, until, sensor, text), read)
+
+
+def read_notes(store, since: int, until: int, cut: bool) -> list[str]:
+    """Why figures from the stored conversations of since..until are approximate (none: exact)."""
+    from store.history import approximation, time_range
+
+    capped = approximation(store, time_range(since, until)).get("conv")
+    n = capped["minutes_capped"] if capped else 0
+    return ([f"approximate: {n:,} minute{'s' if n != 1 else ''} held more than STORE_CONV_MAX conversations "
+             f"({capped['packets_left_out']:,} packets of the conversations left out are not counted)"]
+            if capped else []) + ([f"approximate: only the first {HISTORY_CONV_ROWS:,} stored conversation rows "
+                                   "were read"] if cut else [])
+
+
+def filters_note(tz: tzinfo | None) -> str:
+    """Which of the URL's filters the history tools applied."""
+    _, sensor, text = tool_filters(tz)
+    said = [f"filtered to the conversations matching {text} (src= and dst= match either end: a stored "
+            "conversation keeps no direction)"] if text else []
+    return "; ".join(said + ([f"sensor {sensor}"] if sensor else []))
+
+
 def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     """What explains the change from the window before the range to the range (stored conversations)."""
     from investigate import explain as ex_mod
     from investigate import stored
+    from store.history import time_range
 
     st.subheader("Explain this range")
     measure = st.radio("Measure", ["packets/s", "bit/s"], horizontal=True, key="hist_explain_measure")
@@ -1047,23 +1117,51 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     start, end = _whole_minutes(since, until)
     base_start = start - (end - start)
     try:
-        during, cut_d = stored.read(store, start, end - 1)
-        before, cut_b = stored.read(store, base_start, start - 1)
-        ex = stored.explain(before, during, start, end, base_start, measure)
+        first = store.extent(time_range(0, start - 1))
+        if first is None:
+            st.warning(plain("No baseline data before this range: the store holds no traffic before "
+                             f"{viz.time_texts([start], tz)[0]}, so there is nothing to explain a change against."))
+            return
+        base_start = max(base_start, first[0] - first[0] % 60)  # the store's first minute: a shorter baseline
+        # Explaining 100,000 stored conversations takes ~0.5 s: once per range, filters and measure, not a rerun.
+        ex, notes = cached_read(("explain", measure, base_start, *minutes_of(store, start, end - 1, *tool_filters(
+            tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz))
     except Exception as exc:  # a store that cannot answer is a message
         log.exception("history explain failed")
         st.error(plain(f"Cannot explain this range: {type(exc).__name__}: {exc}"))
         return
     st.success(plain(ex.headline))
+    short = start - base_start < end - start
     st.caption(plain(f"From the stored conversations of {viz.time_texts([start], tz)[0]} – "
-                     f"{viz.time_texts([end - 1], tz)[0]} against the same length before it (whole minutes, IP "
-                     "traffic only; a host counts the conversations it is an end of)"
-                     + ("; approximate: a window's conversation rows were cut" if cut_d or cut_b else "") + "."))
+                     f"{viz.time_texts([end - 1], tz)[0]} against "
+                     + (f"only {(start - base_start) // 60:,} minutes before it (the store's traffic begins "
+                        f"{viz.time_texts([base_start], tz)[0]})" if short else "the same length before it")
+                     + " (whole minutes, IP traffic only; a host or network counts the conversations it is an end of, "
+                     f"the headline counts each conversation once). A stored range ranks {', '.join(ex.dims)}; "
+                     f"not {stored.NOT_STORED}: the live view ranks those"
+                     + "".join(f"; {n}" for n in [filters_note(tz), *notes] if n) + "."))
     st.dataframe(pd.DataFrame(ex_mod.leaders(ex)), hide_index=True, key="hist_explain_leaders")
     dim = st.selectbox("Detail by", list(ex.dims), key="hist_explain_dim")
     st.dataframe(pd.DataFrame([{"key": r.key, "share of the change %": round(100 * r.share, 1),
                                 f"before ({measure})": round(r.before, 1), f"during ({measure})": round(r.during, 1)}
                                for r in ex.dims[dim][:20]]), hide_index=True, key="hist_explain_detail")
+
+
+def _explained(store, base_start: int, start: int, end: int, measure: str, tz: tzinfo | None) -> tuple:
+    """(the stored explanation of [start, end) against [base_start, start), why it is approximate)."""
+    from investigate import stored
+
+    during, cut_d = tool_rows(store, start, end - 1, tz)
+    before, cut_b = tool_rows(store, base_start, start - 1, tz)
+    return (stored.explain(before, during, start, end, base_start, measure),
+            read_notes(store, base_start, end - 1, cut_d or cut_b))
+
+
+def range_key(since: int, until: int) -> tuple:
+    """A range as a result's key: one ending now (the last hour, ...) by its length, as it moves with the
+    clock; any other by its seconds. A changed range or filter never matches an older result."""
+    moving = until >= int(time.time()) - 5
+    return ("ending now", until - since) if moving else (since, until)
 
 
 def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
@@ -1082,10 +1180,11 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
         try:
             if not name.strip():
                 raise ValueError("give the baseline a name first")
-            df, _ = stored.read(store, since, until)
-            store.put_doc(bl.KIND, name.strip(), stored.make(df, until))
+            df, cut = tool_rows(store, since, until, tz)
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            store.put_doc(bl.KIND, name.strip(), {**stored.make(df, until), "notes": notes})
             st.success(plain(f"Baseline {name.strip()} saved ({int(df['packets'].sum()):,} packets in "
-                             f"{len(df):,} stored conversation rows)."))
+                             f"{len(df):,} stored conversation rows" + "".join(f"; {n}" for n in notes) + ")."))
         except Exception as exc:  # said, nothing lost
             st.error(plain(f"Baseline not saved: {exc}"))
     try:
@@ -1097,29 +1196,41 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
         st.caption("No baseline saved yet.")
         return
     pick = st.selectbox("Compare this range with baseline", sorted(docs), key="hist_baseline_pick")
+    # The diff belongs to the range, the store or sensor, the filters and the baseline.
+    key = (range_key(since, until), store_id(store), tool_filters(tz)[1:], pick)
     if st.button("Compare", key="hist_baseline_compare"):
         try:
-            df, cut = stored.read(store, since, until)
-            st.session_state["hist_baseline_diff"] = (pick, stored.diff(docs[pick], df), cut)
+            df, cut = tool_rows(store, since, until, tz)
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            st.session_state["hist_baseline_diff"] = (key, stored.diff(docs[pick], df), notes)
         except Exception as exc:
             st.error(plain(f"Cannot compare: {exc}"))
     got = st.session_state.get("hist_baseline_diff")
-    if got and got[0] == pick:
-        new = got[1]
-        st.caption(plain(f"New in this range since baseline {pick} (from the stored conversations: IP only, whole "
-                         "minutes" + ("; approximate: the rows read were cut" if got[2] else "") + ")."))
-        a, b = st.columns(2)
-        a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
-                                  "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
-                    hide_index=True, key="hist_baseline_hosts")
-        b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
-                                  "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
-                    hide_index=True, key="hist_baseline_services")
-        st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="hist_baseline_mix")
+    if got and got[0] == key:
+        baseline_diff_tables(pick, docs[pick], got[1], got[2], tz)
+
+
+def baseline_diff_tables(pick: str, body: dict[str, Any], new: dict[str, Any], notes: list[str],
+                         tz: tzinfo | None) -> None:
+    """What a range holds that a baseline does not: hosts, services (first seen), the protocol mix."""
+    then = [f"the baseline: {n}" for n in body.get("notes", [])]
+    false_new = " A baseline that is approximate may list hosts or services as new that it left out." if any(
+        "approximate" in n for n in then) else ""
+    st.caption(plain(f"New in this range since baseline {pick} (from the stored conversations: IP only, whole "
+                     "minutes" + "".join(f"; {n}" for n in [*notes, *then]) + ")." + false_new))
+    a, b = st.columns(2)
+    a.dataframe(pd.DataFrame({"new host": [h for h, _ in new["hosts"]],
+                              "first seen": viz.time_texts([t for _, t in new["hosts"]], tz)}),
+                hide_index=True, key="hist_baseline_hosts")
+    b.dataframe(pd.DataFrame({"new service": [s for s, _ in new["services"]],
+                              "first seen": viz.time_texts([t for _, t in new["services"]], tz)}),
+                hide_index=True, key="hist_baseline_services")
+    st.dataframe(pd.DataFrame(new["mix"]), hide_index=True, key="hist_baseline_mix")
 
 
 def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
-    """The spike thresholds replayed over the range's stored seconds, the floods' bounded; the others say why."""
+    """The spike thresholds replayed over the range's stored seconds, the floods' and scans' bounded, in a
+    background job (the page never waits for it); the others say why they cannot be tried."""
     from investigate import backtest as bt
 
     st.subheader("Threshold back-test over this range")
@@ -1129,41 +1240,82 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
                            format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
     st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals; the floods get "
                      "upper bounds (the store keeps each second's packets per protocol, not per destination), and "
-                     "the port scans upper bounds from the stored conversations. "
+                     "the port scans upper bounds from the stored conversations, with the running values of the "
+                     "other scan thresholds. These cover all of the range's traffic: the URL's host/port/proto "
+                     "filters do not narrow them (a detector sees all traffic). "
                      "The others cannot be tried over the store: "
                      + "; ".join(f"{d} needs {why}" for d, why in bt.NOT_FROM_HISTORY.items()
                                  if d not in bt.BOUNDED) + "."))
     default = ", ".join(f"{v:g}" for v in bt.candidates(setting, now=overrides.get(setting)))
     text = st.text_input("Values to try", value=default, key=f"hbt_values_{setting}")
-    if st.button("Run the back-test over this range", key="hbt_run"):
+    # A result belongs to the range, the store (a fleet sensor's view is its own store) and the setting: a
+    # changed range or sensor never shows an older result under its label.
+    key = (range_key(since, until), store_id(engine.store), setting)
+    job = st.session_state.get("hbt_job")
+    if st.button("Run the back-test over this range", key="hbt_run", disabled=job is not None and job.running):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            if not values:
-                raise ValueError("no value to try")
+            store = engine.store
             if setting in bt.SCAN_SETTINGS:
-                conv = bt.stored_scan_rows(engine.store, since, until)
-                rows = (conv[0]["minute"].unique(),)
-                trials = [bt.scan_bound(conv, setting, v) for v in values]
-                st.caption(plain(scan_cover(since, until, conv, tz)))
+                load, runner = (lambda: bt.stored_scan_rows(store, since, until)), bt.scan_bound
             elif setting in bt.FLOOD_CLASSES:
-                rows = bt.stored_class_seconds(engine.store, since, until, setting)
-                trials = [bt.flood_bound(rows, setting, v) for v in values]
+                load, runner = (lambda: bt.stored_class_seconds(store, since, until, setting)), bt.flood_bound
             else:
-                rows = bt.stored_seconds(engine.store, since, until)
-                trials = [bt.run_seconds(rows, setting, v, overrides, disabled) for v in values]
-            st.session_state["hbt_result"] = (setting, trials_frame(trials, tz), len(rows[0]))
-        except Exception as exc:  # bad values or a store that cannot answer: said
-            st.session_state["hbt_result"] = (setting, None, f"Back-test not run: {exc}")
+                load, runner = (lambda: bt.stored_seconds(store, since, until)), bt.run_seconds
+            st.session_state["hbt_job"] = job = bt.Job(load, setting, values, overrides, disabled, runner)
+            st.session_state["hbt_job_key"] = (key, since, until)
+            st.session_state.pop("hbt_result", None)  # the new run replaces it: never shown as the new one's
+        except ValueError as exc:  # bad values: said
+            st.session_state["hbt_result"] = (key, None, f"Back-test not run: {exc}")
+    if job is not None and job.running:
+        st.info(plain(f"Back-test of {job.setting} running in the background: {job.tried} of "
+                      f"{len(job.values)} values tried."))
+    elif job is not None:
+        st.session_state.pop("hbt_job")
+        done, lo, hi = st.session_state.pop("hbt_job_key", (key, since, until))
+        st.session_state["hbt_result"] = (done, None, f"Back-test not run: {job.error}") if job.error else (
+            done, trials_frame(job.trials or [], tz),
+            hbt_cover(job, lo, hi, tz) + summed_note(engine.store, job.setting))
     result = st.session_state.get("hbt_result")
-    if result and result[0] == setting:
+    if result and result[0] == key:
         if result[1] is None:
             st.error(plain(result[2]))
         else:
             st.dataframe(result[1], hide_index=True, key="hbt_table")
-            unit = "stored minutes with conversations" if setting in bt.SCAN_SETTINGS else "stored seconds with traffic"
-            st.caption(plain(f"Over the {result[2]:,} {unit} from {viz.time_texts([since], tz)[0]}"
-                             f" to {viz.time_texts([until], tz)[0]}"
-                             + ("; upper bounds (see above)." if setting not in bt.HISTORY_SETTINGS else ".")))
+            st.caption(plain(result[2]))
+
+
+def store_id(store) -> str:
+    """Which store (or fleet sensor's view) a result was computed from (a view lives one page run: by its
+    path and sensor, not its identity)."""
+    return f"{type(store).__name__}:{getattr(store, 'path', '')}:{getattr(store, 'sensor', '')}"
+
+
+def summed_note(store, setting: str) -> str:
+    """On the fleet page with all sensors: the seconds are every sensor's summed, which no detector saw."""
+    from investigate import backtest as bt
+
+    if type(store).__name__ != "SensorView" or getattr(store, "sensor", "") is not None:
+        return ""
+    if setting in bt.HISTORY_SETTINGS:
+        return (" All sensors: each second is the sum of every sensor's, which no sensor's detector saw; these "
+                "are not what any sensor would raise: pick a sensor for its own.")
+    return " All sensors: each second sums every sensor's, so the bound covers their alerts together."
+
+
+def hbt_cover(job, since: int, until: int, tz: tzinfo | None) -> str:
+    """What a history back-test's figures cover, and what they are."""
+    from investigate import backtest as bt
+
+    setting = job.setting
+    span = f"from {viz.time_texts([since], tz)[0]} to {viz.time_texts([until], tz)[0]}"
+    if setting in bt.SCAN_SETTINGS:
+        return "Over " + scan_cover(since, until, job.rows, tz)
+    n = len(job.rows[0])
+    if setting in bt.FLOOD_CLASSES:
+        return (f"Over the {n:,} stored seconds with traffic {span}; upper bounds: a flood could only have been "
+                f"raised in the seconds that could raise, for at most 'alerts' destinations; {bt.FLOOD_CAVEATS}.")
+    return f"Over the {n:,} stored seconds with traffic {span}."
 
 
 def scan_cover(since: int, until: int, conv, tz: tzinfo | None) -> str:

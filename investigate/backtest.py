@@ -110,14 +110,26 @@ class Bound:
 
     value: float
     seconds: np.ndarray  # the seconds whose class total reached the value: the only ones a flood could be raised in
-    most: int  # sum over those seconds of total // value: the most raises (one per destination reaching it)
+    most: int  # sum over those seconds of total // value: the most alerts (distinct destinations reaching it)
+
+
+# How often a flood is raised is not bounded by the store: the detector raises again for every batch of
+# packets in which a destination already at the threshold appears (Alert.count), and batches are the
+# capture's, not the store's. What holds: an alert (one row per destination) first reaches the value in some
+# second, and at most total // value destinations do so in a second.
+FLOOD_CAVEATS = ("how often each alert is raised again is not bounded (the detector raises again for every batch of "
+                 "packets in which a destination already at the threshold appears); a late packet counts in the "
+                 "detector's current second but in its own stored second, and packets the history writer skipped "
+                 "(its queue full: the capture health panel counts them) are in no stored second, so near such "
+                 "seconds the bound may be short")
 
 
 def flood_bound(seconds: tuple[np.ndarray, np.ndarray], setting: str, value: float,
                 overrides: dict[str, Any] | None = None, disabled: Iterable[str] = ()) -> Bound:
     """A flood threshold tried over stored per-second class totals (seconds, packets of the setting's
-    classes): the seconds that could have raised it and the most raises. Exact in seconds when one
-    destination carries the class's traffic; never below what the detector raises."""
+    classes): the seconds that could have raised it and the most alerts (distinct destinations), which the
+    detector's alerts do not exceed (see FLOOD_CAVEATS). Exact in seconds when one destination carries the
+    class's traffic."""
     if setting not in FLOOD_CLASSES:
         raise ValueError(f"{setting} is not a flood threshold (one of {', '.join(FLOOD_CLASSES)})")
     v = type(config.get(setting))(value)
@@ -146,15 +158,18 @@ class ScanBound(Bound):
 
 
 def scan_items(df) -> Any:
-    """(source, target, protocol, target's port, first seen) of stored conversations, both orientations of
+    """(source, target, protocol, target's port, first seen in epoch µs) of stored conversations, both orientations of
     each row (a stored row does not keep which end sent); TCP and UDP rows with ports only."""
     import pandas as pd
 
+    from investigate.stored import first_ts
+
     tu = df[df["proto"].isin([6, 17]) & df["a_port"].notna() & df["b_port"].notna()]
+    first_us = (first_ts(tu) * 1e6).round().astype(np.int64) if len(tu) else tu["first_us"]
     rows = []
     for s, t, tport in (("a", "b", "b_port"), ("b", "a", "a_port")):
         rows.append(pd.DataFrame({"src": tu[s].to_numpy(), "dst": tu[t].to_numpy(), "proto": tu["proto"].to_numpy(),
-                                  "port": tu[tport].astype("int64").to_numpy(), "first_us": tu["first_us"].to_numpy()}))
+                                  "port": tu[tport].astype("int64").to_numpy(), "first_us": first_us.to_numpy()}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -248,13 +263,15 @@ class Job:
 
     def __init__(self, rows: Any, setting: str, values: Iterable[float],
                  overrides: dict[str, Any] | None = None, disabled: Iterable[str] = (), runner=None) -> None:
-        """`runner` (run, or run_seconds over a stored range's seconds) tries one value over `rows`."""
+        """`runner` (run, or run_seconds over a stored range's seconds) tries one value over `rows`; `rows` may
+        be a function that reads them (a store's read then runs in the thread too; `self.rows` holds them)."""
         if setting not in DETECTOR_OF:
             raise ValueError(f"{setting} is not a detector threshold (one of {', '.join(DETECTOR_OF)})")
         self.setting, self.values = setting, list(values)
         if not self.values:
             raise ValueError("no value to try")
         self.tried = 0
+        self.rows: Any = None
         self._runner = runner or run
         self.trials: list[Trial] | None = None
         self.error: str | None = None
@@ -265,6 +282,7 @@ class Job:
     def _work(self, rows: np.ndarray, overrides: dict[str, Any], disabled: frozenset[str]) -> None:
         out = []
         try:
+            self.rows = rows = rows() if callable(rows) else rows
             for v in self.values:
                 out.append(self._runner(rows, self.setting, v, overrides=overrides, disabled=disabled))
                 self.tried += 1

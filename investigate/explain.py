@@ -130,45 +130,59 @@ def explain(rows: np.ndarray, start: float, end: float, measure: str = "packets/
     return ex
 
 
-def _pick(rows: list[Row], total_before: float) -> tuple[int, float, float]:
-    """(how many leading keys reach ENOUGH of the change, their share of it, their share of the baseline)."""
+Union = Callable[[list[str]], tuple[float, float]]  # keys -> (their share of the change, of the baseline), once each
+PICK_MAX = 50  # keys a union-counted dimension tries for its headline
+
+
+def _pick(rows: list[Row], total_before: float, union: Union | None = None) -> tuple[list[Row], float, float]:
+    """(the leading keys that reach ENOUGH of the change, their share of it, their share of the baseline).
+
+    `union` recounts a set of keys whose rows overlap (a stored conversation belongs to both its hosts): the
+    keys' shares are then not added; a key that adds nothing to the keys before it is passed over."""
     cum = usual = 0.0
-    n = 0
-    for r in rows:
-        if r.share <= 0:
+    chosen: list[Row] = []
+    for i, r in enumerate(rows):
+        if r.share <= 0 or (union is not None and i >= PICK_MAX):
             break
-        cum += r.share
-        usual += r.before / total_before if total_before else 0.0
-        n += 1
+        if union is None:
+            cum, usual = cum + r.share, usual + (r.before / total_before if total_before else 0.0)
+        else:
+            got, base = union([c.key for c in chosen] + [r.key])
+            if got <= cum + 1e-12:
+                continue
+            cum, usual = got, base
+        chosen.append(r)
         if cum >= ENOUGH:
             break
-    return n, cum, usual
+    return chosen, cum, usual
 
 
-def _headline(ex: Explanation, change: float) -> None:
+def _headline(ex: Explanation, change: float, unions: dict[str, Union] | None = None) -> None:
     """The fewest keys of one dimension that explain ENOUGH of the change, as a sentence.
 
     A key that always carries everything (the one direction of a capture, its one server) explains
     every change and says nothing: dimensions are ranked by how much more of the change their keys
-    carry than of the usual traffic, then by fewer keys."""
+    carry than of the usual traffic, then by fewer keys. `unions` count overlapping keys once."""
     word = "rise" if change > 0 else "fall"
     if not change:
         ex.headline = f"No change in {ex.measure}: {ex.during:,.1f} against {ex.before:,.1f} before."
         return
     best, best_score = None, None
     for dim, rows in ex.dims.items():
-        n, cum, usual = _pick(rows, ex.before)
-        score = (cum >= ENOUGH, round(cum - usual, 6), -n)
-        if n and (best_score is None or score > best_score):
-            best, best_score = (dim, n, cum), score
+        chosen, cum, usual = _pick(rows, ex.before, (unions or {}).get(dim))
+        score = (cum >= ENOUGH, round(cum - usual, 6), -len(chosen))
+        if chosen and (best_score is None or score > best_score):
+            best, best_score = (dim, chosen, cum), score
     if best is None:
         ex.headline = f"The {word} in {ex.measure} is spread over many keys: none stands out."
         return
-    dim, n, cum = best
-    ex.best = (dim, ex.dims[dim][:n])
-    names = ", ".join(f"{r.key} ({100 * r.share:.0f} %)" for r in ex.dims[dim][:n])
+    dim, chosen, cum = best
+    n = len(chosen)
+    ex.best = (dim, chosen)
+    names = ", ".join(f"{r.key} ({100 * r.share:.0f} %)" for r in chosen)
+    both = " (counted once where they share conversations)" if dim in (unions or {}) and n > 1 else ""
     ex.headline = (f"{n} {'key explains' if n == 1 else 'keys explain'} {100 * cum:.0f} % of the {word} in "
-                   f"{ex.measure} ({ex.before:,.1f} → {ex.during:,.1f}), by {dim}: {names}.")
+                   f"{ex.measure} ({ex.before:,.1f} → {ex.during:,.1f}), by {dim}{both}: {names}.")
 
 
 def leaders(ex: Explanation) -> list[dict]:

@@ -12,21 +12,25 @@ from analysis.headers import CLASSES
 from investigate.baseline import MAX_KEYS
 from investigate.explain import Explanation, Row, _headline
 
-STORED_DIMENSIONS = ("host (either end)", "port", "protocol")
+HOST, NET = "host (either end)", "network (either end)"
+STORED_DIMENSIONS = (HOST, NET, "port", "protocol")
+# What the live explain ranks that a stored range cannot: a stored conversation keeps no direction (which end
+# sent), so neither source/destination nor direction; AS is left to the live view (its look-up per address).
+NOT_STORED = "source or destination host/network, direction (a stored conversation keeps no direction) and AS"
 CLASS_OF = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 CONV_ROWS = 1_000_000  # stored conversation rows read per window (each minute's up to STORE_CONV_MAX)
 
 
-def read(store, since: int, until: int) -> tuple[pd.DataFrame, bool]:
-    """(the stored conversations of since..until, whether CONV_ROWS cut the read)."""
+def read(store, since: int, until: int, sensor: str | None = None) -> tuple[pd.DataFrame, bool]:
+    """(the stored conversations of since..until (of one sensor), whether CONV_ROWS cut the read)."""
     from store.history import time_range
 
-    df = store.rows("conversations", time_range(since, until), CONV_ROWS)
+    df = store.rows("conversations", time_range(since, until, sensor), CONV_ROWS)
     return df, len(df) >= CONV_ROWS
 
 
 def _classes(df: pd.DataFrame) -> pd.Series:
-    return df["proto"].map(lambda p: CLASS_OF.get(int(p), "other_ip")).astype(object)
+    return df["proto"].map(CLASS_OF).fillna("other_ip").astype(object)
 
 
 def _service(df: pd.DataFrame) -> pd.Series:
@@ -38,20 +42,63 @@ def _service(df: pd.DataFrame) -> pd.Series:
     return pd.Series(np.where(tu, _classes(df) + "/" + low.astype(str), None), index=df.index)
 
 
+def _net(addrs: pd.Series) -> pd.Series:
+    """Each address's /24 (IPv4) or /48 (IPv6) network as text, computed once per distinct address (IPv4 by
+    cutting the text: a stored address is in its canonical form)."""
+    import ipaddress
+
+    def v6(a: str) -> str:
+        try:
+            return str(ipaddress.ip_network(f"{a}/48", strict=False))
+        except ValueError:
+            return a
+
+    uniq = pd.Series(pd.unique(addrs), dtype=object)
+    is6 = uniq.str.contains(":", regex=False).fillna(False).astype(bool)
+    nets = uniq.str.rsplit(".", n=1).str[0] + ".0/24"
+    nets[is6] = uniq[is6].map(v6)
+    return addrs.map(dict(zip(uniq, nets)))
+
+
+def _ends(df: pd.DataFrame, dim: str) -> tuple[pd.Series, pd.Series]:
+    """The key of each conversation's two ends (host, or its network)."""
+    return (df["a"], df["b"]) if dim == HOST else (_net(df["a"]), _net(df["b"]))
+
+
 def _keyed(df: pd.DataFrame, dim: str) -> pd.DataFrame:
-    """(key, packets, bytes) rows of a dimension: a conversation counts for each of its two hosts."""
+    """(key, packets, bytes) rows of a dimension: a conversation counts for each of its two ends (once when
+    both ends have the same key)."""
     vals = ["packets", "bytes"]
-    if dim == "host (either end)":
-        return pd.concat([df[["a", *vals]].rename(columns={"a": "key"}),
-                          df.loc[df["a"] != df["b"], ["b", *vals]].rename(columns={"b": "key"})])
+    if dim in (HOST, NET):
+        a, b = _ends(df, dim)
+        return pd.concat([df[vals].assign(key=a), df.loc[a != b, vals].assign(key=b[a != b])])
     key = _service(df) if dim == "port" else _classes(df)
     return df[vals].assign(key=key).dropna(subset=["key"])
+
+
+def _union(before: pd.DataFrame, during: pd.DataFrame, dim: str, col: str, rates: tuple[float, float, float],
+           change: float, tot_before: float):
+    """For an either-end dimension: a set of keys' share of the change and of the baseline, each conversation
+    counted once (a conversation between two of the keys is not counted twice)."""
+    ends = {"b": _ends(before, dim), "d": _ends(during, dim)}
+    scale, base_s, length = rates
+
+    def share(keys: list[str]) -> tuple[float, float]:
+        def rate(df: pd.DataFrame, which: str, per: float) -> float:
+            a, b = ends[which]
+            return float(df.loc[a.isin(keys) | b.isin(keys), col].sum()) * scale / per if per > 0 else 0.0
+
+        b, d = rate(before, "b", base_s), rate(during, "d", length)
+        return (d - b) / change, (b / tot_before if tot_before else 0.0)
+
+    return share
 
 
 def explain(before: pd.DataFrame, during: pd.DataFrame, start: int, end: int, base_start: int,
             measure: str = "packets/s") -> Explanation:
     """What explains the change from the conversations of [base_start, start) to those of [start, end)
-    (epoch seconds, whole minutes), per host (either end), service port and protocol."""
+    (epoch seconds, whole minutes), per host and /24 or /48 network (either end), service port and protocol.
+    The headline counts a conversation once even when both its ends are among the keys it names."""
     length, base_s = end - start, start - base_start
     if length <= 0:
         raise ValueError("the range must end after it starts")
@@ -71,24 +118,33 @@ def explain(before: pd.DataFrame, during: pd.DataFrame, start: int, end: int, ba
             continue
         both["share"] = (both["during"] - both["before"]) / change if change else 0.0
         both = both.sort_values(["share"], ascending=False, kind="stable")
-        ex.dims[dim] = [Row(str(k), float(r.before), float(r.during), float(r.share)) for k, r in both.iterrows()]
-    _headline(ex, change)
+        ex.dims[dim] = [Row(str(k), float(b_), float(d_), float(s_)) for k, b_, d_, s_ in
+                        zip(both.index, both["before"].to_numpy(), both["during"].to_numpy(), both["share"].to_numpy())]
+    unions = {dim: _union(before, during, dim, col, (scale, base_s, length), change, tot_before)
+              for dim in (HOST, NET)} if change else {}
+    _headline(ex, change, unions)
     return ex
 
 
-def _first_seen(keys: pd.Series, first_us: pd.Series) -> dict[str, float]:
-    got = pd.DataFrame({"k": keys, "t": first_us}).dropna(subset=["k"]).groupby("k")["t"].min() / 1e6
+def first_ts(df: pd.DataFrame) -> pd.Series:
+    """Each stored conversation's first packet time (epoch s): first_us counts from the row's minute."""
+    return df["minute"].astype(np.float64) + df["first_us"].astype(np.float64) / 1e6
+
+
+def _first_seen(keys: pd.Series, ts: pd.Series) -> dict[str, float]:
+    got = pd.DataFrame({"k": keys, "t": ts}).dropna(subset=["k"]).groupby("k")["t"].min()
     return {str(k): float(t) for k, t in got.items()}
 
 
 def hosts(df: pd.DataFrame) -> dict[str, float]:
     """Every address at either end of the conversations, with its first-seen time."""
-    return _first_seen(pd.concat([df["a"], df["b"]]), pd.concat([df["first_us"], df["first_us"]]))
+    t = first_ts(df)
+    return _first_seen(pd.concat([df["a"], df["b"]]), pd.concat([t, t]))
 
 
 def services(df: pd.DataFrame) -> dict[str, float]:
     """Every TCP/UDP service ('tcp/443', the lower port of the two ends) with its first-seen time."""
-    return _first_seen(_service(df), df["first_us"])
+    return _first_seen(_service(df), first_ts(df))
 
 
 def protocols(df: pd.DataFrame) -> dict[str, int]:

@@ -6,10 +6,11 @@ through the page's action; expectations from tshark's reading of the same file a
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from invhelp import SPIKER
 from test_dashboard import fresh as fresh  # the fixture: a new engine per test
-from test_dashboard import rendered
+from test_dashboard import rendered, run_until
 from test_investigate_backtest_history import packets_trials, spiky  # noqa: F401  (the module's file)
 from test_investigate_history import filtered, history_page_at, per_minute
 
@@ -39,7 +40,58 @@ def test_history_explains_the_spiking_host_with_its_share(fresh, tmp_path, spiky
     rows = dict(zip(detail["key"], detail["share of the change %"]))
     want = explained_share(path, SPIKER, m0, m0 + 60)
     assert rows[SPIKER] == pytest.approx(100 * want, abs=0.05) and want > 0.5
-    assert any("explain" in rendered(s.value) for s in at.success)
+    # The headline names the burst's service with its share of the rise, as tshark counts it.
+    headline = next(rendered(s.value) for s in at.success if "explain" in rendered(s.value))
+    every, burst = per_minute(path, "ip || ipv6"), per_minute(path, "udp.port==5353")
+    share = (burst[m0 + 60] - burst[m0]) / (every[m0 + 60] - every[m0])
+    assert share > 0.8 and f"1 key explains {100 * share:.0f} %" in headline  # the burst alone explains it
+    assert f"by port: udp/5353 ({100 * share:.0f} %)" in headline, headline
+
+
+def test_history_explain_follows_the_url_filters(fresh, tmp_path, spiky):  # noqa: F811
+    path, pkts = spiky
+    m0 = int(float(pkts[0].time)) // 60 * 60
+    at = history_page_at(fresh, tmp_path, path)
+    at = filtered(at, **{"from": str(m0 + 60), "to": str(m0 + 120), "host": "10.1.0.1"})
+    at.toggle(key="hist_explain").set_value(True).run()
+    at.selectbox(key="hist_explain_dim").set_value("host (either end)").run()
+    detail = next(d.value for d in at.dataframe if "key" in d.value.columns and "share of the change %" in
+                  d.value.columns)
+    during = dict(zip(detail["key"], detail["during (packets/s)"]))
+    before = dict(zip(detail["key"], detail["before (packets/s)"]))
+    mine = per_minute(path, "ip.addr==10.1.0.1")
+    assert SPIKER not in during  # the filter keeps 10.1.0.1's conversations only (with the server)
+    assert during["10.1.0.1"] == pytest.approx(mine[m0 + 60] / 60, abs=0.05)
+    assert before["10.1.0.1"] == pytest.approx(mine[m0] / 60, abs=0.05)
+    assert any("filtered to the conversations matching host" in rendered(c.value) for c in at.caption)
+
+
+def conv(rows: list) -> pd.DataFrame:
+    """Stored conversation rows (a, b, packets) of one minute, TCP port 80 to 1000 + i."""
+    return pd.DataFrame([{"minute": 0, "a": a, "b": b, "a_port": 1000 + i, "b_port": 80, "proto": 6, "vlan": 0,
+                          "packets": n, "bytes": 100 * n, "first_us": 0} for i, (a, b, n) in enumerate(rows)])
+
+
+def test_stored_explain_counts_a_conversation_once_in_its_headline():
+    from investigate import stored
+
+    # Before: 10.5.0.1 <-> 10.6.0.1, 600 packets a minute. During: the same, and two new conversations of
+    # 300 packets each, every host in its own /24: the rise is 600 packets, 300 of them per new conversation.
+    before = conv([("10.5.0.1", "10.6.0.1", 600)])
+    during = conv([("10.5.0.1", "10.6.0.1", 600), ("10.1.0.1", "10.2.0.1", 300), ("10.3.0.1", "10.4.0.1", 300)])
+    ex = stored.explain(before, during, 60, 120, 0)
+    dim, named = ex.best
+    keys = [r.key for r in named]
+    assert len(keys) == 2, ex.headline
+    # What the named keys truly carry of the rise: the new conversations with either of them at an end.
+    new = during.iloc[1:]
+    end = (lambda col: new[col].str.rsplit(".", n=1).str[0] + ".0/24") if dim.startswith("network") else (
+        lambda col: new[col])
+    share = new.loc[end("a").isin(keys) | end("b").isin(keys), "packets"].sum() / 600
+    assert share == 1.0 and "2 keys explain 100 %" in ex.headline, ex.headline
+    # One conversation's two ends are one conversation: 10.1.0.1 and 10.2.0.1 explain 50 %, not 100 %.
+    assert stored._union(before, during, "host (either end)", "packets", (1.0, 60, 60), 10.0, 10.0)(
+        ["10.1.0.1", "10.2.0.1"])[0] == pytest.approx(0.5)
 
 
 def test_history_back_test_and_baseline_over_the_range(fresh, tmp_path, spiky):  # noqa: F811
@@ -50,10 +102,14 @@ def test_history_back_test_and_baseline_over_the_range(fresh, tmp_path, spiky): 
     want = packets_trials(pkts)
     at.selectbox(key="hbt_setting").set_value("SPIKE_MIN_PPS").run()
     at.text_input(key="hbt_values_SPIKE_MIN_PPS").input(", ".join(map(str, SPIKE_VALUES))).run()
-    at.button(key="hbt_run").click().run()
+    at.button(key="hbt_run").click().run()  # a background job: the page reruns until it is done
+    at = run_until(at, lambda a: any("times raised" in d.value.columns for d in a.dataframe), 30)
     table = next(d.value for d in at.dataframe if "times raised" in d.value.columns)
     assert table["alerts"].tolist() == [t.rows for t in want] and want[0].rows >= 1
     assert table["times raised"].tolist() == [t.raised for t in want]
+    # Another range: the result of the last hour is not shown under it.
+    at.radio(key="time_range").set_value("6 h").run()
+    assert not any("times raised" in d.value.columns for d in at.dataframe)
     # Baseline: the first minute saved; the second minute's new hosts and services are what it adds.
     at = tools_on(at, m0, m0 + 59)
     at.text_input(key="hist_baseline_name").input("first-minute").run()
@@ -62,6 +118,33 @@ def test_history_back_test_and_baseline_over_the_range(fresh, tmp_path, spiky): 
     at = tools_on(at, m0 + 60, m0 + 119)
     at.selectbox(key="hist_baseline_pick").set_value("first-minute").run()
     at.button(key="hist_baseline_compare").click().run()
-    services = next(d.value for d in at.dataframe if "new service" in d.value.columns)["new service"].tolist()
-    assert "udp/5353" in services  # the burst's service, first seen in the second minute
+    new = next(d.value for d in at.dataframe if "new service" in d.value.columns)
+    services = dict(zip(new["new service"], new["first seen"]))
+    assert "udp/53" not in services and "tcp/443" not in services  # first-minute services are not new
+    # The burst's service, first seen in the second minute: when tshark sees its first packet.
+    first = min(float(p.time) for p in pkts if p.haslayer("UDP") and p["UDP"].dport == 5353)
+    import visualizations as viz
+    assert services["udp/5353"] == viz.time_texts([first], None)[0]
+    # Another range (from/to changed): the diff of the second minute is not shown under it.
+    at = tools_on(at, m0, m0 + 59)
+    assert not any("new service" in d.value.columns for d in at.dataframe)
     assert not at.exception
+
+
+def test_history_tools_say_approximate_when_minutes_were_capped(fresh, tmp_path, spiky):  # noqa: F811
+    path, pkts = spiky
+    m0 = int(float(pkts[0].time)) // 60 * 60
+    # tshark: each of the two minutes holds far more than 3 conversations (random client ports).
+    convs = per_minute(path, "tcp.flags.ack==1 || udp")
+    assert convs[m0] > 3 and convs[m0 + 60] > 3
+    fresh.setenv("NTM_STORE_CONV_MAX", "3")
+    at = tools_on(history_page_at(fresh, tmp_path, path), m0 + 60, m0 + 119)
+    at.toggle(key="hist_explain").set_value(True).run()
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert "approximate: 2 minutes held more than STORE_CONV_MAX" in caption, caption
+    at.text_input(key="hist_baseline_name").input("capped").run()
+    at.button(key="hist_baseline_save").click().run()
+    assert any("approximate: 1 minute held more than STORE_CONV_MAX" in rendered(s.value) for s in at.success)
+    at.button(key="hist_baseline_compare").click().run()
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert "may list hosts or services as new that it left out" in caption
