@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver
+from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver, registered
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
@@ -284,15 +284,6 @@ def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
 
 # The makers of the test's OUIs as /usr/share/wireshark/manuf lists them (long names, read there by eye).
 MAKERS = {"00:50:56": "VMware, Inc.", "00:00:0C": "Cisco Systems, Inc"}
-
-
-def registered(port: int, proto: str) -> str:
-    """The name /etc/services gives port/proto (read here), else ''."""
-    for line in Path("/etc/services").read_text().splitlines():
-        fields = line.split("#")[0].split()
-        if len(fields) >= 2 and fields[1] == f"{port}/{proto}":
-            return fields[0]
-    return ""
 
 
 CISCO, VMWARE = "00:00:0c:11:22:33", "00:50:56:aa:bb:cc"  # real OUIs: Cisco's and VMware's
