@@ -122,8 +122,11 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
             al, rec, conv = keyed(a, "alerts"), keyed(a, "recent"), keyed(a, "conversations")
             if al is None or TARGET not in set(al["target"]) or rec is None or conv is None:
                 return False
+            talkers = keyed(a, "top_talkers")
+            if talkers is None or TARGET not in set(talkers["address"]):  # the scan reaches the bars later
+                return False
             hosts = [*rec["src host"], *rec["dst host"], *conv["A host"], *conv["B host"], *al["source host"],
-                     *al["target host"], *keyed(a, "top_talkers")["host"]]
+                     *al["target host"], *talkers["host"]]
             return "…" not in hosts  # every lookup answered (each table reads the cache as it is drawn)
         at = run_until(at, filled, 20)
     assert not at.exception
