@@ -47,6 +47,16 @@ def file_snapshot(path: str, timeout_s: float = 20.0) -> Snapshot:
     return snap
 
 
+def registered(port: int, proto: str) -> str:
+    """The name /etc/services gives port/proto (read here, for a test's preconditions), else ''."""
+    with open("/etc/services", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split("#")[0].split()
+            if len(fields) >= 2 and fields[1] == f"{port}/{proto}":
+                return fields[0]
+    return ""
+
+
 def ptr_name(addr: str) -> str:
     """The in-addr.arpa / ip6.arpa name of an address."""
     return ipaddress.ip_address(addr).reverse_pointer

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver
+from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver, registered
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
@@ -122,8 +122,11 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
             al, rec, conv = keyed(a, "alerts"), keyed(a, "recent"), keyed(a, "conversations")
             if al is None or TARGET not in set(al["target"]) or rec is None or conv is None:
                 return False
+            talkers = keyed(a, "top_talkers")
+            if talkers is None or TARGET not in set(talkers["address"]):  # the scan reaches the bars later
+                return False
             hosts = [*rec["src host"], *rec["dst host"], *conv["A host"], *conv["B host"], *al["source host"],
-                     *al["target host"], *keyed(a, "top_talkers")["host"]]
+                     *al["target host"], *talkers["host"]]
             return "…" not in hosts  # every lookup answered (each table reads the cache as it is drawn)
         at = run_until(at, filled, 20)
     assert not at.exception
@@ -282,13 +285,8 @@ def test_local_rows_agrees_with_is_local_on_every_kind_of_address():
     assert want.count(True) >= len(mine) + 3  # the machine's own, two of 127/8 and ::1
 
 
-def manuf_maker(prefix: str) -> str:
-    """The long maker name of an OUI prefix ('00:50:56') as Wireshark's manuf file lists it (read here)."""
-    for line in Path("/usr/share/wireshark/manuf").read_text(errors="replace").splitlines():
-        fields = line.split("\t")
-        if fields[0].upper() == prefix.upper():
-            return (fields[2] if len(fields) > 2 and fields[2].strip() else fields[1]).strip()
-    raise AssertionError(f"{prefix} is not in manuf")
+# The makers of the test's OUIs as /usr/share/wireshark/manuf lists them (long names, read there by eye).
+MAKERS = {"00:50:56": "VMware, Inc.", "00:00:0C": "Cisco Systems, Inc"}
 
 
 CISCO, VMWARE = "00:00:0c:11:22:33", "00:50:56:aa:bb:cc"  # real OUIs: Cisco's and VMware's
@@ -319,6 +317,8 @@ def filter_capture(tmp_path) -> tuple[str, list]:
 def test_filter_matches_enrichment_cells_and_alerts_name_device_makers(fresh, veth, tmp_path):
     """The recent-packets filter finds rows by host name, AS, service and maker; the service is the server
     end's; a file's local ends say 'not live'; the ARP spoof's MACs carry their makers."""
+    # The preconditions: the client's port is registered for another service, the server's for http-alt.
+    assert (registered(CLIENT_PORT, "tcp"), registered(WEB_PORT, "tcp")) == ("dircproxy", "http-alt")
     path, frames = filter_capture(tmp_path)
     fresh.setenv("NTM_PCAP", path)
     fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
@@ -356,12 +356,12 @@ def test_filter_matches_enrichment_cells_and_alerts_name_device_makers(fresh, ve
     assert len(by_service) == 8 and set(by_service["service"]) == {f"{WEB_PORT}/http-alt"}
     assert len(shown("dircproxy")) == 0  # 57000 is the client's port: no row names it
     by_maker = shown("vmware")
-    assert len(by_maker) == 1 and set(by_maker["src maker"]) == {manuf_maker("00:50:56")}
+    assert len(by_maker) == 1 and set(by_maker["src maker"]) == {MAKERS["00:50:56"]}
     assert len(shown("no such text anywhere")) == 0
 
     alerts = keyed(at, "alerts")
     spoof = alerts[alerts["detector"] == "arp_spoof"].iloc[0]
-    assert spoof["device makers"] == (f"{VMWARE} {manuf_maker('00:50:56')}; {CISCO} {manuf_maker('00:00:0C')}")
+    assert spoof["device makers"] == (f"{VMWARE} {MAKERS['00:50:56']}; {CISCO} {MAKERS['00:00:0C']}")
 
 
 def test_a_rerun_over_the_same_rows_only_reads_the_memo_and_the_memo_is_bounded(tmp_path):
@@ -415,3 +415,97 @@ def test_a_rerun_over_the_same_rows_only_reads_the_memo_and_the_memo_is_bounded(
 def test_the_server_end_is_the_syns_destination_else_the_lower_port(sport, dport, flags, server):
     import enrich_columns as ec
     assert ec.server_end(sport, dport, flags) == server
+
+
+def filter_inputs(tmp_path):
+    """(the buffer rows, their packets table, the frames written) of filter_capture's file."""
+    from enrichhelp import file_snapshot
+
+    from dashboard import packets_table
+    path, frames = filter_capture(tmp_path)
+    snap = file_snapshot(path)
+    return snap.packets, packets_table(snap.packets, None), frames
+
+
+def sent_between(frames, addr: str) -> int:
+    """Frames written with `addr` at either IP end (the reference, counted from what was written)."""
+    return sum(1 for f in frames if IP in f and addr in (f[IP].src, f[IP].dst))
+
+
+def test_the_filter_matches_a_country_and_says_when_the_addresses_were_cut(tmp_path, monkeypatch):
+    """'AU' (1.1.1.1's country, as the page test shows it) selects exactly 1.1.1.1's rows; with fewer keys
+    allowed than distinct addresses the note says so and the cut addresses are not matched by name."""
+    import enrich_columns as ec
+    from enrich import Enricher
+
+    en = Enricher(reverse_dns=False, processes=False)
+    assert en.geo.wait_loaded(120) and en.geo.asn.ready
+    rows, frame, frames = filter_inputs(tmp_path)
+    mask, note = ec.text_matches(ec.Lookups(en, live=False), rows, frame, "AU")
+    assert int(mask.sum()) == sent_between(frames, "1.1.1.1") == 12 and note == ""
+    assert set(frame["source"][mask]) | set(frame["destination"][mask]) == {"1.1.1.1", ME}
+    # The newest rows are the ARP replies and the web server's: 1.1.1.1 is the oldest address but two.
+    monkeypatch.setattr(ec, "FILTER_KEYS_MAX", 3)
+    mask, note = ec.text_matches(ec.Lookups(en, live=False), rows, frame, "AU")
+    assert not mask.any()
+    assert note.startswith("Names, countries, AS and makers were matched for the 3 newest distinct")
+    assert f"(of {len(frame[['source', 'destination']].stack().unique()):,} addresses)" in note
+    en.stop()
+
+
+def test_the_memo_keeps_answers_when_the_as_database_is_missing(tmp_path):
+    """Without the AS data (its load fails) geo's answers are final: the memo keeps them, a rerun asks nothing."""
+    import enrich_columns as ec
+    from enrich import Enricher
+    from enrich.geo import GeoDB
+
+    en = Enricher(reverse_dns=False, processes=False)
+    en.geo = GeoDB(asn_dir=str(tmp_path / "no-such-dir"))
+    assert en.geo.wait_loaded(120) and en.geo.asn.error and not en.geo.asn.ready
+    first = ec.Lookups(en).who("8.8.8.8")
+    assert first[:2] == ("", "US") and not first[2].startswith("AS")  # the country; no AS number without its data
+    calls = []
+    real = en.geo.lookup
+    en.geo.lookup = lambda a: calls.append(a) or real(a)
+    assert ec.Lookups(en).who("8.8.8.8") == first and calls == []
+    en.stop()
+
+
+@pytest.mark.parametrize("text,macs", [
+    ("2001:db8:aa:bb:cc:dd:ee:ff", []), ("fe80::aa:bb:cc:dd:ee:ff", []), ("aa:bb:cc:dd:ee:ff:00", []),
+    ("1:aa:bb:cc:dd:ee:ff", []), ("aa:bb:cc:dd:ee:ff", ["aa:bb:cc:dd:ee:ff"]),
+    ("is-at 00:50:56:AA:BB:CC (was 00:00:0c:11:22:33)", ["00:50:56:AA:BB:CC", "00:00:0c:11:22:33"])])
+def test_the_mac_pattern_finds_macs_standing_alone_never_inside_ipv6_text(text, macs):
+    import enrich_columns as ec
+    assert ec.MAC_TEXT.findall(text) == macs
+
+
+def test_a_host_name_that_arrives_after_a_filtered_rerun_is_matched(veth, tmp_path):
+    """A name still queued at the first filtered rerun (memoised as pending) is matched once the resolver
+    has it, though the filter hides the row and no rerun shows it in between."""
+    import enrich_columns as ec
+    from enrich import Enricher
+
+    rows, frame, frames = filter_inputs(tmp_path)
+    with dnsmasq(veth.ns, veth.ns_ip, {"8.8.8.8": "late.ntm.test"}):
+        en = Enricher(reverse_dns=True, dns_server=veth.ns_ip, processes=False)
+        look = ec.Lookups(en, live=False)
+        assert look.who("8.8.8.8")[0] == ec.PENDING  # shown once unfiltered: the lookup is queued
+        ec.text_matches(look, rows, frame, "late.ntm")  # the first filtered rerun (the name may not be in)
+        assert wait_for(lambda: en.names.cached("8.8.8.8") == "late.ntm.test", 10)
+        mask, _ = ec.text_matches(ec.Lookups(en, live=False), rows, frame, "late.ntm")
+        assert int(mask.sum()) == sent_between(frames, "8.8.8.8") == 20
+        en.geo.wait_loaded(120)  # the databases' background load ends before the interpreter does
+        en.stop()
+
+
+def test_the_filters_membership_agrees_with_a_set():
+    """_among (hash look-ups) selects what Python's `in` over a set selects, strings and other objects alike."""
+    import enrich_columns as ec
+    rng = np.random.default_rng(7)
+    values = np.array([f"10.0.{i // 256}.{i % 256}" for i in rng.integers(0, 3000, 20_000)] + [None, 5],
+                      dtype=object)
+    keys = [f"10.0.{i // 256}.{i % 256}" for i in range(0, 3000, 3)] + [5]
+    want = [v in set(keys) for v in values]
+    assert ec._among(values, keys).tolist() == want and 0 < sum(want) < len(want)
+    assert not ec._among(values, []).any()

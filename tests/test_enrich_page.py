@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 
 import pytest
-from enrichhelp import HOSTILE, cleared, dnsmasq, packets_in, silent_resolver, tcpdump
+from enrichhelp import HOSTILE, cleared, dnsmasq, packets_in, registered, silent_resolver, tcpdump
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -145,4 +147,45 @@ def test_enrichment_on_by_default_with_the_pages_own_tables(fresh, tmp_path):
     procs = frame_with(at, "pid")  # a file: who holds a port now says nothing about its packets
     assert list(procs.columns) == ["process", "pid", "packets", "bytes", "connections"] and procs.empty
     assert any(c.value.startswith("Not live: the packets come from a file") for c in at.caption)
-    assert set(frame_with(at, "maker")["process"]) <= {"", "not live"}  # the panel's recent packets
+    assert set(frame_with(at, "maker")["process"]) == {""}  # no address of this capture is this machine's
+
+
+HELD_PORT, CLIENT_PORT = 8822, 57000  # a port this test listens on (unregistered); 57000 is dircproxy's
+
+
+def local_capture(tmp_path) -> str:
+    """Loopback TCP: a client on CLIENT_PORT to HELD_PORT (SYN first), and a reply from 8080 to CLIENT_PORT."""
+    frames = []
+    for sport, dport, flags in ((CLIENT_PORT, HELD_PORT, "S"), (HELD_PORT, CLIENT_PORT, "SA"),
+                                (CLIENT_PORT, HELD_PORT, "A"), (8080, CLIENT_PORT, "PA"),
+                                (CLIENT_PORT, 8080, "A")):
+        frames.append(Ether() / IP(src="127.0.0.1", dst="127.0.0.1") / TCP(sport=sport, dport=dport, flags=flags))
+    path = tmp_path / "local.pcap"
+    path.write_bytes(pcap_bytes([(1_700_000_000.0 + i / 10, bytes(f)) for i, f in enumerate(frames)]))
+    return str(path)
+
+
+def test_a_files_local_packets_say_not_live_and_only_the_server_end_names_its_service(fresh, tmp_path):
+    """A file's packets between this machine's own addresses, on a port this process holds now: the process
+    column says 'not live' (the socket table would name this process); the service is the server end's."""
+    assert (registered(HELD_PORT, "tcp"), registered(CLIENT_PORT, "tcp"), registered(8080, "tcp")) == (
+        "", "dircproxy", "http-alt")
+    fresh.setenv("NTM_PCAP", local_capture(tmp_path))
+    fresh.setenv("NTM_REVERSE_DNS", "0")
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", HELD_PORT))
+        held.listen()
+        at = run_until(app(), lambda a: any("maker" in d.value.columns and len(d.value) == 5 for d in a.dataframe), 30)
+        assert not at.exception
+        table = enrich.shared().processes
+        table.refresh()
+        assert f"({os.getpid()})" in table.label("tcp", HELD_PORT)  # what a live row would name
+        recent = frame_with(at, "maker")
+        assert recent["process"].tolist() == ["not live"] * 5
+        assert recent["service"].tolist()[::-1] == [  # newest first on the page; written oldest first
+            str(HELD_PORT), str(HELD_PORT), str(HELD_PORT), "8080/http-alt", "8080/http-alt"]
+        conv = frame_with(at, "A name")
+        ends = {frozenset((r["A port"], r["B port"])) for _, r in conv.iterrows()}
+        assert ends == {frozenset((str(HELD_PORT), str(CLIENT_PORT))), frozenset(("8080/http-alt", str(CLIENT_PORT)))}
+        assert set(conv["A process"]) == set(conv["B process"]) == {"not live"}
