@@ -199,6 +199,12 @@ class BatchQueue:
         with self._cond:
             return len(self._items)
 
+    @property
+    def held(self) -> int:
+        """Packets queued now."""
+        with self._cond:
+            return self._packets
+
 
 class AlertMirror:
     """The engine's copy of a detector stage's alert book: what the page reads, acknowledges and clears.
