@@ -1375,6 +1375,8 @@ def _segments(batch: StoreBatch) -> dict[int, int | None]:
         seg = frame["seg"].to_numpy(np.int64)
         for s, p in pd.DataFrame({"s": seg, "p": period}).groupby("s")["p"].min().items():
             out[int(s)] = min(int(p), out.get(int(s)) or int(p))
+    for s, p in batch.periods:  # a closed minute's delta segments: filed at their own minute
+        out.setdefault(int(s), int(p))
     for s in (*batch.replaces, *batch.hours_done):
         out.setdefault(int(s), None)
     return out
