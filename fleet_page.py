@@ -177,7 +177,7 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     except Unreadable as exc:  # unreachable, wrong password, bad TLS, a server gone mid-run: a message
         failed = True
         log.warning("fleet page: %s", exc)
-        st.error(f"ClickHouse cannot be read: {exc}")
+        st.error(inv.plain(f"ClickHouse cannot be read: {exc}"))  # the server quotes the query (URL values)
         st.caption(f"Store: {store.path}. The page tries again at the next refresh.")
     if failed or (live and st.session_state.get("fleet_auto_refresh", True)):
         scale = 1 if live else 5
@@ -483,7 +483,7 @@ def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None, go
             draw(view, since, until, tz)
         except Exception as exc:  # a store that cannot answer is a message, never a broken page
             log.exception("fleet %s panel failed", name)
-            st.error(f"{name} cannot be read: {type(exc).__name__}: {exc}")
+            st.error(inv.plain(f"{name} cannot be read: {type(exc).__name__}: {exc}"))
     st.markdown(RECENT_TEXT)
 
 

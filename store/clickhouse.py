@@ -539,7 +539,8 @@ class ClickHouseStore(Store):
     def _describe(self, exc: BaseException) -> str:
         """A one-line error naming the server and what went wrong (authentication, network, the server's text)."""
         code = getattr(exc, "code", None)
-        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        # The server's text is on the lines after "Code: N." (up to its stack trace): kept, on one line.
+        text = " ".join(str(exc).split("Stack trace:")[0].split())[:300] or type(exc).__name__
         where = f"ClickHouse {self.host}:{self.port}"
         if isinstance(exc, WaitTimeout):  # described where it happened, with the limit in effect
             return str(exc)

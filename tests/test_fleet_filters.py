@@ -485,3 +485,15 @@ def test_reads_on_the_pages_pool_equal_the_shared_connections(fed, t0):
     assert 1 <= len(ch._spare) <= chmod.READERS_MAX
     ch.close()
     assert not ch._spare
+
+
+def test_a_server_error_quoting_a_markup_sensor_name_is_shown_as_text(at):
+    """A sensor= name of Markdown and HTML long enough that ClickHouse refuses the query (max query size)
+    and quotes it in its error: the page's error shows the quoted name as text, never as markup."""
+    name = "**b** <b>h</b> [l](x) " + "a" * 270_000  # > 256 KiB; the server quotes its start
+    url(at, sensor=name)
+    shown = [e.value for e in at.error]
+    assert any("Max query size exceeded" in v for v in shown), shown  # the server's error is there
+    for v in shown:
+        assert "**b**" not in v and "<b>" not in v and "[l](x)" not in v, v[:300]
+    assert any(inv.plain("**b** <b>h</b>") in v for v in shown), [v[:300] for v in shown]
