@@ -62,6 +62,7 @@ class SensorView:
         self.sensor = sensor
         self.conversations_note: tuple[str, int] | None = None  # (by, most unlisted) when last approximate
         self._answers: dict[tuple, Any] = {}  # this page run's answers (the view lives for one run)
+        self.failed = False  # a question failed this run (its panel shows the error): the page keeps refreshing
 
     @property
     def path(self) -> str:
@@ -90,6 +91,13 @@ class SensorView:
     def _asked(self, name: str, call, r: TimeRange, *a: Any, pool: Any = None, **k: Any) -> Any:
         """A question's answer, asked once per view (one page run): the summary and the panels ask the
         same top tables, caps and alerts, and each is a Distributed query. With `pool`: asked there."""
+        try:
+            return self._answer(name, call, r, *a, pool=pool, **k)
+        except Exception:  # the panel that asked shows it; the page must still schedule its refresh
+            self.failed = True
+            raise
+
+    def _answer(self, name: str, call, r: TimeRange, *a: Any, pool: Any = None, **k: Any) -> Any:
         bound = inspect.signature(call).bind(r, *a, **k)
         bound.apply_defaults()  # top_ports(r, "tcp") and top_ports(r, "tcp", "packets") are one question
         n = bound.arguments.get("n") if name in ASKED_TOP else None
@@ -173,7 +181,7 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     live = st.session_state.get("fleet_range", next(iter(RANGES))) == next(iter(RANGES))
     failed = False
     try:
-        live = fleet_view(store, tz)
+        live, failed = fleet_view(store, tz)
     except Unreadable as exc:  # unreachable, wrong password, bad TLS, a server gone mid-run: a message
         failed = True
         log.warning("fleet page: %s", exc)
@@ -199,8 +207,9 @@ def _read(store: ClickHouseStore, call, *a: Any) -> Any:
         raise Unreadable(str(exc) or store.status().message or type(exc).__name__) from exc
 
 
-def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
-    """The page's controls, grid and panels; whether the Live range is shown. Raises Unreadable."""
+def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> tuple[bool, bool]:
+    """The page's controls, grid and panels; whether the Live range is shown, and whether a panel's read
+    failed (the panel shows it; the page refreshes). Raises Unreadable when the page cannot be drawn."""
     now = time.time()
     sensors = _read(store, sensor_table, store, now)
     names = sensors["sensor"].tolist()
@@ -212,7 +221,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
     st.caption(f"ClickHouse {store.server_version} at {store.path} · {len(names)} sensors · "
                f"{'live: the last ' + str(LIVE_S // 60) + ' minutes, per second' if live else 'historical range'}")
     if span is None:
-        return live
+        return live, False
     since, until = span
     losses = _read(store, store.losses, TimeRange(since, until))
     grid = st.container()  # drawn below, while the pool reads the view's slowest questions
@@ -232,6 +241,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
         if filtering:
             inv.history_filtered(engine, lo, hi, tz, got)  # the conversations history_filter read: once
         fleet_panels(view, lo, hi, tz, got, sensors)
+        failed = view.failed or bool(got and got.get("error"))
     finally:  # a question the page did not ask (or a run cut short) finishes in the background
         pool.shutdown(wait=False, cancel_futures=True)
     if view.conversations_note:
@@ -240,7 +250,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
                    f"prove the top 20 from each hour's largest. Each {by} figure shows the part that is certain "
                    f"(≥ N); a conversation not "
                    f"listed has at most {most:,} {by}.")
-    return live
+    return live, failed
 
 
 OWN_END_ADDRS = 100_000  # distinct stored top sources (or destinations) matched against a src= / dst= network
@@ -483,6 +493,7 @@ def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None, go
             draw(view, since, until, tz)
         except Exception as exc:  # a store that cannot answer is a message, never a broken page
             log.exception("fleet %s panel failed", name)
+            view.failed = True
             st.error(inv.plain(f"{name} cannot be read: {type(exc).__name__}: {exc}"))
     st.markdown(RECENT_TEXT)
 

@@ -497,3 +497,28 @@ def test_a_server_error_quoting_a_markup_sensor_name_is_shown_as_text(at):
     for v in shown:
         assert "**b**" not in v and "<b>" not in v and "[l](x)" not in v, v[:300]
     assert any(inv.plain("**b** <b>h</b>") in v for v in shown), [v[:300] for v in shown]
+
+
+def test_a_panel_failing_on_a_historical_range_keeps_the_refresh(at, monkeypatch):
+    """On a historical range (no Live refresh), a read failing after the sensor grid (the VLAN chart's, the
+    summary's top ports): the panel shows the error and the page still schedules its (slower) refresh."""
+    import streamlit_autorefresh
+
+    import config
+
+    ticks: list[int] = []
+    monkeypatch.setattr(streamlit_autorefresh, "st_autorefresh", lambda interval, key: ticks.append(interval))
+    url(at)
+    assert not ticks  # "1 h": no refresh while everything answers
+
+    def fails(self, *a, **k):
+        raise OSError("Connection reset by peer")
+
+    for name in ("vlans", "top_ports"):
+        with monkeypatch.context() as m:
+            m.setattr(ClickHouseStore, name, fails)
+            at.run()
+        assert not at.exception, at.exception
+        assert any("Connection reset" in e.value for e in at.error), (name, [e.value for e in at.error])
+        assert ticks == [int(config.get("REFRESH_S") * 1000 * 5)], (name, ticks)
+        ticks.clear()
