@@ -69,6 +69,16 @@ def _key_minutes(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<i8").ravel()
 
 
+DELTA_SLOTS = 1024  # delta segments one minute ships at most (then its changes wait for its close)
+
+
+def delta_segment(base: int, k: int) -> int:
+    """The id of a minute's k-th delta segment: negative, and naming the minute's own segment `base`, whose
+    rows only the close writes, so that one commit hides all the minute's deltas (a read excludes the
+    deltas of closed minutes without looking at each)."""
+    return -(base * DELTA_SLOTS + k + 1)
+
+
 def _changed(cur: tuple, prev: tuple | None) -> tuple:
     """The rows of `cur` (keys, vals, times) whose counts differ from `prev`'s, as the difference."""
     keys, vals, times = cur
@@ -417,7 +427,10 @@ class Rollup:
         to the minute's state; its close writes it whole and replaces them. Capped tables are the exception
         until that close: an evicted key's shipped rows stay (no negative delta), its count goes to the
         left-out sums (shipped with the close), and a key that comes back ships its new count on top."""
-        segs = {m: self._allocate() for m in minutes}
+        minutes = [m for m in minutes if len(self._dsegs.get(m, ())) < DELTA_SLOTS]  # the rest wait for the close
+        if not minutes:
+            return {}
+        segs = {m: delta_segment(self._segs[m], len(self._dsegs.get(m, ()))) for m in minutes}
         rows = {}
         for kind, t in self.tables.items():
             cur = t.select(minutes)
