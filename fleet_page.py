@@ -62,6 +62,7 @@ class SensorView:
         self.sensor = sensor
         self.conversations_note: tuple[str, int] | None = None  # (by, most unlisted) when last approximate
         self._answers: dict[tuple, Any] = {}  # this page run's answers (the view lives for one run)
+        self.failed = False  # a question failed this run (its panel shows the error): the page keeps refreshing
 
     @property
     def path(self) -> str:
@@ -90,6 +91,13 @@ class SensorView:
     def _asked(self, name: str, call, r: TimeRange, *a: Any, pool: Any = None, **k: Any) -> Any:
         """A question's answer, asked once per view (one page run): the summary and the panels ask the
         same top tables, caps and alerts, and each is a Distributed query. With `pool`: asked there."""
+        try:
+            return self._answer(name, call, r, *a, pool=pool, **k)
+        except Exception:  # the panel that asked shows it; the page must still schedule its refresh
+            self.failed = True
+            raise
+
+    def _answer(self, name: str, call, r: TimeRange, *a: Any, pool: Any = None, **k: Any) -> Any:
         bound = inspect.signature(call).bind(r, *a, **k)
         bound.apply_defaults()  # top_ports(r, "tcp") and top_ports(r, "tcp", "packets") are one question
         n = bound.arguments.get("n") if name in ASKED_TOP else None
@@ -108,6 +116,12 @@ class SensorView:
         return got.copy() if isinstance(got, pd.DataFrame) else got
 
 
+    def cancel(self) -> None:
+        """Drop this run's questions still waiting in the pool (a running one ends on its own connection)."""
+        for got in self._answers.values():
+            if isinstance(got, Future):
+                got.cancel()
+
     def _top_conversations(self, r: TimeRange, by: str = "bytes", n: int = 20) -> pd.DataFrame:
         """The store's top conversations, exact when its shortcut proves them, else marked approximate."""
         df = self.store.top_conversations(self._r(r), by, n, exact=False)
@@ -122,7 +136,6 @@ def _owned(store: ClickHouseStore, call, *a: Any, **k: Any) -> Any:
         return call(*a, **k)
 
 
-AHEAD_THREADS = 3  # page questions asked in parallel with the main thread (each on its own connection)
 
 
 def ask_ahead(view: SensorView, pool: ThreadPoolExecutor, since: int, until: int, filtering: bool,
@@ -173,11 +186,11 @@ def page(address: str, cluster: str | None, tz: tzinfo | None) -> None:
     live = st.session_state.get("fleet_range", next(iter(RANGES))) == next(iter(RANGES))
     failed = False
     try:
-        live = fleet_view(store, tz)
+        live, failed = fleet_view(store, tz)
     except Unreadable as exc:  # unreachable, wrong password, bad TLS, a server gone mid-run: a message
         failed = True
         log.warning("fleet page: %s", exc)
-        st.error(f"ClickHouse cannot be read: {exc}")
+        st.error(inv.plain(f"ClickHouse cannot be read: {exc}"))  # the server quotes the query (URL values)
         st.caption(f"Store: {store.path}. The page tries again at the next refresh.")
     if failed or (live and st.session_state.get("fleet_auto_refresh", True)):
         scale = 1 if live else 5
@@ -199,8 +212,9 @@ def _read(store: ClickHouseStore, call, *a: Any) -> Any:
         raise Unreadable(str(exc) or store.status().message or type(exc).__name__) from exc
 
 
-def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
-    """The page's controls, grid and panels; whether the Live range is shown. Raises Unreadable."""
+def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> tuple[bool, bool]:
+    """The page's controls, grid and panels; whether the Live range is shown, and whether a panel's read
+    failed (the panel shows it; the page refreshes). Raises Unreadable when the page cannot be drawn."""
     now = time.time()
     sensors = _read(store, sensor_table, store, now)
     names = sensors["sensor"].tolist()
@@ -212,7 +226,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
     st.caption(f"ClickHouse {store.server_version} at {store.path} · {len(names)} sensors · "
                f"{'live: the last ' + str(LIVE_S // 60) + ' minutes, per second' if live else 'historical range'}")
     if span is None:
-        return live
+        return live, False
     since, until = span
     losses = _read(store, store.losses, TimeRange(since, until))
     grid = st.container()  # drawn below, while the pool reads the view's slowest questions
@@ -222,7 +236,7 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
     lo, hi = inv.history_span(since, until, tz)  # chips, filter errors, and from/to narrowing the range
     engine = types.SimpleNamespace(store=view)
     filtering = bool(traffic_filters(tz))
-    pool = ThreadPoolExecutor(AHEAD_THREADS, thread_name_prefix="fleet-read")
+    pool = store.read_pool()  # the store's one bounded pool: every run and tab shares its connections
     try:
         ask_ahead(view, pool, lo, hi, filtering, st.session_state.get("hist_top_by", "packets"))
         with grid:
@@ -232,18 +246,16 @@ def fleet_view(store: ClickHouseStore, tz: tzinfo | None) -> bool:
         if filtering:
             inv.history_filtered(engine, lo, hi, tz, got)  # the conversations history_filter read: once
         fleet_panels(view, lo, hi, tz, got, sensors)
-    finally:  # a question the page did not ask (or a run cut short) finishes in the background
-        pool.shutdown(wait=False, cancel_futures=True)
+        failed = view.failed or bool(got and got.get("error"))
+    finally:  # a question not started yet (a run cut short, or never asked) is dropped from the shared pool
+        view.cancel()
     if view.conversations_note:
         by, most = view.conversations_note
         st.caption(f"Top conversations are approximate for this range: too many conversations of similar size to "
                    f"prove the top 20 from each hour's largest. Each {by} figure shows the part that is certain "
                    f"(≥ N); a conversation not "
                    f"listed has at most {most:,} {by}.")
-    return live
-
-
-OWN_END_ADDRS = 100_000  # distinct stored top sources (or destinations) matched against a src= / dst= network
+    return live, failed
 
 
 def own_end_filter(view: SensorView, since: int, until: int, tz: tzinfo | None) -> dict[str, Any] | None:
@@ -260,10 +272,8 @@ def own_end_filter(view: SensorView, since: int, until: int, tz: tzinfo | None) 
     labels = inv.plain(", ".join(c.label() for c in conds))
     r = view._r(time_range(since, until))
     try:
-        seen = view.store.addr_minutes(r, kind, limit=OWN_END_ADDRS)["addr"].astype(str).tolist()
         nets = [ipaddress.ip_network(c.text.strip("[]"), strict=False) for c in conds]
-        mine = [a for a in seen if all(inv._in(a, net) for net in nets)]
-        df = view.store.addr_minutes(r, kind, mine)
+        df = view.store.addr_minutes(r, kind, nets=nets)  # matched in SQL: a /8 is too many addresses to list
         capped = approximation(view, time_range(since, until)).get(kind)
     except Exception as exc:  # a store that cannot answer: the totals say they are unfiltered
         log.exception("fleet src/dst filter failed")
@@ -277,12 +287,10 @@ def own_end_filter(view: SensorView, since: int, until: int, tz: tzinfo | None) 
     if capped:
         notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_TOP_MAX {ends} "
                      f"({capped['packets_left_out']:,} packets of those left out are not counted)")
-    if len(seen) >= OWN_END_ADDRS:
-        notes.append(f"approximate: only the first {OWN_END_ADDRS:,} stored addresses were matched")
     return {"packets": int(df["packets"].sum()) if len(df) else 0, "bytes": int(df["bytes"].sum()) if len(df) else 0,
             "span_s": hi - lo + 1, "transport_counts": {}, "transport_bytes": {},
             "series": inv._binned(df["minute"], df[["packets", "bytes"]], lo, hi, width), "bin_s": width,
-            "exact": not (capped or len(seen) >= OWN_END_ADDRS), "note": inv.plain("; ".join(notes)),
+            "exact": not capped, "note": inv.plain("; ".join(notes)),
             "labels": labels, "keep_alerts": functools.partial(inv._keep_alerts, conds)}
 
 
@@ -483,7 +491,8 @@ def fleet_panels(view: SensorView, since: int, until: int, tz: tzinfo | None, go
             draw(view, since, until, tz)
         except Exception as exc:  # a store that cannot answer is a message, never a broken page
             log.exception("fleet %s panel failed", name)
-            st.error(f"{name} cannot be read: {type(exc).__name__}: {exc}")
+            view.failed = True
+            st.error(inv.plain(f"{name} cannot be read: {type(exc).__name__}: {exc}"))
     st.markdown(RECENT_TEXT)
 
 
@@ -545,7 +554,10 @@ def vlan_panel(view: SensorView, since: int, until: int, tz: tzinfo | None, got:
     st.plotly_chart(fig, key="fleet_vlans", **clickable("fleet_vlans", fig, tz))
     notes = ["The fleet stores VLAN ids only with its per-minute conversations (the per-second rows carry none): "
              "IP traffic only, whole minutes of the range; untagged traffic is not drawn"
-             + ("; only the conversations matching the filters (src= / dst= at either end)" if conds else "")]
+             + ("; only the conversations matching the filters" if conds else "")]
+    if {c.key for c in conds} & {"src", "dst"}:  # the totals above count src= / dst= at their own end only
+        notes.append("src= / dst= match either end here (a stored conversation keeps no direction), while the "
+                     "totals above count only the packets sent from (to) them: these bars can add up to more")
     if capped := approximation(view, r).get("conv"):
         notes.append(f"approximate: {capped['minutes_capped']:,} minutes held more than STORE_CONV_MAX "
                      f"conversations ({capped['packets_left_out']:,} packets left out)")

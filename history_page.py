@@ -101,7 +101,7 @@ def history_view(engine: CaptureEngine, since: int, until: int, tz: tzinfo | Non
         _history_body(engine, since, until, tz, filtered, select or (lambda key, obj: {}))
     except Exception as exc:  # a store that cannot answer is a message, never a broken page
         log.exception("history query failed")
-        st.error(f"History cannot be read: {type(exc).__name__}: {exc}")
+        st.error(__import__("investigate_page").plain(f"History cannot be read: {type(exc).__name__}: {exc}"))
 
 
 def _history_body(engine: CaptureEngine, since: int, until: int, tz: tzinfo | None,

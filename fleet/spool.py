@@ -97,7 +97,9 @@ class Spool:
                 _write_synced(tmp / "_alerts.parquet", batch.alerts.reset_index(drop=True).astype({"evidence": str}))
             seg_packets = _seg_packets(batch)
             meta = {"batch_id": batch.batch_id, "replaces": list(map(int, batch.replaces)),
-                    "hours_done": list(map(int, batch.hours_done)), "origins": [list(o) for o in batch.origins],
+                    "hours_done": list(map(int, batch.hours_done)),
+                    "periods": [[int(a), int(b)] for a, b in batch.periods],
+                    "origins": [list(o) for o in batch.origins],
                     "seg_packets": {str(k): v for k, v in seg_packets.items()},
                     "losses": [v if isinstance(v, str) else int(v) for v in getattr(batch, "losses", ())]}
             with open(tmp / "meta.json", "w") as f:
@@ -172,6 +174,7 @@ def _read_entry(path: Path) -> IdBatch:
             frames[f.stem] = df
     return IdBatch(frames=frames, replaces=tuple(meta["replaces"]), alerts=alerts,
                    origins=tuple(tuple(o) for o in meta["origins"]), hours_done=tuple(meta["hours_done"]),
+                   periods=tuple((int(a), int(b)) for a, b in meta.get("periods", ())),
                    batch_id=meta["batch_id"], losses=tuple(meta.get("losses", ())))
 
 

@@ -148,6 +148,9 @@ class StoreBatch:
     alerts: pd.DataFrame | None = None
     origins: tuple[tuple[str, str, str, float, str], ...] = ()
     hours_done: tuple[int, ...] = ()  # hour segments whose `open_hours` row this batch deletes
+    # (segment, first second of its minute) of segments `replaces` lists without rows here (a closed
+    # minute's delta segments): a store that files replacements by time files each at its own minute.
+    periods: tuple[tuple[int, int], ...] = ()
 
     def packets(self, exclude: set[int] | frozenset[int] = frozenset()) -> int:
         """Packets counted by this batch's per-second rows, leaving out the segments in `exclude`."""

@@ -42,6 +42,7 @@ import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any
@@ -65,6 +66,7 @@ from store.base import (
     doc_rows,
     doc_text,
 )
+from store.rollup import DELTA_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -398,13 +400,14 @@ def run_losses_sql(db: str) -> list[str]:
 def vlans_sql(db: str) -> list[str]:
     """Schema version 8: `vlans_1h`, each closed hour segment's packets and bytes per VLAN, written with its
     hour rows under the same version (the same visibility rule): the VLAN chart of a day reads these, not
-    every conversation of the day. Filled from the hour rows already there (only what is not there yet)."""
+    every conversation of the day. Filled from the hour rows already there (only what is not there yet, per
+    (sensor, segment, hour, VLAN, version): a backfill cut off mid-way is completed by the next, never skipped)."""
     return [f"CREATE TABLE IF NOT EXISTS {db}.vlans_1h (sensor String, iface String, origin String, seg Int64, "
             f"minute Int64, vlan Int32, packets Int64, bytes Int64, ver Int64) ENGINE = ReplacingMergeTree(ver) "
             f"PARTITION BY intDiv(minute, 86400) ORDER BY (sensor, minute, seg, vlan, ver)",
             f"INSERT INTO {db}.vlans_1h SELECT sensor, iface, origin, seg, minute, vlan, sum(packets), sum(bytes), "
-            f"ver FROM {db}.conversations_1h WHERE (sensor, seg, minute, ver) NOT IN (SELECT sensor, seg, minute, "
-            f"ver FROM {db}.vlans_1h) GROUP BY sensor, iface, origin, seg, minute, vlan, ver"]
+            f"ver FROM {db}.conversations_1h WHERE (sensor, seg, minute, vlan, ver) NOT IN (SELECT sensor, seg, "
+            f"minute, vlan, ver FROM {db}.vlans_1h) GROUP BY sensor, iface, origin, seg, minute, vlan, ver"]
 
 
 # version -> statements that bring a database from version-1 to version (on every shard).
@@ -446,6 +449,11 @@ class ClickHouseStore(Store):
         self._slow = threading.local()  # .on: this thread's reads wait `timeout` (an exact full grouping)
         self._own = threading.local()  # .client: this thread's own read connection (own_connection)
         self._spare: list = []  # idle read connections of own_connection, at most READERS_MAX
+        # Its own lock: a reader taking or returning a connection never waits for the queries the main
+        # thread runs under the store's lock.
+        self._spare_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # read_pool(): READERS_MAX threads, closed with the store
+        self._pool_lock = threading.Lock()
         self._hours_seen: dict[tuple, tuple[float, tuple[int, ...]]] = {}  # _open_hours' recent answers
         self._now_sql = "toInt64(now())"  # the receive time of a loss row: the server's clock (tests shift it)
 
@@ -539,7 +547,8 @@ class ClickHouseStore(Store):
     def _describe(self, exc: BaseException) -> str:
         """A one-line error naming the server and what went wrong (authentication, network, the server's text)."""
         code = getattr(exc, "code", None)
-        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        # The server's text is on the lines after "Code: N." (up to its stack trace): kept, on one line.
+        text = " ".join(str(exc).split("Stack trace:")[0].split())[:300] or type(exc).__name__
         where = f"ClickHouse {self.host}:{self.port}"
         if isinstance(exc, WaitTimeout):  # described where it happened, with the limit in effect
             return str(exc)
@@ -682,9 +691,13 @@ class ClickHouseStore(Store):
             client, self._client = self._client, None
             if client is not None:
                 client.disconnect()
-            for spare in self._spare:
-                spare.disconnect()
-            self._spare.clear()
+            pool, self._pool = self._pool, None
+            if pool is not None:  # queued reads are dropped; running ones end on their connection
+                pool.shutdown(wait=False, cancel_futures=True)
+            with self._spare_lock:
+                for spare in self._spare:
+                    spare.disconnect()
+                self._spare.clear()
             if self._state == "ok":
                 self._state = "closed"
 
@@ -912,8 +925,12 @@ class ClickHouseStore(Store):
 
     def _visible(self, table: str) -> str:
         """The condition that keeps, of a segment's rows, those of its newest committed version."""
-        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) FROM {self.db}.commits_max "
-                f"WHERE period >= $m0 - 3600 AND period <= $until{{sensor}} GROUP BY sensor, seg)")
+        # A delta segment (negative id, rollup.delta_segment) counts until its minute's own segment is
+        # committed (the close): one commit row per closed minute excludes its ~30 deltas before grouping.
+        window = f"FROM {self.db}.commits_max WHERE period >= $m0 - 3600 AND period <= $until{{sensor}}"
+        return (f"(sensor, seg, ver) IN (SELECT sensor, seg, max(ver) {window} AND (seg >= 0 OR (sensor, "
+                f"intDiv(-1 - seg, {DELTA_SLOTS})) NOT IN (SELECT sensor, seg {window} AND seg >= 0)) "
+                f"GROUP BY sensor, seg)")
 
     def _rewrite(self, sql: str, params: dict[str, Any]) -> str:
         """The base class's SQL in this dialect: tables through the visibility filter, `$p` -> %(p)s."""
@@ -932,14 +949,22 @@ class ClickHouseStore(Store):
     def _query(self, sql: str, params: dict[str, Any]) -> pd.DataFrame:
         return self._run(self._rewrite(sql, params), params)
 
+    def read_pool(self) -> ThreadPoolExecutor:
+        """The store's one pool of reader threads (READERS_MAX, each on its own connection through
+        own_connection): shared by every page run and tab, so connections stay bounded; closed by close()."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READERS_MAX, thread_name_prefix="ch-read")
+            return self._pool
+
     @contextmanager
     def own_connection(self):
         """Within (this thread): reads go through a connection of the thread's own, not the store's shared
         one under its lock, so a page's reads run in parallel (a clickhouse-driver client serves one thread
         at a time). The connection goes back to a bounded pool (READERS_MAX) for the next page run."""
-        if not self.open():
+        if self._client is None and not self.open():  # open: no lock taken (open() takes it otherwise)
             raise OSError(self._message or "store is not open")
-        with self._lock:
+        with self._spare_lock:
             client = self._spare.pop() if self._spare else None
         try:
             client = client or self._connect(self.host, self.port)
@@ -954,8 +979,8 @@ class ClickHouseStore(Store):
             raise
         finally:
             self._own.client = None
-            with self._lock:
-                keep = not broken and len(self._spare) < READERS_MAX
+            with self._spare_lock:
+                keep = not broken and len(self._spare) < READERS_MAX and self._client is not None
                 if keep:
                     self._spare.append(client)
             if not keep:
@@ -1194,9 +1219,16 @@ class ClickHouseStore(Store):
                            f"ORDER BY vlan", r.params())
 
     def addr_minutes(self, r: TimeRange, kind: str, addrs: list[str] | None = None,
-                     limit: int = 100_000) -> pd.DataFrame:
+                     limit: int = 100_000, nets: list | None = None) -> pd.DataFrame:
         """The per-minute top sources (kind src) or destinations (dst) of the range: without `addrs`, the
-        distinct addresses there (`addr`, at most `limit`); with them, their packets and bytes per minute."""
+        distinct addresses there (`addr`, at most `limit`); with them, their packets and bytes per minute;
+        with `nets` (ipaddress networks), the packets and bytes per minute of the addresses in all of them,
+        matched here in SQL (a /8 holds more addresses than a query may list)."""
+        if nets is not None:
+            cond = " AND ".join(_net_condition(n) for n in nets) or "1"
+            return self._query(f"SELECT minute, {self._sums()} FROM top_addrs WHERE {self._where(r, 'minute')} "
+                               f"AND kind = $kind AND {cond} GROUP BY minute ORDER BY minute",
+                               {**r.params(), "kind": kind})
         if addrs is None:
             return self._query(f"SELECT DISTINCT addr FROM top_addrs WHERE {self._where(r, 'minute')} AND kind = "
                                f"$kind ORDER BY addr LIMIT {int(limit)}", {**r.params(), "kind": kind})
@@ -1375,6 +1407,8 @@ def _segments(batch: StoreBatch) -> dict[int, int | None]:
         seg = frame["seg"].to_numpy(np.int64)
         for s, p in pd.DataFrame({"s": seg, "p": period}).groupby("s")["p"].min().items():
             out[int(s)] = min(int(p), out.get(int(s)) or int(p))
+    for s, p in batch.periods:  # a closed minute's delta segments: filed at their own minute
+        out.setdefault(int(s), int(p))
     for s in (*batch.replaces, *batch.hours_done):
         out.setdefault(int(s), None)
     return out
@@ -1398,6 +1432,15 @@ def vlan_rows(hours: pd.DataFrame) -> pd.DataFrame:
     df = hours.astype({k: str for k in keys[:3]})
     out = df.groupby(keys, sort=False, observed=True)[["packets", "bytes"]].sum().reset_index()
     return out[[*keys, "packets", "bytes"]]
+
+
+def _net_condition(net) -> str:
+    """SQL true for a text address `addr` inside the network (an ipaddress network), on 18.16 and later."""
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    if net.version == 4:
+        return f"(position(addr, ':') = 0 AND IPv4StringToNum(addr) BETWEEN {lo} AND {hi})"
+    return (f"(position(addr, ':') > 0 AND IPv6StringToNum(addr) BETWEEN toFixedString(unhex('{lo:032x}'), 16) "
+            f"AND toFixedString(unhex('{hi:032x}'), 16))")
 
 
 def _alert_period(batch: StoreBatch) -> int | None:

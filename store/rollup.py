@@ -18,8 +18,11 @@ only the keys and seconds that changed since its last flush (the difference, in 
 own); reads sum a minute's rows over its segments, so the deltas add up to the minute's state. The
 minute's close writes it whole once and replaces its delta segments (as a rewrite replaces a
 segment), so each packet counts once, a re-sent batch is found by its id, and a sensor restarted
-mid-minute leaves its shipped deltas as that minute's rows. While the minute is open, a key a capped
-table evicted after it was shipped keeps its shipped part; the caps rows come with the close.
+mid-minute leaves its shipped deltas as that minute's rows. A close files each replaced delta segment
+at its own minute (`StoreBatch.periods`). While a minute is open, its per-second rows are exact; its
+capped per-key rows are not always: a key a capped table evicts stays in the store with what was
+shipped of it (no negative delta is sent), its count moves to the left-out sums that only the close
+ships, and if it comes back its new count is shipped on top. The close replaces all of them.
 
 Top tables and conversations are capped per minute (STORE_TOP_MAX, STORE_CONV_MAX): the keys
 with most packets and those with most bytes are kept, and for the rest the store gets what was
@@ -64,6 +67,16 @@ def _minute_bytes(minutes: np.ndarray) -> np.ndarray:
 
 def _key_minutes(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<i8").ravel()
+
+
+DELTA_SLOTS = 1024  # delta segments one minute ships at most (then its changes wait for its close)
+
+
+def delta_segment(base: int, k: int) -> int:
+    """The id of a minute's k-th delta segment: negative, and naming the minute's own segment `base`, whose
+    rows only the close writes, so that one commit hides all the minute's deltas (a read excludes the
+    deltas of closed minutes without looking at each)."""
+    return -(base * DELTA_SLOTS + k + 1)
 
 
 def _changed(cur: tuple, prev: tuple | None) -> tuple:
@@ -377,7 +390,8 @@ class Rollup:
             rows = {k: t.select(dirty) for k, t in self.tables.items()}
             drops = {k: {m: t.dropped[m] for m in dirty if m in t.dropped} for k, t in self.tables.items()}
             frames.update(self._period_frames(rows, drops, self._segs, "", *self._merged_seconds()))
-        replaced = [s for m in dirty for s in self._dsegs.pop(m, [])]
+        periods = [(s, m) for m in dirty for s in self._dsegs.pop(m, [])]
+        replaced = [s for s, _ in periods]
         if open_dirty:
             frames = _concat_frames(frames, self._delta_frames(open_dirty))
         self._fold(closed)
@@ -395,7 +409,8 @@ class Rollup:
         segs = [self._segs[m] for m in dirty]
         batch = StoreBatch(frames=frames, replaces=tuple(s for s in segs if s in self._written) + tuple(replaced),
                            alerts=self._alert_frame(), origins=tuple(self._origins),
-                           hours_done=tuple(self._hsegs[h] for h in closing if self._hsegs[h] in self._marked))
+                           hours_done=tuple(self._hsegs[h] for h in closing if self._hsegs[h] in self._marked),
+                           periods=tuple(periods))
         self._written.update(segs)
         self._marked.update(self._hsegs[h] for h in opened)
         self._alerts.clear()
@@ -409,9 +424,13 @@ class Rollup:
 
         Per key (and per second): the current count minus the count last shipped; first/last seen as
         now (read as min/max). Reads sum a minute's rows over its segments, so the shipped deltas add up
-        to the minute's state; its close writes it whole and replaces them. A key a capped table evicted
-        after it was shipped keeps its shipped part until that close (the caps rows come with it)."""
-        segs = {m: self._allocate() for m in minutes}
+        to the minute's state; its close writes it whole and replaces them. Capped tables are the exception
+        until that close: an evicted key's shipped rows stay (no negative delta), its count goes to the
+        left-out sums (shipped with the close), and a key that comes back ships its new count on top."""
+        minutes = [m for m in minutes if len(self._dsegs.get(m, ())) < DELTA_SLOTS]  # the rest wait for the close
+        if not minutes:
+            return {}
+        segs = {m: delta_segment(self._segs[m], len(self._dsegs.get(m, ()))) for m in minutes}
         rows = {}
         for kind, t in self.tables.items():
             cur = t.select(minutes)

@@ -237,18 +237,19 @@ def test_vlan_chart_enrichment_views_and_recent_packets_statement(at):
     assert np.isclose(count(at), want("west"))
 
 
-@pytest.mark.parametrize("written_at", [7, None])
+@pytest.mark.parametrize("written_at", [7, "7, backfill cut", None])
 def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster, monkeypatch, written_at):  # noqa: F811
     """Store.vlans (the VLAN chart's unfiltered question) over a range of whole closed hours (their per-VLAN
     sums, vlans_1h) and ragged minutes at both ends (minute rows), in the cluster: each VLAN's packets and
     bytes as fed. Written by a program of schema version 7 (no per-VLAN sums), then opened by this one: the
-    migration fills them from the hour rows, with the same answer."""
+    migration fills them from the hour rows, with the same answer; also after a backfill cut off when it had
+    written one VLAN's sums of each hour (the next open completes the others)."""
     import store.clickhouse as chmod
     from store.base import TimeRange
 
     if written_at:
-        monkeypatch.setattr(chmod, "CH_SCHEMA_VERSION", written_at)
-    db = f"t_fleet_vlans_{written_at or 'now'}"
+        monkeypatch.setattr(chmod, "CH_SCHEMA_VERSION", 7)
+    db = f"t_fleet_vlans_{str(written_at or 'now').replace(', backfill ', '_')}"
 
     h0 = 1_700_006_400  # an hour boundary, long ago
     rng = np.random.default_rng(7)
@@ -268,6 +269,12 @@ def test_store_vlans_over_whole_hours_and_minutes_equal_the_traffic_fed(cluster,
         ch.close()
         monkeypatch.undo()
         assert not cluster.query(f"EXISTS TABLE {db}.vlans_1h")[0][0]
+        if written_at != 7:  # the version 8 backfill, cut off after VLAN 0's rows (on each shard)
+            create, fill = chmod.vlans_sql(db)
+            for shard in (1, 2):
+                cluster.query(create, shard=shard)
+                cluster.query(fill.replace("WHERE (sensor", "WHERE vlan = 0 AND (sensor"), shard=shard)
+            assert sum(cluster.query(f"SELECT count() FROM {db}.vlans_1h", shard=k)[0][0] for k in (1, 2)) > 0
         ch = ClickHouseStore(cluster.address(2), cluster=cluster.name, database=db)
         assert ch.open(), ch.status().message
     assert cluster.query(f"SELECT count() FROM {db}.vlans_1h")[0][0] + \
@@ -460,6 +467,8 @@ def test_src_and_dst_match_their_own_end_host_either(at):
     assert count(url(at, dst="10.6.0.2", sensor="west")) == want("west", dst="10.6.0.2") == 25
     assert count(url(at, dst="10.6.0.2", sensor="east")) == 0
     assert any("each address at its own end" in rendered(c.value) for c in at.caption)
+    assert any("match either end here" in rendered(c.value) for c in at.caption)  # the VLAN chart says it differs
+    assert not any("match either end here" in rendered(c.value) for c in url(at, proto="udp").caption)
 
 
 def test_reads_on_the_pages_pool_equal_the_shared_connections(fed, t0):
@@ -485,3 +494,99 @@ def test_reads_on_the_pages_pool_equal_the_shared_connections(fed, t0):
     assert 1 <= len(ch._spare) <= chmod.READERS_MAX
     ch.close()
     assert not ch._spare
+
+
+def test_a_server_error_quoting_a_markup_sensor_name_is_shown_as_text(at):
+    """A sensor= name of Markdown and HTML long enough that ClickHouse refuses the query (max query size)
+    and quotes it in its error: the page's error shows the quoted name as text, never as markup."""
+    name = "**b** <b>h</b> [l](x) " + "a" * 270_000  # > 256 KiB; the server quotes its start
+    url(at, sensor=name)
+    shown = [e.value for e in at.error]
+    assert any("Max query size exceeded" in v for v in shown), shown  # the server's error is there
+    for v in shown:
+        assert "**b**" not in v and "<b>" not in v and "[l](x)" not in v, v[:300]
+    assert any(inv.plain("**b** <b>h</b>") in v for v in shown), [v[:300] for v in shown]
+
+
+def test_a_panel_failing_on_a_historical_range_keeps_the_refresh(at, monkeypatch):
+    """On a historical range (no Live refresh), a read failing after the sensor grid (the VLAN chart's, the
+    summary's top ports): the panel shows the error and the page still schedules its (slower) refresh."""
+    import streamlit_autorefresh
+
+    import config
+
+    ticks: list[int] = []
+    monkeypatch.setattr(streamlit_autorefresh, "st_autorefresh", lambda interval, key: ticks.append(interval))
+    url(at)
+    assert not ticks  # "1 h": no refresh while everything answers
+
+    def fails(self, *a, **k):
+        raise OSError("Connection reset by peer")
+
+    for name in ("vlans", "top_ports"):
+        with monkeypatch.context() as m:
+            m.setattr(ClickHouseStore, name, fails)
+            at.run()
+        assert not at.exception, at.exception
+        assert any("Connection reset" in e.value for e in at.error), (name, [e.value for e in at.error])
+        assert ticks == [int(config.get("REFRESH_S") * 1000 * 5)], (name, ticks)
+        ticks.clear()
+
+
+def test_a_broad_src_network_is_matched_in_sql_over_many_addresses(cluster):  # noqa: F811
+    """src=10.0.0.0/8 over 16,000 stored sources (listing them would pass ClickHouse's 256 KiB query size),
+    with sources outside it (11/8, IPv6): the packets and bytes per minute are those fed from inside it;
+    an IPv6 network and two networks at once (both must hold the address) too."""
+    import ipaddress
+
+    from store.base import TimeRange
+
+    t0 = 1_700_020_800
+    rows = [{"ts": t0 + (k % 10) * 60 + 1.5, "src": f"10.{k // 65536}.{k // 256 % 256}.{k % 256}",
+             "wire_len": 60 + k % 50} for k in range(16_000)]
+    rows += [{"ts": t0 + (k % 10) * 60 + 2.5, "src": f"11.0.{k // 256}.{k % 256}", "wire_len": 70} for k in range(500)]
+    rows += [{"ts": t0 + (k % 10) * 60 + 3.5, "src": f"fd00::{k + 1:x}", "dst": "fd00::ffff", "wire_len": 90,
+              "cls": 1} for k in range(300)]
+    fed = pd.DataFrame(rows)
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_fleet_nets", sensor="n")
+    assert ch.open(), ch.status().message
+    roll = Rollup(ch, sensor="n", iface="lo", flush_s=3600)
+    roll.add(records(sorted(rows, key=lambda r: r["ts"])))
+    roll.flush(final=True)
+    r = TimeRange(t0, t0 + 599, "n")
+
+    def inside(*nets: str) -> tuple[int, int]:
+        sel = fed["src"].map(lambda a: all(ipaddress.ip_address(a) in ipaddress.ip_network(n) for n in nets))
+        return int(sel.sum()), int(fed.loc[sel, "wire_len"].sum())
+
+    for nets in (("10.0.0.0/8",), ("fd00::/8",), ("10.0.0.0/8", "10.0.0.0/16"), ("10.0.0.0/8", "11.0.0.0/8")):
+        df = ch.addr_minutes(r, "src", nets=[ipaddress.ip_network(n) for n in nets])
+        assert (int(df["packets"].sum()), int(df["bytes"].sum())) == inside(*nets), nets
+    assert inside("10.0.0.0/8")[0] == 16_000 and inside("10.0.0.0/8", "11.0.0.0/8")[0] == 0
+    ch.close()
+
+
+def test_the_read_pool_is_the_stores_bounded_and_never_waits_for_the_store_lock(fed, t0):
+    """One pool per store (every page run asks the same one), at most READERS_MAX connections however
+    many reads are queued; a pool read takes and returns its connection while the main thread holds the
+    store's lock (its own queries); close() ends the pool and its connections."""
+    import store.clickhouse as chmod
+    from store.base import TimeRange
+
+    ch = ClickHouseStore(fed, cluster="fleet", database=DB)
+    assert ch.open(), ch.status().message
+    made = []
+    connect = ch._connect
+    ch._connect = lambda *a: made.append(1) or connect(*a)  # counts the read connections opened
+    r = TimeRange(t0 - 60, t0 + 600)
+    pool = ch.read_pool()
+    assert ch.read_pool() is pool
+    answers = [pool.submit(fleet_page._owned, ch, lambda: ch.totals(r)["packets"]) for _ in range(40)]
+    assert [f.result(timeout=60) for f in answers] == [want()] * 40
+    assert 1 <= len(made) <= chmod.READERS_MAX and len(ch._spare) <= chmod.READERS_MAX
+    with ch._lock:  # the main thread in the middle of its own query
+        assert pool.submit(fleet_page._owned, ch, lambda: ch.totals(r)["packets"]).result(timeout=30) == want()
+    ch.close()
+    assert not ch._spare and ch._pool is None
+    with pytest.raises(RuntimeError):  # shut down: takes no more reads
+        pool.submit(lambda: 1)

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, need, wait_for
 from fleethelp import cluster  # noqa: F401  (the module's cluster fixture)
 from streamlit.testing.v1 import AppTest
+from test_dashboard import rendered
 from test_fleet_sensor import ON_SHARD_1, ON_SHARD_2, SensorProc, ports, send_udp, wait_metric
 
 APP = "../dashboard.py"
@@ -89,7 +90,8 @@ def test_fleet_page_unreachable_clickhouse_is_a_message(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["dashboard.py", "--clickhouse", "127.0.0.1:9", "--cluster", "fleet"])
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
-    assert any("ClickHouse cannot be read" in e.value and "127.0.0.1:9" in e.value for e in at.error), at.error
+    assert any("ClickHouse cannot be read" in e.value and "127.0.0.1:9" in rendered(e.value) for e in at.error), \
+        at.error
 
 
 @pytest.mark.browser

@@ -176,3 +176,32 @@ def test_delta_flushes_ship_only_what_changed_and_answer_as_whole_minutes(cluste
     assert open_rows["delta"] < open_rows["whole"] / 2, open_rows  # ~1 conversation changed per flush
     for s in stores.values():
         s.close()
+
+
+def test_a_minute_closed_with_a_packet_hours_older_counts_once(cluster):  # noqa: F811
+    """A flush that closes minute M (its delta segments replaced by its whole rows) and also carries a
+    packet two hours older: the replacement is filed at M, not at the batch's oldest time, so a range
+    that starts after the old packet still sees M once. Expectations: the packets fed, per range."""
+    ch = ClickHouseStore(cluster.address(), cluster=cluster.name, database="t_close_old", sensor="s")
+    assert ch.open(), ch.status().message
+    m = H0 + 6 * 3600
+    roll = Rollup(ch, sensor="s", iface="lo", flush_s=3600, deltas=True)
+    fed = []
+    for k in range(5):  # minute M, shipped as deltas over five flushes
+        fed.append(udp_burst(m + 2 * k + 0.1, 3, src="10.8.0.1", dport=4100 + k % 2, spacing=0.05))
+        roll.add(fed[-1])
+        roll.flush()
+    late = [udp_burst(m + 61.2, 2, src="10.8.0.2", spacing=0.05), udp_burst(m - 7200 + 5.5, 4, src="10.8.0.3",
+                                                                              spacing=0.05)]
+    fed += late
+    roll.add(np.concatenate(late))
+    roll.flush()  # closes M (M+61 is newer): its whole rows replace its deltas; the old minute comes along
+    for since, until in ((m - 7200, m + 119), (m - 60, m + 119), (m, m + 59), (m - 3000, m + 600), (m + 60, m + 119)):
+        t = ch.totals(TimeRange(since, until, "s"))
+        assert (t["packets"], t["bytes"]) == expected(fed, since, until), (since, until)
+        got = ch.series(TimeRange(since, until, "s"), 60, ("packets",))["packets"].sum()
+        assert int(got) == expected(fed, since, until)[0], (since, until)
+    roll.flush(final=True)
+    t = ch.totals(TimeRange(m, m + 119, "s"))
+    assert (t["packets"], t["bytes"]) == expected(fed, m, m + 119)
+    ch.close()

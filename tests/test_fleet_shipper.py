@@ -201,3 +201,21 @@ def test_an_unreadable_meta_at_start_is_set_aside(tmp_path, damage):
     again = Spool(str(folder), 10**9)
     assert len(again) == 0 and again.head() is None
     assert len(list(folder.glob(".bad-*"))) == 1
+
+
+def test_a_spooled_close_keeps_each_delta_segments_minute(tmp_path):
+    """A minute's close, spooled and read back (a restarted sensor): the delta segments it replaces
+    keep the minute they were shipped for, so the store files their replacement at that minute."""
+    r = Rollup(None, sensor="s", flush_s=3600, deltas=True)
+    minute = T0 - T0 % 60
+    shipped: list[int] = []
+    for k in range(3):
+        r.add(udp_burst(minute + 2 * k + 0.5, 2))
+        shipped += [int(s) for s in r.build().frames["seconds"]["seg"].unique()]
+    r.add(udp_burst(minute + 65.5, 2))
+    close = with_id(r.build())
+    sp = Spool(str(tmp_path / "spool"), 10**9)
+    sp.put(close)
+    back = Spool(str(tmp_path / "spool"), 10**9).head()
+    assert sorted(back.periods) == sorted((s, minute) for s in shipped)
+    assert set(shipped) <= set(back.replaces)
