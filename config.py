@@ -239,6 +239,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the local process of each port (s).", low=0.1, high=3_600),
     Setting("FLEET_FLUSH_S", 2.0, "How often a fleet sensor ships its history rows to ClickHouse (s).",
             low=0.1, high=3_600),
+    Setting("FLEET_DELTAS", False, "A fleet sensor's flushes ship only what changed in the open minute (about 5x "
+            "fewer rows) instead of the open minute whole; the fleet page then reads a day about 4x slower."),
     Setting("FLEET_SPOOL_MB", 512, "Most disk space (MB) a fleet sensor's spool may use while ClickHouse cannot "
             "take its batches; beyond it the oldest batches are dropped and counted.", low=1, high=1 << 24),
     Setting("FLEET_SPOOL_DIR", "", "A fleet sensor's spool folder; empty means spool-<name> in $XDG_STATE_HOME "

@@ -259,9 +259,12 @@ class Sensor:
         self.shipper = Shipper(self.store, self.spool)
         self.run_id = uuid.uuid4().hex  # this process's loss counters start at 0: ClickHouse keeps them per run
         self._prev_losses = (0,) * len(LOSS_COUNTERS)  # the counters shipped with the previous flush
-        # deltas: each flush ships only what changed in the open minute (its close ships the minute whole once)
+        # FLEET_DELTAS: each flush ships only what changed in the open minute (its close ships the minute whole
+        # once). Off by default: ingest keeps up either way, and every delta segment's commit rows stay for the
+        # page to look through, so a delta-written day reads ~2 s against ~0.5 s (benchmarks/RESULTS.md).
         self.rollup = Rollup(_Outbox(self.store, self.shipper, self.loss_row), sensor=name, iface=iface,
-                             flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s, deltas=True)
+                             flush_s=config.get("FLEET_FLUSH_S") if flush_s is None else flush_s,
+                             deltas=bool(config.get("FLEET_DELTAS")))
         self.engine = FleetEngine()
         self.engine.stage_factory = self._new_stage
         self.stage: FleetStage | None = None
