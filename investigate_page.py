@@ -1270,6 +1270,7 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     if job is not None and job.running:
         st.info(plain(f"Back-test of {job.setting} running in the background: {job.tried} of "
                       f"{len(job.values)} values tried."))
+        job_tick()
     elif job is not None:
         st.session_state.pop("hbt_job")
         done, lo, hi = st.session_state.pop("hbt_job_key", (key, since, until))
@@ -1283,6 +1284,17 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
         else:
             st.dataframe(result[1], hide_index=True, key="hbt_table")
             st.caption(plain(result[2]))
+
+
+JOB_TICK_MS = 1000  # while a back-test runs, the page reruns this often to show its progress and result
+
+
+def job_tick() -> None:
+    """Rerun the page soon (a timer of its own): the host page does not refresh when paused and the fleet
+    page only on live ranges, so a background job's result would wait for the viewer's next click."""
+    from streamlit_autorefresh import st_autorefresh
+
+    st_autorefresh(interval=JOB_TICK_MS, key="hbt_tick")
 
 
 def store_id(store) -> str:

@@ -244,3 +244,31 @@ def hbt_table(at, setting: str, values: list):
                                      == values and d.value["keys that could raise"].tolist() != [] for d in
                                      a.dataframe), 30)
     return next(d.value for d in at.dataframe if "keys that could raise" in d.value.columns)
+
+
+def test_a_running_history_back_test_reruns_the_page_until_its_result_shows(fresh, tmp_path, spiky, monkeypatch):
+    """The host page does not refresh when paused: while the job runs the page sets a timer of its own."""
+    import threading
+
+    import streamlit_autorefresh
+
+    path, _ = spiky
+    ticks: list[tuple] = []
+    monkeypatch.setattr(streamlit_autorefresh, "st_autorefresh",
+                        lambda interval, key: ticks.append((key, interval)))
+    gate, read = threading.Event(), bt.stored_seconds
+    monkeypatch.setattr(bt, "stored_seconds", lambda *a, **k: gate.wait(30) and read(*a, **k))
+    at = history_page_at(fresh, tmp_path, path)
+    at.selectbox(key="hbt_setting").set_value("SPIKE_MIN_PPS").run()
+    at.text_input(key="hbt_values_SPIKE_MIN_PPS").input(", ".join(map(str, VALUES))).run()
+    ticks.clear()
+    at.button(key="hbt_run").click().run()
+    assert ("hbt_tick", 1000) in ticks  # the job holds: the page asked to be rerun
+    assert not any("times raised" in d.value.columns for d in at.dataframe)
+    gate.set()
+    at.session_state["hbt_job"].join(30)
+    ticks.clear()
+    at.run()  # the rerun the timer makes
+    assert not at.exception
+    assert any("times raised" in d.value.columns for d in at.dataframe)
+    assert not any(k == "hbt_tick" for k, _ in ticks)  # done: no more reruns
