@@ -1122,7 +1122,9 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
             st.warning(plain("No baseline data before this range: the store holds no traffic before "
                              f"{viz.time_texts([start], tz)[0]}, so there is nothing to explain a change against."))
             return
-        base_start = max(base_start, first[0] - first[0] % 60)  # the store's first minute: a shorter baseline
+        # The store's first traffic: a shorter baseline, as long as the seconds it holds (its first minute may
+        # begin at :45; counting it whole would dilute the baseline's rates).
+        base_start = max(base_start, first[0])
         # Explaining 100,000 stored conversations takes ~0.5 s: once per range, filters and measure, not a rerun.
         ex, notes = cached_read(("explain", measure, base_start, *minutes_of(store, start, end - 1, *tool_filters(
             tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz))
@@ -1134,8 +1136,8 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     short = start - base_start < end - start
     st.caption(plain(f"From the stored conversations of {viz.time_texts([start], tz)[0]} – "
                      f"{viz.time_texts([end - 1], tz)[0]} against "
-                     + (f"only {(start - base_start) // 60:,} minutes before it (the store's traffic begins "
-                        f"{viz.time_texts([base_start], tz)[0]})" if short else "the same length before it")
+                     + (f"only the {duration_text(start - base_start)} before it (from the store's first "
+                        f"traffic, {viz.time_texts([base_start], tz)[0]})" if short else "the same length before it")
                      + " (whole minutes, IP traffic only; a host or network counts the conversations it is an end of, "
                      f"the headline counts each conversation once). A stored range ranks {', '.join(ex.dims)}; "
                      f"not {stored.NOT_STORED}: the live view ranks those"
@@ -1147,14 +1149,21 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
                                for r in ex.dims[dim][:20]]), hide_index=True, key="hist_explain_detail")
 
 
+def duration_text(seconds: int) -> str:
+    """'12 min 15 s', '3 min', '40 s'."""
+    m, s = divmod(int(seconds), 60)
+    return " ".join(([f"{m:,} min"] if m else []) + ([f"{s} s"] if s or not m else []))
+
+
 def _explained(store, base_start: int, start: int, end: int, measure: str, tz: tzinfo | None) -> tuple:
     """(the stored explanation of [start, end) against [base_start, start), why it is approximate)."""
     from investigate import stored
 
     during, cut_d = tool_rows(store, start, end - 1, tz)
-    before, cut_b = tool_rows(store, base_start, start - 1, tz)
+    # The stored rows are per minute: base_start's whole minute is read (it holds no earlier traffic).
+    before, cut_b = tool_rows(store, base_start - base_start % 60, start - 1, tz)
     return (stored.explain(before, during, start, end, base_start, measure),
-            read_notes(store, base_start, end - 1, cut_d or cut_b))
+            read_notes(store, base_start - base_start % 60, end - 1, cut_d or cut_b))
 
 
 def range_key(since: int, until: int) -> tuple:

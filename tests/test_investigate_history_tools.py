@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from invhelp import SPIKER
+from invhelp import SERVER, SPIKER
 from test_dashboard import fresh as fresh  # the fixture: a new engine per test
 from test_dashboard import rendered, run_until
 from test_investigate_backtest_history import packets_trials, spiky  # noqa: F401  (the module's file)
@@ -148,3 +148,35 @@ def test_history_tools_say_approximate_when_minutes_were_capped(fresh, tmp_path,
     at.button(key="hist_baseline_compare").click().run()
     caption = " ".join(rendered(c.value) for c in at.caption)
     assert "may list hosts or services as new that it left out" in caption
+
+
+def test_a_shortened_baseline_starts_at_the_stores_first_traffic_not_its_minute(fresh, tmp_path, spiky):  # noqa: F811
+    """Traffic from :45: a baseline cut by the store's start is the 75 s it holds, not 2 whole minutes."""
+    from scapy.all import wrpcap
+
+    import visualizations as viz
+
+    _, pkts = spiky
+    m0 = int(float(pkts[0].time)) // 60 * 60
+    moved = []
+    for p in pkts:
+        q = p.copy()
+        q.time = float(p.time) - float(pkts[0].time) + m0 + 45  # the first packet at m0 + 45
+        moved.append(q)
+    path = tmp_path / "at45.pcap"
+    wrpcap(str(path), moved)
+    # Explain [m0 + 120, m0 + 240): its 2 min baseline would begin at m0, before the store's first traffic.
+    at = tools_on(history_page_at(fresh, tmp_path, str(path)), m0 + 120, m0 + 239)
+    at.toggle(key="hist_explain").set_value(True).run()
+    assert not at.exception
+    at.selectbox(key="hist_explain_dim").set_value("host (either end)").run()
+    detail = next(d.value for d in at.dataframe if "before (packets/s)" in d.value.columns and "by" not in
+                  d.value.columns)
+    before = dict(zip(detail["key"], detail["before (packets/s)"]))
+    host = SERVER
+    n = sum(1 for q in moved if q.haslayer("IP") and host in (q["IP"].src, q["IP"].dst)
+            and float(q.time) < m0 + 120)
+    assert n > 0 and before[host] == pytest.approx(n / 75, abs=0.05)  # over the 75 s held, not 120
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert f"only the 1 min 15 s before it (from the store's first traffic, {viz.time_texts([m0 + 45], None)[0]})" \
+        in caption, caption
