@@ -6,6 +6,7 @@ reproduces the view; the capture stays shared. The numbers come from investigate
 
 from __future__ import annotations
 
+import collections
 import functools
 import html
 import logging
@@ -1040,7 +1041,10 @@ def _whole_minutes(since: int, until: int) -> tuple[int, int]:
 
 
 READ_TTL_S = 30  # a stored read is reused this long by the reruns (the page refreshes every few seconds)
-READS_KEPT = 4  # stored reads kept per viewer (each up to CONV_ROWS rows)
+FIXED_TTL_S = 1800  # an explanation of a range the store holds later traffic than (it cannot change)
+READ_ROWS_KEPT = 2_000_000  # stored rows the process keeps for all viewers (each read up to CONV_ROWS rows)
+_READS: collections.OrderedDict = collections.OrderedDict()  # key -> (when read, answer, rows); oldest use first
+_READS_LOCK = threading.Lock()
 
 
 def tool_filters(tz: tzinfo | None) -> tuple[list, str | None, str]:
@@ -1052,16 +1056,31 @@ def tool_filters(tz: tzinfo | None) -> tuple[list, str | None, str]:
     return conds, sensor, ", ".join(c.label() for c in conds)
 
 
-def cached_read(key: tuple, read: Any) -> Any:
-    """read()'s answer, reused for READ_TTL_S by this viewer's reruns (at most READS_KEPT kept): a stored
-    range's conversations are not read again (up to a million rows) at every refresh."""
-    reads = st.session_state.setdefault("_hist_reads", {})
-    got = reads.get(key)
-    if got is None or time.monotonic() - got[0] > READ_TTL_S:
-        got = reads[key] = (time.monotonic(), read())
-        while len(reads) > READS_KEPT:
-            reads.pop(next(iter(reads)))
-    return got[1]
+def _rows_of(answer: Any) -> int:
+    """How many stored rows an answer holds (its frames' rows; 1 for anything else)."""
+    parts = answer if isinstance(answer, tuple) else (answer,)
+    return max(1, sum(len(p) for p in parts if isinstance(p, pd.DataFrame)))
+
+
+def cached_read(key: tuple, read: Any, ttl: float = READ_TTL_S) -> Any:
+    """read()'s answer, reused for `ttl` s by every viewer's reruns: a stored range's conversations are not
+    read again (up to a million rows) at every refresh. One cache for the process, at most READ_ROWS_KEPT
+    rows, least recently used dropped first, expired entries dropped."""
+    now = time.monotonic()
+    with _READS_LOCK:
+        for k in [k for k, (t, _, _, life) in _READS.items() if now - t > life]:
+            del _READS[k]
+        got = _READS.get(key)
+        if got is not None:
+            _READS.move_to_end(key)
+            return got[1]
+    answer = read()  # outside the lock: a slow read does not hold up the other viewers
+    with _READS_LOCK:
+        _READS[key] = (time.monotonic(), answer, _rows_of(answer), ttl)
+        _READS.move_to_end(key)
+        while len(_READS) > 1 and sum(e[2] for e in _READS.values()) > READ_ROWS_KEPT:
+            _READS.popitem(last=False)
+    return answer
 
 
 def minutes_of(store, since: int, until: int, sensor: str | None, what: str) -> tuple:
@@ -1126,8 +1145,11 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
         # begin at :45; counting it whole would dilute the baseline's rates).
         base_start = max(base_start, first[0])
         # Explaining 100,000 stored conversations takes ~0.5 s: once per range, filters and measure, not a rerun.
+        # A range the store holds later traffic than is complete: its explanation does not change.
+        done = store.extent(time_range(end, int(time.time()) + 60)) is not None
         ex, notes = cached_read(("explain", measure, base_start, *minutes_of(store, start, end - 1, *tool_filters(
-            tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz))
+            tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz),
+            FIXED_TTL_S if done else READ_TTL_S)
     except Exception as exc:  # a store that cannot answer is a message
         log.exception("history explain failed")
         st.error(plain(f"Cannot explain this range: {type(exc).__name__}: {exc}"))

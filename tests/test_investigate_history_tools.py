@@ -180,3 +180,30 @@ def test_a_shortened_baseline_starts_at_the_stores_first_traffic_not_its_minute(
     caption = " ".join(rendered(c.value) for c in at.caption)
     assert f"only the 1 min 15 s before it (from the store's first traffic, {viz.time_texts([m0 + 45], None)[0]})" \
         in caption, caption
+
+
+def test_the_read_cache_is_one_bounded_lru_for_the_process(monkeypatch):
+    import investigate_page as ip
+
+    monkeypatch.setattr(ip, "_READS", type(ip._READS)())
+    monkeypatch.setattr(ip, "READ_ROWS_KEPT", 250)
+    reads: list[str] = []
+
+    def frame(name: str, n: int):
+        return lambda: reads.append(name) or (pd.DataFrame({"x": range(n)}), False)
+
+    ip.cached_read("a", frame("a", 100))
+    ip.cached_read("b", frame("b", 100))
+    ip.cached_read("a", frame("a", 100))  # reused: a is now the most recently used
+    ip.cached_read("c", frame("c", 100))  # 300 rows > 250: the least recently used (b) goes
+    assert reads == ["a", "b", "c"] and list(ip._READS) == ["a", "c"]
+    ip.cached_read("b", frame("b", 100))
+    assert reads[-1] == "b" and list(ip._READS) == ["c", "b"]
+    # Expired entries are dropped, whoever asks.
+    clock = [ip.time.monotonic() + ip.READ_TTL_S + 1]
+    monkeypatch.setattr(ip.time, "monotonic", lambda: clock[0])
+    ip.cached_read("d", frame("d", 10), ttl=600)
+    assert list(ip._READS) == ["d"]
+    clock[0] += ip.READ_TTL_S + 1  # d lives longer (a fixed past range)
+    ip.cached_read("d", frame("d", 10), ttl=600)
+    assert reads.count("d") == 1
