@@ -1103,11 +1103,11 @@ def tool_rows(store, since: int, until: int, tz: tzinfo | None) -> tuple[pd.Data
     return cached_read(minutes_of(store, since, until, sensor, text), read)
 
 
-def read_notes(store, since: int, until: int, cut: bool) -> list[str]:
-    """Why figures from the stored conversations of since..until are approximate (none: exact)."""
+def read_notes(store, since: int, until: int, cut: bool, sensor: str | None = None) -> list[str]:
+    """Why figures from the stored conversations of since..until (of one sensor) are approximate (none: exact)."""
     from store.history import approximation, time_range
 
-    capped = approximation(store, time_range(since, until)).get("conv")
+    capped = approximation(store, time_range(since, until, sensor)).get("conv")
     n = capped["minutes_capped"] if capped else 0
     return ([f"approximate: {n:,} minute{'s' if n != 1 else ''} held more than STORE_CONV_MAX conversations "
              f"({capped['packets_left_out']:,} packets of the conversations left out are not counted)"]
@@ -1136,7 +1136,8 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     start, end = _whole_minutes(since, until)
     base_start = start - (end - start)
     try:
-        first = store.extent(time_range(0, start - 1))
+        sensor = tool_filters(tz)[1]  # the URL's sensor=: where its traffic begins, not the store's
+        first = store.extent(time_range(0, start - 1, sensor))
         if first is None:
             st.warning(plain("No baseline data before this range: the store holds no traffic before "
                              f"{viz.time_texts([start], tz)[0]}, so there is nothing to explain a change against."))
@@ -1146,7 +1147,7 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
         base_start = max(base_start, first[0])
         # Explaining 100,000 stored conversations takes ~0.5 s: once per range, filters and measure, not a rerun.
         # A range the store holds later traffic than is complete: its explanation does not change.
-        done = store.extent(time_range(end, int(time.time()) + 60)) is not None
+        done = store.extent(time_range(end, int(time.time()) + 60, sensor)) is not None
         ex, notes = cached_read(("explain", measure, base_start, *minutes_of(store, start, end - 1, *tool_filters(
             tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz),
             FIXED_TTL_S if done else READ_TTL_S)
@@ -1185,7 +1186,7 @@ def _explained(store, base_start: int, start: int, end: int, measure: str, tz: t
     # The stored rows are per minute: base_start's whole minute is read (it holds no earlier traffic).
     before, cut_b = tool_rows(store, base_start - base_start % 60, start - 1, tz)
     return (stored.explain(before, during, start, end, base_start, measure),
-            read_notes(store, base_start - base_start % 60, end - 1, cut_d or cut_b))
+            read_notes(store, base_start - base_start % 60, end - 1, cut_d or cut_b, tool_filters(tz)[1]))
 
 
 def range_key(since: int, until: int) -> tuple:
@@ -1212,7 +1213,7 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
             if not name.strip():
                 raise ValueError("give the baseline a name first")
             df, cut = tool_rows(store, since, until, tz)
-            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut, tool_filters(tz)[1])] if n]
             store.put_doc(bl.KIND, name.strip(), {**stored.make(df, until), "notes": notes})
             st.success(plain(f"Baseline {name.strip()} saved ({int(df['packets'].sum()):,} packets in "
                              f"{len(df):,} stored conversation rows" + "".join(f"; {n}" for n in notes) + ")."))
@@ -1232,7 +1233,7 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
     if st.button("Compare", key="hist_baseline_compare"):
         try:
             df, cut = tool_rows(store, since, until, tz)
-            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut, tool_filters(tz)[1])] if n]
             st.session_state["hist_baseline_diff"] = (key, stored.diff(docs[pick], df), notes)
         except Exception as exc:
             st.error(plain(f"Cannot compare: {exc}"))
@@ -1269,7 +1270,8 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     settings = [*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES, *bt.SCAN_SETTINGS]
     setting = st.selectbox("Threshold", settings, key="hbt_setting",
                            format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
-    st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals; the floods get "
+    st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals (of the URL's "
+                     "sensor=; without it summed over every sensor, which the result then says); the floods get "
                      "upper bounds (the store keeps each second's packets per protocol, not per destination), and "
                      "the port scans upper bounds from the stored conversations, with the running values of the "
                      "other scan thresholds. These cover all of the range's traffic: the URL's host/port/proto "
@@ -1286,13 +1288,15 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     if st.button("Run the back-test over this range", key="hbt_run", disabled=job is not None and job.running):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            store = engine.store
+            store, sensor = engine.store, tool_filters(tz)[1]  # the URL's sensor=: that sensor's seconds only
             if setting in bt.SCAN_SETTINGS:
-                load, runner = (lambda: bt.stored_scan_rows(store, since, until)), bt.scan_bound
+                load, runner = (lambda: bt.stored_scan_rows(store, since, until, sensor)), bt.scan_bound
             elif setting in bt.FLOOD_CLASSES:
-                load, runner = (lambda: bt.stored_class_seconds(store, since, until, setting)), bt.flood_bound
+                load, runner = (lambda: bt.stored_class_seconds(store, since, until, setting, sensor)), \
+                    bt.flood_bound
             else:
-                load, runner = (lambda: bt.stored_seconds(store, since, until)), bt.run_seconds
+                load, runner = (lambda: bt.stored_seconds(store, since, until, sensor)), bt.run_seconds
+            st.session_state["hbt_sensors"] = len(bt.contributing_sensors(store, since, until, sensor))
             st.session_state["hbt_job"] = job = bt.Job(load, setting, values, overrides, disabled, runner)
             st.session_state["hbt_job_key"] = (key, since, until)
             st.session_state.pop("hbt_result", None)  # the new run replaces it: never shown as the new one's
@@ -1307,7 +1311,7 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
         done, lo, hi = st.session_state.pop("hbt_job_key", (key, since, until))
         st.session_state["hbt_result"] = (done, None, f"Back-test not run: {job.error}") if job.error else (
             done, trials_frame(job.trials or [], tz),
-            hbt_cover(job, lo, hi, tz) + summed_note(engine.store, job.setting))
+            hbt_cover(job, lo, hi, tz) + summed_note(st.session_state.pop("hbt_sensors", 1), job.setting))
     result = st.session_state.get("hbt_result")
     if result and result[0] == key:
         if result[1] is None:
@@ -1334,16 +1338,16 @@ def store_id(store) -> str:
     return f"{type(store).__name__}:{getattr(store, 'path', '')}:{getattr(store, 'sensor', '')}"
 
 
-def summed_note(store, setting: str) -> str:
-    """On the fleet page with all sensors: the seconds are every sensor's summed, which no detector saw."""
+def summed_note(sensors: int, setting: str) -> str:
+    """With more than one sensor's traffic in the range: the seconds are their sums, which no detector saw."""
     from investigate import backtest as bt
 
-    if type(store).__name__ != "SensorView" or getattr(store, "sensor", "") is not None:
+    if sensors <= 1:
         return ""
     if setting in bt.HISTORY_SETTINGS:
-        return (" All sensors: each second is the sum of every sensor's, which no sensor's detector saw; these "
-                "are not what any sensor would raise: pick a sensor for its own.")
-    return " All sensors: each second sums every sensor's, so the bound covers their alerts together."
+        return (f" Summed over sensors: each second is the sum of {sensors} sensors', which no sensor's detector "
+                "saw; these are not what any sensor would raise: pick a sensor (sensor=) for its own.")
+    return f" Summed over sensors: each second sums {sensors} sensors', so the bound covers their alerts together."
 
 
 def hbt_cover(job, since: int, until: int, tz: tzinfo | None) -> str:
