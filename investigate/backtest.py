@@ -228,8 +228,9 @@ def contributing_sensors(store, since: int, until: int, sensor: str | None = Non
         store, sensor = store.store, sensor or store.sensor
     if sensor:
         return [sensor] if store.extent(time_range(since, until, sensor)) is not None else []
-    origins = store.origins()
-    names = sorted({str(s) for s in origins["sensor"]}) if "sensor" in origins.columns else []
+    # A fleet store lists the sensors that wrote; an embedded one the sensors of its origins.
+    known = store.sensors() if hasattr(store, "sensors") else store.origins()
+    names = sorted({str(s) for s in known["sensor"]}) if "sensor" in known.columns else []
     return [s for s in names[:SENSORS_CHECKED] if store.extent(time_range(since, until, s)) is not None]
 
 

@@ -207,3 +207,23 @@ def test_the_read_cache_is_one_bounded_lru_for_the_process(monkeypatch):
     clock[0] += ip.READ_TTL_S + 1  # d lives longer (a fixed past range)
     ip.cached_read("d", frame("d", 10), ttl=600)
     assert reads.count("d") == 1
+
+
+def test_stored_union_counts_each_conversation_once_for_any_key_set():
+    import numpy as np
+
+    from investigate import stored
+
+    rng = np.random.default_rng(3)
+    hosts = [f"10.{i % 3}.0.{i}" for i in range(12)]
+    rows = [(hosts[rng.integers(12)], hosts[rng.integers(12)], int(rng.integers(1, 50))) for _ in range(300)]
+    rows += [("10.0.0.0", "10.0.0.0", 7)]  # both ends the same key: counted once
+    before, during = conv(rows[:150]), conv(rows[150:])
+    for dim in ("host (either end)", "network (either end)"):
+        share = stored._union(before, during, dim, "packets", (1.0, 60.0, 60.0), 5.0, 3.0)
+        a_b, a_d = stored._ends(before, dim), stored._ends(during, dim)
+        keys = sorted(set(a_d[0]) | set(a_d[1]))
+        for ks in [keys[:1], keys[:2], keys[:4], keys[2:3], keys[:3], ["nowhere", *keys[:2]]]:  # grown, or not
+            sb = before.loc[a_b[0].isin(ks) | a_b[1].isin(ks), "packets"].sum() / 60
+            sd = during.loc[a_d[0].isin(ks) | a_d[1].isin(ks), "packets"].sum() / 60
+            assert share(ks) == pytest.approx(((sd - sb) / 5.0, sb / 3.0)), (dim, ks)
