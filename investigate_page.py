@@ -6,6 +6,7 @@ reproduces the view; the capture stays shared. The numbers come from investigate
 
 from __future__ import annotations
 
+import collections
 import functools
 import html
 import logging
@@ -1040,7 +1041,10 @@ def _whole_minutes(since: int, until: int) -> tuple[int, int]:
 
 
 READ_TTL_S = 30  # a stored read is reused this long by the reruns (the page refreshes every few seconds)
-READS_KEPT = 4  # stored reads kept per viewer (each up to CONV_ROWS rows)
+FIXED_TTL_S = 1800  # an explanation of a range the store holds later traffic than (it cannot change)
+READ_ROWS_KEPT = 2_000_000  # stored rows the process keeps for all viewers (each read up to CONV_ROWS rows)
+_READS: collections.OrderedDict = collections.OrderedDict()  # key -> (when read, answer, rows); oldest use first
+_READS_LOCK = threading.Lock()
 
 
 def tool_filters(tz: tzinfo | None) -> tuple[list, str | None, str]:
@@ -1052,16 +1056,31 @@ def tool_filters(tz: tzinfo | None) -> tuple[list, str | None, str]:
     return conds, sensor, ", ".join(c.label() for c in conds)
 
 
-def cached_read(key: tuple, read: Any) -> Any:
-    """read()'s answer, reused for READ_TTL_S by this viewer's reruns (at most READS_KEPT kept): a stored
-    range's conversations are not read again (up to a million rows) at every refresh."""
-    reads = st.session_state.setdefault("_hist_reads", {})
-    got = reads.get(key)
-    if got is None or time.monotonic() - got[0] > READ_TTL_S:
-        got = reads[key] = (time.monotonic(), read())
-        while len(reads) > READS_KEPT:
-            reads.pop(next(iter(reads)))
-    return got[1]
+def _rows_of(answer: Any) -> int:
+    """How many stored rows an answer holds (its frames' rows; 1 for anything else)."""
+    parts = answer if isinstance(answer, tuple) else (answer,)
+    return max(1, sum(len(p) for p in parts if isinstance(p, pd.DataFrame)))
+
+
+def cached_read(key: tuple, read: Any, ttl: float = READ_TTL_S) -> Any:
+    """read()'s answer, reused for `ttl` s by every viewer's reruns: a stored range's conversations are not
+    read again (up to a million rows) at every refresh. One cache for the process, at most READ_ROWS_KEPT
+    rows, least recently used dropped first, expired entries dropped."""
+    now = time.monotonic()
+    with _READS_LOCK:
+        for k in [k for k, (t, _, _, life) in _READS.items() if now - t > life]:
+            del _READS[k]
+        got = _READS.get(key)
+        if got is not None:
+            _READS.move_to_end(key)
+            return got[1]
+    answer = read()  # outside the lock: a slow read does not hold up the other viewers
+    with _READS_LOCK:
+        _READS[key] = (time.monotonic(), answer, _rows_of(answer), ttl)
+        _READS.move_to_end(key)
+        while len(_READS) > 1 and sum(e[2] for e in _READS.values()) > READ_ROWS_KEPT:
+            _READS.popitem(last=False)
+    return answer
 
 
 def minutes_of(store, since: int, until: int, sensor: str | None, what: str) -> tuple:
@@ -1084,11 +1103,11 @@ def tool_rows(store, since: int, until: int, tz: tzinfo | None) -> tuple[pd.Data
     return cached_read(minutes_of(store, since, until, sensor, text), read)
 
 
-def read_notes(store, since: int, until: int, cut: bool) -> list[str]:
-    """Why figures from the stored conversations of since..until are approximate (none: exact)."""
+def read_notes(store, since: int, until: int, cut: bool, sensor: str | None = None) -> list[str]:
+    """Why figures from the stored conversations of since..until (of one sensor) are approximate (none: exact)."""
     from store.history import approximation, time_range
 
-    capped = approximation(store, time_range(since, until)).get("conv")
+    capped = approximation(store, time_range(since, until, sensor)).get("conv")
     n = capped["minutes_capped"] if capped else 0
     return ([f"approximate: {n:,} minute{'s' if n != 1 else ''} held more than STORE_CONV_MAX conversations "
              f"({capped['packets_left_out']:,} packets of the conversations left out are not counted)"]
@@ -1117,15 +1136,21 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     start, end = _whole_minutes(since, until)
     base_start = start - (end - start)
     try:
-        first = store.extent(time_range(0, start - 1))
+        sensor = tool_filters(tz)[1]  # the URL's sensor=: where its traffic begins, not the store's
+        first = store.extent(time_range(0, start - 1, sensor))
         if first is None:
             st.warning(plain("No baseline data before this range: the store holds no traffic before "
                              f"{viz.time_texts([start], tz)[0]}, so there is nothing to explain a change against."))
             return
-        base_start = max(base_start, first[0] - first[0] % 60)  # the store's first minute: a shorter baseline
+        # The store's first traffic: a shorter baseline, as long as the seconds it holds (its first minute may
+        # begin at :45; counting it whole would dilute the baseline's rates).
+        base_start = max(base_start, first[0])
         # Explaining 100,000 stored conversations takes ~0.5 s: once per range, filters and measure, not a rerun.
+        # A range the store holds later traffic than is complete: its explanation does not change.
+        done = store.extent(time_range(end, int(time.time()) + 60, sensor)) is not None
         ex, notes = cached_read(("explain", measure, base_start, *minutes_of(store, start, end - 1, *tool_filters(
-            tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz))
+            tz)[1:])), lambda: _explained(store, base_start, start, end, measure, tz),
+            FIXED_TTL_S if done else READ_TTL_S)
     except Exception as exc:  # a store that cannot answer is a message
         log.exception("history explain failed")
         st.error(plain(f"Cannot explain this range: {type(exc).__name__}: {exc}"))
@@ -1134,8 +1159,8 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
     short = start - base_start < end - start
     st.caption(plain(f"From the stored conversations of {viz.time_texts([start], tz)[0]} – "
                      f"{viz.time_texts([end - 1], tz)[0]} against "
-                     + (f"only {(start - base_start) // 60:,} minutes before it (the store's traffic begins "
-                        f"{viz.time_texts([base_start], tz)[0]})" if short else "the same length before it")
+                     + (f"only the {duration_text(start - base_start)} before it (from the store's first "
+                        f"traffic, {viz.time_texts([base_start], tz)[0]})" if short else "the same length before it")
                      + " (whole minutes, IP traffic only; a host or network counts the conversations it is an end of, "
                      f"the headline counts each conversation once). A stored range ranks {', '.join(ex.dims)}; "
                      f"not {stored.NOT_STORED}: the live view ranks those"
@@ -1147,14 +1172,21 @@ def history_explain(store, since: int, until: int, tz: tzinfo | None) -> None:
                                for r in ex.dims[dim][:20]]), hide_index=True, key="hist_explain_detail")
 
 
+def duration_text(seconds: int) -> str:
+    """'12 min 15 s', '3 min', '40 s'."""
+    m, s = divmod(int(seconds), 60)
+    return " ".join(([f"{m:,} min"] if m else []) + ([f"{s} s"] if s or not m else []))
+
+
 def _explained(store, base_start: int, start: int, end: int, measure: str, tz: tzinfo | None) -> tuple:
     """(the stored explanation of [start, end) against [base_start, start), why it is approximate)."""
     from investigate import stored
 
     during, cut_d = tool_rows(store, start, end - 1, tz)
-    before, cut_b = tool_rows(store, base_start, start - 1, tz)
+    # The stored rows are per minute: base_start's whole minute is read (it holds no earlier traffic).
+    before, cut_b = tool_rows(store, base_start - base_start % 60, start - 1, tz)
     return (stored.explain(before, during, start, end, base_start, measure),
-            read_notes(store, base_start, end - 1, cut_d or cut_b))
+            read_notes(store, base_start - base_start % 60, end - 1, cut_d or cut_b, tool_filters(tz)[1]))
 
 
 def range_key(since: int, until: int) -> tuple:
@@ -1181,7 +1213,7 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
             if not name.strip():
                 raise ValueError("give the baseline a name first")
             df, cut = tool_rows(store, since, until, tz)
-            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut, tool_filters(tz)[1])] if n]
             store.put_doc(bl.KIND, name.strip(), {**stored.make(df, until), "notes": notes})
             st.success(plain(f"Baseline {name.strip()} saved ({int(df['packets'].sum()):,} packets in "
                              f"{len(df):,} stored conversation rows" + "".join(f"; {n}" for n in notes) + ")."))
@@ -1201,7 +1233,7 @@ def history_baselines(store, since: int, until: int, tz: tzinfo | None) -> None:
     if st.button("Compare", key="hist_baseline_compare"):
         try:
             df, cut = tool_rows(store, since, until, tz)
-            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut)] if n]
+            notes = [n for n in [filters_note(tz), *read_notes(store, since, until, cut, tool_filters(tz)[1])] if n]
             st.session_state["hist_baseline_diff"] = (key, stored.diff(docs[pick], df), notes)
         except Exception as exc:
             st.error(plain(f"Cannot compare: {exc}"))
@@ -1238,7 +1270,8 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     settings = [*bt.HISTORY_SETTINGS, *bt.FLOOD_CLASSES, *bt.SCAN_SETTINGS]
     setting = st.selectbox("Threshold", settings, key="hbt_setting",
                            format_func=lambda s: f"{s} ({bt.DETECTOR_OF[s]}, now {overrides.get(s, config.get(s))})")
-    st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals; the floods get "
+    st.caption(plain("The spike thresholds are tried over exactly the stored per-second totals (of the URL's "
+                     "sensor=; without it summed over every sensor, which the result then says); the floods get "
                      "upper bounds (the store keeps each second's packets per protocol, not per destination), and "
                      "the port scans upper bounds from the stored conversations, with the running values of the "
                      "other scan thresholds. These cover all of the range's traffic: the URL's host/port/proto "
@@ -1255,13 +1288,15 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     if st.button("Run the back-test over this range", key="hbt_run", disabled=job is not None and job.running):
         try:
             values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-            store = engine.store
+            store, sensor = engine.store, tool_filters(tz)[1]  # the URL's sensor=: that sensor's seconds only
             if setting in bt.SCAN_SETTINGS:
-                load, runner = (lambda: bt.stored_scan_rows(store, since, until)), bt.scan_bound
+                load, runner = (lambda: bt.stored_scan_rows(store, since, until, sensor)), bt.scan_bound
             elif setting in bt.FLOOD_CLASSES:
-                load, runner = (lambda: bt.stored_class_seconds(store, since, until, setting)), bt.flood_bound
+                load, runner = (lambda: bt.stored_class_seconds(store, since, until, setting, sensor)), \
+                    bt.flood_bound
             else:
-                load, runner = (lambda: bt.stored_seconds(store, since, until)), bt.run_seconds
+                load, runner = (lambda: bt.stored_seconds(store, since, until, sensor)), bt.run_seconds
+            st.session_state["hbt_sensors"] = len(bt.contributing_sensors(store, since, until, sensor))
             st.session_state["hbt_job"] = job = bt.Job(load, setting, values, overrides, disabled, runner)
             st.session_state["hbt_job_key"] = (key, since, until)
             st.session_state.pop("hbt_result", None)  # the new run replaces it: never shown as the new one's
@@ -1270,12 +1305,13 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
     if job is not None and job.running:
         st.info(plain(f"Back-test of {job.setting} running in the background: {job.tried} of "
                       f"{len(job.values)} values tried."))
+        job_tick()
     elif job is not None:
         st.session_state.pop("hbt_job")
         done, lo, hi = st.session_state.pop("hbt_job_key", (key, since, until))
         st.session_state["hbt_result"] = (done, None, f"Back-test not run: {job.error}") if job.error else (
             done, trials_frame(job.trials or [], tz),
-            hbt_cover(job, lo, hi, tz) + summed_note(engine.store, job.setting))
+            hbt_cover(job, lo, hi, tz) + summed_note(st.session_state.pop("hbt_sensors", 1), job.setting))
     result = st.session_state.get("hbt_result")
     if result and result[0] == key:
         if result[1] is None:
@@ -1285,22 +1321,33 @@ def history_backtest(engine, since: int, until: int, tz: tzinfo | None) -> None:
             st.caption(plain(result[2]))
 
 
+JOB_TICK_MS = 1000  # while a back-test runs, the page reruns this often to show its progress and result
+
+
+def job_tick() -> None:
+    """Rerun the page soon (a timer of its own): the host page does not refresh when paused and the fleet
+    page only on live ranges, so a background job's result would wait for the viewer's next click."""
+    from streamlit_autorefresh import st_autorefresh
+
+    st_autorefresh(interval=JOB_TICK_MS, key="hbt_tick")
+
+
 def store_id(store) -> str:
     """Which store (or fleet sensor's view) a result was computed from (a view lives one page run: by its
     path and sensor, not its identity)."""
     return f"{type(store).__name__}:{getattr(store, 'path', '')}:{getattr(store, 'sensor', '')}"
 
 
-def summed_note(store, setting: str) -> str:
-    """On the fleet page with all sensors: the seconds are every sensor's summed, which no detector saw."""
+def summed_note(sensors: int, setting: str) -> str:
+    """With more than one sensor's traffic in the range: the seconds are their sums, which no detector saw."""
     from investigate import backtest as bt
 
-    if type(store).__name__ != "SensorView" or getattr(store, "sensor", "") is not None:
+    if sensors <= 1:
         return ""
     if setting in bt.HISTORY_SETTINGS:
-        return (" All sensors: each second is the sum of every sensor's, which no sensor's detector saw; these "
-                "are not what any sensor would raise: pick a sensor for its own.")
-    return " All sensors: each second sums every sensor's, so the bound covers their alerts together."
+        return (f" Summed over sensors: each second is the sum of {sensors} sensors', which no sensor's detector "
+                "saw; these are not what any sensor would raise: pick a sensor (sensor=) for its own.")
+    return f" Summed over sensors: each second sums {sensors} sensors', so the bound covers their alerts together."
 
 
 def hbt_cover(job, since: int, until: int, tz: tzinfo | None) -> str:

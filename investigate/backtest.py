@@ -205,35 +205,57 @@ def scan_bound(conv: tuple[Any, bool], setting: str, value: float, overrides: di
     return ScanBound(v, np.sort(np.array(firsts, np.int64)), len(names), keys=names, exact_rows=exact)
 
 
-def stored_scan_rows(store, since: int, until: int) -> tuple[Any, bool]:
-    """(the stored conversations of since..until, whether they are all of its attempts' packets: no minute
-    capped, the read not cut)."""
+def stored_scan_rows(store, since: int, until: int, sensor: str | None = None) -> tuple[Any, bool]:
+    """(the stored conversations of since..until (of one sensor), whether they are all of its attempts'
+    packets: no minute capped, the read not cut)."""
     from investigate.stored import read
     from store.history import approximation, time_range
 
-    df, cut = read(store, since, until)
-    capped = approximation(store, time_range(since, until)).get("conv")
+    df, cut = read(store, since, until, sensor)
+    capped = approximation(store, time_range(since, until, sensor)).get("conv")
     return df, not (cut or capped)
+
+
+SENSORS_CHECKED = 100  # sensors a range is checked for (one cheap extent query each)
+
+
+def contributing_sensors(store, since: int, until: int, sensor: str | None = None) -> list[str]:
+    """The sensors with stored traffic in since..until (of `sensor` alone when given; a fleet SensorView
+    asks its own store, as it answers every range for its one sensor or all)."""
+    from store.history import time_range
+
+    if type(store).__name__ == "SensorView":
+        store, sensor = store.store, sensor or store.sensor
+    if sensor:
+        return [sensor] if store.extent(time_range(since, until, sensor)) is not None else []
+    # A fleet store lists the sensors that wrote; an embedded one the sensors of its origins.
+    known = store.sensors() if hasattr(store, "sensors") else store.origins()
+    names = sorted({str(s) for s in known["sensor"]}) if "sensor" in known.columns else []
+    return [s for s in names[:SENSORS_CHECKED] if store.extent(time_range(since, until, s)) is not None]
 
 
 # Detectors a stored range bounds rather than replays (the page lists why the others cannot be tried).
 BOUNDED = ("syn_flood", "icmp_flood", "udp_flood", "port_scan")
 
 
-def stored_class_seconds(store, since: int, until: int, setting: str) -> tuple[np.ndarray, np.ndarray]:
-    """(seconds, packets of the flood setting's protocol classes) of every stored second in since..until."""
+def stored_class_seconds(store, since: int, until: int, setting: str,
+                         sensor: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(seconds, packets of the flood setting's protocol classes) of every stored second in since..until (of
+    one sensor; None: every sensor's summed)."""
     from store.history import time_range
 
     cols = tuple(f"pk_{c}" for c in FLOOD_CLASSES[setting])
-    df = store.series(time_range(since, until), 1, cols)
+    df = store.series(time_range(since, until, sensor), 1, cols)
     return df["t"].to_numpy(np.int64), df[list(cols)].sum(axis=1).to_numpy(np.int64)
 
 
-def stored_seconds(store, since: int, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seconds, packets, wire bytes) of every stored second with traffic in since..until, ascending."""
+def stored_seconds(store, since: int, until: int,
+                   sensor: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds, packets, wire bytes) of every stored second with traffic in since..until (of one sensor;
+    None: every sensor's summed), ascending."""
     from store.history import time_range
 
-    df = store.series(time_range(since, until), 1, ("packets", "bytes"))
+    df = store.series(time_range(since, until, sensor), 1, ("packets", "bytes"))
     return (df["t"].to_numpy(np.int64), df["packets"].to_numpy(np.int64), df["bytes"].to_numpy(np.float64))
 
 

@@ -244,3 +244,72 @@ def hbt_table(at, setting: str, values: list):
                                      == values and d.value["keys that could raise"].tolist() != [] for d in
                                      a.dataframe), 30)
     return next(d.value for d in at.dataframe if "keys that could raise" in d.value.columns)
+
+
+def test_a_running_history_back_test_reruns_the_page_until_its_result_shows(fresh, tmp_path, spiky, monkeypatch):
+    """The host page does not refresh when paused: while the job runs the page sets a timer of its own."""
+    import threading
+
+    import streamlit_autorefresh
+
+    path, _ = spiky
+    ticks: list[tuple] = []
+    monkeypatch.setattr(streamlit_autorefresh, "st_autorefresh",
+                        lambda interval, key: ticks.append((key, interval)))
+    gate, read = threading.Event(), bt.stored_seconds
+    monkeypatch.setattr(bt, "stored_seconds", lambda *a, **k: gate.wait(30) and read(*a, **k))
+    at = history_page_at(fresh, tmp_path, path)
+    at.selectbox(key="hbt_setting").set_value("SPIKE_MIN_PPS").run()
+    at.text_input(key="hbt_values_SPIKE_MIN_PPS").input(", ".join(map(str, VALUES))).run()
+    ticks.clear()
+    at.button(key="hbt_run").click().run()
+    assert ("hbt_tick", 1000) in ticks  # the job holds: the page asked to be rerun
+    assert not any("times raised" in d.value.columns for d in at.dataframe)
+    gate.set()
+    at.session_state["hbt_job"].join(30)
+    ticks.clear()
+    at.run()  # the rerun the timer makes
+    assert not at.exception
+    assert any("times raised" in d.value.columns for d in at.dataframe)
+    assert not any(k == "hbt_tick" for k, _ in ticks)  # done: no more reruns
+
+
+def test_the_urls_sensor_narrows_the_history_back_test_and_explain(fresh, tmp_path, spiky):
+    """sensor= on the history page: another sensor's range holds none of this host's seconds."""
+    import socket
+
+    from test_investigate_history import filtered
+
+    path, pkts = spiky
+    fresh.setenv("NTM_STORE_SENSOR", "")
+    at = history_page_at(fresh, tmp_path, path)
+    mine = socket.gethostname()  # the rows' sensor (STORE_SENSOR empty: the host name)
+    store = fresh_store(tmp_path)
+    assert [len(x) for x in bt.stored_seconds(store, 0, 2**40, "elsewhere")] == [0, 0, 0]
+    assert bt.contributing_sensors(store, 0, 2**40) == [mine]  # every sensor with traffic: one here
+    assert bt.contributing_sensors(store, 0, 2**40, "elsewhere") == []
+    from investigate_page import summed_note
+    assert "Summed over sensors" in summed_note(2, "SPIKE_MIN_PPS") and not summed_note(1, "SPIKE_MIN_PPS")
+    for sensor, want_seconds in ((mine, True), ("elsewhere", False)):
+        at = filtered(at, sensor=sensor)
+        at.selectbox(key="hbt_setting").set_value("SPIKE_MIN_PPS").run()
+        at.button(key="hbt_run").click().run()
+        at.session_state["hbt_job"].join(30)
+        at.run()
+        assert not at.exception
+        caption = " ".join(rendered(c.value) for c in at.caption)
+        n = next(int(w.replace(",", "")) for w in caption.split("Over the ")[1].split()[:1])
+        assert (n == 120) if want_seconds else (n == 0), caption  # the file's 120 seconds, or none
+        assert "Summed over sensors" not in caption  # one sensor's (or none)
+        m0 = int(float(pkts[0].time)) // 60 * 60
+        at = filtered(at, sensor=sensor, **{"from": str(m0 + 60), "to": str(m0 + 120)})
+        at.toggle(key="hist_explain").set_value(True).run()
+        said = " ".join(rendered(w.value) for w in at.warning)
+        assert ("No baseline data before this range" in said) != want_seconds, said
+
+
+def fresh_store(tmp_path):
+    """The page's engine's store (history_page_at's)."""
+    from packet_processor import engines
+
+    return next(e for e in engines() if e.store is not None and str(tmp_path) in str(e.store.path)).store

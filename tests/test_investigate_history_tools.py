@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from invhelp import SPIKER
+from invhelp import SERVER, SPIKER
 from test_dashboard import fresh as fresh  # the fixture: a new engine per test
 from test_dashboard import rendered, run_until
 from test_investigate_backtest_history import packets_trials, spiky  # noqa: F401  (the module's file)
@@ -148,3 +148,82 @@ def test_history_tools_say_approximate_when_minutes_were_capped(fresh, tmp_path,
     at.button(key="hist_baseline_compare").click().run()
     caption = " ".join(rendered(c.value) for c in at.caption)
     assert "may list hosts or services as new that it left out" in caption
+
+
+def test_a_shortened_baseline_starts_at_the_stores_first_traffic_not_its_minute(fresh, tmp_path, spiky):  # noqa: F811
+    """Traffic from :45: a baseline cut by the store's start is the 75 s it holds, not 2 whole minutes."""
+    from scapy.all import wrpcap
+
+    import visualizations as viz
+
+    _, pkts = spiky
+    m0 = int(float(pkts[0].time)) // 60 * 60
+    moved = []
+    for p in pkts:
+        q = p.copy()
+        q.time = float(p.time) - float(pkts[0].time) + m0 + 45  # the first packet at m0 + 45
+        moved.append(q)
+    path = tmp_path / "at45.pcap"
+    wrpcap(str(path), moved)
+    # Explain [m0 + 120, m0 + 240): its 2 min baseline would begin at m0, before the store's first traffic.
+    at = tools_on(history_page_at(fresh, tmp_path, str(path)), m0 + 120, m0 + 239)
+    at.toggle(key="hist_explain").set_value(True).run()
+    assert not at.exception
+    at.selectbox(key="hist_explain_dim").set_value("host (either end)").run()
+    detail = next(d.value for d in at.dataframe if "before (packets/s)" in d.value.columns and "by" not in
+                  d.value.columns)
+    before = dict(zip(detail["key"], detail["before (packets/s)"]))
+    host = SERVER
+    n = sum(1 for q in moved if q.haslayer("IP") and host in (q["IP"].src, q["IP"].dst)
+            and float(q.time) < m0 + 120)
+    assert n > 0 and before[host] == pytest.approx(n / 75, abs=0.05)  # over the 75 s held, not 120
+    caption = " ".join(rendered(c.value) for c in at.caption)
+    assert f"only the 1 min 15 s before it (from the store's first traffic, {viz.time_texts([m0 + 45], None)[0]})" \
+        in caption, caption
+
+
+def test_the_read_cache_is_one_bounded_lru_for_the_process(monkeypatch):
+    import investigate_page as ip
+
+    monkeypatch.setattr(ip, "_READS", type(ip._READS)())
+    monkeypatch.setattr(ip, "READ_ROWS_KEPT", 250)
+    reads: list[str] = []
+
+    def frame(name: str, n: int):
+        return lambda: reads.append(name) or (pd.DataFrame({"x": range(n)}), False)
+
+    ip.cached_read("a", frame("a", 100))
+    ip.cached_read("b", frame("b", 100))
+    ip.cached_read("a", frame("a", 100))  # reused: a is now the most recently used
+    ip.cached_read("c", frame("c", 100))  # 300 rows > 250: the least recently used (b) goes
+    assert reads == ["a", "b", "c"] and list(ip._READS) == ["a", "c"]
+    ip.cached_read("b", frame("b", 100))
+    assert reads[-1] == "b" and list(ip._READS) == ["c", "b"]
+    # Expired entries are dropped, whoever asks.
+    clock = [ip.time.monotonic() + ip.READ_TTL_S + 1]
+    monkeypatch.setattr(ip.time, "monotonic", lambda: clock[0])
+    ip.cached_read("d", frame("d", 10), ttl=600)
+    assert list(ip._READS) == ["d"]
+    clock[0] += ip.READ_TTL_S + 1  # d lives longer (a fixed past range)
+    ip.cached_read("d", frame("d", 10), ttl=600)
+    assert reads.count("d") == 1
+
+
+def test_stored_union_counts_each_conversation_once_for_any_key_set():
+    import numpy as np
+
+    from investigate import stored
+
+    rng = np.random.default_rng(3)
+    hosts = [f"10.{i % 3}.0.{i}" for i in range(12)]
+    rows = [(hosts[rng.integers(12)], hosts[rng.integers(12)], int(rng.integers(1, 50))) for _ in range(300)]
+    rows += [("10.0.0.0", "10.0.0.0", 7)]  # both ends the same key: counted once
+    before, during = conv(rows[:150]), conv(rows[150:])
+    for dim in ("host (either end)", "network (either end)"):
+        share = stored._union(before, during, dim, "packets", (1.0, 60.0, 60.0), 5.0, 3.0)
+        a_b, a_d = stored._ends(before, dim), stored._ends(during, dim)
+        keys = sorted(set(a_d[0]) | set(a_d[1]))
+        for ks in [keys[:1], keys[:2], keys[:4], keys[2:3], keys[:3], ["nowhere", *keys[:2]]]:  # grown, or not
+            sb = before.loc[a_b[0].isin(ks) | a_b[1].isin(ks), "packets"].sum() / 60
+            sd = during.loc[a_d[0].isin(ks) | a_d[1].isin(ks), "packets"].sum() / 60
+            assert share(ks) == pytest.approx(((sd - sb) / 5.0, sb / 3.0)), (dim, ks)
