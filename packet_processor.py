@@ -404,6 +404,9 @@ class CaptureEngine:
         self._kernel_dropped = 0
         self._kernel_base = (0, 0)  # the ring's (received, dropped) at the last Clear
         self._stats_wall = 0.0  # when the ring's counters were last read (monotonic)
+        # One reading of the ring's counters at a time: a reader's older reading stored after the
+        # capture thread's last one would otherwise hide the packets left in the ring at stop.
+        self._stats_read = threading.Lock()
         self._nic_base: dict[str, int] | None = None  # the NIC's counters when the capture started (or Clear)
         self._nic_now: dict[str, int] | None = None
         self._file_dropped: int | None = None
@@ -671,14 +674,15 @@ class CaptureEngine:
                 self._update_kernel_stats(live, gen)
 
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
-        self._stats_wall = time.monotonic()
-        received, dropped = live.stats()
-        nic = nic_counters(live.iface)
-        with self._lock:
-            if gen == self._gen:
-                self._kernel_received, self._kernel_dropped = received, dropped
-                if nic is not None:
-                    self._nic_now = nic
+        with self._stats_read:
+            self._stats_wall = time.monotonic()
+            received, dropped = live.stats()
+            nic = nic_counters(live.iface)
+            with self._lock:
+                if gen == self._gen:
+                    self._kernel_received, self._kernel_dropped = received, dropped
+                    if nic is not None:
+                        self._nic_now = nic
 
     def _run_file(self, source: Source, gen: int, stop: threading.Event) -> None:
         # A file's reader waits for the consumer stages (wait=True below): nothing arrives while it

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import gc
 import logging
 import mmap
 import os
@@ -506,10 +507,13 @@ class _Block:
     order: str
 
 
-def _close(buf: mmap.mmap) -> None:
-    """Close a mapping; while numpy views of it live on, leave that to the garbage collector."""
-    with contextlib.suppress(BufferError):
+def _close(buf: mmap.mmap) -> bool:
+    """Close a mapping; while numpy views of it live on, leave that to the garbage collector (False)."""
+    try:
         buf.close()
+    except BufferError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -1011,7 +1015,12 @@ class LiveRing:
     def close(self) -> None:
         """Release the ring and the socket; safe to call twice."""
         ring = getattr(self, "ring", None)
-        if ring is not None and not ring.closed:
-            _close(ring)
+        # The mapping holds its own copy of the socket's descriptor: while it stays, so does the socket
+        # (and the interface's promiscuous mode), so a view kept only by a reference cycle is collected.
+        if ring is not None and not ring.closed and not _close(ring):
+            gc.collect()
+            if not _close(ring):
+                log.warning("the capture ring of %s stays mapped while a view of it is alive; its socket "
+                            "closes with that view", self.iface)
         if self.sock.fileno() >= 0:
             self.sock.close()

@@ -121,4 +121,9 @@ def test_twenty_readers_at_50k_per_second(root_only, tmp_path):
     assert after_stop == frozen, "packets sent after stop() were counted"
     t = engine.snapshot().totals
     assert t["packets"] > 0 and not consistency_errors(engine.snapshot())
-    assert sent == t["packets"] + t["dropped"], (sent, t["packets"], t["dropped"])
+    # Every packet sent was counted or counted as lost: by the ring (full, or left in it at stop), or
+    # before the ring, when a starved machine's loopback backlog overflows (lo's rx_dropped, which the
+    # engine shows as NIC drops; 0 on an idle machine, so there the equation is exact).
+    nic = t["nic_dropped"] or 0
+    assert t["packets"] + t["dropped"] <= sent <= t["packets"] + t["dropped"] + nic, \
+        (sent, t["packets"], t["dropped"], nic)

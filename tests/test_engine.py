@@ -289,3 +289,42 @@ def test_freed_batch_memory_is_kept_for_the_next_batch():
     assert got["0"][2] < 21 * mb, got  # the allocator's defaults give the freed memory back
 
 
+
+
+class _SlowFirstReading:
+    """A capture ring whose first counters reading is held back: the page's reader read the counters
+    before the capture thread finished, and stores them only after the thread's last reading."""
+
+    iface = "lo"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_taken = threading.Event()
+        self.second_taken = threading.Event()
+        self.release = threading.Event()
+
+    def stats(self) -> tuple[int, int]:
+        self.calls += 1
+        if self.calls == 1:
+            self.first_taken.set()
+            self.release.wait(10)
+            return 1000, 100  # before the thread finished: 900 were still to come or in the ring
+        self.second_taken.set()
+        return 1000, 400  # the thread finished: 300 left in the ring count as dropped
+
+
+def test_an_older_counters_reading_never_overwrites_the_last_one():
+    eng = CaptureEngine()
+    ring = _SlowFirstReading()
+    reader = threading.Thread(target=eng._update_kernel_stats, args=(ring, eng._gen))
+    reader.start()
+    assert ring.first_taken.wait(10)
+    last = threading.Thread(target=eng._update_kernel_stats, args=(ring, eng._gen))
+    last.start()
+    # Unserialised, the capture thread's reading is taken and stored at once; serialised, it waits.
+    ring.second_taken.wait(1)
+    ring.release.set()
+    reader.join(10)
+    last.join(10)
+    t = eng.snapshot().totals
+    assert (t["kernel_received"], t["dropped"]) == (1000, 400)
