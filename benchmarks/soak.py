@@ -8,7 +8,7 @@ at the start and the end, RSS growth after the warm-up, the greatest OS thread c
 any page exceptions.
 
     python benchmarks/soak.py                  # 1 hour (root)
-    python benchmarks/soak.py --short          # 60 s (CI)
+    python benchmarks/soak.py --short          # 40 s (CI)
     python benchmarks/soak.py --seconds 600 --rss-growth-pct 5 --max-threads 24
 
 Exit status 1 when a check fails: packets unaccounted for, a page exception, a page that stopped
@@ -134,7 +134,7 @@ def soak(seconds: float, warmup_s: float | None = None, rss_growth_pct: float = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--short", action="store_true", help="60 s instead of an hour (CI)")
+    ap.add_argument("--short", action="store_true", help="40 s instead of an hour (CI)")
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--warmup-s", type=float, default=None,
                     help="seconds before RSS becomes the baseline (default: a quarter of the run, at most 300)")
@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("the soak captures on lo: run it as root (or with CAP_NET_RAW)")
-    seconds = args.seconds or (60.0 if args.short else 3600.0)
+    seconds = args.seconds or (40.0 if args.short else 3600.0)
     sys.exit(0 if soak(seconds, args.warmup_s, args.rss_growth_pct, args.max_threads) else 1)
 
 

@@ -97,7 +97,7 @@ EOF
 start_shard() {  # DIR N
   local dir=$1 n=$2 sd="$1/shard$2"
   [ -f "$sd/config.xml" ] || die "no shard $n in $dir"
-  if [ -f "$sd/pid" ] && kill -0 "$(cat "$sd/pid")" 2>/dev/null; then return 0; fi
+  if [ -f "$sd/pid" ] && running "$(cat "$sd/pid")"; then return 0; fi
   "$SERVER" --config-file="$sd/config.xml" >"$sd/log/stdout.log" 2>&1 &
   echo $! >"$sd/pid"
 }
@@ -107,11 +107,15 @@ wait_ready() {  # DIR N : until the native port answers a query (at most 30 s)
   port=$(sed -n 's:.*<tcp_port>\([0-9]*\)</tcp_port>.*:\1:p' "$sd/config.xml")
   for _ in $(seq 300); do
     if clickhouse-client --host 127.0.0.1 --port "$port" -q "SELECT 1" >/dev/null 2>&1; then return 0; fi
-    kill -0 "$(cat "$sd/pid")" 2>/dev/null || { tail -20 "$sd/log/stdout.log" "$sd/log/error.log" >&2 || true;
+    running "$(cat "$sd/pid")" || { tail -20 "$sd/log/stdout.log" "$sd/log/error.log" >&2 || true;
                                                 die "shard $n exited at start"; }
     sleep 0.1
   done
   die "shard $n did not answer on port $port within 30 s"
+}
+
+running() {  # PID : alive and not a zombie (an exited server whose parent has not reaped it yet is done)
+  [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
 }
 
 stop_shard() {  # DIR N [GRACE_S] : SIGTERM by PID, SIGKILL after GRACE_S seconds (default 15) of wall time
@@ -119,11 +123,15 @@ stop_shard() {  # DIR N [GRACE_S] : SIGTERM by PID, SIGKILL after GRACE_S second
   [ -f "$sd/pid" ] || return 0
   pid=$(cat "$sd/pid")
   if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid"
+    if [ "$grace" = 0 ]; then kill -KILL "$pid"; else kill -TERM "$pid"; fi
     # A deadline, not a count of sleeps: on a loaded machine each `sleep` costs more than it asks for.
     end=$((SECONDS + grace))
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$end" ]; do sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
+    while running "$pid" && [ "$SECONDS" -lt "$end" ]; do sleep 0.1; done
+    if running "$pid"; then
+      kill -KILL "$pid" 2>/dev/null || true
+      end=$((SECONDS + 5))  # gone (its files closed) before the caller removes the folder
+      while running "$pid" && [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done
+    fi
   fi
   rm -f "$sd/pid"
 }
@@ -149,9 +157,11 @@ case "$cmd" in
     ;;
   stop)
     dir=${2:?usage: $0 stop DIR}
-    # Both at once. A folder under /tmp is removed next, so 5 s of grace is enough; elsewhere data is kept.
+    # Both at once. A folder under /tmp is removed next: its data is thrown away, so the servers are killed
+    # without the orderly shutdown (~2-5 s each here; every fleet test module stops a cluster). Elsewhere data
+    # is kept: 15 s of grace.
     grace=15
-    case "$dir" in /tmp/*) grace=5 ;; esac
+    case "$dir" in /tmp/*) grace=0 ;; esac
     for n in 1 2; do stop_shard "$dir" $n $grace & done
     wait
     case "$dir" in /tmp/*) rm -rf "$dir" ;; *) echo "clickhouse_cluster: left $dir in place (not under /tmp)" >&2 ;; esac

@@ -272,11 +272,11 @@ def test_hping3_syn_flood(live_engine, veth, spoofed):
 
 
 @pytest.mark.live
-def test_a_minute_of_ordinary_traffic_raises_no_alert(root_only, veth, tmp_path, monkeypatch):
-    """curl downloads, DNS-like request/response, pings and many short TCP connections: no alert, also in
-    the 40 s after the spike detector's warm-up (shortened to 20 s so that the run stays a minute)."""
+def test_ordinary_traffic_raises_no_alert(root_only, veth, tmp_path, monkeypatch):
+    """curl downloads, DNS-like request/response, pings and many short TCP connections for 35 s: no alert,
+    also in the 23 s after the spike detector's warm-up (shortened to 12 s so that the run stays short)."""
     need(shutil.which("curl") is not None, "curl is not installed")
-    monkeypatch.setenv("NTM_SPIKE_WARMUP_S", "20")
+    monkeypatch.setenv("NTM_SPIKE_WARMUP_S", "12")
     live_engine = CaptureEngine()
     assert live_engine.start(Source("live", iface=veth.host_if)), live_engine.status().error
     (tmp_path / "file.bin").write_bytes(b"x" * 200_000)
@@ -285,10 +285,10 @@ def test_a_minute_of_ordinary_traffic_raises_no_alert(root_only, veth, tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     echo = subprocess.Popen(["ip", "netns", "exec", veth.ns, sys.executable, "-c", UDP_ECHO, veth.ns_ip],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ping = subprocess.Popen(["ping", "-i", "0.5", "-w", "70", veth.ns_ip], stdout=subprocess.DEVNULL)
+    ping = subprocess.Popen(["ping", "-i", "0.5", "-w", "45", veth.ns_ip], stdout=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
-        end = time.monotonic() + 60
+        end = time.monotonic() + 35
         rounds = 0
         dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dns.settimeout(1.0)
@@ -302,7 +302,7 @@ def test_a_minute_of_ordinary_traffic_raises_no_alert(root_only, veth, tmp_path,
             time.sleep(0.3)
         dns.close()
         time.sleep(4)  # past the unanswered-probe timeout
-        assert rounds > 25
+        assert rounds > 14, rounds
         assert live_engine.snapshot().totals["transport_counts"]["tcp"] > 500
         assert alerts(live_engine) == []
     finally:

@@ -719,7 +719,9 @@ def test_page_started_as_root_runs_unprivileged_while_it_captures(root_only, ven
             assert wait_for(lambda: _healthy(port), 60), log_path.read_text()[-3000:]
             page.goto(f"http://127.0.0.1:{port}")
             try:
-                page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+                # The page shows its metrics within a few seconds; a first load that stays blank (the server
+                # never got the session: seen about once in four runs, idle or loaded) is not waited out.
+                page.wait_for_selector('[data-testid="stMetric"]', timeout=25_000)
             except Exception:
                 page.reload()
                 try:
