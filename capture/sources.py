@@ -626,6 +626,7 @@ PACKET_VERSION = 10
 TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
 PACKET_ADD_MEMBERSHIP = 1
+PACKET_DROP_MEMBERSHIP = 2
 PACKET_MR_PROMISC = 1
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = 33
@@ -1012,6 +1013,18 @@ class LiveRing:
             left = self.received - self.dropped - self.consumed if self._finished else 0
             return self.received, self.dropped + max(left, 0)
 
+    def _quiesce(self) -> None:
+        """Stop the socket receiving and leave promiscuous mode, while something keeps it open."""
+        if self.sock.fileno() < 0:
+            return
+        # A filter that takes nothing (a bind cannot unbind: protocol 0 there means "keep the current one").
+        with contextlib.suppress(OSError):
+            _attach(self.sock, [(BPF_RET_K, 0, 0, 0)])
+        if self.promisc:
+            with contextlib.suppress(OSError):
+                mreq = struct.pack("=iHH8s", interface_index(self.iface), PACKET_MR_PROMISC, 0, b"")
+                self.sock.setsockopt(SOL_PACKET, PACKET_DROP_MEMBERSHIP, mreq)
+
     def close(self) -> None:
         """Release the ring and the socket; safe to call twice."""
         ring = getattr(self, "ring", None)
@@ -1020,7 +1033,8 @@ class LiveRing:
         if ring is not None and not ring.closed and not _close(ring):
             gc.collect()
             if not _close(ring):
-                log.warning("the capture ring of %s stays mapped while a view of it is alive; its socket "
-                            "closes with that view", self.iface)
+                self._quiesce()
+                log.warning("the capture ring of %s stays mapped while a view of it is alive; its socket, no "
+                            "longer receiving, closes with that view", self.iface)
         if self.sock.fileno() >= 0:
             self.sock.close()

@@ -38,6 +38,52 @@ def test_live_ring_joins_promiscuously_and_the_kernel_undoes_it(root_only, veth)
         off.close()
 
 
+def listed(inode: int) -> bool:
+    """Whether a packet socket with this inode exists (/proc/net/packet)."""
+    return any(int(line.split()[-1]) == inode for line in open("/proc/net/packet").read().splitlines()[1:])
+
+
+def taken(sock: socket.socket) -> int:
+    """Packets the kernel gave this packet socket since the last call (PACKET_STATISTICS, reset on read)."""
+    import struct
+
+    return struct.unpack("=III", sock.getsockopt(263, 6, 12))[0]  # SOL_PACKET, PACKET_STATISTICS
+
+
+def test_a_ring_kept_mapped_by_a_view_stops_receiving_and_leaves_promiscuous_mode(root_only, veth, caplog):
+    """close() while something still holds a view of the ring (so the mapping, and with it the socket,
+    stays): the socket no longer receives and the interface leaves promiscuous mode at once."""
+    import os
+    import threading
+
+    before = promiscuity(veth.host_if)
+    ring = LiveRing(veth.host_if)
+    inode = os.fstat(ring.sock.fileno()).st_ino
+    probe = socket.socket(fileno=os.dup(ring.sock.fileno()))  # the test's own look at the same socket
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    batches = ring.batches(threading.Event(), 100)
+    held = None
+    try:
+        tx.sendto(b"x", (veth.ns_ip, 9))
+        held = next(batches)  # a view into the ring, kept across close()
+        assert len(held) >= 1 and promiscuity(veth.host_if) == before + 1
+        taken(probe)
+        ring.close()
+        assert "stays mapped while a view of it is alive" in caplog.text
+        assert promiscuity(veth.host_if) == before
+        for _ in range(20):
+            tx.sendto(b"x", (veth.ns_ip, 9))
+        time.sleep(0.2)
+        assert taken(probe) == 0, "the socket still receives"
+    finally:
+        tx.close()
+        batches.close()
+        del held
+        probe.close()
+        ring.ring.close()  # the views are gone: the mapping, and the socket with it, go now
+    assert not listed(inode)
+
+
 def test_any_is_never_promiscuous(root_only, veth):
     """libpcap does not set promiscuous mode on `any`: no interface's count moves."""
     before = promiscuity(veth.host_if)
