@@ -669,20 +669,33 @@ class CaptureEngine:
         them as batches arrive, so on a link gone quiet the last drops would otherwise never show)."""
         with self._lock:
             live, gen, last = self._live, self._gen, self._stats_wall
-        if live is not None and time.monotonic() - last > 1.0:
-            with contextlib.suppress(OSError, ValueError):  # the ring may be closing right now
-                self._update_kernel_stats(live, gen)
+        if live is None or time.monotonic() - last <= 1.0:
+            return
+        # A reader never queues behind another reading (twenty tabs would, and the capture thread's own
+        # readings behind them): when one is under way, the counters are about to be fresh anyway.
+        if not self._stats_read.acquire(blocking=False):
+            return
+        try:
+            if time.monotonic() - self._stats_wall > 1.0:
+                with contextlib.suppress(OSError, ValueError):  # the ring may be closing right now
+                    self._read_kernel_stats(live, gen)
+        finally:
+            self._stats_read.release()
 
     def _update_kernel_stats(self, live: LiveRing, gen: int) -> None:
         with self._stats_read:
-            self._stats_wall = time.monotonic()
-            received, dropped = live.stats()
-            nic = nic_counters(live.iface)
-            with self._lock:
-                if gen == self._gen:
-                    self._kernel_received, self._kernel_dropped = received, dropped
-                    if nic is not None:
-                        self._nic_now = nic
+            self._read_kernel_stats(live, gen)
+
+    def _read_kernel_stats(self, live: LiveRing, gen: int) -> None:
+        """Read and store the counters; the caller holds _stats_read (one reading at a time)."""
+        self._stats_wall = time.monotonic()
+        received, dropped = live.stats()
+        nic = nic_counters(live.iface)
+        with self._lock:
+            if gen == self._gen:
+                self._kernel_received, self._kernel_dropped = received, dropped
+                if nic is not None:
+                    self._nic_now = nic
 
     def _run_file(self, source: Source, gen: int, stop: threading.Event) -> None:
         # A file's reader waits for the consumer stages (wait=True below): nothing arrives while it

@@ -1030,8 +1030,8 @@ class LiveRing:
         ring = getattr(self, "ring", None)
         # The mapping holds its own copy of the socket's descriptor: while it stays, so does the socket
         # (and the interface's promiscuous mode), so a view kept only by a reference cycle is collected.
-        if ring is not None and not ring.closed and not _close(ring):
-            gc.collect()
+        if ring is not None and not ring.closed and not _close(ring) and self.sock.fileno() >= 0:
+            gc.collect()  # once: a second close() only tries the mapping again
             if not _close(ring):
                 self._quiesce()
                 log.warning("the capture ring of %s stays mapped while a view of it is alive; its socket, no "

@@ -4,7 +4,8 @@
 #
 #   scripts/clickhouse_cluster.sh start [DIR] [BASE_PORT] [--tls CERT KEY]
 #                                                           # prints DIR; shards on BASE_PORT and BASE_PORT+1
-#   scripts/clickhouse_cluster.sh stop DIR                  # SIGTERM each server by its PID, then remove DIR
+#   scripts/clickhouse_cluster.sh stop DIR                  # stop each server by its PID, then remove DIR
+#                                                           # (SIGKILL under /tmp, whose data goes; else SIGTERM)
 #   scripts/clickhouse_cluster.sh stop-shard DIR N          # stop shard N (1 or 2) only (outage tests)
 #   scripts/clickhouse_cluster.sh start-shard DIR N         # start shard N again on the same data
 #
@@ -97,7 +98,7 @@ EOF
 start_shard() {  # DIR N
   local dir=$1 n=$2 sd="$1/shard$2"
   [ -f "$sd/config.xml" ] || die "no shard $n in $dir"
-  if [ -f "$sd/pid" ] && running "$(cat "$sd/pid")"; then return 0; fi
+  if [ -f "$sd/pid" ] && running "$(cat "$sd/pid")" "$sd"; then return 0; fi
   "$SERVER" --config-file="$sd/config.xml" >"$sd/log/stdout.log" 2>&1 &
   echo $! >"$sd/pid"
 }
@@ -114,23 +115,27 @@ wait_ready() {  # DIR N : until the native port answers a query (at most 30 s)
   die "shard $n did not answer on port $port within 30 s"
 }
 
-running() {  # PID : alive and not a zombie (an exited server whose parent has not reaped it yet is done)
-  [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" | cut -d' ' -f1)" != Z ]
+running() {  # PID [SD] : PID runs and is no zombie (an exited server whose parent has not reaped it yet is
+  local stat  # done); with SD, it is also shard SD's server (a PID reused by another program is not ours)
+  if [ -n "${2:-}" ]; then grep -qzF -- "${2##*/}/config.xml" "/proc/$1/cmdline" 2>/dev/null || return 1; fi
+  { read -r stat <"/proc/$1/stat"; } 2>/dev/null || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
 }
 
 stop_shard() {  # DIR N [GRACE_S] : SIGTERM by PID, SIGKILL after GRACE_S seconds (default 15) of wall time
   local sd="$1/shard$2" grace=${3:-15} pid end
   [ -f "$sd/pid" ] || return 0
   pid=$(cat "$sd/pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    if [ "$grace" = 0 ]; then kill -KILL "$pid"; else kill -TERM "$pid"; fi
+  if running "$pid" "$sd"; then
+    if [ "$grace" = 0 ]; then kill -KILL "$pid" 2>/dev/null || true; else kill -TERM "$pid" 2>/dev/null || true; fi
     # A deadline, not a count of sleeps: on a loaded machine each `sleep` costs more than it asks for.
     end=$((SECONDS + grace))
-    while running "$pid" && [ "$SECONDS" -lt "$end" ]; do sleep 0.1; done
-    if running "$pid"; then
+    while running "$pid" "$sd" && [ "$SECONDS" -lt "$end" ]; do sleep 0.1; done
+    if running "$pid" "$sd"; then
       kill -KILL "$pid" 2>/dev/null || true
       end=$((SECONDS + 5))  # gone (its files closed) before the caller removes the folder
-      while running "$pid" && [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done
+      while running "$pid" "$sd" && [ "$SECONDS" -lt "$end" ]; do sleep 0.05; done
     fi
   fi
   rm -f "$sd/pid"

@@ -110,7 +110,9 @@ def test_brush_click_and_share_in_a_real_browser(tmp_path):
             page.mouse.move(area["x"] + area["width"] * 0.6, y, steps=12)
             page.mouse.up()
 
-        assert until(page, drag, lambda: "from" in query(page) and "to" in query(page)), page.url
+        # A second drag while the first one's rerun is still on its way would move the span after it is
+        # read below: a drag waits longer before it counts as lost.
+        assert until(page, drag, lambda: "from" in query(page) and "to" in query(page), tries=4, wait_s=20), page.url
         lo, hi = float(query(page)["from"][0]), float(query(page)["to"][0])
         want, _ = tshark_count(path, f"frame.time_epoch >= {lo!r} && frame.time_epoch < {hi!r}")
         assert 0 < want < total
