@@ -72,9 +72,12 @@ def web():
 
 
 def curl_with_owner() -> tuple[int, int]:
-    """Fetch the blob with curl, paced: more than the socket buffers hold, so the connection lasts ~1.5 s.
-    Returns (curl's pid, its local port) as `ss -tnp` lists the socket."""
-    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "4M",
+    """Fetch the blob with curl, paced: more than the socket buffers hold, so the connection lasts ~3 s.
+    The process table reads the socket table within a second of a port first asked for, after the
+    attribution stage's 0.25 s gathering: a ~1.5 s connection could close first on a loaded machine (CI,
+    once), and a closed connection's owner is "unknown", as it should be. Returns (curl's pid, its local
+    port) as `ss -tnp` lists the socket."""
+    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "2M",
                              f"http://{WEB}:{WEB_PORT}/blob"])
     port = None
     deadline = time.monotonic() + 10
