@@ -373,6 +373,17 @@ def stop_all() -> None:
         engine.stop()
 
 
+def _page_table_wanted() -> None:
+    """The worker saw local ports its socket table did not know yet: this process's table (the page's columns
+    name the same ports) reads soon too, while those connections are still open; started here if the page has
+    not started it yet (it does so when it first draws packets, which may be after a short connection)."""
+    from enrich.processes import shared_table
+
+    table = shared_table()
+    table.start()
+    table.want()
+
+
 class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
@@ -476,7 +487,7 @@ class CaptureEngine:
                 self._kernel_base = (0, 0)
                 self._stage = stage
                 self._store_stage = self._new_store_stage(source) if live is not None else None
-                self._proc_stage = self._new_process_stage() if live is not None else None
+                self._proc_stage = self._new_process_stage(stage) if live is not None else None
             self._stop = threading.Event()
             self._paused.clear()
             self._thread = threading.Thread(target=self._run, args=(source, live, self._gen, self._stop),
@@ -516,12 +527,18 @@ class CaptureEngine:
                           mirror=self.alerts).start()
 
     @staticmethod
-    def _new_process_stage() -> Any:
-        """Per-process totals over every packet of a live capture (its own thread; off with ENRICHMENT)."""
+    def _new_process_stage(detectors: DetectorStage) -> Any:
+        """Per-process totals over every packet of a live capture (off with ENRICHMENT): in the detector worker
+        process, which already receives every batch, so the capturing process pays nothing per packet; in a
+        thread of this process when there is no worker (DETECTORS_PROCESS off, or it could not start)."""
         if not config.get("ENRICHMENT"):
             return None
-        from enrich.attribution import ProcessStage
         from enrich.processes import shared_table
+        in_worker = detectors.attribute(config.get("PROCESS_REFRESH_S"), config.get("ENRICH_CACHE_MAX"),
+                                        on_waiting=_page_table_wanted)
+        if in_worker is not None:
+            return in_worker
+        from enrich.attribution import ProcessStage
         return ProcessStage(shared_table(), config.get("STAGE_QUEUE_PACKETS"),
                             max_entries=config.get("ENRICH_CACHE_MAX")).start()
 

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -52,6 +53,8 @@ assert PACKET_DTYPE.itemsize > 8
 # A longer command (new thresholds, switches, exclusion rules: JSON after this prefix) is padded so its
 # length is never a multiple of the record size.
 _CONFIG = b"config:"
+# Per-process attribution in the worker (ENRICHMENT on, a live capture): its settings as JSON after this prefix.
+_ATTRIBUTE = b"attribute:"
 
 
 def config_message(overrides: dict[str, Any], disabled: frozenset[str] | set[str], rules: list[dict],
@@ -59,7 +62,11 @@ def config_message(overrides: dict[str, Any], disabled: frozenset[str] | set[str
     """The control message that gives a running detector stage new thresholds, switches and rules."""
     body = json.dumps({"overrides": overrides, "disabled": sorted(disabled), "rules": rules,
                        "local_nets": local_nets})
-    msg = _CONFIG + body.encode()
+    return _padded(_CONFIG + body.encode())
+
+
+def _padded(msg: bytes) -> bytes:
+    """A command whose length is never a multiple of the record size (see _is_command)."""
     return msg + b" " if len(msg) % PACKET_DTYPE.itemsize == 0 else msg
 
 
@@ -353,6 +360,8 @@ class DetectorStage(Stage):
         self._threads: list[threading.Thread] = []
         self._proc = None
         self._closed = False
+        self._attribution: dict[str, Any] | None = None  # the worker's last per-process report
+        self._attr_epoch = 0  # Clears sent; a report from before the last one is not shown
         mirror.reset(gen, self.reset_alerts)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -459,6 +468,10 @@ class DetectorStage(Stage):
     def reset(self) -> None:
         """The page's Clear: drop queued batches (their packets were cleared) and restart the detectors."""
         dropped = self.queue.drop_all()  # their packets were cleared with the counters
+        with self._synced:
+            self._attr_epoch += 1
+            if self._attribution is not None:
+                self._attribution = {"rows": [], "batches": 0, "packets": 0, "error": self._attribution["error"]}
         self._abandoned += sum(1 for item, _, _ in dropped if not isinstance(item, bytes))  # batches, not commands
         self.stats = StageStats()
         with self._synced:
@@ -466,14 +479,40 @@ class DetectorStage(Stage):
         self._command(_RESET + b"!")
         if self._config is not None:  # drop_all may have dropped it: the rebuilt detectors need it again
             self._command(self._config)
+        if self._attr_cmd is not None:  # likewise (the worker starts attributing once: a repeat is ignored)
+            self._command(self._attr_cmd)
 
     _config: bytes | None = None  # the last configure() message, sent again after a reset
+    _attr_cmd: bytes | None = None  # the attribute() message, likewise
+    _on_waiting: Callable[[], None] | None = None
 
     def configure(self, message: bytes) -> None:
         """New thresholds, switches and exclusion rules (a config_message) for the running detectors; they
         apply from the next batch, after the ones already queued."""
         self._config = message
         self._command(message)
+
+    def attribute(self, refresh_s: float, max_entries: int,
+                  on_waiting: Callable[[], None] | None = None) -> WorkerProcesses | None:
+        """Per-process attribution in the worker process (the page's 'by process' over all traffic); None when
+        there is no worker process (thread or inline mode, or it could not start): then the caller runs it in
+        a thread of its own (enrich.attribution.ProcessStage). on_waiting: called when a report has ports the
+        worker's socket table did not know yet (the page's own table should then read soon too, while those
+        connections are open: its columns name the same ports)."""
+        if not self.in_process or self.error is not None or self._proc is None:
+            return None
+        self._on_waiting = on_waiting
+        with self._synced:
+            self._attribution = {"rows": [], "batches": 0, "packets": 0, "error": None}
+        body = json.dumps({"refresh_s": refresh_s, "max_entries": max_entries})
+        self._attr_cmd = _padded(_ATTRIBUTE + body.encode())
+        self._command(self._attr_cmd)
+        return WorkerProcesses(self)
+
+    def attribution(self) -> dict[str, Any] | None:
+        """The worker's last per-process report: {rows, batches, packets, error}, or None if not asked for."""
+        with self._synced:
+            return self._attribution
 
     def _command(self, cmd: bytes) -> None:
         if self._inline is not None:
@@ -544,9 +583,14 @@ class DetectorStage(Stage):
         if msg[0] == "error":
             self._fail(f"detectors failed: {msg[1]}; counting goes on")
             return
-        _, batches, packets, alerts, suppressed, *excluded = msg
-        self.mirror.update(self.gen, alerts, suppressed, *excluded)
+        _, batches, packets, alerts, suppressed, excluded, *rest = msg
+        self.mirror.update(self.gen, alerts, suppressed, excluded)
+        procs = rest[0] if rest else None
         with self._synced:
+            if procs is not None and procs.pop("epoch") == self._attr_epoch and self._attribution is not None:
+                self._attribution = procs
+                if procs.get("waiting") and self._on_waiting is not None:
+                    self._on_waiting()
             self._done_batches, self._done_packets = batches, packets
             offset = self._done_offset
             self._synced.notify_all()
@@ -579,6 +623,45 @@ class DetectorStage(Stage):
             if got is not None or time.monotonic() - last > REPORT_S:
                 self._apply_report(("report", batches, packets, book.alerts(), _suppressed(book), _excluded(book)))
                 last = time.monotonic()
+
+
+class WorkerProcesses:
+    """The engine's handle on attribution running in the detector worker, shaped as a consumer stage (offer,
+    rows, as_dict, reset, close) so the engine treats it as it treats the thread stage. Its batches reach the
+    worker with the detectors': what the detector queue skipped is not attributed either, and is said so."""
+
+    name = "processes"
+
+    def __init__(self, detectors: DetectorStage) -> None:
+        self.detectors = detectors
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Nothing to do: the detector stage already hands this batch to the worker."""
+        return True
+
+    def rows(self) -> list[dict[str, Any]]:
+        """[{process, pid, packets, bytes, connections, connections_capped}] as the worker last reported."""
+        got = self.detectors.attribution()
+        return list(got["rows"]) if got else []
+
+    def as_dict(self) -> dict[str, Any]:
+        """The detector stage's counters (the same batches), with what the worker has attributed."""
+        d = self.detectors.as_dict()
+        got = self.detectors.attribution() or {}
+        d["packets_analysed"] = int(got.get("packets") or 0)
+        d["error"] = d.get("error") or got.get("error")
+        d["alive"] = bool(d.get("alive")) and not got.get("error")
+        return d
+
+    def alive(self) -> bool:
+        """Whether the worker runs and attribution has not failed in it."""
+        return self.as_dict()["alive"]
+
+    def reset(self) -> None:
+        """Nothing more to do: the detector stage's reset (the page's Clear) resets the worker's totals."""
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Nothing to do: closing the detector stage ends the worker."""
 
 
 def start_method() -> str:
@@ -662,17 +745,72 @@ def exec_worker(batches_fd: int, results_fd: int) -> None:
     detector_worker(Connection(batches_fd, writable=False), Connection(results_fd, readable=False))
 
 
-def _command(cmd: bytes, book, detectors):
+def _command(cmd: bytes, book, detectors, attr: _Attribution | None = None):
     """Apply a control message in the worker: returns the (possibly new) book and detectors."""
     from analysis.detect import Detectors
 
     if cmd.startswith(_CONFIG):
         return _configure(json.loads(cmd[len(_CONFIG):]), book, detectors)
+    if cmd.startswith(_ATTRIBUTE):
+        if attr is not None:
+            attr.begin(json.loads(cmd[len(_ATTRIBUTE):]))
+        return book, detectors
     if cmd.startswith(_RESET):
         book.clear()
         if cmd.endswith(b"!"):
             detectors = Detectors(detectors.overrides, detectors.disabled)
+            if attr is not None:
+                attr.reset()
     return book, detectors
+
+
+class _Attribution:
+    """The worker's side of per-process attribution: off until the engine asks (a live capture with
+    ENRICHMENT on), then enrich.attribution.WorkerAttribution; its epoch counts the Clears it has applied."""
+
+    def __init__(self) -> None:
+        self.impl = None
+        self.epoch = 0
+        self.error: str | None = None
+
+    def begin(self, settings: dict[str, Any]) -> None:
+        """Start attributing (once)."""
+        if self.impl is not None or self.error is not None:
+            return
+        try:
+            from enrich.attribution import WorkerAttribution
+
+            self.impl = WorkerAttribution(float(settings["refresh_s"]), int(settings["max_entries"])).start()
+        except Exception as exc:  # the detectors go on; the page says why there is no 'by process'
+            log.exception("process attribution could not start")
+            self.error = f"process attribution could not start: {type(exc).__name__}: {exc}"
+
+    def add(self, arrs: list[np.ndarray]) -> None:
+        """Batches the detectors have analysed."""
+        if self.impl is not None:
+            self.impl.add(arrs)
+
+    def tick(self, now: float) -> bool:
+        """Gathered batches tallied, waiting ends named; True when a report is due."""
+        return self.impl is not None and self.impl.tick(now)
+
+    def reset(self) -> None:
+        """The page's Clear."""
+        self.epoch += 1
+        if self.impl is not None:
+            self.impl.reset()
+
+    def report(self) -> dict[str, Any] | None:
+        """The per-process part of a report, or None while attribution is off."""
+        if self.impl is None:
+            return None if self.error is None else {"rows": [], "batches": 0, "packets": 0, "error": self.error,
+                                                    "epoch": self.epoch}
+        return {**self.impl.report(), "epoch": self.epoch}
+
+    def stop(self) -> None:
+        """End the table's thread."""
+        if self.impl is not None:
+            self.impl.stop()
 
 
 def _configure(cfg: dict[str, Any], book, detectors):
@@ -788,6 +926,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
     from analysis.detect import AlertBook, Detectors
 
     book, detectors = AlertBook(), Detectors()
+    attr = _Attribution()
     delay = float(os.environ.get(SLOW_HOOK_ENV) or 0)
     join_max = config.get("BATCH_SIZE")
     n_batches = n_packets = 0
@@ -797,21 +936,24 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
             if batches.poll(REPORT_S):
                 got = _receive(batches)  # EOFError when the engine closes the pipe: the end
                 if isinstance(got, bytes):
-                    book, detectors = _command(got, book, detectors)
+                    book, detectors = _command(got, book, detectors, attr)
                 else:
                     arrs, cmd = _join_waiting(got, batches, join_max)
                     arr = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
                     detectors.observe(arr, book)
+                    attr.add([arr])
                     n_batches, n_packets = n_batches + len(arrs), n_packets + len(arr)
                     if delay:
                         time.sleep(delay * len(arrs))
                     if cmd is not None:  # a command that came after those batches
-                        book, detectors = _command(cmd, book, detectors)
+                        book, detectors = _command(cmd, book, detectors, attr)
                 news = True
             now = time.monotonic()
+            news |= attr.tick(now)
             # Report when idle with news (the last batch of a burst at once) or every REPORT_S.
             if news and (now - last >= REPORT_S or not batches.poll(0)):
-                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book), _excluded(book)))
+                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book), _excluded(book),
+                              attr.report()))
                 last, news = now, False
     except EOFError:
         pass
@@ -820,5 +962,6 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
             results.send(("error", f"{type(exc).__name__}: {exc}"))
         raise
     finally:
+        attr.stop()
         with _ignore_errors():
             results.close()

@@ -16,6 +16,7 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --runs 3 --seconds 10
     python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
     python benchmarks/enrich_cost.py --quota 20 --rounds 5 --runs 2   # the capture held to 20 % of a core
+    python benchmarks/enrich_cost.py --quota 20 --capturer-only   # the same, its detector worker process not
     python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
 
 --quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
@@ -156,12 +157,17 @@ def _ahead() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
 
 
+_CAPTURER_ONLY: list[bool] = []  # --capturer-only: the detector worker process stays outside the quota
+
+
 def _under_quota(pid: int) -> None:
     """Move the capturer and its processes (the detector process), every thread, into the quota's cgroup:
-    once it is ready, so its start-up (imports, database loads) is not slowed, only the capture."""
+    once it is ready, so its start-up (imports, database loads) is not slowed, only the capture. With
+    --capturer-only the capturing process alone (every thread): its detector worker process stays outside,
+    as on a machine where the worker has a core of its own."""
     from common import descendants
 
-    for p in [pid, *descendants(pid)]:
+    for p in [pid] if _CAPTURER_ONLY else [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             (_CGROUP[0] / "cgroup.procs").write_text(str(p))
 
@@ -332,7 +338,8 @@ def quota_rounds(sender: str, args) -> int:
     # A background job ignores SIGINT: SIGTERM ends the rounds through the `with`, which removes the cgroup.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     with CpuQuota(args.quota) as path:
-        print(f"capturing process in {path}: {args.quota:g} % of one core (period {PERIOD_US} µs); "
+        print(f"capturing process{' alone' if _CAPTURER_ONLY else ' and its detector worker'} in {path}: "
+              f"{args.quota:g} % of one core (period {PERIOD_US} µs); "
               f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.runs} x {args.seconds:g} s; ring "
               f"{args.ring_blocks} x {os.environ.get('NTM_RING_BLOCK_KB', '1024')} KiB", flush=True)
         for i in range(args.rounds):
@@ -380,6 +387,8 @@ def main() -> int:
                     help="instead of the ladder: PAIRS of plain/enriched runs at --rate, CPU per thread")
     ap.add_argument("--rate", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--capturer-only", action="store_true",
+                    help="--quota: hold the capturing process alone (not its detector worker process)")
     ap.add_argument("--ring-blocks", type=int, default=4, help="--quota: the capture ring's blocks (RING_BLOCKS)")
     ap.add_argument("--low", type=int, default=20_000)
     ap.add_argument("--high", type=int, default=320_000)
@@ -399,6 +408,8 @@ def main() -> int:
         if args.flat_out:
             return flat_out(sender, args.flat_out, args.packets)
         if args.quota:
+            if args.capturer_only:
+                _CAPTURER_ONLY.append(True)
             return quota_rounds(sender, args)
         if args.threads:
             return threads(sender, args.threads, args.rate, args.seconds)

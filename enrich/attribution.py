@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from analysis.headers import TCP, UDP, V4_PREFIX
-from analysis.stages import Stage
+from analysis.stages import Stage, StageStats
 from enrich.processes import HIDDEN, UNKNOWN, ProcessTable
 
 log = logging.getLogger(__name__)
@@ -180,22 +180,18 @@ def conversation_hashes(p: np.ndarray) -> np.ndarray:
             (p["cls"].astype(np.uint64) * _K[3])
 
 
-class ProcessStage(Stage):
-    """Per-process packets, bytes and connections over every TCP/UDP packet of a live capture.
+class ProcessTallies:
+    """Per-process packets, bytes and connections over the TCP/UDP packets handed to tally().
 
-    A consumer stage (analysis.stages.Stage: a bounded queue; a capture that gets ahead skips whole
-    batches and counts them) whose thread keys each local end by (protocol, port) and names it from
-    the process table's last read: a dictionary lookup, never a psutil call (the table re-reads the
-    socket table in its own thread). A port not in the table yet is kept apart for `grace_s` (the
-    connection may be younger than the last read), then named, or counted as 'unknown'.
-    A packet between two local processes counts for both; for one process at both ends, once.
-    """
+    Each local end is keyed by (protocol, port) and named from the process table's last read: a dictionary
+    lookup, never a psutil call (the table re-reads the socket table in its own thread). A port not in the
+    table yet is kept apart for `grace_s` (the connection may be younger than the last read), then named
+    by settle(), or counted as 'unknown'. A packet between two local processes counts for both; for one
+    process at both ends, once. Where it runs: ProcessStage (a thread of the capturing process) or the
+    detector worker process (WorkerAttribution), which already receives every batch."""
 
-    name = "processes"
-
-    def __init__(self, table: ProcessTable, max_packets: int, max_entries: int = 10_000,
-                 conn_max: int = 200_000, grace_s: float | None = None) -> None:
-        super().__init__(max_packets)
+    def __init__(self, table: ProcessTable, max_entries: int = 10_000, conn_max: int = 200_000,
+                 grace_s: float | None = None) -> None:
         self.table = table
         self.max_entries = max_entries
         self.conn_max = conn_max  # connection ids held over all tallies (8 bytes each, plus the set's)
@@ -204,70 +200,19 @@ class ProcessStage(Stage):
         self._lock = threading.Lock()
         self._named: dict[tuple[int | None, str], _Tally] = {}
         self._waiting: dict[int, _Tally] = {}  # key: a conversation's two ends, see _entities
-        self._gen = 0
-        self._done = 0
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         self._matcher = None
         self._matcher_at = 0.0
         self._index_of: dict | None = None
         self._index: tuple[np.ndarray, list[tuple[int, str]]] = (np.zeros(0, np.int64), [])
 
-    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
-        """Hand a batch over (Stage.offer); nothing is taken once the stage is closing."""
-        if self._stopping.is_set():
-            self.stats.offered(len(arr), skipped=True)
-            return False
-        return super().offer(arr, wait, abort)
-
-    def alive(self) -> bool:
-        """Whether the attribution thread runs."""
-        return self.error is None and self._thread is not None and self._thread.is_alive()
-
-    def as_dict(self) -> dict[str, Any]:
-        """Counters and health for the Snapshot (totals.stages.processes)."""
-        return super().as_dict()
-
-    def start(self) -> ProcessStage:
-        """Start the process table's refresh and this stage's thread."""
-        self.table.start()
-        self._thread = threading.Thread(target=self._loop, name="process-attribution", daemon=True)
-        self._thread.start()
-        return self
-
-    def reset(self) -> None:
+    def forget(self) -> None:
         """Forget every total (the page's Clear)."""
-        self.queue.drop_all()
         with self._lock:
             self._named.clear()
             self._waiting.clear()
             self._conns_held = 0
-            self._gen += 1
 
-    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
-        """Wait until every accepted batch is counted; False on timeout or a dead thread."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while self._done < self._accepted:
-            if not self.alive() or (abort is not None and abort.is_set()):
-                return False
-            if end is not None and time.monotonic() > end:
-                return False
-            time.sleep(0.02)
-        return True
-
-    def close(self, drain_s: float = 0.0) -> None:
-        """Count what is queued (up to drain_s), then end the thread; safe to call twice."""
-        if drain_s:
-            self.drain(drain_s)
-        self._stopping.set()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(5)
-        for _, packets, at in self.queue.close():
-            self.stats.lost(1, packets, at)
-
-    # -- the thread --
-    def _warm(self) -> None:
+    def warm(self) -> None:
         """Do a first call's one-time work now, before traffic: reading the interfaces' addresses (psutil's
         import) and numpy's first calls took ~85 ms of CPU, which under a CPU quota stalled the first
         batches long enough to lose packets (benchmarks/RESULTS.md). The row has no local end: nothing counts."""
@@ -276,40 +221,9 @@ class ProcessStage(Stage):
         row["cls"] = UDP
         self.tally(row)
 
-    def _loop(self) -> None:
-        try:
-            self._warm()
-            while True:
-                got = self.queue.get(TICK_S)
-                if got is not None:
-                    self._gather(*got)
-                elif self._stopping.is_set():
-                    break
-                self.settle()
-        except Exception as exc:  # attribution stops; capture and its counters go on
-            log.exception("process attribution failed")
-            self.error = f"process attribution failed: {type(exc).__name__}: {exc}"
-            self.queue.close()
-
-    def _gather(self, arr: np.ndarray, n: int) -> None:
-        """Attribute this batch with those that arrive within GATHER_S (or until half a call's worth waits): a
-        live ring hands over small batches, and the work per call, not per packet, was most of the cost
-        (benchmarks/enrich_cost.py)."""
-        arrs = [arr]
-        enough = min(GATHER_MAX, self.queue.max_packets) // 2
-        end = time.monotonic() + GATHER_S
-        while n + self.queue.held < enough and time.monotonic() < end and not self._stopping.wait(GATHER_STEP_S):
-            pass
-        while n < GATHER_MAX:
-            more = self.queue.get(0)
-            if more is None:
-                break
-            arrs.append(more[0])
-            n += more[1]
-        self.tally(arrs[0] if len(arrs) == 1 else np.concatenate(arrs))
-        self._done += len(arrs)
-        st = self.stats
-        st.analysed(st.batches_done + len(arrs), st.packets_done + n)
+    def waiting(self) -> bool:
+        """Whether some ends wait for the socket table (settle() may then change the rows)."""
+        return bool(self._waiting)
 
     def _local(self, addrs: np.ndarray) -> np.ndarray:
         now = time.monotonic()
@@ -320,7 +234,7 @@ class ProcessStage(Stage):
         return self._matcher.kinds(addrs) == self._matcher.OURS
 
     def tally(self, arr: np.ndarray) -> None:
-        """Attribute one batch (the stage's thread; tests call it directly).
+        """Attribute one batch.
 
         The batch is first grouped by conversation (one sort of 64-bit ids): a conversation's packets
         all have the same two ends, so locality and owners are looked up once per conversation."""
@@ -479,3 +393,192 @@ class ProcessStage(Stage):
                 for pid, n, p, b, c, cap in items]
         rows.sort(key=lambda r: (-r["bytes"], r["process"]))
         return rows
+
+
+class ProcessStage(Stage, ProcessTallies):
+    """ProcessTallies in a thread of the capturing process, behind a bounded queue (analysis.stages.Stage: a
+    capture that gets ahead skips whole batches and counts them). Used when the detectors run in a thread
+    (DETECTORS_PROCESS off) or their worker could not start; otherwise WorkerAttribution in that worker."""
+
+    name = "processes"
+
+    def __init__(self, table: ProcessTable, max_packets: int, max_entries: int = 10_000,
+                 conn_max: int = 200_000, grace_s: float | None = None) -> None:
+        Stage.__init__(self, max_packets)
+        ProcessTallies.__init__(self, table, max_entries, conn_max, grace_s)
+        self._done = 0
+        self._dropped = 0  # batches accepted, then dropped by a Clear before the thread took them
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def offer(self, arr: np.ndarray, wait: bool = False, abort: threading.Event | None = None) -> bool:
+        """Hand a batch over (Stage.offer); nothing is taken once the stage is closing."""
+        if self._stopping.is_set():
+            self.stats.offered(len(arr), skipped=True)
+            return False
+        return super().offer(arr, wait, abort)
+
+    def alive(self) -> bool:
+        """Whether the attribution thread runs."""
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> ProcessStage:
+        """Start the process table's refresh and this stage's thread."""
+        self.table.start()
+        self._thread = threading.Thread(target=self._loop, name="process-attribution", daemon=True)
+        self._thread.start()
+        return self
+
+    def reset(self) -> None:
+        """Forget every total and the counts of what was offered (the page's Clear)."""
+        self._dropped += len(self.queue.drop_all())  # their packets were cleared with the counters
+        self.stats = StageStats()
+        self.forget()
+
+    def drain(self, timeout: float | None, abort: threading.Event | None = None) -> bool:
+        """Wait until every accepted batch is counted; False on timeout or a dead thread."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._done + self._dropped < self._accepted:
+            if not self.alive() or (abort is not None and abort.is_set()):
+                return False
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, drain_s: float = 0.0) -> None:
+        """Count what is queued (up to drain_s), then end the thread; safe to call twice."""
+        if drain_s:
+            self.drain(drain_s)
+        self._stopping.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(5)
+        for _, packets, at in self.queue.close():
+            self.stats.lost(1, packets, at)
+
+    def _loop(self) -> None:
+        try:
+            self.warm()
+            while True:
+                got = self.queue.get(TICK_S)
+                if got is not None:
+                    self._gather(*got)
+                elif self._stopping.is_set():
+                    break
+                self.settle()
+        except Exception as exc:  # attribution stops; capture and its counters go on
+            log.exception("process attribution failed")
+            self.error = f"process attribution failed: {type(exc).__name__}: {exc}"
+            self.queue.close()
+
+    def _gather(self, arr: np.ndarray, n: int) -> None:
+        """Attribute this batch with those that arrive within GATHER_S (or until half a call's worth waits): a
+        live ring hands over small batches, and the work per call, not per packet, was most of the cost
+        (benchmarks/enrich_cost.py)."""
+        arrs = [arr]
+        enough = min(GATHER_MAX, self.queue.max_packets) // 2
+        end = time.monotonic() + GATHER_S
+        while n + self.queue.held < enough and time.monotonic() < end and not self._stopping.wait(GATHER_STEP_S):
+            pass
+        while n < GATHER_MAX:
+            more = self.queue.get(0)
+            if more is None:
+                break
+            arrs.append(more[0])
+            n += more[1]
+        self.tally(arrs[0] if len(arrs) == 1 else np.concatenate(arrs))
+        self._done += len(arrs)
+        st = self.stats
+        st.analysed(st.batches_done + len(arrs), st.packets_done + n)
+
+
+class WorkerAttribution:
+    """ProcessTallies inside the detector worker process, which already receives every batch: attribution then
+    costs the capturing process nothing per packet (in a thread there it took ~0.1 µs of CPU per packet under
+    the GIL beside the capture's ~0.45: benchmarks/RESULTS.md). The worker runs as the same user as the page,
+    so its own process table sees the same owners. Batches are gathered up to GATHER_S before one tally (the
+    work per call, not per packet, was most of the cost), at most GATHER_MAX packets."""
+
+    def __init__(self, refresh_s: float, max_entries: int, table: ProcessTable | None = None) -> None:
+        table = table if table is not None else ProcessTable(refresh_s=refresh_s, max_entries=max_entries)
+        self.tallies = ProcessTallies(table, max_entries=max_entries)
+        self._held: list[np.ndarray] = []
+        self._held_n = 0
+        self._held_batches = 0
+        self._since = 0.0
+        self._settled = 0.0
+        self.batches = self.packets = 0  # attributed since the last Clear
+        self.error: str | None = None
+
+    def start(self) -> WorkerAttribution:
+        """Start the table's refresh thread and do the first call's one-time work before traffic."""
+        self.tallies.table.start()
+        self.tallies.warm()
+        return self
+
+    def add(self, arrs: list[np.ndarray]) -> None:
+        """Take batches the detectors just analysed; tally them once enough have gathered."""
+        if self.error is not None:
+            return
+        if not self._held:
+            self._since = time.monotonic()
+        self._held.extend(arrs)
+        self._held_n += sum(len(a) for a in arrs)
+        self._held_batches += len(arrs)
+        if self._held_n >= GATHER_MAX // 2:
+            self._flush()
+
+    def tick(self, now: float) -> bool:
+        """Tally what has gathered for GATHER_S, name waiting ends every TICK_S; True when the rows may have
+        changed (a report is due)."""
+        if self.error is not None:
+            return False
+        changed = False
+        if self._held and now - self._since >= GATHER_S:
+            changed = self._flush()
+        if now - self._settled >= TICK_S:
+            self._settled = now
+            if self.tallies.waiting():
+                self._guard(self.tallies.settle)
+                changed = True
+        return changed
+
+    def flush(self) -> None:
+        """Tally everything gathered now (before the worker's last report)."""
+        if self._held:
+            self._flush()
+
+    def _flush(self) -> bool:
+        arrs, n, b = self._held, self._held_n, self._held_batches
+        self._held, self._held_n, self._held_batches = [], 0, 0
+        if self._guard(lambda: self.tallies.tally(arrs[0] if len(arrs) == 1 else np.concatenate(arrs))):
+            self.batches += b
+            self.packets += n
+        return True
+
+    def _guard(self, fn) -> bool:
+        """Run one step; a failure ends attribution (said in the report), never the detectors."""
+        try:
+            fn()
+            return True
+        except Exception as exc:
+            log.exception("process attribution failed")
+            self.error = f"process attribution failed: {type(exc).__name__}: {exc}"
+            self._held, self._held_n, self._held_batches = [], 0, 0
+            return False
+
+    def reset(self) -> None:
+        """The page's Clear: gathered batches were cleared with the counters; every total is forgotten."""
+        self._held, self._held_n, self._held_batches = [], 0, 0
+        self.batches = self.packets = 0
+        self.tallies.forget()
+
+    def report(self) -> dict[str, Any]:
+        """What the engine shows: the rows, how much was attributed, and any error."""
+        return {"rows": self.tallies.rows(), "batches": self.batches, "packets": self.packets, "error": self.error,
+                "waiting": self.tallies.waiting()}
+
+    def stop(self) -> None:
+        """Stop the table's refresh thread."""
+        self.tallies.table.stop()

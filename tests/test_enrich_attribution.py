@@ -9,10 +9,12 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import subprocess
+import threading
 import time
 
 import numpy as np
 import psutil
+import pytest
 from conftest import need, wait_for
 from test_enrich_process import SIZE, web  # noqa: F401  - the local web server fixture
 
@@ -32,11 +34,16 @@ def _tshark_totals(pcap) -> tuple[int, int]:
     return len(out), sum(int(x) for x in out)
 
 
-def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeypatch, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("where", ["worker", "thread"])
+def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeypatch, tmp_path, where):  # noqa: F811
+    """In the detector worker process (the default: the capturing process does no per-packet attribution), or
+    in a thread of the capturing process when the detectors run in a thread: the same totals, and Clear
+    forgets them."""
     need(shutil.which("curl") and shutil.which("tcpdump") and shutil.which("tshark"),
          "curl makes the traffic, tcpdump + tshark count it independently")
     server, port = web
     monkeypatch.setenv("NTM_BUFFER_SIZE", str(BUFFER))
+    monkeypatch.setenv("NTM_DETECTORS_PROCESS", "1" if where == "worker" else "0")
     assert config.get("ENRICHMENT")  # on by default
     pcap = tmp_path / "ref.pcap"
     dump = subprocess.Popen(["tcpdump", "--immediate-mode", "-Z", "root", "-i", "lo", "-U", "-B", "65536",
@@ -56,6 +63,14 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
         assert wait_for(lambda: not any(r["process"] == WAITING for r in engine.snapshot().totals["by_process"]),
                         timeout=10)
         snap = engine.snapshot()
+        in_thread = any(t.name == "process-attribution" for t in threading.enumerate())
+        assert in_thread == (where == "thread")
+        assert (engine._stage.pid() is not None) == (where == "worker")
+        engine.clear()  # the page's Clear: the totals start again (in the worker too)
+        assert wait_for(lambda: engine.snapshot().totals["by_process"] == [], timeout=5)
+        time.sleep(0.6)  # several of the worker's reports: none brings the old totals back
+        after = engine.snapshot().totals
+        assert after["by_process"] == [] and after["stages"]["processes"]["packets_analysed"] == 0
     finally:
         engine.stop()
         dump.terminate()
@@ -188,3 +203,61 @@ def test_stage_waiting_pair_named_later_counts_for_each_process_once():
     table2.own("udp", 8001, 44, "half")
     stage2.settle()
     assert [(r["process"], r["packets"], r["bytes"]) for r in stage2.rows()] == [("half", 1, 70)]
+
+
+def test_in_the_worker_batches_gather_then_tally_and_a_failure_ends_only_attribution(monkeypatch):
+    """The detector worker's side: batches wait up to GATHER_S (one call for many small live batches), then
+    count; Clear forgets them; a failing tally is reported as an error and the worker's loop goes on."""
+    from analysis.stages import _Attribution
+    from enrich.attribution import GATHER_S, WorkerAttribution
+
+    table = _FixedTable({("tcp", 5000): (11, "client"), ("tcp", 6000): (22, "server")})
+    attr = _Attribution()
+    attr.impl = WorkerAttribution(1.0, 100, table=table).start()
+    batch = _rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100)] * 3)
+    t0 = time.monotonic()
+    attr.add([batch])
+    attr.add([batch[:1]])
+    assert attr.report()["rows"] == [] and attr.report()["packets"] == 0  # gathering
+    assert attr.tick(t0 + GATHER_S + 0.01)  # a report is due
+    rep = attr.report()
+    got = {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for r in rep["rows"]}
+    assert got == {"client": (11, 4, 400, 1), "server": (22, 4, 400, 1)}
+    assert (rep["batches"], rep["packets"], rep["error"], rep["epoch"]) == (2, 4, None, 0)
+    attr.reset()
+    rep = attr.report()
+    assert (rep["rows"], rep["packets"], rep["epoch"]) == ([], 0, 1)
+
+    def broken(arr):
+        raise ValueError("bad batch")
+
+    monkeypatch.setattr(attr.impl.tallies, "tally", broken)
+    attr.add([batch])
+    attr.tick(time.monotonic() + GATHER_S + 0.01)
+    rep = attr.report()
+    assert rep["error"] == "process attribution failed: ValueError: bad batch" and rep["packets"] == 0
+    attr.add([batch])  # ignored from now on, no exception
+    assert not attr.tick(time.monotonic() + 10)
+    attr.stop()
+
+
+def test_a_report_from_before_a_clear_does_not_bring_old_totals_back():
+    """The worker's report and the page's Clear cross on the pipes: the engine shows only reports of the
+    latest Clear (the worker counts the Clears it has applied)."""
+    from analysis.stages import AlertMirror, DetectorStage
+
+    stage = DetectorStage(1, AlertMirror(), 1000, mode="process")  # not started: reports are fed by hand
+    stage._attribution = {"rows": [], "batches": 0, "packets": 0, "error": None}
+    old = {"process": "curl", "pid": 1, "packets": 9, "bytes": 900, "connections": 1, "connections_capped": False}
+    stage._apply_report(("report", 1, 9, [], {}, ({}, []), {"rows": [old], "batches": 1, "packets": 9,
+                                                             "error": None, "epoch": 0}))
+    assert stage.attribution()["rows"] == [old]
+    stage.reset()  # the page's Clear (its command waits in the queue: no worker here)
+    assert stage.attribution()["rows"] == []
+    stage._apply_report(("report", 1, 9, [], {}, ({}, []), {"rows": [old], "batches": 1, "packets": 9,
+                                                             "error": None, "epoch": 0}))
+    assert stage.attribution()["rows"] == []  # sent before the worker applied the Clear
+    new = dict(old, packets=2, bytes=200)
+    stage._apply_report(("report", 2, 11, [], {}, ({}, []), {"rows": [new], "batches": 1, "packets": 2,
+                                                              "error": None, "epoch": 1}))
+    assert stage.attribution()["rows"] == [new]
