@@ -288,6 +288,8 @@ def process_note(en, snap: Snapshot, over_all: bool) -> str:
         return (f"Over the {len(snap.packets):,} packets in the buffer (per-process totals of all traffic need "
                 f"a live capture); {owners}{err}")
     st_ = (snap.totals.get("stages") or {}).get("processes") or {}
+    if st_.get("error"):
+        err += f" {st_['error']}; the totals stop there."
     skipped = int(st_.get("packets_skipped") or 0)
     lost = f" {skipped:,} packets were skipped while attribution fell behind (not in these totals)." if skipped \
         else ""

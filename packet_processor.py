@@ -374,14 +374,14 @@ def stop_all() -> None:
 
 
 def _page_table_wanted() -> None:
-    """The worker saw local ports its socket table did not know yet: this process's table (the page's columns
-    name the same ports) reads soon too, while those connections are still open; started here if the page has
-    not started it yet (it does so when it first draws packets, which may be after a short connection)."""
+    """The worker saw local ports its socket table did not know yet: this process's table, if the page runs it
+    (its columns name the same ports), reads soon too, while those connections are still open. A headless
+    capture has no page and starts no table."""
     from enrich.processes import shared_table
 
     table = shared_table()
-    table.start()
-    table.want()
+    if table.running():
+        table.want()
 
 
 class CaptureEngine:

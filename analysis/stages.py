@@ -31,12 +31,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import config
 from analysis.headers import PACKET_DTYPE
+
+if TYPE_CHECKING:  # the worker imports it only once attribution is asked for (a file's `summary` never)
+    from enrich.attribution import WorkerAttribution
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +479,7 @@ class DetectorStage(Stage):
         self.stats = StageStats()
         with self._synced:
             self._done_offset = (self._done_batches, self._done_packets)
-        self._command(_RESET + b"!")
+        self._command(_RESET + b"!" + str(self._attr_epoch).encode())  # the worker takes this epoch
         if self._config is not None:  # drop_all may have dropped it: the rebuilt detectors need it again
             self._command(self._config)
         if self._attr_cmd is not None:  # likewise (the worker starts attributing once: a repeat is ignored)
@@ -492,8 +495,8 @@ class DetectorStage(Stage):
         self._config = message
         self._command(message)
 
-    def attribute(self, refresh_s: float, max_entries: int,
-                  on_waiting: Callable[[], None] | None = None) -> WorkerProcesses | None:
+    def attribute(self, refresh_s: float, max_entries: int, on_waiting: Callable[[], None] | None = None,
+                  gather_s: float | None = None) -> WorkerProcesses | None:
         """Per-process attribution in the worker process (the page's 'by process' over all traffic); None when
         there is no worker process (thread or inline mode, or it could not start): then the caller runs it in
         a thread of its own (enrich.attribution.ProcessStage). on_waiting: called when a report has ports the
@@ -504,7 +507,7 @@ class DetectorStage(Stage):
         self._on_waiting = on_waiting
         with self._synced:
             self._attribution = {"rows": [], "batches": 0, "packets": 0, "error": None}
-        body = json.dumps({"refresh_s": refresh_s, "max_entries": max_entries})
+        body = json.dumps({"refresh_s": refresh_s, "max_entries": max_entries, "gather_s": gather_s})
         self._attr_cmd = _padded(_ATTRIBUTE + body.encode())
         self._command(self._attr_cmd)
         return WorkerProcesses(self)
@@ -587,14 +590,18 @@ class DetectorStage(Stage):
         self.mirror.update(self.gen, alerts, suppressed, excluded)
         procs = rest[0] if rest else None
         with self._synced:
-            if procs is not None and procs.pop("epoch") == self._attr_epoch and self._attribution is not None:
+            shown = procs is not None and procs.pop("epoch") == self._attr_epoch and self._attribution is not None
+            if shown:
                 self._attribution = procs
-                if procs.get("waiting") and self._on_waiting is not None:
-                    self._on_waiting()
             self._done_batches, self._done_packets = batches, packets
             offset = self._done_offset
             self._synced.notify_all()
         self.stats.analysed(batches - offset[0], packets - offset[1])
+        if shown and procs.get("waiting") and self._on_waiting is not None:
+            try:  # outside the lock; a failure here must not end the receiver (alerts would freeze)
+                self._on_waiting()
+            except Exception:
+                log.exception("the page's process table could not be asked to read")
 
     def _thread_loop(self) -> None:
         """Thread mode (for comparison with the process): the same work in a thread of this process."""
@@ -645,11 +652,17 @@ class WorkerProcesses:
         return list(got["rows"]) if got else []
 
     def as_dict(self) -> dict[str, Any]:
-        """The detector stage's counters (the same batches), with what the worker has attributed."""
+        """The detector stage's counters (the same batches), with what the worker has attributed. Once
+        attribution failed, or the worker has ended, whatever it took but never attributed counts as skipped:
+        no packet is counted and silently left out of the per-process totals."""
         d = self.detectors.as_dict()
         got = self.detectors.attribution() or {}
-        d["packets_analysed"] = int(got.get("packets") or 0)
+        d["packets_analysed"] = done = int(got.get("packets") or 0)
         d["error"] = d.get("error") or got.get("error")
+        if got.get("error") or not d.get("alive"):
+            d["packets_skipped"] = max(int(d.get("packets_skipped") or 0), int(d.get("packets_in") or 0) - done)
+            if got.get("error"):
+                d["minute_analysed_pct"] = 0.0  # nothing is attributed any more
         d["alive"] = bool(d.get("alive")) and not got.get("error")
         return d
 
@@ -757,10 +770,12 @@ def _command(cmd: bytes, book, detectors, attr: _Attribution | None = None):
         return book, detectors
     if cmd.startswith(_RESET):
         book.clear()
-        if cmd.endswith(b"!"):
+        if cmd.startswith(_RESET + b"!"):  # the page's Clear (Clear alerts keeps the detectors' state)
             detectors = Detectors(detectors.overrides, detectors.disabled)
             if attr is not None:
-                attr.reset()
+                # The engine's count of Clears: two Clears in a row may drop the first one's command from the
+                # queue (drop_all), so the worker takes the number, not its own count.
+                attr.reset(int(cmd[len(_RESET) + 1:] or 0))
     return book, detectors
 
 
@@ -769,7 +784,7 @@ class _Attribution:
     ENRICHMENT on), then enrich.attribution.WorkerAttribution; its epoch counts the Clears it has applied."""
 
     def __init__(self) -> None:
-        self.impl = None
+        self.impl: WorkerAttribution | None = None
         self.epoch = 0
         self.error: str | None = None
 
@@ -778,25 +793,35 @@ class _Attribution:
         if self.impl is not None or self.error is not None:
             return
         try:
-            from enrich.attribution import WorkerAttribution
+            from enrich.attribution import GATHER_S, WorkerAttribution
 
-            self.impl = WorkerAttribution(float(settings["refresh_s"]), int(settings["max_entries"])).start()
+            impl = WorkerAttribution(float(settings["refresh_s"]), int(settings["max_entries"]),
+                                     gather_s=float(settings.get("gather_s") or GATHER_S))
+            try:
+                self.impl = impl.start()
+            except Exception:
+                impl.stop()  # its table's thread may have started
+                raise
         except Exception as exc:  # the detectors go on; the page says why there is no 'by process'
             log.exception("process attribution could not start")
             self.error = f"process attribution could not start: {type(exc).__name__}: {exc}"
 
-    def add(self, arrs: list[np.ndarray]) -> None:
-        """Batches the detectors have analysed."""
+    def add(self, arr: np.ndarray, batches: int) -> None:
+        """Batches (joined into one array) the detectors have analysed."""
         if self.impl is not None:
-            self.impl.add(arrs)
+            self.impl.add(arr, batches)
 
     def tick(self, now: float) -> bool:
         """Gathered batches tallied, waiting ends named; True when a report is due."""
         return self.impl is not None and self.impl.tick(now)
 
-    def reset(self) -> None:
-        """The page's Clear."""
-        self.epoch += 1
+    def flush(self) -> bool:
+        """Tally the batches still gathered (the capture stopped); True if there were any."""
+        return self.impl is not None and self.impl.flush()
+
+    def reset(self, epoch: int) -> None:
+        """The page's Clear (the engine's count of Clears so far)."""
+        self.epoch = epoch
         if self.impl is not None:
             self.impl.reset()
 
@@ -843,7 +868,7 @@ def _end_process(proc, conn) -> None:
     with _ignore_errors():
         conn.close()
     with _ignore_errors():
-        proc.join(timeout=0.3)
+        proc.join(timeout=1.0)  # at EOF it tallies what it gathered and sends its last report
         if proc.is_alive():
             proc.terminate()
             proc.join(timeout=1.0)
@@ -941,7 +966,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
                     arrs, cmd = _join_waiting(got, batches, join_max)
                     arr = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
                     detectors.observe(arr, book)
-                    attr.add([arr])
+                    attr.add(arr, len(arrs))
                     n_batches, n_packets = n_batches + len(arrs), n_packets + len(arr)
                     if delay:
                         time.sleep(delay * len(arrs))
@@ -956,7 +981,13 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
                               attr.report()))
                 last, news = now, False
     except EOFError:
-        pass
+        # The capture stopped: the batches gathered since the last tally were counted, so they are attributed
+        # and reported before the end (the engine's receiver reads until this process closes its pipe), as is
+        # any news a busy pipe held back.
+        if attr.flush() or news:
+            with _ignore_errors():
+                results.send(("report", n_batches, n_packets, book.alerts(), _suppressed(book), _excluded(book),
+                              attr.report()))
     except Exception as exc:  # say why before dying; the engine shows it
         with _ignore_errors():
             results.send(("error", f"{type(exc).__name__}: {exc}"))

@@ -17,6 +17,7 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --flat-out 3   # the sender as fast as it can, plain/enriched alternating
     python benchmarks/enrich_cost.py --quota 20 --rounds 5 --runs 2   # the capture held to 20 % of a core
     python benchmarks/enrich_cost.py --quota 20 --capturer-only   # the same, its detector worker process not
+    python benchmarks/enrich_cost.py --quota 20 --capturer-only --thread-stage   # attribution in a thread
     python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
 
 --quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
@@ -63,6 +64,9 @@ def child(port: int, enriched: bool) -> None:
 
     os.sched_setaffinity(0, {0})
     os.environ["NTM_ENRICHMENT"] = "1" if enriched else "0"  # the engine's attribution stage with it
+    if os.environ.get(THREAD_STAGE_ENV):  # the reference: attribution in a thread of this process, as before
+        from analysis.stages import DetectorStage
+        DetectorStage.attribute = lambda self, *a, **k: None  # "no worker": the engine falls back to the thread
     en = None
     if enriched and not os.environ.get("ENRICH_COST_STAGE_ONLY"):  # set: the attribution stage alone
         from enrich import Enricher
@@ -77,7 +81,7 @@ def child(port: int, enriched: bool) -> None:
     work = panel_work(en) if en is not None else refresh_work  # the page with ENRICHMENT on: columns + panel
 
     def refresher() -> None:
-        while not stop.wait(2.0):
+        while not stop.wait(float(os.environ.get(REFRESH_ENV) or 2.0)):
             t = time.perf_counter()
             work(engine.snapshot())
             times.append(time.perf_counter() - t)
@@ -105,6 +109,8 @@ def child(port: int, enriched: bool) -> None:
                                   if v - threads0.get(k, 0.0) > 0}}), flush=True)
 
 
+THREAD_STAGE_ENV = "ENRICH_COST_THREAD_STAGE"  # --thread-stage, read by the capturing child
+REFRESH_ENV = "ENRICH_COST_REFRESH_S"  # --refresh-s, read by the capturing child
 CGROUP_NAME = "ntm_enrich_cost"
 PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs
 _CGROUP: list[Path] = []  # the quota's cgroup while --quota runs: every capturer starts inside it
@@ -389,6 +395,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--capturer-only", action="store_true",
                     help="--quota: hold the capturing process alone (not its detector worker process)")
+    ap.add_argument("--refresh-s", type=float, default=2.0,
+                    help="the page's refresh interval in the capturing process (the dashboard's REFRESH_S: 2 s). "
+                         "Under --quota Q a refresh costs 100/Q times more of the capture's CPU than on a whole "
+                         "core; 2 x 100/Q keeps the share a whole core would see (e.g. 10 for --quota 20)")
+    ap.add_argument("--thread-stage", action="store_true",
+                    help="enriched runs attribute in a thread of the capturing process (the design before "
+                         "2026-11-27's move into the detector worker), for comparison")
     ap.add_argument("--ring-blocks", type=int, default=4, help="--quota: the capture ring's blocks (RING_BLOCKS)")
     ap.add_argument("--low", type=int, default=20_000)
     ap.add_argument("--high", type=int, default=320_000)
@@ -402,6 +415,11 @@ def main() -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
+    os.environ[REFRESH_ENV] = str(args.refresh_s)
+    print(f"the page's refresh in the capturing process every {args.refresh_s:g} s", flush=True)
+    if args.thread_stage:
+        os.environ[THREAD_STAGE_ENV] = "1"
+        print("enriched: per-process attribution in a thread of the capturing process (--thread-stage)", flush=True)
     held, slowest = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         sender = live_capture.build_sender(tmp)

@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -500,9 +501,11 @@ class WorkerAttribution:
     so its own process table sees the same owners. Batches are gathered up to GATHER_S before one tally (the
     work per call, not per packet, was most of the cost), at most GATHER_MAX packets."""
 
-    def __init__(self, refresh_s: float, max_entries: int, table: ProcessTable | None = None) -> None:
+    def __init__(self, refresh_s: float, max_entries: int, table: ProcessTable | None = None,
+                 gather_s: float = GATHER_S) -> None:
         table = table if table is not None else ProcessTable(refresh_s=refresh_s, max_entries=max_entries)
         self.tallies = ProcessTallies(table, max_entries=max_entries)
+        self.gather_s = gather_s
         self._held: list[np.ndarray] = []
         self._held_n = 0
         self._held_batches = 0
@@ -517,15 +520,16 @@ class WorkerAttribution:
         self.tallies.warm()
         return self
 
-    def add(self, arrs: list[np.ndarray]) -> None:
-        """Take batches the detectors just analysed; tally them once enough have gathered."""
+    def add(self, arr: np.ndarray, batches: int = 1) -> None:
+        """Take what the detectors just analysed (`batches` batches joined into `arr`); tally once enough has
+        gathered (at most GATHER_MAX // 2 packets plus one arrival wait: bounded)."""
         if self.error is not None:
             return
         if not self._held:
             self._since = time.monotonic()
-        self._held.extend(arrs)
-        self._held_n += sum(len(a) for a in arrs)
-        self._held_batches += len(arrs)
+        self._held.append(arr)
+        self._held_n += len(arr)
+        self._held_batches += batches
         if self._held_n >= GATHER_MAX // 2:
             self._flush()
 
@@ -535,7 +539,7 @@ class WorkerAttribution:
         if self.error is not None:
             return False
         changed = False
-        if self._held and now - self._since >= GATHER_S:
+        if self._held and now - self._since >= self.gather_s:
             changed = self._flush()
         if now - self._settled >= TICK_S:
             self._settled = now
@@ -544,12 +548,12 @@ class WorkerAttribution:
                 changed = True
         return changed
 
-    def flush(self) -> None:
-        """Tally everything gathered now (before the worker's last report)."""
-        if self._held:
-            self._flush()
+    def flush(self) -> bool:
+        """Tally everything gathered now (before the worker's last report); True if anything was."""
+        return bool(self._held) and self._flush()
 
     def _flush(self) -> bool:
+        """Tally what is held; True (a report is due) whether or not the tally succeeded."""
         arrs, n, b = self._held, self._held_n, self._held_batches
         self._held, self._held_n, self._held_batches = [], 0, 0
         if self._guard(lambda: self.tallies.tally(arrs[0] if len(arrs) == 1 else np.concatenate(arrs))):
@@ -557,7 +561,7 @@ class WorkerAttribution:
             self.packets += n
         return True
 
-    def _guard(self, fn) -> bool:
+    def _guard(self, fn: Callable[[], object]) -> bool:
         """Run one step; a failure ends attribution (said in the report), never the detectors."""
         try:
             fn()
@@ -576,9 +580,11 @@ class WorkerAttribution:
 
     def report(self) -> dict[str, Any]:
         """What the engine shows: the rows, how much was attributed, and any error."""
-        return {"rows": self.tallies.rows(), "batches": self.batches, "packets": self.packets, "error": self.error,
+        rows: list[dict[str, Any]] = []
+        self._guard(lambda: rows.extend(self.tallies.rows()))  # a failure here must not end the detectors
+        return {"rows": rows, "batches": self.batches, "packets": self.packets, "error": self.error,
                 "waiting": self.tallies.waiting()}
 
     def stop(self) -> None:
-        """Stop the table's refresh thread."""
+        """Stop the table's refresh thread (it wakes at once; a read in progress takes ~20 ms)."""
         self.tallies.table.stop()

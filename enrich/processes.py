@@ -63,6 +63,11 @@ class ProcessTable:
                 self._thread = threading.Thread(target=self._run, name="process-table", daemon=True)
                 self._thread.start()
 
+    def running(self) -> bool:
+        """Whether the refresh thread runs (started and not stopped)."""
+        t = self._thread
+        return t is not None and t.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
         """Stop the refresh thread (safe to call twice)."""
         self._stop.set()

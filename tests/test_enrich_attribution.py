@@ -20,6 +20,7 @@ from test_enrich_process import SIZE, web  # noqa: F401  - the local web server 
 
 import config
 from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
+from analysis.stages import AlertMirror, DetectorStage, WorkerProcesses
 from enrich.attribution import UNKNOWN, WAITING, WAITING_MAX, ProcessStage
 from enrich.processes import ProcessTable
 from packet_processor import CaptureEngine, Source
@@ -65,7 +66,7 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
         snap = engine.snapshot()
         in_thread = any(t.name == "process-attribution" for t in threading.enumerate())
         assert in_thread == (where == "thread")
-        assert (engine._stage.pid() is not None) == (where == "worker")
+        assert isinstance(engine._proc_stage, WorkerProcesses) == (where == "worker")
         engine.clear()  # the page's Clear: the totals start again (in the worker too)
         assert wait_for(lambda: engine.snapshot().totals["by_process"] == [], timeout=5)
         time.sleep(0.6)  # several of the worker's reports: none brings the old totals back
@@ -209,34 +210,38 @@ def test_in_the_worker_batches_gather_then_tally_and_a_failure_ends_only_attribu
     """The detector worker's side: batches wait up to GATHER_S (one call for many small live batches), then
     count; Clear forgets them; a failing tally is reported as an error and the worker's loop goes on."""
     from analysis.stages import _Attribution
-    from enrich.attribution import GATHER_S, WorkerAttribution
+    from enrich.attribution import GATHER_MAX, GATHER_S, WorkerAttribution
 
     table = _FixedTable({("tcp", 5000): (11, "client"), ("tcp", 6000): (22, "server")})
     attr = _Attribution()
     attr.impl = WorkerAttribution(1.0, 100, table=table).start()
     batch = _rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100)] * 3)
-    t0 = time.monotonic()
-    attr.add([batch])
-    attr.add([batch[:1]])
+    attr.add(batch, 1)
+    attr.add(batch[:1], 1)
     assert attr.report()["rows"] == [] and attr.report()["packets"] == 0  # gathering
-    assert attr.tick(t0 + GATHER_S + 0.01)  # a report is due
+    assert not attr.tick(time.monotonic())  # not yet GATHER_S
+    assert attr.tick(time.monotonic() + GATHER_S + 0.01)  # a report is due
     rep = attr.report()
     got = {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for r in rep["rows"]}
     assert got == {"client": (11, 4, 400, 1), "server": (22, 4, 400, 1)}
     assert (rep["batches"], rep["packets"], rep["error"], rep["epoch"]) == (2, 4, None, 0)
-    attr.reset()
+    attr.reset(1)
     rep = attr.report()
     assert (rep["rows"], rep["packets"], rep["epoch"]) == ([], 0, 1)
+    big = _rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 1)] * (GATHER_MAX // 2))
+    attr.add(big, 3)  # half a call's worth: tallied at once, whatever the time
+    assert (attr.report()["packets"], attr.report()["batches"]) == (GATHER_MAX // 2, 3)
 
     def broken(arr):
         raise ValueError("bad batch")
 
     monkeypatch.setattr(attr.impl.tallies, "tally", broken)
-    attr.add([batch])
+    attr.add(batch, 1)
     attr.tick(time.monotonic() + GATHER_S + 0.01)
     rep = attr.report()
-    assert rep["error"] == "process attribution failed: ValueError: bad batch" and rep["packets"] == 0
-    attr.add([batch])  # ignored from now on, no exception
+    assert rep["error"] == "process attribution failed: ValueError: bad batch"
+    assert rep["packets"] == GATHER_MAX // 2  # the failed batch is not counted as attributed
+    attr.add(batch, 1)  # ignored from now on, no exception
     assert not attr.tick(time.monotonic() + 10)
     attr.stop()
 
@@ -244,8 +249,6 @@ def test_in_the_worker_batches_gather_then_tally_and_a_failure_ends_only_attribu
 def test_a_report_from_before_a_clear_does_not_bring_old_totals_back():
     """The worker's report and the page's Clear cross on the pipes: the engine shows only reports of the
     latest Clear (the worker counts the Clears it has applied)."""
-    from analysis.stages import AlertMirror, DetectorStage
-
     stage = DetectorStage(1, AlertMirror(), 1000, mode="process")  # not started: reports are fed by hand
     stage._attribution = {"rows": [], "batches": 0, "packets": 0, "error": None}
     old = {"process": "curl", "pid": 1, "packets": 9, "bytes": 900, "connections": 1, "connections_capped": False}
@@ -261,3 +264,31 @@ def test_a_report_from_before_a_clear_does_not_bring_old_totals_back():
     stage._apply_report(("report", 2, 11, [], {}, ({}, []), {"rows": [new], "batches": 1, "packets": 2,
                                                               "error": None, "epoch": 1}))
     assert stage.attribution()["rows"] == [new]
+
+
+
+def test_the_worker_attributes_what_follows_the_last_clear_and_reports_it_at_the_end():
+    """The real worker process, fed by hand (no capture): two Clears in a row (the first one's command dropped
+    from the queue by the second), a Clear alerts (which keeps the totals), then a batch held in the worker's
+    gather (30 s: only the end can flush it) when the stage closes: the last report has exactly that batch."""
+    # Ports 1-4: no process here listens on them, so every end waits (one pair per conversation) and the rows'
+    # packets add up to the batch's.
+    local = [("tcp", "127.0.0.1", 1, "127.0.0.1", 2, 100), ("udp", "127.0.0.1", 3, "127.0.0.1", 4, 50)]
+    before, after = _rows(local * 40), _rows(local * 3 + local[:1])
+    stage = DetectorStage(1, AlertMirror(), 100_000, mode="process").start()
+    try:
+        assert stage.pid() is not None, stage.error
+        procs = stage.attribute(1.0, 1000, gather_s=30.0)
+        assert isinstance(procs, WorkerProcesses)
+        assert stage.offer(before) and stage.drain(20)
+        stage.reset()
+        stage.reset()
+        stage.reset_alerts()
+        assert stage.offer(after) and stage.drain(20)
+        time.sleep(0.5)  # reports come and go: the batch stays gathered (30 s), nothing is attributed yet
+        assert procs.as_dict()["packets_analysed"] == 0 and procs.rows() == []
+    finally:
+        stage.close()
+    d = procs.as_dict()
+    assert (d["packets_in"], d["packets_analysed"], d["packets_skipped"]) == (7, 7, 0), d
+    assert sum(r["packets"] for r in procs.rows()) == 7 and sum(r["bytes"] for r in procs.rows()) == 4 * 100 + 3 * 50
