@@ -693,8 +693,6 @@ def page() -> None:
 
         return fleet_page.page(flags.clickhouse, flags.cluster, LOCAL_TZ)
     engine = get_engine()
-    if enrich_page.enabled():  # from the first run, not the first packets: its socket table then reads while
-        enrich_page.enricher()  # the first connections are still open (their processes are named)
     sidebar(engine)
     snap, taken = current_view(engine)
     end, duration = capture_clock(snap, taken)

@@ -373,17 +373,6 @@ def stop_all() -> None:
         engine.stop()
 
 
-def _page_table_wanted() -> None:
-    """The worker saw local ports its socket table did not know yet: this process's table, if the page runs it
-    (its columns name the same ports), reads soon too, while those connections are still open. A headless
-    capture has no page and starts no table."""
-    from enrich.processes import shared_table
-
-    table = shared_table()
-    if table.running():
-        table.want()
-
-
 class CaptureEngine:
     """One capture (live or file) feeding a rolling buffer and cumulative counters; thread-safe."""
 
@@ -534,8 +523,9 @@ class CaptureEngine:
         if not config.get("ENRICHMENT"):
             return None
         from enrich.processes import shared_table
+        # The page's table (its columns name the same ports) mirrors the worker's reads: no second reader here.
         in_worker = detectors.attribute(config.get("PROCESS_REFRESH_S"), config.get("ENRICH_CACHE_MAX"),
-                                        on_waiting=_page_table_wanted)
+                                        on_table=shared_table().feed)
         if in_worker is not None:
             return in_worker
         from enrich.attribution import ProcessStage

@@ -461,6 +461,9 @@ class DetectorStage(Stage):
         if self._proc is not None:
             _end_process(self._proc, self._conn)
             self._results.close()
+        if self._on_table is not None:
+            with _ignore_errors():
+                self._on_table(None)  # no more reads come from this worker: the page's table reads itself
 
     # -- capture side ---------------------------------------------------------------------
 
@@ -487,7 +490,7 @@ class DetectorStage(Stage):
 
     _config: bytes | None = None  # the last configure() message, sent again after a reset
     _attr_cmd: bytes | None = None  # the attribute() message, likewise
-    _on_waiting: Callable[[], None] | None = None
+    _on_table: Callable[[dict], None] | None = None
 
     def configure(self, message: bytes) -> None:
         """New thresholds, switches and exclusion rules (a config_message) for the running detectors; they
@@ -495,16 +498,16 @@ class DetectorStage(Stage):
         self._config = message
         self._command(message)
 
-    def attribute(self, refresh_s: float, max_entries: int, on_waiting: Callable[[], None] | None = None,
+    def attribute(self, refresh_s: float, max_entries: int, on_table: Callable[[dict], None] | None = None,
                   gather_s: float | None = None) -> WorkerProcesses | None:
         """Per-process attribution in the worker process (the page's 'by process' over all traffic); None when
         there is no worker process (thread or inline mode, or it could not start): then the caller runs it in
-        a thread of its own (enrich.attribution.ProcessStage). on_waiting: called when a report has ports the
-        worker's socket table did not know yet (the page's own table should then read soon too, while those
-        connections are open: its columns name the same ports)."""
+        a thread of its own (enrich.attribution.ProcessStage). on_table: given each new read of the worker's
+        socket table (enrich.processes.ProcessTable.state()), so the page's table can mirror it instead of
+        reading the same table again in this process."""
         if not self.in_process or self.error is not None or self._proc is None:
             return None
-        self._on_waiting = on_waiting
+        self._on_table = on_table
         with self._synced:
             self._attribution = {"rows": [], "batches": 0, "packets": 0, "error": None}
         body = json.dumps({"refresh_s": refresh_s, "max_entries": max_entries, "gather_s": gather_s})
@@ -589,6 +592,7 @@ class DetectorStage(Stage):
         _, batches, packets, alerts, suppressed, excluded, *rest = msg
         self.mirror.update(self.gen, alerts, suppressed, excluded)
         procs = rest[0] if rest else None
+        table = procs.pop("table", None) if procs is not None else None  # any epoch: not a per-Clear total
         with self._synced:
             shown = procs is not None and procs.pop("epoch") == self._attr_epoch and self._attribution is not None
             if shown:
@@ -597,11 +601,11 @@ class DetectorStage(Stage):
             offset = self._done_offset
             self._synced.notify_all()
         self.stats.analysed(batches - offset[0], packets - offset[1])
-        if shown and procs.get("waiting") and self._on_waiting is not None:
+        if table is not None and self._on_table is not None:
             try:  # outside the lock; a failure here must not end the receiver (alerts would freeze)
-                self._on_waiting()
+                self._on_table(table)
             except Exception:
-                log.exception("the page's process table could not be asked to read")
+                log.exception("the worker's socket table could not be mirrored")
 
     def _thread_loop(self) -> None:
         """Thread mode (for comparison with the process): the same work in a thread of this process."""

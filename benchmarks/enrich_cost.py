@@ -4,8 +4,9 @@ processes, makers).
 
 Reuses live_capture.py's C sender and ladder: 60-byte UDP frames to 127.0.0.1 at rising rates; a rate is held
 when every run loses at most 0.1 %. Both variants run the engine and the page's refresh in the capturing
-process (the dashboard's process); "enriched" runs the engine with ENRICHMENT on (its process-attribution
-stage counts every packet: each of these frames has two local ends) and its refresh, every 2 s, is the
+process (the dashboard's process); "enriched" runs the engine with ENRICHMENT on (per-process attribution
+counts every packet, each of these frames having two local ends: in the detector worker process, or with
+--thread-stage in a thread of the capturing process, as before 2026-11-27) and its refresh, every 2 s, is the
 page's with ENRICHMENT on (refresh.panel_work: the live tables' enrichment columns and enrich_page.panel's
 work), with the process table thread running, the geo and AS databases loaded and reverse DNS on (asking
 127.0.0.1, where no resolver listens: no query leaves the machine). "plain" runs with ENRICHMENT off: no
@@ -89,6 +90,7 @@ def child(port: int, enriched: bool) -> None:
     work(engine.snapshot())  # warm: a running page has drawn before (imports, first look-ups), this one too
     threading.Thread(target=refresher, daemon=True).start()
     settle()
+    gc_times = gc_timer()
     threads0 = thread_cpu()
     cpu0 = time.process_time()
     print("ready", flush=True)
@@ -105,6 +107,7 @@ def child(port: int, enriched: bool) -> None:
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
                       "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
                       "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in"),
+                      "gc": {g: [n, round(s, 4)] for g, (n, s) in gc_times.items()},
                       "threads": {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items()
                                   if v - threads0.get(k, 0.0) > 0}}), flush=True)
 
@@ -176,6 +179,26 @@ def _under_quota(pid: int) -> None:
     for p in [pid] if _CAPTURER_ONLY else [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             (_CGROUP[0] / "cgroup.procs").write_text(str(p))
+
+
+def gc_timer() -> dict[int, list]:
+    """{generation: [collections, seconds]} of the cyclic garbage collector from now on (gc.callbacks): a
+    collection holds the GIL throughout, so the capture thread waits for all of it."""
+    import gc
+
+    out: dict[int, list] = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+    began: dict[int, float] = {}
+
+    def cb(phase: str, info: dict) -> None:
+        g = info["generation"]
+        if phase == "start":
+            began[g] = time.perf_counter()
+        elif g in began:
+            out[g][0] += 1
+            out[g][1] += time.perf_counter() - began.pop(g)
+
+    gc.callbacks.append(cb)
+    return out
 
 
 def thread_cpu() -> dict[str, float]:
@@ -374,7 +397,8 @@ def threads(sender: str, pairs: int, rate: int, seconds: float) -> int:
             r = timed_run(sender, rate, seconds, enriched)
             each = sorted(r.get("threads", {}).items(), key=lambda kv: -kv[1])
             print(f"  pair {i + 1} {name:9} sent {r['sent']:,} counted {r['counted']:,}  CPU "
-                  f"{sum(v for _, v in each):.2f} s: " + "  ".join(f"{k} {v:.2f}" for k, v in each), flush=True)
+                  f"{sum(v for _, v in each):.2f} s: " + "  ".join(f"{k} {v:.2f}" for k, v in each)
+                  + "  gc [collections, s] per generation: " + str(r.get("gc")), flush=True)
     return 0
 
 

@@ -425,6 +425,7 @@ class ProcessStage(Stage, ProcessTallies):
 
     def start(self) -> ProcessStage:
         """Start the process table's refresh and this stage's thread."""
+        self.table.feed(None)  # this stage's owners come from the table's own reads, not a former worker's
         self.table.start()
         self._thread = threading.Thread(target=self._loop, name="process-attribution", daemon=True)
         self._thread.start()
@@ -513,6 +514,7 @@ class WorkerAttribution:
         self._settled = 0.0
         self.batches = self.packets = 0  # attributed since the last Clear
         self.error: str | None = None
+        self._table_sent = -1  # the table's refreshes when its state last went out with a report
 
     def start(self) -> WorkerAttribution:
         """Start the table's refresh thread and do the first call's one-time work before traffic."""
@@ -546,7 +548,7 @@ class WorkerAttribution:
             if self.tallies.waiting():
                 self._guard(self.tallies.settle)
                 changed = True
-        return changed
+        return changed or self.tallies.table.refreshes != self._table_sent
 
     def flush(self) -> bool:
         """Tally everything gathered now (before the worker's last report); True if anything was."""
@@ -582,8 +584,11 @@ class WorkerAttribution:
         """What the engine shows: the rows, how much was attributed, and any error."""
         rows: list[dict[str, Any]] = []
         self._guard(lambda: rows.extend(self.tallies.rows()))  # a failure here must not end the detectors
+        table = self.tallies.table
+        fresh = table.refreshes != self._table_sent  # the page's table mirrors each new read once
+        self._table_sent = table.refreshes
         return {"rows": rows, "batches": self.batches, "packets": self.packets, "error": self.error,
-                "waiting": self.tallies.waiting()}
+                "table": table.state() if fresh else None}
 
     def stop(self) -> None:
         """Stop the table's refresh thread (it wakes at once; a read in progress takes ~20 ms)."""

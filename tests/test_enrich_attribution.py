@@ -22,7 +22,7 @@ import config
 from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
 from analysis.stages import AlertMirror, DetectorStage, WorkerProcesses
 from enrich.attribution import UNKNOWN, WAITING, WAITING_MAX, ProcessStage
-from enrich.processes import ProcessTable
+from enrich.processes import ProcessTable, shared_table
 from packet_processor import CaptureEngine, Source
 
 BUFFER = 50  # packets: the transfer below is ~10 times this (~500 packets on lo)
@@ -50,6 +50,8 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
     dump = subprocess.Popen(["tcpdump", "--immediate-mode", "-Z", "root", "-i", "lo", "-U", "-B", "65536",
                              "-w", str(pcap), f"tcp port {port}"], stderr=subprocess.PIPE, text=True)
     assert "listening" in dump.stderr.readline()
+    page_table = shared_table()
+    fed_before = page_table.refreshes
     engine = CaptureEngine()
     try:
         assert engine.buffer_size == BUFFER
@@ -67,6 +69,9 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
         in_thread = any(t.name == "process-attribution" for t in threading.enumerate())
         assert in_thread == (where == "thread")
         assert isinstance(engine._proc_stage, WorkerProcesses) == (where == "worker")
+        if where == "worker":  # the page's table mirrors the worker's reads: the page names the same owners
+            assert page_table.fed() and page_table.refreshes > fed_before
+            assert page_table.label("tcp", port) == f"{psutil.Process(server.pid).name()} ({server.pid})"
         engine.clear()  # the page's Clear: the totals start again (in the worker too)
         assert wait_for(lambda: engine.snapshot().totals["by_process"] == [], timeout=5)
         time.sleep(0.6)  # several of the worker's reports: none brings the old totals back

@@ -24,7 +24,6 @@ from packet_processor import CaptureEngine, Source
 from enrich.processes import shared_table
 from enrich_page import owners_note
 port = int(sys.argv[1])
-shared_table().start()  # the page's own table: the dashboard starts it (its Enricher) at its first run
 engine = CaptureEngine()
 assert engine.start(Source("live", iface="lo", bpf="tcp port %d" % port)), engine.status().error
 print("ready", flush=True)

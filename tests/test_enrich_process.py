@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -94,3 +95,35 @@ def test_the_table_is_read_every_interval_only_while_a_port_asked_for_is_unknown
         assert table.refreshes == 2 and table.skipped < IDLE_READS - 1  # read at once, not at the idle read
     finally:
         table.stop()
+
+
+def test_a_table_fed_another_processes_reads_names_from_them_and_reads_nothing_itself():
+    """During a live capture the page's table mirrors the detector worker's reads (feed): it names what that
+    read found, and its own thread reads nothing while the feed is recent, even when a port is asked for."""
+    from enrich.processes import FED_READS, HIDDEN
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        worker = ProcessTable(refresh_s=0.1)
+        worker.refresh()  # the worker's read (here in this process: the same owners)
+        state = worker.state()
+    state["hidden"] = frozenset({("udp", 9)})  # as a read after the privilege drop lists one
+    state["hidden_users"] = {("udp", 9): 0}
+    page = ProcessTable(refresh_s=0.1)
+    reads: list[float] = []
+    page.refresh = lambda: reads.append(time.monotonic())  # type: ignore[method-assign]
+    page.feed(state)
+    page.start()
+    try:
+        assert page.label("tcp", port) == f"{psutil.Process().name()} ({os.getpid()})"
+        assert page.label("udp", 9) == HIDDEN and page.hidden_users() == {"root": 1}
+        assert page.owner("tcp", 1) is None  # a miss: the fed table still does not read
+        time.sleep(0.5)
+        assert reads == [] and page.skipped >= 3 and page.refreshes == 1  # one feed, no read of its own
+        # The feeder stopped (the capture ended): after FED_READS intervals the table reads for itself again.
+        assert wait_for(lambda: reads, FED_READS * page.refresh_s + 2)
+        assert reads[0] - page._fed_at >= FED_READS * page.refresh_s
+    finally:
+        page.stop()
