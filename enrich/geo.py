@@ -21,7 +21,7 @@ import numpy as np
 from enrich import ranges
 from enrich.asn import LICENCE as ASN_LICENCE
 from enrich.asn import AsnDB, floor_index
-from enrich.cache import BoundedCache
+from enrich.cache import BoundedCache, keep_out_of_gc
 from enrich.ranges import LABELS, range_label
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class GeoDB:
         self.load_s = time.perf_counter() - t
         self._loaded.set()
         self.asn.load(here=True)  # then the AS numbers, in this same thread (one loader thread, not two)
+        keep_out_of_gc()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Start the load if needed and wait for it; True when a database is ready."""

@@ -127,3 +127,19 @@ def test_summary_enrich_adds_geo_and_services(tmp_path):
     assert [p[:2] for p in out["top10_udp_dst_ports"]] == plain["top10_udp_dst_ports"]
     assert out["packets"] == plain["packets"] == 4
     assert out["enrichment"]["rdns"]["sent"] == 0
+
+
+def test_loaded_databases_are_left_out_of_the_garbage_collectors_full_passes():
+    """The geo/AS databases' and the OUI table's objects live as long as the process: after loading, they are
+    in the collector's permanent generation (gc.freeze), so a full pass, which holds the GIL, never walks them."""
+    import gc
+
+    from enrich.geo import GeoDB
+
+    geo = GeoDB(cache_max=10)
+    assert geo.wait_loaded(120), geo.error
+    oui = OUI()
+    assert oui.maker("00:00:0c:01:02:03")  # loads the table
+    tracked = {id(o) for o in gc.get_objects()}  # every generation but the permanent one
+    assert id(geo._db) not in tracked and id(oui._table) not in tracked
+    assert gc.get_freeze_count() > 0
