@@ -523,10 +523,13 @@ class CaptureEngine:
         if not config.get("ENRICHMENT"):
             return None
         from enrich.processes import shared_table
-        # The page's table (its columns name the same ports) mirrors the worker's reads: no second reader here.
+        # The page's table (its columns name the same ports) mirrors the worker's reads: no second reader here;
+        # a port the page asks for and the mirror lacks is read for by the worker.
+        table = shared_table()
         in_worker = detectors.attribute(config.get("PROCESS_REFRESH_S"), config.get("ENRICH_CACHE_MAX"),
-                                        on_table=shared_table().feed)
+                                        on_table=table.feed)
         if in_worker is not None:
+            table.forward_want = detectors.want_table
             return in_worker
         from enrich.attribution import ProcessStage
         return ProcessStage(shared_table(), config.get("STAGE_QUEUE_PACKETS"),

@@ -58,6 +58,7 @@ assert PACKET_DTYPE.itemsize > 8
 _CONFIG = b"config:"
 # Per-process attribution in the worker (ENRICHMENT on, a live capture): its settings as JSON after this prefix.
 _ATTRIBUTE = b"attribute:"
+_WANT_TABLE = b"want-table"  # the page asked for a port its mirror of the worker's socket table does not know
 
 
 def config_message(overrides: dict[str, Any], disabled: frozenset[str] | set[str], rules: list[dict],
@@ -461,9 +462,10 @@ class DetectorStage(Stage):
         if self._proc is not None:
             _end_process(self._proc, self._conn)
             self._results.close()
-        if self._on_table is not None:
+        on_table, self._on_table = self._on_table, None
+        if on_table is not None:
             with _ignore_errors():
-                self._on_table(None)  # no more reads come from this worker: the page's table reads itself
+                on_table(None)  # no more reads come from this worker: the page's table reads itself
 
     # -- capture side ---------------------------------------------------------------------
 
@@ -490,7 +492,7 @@ class DetectorStage(Stage):
 
     _config: bytes | None = None  # the last configure() message, sent again after a reset
     _attr_cmd: bytes | None = None  # the attribute() message, likewise
-    _on_table: Callable[[dict], None] | None = None
+    _on_table: Callable[[dict | None], None] | None = None
 
     def configure(self, message: bytes) -> None:
         """New thresholds, switches and exclusion rules (a config_message) for the running detectors; they
@@ -498,7 +500,7 @@ class DetectorStage(Stage):
         self._config = message
         self._command(message)
 
-    def attribute(self, refresh_s: float, max_entries: int, on_table: Callable[[dict], None] | None = None,
+    def attribute(self, refresh_s: float, max_entries: int, on_table: Callable[[dict | None], None] | None = None,
                   gather_s: float | None = None) -> WorkerProcesses | None:
         """Per-process attribution in the worker process (the page's 'by process' over all traffic); None when
         there is no worker process (thread or inline mode, or it could not start): then the caller runs it in
@@ -514,6 +516,11 @@ class DetectorStage(Stage):
         self._attr_cmd = _padded(_ATTRIBUTE + body.encode())
         self._command(self._attr_cmd)
         return WorkerProcesses(self)
+
+    def want_table(self) -> None:
+        """Ask the worker's socket table for a read at its next interval (the page's mirror missed a port)."""
+        if self._attr_cmd is not None and not self._closed:
+            self._command(_WANT_TABLE)
 
     def attribution(self) -> dict[str, Any] | None:
         """The worker's last per-process report: {rows, batches, packets, error}, or None if not asked for."""
@@ -601,9 +608,10 @@ class DetectorStage(Stage):
             offset = self._done_offset
             self._synced.notify_all()
         self.stats.analysed(batches - offset[0], packets - offset[1])
-        if table is not None and self._on_table is not None:
+        on_table = self._on_table  # None once closed: a late report must not feed a table that was told to stop
+        if table is not None and on_table is not None:
             try:  # outside the lock; a failure here must not end the receiver (alerts would freeze)
-                self._on_table(table)
+                on_table(table)
             except Exception:
                 log.exception("the worker's socket table could not be mirrored")
 
@@ -771,6 +779,10 @@ def _command(cmd: bytes, book, detectors, attr: _Attribution | None = None):
     if cmd.startswith(_ATTRIBUTE):
         if attr is not None:
             attr.begin(json.loads(cmd[len(_ATTRIBUTE):]))
+        return book, detectors
+    if cmd == _WANT_TABLE:
+        if attr is not None and attr.impl is not None:
+            attr.impl.want_table()
         return book, detectors
     if cmd.startswith(_RESET):
         book.clear()

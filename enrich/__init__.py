@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 import config
+from enrich.cache import release_gc
 from enrich.geo import LICENCE, GeoDB, GeoInfo
 from enrich.names import ReverseDNS
 from enrich.oui import OUI
@@ -55,9 +56,10 @@ class Enricher:
             self.processes.start()
 
     def stop(self) -> None:
-        """Stop every background thread (safe to call twice)."""
+        """Stop every background thread (safe to call twice); its databases go back to the garbage collector."""
         self.names.stop()
         self.processes.stop()
+        release_gc()
 
     # ---- one address ----
     def address(self, addr: str) -> dict[str, Any]:

@@ -548,7 +548,7 @@ class WorkerAttribution:
             if self.tallies.waiting():
                 self._guard(self.tallies.settle)
                 changed = True
-        return changed or self.tallies.table.refreshes != self._table_sent
+        return changed or self._table_news()
 
     def flush(self) -> bool:
         """Tally everything gathered now (before the worker's last report); True if anything was."""
@@ -585,10 +585,20 @@ class WorkerAttribution:
         rows: list[dict[str, Any]] = []
         self._guard(lambda: rows.extend(self.tallies.rows()))  # a failure here must not end the detectors
         table = self.tallies.table
-        fresh = table.refreshes != self._table_sent  # the page's table mirrors each new read once
+        fresh = self._table_news()  # the page's table mirrors each new read once
         self._table_sent = table.refreshes
         return {"rows": rows, "batches": self.batches, "packets": self.packets, "error": self.error,
                 "table": table.state() if fresh else None}
+
+    def _table_news(self) -> bool:
+        """The table read again since its state last went out (never before its first read: an empty state
+        would wipe the page's owners)."""
+        n = self.tallies.table.refreshes
+        return n > 0 and n != self._table_sent
+
+    def want_table(self) -> None:
+        """The page asked for a port its mirror does not know: read the socket table at the next interval."""
+        self.tallies.table.want()
 
     def stop(self) -> None:
         """Stop the table's refresh thread (it wakes at once; a read in progress takes ~20 ms)."""

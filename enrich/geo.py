@@ -62,6 +62,7 @@ class GeoDB:
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
         self._loaded = threading.Event()
+        self._settled = threading.Event()  # the loader thread's work all done (the AS numbers too)
         self._cache = BoundedCache(cache_max)
         self.error: str | None = None
         self.load_s: float | None = None
@@ -91,13 +92,16 @@ class GeoDB:
         self.load_s = time.perf_counter() - t
         self._loaded.set()
         self.asn.load(here=True)  # then the AS numbers, in this same thread (one loader thread, not two)
-        keep_out_of_gc()
+        if self._db is not None:
+            keep_out_of_gc()
+        self._settled.set()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Start the load if needed and wait for it; True when a database is ready."""
         self.load()
         self._loaded.wait(timeout)
         self.asn.wait_loaded(timeout, start=False)  # the geo thread loads it next
+        self._settled.wait(timeout)
         return self._db is not None
 
     @property

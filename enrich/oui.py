@@ -6,8 +6,6 @@ import logging
 import threading
 from pathlib import Path
 
-from enrich.cache import keep_out_of_gc
-
 log = logging.getLogger(__name__)
 
 MANUF_FILE = Path("/usr/share/wireshark/manuf")
@@ -48,7 +46,6 @@ class OUI:
             if self._table is None:
                 try:
                     self._table = parse_manuf(self.path.read_text(errors="replace"))
-                    keep_out_of_gc()
                 except OSError as exc:
                     self.error = f"no OUI table ({exc}); install libwireshark-data"
                     log.warning("%s", self.error)

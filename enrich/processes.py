@@ -19,13 +19,16 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 IDLE_READS = 10  # with no port asked for unknown, the table is re-read every IDLE_READS x refresh_s
 # A table fed by another process's reads (feed(): the detector worker's, during a live capture) reads nothing
-# itself while the feed is this recent (in refresh intervals: the feeder reads at least every IDLE_READS).
-FED_READS = IDLE_READS + 2
+# itself while the last feed is younger than IDLE_READS intervals (the feeder reads at least that often) plus
+# this slack (the feeder's read, its report's delay, a busy worker).
+FED_SLACK_S = 5.0
 
 UNKNOWN = "unknown"
 HIDDEN = "owner not visible (no privilege)"
@@ -58,6 +61,8 @@ class ProcessTable:
         self.skipped = 0  # intervals with no read: nothing asked for was unknown
         self._wanted = True  # the first interval reads
         self._fed_at: float | None = None  # when feed() last gave this table another process's read
+        # While fed: asks the feeder for a read (a port the page asked for is unknown), once an interval at most.
+        self.forward_want: Callable[[], None] | None = None
 
     def start(self) -> None:
         """Start the refresh thread (once); the first read happens at once."""
@@ -79,6 +84,10 @@ class ProcessTable:
         while not self._stop.is_set():
             if self.fed():
                 self.skipped += 1
+                forward = self.forward_want
+                if self._wanted and forward is not None:  # the feeder reads it for us
+                    self._wanted = False
+                    forward()
             elif self._wanted or idle >= IDLE_READS - 1:
                 self._wanted, idle = False, 0
                 self.refresh()
@@ -88,37 +97,37 @@ class ProcessTable:
             self._stop.wait(self.refresh_s)
 
     def fed(self) -> bool:
-        """Whether another process's reads keep this table current (feed() within FED_READS intervals)."""
+        """Whether another process's reads keep this table current (see FED_SLACK_S)."""
         at = self._fed_at
-        return at is not None and time.monotonic() - at < FED_READS * self.refresh_s
+        return at is not None and time.monotonic() - at < IDLE_READS * self.refresh_s + FED_SLACK_S
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """What the last read found, for feed() in another process (every value a new object at each read)."""
         with self._lock:
             return {"owners": self._owners, "local": self._local, "hidden": self._hidden,
                     "hidden_users": dict(self._hidden_users), "error": self.error, "refreshes": self.refreshes}
 
-    def feed(self, state: dict | None) -> None:
+    def feed(self, state: dict[str, Any] | None) -> None:
         """Take another process's read (state()) as this table's: during a live capture the detector worker
         reads the socket table for its per-process totals, and the page's table mirrors it instead of reading
         the same table again in the capturing process (~20 ms of CPU a read, holding the GIL). None: the feed
         ended (the capture stopped), this table reads for itself again from its next interval."""
         if state is None:
             self._fed_at = None
+            self.forward_want = None
             self._wanted = True
             return
         now = time.monotonic()
         with self._lock:
-            self._owners = dict(state["owners"])
+            self._owners = state["owners"]  # a fresh dict from the report, never changed in place
             self._local = frozenset(state["local"])
             self._hidden = frozenset(state["hidden"])
             self._hidden_at = dict.fromkeys(self._hidden, now)
             self._hidden_users = dict(state["hidden_users"])
-            live = {v[0] for v in self._owners.values()}
-            self._names = {p: n for p, n in self._names.items() if p in live}
+            self._names = {v[0]: v[1] for v in self._owners.values()}  # as the feeder named them
             self._fed_at = now
-        self.error = state.get("error")
-        self.refreshes += 1  # the page's memo keys its process labels on this: they are looked up again
+            self.error = state.get("error")
+            self.refreshes += 1  # the page's memo keys its process labels on this: they are looked up again
 
     def want(self) -> None:
         """Ask for a read at the next interval (a port is not known yet)."""
@@ -165,8 +174,8 @@ class ProcessTable:
             self._hidden_users = {k: u for k, u in {**self._hidden_users, **users}.items() if k in held}
             live = {v[0] for v in kept.values()}
             self._names = {p: n for p, n in self._names.items() if p in live}
-        self.error = None
-        self.refreshes += 1
+            self.error = None
+            self.refreshes += 1
 
     def _name(self, pid: int) -> str:
         name = self._names.get(pid)

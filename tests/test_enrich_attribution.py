@@ -214,7 +214,7 @@ def test_stage_waiting_pair_named_later_counts_for_each_process_once():
 def test_in_the_worker_batches_gather_then_tally_and_a_failure_ends_only_attribution(monkeypatch):
     """The detector worker's side: batches wait up to GATHER_S (one call for many small live batches), then
     count; Clear forgets them; a failing tally is reported as an error and the worker's loop goes on."""
-    from analysis.stages import _Attribution
+    from analysis.stages import _WANT_TABLE, _Attribution, _command
     from enrich.attribution import GATHER_MAX, GATHER_S, WorkerAttribution
 
     table = _FixedTable({("tcp", 5000): (11, "client"), ("tcp", 6000): (22, "server")})
@@ -233,6 +233,9 @@ def test_in_the_worker_batches_gather_then_tally_and_a_failure_ends_only_attribu
     attr.reset(1)
     rep = attr.report()
     assert (rep["rows"], rep["packets"], rep["epoch"]) == ([], 0, 1)
+    table._wanted = False
+    _command(_WANT_TABLE, None, None, attr)  # the page's mirror missed a port: the worker's table reads next
+    assert table._wanted
     big = _rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 1)] * (GATHER_MAX // 2))
     attr.add(big, 3)  # half a call's worth: tallied at once, whatever the time
     assert (attr.report()["packets"], attr.report()["batches"]) == (GATHER_MAX // 2, 3)

@@ -97,10 +97,12 @@ def test_the_table_is_read_every_interval_only_while_a_port_asked_for_is_unknown
         table.stop()
 
 
-def test_a_table_fed_another_processes_reads_names_from_them_and_reads_nothing_itself():
+def test_a_table_fed_another_processes_reads_names_from_them_and_reads_nothing_itself(monkeypatch):
     """During a live capture the page's table mirrors the detector worker's reads (feed): it names what that
-    read found, and its own thread reads nothing while the feed is recent, even when a port is asked for."""
-    from enrich.processes import FED_READS, HIDDEN
+    read found; its own thread reads nothing while the feed is recent, and a port asked for that it lacks is
+    passed on to the feeder (forward_want) instead; a stale feed, or its end, and it reads for itself again."""
+    import enrich.processes as processes
+    from enrich.processes import HIDDEN, IDLE_READS
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,19 +113,29 @@ def test_a_table_fed_another_processes_reads_names_from_them_and_reads_nothing_i
         state = worker.state()
     state["hidden"] = frozenset({("udp", 9)})  # as a read after the privilege drop lists one
     state["hidden_users"] = {("udp", 9): 0}
+    monkeypatch.setattr(processes, "FED_SLACK_S", 0.5)  # the feed goes stale after IDLE_READS x 0.1 + 0.5 s
     page = ProcessTable(refresh_s=0.1)
     reads: list[float] = []
+    forwarded: list[float] = []
     page.refresh = lambda: reads.append(time.monotonic())  # type: ignore[method-assign]
+    page.forward_want = lambda: forwarded.append(time.monotonic())
     page.feed(state)
     page.start()
     try:
         assert page.label("tcp", port) == f"{psutil.Process().name()} ({os.getpid()})"
         assert page.label("udp", 9) == HIDDEN and page.hidden_users() == {"root": 1}
-        assert page.owner("tcp", 1) is None  # a miss: the fed table still does not read
-        time.sleep(0.5)
-        assert reads == [] and page.skipped >= 3 and page.refreshes == 1  # one feed, no read of its own
-        # The feeder stopped (the capture ended): after FED_READS intervals the table reads for itself again.
-        assert wait_for(lambda: reads, FED_READS * page.refresh_s + 2)
-        assert reads[0] - page._fed_at >= FED_READS * page.refresh_s
+        time.sleep(0.25)  # (a hidden port's label asks too: no owner is listed for it)
+        forwarded.clear()
+        assert page.owner("tcp", 1) is None  # a miss: passed on to the feeder, not read here
+        assert wait_for(lambda: len(forwarded) == 1, 2)
+        time.sleep(0.3)
+        assert reads == [] and len(forwarded) == 1 and page.refreshes == 1  # once per miss, one feed
+        # The feeder stopped feeding: once the feed is stale the table reads for itself again.
+        assert wait_for(lambda: reads, 5)
+        assert reads[0] - page._fed_at >= IDLE_READS * page.refresh_s + 0.5
+        page.feed(state)
+        n = len(reads)
+        page.feed(None)  # the capture stopped: it reads at its next interval, passing nothing on
+        assert wait_for(lambda: len(reads) > n, 2) and page.forward_want is None
     finally:
         page.stop()
