@@ -20,6 +20,17 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --quota 20 --capturer-only   # the same, its detector worker process not
     python benchmarks/enrich_cost.py --quota 20 --capturer-only --thread-stage   # attribution in a thread
     python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
+    python benchmarks/enrich_cost.py --quota 20 --capturer-only --pairs 12 --rate 330000 --seconds 6
+        # paired runs at one rate above both variants' limits: the share of the offered packets each variant
+        # counted, enriched / plain per pair (the capture's sustained capacity), with a 95 % interval
+
+--pairs is the statistic with more power than the worst bisection: a bisection's step is "held or lost", so one
+round's noise (±25 % for plain alone) swamps a 5 % difference. Offered a rate above what either variant
+holds, the capture counts what it can process and the kernel drops the rest, so the counted share is a
+continuous measure of its capacity (the small ring is the same for both). Plain and enriched alternate within
+each pair (order swapped every pair), so the machine's drift hits both; the figure is the mean of the pairs'
+ratios with its 95 % confidence interval (Student's t), beside the median and the worst pair. At a rate near
+the limit instead, the same runs give each variant's loss fraction.
 
 --quota makes the capture the bottleneck: the sender (~330,000/s on this machine) is faster than the engine,
 so without it no variant loses a packet and the ladder ends at the sender. The capturing process (engine,
@@ -402,6 +413,59 @@ def threads(sender: str, pairs: int, rate: int, seconds: float) -> int:
     return 0
 
 
+T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}  # Student's t, two-sided 95 %, by degrees of freedom
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of its two-sided 95 % confidence interval); half-width nan for fewer than 2 values."""
+    import statistics
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    df = len(values) - 1
+    t = T975.get(df) or T975[max(k for k in T975 if k <= df)]  # rounding df down: a wider interval
+    return mean, t * statistics.stdev(values) / len(values) ** 0.5
+
+
+def pairs(sender: str, args) -> int:
+    """--pairs: plain and enriched at one rate, alternating within each pair, under the quota if given."""
+    import statistics
+
+    os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    ratios, share = [], {False: [], True: []}
+    with contextlib.ExitStack() as stack:
+        if args.quota:
+            path = stack.enter_context(CpuQuota(args.quota))
+            print(f"capturing process{' alone' if _CAPTURER_ONLY else ' and its detector worker'} in {path}: "
+                  f"{args.quota:g} % of one core; ring {args.ring_blocks} blocks", flush=True)
+        print(f"{args.pairs} pairs at {args.rate:,}/s, {args.seconds:g} s per run", flush=True)
+        for i in range(args.pairs):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            got = {}
+            for enriched in order:
+                r = paced_run(sender, args.rate, args.seconds, enriched)
+                got[enriched] = r["counted"] / r["sent"] if r["sent"] else 0.0
+                share[enriched].append(got[enriched])
+                print(f"    pair {i + 1:2} {'enriched' if enriched else 'plain':8} sent {r['sent']:,} counted "
+                      f"{r['counted']:,} ({got[enriched] * 100:.2f} %) dropped {r.get('dropped')} paced "
+                      f"{r['paced']:,.0f}/s attributed {r.get('attributed')} refreshes {r.get('refreshes')}",
+                      flush=True)
+            ratios.append(got[True] / got[False] if got[False] else float("nan"))
+            print(f"  pair {i + 1:2}: counted share plain {got[False] * 100:.2f} %  enriched {got[True] * 100:.2f} %"
+                  f"  enriched / plain {ratios[-1]:.4f}", flush=True)
+    valid = [r for r in ratios if r == r]
+    mean, half = interval(valid)
+    print(f"counted share, mean over {len(valid)} pairs: plain {statistics.fmean(share[False]) * 100:.2f} %  "
+          f"enriched {statistics.fmean(share[True]) * 100:.2f} %")
+    print(f"enriched / plain per pair: mean {mean:.4f} (95 % interval {mean - half:.4f} .. {mean + half:.4f}), "
+          f"median {statistics.median(valid):.4f}, worst {min(valid):.4f}, best {max(valid):.4f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -416,6 +480,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, metavar="PAIRS",
                     help="instead of the ladder: PAIRS of plain/enriched runs at --rate, CPU per thread")
     ap.add_argument("--rate", type=int, default=100_000)
+    ap.add_argument("--pairs", type=int, default=0, metavar="N",
+                    help="instead of the ladder: N pairs of plain/enriched runs at --rate (under --quota if "
+                         "given); the counted share of each, enriched / plain per pair, with a 95 %% interval")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--capturer-only", action="store_true",
                     help="--quota: hold the capturing process alone (not its detector worker process)")
@@ -449,9 +516,11 @@ def main() -> int:
         sender = live_capture.build_sender(tmp)
         if args.flat_out:
             return flat_out(sender, args.flat_out, args.packets)
+        if args.capturer_only:
+            _CAPTURER_ONLY.append(True)
+        if args.pairs:
+            return pairs(sender, args)
         if args.quota:
-            if args.capturer_only:
-                _CAPTURER_ONLY.append(True)
             return quota_rounds(sender, args)
         if args.threads:
             return threads(sender, args.threads, args.rate, args.seconds)
