@@ -92,8 +92,15 @@ def child(port: int, enriched: bool) -> None:
     stop, times = threading.Event(), []
     work = panel_work(en) if en is not None else refresh_work  # the page with ENRICHMENT on: columns + panel
 
+    every = float(os.environ.get(REFRESH_ENV) or 2.0)
+    running = threading.Event()
+
     def refresher() -> None:
-        while not stop.wait(float(os.environ.get(REFRESH_ENV) or 2.0)):
+        # Timed from the run's start, the first at half an interval: a run of N intervals holds exactly N
+        # refreshes whatever the start-up took (timed from the thread's start, a 13 s interval fell after
+        # a 10 s run, and no run had any).
+        running.wait()
+        while not stop.wait(every / 2 if not times else every):
             t = time.perf_counter()
             work(engine.snapshot())
             times.append(time.perf_counter() - t)
@@ -105,7 +112,9 @@ def child(port: int, enriched: bool) -> None:
     threads0 = thread_cpu()
     cpu0 = time.process_time()
     print("ready", flush=True)
-    sys.stdin.readline()
+    sys.stdin.readline()  # "go": the sender starts
+    running.set()
+    sys.stdin.readline()  # "stop": the sender is done
     drain(engine)
     threads1 = thread_cpu()
     stop.set()
@@ -282,6 +291,8 @@ def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
     port = sink.getsockname()[1]
     proc = start_capturer("engine", port, enriched)
     try:
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         t = time.perf_counter()
         nice = ["nice", "-n", str(PRIORITY)] if _CGROUP else []  # the sender must pace the rate asked
         sent = int(subprocess.run([*nice, sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
@@ -452,7 +463,8 @@ def pairs(sender: str, args) -> int:
                 share[enriched].append(got[enriched])
                 print(f"    pair {i + 1:2} {'enriched' if enriched else 'plain':8} sent {r['sent']:,} counted "
                       f"{r['counted']:,} ({got[enriched] * 100:.2f} %) dropped {r.get('dropped')} paced "
-                      f"{r['paced']:,.0f}/s attributed {r.get('attributed')} refreshes {r.get('refreshes')}",
+                      f"{r['paced']:,.0f}/s attributed {r.get('attributed')} refreshes {r.get('refreshes')} (max "
+                      f"{r.get('refresh_ms_max', 0):.0f} ms) CPU s by thread {r.get('threads')} gc {r.get('gc')}",
                       flush=True)
             ratios.append(got[True] / got[False] if got[False] else float("nan"))
             print(f"  pair {i + 1:2}: counted share plain {got[False] * 100:.2f} %  enriched {got[True] * 100:.2f} %"
