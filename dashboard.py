@@ -30,7 +30,7 @@ import enrich_page
 import history_page
 import investigate_page as inv
 import visualizations as viz
-from capture import broker
+from capture import broker, heap
 from capture.sources import default_interface, list_interfaces, safe_capture_path, validate_bpf
 from packet_processor import CaptureEngine, Snapshot, Source, packets_csv, packets_frame
 
@@ -730,6 +730,9 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         inv.tools(engine, whole, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
         history_page.live_downloads(snap)
+        # Everything the page draws with is imported now: leave it out of the collector's full passes, whose
+        # ~40 ms holding the GIL the capture thread would otherwise wait for again and again.
+        heap.settle_once()
 
 
 if "streamlit.web.bootstrap" in sys.modules and broker.separate().still_root:  # not in AppTest's process

@@ -106,6 +106,8 @@ def child(port: int, enriched: bool) -> None:
             times.append(time.perf_counter() - t)
 
     work(engine.snapshot())  # warm: a running page has drawn before (imports, first look-ups), this one too
+    from capture.heap import settle_once
+    settle_once()  # as the page does after its first full draw (dashboard.live_view)
     threading.Thread(target=refresher, daemon=True).start()
     settle()
     gc_times = gc_timer()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 import config
-from enrich.cache import release_gc
+from capture.heap import release_gc
 from enrich.geo import LICENCE, GeoDB, GeoInfo
 from enrich.names import ReverseDNS
 from enrich.oui import OUI

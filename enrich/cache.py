@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from collections import OrderedDict
@@ -55,19 +54,3 @@ class BoundedCache:
         """Forget everything."""
         with self._lock:
             self._data.clear()
-
-
-def keep_out_of_gc() -> None:
-    """Leave everything alive now out of the cyclic garbage collector's full passes (gc.freeze, O(1)).
-
-    Called once the geo database is loaded: its lists hold millions of items that live as long as the
-    process, and each full pass walked them all (~45 ms of CPU against ~10 ms without them, holding the GIL:
-    the capture thread waits for all of it). Frozen objects are still freed by reference counting, but a
-    reference cycle among them is not, until release_gc() (the Enricher's stop) hands them back."""
-    gc.freeze()
-
-
-def release_gc() -> None:
-    """Give the objects keep_out_of_gc() froze back to the collector (a stopped Enricher's database, with its
-    reference cycles, is then freed)."""
-    gc.unfreeze()

@@ -18,10 +18,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from capture.heap import keep_out_of_gc
 from enrich import ranges
 from enrich.asn import LICENCE as ASN_LICENCE
 from enrich.asn import AsnDB, floor_index
-from enrich.cache import BoundedCache, keep_out_of_gc
+from enrich.cache import BoundedCache
 from enrich.ranges import LABELS, range_label
 
 log = logging.getLogger(__name__)
