@@ -664,3 +664,32 @@ def test_the_nics_own_drops_reach_the_page_from_the_engine(fresh, root_only, tmp
     assert shows(19)(at) and "dropped 19 more" in metric(at, "Dropped").proto.help
     at.sidebar.button(key="clear").click().run()
     assert not shows(19)(at) and not any("network card" in rendered(w.value) for w in at.warning)
+
+
+def test_after_its_first_full_draw_the_page_leaves_its_imports_out_of_the_collectors_full_passes(fresh, tmp_path):
+    """A full pass of the cyclic garbage collector walks every tracked object holding the GIL, and the capture
+    thread in the page's process waits for all of it (~100,000 objects after a draw, ~40 ms here). Once the
+    page has drawn everything, what it imported (Plotly's figure classes, our drawing functions) is frozen out
+    of those passes, once per process: what later draws create is still collected."""
+    import gc
+
+    import plotly.graph_objects as go
+
+    import visualizations as viz
+    from capture import heap
+
+    gc.unfreeze()  # whatever an earlier test froze
+    heap._settled = False  # as in a new process
+    fresh.setenv("NTM_ENRICHMENT", "0")  # no geo database load: its own freeze would blur this one
+    fresh.setenv("NTM_PCAP", write_capture(tmp_path))
+    at = run_until(app(), lambda a: metric(a, "Status").value == "finished" and len(figures(a)) >= 6)
+    assert not at.exception
+    tracked = {id(o) for o in gc.get_objects()}  # every generation but the permanent one
+    assert id(viz.timeline) not in tracked and id(go.Figure) not in tracked
+    frozen = gc.get_freeze_count()
+    assert frozen > 20_000
+    at.run()
+    assert gc.get_freeze_count() == frozen  # once per process, not at every rerun
+    later = [object()]  # a container made after the draw is the collector's again
+    assert id(later) in {id(o) for o in gc.get_objects()}
+    gc.unfreeze()
