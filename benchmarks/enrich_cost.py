@@ -137,15 +137,16 @@ def child(port: int, enriched: bool) -> None:
 THREAD_STAGE_ENV = "ENRICH_COST_THREAD_STAGE"  # --thread-stage, read by the capturing child
 REFRESH_ENV = "ENRICH_COST_REFRESH_S"  # --refresh-s, read by the capturing child
 CGROUP_NAME = "ntm_enrich_cost"
-PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs
+PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs (--period-ms)
 _CGROUP: list[Path] = []  # the quota's cgroup while --quota runs: every capturer starts inside it
 
 
 class CpuQuota:
     """A cgroup holding the capturing process to `percent` % of one core (created on enter, removed on exit)."""
 
-    def __init__(self, percent: float) -> None:
-        self.quota_us = int(PERIOD_US * percent / 100)
+    def __init__(self, percent: float, period_us: int = PERIOD_US) -> None:
+        self.period_us = period_us
+        self.quota_us = int(period_us * percent / 100)
         v2 = Path("/sys/fs/cgroup")
         if "cpu" in (v2 / "cgroup.controllers").read_text().split() if (v2 / "cgroup.controllers").exists() else False:
             self.path, self.v2 = v2 / CGROUP_NAME, True
@@ -160,10 +161,10 @@ class CpuQuota:
         # which the ratio then charged to the capture. On a machine with a core for the worker the capture
         # never waits for it.
         if self.v2:
-            (self.path / "cpu.max").write_text(f"{self.quota_us} {PERIOD_US}")
+            (self.path / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
             (self.path / "cpu.weight").write_text("10000")
         else:
-            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.path / "cpu.cfs_period_us").write_text(str(self.period_us))
             (self.path / "cpu.cfs_quota_us").write_text(str(self.quota_us))
             (self.path / "cpu.shares").write_text("262144")
         _CGROUP.append(self.path)
@@ -397,9 +398,9 @@ def quota_rounds(sender: str, args) -> int:
     os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
     # A background job ignores SIGINT: SIGTERM ends the rounds through the `with`, which removes the cgroup.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    with CpuQuota(args.quota) as path:
+    with CpuQuota(args.quota, int(args.period_ms * 1000)) as path:
         print(f"capturing process{' alone' if _CAPTURER_ONLY else ' and its detector worker'} in {path}: "
-              f"{args.quota:g} % of one core (period {PERIOD_US} µs); "
+              f"{args.quota:g} % of one core (period {args.period_ms * 1000:g} µs); "
               f"bisection {args.low:,}..{args.high:,}/s, {args.steps} steps of {args.runs} x {args.seconds:g} s; ring "
               f"{args.ring_blocks} x {os.environ.get('NTM_RING_BLOCK_KB', '1024')} KiB", flush=True)
         for i in range(args.rounds):
@@ -459,9 +460,10 @@ def pairs(sender: str, args) -> int:
     ratios, share = [], {False: [], True: []}
     with contextlib.ExitStack() as stack:
         if args.quota:
-            path = stack.enter_context(CpuQuota(args.quota))
+            path = stack.enter_context(CpuQuota(args.quota, int(args.period_ms * 1000)))
             print(f"capturing process{' alone' if _CAPTURER_ONLY else ' and its detector worker'} in {path}: "
-                  f"{args.quota:g} % of one core; ring {args.ring_blocks} blocks", flush=True)
+                  f"{args.quota:g} % of one core, period {args.period_ms:g} ms; ring {args.ring_blocks} blocks",
+                  flush=True)
         print(f"{args.pairs} pairs at {args.rate:,}/s, {args.seconds:g} s per run", flush=True)
         for i in range(args.pairs):
             order = (False, True) if i % 2 == 0 else (True, False)
@@ -514,6 +516,9 @@ def main() -> int:
     ap.add_argument("--thread-stage", action="store_true",
                     help="enriched runs attribute in a thread of the capturing process (the design before "
                          "2026-11-27's move into the detector worker), for comparison")
+    ap.add_argument("--period-ms", type=float, default=PERIOD_US / 1000,
+                    help="--quota: the quota's period; the capture runs PERIOD x QUOTA %% of each, then waits. Short "
+                         "periods keep the waits within the ring; in long ones the capture's caches stay warm")
     ap.add_argument("--ring-blocks", type=int, default=4, help="--quota: the capture ring's blocks (RING_BLOCKS)")
     ap.add_argument("--low", type=int, default=20_000)
     ap.add_argument("--high", type=int, default=320_000)

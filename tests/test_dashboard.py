@@ -689,7 +689,7 @@ def test_after_its_first_full_draw_the_page_leaves_its_imports_out_of_the_collec
     frozen = gc.get_freeze_count()
     assert frozen > 20_000
     at.run()
-    assert gc.get_freeze_count() == frozen  # once per process, not at every rerun
+    assert gc.get_freeze_count() <= frozen  # once per process, not at every rerun (some frozen objects die)
     later = [object()]  # a container made after the draw is the collector's again
     assert id(later) in {id(o) for o in gc.get_objects()}
     gc.unfreeze()
