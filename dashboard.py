@@ -730,8 +730,8 @@ def live_view(engine: CaptureEngine, snap: Snapshot, end: float | None, duration
         inv.tools(engine, whole, LOCAL_TZ)
         recent_packets(snap, engine, frozen=bool(st.session_state.get("paused")))
         history_page.live_downloads(snap)
-        # Everything the page draws with is imported now: leave it out of the collector's full passes, whose
-        # ~40 ms holding the GIL the capture thread would otherwise wait for again and again.
+        # What the live view draws with is imported now: leave it out of the collector's full passes, whose
+        # ~40 ms holding the GIL the capture thread would otherwise wait for again and again (capture/heap.py).
         heap.settle_once()
 
 

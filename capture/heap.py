@@ -5,8 +5,13 @@ for all of it: in the page's process (Streamlit, pandas, Plotly, pyarrow importe
 ~100,000 objects and ~40 ms of CPU on the reference machine, a stall the capture ring must absorb each time.
 Nearly all of them are modules, functions and classes that live as long as the process, so they are moved to
 the collector's permanent generation (gc.freeze, O(1)) once: full passes then walk only what came later.
-Frozen objects are still freed by reference counting; a reference cycle among them is not, until
-release_gc() hands them back.
+
+The price: frozen objects are still freed by reference counting, but a reference cycle among them is never
+freed until release_gc(). Frozen at the first full draw, that is what was alive then besides the imports:
+the engine (which lives as long as the process anyway) and the sessions open then, as they were (Streamlit's
+script runner and session state refer to each other, so when such a tab closes, what its state held at that
+moment stays: for the first viewer at its first draw, a few widgets' values and settings). Once per process,
+never repeated; cycles among later objects are collected as before.
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ def keep_out_of_gc() -> None:
 
 
 def release_gc() -> None:
-    """Give every frozen object back to the collector (its reference cycles can then be freed)."""
-    gc.unfreeze()
+    """Give every frozen object back to the collector (its reference cycles can then be freed); the next full
+    draw settles the heap again."""
+    global _settled
+    with _lock:
+        gc.unfreeze()
+        _settled = False
 
 
 def settle_once() -> bool:
     """Freeze what is alive after the page's first full draw, once per process; True the time it does.
 
-    By then the page has imported what it draws with (Plotly builds its validators at the first figure), so
-    what is frozen is almost all import-time objects. The page's own objects alive at that moment are frozen
-    with them: one draw's worth, once, whose reference cycles (if any) wait for release_gc()."""
+    By then the page has imported what the live view draws with (Plotly builds its validators at the first
+    figure), so what is frozen is almost all import-time objects; what other views import later (history,
+    fleet) stays the collector's, as before. See the module's note for what else is frozen."""
     global _settled
     with _lock:
         if _settled:

@@ -56,7 +56,8 @@ class Enricher:
             self.processes.start()
 
     def stop(self) -> None:
-        """Stop every background thread (safe to call twice); its databases go back to the garbage collector."""
+        """Stop every background thread (safe to call twice); its databases go back to the garbage collector
+        (with every other frozen object of the process: capture.heap.release_gc)."""
         self.names.stop()
         self.processes.stop()
         release_gc()
