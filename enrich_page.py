@@ -23,6 +23,7 @@ from packet_processor import Snapshot, packets_frame
 AGG_ADDRESSES = 2000  # top sources and top destinations summed per country and per network
 TABS = ["Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process",
         "Recent packets", "Alerts"]
+TAB_KEY = "who_tab"  # st.session_state[TAB_KEY]: the open tab's label
 
 # Markdown's and Streamlit's special characters escaped, line breaks as spaces: names are data, never markup
 # (the same rule as dashboard.plain, which this module cannot import: the page runs when imported).
@@ -78,30 +79,37 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     live = ec.is_live(snap)  # a file's packets: no process is named (ec.NOT_LIVE)
     by = st.session_state.get("top_by", "packets")
     st.subheader("Who is on the other end")
-    tabs = st.tabs(TABS)
-    src = who_rows(en, snap.top_addresses("src", by))
-    dst = who_rows(en, snap.top_addresses("dst", by))
+    # Only the open tab is computed (Streamlit's lazy tabs: choosing another reruns the page). All seven took
+    # ~25 ms of CPU at every rerun of every viewer, in the process whose capture thread waits for the GIL.
+    tabs = st.tabs(TABS, key=TAB_KEY, on_change="rerun")
     with tabs[0]:
-        a, b = st.columns(2)
-        chart(a, viz.who_bar(src, "Top sources: who", by), "who_src", tz)
-        chart(b, viz.who_bar(dst, "Top destinations: who", by), "who_dst", tz)
-        st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
+        if is_open(tabs[0]):
+            src = who_rows(en, snap.top_addresses("src", by))
+            dst = who_rows(en, snap.top_addresses("dst", by))
+            a, b = st.columns(2)
+            chart(a, viz.who_bar(src, "Top sources: who", by), "who_src", tz)
+            chart(b, viz.who_bar(dst, "Top destinations: who", by), "who_dst", tz)
+            st.dataframe(talkers_frame(src, dst, by), hide_index=True, key="who_talkers")
     with tabs[1]:
-        st.dataframe(conversations_who(en, snap.top_conversations(20, by), live), hide_index=True, key="who_conv")
-    countries, networks, note = ends_views(en, snap, by)
-    with tabs[2]:
-        chart(st, ends_bar(countries, "Top countries", by), "who_countries", tz)
-        st.caption(plain(note + CLICK_NOTE))
-    with tabs[3]:
-        chart(st, ends_bar(networks, "Top networks (AS)", by), "who_networks", tz)
-        st.caption(plain(note + CLICK_NOTE))
+        if is_open(tabs[1]):
+            st.dataframe(conversations_who(en, snap.top_conversations(20, by), live), hide_index=True,
+                         key="who_conv")
+    for i, (title, key) in ((2, ("Top countries", "who_countries")), (3, ("Top networks (AS)", "who_networks"))):
+        with tabs[i]:
+            if is_open(tabs[i]):
+                countries, networks, note = ends_views(en, snap, by)
+                chart(st, ends_bar(countries if i == 2 else networks, title, by), key, tz)
+                st.caption(plain(note + CLICK_NOTE))
     with tabs[4]:
-        process_view(en, snap, live)
+        if is_open(tabs[4]):
+            process_view(en, snap, live)
     with tabs[5]:
-        st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):], tz, live), hide_index=True,
-                     key="who_recent")
+        if is_open(tabs[5]):
+            st.dataframe(recent_who(en, snap.packets[-int(config.get("RECENT_ROWS")):], tz, live), hide_index=True,
+                         key="who_recent")
     with tabs[6]:
-        st.dataframe(alerts_who(en, snap.alerts), hide_index=True, key="who_alerts")
+        if is_open(tabs[6]):
+            st.dataframe(alerts_who(en, snap.alerts), hide_index=True, key="who_alerts")
     st.caption(plain(enrich_note(en)))
     # DB-IP's licence (CC BY 4.0) asks pages that show its results for this link; fixed text, not data.
     st.caption("AS data: [IP Geolocation by DB-IP](https://db-ip.com), RouteViews and NRO, CC BY 4.0.")
@@ -109,6 +117,11 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
 
 CLICK_NOTE = (" A click on a bar filters the whole page to the packets with either end in that country or "
               "network (country= / asn= in the URL).")
+
+
+def is_open(tab) -> bool:
+    """Whether a tab of the panel is the one shown (True also where tabs do not track which: all are drawn)."""
+    return tab.open is not False
 
 
 def chart(where, fig: go.Figure, key: str, tz: tzinfo | None) -> None:

@@ -60,24 +60,42 @@ def refresh_work(snap: Snapshot, rows: int = 100, en=None) -> int:
     return sent
 
 
-def panel_work(en):
-    """The page with ENRICHMENT on: its tables' columns and the separate panel (enrich_page.panel's tables
-    and figures; over a file, its by-process view walks the whole buffer)."""
+def panel_work(en, tab: str = "Top talkers"):
+    """The page with ENRICHMENT on: its tables' columns and the panel's open tab (`tab`; the first one unless a
+    viewer chose another: enrich_page.panel draws only the open one), or every tab ("all", as the page did
+    before its tabs were lazy). Over a file, the by-process view walks the whole buffer."""
     import pyarrow as pa
 
     import enrich_page as ep
 
+    def talkers(snap: Snapshot) -> tuple[list, list]:
+        src, dst = ep.who_rows(en, snap.top_addresses("src")), ep.who_rows(en, snap.top_addresses("dst"))
+        return [viz.who_bar(src, "Top sources: who"), viz.who_bar(dst, "Top destinations: who")], \
+            [ep.talkers_frame(src, dst, "packets")]
+
+    def ends(i: int):
+        def view(snap: Snapshot) -> tuple[list, list]:
+            rows = ep.ends_views(en, snap, "packets")[i]
+            return [ep.ends_bar(rows, ("Top countries", "Top networks (AS)")[i], "packets")], []
+        return view
+
+    def process(snap: Snapshot) -> tuple[list, list]:
+        procs = snap.totals.get("by_process")
+        return [], [viz.process_table(procs if procs is not None else en.by_process(snap.packets))]
+
+    views = {"Top talkers": talkers,
+             "Conversations": lambda snap: ([], [ep.conversations_who(en, snap.top_conversations(20))]),
+             "Top countries": ends(0), "Top networks (AS)": ends(1), "By process": process,
+             "Recent packets": lambda snap: ([], [ep.recent_who(en, snap.packets[-100:], None)]),
+             "Alerts": lambda snap: ([], [ep.alerts_who(en, snap.alerts)])}
+    drawn = list(views.values()) if tab == "all" else [views[tab]]
+
     def work(snap: Snapshot) -> int:
         sent = refresh_work(snap, en=en)
-        src, dst = ep.who_rows(en, snap.top_addresses("src")), ep.who_rows(en, snap.top_addresses("dst"))
-        countries, networks, _ = ep.ends_views(en, snap, "packets")
-        figs = [viz.who_bar(src, "Top sources: who"), viz.who_bar(dst, "Top destinations: who"),
-                ep.ends_bar(countries, "Top countries", "packets"), ep.ends_bar(networks, "Top networks", "packets")]
-        procs = snap.totals.get("by_process")
-        tables = [ep.talkers_frame(src, dst, "packets"), ep.conversations_who(en, snap.top_conversations(20)),
-                  ep.recent_who(en, snap.packets[-100:], None), ep.alerts_who(en, snap.alerts),
-                  viz.process_table(procs if procs is not None else en.by_process(snap.packets))]
-        return sent + sum(len(f.to_json()) for f in figs) + sum(pa.Table.from_pandas(t).nbytes for t in tables)
+        for view in drawn:
+            figs, tables = view(snap)
+            sent += sum(len(f.to_json()) for f in figs) + sum(pa.Table.from_pandas(t).nbytes for t in tables)
+        return sent
     return work
 
 

@@ -13,7 +13,7 @@ from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from test_dashboard import app as _app
-from test_dashboard import figures, run_until
+from test_dashboard import figures, open_tab, run_until
 
 import enrich
 
@@ -66,22 +66,30 @@ def test_columns_views_and_hostile_names_escaped(fresh, veth, tmp_path):
     assert (row["name"], row["country"], row["AS"]) == ("resolver.ntm.test", "US", "AS15169 Google LLC")
     # The table shows the PTR text as text (st.dataframe does not render markdown or HTML).
     assert set(talkers[talkers["address"] == EVIL]["name"]) == {HOSTILE}
-    conv = frame_with(at, "A name")
-    assert {"A country", "B AS", "A port", "B port", "A process", "B process"} <= set(conv.columns)
-    assert "53/domain" in set(conv["A port"]) | set(conv["B port"])
-    recent = frame_with(at, "maker")
-    assert {"source name", "destination country", "service", "process"} <= set(recent.columns)
-    assert set(recent["maker"]) == {"Cisco Systems, Inc"}
-    assert {"source name", "target country", "source AS"} <= set(frame_with(at, "target name").columns)
-    assert {"process", "pid", "packets", "bytes", "connections"} <= set(frame_with(at, "connections").columns)
     figs = figures(at)
-    assert {"Top countries", "Top networks (AS)", "Top sources: who"} <= set(figs)
-    assert "US" in figs["Top countries"]["data"][0]["y"] and "private" in figs["Top countries"]["data"][0]["y"]
-    assert "AS15169 Google LLC" in figs["Top networks (AS)"]["data"][0]["y"]
-    note = next(c.value for c in at.caption if "AS number and organisation" in c.value).replace("\\", "")
-    assert "dated 2024-06-18" in note and "ip-location-db asn 2.3.2026061719 (dated 2026-06-17)" in note
     hover = json.dumps(figs["Top sources: who"]["data"][0]["customdata"])
     assert "**bold**&lt;b&gt;x&lt;/b&gt;" in hover and "<b>x</b>" not in hover
+    note = next(c.value for c in at.caption if "AS number and organisation" in c.value).replace("\\", "")
+    assert "dated 2024-06-18" in note and "ip-location-db asn 2.3.2026061719 (dated 2026-06-17)" in note
+    # Only the open tab is drawn: the others' tables and charts are made when their tab is chosen.
+    assert not any({"A name", "maker", "target name", "connections"} & set(d.value.columns) for d in at.dataframe)
+    assert not {"Top countries", "Top networks (AS)"} & set(figs)
+    conv = frame_with(open_tab(at, "Conversations"), "A name")
+    assert {"A country", "B AS", "A port", "B port", "A process", "B process"} <= set(conv.columns)
+    assert "53/domain" in set(conv["A port"]) | set(conv["B port"])
+    assert not any("side" in d.value.columns for d in at.dataframe)  # the talkers' tab is not drawn now
+    recent = frame_with(open_tab(at, "Recent packets"), "maker")
+    assert {"source name", "destination country", "service", "process"} <= set(recent.columns)
+    assert set(recent["maker"]) == {"Cisco Systems, Inc"}
+    assert {"source name", "target country", "source AS"} <= set(frame_with(open_tab(at, "Alerts"),
+                                                                            "target name").columns)
+    assert {"process", "pid", "packets", "bytes", "connections"} <= set(frame_with(open_tab(at, "By process"),
+                                                                                   "connections").columns)
+    figs = figures(open_tab(at, "Top countries"))
+    assert "US" in figs["Top countries"]["data"][0]["y"] and "private" in figs["Top countries"]["data"][0]["y"]
+    figs = figures(open_tab(at, "Top networks (AS)"))
+    assert "AS15169 Google LLC" in figs["Top networks (AS)"]["data"][0]["y"]
+    assert not at.exception
     # No markdown element carries the raw name (it would render as markup).
     assert not any("<b>x</b>" in m.value for m in [*at.markdown, *at.caption])
 
@@ -142,12 +150,15 @@ def test_enrichment_on_by_default_with_the_pages_own_tables(fresh, tmp_path):
     at = run_until(app(), lambda a: talkers_have(a, "country", "US"), 30)
     assert not at.exception
     assert any(s.value == "Who is on the other end" for s in at.subheader)
-    for column in ("endpoint A", "direction", "side", "A name", "maker", "pid", "target name"):
-        assert sum(column in d.value.columns for d in at.dataframe) == 1, column  # each table once
-    procs = frame_with(at, "pid")  # a file: who holds a port now says nothing about its packets
+    for tab, column in (("Top talkers", "side"), ("Conversations", "A name"), ("Recent packets", "maker"),
+                        ("By process", "pid"), ("Alerts", "target name")):
+        at = open_tab(at, tab)
+        for own in ("endpoint A", "direction", column):
+            assert sum(own in d.value.columns for d in at.dataframe) == 1, (tab, own)  # each table once
+    procs = frame_with(open_tab(at, "By process"), "pid")  # a file: who holds a port now says nothing about its packets
     assert list(procs.columns) == ["process", "pid", "packets", "bytes", "connections"] and procs.empty
     assert any(c.value.startswith("Not live: the packets come from a file") for c in at.caption)
-    assert set(frame_with(at, "maker")["process"]) == {""}  # no address of this capture is this machine's
+    assert set(frame_with(open_tab(at, "Recent packets"), "maker")["process"]) == {""}  # none is this machine's
 
 
 HELD_PORT, CLIENT_PORT = 8822, 57000  # a port this test listens on (unregistered); 57000 is dircproxy's
@@ -176,7 +187,9 @@ def test_a_files_local_packets_say_not_live_and_only_the_server_end_names_its_se
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("127.0.0.1", HELD_PORT))
         held.listen()
-        at = run_until(app(), lambda a: any("maker" in d.value.columns and len(d.value) == 5 for d in a.dataframe), 30)
+        at = app()
+        at.session_state["who_tab"] = "Recent packets"
+        at = run_until(at, lambda a: any("maker" in d.value.columns and len(d.value) == 5 for d in a.dataframe), 30)
         assert not at.exception
         table = enrich.shared().processes
         table.refresh()
@@ -185,7 +198,7 @@ def test_a_files_local_packets_say_not_live_and_only_the_server_end_names_its_se
         assert recent["process"].tolist() == ["not live"] * 5
         assert recent["service"].tolist()[::-1] == [  # newest first on the page; written oldest first
             str(HELD_PORT), str(HELD_PORT), str(HELD_PORT), "8080/http-alt", "8080/http-alt"]
-        conv = frame_with(at, "A name")
+        conv = frame_with(open_tab(at, "Conversations"), "A name")
         ends = {frozenset((r["A port"], r["B port"])) for _, r in conv.iterrows()}
         assert ends == {frozenset((str(HELD_PORT), str(CLIENT_PORT))), frozenset(("8080/http-alt", str(CLIENT_PORT)))}
         assert set(conv["A process"]) == set(conv["B process"]) == {"not live"}
