@@ -80,7 +80,8 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     by = st.session_state.get("top_by", "packets")
     st.subheader("Who is on the other end")
     # Only the open tab is computed (Streamlit's lazy tabs: choosing another reruns the page). All seven took
-    # ~25 ms of CPU at every rerun of every viewer, in the process whose capture thread waits for the GIL.
+    # ~30 ms of CPU at every rerun of every viewer, in the process whose capture thread waits for the GIL.
+    # Each viewer's choice is its own (session state, not the URL).
     tabs = st.tabs(TABS, key=TAB_KEY, on_change="rerun")
     with tabs[0]:
         if is_open(tabs[0]):
@@ -97,7 +98,7 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     for i, (title, key) in ((2, ("Top countries", "who_countries")), (3, ("Top networks (AS)", "who_networks"))):
         with tabs[i]:
             if is_open(tabs[i]):
-                countries, networks, note = ends_views(en, snap, by)
+                countries, networks, note = ends_views(en, snap, by, only="country" if i == 2 else "network")
                 chart(st, ends_bar(countries if i == 2 else networks, title, by), key, tz)
                 st.caption(plain(note + CLICK_NOTE))
     with tabs[4]:
@@ -154,9 +155,11 @@ def process_view(en, snap: Snapshot, live: bool = True) -> None:
     st.caption(plain(process_note(en, snap, over_all)))
 
 
-def ends_views(en, snap: Snapshot, by: str, n: int = AGG_ADDRESSES) -> tuple[list[dict], list[dict], str]:
+def ends_views(en, snap: Snapshot, by: str, n: int = AGG_ADDRESSES,
+               only: str | None = None) -> tuple[list[dict], list[dict], str]:
     """(countries, networks, note): per key what its addresses sent and received, over the top `n` sources
-    and `n` destinations, and a note that says per end, and approximate when the tables are."""
+    and `n` destinations, and a note that says per end, and approximate when the tables are. only="country"
+    or "network": the other list is left empty (the open tab shows one)."""
     src = snap.top_addresses("src", by, n + 1)
     dst = snap.top_addresses("dst", by, n + 1)
     cut = len(src) > n or len(dst) > n
@@ -176,7 +179,8 @@ def ends_views(en, snap: Snapshot, by: str, n: int = AGG_ADDRESSES) -> tuple[lis
         note += " Approximate: " + "; ".join(why) + "."
     else:
         note += " Exact: every address seen is in the tables with its exact count."
-    countries, networks = en.by_country(src, dst), en.by_network(src, dst)
+    countries = en.by_country(src, dst) if only != "network" else []
+    networks = en.by_network(src, dst) if only != "country" else []
     for rows in (countries, networks):
         for r in rows:
             r["approx"] = bool(r["approx"] or cut or pruned)

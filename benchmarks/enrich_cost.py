@@ -90,7 +90,8 @@ def child(port: int, enriched: bool) -> None:
         print(json.dumps({"error": engine.status().error}), flush=True)
         return
     stop, times = threading.Event(), []
-    work = panel_work(en) if en is not None else refresh_work  # the page with ENRICHMENT on: columns + panel
+    # The page with ENRICHMENT on: its tables' columns and the panel's open tab (--tab; the first by default)
+    work = panel_work(en, os.environ.get(TAB_ENV) or "Top talkers") if en is not None else refresh_work
 
     every = float(os.environ.get(REFRESH_ENV) or 2.0)
     running = threading.Event()
@@ -136,6 +137,7 @@ def child(port: int, enriched: bool) -> None:
 
 THREAD_STAGE_ENV = "ENRICH_COST_THREAD_STAGE"  # --thread-stage, read by the capturing child
 REFRESH_ENV = "ENRICH_COST_REFRESH_S"  # --refresh-s, read by the capturing child
+TAB_ENV = "ENRICH_COST_TAB"  # --tab, read by the capturing child
 CGROUP_NAME = "ntm_enrich_cost"
 PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs (--period-ms)
 _CGROUP: list[Path] = []  # the quota's cgroup while --quota runs: every capturer starts inside it
@@ -525,6 +527,9 @@ def main() -> int:
                     help="the page's refresh interval in the capturing process (the dashboard's REFRESH_S: 2 s). "
                          "Under --quota Q a refresh costs 100/Q times more of the capture's CPU than on a whole "
                          "core; 2 x 100/Q keeps the share a whole core would see (e.g. 10 for --quota 20)")
+    ap.add_argument("--tab", default="Top talkers",
+                    help="the enrichment panel's open tab in the enriched page's refresh (the page draws only that "
+                         "one), or 'all' (every tab, as before the panel's tabs were lazy)")
     ap.add_argument("--thread-stage", action="store_true",
                     help="enriched runs attribute in a thread of the capturing process (the design before "
                          "2026-11-27's move into the detector worker), for comparison")
@@ -546,7 +551,9 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("live capture needs root (or CAP_NET_RAW)")
     os.environ[REFRESH_ENV] = str(args.refresh_s)
-    print(f"the page's refresh in the capturing process every {args.refresh_s:g} s", flush=True)
+    os.environ[TAB_ENV] = args.tab
+    print(f"the page's refresh in the capturing process every {args.refresh_s:g} s; enriched: the panel's "
+          f"tab {args.tab!r}", flush=True)
     if args.thread_stage:
         os.environ[THREAD_STAGE_ENV] = "1"
         print("enriched: per-process attribution in a thread of the capturing process (--thread-stage)", flush=True)

@@ -75,12 +75,19 @@ def panel_work(en, tab: str = "Top talkers"):
 
     def ends(i: int):
         def view(snap: Snapshot) -> tuple[list, list]:
-            rows = ep.ends_views(en, snap, "packets")[i]
+            rows = ep.ends_views(en, snap, "packets", only=("country", "network")[i])[i]
             return [ep.ends_bar(rows, ("Top countries", "Top networks (AS)")[i], "packets")], []
         return view
 
+    def both_ends(snap: Snapshot) -> tuple[list, list]:  # "all": the page summed both in one call
+        countries, networks, _ = ep.ends_views(en, snap, "packets")
+        return [ep.ends_bar(countries, "Top countries", "packets"),
+                ep.ends_bar(networks, "Top networks (AS)", "packets")], []
+
     def process(snap: Snapshot) -> tuple[list, list]:
         procs = snap.totals.get("by_process")
+        if procs is None and not ec.is_live(snap):  # a file's packets: the page names no process
+            return [], [viz.process_table([])]
         return [], [viz.process_table(procs if procs is not None else en.by_process(snap.packets))]
 
     views = {"Top talkers": talkers,
@@ -88,7 +95,8 @@ def panel_work(en, tab: str = "Top talkers"):
              "Top countries": ends(0), "Top networks (AS)": ends(1), "By process": process,
              "Recent packets": lambda snap: ([], [ep.recent_who(en, snap.packets[-100:], None)]),
              "Alerts": lambda snap: ([], [ep.alerts_who(en, snap.alerts)])}
-    drawn = list(views.values()) if tab == "all" else [views[tab]]
+    drawn = [v for k, v in views.items() if k not in ("Top countries", "Top networks (AS)")] + [both_ends] \
+        if tab == "all" else [views[tab]]
 
     def work(snap: Snapshot) -> int:
         sent = refresh_work(snap, en=en)

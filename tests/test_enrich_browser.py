@@ -58,6 +58,10 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
         assert wait_for(lambda: "**bold**<b>x</b>" in hover_text(), 60), seen[-3:]  # the markup shows as itself
         assert chart.locator(".hoverlayer tspan[style*='bold']").count() == 0  # and is not applied
         assert page.locator("a[href^='javascript']").count() == 0
+        # Only the open tab is drawn: a click on another reruns the page with that one (and not the first).
+        page.get_by_role("tab", name="Top countries").click()
+        countries = page.locator(".js-plotly-plot", has_text="Top countries")
+        assert wait_for(lambda: countries.count() == 1 and chart.count() == 0, 30), page.inner_text("body")[-1500:]
         # The AS database (a 21 MB CSV) loads in the background: the caption says "loading…" until it has.
         assert wait_for(lambda: page.get_by_text("AS number and organisation: ip-location-db asn").count() >= 1,
                         120), page.inner_text("body")[-1500:]
