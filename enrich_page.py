@@ -80,7 +80,7 @@ def panel(snap: Snapshot, tz: tzinfo | None) -> None:
     by = st.session_state.get("top_by", "packets")
     st.subheader("Who is on the other end")
     # Only the open tab is computed (Streamlit's lazy tabs: choosing another reruns the page). All seven took
-    # ~30 ms of CPU at every rerun of every viewer, in the process whose capture thread waits for the GIL.
+    # ~25 ms of CPU at every rerun of every viewer, in the process whose capture thread waits for the GIL.
     # Each viewer's choice is its own (session state, not the URL).
     tabs = st.tabs(TABS, key=TAB_KEY, on_change="rerun")
     with tabs[0]:
