@@ -145,3 +145,23 @@ def test_a_loaded_geo_database_is_left_out_of_the_garbage_collectors_full_passes
     assert id(en.geo._db) not in tracked and gc.get_freeze_count() > 0
     en.stop()
     assert gc.get_freeze_count() == 0 and id(en.geo._db) in {id(o) for o in gc.get_objects()}
+
+
+def test_the_geo_lookup_cache_is_bounded_and_an_evicted_address_is_answered_again():
+    """Looking up more distinct public addresses than cache_max keeps at most cache_max answers; an address
+    pushed out is looked up again with the same answer."""
+    from capture.heap import release_gc
+    from enrich.geo import GeoDB
+
+    geo = GeoDB(cache_max=50)
+    try:
+        assert geo.wait_loaded(120), geo.error
+        first = geo.lookup("8.8.8.8")
+        assert (first.country, first.asn) == ("US", 15169)
+        for i in range(200):
+            geo.lookup(f"9.{i // 250}.{i % 250}.1")
+        assert len(geo._cache) == 50 and geo._cache.get("8.8.8.8") is None  # evicted: least recently used
+        again = geo.lookup("8.8.8.8")
+        assert (again.country, again.asn, again.as_org) == (first.country, first.asn, first.as_org)
+    finally:
+        release_gc()  # the loaded database froze the collector's view (an Enricher's stop would hand it back)

@@ -21,7 +21,7 @@ from test_enrich_process import SIZE, web  # noqa: F401  - the local web server 
 import config
 from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
 from analysis.stages import AlertMirror, DetectorStage, WorkerProcesses
-from enrich.attribution import UNKNOWN, WAITING, WAITING_MAX, ProcessStage
+from enrich.attribution import OTHERS, UNKNOWN, WAITING, WAITING_MAX, ProcessStage
 from enrich.processes import ProcessTable, shared_table
 from packet_processor import CaptureEngine, Source
 
@@ -300,3 +300,16 @@ def test_the_worker_attributes_what_follows_the_last_clear_and_reports_it_at_the
     d = procs.as_dict()
     assert (d["packets_in"], d["packets_analysed"], d["packets_skipped"]) == (7, 7, 0), d
     assert sum(r["packets"] for r in procs.rows()) == 7 and sum(r["bytes"] for r in procs.rows()) == 4 * 100 + 3 * 50
+
+
+def test_stage_names_at_most_max_entries_processes_and_counts_the_rest_as_others():
+    """More processes talking than the bound: max_entries of them get a row of their own, every other's packets
+    and bytes go to one 'others' row; nothing is lost."""
+    owners = {("udp", 2000 + i): (100 + i, f"proc{i}") for i in range(12)}
+    stage = ProcessStage(_FixedTable(owners), 10_000, max_entries=5)
+    stage.tally(_rows([("udp", "192.0.2.1", 40000, "127.0.0.1", 2000 + i, 70 + i) for i in range(12)]))
+    rows = {r["process"]: r for r in stage.rows()}
+    named = {k for k in rows if k.startswith("proc")}
+    assert len(named) == 5 and set(rows) == named | {OTHERS}
+    assert rows[OTHERS]["packets"] == 7 and sum(r["packets"] for r in rows.values()) == 12
+    assert sum(r["bytes"] for r in rows.values()) == sum(70 + i for i in range(12))

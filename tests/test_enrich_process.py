@@ -139,3 +139,22 @@ def test_a_table_fed_another_processes_reads_names_from_them_and_reads_nothing_i
         assert wait_for(lambda: len(reads) > n, 2) and page.forward_want is None
     finally:
         page.stop()
+
+
+def test_the_socket_table_keeps_at_most_max_entries_ports():
+    """A read of a machine with more sockets than the bound (40 of this test's own, besides the machine's)
+    keeps max_entries of them: the table is bounded whatever the machine runs."""
+    socks = []
+    try:
+        for _ in range(40):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        bounded, whole = ProcessTable(max_entries=10), ProcessTable()
+        bounded.refresh()
+        whole.refresh()
+        assert len(whole._owners) >= 40 and len(bounded._owners) == 10
+        assert set(bounded._owners) <= set(whole._owners) | set(whole._hidden)
+    finally:
+        for s in socks:
+            s.close()
