@@ -20,6 +20,8 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --quota 20 --capturer-only   # the same, its detector worker process not
     python benchmarks/enrich_cost.py --quota 20 --capturer-only --thread-stage   # attribution in a thread
     python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
+    python benchmarks/enrich_cost.py --quota 15 --capturer-only --pairs 8 --rate 330000 --seconds 13.3 \
+        --refresh-s 13.3 --sources 4000   # the same pairs from 4,000 loopback sources (talkers, conversations)
     python benchmarks/enrich_cost.py --quota 20 --capturer-only --pairs 12 --rate 330000 --seconds 6
         # paired runs at one rate above both variants' limits: the share of the offered packets each variant
         # counted, enriched / plain per pair (the capture's sustained capacity), with a 95 % interval
@@ -199,6 +201,34 @@ def _ahead() -> None:
 
 
 _CAPTURER_ONLY: list[bool] = []  # --capturer-only: the detector worker process stays outside the quota
+_SOURCES: list[int] = []  # --sources N: udp_sources_sender.c, N loopback source addresses instead of one
+
+
+def build_sender(tmp: str, sources: int) -> str:
+    """live_capture's one-flow sender, or with `sources` the many-source one."""
+    if not sources:
+        return live_capture.build_sender(tmp)
+    print(f"traffic: {sources:,} loopback sources (127.1.0.1 upwards), one destination port", flush=True)
+    return build_sources_sender(tmp, sources)
+
+
+def build_sources_sender(tmp: str, sources: int) -> str:
+    """Compile udp_sources_sender.c (N sockets, each bound to its own 127.1.X.Y) and let this process and its
+    children hold N more files (one socket each)."""
+    import resource
+    import shutil
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = sources + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY else want, hard))
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit("needs a C compiler (apt-get install gcc)")
+    out = os.path.join(tmp, "udp_sources_sender")
+    subprocess.run([cc, "-O2", "-o", out, str(HERE / "udp_sources_sender.c")], check=True)
+    _SOURCES.append(sources)
+    return out
 
 
 def _under_quota(pid: int) -> None:
@@ -307,8 +337,9 @@ def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
         proc.stdin.flush()
         t = time.perf_counter()
         nice = ["nice", "-n", str(PRIORITY)] if _CGROUP else []  # the sender must pace the rate asked
-        sent = int(subprocess.run([*nice, sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1"],
-                                  capture_output=True, text=True, check=True).stdout)
+        sources = [str(_SOURCES[0])] if _SOURCES else []  # --sources: the many-source sender's last argument
+        sent = int(subprocess.run([*nice, sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1",
+                                   *sources], capture_output=True, text=True, check=True).stdout)
         elapsed = time.perf_counter() - t
         got = live_capture.finish_capturer("engine", proc)
     finally:
@@ -527,6 +558,9 @@ def main() -> int:
                     help="the page's refresh interval in the capturing process (the dashboard's REFRESH_S: 2 s). "
                          "Under --quota Q a refresh costs 100/Q times more of the capture's CPU than on a whole "
                          "core; 2 x 100/Q keeps the share a whole core would see (e.g. 10 for --quota 20)")
+    ap.add_argument("--sources", type=int, default=0, metavar="N",
+                    help="send from N loopback addresses (udp_sources_sender.c) instead of one: N talkers and "
+                         "conversations for the enriched page to draw")
     ap.add_argument("--tab", default="Top talkers",
                     help="the enrichment panel's open tab in the enriched page's refresh (the page draws only that "
                          "one), or 'all' (every tab, as before the panel's tabs were lazy)")
@@ -559,7 +593,7 @@ def main() -> int:
         print("enriched: per-process attribution in a thread of the capturing process (--thread-stage)", flush=True)
     held, slowest = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        sender = live_capture.build_sender(tmp)
+        sender = build_sender(tmp, args.sources)
         if args.flat_out:
             return flat_out(sender, args.flat_out, args.packets)
         if args.capturer_only:

@@ -1,0 +1,85 @@
+/* Paced UDP sender from many loopback sources, for benchmarks/enrich_cost.py --sources: compiled at run time
+ * with the system's cc.
+ * usage: udp_sources_sender PORT RATE_PPS SECONDS PAYLOAD_BYTES CPU SOURCES
+ * SOURCES sockets, each bound to its own address 127.1.X.Y (loopback only) and a port the kernel picks, take
+ * turns sending batches to 127.0.0.1:PORT at RATE packets/s in all for SECONDS; prints the number sent. A
+ * capture of it has SOURCES talkers and SOURCES conversations instead of udp_sender's one. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BATCH 32
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 7) {
+        fprintf(stderr, "usage: %s PORT RATE SECONDS PAYLOAD CPU SOURCES\n", argv[0]);
+        return 2;
+    }
+    int port = atoi(argv[1]);
+    double rate = atof(argv[2]), seconds = atof(argv[3]);
+    int payload = atoi(argv[4]), cpu = atoi(argv[5]), sources = atoi(argv[6]);
+    if (sources < 1 || sources > 65000) { fprintf(stderr, "SOURCES: 1..65000\n"); return 2; }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof(set), &set);
+
+    int *fds = calloc(sources, sizeof(int));
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
+    for (int i = 0; i < sources; i++) {
+        fds[i] = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fds[i] < 0) { perror("socket (raise ulimit -n?)"); return 1; }
+        struct sockaddr_in src = {.sin_family = AF_INET, .sin_port = 0};
+        src.sin_addr.s_addr = htonl((127u << 24) | (1u << 16) | (unsigned)(i + 1));  /* 127.1.0.1 upwards */
+        if (bind(fds[i], (struct sockaddr *)&src, sizeof(src)) < 0) { perror("bind"); return 1; }
+        if (connect(fds[i], (struct sockaddr *)&dst, sizeof(dst)) < 0) { perror("connect"); return 1; }
+    }
+
+    static char buf[2048];
+    memset(buf, 'p', sizeof(buf));
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    memset(msgs, 0, sizeof(msgs));
+    for (int i = 0; i < BATCH; i++) {
+        iov[i].iov_base = buf;
+        iov[i].iov_len = payload;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    long long sent = 0, target_total = (long long)(rate * seconds);
+    int turn = 0;
+    double start = now();
+    while (sent < target_total) {
+        double t = now() - start;
+        long long due = (long long)(rate * t);
+        if (due > target_total) due = target_total;
+        if (due - sent <= 0) {
+            if (t > seconds + 1.0) break;
+            double wait = (sent + BATCH) / rate - t;
+            if (wait > 200e-6) {
+                struct timespec nap = {0, (long)((wait - 100e-6) * 1e9)};
+                nanosleep(&nap, NULL);
+            }
+            continue;
+        }
+        int n = due - sent > BATCH ? BATCH : (int)(due - sent);
+        int r = sendmmsg(fds[turn], msgs, n, 0);
+        if (r > 0) sent += r;
+        turn = (turn + 1) % sources;
+    }
+    printf("%lld\n", sent);
+    return 0;
+}
