@@ -201,34 +201,23 @@ def _ahead() -> None:
 
 
 _CAPTURER_ONLY: list[bool] = []  # --capturer-only: the detector worker process stays outside the quota
-_SOURCES: list[int] = []  # --sources N: udp_sources_sender.c, N loopback source addresses instead of one
+_SOURCES: list[int] = []  # --sources N: udp_sender.c's SOURCES, N loopback source addresses instead of one
 
 
 def build_sender(tmp: str, sources: int) -> str:
-    """live_capture's one-flow sender, or with `sources` the many-source one."""
-    if not sources:
-        return live_capture.build_sender(tmp)
-    print(f"traffic: {sources:,} loopback sources (127.1.0.1 upwards), one destination port", flush=True)
-    return build_sources_sender(tmp, sources)
+    """live_capture's sender (udp_sender.c); with `sources` it sends from that many loopback addresses, one socket
+    each, so this process and its children may hold that many more files."""
+    if sources:
+        import resource
 
-
-def build_sources_sender(tmp: str, sources: int) -> str:
-    """Compile udp_sources_sender.c (N sockets, each bound to its own 127.1.X.Y) and let this process and its
-    children hold N more files (one socket each)."""
-    import resource
-    import shutil
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = sources + 256
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard) if hard != resource.RLIM_INFINITY else want, hard))
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise SystemExit("needs a C compiler (apt-get install gcc)")
-    out = os.path.join(tmp, "udp_sources_sender")
-    subprocess.run([cc, "-O2", "-o", out, str(HERE / "udp_sources_sender.c")], check=True)
-    _SOURCES.append(sources)
-    return out
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = sources + 256
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
+                                                        hard))
+        _SOURCES.append(sources)
+        print(f"traffic: {sources:,} loopback sources (127.1.0.1 upwards), one destination port", flush=True)
+    return live_capture.build_sender(tmp)
 
 
 def _under_quota(pid: int) -> None:
@@ -559,7 +548,7 @@ def main() -> int:
                          "Under --quota Q a refresh costs 100/Q times more of the capture's CPU than on a whole "
                          "core; 2 x 100/Q keeps the share a whole core would see (e.g. 10 for --quota 20)")
     ap.add_argument("--sources", type=int, default=0, metavar="N",
-                    help="send from N loopback addresses (udp_sources_sender.c) instead of one: N talkers and "
+                    help="send from N loopback addresses (udp_sender.c SOURCES) instead of one: N talkers and "
                          "conversations for the enriched page to draw")
     ap.add_argument("--tab", default="Top talkers",
                     help="the enrichment panel's open tab in the enriched page's refresh (the page draws only that "

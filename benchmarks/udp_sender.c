@@ -1,6 +1,8 @@
 /* Paced UDP sender for benchmarks/live_capture.py: compiled at run time with the system's cc.
- * usage: udp_sender PORT RATE_PPS SECONDS PAYLOAD_BYTES CPU
- * Sends to 127.0.0.1:PORT only, at RATE packets/s for SECONDS, and prints the number sent. */
+ * usage: udp_sender PORT RATE_PPS SECONDS PAYLOAD_BYTES CPU [SOURCES]
+ * Sends to 127.0.0.1:PORT only, at RATE packets/s for SECONDS, and prints the number sent. With SOURCES
+ * (enrich_cost.py --sources), that many sockets, each bound to its own address 127.1.X.Y (loopback only),
+ * take turns sending batches: SOURCES talkers and conversations instead of one. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <sched.h>
@@ -20,22 +22,34 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: %s PORT RATE SECONDS PAYLOAD CPU\n", argv[0]);
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: %s PORT RATE SECONDS PAYLOAD CPU [SOURCES]\n", argv[0]);
         return 2;
     }
     int port = atoi(argv[1]);
     double rate = atof(argv[2]), seconds = atof(argv[3]);
     int payload = atoi(argv[4]), cpu = atoi(argv[5]);
+    int sources = argc == 7 ? atoi(argv[6]) : 0;  /* 0: one socket, the kernel's source address */
+    if (sources < 0 || sources > 65000) { fprintf(stderr, "SOURCES: 0..65000\n"); return 2; }
+    int n_fds = sources ? sources : 1;
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(cpu, &set);
     sched_setaffinity(0, sizeof(set), &set);
 
-    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    int *fds = calloc(n_fds, sizeof(int));
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, "127.0.0.1", &dst.sin_addr);
-    if (connect(fd, (struct sockaddr *)&dst, sizeof(dst)) < 0) { perror("connect"); return 1; }
+    for (int i = 0; i < n_fds; i++) {
+        fds[i] = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fds[i] < 0) { perror("socket (ulimit -n?)"); return 1; }
+        if (sources) {
+            struct sockaddr_in src = {.sin_family = AF_INET, .sin_port = 0};
+            src.sin_addr.s_addr = htonl((127u << 24) | (1u << 16) | (unsigned)(i + 1));  /* 127.1.0.1 upwards */
+            if (bind(fds[i], (struct sockaddr *)&src, sizeof(src)) < 0) { perror("bind"); return 1; }
+        }
+        if (connect(fds[i], (struct sockaddr *)&dst, sizeof(dst)) < 0) { perror("connect"); return 1; }
+    }
 
     static char buf[2048];
     memset(buf, 'p', sizeof(buf));
@@ -49,6 +63,7 @@ int main(int argc, char **argv) {
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
     long long sent = 0, target_total = (long long)(rate * seconds);
+    int turn = 0;
     double start = now();
     while (sent < target_total) {
         double t = now() - start;
@@ -66,8 +81,9 @@ int main(int argc, char **argv) {
             continue;
         }
         int n = due - sent > BATCH ? BATCH : (int)(due - sent);
-        int r = sendmmsg(fd, msgs, n, 0);
+        int r = sendmmsg(fds[turn], msgs, n, 0);
         if (r > 0) sent += r;
+        turn = (turn + 1) % n_fds;
     }
     printf("%lld\n", sent);
     return 0;
