@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import wait_for
 from notifyhelp import WebhookReceiver, nmap_scan, scan_port
-from test_browser import CHROME_ARGS, CHROMIUM, dashboard
+from test_browser import CHROME_ARGS, CHROMIUM, dashboard, open_page
 from test_history_browser import _download
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
@@ -61,8 +61,7 @@ def test_browser_rules_list_silences_one_scanner(root_only, tmp_path):
                    STORE=str(tmp_path / "h.duckdb"), ALERTS_MAX="500") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 3000})
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         page.get_by_text("Alert rules, detectors and notifications").click()  # the toggle
         page.get_by_label("Rule name").fill("lab scanner")
         page.get_by_label("Source (address or CIDR; empty: any)").fill("127.0.0.5")

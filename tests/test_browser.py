@@ -80,6 +80,22 @@ def server(root_only, tmp_path) -> Iterator[str]:
         yield url
 
 
+def open_page(page, url: str) -> None:
+    """Load the page until it shows its metrics. A first load can stay blank: the server never gets the
+    session's websocket (Streamlit 1.67; seen about once in four first loads in test_privilege, and in CI once
+    on the first browser test of a file). That one is not waited out: after 25 s the page is loaded again,
+    once, and then no metrics within 60 s is a failure."""
+    page.goto(url)
+    try:
+        page.wait_for_selector('[data-testid="stMetric"]', timeout=25_000)
+    except Exception:
+        page.reload()
+        try:
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        except Exception:
+            pytest.fail(f"no metrics after a reload: {page.inner_text('body')[:1500]}")
+
+
 def module_failed(page) -> bool:
     """Chromium could not fetch one of Streamlit's lazily loaded scripts (seen only on a loaded machine)."""
     return "Failed to fetch dynamically imported module" in page.inner_text("body")
@@ -138,8 +154,7 @@ def test_browser_live_refresh_filter_and_screenshot(server, traffic, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
-        page.goto(server)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, server)
         assert wait_for(lambda: packets(page) > 0, 15)
         first = packets(page)
         # Two auto-refreshes (every 2 s) without any click: the total must rise by itself.
@@ -199,8 +214,7 @@ def test_browser_shows_crafted_markup_as_text(tmp_path):
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         assert wait_for(lambda: packets(page) == 50, 15)
         assert wait_for(lambda: page.get_by_text(CRAFTED_APP).count() > 0, 10), "the file's words are not shown"
         text = page.inner_text("body")
@@ -257,8 +271,7 @@ def test_browser_upload_replaced_deleted_and_folder_gone_at_exit(tmp_path):
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1800})
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         uploader = page.locator('[data-testid="stSidebar"] input[type="file"]')
         uploader.set_input_files(str(files["first.pcap"]))
         assert wait_for(lambda: kept() == ["first.pcap"], 15), kept()

@@ -8,7 +8,7 @@ from enrichhelp import HOSTILE, dnsmasq
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
-from test_browser import CHROME_ARGS, CHROMIUM, dashboard
+from test_browser import CHROME_ARGS, CHROMIUM, dashboard, open_page
 
 pytestmark = [pytest.mark.browser]
 
@@ -28,8 +28,7 @@ def test_browser_enrichment_panel_and_hostile_ptr_name(veth, tmp_path):
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         page.get_by_text("Who is on the other end").wait_for(timeout=30_000)  # shown by default
         assert wait_for(lambda: page.get_by_role("tab", name="Top countries").count() == 1, 20)
         for tab in ("Top talkers", "Conversations", "Top countries", "Top networks (AS)", "By process"):

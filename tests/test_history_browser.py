@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import need, wait_for
 from pcapgen import pcap_bytes
-from test_browser import CHROME_ARGS, CHROMIUM, MARKER, assert_no_marker, dashboard, module_failed, packets
+from test_browser import CHROME_ARGS, CHROMIUM, MARKER, assert_no_marker, dashboard, module_failed, open_page, packets
 
 pytestmark = [pytest.mark.browser]
 
@@ -63,8 +63,7 @@ def test_browser_import_range_and_downloads(tmp_path):
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400}, accept_downloads=True)
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         assert wait_for(lambda: packets(page) == 12, 15)
         # Live downloads: the buffer's headers as a pcap tshark reads, no payload in it.
         pcap = _download(page, "Buffered packets' headers (pcap, no payload)")

@@ -7,7 +7,7 @@ import urllib.parse
 import pytest
 from conftest import wait_for
 from invhelp import tshark_count, write_mixed
-from test_browser import CHROME_ARGS, CHROMIUM, dashboard, packets
+from test_browser import CHROME_ARGS, CHROMIUM, dashboard, open_page, packets
 
 pytestmark = [pytest.mark.browser]
 
@@ -52,8 +52,7 @@ def test_brush_click_and_share_in_a_real_browser(tmp_path):
     with dashboard(["--pcap", path], tmp_path / "server.log", REFRESH_S="30") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 2400})
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+        open_page(page, url)
         if not wait_for(lambda: packets(page) == total and metric_text(page, "Status") == "finished", 3):
             # The file is read in well under a second, but this page redraws only every 30 s (so that no
             # redraw swallows a click below): a new session shows the finished file at once.
