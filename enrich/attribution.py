@@ -313,6 +313,8 @@ class ProcessTallies:
             for i in np.flatnonzero(known).tolist():
                 of_code[i] = ent(self._waiting[int(ucode[i])])
             new = np.flatnonzero(~known)
+            if len(new):
+                self.table.want()  # a new port: read the socket table now, while its connection is open
             room = max(0, min(self.max_entries, WAITING_MAX) - len(self._waiting))
             for i in new[:room].tolist():
                 t = self._waiting[int(ucode[i])] = _Tally(now)

@@ -11,6 +11,9 @@ A read costs ~20 ms of CPU on a busy machine (psutil reads /proc/net and every p
 thread reads every `refresh_s` only while someone is asking for a port it does not know (owner() missed:
 the attribution stage's waiting ports, a page's row); when every port asked for is named it reads only
 every IDLE_READS intervals (enrichment's largest fixed cost to the capturing process: benchmarks/RESULTS.md).
+A miss wakes the thread at once when the last read is an interval old: a new connection is read while it
+lasts, not up to an interval later (a short one had closed, and its owner was "unknown"); still at most
+one read an interval.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class ProcessTable:
         self._hidden_users: dict[tuple[str, int], int] = {}  # their sockets' uid (/proc/net, no privilege)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # want(): a port asked for is unknown
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.refreshes = 0
@@ -75,26 +79,42 @@ class ProcessTable:
     def stop(self) -> None:
         """Stop the refresh thread (safe to call twice)."""
         self._stop.set()
+        self._wake.set()
         t = self._thread
         if t is not None:
             t.join(self.refresh_s + 5)
 
     def _run(self) -> None:
-        idle = 0
+        idle, last = 0, float("-inf")
         while not self._stop.is_set():
             if self.fed():
                 self.skipped += 1
                 forward = self.forward_want
                 if self._wanted and forward is not None:  # the feeder reads it for us
-                    self._wanted = False
+                    self._wanted, last = False, time.monotonic()
                     forward()
             elif self._wanted or idle >= IDLE_READS - 1:
-                self._wanted, idle = False, 0
+                self._wanted, idle, last = False, 0, time.monotonic()
                 self.refresh()
             else:
                 idle += 1
                 self.skipped += 1
-            self._stop.wait(self.refresh_s)
+            self._pause(last)
+
+    def _pause(self, last: float) -> None:
+        """Wait one interval; a want() ends the wait early once the last read (or forward) is an interval old."""
+        end = time.monotonic() + self.refresh_s
+        quiet = last + self.refresh_s - time.monotonic()  # at most one read an interval, wanted or not
+        if quiet > 0 and self._stop.wait(min(quiet, self.refresh_s)):
+            return
+        left = max(0.0, end - time.monotonic())
+        if self.fed() and self.forward_want is None:  # nobody to read for a want: the interval as it was
+            self._stop.wait(left)
+            return
+        self._wake.clear()
+        if self._wanted:  # asked for before the clear: its set() may have been cleared
+            return
+        self._wake.wait(left)
 
     def fed(self) -> bool:
         """Whether another process's reads keep this table current (see FED_SLACK_S)."""
@@ -130,8 +150,9 @@ class ProcessTable:
             self.refreshes += 1  # the page's memo keys its process labels on this: they are looked up again
 
     def want(self) -> None:
-        """Ask for a read at the next interval (a port is not known yet)."""
+        """Ask for a read: at once if the last read is an interval old, else when it is (a port is not known yet)."""
         self._wanted = True
+        self._wake.set()
 
     def refresh(self) -> None:
         """Read the socket table once (also callable directly)."""
@@ -192,7 +213,7 @@ class ProcessTable:
         """(pid, name) of the local socket on this port, or None (unknown)."""
         v = self._owners.get((proto.lower(), int(port)))
         if v is None:
-            self._wanted = True  # the next interval reads the table again: this port may be new
+            self.want()  # read the table again soon: this port may be new
             return None
         return v[0], v[1]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import streamlit as st
-from conftest import PYTHON, need
+from conftest import PYTHON, need, wait_for
 
 import enrich
 from packet_processor import CaptureEngine, Snapshot, Source, stop_all
@@ -172,3 +172,37 @@ def packets_in(path: str) -> int:
     """Packets in a pcap file (tcpdump -r)."""
     out = subprocess.run(["tcpdump", "-n", "-r", path], capture_output=True, text=True).stdout
     return len([line for line in out.splitlines() if line.strip()])
+
+
+def held_curl(server: str, port: int, path: str, named: Callable[[int, int], bool], client: str = "127.0.0.1",
+              out: str = "/dev/null", timeout_s: float = 15.0) -> tuple[int, int]:
+    """curl connects to the HTTP server and holds the connection open (telnet://: its request comes from stdin)
+    until `named(pid, local port)` is true, then sends `GET path` and reads the answer to the end.
+
+    The socket table is read ~1 s after a new port's first packets; a connection that closes before is
+    "unknown", as it should be. A paced download (curl --limit-rate) lasted 2-6 s here, and in a loaded CI
+    once closed first. Returns (curl's pid, its local port) as `ss -tnp` lists the socket."""
+    need(shutil.which("curl") is not None and shutil.which("ss") is not None, "curl and ss (iproute2) are needed")
+    proc = subprocess.Popen(["curl", "-s", "-o", out, "--interface", client, f"telnet://{server}:{port}"],
+                            stdin=subprocess.PIPE)
+    try:
+        local = None
+        deadline = time.monotonic() + 10
+        while local is None and time.monotonic() < deadline:
+            listing = subprocess.run(["ss", "-tnpH", "dst", f"{server}:{port}"], capture_output=True,
+                                     text=True).stdout
+            for line in listing.splitlines():
+                if f"pid={proc.pid}," in line:
+                    local = int(line.split()[3].rsplit(":", 1)[1])
+            time.sleep(0.05)
+        assert local is not None, "ss never listed curl's socket"
+        assert wait_for(lambda: named(proc.pid, local), timeout_s), f"curl's port {local} was never named"
+        assert proc.stdin is not None
+        proc.stdin.write(f"GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n".encode())
+        proc.stdin.close()  # curl ends when the server has answered and closed
+        assert proc.wait(30) == 0
+        return proc.pid, local
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import need, wait_for
+from enrichhelp import held_curl
 from test_enrich_process import SIZE, web  # noqa: F401  - the local web server fixture
 
 import config
@@ -57,11 +58,11 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
         assert engine.buffer_size == BUFFER
         assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
         time.sleep(0.5)
-        # --limit-rate keeps the connection open ~4 s: the socket table (re-read every second) sees it.
-        client = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "5M", "-w", "%{size_download}",
-                                   f"http://127.0.0.1:{port}/blob"], stdout=subprocess.PIPE, text=True)
-        out, _ = client.communicate(timeout=60)
-        assert out == str(SIZE)
+        body = tmp_path / "body"
+        # curl holds its connection open until the per-process totals name it, then fetches the blob.
+        cpid, _ = held_curl("127.0.0.1", port, "/blob", lambda _pid, _port: any(
+            r["process"] == "curl" for r in engine.snapshot().totals["by_process"]), out=str(body))
+        assert body.stat().st_size > SIZE and body.read_bytes()[-SIZE:] == b"x" * SIZE  # headers, then the file
         time.sleep(1.5)
         assert wait_for(lambda: not any(r["process"] == WAITING for r in engine.snapshot().totals["by_process"]),
                         timeout=10)
@@ -88,7 +89,7 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
     rows = {r["process"]: r for r in snap.totals["by_process"]}
     server_name = psutil.Process(server.pid).name()
     assert set(rows) == {"curl", server_name}, rows
-    assert rows[server_name]["pid"] == server.pid and rows["curl"]["pid"] == client.pid
+    assert rows[server_name]["pid"] == server.pid and rows["curl"]["pid"] == cpid
     # Both ends are this machine: every packet of the one connection belongs to both processes.
     for r in rows.values():
         assert (r["packets"], r["bytes"], r["connections"]) == (ref_packets, ref_bytes, 1), r

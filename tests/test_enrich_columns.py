@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import ipaddress
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, cleared, dnsmasq, held_resolver, registered
+from enrichhelp import HOSTILE, cleared, dnsmasq, held_curl, held_resolver, registered
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
@@ -26,6 +25,7 @@ from scapy.layers.l2 import ARP, Ether
 from test_dashboard import app, figures, run_until
 
 import enrich
+from enrich.processes import shared_table
 
 
 @pytest.fixture
@@ -71,27 +71,6 @@ def web():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def curl_with_owner() -> tuple[int, int]:
-    """Fetch the blob with curl, paced: more than the socket buffers hold, so the connection lasts ~3 s.
-    The process table reads the socket table within a second of a port first asked for, after the
-    attribution stage's 0.25 s gathering: a ~1.5 s connection could close first on a loaded machine (CI,
-    once), and a closed connection's owner is "unknown", as it should be. Returns (curl's pid, its local
-    port) as `ss -tnp` lists the socket."""
-    proc = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--interface", CLIENT, "--limit-rate", "2M",
-                             f"http://{WEB}:{WEB_PORT}/blob"])
-    port = None
-    deadline = time.monotonic() + 10
-    while port is None and time.monotonic() < deadline:
-        out = subprocess.run(["ss", "-tnpH", "dst", f"{WEB}:{WEB_PORT}"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if f"pid={proc.pid}," in line:
-                port = int(re.search(rf"{re.escape(CLIENT)}:(\d+)", line).group(1))
-        time.sleep(0.1)
-    assert proc.wait(30) == 0
-    assert port is not None, "ss never listed curl's socket"
-    return proc.pid, port
-
-
 def conversation(conv, endpoint: str):
     """(the conversation row with this endpoint, which end it is: 'A' or 'B', the other end)."""
     sel = conv[(conv["endpoint A"] == endpoint) | (conv["endpoint B"] == endpoint)]
@@ -118,7 +97,9 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
         at = app()
         at.run()
         assert not at.exception
-        pid, cport = curl_with_owner()
+        # curl's connection stays open until the page's process table (the worker's reads, mirrored) names it.
+        pid, cport = held_curl(WEB, WEB_PORT, "/blob", lambda _pid, port: shared_table().owner("tcp", port) is not None,
+                               client=CLIENT)
         nmap_scan(sport, "47000-47199", TARGET)
 
         def filled(a) -> bool:

@@ -11,12 +11,13 @@ import time
 import psutil
 import pytest
 from conftest import PYTHON, need, wait_for
+from enrichhelp import held_curl
 
 from enrich.attribution import by_process
 from enrich.processes import ProcessTable
 from packet_processor import CaptureEngine, Source
 
-SIZE = 20_000_000  # large enough that the socket buffers cannot hold it: curl's --limit-rate paces it
+SIZE = 20_000_000  # more than the socket buffers hold: the capture sees a long transfer
 
 
 def _free_port() -> int:
@@ -52,11 +53,8 @@ def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
     try:
         assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
         time.sleep(0.5)
-        # --limit-rate keeps the connection open ~4 s, so many 0.2 s socket-table reads see it.
-        client = subprocess.Popen(["curl", "-s", "-o", "/dev/null", "--limit-rate", "5M", "-w", "%{size_download}",
-                                   f"http://127.0.0.1:{port}/blob"], stdout=subprocess.PIPE, text=True)
-        out, _ = client.communicate(timeout=60)
-        assert out == str(SIZE)
+        # curl holds its connection open until the table names its port, then fetches the blob.
+        held_curl("127.0.0.1", port, "/blob", lambda _pid, p: table.owner("tcp", p) is not None)
         time.sleep(1.0)
         snap = engine.snapshot()
     finally:
@@ -93,6 +91,38 @@ def test_the_table_is_read_every_interval_only_while_a_port_asked_for_is_unknown
             assert table.owner("tcp", port) is None  # the miss asks for a read
             assert wait_for(lambda: table.owner("tcp", port) is not None, 5)
         assert table.refreshes == 2 and table.skipped < IDLE_READS - 1  # read at once, not at the idle read
+    finally:
+        table.stop()
+
+
+def test_a_miss_is_read_at_once_when_the_last_read_is_an_interval_old_and_reads_stay_one_an_interval():
+    """A connection shorter than the interval was closed by the next interval's read (its owner "unknown"):
+    a miss now wakes the thread when the last read is an interval old; a second miss right after the read
+    waits for the interval (at most one read an interval)."""
+    table = ProcessTable(refresh_s=2.0)
+    reads: list[float] = []
+    real = table.refresh
+
+    def counted() -> None:
+        reads.append(time.monotonic())
+        real()
+
+    table.refresh = counted  # type: ignore[method-assign]
+    table.start()
+    try:
+        assert wait_for(lambda: len(reads) == 1, 5)
+        time.sleep(2.3)  # past the interval's end (a tick at 2.0 s, idle: no read) and 1.7 s before the next
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            asked = time.monotonic()
+            assert table.owner("tcp", port) is None
+            assert wait_for(lambda: table.owner("tcp", port) is not None, 5)
+        assert len(reads) == 2 and reads[1] - asked < 0.5  # not at the next tick, 1.7 s later
+        assert table.owner("tcp", 1) is None  # a miss just after a read
+        assert wait_for(lambda: len(reads) == 3, 5)
+        assert reads[2] - reads[1] >= 2.0 - 0.05  # one read an interval
     finally:
         table.stop()
 
