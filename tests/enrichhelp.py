@@ -168,6 +168,30 @@ def tcpdump(iface: str, bpf: str, path: str) -> Iterator[None]:
         proc.wait(5)
 
 
+def pcap_totals(path) -> tuple[int, int]:
+    """(packets, bytes on the wire) of a capture file as tshark reads it."""
+    out = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.len"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return len(out), sum(int(x) for x in out)
+
+
+@contextmanager
+def reference_dump(bpf: str, path) -> Iterator[None]:
+    """tcpdump writing what crosses lo (matching `bpf`) to `path` while the block runs: the reference count
+    (immediate mode, a 64 MB buffer: a download at lo's speed is not dropped)."""
+    need(shutil.which("tcpdump") is not None and shutil.which("tshark") is not None,
+         "tcpdump and tshark count the traffic independently")
+    dump = subprocess.Popen(["tcpdump", "--immediate-mode", "-Z", "root", "-i", "lo", "-U", "-B", "65536",
+                             "-w", str(path), bpf], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in (dump.stderr.readline() if dump.stderr else "")
+        yield
+    finally:
+        time.sleep(0.3)
+        dump.terminate()
+        dump.wait(10)
+
+
 def packets_in(path: str) -> int:
     """Packets in a pcap file (tcpdump -r)."""
     out = subprocess.run(["tcpdump", "-n", "-r", path], capture_output=True, text=True).stdout

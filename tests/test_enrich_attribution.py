@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import subprocess
 import threading
 import time
 
@@ -16,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import need, wait_for
-from enrichhelp import held_curl
+from enrichhelp import held_curl, pcap_totals, reference_dump
 from test_enrich_process import SIZE, web  # noqa: F401  - the local web server fixture
 
 import config
@@ -27,13 +26,6 @@ from enrich.processes import ProcessTable, shared_table
 from packet_processor import CaptureEngine, Source
 
 BUFFER = 50  # packets: the transfer below is ~10 times this (~500 packets on lo)
-
-
-def _tshark_totals(pcap) -> tuple[int, int]:
-    """(packets, bytes on the wire) of a capture file as tshark reads it."""
-    out = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.len"], capture_output=True,
-                         text=True, check=True).stdout.split()
-    return len(out), sum(int(x) for x in out)
 
 
 @pytest.mark.parametrize("where", ["worker", "thread"])
@@ -48,41 +40,37 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
     monkeypatch.setenv("NTM_DETECTORS_PROCESS", "1" if where == "worker" else "0")
     assert config.get("ENRICHMENT")  # on by default
     pcap = tmp_path / "ref.pcap"
-    dump = subprocess.Popen(["tcpdump", "--immediate-mode", "-Z", "root", "-i", "lo", "-U", "-B", "65536",
-                             "-w", str(pcap), f"tcp port {port}"], stderr=subprocess.PIPE, text=True)
-    assert "listening" in dump.stderr.readline()
-    page_table = shared_table()
-    fed_before = page_table.refreshes
-    engine = CaptureEngine()
-    try:
-        assert engine.buffer_size == BUFFER
-        assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
-        time.sleep(0.5)
-        body = tmp_path / "body"
-        # curl holds its connection open until the per-process totals name it, then fetches the blob.
-        cpid, _ = held_curl("127.0.0.1", port, "/blob", lambda _pid, _port: any(
-            r["process"] == "curl" for r in engine.snapshot().totals["by_process"]), out=str(body))
-        assert body.stat().st_size > SIZE and body.read_bytes()[-SIZE:] == b"x" * SIZE  # headers, then the file
-        time.sleep(1.5)
-        assert wait_for(lambda: not any(r["process"] == WAITING for r in engine.snapshot().totals["by_process"]),
-                        timeout=10)
-        snap = engine.snapshot()
-        in_thread = any(t.name == "process-attribution" for t in threading.enumerate())
-        assert in_thread == (where == "thread")
-        assert isinstance(engine._proc_stage, WorkerProcesses) == (where == "worker")
-        if where == "worker":  # the page's table mirrors the worker's reads: the page names the same owners
-            assert page_table.fed() and page_table.refreshes > fed_before
-            assert page_table.label("tcp", port) == f"{psutil.Process(server.pid).name()} ({server.pid})"
-        engine.clear()  # the page's Clear: the totals start again (in the worker too)
-        assert wait_for(lambda: engine.snapshot().totals["by_process"] == [], timeout=5)
-        time.sleep(0.6)  # several of the worker's reports: none brings the old totals back
-        after = engine.snapshot().totals
-        assert after["by_process"] == [] and after["stages"]["processes"]["packets_analysed"] == 0
-    finally:
-        engine.stop()
-        dump.terminate()
-        dump.wait(10)
-    ref_packets, ref_bytes = _tshark_totals(pcap)
+    with reference_dump(f"tcp port {port}", pcap):
+        page_table = shared_table()
+        fed_before = page_table.refreshes
+        engine = CaptureEngine()
+        try:
+            assert engine.buffer_size == BUFFER
+            assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
+            time.sleep(0.5)
+            body = tmp_path / "body"
+            # curl holds its connection open until the per-process totals name it, then fetches the blob.
+            cpid, _ = held_curl("127.0.0.1", port, "/blob", lambda _pid, _port: any(
+                r["process"] == "curl" for r in engine.snapshot().totals["by_process"]), out=str(body))
+            assert body.stat().st_size > SIZE and body.read_bytes()[-SIZE:] == b"x" * SIZE  # headers, then the file
+            time.sleep(1.5)
+            assert wait_for(lambda: not any(r["process"] == WAITING for r in engine.snapshot().totals["by_process"]),
+                            timeout=10)
+            snap = engine.snapshot()
+            in_thread = any(t.name == "process-attribution" for t in threading.enumerate())
+            assert in_thread == (where == "thread")
+            assert isinstance(engine._proc_stage, WorkerProcesses) == (where == "worker")
+            if where == "worker":  # the page's table mirrors the worker's reads: the page names the same owners
+                assert page_table.fed() and page_table.refreshes > fed_before
+                assert page_table.label("tcp", port) == f"{psutil.Process(server.pid).name()} ({server.pid})"
+            engine.clear()  # the page's Clear: the totals start again (in the worker too)
+            assert wait_for(lambda: engine.snapshot().totals["by_process"] == [], timeout=5)
+            time.sleep(0.6)  # several of the worker's reports: none brings the old totals back
+            after = engine.snapshot().totals
+            assert after["by_process"] == [] and after["stages"]["processes"]["packets_analysed"] == 0
+        finally:
+            engine.stop()
+    ref_packets, ref_bytes = pcap_totals(pcap)
     assert snap.totals["packets"] == ref_packets > 5 * BUFFER and len(snap.packets) == BUFFER
     st = snap.totals["stages"]["processes"]
     assert st["packets_skipped"] == 0 and st["packets_analysed"] == ref_packets

@@ -17,14 +17,15 @@ import numpy as np
 import psutil
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
-from enrichhelp import HOSTILE, cleared, dnsmasq, held_curl, held_resolver, registered
+from enrichhelp import HOSTILE, cleared, dnsmasq, held_curl, held_resolver, pcap_totals, reference_dump, registered
 from notifyhelp import nmap_scan, scan_port
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
-from test_dashboard import app, figures, run_until
+from test_dashboard import app, figures, open_tab, run_until
 
 import enrich
+from enrich.attribution import UNKNOWN, WAITING
 from enrich.processes import shared_table
 
 
@@ -87,19 +88,21 @@ def rows_of(frame, **match):
     return sel
 
 
-def test_live_tables_show_names_processes_services_and_escape_hostile_names(fresh, veth, web):
+def test_live_tables_show_names_processes_services_and_escape_hostile_names(fresh, veth, web, tmp_path):
     fresh.setenv("NTM_INTERFACE", "lo")
     sport = scan_port()
     fresh.setenv("NTM_BPF_FILTER", f"(host {WEB} and tcp port {WEB_PORT}) or (host {TARGET} and port {sport})")
     fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
     fresh.setenv("NTM_RECENT_ROWS", "1000")
+    ref = tmp_path / "web.pcap"
     with dnsmasq(veth.ns, veth.ns_ip, NAMES):
         at = app()
         at.run()
         assert not at.exception
-        # curl's connection stays open until the page's process table (the worker's reads, mirrored) names it.
-        pid, cport = held_curl(WEB, WEB_PORT, "/blob", lambda _pid, port: shared_table().owner("tcp", port) is not None,
-                               client=CLIENT)
+        with reference_dump(f"host {WEB} and tcp port {WEB_PORT}", ref):
+            # curl's connection stays open until the page's process table (the worker's reads, mirrored) names it.
+            pid, cport = held_curl(WEB, WEB_PORT, "/blob",
+                                   lambda _pid, port: shared_table().owner("tcp", port) is not None, client=CLIENT)
         nmap_scan(sport, "47000-47199", TARGET)
 
         def filled(a) -> bool:
@@ -153,6 +156,28 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
     hover = json.dumps(figures(at)["Top 10 destinations"]["data"][0]["customdata"])
     assert "**bold**&lt;b&gt;x&lt;/b&gt;" in hover and "<b>x</b>" not in hover
     assert not any("<b>x</b>" in m.value for m in [*at.markdown, *at.caption])
+
+    # The panel's "By process" tab: curl and the server, each with every packet and byte of the one
+    # connection (both ends are this machine), as tcpdump saw it; the scan's unowned ports are 'unknown'.
+    ref_packets, ref_bytes = pcap_totals(ref)
+    want = {"curl": (pid, ref_packets, ref_bytes, 1), server: (web.pid, ref_packets, ref_bytes, 1)}
+
+    def by_process(a) -> dict:
+        frame = next((d.value for d in a.dataframe if "connections" in d.value.columns and "pid" in d.value.columns),
+                     None)
+        if frame is None:
+            return {}
+        return {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for _, r in frame.iterrows()}
+
+    at = open_tab(at, "By process")
+    # The scan's ports are held apart ("not named yet") for the attribution's grace, then counted as unknown.
+    at = run_until(at, lambda a: all(by_process(a).get(k) == v for k, v in want.items())
+                   and WAITING not in by_process(a), 15)
+    assert not at.exception
+    rows = by_process(at)
+    assert {k: rows.get(k) for k in want} == want, rows
+    assert set(rows) - set(want) == {UNKNOWN}, rows  # nmap's raw-socket probes: no socket owns their ports
+    assert ref_bytes > 12_000_000
 
 
 def as_entry(addr: str) -> tuple[int, str]:
