@@ -39,6 +39,7 @@ class TopTable:
         self.state = (np.empty(0, key_dtype), np.empty((0, 2), np.int64),  # keys; packets, bytes
                       np.empty((0, 2), np.float64) if times else None,  # first, last seen
                       np.empty((0, 2), np.int64), (0, 0))  # error bound per row; floor (packets, bytes)
+        self._tops: tuple[tuple, dict] = (self.state, {})  # top()'s answers for this state (see top)
 
     keys = property(lambda self: self.state[0])
     vals = property(lambda self: self.state[1])
@@ -92,8 +93,26 @@ class TopTable:
         return t
 
     def top(self, n: int, by: str = "packets", text=None) -> list[tuple[Any, int, int, int]]:
-        """The n largest as (key, packets, bytes, row), count descending, then by text(key) ascending."""
-        keys, vals = self.state[:2]
+        """The n largest as (key, packets, bytes, row), count descending, then by text(key) ascending.
+
+        Remembered for the state it was computed from: the page asks a snapshot's tables the same question
+        several times a rerun (the charts, the enrichment panel), and each viewer's rerun of one snapshot
+        again. Among ties every tied key's text is made (a random-source flood: every row ties, ~1 us each)."""
+        state = self.state
+        memo_state, memo = self._tops
+        if memo_state is not state:
+            memo = {}
+            self._tops = (state, memo)
+        # A text function is keyed by its code: the callers pass a new lambda over the same conversion each time.
+        mkey = (n, by, getattr(text, "__code__", text))
+        hit = memo.get(mkey)
+        if hit is None:
+            hit = memo[mkey] = self._top(state, n, by, text)
+        return list(hit)
+
+    @staticmethod
+    def _top(state: tuple, n: int, by: str, text) -> list[tuple[Any, int, int, int]]:
+        keys, vals = state[:2]
         if not len(keys):
             return []
         col = vals[:, 0 if by == "packets" else 1]

@@ -328,3 +328,31 @@ def test_an_older_counters_reading_never_overwrites_the_last_one():
     last.join(10)
     t = eng.snapshot().totals
     assert (t["kernel_received"], t["dropped"]) == (1000, 400)
+
+
+def test_a_tables_top_is_computed_once_per_state_and_anew_when_the_counts_change():
+    """The page asks a snapshot's table the same question several times a rerun (charts, enrichment panel),
+    each viewer again: a random-source flood ties every row, and ordering ties makes every tied key's text."""
+    from analysis.counters import TopTable
+
+    table = TopTable(np.dtype("S4"), cap=100)
+    keys = np.array([b"%03d" % i for i in range(50)], dtype="S4")
+    table.add(keys, np.full(50, 60, np.int64))
+    made: list[bytes] = []
+
+    def text(k) -> str:
+        made.append(bytes(k))
+        return bytes(k).decode()
+
+    snap = table.frozen()
+
+    def asked():  # as Snapshot.top_addresses passes it: a new lambda over the same conversion at each call
+        return lambda k: text(k)
+
+    first = snap.top(3, "packets", asked())
+    assert [k for k, *_ in first] == ["000", "001", "002"] and len(made) == 50  # 50 ties: every text made
+    assert snap.top(3, "packets", asked()) == first and len(made) == 50  # the same question: answered once
+    assert [k for k, *_ in snap.top(3, "bytes", asked())] == ["000", "001", "002"] and len(made) == 100
+    table.add(np.array([b"049", b"049"], dtype="S4"), np.full(2, 60, np.int64))  # the live table moves on
+    assert table.top(1, "packets", asked())[0][:2] == ("049", 3)
+    assert snap.top(1, "packets", asked())[0][:2] == ("000", 1)  # the snapshot's answer is still its own
