@@ -125,7 +125,7 @@ class Snapshot:
         """Top n addresses (outer IP source or destination), count descending then address ascending."""
         table = self.src if which == "src" else self.dst
         return [{"addr": a, "packets": p, "bytes": b, **_bounds(table, r, by)}
-                for a, p, b, r in table.top(n, by, lambda k: addr_text(bytes(k)))]
+                for a, p, b, r in table.top(n, by, key_text)]
 
     def top_ports(self, klass: str = "tcp", n: int = 10, by: str = "packets") -> list[tuple[int, int, int]]:
         """Top destination ports as (port, packets, bytes)."""
@@ -160,6 +160,12 @@ def _marked(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     carry approx: true, error (of the count ranked by), packets_error and bytes_error."""
     bounds = ("error", "packets_error", "bytes_error", "approx")
     return [e if e["approx"] else {k: v for k, v in e.items() if k not in bounds} for e in entries]
+
+
+def key_text(key) -> str:
+    """An address table's key (16 bytes) as text: the one function its top() is asked with (top() remembers
+    answers per function)."""
+    return addr_text(bytes(key))
 
 
 def _bounds(table: TopTable, row: int, by: str) -> dict[str, Any]:

@@ -19,6 +19,9 @@ from analysis.headers import CLASSES, DIRECTIONS, NON_IP, OTHER_IP, TCP, UDP, gr
 BIN_FIELDS = [f"pk_{d}" for d in DIRECTIONS] + [f"by_{d}" for d in DIRECTIONS] + [f"pk_{c}" for c in CLASSES]
 
 
+TOP_MEMO_MAX = 32  # top() answers remembered per state (distinct questions: n, by, text)
+
+
 class TopTable:
     """key -> packets, bytes (and first/last seen) for at most `cap` keys, merged batch by batch.
 
@@ -97,14 +100,14 @@ class TopTable:
 
         Remembered for the state it was computed from: the page asks a snapshot's tables the same question
         several times a rerun (the charts, the enrichment panel), and each viewer's rerun of one snapshot
-        again. Among ties every tied key's text is made (a random-source flood: every row ties, ~1 us each)."""
+        again. Among ties every tied key's text is made (a random-source flood: every row ties, ~1 us each).
+        `text` is keyed by identity: pass the same function (a module-level one), not a new lambda per call."""
         state = self.state
         memo_state, memo = self._tops
-        if memo_state is not state:
+        if memo_state is not state or len(memo) >= TOP_MEMO_MAX:
             memo = {}
             self._tops = (state, memo)
-        # A text function is keyed by its code: the callers pass a new lambda over the same conversion each time.
-        mkey = (n, by, getattr(text, "__code__", text))
+        mkey = (n, by, text)
         hit = memo.get(mkey)
         if hit is None:
             hit = memo[mkey] = self._top(state, n, by, text)

@@ -518,7 +518,7 @@ class DetectorStage(Stage):
         return WorkerProcesses(self)
 
     def want_table(self) -> None:
-        """Ask the worker's socket table for a read at its next interval (the page's mirror missed a port)."""
+        """Ask the worker's socket table for a read soon (ProcessTable.want): the page's mirror missed a port."""
         if self._attr_cmd is not None and not self._closed:
             self._command(_WANT_TABLE)
 

@@ -599,7 +599,7 @@ class WorkerAttribution:
         return n > 0 and n != self._table_sent
 
     def want_table(self) -> None:
-        """The page asked for a port its mirror does not know: read the socket table at the next interval."""
+        """The page asked for a port its mirror does not know: read the socket table soon (ProcessTable.want)."""
         self.tallies.table.want()
 
     def stop(self) -> None:

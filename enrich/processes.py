@@ -62,7 +62,7 @@ class ProcessTable:
         self._thread: threading.Thread | None = None
         self.error: str | None = None
         self.refreshes = 0
-        self.skipped = 0  # intervals with no read: nothing asked for was unknown
+        self.skipped = 0  # passes of the refresh loop without a read (an interval, or part of one a want() cut)
         self._wanted = True  # the first interval reads
         self._fed_at: float | None = None  # when feed() last gave this table another process's read
         # While fed: asks the feeder for a read (a port the page asked for is unknown), once an interval at most.
@@ -91,18 +91,20 @@ class ProcessTable:
                 self.skipped += 1
                 forward = self.forward_want
                 if self._wanted and forward is not None:  # the feeder reads it for us
-                    self._wanted, last = False, time.monotonic()
+                    self._wanted = False
                     forward()
+                    last = time.monotonic()
             elif self._wanted or idle >= IDLE_READS - 1:
-                self._wanted, idle, last = False, 0, time.monotonic()
+                self._wanted, idle = False, 0
                 self.refresh()
+                last = time.monotonic()  # from the read's end: a slow read never runs into the next one
             else:
                 idle += 1
                 self.skipped += 1
             self._pause(last)
 
     def _pause(self, last: float) -> None:
-        """Wait one interval; a want() ends the wait early once the last read (or forward) is an interval old."""
+        """Wait one interval; a want() ends the wait early once the last read (or forward) ended an interval ago."""
         end = time.monotonic() + self.refresh_s
         quiet = last + self.refresh_s - time.monotonic()  # at most one read an interval, wanted or not
         if quiet > 0 and self._stop.wait(min(quiet, self.refresh_s)):
@@ -112,7 +114,7 @@ class ProcessTable:
             self._stop.wait(left)
             return
         self._wake.clear()
-        if self._wanted:  # asked for before the clear: its set() may have been cleared
+        if self._wanted or self._stop.is_set():  # asked for (or stopped) before the clear: its set() was cleared
             return
         self._wake.wait(left)
 

@@ -203,9 +203,11 @@ def held_curl(server: str, port: int, path: str, named: Callable[[int, int], boo
     """curl connects to the HTTP server and holds the connection open (telnet://: its request comes from stdin)
     until `named(pid, local port)` is true, then sends `GET path` and reads the answer to the end.
 
-    The socket table is read ~1 s after a new port's first packets; a connection that closes before is
-    "unknown", as it should be. A paced download (curl --limit-rate) lasted 2-6 s here, and in a loaded CI
-    once closed first. Returns (curl's pid, its local port) as `ss -tnp` lists the socket."""
+    The socket table is read within about a second of a new port's first packets (the detector worker's
+    gathering, then the table's read); a connection that closes before is "unknown", as it should be. A
+    paced download (curl --limit-rate) lasted 2-6 s here, and in a loaded CI once closed first. `named` must
+    only watch (ProcessTable.owners(), the per-process rows): owner() asks for a read itself, and the test
+    would then make the read the product should. Returns (curl's pid, its local port) as `ss -tnp` lists it."""
     need(shutil.which("curl") is not None and shutil.which("ss") is not None, "curl and ss (iproute2) are needed")
     proc = subprocess.Popen(["curl", "-s", "-o", out, "--interface", client, f"telnet://{server}:{port}"],
                             stdin=subprocess.PIPE)

@@ -345,14 +345,13 @@ def test_a_tables_top_is_computed_once_per_state_and_anew_when_the_counts_change
         return bytes(k).decode()
 
     snap = table.frozen()
-
-    def asked():  # as Snapshot.top_addresses passes it: a new lambda over the same conversion at each call
-        return lambda k: text(k)
-
-    first = snap.top(3, "packets", asked())
+    first = snap.top(3, "packets", text)
     assert [k for k, *_ in first] == ["000", "001", "002"] and len(made) == 50  # 50 ties: every text made
-    assert snap.top(3, "packets", asked()) == first and len(made) == 50  # the same question: answered once
-    assert [k for k, *_ in snap.top(3, "bytes", asked())] == ["000", "001", "002"] and len(made) == 100
+    assert snap.top(3, "packets", text) == first and len(made) == 50  # the same question: answered once
+    assert [k for k, *_ in snap.top(3, "bytes", text)] == ["000", "001", "002"] and len(made) == 100
+    # Another text function is another question (keyed by identity: a closure over other values differs).
+    assert [k for k, *_ in snap.top(3, "packets", lambda k: bytes(k).decode()[::-1])] == ["000", "010", "020"]
+    assert [k for k, *_ in snap.top(3, "packets", lambda k: "x" + bytes(k).decode())] == ["x000", "x001", "x002"]
     table.add(np.array([b"049", b"049"], dtype="S4"), np.full(2, 60, np.int64))  # the live table moves on
-    assert table.top(1, "packets", asked())[0][:2] == ("049", 3)
-    assert snap.top(1, "packets", asked())[0][:2] == ("000", 1)  # the snapshot's answer is still its own
+    assert table.top(1, "packets", text)[0][:2] == ("049", 3)
+    assert snap.top(1, "packets", text)[0][:2] == ("000", 1)  # the snapshot's answer is still its own

@@ -101,8 +101,8 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
         assert not at.exception
         with reference_dump(f"host {WEB} and tcp port {WEB_PORT}", ref):
             # curl's connection stays open until the page's process table (the worker's reads, mirrored) names it.
-            pid, cport = held_curl(WEB, WEB_PORT, "/blob",
-                                   lambda _pid, port: shared_table().owner("tcp", port) is not None, client=CLIENT)
+            pid, cport = held_curl(WEB, WEB_PORT, "/blob", lambda _pid, port: ("tcp", port) in shared_table().owners(),
+                                   client=CLIENT)
         nmap_scan(sport, "47000-47199", TARGET)
 
         def filled(a) -> bool:

@@ -44,7 +44,7 @@ def web(tmp_path):
         proc.wait(5)
 
 
-def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
+def test_by_process_names_client_and_server_with_their_bytes(root_only, web, tmp_path):
     need(subprocess.run(["which", "curl"], capture_output=True).returncode == 0, "curl is not installed")
     server, port = web
     table = ProcessTable(refresh_s=0.2)
@@ -53,8 +53,12 @@ def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
     try:
         assert engine.start(Source("live", iface="lo", bpf=f"tcp port {port}")), engine.status().error
         time.sleep(0.5)
-        # curl holds its connection open until the table names its port, then fetches the blob.
-        held_curl("127.0.0.1", port, "/blob", lambda _pid, p: table.owner("tcp", p) is not None)
+        # curl holds its connection open until the table (its idle reads: nobody asks it) names its port, then
+        # fetches the blob.
+        body = tmp_path / "body"
+        held_curl("127.0.0.1", port, "/blob", lambda _pid, p: ("tcp", p) in table.owners(), out=str(body))
+        got = body.read_bytes()
+        assert got.startswith(b"HTTP/1.0 200 ") and got.endswith(b"\r\n\r\n" + b"x" * SIZE)
         time.sleep(1.0)
         snap = engine.snapshot()
     finally:
@@ -75,7 +79,7 @@ def test_by_process_names_client_and_server_with_their_bytes(root_only, web):
 
 def test_the_table_is_read_every_interval_only_while_a_port_asked_for_is_unknown():
     """A read costs ~20 ms on a busy machine: with every port asked for named, the thread reads only every
-    IDLE_READS intervals; a miss (a port it does not know) brings the next read at the next interval."""
+    IDLE_READS intervals; a miss (a port it does not know) brings a read within an interval."""
     from enrich.processes import IDLE_READS
 
     table = ProcessTable(refresh_s=0.2)
