@@ -19,6 +19,7 @@ one read an interval.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -170,11 +171,15 @@ class ProcessTable:
             return
         seen: dict[tuple[str, int], tuple[int, str, float]] = {}
         hidden: set[tuple[str, int]] = set()
+        see_all = os.geteuid() == 0  # root reads every fd table: a socket listed without a pid has no owner
         for c in conns:
             if not c.laddr or c.type not in _PROTO:
                 continue
-            if c.pid is None:  # /proc/net lists it, but its owner's /proc/PID/fd is not ours to read
-                hidden.add((_PROTO[c.type], c.laddr.port))
+            if c.pid is None:
+                # /proc/net lists it, but no fd table we may read holds it: either its owner's is not ours to
+                # read (hidden), or it has no owner at all (TIME_WAIT, an orphaned close): that is "unknown".
+                if not see_all and c.status != psutil.CONN_TIME_WAIT:
+                    hidden.add((_PROTO[c.type], c.laddr.port))
                 continue
             seen[(_PROTO[c.type], c.laddr.port)] = (c.pid, self._name(c.pid), now)
         hidden.difference_update(seen)  # another socket on that port (v4/v6, or ours) names it

@@ -192,3 +192,28 @@ def test_the_socket_table_keeps_at_most_max_entries_ports():
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("euid", [0, 65534])
+def test_a_socket_in_time_wait_has_no_owner_to_hide(monkeypatch, euid):
+    """A TIME_WAIT socket is listed without a pid because no process holds it any more: its port is "unknown",
+    not "owner not visible (no privilege)", for root and for an unprivileged reader alike (which may not read
+    other users' fd tables, so only there a pid-less socket in another state is said to be hidden)."""
+    import enrich.processes as processes
+    from enrich.processes import UNKNOWN
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        cli = socket.create_connection(srv.getsockname())
+        port = cli.getsockname()[1]
+        conn, _ = srv.accept()
+        cli.close()  # the side that closes first waits in TIME_WAIT
+        time.sleep(0.1)
+        conn.close()
+        assert wait_for(lambda: any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_TIME_WAIT
+                                    for c in psutil.net_connections("tcp")), 5)
+        monkeypatch.setattr(processes.os, "geteuid", lambda: euid)
+        table = ProcessTable()
+        table.refresh()
+    assert not table.hidden("tcp", port) and table.label("tcp", port) == UNKNOWN
