@@ -513,6 +513,9 @@ def pairs(sender: str, args) -> int:
     os.environ["NTM_RING_BLOCKS"] = str(args.ring_blocks)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ratios, share = [], {False: [], True: []}
+    # --same: both runs of a pair plain, the second named "enriched" in the statistic: the noise floor (what the
+    # pairs show when there is no difference to find).
+    names = {False: "plain", True: "plain B" if args.same else "enriched"}
     with contextlib.ExitStack() as stack:
         if args.quota:
             path = stack.enter_context(CpuQuota(args.quota, int(args.period_ms * 1000)))
@@ -525,27 +528,27 @@ def pairs(sender: str, args) -> int:
             got = {}
             unpaced = False
             for enriched in order:
-                r = paced_run(sender, args.rate, args.seconds, enriched)
+                r = paced_run(sender, args.rate, args.seconds, enriched and not args.same)
                 got[enriched] = r["counted"] / r["sent"] if r["sent"] else 0.0
                 share[enriched].append(got[enriched])
                 unpaced |= r["paced"] < 0.95 * args.rate  # offered less than asked: not comparable
-                print(f"    pair {i + 1:2} {'enriched' if enriched else 'plain':8} sent {r['sent']:,} counted "
+                print(f"    pair {i + 1:2} {names[enriched]:8} sent {r['sent']:,} counted "
                       f"{r['counted']:,} ({got[enriched] * 100:.2f} %) dropped {r.get('dropped')} paced "
                       f"{r['paced']:,.0f}/s attributed {r.get('attributed')} refreshes {r.get('refreshes')} (max "
                       f"{r.get('refresh_ms_max', 0):.0f} ms) CPU s by thread {r.get('threads')} gc {r.get('gc')}",
                       flush=True)
             ratios.append(got[True] / got[False] if got[False] and not unpaced else float("nan"))
-            print(f"  pair {i + 1:2}: counted share plain {got[False] * 100:.2f} %  enriched {got[True] * 100:.2f} %"
-                  f"  enriched / plain {ratios[-1]:.4f}" + ("  (left out: the sender could not pace a run)"
-                                                            if unpaced else ""), flush=True)
+            left = "  (left out: the sender could not pace a run)" if unpaced else ""
+            print(f"  pair {i + 1:2}: counted share plain {got[False] * 100:.2f} %  {names[True]} "
+                  f"{got[True] * 100:.2f} %  {names[True]} / plain {ratios[-1]:.4f}{left}", flush=True)
     valid = [r for r in ratios if r == r]
     if not valid:
         print("no pair where both runs were paced and plain counted anything")
         return 1
     mean, half = interval(valid)
     print(f"counted share, mean over {len(valid)} pairs: plain {statistics.fmean(share[False]) * 100:.2f} %  "
-          f"enriched {statistics.fmean(share[True]) * 100:.2f} %")
-    print(f"enriched / plain per pair: mean {mean:.4f} (95 % interval {mean - half:.4f} .. {mean + half:.4f}), "
+          f"{names[True]} {statistics.fmean(share[True]) * 100:.2f} %")
+    print(f"{names[True]} / plain per pair: mean {mean:.4f} (95 % interval {mean - half:.4f} .. {mean + half:.4f}), "
           f"median {statistics.median(valid):.4f}, worst {min(valid):.4f}, best {max(valid):.4f}")
     return 0
 
@@ -564,6 +567,8 @@ def main() -> int:
                     help="instead of the ladder: PAIRS of alternating plain/enriched runs, each sending "
                          "--packets as fast as the sender can")
     ap.add_argument("--packets", type=int, default=3_000_000)
+    ap.add_argument("--same", action="store_true",
+                    help="with --pairs: both runs of each pair plain (an A/A run: the statistic's noise floor)")
     ap.add_argument("--quota", type=float, default=0, metavar="PERCENT",
                     help="instead of the ladder: hold the capturing process to PERCENT %% of one core and "
                          "bisect each variant's loss-free rate, --rounds times")
