@@ -70,31 +70,38 @@ RATES = [50_000, 100_000, 200_000, 400_000, 600_000, 800_000, 1_000_000, 1_200_0
          2_500_000, 3_000_000, 4_000_000, 5_000_000]  # the ladder stops at the sender's ceiling
 
 
+def sources_pcap(path: str, sources: int, second_octet: int = 3, rounds: int = 2) -> None:
+    """A pcap of 60-byte UDP frames from `sources` loopback addresses (127.<second_octet>.0.1 upwards; at least
+    one) to 127.0.0.1:9999, `rounds` frames each: traffic shaped like udp_sender.c's --sources runs."""
+    import struct
+
+    n = max(1, sources)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        t0 = int(time.time()) - 10
+        for i in range(rounds * n):
+            src = bytes((127, second_octet, (i % n) // 250, (i % n) % 250 + 1))
+            udp = struct.pack("!HHHH", 40000 + i % n, 9999, 8 + 18, 0) + bytes(18)
+            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0, src,
+                             bytes((127, 0, 0, 1)))
+            frame = bytes(12) + b"\x08\x00" + ip + udp
+            fh.write(struct.pack("<IIII", t0, i % 1_000_000, len(frame), len(frame)) + frame)
+
+
 def warm_snapshot(sources: int):
     """A snapshot of traffic shaped like the run's (UDP from `sources` loopback addresses, at least one, to one
     port), from 127.3.0.1 upwards where the run's come from 127.1.0.1: read from a small pcap file."""
-    import struct
-
     from packet_processor import CaptureEngine
 
-    n = max(1, sources)
-    frames = []
-    for i in range(2 * n):
-        src = bytes((127, 3, (i % n) // 250, (i % n) % 250 + 1))
-        udp = struct.pack("!HHHH", 40000 + i % n, 9999, 8 + 18, 0) + bytes(18)
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xFFFF, 0, 64, 17, 0, src, bytes((127, 0, 0, 1)))
-        frames.append(bytes(12) + b"\x08\x00" + ip + udp)
     with tempfile.NamedTemporaryFile(suffix=".pcap", delete=False) as fh:
-        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        t0 = int(time.time()) - 10
-        for i, f in enumerate(frames):
-            fh.write(struct.pack("<IIII", t0, i, len(f), len(f)) + f)
+        path = fh.name
     try:
+        sources_pcap(path, sources)
         engine = CaptureEngine()
-        engine.load_file(fh.name)
+        engine.load_file(path)
         return engine.snapshot()
     finally:
-        os.unlink(fh.name)
+        os.unlink(path)
 
 
 def child(port: int, enriched: bool) -> None:
