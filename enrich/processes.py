@@ -171,7 +171,7 @@ class ProcessTable:
             return
         seen: dict[tuple[str, int], tuple[int, str, float]] = {}
         hidden: set[tuple[str, int]] = set()
-        see_all = os.geteuid() == 0  # root reads every fd table: a socket listed without a pid has no owner
+        see_all = sees_every_owner()  # then a socket listed without a pid has no owner
         for c in conns:
             if not c.laddr or c.type not in _PROTO:
                 continue
@@ -261,6 +261,22 @@ class ProcessTable:
     def is_local(self, addr: str) -> bool:
         """True for an address of this machine (as of the last refresh) or any loopback address."""
         return addr in self._local or addr.startswith("127.") or addr == "::1"
+
+
+CAP_SYS_PTRACE = 19  # reading another user's /proc/PID/fd needs it (ptrace's read access), root or not
+
+
+def sees_every_owner() -> bool:
+    """Whether this process may read every process's fd table: root with CAP_SYS_PTRACE (a container's root may
+    lack it)."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            eff = next(int(line.split()[1], 16) for line in fh if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(eff >> CAP_SYS_PTRACE & 1)
 
 
 def socket_users(ports: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
