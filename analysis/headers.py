@@ -367,6 +367,15 @@ def parse_frame(linktype: int, data: bytes) -> Parsed:
 BROADCAST4 = V4_PREFIX + b"\xff\xff\xff\xff"
 
 
+def take(records: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """records[which] (indices or a boolean mask) for a 1-D structured array, copied as whole opaque records:
+    numpy copies a structured array's rows field by field (a mask over 65,536 packed records: ~3.9 ms), a
+    void view's as plain bytes (~0.26 ms)."""
+    if records.dtype.names is None:
+        return records[which]
+    return records.view(f"V{records.dtype.itemsize}")[which].view(records.dtype)
+
+
 def addr_text(key: bytes) -> str:
     """A 16-byte address key as tshark writes it (dotted quad, or RFC 5952 IPv6)."""
     key = key.ljust(16, b"\x00")  # numpy's S16 strips trailing zero bytes

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis.headers import TCP, UDP, V4_PREFIX
+import native
+from analysis.headers import TCP, UDP, V4_PREFIX, take
 from analysis.stages import Stage, StageStats
 from enrich.processes import HIDDEN, UNKNOWN, ProcessTable
 
@@ -135,6 +136,46 @@ def _find(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return pos, keys[np.minimum(pos, len(keys) - 1)] == wanted
 
 
+class _ConnIds:
+    """The distinct connection ids of one tally: a native/detect.c set where it is built (one C pass per call:
+    a Python set cost ~0.2 us an id, and a call repeats every live conversation's id), else a Python set."""
+
+    __slots__ = ("_nset", "_set")
+
+    def __init__(self) -> None:
+        from analysis import detect
+        self._nset = detect._NSet(room=16) if detect._native_tables() else None
+        self._set: set[int] = set()
+
+    def __len__(self) -> int:
+        return self._nset.n if self._nset is not None else len(self._set)
+
+    def ids(self) -> np.ndarray:
+        """Every id held, as uint64."""
+        if self._nset is not None:
+            return self._nset.keys[:self._nset.n].copy()
+        return np.fromiter(self._set, np.uint64, len(self._set))
+
+    def add(self, ids: np.ndarray, room: int) -> tuple[int, bool]:
+        """Add distinct ids while there is room: (how many were new and added, whether some new ones had none)."""
+        ids = np.ascontiguousarray(ids, np.uint64)
+        before = len(self)
+        if self._nset is not None:
+            from analysis.detect import _nset_add
+            if len(ids) > room:  # only the new ones count against the room (rare: the bound is near)
+                ids = ids[~np.isin(ids, self._nset.keys[:self._nset.n])]
+                capped = len(ids) > room
+                _nset_add(self._nset, ids[:max(room, 0)])
+                return len(self) - before, capped
+            _nset_add(self._nset, ids)
+            return len(self) - before, False
+        # A set difference walks the new ids only.
+        new = list(set(ids.tolist()).difference(self._set)) if before else ids.tolist()
+        capped = len(new) > room
+        self._set.update(new[:max(room, 0)] if capped else new)
+        return len(self) - before, capped
+
+
 class _Tally:
     """Packets, bytes and distinct connections of one process (connections bounded: then '≥').
 
@@ -144,7 +185,7 @@ class _Tally:
 
     def __init__(self, since: float = 0.0) -> None:
         self.packets = self.bytes = 0
-        self.conns: set[int] = set()
+        self.conns = _ConnIds()
         self.capped = False
         self.since = since
 
@@ -154,16 +195,13 @@ class _Tally:
         self.bytes += nbytes
         if self.capped:
             return 0
-        before = len(self.conns)
-        new = [c for c in conns.tolist() if c not in self.conns] if before else conns.tolist()
-        if len(new) > room:
-            new, self.capped = new[:max(room, 0)], True
-        self.conns.update(new)
-        return len(self.conns) - before
+        added, capped = self.conns.add(conns, room)
+        self.capped |= capped
+        return added
 
     def merge(self, other: _Tally, room: int) -> int:
         """Take another tally's counts (a waiting port now named); returns the connection ids added."""
-        added = self.add(other.packets, other.bytes, np.fromiter(other.conns, np.uint64, len(other.conns)), room)
+        added = self.add(other.packets, other.bytes, other.conns.ids(), room)
         self.capped |= other.capped
         return added
 
@@ -179,6 +217,28 @@ def conversation_hashes(p: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         return (_end_hash(p["src"], p["sport"]) + _end_hash(p["dst"], p["dport"])) ^ \
             (p["cls"].astype(np.uint64) * _K[3])
+
+
+def conversations(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The TCP/UDP records grouped by conversation: (ids sorted, one record of each, packets, wire bytes), or
+    None when there are none. native/grouprows.c in one pass where built, else numpy (the reference)."""
+    got = native.conv_tally(arr, TCP, UDP) if len(arr) else None
+    if got is not None:
+        conv, first, pk, by = got
+        return (conv, take(arr, first), pk, by) if len(conv) else None
+    return conversations_numpy(arr)
+
+
+def conversations_numpy(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """conversations() in numpy: a sort of the 64-bit ids."""
+    ip = (arr["cls"] == TCP) | (arr["cls"] == UDP)
+    p = arr if ip.all() else arr[ip]
+    if not len(p):
+        return None
+    conv, first, inv = np.unique(conversation_hashes(p), return_index=True, return_inverse=True)
+    pk = np.bincount(inv, minlength=len(conv))
+    by = np.bincount(inv, weights=p["wire_len"], minlength=len(conv)).astype(np.int64)
+    return conv, p[first], pk, by
 
 
 class ProcessTallies:
@@ -239,14 +299,10 @@ class ProcessTallies:
 
         The batch is first grouped by conversation (one sort of 64-bit ids): a conversation's packets
         all have the same two ends, so locality and owners are looked up once per conversation."""
-        ip = (arr["cls"] == TCP) | (arr["cls"] == UDP)
-        p = arr if ip.all() else arr[ip]
-        if not len(p):
+        grouped = conversations(arr)
+        if grouped is None:
             return
-        conv, first, inv = np.unique(conversation_hashes(p), return_index=True, return_inverse=True)
-        pk = np.bincount(inv, minlength=len(conv))
-        by = np.bincount(inv, weights=p["wire_len"], minlength=len(conv))
-        f = p[first]  # one packet of each conversation
+        conv, f, pk, by = grouped
         udp = (f["cls"] == UDP).astype(np.int64) << 16
         la, lb = self._local(f["src"]), self._local(f["dst"])
         if not (la | lb).any():

@@ -67,6 +67,7 @@ _SIGNATURES = {
     "ntm_flow_keys": ("grouprows", None, [_P, _I64, _INT, _P, _P]),
     "ntm_top_merge": ("grouprows", _I64, [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _P]),
     "ntm_addr_kinds": ("grouprows", None, [_P, _I64, _I64, _P, _I64, _P, _I64, _P]),
+    "ntm_conv_tally": ("grouprows", _I64, [_P, _I64, _I64, _I64, _P, _P, _P, _P]),
     "ntm_parse_fast": ("fastparse", None, [_P, _I64, _P, _P, _P, _P, _P, _P, _P]),
     # detect.c: the detectors' tables (analysis/detect.py builds the structures it takes)
     "ntm_hset_reindex": ("detect", None, [_P]),
@@ -179,6 +180,25 @@ def group_rows(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if groups < 0:
         return None
     return first[:groups], codes
+
+
+def conv_tally(recs: np.ndarray, tcp: int, udp: int) -> tuple[np.ndarray, ...] | None:
+    """native/grouprows.c: (conversation ids sorted, first record, packets, wire bytes) of the tcp/udp records
+    of a 1-D PACKET_DTYPE array (enrich.attribution's numpy grouping is the reference); None when the library
+    is not available."""
+    fn = function("ntm_conv_tally")
+    if fn is None or recs.ndim != 1 or recs.dtype.itemsize != RECORD_SIZE:
+        return None
+    recs = np.ascontiguousarray(recs)
+    n = len(recs)
+    ids, first = np.empty(n, np.uint64), np.empty(n, np.int64)
+    packets, nbytes = np.empty(n, np.int64), np.empty(n, np.int64)
+    groups = fn(recs.ctypes.data, n, tcp, udp, ids.ctypes.data, first.ctypes.data, packets.ctypes.data,
+                nbytes.ctypes.data) if n else 0
+    if groups < 0:
+        return None
+    order = np.argsort(ids[:groups])  # the reference's order (np.unique's): the same tallies, capped alike
+    return ids[order], first[order], packets[order], nbytes[order]
 
 
 def addr_kinds(keys: np.ndarray, addrs: np.ndarray, nets: np.ndarray) -> np.ndarray | None:

@@ -85,6 +85,21 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
     assert ref_bytes > SIZE
 
 
+@pytest.fixture(params=["native", "numpy"])
+def grouping(request, monkeypatch) -> str:
+    """The stage's unit tests run twice: with the compiled grouping and connection sets (native/grouprows.c,
+    native/detect.c) and with their numpy/Python references, which must give the same rows."""
+    if request.param == "numpy":
+        import analysis.detect
+        import native
+        monkeypatch.setattr(native, "conv_tally", lambda *a: None)
+        monkeypatch.setattr(analysis.detect, "_native_tables", lambda: False)
+    else:
+        import native
+        need(native.function("ntm_conv_tally") is not None, "no C compiler here: only the numpy grouping runs")
+    return request.param
+
+
 def _rows(specs: list[tuple[str, str, int, str, int, int]]) -> np.ndarray:
     """Packet rows (proto, src, sport, dst, dport, wire_len) for the stage's unit tests."""
     arr = np.zeros(len(specs), PACKET_DTYPE)
@@ -111,6 +126,7 @@ class _FixedTable(ProcessTable):
         self._owners = {**self._owners, (proto, port): (pid, name, time.monotonic())}  # a new read
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
     """A port seen before the table knows it is kept apart, named when the table does, else 'unknown'."""
     table = _FixedTable({})
@@ -133,6 +149,7 @@ def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
     assert got == {"client": (11, 2, 160), "server": (22, 2, 160), UNKNOWN: (None, 1, 80)}
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_counts_one_process_at_both_ends_once_and_ignores_remote_ends():
     table = _FixedTable({("tcp", 5000): (7, "loop"), ("tcp", 6000): (7, "loop")})
     stage = ProcessStage(table, 10_000)
@@ -141,6 +158,7 @@ def test_stage_counts_one_process_at_both_ends_once_and_ignores_remote_ends():
     assert [(r["process"], r["packets"], r["bytes"]) for r in stage.rows()] == [("loop", 1, 100)]
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_connections_are_bounded_over_all_processes_and_say_so():
     table = _FixedTable({("udp", 53): (1, "dns"), ("udp", 123): (2, "ntp")})
     stage = ProcessStage(table, 10_000, conn_max=30)
@@ -151,8 +169,17 @@ def test_stage_connections_are_bounded_over_all_processes_and_say_so():
     # The second process gets what is left of the bound: its packets all count, its connections are "at least".
     assert (rows["ntp"]["packets"], rows["ntp"]["connections"], rows["ntp"]["connections_capped"]) == (20, 10, True)
     assert stage._conns_held == 30
+    # The bound is reached: the first process's known connections again, and one new one, count their
+    # packets; only the new connection finds no room (then "at least").
+    stage.tally(_rows([("udp", "192.0.2.1", 1000 + i, "127.0.0.1", 53, 70) for i in range(20)]))
+    assert [(r["packets"], r["connections"], r["connections_capped"]) for r in stage.rows()
+            if r["process"] == "dns"] == [(40, 20, False)]
+    stage.tally(_rows([("udp", "192.0.2.1", 999, "127.0.0.1", 53, 70)]))
+    assert [(r["packets"], r["connections"], r["connections_capped"]) for r in stage.rows()
+            if r["process"] == "dns"] == [(41, 20, True)] and stage._conns_held == 30
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_a_scan_of_unowned_ports_waits_in_bounds_then_is_unknown():
     """Thousands of unowned ports in one batch: WAITING_MAX wait for the table, the rest are 'unknown' at once;
     every packet is counted either way."""
@@ -166,6 +193,7 @@ def test_stage_a_scan_of_unowned_ports_waits_in_bounds_then_is_unknown():
     assert sum(r["packets"] for r in got.values()) == 5000
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_counts_a_packet_between_two_unnamed_local_ports_once():
     """One 100-byte packet between two local ports neither of which is ever named: 1 packet, 100 bytes of
     'unknown' (it was 2 packets, 200 bytes: each port waited apart and both were merged into 'unknown')."""
@@ -178,6 +206,7 @@ def test_stage_counts_a_packet_between_two_unnamed_local_ports_once():
         [(UNKNOWN, 1, 100, 1)]
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_waiting_pair_named_later_counts_for_each_process_once():
     """Two unnamed ports that the table names later: each process gets the packets once; when both ports turn
     out to be one process, that process counts them once; an end named at once and its unnamed partner later
@@ -292,6 +321,7 @@ def test_the_worker_attributes_what_follows_the_last_clear_and_reports_it_at_the
     assert sum(r["packets"] for r in procs.rows()) == 7 and sum(r["bytes"] for r in procs.rows()) == 4 * 100 + 3 * 50
 
 
+@pytest.mark.usefixtures("grouping")
 def test_stage_names_at_most_max_entries_processes_and_counts_the_rest_as_others():
     """More processes talking than the bound: max_entries of them get a row of their own, every other's packets
     and bytes go to one 'others' row; nothing is lost."""

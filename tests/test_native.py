@@ -236,3 +236,49 @@ def test_address_kinds_match_numpy(keys, nets, ours):
         assert got.dtype == want.dtype and got.tolist() == want.tolist()
         assert matcher.kinds(field).tolist() == want.tolist()
         assert [matcher(bytes(k).ljust(16, b"\0")) for k in field] == want.tolist()  # the per-address classifier
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 4000), st.integers(1, 6), st.integers(1, 300), st.integers(0, 99))
+def test_conversation_tally_matches_numpy(n, classes, ports, seed):
+    """Per-process attribution's grouping (ids, first record, packets, wire bytes), in C as in numpy, for
+    records of mixed classes whose addresses differ in their last bytes only (the ids' varying bits then sit
+    high: a weak slot index would have crawled, not failed) and both directions of each conversation."""
+    from analysis.headers import PACKET_DTYPE, TCP, UDP, V4_PREFIX
+    from enrich.attribution import conversations_numpy
+
+    rng = np.random.default_rng(seed)
+    arr = np.zeros(n, PACKET_DTYPE)
+    pool = np.array([V4_PREFIX + bytes([127, 1, i >> 8, i & 255]) for i in range(64)] +
+                    [bytes(15) + b"\x01"], dtype="S16")
+    arr["src"] = pool[rng.integers(0, len(pool), n)]
+    arr["dst"] = pool[rng.integers(0, len(pool), n)]
+    arr["sport"] = rng.integers(-1, ports, n)
+    arr["dport"] = rng.integers(-1, ports, n)
+    arr["cls"] = rng.choice(np.array([TCP, UDP, 0, 3, 4, 5], np.uint8)[:classes], n)
+    arr["wire_len"] = rng.integers(0, 1 << 32, n, dtype=np.uint64)
+    got = native.conv_tally(arr, TCP, UDP)
+    want = conversations_numpy(arr)
+    if want is None:
+        assert len(got[0]) == 0
+        return
+    ids, first, packets, nbytes = got
+    assert np.array_equal(ids, want[0]) and np.array_equal(packets, want[2]) and np.array_equal(nbytes, want[3])
+    assert arr[first].tobytes() == want[1].tobytes()  # the same record of each: the first
+    assert packets.sum() == np.isin(arr["cls"], (TCP, UDP)).sum()
+
+
+def test_take_copies_the_records_numpy_indexing_would():
+    """analysis.headers.take (whole records as opaque bytes) against numpy's own indexing of a structured
+    array: by a mask, by indices (repeated, out of order), on a strided view, and on a plain array."""
+    from analysis.headers import PACKET_DTYPE, take
+
+    rng = np.random.default_rng(3)
+    arr = np.frombuffer(rng.integers(0, 256, 500 * PACKET_DTYPE.itemsize, dtype=np.uint8).tobytes(), PACKET_DTYPE)
+    mask, idx = rng.random(500) < 0.4, rng.integers(0, 500, 300)
+    for source in (arr, arr[::3]):
+        for which in (mask[:len(source)], idx[idx < len(source)], np.zeros(0, np.int64)):
+            got = take(source, which)
+            assert got.dtype == PACKET_DTYPE and got.tobytes() == source[which].tobytes()
+    plain = rng.integers(0, 9, 50)
+    assert np.array_equal(take(plain, plain > 4), plain[plain > 4])
