@@ -235,8 +235,8 @@ SETTINGS: tuple[Setting, ...] = (
             "and asked again the next time the address is shown.", low=1, high=1_000_000),
     Setting("ENRICH_CACHE_MAX", 10_000, "Most entries in each enrichment cache (names, countries/AS, process "
             "ports); the least recently used go first.", low=16, high=10_000_000),
-    Setting("PROCESS_REFRESH_S", 1.0, "How often the socket table (psutil.net_connections) is re-read to name "
-            "the local process of each port (s).", low=0.1, high=3_600),
+    Setting("PROCESS_REFRESH_S", 1.0, "How often the socket table (sock_diag, or psutil.net_connections) is "
+            "re-read to name the local process of each port (s).", low=0.1, high=3_600),
     Setting("FLEET_FLUSH_S", 2.0, "How often a fleet sensor ships its history rows to ClickHouse (s).",
             low=0.1, high=3_600),
     Setting("FLEET_DELTAS", False, "A fleet sensor's flushes ship only what changed in the open minute (about 5x "

@@ -137,14 +137,15 @@ def _find(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 class _ConnIds:
-    """The distinct connection ids of one tally: a native/detect.c set where it is built (one C pass per call:
-    a Python set cost ~0.2 us an id, and a call repeats every live conversation's id), else a Python set."""
+    """The distinct connection ids of one tally: a Python set while small, then a native/detect.c set where it is
+    built (one C pass per call: a Python set cost ~0.2 us an id, and a call repeats every live conversation's
+    id; a C call costs ~6 us, more than a small set's work: a scan's waiting pairs hold one or two ids each)."""
 
     __slots__ = ("_nset", "_set")
+    SMALL = 64  # ids held in a Python set before moving to a native one
 
     def __init__(self) -> None:
-        from analysis import detect
-        self._nset = detect._NSet(room=16) if detect._native_tables() else None
+        self._nset = None
         self._set: set[int] = set()
 
     def __len__(self) -> int:
@@ -156,23 +157,41 @@ class _ConnIds:
             return self._nset.keys[:self._nset.n].copy()
         return np.fromiter(self._set, np.uint64, len(self._set))
 
+    def _grow(self) -> None:
+        """Move the ids to a native set (when the compiled tables are built)."""
+        from analysis import detect
+        if detect._native_tables():
+            held = self.ids()
+            self._nset = detect._NSet(room=max(16, 2 * len(held)))
+            detect._nset_add(self._nset, held)
+            self._set = set()
+
     def add(self, ids: np.ndarray, room: int) -> tuple[int, bool]:
-        """Add distinct ids while there is room: (how many were new and added, whether some new ones had none)."""
+        """Add distinct ids while there is room: (how many were new and added, whether some new ones had none).
+        Within the room the first new ids in `ids`' order are kept."""
         ids = np.ascontiguousarray(ids, np.uint64)
         before = len(self)
+        if self._nset is None and before + len(ids) > self.SMALL:
+            self._grow()
         if self._nset is not None:
             from analysis.detect import _nset_add
-            if len(ids) > room:  # only the new ones count against the room (rare: the bound is near)
-                ids = ids[~np.isin(ids, self._nset.keys[:self._nset.n])]
+            if len(ids) > room:  # only the new ones count against the room: a lookup in the set (no sort)
+                import ctypes
+
+                from analysis.detect import _fn
+                held = np.empty(len(ids), np.uint8)
+                _fn("ntm_hset_has")(ctypes.byref(self._nset.struct()), ids.ctypes.data, len(ids), held.ctypes.data)
+                ids = ids[held == 0]
                 capped = len(ids) > room
                 _nset_add(self._nset, ids[:max(room, 0)])
                 return len(self) - before, capped
             _nset_add(self._nset, ids)
             return len(self) - before, False
-        # A set difference walks the new ids only.
-        new = list(set(ids.tolist()).difference(self._set)) if before else ids.tolist()
-        capped = len(new) > room
-        self._set.update(new[:max(room, 0)] if capped else new)
+        # A set difference walks the new ids only; their order matters only when some find no room.
+        listed = ids.tolist()
+        fresh = set(listed).difference(self._set) if before else set(listed)
+        capped = len(fresh) > room
+        self._set.update([c for c in listed if c in fresh][:max(room, 0)] if capped else fresh)
         return len(self) - before, capped
 
 

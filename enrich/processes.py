@@ -1,4 +1,5 @@
-"""Which local process owns a port: psutil.net_connections() re-read on a short interval in one thread.
+"""Which local process owns a port: the socket table (enrich/sockdiag.py; psutil.net_connections() where the
+kernel refuses sock_diag) re-read on a short interval in one thread.
 
 Keyed by (protocol, local port). A connection that closed between two reads, or one in another network
 namespace, has no owner here: the page says "unknown" plainly. A socket listed without an owner because
@@ -7,9 +8,11 @@ processes) is "hidden", counted apart and said so: it is not closed, and naming 
 Entries stay for a few refreshes after the socket closes (short connections are still named), and the
 table is bounded.
 
-A read costs ~20 ms of CPU on a busy machine (psutil reads /proc/net and every process's fd table), so the
-thread reads every `refresh_s` only while someone is asking for a port it does not know (owner() missed:
-the attribution stage's waiting ports, a page's row); when every port asked for is named it reads only
+A read through sock_diag costs a fraction of psutil's when the sockets' owners are known (psutil reads
+/proc/net, which the kernel writes by walking its whole socket hash, and every process's fd table at every
+read; ~20 ms on a busy machine; benchmarks/attribution_cost.py), and the thread reads every `refresh_s` only
+while someone is asking for a port it does not know (owner() missed: the attribution stage's waiting ports, a
+page's row); when every port asked for is named it reads only
 every IDLE_READS intervals (enrichment's largest fixed cost to the capturing process: benchmarks/RESULTS.md).
 A miss wakes the thread at once when the last read is an interval old: a new connection is read while it
 lasts, not up to an interval later (a short one had closed, and its owner was "unknown"); still at most
@@ -30,6 +33,7 @@ from enrich import sockdiag
 
 log = logging.getLogger(__name__)
 
+DIAG_TRIES = 3  # sock_diag reads failing in a row before the table reads only through psutil
 IDLE_READS = 10  # with no port asked for unknown, the table is re-read every IDLE_READS x refresh_s
 # A table fed by another process's reads (feed(): the detector worker's, during a live capture) reads nothing
 # itself while the last feed is younger than IDLE_READS intervals (the feeder reads at least that often) plus
@@ -72,6 +76,7 @@ class ProcessTable:
         # While fed: asks the feeder for a read (a port the page asked for is unknown), once an interval at most.
         self.forward_want: Callable[[], None] | None = None
         self._diag: sockdiag.Owners | None = sockdiag.Owners() if use_sock_diag else None
+        self._diag_failures = 0
 
     def start(self) -> None:
         """Start the refresh thread (once); the first read happens at once."""
@@ -173,6 +178,10 @@ class ProcessTable:
             self.error = f"cannot read the socket table: {exc} (run as root to see every process)"
             log.warning("%s", self.error)
             return
+        except Exception as exc:  # a read that fails for another reason is said, and the thread goes on
+            self.error = f"cannot read the socket table: {type(exc).__name__}: {exc}"
+            log.exception("socket table read failed")
+            return
         seen = {k: (pid, self._name(pid), now) for k, pid in seen_pids.items()}
         with self._lock:
             kept = {k: v for k, v in self._owners.items() if now - v[2] < self.keep_s and k not in seen}
@@ -197,14 +206,21 @@ class ProcessTable:
 
     def _read(self) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]], dict[tuple[str, int], int]]:
         """({(proto, port): pid}, the ports listed with an owner this process may not see, their uids): from
-        sock_diag (enrich/sockdiag.py: a read ~0.5 ms, the fd tables scanned only for new sockets), or from
-        psutil where the kernel refuses sock_diag."""
+        sock_diag (enrich/sockdiag.py: the fd tables scanned only for new sockets, ended owners, or every RESCAN_S),
+        or from psutil where sock_diag fails (for good after DIAG_TRIES failures in a row)."""
         if self._diag is not None:
             try:
-                return self._read_diag()
-            except OSError as exc:
-                log.info("sock_diag refused (%s): the socket table is read with psutil", exc)
-                self._diag = None
+                seen = self._read_diag()
+                self._diag_failures = 0
+                return seen
+            except Exception as exc:  # refused, timed out, cut short, no netlink here: this read through psutil,
+                # and after DIAG_TRIES in a row every read
+                self._diag_failures += 1
+                log.info("sock_diag failed (%s): this read goes through psutil", exc)
+                if self._diag_failures >= DIAG_TRIES:
+                    log.warning("sock_diag failed %d times in a row (%s): the socket table is read with psutil "
+                                "from now on", DIAG_TRIES, exc)
+                    self._diag = None
         return self._read_psutil()
 
     def _read_diag(self) -> tuple[dict[tuple[str, int], int], set[tuple[str, int]], dict[tuple[str, int], int]]:

@@ -2,10 +2,11 @@
 
 Why not psutil.net_connections(): it reads /proc/net/{tcp,tcp6,udp,udp6}, and the kernel writes those by
 walking its whole socket hash tables (~4 ms each for TCP here, on an idle machine), then it reads every
-process's fd table on every call. A sock_diag dump lists only the sockets that exist (~0.3 ms), with each
-socket's uid and inode; the fd tables are read again only when a socket inode appears that no earlier read
-placed (or its process has gone). The result has the shape the process table needs: (proto, local port) ->
-owner, the ports whose owner this process may not see, and those sockets' uids.
+process's fd table on every call. A sock_diag dump lists only the sockets that exist, with each socket's uid
+and inode; the fd tables are read again only when a socket inode appears that the last scan did not see, a
+process placed before has ended, or RESCAN_S passed (Owners). Costs: benchmarks/attribution_cost.py. The
+process table (enrich/processes.py) makes of it (proto, local port) -> owner, the ports whose owner this
+process may not see, and those sockets' uids.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import os
 import socket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,9 @@ def _dump(sock: socket.socket, family: int, protocol: int, seq: int) -> list[Soc
             if got_seq != seq:
                 continue
             if kind == NLMSG_DONE:
+                if length >= _HEADER.size + 4 and struct.unpack_from("=i", data, body_at)[0] < 0:
+                    err = -struct.unpack_from("=i", data, body_at)[0]
+                    raise OSError(err, f"sock_diag: the dump ended with {os.strerror(err)}")
                 return out
             if kind == NLMSG_ERROR:
                 err = struct.unpack_from("=i", data, body_at)[0]
@@ -80,7 +86,8 @@ def _dump(sock: socket.socket, family: int, protocol: int, seq: int) -> list[Soc
 
 
 def sockets() -> list[Socket]:
-    """Every TCP and UDP socket (IPv4 and IPv6) of this network namespace; OSError when sock_diag is refused."""
+    """Every TCP and UDP socket (IPv4 and IPv6) of this network namespace; OSError when sock_diag is refused or
+    answers with something it cannot read."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(5.0)  # the kernel answers at once; never hang the table's thread
         out: list[Socket] = []
@@ -88,7 +95,10 @@ def sockets() -> list[Socket]:
                                                   (socket.AF_INET6, socket.IPPROTO_TCP),
                                                   (socket.AF_INET, socket.IPPROTO_UDP),
                                                   (socket.AF_INET6, socket.IPPROTO_UDP)), start=1):
-            out.extend(_dump(sock, family, protocol, seq))
+            try:
+                out.extend(_dump(sock, family, protocol, seq))
+            except struct.error as exc:  # a truncated reply: a read that failed, not a thread that dies
+                raise OSError(f"sock_diag: a reply cut short ({exc})") from exc
         return out
 
 
@@ -118,31 +128,35 @@ def socket_inodes() -> tuple[dict[int, int], bool]:
     return found, denied
 
 
-RESCAN_EVERY = 30  # reads between fd-table scans when no new inode asks for one (a socket changing hands)
+RESCAN_S = 30.0  # the fd tables are read at least this often while reads happen (a socket changing hands)
 
 
 class Owners:
-    """Socket inode -> pid, read from the fd tables only when a read lists an inode that the last scan did not
-    see (placed or not), a placed process has ended, or RESCAN_EVERY reads passed; bounded by the live sockets."""
+    """Socket inode -> pid. The fd tables are read only when a read lists an inode the last scan did not see
+    (placed or not), a placed process has ended, or RESCAN_S passed since the last scan; bounded by the live
+    sockets. Between scans a socket handed to another process (fd passing, a fork whose parent then lives on as
+    a zombie) keeps its former owner's name, and an inode that a scan could not place (in flight between two
+    processes) stays unplaced: at most RESCAN_S."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._pids: dict[int, int] = {}
         self._unplaced: set[int] = set()  # inodes the last scan found in no fd table this process may read
-        self._since = 0
+        self._clock = clock
+        self._scanned_at = float("-inf")
         self.scans = 0  # fd-table scans so far (the costly part of a read)
 
     def place(self, socks: list[Socket]) -> dict[int, int]:
         """{inode: pid} for the listed sockets' inodes (those no readable fd table holds are absent)."""
         wanted = {s.inode for s in socks if s.inode}
-        self._since += 1
-        stale = self._since >= RESCAN_EVERY or \
+        now = self._clock()
+        stale = now - self._scanned_at >= RESCAN_S or \
             any(i not in self._pids and i not in self._unplaced for i in wanted) or \
             any(not os.path.exists(f"/proc/{pid}") for pid in set(self._pids.values()))
         if stale:
             found, _ = socket_inodes()
             self._pids = {i: found[i] for i in wanted if i in found}
             self._unplaced = wanted.difference(self._pids)
-            self._since = 0
+            self._scanned_at = now
             self.scans += 1
         else:  # keep only what still exists: bounded by the live sockets
             self._pids = {i: p for i, p in self._pids.items() if i in wanted}

@@ -72,6 +72,7 @@ _SIGNATURES = {
     # detect.c: the detectors' tables (analysis/detect.py builds the structures it takes)
     "ntm_hset_reindex": ("detect", None, [_P]),
     "ntm_hset_add": ("detect", None, [_P, _P, _I64]),
+    "ntm_hset_has": ("detect", None, [_P, _P, _I64, _P]),
     "ntm_hset_find": ("detect", _I64, [_P, ctypes.c_uint64]),
     "ntm_unique_gather": ("detect", _I64, [_P, _P, _P, _P, _I64, _P, _P, _P, _P, _P, _P]),
     "ntm_unique_commit": ("detect", _I64, [_P, _P, _I64, _P, _P, _P, _P, _I64, _P, _P]),

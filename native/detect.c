@@ -373,6 +373,11 @@ int64_t ntm_new_hosts(const hset *known, const hset *reported, const uint64_t *k
     return m;
 }
 
+/* Whether each key is in the set (1) or not (0). */
+void ntm_hset_has(const hset *s, const uint64_t *keys, int64_t n, uint8_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = hs_find(s, keys[i]) >= 0;
+}
+
 /* Add keys (absent ones; Python made room) to a set, in order. */
 void ntm_hset_add(hset *s, const uint64_t *keys, int64_t n) {
     for (int64_t i = 0; i < n; i++)

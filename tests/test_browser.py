@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,11 +80,11 @@ def server(root_only, tmp_path) -> Iterator[str]:
         yield url
 
 
-def open_page(page, url: str) -> None:
+def open_page(page, url: str, context: Callable[[], str] = lambda: "") -> None:
     """Load the page until it shows its metrics. A first load can stay blank: the server never gets the
     session's websocket (Streamlit 1.67; seen about once in four first loads in test_privilege, and in CI once
     on the first browser test of a file). That one is not waited out: after 25 s the page is loaded again,
-    once, and then no metrics within 60 s is a failure."""
+    once, and then no metrics within 60 s is a failure, which also shows `context()` (e.g. the server's log)."""
     page.goto(url)
     try:
         page.wait_for_selector('[data-testid="stMetric"]', timeout=25_000)
@@ -93,7 +93,7 @@ def open_page(page, url: str) -> None:
         try:
             page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
         except Exception:
-            pytest.fail(f"no metrics after a reload: {page.inner_text('body')[:1500]}")
+            pytest.fail(f"no metrics after a reload: {page.inner_text('body')[:1500]}\n{context()}")
 
 
 def module_failed(page) -> bool:

@@ -85,18 +85,24 @@ def test_by_process_counts_all_traffic_beyond_the_buffer(root_only, web, monkeyp
     assert ref_bytes > SIZE
 
 
-@pytest.fixture(params=["native", "numpy"])
+@pytest.fixture(params=["native", "native-grow", "numpy"])
 def grouping(request, monkeypatch) -> str:
-    """The stage's unit tests run twice: with the compiled grouping and connection sets (native/grouprows.c,
-    native/detect.c) and with their numpy/Python references, which must give the same rows."""
+    """The stage's unit tests run three times: with the compiled grouping and connection sets (native/grouprows.c,
+    native/detect.c; every tally's ids in a native set from the first, or moved there after 3 ids) and with their
+    numpy/Python references, which must give the same rows."""
+    from enrich.attribution import _ConnIds
+    monkeypatch.setattr(_ConnIds, "SMALL", {"native": 0, "native-grow": 3}.get(request.param, _ConnIds.SMALL))
     if request.param == "numpy":
         import analysis.detect
         import native
         monkeypatch.setattr(native, "conv_tally", lambda *a: None)
         monkeypatch.setattr(analysis.detect, "_native_tables", lambda: False)
     else:
+        import analysis.detect
         import native
+        # Built here, before the test's clock starts (a first build takes ~1 s, longer than a test's grace).
         need(native.function("ntm_conv_tally") is not None, "no C compiler here: only the numpy grouping runs")
+        assert analysis.detect._native_tables() and native.function("ntm_hset_has") is not None
     return request.param
 
 
@@ -130,7 +136,7 @@ class _FixedTable(ProcessTable):
 def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
     """A port seen before the table knows it is kept apart, named when the table does, else 'unknown'."""
     table = _FixedTable({})
-    stage = ProcessStage(table, 10_000, grace_s=0.3)
+    stage = ProcessStage(table, 10_000, grace_s=1.0)  # the first settle() comes well within it, even loaded
     stage.tally(_rows([("tcp", "127.0.0.1", 5000, "127.0.0.1", 6000, 100),
                        ("tcp", "127.0.0.1", 6000, "127.0.0.1", 5000, 60),
                        ("udp", "127.0.0.1", 7000, "192.0.2.9", 53, 80)]))
@@ -143,10 +149,26 @@ def test_stage_waits_for_the_socket_table_then_names_or_says_unknown():
     stage.settle()  # the TCP ports are named now; the UDP port waits out its grace
     got = {r["process"]: (r["pid"], r["packets"], r["bytes"], r["connections"]) for r in stage.rows()}
     assert got == {"client": (11, 2, 160, 1), "server": (22, 2, 160, 1), WAITING: (None, 1, 80, 1)}
-    time.sleep(0.35)
+    time.sleep(1.05)
     stage.settle()
     got = {r["process"]: (r["pid"], r["packets"], r["bytes"]) for r in stage.rows()}
     assert got == {"client": (11, 2, 160), "server": (22, 2, 160), UNKNOWN: (None, 1, 80)}
+
+
+@pytest.mark.usefixtures("grouping")
+def test_connection_ids_grow_into_a_native_set_and_keep_the_first_new_ones_when_room_runs_out():
+    """A tally's distinct connection ids: added again they count once, across the move from a Python set to a
+    native one (SMALL is 3 in 'native-grow': 2 ids, then 5 more of which 2 are held); with room for 2 of 3 new
+    ids, the first 2 new ones in the given order are kept and the tally says it is capped."""
+    from enrich.attribution import _ConnIds
+    ids = _ConnIds()
+    u = lambda *v: np.array(v, np.uint64)  # noqa: E731
+    assert ids.add(u(10, 20), 100) == (2, False)
+    assert ids.add(u(20, 30, 10, 40, 50), 100) == (3, False)
+    assert sorted(ids.ids().tolist()) == [10, 20, 30, 40, 50] and len(ids) == 5
+    assert ids.add(u(70, 10, 60, 80), 2) == (2, True)
+    assert sorted(ids.ids().tolist()) == [10, 20, 30, 40, 50, 60, 70]
+    assert ids.add(u(10, 20, 30), 0) == (0, False)  # nothing new: no room needed
 
 
 @pytest.mark.usefixtures("grouping")

@@ -14,8 +14,8 @@ import time
 
 import psutil
 import pytest
-from conftest import ROOT, wait_for
-from test_privilege import NOBODY, NOBODY_UID, root_env, venv  # noqa: F401  - the venv user nobody can run
+from conftest import wait_for
+from test_privilege import NOBODY, NOBODY_UID, root_env, venv, world_readable  # noqa: F401  - nobody's venv, app
 
 from enrich import sockdiag
 from enrich.processes import ProcessTable
@@ -88,28 +88,79 @@ def test_sock_diag_lists_the_sockets_psutil_lists_with_their_uid_and_inode(socke
     assert by_port[("tcp", ports["time_wait"])].state == sockdiag.TCP_TIME_WAIT
 
 
-def test_owners_match_psutil_and_the_fd_tables_are_read_only_for_new_sockets(sockets_of_every_kind):
-    """The process table read through sock_diag names the same owners as through psutil (this process and the
-    child); a second read with no new socket reads no fd table; a new socket is named at the next read."""
+def test_owners_match_psutil(sockets_of_every_kind):
+    """The process table read through sock_diag names the same owners as through psutil: this process's
+    sockets and the child's (TIME_WAIT: no owner in either)."""
     ports, child_pid, _ = sockets_of_every_kind
     diag, ref = ProcessTable(), ProcessTable(use_sock_diag=False)
     diag.refresh()
     ref.refresh()
+    assert diag._diag is not None and diag._diag.scans == 1  # read through sock_diag, not its fallback
     ours = set(ports.values())
     pick = lambda t: {k: v[:2] for k, v in t.owners().items() if k[1] in ours}  # noqa: E731
     assert pick(diag) == pick(ref)
     me = psutil.Process().name()
     assert diag.owners()[("udp", ports["child"])][:2] == (child_pid, psutil.Process(child_pid).name())
     assert diag.owners()[("tcp", ports["listener"])][:2] == (os.getpid(), me)
-    assert ("tcp", ports["time_wait"]) not in diag.owners() and not diag.hidden("tcp", ports["time_wait"])
-    scans = diag._diag.scans
-    diag.refresh()
-    assert diag._diag.scans == scans  # nothing new: no fd table read
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as fresh:
-        fresh.bind(("127.0.0.1", 0))
-        diag.refresh()
-        assert diag._diag.scans == scans + 1
-        assert diag.owners()[("udp", fresh.getsockname()[1])][:2] == (os.getpid(), me)
+    assert ("tcp", ports["time_wait"]) not in diag.owners()
+
+
+def test_the_fd_tables_are_read_only_for_new_sockets_ended_owners_or_after_rescan_s(sockets_of_every_kind):
+    """Owners.place over given socket lists (this test's own sockets, real inodes) and a clock the test moves:
+    the same sockets again read no fd table; a new inode, or RESCAN_S later, reads them once."""
+    ports, child_pid, _ = sockets_of_every_kind
+    now = [0.0]
+    owners = sockdiag.Owners(clock=lambda: now[0])
+    rest = [s for s in sockdiag.sockets() if s.port in set(ports.values()) and s.inode]
+    first = [s for s in rest if (s.proto, s.port) == ("tcp", ports["listener"])]  # the listener, the accepted
+    assert len(first) == 2 and owners.place(first) == {s.inode: os.getpid() for s in first} and owners.scans == 1
+    now[0] = 1.0
+    owners.place(first)
+    assert owners.scans == 1  # the same socket: no fd table read
+    placed = owners.place(rest)
+    assert owners.scans == 2 and set(placed) == {s.inode for s in rest}  # new inodes: one scan names them all
+    assert set(placed.values()) == {os.getpid(), child_pid}
+    now[0] = 2.0
+    owners.place(rest)
+    assert owners.scans == 2
+    now[0] = 2.0 + sockdiag.RESCAN_S
+    owners.place(rest)
+    assert owners.scans == 3  # RESCAN_S after the last scan
+    # An inode no fd table holds (made up: none is this large) is looked for once, then not at every read.
+    ghost = sockdiag.Socket("tcp", 1, 1, 0, 1 << 62)
+    owners.place([*rest, ghost])
+    assert owners.scans == 4
+    owners.place([*rest, ghost])
+    assert owners.scans == 4 and ghost.inode not in owners.place([*rest, ghost])
+
+
+def test_a_failing_sock_diag_read_goes_through_psutil_and_after_three_in_a_row_psutil_stays(monkeypatch):
+    """A sock_diag read that fails (refused, timed out, a reply cut short) is that read through psutil, and the
+    table still names owners; three failures in a row and it reads through psutil from then on."""
+    calls = []
+
+    def broken() -> list:
+        calls.append(1)
+        raise OSError("sock_diag: a reply cut short (test)")
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine:
+        mine.bind(("127.0.0.1", 0))
+        port = mine.getsockname()[1]
+        monkeypatch.setattr(sockdiag, "sockets", broken)
+        table = ProcessTable()
+        for n in range(1, 3):  # two failures, then a read that works: the count starts again
+            table.refresh()
+            assert table.error is None and table.owners()[("udp", port)][0] == os.getpid()
+            assert len(calls) == n and table._diag is not None
+        monkeypatch.undo()
+        table.refresh()
+        assert table._diag_failures == 0 and table._diag.scans == 1
+        monkeypatch.setattr(sockdiag, "sockets", broken)
+        for n in range(3, 7):
+            table.refresh()
+            assert table.error is None and table.owners()[("udp", port)][0] == os.getpid()
+            assert len(calls) == min(n, 5)
+        assert table._diag is None  # three in a row: psutil from then on
 
 
 def test_a_socket_whose_process_ended_is_named_after_the_one_that_still_holds_it():
@@ -131,6 +182,7 @@ def test_a_socket_whose_process_ended_is_named_after_the_one_that_still_holds_it
         parent.wait(10)
         table.refresh()
         assert table.owners()[("udp", port)][0] == child_pid
+        assert table._diag is not None and table._diag.scans >= 1  # read through sock_diag, not its fallback
     finally:
         parent.kill()
         if child_pid is not None:
@@ -150,23 +202,27 @@ for name, table in (("diag", ProcessTable()), ("psutil", ProcessTable(use_sock_d
     out[name] = {"seen": sorted([k[0], k[1], v] for k, v in seen.items() if k[1] in ports),
                  "hidden": sorted(list(k) for k in hidden if k[1] in ports),
                  "users": sorted([k[0], k[1], v] for k, v in users.items() if k[1] in ports)}
+from enrich import sockdiag
 out["mine"] = mine.getsockname()[1]
+out["mine_uid"] = [x.uid for x in sockdiag.sockets() if x.proto == "udp" and x.port == out["mine"]]
 print(json.dumps(out))
 """
 
 
-def test_as_an_unprivileged_user_hidden_ports_and_their_users_match_psutil(root_only, venv):  # noqa: F811
+def test_as_an_unprivileged_user_hidden_ports_and_their_users_match_psutil(root_only, world_readable,  # noqa: F811
+                                                                            venv):  # noqa: F811
     """Run as user nobody: root's listener is hidden (listed, owner not readable) with uid 0, nobody's own socket
-    is named, in the sock_diag read as in psutil's."""
+    is named and listed with nobody's uid, in the sock_diag read as in psutil's."""
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen()
         port = srv.getsockname()[1]
-        proc = subprocess.run([*NOBODY, str(venv / "bin" / "python3"), "-c", UNPRIVILEGED, str(port)], cwd=ROOT,
+        proc = subprocess.run([*NOBODY, str(venv / "bin" / "python3"), "-c", UNPRIVILEGED, str(port)],
+                              cwd=world_readable / "app",
                               env=root_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert got["diag"] == got["psutil"], got
     assert got["diag"]["hidden"] == [["tcp", port]] and got["diag"]["users"] == [["tcp", port, 0]]
     assert [row[:2] for row in got["diag"]["seen"]] == [["udp", got["mine"]]]
-    assert NOBODY_UID != 0
+    assert got["mine_uid"] == [NOBODY_UID]

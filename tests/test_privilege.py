@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
+from test_browser import open_page
 
 from capture import broker
 
@@ -717,17 +718,7 @@ def test_page_started_as_root_runs_unprivileged_while_it_captures(root_only, ven
             # Open the page once Streamlit answers its health check; a page opened before that, on a
             # loaded machine, can stay blank, so one reload is allowed before "no metrics" is a failure.
             assert wait_for(lambda: _healthy(port), 60), log_path.read_text()[-3000:]
-            page.goto(f"http://127.0.0.1:{port}")
-            try:
-                # The page shows its metrics within a few seconds; a first load that stays blank (the server
-                # never got the session: seen about once in four runs, idle or loaded) is not waited out.
-                page.wait_for_selector('[data-testid="stMetric"]', timeout=25_000)
-            except Exception:
-                page.reload()
-                try:
-                    page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
-                except Exception:
-                    pytest.fail(f"no metrics: {page.inner_text('body')[:1500]}\n{log_path.read_text()[-3000:]}")
+            open_page(page, f"http://127.0.0.1:{port}", context=lambda: log_path.read_text()[-3000:])
             assert wait_for(lambda: bool(socket_inodes(proc.pid) & packet_inodes(running=True)), 10), \
                 log_path.read_text()
             send_udp(udp_port, 300)
