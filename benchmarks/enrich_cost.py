@@ -22,6 +22,8 @@ attribution stage, no panel.
     python benchmarks/enrich_cost.py --threads 2 --rate 100000 --seconds 8   # CPU per thread, plain/enriched
     python benchmarks/enrich_cost.py --quota 15 --capturer-only --pairs 8 --rate 330000 --seconds 13.3 \
         --refresh-s 13.3 --sources 4000   # the same pairs from 4,000 loopback sources (talkers, conversations)
+    python benchmarks/enrich_cost.py --quota 15 --pairs 8 --rate 330000 --seconds 13.3 --refresh-s 13.3 \
+        --sources 4000 --ports 30000   # the worker in the quota too, a scan-like flood: ports nobody owns
     python benchmarks/enrich_cost.py --quota 20 --capturer-only --pairs 12 --rate 330000 --seconds 6
         # paired runs at one rate above both variants' limits: the share of the offered packets each variant
         # counted, enriched / plain per pair (the capture's sustained capacity), with a 95 % interval
@@ -122,7 +124,9 @@ def child(port: int, enriched: bool) -> None:
         en.start()
         en.geo.wait_loaded(60)
     engine = CaptureEngine()
-    if not engine.start(Source("live", iface="lo", bpf=f"udp dst port {port}")):
+    ports = int(os.environ.get(PORTS_ENV) or 1)  # --ports: the scan-like flood's destination ports
+    bpf = f"udp dst port {port}" if ports == 1 else f"udp dst portrange {port}-{port + ports - 1}"
+    if not engine.start(Source("live", iface="lo", bpf=bpf)):
         print(json.dumps({"error": engine.status().error}), flush=True)
         return
     stop, times = threading.Event(), []
@@ -180,6 +184,8 @@ THREAD_STAGE_ENV = "ENRICH_COST_THREAD_STAGE"  # --thread-stage, read by the cap
 REFRESH_ENV = "ENRICH_COST_REFRESH_S"  # --refresh-s, read by the capturing child
 TAB_ENV = "ENRICH_COST_TAB"  # --tab, read by the capturing child
 SOURCES_ENV = "ENRICH_COST_SOURCES"  # --sources, read by the capturing child (its warm-up's traffic)
+PORTS_ENV = "ENRICH_COST_PORTS"  # --ports, read by the capturing child (its filter)
+PORTS_BASE = 20_000  # --ports N: the flood goes to 127.0.0.1:20000 .. 20000+N-1, where nothing listens here
 CGROUP_NAME = "ntm_enrich_cost"
 PERIOD_US = 10_000  # a short period: the quota's stalls last a few ms, which the capture ring absorbs (--period-ms)
 _CGROUP: list[Path] = []  # the quota's cgroup while --quota runs: every capturer starts inside it
@@ -242,6 +248,14 @@ def _ahead() -> None:
 
 _CAPTURER_ONLY: list[bool] = []  # --capturer-only: the detector worker process stays outside the quota
 _SOURCES: list[int] = []  # --sources N: udp_sender.c's SOURCES, N loopback source addresses instead of one
+
+
+def set_ports(ports: int) -> None:
+    """--ports: tell the capturing child and timed_run, and say so in the header."""
+    os.environ[PORTS_ENV] = str(ports)
+    if ports > 1:
+        print(f"traffic: a scan-like flood to {ports:,} destination ports in turn (127.0.0.1:{PORTS_BASE} "
+              f"upwards, nothing listening): every datagram a new flow until the ports repeat", flush=True)
 
 
 def build_sender(tmp: str, sources: int) -> str:
@@ -360,6 +374,9 @@ def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a bound port: no ICMP errors; its owner is named
     sink.bind(("127.0.0.1", 0))
     port = sink.getsockname()[1]
+    ports = int(os.environ.get(PORTS_ENV) or 1)
+    if ports > 1:  # --ports: the flood's first port, not the sink's
+        port = PORTS_BASE
     proc = start_capturer("engine", port, enriched)
     try:
         proc.stdin.write("go\n")
@@ -367,6 +384,8 @@ def timed_run(sender: str, rate: int, seconds: float, enriched: bool) -> dict:
         t = time.perf_counter()
         nice = ["nice", "-n", str(PRIORITY)] if _CGROUP else []  # the sender must pace the rate asked
         sources = [str(_SOURCES[0])] if _SOURCES else []  # --sources: the many-source sender's last argument
+        if ports > 1:  # --ports: SOURCES then PORTS
+            sources = [sources[0] if sources else "0", str(ports)]
         sent = int(subprocess.run([*nice, sender, str(port), str(rate), str(seconds), str(live_capture.PAYLOAD), "1",
                                    *sources], capture_output=True, text=True, check=True).stdout)
         elapsed = time.perf_counter() - t
@@ -595,6 +614,9 @@ def main() -> int:
     ap.add_argument("--sources", type=int, default=0, metavar="N",
                     help="send from N loopback addresses (udp_sender.c SOURCES) instead of one: N talkers and "
                          "conversations for the enriched page to draw")
+    ap.add_argument("--ports", type=int, default=1, metavar="N",
+                    help="send to N destination ports in turn (a scan-like flood of short flows; with --sources, "
+                         "from that many addresses)")
     ap.add_argument("--tab", default="Top talkers",
                     help="the enrichment panel's open tab in the enriched page's refresh (the page draws only that "
                          "one), or 'all' (every tab, as before the panel's tabs were lazy)")
@@ -621,6 +643,7 @@ def main() -> int:
     os.environ[REFRESH_ENV] = str(args.refresh_s)
     os.environ[TAB_ENV] = args.tab
     os.environ[SOURCES_ENV] = str(args.sources)
+    set_ports(args.ports)
     print(f"the page's refresh in the capturing process every {args.refresh_s:g} s; enriched: the panel's "
           f"tab {args.tab!r}", flush=True)
     if args.thread_stage:
