@@ -283,7 +283,8 @@ class ProcessTallies:
         self._matcher = None
         self._matcher_at = 0.0
         self._index_of: dict | None = None
-        self._index: tuple[np.ndarray, list[tuple[int, str]]] = (np.zeros(0, np.int64), [])
+        self._index: tuple[np.ndarray, np.ndarray, list[tuple[int, str]]] = (np.zeros(0, np.int64),
+                                                                             np.zeros(0, np.int64), [])
 
     def forget(self) -> None:
         """Forget every total (the page's Clear)."""
@@ -338,7 +339,8 @@ class ProcessTallies:
         ids, cpk, cby, cconv = ids[m], np.repeat(pk, w)[m], np.repeat(by, w)[m], np.repeat(conv, w)[m]
         epk = np.bincount(ids, weights=cpk, minlength=len(ents))
         eby = np.bincount(ids, weights=cby, minlength=len(ents))
-        order = np.argsort(ids, kind="stable")
+        # A stable sort of small ints is numpy's radix sort (~5x the general one on a scan's 50,000 rows).
+        order = np.argsort(ids.astype(np.int16) if len(ents) < 1 << 15 else ids, kind="stable")
         bounds = np.searchsorted(ids[order], np.arange(len(ents) + 1))
         with self._lock:
             for e, tally in enumerate(ents):
@@ -352,7 +354,7 @@ class ProcessTallies:
         for its unowned local ends one waiting tally per pair of ends (so a conversation between two unowned
         ports waits, and later counts, once per distinct owner, not once per port), or, once WAITING_MAX
         pairs wait, 'unknown'/hidden at once (a scan's thousands of unowned ports cost no Python loop)."""
-        okeys, owners = self._owner_index()
+        okeys, oid, owners = self._owner_index()
         pa, oa = _find(okeys, ka)
         pb, ob = _find(okeys, kb)
         oa &= la
@@ -372,8 +374,13 @@ class ProcessTallies:
         now = time.monotonic()
         with self._lock:
             upos = np.unique(np.concatenate((pa[oa], pb[ob])))
+            # Per distinct owner, not per port: a process with thousands of ports (a sender, a server's
+            # connections) is one tally, looked up once.
+            uo = np.unique(oid[upos])
+            of_owner = np.full(len(owners), -1, np.int64)
+            of_owner[uo] = [ent(self._named_tally(owners[o])) for o in uo.tolist()]
             of_pos = np.full(len(okeys), -1, np.int64)
-            of_pos[upos] = [ent(self._named_tally(owners[i])) for i in upos.tolist()]
+            of_pos[upos] = of_owner[oid[upos]]
             cols[:, 0] = np.where(oa, of_pos[np.minimum(pa, len(okeys) - 1)] if len(okeys) else -1, -1)
             cols[:, 1] = np.where(ob, of_pos[np.minimum(pb, len(okeys) - 1)] if len(okeys) else -1, -1)
             waits = np.flatnonzero(wa | wb)
@@ -407,13 +414,16 @@ class ProcessTallies:
                         cols[rows[~hid], col] = ent(self._named_tally((None, UNKNOWN)))
         return ents, cols
 
-    def _owner_index(self) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        """The process table's owners as a sorted key array (rebuilt when the table is re-read)."""
+    def _owner_index(self) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """The process table's owners: (sorted keys, each key's owner as an index into the distinct owners, the
+        distinct owners), rebuilt when the table is re-read."""
         src = self.table.owners()
         if src is not self._index_of:
             items = sorted(((1 << 16 if proto == "udp" else 0) | port, (v[0], v[1]))
                            for (proto, port), v in src.items())
-            self._index = (np.array([k for k, _ in items], np.int64), [o for _, o in items])
+            distinct: dict[tuple[int, str], int] = {}
+            oid = np.array([distinct.setdefault(o, len(distinct)) for _, o in items], np.int64)
+            self._index = (np.array([k for k, _ in items], np.int64), oid, list(distinct))
             self._index_of = src
         return self._index
 
@@ -442,11 +452,13 @@ class ProcessTallies:
         A waiting pair counts once for each distinct owner of its unowned ends, minus the owners its owned
         ends were already counted under (one process at both ends: once)."""
         now = time.monotonic()
+        missed = False
         with self._lock:
             for code, t in list(self._waiting.items()):
                 ends = [(part & 0x1FFFF, bool(part >> 17 & 1)) for part in (code >> 18, code & _NONE) if part != _NONE]
                 found = {k: self._owner_of(k) for k, owned in ends if not owned}
                 if None in found.values() and now - t.since < self.grace_s:
+                    missed = True
                     continue
                 counted = {self._owner_of(k) for k, owned in ends if owned}
                 targets = {o or self._unowned(k) for k, o in found.items()} - counted
@@ -454,9 +466,13 @@ class ProcessTallies:
                 for target in sorted(targets, key=str):
                     self._conns_held += self._named_tally(target).merge(t, self.conn_max - self._conns_held)
                 del self._waiting[code]
+        if missed:  # some ends still wait: the table reads again (once an interval at most)
+            self.table.want()
 
     def _owner_of(self, key: int) -> tuple[int, str] | None:
-        return self.table.owner("udp" if key >> 16 else "tcp", key & 0xFFFF)
+        # A plain look-up: settle() asks for a read once for all its misses (owner() would, per miss).
+        v = self.table.owners().get(("udp" if key >> 16 else "tcp", key & 0xFFFF))
+        return None if v is None else (v[0], v[1])
 
     def rows(self) -> list[dict[str, Any]]:
         """[{process, pid, packets, bytes, connections, connections_capped}], largest bytes first."""
