@@ -949,6 +949,19 @@ def _join_waiting(first: np.ndarray, batches, most: int) -> tuple[list[np.ndarra
     return arrs, None
 
 
+def lower_priority(steps: int) -> int:
+    """Make this process `steps` nicer than it is (at most 19); the niceness it ends with."""
+    # The worker and the capture share a core when the machine is busy (or a CPU quota holds them): the
+    # scheduler then gives the capture its turn first, and the worker, which skips batches when it falls
+    # behind and counts them, is the one that loses. A process may always lower its own priority.
+    if steps > 0:
+        try:
+            os.nice(steps)
+        except OSError as exc:  # a sandbox that forbids it: the worker runs at the capture's priority
+            log.warning("could not lower the detector worker's priority: %s", exc)
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def detector_worker(batches, results, unused: tuple = ()) -> None:
     """The detector process: batches in, the alert book's contents out (every REPORT_S while busy)."""
     import signal
@@ -956,6 +969,7 @@ def detector_worker(batches, results, unused: tuple = ()) -> None:
     for conn in unused:
         conn.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    lower_priority(config.get("DETECTORS_NICE"))
     import numpy.ma  # noqa: F401 - np.unique imports it at its first call: now, before the first batch arrives
 
     import native

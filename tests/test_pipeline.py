@@ -311,6 +311,33 @@ def test_no_worker_process_outlives_its_engine(tmp_path):
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=5), f"worker {pid} left"
 
 
+@pytest.mark.parametrize("method", ["fork", "exec"])
+@pytest.mark.parametrize("steps", [None, "0", "4", "19"])
+def test_the_worker_runs_nicer_than_the_capture(tmp_path, monkeypatch, method, steps):
+    """When capture and worker share a core the capture must go first: the worker process lowers its own
+    priority by DETECTORS_NICE (10 unless set), whichever way it was started, and never above 19."""
+    if steps is None:
+        monkeypatch.delenv("NTM_DETECTORS_NICE", raising=False)
+    else:
+        monkeypatch.setenv("NTM_DETECTORS_NICE", steps)
+    monkeypatch.setattr(stages, "start_method", lambda: method)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    eng = CaptureEngine()
+    assert eng.start(Source("file", path=scan_file(tmp_path), speed=0.01))
+    try:
+        assert wait_for(lambda: eng._stage is not None and eng._stage.pid(), timeout=5)
+        pid = eng._stage.pid()
+        want = min(19, mine + int(steps or 10))
+        # The worker lowers its priority first thing after it starts: wait for it, then check it stays.
+        assert wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == want, timeout=10), \
+            (os.getpriority(os.PRIO_PROCESS, pid), want)
+        assert wait_for(lambda: eng._stage.stats.packets_done > 0, timeout=20)  # it works at that priority
+        assert os.getpriority(os.PRIO_PROCESS, pid) == want
+    finally:
+        eng.stop()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the capture's own priority is untouched
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
