@@ -157,6 +157,8 @@ def child(port: int, enriched: bool) -> None:
     threading.Thread(target=refresher, daemon=True).start()
     settle()
     gc_times = gc_timer()
+    worker = engine._stage.pid() if engine._stage is not None else None
+    worker0 = process_cpu(worker)
     threads0 = thread_cpu()
     cpu0 = time.process_time()
     print("ready", flush=True)
@@ -165,16 +167,19 @@ def child(port: int, enriched: bool) -> None:
     sys.stdin.readline()  # "stop": the sender is done
     drain(engine)
     threads1 = thread_cpu()
+    worker_s = process_cpu(worker) - worker0
     stop.set()
     engine.stop()
     if en is not None:
         en.stop()
     t = engine.snapshot().totals
     attributed = (t["stages"].get("processes") or {}).get("packets_analysed")
+    detected = (t["stages"].get("detectors") or {}).get("packets_analysed")
     cpu = time.process_time() - cpu0  # every thread of the capturing process, while the traffic ran
     print(json.dumps({"counted": t["packets"], "dropped": t["dropped"], "refreshes": len(times),
                       "refresh_ms_max": max(times, default=0) * 1e3, "attributed": attributed,
-                      "cpu_s": cpu, "batches": (t["stages"].get("detectors") or {}).get("batches_in"),
+                      "cpu_s": cpu, "worker_cpu_s": round(worker_s, 3), "detected": detected,
+                      "batches": (t["stages"].get("detectors") or {}).get("batches_in"),
                       "gc": {g: [n, round(s, 4)] for g, (n, s) in gc_times.items()},
                       "threads": {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items()
                                   if v - threads0.get(k, 0.0) > 0}}), flush=True)
@@ -304,6 +309,18 @@ def gc_timer() -> dict[int, list]:
 
     gc.callbacks.append(cb)
     return out
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) so far of process `pid` (the detector worker), 0 when there is none."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
 
 
 def thread_cpu() -> dict[str, float]:
@@ -560,7 +577,8 @@ def pairs(sender: str, args) -> int:
                 unpaced |= r["paced"] < 0.95 * args.rate  # offered less than asked: not comparable
                 print(f"    pair {i + 1:2} {names[enriched]:8} sent {r['sent']:,} counted "
                       f"{r['counted']:,} ({got[enriched] * 100:.2f} %) dropped {r.get('dropped')} paced "
-                      f"{r['paced']:,.0f}/s attributed {r.get('attributed')} refreshes {r.get('refreshes')} (max "
+                      f"{r['paced']:,.0f}/s attributed {r.get('attributed')} detected {r.get('detected')} worker CPU "
+                      f"{r.get('worker_cpu_s')} s refreshes {r.get('refreshes')} (max "
                       f"{r.get('refresh_ms_max', 0):.0f} ms) CPU s by thread {r.get('threads')} gc {r.get('gc')}",
                       flush=True)
             ratios.append(got[True] / got[False] if got[False] and not unpaced else float("nan"))
