@@ -460,6 +460,7 @@ class CaptureEngine:
             stage = self._new_stage(self._gen)
             live = None
             if source.kind == "live":
+                stage.yield_to_capture()
                 iface = source.iface or config.get("INTERFACE") or default_interface()
                 source = Source("live", iface=iface, bpf=source.bpf, promisc=source.promisc)
                 try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
+import socket
 import subprocess
 import threading
 import time
@@ -311,31 +313,57 @@ def test_no_worker_process_outlives_its_engine(tmp_path):
     assert wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=5), f"worker {pid} left"
 
 
+def _policy(pid: int) -> tuple[int, int]:
+    """(scheduling policy, nice value) of process `pid`."""
+    return os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@pytest.mark.live
 @pytest.mark.parametrize("method", ["fork", "exec"])
-@pytest.mark.parametrize("steps", [None, "0", "4", "19"])
-def test_the_worker_runs_nicer_than_the_capture(tmp_path, monkeypatch, method, steps):
-    """When capture and worker share a core the capture must go first: the worker process lowers its own
-    priority by DETECTORS_NICE (10 unless set), whichever way it was started, and never above 19."""
-    if steps is None:
-        monkeypatch.delenv("NTM_DETECTORS_NICE", raising=False)
-    else:
-        monkeypatch.setenv("NTM_DETECTORS_NICE", steps)
+@pytest.mark.parametrize("idle, steps", [(None, None), ("1", "0"), ("0", None), ("0", "0"), ("0", "4"), ("0", "19")])
+def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch, method, idle, steps):
+    """When capture and worker share a core the capture must go first: a live capture's worker process runs
+    SCHED_IDLE (DETECTORS_IDLE, on unless set) and DETECTORS_NICE (10 unless set, at most 19) steps nicer,
+    whichever way it was started, and still analyses the packets."""
+    for name, value in (("NTM_DETECTORS_IDLE", idle), ("NTM_DETECTORS_NICE", steps)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     monkeypatch.setattr(stages, "start_method", lambda: method)
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    mine = _policy(0)
+    assert mine[0] == os.SCHED_OTHER
+    port = random.randint(40_000, 60_000)
+    eng = CaptureEngine()
+    assert eng.start(Source("live", iface="lo", bpf=f"udp port {port}")), eng.status().error
+    try:
+        pid = eng._stage.pid()
+        want = (os.SCHED_IDLE if idle in (None, "1") else os.SCHED_OTHER, min(19, mine[1] + int(steps or 10)))
+        assert _policy(pid) == want
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(200):
+                s.sendto(b"x", ("127.0.0.1", port))
+        assert wait_for(lambda: eng._stage.stats.packets_done >= 200, timeout=20), eng.snapshot().totals
+        assert eng._stage.stats.packets_skipped == 0
+        assert _policy(pid) == want
+    finally:
+        eng.stop()
+    assert _policy(0) == mine  # the capture's own priority is untouched
+
+
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_a_files_worker_keeps_the_readers_priority(tmp_path, monkeypatch, method):
+    """A file's reader waits for its detectors (nothing is lost), so their speed is the file's: no yielding."""
+    monkeypatch.delenv("NTM_DETECTORS_IDLE", raising=False)
+    monkeypatch.setattr(stages, "start_method", lambda: method)
     eng = CaptureEngine()
     assert eng.start(Source("file", path=scan_file(tmp_path), speed=0.01))
     try:
         assert wait_for(lambda: eng._stage is not None and eng._stage.pid(), timeout=5)
-        pid = eng._stage.pid()
-        want = min(19, mine + int(steps or 10))
-        # The worker lowers its priority first thing after it starts: wait for it, then check it stays.
-        assert wait_for(lambda: os.getpriority(os.PRIO_PROCESS, pid) == want, timeout=10), \
-            (os.getpriority(os.PRIO_PROCESS, pid), want)
-        assert wait_for(lambda: eng._stage.stats.packets_done > 0, timeout=20)  # it works at that priority
-        assert os.getpriority(os.PRIO_PROCESS, pid) == want
+        assert wait_for(lambda: eng._stage.stats.packets_done > 0, timeout=20)
+        assert _policy(eng._stage.pid()) == _policy(0)
     finally:
         eng.stop()
-    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # the capture's own priority is untouched
 
 
 def _zombie(pid: int) -> bool:
