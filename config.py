@@ -200,9 +200,10 @@ SETTINGS: tuple[Setting, ...] = (
             "counts as failed (nmap's initial retransmission timeout is 1 s).", low=0.1, high=3_600),
     Setting("DETECTORS_PROCESS", True, "Run the detectors in a worker process fed through a bounded queue (the "
             "capture never waits for them); off runs them in a thread of the capture's process instead."),
-    Setting("DETECTORS_IDLE", True, "The detector worker process runs only on CPU time its core has to spare "
-            "(Linux SCHED_IDLE): the capture never waits for it. On a host whose every core is busy the detectors "
-            "then skip batches (counted and shown); off, the worker keeps a share at DETECTORS_NICE."),
+    Setting("DETECTORS_IDLE", True, "A live capture's detector worker process runs at Linux's SCHED_IDLE: where "
+            "it shares a core with the capture, it runs when the capture leaves the core. On a host whose every "
+            "core is busy the detectors then skip batches (counted and shown); off, the worker keeps a share at "
+            "DETECTORS_NICE."),
     Setting("DETECTORS_NICE", 10, "How many steps nicer than the capture the detector worker process runs (0-19): "
             "when the two share a core, the capture goes first and the worker skips batches (counted) instead.",
             low=0, high=19),

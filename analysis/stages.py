@@ -956,25 +956,42 @@ def _join_waiting(first: np.ndarray, batches, most: int) -> tuple[list[np.ndarra
     return arrs, None
 
 
-def lower_priority(pid: int, steps: int, idle: bool) -> int:
-    """Make process `pid` `steps` nicer (at most 19) and, with `idle`, SCHED_IDLE; its scheduling policy after."""
+def lower_priority(pid: int, steps: int, idle: bool) -> int | None:
+    """Make process `pid` `steps` nicer (at most 19) and, with `idle`, SCHED_IDLE; its policy after (None: gone)."""
     # A live capture's worker and the capture share a core when the machine is busy (or a CPU quota holds
-    # them). Niced, the worker still wakes when a batch arrives and preempts the capture for a while, long
-    # enough for a small ring to overflow (benchmarks/enrich_cost.py, a scan-like flood under a quota:
-    # enriched counted 0.94 of plain with the worker niced by 10, 0.99 at SCHED_IDLE, where it runs only when
-    # the capture does not want the core). The worker skips batches when it falls behind and counts them, so
-    # it is the one that should lose. A process may lower its own user's processes' priority, not raise it.
-    if steps > 0:
-        try:
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + steps))
-        except OSError as exc:  # a sandbox that forbids it: the worker runs at the capture's priority
-            log.warning("could not lower the detector worker's priority: %s", exc)
-    if idle:
-        try:
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-        except (OSError, AttributeError) as exc:  # not Linux, or forbidden: the nice value stays
-            log.warning("could not make the detector worker SCHED_IDLE: %s", exc)
-    return os.sched_getscheduler(pid)
+    # them). At the capture's priority the worker took a share of that core (by weight, and at each wake-up),
+    # and a small ring overflowed meanwhile: a scan-like flood under a quota counted 0.86 enriched / plain;
+    # niced by 10, 0.93-0.96; at SCHED_IDLE, where it runs only when the capture leaves the core, 0.97-0.99
+    # (benchmarks/RESULTS.md, "Session 13"). The worker skips batches when it falls behind and counts them,
+    # so it is the one that should lose. A process may lower its own user's processes' priority.
+    try:
+        # Linux keeps both per thread: every thread the worker has by now (threads it starts later inherit).
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, pid) + max(0, steps))
+    except OSError:  # the worker has already ended: its exit is the stage's error
+        return None
+    failed: list[str] = []
+    for tid in tids:
+        if steps > 0:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                continue
+            except OSError as exc:  # a sandbox that forbids it: that part of the priority stays
+                failed.append(f"nice: {exc}")
+        if idle:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:
+                continue
+            except (OSError, AttributeError) as exc:  # forbidden, or not Linux
+                failed.append(f"SCHED_IDLE: {exc}")
+    if failed:
+        log.warning("could not lower the detector worker's priority (%s)", "; ".join(sorted(set(failed))))
+    try:
+        return os.sched_getscheduler(pid)
+    except OSError:
+        return None
 
 
 def detector_worker(batches, results, unused: tuple = ()) -> None:

@@ -210,11 +210,10 @@ class CpuQuota:
 
     def __enter__(self) -> Path:
         self.path.mkdir(exist_ok=True)
-        # The largest weight. Its detector worker (exec'd by the capturer, so on the same core at the same nice)
-        # outweighed the cgroup's default weight ~28:1 and took the capture's turn whenever it had work; with
-        # enrichment it has more (attribution), which the ratio then charged to the capture. At the largest
-        # weight the cgroup outweighs it ~9:1 (v1 shares) or ~3.5:1 (v2): proportional, not strict, but the
-        # capture then rarely waits for its worker, as on a machine where the worker has a core of its own.
+        # The largest weight, against the machine's other work. Its detector worker (exec'd by the capturer, so
+        # on the same core) once ran at the capturer's nice and outweighed the cgroup's default weight ~28:1.
+        # Since 2026-11-27 a live capture's worker runs SCHED_IDLE (DETECTORS_IDLE): inside the cgroup it
+        # runs only when the capture leaves the core (--capturer-only puts it outside the quota instead).
         if self.v2:
             (self.path / "cpu.max").write_text(f"{self.quota_us} {self.period_us}")
             (self.path / "cpu.weight").write_text("10000")
@@ -275,7 +274,9 @@ def build_sender(tmp: str, sources: int) -> str:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard),
                                                         hard))
         _SOURCES.append(sources)
-        print(f"traffic: {sources:,} loopback sources (127.1.0.1 upwards), one destination port", flush=True)
+        ports = int(os.environ.get(PORTS_ENV) or 1)
+        where = "one destination port" if ports <= 1 else f"{ports:,} destination ports"
+        print(f"traffic: {sources:,} loopback sources (127.1.0.1 upwards), {where}", flush=True)
     return live_capture.build_sender(tmp)
 
 

@@ -87,6 +87,7 @@ matcher = LocalMatcher(nets=parse_nets(config.get("LOCAL_NETS")))
 batches = [parse_batch(raw, matcher) for raw in FileReader(sys.argv[2]).batches(8192)]
 eng._gen += 1
 eng._stage = eng._new_stage(eng._gen)
+eng._stage.yield_to_capture()  # as for a live capture (CaptureEngine.start): SCHED_IDLE, niced
 time.sleep(1.0)  # the worker is up
 t = time.perf_counter()
 for arr in batches:

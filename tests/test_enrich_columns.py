@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import ipaddress
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import psutil
 import pytest
 from conftest import PYTHON, ROOT, need, wait_for
 from enrichhelp import HOSTILE, cleared, dnsmasq, held_curl, held_resolver, pcap_totals, reference_dump, registered
-from notifyhelp import nmap_scan, scan_port
+from notifyhelp import nmap_scan
 from pcapgen import pcap_bytes
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
@@ -88,9 +89,15 @@ def rows_of(frame, **match):
     return sel
 
 
+def local_ports() -> set[int]:
+    """The ports of every TCP and UDP socket on this host now."""
+    return {c.laddr.port for c in psutil.net_connections("inet") if c.laddr}
+
+
 def test_live_tables_show_names_processes_services_and_escape_hostile_names(fresh, veth, web, tmp_path):
     fresh.setenv("NTM_INTERFACE", "lo")
-    sport = scan_port()
+    # Below the ephemeral range (32768-60999), on no socket's port: no client (curl) can take it during the test.
+    sport = random.choice(sorted(set(range(20_000, 32_000)) - local_ports()))
     fresh.setenv("NTM_BPF_FILTER", f"(host {WEB} and tcp port {WEB_PORT}) or (host {TARGET} and port {sport})")
     fresh.setenv("NTM_DNS_SERVER", veth.ns_ip)
     fresh.setenv("NTM_RECENT_ROWS", "1000")
@@ -104,8 +111,10 @@ def test_live_tables_show_names_processes_services_and_escape_hostile_names(fres
             pid, cport = held_curl(WEB, WEB_PORT, "/blob", lambda _pid, port: ("tcp", port) in shared_table().owners(),
                                    client=CLIENT)
         # Attribution keys a local end by protocol and port alone (the README says so): a probe to curl's
-        # ephemeral port on TARGET would be named after curl, so the scanned range keeps clear of it.
-        first = 47_000 if not 47_000 <= cport < 47_200 else 47_400
+        # ephemeral port on TARGET would be named after curl (it failed CI once), and so would one to any other
+        # socket's port on this host. The scanned range and the scan's source port keep clear of every socket.
+        busy = local_ports()
+        first = next(f for f in range(47_000, 60_000, 200) if busy.isdisjoint(range(f, f + 200)))
         nmap_scan(sport, f"{first}-{first + 199}", TARGET)
 
         def filled(a) -> bool:

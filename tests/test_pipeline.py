@@ -319,18 +319,18 @@ def _policy(pid: int) -> tuple[int, int]:
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("method", ["fork", "exec"])
 @pytest.mark.parametrize("idle, steps", [(None, None), ("1", "0"), ("0", None), ("0", "0"), ("0", "4"), ("0", "19")])
-def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch, method, idle, steps):
+def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch, idle, steps):
     """When capture and worker share a core the capture must go first: a live capture's worker process runs
     SCHED_IDLE (DETECTORS_IDLE, on unless set) and DETECTORS_NICE (10 unless set, at most 19) steps nicer,
-    whichever way it was started, and still analyses the packets."""
+    and still analyses the packets; the capture thread keeps its priority. (The page's process has many
+    threads, so its worker is exec'd; the CLI's forked one: the next test.)"""
     for name, value in (("NTM_DETECTORS_IDLE", idle), ("NTM_DETECTORS_NICE", steps)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    monkeypatch.setattr(stages, "start_method", lambda: method)
+    monkeypatch.setattr(stages, "start_method", lambda: "exec")  # forking pytest's threads could deadlock
     mine = _policy(0)
     assert mine[0] == os.SCHED_OTHER
     port = random.randint(40_000, 60_000)
@@ -345,17 +345,53 @@ def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch,
                 s.sendto(b"x", ("127.0.0.1", port))
         assert wait_for(lambda: eng._stage.stats.packets_done >= 200, timeout=20), eng.snapshot().totals
         assert eng._stage.stats.packets_skipped == 0
-        assert _policy(pid) == want
+        assert {_policy(int(t)) for t in os.listdir(f"/proc/{pid}/task")} == {want}  # each of its threads
+        assert _policy(eng._thread.native_id) == mine  # the capture thread's priority is untouched
     finally:
         eng.stop()
-    assert _policy(0) == mine  # the capture's own priority is untouched
+    assert _policy(0) == mine
 
 
-@pytest.mark.parametrize("method", ["fork", "exec"])
-def test_a_files_worker_keeps_the_readers_priority(tmp_path, monkeypatch, method):
+@pytest.mark.live
+def test_the_clis_forked_worker_gives_way_too(root_only, monkeypatch):
+    """The CLI forks its worker (one thread at start-up): that worker gives way as well."""
+    monkeypatch.delenv("NTM_DETECTORS_IDLE", raising=False)
+    monkeypatch.delenv("NTM_DETECTORS_NICE", raising=False)
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
+              "from analysis import stages\n"
+              "from packet_processor import CaptureEngine, Source\n"
+              "e = CaptureEngine(); assert stages.start_method() == 'fork'\n"
+              "assert e.start(Source('live', iface='lo', bpf='udp port 9'))\n"
+              "pid = e._stage.pid()\n"
+              "print(os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid), "
+              "os.sched_getscheduler(e._thread.native_id), os.getpriority(os.PRIO_PROCESS, 0))\n"
+              "e.stop()\n")
+    out = subprocess.run([PYTHON, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    worker_policy, worker_nice, capture_policy, nice = map(int, out.stdout.split())
+    assert (worker_policy, worker_nice) == (os.SCHED_IDLE, min(19, nice + 10))
+    assert capture_policy == os.SCHED_OTHER
+
+
+def test_every_thread_a_process_has_gives_way():
+    """Linux keeps nice and policy per thread: a worker that already runs a second thread must lower both."""
+    code = "import threading, sys; threading.Thread(target=sys.stdin.read).start(); print('up', flush=True)"
+    proc = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "up\n"
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
+        assert len(tids) == 2
+        before = _policy(proc.pid)
+        assert stages.lower_priority(proc.pid, 4, True) == os.SCHED_IDLE
+        assert {_policy(t) for t in tids} == {(os.SCHED_IDLE, min(19, before[1] + 4))}
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def test_a_files_worker_keeps_the_readers_priority(tmp_path, monkeypatch):
     """A file's reader waits for its detectors (nothing is lost), so their speed is the file's: no yielding."""
     monkeypatch.delenv("NTM_DETECTORS_IDLE", raising=False)
-    monkeypatch.setattr(stages, "start_method", lambda: method)
     eng = CaptureEngine()
     assert eng.start(Source("file", path=scan_file(tmp_path), speed=0.01))
     try:
