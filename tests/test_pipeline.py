@@ -324,7 +324,7 @@ def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch,
     """When capture and worker share a core the capture must go first: a live capture's worker process runs
     SCHED_IDLE (DETECTORS_IDLE, on unless set) and DETECTORS_NICE (10 unless set, at most 19) steps nicer,
     and still analyses the packets; the capture thread keeps its priority. (The page's process has many
-    threads, so its worker is exec'd; the CLI's forked one: the next test.)"""
+    threads, so its worker is exec'd; the CLI's forked one: test_pipeline_live.py's test of its sockets.)"""
     for name, value in (("NTM_DETECTORS_IDLE", idle), ("NTM_DETECTORS_NICE", steps)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
@@ -350,27 +350,6 @@ def test_a_live_captures_worker_gives_way_to_the_capture(root_only, monkeypatch,
     finally:
         eng.stop()
     assert _policy(0) == mine
-
-
-@pytest.mark.live
-def test_the_clis_forked_worker_gives_way_too(root_only, monkeypatch):
-    """The CLI forks its worker (one thread at start-up): that worker gives way as well."""
-    monkeypatch.delenv("NTM_DETECTORS_IDLE", raising=False)
-    monkeypatch.delenv("NTM_DETECTORS_NICE", raising=False)
-    script = ("import os, sys; sys.path.insert(0, sys.argv[1])\n"
-              "from analysis import stages\n"
-              "from packet_processor import CaptureEngine, Source\n"
-              "e = CaptureEngine(); assert stages.start_method() == 'fork'\n"
-              "assert e.start(Source('live', iface='lo', bpf='udp port 9'))\n"
-              "pid = e._stage.pid()\n"
-              "print(os.sched_getscheduler(pid), os.getpriority(os.PRIO_PROCESS, pid), "
-              "os.sched_getscheduler(e._thread.native_id), os.getpriority(os.PRIO_PROCESS, 0))\n"
-              "e.stop()\n")
-    out = subprocess.run([PYTHON, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    worker_policy, worker_nice, capture_policy, nice = map(int, out.stdout.split())
-    assert (worker_policy, worker_nice) == (os.SCHED_IDLE, min(19, nice + 10))
-    assert capture_policy == os.SCHED_OTHER
 
 
 def test_every_thread_a_process_has_gives_way():

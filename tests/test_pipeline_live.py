@@ -115,10 +115,14 @@ def _settled(engine: CaptureEngine) -> bool:
     return (a["packets"], a["dropped"]) == (b["packets"], b["dropped"])
 
 
-def test_the_worker_holds_no_capture_socket(root_only, tmp_path):
+def test_the_worker_holds_no_capture_socket(root_only, tmp_path, monkeypatch):
     """The CLI forks its worker (one thread at start-up): the child must not inherit the packet socket,
-    or the kernel would go on feeding it (and keep the interface promiscuous) until the child ends."""
+    or the kernel would go on feeding it (and keep the interface promiscuous) until the child ends. That
+    forked worker gives way to the capture too (SCHED_IDLE, 10 steps nicer), and the capture thread does not."""
     from conftest import PYTHON, ROOT
+
+    monkeypatch.delenv("NTM_DETECTORS_IDLE", raising=False)
+    monkeypatch.delenv("NTM_DETECTORS_NICE", raising=False)
 
     script = ("import os, sys, time; sys.path.insert(0, sys.argv[1])\n"
               "from analysis import stages\n"
@@ -128,9 +132,13 @@ def test_the_worker_holds_no_capture_socket(root_only, tmp_path):
               "pid = e._stage.pid()\n"
               "inodes = {l.split()[-1] for l in open('/proc/net/packet').read().splitlines()[1:]}\n"
               "fds = [os.readlink(f'/proc/{pid}/fd/{fd}') for fd in os.listdir(f'/proc/{pid}/fd')]\n"
-              "print(sum(f == f'socket:[{i}]' for f in fds for i in inodes), len(inodes))\n"
+              "print(sum(f == f'socket:[{i}]' for f in fds for i in inodes), len(inodes), os.sched_getscheduler(pid), "
+              "os.getpriority(os.PRIO_PROCESS, pid), os.sched_getscheduler(e._thread.native_id), "
+              "os.getpriority(os.PRIO_PROCESS, 0))\n"
               "e.stop()\n")
     out = subprocess.run([PYTHON, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    held, sockets = map(int, out.stdout.split())
+    held, sockets, worker_policy, worker_nice, capture_policy, nice = map(int, out.stdout.split())
     assert sockets >= 1 and held == 0
+    assert (worker_policy, worker_nice) == (os.SCHED_IDLE, min(19, nice + 10))
+    assert capture_policy == os.SCHED_OTHER
